@@ -1,0 +1,1 @@
+"""Attention backends, the attention split op and the backend policy."""

@@ -1,0 +1,50 @@
+"""The attention split op: `torch.ops.tesela.attention`.
+
+A registered custom op that writes into a caller-provided output and reads its per-batch state
+from the forward context. Graph code treats it as opaque: the breakable runner ends a graph
+segment at it, the compiled runner splits the FX graph at it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tesela.executor.forward_context import get_forward_context
+
+
+def run_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int
+) -> None:
+    """Attention for the batch in the current forward context.
+
+    The tensors may be longer than the batch (padded to a captured size): only the batch's
+    real tokens are attended and stored, so padding never reaches the KV cache.
+    """
+    context = get_forward_context()
+    batch, backend = context.batch, context.attn_backend
+    metadata = backend.metadata_for(batch)
+    n = batch.num_tokens
+    if q.shape[0] < n:
+        raise RuntimeError(f"attention got {q.shape[0]} tokens for {batch.stamp}")
+    backend.forward(q[:n], k[:n], v[:n], out[:n], layer_id, batch, metadata)
+
+
+@torch.library.custom_op("tesela::attention", mutates_args=("out",))
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int
+) -> None:
+    context = get_forward_context()
+    if context.split_hook is not None:
+        # Breakable capture: the hook closes the graph segment, runs this call eagerly and
+        # records it so that replay can run it again with the replay batch's metadata.
+        context.split_hook(run_attention, (q, k, v, out), layer_id)
+        return
+    run_attention(q, k, v, out, layer_id)
+
+
+@attention.register_fake
+def _(q, k, v, out, layer_id) -> None:
+    return None
+
+
+SPLIT_OPS = (torch.ops.tesela.attention.default,)

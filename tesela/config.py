@@ -1,0 +1,303 @@
+"""Frozen configuration objects.
+
+Every limit the engine uses is a field here, defined once. "auto" values are resolved by the
+`resolve_*` helpers before an object is built; a built config is never patched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "float16": "float16",
+}
+
+
+def normalize_dtype(name: str) -> str:
+    try:
+        return _DTYPE_ALIASES[str(name).lower()]
+    except KeyError:
+        raise ValueError(
+            f"unsupported dtype {name!r}: use one of {', '.join(SUPPORTED_DTYPES)} (or 'auto')"
+        ) from None
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary scaling as HF writes it in config.json (`rope_scaling` / `rope_parameters`)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a decoder-only Llama-family model, read from an HF config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k
+    hidden_act: str = "silu"
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def num_parameters(self) -> int:
+        h, i, layers = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return layers * per_layer + embed + h
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ValueError(
+                "config.json has no 'architectures' list: tesela picks the model class by it "
+                "(e.g. ['LlamaForCausalLM'])"
+            )
+        arch = archs[0]
+        heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        dtype = hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"
+        return cls(
+            architecture=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_hidden_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(_rope_theta(hf)),
+            rope_scaling=_rope_scaling(hf),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", arch.startswith("Qwen2"))),
+            qk_norm=arch.startswith("Qwen3"),
+            hidden_act=str(hf.get("hidden_act", "silu")),
+            torch_dtype=normalize_dtype(dtype),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window") else None,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"no config.json in {path}: a model folder needs config.json, safetensors "
+                "weights and tokenizer.json (or pass a preset name such as 'tiny')"
+            )
+        return cls.from_hf_dict(json.loads(config_file.read_text()))
+
+
+def _rope_params(hf: dict[str, Any]) -> dict[str, Any]:
+    # transformers 5 writes `rope_parameters`; 4.x writes `rope_theta` + `rope_scaling`.
+    return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    return hf.get("rope_theta") or _rope_params(hf).get("rope_theta") or 10000.0
+
+
+def _rope_scaling(hf: dict[str, Any]) -> RopeScaling:
+    params = _rope_params(hf)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(
+            f"rope scaling type {rope_type!r} is not supported yet: tesela supports "
+            "'default' (none) and 'llama3'"
+        )
+    if rope_type == "default":
+        return RopeScaling()
+    return RopeScaling(
+        rope_type=rope_type,
+        factor=float(params["factor"]),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache. Block 0 is reserved: its first slot is the dummy slot padded tokens use."""
+
+    block_size: int = 16
+    # On CUDA the pool takes this fraction of the memory left after weights and graphs.
+    gpu_memory_utilization: float = 0.85
+    # On CPU (and when set on CUDA) the pool holds exactly this many token slots.
+    num_kv_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 256  # requests in one batch
+    max_num_batched_tokens: int = 2048  # token budget of one step (the chunked-prefill size)
+    max_model_len: int = 4096  # prompt + output tokens of one request
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def default_capture_sizes(max_size: int) -> tuple[int, ...]:
+    """The piecewise capture ladder (in the spirit of SGLang's), always ending at max_size."""
+    sizes = list(range(4, 33, 4))
+    sizes += list(range(48, 257, 16))
+    sizes += list(range(288, 513, 32))
+    sizes += list(range(576, 1025, 64))
+    sizes += list(range(1280, 4097, 256))
+    sizes += list(range(4608, max(max_size, 4608) + 1, 512))
+    ladder = sorted({s for s in sizes if s <= max_size} | {max_size})
+    return tuple(ladder)
+
+
+def default_decode_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The full-decode-graph ladder: 1, 2, 4, 8, then steps of 8, always ending at max_batch."""
+    sizes = [1, 2, 4] + list(range(8, max_batch + 1, 8))
+    return tuple(sorted({s for s in sizes if s <= max_batch} | {max_batch}))
+
+
+PREFILL_GRAPH_MODES = ("breakable", "compiled", "none")
+PIECE_COMPILERS = ("eager", "inductor")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """CUDA graph settings. Build it through `resolve_graph_config` to fill in the defaults."""
+
+    prefill_graph: str = "breakable"  # breakable | compiled | none
+    piece_compiler: str = "eager"  # eager | inductor (for `compiled`)
+    capture_sizes: tuple[int, ...] = ()
+    max_capture_tokens: int = 2048
+    decode_graph: bool = True
+    decode_batch_sizes: tuple[int, ...] = ()
+    verify: bool = False  # compare every captured size with eager at capture time
+
+    def __post_init__(self) -> None:
+        if self.prefill_graph not in PREFILL_GRAPH_MODES:
+            raise ValueError(
+                f"prefill_graph must be one of {PREFILL_GRAPH_MODES}, got {self.prefill_graph!r}"
+            )
+        if self.piece_compiler not in PIECE_COMPILERS:
+            raise ValueError(
+                f"piece_compiler must be one of {PIECE_COMPILERS}, got {self.piece_compiler!r}"
+            )
+        if any(s <= 0 for s in self.capture_sizes):
+            raise ValueError(f"capture sizes must be positive, got {self.capture_sizes}")
+        if self.capture_sizes and list(self.capture_sizes) != sorted(set(self.capture_sizes)):
+            raise ValueError("capture_sizes must be strictly increasing")
+
+    @property
+    def piecewise_enabled(self) -> bool:
+        return self.prefill_graph != "none" and bool(self.capture_sizes)
+
+
+def resolve_graph_config(
+    *,
+    prefill_graph: str | None = None,
+    piece_compiler: str = "eager",
+    capture_sizes: tuple[int, ...] | list[int] | None = None,
+    max_capture_tokens: int | None = None,
+    disable_cuda_graph: bool = False,
+    decode_batch_sizes: tuple[int, ...] | list[int] | None = None,
+    max_decode_batch: int = 256,
+    verify: bool = False,
+    scheduler: SchedulerConfig | None = None,
+) -> GraphConfig:
+    """Fill the "auto" values of a GraphConfig once."""
+    scheduler = scheduler or SchedulerConfig()
+    if disable_cuda_graph:
+        prefill_graph = "none"
+    prefill_graph = prefill_graph or "breakable"
+    max_tokens = max_capture_tokens or scheduler.max_num_batched_tokens
+    if capture_sizes is None:
+        sizes = default_capture_sizes(max_tokens)
+    else:
+        sizes = tuple(sorted(set(int(s) for s in capture_sizes)))
+        max_tokens = max(sizes) if sizes else max_tokens
+    if decode_batch_sizes is None:
+        decode_sizes = default_decode_batch_sizes(min(max_decode_batch, scheduler.max_num_seqs))
+    else:
+        decode_sizes = tuple(sorted(set(int(s) for s in decode_batch_sizes)))
+    return GraphConfig(
+        prefill_graph=prefill_graph,
+        piece_compiler=piece_compiler,
+        capture_sizes=sizes if prefill_graph != "none" else (),
+        max_capture_tokens=max_tokens,
+        decode_graph=not disable_cuda_graph,
+        decode_batch_sizes=decode_sizes if not disable_cuda_graph else (),
+        verify=verify,
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine instance runs with."""
+
+    model: str
+    model_config: ModelConfig
+    dtype: str
+    device: str
+    load_format: str = "auto"  # auto (safetensors) | dummy (random weights, fixed seed)
+    seed: int = 0
+    attention_backend: str = "torch"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    graph: GraphConfig = field(default_factory=lambda: GraphConfig(prefill_graph="none"))
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,59 @@
+"""The offline API: `LLM(model).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from tesela.engine.llm_engine import LLMEngine, RequestOutput, make_engine_config
+from tesela.engine.sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a model (a folder or a preset name) and generate offline.
+
+    Keyword arguments are those of `make_engine_config` (dtype, device, load_format,
+    attention_backend, prefill_graph, capture_sizes, ...)."""
+
+    def __init__(self, model: str = "tiny", **kwargs) -> None:
+        tokenizer = kwargs.pop("tokenizer", None)
+        config, path = make_engine_config(model, **kwargs)
+        self.engine = LLMEngine(config, path, tokenizer)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        # Validate every prompt before queueing any, so a bad one leaves nothing half-done.
+        token_prompts = [self._tokens(p) for p in prompts]
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(token_prompts, params, strict=True)]
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
+        while self.engine.has_unfinished():
+            for output in self.engine.step():
+                if output.finished:
+                    results[output.request_id] = output
+                    bar.update(1)
+        bar.close()
+        return [results[i] for i in ids]
+
+    def _tokens(self, prompt: str | list[int]) -> list[int]:
+        tokens = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise ValueError("a prompt is empty: every prompt needs at least one token")
+        return tokens

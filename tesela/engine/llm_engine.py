@@ -1,0 +1,278 @@
+"""LLMEngine: the step loop that ties the scheduler, the model runner and the sampler together.
+
+`add_request` validates and queues; `step` schedules one batch, runs it, samples, applies stop
+conditions (tokens, length, stop strings) and returns what changed. The offline `LLM` and the
+server both drive this loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tesela.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    normalize_dtype,
+    resolve_graph_config,
+)
+from tesela.engine.block_manager import BlockManager
+from tesela.engine.kv_cache import RESERVED_BLOCKS
+from tesela.engine.request import Request, TokenLogprobs
+from tesela.engine.sampler import Sampler
+from tesela.engine.sampling_params import SamplingParams
+from tesela.engine.scheduler import ScheduledBatch, Scheduler
+from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.presets import PRESETS
+from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+logger = logging.getLogger("tesela.engine")
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
+    """A preset name gives a config and no path; anything else must be a model folder."""
+    if model in PRESETS:
+        return ModelConfig.from_hf_dict(PRESETS[model]), None
+    path = Path(model)
+    if not path.is_dir():
+        raise ValueError(
+            f"model {model!r} is neither a folder nor a preset: give a folder with config.json "
+            f"and safetensors weights, or one of the presets {', '.join(PRESETS)}"
+        )
+    return ModelConfig.from_pretrained(path), str(path)
+
+
+def make_engine_config(
+    model: str,
+    *,
+    load_format: str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    seed: int = 0,
+    attention_backend: str = "auto",
+    block_size: int = 16,
+    gpu_memory_utilization: float = 0.85,
+    num_kv_tokens: int | None = None,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int = 2048,
+    max_model_len: int | None = None,
+    prefill_graph: str | None = None,
+    piece_compiler: str = "eager",
+    capture_sizes: list[int] | None = None,
+    max_capture_tokens: int | None = None,
+    disable_cuda_graph: bool = False,
+    verify_graphs: bool = False,
+) -> tuple[EngineConfig, str | None]:
+    model_config, path = resolve_model(model)
+    if path is None and load_format == "auto":
+        load_format = "dummy"  # presets have no weights
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cuda = torch.device(device).type == "cuda"
+    if dtype == "auto":
+        # bf16 matmuls are slow on most CPUs; the checkpoint's dtype on GPUs.
+        dtype = model_config.torch_dtype if on_cuda else "float32"
+    if attention_backend == "auto":
+        attention_backend = "torch"
+    scheduler = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len or min(model_config.max_position_embeddings, 8192),
+    )
+    if not on_cuda and prefill_graph is None:
+        prefill_graph = "none"  # nothing to capture on CPU unless asked for explicitly
+    graph = resolve_graph_config(
+        prefill_graph=prefill_graph,
+        piece_compiler=piece_compiler,
+        capture_sizes=capture_sizes,
+        max_capture_tokens=max_capture_tokens,
+        disable_cuda_graph=disable_cuda_graph,
+        verify=verify_graphs,
+        scheduler=scheduler,
+    )
+    config = EngineConfig(
+        model=model,
+        model_config=model_config,
+        dtype=normalize_dtype(dtype),
+        device=device,
+        load_format=load_format,
+        seed=seed,
+        attention_backend=attention_backend,
+        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens),
+        scheduler=scheduler,
+        graph=graph,
+    )
+    return config, path
+
+
+class LLMEngine:
+    def __init__(
+        self, config: EngineConfig, model_path: str | None, tokenizer: Tokenizer | None = None
+    ) -> None:
+        from tesela.executor.model_runner import ModelRunner
+
+        self.config = config
+        self.runner = ModelRunner(config, model_path)
+        self.tokenizer = tokenizer or (
+            load_tokenizer(model_path, config.model_config.eos_token_ids)
+            if model_path
+            else ByteTokenizer()
+        )
+        self.eos_token_ids = tuple(
+            sorted(set(config.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
+        )
+        self.block_manager = BlockManager(
+            self.runner.num_kv_blocks, config.cache.block_size, RESERVED_BLOCKS
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.sampler = Sampler(self.runner.device, config.seed)
+        self._ids = itertools.count()
+        self.requests: dict[str, Request] = {}
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty: give a non-empty prompt")
+        vocab = self.config.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
+        self.scheduler.add(request)
+        self.requests[request_id] = request
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        request = self.scheduler.abort(request_id)
+        if request is not None:
+            self.sampler.forget(request_id)
+        return request is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step loop -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        sampled: list[int | None] = []
+        updated: list[Request] = []
+        if scheduled is not None:
+            sampled = self._run(scheduled)
+            self.scheduler.update(scheduled, sampled)
+            updated = [r for r, t in zip(scheduled.requests, sampled, strict=True) if t is not None]
+        for request in updated:
+            if not request.is_finished:
+                self._check_stop_strings(request)
+        outputs = {r.request_id: self._output(r, new_tokens=1) for r in updated}
+        for request in self.scheduler.pop_finished():
+            self.sampler.forget(request.request_id)
+            self.requests.pop(request.request_id, None)
+            new = 1 if request.request_id in outputs else 0
+            outputs[request.request_id] = self._output(request, new_tokens=new)
+        return list(outputs.values())
+
+    def _run(self, scheduled: ScheduledBatch) -> list[int | None]:
+        batch = self._forward_batch(scheduled)
+        logits = self.runner.forward(batch)
+        rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
+        requests = [scheduled.requests[i] for i in rows]
+        tokens, logprobs = self.sampler(
+            logits, [r.params for r in requests], [r.request_id for r in requests]
+        )
+        sampled: list[int | None] = [None] * len(scheduled.requests)
+        for row, request, token, lp in zip(rows, requests, tokens, logprobs, strict=True):
+            sampled[row] = token
+            if lp is not None:
+                request.output_logprobs.append(lp)
+        return sampled
+
+    def _forward_batch(self, scheduled: ScheduledBatch) -> ForwardBatch:
+        token_ids = [
+            r.all_token_ids[p : p + n]
+            for r, p, n in zip(
+                scheduled.requests, scheduled.prefix_lens, scheduled.num_new_tokens, strict=True
+            )
+        ]
+        decode_rows = [scheduled.is_decode_row(i) for i in range(len(scheduled.requests))]
+        mode = (
+            ForwardMode.DECODE
+            if all(decode_rows)
+            else ForwardMode.MIXED
+            if any(decode_rows)
+            else ForwardMode.EXTEND
+        )
+        return ForwardBatch.build(
+            token_ids=token_ids,
+            prefix_lens=scheduled.prefix_lens,
+            block_tables=[r.block_ids for r in scheduled.requests],
+            block_size=self.config.cache.block_size,
+            device=self.runner.device,
+            logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
+            request_ids=[r.request_id for r in scheduled.requests],
+            mode=mode,
+        )
+
+    def _output(self, request: Request, new_tokens: int) -> RequestOutput:
+        text = request.output_text or self.tokenizer.decode(request.output_token_ids)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.output_token_ids),
+            text=text,
+            new_token_ids=request.output_token_ids[-new_tokens:] if new_tokens else [],
+            logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+        )
+
+    def _check_stop_strings(self, request: Request) -> None:
+        if not request.params.stop:
+            return
+        text = self.tokenizer.decode(request.output_token_ids)
+        for stop in request.params.stop:
+            index = text.find(stop)
+            if index >= 0:
+                keep = index + len(stop) if request.params.include_stop_str_in_output else index
+                request.output_text = text[:keep]
+                self.scheduler.finish(request, "stop")
+                return
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_waiting": len(self.scheduler.waiting),
+            "num_running": len(self.scheduler.running),
+            "kv_blocks_total": bm.num_usable_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "dispatch": self.runner.graphs.stats.as_dict(),
+        }

@@ -1,0 +1,176 @@
+"""Continuous batching with chunked prefill under a per-step token budget. Imports no torch.
+
+Every step, running requests go first (a decode row costs one token, an unfinished prefill
+continues with a chunk), then waiting requests are admitted in arrival order while the token
+budget, the row limit and the KV pool allow. When the pool runs dry, the newest running request
+is preempted: its blocks are freed and it is recomputed from scratch later (preemption by
+recompute), so accepted work is never lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+from tesela.config import SchedulerConfig
+from tesela.engine.block_manager import BlockManager, blocks_for
+from tesela.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's rows: request i computes tokens [prefix_lens[i], prefix_lens[i] + n)."""
+
+    requests: list[Request]
+    num_new_tokens: list[int]
+    prefix_lens: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, row: int) -> bool:
+        """Whether row `row` reaches its newest token and so produces a new one."""
+        request = self.requests[row]
+        return self.prefix_lens[row] + self.num_new_tokens[row] == request.num_tokens
+
+    def is_decode_row(self, row: int) -> bool:
+        return self.prefix_lens[row] >= self.requests[row].num_prompt_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._arrivals = itertools.count()
+        self.num_preemptions = 0
+        self._finished: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.validate(request)
+        request.arrival = next(self._arrivals)
+        self.waiting.append(request)
+
+    def validate(self, request: Request) -> None:
+        n = request.num_prompt_tokens
+        if n == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if n >= self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens, but max_model_len is {self.config.max_model_len}: "
+                "shorten the prompt or raise max_model_len"
+            )
+        capacity = self.block_manager.num_usable_blocks * self.block_manager.block_size
+        if blocks_for(n + 1, self.block_manager.block_size) > self.block_manager.num_usable_blocks:
+            raise ValueError(
+                f"the prompt has {n} tokens, but the KV cache holds only {capacity}: "
+                "give the cache more memory or shorten the prompt"
+            )
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        budget = self.config.max_num_batched_tokens
+        batch = ScheduledBatch([], [], [])
+        budget = self._schedule_running(batch, budget)
+        self._schedule_waiting(batch, budget)
+        return batch if batch.requests else None
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._reserve(request, n):
+                if request not in self.running:  # it was preempted itself
+                    continue
+                break
+            batch.requests.append(request)
+            batch.num_new_tokens.append(n)
+            batch.prefix_lens.append(request.num_computed_tokens)
+            budget -= n
+            index += 1
+        return budget
+
+    def _reserve(self, request: Request, n: int) -> bool:
+        """Get blocks for `n` more tokens of a running request, preempting newer ones."""
+        total = request.num_computed_tokens + n
+        while not self.block_manager.can_allocate(request, total):
+            victim = self.running[-1]
+            if victim is request and len(self.running) == 1:
+                # Alone and still out of blocks: the pool cannot hold this sequence.
+                self.finish(request, "length")
+                return False
+            self._preempt(victim)
+            if victim is request:
+                return False
+        self.block_manager.allocate(request, total)
+        return True
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.block_manager.can_allocate(request, request.num_computed_tokens + n):
+                break
+            self.block_manager.allocate(request, request.num_computed_tokens + n)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.requests.append(request)
+            batch.num_new_tokens.append(n)
+            batch.prefix_lens.append(request.num_computed_tokens)
+            budget -= n
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
+        """Record a finished step: computed tokens advance, sampled tokens are appended, and
+        requests that hit a stop condition finish (their blocks are freed)."""
+        for row, request in enumerate(batch.requests):
+            if request.is_finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens += batch.num_new_tokens[row]
+            token = sampled[row]
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            reason = request.check_token_stop(self.config.max_model_len)
+            if reason is not None:
+                self.finish(request, reason)
+
+    def finish(self, request: Request, reason: str) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.block_manager.free(request)
+        request.finish(reason)
+        self._finished.append(request)
+
+    def pop_finished(self) -> list[Request]:
+        """Requests finished since the last call, in the order they finished."""
+        finished, self._finished = self._finished, []
+        return finished
+
+    def abort(self, request_id: str) -> Request | None:
+        for request in itertools.chain(self.running, self.waiting):
+            if request.request_id == request_id:
+                self.finish(request, "abort")
+                return request
+        return None

@@ -1,0 +1,1 @@
+"""Turning scheduled batches into forward passes: batches, runners, graphs."""

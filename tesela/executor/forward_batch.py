@@ -1,0 +1,150 @@
+"""ForwardBatch: everything one forward pass needs, as device tensors plus host copies.
+
+A batch is a list of request rows. Row i has `prefix_lens[i]` tokens already in the paged KV
+cache and `extend_lens[i]` new tokens in this batch (1 for a decode row). The new tokens of all
+rows are laid out back to back in the token dimension, row by row.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+_batch_ids = itertools.count(1)
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"  # every row brings new prompt tokens (prefill or a prefill chunk)
+    DECODE = "decode"  # every row brings exactly one token after its prompt is done
+    MIXED = "mixed"  # both kinds of rows in one batch
+
+    @property
+    def is_decode(self) -> bool:
+        return self is ForwardMode.DECODE
+
+
+@dataclass(frozen=True)
+class BatchStamp:
+    """The identity of a batch; attention metadata carries the stamp of the batch it planned."""
+
+    batch_id: int
+    mode: ForwardMode
+    num_tokens: int
+    batch_size: int
+
+    def __str__(self) -> str:
+        return (
+            f"batch #{self.batch_id} ({self.mode.value}, {self.num_tokens} tokens, "
+            f"{self.batch_size} rows)"
+        )
+
+
+@dataclass
+class ForwardBatch:
+    mode: ForwardMode
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    out_cache_loc: torch.Tensor  # [num_tokens] int64: KV slot every new token writes
+    seq_lens: torch.Tensor  # [batch] int32: tokens in cache after this pass
+    prefix_lens: torch.Tensor  # [batch] int32: tokens in cache before this pass
+    extend_start_loc: torch.Tensor  # [batch] int32: first token of each row in the token dim
+    block_tables: torch.Tensor  # [batch, max_blocks] int32, padded with block 0 (dummy)
+    logits_indices: torch.Tensor  # [num_logits] int64: token rows whose logits are needed
+    seq_lens_cpu: list[int]
+    prefix_lens_cpu: list[int]
+    request_ids: list[str] = field(default_factory=list)
+    return_input_logprobs: bool = False
+    batch_id: int = field(default_factory=lambda: next(_batch_ids))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def extend_lens_cpu(self) -> list[int]:
+        return [s - p for s, p in zip(self.seq_lens_cpu, self.prefix_lens_cpu, strict=True)]
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_cpu, default=0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    @property
+    def stamp(self) -> BatchStamp:
+        return BatchStamp(self.batch_id, self.mode, self.num_tokens, self.batch_size)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        token_ids: list[list[int]],
+        prefix_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str,
+        logits_rows: list[int] | None = None,
+        request_ids: list[str] | None = None,
+        mode: ForwardMode | None = None,
+        return_input_logprobs: bool = False,
+    ) -> ForwardBatch:
+        """Build a batch from host lists: the new tokens of each row, its prefix length in the
+        cache and its block table. `logits_rows` lists the rows that sample (their last token's
+        logits are computed); by default every row does."""
+        if not token_ids:
+            raise ValueError("a ForwardBatch needs at least one row")
+        extend_lens = [len(t) for t in token_ids]
+        if min(extend_lens) <= 0:
+            raise ValueError("every row of a ForwardBatch needs at least one new token")
+        mode = mode or _infer_mode(extend_lens, prefix_lens)
+        seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens, strict=True)]
+        positions, slots, starts = [], [], []
+        for row, (prefix, n) in enumerate(zip(prefix_lens, extend_lens, strict=True)):
+            starts.append(len(positions))
+            table = block_tables[row]
+            for pos in range(prefix, prefix + n):
+                positions.append(pos)
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        ends = [s + n - 1 for s, n in zip(starts, extend_lens, strict=True)]
+        rows = range(len(token_ids)) if logits_rows is None else logits_rows
+        width = max(len(t) for t in block_tables)
+        padded_tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            mode=mode,
+            input_ids=tensor([t for row in token_ids for t in row], torch.int64),
+            positions=tensor(positions, torch.int64),
+            out_cache_loc=tensor(slots, torch.int64),
+            seq_lens=tensor(seq_lens, torch.int32),
+            prefix_lens=tensor(prefix_lens, torch.int32),
+            extend_start_loc=tensor(starts, torch.int32),
+            block_tables=tensor(padded_tables, torch.int32),
+            logits_indices=tensor([ends[r] for r in rows], torch.int64),
+            seq_lens_cpu=seq_lens,
+            prefix_lens_cpu=list(prefix_lens),
+            request_ids=list(request_ids or []),
+            return_input_logprobs=return_input_logprobs,
+        )
+
+
+def _infer_mode(extend_lens: list[int], prefix_lens: list[int]) -> ForwardMode:
+    # A decode row brings one token after a non-empty prefix; a 1-token prompt chunk is
+    # indistinguishable and is served identically by every backend.
+    decode_rows = [n == 1 and p > 0 for n, p in zip(extend_lens, prefix_lens, strict=True)]
+    if all(decode_rows):
+        return ForwardMode.DECODE
+    if any(decode_rows):
+        return ForwardMode.MIXED
+    return ForwardMode.EXTEND

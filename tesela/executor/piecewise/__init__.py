@@ -1,0 +1,1 @@
+"""Piecewise CUDA graphs: capture everything between attention calls, run attention eagerly."""

@@ -1,0 +1,164 @@
+"""The piecewise runner: capture every size of the ladder, replay the smallest that fits.
+
+Capture runs largest size first into one shared graph pool, with the garbage collector paused,
+a progress bar, and GPU memory measured before and after. Every warmup and capture pass builds
+a real ForwardBatch for what it runs and plans attention metadata for it, so no pass can ever
+run with metadata left over from another batch (DESIGN.md §3).
+
+On CPU there is no graph capture: the same runner runs the model directly over the same static
+buffers, so padding, slicing, fallback and metadata handling are exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from tesela.config import GraphConfig
+from tesela.executor.forward_batch import ForwardBatch
+from tesela.executor.forward_context import forward_context
+from tesela.executor.piecewise.breakable import BreakableGraph, SegmentRecorder
+from tesela.executor.piecewise.buffers import StaticBuffers, capture_batch
+
+logger = logging.getLogger("tesela.piecewise")
+
+
+@dataclass
+class CaptureReport:
+    strategy: str
+    sizes: tuple[int, ...]
+    seconds: float = 0.0
+    graph_memory_bytes: int = 0
+    segments_per_size: int = 0
+    cuda_graphs: bool = False
+    verify_max_abs_diff: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def graph_memory_gib(self) -> float:
+        return self.graph_memory_bytes / 2**30
+
+    def summary(self) -> str:
+        kind = "CUDA graphs" if self.cuda_graphs else "no capture (CPU)"
+        return (
+            f"piecewise {self.strategy}: {len(self.sizes)} sizes "
+            f"({self.sizes[0]}..{self.sizes[-1]} tokens), {self.segments_per_size} pieces each, "
+            f"{kind}, built in {self.seconds:.2f} s, graph memory {self.graph_memory_gib:.3f} GiB"
+        )
+
+
+class PiecewiseRunner:
+    def __init__(self, model_runner, config: GraphConfig) -> None:
+        self.model_runner = model_runner
+        self.config = config
+        self.sizes = tuple(config.capture_sizes)
+        self.strategy = config.prefill_graph
+        self.device = model_runner.device
+        self.use_cuda_graphs = self.device.type == "cuda"
+        self.buffers = StaticBuffers.allocate(self.max_num_tokens, self.device)
+        self.graphs: dict[int, BreakableGraph] = {}
+        self.compiled = None
+        self.report = CaptureReport(self.strategy, self.sizes, cuda_graphs=self.use_cuda_graphs)
+
+    @property
+    def max_num_tokens(self) -> int:
+        return self.sizes[-1]
+
+    def padded_size(self, num_tokens: int) -> int:
+        return self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
+
+    def can_run(self, batch: ForwardBatch) -> str | None:
+        """None when the batch can be replayed, else the fallback reason."""
+        if batch.num_tokens > self.max_num_tokens:
+            return "too_many_tokens"
+        if batch.return_input_logprobs:
+            return "input_logprobs"
+        return None
+
+    # ---- capture -------------------------------------------------------------------------
+
+    def capture(self) -> CaptureReport:
+        if self.strategy == "compiled":
+            from tesela.executor.piecewise.compiled import CompiledPieces
+
+            self.compiled = CompiledPieces(self.model_runner, self.config)
+        start = time.perf_counter()
+        if self.use_cuda_graphs:
+            self._capture_cuda()
+        elif self.compiled is not None:
+            for size in reversed(self.sizes):
+                self._warmup(size)
+        self.report.seconds = time.perf_counter() - start
+        logger.info(self.report.summary())
+        return self.report
+
+    def _capture_cuda(self) -> None:
+        torch.cuda.synchronize(self.device)
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        gc.collect()
+        gc.disable()  # a collection per capture costs seconds over a ladder (vLLM #10059)
+        try:
+            with torch.cuda.stream(stream):
+                for size in tqdm(list(reversed(self.sizes)), desc="Capturing piecewise graphs",
+                                 leave=False, disable=len(self.sizes) < 8):
+                    self._warmup(size)
+                    self._capture_size(size, pool)
+            torch.cuda.synchronize(self.device)
+        finally:
+            gc.enable()
+        self.report.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
+
+    def _run_model(self, batch: ForwardBatch, num_tokens: int, split_hook=None):
+        input_ids, positions = self.buffers.slice(num_tokens)
+        backend = self.model_runner.attn_backend
+        with forward_context(batch, backend, split_hook):
+            if self.compiled is not None:
+                return self.compiled(input_ids, positions)
+            return self.model_runner.model(input_ids, positions)
+
+    @torch.inference_mode()
+    def _warmup(self, size: int) -> None:
+        batch = self._plan_capture_batch(size)
+        self.buffers.copy_from(batch, size)
+        self._run_model(batch, size)
+
+    @torch.inference_mode()
+    def _capture_size(self, size: int, pool) -> None:
+        batch = self._plan_capture_batch(size)
+        self.buffers.copy_from(batch, size)
+        graph = BreakableGraph(size)
+        recorder = SegmentRecorder(graph, pool)
+        recorder.begin()
+        output = self._run_model(batch, size, split_hook=recorder)
+        recorder.finish(output)
+        self.graphs[size] = graph
+        self.report.segments_per_size = len(graph.segments)
+
+    def _plan_capture_batch(self, size: int) -> ForwardBatch:
+        runner = self.model_runner
+        batch = capture_batch(size, runner.kv_cache.block_size, self.device)
+        runner.attn_backend.init_forward_metadata(batch)
+        return batch
+
+    # ---- replay --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states of the batch's real tokens ([num_tokens, hidden])."""
+        n = batch.num_tokens
+        size = self.padded_size(n)
+        self.buffers.copy_from(batch, size)
+        self.model_runner.attn_backend.init_forward_metadata(batch)
+        if self.use_cuda_graphs:
+            with forward_context(batch, self.model_runner.attn_backend):
+                output = self.graphs[size].replay()
+        else:
+            output = self._run_model(batch, size)
+        return output[:n]

@@ -1,0 +1,1 @@
+"""Model building blocks: linear layers with fused-weight loading, norms, rotary, activations."""

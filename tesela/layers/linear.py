@@ -1,0 +1,41 @@
+"""Linear layers whose weights may be fused from several checkpoint tensors.
+
+`MergedLinear` holds e.g. q/k/v or gate/up in one weight so one GEMM serves them; its
+`weight_loader` places each checkpoint shard into its rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """One weight made of named row blocks, e.g. {"q": 2048, "k": 512, "v": 512}."""
+
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(shards.values()), bias)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, size in shards.items():
+            self.shard_offsets[name] = (offset, size)
+            offset += size
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
+        offset, size = self.shard_offsets[shard]
+        if loaded.shape[0] != size:
+            raise ValueError(
+                f"checkpoint shard {shard!r} has {loaded.shape[0]} rows, the model expects {size}"
+            )
+        param.data[offset : offset + size].copy_(loaded)

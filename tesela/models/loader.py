@@ -1,0 +1,148 @@
+"""Build a model on the meta device, then fill its weights once on the target device.
+
+Weights come from safetensors (one file, or shards listed in model.safetensors.index.json),
+read tensor by tensor straight into the allocated parameters: no second full copy of the model
+is ever held. `load_format="dummy"` fills random weights from a fixed seed instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from tesela.config import ModelConfig
+from tesela.models.registry import model_class
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def build_model(
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    load_format: str = "auto",
+    path: str | Path | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    cls = model_class(config)
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        if path is None:
+            raise ValueError("loading weights needs a model folder (or load_format='dummy')")
+        load_weights(model, iterate_safetensors(Path(path)))
+    model.init_buffers(device)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights with a fixed seed: N(0, 0.02) matrices, norms near 1, biases small.
+
+    The spread keeps logits far from uniform, so greedy comparisons between paths mean
+    something (near-ties would make them flaky)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        if name.endswith("norm.weight"):
+            param.uniform_(0.8, 1.2, generator=generator)
+        elif name.endswith(".bias"):
+            param.normal_(0.0, 0.02, generator=generator)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{INDEX_FILE} in {path} lists shard(s) that are missing: {', '.join(missing)}"
+            )
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {path}: tesela loads safetensors checkpoints "
+            "(or use load_format='dummy' for random weights)"
+        )
+    return files
+
+
+def iterate_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118  (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    stacked = getattr(model, "stacked_params", {})
+    loaded: set[str] = set()
+    for ckpt_name, tensor in weights:
+        if "rotary_emb.inv_freq" in ckpt_name:
+            continue
+        name, shard = _map_name(ckpt_name, stacked)
+        if name not in params:
+            if model.config.tie_word_embeddings and ckpt_name == "lm_head.weight":
+                continue
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} matches no model parameter")
+        param = params[name]
+        if shard is None:
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, the "
+                    f"model expects {tuple(param.shape)}: does config.json match the weights?"
+                )
+            param.copy_(tensor)
+        else:
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            owner.load_shard(param, tensor.to(param.device), shard)
+        loaded.add(f"{name}:{shard}")
+    _check_complete(model, params, stacked, loaded)
+
+
+def _map_name(ckpt_name: str, stacked: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+    for fragment, (fused, shard) in stacked.items():
+        if f".{fragment}." in ckpt_name:
+            return ckpt_name.replace(f".{fragment}.", f".{fused}."), shard
+    return ckpt_name, None
+
+
+def _check_complete(model, params, stacked, loaded: set[str]) -> None:
+    expected: set[str] = set()
+    shards_of: dict[str, list[str]] = {}
+    for fused, shard in stacked.values():
+        shards_of.setdefault(fused, []).append(shard)
+    for name in params:
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        fused = next((f for f in shards_of if f".{f}." in name), None)
+        if fused is None:
+            expected.add(f"{name}:None")
+        else:
+            expected.update(f"{name}:{s}" for s in shards_of[fused])
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(m.replace(":None", "") for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"the checkpoint is missing tensor(s): {shown}{more}")

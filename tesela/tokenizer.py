@@ -1,0 +1,109 @@
+"""Tokenizers: HF tokenizer.json (through `tokenizers`) and the built-in byte-level tokenizer.
+
+The chat template comes from tokenizer_config.json when it has one (rendered with jinja2, as
+HF does); otherwise a plain "role: content" transcript is used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, token_ids: list[int]) -> str: ...
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
+
+
+def plain_chat_prompt(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    if add_generation_prompt:
+        lines.append("assistant:")
+    return "\n".join(lines)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0-255; 256 is BOS and 257 EOS. Needs no files."""
+
+    BOS, EOS = 256, 257
+    vocab_size = 258
+
+    def __init__(self) -> None:
+        self.eos_token_ids = (self.EOS,)
+        self.bos_token_id = self.BOS
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return plain_chat_prompt(messages, add_generation_prompt)
+
+
+class HFTokenizer:
+    """A tokenizer.json folder, with special tokens and chat template from tokenizer_config.json."""
+
+    def __init__(self, path: str | Path, eos_token_ids: tuple[int, ...] = ()) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer.json in {path}: tesela reads HF fast tokenizers (tokenizer.json)"
+            )
+        self._tokenizer = RustTokenizer.from_file(str(file))
+        config_file = path / "tokenizer_config.json"
+        self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.chat_template = self.config.get("chat_template")
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        eos = set(eos_token_ids)
+        if self.eos_token and self._tokenizer.token_to_id(self.eos_token) is not None:
+            eos.add(self._tokenizer.token_to_id(self.eos_token))
+        self.eos_token_ids = tuple(sorted(eos))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            return plain_chat_prompt(messages, add_generation_prompt)
+        import jinja2
+
+        environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        environment.globals["raise_exception"] = _raise_template_error
+        template = environment.from_string(self.chat_template)
+        return template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+
+def _token_text(token) -> str | None:
+    if isinstance(token, dict):  # {"content": "<s>", ...} in older configs
+        return token.get("content")
+    return token
+
+
+def _raise_template_error(message: str):
+    raise ValueError(f"the chat template refused the messages: {message}")
+
+
+def load_tokenizer(path: str | Path | None, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+    if path is None:
+        return ByteTokenizer()
+    return HFTokenizer(path, eos_token_ids)
