@@ -93,6 +93,16 @@ class ModelConfig:
                 "(e.g. ['LlamaForCausalLM'])"
             )
         arch = archs[0]
+        from tesela.models.registry import supported_architectures
+
+        if arch not in supported_architectures():
+            raise ValueError(
+                f"unknown architecture {arch!r} in config.json: tesela supports "
+                f"{', '.join(supported_architectures())}"
+            )
+        missing = [k for k in _REQUIRED_FIELDS if k not in hf]
+        if missing:
+            raise ValueError(f"config.json lacks required field(s): {', '.join(missing)}")
         heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         eos = hf.get("eos_token_id")
@@ -130,6 +140,15 @@ class ModelConfig:
                 "weights and tokenizer.json (or pass a preset name such as 'tiny')"
             )
         return cls.from_hf_dict(json.loads(config_file.read_text()))
+
+
+_REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 
 
 def _rope_params(hf: dict[str, Any]) -> dict[str, Any]:

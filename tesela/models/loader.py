@@ -129,20 +129,22 @@ def _map_name(ckpt_name: str, stacked: dict[str, tuple[str, str]]) -> tuple[str,
 
 
 def _check_complete(model, params, stacked, loaded: set[str]) -> None:
-    expected: set[str] = set()
-    shards_of: dict[str, list[str]] = {}
-    for fused, shard in stacked.values():
-        shards_of.setdefault(fused, []).append(shard)
+    """Every parameter (every shard of a fused one) must have come from the checkpoint."""
+    fused_shards: dict[str, list[tuple[str, str]]] = {}  # fused -> [(shard, checkpoint name)]
+    for fragment, (fused, shard) in stacked.items():
+        fused_shards.setdefault(fused, []).append((shard, fragment))
+    missing = []
     for name in params:
         if model.config.tie_word_embeddings and name == "lm_head.weight":
             continue
-        fused = next((f for f in shards_of if f".{f}." in name), None)
+        fused = next((f for f in fused_shards if f".{f}." in name), None)
         if fused is None:
-            expected.add(f"{name}:None")
-        else:
-            expected.update(f"{name}:{s}" for s in shards_of[fused])
-    missing = sorted(expected - loaded)
+            if f"{name}:None" not in loaded:
+                missing.append(name)
+            continue
+        for shard, fragment in fused_shards[fused]:
+            if f"{name}:{shard}" not in loaded:
+                missing.append(name.replace(f".{fused}.", f".{fragment}."))
     if missing:
-        shown = ", ".join(m.replace(":None", "") for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"the checkpoint is missing tensor(s): {shown}{more}")
+        raise ValueError(f"the checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")

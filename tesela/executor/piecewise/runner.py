@@ -92,7 +92,7 @@ class PiecewiseRunner:
             self._capture_cuda()
         elif self.compiled is not None:
             for size in reversed(self.sizes):
-                self._warmup(size)
+                self._warmup(size)  # compiles once (dynamic token dim), then runs every size
         self.report.seconds = time.perf_counter() - start
         logger.info(self.report.summary())
         return self.report
@@ -115,11 +115,11 @@ class PiecewiseRunner:
             gc.enable()
         self.report.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
 
-    def _run_model(self, batch: ForwardBatch, num_tokens: int, split_hook=None):
+    def _run_model(self, batch: ForwardBatch, num_tokens: int, split_hook=None, plain=False):
         input_ids, positions = self.buffers.slice(num_tokens)
         backend = self.model_runner.attn_backend
         with forward_context(batch, backend, split_hook):
-            if self.compiled is not None:
+            if self.compiled is not None and not plain:
                 return self.compiled(input_ids, positions)
             return self.model_runner.model(input_ids, positions)
 
@@ -133,6 +133,11 @@ class PiecewiseRunner:
     def _capture_size(self, size: int, pool) -> None:
         batch = self._plan_capture_batch(size)
         self.buffers.copy_from(batch, size)
+        if self.compiled is not None:
+            # Each compiled piece captures its own graph for this size (CompiledPieces).
+            with self.compiled.capturing(size, pool):
+                self._run_model(batch, size)
+            return
         graph = BreakableGraph(size)
         recorder = SegmentRecorder(graph, pool)
         recorder.begin()
@@ -156,9 +161,21 @@ class PiecewiseRunner:
         size = self.padded_size(n)
         self.buffers.copy_from(batch, size)
         self.model_runner.attn_backend.init_forward_metadata(batch)
-        if self.use_cuda_graphs:
+        if self.use_cuda_graphs and self.compiled is None:
             with forward_context(batch, self.model_runner.attn_backend):
                 output = self.graphs[size].replay()
         else:
+            # CPU, or compiled pieces (which replay their per-size graphs themselves).
             output = self._run_model(batch, size)
         return output[:n]
+
+    @torch.inference_mode()
+    def run_eager_padded(self, batch: ForwardBatch) -> torch.Tensor:
+        """The computation a replay performs, run eagerly: same padded shapes, same kernels.
+
+        A replay must equal this bit for bit. Against the unpadded eager forward it may differ
+        in the last bits, since GEMM libraries pick kernels by row count."""
+        size = self.padded_size(batch.num_tokens)
+        self.buffers.copy_from(batch, size)
+        self.model_runner.attn_backend.init_forward_metadata(batch)
+        return self._run_model(batch, size, plain=True)[: batch.num_tokens].clone()

@@ -1,0 +1,280 @@
+"""`tesela bench prefill`: one-request prefill latency by graph strategy (shared/BENCH.md).
+
+One model is loaded once; every strategy runs over it: eager, torch.compile (default and
+reduce-overhead), piecewise breakable, piecewise compiled (eager and inductor pieces), and a
+full graph captured at each exact size (the launch-free floor for the same kernels). Latency is
+host-visible (launch to synchronized result), median of repeated runs after warmup; the logits
+of each column are compared with eager. Writes JSON + PNG and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tesela.config import GraphConfig, default_capture_sizes
+from tesela.executor.forward_batch import ForwardBatch
+from tesela.executor.forward_context import forward_context
+
+COLUMNS = (
+    "eager",
+    "compile",
+    "compile-ro",
+    "breakable",
+    "compiled-eager",
+    "compiled-inductor",
+    "full-graph",
+)
+
+
+def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="qwen3-0.6b")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--num-tokens", default="16,64,256,1024,4096")
+    parser.add_argument("--columns", default=",".join(COLUMNS))
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--output-dir", default="results")
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    from tesela.engine.llm_engine import make_engine_config
+    from tesela.executor.model_runner import ModelRunner
+
+    counts = [int(n) for n in args.num_tokens.split(",")]
+    columns = [c for c in args.columns.split(",") if c]
+    config, path = make_engine_config(
+        args.model, dtype=args.dtype, device=args.device, disable_cuda_graph=True,
+        attention_backend=args.attention_backend, num_kv_tokens=max(counts) + 64,
+        max_num_batched_tokens=max(counts),
+    )
+    runner = ModelRunner(config, path)
+    bench = PrefillBench(runner, counts, args.repeat, args.warmup)
+    results = bench.run(columns)
+    write_outputs(results, Path(args.output_dir), f"prefill-{args.model}")
+    print(format_table(results))
+    return 0
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PrefillBench:
+    def __init__(self, runner, counts: list[int], repeat: int, warmup: int) -> None:
+        self.runner = runner
+        self.counts = counts
+        self.repeat = repeat
+        self.warmup = warmup
+        self.device = runner.device
+        self.results: dict = {
+            "model": runner.config.model,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+            else "cpu",
+            "dtype": runner.config.dtype,
+            "attention_backend": runner.config.attention_backend,
+            "num_tokens": counts,
+            "latency_ms": {},
+            "spread_ms": {},
+            "max_abs_err": {},
+            "build": {},
+        }
+
+    def batch(self, n: int) -> ForwardBatch:
+        generator = torch.Generator().manual_seed(n)
+        tokens = torch.randint(0, self.runner.config.model_config.vocab_size, (n,),
+                               generator=generator).tolist()
+        blocks = list(range(1, n // self.runner.kv_cache.block_size + 2))
+        return ForwardBatch.build(token_ids=[tokens], prefix_lens=[0], block_tables=[blocks],
+                                  block_size=self.runner.kv_cache.block_size, device=self.device)
+
+    def time(self, fn: Callable[[ForwardBatch], torch.Tensor], n: int) -> tuple[list[float], torch.Tensor]:
+        batch = self.batch(n)
+        for _ in range(self.warmup):
+            out = fn(batch)
+        sync(self.device)
+        samples = []
+        for _ in range(self.repeat):
+            batch = self.batch(n)
+            start = time.perf_counter()
+            out = fn(batch)
+            sync(self.device)
+            samples.append((time.perf_counter() - start) * 1e3)
+        logits = self.runner.compute_logits(out[-1:].clone())
+        return samples, logits
+
+    def run(self, columns: list[str]) -> dict:
+        self.results["hbm_floor_ms"] = self.hbm_floor_ms()
+        reference = {}
+        for column in columns:
+            try:
+                fn = self.make(column)
+            except Exception as error:  # a column that cannot build is reported, not fatal
+                self.results["build"][column] = {"error": f"{type(error).__name__}: {error}"}
+                continue
+            for n in self.counts:
+                samples, logits = self.time(fn, n)
+                key = f"{column}/{n}"
+                self.results["latency_ms"][key] = statistics.median(samples)
+                self.results["spread_ms"][key] = (min(samples), max(samples))
+                if column == "eager":
+                    reference[n] = logits
+                elif n in reference:
+                    self.results["max_abs_err"][key] = (logits - reference[n]).abs().max().item()
+            torch.compiler.reset() if column.startswith("compile") else None
+        return self.results
+
+    @torch.inference_mode()
+    def make(self, column: str) -> Callable[[ForwardBatch], torch.Tensor]:
+        runner = self.runner
+        if column == "eager":
+            return runner.forward_eager
+        if column in ("compile", "compile-ro"):
+            mode = "reduce-overhead" if column == "compile-ro" else None
+            compiled = torch.compile(runner.model, mode=mode)
+            return self._with_context(lambda b: compiled(b.input_ids, b.positions))
+        if column == "full-graph":
+            return FullGraphs(runner)
+        strategy, compiler = {
+            "breakable": ("breakable", "eager"),
+            "compiled-eager": ("compiled", "eager"),
+            "compiled-inductor": ("compiled", "inductor"),
+        }[column]
+        return self._piecewise(column, strategy, compiler)
+
+    def _with_context(self, fn):
+        def run(batch: ForwardBatch) -> torch.Tensor:
+            self.runner.attn_backend.init_forward_metadata(batch)
+            with torch.inference_mode(), forward_context(batch, self.runner.attn_backend):
+                return fn(batch)
+
+        return run
+
+    def _piecewise(self, column: str, strategy: str, compiler: str):
+        from tesela.executor.piecewise.runner import PiecewiseRunner
+
+        config = GraphConfig(prefill_graph=strategy, piece_compiler=compiler,
+                             capture_sizes=default_capture_sizes(max(self.counts)),
+                             max_capture_tokens=max(self.counts))
+        piecewise = PiecewiseRunner(self.runner, config)
+        report = piecewise.capture()
+        self.results["build"][column] = {
+            "seconds": report.seconds,
+            "graph_gib": report.graph_memory_gib,
+            "sizes": len(report.sizes),
+            "pieces": report.segments_per_size,
+        }
+        return piecewise.run
+
+    def hbm_floor_ms(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
+        src = torch.empty(2**30, dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            dst.copy_(src)
+        end.record()
+        sync(self.device)
+        bandwidth = 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3)  # read + write
+        self.results["copy_bandwidth_gbs"] = bandwidth / 1e9
+        self.results["weight_gib"] = weight_bytes / 2**30
+        return weight_bytes / bandwidth * 1e3
+
+
+class FullGraphs:
+    """The whole forward captured at each exact batch (attention inside, its metadata fixed):
+    what a launch-free run of the same kernels costs."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.graphs: dict[int, tuple] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @torch.inference_mode()
+    def __call__(self, batch: ForwardBatch) -> torch.Tensor:
+        n = batch.num_tokens
+        if n not in self.graphs:
+            self.graphs[n] = self._capture(batch)
+        graph, output, captured, _metadata = self.graphs[n]
+        # Same shape, so the captured metadata is valid; copy the new tokens in.
+        captured.input_ids.copy_(batch.input_ids)
+        graph.replay()
+        return output
+
+    def _capture(self, batch: ForwardBatch):
+        runner = self.runner
+        runner.forward_eager(batch)  # warmup
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            runner.forward_eager(batch)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        runner.attn_backend.init_forward_metadata(batch)
+        with torch.cuda.graph(graph, pool=self.pool), forward_context(batch, runner.attn_backend):
+            output = runner.model(batch.input_ids, batch.positions)
+        # The graph reads the metadata's device tensors: keep them alive with it.
+        return graph, output, batch, runner.attn_backend.forward_metadata
+
+
+def write_outputs(results: dict, output_dir: Path, name: str) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib missing: no plot; raw numbers in {output_dir / name}.json)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    columns = sorted({k.split("/")[0] for k in results["latency_ms"]}, key=COLUMNS.index)
+    for column in columns:
+        xs = [n for n in results["num_tokens"] if f"{column}/{n}" in results["latency_ms"]]
+        ax.plot(xs, [results["latency_ms"][f"{column}/{n}"] for n in xs], marker="o",
+                label=column)
+    ax.set(xscale="log", yscale="log", xlabel="num_tokens", ylabel="ms (host-visible median)",
+           title=f"prefill {results['model']} on {results['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output_dir / f"{name}.png", dpi=120)
+
+
+def format_table(results: dict) -> str:
+    latency = results["latency_ms"]
+    columns = [c for c in COLUMNS if any(k.startswith(f"{c}/") for k in latency)]
+    lines = [f"prefill {results['model']} ({results['dtype']}, attention "
+             f"{results['attention_backend']}) on {results['device']}: median ms"]
+    lines.append("| n | " + " | ".join(columns) + " | breakable/full | eager/breakable |")
+    lines.append("|---" * (len(columns) + 3) + "|")
+    for n in results["num_tokens"]:
+        row = [f"{latency.get(f'{c}/{n}', float('nan')):.3f}" for c in columns]
+        ratio = latency.get(f"breakable/{n}", float("nan")) / latency.get(f"full-graph/{n}", float("nan"))
+        speedup = latency.get(f"eager/{n}", float("nan")) / latency.get(f"breakable/{n}", float("nan"))
+        lines.append(f"| {n} | " + " | ".join(row) + f" | {ratio:.3f} | {speedup:.2f} |")
+    if results.get("hbm_floor_ms"):
+        lines.append(f"HBM floor (weights {results['weight_gib']:.2f} GiB at "
+                     f"{results['copy_bandwidth_gbs']:.0f} GB/s): {results['hbm_floor_ms']:.3f} ms")
+    for column, build in results["build"].items():
+        lines.append(f"build {column}: {build}")
+    errors = results["max_abs_err"]
+    if errors:
+        worst = {c: max((v for k, v in errors.items() if k.startswith(f"{c}/")), default=0.0)
+                 for c in columns if c != "eager"}
+        lines.append("max |logits - eager|: " + ", ".join(f"{c} {v:.2e}" for c, v in worst.items()))
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""The engine end to end on CPU: batching, preemption, stop conditions, sampling, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tesela import LLM, SamplingParams
+from tesela.tokenizer import ByteTokenizer, HFTokenizer
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = ["a", "hello there", "the quick brown fox jumps", "x" * 40, "tesela!", "0123456789"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return LLM("tiny")
+
+
+def test_batched_requests_get_the_tokens_they_get_alone(tiny):
+    together = tiny.generate(PROMPTS, GREEDY)
+    for prompt, output in zip(PROMPTS, together, strict=True):
+        assert output.token_ids == tiny.generate(prompt, GREEDY)[0].token_ids
+        assert len(output.token_ids) == 12 and output.finish_reason == "length"
+
+
+def test_a_pool_too_small_preempts_and_every_request_completes(tiny):
+    reference = [o.token_ids for o in tiny.generate(PROMPTS * 3, GREEDY)]
+    # 8 blocks of 4 tokens: not enough for all requests at once, enough for each alone.
+    small = LLM("tiny", num_kv_tokens=56, block_size=4, max_num_batched_tokens=64)
+    outputs = small.generate(PROMPTS * 3, GREEDY)
+    assert [o.token_ids for o in outputs] == reference
+    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.block_manager.num_used_blocks == 0
+
+
+def test_chunked_prefill_under_a_small_token_budget_matches(tiny):
+    reference = [o.token_ids for o in tiny.generate(PROMPTS, GREEDY)]
+    chunked = LLM("tiny", max_num_batched_tokens=7)
+    assert [o.token_ids for o in chunked.generate(PROMPTS, GREEDY)] == reference
+
+
+def test_stop_conditions(tiny):
+    first = tiny.generate("hello", GREEDY)[0]
+    eos = first.token_ids[3]
+    stopped = tiny.generate("hello", SamplingParams(max_tokens=12, temperature=0,
+                                                     stop_token_ids=(eos,)))[0]
+    assert stopped.token_ids == first.token_ids[: first.token_ids.index(eos) + 1]
+    assert stopped.finish_reason == "stop"
+    text = ByteTokenizer().decode(first.token_ids)
+    stop = text[4:6]
+    if stop and len(stop.encode()) == 2:
+        by_string = tiny.generate("hello", SamplingParams(max_tokens=12, temperature=0, stop=stop))
+        assert by_string[0].finish_reason == "stop" and stop not in by_string[0].text
+
+
+def test_eos_stops_unless_ignored():
+    llm = LLM("tiny")
+    tokenizer = llm.tokenizer
+    first = llm.generate("hi", GREEDY)[0].token_ids
+    llm.engine.eos_token_ids = (first[2],)  # make a token we know comes up the EOS
+    out = llm.generate("hi", SamplingParams(max_tokens=12, temperature=0))[0]
+    assert out.token_ids == first[:3] and out.finish_reason == "stop"
+    assert tokenizer.eos_token_ids == (ByteTokenizer.EOS,)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=1234)
+    alone = tiny.generate("seeded", params)[0].token_ids
+    batched = tiny.generate(["other", "seeded", "more"], [GREEDY, params, GREEDY])[1].token_ids
+    assert alone == batched
+    different = tiny.generate("seeded", SamplingParams(max_tokens=10, temperature=1.0, seed=99))
+    assert different[0].token_ids != alone
+
+
+def test_top_k_1_is_greedy_and_logprobs_are_normalized(tiny):
+    greedy = tiny.generate("abc", GREEDY)[0]
+    top1 = tiny.generate("abc", SamplingParams(max_tokens=12, temperature=2.0, top_k=1,
+                                               ignore_eos=True, seed=3, logprobs=5))[0]
+    assert top1.token_ids == greedy.token_ids
+    for lp in top1.logprobs:
+        assert lp.token_id == next(iter(lp.top))  # greedy picks the most likely token
+        assert len(lp.top) == 5 and lp.logprob <= 0
+        assert list(lp.top.values()) == sorted(lp.top.values(), reverse=True)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from tesela.engine.sampler import _apply_top_p
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(_apply_top_p(logits, [0.7]))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(_apply_top_p(logits, [0.01])).sum() == 1
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-3), "max_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(logprobs=50), "logprobs"),
+    ],
+)
+def test_bad_sampling_params_raise_clear_errors(params, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**params)
+
+
+def test_bad_prompts_raise_and_leave_no_work_behind(tiny):
+    with pytest.raises(ValueError, match="empty"):
+        tiny.generate("", GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        tiny.generate(["fine", ""], GREEDY)
+    with pytest.raises(ValueError, match="max_model_len"):
+        tiny.generate("y" * 5000, GREEDY)
+    with pytest.raises(ValueError, match="token ids"):
+        tiny.generate([[1, 2, 100000]], GREEDY)
+    assert not tiny.engine.has_unfinished()
+    assert tiny.generate("ok", GREEDY)[0].finish_reason == "length"
+
+
+def test_unknown_model_and_architecture(tmp_path):
+    with pytest.raises(ValueError, match="neither a folder nor a preset"):
+        LLM("no-such-model")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        LLM(str(tmp_path))
+
+
+def test_missing_shard_and_tensor(tmp_path, checkpoints):
+    import shutil
+
+    source, _ = checkpoints["llama"]
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    (broken / "model-00003-of-00009.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00003-of-00009.safetensors"):
+        LLM(str(broken), dtype="float32")
+
+    from safetensors.torch import load_file, save_file
+
+    single = tmp_path / "single"
+    shutil.copytree(checkpoints["qwen2"][0], single)
+    tensors = load_file(single / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, single / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.layers.1.self_attn.k_proj.weight"):
+        LLM(str(single), dtype="float32")
+
+
+def test_chat_template_from_tokenizer_config(tmp_path):
+    from conftest import write_tokenizer
+
+    template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    write_tokenizer(tmp_path, 32, eos_id=2, chat_template=template)
+    tokenizer = HFTokenizer(tmp_path)
+    messages = [{"role": "user", "content": "hi"}]
+    assert tokenizer.apply_chat_template(messages) == "<user>hi<assistant>"
+    assert tokenizer.eos_token_ids == (2,)
+    assert ByteTokenizer().apply_chat_template(messages) == "user: hi\nassistant:"

@@ -1,0 +1,84 @@
+"""The paged KV cache: prefill-then-decode and chunked prefill equal one full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tesela.attention.base import StaleMetadataError
+from tesela.engine.llm_engine import make_engine_config
+from tesela.executor.forward_batch import ForwardBatch
+from tesela.executor.model_runner import ModelRunner
+
+
+@pytest.fixture(scope="module")
+def runner(checkpoints):
+    path, _ = checkpoints["qwen3"]
+    config, path = make_engine_config(str(path), dtype="float32", num_kv_tokens=2048, block_size=4)
+    return ModelRunner(config, path)
+
+
+def all_logits(runner, token_ids, prefix_len, blocks, block_size=4):
+    """Logits of every new token of one row."""
+    n = len(token_ids)
+    batch = ForwardBatch.build(
+        token_ids=[token_ids], prefix_lens=[prefix_len], block_tables=[blocks],
+        block_size=block_size, device="cpu",
+    )
+    batch.logits_indices = torch.arange(n)
+    return runner.forward(batch)
+
+
+def test_chunked_prefill_and_decode_equal_one_forward(runner):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 320, (29,)).tolist()
+    blocks_a, blocks_b = list(range(1, 9)), list(range(20, 28))
+    full = all_logits(runner, tokens, 0, blocks_a)
+    # Odd chunk boundaries: mid-block, exactly at a block edge, single tokens (decode steps).
+    pieces, start = [], 0
+    for size in [3, 5, 1, 7, 4, 1, 1, 6, 1]:
+        pieces.append(all_logits(runner, tokens[start:start + size], start, blocks_b))
+        start += size
+    assert start == len(tokens)
+    torch.testing.assert_close(torch.cat(pieces), full, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_of_a_batch_do_not_see_each_other(runner):
+    torch.manual_seed(1)
+    a, b = torch.randint(0, 320, (9,)).tolist(), torch.randint(0, 320, (14,)).tolist()
+    alone_a = all_logits(runner, a, 0, [1, 2, 3])[-1]
+    alone_b = all_logits(runner, b, 0, [4, 5, 6, 7])[-1]
+    batch = ForwardBatch.build(
+        token_ids=[a, b], prefix_lens=[0, 0], block_tables=[[8, 9, 10], [11, 12, 13, 14]],
+        block_size=4, device="cpu",
+    )
+    both = runner.forward(batch)
+    torch.testing.assert_close(both[0], alone_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[1], alone_b, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_without_planned_metadata_raises(runner):
+    batch = ForwardBatch.build(token_ids=[[1, 2, 3]], prefix_lens=[0], block_tables=[[1]],
+                               block_size=4, device="cpu")
+    other = ForwardBatch.build(token_ids=[[1, 2, 3, 4, 5]], prefix_lens=[0], block_tables=[[1, 2]],
+                               block_size=4, device="cpu")
+    from tesela.executor.forward_context import forward_context
+
+    runner.attn_backend.init_forward_metadata(other)
+    with pytest.raises(StaleMetadataError) as error, forward_context(batch, runner.attn_backend):
+        runner.model(batch.input_ids, batch.positions)
+    message = str(error.value)
+    assert f"batch #{batch.batch_id}" in message and f"batch #{other.batch_id}" in message
+    assert "init_forward_metadata" in message
+
+
+def test_forward_contexts_refuse_nesting(runner):
+    from tesela.executor.forward_context import forward_context
+
+    batch = ForwardBatch.build(token_ids=[[1]], prefix_lens=[0], block_tables=[[1]],
+                               block_size=4, device="cpu")
+    with forward_context(batch, runner.attn_backend), pytest.raises(RuntimeError, match="nest"):
+        with forward_context(batch, runner.attn_backend):
+            pass
+    with forward_context(batch, runner.attn_backend):  # restored after the error
+        pass

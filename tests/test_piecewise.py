@@ -1,0 +1,162 @@
+"""The piecewise runner on CPU: padding, static buffers, slicing, fallback and metadata.
+
+On CPU nothing is captured, but the runner's own logic (ladder, static buffers, padding,
+slicing, dispatch, metadata planning for every warmup/capture/replay) is the same code that
+drives the CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tesela import LLM, SamplingParams
+from tesela.attention.base import StaleMetadataError
+from tesela.config import default_capture_sizes
+from tesela.engine.llm_engine import make_engine_config
+from tesela.executor.forward_batch import ForwardBatch
+from tesela.executor.model_runner import ModelRunner
+
+LADDER_MAX = 320
+
+
+def boundary_counts(sizes) -> list[int]:
+    counts = {1, 2, 3}
+    for s in sizes:
+        counts.update({s - 1, s, s + 1})
+    return sorted(c for c in counts if 0 < c <= sizes[-1])
+
+
+@pytest.fixture(scope="module")
+def runners():
+    common = dict(num_kv_tokens=4096, max_num_batched_tokens=LADDER_MAX)
+    eager = ModelRunner(*make_engine_config("tiny", **common))
+    piecewise = ModelRunner(*make_engine_config("tiny", prefill_graph="breakable", **common))
+    return eager, piecewise
+
+
+def random_batch(num_tokens: int, seed: int, prefix: int = 0) -> ForwardBatch:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 258, (num_tokens,), generator=generator).tolist()
+    total = prefix + num_tokens
+    return ForwardBatch.build(
+        token_ids=[tokens], prefix_lens=[prefix], block_tables=[list(range(1, total // 16 + 2))],
+        block_size=16, device="cpu",
+    )
+
+
+def test_default_ladder_shape():
+    sizes = default_capture_sizes(2048)
+    assert sizes[:8] == (4, 8, 12, 16, 20, 24, 28, 32)
+    assert 256 in sizes and 1024 in sizes and sizes[-1] == 2048
+    assert default_capture_sizes(1000)[-1] == 1000  # the max is always captured
+    assert default_capture_sizes(6000)[-2:] == (5632, 6000)
+
+
+def test_piecewise_equals_eager_at_every_boundary(runners):
+    eager, piecewise = runners
+    runner = piecewise.graphs.piecewise
+    assert runner.sizes == default_capture_sizes(LADDER_MAX)
+    for n in boundary_counts(runner.sizes):
+        padded = runner.run_eager_padded(random_batch(n, seed=n))
+        unpadded = eager.forward_eager(random_batch(n, seed=n))
+        got = piecewise.graphs.run(random_batch(n, seed=n))
+        assert got.shape == unpadded.shape == (n, 64)
+        assert torch.equal(got, padded), f"num_tokens={n}"
+        # Padding changes GEMM row counts, hence kernels: equal up to float32 rounding.
+        torch.testing.assert_close(got, unpadded, rtol=1e-5, atol=1e-5)
+    stats = piecewise.graphs.stats
+    assert stats.paths[piecewise.graphs.choose(random_batch(5, 0))[0]] > 0
+
+
+def test_padding_is_zeroed_and_never_reaches_the_kv_cache(runners):
+    _, piecewise = runners
+    pool = piecewise.kv_cache
+    before = [k.clone() for k in pool.k_buffers]
+    batch = random_batch(5, seed=7)
+    piecewise.graphs.run(batch)
+    size = piecewise.graphs.piecewise.padded_size(5)
+    assert size == 8
+    buffers = piecewise.graphs.piecewise.buffers
+    assert torch.equal(buffers.input_ids[:5], batch.input_ids)
+    assert buffers.input_ids[5:8].eq(0).all() and buffers.positions[5:8].eq(0).all()
+    written = [(k != b).any(dim=(1, 2)).nonzero().flatten() for k, b in zip(pool.k_buffers, before)]
+    for slots in written:
+        assert set(slots.tolist()) <= set(batch.out_cache_loc.tolist())
+        assert 0 not in slots.tolist()  # the dummy slot is untouched by real batches
+
+
+def test_fallbacks_are_counted_by_reason(runners):
+    _, piecewise = runners
+    graphs = piecewise.graphs
+    graphs.stats.fallbacks.clear()
+    graphs.run(random_batch(LADDER_MAX + 1, seed=1))
+    logprob_batch = random_batch(10, seed=2)
+    logprob_batch.return_input_logprobs = True
+    graphs.run(logprob_batch)
+    assert graphs.stats.fallbacks == {"too_many_tokens": 1, "input_logprobs": 1}
+
+
+def test_greedy_generations_identical_with_graphs_on_and_off():
+    prompts = ["piecewise", "graphs " * 9, "q", "a longer prompt that crosses a few sizes" * 3]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    off = LLM("tiny", max_num_batched_tokens=64).generate(prompts, params)
+    on_llm = LLM("tiny", prefill_graph="breakable", max_num_batched_tokens=64)
+    on = on_llm.generate(prompts, params)
+    assert [o.token_ids for o in on] == [o.token_ids for o in off]
+    paths = on_llm.engine.stats()["dispatch"]["paths"]
+    assert paths["piecewise"] > 0 and paths["eager"] == 0
+
+
+# ---- the two historical metadata bugs (DESIGN.md §3) -----------------------------------------
+
+
+class DecodeMetadataOnly:
+    """What a decode-graph capture leaves behind in a FlashInfer-style backend."""
+
+
+def test_warmup_after_decode_metadata_is_caught_when_init_is_skipped(runners):
+    """SGLang #12067: piecewise warmup ran an EXTEND pass on DECODE metadata."""
+    from tesela.executor.piecewise.runner import PiecewiseRunner
+
+    _, model_runner = runners
+    backend = model_runner.attn_backend
+    decode = ForwardBatch.build(token_ids=[[1], [2]], prefix_lens=[3, 4],
+                                block_tables=[[1], [2]], block_size=16, device="cpu")
+    assert decode.mode.is_decode
+
+    class SkipsInit(PiecewiseRunner):
+        def _plan_capture_batch(self, size):
+            from tesela.executor.piecewise.buffers import capture_batch
+
+            return capture_batch(size, 16, self.device)  # forgot init_forward_metadata
+
+    backend.init_forward_metadata(decode)  # state left by decode-graph capture
+    buggy = SkipsInit(model_runner, model_runner.config.graph)
+    with pytest.raises(StaleMetadataError, match=r"decode.*init_forward_metadata") as error:
+        buggy._warmup(16)
+    assert "extend, 16 tokens" in str(error.value)
+    # The real runner plans for every pass and works from the same stale state.
+    backend.init_forward_metadata(decode)
+    PiecewiseRunner(model_runner, model_runner.config.graph).capture()
+
+
+def test_capture_with_metadata_planned_for_another_size_is_caught(runners):
+    """The first fix planned metadata once, for a 2-token warmup, and captured every size."""
+    from tesela.executor.piecewise.buffers import capture_batch
+    from tesela.executor.piecewise.runner import PiecewiseRunner
+
+    _, model_runner = runners
+    backend = model_runner.attn_backend
+
+    class PlansOnce(PiecewiseRunner):
+        def _plan_capture_batch(self, size):
+            if not hasattr(self, "planned"):
+                self.planned = capture_batch(2, 16, self.device)
+                backend.init_forward_metadata(self.planned)
+            return capture_batch(size, 16, self.device)
+
+    buggy = PlansOnce(model_runner, model_runner.config.graph)
+    with pytest.raises(StaleMetadataError, match=r"2 tokens") as error:
+        buggy._warmup(buggy.sizes[-1])
+    assert f"{buggy.sizes[-1]} tokens" in str(error.value)
