@@ -5,7 +5,7 @@ set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q -e . --no-deps 2>&1 | grep -v WARNING
+python3 -m pip install -q --no-build-isolation -e . --no-deps 2>&1 | grep -v WARNING
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 steps=${*:-tests bench-prefill generate doctor}
 for step in $steps; do
@@ -23,7 +23,7 @@ for step in $steps; do
       for model in ${BENCH_MODELS:-qwen3-0.6b llama-3.2-1b}; do
         timeout 300 python3 -m tesela.cli bench decode --model "$model" --output-dir "$OUT" 2>&1 | tee "$OUT/bench-decode-$model.log" | tail -14
       done ;;
-    generate) timeout 200 python3 -m tesela.cli generate --model qwen3-0.6b --load-format dummy --max-tokens 16 -v 2>&1 | tail -8 ;;
+    generate) timeout 200 python3 -m tesela.cli -v generate --model qwen3-0.6b --load-format dummy --max-tokens 16 2>&1 | tail -8 ;;
     doctor) timeout 60 python3 -m tesela.cli doctor 2>&1 | tail -30 ;;
   esac
 done

@@ -192,8 +192,8 @@ class Rule:
     """One row of the policy table: when it matches, what runs instead, and why.
 
     Match fields left as None match anything; `reason` is formatted with the situation
-    (backend, variant, to, sm, device, dtype, head_dim, install, dtypes, head_dims, devices,
-    min_sm, graph_note, decode_path).
+    (backend, variant, to, sm, device, gpu, dtype, head_dim, install, dtypes, head_dims,
+    devices, min_sm, graph_note, decode_path).
     """
 
     backend: str
@@ -220,8 +220,8 @@ RULES: tuple[Rule, ...] = (
     # Device, capability, package, dtype, head dim: read from each backend's spec.
     Rule(ANY, "{backend} attention does not run on {device} (it runs on {devices}); running "
          "{to} instead", Action.USE_BACKEND, "torch", when=Check.DEVICE_UNSUPPORTED),
-    Rule(ANY, "{backend} attention needs compute capability {min_sm} or later ({device} is "
-         "{sm}); running {to} instead", Action.USE_BACKEND, "torch",
+    Rule(ANY, "{backend} attention needs compute capability {min_sm} or later, not {gpu}; "
+         "running {to} instead", Action.USE_BACKEND, "torch",
          when=Check.CAPABILITY_UNSUPPORTED),
     Rule("flashinfer", "flashinfer is not importable: install it with `{install}` (a wheel "
          "matching your torch and CUDA); running {to} instead", Action.USE_BACKEND, "triton",
@@ -239,14 +239,14 @@ RULES: tuple[Rule, ...] = (
          "(B200) under piecewise CUDA graphs; using its FA2 prefill path (turn piecewise "
          "graphs off to keep CUTLASS)", Action.USE_VARIANT, "fa2", variant="cutlass",
          min_capability=(10, 0), max_capability=(11, 0), piecewise=True),
-    Rule("flashinfer", "FlashInfer's CUTLASS prefill targets SM90/SM100-class GPUs ({device} "
-         "is {sm}); using its FA2 prefill path", Action.USE_VARIANT, "fa2", variant="cutlass",
+    Rule("flashinfer", "FlashInfer's CUTLASS prefill targets SM90/SM100-class GPUs, not "
+         "{gpu}; using its FA2 prefill path", Action.USE_VARIANT, "fa2", variant="cutlass",
          max_capability=(9, 0), warn=False),
-    Rule("flashinfer", "FlashInfer's CUTLASS prefill targets SM90/SM100-class GPUs ({device} "
-         "is {sm}); using its FA2 prefill path", Action.USE_VARIANT, "fa2", variant="cutlass",
+    Rule("flashinfer", "FlashInfer's CUTLASS prefill targets SM90/SM100-class GPUs, not "
+         "{gpu}; using its FA2 prefill path", Action.USE_VARIANT, "fa2", variant="cutlass",
          min_capability=(11, 0), warn=False),
-    Rule("triton", "the TMA-descriptor Triton path needs Hopper (SM90) or later ({device} is "
-         "{sm}); using the plain Triton path", Action.USE_VARIANT, "plain", variant="tma",
+    Rule("triton", "the TMA-descriptor Triton path needs Hopper (SM90) or later, not {gpu}; "
+         "using the plain Triton path", Action.USE_VARIANT, "plain", variant="tma",
          max_capability=(9, 0)),
     # Graph modes: keep the backend the user chose, give up the graph mode it cannot serve.
     Rule(ANY, "no CUDA graphs on CPU; decode batches run {decode_path}",
@@ -263,7 +263,7 @@ RULES: tuple[Rule, ...] = (
          min_capability=(10, 0), max_capability=(11, 0), piecewise=False),
     Rule("flashinfer", "SM90 keeps FlashInfer's CUTLASS prefill, with or without piecewise "
          "graphs", variant="cutlass", min_capability=(9, 0), max_capability=(10, 0)),
-    Rule("triton", "{device} is {sm}: the TMA-descriptor Triton path is supported",
+    Rule("triton", "{gpu} supports the TMA-descriptor Triton path (SM90 or later)",
          variant="tma", min_capability=(9, 0)),
 )
 # fmt: on
@@ -279,7 +279,8 @@ class AttentionDecision:
     piecewise: bool
     full_decode: bool
     reasons: tuple[str, ...]  # one line per decision, kept decisions included
-    downgrades: tuple[str, ...] = ()  # the lines logged as warnings
+    changes: tuple[str, ...] = ()  # the lines where something differs from the request
+    downgrades: tuple[str, ...] = ()  # the changes logged as warnings (the rest: info)
 
     @property
     def name(self) -> str:
@@ -361,6 +362,7 @@ def resolve_attention(
         piecewise=state.piecewise,
         full_decode=state.full_decode,
         reasons=tuple(reasons),
+        changes=tuple(c.line for c in changes),
         downgrades=tuple(c.line for c in changes if c.warn),
     )
     if log:
@@ -500,7 +502,8 @@ def _reason(rule: Rule, state: _State, situation: _Situation) -> str:
         "variant": state.variant,
         "to": rule.to,
         "sm": device.sm,
-        "device": device.name or device.kind,
+        "device": device.kind,
+        "gpu": f"{device.name} ({device.sm})" if device.name else device.sm,
         "dtype": situation.dtype,
         "head_dim": situation.head_dim,
         "decode_path": "piecewise" if state.piecewise else "eagerly",

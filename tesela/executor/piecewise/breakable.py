@@ -18,7 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import os
+
 import torch
+
+_ALIAS_MODE = os.environ.get("TESELA_ALIAS", "immediate")  # debugging switch
 
 
 def non_owning_alias(tensor: torch.Tensor) -> torch.Tensor:
@@ -85,10 +89,14 @@ class SegmentRecorder:
         self.end()
         call = SplitCall(fn, tensors, args)
         call()
-        call.release()
+        if _ALIAS_MODE == "immediate":
+            call.release()
         self.graph.splits.append(call)
         self.begin()
 
     def finish(self, output: torch.Tensor) -> None:
         self.end()
-        self.graph.output = non_owning_alias(output)
+        if _ALIAS_MODE == "after":
+            for call in self.graph.splits:
+                call.release()
+        self.graph.output = non_owning_alias(output) if _ALIAS_MODE != "none" else output

@@ -1,0 +1,126 @@
+"""`tesela doctor`: what this machine has and what the attention policy decides on it.
+
+The report lists versions, the device, every attention backend (found or not, and what it
+declares), the decision for the given settings with one reason per line, and, for
+illustration, what the policy does for flashinfer and triton on SM80/SM90/SM100 with piecewise
+graphs on and off (assuming every package is installed, so the hardware rules show).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+
+from tesela.attention.policy import (
+    BACKEND_SPECS,
+    DeviceInfo,
+    package_importable,
+    resolve_attention,
+)
+from tesela.attention.registry import adapter_available
+
+ILLUSTRATED_CAPABILITIES = ((8, 0), (9, 0), (10, 0))
+ILLUSTRATED_BACKENDS = ("flashinfer", "triton")
+
+
+def doctor_report(
+    device: str | None = None,
+    *,
+    attention_backend: str = "auto",
+    dtype: str = "bfloat16",
+    head_dim: int = 128,
+    piecewise: bool = True,
+    full_decode: bool = True,
+) -> str:
+    """The plain-text report. `device` is "cpu", "cuda", "cuda:1" or None (auto)."""
+    info = DeviceInfo.detect(device)
+    settings = dict(dtype=dtype, head_dim=head_dim, piecewise=piecewise, full_decode=full_decode)
+    sections = [
+        _versions_section(),
+        _device_section(info, device),
+        _backends_section(),
+        _decision_section(attention_backend, info, settings),
+        _illustration_section(settings),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _versions_section() -> str:
+    lines = [f"  python        {platform.python_version()} ({platform.platform()})"]
+    for module in ("torch", "triton", "transformers", "flashinfer"):
+        lines.append(f"  {module:<13} {_module_version(module)}")
+    try:
+        import torch
+
+        lines.append(f"  torch CUDA    {torch.version.cuda or 'none (CPU build)'}")
+    except ImportError:
+        pass
+    return "versions\n" + "\n".join(lines)
+
+
+def _module_version(module: str) -> str:
+    if not package_importable(module):
+        return "not installed"
+    try:
+        return str(getattr(importlib.import_module(module), "__version__", "unknown version"))
+    except ImportError as error:
+        return f"installed but fails to import: {error}"
+
+
+def _device_section(info: DeviceInfo, requested: str | None) -> str:
+    if info.kind == "cpu":
+        body = f"  cpu ({platform.machine()}, {os.cpu_count()} logical cores)"
+        return f"device (asked: {requested or 'auto'})\n{body}"
+    import torch
+
+    index = torch.device(requested or "cuda").index or 0
+    free, total = torch.cuda.mem_get_info(index)
+    lines = [
+        f"  cuda:{index} {info.name}",
+        f"  compute capability {info.capability[0]}.{info.capability[1]} ({info.sm})",
+        f"  memory {total / 2**30:.1f} GiB total, {free / 2**30:.1f} GiB free",
+        f"  visible GPUs {torch.cuda.device_count()}",
+    ]
+    return f"device (asked: {requested or 'auto'})\n" + "\n".join(lines)
+
+
+def _backends_section() -> str:
+    lines = []
+    for spec in BACKEND_SPECS.values():
+        found = spec.package is None or package_importable(spec.package)
+        status = "found" if found else f"not found ({spec.install})"
+        adapter = "" if adapter_available(spec.name) else " [no tesela adapter yet]"
+        lines.append(f"  {spec.name:<11} {status}{adapter}\n    {spec.describe()}")
+    return "attention backends\n" + "\n".join(lines)
+
+
+def _decision_section(requested: str, info: DeviceInfo, settings: dict) -> str:
+    decision = resolve_attention(requested, info, log=False, **settings)
+    shown = ", ".join(f"{key}={value}" for key, value in settings.items())
+    lines = [
+        f"  settings: attention_backend={requested}, {shown}",
+        f"  decision: {decision.summary()}",
+        *(f"    - {reason}" for reason in decision.reasons),
+    ]
+    return "attention decision on this device\n" + "\n".join(lines)
+
+
+def _illustration_section(settings: dict) -> str:
+    lines = []
+    for capability in ILLUSTRATED_CAPABILITIES:
+        device = DeviceInfo("cuda", capability)
+        for backend in ILLUSTRATED_BACKENDS:
+            for piecewise in (True, False):
+                lines.append(_illustration_line(backend, device, settings, piecewise))
+    header = "what the policy would do elsewhere (every package assumed installed)"
+    return f"{header}\n" + "\n".join(lines)
+
+
+def _illustration_line(backend: str, device: DeviceInfo, settings: dict, piecewise: bool) -> str:
+    settings = {**settings, "piecewise": piecewise}
+    decision = resolve_attention(backend, device, importable=lambda _: True, log=False, **settings)
+    variant_lines = [line for line in decision.reasons if line.startswith("variant")]
+    why = "\n      ".join(decision.changes or variant_lines or ("as requested",))
+    label = f"{device.sm} {backend} piecewise {'on' if piecewise else 'off'}"
+    return f"  {label:<30} -> {decision.summary()}\n      {why}"

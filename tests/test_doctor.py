@@ -1,0 +1,59 @@
+"""`tesela doctor`'s report on this (CPU) machine."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tesela.doctor import doctor_report
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the report of a CPU-only machine")
+def test_report_names_device_versions_and_decision(caplog):
+    caplog.set_level(logging.INFO, logger="tesela.attention")
+    report = doctor_report()
+    assert "device (asked: auto)\n  cpu (" in report
+    assert f"torch         {torch.__version__}" in report
+    assert "decision: torch, piecewise graphs on, FULL decode graphs off" in report
+    assert "- backend auto -> torch: auto picks torch, the reference backend, on CPU" in report
+    assert caplog.records == []  # the report prints decisions; it does not log them
+
+
+def test_report_lists_every_backend_with_its_support():
+    report = doctor_report("cpu")
+    assert "  torch       found\n    devices cpu,cuda;" in report
+    for name in ("triton", "flashinfer"):
+        assert f"  {name:<11} " in report
+    assert "graphs FULL_DECODE; variants cutlass,fa2" in report
+    if not _installed("flashinfer"):
+        assert "flashinfer  not found (pip install flashinfer-python)" in report
+
+
+def test_report_explains_a_requested_backend_on_cpu():
+    report = doctor_report("cpu", attention_backend="flashinfer", dtype="float32", head_dim=64)
+    assert "settings: attention_backend=flashinfer, dtype=float32, head_dim=64" in report
+    assert "- backend flashinfer -> torch: flashinfer attention does not run on cpu" in report
+
+
+def test_report_illustrates_the_sm100_rule():
+    report = doctor_report("cpu")
+    on = report.split("SM100 flashinfer piecewise on ", 1)[1].splitlines()
+    off = report.split("SM100 flashinfer piecewise off", 1)[1].splitlines()
+    assert "-> flashinfer:fa2, piecewise graphs on" in on[0] and "TMA descriptor" in on[1]
+    assert "-> flashinfer:cutlass, piecewise graphs off" in off[0]
+    assert "SM90 flashinfer piecewise on " in report and "SM80 triton piecewise off" in report
+
+
+def test_report_rejects_unknown_settings():
+    with pytest.raises(ValueError, match="unknown attention backend 'vllm'"):
+        doctor_report("cpu", attention_backend="vllm")
+    with pytest.raises(ValueError, match="unknown device kind 'mps'"):
+        doctor_report("mps")
+
+
+def _installed(package: str) -> bool:
+    from tesela.attention.policy import package_importable
+
+    return package_importable(package)
