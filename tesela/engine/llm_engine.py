@@ -7,6 +7,7 @@ server both drive this loop.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -90,8 +91,6 @@ def make_engine_config(
     if dtype == "auto":
         # bf16 matmuls are slow on most CPUs; the checkpoint's dtype on GPUs.
         dtype = model_config.torch_dtype if on_cuda else "float32"
-    if attention_backend == "auto":
-        attention_backend = "torch"
     scheduler = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
@@ -108,6 +107,9 @@ def make_engine_config(
         verify=verify_graphs,
         scheduler=scheduler,
     )
+    attention_backend, graph = _resolve_attention(
+        attention_backend, device, normalize_dtype(dtype), model_config.head_dim, graph
+    )
     config = EngineConfig(
         model=model,
         model_config=model_config,
@@ -121,6 +123,26 @@ def make_engine_config(
         graph=graph,
     )
     return config, path
+
+
+def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, graph):
+    """Resolve the attention backend once, through the policy table, and turn off the graph
+    modes the chosen backend cannot serve (each change is logged once, with its reason)."""
+    from tesela.attention.policy import DeviceInfo, resolve_attention
+
+    decision = resolve_attention(
+        requested,
+        DeviceInfo.detect(device),
+        dtype=dtype,
+        head_dim=head_dim,
+        piecewise=graph.piecewise_enabled,
+        full_decode=graph.decode_graph,
+    )
+    if graph.decode_graph and not decision.full_decode:
+        graph = dataclasses.replace(graph, decode_graph=False, decode_batch_sizes=())
+    if graph.piecewise_enabled and not decision.piecewise:
+        graph = dataclasses.replace(graph, prefill_graph="none", capture_sizes=())
+    return decision.name, graph
 
 
 class LLMEngine:

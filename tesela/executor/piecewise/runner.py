@@ -98,7 +98,10 @@ class PiecewiseRunner:
         return self.report
 
     def _capture_cuda(self) -> None:
+        # Empty the ordinary cache on both sides, so the difference is the graph pool alone
+        # (warmups and eager attention leave cached blocks that are not graph memory).
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         free_before = torch.cuda.mem_get_info(self.device)[0]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
@@ -113,6 +116,7 @@ class PiecewiseRunner:
             torch.cuda.synchronize(self.device)
         finally:
             gc.enable()
+        torch.cuda.empty_cache()
         self.report.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
 
     def _run_model(self, batch: ForwardBatch, num_tokens: int, split_hook=None, plain=False):
