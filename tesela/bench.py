@@ -52,8 +52,12 @@ def run_prefill(args: argparse.Namespace) -> int:
     counts = [int(n) for n in args.num_tokens.split(",")]
     columns = [c for c in args.columns.split(",") if c]
     config, path = make_engine_config(
-        args.model, dtype=args.dtype, device=args.device, disable_cuda_graph=True,
-        attention_backend=args.attention_backend, num_kv_tokens=max(counts) + 64,
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        disable_cuda_graph=True,
+        attention_backend=args.attention_backend,
+        num_kv_tokens=max(counts) + 64,
         max_num_batched_tokens=max(counts),
     )
     runner = ModelRunner(config, path)
@@ -78,7 +82,8 @@ class PrefillBench:
         self.device = runner.device
         self.results: dict = {
             "model": runner.config.model,
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+            "device": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
             else "cpu",
             "dtype": runner.config.dtype,
             "attention_backend": runner.config.attention_backend,
@@ -91,13 +96,21 @@ class PrefillBench:
 
     def batch(self, n: int) -> ForwardBatch:
         generator = torch.Generator().manual_seed(n)
-        tokens = torch.randint(0, self.runner.config.model_config.vocab_size, (n,),
-                               generator=generator).tolist()
+        tokens = torch.randint(
+            0, self.runner.config.model_config.vocab_size, (n,), generator=generator
+        ).tolist()
         blocks = list(range(1, n // self.runner.kv_cache.block_size + 2))
-        return ForwardBatch.build(token_ids=[tokens], prefix_lens=[0], block_tables=[blocks],
-                                  block_size=self.runner.kv_cache.block_size, device=self.device)
+        return ForwardBatch.build(
+            token_ids=[tokens],
+            prefix_lens=[0],
+            block_tables=[blocks],
+            block_size=self.runner.kv_cache.block_size,
+            device=self.device,
+        )
 
-    def time(self, fn: Callable[[ForwardBatch], torch.Tensor], n: int) -> tuple[list[float], torch.Tensor]:
+    def time(
+        self, fn: Callable[[ForwardBatch], torch.Tensor], n: int
+    ) -> tuple[list[float], torch.Tensor]:
         batch = self.batch(n)
         for _ in range(self.warmup):
             out = fn(batch)
@@ -162,9 +175,12 @@ class PrefillBench:
     def _piecewise(self, column: str, strategy: str, compiler: str):
         from tesela.executor.piecewise.runner import PiecewiseRunner
 
-        config = GraphConfig(prefill_graph=strategy, piece_compiler=compiler,
-                             capture_sizes=default_capture_sizes(max(self.counts)),
-                             max_capture_tokens=max(self.counts))
+        config = GraphConfig(
+            prefill_graph=strategy,
+            piece_compiler=compiler,
+            capture_sizes=default_capture_sizes(max(self.counts)),
+            max_capture_tokens=max(self.counts),
+        )
         piecewise = PiecewiseRunner(self.runner, config)
         report = piecewise.capture()
         self.results["build"][column] = {
@@ -246,10 +262,14 @@ def write_outputs(results: dict, output_dir: Path, name: str) -> None:
     columns = sorted({k.split("/")[0] for k in results["latency_ms"]}, key=COLUMNS.index)
     for column in columns:
         xs = [n for n in results["num_tokens"] if f"{column}/{n}" in results["latency_ms"]]
-        ax.plot(xs, [results["latency_ms"][f"{column}/{n}"] for n in xs], marker="o",
-                label=column)
-    ax.set(xscale="log", yscale="log", xlabel="num_tokens", ylabel="ms (host-visible median)",
-           title=f"prefill {results['model']} on {results['device']}")
+        ax.plot(xs, [results["latency_ms"][f"{column}/{n}"] for n in xs], marker="o", label=column)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="num_tokens",
+        ylabel="ms (host-visible median)",
+        title=f"prefill {results['model']} on {results['device']}",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(output_dir / f"{name}.png", dpi=120)
@@ -258,23 +278,34 @@ def write_outputs(results: dict, output_dir: Path, name: str) -> None:
 def format_table(results: dict) -> str:
     latency = results["latency_ms"]
     columns = [c for c in COLUMNS if any(k.startswith(f"{c}/") for k in latency)]
-    lines = [f"prefill {results['model']} ({results['dtype']}, attention "
-             f"{results['attention_backend']}) on {results['device']}: median ms"]
+    lines = [
+        f"prefill {results['model']} ({results['dtype']}, attention "
+        f"{results['attention_backend']}) on {results['device']}: median ms"
+    ]
     lines.append("| n | " + " | ".join(columns) + " | breakable/full | eager/breakable |")
     lines.append("|---" * (len(columns) + 3) + "|")
     for n in results["num_tokens"]:
         row = [f"{latency.get(f'{c}/{n}', float('nan')):.3f}" for c in columns]
-        ratio = latency.get(f"breakable/{n}", float("nan")) / latency.get(f"full-graph/{n}", float("nan"))
-        speedup = latency.get(f"eager/{n}", float("nan")) / latency.get(f"breakable/{n}", float("nan"))
+        ratio = latency.get(f"breakable/{n}", float("nan")) / latency.get(
+            f"full-graph/{n}", float("nan")
+        )
+        speedup = latency.get(f"eager/{n}", float("nan")) / latency.get(
+            f"breakable/{n}", float("nan")
+        )
         lines.append(f"| {n} | " + " | ".join(row) + f" | {ratio:.3f} | {speedup:.2f} |")
     if results.get("hbm_floor_ms"):
-        lines.append(f"HBM floor (weights {results['weight_gib']:.2f} GiB at "
-                     f"{results['copy_bandwidth_gbs']:.0f} GB/s): {results['hbm_floor_ms']:.3f} ms")
+        lines.append(
+            f"HBM floor (weights {results['weight_gib']:.2f} GiB at "
+            f"{results['copy_bandwidth_gbs']:.0f} GB/s): {results['hbm_floor_ms']:.3f} ms"
+        )
     for column, build in results["build"].items():
         lines.append(f"build {column}: {build}")
     errors = results["max_abs_err"]
     if errors:
-        worst = {c: max((v for k, v in errors.items() if k.startswith(f"{c}/")), default=0.0)
-                 for c in columns if c != "eager"}
+        worst = {
+            c: max((v for k, v in errors.items() if k.startswith(f"{c}/")), default=0.0)
+            for c in columns
+            if c != "eager"
+        }
         lines.append("max |logits - eager|: " + ", ".join(f"{c} {v:.2e}" for c, v in worst.items()))
     return "\n".join(lines)

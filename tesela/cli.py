@@ -10,27 +10,46 @@ from tesela.presets import DEFAULT_MODEL, PRESETS
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"a model folder or a preset ({', '.join(PRESETS)}); "
-                             f"default: {DEFAULT_MODEL}, a random model")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a model folder or a preset ({', '.join(PRESETS)}); "
+        f"default: {DEFAULT_MODEL}, a random model",
+    )
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                        help="token budget of one step (the chunked-prefill size)")
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one step (the chunked-prefill size)",
+    )
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--num-kv-tokens", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    parser.add_argument("--prefill-graph", default=None, choices=["breakable", "compiled", "none"],
-                        help="piecewise graph strategy (default: breakable on CUDA, none on CPU)")
+    parser.add_argument(
+        "--prefill-graph",
+        default=None,
+        choices=["breakable", "compiled", "none"],
+        help="piecewise graph strategy (default: breakable on CUDA, none on CPU)",
+    )
     parser.add_argument("--piece-compiler", default="eager", choices=["eager", "inductor"])
-    parser.add_argument("--capture-sizes", default=None,
-                        help="comma-separated token counts to capture (default: the ladder)")
+    parser.add_argument(
+        "--capture-sizes",
+        default=None,
+        help="comma-separated token counts to capture (default: the ladder)",
+    )
     parser.add_argument("--max-capture-tokens", type=int, default=None)
     parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument(
+        "--verify-graphs",
+        action="store_true",
+        help="compare every captured size with eager at startup",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -51,6 +70,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         capture_sizes=sizes,
         max_capture_tokens=args.max_capture_tokens,
         disable_cuda_graph=args.disable_cuda_graph,
+        verify_graphs=args.verify_graphs,
     )
 
 
@@ -59,11 +79,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompts = args.prompt or ["The capital of France is"]
     if args.model in PRESETS:
-        print(f"note: {args.model!r} is a preset with random weights: its text is noise",
-              file=sys.stderr)
+        print(
+            f"note: {args.model!r} is a preset with random weights: its text is noise",
+            file=sys.stderr,
+        )
     llm = LLM(args.model, **engine_kwargs(args))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.sampling_seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.sampling_seed,
+    )
     outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     for prompt, output in zip(prompts, outputs, strict=True):
         print(f"--- {prompt!r} -> ({len(output.token_ids)} tokens, {output.finish_reason})")
@@ -76,8 +103,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from tesela.doctor import doctor_report
 
-    print(doctor_report(args.device if args.device != "auto" else None,
-                        attention_backend=args.attention_backend))
+    print(
+        doctor_report(
+            args.device if args.device != "auto" else None, attention_backend=args.attention_backend
+        )
+    )
     return 0
 
 
@@ -125,8 +155,10 @@ def _add_optional_commands(sub, bench_sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     return args.func(args) or 0
 
 

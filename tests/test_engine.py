@@ -45,8 +45,9 @@ def test_chunked_prefill_under_a_small_token_budget_matches(tiny):
 def test_stop_conditions(tiny):
     first = tiny.generate("hello", GREEDY)[0]
     eos = first.token_ids[3]
-    stopped = tiny.generate("hello", SamplingParams(max_tokens=12, temperature=0,
-                                                     stop_token_ids=(eos,)))[0]
+    stopped = tiny.generate(
+        "hello", SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(eos,))
+    )[0]
     assert stopped.token_ids == first.token_ids[: first.token_ids.index(eos) + 1]
     assert stopped.finish_reason == "stop"
     text = ByteTokenizer().decode(first.token_ids)
@@ -77,8 +78,12 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
 
 def test_top_k_1_is_greedy_and_logprobs_are_normalized(tiny):
     greedy = tiny.generate("abc", GREEDY)[0]
-    top1 = tiny.generate("abc", SamplingParams(max_tokens=12, temperature=2.0, top_k=1,
-                                               ignore_eos=True, seed=3, logprobs=5))[0]
+    top1 = tiny.generate(
+        "abc",
+        SamplingParams(
+            max_tokens=12, temperature=2.0, top_k=1, ignore_eos=True, seed=3, logprobs=5
+        ),
+    )[0]
     assert top1.token_ids == greedy.token_ids
     for lp in top1.logprobs:
         assert lp.token_id == next(iter(lp.top))  # greedy picks the most likely token

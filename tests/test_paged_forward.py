@@ -22,8 +22,11 @@ def all_logits(runner, token_ids, prefix_len, blocks, block_size=4):
     """Logits of every new token of one row."""
     n = len(token_ids)
     batch = ForwardBatch.build(
-        token_ids=[token_ids], prefix_lens=[prefix_len], block_tables=[blocks],
-        block_size=block_size, device="cpu",
+        token_ids=[token_ids],
+        prefix_lens=[prefix_len],
+        block_tables=[blocks],
+        block_size=block_size,
+        device="cpu",
     )
     batch.logits_indices = torch.arange(n)
     return runner.forward(batch)
@@ -37,7 +40,7 @@ def test_chunked_prefill_and_decode_equal_one_forward(runner):
     # Odd chunk boundaries: mid-block, exactly at a block edge, single tokens (decode steps).
     pieces, start = [], 0
     for size in [3, 5, 1, 7, 4, 1, 1, 6, 1]:
-        pieces.append(all_logits(runner, tokens[start:start + size], start, blocks_b))
+        pieces.append(all_logits(runner, tokens[start : start + size], start, blocks_b))
         start += size
     assert start == len(tokens)
     torch.testing.assert_close(torch.cat(pieces), full, rtol=1e-5, atol=1e-5)
@@ -49,8 +52,11 @@ def test_rows_of_a_batch_do_not_see_each_other(runner):
     alone_a = all_logits(runner, a, 0, [1, 2, 3])[-1]
     alone_b = all_logits(runner, b, 0, [4, 5, 6, 7])[-1]
     batch = ForwardBatch.build(
-        token_ids=[a, b], prefix_lens=[0, 0], block_tables=[[8, 9, 10], [11, 12, 13, 14]],
-        block_size=4, device="cpu",
+        token_ids=[a, b],
+        prefix_lens=[0, 0],
+        block_tables=[[8, 9, 10], [11, 12, 13, 14]],
+        block_size=4,
+        device="cpu",
     )
     both = runner.forward(batch)
     torch.testing.assert_close(both[0], alone_a, rtol=1e-5, atol=1e-5)
@@ -58,10 +64,16 @@ def test_rows_of_a_batch_do_not_see_each_other(runner):
 
 
 def test_attention_without_planned_metadata_raises(runner):
-    batch = ForwardBatch.build(token_ids=[[1, 2, 3]], prefix_lens=[0], block_tables=[[1]],
-                               block_size=4, device="cpu")
-    other = ForwardBatch.build(token_ids=[[1, 2, 3, 4, 5]], prefix_lens=[0], block_tables=[[1, 2]],
-                               block_size=4, device="cpu")
+    batch = ForwardBatch.build(
+        token_ids=[[1, 2, 3]], prefix_lens=[0], block_tables=[[1]], block_size=4, device="cpu"
+    )
+    other = ForwardBatch.build(
+        token_ids=[[1, 2, 3, 4, 5]],
+        prefix_lens=[0],
+        block_tables=[[1, 2]],
+        block_size=4,
+        device="cpu",
+    )
     from tesela.executor.forward_context import forward_context
 
     runner.attn_backend.init_forward_metadata(other)
@@ -75,8 +87,9 @@ def test_attention_without_planned_metadata_raises(runner):
 def test_forward_contexts_refuse_nesting(runner):
     from tesela.executor.forward_context import forward_context
 
-    batch = ForwardBatch.build(token_ids=[[1]], prefix_lens=[0], block_tables=[[1]],
-                               block_size=4, device="cpu")
+    batch = ForwardBatch.build(
+        token_ids=[[1]], prefix_lens=[0], block_tables=[[1]], block_size=4, device="cpu"
+    )
     with forward_context(batch, runner.attn_backend), pytest.raises(RuntimeError, match="nest"):
         with forward_context(batch, runner.attn_backend):
             pass

@@ -40,8 +40,11 @@ def random_batch(num_tokens: int, seed: int, prefix: int = 0) -> ForwardBatch:
     tokens = torch.randint(0, 258, (num_tokens,), generator=generator).tolist()
     total = prefix + num_tokens
     return ForwardBatch.build(
-        token_ids=[tokens], prefix_lens=[prefix], block_tables=[list(range(1, total // 16 + 2))],
-        block_size=16, device="cpu",
+        token_ids=[tokens],
+        prefix_lens=[prefix],
+        block_tables=[list(range(1, total // 16 + 2))],
+        block_size=16,
+        device="cpu",
     )
 
 
@@ -121,8 +124,13 @@ def test_warmup_after_decode_metadata_is_caught_when_init_is_skipped(runners):
 
     _, model_runner = runners
     backend = model_runner.attn_backend
-    decode = ForwardBatch.build(token_ids=[[1], [2]], prefix_lens=[3, 4],
-                                block_tables=[[1], [2]], block_size=16, device="cpu")
+    decode = ForwardBatch.build(
+        token_ids=[[1], [2]],
+        prefix_lens=[3, 4],
+        block_tables=[[1], [2]],
+        block_size=16,
+        device="cpu",
+    )
     assert decode.mode.is_decode
 
     class SkipsInit(PiecewiseRunner):
@@ -160,3 +168,9 @@ def test_capture_with_metadata_planned_for_another_size_is_caught(runners):
     with pytest.raises(StaleMetadataError, match=r"2 tokens") as error:
         buggy._warmup(buggy.sizes[-1])
     assert f"{buggy.sizes[-1]} tokens" in str(error.value)
+
+
+def test_verify_compares_every_captured_size_at_startup():
+    llm = LLM("tiny", prefill_graph="breakable", capture_sizes=[4, 16, 48], verify_graphs=True)
+    report = llm.engine.runner.graphs.capture_reports[0]
+    assert report.verify_max_abs_diff == {4: 0.0, 16: 0.0, 48: 0.0}

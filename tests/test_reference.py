@@ -19,7 +19,7 @@ def hf_greedy(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
             logits = model(torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
         logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
-    return ids[len(prompt):], logprobs
+    return ids[len(prompt) :], logprobs
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])

@@ -30,8 +30,11 @@ class Sampler:
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
-            picked = self._sample(logits[rows], [params[i] for i in random_rows],
-                                  [request_ids[i] for i in random_rows])
+            picked = self._sample(
+                logits[rows],
+                [params[i] for i in random_rows],
+                [request_ids[i] for i in random_rows],
+            )
             tokens = tokens.index_copy(0, rows, picked)
         token_list = tokens.tolist()
         return token_list, self._logprobs(logits, params, token_list)
@@ -65,8 +68,9 @@ class Sampler:
         logprobs = torch.log_softmax(logits[wanted], dim=-1)
         k = max(params[i].logprobs for i in wanted)
         top_values, top_ids = logprobs.topk(max(k, 1), dim=-1)
-        chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in wanted],
-                                                 device=logits.device))
+        chosen = logprobs.gather(
+            1, torch.tensor([[tokens[i]] for i in wanted], device=logits.device)
+        )
         top_values, top_ids, chosen = top_values.tolist(), top_ids.tolist(), chosen.tolist()
         for j, i in enumerate(wanted):
             n = params[i].logprobs

@@ -58,6 +58,11 @@ class ModelRunner:
         self.graphs = self._build_graph_runners()
         self.kv_cache = self._make_pool(self._num_kv_blocks())
         self.attn_backend.kv_cache = self.kv_cache
+        if config.graph.verify and self.graphs.piecewise is not None:
+            exact = (
+                config.graph.prefill_graph == "breakable" or config.graph.piece_compiler == "eager"
+            )
+            self.graphs.piecewise.verify(tolerance=0.0 if exact else 5e-2)
 
     @property
     def num_kv_blocks(self) -> int:

@@ -16,8 +16,12 @@ SIZES = [4, 8, 16, 32, 64, 128, 256]
 @pytest.fixture(scope="module")
 def runner():
     config, path = make_engine_config(
-        "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=8192,
-        prefill_graph="breakable", capture_sizes=SIZES,
+        "qwen3-0.6b",
+        dtype="bfloat16",
+        device="cuda",
+        num_kv_tokens=8192,
+        prefill_graph="breakable",
+        capture_sizes=SIZES,
     )
     return ModelRunner(config, path)
 
@@ -31,8 +35,13 @@ def random_batch(rows: list[tuple[int, int]], seed: int) -> ForwardBatch:
         blocks = (prefix + n) // 16 + 1
         tables.append(list(range(next_block, next_block + blocks)))
         next_block += blocks
-    return ForwardBatch.build(token_ids=token_ids, prefix_lens=[p for p, _ in rows],
-                              block_tables=tables, block_size=16, device="cuda")
+    return ForwardBatch.build(
+        token_ids=token_ids,
+        prefix_lens=[p for p, _ in rows],
+        block_tables=tables,
+        block_size=16,
+        device="cuda",
+    )
 
 
 def test_capture_report(runner):
@@ -58,7 +67,9 @@ def test_mixed_batch_with_prefixes_replays_exactly(runner):
     rows = [(0, 7), (33, 1), (16, 20), (5, 1)]
     for seed in range(3):
         batch = random_batch(rows, seed)
-        runner.forward_eager(random_batch([(0, 40), (0, 1), (0, 36), (0, 6)], seed))  # fill prefixes
+        runner.forward_eager(
+            random_batch([(0, 40), (0, 1), (0, 36), (0, 6)], seed)
+        )  # fill prefixes
         expected = piecewise.run_eager_padded(batch)
         got = piecewise.run(random_batch(rows, seed)).clone()
         assert torch.equal(got, expected)

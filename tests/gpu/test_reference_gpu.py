@@ -22,8 +22,9 @@ PROMPTS = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 250, 13], [300, 301, 12, 77, 54, 23,
 def test_bf16_matches_transformers(checkpoints, arch):
     path, hf_model = checkpoints[arch]
     hf = copy.deepcopy(hf_model).to(device="cuda", dtype=torch.bfloat16)
-    llm = LLM(str(path), dtype="bfloat16", device="cuda", num_kv_tokens=4096,
-              capture_sizes=[4, 8, 16])
+    llm = LLM(
+        str(path), dtype="bfloat16", device="cuda", num_kv_tokens=4096, capture_sizes=[4, 8, 16]
+    )
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
     for prompt, output in zip(PROMPTS, llm.generate(PROMPTS, params), strict=True):
         ids = prompt + output.token_ids

@@ -15,10 +15,9 @@ a time.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import os
 
 import torch
 

@@ -109,8 +109,12 @@ class PiecewiseRunner:
         gc.disable()  # a collection per capture costs seconds over a ladder (vLLM #10059)
         try:
             with torch.cuda.stream(stream):
-                for size in tqdm(list(reversed(self.sizes)), desc="Capturing piecewise graphs",
-                                 leave=False, disable=len(self.sizes) < 8):
+                for size in tqdm(
+                    list(reversed(self.sizes)),
+                    desc="Capturing piecewise graphs",
+                    leave=False,
+                    disable=len(self.sizes) < 8,
+                ):
                     self._warmup(size)
                     self._capture_size(size, pool)
             torch.cuda.synchronize(self.device)
@@ -155,6 +159,37 @@ class PiecewiseRunner:
         batch = capture_batch(size, runner.kv_cache.block_size, self.device)
         runner.attn_backend.init_forward_metadata(batch)
         return batch
+
+    @torch.inference_mode()
+    def verify(self, tolerance: float = 0.0) -> dict[int, float]:
+        """Replay every captured size on a real random batch and compare with the same padded
+        computation run eagerly; raise if any size differs by more than `tolerance`."""
+        pool = self.model_runner.kv_cache
+        generator = torch.Generator().manual_seed(0)
+        vocab = self.model_runner.config.model_config.vocab_size
+        for size in self.sizes:
+            blocks = -(-size // pool.block_size)
+            if blocks >= pool.num_blocks:  # the pool is too small to hold this batch
+                continue
+            tokens = torch.randint(0, vocab, (size,), generator=generator).tolist()
+            batch = lambda: ForwardBatch.build(  # noqa: E731
+                token_ids=[tokens],
+                prefix_lens=[0],
+                block_tables=[list(range(1, blocks + 1))],
+                block_size=pool.block_size,
+                device=self.device,
+            )
+            expected = self.run_eager_padded(batch())
+            got = self.run(batch())
+            diff = (got.float() - expected.float()).abs().max().item()
+            self.report.verify_max_abs_diff[size] = diff
+            if not diff <= tolerance:
+                raise RuntimeError(
+                    f"piecewise {self.strategy} replay of {size} tokens differs from eager by "
+                    f"{diff:.3e} (tolerance {tolerance:.1e}): run with prefill_graph='none' and "
+                    "report this"
+                )
+        return self.report.verify_max_abs_diff
 
     # ---- replay --------------------------------------------------------------------------
 
