@@ -83,7 +83,10 @@ def test_padding_is_zeroed_and_never_reaches_the_kv_cache(runners):
     buffers = piecewise.graphs.piecewise.buffers
     assert torch.equal(buffers.input_ids[:5], batch.input_ids)
     assert buffers.input_ids[5:8].eq(0).all() and buffers.positions[5:8].eq(0).all()
-    written = [(k != b).any(dim=(1, 2)).nonzero().flatten() for k, b in zip(pool.k_buffers, before)]
+    written = [
+        (k != b).any(dim=(1, 2)).nonzero().flatten()
+        for k, b in zip(pool.k_buffers, before, strict=True)
+    ]
     for slots in written:
         assert set(slots.tolist()) <= set(batch.out_cache_loc.tolist())
         assert 0 not in slots.tolist()  # the dummy slot is untouched by real batches
