@@ -90,8 +90,12 @@ def test_forward_contexts_refuse_nesting(runner):
     batch = ForwardBatch.build(
         token_ids=[[1]], prefix_lens=[0], block_tables=[[1]], block_size=4, device="cpu"
     )
-    with forward_context(batch, runner.attn_backend), pytest.raises(RuntimeError, match="nest"):
-        with forward_context(batch, runner.attn_backend):
-            pass
+    outer = forward_context(batch, runner.attn_backend)
+    with (
+        outer,
+        pytest.raises(RuntimeError, match="nest"),
+        forward_context(batch, runner.attn_backend),
+    ):
+        pass
     with forward_context(batch, runner.attn_backend):  # restored after the error
         pass

@@ -172,13 +172,16 @@ class PiecewiseRunner:
             if blocks >= pool.num_blocks:  # the pool is too small to hold this batch
                 continue
             tokens = torch.randint(0, vocab, (size,), generator=generator).tolist()
-            batch = lambda: ForwardBatch.build(  # noqa: E731
-                token_ids=[tokens],
-                prefix_lens=[0],
-                block_tables=[list(range(1, blocks + 1))],
-                block_size=pool.block_size,
-                device=self.device,
-            )
+
+            def batch(tokens=tokens, blocks=blocks) -> ForwardBatch:
+                return ForwardBatch.build(
+                    token_ids=[tokens],
+                    prefix_lens=[0],
+                    block_tables=[list(range(1, blocks + 1))],
+                    block_size=pool.block_size,
+                    device=self.device,
+                )
+
             expected = self.run_eager_padded(batch())
             got = self.run(batch())
             diff = (got.float() - expected.float()).abs().max().item()
