@@ -194,21 +194,30 @@ class PrefillBench:
     def hbm_floor_ms(self) -> float | None:
         if self.device.type != "cuda":
             return None
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
-        src = torch.empty(2**30, dtype=torch.uint8, device=self.device)
-        dst = torch.empty_like(src)
-        for _ in range(3):
-            dst.copy_(src)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            dst.copy_(src)
-        end.record()
-        sync(self.device)
-        bandwidth = 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3)  # read + write
+        bandwidth = copy_bandwidth(self.device)
+        weight_bytes = weight_nbytes(self.runner.model)
         self.results["copy_bandwidth_gbs"] = bandwidth / 1e9
         self.results["weight_gib"] = weight_bytes / 2**30
         return weight_bytes / bandwidth * 1e3
+
+
+def weight_nbytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randint(0, 255, (2**30,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    sync(device)
+    return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3)
 
 
 class FullGraphs:
@@ -247,9 +256,11 @@ class FullGraphs:
         return graph, output, batch, runner.attn_backend.forward_metadata
 
 
-def write_outputs(results: dict, output_dir: Path, name: str) -> None:
+def write_outputs(results: dict, output_dir: Path, name: str, plot: bool = True) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
+    if not plot:
+        return
     try:
         import matplotlib
 

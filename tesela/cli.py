@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     prefill = bench_sub.add_parser("prefill", help="prefill latency by graph strategy")
     add_prefill_arguments(prefill)
     prefill.set_defaults(func=run_prefill)
+    from tesela.bench_decode import add_decode_arguments, run_decode
+
+    decode = bench_sub.add_parser("decode", help="decode step latency: eager, graphs, floor")
+    add_decode_arguments(decode)
+    decode.set_defaults(func=run_decode)
     _add_optional_commands(sub, bench_sub)
     return parser
 

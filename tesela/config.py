@@ -297,9 +297,7 @@ def resolve_graph_config(
         piece_compiler=piece_compiler,
         capture_sizes=sizes if prefill_graph != "none" else (),
         max_capture_tokens=max_tokens,
-        # FULL decode graphs need a decode-graph runner, which is not built yet (issue 4):
-        # decode batches replay piecewise until then.
-        decode_graph=False,
+        decode_graph=not disable_cuda_graph,
         decode_batch_sizes=decode_sizes if not disable_cuda_graph else (),
         verify=verify,
     )

@@ -58,6 +58,20 @@ class GraphRunners:
             runners.capture_reports.append(runners.piecewise.capture())
         return runners
 
+    def capture_decode(self) -> None:
+        """FULL decode graphs bake in the KV pool's addresses: capture them once the real pool
+        exists."""
+        runner = self.model_runner
+        graph = runner.config.graph
+        if not (graph.decode_graph and graph.decode_batch_sizes) or runner.device.type != "cuda":
+            return
+        from tesela.executor.decode_graph import DecodeGraphRunner
+
+        self.decode = DecodeGraphRunner(
+            runner, graph.decode_batch_sizes, runner.config.scheduler.max_model_len
+        )
+        self.capture_reports.append(self.decode.capture())
+
     def choose(self, batch: ForwardBatch) -> tuple[RunPath, str | None]:
         if self.decode is not None and batch.mode.is_decode:
             reason = self.decode.can_run(batch)

@@ -58,6 +58,7 @@ class ModelRunner:
         self.graphs = self._build_graph_runners()
         self.kv_cache = self._make_pool(self._num_kv_blocks())
         self.attn_backend.kv_cache = self.kv_cache
+        self.graphs.capture_decode()
         if config.graph.verify and self.graphs.piecewise is not None:
             exact = (
                 config.graph.prefill_graph == "breakable" or config.graph.piece_compiler == "eager"
