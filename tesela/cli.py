@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     decode = bench_sub.add_parser("decode", help="decode step latency: eager, graphs, floor")
     add_decode_arguments(decode)
     decode.set_defaults(func=run_decode)
+    from tesela.bench_serve import add_bench_serve_arguments, run_bench_serve
+
+    serve_bench = bench_sub.add_parser("serve", help="serving over HTTP: throughput, TTFT, ITL")
+    add_bench_serve_arguments(serve_bench)
+    serve_bench.set_defaults(func=run_bench_serve)
     _add_optional_commands(sub, bench_sub)
     return parser
 

@@ -1,0 +1,367 @@
+"""The Triton attention backend: paged extend and split-KV decode kernels, FULL decode graphs.
+
+`plan` turns a batch into `TritonMetadata`: the device tensors the kernels read (taken from
+the batch as they are: no copies), the host-side maxima that size the launch grids, and for
+decode the split count and the split-KV scratch. DECODE batches run the decode kernel; EXTEND
+and MIXED batches run the extend kernel (a decode row is an extend of one token).
+
+FULL decode graphs (`*_cuda_graph` hooks) keep the metadata in persistent buffers
+(`DecodeGraphState`) that are rewritten in place before every replay, so a captured graph reads
+the new batch. In that mode the split count depends only on the captured batch size and the
+longest context the buffers allow, never on the lengths of the batch being run.
+
+The kernels run on CUDA, and on CPU only under the Triton interpreter (TRITON_INTERPRET=1 set
+before triton is first imported), which is how the CPU tests check them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton  # noqa: F401
+except ImportError as error:  # the registry imports this module only when triton is picked
+    raise ImportError(
+        "the triton attention backend needs the triton package: install it with "
+        "`pip install triton`, or run the torch backend (--attention-backend torch)"
+    ) from error
+
+from tesela.attention.base import AttentionBackend, AttentionLayout, AttentionMetadata
+from tesela.attention.triton_kernels import (
+    MAX_HEAD_DIM,
+    SUPPORTED_DTYPES,
+    PagedAttentionShape,
+)
+from tesela.attention.triton_kernels.decode_attention import (
+    decode_attention,
+    decode_config,
+    num_kv_splits,
+)
+from tesela.attention.triton_kernels.extend_attention import (
+    extend_attention,
+    extend_config,
+    kernels_interpreted,
+)
+from tesela.attention.triton_kernels.store_kv import store_kv
+from tesela.engine.kv_cache import DUMMY_SLOT, KVCachePool
+from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+
+
+@dataclass(frozen=True)
+class TritonAttentionConfig:
+    """Tuning of the Triton backend. The defaults are for Hopper; tests shrink the tiles and
+    splits to exercise every loop on small inputs."""
+
+    max_kv_splits: int = 32  # split-KV partials per (row, head) at most
+    min_split_len: int = 128  # KV tokens per split at least: below, the merge costs more
+    programs_per_sm: int = 4  # decode programs to aim for per SM when choosing splits
+    block_m: int | None = None  # extend query tile (None: per head_dim and dtype)
+    block_n: int | None = None  # KV tile of both kernels (None: per head_dim and dtype)
+
+    def __post_init__(self) -> None:
+        for name in ("max_kv_splits", "min_split_len", "programs_per_sm"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TritonAttentionConfig.{name} must be >= 1")
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value is not None and (value < 16 or value & (value - 1)):
+                raise ValueError(
+                    f"TritonAttentionConfig.{name} must be a power of two >= 16 (tl.dot "
+                    f"tiles), got {value}"
+                )
+
+
+@dataclass
+class TritonMetadata(AttentionMetadata):
+    use_decode_kernel: bool
+    batch_size: int
+    seq_lens: torch.Tensor  # [batch] int32
+    block_tables: torch.Tensor  # [batch, max_blocks] int32
+    max_seq_len: int  # longest row (in graph mode: longest the buffers allow)
+    # Extend kernel only.
+    prefix_lens: torch.Tensor | None = None  # [batch] int32
+    extend_start_loc: torch.Tensor | None = None  # [batch] int32
+    max_extend_len: int = 1
+    # Decode kernel only: split-KV partial outputs and their log2-sum-exp.
+    num_kv_splits: int = 1
+    partial_out: torch.Tensor | None = None  # [batch, heads, num_kv_splits, head_dim] fp32
+    partial_lse: torch.Tensor | None = None  # [batch, heads, num_kv_splits] fp32
+
+
+@dataclass
+class DecodeGraphState:
+    """Persistent buffers that FULL decode graphs read, rewritten in place before each replay.
+
+    The split-KV scratch is one flat buffer: the graph of each batch size views the front of
+    it with its own split count (graphs replay one at a time on one stream, so they can share).
+    """
+
+    max_batch_size: int
+    max_blocks_per_seq: int
+    max_context_len: int
+    seq_lens: torch.Tensor  # [max_batch_size] int32
+    block_tables: torch.Tensor  # [max_batch_size, max_blocks_per_seq] int32
+    partial_out: torch.Tensor  # flat fp32
+    partial_lse: torch.Tensor  # flat fp32
+
+    def load(self, batch: ForwardBatch, dummy_block: int) -> None:
+        """Copy the batch's rows in (device to device, no host sync); every row after them
+        becomes a padding row of length 1 on the dummy block, whatever size was captured."""
+        n, width = batch.batch_size, batch.block_tables.shape[1]
+        if batch.num_tokens != n:
+            raise ValueError(
+                f"a FULL decode graph runs one new token per row, but {batch.stamp} has "
+                f"{batch.num_tokens} tokens for {n} rows: run it through the piecewise or "
+                "eager path"
+            )
+        if n > self.max_batch_size or width > self.max_blocks_per_seq:
+            raise ValueError(
+                f"{batch.stamp} has {n} rows of up to {width} blocks, but the decode graph "
+                f"buffers hold {self.max_batch_size} rows of {self.max_blocks_per_seq} blocks: "
+                "call init_cuda_graph_state with larger limits"
+            )
+        self.seq_lens[:n].copy_(batch.seq_lens)
+        self.seq_lens[n:].fill_(1)
+        self.block_tables[:n, :width].copy_(batch.block_tables)
+        # A length-1 row reads only its first block; the rest of its row is never read.
+        self.block_tables[n:, 0].fill_(dummy_block)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+
+    def __init__(
+        self,
+        layout: AttentionLayout,
+        kv_cache: KVCachePool,
+        config: TritonAttentionConfig | None = None,
+    ) -> None:
+        super().__init__(layout, kv_cache)
+        _check_supported(layout, kv_cache)
+        self.config = config or TritonAttentionConfig()
+        self.shape = PagedAttentionShape(
+            num_heads=layout.num_heads,
+            num_kv_heads=layout.num_kv_heads,
+            head_dim=layout.head_dim,
+            page_size=kv_cache.block_size,
+            scale=layout.scale,
+            sliding_window=layout.sliding_window,
+        )
+        self.decode_config = decode_config(layout.head_dim, layout.dtype, self.config.block_n)
+        self.target_programs = _target_programs(layout.device, self.config.programs_per_sm)
+        self.graph_state: DecodeGraphState | None = None
+
+    # Planning ---------------------------------------------------------------------------------
+
+    def plan(self, batch: ForwardBatch) -> TritonMetadata:
+        if batch.mode is ForwardMode.DECODE:
+            return self._plan_decode(batch)
+        return TritonMetadata(
+            stamp=batch.stamp,
+            use_decode_kernel=False,
+            batch_size=batch.batch_size,
+            seq_lens=batch.seq_lens,
+            block_tables=batch.block_tables,
+            max_seq_len=batch.max_seq_len,
+            prefix_lens=batch.prefix_lens,
+            extend_start_loc=batch.extend_start_loc,
+            max_extend_len=max(batch.extend_lens_cpu),
+        )
+
+    def _plan_decode(self, batch: ForwardBatch) -> TritonMetadata:
+        n, max_seq_len = batch.batch_size, batch.max_seq_len
+        splits = self.num_kv_splits(n, max_seq_len)
+        layout = self.layout
+        heads, dim = layout.num_heads, layout.head_dim
+        device = batch.device
+        return TritonMetadata(
+            stamp=batch.stamp,
+            use_decode_kernel=True,
+            batch_size=n,
+            seq_lens=batch.seq_lens,
+            block_tables=batch.block_tables,
+            max_seq_len=max_seq_len,
+            num_kv_splits=splits,
+            partial_out=torch.empty((n, heads, splits, dim), dtype=torch.float32, device=device),
+            partial_lse=torch.empty((n, heads, splits), dtype=torch.float32, device=device),
+        )
+
+    def num_kv_splits(self, batch_size: int, max_seq_len: int) -> int:
+        config = self.config
+        return num_kv_splits(
+            batch_size,
+            self.layout.num_kv_heads,
+            max_seq_len,
+            max_kv_splits=config.max_kv_splits,
+            min_split_len=config.min_split_len,
+            target_programs=self.target_programs,
+        )
+
+    # FULL decode graphs -----------------------------------------------------------------------
+
+    def init_cuda_graph_state(self, max_batch_size: int, max_blocks_per_seq: int) -> None:
+        """Allocate the persistent buffers every FULL decode graph reads."""
+        if max_batch_size < 1 or max_blocks_per_seq < 1:
+            raise ValueError(
+                f"decode graph buffers need max_batch_size >= 1 and max_blocks_per_seq >= 1, "
+                f"got {max_batch_size} and {max_blocks_per_seq}"
+            )
+        device, layout = self.layout.device, self.layout
+        max_context_len = max_blocks_per_seq * self.kv_cache.block_size
+        # Scratch for the most (row, split) pairs any graph batch size launches.
+        pairs = max(
+            n * self.num_kv_splits(n, max_context_len) for n in range(1, max_batch_size + 1)
+        )
+        self.graph_state = DecodeGraphState(
+            max_batch_size=max_batch_size,
+            max_blocks_per_seq=max_blocks_per_seq,
+            max_context_len=max_context_len,
+            seq_lens=torch.ones(max_batch_size, dtype=torch.int32, device=device),
+            block_tables=torch.zeros(
+                (max_batch_size, max_blocks_per_seq), dtype=torch.int32, device=device
+            ),
+            partial_out=torch.empty(
+                pairs * layout.num_heads * layout.head_dim, dtype=torch.float32, device=device
+            ),
+            partial_lse=torch.empty(pairs * layout.num_heads, dtype=torch.float32, device=device),
+        )
+
+    def init_forward_metadata_capture_cuda_graph(self, batch: ForwardBatch) -> TritonMetadata:
+        """Metadata for capturing the decode graph of `batch`'s size, viewing the persistent
+        buffers (which now hold `batch`)."""
+        return self._graph_metadata(batch)
+
+    def init_forward_metadata_replay_cuda_graph(self, batch: ForwardBatch) -> TritonMetadata:
+        """Rewrite the persistent buffers with `batch` before a replay. `batch` may have fewer
+        rows than the captured size: the rows after it become padding rows."""
+        return self._graph_metadata(batch)
+
+    def _graph_metadata(self, batch: ForwardBatch) -> TritonMetadata:
+        state = self.graph_state
+        if state is None:
+            raise RuntimeError(
+                "triton attention has no decode graph buffers: call "
+                "init_cuda_graph_state(max_batch_size, max_blocks_per_seq) before capture"
+            )
+        state.load(batch, dummy_block=DUMMY_SLOT // self.kv_cache.block_size)
+        n, heads, dim = batch.batch_size, self.layout.num_heads, self.layout.head_dim
+        splits = self.num_kv_splits(n, state.max_context_len)
+        metadata = TritonMetadata(
+            stamp=batch.stamp,
+            use_decode_kernel=True,
+            batch_size=n,
+            seq_lens=state.seq_lens[:n],
+            block_tables=state.block_tables[:n],
+            max_seq_len=state.max_context_len,
+            num_kv_splits=splits,
+            partial_out=state.partial_out[: n * heads * splits * dim].view(n, heads, splits, dim),
+            partial_lse=state.partial_lse[: n * heads * splits].view(n, heads, splits),
+        )
+        self.forward_metadata = metadata
+        return metadata
+
+    # Forward ----------------------------------------------------------------------------------
+
+    def forward(self, q, k, v, out, layer_id, batch, metadata: TritonMetadata) -> None:
+        # Host-side checks and kernel launches only: the decode path allocates nothing and
+        # never syncs, so it can be captured.
+        k_pool = self.kv_cache.k_buffers[layer_id]
+        v_pool = self.kv_cache.v_buffers[layer_id]
+        store_kv(k, v, k_pool, v_pool, batch.out_cache_loc)
+        if metadata.use_decode_kernel:
+            self._forward_decode(q, out, k_pool, v_pool, metadata)
+        else:
+            self._forward_extend(q, out, k_pool, v_pool, metadata)
+
+    def _forward_decode(self, q, out, k_pool, v_pool, metadata: TritonMetadata) -> None:
+        if q.shape[0] != metadata.batch_size:
+            raise RuntimeError(
+                f"triton decode attention got {q.shape[0]} query tokens for "
+                f"{metadata.batch_size} rows planned for {metadata.stamp}"
+            )
+        decode_attention(
+            q,
+            out,
+            k_pool,
+            v_pool,
+            metadata.block_tables,
+            metadata.seq_lens,
+            metadata.partial_out,
+            metadata.partial_lse,
+            shape=self.shape,
+            num_kv_splits=metadata.num_kv_splits,
+            min_split_len=self.config.min_split_len,
+            config=self.decode_config,
+        )
+
+    def _forward_extend(self, q, out, k_pool, v_pool, metadata: TritonMetadata) -> None:
+        config = extend_config(
+            self.layout.head_dim,
+            self.layout.dtype,
+            metadata.max_extend_len,
+            block_m=self.config.block_m,
+            block_n=self.config.block_n,
+        )
+        extend_attention(
+            q,
+            out,
+            k_pool,
+            v_pool,
+            metadata.block_tables,
+            metadata.seq_lens,
+            metadata.prefix_lens,
+            metadata.extend_start_loc,
+            shape=self.shape,
+            max_extend_len=metadata.max_extend_len,
+            config=config,
+        )
+
+
+def _target_programs(device: torch.device, programs_per_sm: int) -> int:
+    """Decode programs that fill the device. The CPU interpreter has no SMs to fill: it asks for
+    as many splits as the lengths allow, so that the CPU tests exercise the split-KV merge."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1 << 30
+    return programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_supported(layout: AttentionLayout, kv_cache: KVCachePool) -> None:
+    """User errors: say what this backend cannot run, before any kernel is launched."""
+    supported = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+    if layout.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"triton attention supports dtypes {supported}, not {layout.dtype}")
+    pool_dtype = kv_cache.k_buffers[0].dtype if kv_cache.k_buffers else layout.dtype
+    if pool_dtype != layout.dtype:
+        raise ValueError(
+            f"triton attention needs the KV pool in the model dtype ({layout.dtype}), got "
+            f"{pool_dtype}: a quantized KV cache is not supported by these kernels"
+        )
+    if layout.num_kv_heads < 1 or layout.num_heads % layout.num_kv_heads:
+        raise ValueError(
+            f"num_heads ({layout.num_heads}) must be a multiple of num_kv_heads "
+            f"({layout.num_kv_heads})"
+        )
+    if not 1 <= layout.head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"triton attention supports head_dim up to {MAX_HEAD_DIM}, got {layout.head_dim}: "
+            "use the torch backend"
+        )
+    if layout.sliding_window is not None and layout.sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {layout.sliding_window}")
+    if torch.device(layout.device).type != "cuda" and not kernels_interpreted():
+        raise ValueError(
+            f"triton attention runs on CUDA, not {layout.device} (on CPU only under the "
+            "Triton interpreter: TRITON_INTERPRET=1 set before triton is imported); use the "
+            "torch backend on CPU"
+        )
+    for buffers in (kv_cache.k_buffers, kv_cache.v_buffers):
+        for pool in buffers:
+            expected = (layout.num_kv_heads, layout.head_dim)
+            if tuple(pool.shape[1:]) != expected or not pool.is_contiguous():
+                raise ValueError(
+                    f"triton attention needs contiguous KV pools of [slots, {expected[0]}, "
+                    f"{expected[1]}], got {tuple(pool.shape)}"
+                )

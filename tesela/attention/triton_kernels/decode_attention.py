@@ -1,0 +1,280 @@
+"""Paged decode attention with split-KV (flash-decoding): one query token per row.
+
+Stage 1 runs one program per (row, KV head, KV split): it loads the query heads of that KV
+head together (GQA: every K/V tile is read once for the whole group, which is what makes decode
+bandwidth-bound rather than bound by repeated reads), walks its share of the row's context
+through the block table and writes a normalized partial output plus its log-sum-exp. Stage 2
+merges the splits of each (row, head).
+
+The split count launched is fixed by the host (so a CUDA graph can capture it); each row then
+uses only as many of those splits as its own length needs (`min_split_len` tokens at least per
+split), computed on the device from its sequence length. Short rows of a graph batch (and padded
+rows) therefore cost one small split, not the captured maximum, and nothing is read on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from tesela.attention.triton_kernels import (
+    MIN_DOT_DIM,
+    PagedAttentionShape,
+    check_row_major,
+    input_precision,
+    next_power_of_2,
+)
+
+# Running-max start: finite, so fully masked tiles never give inf - inf.
+_FLOAT_MIN = tl.constexpr(-1.0e30)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int  # KV positions per tile
+    num_warps: int
+    num_stages: int
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, block_n: int | None = None) -> DecodeConfig:
+    """Tiles for Hopper, checked free of register spills by compiling for sm_90: a [BLOCK_N,
+    head_dim] K and V tile double-buffered per program. fp32 takes the FMA (not tensor core)
+    dot, whose tiles live in registers: more warps share them."""
+    if dtype == torch.float32:
+        return DecodeConfig(block_n=block_n or 32, num_warps=8, num_stages=2)
+    default_n = 64 if head_dim <= 128 else 32
+    return DecodeConfig(block_n=block_n or default_n, num_warps=4, num_stages=2)
+
+
+def num_kv_splits(
+    batch_size: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    *,
+    max_kv_splits: int,
+    min_split_len: int,
+    target_programs: int,
+) -> int:
+    """Splits to launch: enough (row, KV head, split) programs to fill the GPU, no more splits
+    than the longest row can give `min_split_len` tokens each, and at most `max_kv_splits`."""
+    by_length = triton.cdiv(max(max_seq_len, 1), min_split_len)
+    by_occupancy = triton.cdiv(target_programs, batch_size * num_kv_heads)
+    return max(1, min(max_kv_splits, by_length, by_occupancy))
+
+
+@triton.jit
+def _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW: tl.constexpr):
+    """The KV range [kv_start, seq_len) of a row and how many splits of it are used."""
+    kv_start = seq_len * 0
+    if WINDOW > 0:
+        kv_start = tl.maximum(seq_len - WINDOW, 0)
+    kv_len = seq_len - kv_start
+    splits = tl.minimum(num_kv_splits, tl.cdiv(kv_len, min_split_len))
+    return kv_start, kv_len, splits
+
+
+@triton.jit
+def _decode_stage1_kernel(
+    q_ptr,
+    k_pool_ptr,
+    v_pool_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    scale_log2,
+    stride_q_token,
+    stride_pool_slot,
+    stride_table_row,
+    stride_po_row,
+    stride_po_head,
+    stride_po_split,
+    stride_lse_row,
+    stride_lse_head,
+    num_kv_splits,
+    min_split_len,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + row)
+    kv_start, kv_len, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW)
+    # Splits beyond what this row uses are never read by stage 2: nothing to do.
+    if split < splits:
+        split_len = tl.cdiv(kv_len, splits)
+        split_start = kv_start + split * split_len
+        split_end = tl.minimum(split_start + split_len, seq_len)
+
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kv_head * GROUP + offs_h
+        h_mask = offs_h < GROUP
+        d_mask = offs_d < HEAD_DIM
+        q_offs = row.to(tl.int64) * stride_q_token + heads[:, None] * HEAD_DIM + offs_d[None, :]
+        q = tl.load(q_ptr + q_offs, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+
+        table = block_tables_ptr + row.to(tl.int64) * stride_table_row
+        kv_col = kv_head * HEAD_DIM + offs_d
+        m_i = tl.full([BLOCK_H], _FLOAT_MIN, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        for start in range(split_start, split_end, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            n_mask = pos < split_end
+            page = tl.load(table + pos // PAGE_SIZE, mask=n_mask, other=0)
+            slot = page.to(tl.int64) * PAGE_SIZE + pos % PAGE_SIZE
+            kv_offs = slot[:, None] * stride_pool_slot + kv_col[None, :]
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_pool_ptr + kv_offs, mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_pool_ptr + kv_offs, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        # An empty split (rounding can leave the last one so) has l_i == 0: it stores a zero
+        # output with weight exp2(-inf) = 0, so stage 2 needs no special case.
+        has_kv = l_i > 0
+        out = acc / tl.where(has_kv, l_i, 1.0)[:, None]
+        lse = tl.where(has_kv, m_i + tl.log2(tl.where(has_kv, l_i, 1.0)), float("-inf"))
+        po = row.to(tl.int64) * stride_po_row + heads * stride_po_head + split * stride_po_split
+        tl.store(
+            partial_out_ptr + po[:, None] + offs_d[None, :],
+            out,
+            mask=h_mask[:, None] & d_mask[None, :],
+        )
+        lse_offs = row.to(tl.int64) * stride_lse_row + heads * stride_lse_head + split
+        tl.store(partial_lse_ptr + lse_offs, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_stage2_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    seq_lens_ptr,
+    stride_po_row,
+    stride_po_head,
+    stride_po_split,
+    stride_lse_row,
+    stride_lse_head,
+    stride_out_token,
+    num_kv_splits,
+    min_split_len,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    WINDOW: tl.constexpr,
+):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + row)
+    _, _, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < splits
+    d_mask = offs_d < HEAD_DIM
+
+    lse_base = row.to(tl.int64) * stride_lse_row + head * stride_lse_head
+    lse = tl.load(partial_lse_ptr + lse_base + offs_s, mask=s_mask, other=float("-inf"))
+    # Split 0 is never empty (seq_len >= 1), so the max is finite.
+    weight = tl.exp2(lse - tl.max(lse, 0))
+    po_base = row.to(tl.int64) * stride_po_row + head * stride_po_head
+    po_offs = po_base + offs_s[:, None] * stride_po_split + offs_d[None, :]
+    parts = tl.load(partial_out_ptr + po_offs, mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+    out_offs = row.to(tl.int64) * stride_out_token + head * HEAD_DIM + offs_d
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    partial_out: torch.Tensor,
+    partial_lse: torch.Tensor,
+    *,
+    shape: PagedAttentionShape,
+    num_kv_splits: int,
+    min_split_len: int,
+    config: DecodeConfig,
+) -> None:
+    """q/out: [batch, heads*head_dim], token i = row i. seq_lens/block_tables: [>= batch] rows
+    of the pool. partial_out: [>= batch, heads, >= num_kv_splits, head_dim] fp32 scratch,
+    partial_lse: [>= batch, heads, >= num_kv_splits] fp32 scratch. No allocation, no host
+    sync: safe to capture in a CUDA graph."""
+    check_row_major("q", q)
+    check_row_major("out", out)
+    batch_size = q.shape[0]
+    if batch_size == 0:
+        return
+    assert partial_out.stride(-1) == 1 and partial_lse.stride(-1) == 1
+    assert partial_out.shape[2] >= num_kv_splits and partial_lse.shape[2] >= num_kv_splits
+    stage1 = (batch_size, shape.num_kv_heads, num_kv_splits)
+    _decode_stage1_kernel[stage1](
+        q,
+        k_pool,
+        v_pool,
+        block_tables,
+        seq_lens,
+        partial_out,
+        partial_lse,
+        shape.scale_log2,
+        q.stride(0),
+        k_pool.stride(0),
+        block_tables.stride(0),
+        partial_out.stride(0),
+        partial_out.stride(1),
+        partial_out.stride(2),
+        partial_lse.stride(0),
+        partial_lse.stride(1),
+        num_kv_splits,
+        min_split_len,
+        GROUP=shape.group_size,
+        BLOCK_H=max(next_power_of_2(shape.group_size), MIN_DOT_DIM),
+        HEAD_DIM=shape.head_dim,
+        BLOCK_D=shape.block_d,
+        BLOCK_N=config.block_n,
+        PAGE_SIZE=shape.page_size,
+        WINDOW=shape.window,
+        PRECISION=input_precision(q.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    _decode_stage2_kernel[(batch_size, shape.num_heads)](
+        partial_out,
+        partial_lse,
+        out,
+        seq_lens,
+        partial_out.stride(0),
+        partial_out.stride(1),
+        partial_out.stride(2),
+        partial_lse.stride(0),
+        partial_lse.stride(1),
+        out.stride(0),
+        num_kv_splits,
+        min_split_len,
+        HEAD_DIM=shape.head_dim,
+        BLOCK_D=shape.block_d,
+        BLOCK_S=max(next_power_of_2(num_kv_splits), 2),
+        WINDOW=shape.window,
+        num_warps=4,
+    )

@@ -1,0 +1,197 @@
+"""Paged extend (prefill) attention: the new tokens of every row attend causally to the row.
+
+One program per (query head, block of BLOCK_M new tokens, row). Row i's new tokens sit at
+`extend_start_loc[i]..` in q/out and have absolute positions `prefix_lens[i]..seq_lens[i]-1`;
+their K/V are already in the pool (stored before the launch), so the program walks KV positions
+`0..` of the row through the block table with an fp32 online softmax, stopping at the last
+position its queries can see. A decode row is the case of one new token, so the same kernel
+serves EXTEND and MIXED batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from tesela.attention.triton_kernels import PagedAttentionShape, check_row_major, input_precision
+
+# Running-max start: finite, so fully masked tiles never give inf - inf.
+_FLOAT_MIN = tl.constexpr(-1.0e30)
+
+
+@dataclass(frozen=True)
+class ExtendConfig:
+    block_m: int  # new tokens per program
+    block_n: int  # KV positions per tile
+    num_warps: int
+    num_stages: int
+
+
+def extend_config(
+    head_dim: int,
+    dtype: torch.dtype,
+    max_extend_len: int,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> ExtendConfig:
+    """Tiles for Hopper, checked free of register spills by compiling for sm_90. Batches of
+    short extends (mixed batches of decode rows) take 64-row query tiles, so a 1-token row does
+    not pay for 128. fp32 takes the FMA (not tensor core) dot, whose tiles live in registers:
+    small tiles, many warps."""
+    if dtype == torch.float32:
+        config = ExtendConfig(32, 32 if head_dim <= 128 else 16, num_warps=8, num_stages=2)
+    elif head_dim <= 128:
+        tile_m = 64 if max_extend_len <= 64 else 128
+        config = ExtendConfig(tile_m, 64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    else:
+        config = ExtendConfig(64, 32, num_warps=8, num_stages=1)
+    return ExtendConfig(
+        block_m=block_m or config.block_m,
+        block_n=block_n or config.block_n,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr,
+    out_ptr,
+    k_pool_ptr,
+    v_pool_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    prefix_lens_ptr,
+    extend_start_loc_ptr,
+    scale_log2,
+    stride_q_token,
+    stride_out_token,
+    stride_pool_slot,
+    stride_table_row,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Heads vary fastest, so the query heads of one KV head run together and share its K/V
+    # tiles in L2; query blocks go last-first, so the longest causal walks start first.
+    head = tl.program_id(0)
+    q_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    row = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + row)
+    prefix = tl.load(prefix_lens_ptr + row)
+    extend_len = seq_len - prefix
+    # The grid covers the longest row; query blocks past this row's end do nothing.
+    if q_begin < extend_len:
+        offs_m = q_begin + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < extend_len
+        d_mask = offs_d < HEAD_DIM
+        tokens = (tl.load(extend_start_loc_ptr + row) + offs_m).to(tl.int64)
+        q_offs = tokens[:, None] * stride_q_token + head * HEAD_DIM + offs_d[None, :]
+        q = tl.load(q_ptr + q_offs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        q_pos = prefix + offs_m
+
+        # Causal: no query of this block sees past its last position.
+        kv_end = tl.minimum(seq_len, prefix + q_begin + BLOCK_M)
+        kv_begin = q_begin * 0
+        if WINDOW > 0:
+            kv_begin = tl.maximum(prefix + q_begin - WINDOW + 1, 0)
+
+        table = block_tables_ptr + row.to(tl.int64) * stride_table_row
+        kv_col = (head // GROUP) * HEAD_DIM + offs_d
+        m_i = tl.full([BLOCK_M], _FLOAT_MIN, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start in range(kv_begin, kv_end, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            n_mask = pos < kv_end
+            page = tl.load(table + pos // PAGE_SIZE, mask=n_mask, other=0)
+            slot = page.to(tl.int64) * PAGE_SIZE + pos % PAGE_SIZE
+            kv_offs = slot[:, None] * stride_pool_slot + kv_col[None, :]
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_pool_ptr + kv_offs, mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            visible = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+            if WINDOW > 0:
+                visible = visible & (pos[None, :] > q_pos[:, None] - WINDOW)
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_pool_ptr + kv_offs, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        # Every real query sees at least itself, so l_i > 0 on the rows that are stored.
+        out = acc / tl.where(m_mask, l_i, 1.0)[:, None]
+        out_offs = tokens[:, None] * stride_out_token + head * HEAD_DIM + offs_d[None, :]
+        tl.store(
+            out_ptr + out_offs,
+            out.to(out_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & d_mask[None, :],
+        )
+
+
+def kernels_interpreted() -> bool:
+    """True when triton.jit built interpreter functions (TRITON_INTERPRET=1 when triton was
+    imported): the kernels then run, slowly, on CPU tensors."""
+    return not isinstance(_extend_kernel, triton.runtime.JITFunction)
+
+
+def extend_attention(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    extend_start_loc: torch.Tensor,
+    *,
+    shape: PagedAttentionShape,
+    max_extend_len: int,
+    config: ExtendConfig,
+) -> None:
+    """q/out: [num_tokens, heads*head_dim]; pools: [num_slots, kv_heads, head_dim];
+    seq_lens/prefix_lens/extend_start_loc: [batch] int32; block_tables: [batch, max_blocks]."""
+    check_row_major("q", q)
+    check_row_major("out", out)
+    batch_size = seq_lens.shape[0]
+    if batch_size == 0 or max_extend_len == 0:
+        return
+    grid = (shape.num_heads, triton.cdiv(max_extend_len, config.block_m), batch_size)
+    _extend_kernel[grid](
+        q,
+        out,
+        k_pool,
+        v_pool,
+        block_tables,
+        seq_lens,
+        prefix_lens,
+        extend_start_loc,
+        shape.scale_log2,
+        q.stride(0),
+        out.stride(0),
+        k_pool.stride(0),
+        block_tables.stride(0),
+        GROUP=shape.group_size,
+        HEAD_DIM=shape.head_dim,
+        BLOCK_D=shape.block_d,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        PAGE_SIZE=shape.page_size,
+        WINDOW=shape.window,
+        PRECISION=input_precision(q.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )

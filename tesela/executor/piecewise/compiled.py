@@ -1,0 +1,333 @@
+"""The `compiled` capture strategy: torch.compile, split at the split ops, a graph per piece.
+
+Dynamo traces the model once, with the token dimension of `input_ids` and `positions` marked
+dynamic, into one FX graph. Our backend cuts that graph at every split op (attention) with
+`split_module(keep_original_order=True)`: each split op lands alone in its own submodule, run
+as written (eagerly, reading the forward context), and everything between two split ops is a
+*piece*, compiled once for the symbolic token count by the chosen piece compiler:
+
+  eager     the piece's GraphModule runs as traced: the same kernels as the eager model, so a
+            replay equals `run_eager_padded` bit for bit.
+  inductor  `torch._inductor.compile_fx.compile_fx(piece, fake_inputs)`, called inside our
+            backend with fake inputs that carry the dynamo trace's symbolic sizes. It is what
+            `torch.compile(backend="inductor")` itself runs on a dynamo graph, with the same
+            signature from torch 2.0 to 2.13, and under dynamo's tracing context inductor
+            adds its size guards to the one ShapeEnv: one compile per piece serves every size,
+            and pieces identical across layers hit inductor's FX graph cache. A nested
+            `torch.compile(piece, dynamic=True)` would run dynamo again per piece (its own
+            guards checked on every call, its own 0/1 specialization and recompiles), and
+            `torch._inductor.standalone_compile` only exists from 2.8, its signature still
+            changing (2.13 added arguments).
+
+Each piece then behaves as follows, with `num_tokens` the token count of the current call:
+
+  - inside `capturing(size, pool)`, when num_tokens == size: capture a CUDA graph of the piece
+    into the shared pool, replay it once (capture records without running, and the next split
+    op must see real data), and keep its static inputs and outputs;
+  - otherwise, when a graph exists for num_tokens: copy any input whose address differs from
+    the captured one into the static input, replay, return the static outputs;
+  - otherwise (CPU, warmup, a size not captured): run the compiled piece.
+
+Memory. Every piece of every size captures into one pool and the runner captures the largest
+size first. A captured piece keeps its static inputs and outputs as *non-owning aliases*
+(`breakable.non_owning_alias`): they name the memory but do not keep it allocated. During the
+capture pass the pieces' real outputs flow through the split graph's Python code like any
+tensor, freed after their last use (FX frees dead values), so pool memory follows exactly the
+lifetimes of an eager forward: a piece's temporaries and outputs are reused by later pieces of
+the same size once dead, and the whole pass's memory is reused by the next, smaller size. A
+size's graph memory is therefore about one eager forward's peak, not the sum of all its piece
+outputs, and the ladder costs about the largest size's peak. Replay runs the same pieces and
+split calls in the same order on one stream, so every aliased tensor is rewritten before it is
+read; only one size replays at a time, and the caller reads the returned hidden states before
+the next forward (as with `breakable`).
+
+Addresses. A piece's inputs are the runner's static buffers, the model's parameters, and the
+previous pieces' outputs. During capture those outputs are the static outputs of the earlier
+captured pieces, so at replay the addresses match and no copy happens (`data_ptr` is checked;
+parameters are skipped, they never move). A copy only happens if a caller passes other tensors.
+
+One compile. The token dimension is symbolic, so dynamo calls the backend once for all sizes
+(`num_compiles`). Dynamo specializes a backed size of 0 or 1 and guards >= 2 otherwise, so a
+ladder that reaches 1 token marks the dimension unbacked instead (no specialization at all);
+the default ladder starts at 4 and keeps the ordinary backed size, whose hints inductor tunes
+with. Each CompiledPieces compiles a private entry function: dynamo keeps compiled code per
+code object, and a second engine in the process must neither reuse this one's pieces (and
+their graphs) nor count as one of its recompiles (fullgraph=True fails past the limit, 8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.split_module import split_module
+from torch.utils._pytree import tree_map_only
+
+from tesela.attention.op import SPLIT_OPS
+from tesela.config import GraphConfig
+from tesela.executor.piecewise.breakable import non_owning_alias
+
+logger = logging.getLogger("tesela.piecewise")
+
+_entry_ids = itertools.count()
+
+
+def is_split_op(node: fx.Node) -> bool:
+    """Dynamo records a custom op as its overload packet (`torch.ops.tesela.attention`), AOT
+    graphs as the overload (`.default`): both count."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target in SPLIT_OPS:
+        return True
+    return any(target is op.overloadpacket for op in SPLIT_OPS)
+
+
+@dataclass
+class SplitGraph:
+    """The dynamo graph cut at the split ops: `module` calls its submodules in order."""
+
+    module: fx.GraphModule
+    piece_names: list[str]  # submodules between split ops, in order
+    split_names: list[str]  # submodules holding one split op each, in order
+
+    def submodule(self, name: str) -> fx.GraphModule:
+        """The GraphModule itself, even where a Piece wrapper shadows it."""
+        return self.module._modules[name]
+
+
+def split_at_split_ops(graph_module: fx.GraphModule) -> SplitGraph:
+    partition_of: dict[fx.Node, int] = {}
+    partition, split_partitions = 0, set()
+    for node in graph_module.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if is_split_op(node):
+            partition += 1
+            partition_of[node] = partition
+            split_partitions.add(partition)
+            partition += 1
+        else:
+            partition_of[node] = partition
+    module = split_module(
+        graph_module, None, lambda node: partition_of[node], keep_original_order=True
+    )
+    pieces, splits = [], []
+    for node in module.graph.nodes:
+        if node.op == "call_module":
+            index = int(node.target.rsplit("_", 1)[-1])
+            (splits if index in split_partitions else pieces).append(node.target)
+    return SplitGraph(module, pieces, splits)
+
+
+# ---- per-size graphs -------------------------------------------------------------------------
+
+
+@dataclass
+class CapturedPiece:
+    """One piece captured at one size: its graph, its static inputs, its static outputs."""
+
+    graph: torch.cuda.CUDAGraph
+    # (argument index, alias of the captured input, its address) for inputs that may move.
+    static_inputs: list[tuple[int, torch.Tensor, int]]
+    outputs: Any  # the piece's outputs (same structure), as non-owning aliases
+    input_copies: int = 0  # inputs that arrived at another address and were copied
+
+    def replay(self, args: tuple) -> Any:
+        for index, static, address in self.static_inputs:
+            arg = args[index]
+            if arg.data_ptr() != address:
+                static.copy_(arg)
+                self.input_copies += 1
+        self.graph.replay()
+        return self.outputs
+
+
+class Piece:
+    """The compiled code between two split ops, with its CUDA graph per captured size."""
+
+    def __init__(self, name: str, runnable: Callable, owner: CompiledPieces) -> None:
+        self.name = name
+        self.runnable = runnable
+        self.owner = owner
+        self.graphs: dict[int, CapturedPiece] = {}
+
+    def __call__(self, *args):
+        num_tokens = self.owner.num_tokens
+        if num_tokens == self.owner.capture_size:
+            return self._capture(num_tokens, args)
+        captured = self.graphs.get(num_tokens)
+        if captured is not None:
+            return captured.replay(args)
+        return self.runnable(*args)
+
+    def _capture(self, size: int, args: tuple) -> Any:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.owner.capture_pool)
+        outputs = self.runnable(*args)
+        graph.capture_end()
+        # Capture records without running; the split op that follows runs eagerly on this
+        # piece's outputs, so run the graph once for real.
+        graph.replay()
+        fixed = self.owner.fixed_addresses
+        static_inputs = [
+            (i, non_owning_alias(arg), arg.data_ptr())
+            for i, arg in enumerate(args)
+            if isinstance(arg, torch.Tensor) and arg.data_ptr() not in fixed
+        ]
+        aliases = tree_map_only(torch.Tensor, non_owning_alias, outputs)
+        self.graphs[size] = CapturedPiece(graph, static_inputs, aliases)
+        return outputs  # the owning tensors: the split graph frees them after their last use
+
+
+# ---- piece compilers -------------------------------------------------------------------------
+
+
+class _FakePropagation(fx.Interpreter):
+    """Runs the split graph on the dynamo trace's fake inputs and compiles each piece with the
+    fake (symbolic-size) inputs it receives, so one compile serves every token count."""
+
+    def __init__(self, split: SplitGraph, compile_piece: Callable, fake_mode) -> None:
+        super().__init__(split.module)
+        self.pieces = set(split.piece_names)
+        self.compile_piece = compile_piece
+        self.fake_mode = fake_mode
+        self.compiled: dict[str, Callable] = {}
+
+    def call_module(self, target, args, kwargs):
+        output = super().call_module(target, args, kwargs)
+        if target in self.pieces:
+            self.compiled[target] = self.compile_piece(self.fetch_attr(target), list(args))
+        return output
+
+    def propagate(self, fake_inputs: list) -> dict[str, Callable]:
+        from torch._dispatch.python import enable_python_dispatcher
+
+        with self.fake_mode, enable_python_dispatcher():
+            self.run(*fake_inputs)
+        return self.compiled
+
+
+def _inductor_compile(piece: fx.GraphModule, fake_inputs: list) -> Callable:
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(piece, fake_inputs)
+
+
+def _fake_inputs(example_inputs: list) -> tuple[list, Any]:
+    """The backend's inputs as fake tensors of the tracing context's fake mode: dynamo hands
+    real tensors, and `from_tensor` gives them the symbolic sizes recorded while tracing."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    fakes = [
+        fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+        for value in example_inputs
+    ]
+    return fakes, fake_mode
+
+
+# ---- the strategy ----------------------------------------------------------------------------
+
+
+class CompiledPieces:
+    """The model under torch.compile, split at the split ops, each piece graphed per size."""
+
+    def __init__(self, model_runner, graph_config: GraphConfig) -> None:
+        self.model = model_runner.model
+        self.piece_compiler = graph_config.piece_compiler
+        self.num_compiles = 0  # backend invocations: 1 for the whole ladder
+        self.split: SplitGraph | None = None
+        self.pieces: list[Piece] = []
+        self.num_tokens = 0  # token count of the call in progress, read by the pieces
+        self.capture_size: int | None = None  # set while `capturing`
+        self.capture_pool = None
+        # Parameters and buffers never move: pieces skip the address check for them.
+        self.fixed_addresses = {
+            t.data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers())
+        }
+        # A ladder reaching 1 token would compile twice with a backed size (module docstring).
+        sizes = graph_config.capture_sizes
+        self.unbacked_tokens = bool(sizes) and min(sizes) < 2
+        self._compiled = torch.compile(
+            _private_entry(self.model), backend=self._backend, fullgraph=True
+        )
+
+    @property
+    def num_split_calls(self) -> int:
+        return len(self.split.split_names) if self.split is not None else 0
+
+    @property
+    def num_input_copies(self) -> int:
+        return sum(c.input_copies for piece in self.pieces for c in piece.graphs.values())
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        mark = (
+            torch._dynamo.decorators.mark_unbacked
+            if self.unbacked_tokens
+            else torch._dynamo.mark_dynamic
+        )
+        mark(input_ids, 0)
+        mark(positions, 0)
+        self.num_tokens = int(input_ids.shape[0])
+        return self._compiled(input_ids, positions)
+
+    @contextlib.contextmanager
+    def capturing(self, size: int, pool) -> Iterator[None]:
+        """While active, every piece called with `size` tokens captures its graph for it."""
+        if self.capture_size is not None:
+            raise RuntimeError(f"already capturing size {self.capture_size}: captures do not nest")
+        if self.num_compiles == 0:
+            raise RuntimeError(
+                "CompiledPieces.capturing before the first run: run the model once at this "
+                "size first (the runner's warmup) so that compilation happens outside capture"
+            )
+        self.capture_size, self.capture_pool = size, pool
+        try:
+            yield
+        finally:
+            self.capture_size, self.capture_pool = None, None
+
+    def _backend(self, graph_module: fx.GraphModule, example_inputs: list) -> Callable:
+        self.num_compiles += 1
+        if self.num_compiles > 1:
+            # Still correct (the earlier pieces keep their graphs for the inputs they were
+            # guarded for), but a new compile means something about the inputs changed.
+            logger.warning(
+                "the model was compiled again (%d compiles): new pieces start uncaptured; "
+                "TORCH_LOGS=recompiles says which guard failed",
+                self.num_compiles,
+            )
+        split = split_at_split_ops(graph_module)
+        if self.piece_compiler == "inductor":
+            fakes, fake_mode = _fake_inputs(example_inputs)
+            runnables = _FakePropagation(split, _inductor_compile, fake_mode).propagate(fakes)
+        else:
+            runnables = {name: split.submodule(name) for name in split.piece_names}
+        pieces = [Piece(name, runnables[name], self) for name in split.piece_names]
+        for piece in pieces:
+            # An instance attribute shadows the submodule: the split graph calls self.<name>.
+            split.module.__dict__[piece.name] = piece
+        self.split, self.pieces = split, pieces
+        logger.info(
+            "compiled the model into %d %s pieces around %d split calls",
+            len(pieces),
+            self.piece_compiler,
+            len(split.split_names),
+        )
+        return split.module
+
+
+def _private_entry(model: torch.nn.Module) -> Callable:
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return model(input_ids, positions)
+
+    # A code object of its own, hence a dynamo cache of its own (see the module docstring).
+    forward.__code__ = forward.__code__.replace(co_name=f"compiled_forward_{next(_entry_ids)}")
+    return forward

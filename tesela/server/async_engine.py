@@ -1,0 +1,351 @@
+"""AsyncEngine: one background thread owns the LLMEngine; asyncio handlers talk to it.
+
+The engine is not thread-safe, so exactly one thread touches it. Handlers submit work through a
+thread-safe command queue (add, abort, stop); the thread drains the queue between steps, runs
+`step()` while there is work and sleeps on the queue when there is none. Each step's outputs go
+back to the event loop in one `call_soon_threadsafe` call, into per-request asyncio queues.
+
+Admission is bounded: at most `max_num_seqs + max_queue_len` engine requests may be in flight,
+beyond that `submit` raises `Overloaded` (HTTP 503) at once instead of growing the queue without
+limit. An accepted request is never dropped: the scheduler preempts and resumes under KV
+pressure. If a step raises, the requests in flight get the error, their KV blocks are freed and
+the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from tesela.engine.llm_engine import LLMEngine, RequestOutput
+from tesela.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("tesela.server")
+
+
+class Overloaded(Exception):
+    """Too many requests in flight: the client should retry later (HTTP 503)."""
+
+
+class EngineError(Exception):
+    """The engine failed while running a request, or is not running (HTTP 500/503)."""
+
+
+@dataclass
+class RequestGroup:
+    """One HTTP request: `n` choices per prompt, each one engine request, one output queue.
+
+    Outputs arrive as (choice index, RequestOutput) or (choice index, exception); `outputs()`
+    coalesces whatever is queued so a slow reader gets the latest state, not a backlog."""
+
+    group_id: str
+    request_ids: list[str]
+    arrival: float
+    abort_callback: Callable[[RequestGroup], None]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    unfinished: set[int] = field(default_factory=set)
+    first_token_at: dict[int, float] = field(default_factory=dict)
+    last_token_at: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.unfinished = set(range(len(self.request_ids)))
+
+    @property
+    def finished(self) -> bool:
+        return not self.unfinished
+
+    async def outputs(self) -> AsyncIterator[dict[int, RequestOutput]]:
+        """Yield {choice index: latest output} until every choice finished; raise on error."""
+        while self.unfinished:
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            latest: dict[int, RequestOutput] = {}
+            for index, item in items:
+                if isinstance(item, BaseException):
+                    self.unfinished.clear()
+                    raise item
+                latest[index] = item
+                if item.finished:
+                    self.unfinished.discard(index)
+            yield latest
+
+    def abort(self) -> None:
+        """Stop every unfinished choice and free its KV blocks (safe to call twice)."""
+        if self.unfinished:
+            self.unfinished.clear()
+            self.abort_callback(self)
+
+
+@dataclass
+class _Add:
+    group: RequestGroup
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    future: asyncio.Future
+
+
+@dataclass
+class _Abort:
+    group: RequestGroup
+
+
+class _Stop:
+    pass
+
+
+class AsyncEngine:
+    """Runs `engine` on its own thread; `submit` from the event loop returns a RequestGroup."""
+
+    def __init__(self, engine: LLMEngine, *, max_queue_len: int = 1024, metrics=None) -> None:
+        self.engine = engine
+        self.max_in_flight = engine.config.scheduler.max_num_seqs + max_queue_len
+        self.metrics = metrics
+        self._commands: queue.Queue = queue.Queue()
+        self._live: dict[str, tuple[RequestGroup, int]] = {}  # engine thread only
+        self._lock = threading.Lock()  # guards _num_pending, _closed and _stats
+        self._num_pending = 0
+        self._closed = False
+        self._stats: dict = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.dead_reason: str | None = None
+
+    # ---- lifecycle (event loop side) -------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will read the outputs."""
+        self._loop = asyncio.get_running_loop()
+        self._refresh_stats()
+        self._thread = threading.Thread(target=self._run, name="tesela-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._commands.put(_Stop())
+            self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead_reason is None
+
+    # ---- requests (event loop side) ---------------------------------------------------------
+
+    async def submit(
+        self, prompts: list[list[int]], params: list[SamplingParams], group_id: str | None = None
+    ) -> RequestGroup:
+        """Queue one engine request per (prompt, params) pair, all or none.
+
+        Raises Overloaded when admission is full, ValueError when the engine refuses the input,
+        EngineError when the engine is not running."""
+        group_id = group_id or f"grp-{next(self._ids)}"
+        group = RequestGroup(
+            group_id=group_id,
+            request_ids=[f"{group_id}-{i}" for i in range(len(prompts))],
+            arrival=time.monotonic(),
+            abort_callback=lambda g: self._commands.put(_Abort(g)),
+        )
+        future = self._loop.create_future()
+        self._admit(_Add(group, prompts, params, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            group.abort()  # the client left before the engine took the request
+            raise
+        return group
+
+    def _admit(self, command: _Add) -> None:
+        count = len(command.prompts)
+        if count > self.max_in_flight:  # could never be admitted: the client's error, not load
+            raise ValueError(
+                f"this request needs {count} sequences (prompts x n), more than the server "
+                f"admits at once ({self.max_in_flight}): lower n or send fewer prompts"
+            )
+        # Under the lock, so that no command slips in after the engine thread's final drain.
+        with self._lock:
+            if self._closed or not self.is_running:
+                reason = self.dead_reason or ("shutting down" if self._closed else "not started")
+                raise EngineError(f"the engine is not running: {reason}")
+            if self._num_pending + count > self.max_in_flight:
+                raise Overloaded(
+                    f"the server is at capacity ({self._num_pending} requests in flight, limit "
+                    f"{self.max_in_flight} = max_num_seqs + max_queue_len): retry later, or "
+                    "start the server with a larger --max-queue-len"
+                )
+            self._num_pending += count
+            self._commands.put(command)
+
+    def _release(self, count: int) -> None:
+        with self._lock:
+            self._num_pending -= count
+
+    def stats(self) -> dict:
+        """The engine's stats as of its last loop iteration, plus admission numbers."""
+        with self._lock:
+            return dict(
+                self._stats, num_pending=self._num_pending, max_in_flight=self.max_in_flight
+            )
+
+    # ---- the engine thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        error = EngineError("the server is shutting down")
+        try:
+            while self._handle_commands(block=not self.engine.has_unfinished()):
+                if self.engine.has_unfinished():
+                    self._step()
+                self._refresh_stats()
+        except BaseException as exc:  # a bug in this loop: fail loudly, never hang clients
+            logger.exception("the engine loop died")
+            self.dead_reason = f"{type(exc).__name__}: {exc}"
+            error = EngineError(f"the engine loop died: {self.dead_reason}")
+        with self._lock:
+            self._closed = True
+        self._fail_all(error)
+        self._refuse_queued(error)
+
+    def _refuse_queued(self, error: EngineError) -> None:
+        """Answer the adds that were queued behind the stop, so no client waits forever."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._release(len(command.prompts))
+                self._post(_resolve, command.future, error)
+
+    def _handle_commands(self, block: bool) -> bool:
+        """Apply queued commands; False once asked to stop."""
+        try:
+            commands = [self._commands.get(block=block)]
+        except queue.Empty:
+            return True
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        for command in commands:
+            if isinstance(command, _Stop):
+                return False
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                self._abort(command.group)
+        return True
+
+    def _add(self, command: _Add) -> None:
+        group = command.group
+        added: list[str] = []
+        try:
+            for index, (prompt, params) in enumerate(
+                zip(command.prompts, command.params, strict=True)
+            ):
+                request_id = group.request_ids[index]
+                self.engine.add_request(prompt, params, request_id)
+                self._live[request_id] = (group, index)
+                added.append(request_id)
+        except Exception as exc:  # all or none: undo the choices already queued
+            for request_id in added:
+                self.engine.abort(request_id)
+                self._live.pop(request_id, None)
+            self._release(len(command.prompts))
+            self._post(_resolve, command.future, exc)
+            return
+        self._post(_resolve, command.future, None)
+
+    def _abort(self, group: RequestGroup) -> None:
+        for request_id in group.request_ids:
+            if self._live.pop(request_id, None) is not None:
+                self.engine.abort(request_id)
+                self._release(1)
+                if self.metrics is not None:
+                    self.metrics.requests_finished.inc(1, "abort")
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            logger.exception("an engine step failed; failing the requests in flight")
+            if self.metrics is not None:
+                self.metrics.engine_errors.inc()
+            self._fail_all(EngineError(f"the engine failed while running this request: {exc}"))
+            return
+        delivered = []
+        for output in outputs:
+            entry = self._live.get(output.request_id)
+            if entry is None:
+                continue
+            delivered.append((entry[0], entry[1], output))
+            if output.finished:
+                del self._live[output.request_id]
+                self._release(1)
+        if delivered:
+            self._post(self._deliver, delivered)
+
+    def _fail_all(self, error: Exception) -> None:
+        """Give every request in flight `error` and free its blocks."""
+        failed = []
+        for request_id, (group, index) in list(self._live.items()):
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # the engine is already broken; still answer the client
+                logger.exception("abort of %s failed", request_id)
+            failed.append((group, index, error))
+        self._release(len(self._live))
+        self._live.clear()
+        if failed:
+            self._post(self._deliver, failed)
+
+    def _refresh_stats(self) -> None:
+        stats = self.engine.stats()
+        with self._lock:
+            self._stats = stats
+
+    def _post(self, callback, *args) -> None:
+        # RuntimeError: the event loop is closed, so nobody is left to answer.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    # ---- back on the event loop -----------------------------------------------------------
+
+    def _deliver(self, items: list[tuple[RequestGroup, int, RequestOutput | Exception]]) -> None:
+        now = time.monotonic()
+        for group, index, item in items:
+            if isinstance(item, RequestOutput) and self.metrics is not None:
+                self._record(group, index, item, now)
+            group.queue.put_nowait((index, item))
+
+    def _record(self, group: RequestGroup, index: int, output: RequestOutput, now: float) -> None:
+        metrics = self.metrics
+        new = len(output.new_token_ids)
+        if new:
+            metrics.generation_tokens.inc(new)
+            if index not in group.first_token_at:
+                group.first_token_at[index] = now
+                metrics.time_to_first_token.observe(now - group.arrival)
+            else:
+                gap = now - group.last_token_at[index]
+                metrics.time_per_output_token.observe(gap / new, times=new)
+            group.last_token_at[index] = now
+        if output.finished:
+            metrics.requests_finished.inc(1, output.finish_reason or "unknown")
+            metrics.e2e_latency.observe(now - group.arrival)
+
+
+def _resolve(future: asyncio.Future, error: Exception | None) -> None:
+    if future.done():  # cancelled: the client already left
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

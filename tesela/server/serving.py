@@ -1,0 +1,232 @@
+"""From a RequestGroup's outputs to OpenAI responses: whole JSON bodies or SSE chunk streams.
+
+The engine reports each choice cumulatively (all tokens, all text so far); `ChoiceStream`
+turns that into deltas that never have to be taken back: text that may still change (an
+incomplete UTF-8 sequence decoded as U+FFFD, or the start of a stop string the engine would
+cut) is held back until it is settled or the choice finishes. So the concatenated stream is
+exactly the non-streamed text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from tesela.engine.llm_engine import RequestOutput
+from tesela.engine.request import TokenLogprobs
+from tesela.server.async_engine import EngineError, RequestGroup
+from tesela.server.protocol import (
+    APIError,
+    GenerationRequest,
+    chat_logprobs,
+    completion_logprobs,
+    usage,
+)
+
+logger = logging.getLogger("tesela.server")
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class TokenText:
+    """Token id -> its text alone, cached (logprobs name every token they list)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+class ChoiceStream:
+    """What one choice has sent so far, and what the next chunk adds."""
+
+    def __init__(self, holdback: int) -> None:
+        self.holdback = holdback  # longest stop string - 1
+        self.text = ""
+        self.num_tokens = 0
+        self.text_offset = 0  # for legacy logprobs offsets across chunks
+        self.finish_reason: str | None = None
+
+    def advance(self, output: RequestOutput) -> tuple[str, list[TokenLogprobs] | None, bool]:
+        """(text delta, logprobs of the new tokens, whether anything new happened)."""
+        logprobs = output.logprobs[self.num_tokens :] if output.logprobs is not None else None
+        new_tokens = len(output.token_ids) > self.num_tokens
+        self.num_tokens = len(output.token_ids)
+        text = output.text if output.finished else self._settled(output.text)
+        delta = ""
+        if text.startswith(self.text):
+            delta = text[len(self.text) :]
+        elif output.finished:  # earlier text changed after it was sent: cannot take it back
+            logger.warning("streamed text diverged from the final text of %s", output.request_id)
+            delta = text[len(self.text) :]
+        self.text += delta
+        if output.finished:
+            self.finish_reason = output.finish_reason
+        return delta, logprobs, bool(delta) or new_tokens or output.finished
+
+    def _settled(self, text: str) -> str:
+        end = len(text) - self.holdback
+        while end > len(self.text) and text[end - 1] == REPLACEMENT_CHAR:
+            end -= 1
+        return text[: max(end, 0)]
+
+
+class ResponseFormat:
+    """The shared shape of completion and chat responses; subclasses fill in choices."""
+
+    object_name = ""
+    chunk_object_name = ""
+
+    def __init__(self, request: GenerationRequest, request_id: str, token_text: TokenText):
+        self.request = request
+        self.request_id = request_id
+        self.created = int(time.time())
+        self.token_text = token_text
+
+    def envelope(self, object_name: str, choices: list[dict]) -> dict:
+        return {
+            "id": self.request_id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.request.model,
+            "choices": choices,
+        }
+
+    def response(self, outputs: dict[int, RequestOutput]) -> dict:
+        choices = [self.final_choice(i, outputs[i]) for i in sorted(outputs)]
+        body = self.envelope(self.object_name, choices)
+        completion_tokens = sum(len(o.token_ids) for o in outputs.values())
+        body["usage"] = usage(self.request.num_prompt_tokens, completion_tokens)
+        return body
+
+    def usage_chunk(self, completion_tokens: int) -> dict:
+        body = self.envelope(self.chunk_object_name, [])
+        body["usage"] = usage(self.request.num_prompt_tokens, completion_tokens)
+        return body
+
+    def start_chunks(self) -> list[dict]:
+        return []
+
+    def final_choice(self, index: int, output: RequestOutput) -> dict:
+        raise NotImplementedError
+
+    def chunk(self, index: int, delta: str, logprobs, state: ChoiceStream) -> dict:
+        raise NotImplementedError
+
+
+class CompletionFormat(ResponseFormat):
+    object_name = chunk_object_name = "text_completion"
+
+    def final_choice(self, index: int, output: RequestOutput) -> dict:
+        logprobs = None
+        if output.logprobs is not None:
+            logprobs = completion_logprobs(output.logprobs, self.token_text)
+        return {
+            "index": index,
+            "text": output.text,
+            "logprobs": logprobs,
+            "finish_reason": output.finish_reason,
+        }
+
+    def chunk(self, index: int, delta: str, logprobs, state: ChoiceStream) -> dict:
+        formatted = None
+        if logprobs is not None:
+            formatted = completion_logprobs(logprobs, self.token_text, state.text_offset)
+            state.text_offset += sum(len(t) for t in formatted["tokens"])
+        choice = {
+            "index": index,
+            "text": delta,
+            "logprobs": formatted,
+            "finish_reason": state.finish_reason,
+        }
+        return self.envelope(self.chunk_object_name, [choice])
+
+
+class ChatFormat(ResponseFormat):
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def final_choice(self, index: int, output: RequestOutput) -> dict:
+        logprobs = None
+        if output.logprobs is not None:
+            logprobs = chat_logprobs(output.logprobs, self.token_text)
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": output.text},
+            "logprobs": logprobs,
+            "finish_reason": output.finish_reason,
+        }
+
+    def start_chunks(self) -> list[dict]:
+        return [
+            self.envelope(
+                self.chunk_object_name, [_chat_choice(i, {"role": "assistant", "content": ""})]
+            )
+            for i in range(len(self.request.choice_params))
+        ]
+
+    def chunk(self, index: int, delta: str, logprobs, state: ChoiceStream) -> dict:
+        formatted = chat_logprobs(logprobs, self.token_text) if logprobs is not None else None
+        content = {"content": delta} if delta or state.finish_reason is None else {}
+        choice = _chat_choice(index, content, formatted, state.finish_reason)
+        return self.envelope(self.chunk_object_name, [choice])
+
+
+def _chat_choice(index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def make_format(request: GenerationRequest, request_id: str, token_text: TokenText):
+    cls = ChatFormat if request.kind == "chat" else CompletionFormat
+    return cls(request, request_id, token_text)
+
+
+# ---- whole responses and streams ------------------------------------------------------------
+
+
+async def collect(group: RequestGroup) -> dict[int, RequestOutput]:
+    """Wait for every choice to finish; {choice index: final output}."""
+    final: dict[int, RequestOutput] = {}
+    async for latest in group.outputs():
+        final.update(latest)
+    return final
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def stream_events(group: RequestGroup, fmt: ResponseFormat) -> AsyncIterator[str]:
+    """SSE events for one request; aborting the group if the client goes away (the
+    response task is cancelled then, which runs the `finally`)."""
+    request = fmt.request
+    holdback = max((len(s) for p in request.choice_params for s in p.stop), default=1) - 1
+    states = [ChoiceStream(holdback) for _ in request.choice_params]
+    try:
+        for chunk in fmt.start_chunks():
+            yield sse(chunk)
+        async for latest in group.outputs():
+            events = []
+            for index in sorted(latest):
+                state = states[index]
+                delta, logprobs, changed = state.advance(latest[index])
+                if changed:
+                    events.append(sse(fmt.chunk(index, delta, logprobs, state)))
+            if events:
+                yield "".join(events)
+        if request.include_usage:
+            yield sse(fmt.usage_chunk(sum(s.num_tokens for s in states)))
+    except EngineError as exc:
+        # The status line is already sent: report the error in-band, as OpenAI does.
+        yield sse(APIError(str(exc), 500, type="server_error", code="engine_error").body())
+    finally:
+        group.abort()
+    yield sse("[DONE]")

@@ -1,0 +1,176 @@
+"""The `compiled` piecewise strategy on CUDA: a graph per piece and size, replayed exactly.
+
+A qwen3-0.6b-shaped model with fewer layers, captured at a short ladder with eager pieces (a
+replay equals `run_eager_padded` bit for bit) and inductor pieces (fused kernels round
+differently: bf16 tolerance). Greedy generation with the full model matches graphs off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tesela import LLM, SamplingParams
+from tesela.engine.llm_engine import make_engine_config
+from tesela.executor.forward_batch import ForwardBatch
+from tesela.executor.model_runner import ModelRunner
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SIZES = [16, 64, 256]
+NUM_LAYERS = 4
+
+
+def unique_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(scope="module", params=["eager", "inductor"])
+def compiled(request):
+    """(piece compiler, model runner, dynamo graphs produced while it captured)."""
+    before = unique_graphs()
+    config, path = make_engine_config(
+        "qwen3-0.6b",
+        dtype="bfloat16",
+        device="cuda",
+        num_kv_tokens=8192,
+        prefill_graph="compiled",
+        piece_compiler=request.param,
+        capture_sizes=SIZES,
+    )
+    model_config = dataclasses.replace(config.model_config, num_hidden_layers=NUM_LAYERS)
+    runner = ModelRunner(config.replace(model_config=model_config), path)
+    yield request.param, runner, unique_graphs() - before
+    del runner
+    gc.collect()  # the compiled code and its pieces reference each other
+    torch.cuda.empty_cache()
+
+
+def random_batch(rows: list[tuple[int, int]], seed: int) -> ForwardBatch:
+    """rows: (prefix_len, new_tokens); each row gets its own blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    token_ids, tables, next_block = [], [], 1
+    for prefix, n in rows:
+        token_ids.append(torch.randint(0, 151936, (n,), generator=generator).tolist())
+        blocks = (prefix + n) // 16 + 1
+        tables.append(list(range(next_block, next_block + blocks)))
+        next_block += blocks
+    return ForwardBatch.build(
+        token_ids=token_ids,
+        prefix_lens=[p for p, _ in rows],
+        block_tables=tables,
+        block_size=16,
+        device="cuda",
+    )
+
+
+def assert_replay_matches(piece_compiler: str, got: torch.Tensor, expected: torch.Tensor):
+    if piece_compiler == "eager":
+        assert torch.equal(got, expected)
+        return
+    # Inductor fuses norms, rotary and activations and keeps fp32 where eager rounds to bf16
+    # (2^-8 relative): a few bf16 steps apart elementwise, ~1e-2 apart overall.
+    torch.testing.assert_close(got.float(), expected.float(), rtol=5e-2, atol=5e-2)
+    error = (got.float() - expected.float()).norm() / expected.float().norm()
+    assert error < 2e-2, f"relative error {error:.3g}"
+
+
+def test_every_piece_is_captured_at_every_size_with_one_compile(compiled):
+    _, runner, graphs_at_capture = compiled
+    report = runner.graphs.capture_reports[0]
+    assert report.cuda_graphs and report.sizes == tuple(SIZES)
+    assert report.graph_memory_bytes > 0
+    pieces = runner.graphs.piecewise.compiled
+    assert pieces.num_compiles == 1 and graphs_at_capture == 1
+    assert pieces.num_split_calls == NUM_LAYERS and len(pieces.pieces) == NUM_LAYERS + 1
+    for piece in pieces.pieces:
+        assert sorted(piece.graphs) == SIZES, piece.name
+
+
+@pytest.mark.parametrize("n", [1, 3, 15, 16, 17, 63, 64, 100, 255, 256])
+def test_replay_matches_eager_padded(compiled, n):
+    piece_compiler, runner, _ = compiled
+    piecewise = runner.graphs.piecewise
+    before = unique_graphs()
+    expected = piecewise.run_eager_padded(random_batch([(0, n)], seed=n))
+    got = piecewise.run(random_batch([(0, n)], seed=n)).clone()
+    assert_replay_matches(piece_compiler, got, expected)
+    unpadded = runner.forward_eager(random_batch([(0, n)], seed=n))
+    torch.testing.assert_close(got.float(), unpadded.float(), rtol=5e-2, atol=5e-2)
+    # Replays reuse the one compile, and every piece finds its inputs where it captured them.
+    assert piecewise.compiled.num_compiles == 1 and unique_graphs() == before
+    assert piecewise.compiled.num_input_copies == 0
+
+
+def test_mixed_batches_and_interleaved_sizes_replay_exactly(compiled):
+    """Every size shares one pool: replaying sizes in any order must not disturb another."""
+    piece_compiler, runner, _ = compiled
+    piecewise = runner.graphs.piecewise
+    shapes = [[(0, 7), (33, 1), (16, 20), (5, 1)], [(0, 200)], [(40, 3)], [(0, 60), (2, 4)]]
+    for seed in range(2):
+        runner.forward_eager(random_batch([(0, 48)] * 4, seed))  # fill prefixes
+        for rows in shapes + shapes[::-1]:
+            expected = piecewise.run_eager_padded(random_batch(rows, seed))
+            got = piecewise.run(random_batch(rows, seed)).clone()
+            assert_replay_matches(piece_compiler, got, expected)
+    assert piecewise.compiled.num_input_copies == 0
+
+
+def _pool_bytes_in_use(pool) -> int | None:
+    segments = torch.cuda.memory._snapshot()["segments"]
+    if segments and "segment_pool_id" not in segments[0]:
+        return None
+    return sum(
+        block["size"]
+        for segment in segments
+        if tuple(segment["segment_pool_id"]) == tuple(pool)
+        for block in segment["blocks"]
+        if block["state"] == "active_allocated"
+    )
+
+
+def test_captured_pieces_hold_no_pool_memory(compiled):
+    """Static inputs and outputs are non-owning aliases: once a size is captured, its pool
+    memory is all free for the next size (and nothing in it is kept alive by the pieces)."""
+    piece_compiler, runner, _ = compiled
+    piecewise = runner.graphs.piecewise
+    pool = torch.cuda.graph_pool_handle()
+    extra = 128  # outside the ladder: never replayed by the runner
+    with torch.cuda.stream(torch.cuda.Stream()):
+        piecewise._warmup(extra)
+        piecewise._capture_size(extra, pool)
+    torch.cuda.synchronize()
+    in_use = _pool_bytes_in_use(pool)
+    if in_use is None:
+        pytest.skip("this torch's memory snapshot has no segment_pool_id")
+    assert in_use == 0
+    assert all(extra in piece.graphs for piece in piecewise.compiled.pieces)
+    # The runner's ladder is untouched and still replays exactly.
+    expected = piecewise.run_eager_padded(random_batch([(0, 100)], seed=5))
+    got = piecewise.run(random_batch([(0, 100)], seed=5)).clone()
+    assert_replay_matches(piece_compiler, got, expected)
+
+
+def test_greedy_generations_identical_with_compiled_graphs_on_and_off():
+    prompts = [list(range(100 + i, 100 + i + n)) for i, n in enumerate([3, 17, 64, 200, 9])]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    common = dict(
+        load_format="dummy", dtype="bfloat16", num_kv_tokens=16384, max_num_batched_tokens=512
+    )
+    on = LLM(
+        "qwen3-0.6b", prefill_graph="compiled", capture_sizes=[8, 16, 64, 128, 256, 512], **common
+    )
+    on_tokens = [o.token_ids for o in on.generate(prompts, params)]
+    assert on.engine.stats()["dispatch"]["paths"]["piecewise"] > 0
+    assert on.engine.runner.graphs.piecewise.compiled.num_compiles == 1
+    del on
+    torch.cuda.empty_cache()
+    off = LLM("qwen3-0.6b", disable_cuda_graph=True, **common)
+    assert [o.token_ids for o in off.generate(prompts, params)] == on_tokens

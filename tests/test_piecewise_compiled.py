@@ -1,0 +1,251 @@
+"""The `compiled` piecewise strategy on CPU: one compile, split at attention, pieces equal eager.
+
+On CPU nothing is captured: the runner runs the compiled pieces over its static buffers, so the
+trace, the split, the symbolic token count and the piece compilers are all exercised here; the
+CUDA graph per piece is tested in tests/gpu/test_piecewise_compiled_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import tesela.executor.piecewise.compiled as compiled_module
+from tesela import LLM, SamplingParams
+from tesela.attention.base import StaleMetadataError
+from tesela.config import default_capture_sizes
+from tesela.engine.llm_engine import make_engine_config
+from tesela.executor.forward_batch import ForwardBatch
+from tesela.executor.forward_context import forward_context
+from tesela.executor.model_runner import ModelRunner
+from tesela.executor.piecewise.compiled import CapturedPiece, CompiledPieces, is_split_op
+
+LADDER_MAX = 64
+COMMON = dict(num_kv_tokens=4096, max_num_batched_tokens=LADDER_MAX)
+
+
+def boundary_counts(sizes) -> list[int]:
+    counts = {1, 2, 3}
+    for s in sizes:
+        counts.update({s - 1, s, s + 1})
+    return sorted(c for c in counts if 0 < c <= sizes[-1])
+
+
+def random_batch(num_tokens: int, seed: int) -> ForwardBatch:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 258, (num_tokens,), generator=generator).tolist()
+    return ForwardBatch.build(
+        token_ids=[tokens],
+        prefix_lens=[0],
+        block_tables=[list(range(1, num_tokens // 16 + 2))],
+        block_size=16,
+        device="cpu",
+    )
+
+
+def unique_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def compiled_runner(piece_compiler: str, **overrides) -> tuple[ModelRunner, int]:
+    """A model runner with compiled pieces, and the dynamo graphs its capture produced."""
+    before = unique_graphs()
+    config = make_engine_config(
+        "tiny", prefill_graph="compiled", piece_compiler=piece_compiler, **{**COMMON, **overrides}
+    )
+    runner = ModelRunner(*config)
+    return runner, unique_graphs() - before
+
+
+@pytest.fixture(scope="module")
+def runners():
+    eager = ModelRunner(*make_engine_config("tiny", **COMMON))
+    compiled, graphs_at_capture = compiled_runner("eager")
+    return eager, compiled, graphs_at_capture
+
+
+def test_one_compile_serves_every_size_bitwise(runners):
+    eager, compiled, graphs_at_capture = runners
+    piecewise = compiled.graphs.piecewise
+    assert piecewise.sizes == default_capture_sizes(LADDER_MAX)
+    pieces = piecewise.compiled
+    before = unique_graphs()
+    for n in boundary_counts(piecewise.sizes):
+        padded = piecewise.run_eager_padded(random_batch(n, seed=n))
+        unpadded = eager.forward_eager(random_batch(n, seed=n))
+        got = compiled.graphs.run(random_batch(n, seed=n))
+        assert got.shape == unpadded.shape == (n, 64)
+        # Eager pieces run the traced ops as written: the same kernels as the eager model.
+        assert torch.equal(got, padded), f"num_tokens={n}"
+        torch.testing.assert_close(got, unpadded, rtol=1e-5, atol=1e-5)
+    # The capture warmed up every size of the ladder; the runs above reused that compile.
+    assert pieces.num_compiles == 1
+    assert graphs_at_capture == 1 and unique_graphs() == before
+    assert compiled.graphs.stats.paths[compiled.graphs.choose(random_batch(5, 0))[0]] > 0
+
+
+def test_graph_is_split_at_every_attention_call(runners):
+    _, compiled, _ = runners
+    pieces = compiled.graphs.piecewise.compiled
+    num_layers = compiled.config.model_config.num_hidden_layers
+    assert pieces.num_split_calls == num_layers
+    assert len(pieces.pieces) == num_layers + 1
+    split = pieces.split
+    called = [n.target for n in split.module.graph.nodes if n.op == "call_module"]
+    # piece, attention, piece, attention, ..., piece: in the model's order.
+    assert called[0::2] == split.piece_names and called[1::2] == split.split_names
+    for name in split.split_names:
+        nodes = [n for n in split.submodule(name).graph.nodes if n.op == "call_function"]
+        assert len(nodes) == 1 and is_split_op(nodes[0])
+    for name in split.piece_names:
+        graph = split.submodule(name).graph
+        assert not any(is_split_op(n) for n in graph.nodes)
+        # The split graph calls our Piece wrapper, which runs (and on CUDA graphs) the piece.
+        assert getattr(split.module, name) is pieces.pieces[split.piece_names.index(name)]
+
+
+def test_attention_reads_the_batch_at_run_time(runners):
+    """The split op is not traced into the pieces: it checks the metadata of the batch being
+    run, so compiled pieces keep the metadata invariant (DESIGN.md §3)."""
+    _, compiled, _ = runners
+    piecewise = compiled.graphs.piecewise
+    planned = random_batch(8, seed=1)
+    compiled.attn_backend.init_forward_metadata(planned)
+    other = random_batch(8, seed=2)
+    piecewise.buffers.copy_from(other, 8)
+    stale = rf"ran batch #{other.batch_id} .* planned for batch #{planned.batch_id} "
+    with pytest.raises(StaleMetadataError, match=stale), torch.inference_mode():
+        piecewise._run_model(other, 8)
+
+
+def test_ladder_reaching_one_token_compiles_once():
+    runner, graphs_at_capture = compiled_runner("eager", capture_sizes=[1, 2, 4, 8])
+    piecewise = runner.graphs.piecewise
+    for n in range(1, 9):
+        expected = piecewise.run_eager_padded(random_batch(n, seed=n))
+        assert torch.equal(runner.graphs.run(random_batch(n, seed=n)), expected)
+    assert piecewise.compiled.num_compiles == 1 and graphs_at_capture == 1
+
+
+def test_each_engine_compiles_its_own_model(runners):
+    """Dynamo caches compiled code per code object. Were engines to share one, each new
+    engine would count as a recompile of the others, and the one past dynamo's recompile
+    limit would fail (fullgraph=True): every CompiledPieces has its own entry point."""
+    _, compiled, _ = runners
+    piecewise = compiled.graphs.piecewise
+    batch = random_batch(8, seed=3)
+    compiled.attn_backend.init_forward_metadata(batch)
+    piecewise.buffers.copy_from(batch, 8)
+    engines, outputs = [], []
+    with torch._dynamo.config.patch(recompile_limit=2), torch.inference_mode():
+        for _ in range(3):
+            engines.append(CompiledPieces(compiled, compiled.config.graph))
+            with forward_context(batch, compiled.attn_backend):
+                outputs.append(engines[-1](*piecewise.buffers.slice(8)).clone())
+    assert [e.num_compiles for e in engines] == [1, 1, 1]
+    assert engines[0].pieces[0] is not engines[1].pieces[0]
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
+
+
+def test_capturing_needs_a_compiled_model_and_does_not_nest(runners):
+    _, compiled, _ = runners
+    fresh = CompiledPieces(compiled, compiled.config.graph)
+    with pytest.raises(RuntimeError, match="before the first run"), fresh.capturing(8, None):
+        pass
+    pieces = compiled.graphs.piecewise.compiled
+    nested = pytest.raises(RuntimeError, match="do not nest")
+    with pieces.capturing(8, None), nested, pieces.capturing(4, None):
+        pass
+    assert pieces.capture_size is None
+
+
+class _NoGraph:
+    replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+
+
+def test_replay_copies_only_inputs_that_moved():
+    static = torch.zeros(4)
+    output = torch.ones(4)
+    graph = _NoGraph()
+    captured = CapturedPiece(graph, [(0, static, static.data_ptr())], (output,))
+    assert captured.replay((static, 4)) == (output,)  # same address: nothing to copy
+    assert captured.input_copies == 0
+    moved = torch.arange(4.0)
+    captured.replay((moved, 4))
+    assert torch.equal(static, moved) and captured.input_copies == 1 and graph.replays == 2
+
+
+class _StandInGraph:
+    """torch.cuda.CUDAGraph's interface on CPU: captures nothing, counts replays."""
+
+    replays = 0
+
+    def capture_begin(self, pool=None) -> None:
+        pass
+
+    def capture_end(self) -> None:
+        pass
+
+    def replay(self) -> None:
+        _StandInGraph.replays += 1
+
+
+def test_capture_bookkeeping_with_a_stand_in_graph(runners, monkeypatch):
+    """The CUDA path's bookkeeping, run on CPU: a stand-in graph, and aliases that own their
+    memory (CPU memory goes back to the system once freed). Every piece captures once per
+    size, and each replay finds every input at the address it was captured with."""
+    _, compiled, _ = runners
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
+    monkeypatch.setattr(compiled_module, "non_owning_alias", lambda tensor: tensor)
+    piecewise = compiled.graphs.piecewise
+    pieces = CompiledPieces(compiled, compiled.config.graph)
+
+    def run(size: int) -> torch.Tensor:
+        batch = piecewise._plan_capture_batch(size)
+        piecewise.buffers.copy_from(batch, size)
+        with torch.inference_mode(), forward_context(batch, compiled.attn_backend):
+            return pieces(*piecewise.buffers.slice(size))
+
+    captured = {}
+    for size in (16, 8):  # largest first, each warmed up before its capture
+        run(size)
+        with pieces.capturing(size, pool=None):
+            captured[size] = run(size)
+    assert all(sorted(piece.graphs) == [8, 16] for piece in pieces.pieces)
+    _StandInGraph.replays = 0
+    for size in (8, 16, 8):
+        assert run(size).data_ptr() == captured[size].data_ptr()  # the static output
+    assert _StandInGraph.replays == 3 * len(pieces.pieces)
+    assert pieces.num_input_copies == 0 and pieces.num_compiles == 1
+
+
+@pytest.mark.slow  # ~20 s with a cold inductor cache (its first C++ build), ~5 s warm
+def test_inductor_pieces_match_eager(runners):
+    eager, _, _ = runners
+    runner, graphs_at_capture = compiled_runner("inductor", capture_sizes=[4, 8, 16, 32])
+    piecewise = runner.graphs.piecewise
+    for n in (1, 5, 16, 17, 32):
+        expected = piecewise.run_eager_padded(random_batch(n, seed=n))
+        got = runner.graphs.run(random_batch(n, seed=n))
+        # Fused kernels round differently from eager ones: float32 rounding apart.
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        unpadded = eager.forward_eager(random_batch(n, seed=n))
+        torch.testing.assert_close(got, unpadded, rtol=1e-4, atol=1e-4)
+    assert piecewise.compiled.num_compiles == 1 and graphs_at_capture == 1
+    assert len(piecewise.compiled.pieces) == runner.config.model_config.num_hidden_layers + 1
+
+
+def test_greedy_generations_identical_with_compiled_graphs_on_and_off():
+    prompts = ["piecewise", "graphs " * 9, "q", "a longer prompt that crosses a few sizes" * 3]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    off = LLM("tiny", max_num_batched_tokens=64).generate(prompts, params)
+    on_llm = LLM("tiny", prefill_graph="compiled", max_num_batched_tokens=64)
+    on = on_llm.generate(prompts, params)
+    assert [o.token_ids for o in on] == [o.token_ids for o in off]
+    paths = on_llm.engine.stats()["dispatch"]["paths"]
+    assert paths["piecewise"] > 0 and paths["eager"] == 0
+    assert on_llm.engine.runner.graphs.piecewise.compiled.num_compiles == 1
