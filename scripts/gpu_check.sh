@@ -1,29 +1,43 @@
 #!/usr/bin/env bash
-# One GPU-machine call: install, GPU tests, benchmarks, doctor. Logs and results go to $OUT.
-# Usage: scripts/gpu_check.sh [steps...]   (steps: tests bench-prefill bench-decode generate doctor)
+# One GPU-machine call: install, GPU tests, benchmarks, doctor. Every log and result lands in
+# /tmp/results, packed into $OUT/results.tgz (the device tool returns at most 8 files).
+# Usage: scripts/gpu_check.sh [steps...]
+#   steps: tests tests-all bench-prefill bench-decode bench-serve generate doctor
 set -uo pipefail
-OUT=${OUT:-results}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-build-isolation -e . --no-deps 2>&1 | grep -v WARNING
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+OUT=${OUT:-.}
+RES=/tmp/results
+mkdir -p "$RES"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then  # server wheels (starlette, uvicorn, httpx): the GPU image lacks them
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES/gpu.txt"
 steps=${*:-tests bench-prefill generate doctor}
+models=${BENCH_MODELS:-qwen3-0.6b llama-3.2-1b}
 for step in $steps; do
   echo "=== $step ==="
   case $step in
-    tests) timeout 400 python3 -m pytest -q tests/gpu -x 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25 ;;
-    tests-all) timeout 500 python3 -m pytest -q tests 2>&1 | tee "$OUT/pytest-all.log" | tail -25 ;;
+    tests) timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$RES/pytest-gpu.log" | tail -15 ;;
+    tests-all) timeout 500 python3 -m pytest -q tests 2>&1 | tee "$RES/pytest-all.log" | tail -15 ;;
     bench-prefill)
-      for model in ${BENCH_MODELS:-qwen3-0.6b llama-3.2-1b}; do
-        timeout 420 python3 -m tesela.cli bench prefill --model "$model" \
+      for model in $models; do
+        timeout ${BENCH_TIMEOUT:-420} python3 -m tesela.cli bench prefill --model "$model" \
           --columns "${BENCH_COLUMNS:-eager,compile,compile-ro,breakable,compiled-eager,compiled-inductor,full-graph}" \
-          --attention-backend "${ATTN:-auto}" --output-dir "$OUT" 2>&1 | tee "$OUT/bench-prefill-$model.log" | tail -14
+          --attention-backend "${ATTN:-auto}" --output-dir "$RES" 2>&1 | tee "$RES/bench-prefill-$model.log" | grep -v Capturing | tail -16
       done ;;
     bench-decode)
-      for model in ${BENCH_MODELS:-qwen3-0.6b llama-3.2-1b}; do
-        timeout 300 python3 -m tesela.cli bench decode --model "$model" --output-dir "$OUT" 2>&1 | tee "$OUT/bench-decode-$model.log" | tail -14
+      for model in $models; do
+        timeout 300 python3 -m tesela.cli bench decode --model "$model" --output-dir "$RES" 2>&1 | tee "$RES/bench-decode-$model.log" | tail -14
       done ;;
-    generate) timeout 200 python3 -m tesela.cli -v generate --model qwen3-0.6b --load-format dummy --max-tokens 16 2>&1 | tail -8 ;;
-    doctor) timeout 60 python3 -m tesela.cli doctor 2>&1 | tail -30 ;;
+    bench-serve)
+      for graphs in on off; do
+        flag=""; [ "$graphs" = off ] && flag=--disable-cuda-graph
+        timeout 300 python3 -m tesela.cli bench serve --model qwen3-0.6b --concurrency 1,8,32 \
+          --num-prompts ${SERVE_PROMPTS:-64} $flag --output-dir "$RES/serve-$graphs" 2>&1 | tee "$RES/bench-serve-$graphs.log" | tail -10
+      done ;;
+    generate) timeout 200 python3 -m tesela.cli -v generate --model qwen3-0.6b --load-format dummy --max-tokens 16 2>&1 | tee "$RES/generate.log" | tail -8 ;;
+    doctor) timeout 60 python3 -m tesela.cli doctor 2>&1 | tee "$RES/doctor.log" | tail -40 ;;
   esac
 done
+tar czf "$OUT/results.tgz" -C /tmp results
