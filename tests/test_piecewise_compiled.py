@@ -1,8 +1,9 @@
 """The `compiled` piecewise strategy on CPU: one compile, split at attention, pieces equal eager.
 
 On CPU nothing is captured: the runner runs the compiled pieces over its static buffers, so the
-trace, the split, the symbolic token count and the piece compilers are all exercised here; the
-CUDA graph per piece is tested in tests/gpu/test_piecewise_compiled_gpu.py.
+trace, the split, the symbolic token count and the piece compilers are all exercised here, and
+the capture bookkeeping runs with a stand-in graph. Real CUDA graphs per piece are tested in
+tests/gpu/test_piecewise_compiled_gpu.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import tesela.executor.piecewise.compiled as compiled_module
 from tesela import LLM, SamplingParams
 from tesela.attention.base import StaleMetadataError
 from tesela.config import default_capture_sizes
@@ -101,7 +101,7 @@ def test_graph_is_split_at_every_attention_call(runners):
     for name in split.piece_names:
         graph = split.submodule(name).graph
         assert not any(is_split_op(n) for n in graph.nodes)
-        # The split graph calls our Piece wrapper, which runs (and on CUDA graphs) the piece.
+        # The split graph calls our Piece wrapper: it runs the piece (on CUDA, its graphs).
         assert getattr(split.module, name) is pieces.pieces[split.piece_names.index(name)]
 
 
@@ -195,14 +195,13 @@ class _StandInGraph:
 
 
 def test_capture_bookkeeping_with_a_stand_in_graph(runners, monkeypatch):
-    """The CUDA path's bookkeeping, run on CPU: a stand-in graph, and aliases that own their
-    memory (CPU memory goes back to the system once freed). Every piece captures once per
-    size, and each replay finds every input at the address it was captured with."""
+    """The CUDA path's bookkeeping, run on CPU: a stand-in graph, and owning static tensors
+    (CPU memory goes back to the system once freed, so aliases would dangle). Every piece
+    captures once per size, and each replay finds every input where it was captured."""
     _, compiled, _ = runners
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
-    monkeypatch.setattr(compiled_module, "non_owning_alias", lambda tensor: tensor)
     piecewise = compiled.graphs.piecewise
-    pieces = CompiledPieces(compiled, compiled.config.graph)
+    pieces = CompiledPieces(compiled, compiled.config.graph, keep_static_tensors=True)
 
     def run(size: int) -> torch.Tensor:
         batch = piecewise._plan_capture_batch(size)
@@ -249,3 +248,9 @@ def test_greedy_generations_identical_with_compiled_graphs_on_and_off():
     paths = on_llm.engine.stats()["dispatch"]["paths"]
     assert paths["piecewise"] > 0 and paths["eager"] == 0
     assert on_llm.engine.runner.graphs.piecewise.compiled.num_compiles == 1
+
+
+def test_verify_at_startup_finds_compiled_pieces_exact():
+    llm = LLM("tiny", prefill_graph="compiled", capture_sizes=[4, 16, 48], verify_graphs=True)
+    report = llm.engine.runner.graphs.capture_reports[0]
+    assert report.verify_max_abs_diff == {4: 0.0, 16: 0.0, 48: 0.0}

@@ -44,6 +44,7 @@ def compiled(request):
         prefill_graph="compiled",
         piece_compiler=request.param,
         capture_sizes=SIZES,
+        max_num_seqs=8,  # a short FULL decode ladder: these tests replay prefill pieces
     )
     model_config = dataclasses.replace(config.model_config, num_hidden_layers=NUM_LAYERS)
     runner = ModelRunner(config.replace(model_config=model_config), path)
@@ -76,8 +77,10 @@ def assert_replay_matches(piece_compiler: str, got: torch.Tensor, expected: torc
         assert torch.equal(got, expected)
         return
     # Inductor fuses norms, rotary and activations and keeps fp32 where eager rounds to bf16
-    # (2^-8 relative): a few bf16 steps apart elementwise, ~1e-2 apart overall.
-    torch.testing.assert_close(got.float(), expected.float(), rtol=5e-2, atol=5e-2)
+    # (2^-8 relative): a few bf16 steps apart elementwise, ~1e-2 apart overall. Hidden states
+    # reach |x| ~ 16, where one bf16 step is 0.0625 (seen on H200: 0.072 at worst), so the
+    # elementwise bound is two steps there.
+    torch.testing.assert_close(got.float(), expected.float(), rtol=5e-2, atol=0.125)
     error = (got.float() - expected.float()).norm() / expected.float().norm()
     assert error < 2e-2, f"relative error {error:.3g}"
 
@@ -123,17 +126,15 @@ def test_mixed_batches_and_interleaved_sizes_replay_exactly(compiled):
     assert piecewise.compiled.num_input_copies == 0
 
 
-def _pool_bytes_in_use(pool) -> int | None:
+def _pool_bytes(pool) -> tuple[int, int] | None:
+    """(reserved, in use by live tensors) in the graph pool `pool`, from a memory snapshot."""
     segments = torch.cuda.memory._snapshot()["segments"]
     if segments and "segment_pool_id" not in segments[0]:
         return None
-    return sum(
-        block["size"]
-        for segment in segments
-        if tuple(segment["segment_pool_id"]) == tuple(pool)
-        for block in segment["blocks"]
-        if block["state"] == "active_allocated"
-    )
+    mine = [s for s in segments if tuple(s["segment_pool_id"]) == tuple(pool)]
+    reserved = sum(s["total_size"] for s in mine)
+    in_use = sum(b["size"] for s in mine for b in s["blocks"] if b["state"] == "active_allocated")
+    return reserved, in_use
 
 
 def test_captured_pieces_hold_no_pool_memory(compiled):
@@ -147,10 +148,11 @@ def test_captured_pieces_hold_no_pool_memory(compiled):
         piecewise._warmup(extra)
         piecewise._capture_size(extra, pool)
     torch.cuda.synchronize()
-    in_use = _pool_bytes_in_use(pool)
-    if in_use is None:
+    measured = _pool_bytes(pool)
+    if measured is None:
         pytest.skip("this torch's memory snapshot has no segment_pool_id")
-    assert in_use == 0
+    reserved, in_use = measured
+    assert reserved > 0 and in_use == 0
     assert all(extra in piece.graphs for piece in piecewise.compiled.pieces)
     # The runner's ladder is untouched and still replays exactly.
     expected = piecewise.run_eager_padded(random_batch([(0, 100)], seed=5))
@@ -162,7 +164,11 @@ def test_greedy_generations_identical_with_compiled_graphs_on_and_off():
     prompts = [list(range(100 + i, 100 + i + n)) for i, n in enumerate([3, 17, 64, 200, 9])]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     common = dict(
-        load_format="dummy", dtype="bfloat16", num_kv_tokens=16384, max_num_batched_tokens=512
+        load_format="dummy",
+        dtype="bfloat16",
+        num_kv_tokens=16384,
+        max_num_batched_tokens=512,
+        max_num_seqs=8,
     )
     on = LLM(
         "qwen3-0.6b", prefill_graph="compiled", capture_sizes=[8, 16, 64, 128, 256, 512], **common
@@ -171,6 +177,7 @@ def test_greedy_generations_identical_with_compiled_graphs_on_and_off():
     assert on.engine.stats()["dispatch"]["paths"]["piecewise"] > 0
     assert on.engine.runner.graphs.piecewise.compiled.num_compiles == 1
     del on
+    gc.collect()
     torch.cuda.empty_cache()
     off = LLM("qwen3-0.6b", disable_cuda_graph=True, **common)
     assert [o.token_ids for o in off.generate(prompts, params)] == on_tokens

@@ -10,14 +10,13 @@ as written (eagerly, reading the forward context), and everything between two sp
             replay equals `run_eager_padded` bit for bit.
   inductor  `torch._inductor.compile_fx.compile_fx(piece, fake_inputs)`, called inside our
             backend with fake inputs that carry the dynamo trace's symbolic sizes. It is what
-            `torch.compile(backend="inductor")` itself runs on a dynamo graph, with the same
-            signature from torch 2.0 to 2.13, and under dynamo's tracing context inductor
-            adds its size guards to the one ShapeEnv: one compile per piece serves every size,
-            and pieces identical across layers hit inductor's FX graph cache. A nested
-            `torch.compile(piece, dynamic=True)` would run dynamo again per piece (its own
-            guards checked on every call, its own 0/1 specialization and recompiles), and
-            `torch._inductor.standalone_compile` only exists from 2.8, its signature still
-            changing (2.13 added arguments).
+            `torch.compile(backend="inductor")` itself runs on a dynamo graph, called as
+            (graph, example_inputs) since torch 2.0, and under dynamo's tracing context
+            inductor adds its size guards to the one ShapeEnv: one compile per piece serves
+            every size, and pieces identical across layers hit inductor's FX graph cache. A
+            nested `torch.compile(piece, dynamic=True)` would run dynamo again per piece (its
+            own guards checked on every call, its own 0/1 specialization and recompiles), and
+            `torch._inductor.standalone_compile` (2.8+) is newer and still gaining arguments.
 
 Each piece then behaves as follows, with `num_tokens` the token count of the current call:
 
@@ -51,8 +50,8 @@ One compile. The token dimension is symbolic, so dynamo calls the backend once f
 ladder that reaches 1 token marks the dimension unbacked instead (no specialization at all);
 the default ladder starts at 4 and keeps the ordinary backed size, whose hints inductor tunes
 with. Each CompiledPieces compiles a private entry function: dynamo keeps compiled code per
-code object, and a second engine in the process must neither reuse this one's pieces (and
-their graphs) nor count as one of its recompiles (fullgraph=True fails past the limit, 8).
+code object, so engines sharing one would count as recompiles of each other, and with
+fullgraph=True the engine past dynamo's recompile limit (8) would fail to compile.
 """
 
 from __future__ import annotations
@@ -103,16 +102,15 @@ class SplitGraph:
 
 
 def split_at_split_ops(graph_module: fx.GraphModule) -> SplitGraph:
+    """Each split op in a partition of its own, the nodes between two split ops in one."""
     partition_of: dict[fx.Node, int] = {}
-    partition, split_partitions = 0, set()
+    partition = 0
     for node in graph_module.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         if is_split_op(node):
-            partition += 1
-            partition_of[node] = partition
-            split_partitions.add(partition)
-            partition += 1
+            partition_of[node] = partition + 1
+            partition += 2
         else:
             partition_of[node] = partition
     module = split_module(
@@ -121,8 +119,8 @@ def split_at_split_ops(graph_module: fx.GraphModule) -> SplitGraph:
     pieces, splits = [], []
     for node in module.graph.nodes:
         if node.op == "call_module":
-            index = int(node.target.rsplit("_", 1)[-1])
-            (splits if index in split_partitions else pieces).append(node.target)
+            holds_split_op = any(map(is_split_op, module.get_submodule(node.target).graph.nodes))
+            (splits if holds_split_op else pieces).append(node.target)
     return SplitGraph(module, pieces, splits)
 
 
@@ -134,9 +132,10 @@ class CapturedPiece:
     """One piece captured at one size: its graph, its static inputs, its static outputs."""
 
     graph: torch.cuda.CUDAGraph
-    # (argument index, alias of the captured input, its address) for inputs that may move.
+    # (argument index, the captured input, its address) for inputs that may move; the
+    # tensors here and in `outputs` are non-owning aliases (unless keep_static_tensors).
     static_inputs: list[tuple[int, torch.Tensor, int]]
-    outputs: Any  # the piece's outputs (same structure), as non-owning aliases
+    outputs: Any  # the piece's outputs, same structure
     input_copies: int = 0  # inputs that arrived at another address and were copied
 
     def replay(self, args: tuple) -> Any:
@@ -176,14 +175,19 @@ class Piece:
         # piece's outputs, so run the graph once for real.
         graph.replay()
         fixed = self.owner.fixed_addresses
+        keep = _keep if self.owner.keep_static_tensors else non_owning_alias
         static_inputs = [
-            (i, non_owning_alias(arg), arg.data_ptr())
+            (i, keep(arg), arg.data_ptr())
             for i, arg in enumerate(args)
             if isinstance(arg, torch.Tensor) and arg.data_ptr() not in fixed
         ]
-        aliases = tree_map_only(torch.Tensor, non_owning_alias, outputs)
-        self.graphs[size] = CapturedPiece(graph, static_inputs, aliases)
+        static_outputs = tree_map_only(torch.Tensor, keep, outputs)
+        self.graphs[size] = CapturedPiece(graph, static_inputs, static_outputs)
         return outputs  # the owning tensors: the split graph frees them after their last use
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 # ---- piece compilers -------------------------------------------------------------------------
@@ -239,8 +243,14 @@ def _fake_inputs(example_inputs: list) -> tuple[list, Any]:
 class CompiledPieces:
     """The model under torch.compile, split at the split ops, each piece graphed per size."""
 
-    def __init__(self, model_runner, graph_config: GraphConfig) -> None:
+    def __init__(
+        self, model_runner, graph_config: GraphConfig, *, keep_static_tensors: bool = False
+    ) -> None:
+        """`keep_static_tensors` keeps owning references to the pieces' static inputs and
+        outputs instead of aliases: every size then holds all its piece outputs (much more
+        graph memory). A debugging switch, to tell an aliasing fault from any other."""
         self.model = model_runner.model
+        self.keep_static_tensors = keep_static_tensors
         self.piece_compiler = graph_config.piece_compiler
         self.num_compiles = 0  # backend invocations: 1 for the whole ladder
         self.split: SplitGraph | None = None

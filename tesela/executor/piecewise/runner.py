@@ -93,11 +93,15 @@ class PiecewiseRunner:
         elif self.compiled is not None:
             for size in reversed(self.sizes):
                 self._warmup(size)  # compiles once (dynamic token dim), then runs every size
+        if self.compiled is not None:
+            self.report.segments_per_size = len(self.compiled.pieces)
         self.report.seconds = time.perf_counter() - start
         logger.info(self.report.summary())
         return self.report
 
     def _capture_cuda(self) -> None:
+        if self.compiled is not None:
+            self._warmup(self.sizes[-1])  # compile outside the memory measurement, gc on
         # Empty the ordinary cache on both sides, so the difference is the graph pool alone
         # (warmups and eager attention leave cached blocks that are not graph memory).
         torch.cuda.synchronize(self.device)
