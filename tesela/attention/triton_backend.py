@@ -149,7 +149,9 @@ class TritonAttentionBackend(AttentionBackend):
             scale=layout.scale,
             sliding_window=layout.sliding_window,
         )
-        self.decode_config = decode_config(layout.head_dim, layout.dtype, self.config.block_n)
+        self.decode_config = decode_config(
+            layout.head_dim, layout.dtype, self.config.max_kv_splits, self.config.block_n
+        )
         self.target_programs = _target_programs(layout.device, self.config.programs_per_sm)
         self.graph_state: DecodeGraphState | None = None
 

@@ -37,16 +37,20 @@ class DecodeConfig:
     block_n: int  # KV positions per tile
     num_warps: int
     num_stages: int
+    block_s: int  # splits the merge reads per (row, head): >= any split count launched
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, block_n: int | None = None) -> DecodeConfig:
+def decode_config(
+    head_dim: int, dtype: torch.dtype, max_kv_splits: int, block_n: int | None = None
+) -> DecodeConfig:
     """Tiles for Hopper, checked free of register spills by compiling for sm_90: a [BLOCK_N,
     head_dim] K and V tile double-buffered per program. fp32 takes the FMA (not tensor core)
     dot, whose tiles live in registers: more warps share them."""
+    block_s = max(next_power_of_2(max_kv_splits), 2)
     if dtype == torch.float32:
-        return DecodeConfig(block_n=block_n or 32, num_warps=8, num_stages=2)
+        return DecodeConfig(block_n or 32, num_warps=8, num_stages=2, block_s=block_s)
     default_n = 64 if head_dim <= 128 else 32
-    return DecodeConfig(block_n=block_n or default_n, num_warps=4, num_stages=2)
+    return DecodeConfig(block_n or default_n, num_warps=4, num_stages=2, block_s=block_s)
 
 
 def num_kv_splits(
@@ -76,7 +80,21 @@ def _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW: tl.constexpr):
     return kv_start, kv_len, splits
 
 
-@triton.jit
+# The split count and the table / scratch strides are launch values, not compile keys: the
+# eager warmup before a graph capture (planned for 1-token rows, one split, a 1-column table)
+# must compile the very kernels the capture launches, or the capture itself would compile and
+# load a kernel module mid-capture. (Triton specializes ints equal to 1 or divisible by 16.)
+_LAUNCH_VALUES = (
+    "stride_table_row",
+    "stride_po_row",
+    "stride_po_head",
+    "stride_lse_row",
+    "stride_lse_head",
+    "num_kv_splits",
+)
+
+
+@triton.jit(do_not_specialize=_LAUNCH_VALUES)
 def _decode_stage1_kernel(
     q_ptr,
     k_pool_ptr,
@@ -162,7 +180,7 @@ def _decode_stage1_kernel(
         tl.store(partial_lse_ptr + lse_offs, lse, mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LAUNCH_VALUES[1:])
 def _decode_stage2_kernel(
     partial_out_ptr,
     partial_lse_ptr,
@@ -228,6 +246,7 @@ def decode_attention(
         return
     assert partial_out.stride(-1) == 1 and partial_lse.stride(-1) == 1
     assert partial_out.shape[2] >= num_kv_splits and partial_lse.shape[2] >= num_kv_splits
+    assert num_kv_splits <= config.block_s
     stage1 = (batch_size, shape.num_kv_heads, num_kv_splits)
     _decode_stage1_kernel[stage1](
         q,
@@ -274,7 +293,7 @@ def decode_attention(
         min_split_len,
         HEAD_DIM=shape.head_dim,
         BLOCK_D=shape.block_d,
-        BLOCK_S=max(next_power_of_2(num_kv_splits), 2),
+        BLOCK_S=config.block_s,
         WINDOW=shape.window,
         num_warps=4,
     )

@@ -43,7 +43,7 @@ def extend_config(
     not pay for 128. fp32 takes the FMA (not tensor core) dot, whose tiles live in registers:
     small tiles, many warps."""
     if dtype == torch.float32:
-        config = ExtendConfig(32, 32 if head_dim <= 128 else 16, num_warps=8, num_stages=2)
+        config = ExtendConfig(32, 32 if head_dim <= 64 else 16, num_warps=8, num_stages=2)
     elif head_dim <= 128:
         tile_m = 64 if max_extend_len <= 64 else 128
         config = ExtendConfig(tile_m, 64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
@@ -55,6 +55,53 @@ def extend_config(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+
+
+@triton.jit
+def _attend_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_pos,
+    start,
+    kv_end,
+    table,
+    k_pool_ptr,
+    v_pool_ptr,
+    kv_col,
+    d_mask,
+    scale_log2,
+    stride_pool_slot,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    EDGE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One KV tile of the online softmax. EDGE: the tile may hold positions that some query
+    must not see (past the diagonal, outside the window, past the row); other tiles skip the
+    masking, which is most of a long prefill."""
+    pos = start + tl.arange(0, BLOCK_N)
+    n_mask = pos < kv_end
+    page = tl.load(table + pos // PAGE_SIZE, mask=n_mask, other=0)
+    slot = page.to(tl.int64) * PAGE_SIZE + pos % PAGE_SIZE
+    kv_offs = slot[:, None] * stride_pool_slot + kv_col[None, :]
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_pool_ptr + kv_offs, mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if EDGE:
+        visible = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+        if WINDOW > 0:
+            visible = visible & (pos[None, :] > q_pos[:, None] - WINDOW)
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_pool_ptr + kv_offs, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -100,37 +147,32 @@ def _extend_kernel(
         q = tl.load(q_ptr + q_offs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         q_pos = prefix + offs_m
 
-        # Causal: no query of this block sees past its last position.
+        # Causal: no query of this block sees past its last position. Whole tiles before its
+        # first position are seen by every query (without a window): no masking there.
         kv_end = tl.minimum(seq_len, prefix + q_begin + BLOCK_M)
         kv_begin = q_begin * 0
+        interior_end = (prefix + q_begin) // BLOCK_N * BLOCK_N
         if WINDOW > 0:
             kv_begin = tl.maximum(prefix + q_begin - WINDOW + 1, 0)
+            interior_end = kv_begin
 
         table = block_tables_ptr + row.to(tl.int64) * stride_table_row
         kv_col = (head // GROUP) * HEAD_DIM + offs_d
         m_i = tl.full([BLOCK_M], _FLOAT_MIN, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start in range(kv_begin, kv_end, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
-            n_mask = pos < kv_end
-            page = tl.load(table + pos // PAGE_SIZE, mask=n_mask, other=0)
-            slot = page.to(tl.int64) * PAGE_SIZE + pos % PAGE_SIZE
-            kv_offs = slot[:, None] * stride_pool_slot + kv_col[None, :]
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_pool_ptr + kv_offs, mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            visible = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
-            if WINDOW > 0:
-                visible = visible & (pos[None, :] > q_pos[:, None] - WINDOW)
-            qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_pool_ptr + kv_offs, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        for start in range(kv_begin, interior_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, q_pos, start, kv_end, table, k_pool_ptr, v_pool_ptr,
+                kv_col, d_mask, scale_log2, stride_pool_slot,
+                BLOCK_N, PAGE_SIZE, WINDOW, False, PRECISION,
+            )  # fmt: skip
+        for start in range(interior_end, kv_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, q_pos, start, kv_end, table, k_pool_ptr, v_pool_ptr,
+                kv_col, d_mask, scale_log2, stride_pool_slot,
+                BLOCK_N, PAGE_SIZE, WINDOW, True, PRECISION,
+            )  # fmt: skip
 
         # Every real query sees at least itself, so l_i > 0 on the rows that are stored.
         out = acc / tl.where(m_mask, l_i, 1.0)[:, None]
