@@ -21,8 +21,12 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,8,32,128")
     parser.add_argument("--contexts", default="512,4096")
     parser.add_argument("--repeat", type=int, default=50)
-    parser.add_argument("--kv-budget-gib", type=float, default=40.0,
-                        help="skip shapes whose KV cache would exceed this")
+    parser.add_argument(
+        "--kv-budget-gib",
+        type=float,
+        default=40.0,
+        help="skip shapes whose KV cache would exceed this",
+    )
     parser.add_argument("--output-dir", default="results")
 
 
@@ -34,12 +38,20 @@ def run_decode(args: argparse.Namespace) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     mc_config, _ = make_engine_config(args.model, dtype=args.dtype, num_kv_tokens=16)
     per_token = kv_bytes_per_token(mc_config)
-    fits = [(b, c) for b in batch_sizes for c in contexts
-            if b * c * per_token <= args.kv_budget_gib * 2**30]
+    fits = [
+        (b, c)
+        for b in batch_sizes
+        for c in contexts
+        if b * c * per_token <= args.kv_budget_gib * 2**30
+    ]
     tokens = max(b * c for b, c in fits) + 64
     config, path = make_engine_config(
-        args.model, dtype=args.dtype, attention_backend=args.attention_backend,
-        num_kv_tokens=tokens, max_num_seqs=max(batch_sizes), max_model_len=max(contexts) + 16,
+        args.model,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        num_kv_tokens=tokens,
+        max_num_seqs=max(batch_sizes),
+        max_model_len=max(contexts) + 16,
         capture_sizes=batch_sizes,
     )
     runner = ModelRunner(config, path)
@@ -49,15 +61,21 @@ def run_decode(args: argparse.Namespace) -> int:
     bandwidth = copy_bandwidth(runner.device)
     weights = weight_nbytes(runner.model)
     results = {
-        "model": args.model, "device": torch.cuda.get_device_name(runner.device),
-        "dtype": config.dtype, "attention_backend": config.attention_backend,
-        "copy_bandwidth_gbs": bandwidth / 1e9, "rows": [],
+        "model": args.model,
+        "device": torch.cuda.get_device_name(runner.device),
+        "dtype": config.dtype,
+        "attention_backend": config.attention_backend,
+        "copy_bandwidth_gbs": bandwidth / 1e9,
+        "rows": [],
         "skipped": [(b, c) for b in batch_sizes for c in contexts if (b, c) not in fits],
     }
     for b, c in fits:
         batch = decode_batch(runner, b, c)
-        row = {"batch": b, "context": c,
-               "floor_ms": (weights + b * c * per_token) / bandwidth * 1e3}
+        row = {
+            "batch": b,
+            "context": c,
+            "floor_ms": (weights + b * c * per_token) / bandwidth * 1e3,
+        }
         row["eager_ms"], eager_out = time_step(runner, runner.forward_eager, batch, args.repeat)
         graphs = runner.graphs
         if graphs.decode is not None and graphs.decode.can_run(batch) is None:
@@ -81,14 +99,19 @@ def decode_batch(runner, batch_size: int, context: int) -> ForwardBatch:
     """`batch_size` rows, each with `context - 1` tokens cached in its own blocks."""
     block_size = runner.kv_cache.block_size
     blocks_per_row = -(-context // block_size)
-    tables = [list(range(1 + r * blocks_per_row, 1 + (r + 1) * blocks_per_row))
-              for r in range(batch_size)]
+    tables = [
+        list(range(1 + r * blocks_per_row, 1 + (r + 1) * blocks_per_row)) for r in range(batch_size)
+    ]
     generator = torch.Generator().manual_seed(batch_size * 7919 + context)
     vocab = runner.config.model_config.vocab_size
     tokens = torch.randint(0, vocab, (batch_size, 1), generator=generator).tolist()
     return ForwardBatch.build(
-        token_ids=tokens, prefix_lens=[context - 1] * batch_size, block_tables=tables,
-        block_size=block_size, device=runner.device, mode=ForwardMode.DECODE,
+        token_ids=tokens,
+        prefix_lens=[context - 1] * batch_size,
+        block_tables=tables,
+        block_size=block_size,
+        device=runner.device,
+        mode=ForwardMode.DECODE,
     )
 
 
@@ -107,8 +130,11 @@ def time_step(runner, fn, batch: ForwardBatch, repeat: int) -> tuple[float, torc
 
 def write_outputs_decode(results: dict, output_dir: Path) -> None:
     flat = {
-        "model": results["model"], "device": results["device"], "num_tokens": [],
-        "latency_ms": {}, **results,
+        "model": results["model"],
+        "device": results["device"],
+        "num_tokens": [],
+        "latency_ms": {},
+        **results,
     }
     for row in results["rows"]:
         key = f"b{row['batch']}-c{row['context']}"
@@ -119,18 +145,21 @@ def write_outputs_decode(results: dict, output_dir: Path) -> None:
 
 
 def format_decode_table(results: dict) -> str:
-    lines = [f"decode step {results['model']} ({results['dtype']}, attention "
-             f"{results['attention_backend']}) on {results['device']}, copy "
-             f"{results['copy_bandwidth_gbs']:.0f} GB/s: median ms",
-             "| batch | context | eager | piecewise | full graph | HBM floor | full/floor | "
-             "full err |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"decode step {results['model']} ({results['dtype']}, attention "
+        f"{results['attention_backend']}) on {results['device']}, copy "
+        f"{results['copy_bandwidth_gbs']:.0f} GB/s: median ms",
+        "| batch | context | eager | piecewise | full graph | HBM floor | full/floor | full err |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     nan = float("nan")
     for row in results["rows"]:
         full = row.get("full_graph_ms", nan)
         lines.append(
             f"| {row['batch']} | {row['context']} | {row['eager_ms']:.3f} | "
             f"{row.get('piecewise_ms', nan):.3f} | {full:.3f} | {row['floor_ms']:.3f} | "
-            f"{full / row['floor_ms']:.2f} | {row.get('full_max_abs_err', nan):.1e} |")
+            f"{full / row['floor_ms']:.2f} | {row.get('full_max_abs_err', nan):.1e} |"
+        )
     if results["skipped"]:
         lines.append(f"skipped (KV over budget): {results['skipped']}")
     return "\n".join(lines)

@@ -7,6 +7,9 @@ static buffers, lets the backend rewrite its buffers in place for this batch
 (`init_forward_metadata_replay_cuda_graph`), and replays the smallest captured size that fits.
 Padding rows use token 0, position 0, the dummy KV slot and a length-1 context on the dummy
 block.
+
+On CPU nothing is captured: `run` drives the same static buffers and persistent metadata and
+runs the model directly, so the padding and buffer logic is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -39,9 +42,12 @@ class DecodeGraphRunner:
         max_bs = self.sizes[-1]
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=self.device)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=self.device)
-        self.out_cache_loc = torch.full((max_bs,), DUMMY_SLOT, dtype=torch.int64, device=self.device)
+        self.out_cache_loc = torch.full(
+            (max_bs,), DUMMY_SLOT, dtype=torch.int64, device=self.device
+        )
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.report = CaptureReport("full-decode", self.sizes, cuda_graphs=True)
+        self.use_cuda_graphs = self.device.type == "cuda"
+        self.report = CaptureReport("full-decode", self.sizes, cuda_graphs=self.use_cuda_graphs)
         backend.init_cuda_graph_state(max_bs, self.max_blocks)
 
     def can_run(self, batch: ForwardBatch) -> str | None:
@@ -72,6 +78,8 @@ class DecodeGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:
+        if not self.use_cuda_graphs:
+            return self.report
         runner, backend = self.model_runner, self.model_runner.attn_backend
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
@@ -119,6 +127,9 @@ class DecodeGraphRunner:
         # The graph runs no Python, so check the invariant here: planned for this batch.
         backend.metadata_for(batch)
         assert metadata.stamp == batch.stamp
+        if not self.use_cuda_graphs:
+            with forward_context(batch, backend):
+                return self.model_runner.model(self.input_ids[:size], self.positions[:size])[:n]
         graph, output = self.graphs[size]
         graph.replay()
         return output[:n]

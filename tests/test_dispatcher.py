@@ -1,0 +1,82 @@
+"""The dispatcher's choice per batch kind, and FULL decode padding through the CPU path.
+
+Uses the real Triton backend in Triton's interpreter (CI exports TRITON_INTERPRET=1), since the
+FULL decode runner needs a backend with persistent decode-graph buffers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 (set by .ci/run)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from tesela.engine.kv_cache import DUMMY_SLOT  # noqa: E402
+from tesela.engine.llm_engine import make_engine_config  # noqa: E402
+from tesela.executor.decode_graph import DecodeGraphRunner  # noqa: E402
+from tesela.executor.dispatcher import RunPath  # noqa: E402
+from tesela.executor.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from tesela.executor.model_runner import ModelRunner  # noqa: E402
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from tesela.attention.triton_backend import TritonAttentionBackend
+
+    config, path = make_engine_config(
+        "tiny", prefill_graph="breakable", capture_sizes=[4, 8, 16, 32], num_kv_tokens=2048
+    )
+    runner = ModelRunner(config, path)
+    runner.attn_backend = TritonAttentionBackend(runner.layout, runner.kv_cache)
+    runner.graphs.decode = DecodeGraphRunner(runner, (1, 2, 4), max_model_len=256)
+    runner.graphs.decode.capture()
+    return runner
+
+
+def batch(rows: list[tuple[int, int]], mode=None, seed=0) -> ForwardBatch:
+    generator = torch.Generator().manual_seed(seed)
+    tables = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(rows))]
+    tokens = [torch.randint(0, 258, (n,), generator=generator).tolist() for _, n in rows]
+    return ForwardBatch.build(
+        token_ids=tokens,
+        prefix_lens=[p for p, _ in rows],
+        block_tables=tables,
+        block_size=BLOCK,
+        device="cpu",
+        mode=mode,
+    )
+
+
+def test_each_batch_kind_takes_its_path(runner):
+    graphs = runner.graphs
+    assert graphs.choose(batch([(0, 10)]))[0] is RunPath.PIECEWISE
+    assert graphs.choose(batch([(0, 5), (9, 1)]))[0] is RunPath.PIECEWISE  # mixed
+    decode = batch([(9, 1), (12, 1), (30, 1)])
+    assert decode.mode is ForwardMode.DECODE
+    assert graphs.choose(decode) == (RunPath.FULL, None)
+    assert graphs.choose(batch([(9, 1)] * 6))[0] is RunPath.PIECEWISE  # over the decode ladder
+    assert graphs.choose(batch([(0, 40)])) == (RunPath.EAGER, "too_many_tokens")
+    logprobs = batch([(9, 1)])
+    logprobs.return_input_logprobs = True
+    assert graphs.choose(logprobs) == (RunPath.EAGER, "input_logprobs")
+
+
+def test_full_decode_pads_rows_and_matches_eager(runner):
+    rows = [(9, 1), (12, 1), (30, 1)]
+    prefill = batch([(0, 9), (0, 12), (0, 30)], seed=1)
+    runner.forward_eager(prefill)  # fill the prefixes the decode rows attend to
+    decode = runner.graphs.decode
+    got = decode.run(batch(rows, seed=2)).clone()
+    assert decode.input_ids[3] == 0 and decode.positions[3] == 0
+    assert decode.out_cache_loc[3] == DUMMY_SLOT
+    state = runner.attn_backend.graph_state
+    assert state.seq_lens[:4].tolist() == [10, 13, 31, 1]  # the padding row: length 1
+    assert state.block_tables[3, 0] == DUMMY_SLOT // BLOCK
+    expected = runner.forward_eager(batch(rows, seed=2))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
