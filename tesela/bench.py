@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,6 +136,7 @@ class PrefillBench:
                 self.results["build"][column] = {"error": f"{type(error).__name__}: {error}"}
                 continue
             for n in self.counts:
+                print(f"bench prefill: {column} n={n}", file=sys.stderr, flush=True)
                 samples, logits = self.time(fn, n)
                 key = f"{column}/{n}"
                 self.results["latency_ms"][key] = statistics.median(samples)

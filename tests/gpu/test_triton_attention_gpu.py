@@ -291,7 +291,9 @@ def test_decode_cuda_graph_replay_equals_eager(dtype):
         pool.v_buffers[0].copy_(pools_before[1])
         triton_backend.forward(q, k, v, out, 0, static, metadata)
         torch.cuda.synchronize()
-        torch.testing.assert_close(replayed, out, rtol=0, atol=0)
+        # Real rows only: padding rows all write the dummy slot, so which one lands there (and
+        # what padding rows then read) is a race by design; their outputs are never used.
+        torch.testing.assert_close(replayed[:n], out[:n], rtol=0, atol=0)
 
         expected = run_reference(torch_backend, batch, new_q[:n], new_k[:n], new_v[:n])
         tolerance = TOLERANCE[dtype]
