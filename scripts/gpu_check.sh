@@ -20,11 +20,14 @@ for step in $steps; do
   case $step in
     tests) timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$RES/pytest-gpu.log" | tail -15 ;;
     tests-all) timeout 500 python3 -m pytest -q tests 2>&1 | tee "$RES/pytest-all.log" | tail -15 ;;
-    bench-prefill)
+    bench-prefill)  # one process per column: a failing column cannot take the others down
       for model in $models; do
-        timeout ${BENCH_TIMEOUT:-420} python3 -m tesela.cli bench prefill --model "$model" \
-          --columns "${BENCH_COLUMNS:-eager,compile,compile-ro,breakable,compiled-eager,compiled-inductor,full-graph}" \
-          --attention-backend "${ATTN:-auto}" --output-dir "$RES" 2>&1 | tee "$RES/bench-prefill-$model.log" | grep -v Capturing | tail -16
+        for column in ${BENCH_COLUMNS:-eager,breakable eager,full-graph eager,compiled-eager eager,compiled-inductor eager,compile eager,compile-ro}; do
+          timeout ${BENCH_TIMEOUT:-200} python3 -m tesela.cli bench prefill --model "$model" --columns "$column" \
+            --attention-backend "${ATTN:-auto}" --output-dir "$RES" >"$RES/bench-prefill-$model-$column.log" 2>&1 \
+            || { echo "column $column failed:"; grep -v Capturing "$RES/bench-prefill-$model-$column.log" | tail -4; }
+        done
+        python3 -m tesela.bench "$RES/prefill-$model-merged.json" "$RES"/prefill-"$model"-*.json 2>&1 | tee "$RES/bench-prefill-$model.txt"
       done ;;
     bench-decode)
       for model in $models; do

@@ -64,7 +64,36 @@ def run_prefill(args: argparse.Namespace) -> int:
     runner = ModelRunner(config, path)
     bench = PrefillBench(runner, counts, args.repeat, args.warmup)
     results = bench.run(columns)
-    write_outputs(results, Path(args.output_dir), f"prefill-{args.model}")
+    suffix = "" if columns == list(COLUMNS) else "-" + "-".join(columns)
+    write_outputs(results, Path(args.output_dir), f"prefill-{args.model}{suffix}")
+    print(format_table(results))
+    return 0
+
+
+def merge_results(paths: list[Path]) -> dict:
+    """One result from several runs of the same model and card (e.g. one process per column,
+    so a failing column cannot take the others down)."""
+    merged: dict = {}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        if not merged:
+            merged = part
+            continue
+        if (part["model"], part["device"]) != (merged["model"], merged["device"]):
+            raise ValueError(f"{path} is another model or card than {paths[0]}")
+        for key in ("latency_ms", "spread_ms", "max_abs_err", "build"):
+            merged[key].update(part[key])
+    return merged
+
+
+def main_merge(argv: list[str]) -> int:
+    """python -m tesela.bench OUT.json IN.json...: merge, write JSON + PNG, print the table."""
+    out, *inputs = (Path(a) for a in argv)
+    results = merge_results(inputs)
+    # Per-column runs compare with eager only when eager ran in the same process: redo it here.
+    eager = {n: results["latency_ms"].get(f"eager/{n}") for n in results["num_tokens"]}
+    results["eager_in_every_run"] = all(v is not None for v in eager.values())
+    write_outputs(results, out.parent, out.stem)
     print(format_table(results))
     return 0
 
@@ -322,3 +351,7 @@ def format_table(results: dict) -> str:
         }
         lines.append("max |logits - eager|: " + ", ".join(f"{c} {v:.2e}" for c, v in worst.items()))
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main_merge(sys.argv[1:]))

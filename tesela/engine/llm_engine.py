@@ -91,6 +91,11 @@ def make_engine_config(
     if dtype == "auto":
         # bf16 matmuls are slow on most CPUs; the checkpoint's dtype on GPUs.
         dtype = model_config.torch_dtype if on_cuda else "float32"
+    if max_model_len is not None and max_model_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+            f"({model_config.max_position_embeddings}): lower it"
+        )
     scheduler = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
