@@ -15,13 +15,10 @@ a time.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
-_ALIAS_MODE = os.environ.get("TESELA_ALIAS", "immediate")  # debugging switch
 
 
 def non_owning_alias(tensor: torch.Tensor) -> torch.Tensor:
@@ -88,14 +85,10 @@ class SegmentRecorder:
         self.end()
         call = SplitCall(fn, tensors, args)
         call()
-        if _ALIAS_MODE == "immediate":
-            call.release()
+        call.release()
         self.graph.splits.append(call)
         self.begin()
 
     def finish(self, output: torch.Tensor) -> None:
         self.end()
-        if _ALIAS_MODE == "after":
-            for call in self.graph.splits:
-                call.release()
-        self.graph.output = non_owning_alias(output) if _ALIAS_MODE != "none" else output
+        self.graph.output = non_owning_alias(output)
