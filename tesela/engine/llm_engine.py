@@ -201,6 +201,7 @@ class LLMEngine:
         request = self.scheduler.abort(request_id)
         if request is not None:
             self.sampler.forget(request_id)
+            self.requests.pop(request_id, None)
         return request is not None
 
     def has_unfinished(self) -> bool:
