@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tesela.config import RopeScaling
+from tesela.layers import fused
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -63,9 +64,13 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
+        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim] -> q, k as
+        [tokens, heads * head_dim]."""
+        if fused.fused_enabled(q):
+            cache = self.cos_sin_cache
+            return fused.rotary(q, positions, cache), fused.rotary(k, positions, cache)
         cos = self.cos_sin_cache[0][positions].unsqueeze(1).to(q.dtype)
         sin = self.cos_sin_cache[1][positions].unsqueeze(1).to(q.dtype)
         q_out = q * cos + rotate_half(q) * sin
         k_out = k * cos + rotate_half(k) * sin
-        return q_out, k_out
+        return q_out.flatten(1), k_out.flatten(1)

@@ -14,6 +14,7 @@ from torch import nn
 
 import tesela.attention.op  # noqa: F401  (registers torch.ops.tesela.attention)
 from tesela.config import ModelConfig
+from tesela.layers import fused
 from tesela.layers.linear import Linear, MergedLinear
 from tesela.layers.norm import RMSNorm
 from tesela.layers.rotary import RotaryEmbedding
@@ -57,8 +58,6 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        q = q.reshape(-1, self.q_size)
-        k = k.reshape(-1, self.kv_size)
         out = torch.empty_like(q)
         torch.ops.tesela.attention(q, k, v, out, self.layer_id)
         return self.o_proj(out)
@@ -77,7 +76,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if fused.fused_enabled(gate_up):
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -89,13 +91,20 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states = self.self_attn(positions, self.input_layernorm(hidden_states))
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + hidden_states
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual stream is carried separately so each add fuses with the norm after it.
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm.add_and_norm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm.add_and_norm(
+            hidden_states, residual
+        )
+        return self.mlp(hidden_states), residual
 
 
 class LlamaModel(nn.Module):
@@ -115,10 +124,10 @@ class LlamaModel(nn.Module):
         self.rotary = rotary
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
+        hidden_states, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden_states = layer(positions, hidden_states)
-        return self.norm(hidden_states)
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        return self.norm.add_and_norm(hidden_states, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,0 +1,179 @@
+"""Fused Triton kernels for the small ops between GEMMs (CUDA only).
+
+An unfused Llama layer launches ~50 kernels outside its GEMMs (norms, rotary, activation, adds);
+in a batch-1 decode step they, not the weights, set the time. Each kernel here replaces a chain
+of PyTorch ops with one launch and reproduces that chain's rounding exactly (fp32 math, rounded
+to the activation dtype where the PyTorch ops round), so fused and unfused outputs agree up to
+one rounding step (the norm's summation order, the last bit of exp), and the transformers
+reference still holds.
+
+Layers call `fused_enabled(x)`; on CPU, without Triton, or under torch.compile (inductor fuses
+the PyTorch ops itself) they keep their PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_DISABLED = False  # tests flip this to compare fused and unfused paths
+
+
+def set_fused_enabled(enabled: bool) -> None:
+    global _DISABLED
+    _DISABLED = not enabled
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fused_enabled(x: torch.Tensor) -> bool:
+    return x.is_cuda and not _DISABLED and not torch.compiler.is_compiling() and _triton_available()
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rmsnorm_kernel(
+        x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr,
+        rows_per_group, stride_group, stride_row, stride_res, stride_out,
+        n_cols, eps,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        group, inner = row // rows_per_group, row % rows_per_group
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x_offs = group.to(tl.int64) * stride_group + inner * stride_row + cols
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            res_offs = row.to(tl.int64) * stride_res + cols
+            r = tl.load(res_ptr + res_offs, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # residual + x, rounded
+            tl.store(res_out_ptr + row.to(tl.int64) * stride_out + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        variance = tl.sum(xf * xf, axis=0) / n_cols
+        y = (xf * tl.rsqrt(variance + eps)).to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        out = (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype)
+        tl.store(out_ptr + row.to(tl.int64) * stride_out + cols, out, mask=mask)
+
+    @triton.jit
+    def rotary_kernel(
+        x_ptr, out_ptr, cos_sin_ptr, pos_ptr,
+        num_heads, stride_token, stride_cache_kind, stride_cache_pos,
+        HALF: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        token, head = tl.program_id(0), tl.program_id(1)
+        pos = tl.load(pos_ptr + token)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < HALF
+        base = token.to(tl.int64) * stride_token + head * (2 * HALF)
+        x1 = tl.load(x_ptr + base + cols, mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + base + HALF + cols, mask=mask, other=0.0)
+        cache = cos_sin_ptr + pos.to(tl.int64) * stride_cache_pos + cols
+        cos = tl.load(cache, mask=mask, other=0.0).to(x1.dtype).to(tl.float32)
+        sin = tl.load(cache + stride_cache_kind, mask=mask, other=0.0).to(x1.dtype).to(tl.float32)
+        # x * cos + rotate_half(x) * sin, each product and the sum rounded as PyTorch does.
+        a1 = (x1.to(tl.float32) * cos).to(x1.dtype).to(tl.float32)
+        b1 = (-x2.to(tl.float32) * sin).to(x1.dtype).to(tl.float32)
+        a2 = (x2.to(tl.float32) * cos).to(x1.dtype).to(tl.float32)
+        b2 = (x1.to(tl.float32) * sin).to(x1.dtype).to(tl.float32)
+        out = out_ptr + (token.to(tl.int64) * num_heads + head) * (2 * HALF) + cols
+        tl.store(out, (a1 + b1).to(x1.dtype), mask=mask)
+        tl.store(out + HALF, (a2 + b2).to(x1.dtype), mask=mask)
+
+    @triton.jit
+    def silu_mul_kernel(x_ptr, out_ptr, stride_x, n_cols, BLOCK: tl.constexpr):
+        row, block = tl.program_id(0), tl.program_id(1)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+        up = tl.load(x_ptr + row.to(tl.int64) * stride_x + n_cols + cols, mask=mask, other=0.0)
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+        out = (act * up.to(tl.float32)).to(gate.dtype)
+        tl.store(out_ptr + row.to(tl.int64) * n_cols + cols, out, mask=mask)
+
+    return rmsnorm_kernel, rotary_kernel, silu_mul_kernel
+
+
+def _block(n: int) -> int:
+    import triton
+
+    return triton.next_power_of_2(n)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm over the last dim. x: [tokens, hidden] or [tokens, heads, head_dim] (rows may be
+    strided views). With `residual` ([tokens, hidden]) the norm is taken of residual + x, and
+    that sum is returned as the new residual."""
+    rmsnorm_kernel = _kernels()[0]
+    n_cols = x.shape[-1]
+    if x.dim() == 3:
+        tokens, heads = x.shape[0], x.shape[1]
+        stride_group, stride_row = x.stride(0), x.stride(1)
+    else:
+        tokens, heads = x.shape[0], 1
+        stride_group, stride_row = x.stride(0), 0
+    assert x.stride(-1) == 1
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    new_residual = torch.empty_like(out) if residual is not None else None
+    rows = tokens * heads
+    if rows == 0:
+        return out, new_residual
+    rmsnorm_kernel[(rows,)](
+        x, residual if residual is not None else x, new_residual if residual is not None else x,
+        weight, out,
+        heads, stride_group, stride_row,
+        residual.stride(0) if residual is not None else 0, n_cols,
+        n_cols, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=_block(n_cols),
+        num_warps=4 if n_cols <= 2048 else 8,
+    )  # fmt: skip
+    return out, new_residual
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """Neox-style rotary of x [tokens, heads, head_dim] (token rows may be strided); returns a
+    contiguous [tokens, heads * head_dim]. cos_sin_cache: [2, positions, head_dim] fp32."""
+    rotary_kernel = _kernels()[1]
+    tokens, heads, dim = x.shape
+    assert x.stride(2) == 1 and x.stride(1) == dim
+    out = torch.empty((tokens, heads * dim), dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return out
+    rotary_kernel[(tokens, heads)](
+        x, out, cos_sin_cache, positions,
+        heads, x.stride(0), cos_sin_cache.stride(0), cos_sin_cache.stride(1),
+        HALF=dim // 2, BLOCK=_block(dim // 2),
+    )  # fmt: skip
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :n]) * x[:, n:] for x = [gate | up] of width 2n."""
+    silu_mul_kernel = _kernels()[2]
+    tokens, n = x.shape[0], x.shape[1] // 2
+    assert x.stride(1) == 1
+    out = torch.empty((tokens, n), dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return out
+    block = 1024
+    silu_mul_kernel[(tokens, -(-n // block))](x, out, x.stride(0), n, BLOCK=block)
+    return out

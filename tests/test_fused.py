@@ -1,0 +1,74 @@
+"""Fused Triton kernels against the PyTorch ops they replace, in Triton's interpreter.
+
+CI exports TRITON_INTERPRET=1; on a GPU the same checks run in bf16 (tests/gpu/test_fused_gpu.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 (set by .ci/run)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from tesela.config import RopeScaling  # noqa: E402
+from tesela.layers import fused  # noqa: E402
+from tesela.layers.norm import RMSNorm  # noqa: E402
+from tesela.layers.rotary import RotaryEmbedding  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_with_and_without_residual(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-6).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x, residual = torch.randn(7, 96, dtype=dtype), torch.randn(7, 96, dtype=dtype)
+    got, _ = fused.rms_norm(x, norm.weight, 1e-6)
+    torch.testing.assert_close(got, norm(x), rtol=1e-5, atol=1e-5)
+    got, new_residual = fused.rms_norm(x, norm.weight, 1e-6, residual)
+    expected, expected_residual = norm.add_and_norm(x, residual)
+    assert torch.equal(new_residual, expected_residual)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_head_norm_on_a_strided_view(dtype):
+    torch.manual_seed(1)
+    qkv = torch.randn(5, 4 * 16 + 2 * 2 * 16, dtype=dtype)
+    q = qkv[:, : 4 * 16].view(5, 4, 16)  # rows strided, as a q slice of a fused qkv
+    norm = RMSNorm(16, 1e-6).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    got, _ = fused.rms_norm(q, norm.weight, 1e-6)
+    torch.testing.assert_close(got, norm(q), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_matches_bit_for_bit(dtype):
+    torch.manual_seed(2)
+    rotary = RotaryEmbedding(32, 256, 10000.0, RopeScaling())
+    rotary.init_cache("cpu")
+    qkv = torch.randn(6, 3 * 2 * 32, dtype=dtype)
+    q = qkv[:, : 2 * 32].view(6, 2, 32)
+    k = qkv[:, 2 * 32 : 4 * 32].view(6, 2, 32)
+    positions = torch.tensor([0, 1, 7, 100, 255, 3])
+    expected_q, expected_k = rotary(positions, q, k)
+    assert torch.equal(fused.rotary(q, positions, rotary.cos_sin_cache), expected_q)
+    assert torch.equal(fused.rotary(k, positions, rotary.cos_sin_cache), expected_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    torch.manual_seed(3)
+    gate_up = torch.randn(5, 2 * 1100, dtype=dtype)  # crosses a 1024-wide block
+    gate, up = gate_up.split(1100, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    # exp differs between libraries in its last bit: one rounding step of the dtype at most.
+    tolerance = 1e-6 if dtype is torch.float32 else 1e-3
+    torch.testing.assert_close(
+        fused.silu_and_mul(gate_up), expected, rtol=tolerance, atol=tolerance
+    )
