@@ -3,7 +3,6 @@ forward with and without them."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tesela.config import RopeScaling
@@ -13,13 +12,6 @@ from tesela.executor.model_runner import ModelRunner
 from tesela.layers import fused
 from tesela.layers.norm import RMSNorm
 from tesela.layers.rotary import RotaryEmbedding
-
-
-@pytest.fixture
-def unfused():
-    fused.set_fused_enabled(False)
-    yield
-    fused.set_fused_enabled(True)
 
 
 def reference(fn, *args):
