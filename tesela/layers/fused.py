@@ -13,7 +13,9 @@ the PyTorch ops itself) they keep their PyTorch ops.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -23,6 +25,17 @@ _DISABLED = False  # tests flip this to compare fused and unfused paths
 def set_fused_enabled(enabled: bool) -> None:
     global _DISABLED
     _DISABLED = not enabled
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the PyTorch ops instead of the fused kernels (what torch.compile traces)."""
+    previous = _DISABLED
+    set_fused_enabled(False)
+    try:
+        yield
+    finally:
+        set_fused_enabled(not previous)
 
 
 @functools.cache

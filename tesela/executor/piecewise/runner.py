@@ -12,6 +12,7 @@ buffers, so padding, slicing, fallback and metadata handling are exercised witho
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gc
 import logging
 import time
@@ -25,6 +26,7 @@ from tesela.executor.forward_batch import ForwardBatch
 from tesela.executor.forward_context import forward_context
 from tesela.executor.piecewise.breakable import BreakableGraph, SegmentRecorder
 from tesela.executor.piecewise.buffers import StaticBuffers, capture_batch
+from tesela.layers import fused
 
 logger = logging.getLogger("tesela.piecewise")
 
@@ -224,4 +226,7 @@ class PiecewiseRunner:
         size = self.padded_size(batch.num_tokens)
         self.buffers.copy_from(batch, size)
         self.model_runner.attn_backend.init_forward_metadata(batch)
-        return self._run_model(batch, size, plain=True)[: batch.num_tokens].clone()
+        # Compiled pieces trace the PyTorch ops (inductor fuses them itself), not our kernels.
+        plain_ops = fused.disabled() if self.compiled is not None else contextlib.nullcontext()
+        with plain_ops:
+            return self._run_model(batch, size, plain=True)[: batch.num_tokens].clone()
