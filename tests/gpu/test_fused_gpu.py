@@ -41,7 +41,8 @@ def test_kernels_match_the_ops_they_replace():
     for got, expected in zip(
         rotary(positions, q, k), reference(rotary, positions, q, k), strict=True
     ):
-        assert torch.equal(got, expected)
+        # Bit-equal in Triton's interpreter; on H200 a few elements land one bf16 step apart.
+        torch.testing.assert_close(got.float(), expected.float(), rtol=8e-3, atol=1e-2)
     gate_up = torch.randn(33, 2 * 3072, **bf16) * 3
     gate, up = gate_up.split(3072, dim=-1)
     torch.testing.assert_close(
