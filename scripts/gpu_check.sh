@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # One GPU-machine call: install, GPU tests, benchmarks, doctor. Every log and result lands in
 # /tmp/results, packed into $OUT/results.tgz (the device tool returns at most 8 files).
+# The server wheels travel in .whl/ (git-ignored; carry it). To make it, in the repo root:
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
+#     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .whl \
+#     starlette==1.10.0 anyio==4.16.0 idna==3.20 typing_extensions==4.16.0 uvicorn==0.54.0 \
+#     click==8.5.1 h11==0.16.0 httpx==0.28.1 httpcore==1.0.9 certifi==2026.5.20
 # Usage: scripts/gpu_check.sh [steps...]
 #   steps: tests tests-all bench-prefill bench-decode bench-serve generate doctor
 set -uo pipefail
