@@ -103,15 +103,18 @@ def test_fallbacks_are_counted_by_reason(runners):
     assert graphs.stats.fallbacks == {"too_many_tokens": 1, "input_logprobs": 1}
 
 
-def test_greedy_generations_identical_with_graphs_on_and_off():
+@pytest.mark.parametrize("strategy", ["breakable", "compiled"])
+def test_greedy_generations_identical_with_graphs_on_and_off(strategy):
     prompts = ["piecewise", "graphs " * 9, "q", "a longer prompt that crosses a few sizes" * 3]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     off = LLM("tiny", max_num_batched_tokens=64).generate(prompts, params)
-    on_llm = LLM("tiny", prefill_graph="breakable", max_num_batched_tokens=64)
+    on_llm = LLM("tiny", prefill_graph=strategy, max_num_batched_tokens=64)
     on = on_llm.generate(prompts, params)
     assert [o.token_ids for o in on] == [o.token_ids for o in off]
     paths = on_llm.engine.stats()["dispatch"]["paths"]
     assert paths["piecewise"] > 0 and paths["eager"] == 0
+    if strategy == "compiled":
+        assert on_llm.engine.runner.graphs.piecewise.compiled.num_compiles == 1
 
 
 # ---- the two historical metadata bugs (DESIGN.md §3) -----------------------------------------

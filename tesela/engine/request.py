@@ -55,11 +55,6 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    @property
-    def in_prefill(self) -> bool:
-        """True while tokens other than the newest remain to be computed."""
-        return self.num_computed_tokens < self.num_tokens - 1
-
     def finish(self, reason: str) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason

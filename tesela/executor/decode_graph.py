@@ -108,7 +108,7 @@ class DecodeGraphRunner:
         self.report.segments_per_size = 1
         torch.cuda.empty_cache()
         self.report.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
-        logger.info(self.report.summary().replace("piecewise ", ""))
+        logger.info(self.report.summary())
         return self.report
 
     @torch.inference_mode()

@@ -48,7 +48,7 @@ class CaptureReport:
     def summary(self) -> str:
         kind = "CUDA graphs" if self.cuda_graphs else "no capture (CPU)"
         return (
-            f"piecewise {self.strategy}: {len(self.sizes)} sizes "
+            f"{self.strategy}: {len(self.sizes)} sizes "
             f"({self.sizes[0]}..{self.sizes[-1]} tokens), {self.segments_per_size} pieces each, "
             f"{kind}, built in {self.seconds:.2f} s, graph memory {self.graph_memory_gib:.3f} GiB"
         )
@@ -65,7 +65,9 @@ class PiecewiseRunner:
         self.buffers = StaticBuffers.allocate(self.max_num_tokens, self.device)
         self.graphs: dict[int, BreakableGraph] = {}
         self.compiled = None
-        self.report = CaptureReport(self.strategy, self.sizes, cuda_graphs=self.use_cuda_graphs)
+        self.report = CaptureReport(
+            f"piecewise {self.strategy}", self.sizes, cuda_graphs=self.use_cuda_graphs
+        )
 
     @property
     def max_num_tokens(self) -> int:
