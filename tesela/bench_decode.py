@@ -12,6 +12,7 @@ import torch
 
 from tesela.bench import copy_bandwidth, sync, weight_nbytes, write_outputs
 from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.models.step_bytes import decode_step_weight_bytes, record_routed_experts
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +25,9 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-budget-gib",
         type=float,
-        default=40.0,
-        help="skip shapes whose KV cache would exceed this",
+        default=None,
+        help="skip shapes whose KV cache would exceed this (default: 40, or less when the "
+        "weights leave less of the GPU: see kv_budget_gib)",
     )
     parser.add_argument("--output-dir", default="results")
 
@@ -38,11 +40,9 @@ def run_decode(args: argparse.Namespace) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     mc_config, _ = make_engine_config(args.model, dtype=args.dtype, num_kv_tokens=16)
     per_token = kv_bytes_per_token(mc_config)
+    budget_gib = args.kv_budget_gib or kv_budget_gib(mc_config)
     fits = [
-        (b, c)
-        for b in batch_sizes
-        for c in contexts
-        if b * c * per_token <= args.kv_budget_gib * 2**30
+        (b, c) for b in batch_sizes for c in contexts if b * c * per_token <= budget_gib * 2**30
     ]
     tokens = max(b * c for b, c in fits) + 64
     config, path = make_engine_config(
@@ -71,10 +71,14 @@ def run_decode(args: argparse.Namespace) -> int:
     }
     for b, c in fits:
         batch = decode_batch(runner, b, c)
+        step_weights = (
+            moe_step_weight_bytes(runner, batch) if mc_config.model_config.moe else weights
+        )
         row = {
             "batch": b,
             "context": c,
-            "floor_ms": (weights + b * c * per_token) / bandwidth * 1e3,
+            "weight_gib": step_weights / 2**30,
+            "floor_ms": (step_weights + b * c * per_token) / bandwidth * 1e3,
         }
         row["eager_ms"], eager_out = time_step(runner, runner.forward_eager, batch, args.repeat)
         graphs = runner.graphs
@@ -87,6 +91,25 @@ def run_decode(args: argparse.Namespace) -> int:
     write_outputs_decode(results, Path(args.output_dir))
     print(format_decode_table(results))
     return 0
+
+
+def kv_budget_gib(config) -> float:
+    """40 GiB, or 60% of what the weights leave of the GPU (a 30B MoE on an 80 GB card)."""
+    if not torch.cuda.is_available():
+        return 40.0
+    itemsize = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
+    weights = config.model_config.num_parameters() * itemsize
+    total = torch.cuda.mem_get_info()[1]
+    return min(40.0, max(total - weights, 0) * 0.6 / 2**30)
+
+
+def moe_step_weight_bytes(runner, batch: ForwardBatch) -> int:
+    """The weights this decode step reads: attention, routers and the experts it routes to."""
+    with record_routed_experts(runner.model) as routed:
+        runner.forward_eager(batch)
+    return decode_step_weight_bytes(
+        runner.config.model_config, batch.batch_size, runner.dtype.itemsize, routed
+    )
 
 
 def kv_bytes_per_token(config) -> int:

@@ -181,3 +181,56 @@ def test_piecewise_runner_equals_eager_on_a_moe_model(checkpoints, prefill_graph
     for n in (1, 3, 4, 5, 17, 32):
         got = piecewise.graphs.run(random_batch(n, seed=n))
         torch.testing.assert_close(got, eager.forward_eager(random_batch(n, seed=n)))
+
+
+def test_decode_step_weight_bytes_counts_routed_experts_only(checkpoints):
+    from tesela.models.step_bytes import decode_step_weight_bytes, record_routed_experts
+    from tesela.presets import PRESETS
+
+    path = str(checkpoints["qwen3_moe"][0])
+    runner = ModelRunner(*make_engine_config(path, num_kv_tokens=256))
+    config, h = runner.config.model_config, runner.config.model_config.hidden_size
+    all_bytes = sum(p.numel() * 4 for p in runner.model.parameters())
+    unread_embedding_rows = (config.vocab_size - 1) * h * 4
+    with record_routed_experts(runner.model) as routed:
+        runner.forward_eager(random_batch(1, seed=0))
+    assert routed == [3, 3]  # top_k experts in each of the two sparse layers
+    idle_experts = 2 * (8 - 3) * 3 * h * 32 * 4
+    assert (
+        decode_step_weight_bytes(config, 1, 4, routed)
+        == all_bytes - unread_embedding_rows - idle_experts
+    )
+    assert decode_step_weight_bytes(config, 1, 4, [8, 8]) == all_bytes - unread_embedding_rows
+    dense = ModelConfig.from_hf_dict(PRESETS["llama-3-8b"])
+    embed = dense.vocab_size * dense.hidden_size * 2
+    assert (
+        decode_step_weight_bytes(dense, 1, 2)
+        == dense.num_parameters() * 2 - embed + dense.hidden_size * 2
+    )
+    # Qwen3-30B-A3B at batch 1 reads ~3.3B parameters' worth of weights of its 30.5B.
+    qwen = ModelConfig.from_hf_dict(PRESETS["qwen3-30b-a3b"])
+    assert 3.0e9 < decode_step_weight_bytes(qwen, 1, 1, [8] * 48) < 3.6e9
+
+
+def test_padding_tokens_route_to_no_expert_in_padded_runs(checkpoints):
+    """Inside a forward context the MoE layers drop pairs of tokens past the batch's real
+    count (graph padding): they reach no expert, and the real tokens' outputs are unchanged."""
+    from tesela.layers.moe import padding
+
+    path = str(checkpoints["qwen3_moe"][0])
+    common = dict(num_kv_tokens=1024, max_num_batched_tokens=32)
+    runner = ModelRunner(*make_engine_config(path, prefill_graph="breakable", **common))
+    piecewise = runner.graphs.piecewise
+    seen = []
+    hook = runner.model.model.layers[1].mlp.register_forward_hook(
+        lambda module, args, out: seen.append((out, int(padding.num_valid_tokens(out.device))))
+    )
+    try:
+        got = piecewise.run(random_batch(5, seed=3))  # replays the 8-token size
+    finally:
+        hook.remove()
+    out, count = seen[-1]
+    assert out.shape[0] == 8 and count == 5
+    assert torch.equal(out[5:], torch.zeros_like(out[5:]))  # padding reached no expert
+    torch.testing.assert_close(got, runner.forward_eager(random_batch(5, seed=3)))
+    assert int(padding.num_valid_tokens(out.device)) == padding.ALL_TOKENS  # reset on exit

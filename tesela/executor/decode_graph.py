@@ -131,5 +131,8 @@ class DecodeGraphRunner:
             with forward_context(batch, backend):
                 return self.model_runner.model(self.input_ids[:size], self.positions[:size])[:n]
         graph, output = self.graphs[size]
-        graph.replay()
+        # The context writes per-batch device state ordinary ops read (the MoE layers' count
+        # of real tokens) before the replay: the graph holds no Python.
+        with forward_context(batch, backend):
+            graph.replay()
         return output[:n]

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 if TYPE_CHECKING:
     from tesela.attention.base import AttentionBackend
     from tesela.executor.forward_batch import ForwardBatch
@@ -28,6 +30,23 @@ class ForwardContext:
 
 
 _current: ForwardContext | None = None
+# Per-batch device state that ordinary (non-split) ops read, e.g. the MoE layers' count of real
+# tokens (tesela/layers/moe/padding.py): called with the token count on entry, None on exit.
+_batch_hooks: list[Callable[[int | None], None]] = []
+
+
+def register_batch_hook(hook: Callable[[int | None], None]) -> None:
+    _batch_hooks.append(hook)
+
+
+def _run_batch_hooks(num_tokens: int | None) -> None:
+    # During capture the write would be recorded and replayed with the capture batch's count:
+    # the replay's own context entry writes the right one instead.
+    if _batch_hooks and not (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    ):
+        for hook in _batch_hooks:
+            hook(num_tokens)
 
 
 @contextlib.contextmanager
@@ -41,10 +60,12 @@ def forward_context(
             "must not nest"
         )
     _current = ForwardContext(batch, attn_backend, split_hook)
+    _run_batch_hooks(batch.num_tokens)
     try:
         yield _current
     finally:
         _current = None
+        _run_batch_hooks(None)
 
 
 def get_forward_context() -> ForwardContext:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
+
+from tesela.layers.moe import padding
 from tesela.models.llama import LlamaForCausalLM
 
 _EXPERT_TENSOR = re.compile(
@@ -35,3 +38,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         if ".block_sparse_moe." in ckpt_name:  # Mixtral's router: block_sparse_moe.gate
             return ckpt_name.replace(".block_sparse_moe.", ".mlp."), None
         return None
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        super().init_buffers(device)
+        padding.allocate(device)

@@ -33,13 +33,23 @@ def max_padded_pairs(num_pairs: int, num_experts: int, block_size: int) -> int:
     return -(-worst // block_size) * block_size
 
 
-def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: int) -> AlignedPairs:
+def moe_align_block_size(
+    topk_ids: torch.Tensor,
+    block_size: int,
+    num_experts: int,
+    num_valid_tokens: torch.Tensor | None = None,
+) -> AlignedPairs:
+    """`num_valid_tokens` ([1] on the device): tokens from there on are padding, dropped too."""
     device = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)
     num_pairs = flat.numel()
     max_padded = max_padded_pairs(num_pairs, num_experts, block_size)
     # Out-of-range ids (padding) become expert E, which sorts last and gets no slot.
-    flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    keep = (flat >= 0) & (flat < num_experts)
+    if num_valid_tokens is not None:
+        token = torch.arange(num_pairs, device=device) // topk_ids.shape[-1]
+        keep &= token < num_valid_tokens
+    flat = torch.where(keep, flat, num_experts)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts[:num_experts] + block_size - 1) // block_size * block_size

@@ -20,7 +20,7 @@ from tesela.layers.moe.reference import moe_reference
 from tesela.layers.moe.tile_configs import get_config
 
 
-def _launch(a, w, out, topk_weights, topk_ids, aligned, config, *, gated, rows_per_pair):
+def _launch(a, w, out, topk_weights, topk_ids, num_valid, aligned, config, *, gated, rows_per_pair):
     """One GEMM over all pairs: out[pair] = A[pair // rows_per_pair] @ w[expert]^T (+ extras)."""
     from tesela.layers.moe import kernels
 
@@ -39,9 +39,11 @@ def _launch(a, w, out, topk_weights, topk_ids, aligned, config, *, gated, rows_p
     strides = (*a.stride(), *w.stride(), *out.stride())
     if config["path"] == "gemv":
         grid = (topk_ids.numel(), triton_cdiv(n, config["BLOCK_N"]))
+        has_valid = num_valid is not None
         kernels.pair_gemv_kernel[grid](
-            a, w, out, topk_weights, topk_ids, num_experts, n, k, *strides, **common
-        )
+            a, w, out, topk_weights, topk_ids, num_valid if has_valid else topk_ids,
+            num_experts, topk_ids.shape[1], n, k, *strides, HAS_NUM_VALID=has_valid, **common,
+        )  # fmt: skip
         return
     num_blocks = aligned.block_expert_ids.numel()
     grid = (num_blocks * triton_cdiv(n, config["BLOCK_N"]),)
@@ -64,8 +66,10 @@ def fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     configs: tuple[dict, dict] | None = None,
+    num_valid_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton MoE: same contract as `moe_reference` (ids outside 0..E-1 contribute nothing).
+    """The Triton MoE: same contract as `moe_reference` (ids outside 0..E-1 contribute nothing,
+    nor do tokens from `num_valid_tokens` on, a [1] device tensor: graph padding).
 
     `configs` overrides the tile configs of the (gate/up, down) GEMMs (tests, the tuner)."""
     from tesela.layers.moe.align import moe_align_block_size
@@ -84,7 +88,7 @@ def fused_experts(
     for config in configs:
         if config["path"] == "grouped" and config["BLOCK_M"] not in aligned:
             aligned[config["BLOCK_M"]] = moe_align_block_size(
-                topk_ids, config["BLOCK_M"], num_experts
+                topk_ids, config["BLOCK_M"], num_experts, num_valid_tokens
             )
     pairs = num_tokens * top_k
     intermediate = hidden_states.new_empty(pairs, two_i // 2)
@@ -96,7 +100,8 @@ def fused_experts(
         strict=True,
     ):
         _launch(
-            a, w, out, topk_weights, topk_ids, aligned.get(config.get("BLOCK_M")), config,
+            a, w, out, topk_weights, topk_ids, num_valid_tokens,
+            aligned.get(config.get("BLOCK_M")), config,
             gated=gated, rows_per_pair=rows,
         )  # fmt: skip
     return down.view(num_tokens, top_k, hidden).sum(dim=1)
@@ -109,13 +114,19 @@ def fused_moe(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    num_valid_tokens: torch.Tensor | None,
     use_triton: bool,
 ) -> torch.Tensor:
     if use_triton:
-        return fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)
+        return fused_experts(
+            hidden_states, w13, w2, topk_weights, topk_ids, num_valid_tokens=num_valid_tokens
+        )
+    if num_valid_tokens is not None:
+        padding = torch.arange(topk_ids.shape[0], device=topk_ids.device) >= num_valid_tokens
+        topk_ids = topk_ids.masked_fill(padding[:, None], w13.shape[0])
     return moe_reference(hidden_states, w13, w2, topk_weights, topk_ids)
 
 
 @fused_moe.register_fake
-def _(hidden_states, w13, w2, topk_weights, topk_ids, use_triton) -> torch.Tensor:
+def _(hidden_states, w13, w2, topk_weights, topk_ids, num_valid_tokens, use_triton):
     return torch.empty_like(hidden_states)

@@ -11,7 +11,8 @@ row = pair // top_k) and 1 for the second (A is the intermediate, one row per pa
 `grouped_gemm_kernel` (prefill): one program per (block of BLOCK_M sorted pairs, N tile); a
 block holds pairs of one expert (see align.py), so each program streams one expert's weights.
 `pair_gemv_kernel` (decode): one program per (pair, N tile), no sorting at all; pairs whose
-expert is out of range (padding tokens) load nothing and store zeros.
+expert is out of range, or whose token is past the batch's real tokens (`num_valid_tokens`,
+read on the device: graph padding), load nothing and store zeros.
 """
 
 from __future__ import annotations
@@ -80,17 +81,19 @@ def grouped_gemm_kernel(
 
 @triton.jit
 def pair_gemv_kernel(
-    a_ptr, w_ptr, c_ptr, topk_weights_ptr, topk_ids_ptr,
-    num_experts, N, K,
+    a_ptr, w_ptr, c_ptr, topk_weights_ptr, topk_ids_ptr, num_valid_tokens_ptr,
+    num_experts, top_k, N, K,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
     A_ROWS_PER_PAIR: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_NUM_VALID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
     # A padding token's pair loads nothing (masked) and stores zeros: it costs no bandwidth.
     valid = (expert >= 0) & (expert < num_experts)
+    if HAS_NUM_VALID:
+        valid = valid & (pair // top_k < tl.load(num_valid_tokens_ptr))
     expert = tl.where(valid, expert, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = (offs_n < N) & valid

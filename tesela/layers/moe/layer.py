@@ -22,6 +22,7 @@ from torch import nn
 from tesela.config import MoeConfig
 from tesela.layers.linear import Linear
 from tesela.layers.moe import fused_moe as _fused_moe  # noqa: F401  (registers the op)
+from tesela.layers.moe import padding
 from tesela.layers.moe.router import select_experts
 
 _TRITON_ON_CPU = False
@@ -97,16 +98,21 @@ class SparseMoeBlock(nn.Module):
         self.gate = Linear(hidden_size, moe.num_experts)
         self.experts = FusedExperts(moe.num_experts, hidden_size, moe.intermediate_size)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_weights, topk_ids) of each token."""
         router_logits = self.gate(hidden_states)
-        topk_weights, topk_ids = select_experts(
+        return select_experts(
             router_logits, self.moe.top_k, self.moe.scoring, self.moe.norm_topk_prob
         )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.route(hidden_states)
         return torch.ops.tesela.fused_moe(
             hidden_states,
             self.experts.gate_up_proj,
             self.experts.down_proj,
             topk_weights,
             topk_ids,
+            padding.num_valid_tokens(hidden_states.device),
             use_triton(hidden_states),
         )
