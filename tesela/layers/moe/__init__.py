@@ -2,7 +2,7 @@
 
 - `router.py`: top-k expert selection with each architecture's normalisation rule.
 - `reference.py`: the experts as a loop over experts in PyTorch (CPU path and the oracle).
-- `align.py`: `moe_align_block_size`, the device-side sort of (token, expert) pairs by expert,
+- `align.py`: `moe_align_block_size`, the device-side grouping of (token, expert) pairs by expert,
   padded to the kernel's block size, with buffers sized by the token count (no host sync).
 - `kernels.py`: the Triton grouped GEMM (prefill) and per-pair GEMV (decode) kernels.
 - `fused_moe.py`: `fused_experts`, which runs align + gate/up (SiLU·mul fused) + down + the

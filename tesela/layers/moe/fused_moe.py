@@ -1,7 +1,7 @@
 """`fused_experts`: the Triton MoE forward, and the `tesela::fused_moe` custom op around it.
 
 Steps for hidden [M, H], k experts per token, E experts of intermediate size I:
-1. (prefill path) `moe_align_block_size` sorts the M*k (token, expert) pairs by expert;
+1. (prefill path) `moe_align_block_size` groups the M*k (token, expert) pairs by expert;
 2. gate/up GEMM with SiLU·mul fused: intermediate [M*k, I], one row per pair;
 3. down GEMM scaled by each pair's router weight: [M*k, H];
 4. the sum over each token's k rows: [M, H] (a plain reduction, deterministic).

@@ -4,7 +4,7 @@ A graph captured for N tokens replays batches of n <= N tokens; tokens n..N-1 ar
 Their outputs are discarded, so routing them changes nothing, but routed like real tokens they
 would pull extra experts' weights through the GEMMs. The MoE layers read this [1] int32 buffer
 (its address is fixed, so graphs read the replay's value) and drop pairs of tokens from there
-on: the sort leaves them out and the per-pair kernel loads nothing for them.
+on: they get no slot in the grouped blocks and the per-pair kernel loads nothing for them.
 
 The forward context writes the batch's token count here on entry and INT32_MAX ("all tokens
 are real") on exit, outside graph capture. So a run inside a context sees its own batch, and a
