@@ -133,6 +133,11 @@ def test_padding_tokens_change_nothing(path):
     got = fused_experts(hidden, w13, w2, weights, padded_ids, configs=PATHS[path])
     assert torch.equal(got[7:], torch.zeros(5, HIDDEN))
     torch.testing.assert_close(got[:7], real, rtol=1e-6, atol=1e-6)
+    # The same through the device-side count of real tokens (what graph replays use).
+    num_valid = torch.tensor([7], dtype=torch.int32)
+    counted = fused_experts(hidden, w13, w2, weights, ids, configs=PATHS[path],
+                            num_valid_tokens=num_valid)  # fmt: skip
+    assert torch.equal(counted, got)
 
 
 def test_half_precision_kernel():
