@@ -8,6 +8,8 @@ kernels are tested under the interpreter in tests/test_moe_triton.py.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -234,3 +236,16 @@ def test_padding_tokens_route_to_no_expert_in_padded_runs(checkpoints):
     assert torch.equal(out[5:], torch.zeros_like(out[5:]))  # padding reached no expert
     torch.testing.assert_close(got, runner.forward_eager(random_batch(5, seed=3)))
     assert int(padding.num_valid_tokens(out.device)) == padding.ALL_TOKENS  # reset on exit
+
+
+def test_tile_configs_by_shape_and_token_bucket():
+    from tesela.layers.moe.tile_configs import CONFIG_FILE, default_config, get_config
+
+    gemv, grouped = {"path": "gemv", "BLOCK_N": 64}, {"path": "grouped", "BLOCK_M": 32}
+    table = {"128,1536,2048": {"1": gemv, "16": grouped}}
+    assert get_config(128, 1536, 2048, 1, table) == gemv
+    assert get_config(128, 1536, 2048, 15, table) == gemv  # largest bucket <= M
+    assert get_config(128, 1536, 2048, 4096, table) == grouped
+    assert get_config(128, 2048, 768, 4096, table) == default_config(4096)  # shape not tuned
+    assert default_config(8)["path"] == "gemv" and default_config(9)["path"] == "grouped"
+    json.loads(CONFIG_FILE.read_text())  # the shipped table parses

@@ -53,9 +53,12 @@ def _table(path: Path = CONFIG_FILE) -> dict[str, dict[str, dict[str, Any]]]:
     return json.loads(path.read_text())
 
 
-def get_config(num_experts: int, n: int, k: int, num_tokens: int) -> dict[str, Any]:
-    """The tuned config for this shape and token count, else the default."""
-    by_bucket = _table().get(shape_key(num_experts, n, k))
+def get_config(
+    num_experts: int, n: int, k: int, num_tokens: int, table: dict | None = None
+) -> dict[str, Any]:
+    """The tuned config for this shape and token count (from `table`, by default the JSON
+    file), else the default."""
+    by_bucket = (_table() if table is None else table).get(shape_key(num_experts, n, k))
     if not by_bucket:
         return default_config(num_tokens)
     buckets = sorted(int(b) for b in by_bucket)
