@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from tesela.config import GraphConfig, default_capture_sizes
-from tesela.executor.forward_batch import ForwardBatch
-from tesela.executor.forward_context import forward_context
+from tesela.core.forward_batch import ForwardBatch
+from tesela.core.forward_context import forward_context
 
 COLUMNS = (
     "eager",

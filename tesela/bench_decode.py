@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tesela.bench import copy_bandwidth, sync, weight_nbytes, write_outputs
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,11 +15,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 (set by .ci/run)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from tesela.engine.kv_cache import DUMMY_SLOT  # noqa: E402
+from tesela.core.kv_cache import DUMMY_SLOT  # noqa: E402
 from tesela.engine.llm_engine import make_engine_config  # noqa: E402
-from tesela.executor.decode_graph import DecodeGraphRunner  # noqa: E402
+from tesela.executor.full_decode import DecodeGraphRunner  # noqa: E402
 from tesela.executor.dispatcher import RunPath  # noqa: E402
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from tesela.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from tesela.executor.model_runner import ModelRunner  # noqa: E402
 
 BLOCK = 16

@@ -7,7 +7,7 @@ import torch
 
 from tesela.attention.base import StaleMetadataError
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
+from tesela.core.forward_batch import ForwardBatch
 from tesela.executor.model_runner import ModelRunner
 
 
@@ -74,7 +74,7 @@ def test_attention_without_planned_metadata_raises(runner):
         block_size=4,
         device="cpu",
     )
-    from tesela.executor.forward_context import forward_context
+    from tesela.core.forward_context import forward_context
 
     runner.attn_backend.init_forward_metadata(other)
     with pytest.raises(StaleMetadataError) as error, forward_context(batch, runner.attn_backend):
@@ -85,7 +85,7 @@ def test_attention_without_planned_metadata_raises(runner):
 
 
 def test_forward_contexts_refuse_nesting(runner):
-    from tesela.executor.forward_context import forward_context
+    from tesela.core.forward_context import forward_context
 
     batch = ForwardBatch.build(
         token_ids=[[1]], prefix_lens=[0], block_tables=[[1]], block_size=4, device="cpu"

@@ -14,7 +14,7 @@ from tesela import LLM, SamplingParams
 from tesela.attention.base import StaleMetadataError
 from tesela.config import default_capture_sizes
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
+from tesela.core.forward_batch import ForwardBatch
 from tesela.executor.model_runner import ModelRunner
 
 LADDER_MAX = 320

@@ -16,8 +16,8 @@ from tesela import LLM
 from tesela.attention.base import StaleMetadataError
 from tesela.config import default_capture_sizes
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
-from tesela.executor.forward_context import forward_context
+from tesela.core.forward_batch import ForwardBatch
+from tesela.core.forward_context import forward_context
 from tesela.executor.model_runner import ModelRunner
 from tesela.executor.piecewise.compiled import CapturedPiece, CompiledPieces, is_split_op
 

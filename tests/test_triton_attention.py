@@ -45,8 +45,8 @@ from tesela.attention.triton_backend import (  # noqa: E402
     TritonAttentionConfig,
 )
 from tesela.attention.triton_kernels.extend_attention import kernels_interpreted  # noqa: E402
-from tesela.engine.kv_cache import KVCachePool  # noqa: E402
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from tesela.core.kv_cache import KVCachePool  # noqa: E402
+from tesela.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 
 # torch._dynamo imports triton when it is installed, so in a full test run triton may already
 # be loaded without the interpreter: the kernel tests then run in a fresh process.

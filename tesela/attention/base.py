@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from tesela.engine.kv_cache import KVCachePool
-from tesela.executor.forward_batch import BatchStamp, ForwardBatch
+from tesela.core.kv_cache import KVCachePool
+from tesela.core.forward_batch import BatchStamp, ForwardBatch
 
 
 class StaleMetadataError(RuntimeError):

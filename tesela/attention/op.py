@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tesela.executor.forward_context import get_forward_context
+from tesela.core.forward_context import get_forward_context
 
 
 def run_attention(

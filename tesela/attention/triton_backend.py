@@ -45,8 +45,8 @@ from tesela.attention.triton_kernels.extend_attention import (
     kernels_interpreted,
 )
 from tesela.attention.triton_kernels.store_kv import store_kv
-from tesela.engine.kv_cache import DUMMY_SLOT, KVCachePool
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.kv_cache import DUMMY_SLOT, KVCachePool
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,12 @@ from tesela.config import (
     resolve_graph_config,
 )
 from tesela.engine.block_manager import BlockManager
-from tesela.engine.kv_cache import RESERVED_BLOCKS
+from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.engine.request import Request, TokenLogprobs
 from tesela.engine.sampler import Sampler
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
 from tesela.presets import PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 

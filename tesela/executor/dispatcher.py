@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tesela.executor.forward_batch import ForwardBatch
+from tesela.core.forward_batch import ForwardBatch
 
 logger = logging.getLogger("tesela.dispatcher")
 
@@ -65,7 +65,7 @@ class GraphRunners:
         graph = runner.config.graph
         if not (graph.decode_graph and graph.decode_batch_sizes) or runner.device.type != "cuda":
             return
-        from tesela.executor.decode_graph import DecodeGraphRunner
+        from tesela.executor.full_decode import DecodeGraphRunner
 
         self.decode = DecodeGraphRunner(
             runner, graph.decode_batch_sizes, runner.config.scheduler.max_model_len

@@ -14,9 +14,9 @@ import torch
 from tesela.attention.base import AttentionBackend, AttentionLayout
 from tesela.attention.registry import create_backend
 from tesela.config import EngineConfig
-from tesela.engine.kv_cache import RESERVED_BLOCKS, KVCachePool
-from tesela.executor.forward_batch import ForwardBatch
-from tesela.executor.forward_context import forward_context
+from tesela.core.kv_cache import RESERVED_BLOCKS, KVCachePool
+from tesela.core.forward_batch import ForwardBatch
+from tesela.core.forward_context import forward_context
 from tesela.models.loader import build_model
 
 logger = logging.getLogger("tesela.runner")

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 
 from tesela import LLM, SamplingParams
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
+from tesela.core.forward_batch import ForwardBatch
 from tesela.executor.model_runner import ModelRunner
 
 pytestmark = [

@@ -7,7 +7,7 @@ import torch
 
 from tesela import LLM, SamplingParams
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
+from tesela.core.forward_batch import ForwardBatch
 from tesela.executor.model_runner import ModelRunner
 
 SIZES = [4, 8, 16, 32, 64, 128, 256]

@@ -41,8 +41,8 @@ from tesela.attention.base import AttentionLayout  # noqa: E402
 from tesela.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from tesela.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from tesela.attention.triton_kernels.extend_attention import kernels_interpreted  # noqa: E402
-from tesela.engine.kv_cache import KVCachePool  # noqa: E402
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from tesela.core.kv_cache import KVCachePool  # noqa: E402
+from tesela.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 
 if kernels_interpreted():
     pytest.skip(

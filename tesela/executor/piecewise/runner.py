@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from tesela.config import GraphConfig
-from tesela.executor.forward_batch import ForwardBatch
-from tesela.executor.forward_context import forward_context
+from tesela.core.forward_batch import ForwardBatch
+from tesela.core.forward_context import forward_context
 from tesela.executor.piecewise.breakable import BreakableGraph, SegmentRecorder
 from tesela.executor.piecewise.buffers import StaticBuffers, capture_batch
 from tesela.layers import fused

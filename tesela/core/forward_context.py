@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tesela.attention.base import AttentionBackend
-    from tesela.executor.forward_batch import ForwardBatch
+    from tesela.core.forward_batch import ForwardBatch
 
 
 @dataclass
@@ -51,6 +51,6 @@ def get_forward_context() -> ForwardContext:
     if _current is None:
         raise RuntimeError(
             "attention was called outside a forward context: run the model through "
-            "ModelRunner.forward (or wrap the call in tesela.executor.forward_context)"
+            "ModelRunner.forward (or wrap the call in tesela.core.forward_context)"
         )
     return _current

@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from tesela.engine.kv_cache import DUMMY_SLOT
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
-from tesela.executor.forward_context import forward_context
+from tesela.core.kv_cache import DUMMY_SLOT
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_context import forward_context
 from tesela.executor.piecewise.runner import CaptureReport
 
 logger = logging.getLogger("tesela.decode_graph")
