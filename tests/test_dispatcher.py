@@ -74,7 +74,16 @@ def test_full_decode_pads_rows_and_matches_eager(runner):
     runner.forward_eager(prefill)  # fill the prefixes the decode rows attend to
     decode = runner.full_decode
     assert sorted(decode.captured) == [1, 2, 4]
+    # A full 4-row replay first leaves real slots and lengths in the 4th row of every buffer.
+    runner.forward_eager(batch([(0, 9), (0, 12), (0, 30), (0, 20)], seed=1))
+    four = batch([(9, 1), (12, 1), (30, 1), (20, 1)], seed=3)
+    decode.run(four)
+    pool = runner.kv_cache
+    before = [k.clone() for k in pool.k_buffers]
     got = decode.run(batch(rows, seed=2)).clone()
+    fourth_slot = four.out_cache_loc[3]
+    for k, b in zip(pool.k_buffers, before, strict=True):
+        assert torch.equal(k[fourth_slot], b[fourth_slot])  # padding never reached the cache
     assert decode.input_ids[3] == 0 and decode.positions[3] == 0
     assert decode.out_cache_loc[3] == DUMMY_SLOT
     state = runner.attn_backend.graph_state

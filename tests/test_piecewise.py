@@ -152,9 +152,9 @@ def test_a_plan_from_another_batch_is_refused_by_the_real_runner(runners):
     )
     for stale in (decode, runner._capture_batch(2)):
         batch = runner._capture_batch(16)
-        with pytest.raises(StaleMetadataError, match="planner.plan") as error:
-            with torch.inference_mode():
-                runner._forward(batch, model_runner.planner.plan(stale), 16)
+        refused = pytest.raises(StaleMetadataError, match="planner.plan")
+        with refused as error, torch.inference_mode():
+            runner._forward(batch, model_runner.planner.plan(stale), 16)
         assert "extend, 16 tokens" in str(error.value) and str(stale.stamp) in str(error.value)
 
 
