@@ -111,7 +111,7 @@ def test_graph_is_split_at_every_attention_call(runners):
 
 def test_attention_reads_the_batch_at_run_time(runners):
     """The split op is not traced into the pieces: it checks the metadata of the batch being
-    run, so compiled pieces keep the metadata invariant (DESIGN.md §3)."""
+    run, so compiled pieces keep the metadata invariant (docs/architecture.md, "The metadata invariant")."""
     _, compiled, _ = runners
     piecewise = compiled.piecewise
     planned = random_batch(8, seed=1)

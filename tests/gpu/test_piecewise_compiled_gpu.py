@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 from tesela import LLM, SamplingParams
 from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
+from tesela.executor.graphs import CudaGraphFactory
 from tesela.executor.model_runner import ModelRunner
 
 pytestmark = [
@@ -142,11 +143,18 @@ def test_captured_pieces_hold_no_pool_memory(compiled):
     memory is all free for the next size (and nothing in it is kept alive by the pieces)."""
     piece_compiler, runner, _ = compiled
     piecewise = runner.piecewise
-    pool = torch.cuda.graph_pool_handle()
+    factory = CudaGraphFactory(runner.device)  # a pool of its own, to measure
+    pool = factory.pool
     extra = 128  # outside the ladder: never replayed by the runner
-    with torch.cuda.stream(torch.cuda.Stream()):
-        piecewise._warmup(extra)
-        piecewise._capture_size(extra, pool)
+    piecewise.pieces.graphs = factory
+    try:
+        with torch.cuda.stream(torch.cuda.Stream()), torch.inference_mode():
+            warmup = piecewise._capture_batch(extra)
+            piecewise._forward(warmup, runner.planner.plan(warmup), extra)
+            batch = piecewise._capture_batch(extra)
+            piecewise._capture_size(batch, runner.planner.plan(batch), extra)
+    finally:
+        piecewise.pieces.graphs = runner.graph_factory
     torch.cuda.synchronize()
     measured = _pool_bytes(pool)
     if measured is None:
