@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from tesela.engine.sampler import Sampler
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
 from tesela.executor.model_runner import ModelRunner
+from tesela.models.registry import check_architecture
 from tesela.presets import PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -60,6 +62,10 @@ def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
             f"model {model!r} is neither a folder nor a preset: give a folder with config.json "
             f"and safetensors weights, or one of the presets {', '.join(PRESETS)}"
         )
+    # Refuse an unknown architecture before the config's other fields are read.
+    config_file = path / "config.json"
+    if config_file.is_file():
+        check_architecture(json.loads(config_file.read_text()).get("architectures") or [])
     return ModelConfig.from_pretrained(path), str(path)
 
 
