@@ -13,11 +13,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tesela import LLM, SamplingParams
 from tesela.config import ModelConfig, MoeConfig
+from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
 from tesela.executor.model_runner import ModelRunner
 from tesela.layers.moe.align import moe_align_block_size
 from tesela.layers.moe.reference import moe_reference
@@ -179,9 +180,9 @@ def test_piecewise_runner_equals_eager_on_a_moe_model(checkpoints, prefill_graph
     common = dict(num_kv_tokens=1024, max_num_batched_tokens=32)
     eager = ModelRunner(*make_engine_config(path, **common))
     piecewise = ModelRunner(*make_engine_config(path, prefill_graph=prefill_graph, **common))
-    assert piecewise.graphs.piecewise is not None
+    assert piecewise.piecewise is not None
     for n in (1, 3, 4, 5, 17, 32):
-        got = piecewise.graphs.run(random_batch(n, seed=n))
+        got = piecewise.piecewise.run(random_batch(n, seed=n))
         torch.testing.assert_close(got, eager.forward_eager(random_batch(n, seed=n)))
 
 
@@ -214,28 +215,39 @@ def test_decode_step_weight_bytes_counts_routed_experts_only(checkpoints):
     assert 3.0e9 < decode_step_weight_bytes(qwen, 1, 1, [8] * 48) < 3.6e9
 
 
-def test_padding_tokens_route_to_no_expert_in_padded_runs(checkpoints):
-    """Inside a forward context the MoE layers drop pairs of tokens past the batch's real
-    count (graph padding): they reach no expert, and the real tokens' outputs are unchanged."""
+class MoeCalls(TorchDispatchMode):
+    """Observes every `tesela::fused_moe` call (also those a CPU stand-in graph replays): the
+    real-token count it read and its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, torch.Tensor]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.tesela.fused_moe.default:
+            count = args[5]
+            self.calls.append((None if count is None else int(count), out.clone()))
+        return out
+
+
+def test_padding_tokens_route_to_no_expert_in_padded_replays(checkpoints):
+    """A replay of 5 tokens on the 8-token graph: every MoE layer reads 5 as the count of real
+    tokens on the device, so the padding reaches no expert; the real tokens equal eager."""
     from tesela.layers.moe import padding
 
     path = str(checkpoints["qwen3_moe"][0])
     common = dict(num_kv_tokens=1024, max_num_batched_tokens=32)
     runner = ModelRunner(*make_engine_config(path, prefill_graph="breakable", **common))
-    piecewise = runner.graphs.piecewise
-    seen = []
-    hook = runner.model.model.layers[1].mlp.register_forward_hook(
-        lambda module, args, out: seen.append((out, int(padding.num_valid_tokens(out.device))))
-    )
-    try:
-        got = piecewise.run(random_batch(5, seed=3))  # replays the 8-token size
-    finally:
-        hook.remove()
-    out, count = seen[-1]
-    assert out.shape[0] == 8 and count == 5
-    assert torch.equal(out[5:], torch.zeros_like(out[5:]))  # padding reached no expert
+    assert runner.piecewise.padded_size(5) == 8
+    with MoeCalls() as observed:
+        got = runner.piecewise.run(random_batch(5, seed=3))
+    assert len(observed.calls) == 2  # the two sparse layers, replayed
+    for count, out in observed.calls:
+        assert count == 5 and out.shape[0] == 8
+        assert torch.equal(out[5:], torch.zeros_like(out[5:]))
     torch.testing.assert_close(got, runner.forward_eager(random_batch(5, seed=3)))
-    assert int(padding.num_valid_tokens(out.device)) == padding.ALL_TOKENS  # reset on exit
+    assert int(padding.num_valid_tokens(got.device)) == padding.ALL_TOKENS  # reset on exit
 
 
 def test_tile_configs_by_shape_and_token_bucket():

@@ -13,6 +13,7 @@ interpreter multiplies bf16 tiles as integers in tl.dot.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -161,3 +162,37 @@ def test_models_with_the_kernel_match_transformers(checkpoints, arch):
         outputs = llm.generate(PROMPTS, params)
     for prompt, output in zip(PROMPTS, outputs, strict=True):
         assert output.token_ids == hf_greedy(hf_model, prompt)[0][:4]
+
+
+def test_full_decode_replay_routes_padding_rows_to_no_expert(checkpoints):
+    """FULL decode graphs (CPU stand-in, Triton attention in the interpreter): a 3-row decode
+    replays the 4-row graph; its MoE layers read 3 real tokens, the padding row reaches no
+    expert, and the logits equal eager."""
+    from tesela.core.forward_batch import ForwardBatch, ForwardMode
+    from tesela.engine.llm_engine import make_engine_config
+    from tesela.executor.model_runner import ModelRunner
+    from tests.test_moe import MoeCalls
+
+    config, path = make_engine_config(str(checkpoints["qwen3_moe"][0]), num_kv_tokens=1024)
+    runner = ModelRunner(dataclasses.replace(config, attention_backend="triton"), path)
+    runner.add_full_decode((1, 2, 4), max_model_len=128)
+
+    def batch(rows, mode=None):
+        return ForwardBatch.build(
+            token_ids=[[7 + i] * n for i, (_, n) in enumerate(rows)],
+            prefix_lens=[p for p, _ in rows],
+            block_tables=[list(range(1 + 4 * i, 5 + 4 * i)) for i in range(len(rows))],
+            block_size=16,
+            device="cpu",
+            mode=mode,
+        )
+
+    runner.forward_eager(batch([(0, 9), (0, 12), (0, 5)]))  # the prefixes
+    decode = [(9, 1), (12, 1), (5, 1)]
+    with MoeCalls() as observed:
+        got = runner.full_decode.run(batch(decode, ForwardMode.DECODE))
+    assert [(count, out.shape[0]) for count, out in observed.calls] == [(3, 4), (3, 4)]
+    for _, out in observed.calls:
+        assert torch.equal(out[3], torch.zeros_like(out[3]))
+    expected = runner.forward_eager(batch(decode, ForwardMode.DECODE))
+    torch.testing.assert_close(got, expected)

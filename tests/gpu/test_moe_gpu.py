@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tesela import LLM, SamplingParams
+from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
 from tesela.executor.model_runner import ModelRunner
 from tesela.layers.moe.fused_moe import fused_experts
 from tesela.layers.moe.reference import moe_reference
@@ -100,7 +100,7 @@ def test_piecewise_replay_equals_eager_padded(checkpoints, arch, strategy):
         prefill_graph=prefill_graph, piece_compiler=compiler, capture_sizes=[4, 8, 16, 64],
     )  # fmt: skip
     runner = ModelRunner(config, path)
-    piecewise = runner.graphs.piecewise
+    piecewise = runner.piecewise
     for n in (1, 3, 5, 16, 17, 50):
         expected = piecewise.run_eager_padded(random_batch(n, seed=n))
         got = piecewise.run(random_batch(n, seed=n)).clone()

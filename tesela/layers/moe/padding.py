@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import torch
 
-from tesela.executor.forward_context import register_batch_hook
+from tesela.core.forward_context import register_batch_hook
 
 ALL_TOKENS = torch.iinfo(torch.int32).max
 _counts: dict[torch.device, torch.Tensor] = {}
 
 
 def _write_count(num_tokens: int | None) -> None:
-    for count in _counts.values():
-        count.fill_(ALL_TOKENS if num_tokens is None else num_tokens)
+    # Never part of a graph: the hook is skipped under CUDA capture, and the CPU stand-in graph
+    # (which records ATen ops through a dispatch mode) must not record it either, or replays
+    # would rewrite the capture batch's count.
+    with torch._C._DisableTorchDispatch():
+        for count in _counts.values():
+            count.fill_(ALL_TOKENS if num_tokens is None else num_tokens)
 
 
 def allocate(device: torch.device | str) -> None:
