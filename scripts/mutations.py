@@ -91,7 +91,7 @@ MUTATIONS = {
     "MoE per-pair kernel ignores the real-token count": (
         "tesela/layers/moe/kernels.py",
         "        valid = valid & (pair // top_k < tl.load(num_valid_tokens_ptr))\n",
-        "",
+        "        valid = valid\n",
         ["tests/test_moe_triton.py::test_padding_tokens_change_nothing"],
     ),
     "MoE grouping keeps padding tokens": (
