@@ -53,14 +53,30 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if fused.fused_enabled(qkv):  # q/k norm and rotary in one launch
+            q, k = fused.qk_norm_rope(
+                qkv,
+                positions,
+                self.rotary.cos_sin_cache,
+                self.num_heads,
+                self.num_kv_heads,
+                self._norm_weights(),
+                self.q_norm.eps if self.q_norm is not None else 0.0,
+            )
+        else:
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         out = torch.empty_like(q)
         torch.ops.tesela.attention(q, k, v, out, self.layer_id)
         return self.o_proj(out)
+
+    def _norm_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.q_norm is None:
+            return None
+        return self.q_norm.weight, self.k_norm.weight
 
 
 class LlamaMLP(nn.Module):
