@@ -59,9 +59,10 @@ def test_gemv_refuses_a_large_batch():
 
 def test_table_is_read_by_device_dtype_shape_and_bucket(tmp_path):
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"GPU X": {"bfloat16": {"4096,1024": {"1": CONFIGS[0]}}}}))
+    shapes = {"4096,1024": {"1": CONFIGS[0]}}
+    path.write_text(json.dumps({"GPU X": {"bfloat16": {"none": shapes, "norm": shapes}}}))
     table = gemv._device_table("GPU X", "bfloat16", path)
-    assert table == {(4096, 1024, 1): CONFIGS[0]}
+    assert table == {("none", 4096, 1024, 1): CONFIGS[0], ("norm", 4096, 1024, 1): CONFIGS[0]}
     assert gemv._device_table("GPU Y", "bfloat16", path) == {}
     assert gemv._device_table("GPU X", "float16", path) == {}
     assert [gemv.m_bucket(m) for m in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
@@ -74,15 +75,62 @@ def test_checked_in_table_holds_valid_configs():
     table = json.loads(gemv.TABLE_PATH.read_text())
     keys = {"block_n", "block_k", "use_dot", "num_warps", "num_stages"}
     for dtypes in table.values():
-        for shapes in dtypes.values():
-            for shape, buckets in shapes.items():
+        for prologues in dtypes.values():
+            assert set(prologues) <= set(gemv.PROLOGUES)
+            for shape, buckets in (item for p in prologues.values() for item in p.items()):
                 assert len(shape.split(",")) == 2
                 for bucket, config in buckets.items():
                     assert int(bucket) in gemv.M_BUCKETS
                     assert keys <= set(config)
 
 
-def test_cpu_and_large_batches_use_linear():
+@interpreted
+@pytest.mark.parametrize("config", CONFIGS, ids=["fma", "dot"])
+def test_silu_prologue_matches_silu_mul_then_linear(config):
+    pytest.importorskip("triton")
+    from tesela.layers import fused
+
+    torch.manual_seed(7)
+    gate_up = torch.randn(3, 2 * 72, dtype=torch.float16) * 2
+    weight = torch.randn(40, 72, dtype=torch.float16) / 8
+    expected = F.linear(fused.silu_and_mul(gate_up).float(), weight.float())
+    got = gemv.gemv_silu(gate_up, weight, None, config)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
+
+
+@interpreted
+@pytest.mark.parametrize("config", CONFIGS, ids=["fma", "dot"])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_norm_prologue_matches_add_norm_then_linear(config, with_residual):
+    pytest.importorskip("triton")
+    from tesela.layers.norm import RMSNorm
+
+    torch.manual_seed(8)
+    dtype = torch.float16
+    x, residual = torch.randn(3, 80, dtype=dtype) * 2, torch.randn(3, 80, dtype=dtype) * 2
+    norm = RMSNorm(80, 1e-6).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    weight, bias = torch.randn(40, 80, dtype=dtype) / 8, torch.randn(40, dtype=dtype)
+    if with_residual:
+        normed, expected_residual = norm.add_and_norm(x, residual)
+    else:
+        normed, expected_residual, residual = norm(x), x, None
+    expected = F.linear(normed.float(), weight.float(), bias.float())
+    got, new_residual = gemv.gemv_norm(x, residual, norm.weight, 1e-6, weight, bias, config)
+    assert torch.equal(new_residual, expected_residual)
+    torch.testing.assert_close(got.float(), expected, rtol=3e-3, atol=3e-3)
+
+
+def test_cpu_and_large_batches_use_the_unfused_ops():
+    from tesela.layers.linear import Linear
+    from tesela.layers.norm import RMSNorm
+
     x, weight = torch.randn(2, 8), torch.randn(4, 8)
     assert gemv.lookup(x, weight) is None  # CPU: no Triton kernels outside the interpreter
     assert torch.equal(gemv.linear(x, weight, None), F.linear(x, weight))
+    norm, proj = RMSNorm(8, 1e-6), Linear(8, 4)
+    proj.weight.data.normal_()
+    residual = torch.randn(2, 8)
+    out, new_residual = gemv.norm_linear(x, residual, norm, proj)
+    assert torch.equal(new_residual, x + residual)
+    assert torch.equal(out, proj(norm(x + residual)))

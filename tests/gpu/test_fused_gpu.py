@@ -97,18 +97,40 @@ def test_qk_norm_rope_matches_norm_then_rotary():
         torch.testing.assert_close(g.float(), e.float(), rtol=8e-3, atol=1e-2)
 
 
-def test_every_tuned_gemv_entry_matches_linear():
-    """Each (N, K, M bucket) the table sends to Triton on this GPU, against cuBLAS."""
+def test_every_tuned_gemv_entry_matches_the_unfused_path():
+    """Each (prologue, N, K, M bucket) the table sends to Triton on this GPU, through the
+    model's dispatch, against the separate kernel + cuBLAS."""
     from tesela.layers import gemv
+    from tesela.layers.gemv_tune import Case
 
     table = gemv._device_table(torch.cuda.get_device_name(), "bfloat16")
     torch.manual_seed(6)
-    for (n, k, bucket), config in sorted(table.items()):
+    for (prologue, n, k, bucket), config in sorted(table.items()):
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k**0.5
-        x = torch.randn(bucket, k, dtype=torch.bfloat16, device="cuda")
-        assert gemv.lookup(x, weight) == config
-        got, expected = gemv.linear(x, weight, None), torch.nn.functional.linear(x, weight)
-        torch.testing.assert_close(got.float(), expected.float(), rtol=8e-3, atol=1e-2)
+        case = Case(prologue, bucket, k, torch.bfloat16)
+        assert gemv.lookup(case.x, weight, prologue) == config
+        got, expected = case.triton(weight, config), case.unfused(weight, None)
+        torch.testing.assert_close(got.float(), expected.float(), rtol=8e-3, atol=1.5e-2)
+
+
+@torch.inference_mode()
+def test_decode_step_logits_with_and_without_fusion():
+    """A small decode batch (the tuned GEMV path) against the unfused ops, through logits."""
+    from tesela.bench_decode import decode_batch
+
+    config, path = make_engine_config(
+        "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=8192, disable_cuda_graph=True
+    )
+    runner = ModelRunner(config, path)
+    for k, v in zip(runner.kv_cache.k_buffers, runner.kv_cache.v_buffers, strict=True):
+        k.normal_()
+        v.normal_()
+    for batch_size in (1, 3, 16):
+        batch = decode_batch(runner, batch_size, 100)
+        fused_logits = runner.compute_logits(runner.forward_eager(batch))
+        plain_logits = reference(lambda b=batch: runner.compute_logits(runner.forward_eager(b)))
+        error = (fused_logits - plain_logits).norm() / plain_logits.norm()
+        assert error < 2e-2, f"batch {batch_size}: relative error {error:.3g}"
 
 
 def test_fused_decode_layer_launches_fewer_kernels():
