@@ -190,7 +190,9 @@ def _device_name(index: int) -> str:
 
 def lookup(x: torch.Tensor, weight: torch.Tensor, prologue: str = "none") -> dict | None:
     """The tuned Triton config for this call, or None for the unfused ops and cuBLAS."""
-    if x.dim() != 2 or x.shape[0] > MAX_M or x.shape[0] == 0 or not fused.fused_enabled(x):
+    # fused_enabled first: under torch.compile it is False, and a size test before it would
+    # put a guard on the symbolic batch size (a recompile at 16 tokens).
+    if not fused.fused_enabled(x) or x.dim() != 2 or not 0 < x.shape[0] <= MAX_M:
         return None
     dtype = str(x.dtype).removeprefix("torch.")
     table = _device_table(_device_name(x.device.index or 0), dtype)
