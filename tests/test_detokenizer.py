@@ -148,3 +148,21 @@ def test_work_per_token_is_constant(bpe):
     detokenizer.flush(ids)
     assert detokenizer.text == bpe.decode(ids)
     assert counting.longest <= 12
+
+
+def test_engine_text_equals_a_full_decode_of_its_tokens():
+    """Through the engine's step loop (tiny model, byte tokenizer: random bytes, often
+    incomplete or invalid UTF-8), finished text equals a full decode; a stop string cuts it."""
+    from tesela import LLM, SamplingParams
+
+    llm = LLM("tiny", device="cpu")
+    prompts = ["Hello", "日本語", "😀 emoji", "abc def"]
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=3, ignore_eos=True)
+    outputs = llm.generate(prompts, params)
+    for output in outputs:
+        assert output.text == llm.tokenizer.decode(output.token_ids)
+    full = outputs[0].text
+    stop = full[10:12]
+    stopped = llm.generate(prompts[:1], SamplingParams(**{**vars(params), "stop": (stop,)}))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full[: full.index(stop)]
