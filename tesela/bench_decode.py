@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from tesela.bench import sync, weight_nbytes, write_outputs
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.engine.llm_engine import make_engine_config
+from tesela.executor.model_runner import ModelRunner
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +40,6 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_decode(args: argparse.Namespace) -> int:
-    from tesela.engine.llm_engine import make_engine_config
-    from tesela.executor.model_runner import ModelRunner
-
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     probe, _ = make_engine_config(args.model, dtype=args.dtype, device=args.device)
@@ -92,13 +91,13 @@ def measure_row(runner, b: int, c: int, per_token: int, bandwidth: float, repeat
     row["launches_per_step"] = count_launches(
         runner, lambda: decode_step(runner.forward_eager, runner, batch)
     )
-    graphs = runner.graphs
-    if graphs.decode is not None and graphs.decode.can_run(batch) is None:
-        row["full_graph_ms"], logits = time_step(runner, graphs.decode.run, batch, repeat)
+    full, piecewise = runner.full_decode, runner.piecewise
+    if full is not None and full.can_run(batch) is None:
+        row["full_graph_ms"], logits = time_step(runner, full.run, batch, repeat)
         row["full_max_abs_err"] = (logits - eager_logits).abs().max().item()
         row["full_gbs"] = floor_bytes / row["full_graph_ms"] / 1e6
-    if graphs.piecewise is not None and graphs.piecewise.can_run(batch) is None:
-        row["piecewise_ms"], _ = time_step(runner, graphs.piecewise.run, batch, repeat)
+    if piecewise is not None and piecewise.can_run(batch) is None:
+        row["piecewise_ms"], _ = time_step(runner, piecewise.run, batch, repeat)
     return row
 
 
@@ -201,17 +200,17 @@ def count_launches(runner, fn) -> int | None:
 def launches_per_layer(runner) -> int | None:
     """Kernels one decoder layer launches in a batch-1 decode step (a middle layer, with the
     residual stream, as in the graph)."""
-    from tesela.executor.forward_context import forward_context
+    from tesela.core.forward_context import forward_context
 
     model = runner.model.model
     batch = decode_batch(runner, 1, 16)
     layer = model.layers[min(1, len(model.layers) - 1)]
     hidden = model.embed_tokens(batch.input_ids)
     residual = hidden.clone()
-    runner.attn_backend.init_forward_metadata(batch)
+    plan = runner.planner.plan(batch)
 
     def run_layer():
-        with forward_context(batch, runner.attn_backend):
+        with forward_context(batch, plan, runner.attn_backend):
             layer(batch.positions, hidden, residual)
 
     return count_launches(runner, run_layer)

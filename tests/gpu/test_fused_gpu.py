@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from tesela.config import RopeScaling
+from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
 from tesela.executor.model_runner import ModelRunner
 from tesela.layers import fused
 from tesela.layers.norm import RMSNorm
@@ -100,8 +100,8 @@ def test_qk_norm_rope_matches_norm_then_rotary():
 def test_every_tuned_gemv_entry_matches_the_unfused_path():
     """Each (prologue, N, K, M bucket) the table sends to Triton on this GPU, through the
     model's dispatch, against the separate kernel + cuBLAS."""
+    from tesela.gemv_tune import Case
     from tesela.layers import gemv
-    from tesela.layers.gemv_tune import Case
 
     table = gemv._device_table(torch.cuda.get_device_name(), "bfloat16")
     torch.manual_seed(6)

@@ -4,7 +4,7 @@ bucket, time the unfused path (cuBLAS, plus the separate norm or activation kern
 candidate Triton config; keep a config only where it is correct (within one bf16 step of the
 unfused path) and faster by `--margin`.
 
-    python -m tesela.layers.gemv_tune --models qwen3-0.6b,llama-3.2-1b
+    python -m tesela.gemv_tune --models qwen3-0.6b,llama-3.2-1b
 
 Timing replays a CUDA graph of many calls, as the decode graph runs them, each call on its own
 copy of the weight so that the copies together overflow L2 (in a decode step no weight is in
