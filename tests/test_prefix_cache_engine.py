@@ -34,28 +34,34 @@ class Workload:
     abort: dict[int, int] = field(default_factory=dict)  # wave -> request to abort in it
 
 
-def shared_prefix_workload(seed: int = 0, namespaces: bool = False) -> Workload:
-    """Prefixes of 4, 8 (block-aligned), 6, 13, 21 tokens; each prompt is a prefix plus a
-    suffix of 0-6 tokens (0: the whole prompt is a prefix another request computed)."""
+def shared_prefix_workload(
+    seed: int = 0,
+    namespaces: bool = False,
+    prefix_lens=(4, 8, 6, 13, 21),
+    suffix_lens=(0, 1, 3, 6),
+    max_tokens=(2, 8),
+) -> Workload:
+    """Prefixes of 4, 8 (block-aligned), 6, 13, 21 tokens by default; each prompt is a prefix
+    plus a suffix of 0-6 tokens (0: the whole prompt is a prefix another request computed)."""
     rng = random.Random(seed)
-    prefixes = [[rng.randrange(3, 250) for _ in range(n)] for n in (4, 8, 6, 13, 21)]
+    prefixes = [[rng.randrange(3, 250) for _ in range(n)] for n in prefix_lens]
     spaces = [(None, None), ("tenant-a", None), (None, "adapter-1")] if namespaces else [(None,)]
     waves = []
     for _ in range(4):
         wave = []
         for _ in range(5):
             prefix = rng.choice(prefixes)
-            suffix = [rng.randrange(3, 250) for _ in range(rng.choice([0, 1, 3, 6]))]
+            suffix = [rng.randrange(3, 250) for _ in range(rng.choice(suffix_lens))]
             salt, lora = rng.choice(spaces) if namespaces else (None, None)
-            wave.append(Arrival(prefix + suffix, rng.randrange(2, 8), salt, lora))
+            wave.append(Arrival(prefix + suffix, rng.randrange(*max_tokens), salt, lora))
         waves.append(wave)
     return Workload(waves)
 
 
-def run(workload: Workload, *, engine: LLMEngine | None = None, **kwargs):
+def run(workload: Workload, *, engine: LLMEngine | None = None, model: str = "tiny", **kwargs):
     """Drive the engine wave by wave; returns (engine, {request id: output})."""
     if engine is None:
-        config, path = make_engine_config("tiny", block_size=BLOCK, **kwargs)
+        config, path = make_engine_config(model, **{"block_size": BLOCK, **kwargs})
         engine = LLMEngine(config, path)
     start_free = engine.block_manager.num_free_blocks
     outputs = {}
