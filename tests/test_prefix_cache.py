@@ -233,3 +233,21 @@ def test_disabled_cache_registers_and_finds_nothing():
     a.num_computed_tokens = 5
     bm.cache_full_blocks(a)
     assert bm.num_cached_blocks == 0 and bm.find_cached_prefix(make([1, 2, 3, 4, 5], "b")) == []
+
+
+def test_a_recompute_from_a_cache_hit_past_the_prompt_is_an_extend_row():
+    """A preempted request that had generated tokens is readmitted with a cached prefix that
+    reaches past its prompt; its row brings several tokens, so it is not a decode row (a
+    decode kernel or FULL decode graph runs one token per row)."""
+    bm = BlockManager(num_blocks=32, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(), bm)
+    kv = SymbolicKV(bm)
+    request = make([1, 2, 3], "a", max_tokens=20)
+    scheduler.add(request)
+    while request.num_tokens < 15:
+        step(scheduler, kv, 9)
+    scheduler._preempt(request)
+    batch = scheduler.schedule()
+    assert batch.prefix_lens == [12] and batch.num_new_tokens == [3]
+    assert not batch.is_decode_row(0)
+    kv.forward(batch)

@@ -28,8 +28,15 @@ if "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from test_prefix_cache_engine import run, shared_prefix_workload, tokens  # noqa: E402
+from test_prefix_cache_engine import (  # noqa: E402
+    Arrival,
+    Workload,
+    run,
+    shared_prefix_workload,
+    tokens,
+)
 
+from tesela import SamplingParams  # noqa: E402
 from tesela.attention.triton_kernels.extend_attention import kernels_interpreted  # noqa: E402
 from tesela.engine.llm_engine import LLMEngine, make_engine_config  # noqa: E402
 
@@ -64,3 +71,22 @@ def test_triton_cached_prefixes_match_the_torch_backend_without_cache():
     assert tokens(on) == tokens(off)
     assert engine.stats()["prefix_cache_hit_tokens"] > 0
     assert engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.skipif(not INTERPRETED_HERE, reason="runs in the fresh interpreter process")
+def test_triton_recompute_past_the_prompt_from_the_cache_matches():
+    """Preempted after generating, the request comes back with a cached prefix that reaches
+    past its prompt: its row brings several tokens and must run the extend kernel."""
+    prompt = [5, 6, 7]
+    expected = run(Workload([[Arrival(prompt, 16)]]), enable_prefix_caching=False)[1]
+    engine = triton_engine()
+    engine.add_request(prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), "a")
+    outputs = engine.step()
+    request = engine.scheduler.running[0]
+    while request.num_tokens < 15:
+        outputs = engine.step()
+    engine.scheduler._preempt(request)
+    while engine.has_unfinished():
+        outputs = engine.step()
+    assert outputs[0].token_ids == expected["w0-0"].token_ids
+    assert outputs[0].num_cached_tokens == 0 and request.num_preemptions == 1

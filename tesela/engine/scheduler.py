@@ -42,7 +42,12 @@ class ScheduledBatch:
         return self.prefix_lens[row] + self.num_new_tokens[row] == request.num_tokens
 
     def is_decode_row(self, row: int) -> bool:
-        return self.prefix_lens[row] >= self.requests[row].num_prompt_tokens
+        # One new token after the prompt. A recompute (after preemption, from a cached prefix
+        # or in chunks) can start past the prompt with several tokens: that is an extend row.
+        return (
+            self.num_new_tokens[row] == 1
+            and self.prefix_lens[row] >= self.requests[row].num_prompt_tokens
+        )
 
 
 class Scheduler:
