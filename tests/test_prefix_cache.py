@@ -251,3 +251,22 @@ def test_a_recompute_from_a_cache_hit_past_the_prompt_is_an_extend_row():
     assert batch.prefix_lens == [12] and batch.num_new_tokens == [3]
     assert not batch.is_decode_row(0)
     kv.forward(batch)
+
+
+def test_two_requests_computing_the_same_prefix_in_one_step_register_it_once():
+    bm = BlockManager(num_blocks=32, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(), bm)
+    kv = SymbolicKV(bm)
+    first, second = make(range(1, 11), "first"), make(range(1, 11), "second")
+    scheduler.add(first)
+    scheduler.add(second)
+    batch = scheduler.schedule()  # both admitted before either prefix was computed: no hits
+    assert batch.prefix_lens == [0, 0] and first.block_ids[0] != second.block_ids[0]
+    kv.forward(batch)
+    scheduler.update(batch, [9, 9])
+    assert bm.num_cached_blocks == 2  # first's two full blocks; second's stay private
+    while scheduler.has_unfinished():
+        step(scheduler, kv, 9)
+    assert bm.num_evictable_blocks == bm.num_cached_blocks == 3  # + first's decode block
+    assert bm.num_free_blocks == bm.num_usable_blocks
+    bm.check_invariants([])

@@ -173,3 +173,13 @@ def test_a_repeated_prompt_is_served_from_the_cache():
         again = next((o for o in engine.step() if o.finished), again)
     assert again.token_ids == first.token_ids
     assert first.num_cached_tokens == 0 and again.num_cached_tokens == 16  # last block recomputed
+
+
+def test_the_cli_flag_turns_the_cache_off():
+    from tesela.cli import build_parser, engine_kwargs
+
+    on = build_parser().parse_args(["generate"])
+    off = build_parser().parse_args(["generate", "--no-enable-prefix-caching"])
+    assert engine_kwargs(on)["enable_prefix_caching"] is True
+    config, _ = make_engine_config("tiny", **engine_kwargs(off))
+    assert config.cache.enable_prefix_caching is False

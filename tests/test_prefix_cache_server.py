@@ -81,3 +81,29 @@ def test_metrics_and_stats_report_the_hit_rate(server):
     assert metric(server, "tesela_prefix_cache_hits_total") == stats["prefix_cache_hit_tokens"]
     assert 0 < metric(server, "tesela_prefix_cache_hit_rate") < 1
     assert metric(server, "tesela_kv_blocks_cached") > 0
+
+
+def test_bench_serve_shared_prefix_workload_runs_cache_on_and_off(tmp_path, capsys):
+    import argparse
+    import json
+
+    from tesela.bench_serve import add_bench_serve_arguments, run_bench_serve
+
+    parser = argparse.ArgumentParser()
+    add_bench_serve_arguments(parser)
+    sizes = "--num-system-prompts 2 --system-prompt-len 96 --user-len 8,16 --output-len 4,6"
+    sizes += " --num-prompts 12 --num-conversations 3 --num-turns 3 --concurrency 4"
+    args = parser.parse_args(
+        ["--workload", "shared-prefix", "--in-process", "--output-dir", str(tmp_path)]
+        + sizes.split()
+    )
+    assert run_bench_serve(args) == 0
+    results = json.loads(next(tmp_path.glob("serve-prefix-*.json")).read_text())
+    on, off = results["runs"]["cache on"], results["runs"]["cache off"]
+    assert on["system-prompts"]["completed"] == off["system-prompts"]["completed"] == 12
+    assert on["conversations"]["completed"] == off["conversations"]["completed"] == 9
+    assert on["system-prompts"]["hit_rate"] > 0 and on["conversations"]["hit_rate"] > 0
+    assert off["system-prompts"]["hit_rate"] == off["conversations"]["hit_rate"] == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("system-prompts: TTFT p50") and "target >= 3x" in lines[-2]
+    assert lines[-1].startswith("conversations: TTFT p50")
