@@ -113,6 +113,8 @@ class BlockManager:
         """The hashes of the request's first `num_full_blocks` full blocks (memoized on the
         request: its tokens never change, only grow)."""
         hashes = request.block_hashes
+        if len(hashes) >= num_full_blocks:
+            return hashes[:num_full_blocks]
         tokens = request.all_token_ids
         size = self.block_size
         extra = request.extra_keys
