@@ -6,7 +6,8 @@ cold):
 
   system-prompts  `--num-system-prompts` random system prompts of `--system-prompt-len` tokens;
                   `--num-prompts` requests, each a random system prompt plus a user turn of
-                  `--user-len` tokens, sent closed-loop at `--concurrency` (the first value).
+                  `--user-len` tokens, sent closed-loop at `--concurrency` (the first value;
+                  default 32). The issue's shape: 8 x 2,000 tokens, `--num-prompts 256`.
   conversations   `--num-conversations` recorded conversations of `--num-turns` turns replayed
                   concurrently, each turn sent when the previous one finished: turn k's prompt
                   is a system prompt, the earlier user turns and the recorded assistant replies

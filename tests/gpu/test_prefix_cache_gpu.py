@@ -22,14 +22,16 @@ WORKLOAD = dict(prefix_lens=(16, 50, 128, 300, 700), suffix_lens=(0, 5, 17, 40),
 @pytest.mark.parametrize(
     "limits",
     [
-        dict(num_kv_tokens=65536, max_num_batched_tokens=512),
-        dict(num_kv_tokens=1600, max_num_batched_tokens=256),  # preempts and evicts
+        dict(num_kv_tokens=65536, max_num_batched_tokens=512, capture_sizes=[16, 64, 256, 512]),
+        # preempts and evicts
+        dict(num_kv_tokens=1600, max_num_batched_tokens=256, capture_sizes=[16, 64, 128, 256]),
     ],
     ids=["roomy", "tiny-pool"],
 )
 def test_greedy_identical_with_the_cache_on_and_off(dtype, limits):
     workload = shared_prefix_workload(seed=1, **WORKLOAD)
-    common = dict(model=MODEL, dtype=dtype, block_size=16, **limits)
+    # A short capture ladder and at most 16 rows (decode graphs for 1..16): quick to build.
+    common = dict(model=MODEL, dtype=dtype, block_size=16, max_num_seqs=16, **limits)
     engine, on = run(workload, **common)
     stats = engine.stats()
     assert engine.runner.attn_backend.name == "triton"
