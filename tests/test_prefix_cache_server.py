@@ -1,6 +1,7 @@
 """Prefix caching as the OpenAI API reports it: `usage.prompt_tokens_details.cached_tokens` in
-completions and chat (whole and streamed), and the hit rate in /metrics and /stats. A real
-server on loopback with the tiny model (block size 16), driven by the `openai` client."""
+completions and chat (whole and streamed), `cache_salt` in the request body, and the hit rate
+in /metrics and /stats. A real server on loopback with the tiny model (block size 16), driven
+by the `openai` client."""
 
 from __future__ import annotations
 
@@ -68,6 +69,29 @@ def test_chat_usage_reports_cached_tokens_streamed_and_not(server):
         )
     )
     assert cached(chunks[-1].usage) >= 64  # the system prompt's full blocks
+
+
+def test_cache_salt_keeps_prefixes_apart(server):
+    api = client(server)
+    prompt = "A tenant's private prompt that another tenant must not hit in the cache. " * 2
+
+    def send(salt):
+        extra = {"cache_salt": salt} if salt else {}
+        return api.completions.create(
+            model="tiny", prompt=prompt, max_tokens=3, temperature=0, extra_body=extra
+        )
+
+    first = send("tenant-a")
+    assert cached(send("tenant-b").usage) == 0 and cached(send(None).usage) == 0
+    again = send("tenant-a")
+    assert cached(again.usage) == expected_hit(again.usage.prompt_tokens)
+    assert again.choices[0].text == first.choices[0].text
+    bad = httpx.post(
+        server.url + "/v1/completions",
+        json={"model": "tiny", "prompt": "x", "cache_salt": 7},
+        timeout=TIMEOUT,
+    )
+    assert bad.status_code == 400 and "cache_salt" in bad.json()["error"]["message"]
 
 
 def test_metrics_and_stats_report_the_hit_rate(server):
