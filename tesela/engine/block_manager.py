@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tesela.engine.request import Request
@@ -157,7 +158,9 @@ class BlockManager:
 
     # ---- allocation ------------------------------------------------------------------------
 
-    def blocks_needed(self, request: Request, num_tokens: int, cached_blocks=()) -> int:
+    def blocks_needed(
+        self, request: Request, num_tokens: int, cached_blocks: Sequence[int] = ()
+    ) -> int:
         """Blocks `request` must take from the free pool so that its first `num_tokens` tokens
         have slots, given that it starts with `cached_blocks` (when it holds none yet): new
         blocks, plus the cached ones that nobody references (they leave the evictable pool)."""
@@ -165,10 +168,14 @@ class BlockManager:
         revived = sum(1 for b in cached_blocks if self._ref_counts[b] == 0)
         return max(0, blocks_for(num_tokens, self.block_size) - held) + revived
 
-    def can_allocate(self, request: Request, num_tokens: int, cached_blocks=()) -> bool:
+    def can_allocate(
+        self, request: Request, num_tokens: int, cached_blocks: Sequence[int] = ()
+    ) -> bool:
         return self.blocks_needed(request, num_tokens, cached_blocks) <= self.num_free_blocks
 
-    def allocate(self, request: Request, num_tokens: int, cached_blocks=()) -> None:
+    def allocate(
+        self, request: Request, num_tokens: int, cached_blocks: Sequence[int] = ()
+    ) -> None:
         """Give `request` slots for its first `num_tokens` tokens. `cached_blocks` (from
         `find_cached_prefix`, only for a request that holds no blocks) become its first blocks."""
         needed = self.blocks_needed(request, num_tokens, cached_blocks)
