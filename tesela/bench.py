@@ -56,7 +56,7 @@ def run_prefill(args: argparse.Namespace) -> int:
         args.model,
         dtype=args.dtype,
         device=args.device,
-        disable_cuda_graph=True,
+        disable_cudagraph=True,
         attention_backend=args.attention_backend,
         num_kv_tokens=max(counts) + 64,
         max_num_batched_tokens=max(counts),
@@ -207,8 +207,8 @@ class PrefillBench:
         from tesela.executor.piecewise.runner import PiecewiseRunner
 
         config = GraphConfig(
-            prefill_graph=strategy,
-            piece_compiler=compiler,
+            piecewise_cudagraph=strategy,
+            piecewise_compiler=compiler,
             capture_sizes=default_capture_sizes(max(self.counts)),
             max_capture_tokens=max(self.counts),
         )

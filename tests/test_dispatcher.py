@@ -30,7 +30,7 @@ def runner():
     from tesela.attention.triton_backend import TritonAttentionBackend
 
     config, path = make_engine_config(
-        "tiny", prefill_graph="breakable", capture_sizes=[4, 8, 16, 32], num_kv_tokens=2048
+        "tiny", piecewise_cudagraph="breakable", capture_sizes=[4, 8, 16, 32], num_kv_tokens=2048
     )
     runner = ModelRunner(config, path)
     runner.attn_backend = TritonAttentionBackend(runner.layout, runner.kv_cache)

@@ -31,7 +31,7 @@ def boundary_counts(sizes) -> list[int]:
 def runners():
     common = dict(num_kv_tokens=4096, max_num_batched_tokens=LADDER_MAX)
     eager = ModelRunner(*make_engine_config("tiny", **common))
-    piecewise = ModelRunner(*make_engine_config("tiny", prefill_graph="breakable", **common))
+    piecewise = ModelRunner(*make_engine_config("tiny", piecewise_cudagraph="breakable", **common))
     return eager, piecewise
 
 
@@ -108,7 +108,7 @@ def test_greedy_generations_identical_with_graphs_on_and_off(strategy):
     prompts = ["piecewise", "graphs " * 9, "q", "a longer prompt that crosses a few sizes" * 3]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     off = LLM("tiny", max_num_batched_tokens=64).generate(prompts, params)
-    on_llm = LLM("tiny", prefill_graph=strategy, max_num_batched_tokens=64)
+    on_llm = LLM("tiny", piecewise_cudagraph=strategy, max_num_batched_tokens=64)
     on = on_llm.generate(prompts, params)
     assert [o.token_ids for o in on] == [o.token_ids for o in off]
     paths = on_llm.engine.stats()["dispatch"]["paths"]
@@ -177,6 +177,8 @@ def test_capture_with_metadata_planned_for_another_size_is_caught(runners):
 
 
 def test_verify_compares_every_captured_size_at_startup():
-    llm = LLM("tiny", prefill_graph="breakable", capture_sizes=[4, 16, 48], verify_graphs=True)
+    llm = LLM(
+        "tiny", piecewise_cudagraph="breakable", capture_sizes=[4, 16, 48], verify_cudagraphs=True
+    )
     report = llm.engine.runner.graphs.capture_reports[0]
     assert report.verify_max_abs_diff == {4: 0.0, 16: 0.0, 48: 0.0}

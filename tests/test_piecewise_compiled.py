@@ -48,11 +48,14 @@ def unique_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def compiled_runner(piece_compiler: str, **overrides) -> tuple[ModelRunner, int]:
+def compiled_runner(piecewise_compiler: str, **overrides) -> tuple[ModelRunner, int]:
     """A model runner with compiled pieces, and the dynamo graphs its capture produced."""
     before = unique_graphs()
     config = make_engine_config(
-        "tiny", prefill_graph="compiled", piece_compiler=piece_compiler, **{**COMMON, **overrides}
+        "tiny",
+        piecewise_cudagraph="compiled",
+        piecewise_compiler=piecewise_compiler,
+        **{**COMMON, **overrides},
     )
     runner = ModelRunner(*config)
     return runner, unique_graphs() - before
@@ -239,6 +242,8 @@ def test_inductor_pieces_match_eager(runners):
 
 
 def test_verify_at_startup_finds_compiled_pieces_exact():
-    llm = LLM("tiny", prefill_graph="compiled", capture_sizes=[4, 16, 48], verify_graphs=True)
+    llm = LLM(
+        "tiny", piecewise_cudagraph="compiled", capture_sizes=[4, 16, 48], verify_cudagraphs=True
+    )
     report = llm.engine.runner.graphs.capture_reports[0]
     assert report.verify_max_abs_diff == {4: 0.0, 16: 0.0, 48: 0.0}

@@ -21,16 +21,18 @@ from tesela.config import (
     ModelConfig,
     SchedulerConfig,
     normalize_dtype,
+    read_generation_config,
     resolve_graph_config,
 )
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.kv_cache import RESERVED_BLOCKS
 from tesela.engine.request import Request, TokenLogprobs
-from tesela.engine.sampler import Sampler
+from tesela.engine.sampler import Sampler, SamplingHistory
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
+from tesela.engine_args import EngineArgs
 from tesela.executor.forward_batch import ForwardBatch, ForwardMode
-from tesela.presets import PRESETS
+from tesela.presets import DEFAULT_MODEL, PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 logger = logging.getLogger("tesela.engine")
@@ -62,72 +64,68 @@ def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
 
 
 def make_engine_config(
-    model: str,
-    *,
-    load_format: str = "auto",
-    dtype: str = "auto",
-    device: str = "auto",
-    seed: int = 0,
-    attention_backend: str = "auto",
-    block_size: int = 16,
-    gpu_memory_utilization: float = 0.85,
-    num_kv_tokens: int | None = None,
-    max_num_seqs: int = 256,
-    max_num_batched_tokens: int = 2048,
-    max_model_len: int | None = None,
-    prefill_graph: str | None = None,
-    piece_compiler: str = "eager",
-    capture_sizes: list[int] | None = None,
-    max_capture_tokens: int | None = None,
-    disable_cuda_graph: bool = False,
-    verify_graphs: bool = False,
+    model: str | EngineArgs = DEFAULT_MODEL, **kwargs
 ) -> tuple[EngineConfig, str | None]:
-    model_config, path = resolve_model(model)
+    """Resolve EngineArgs (or a model and EngineArgs keywords) into a frozen EngineConfig once:
+    the device, the dtype, the graph modes the attention backend can serve."""
+    args = model if isinstance(model, EngineArgs) else EngineArgs.from_kwargs(model, **kwargs)
+    model_config, path = resolve_model(args.model)
+    load_format = args.load_format
     if path is None and load_format == "auto":
         load_format = "dummy"  # presets have no weights
+    device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = torch.device(device).type == "cuda"
+    dtype = args.dtype
     if dtype == "auto":
         # bf16 matmuls are slow on most CPUs; the checkpoint's dtype on GPUs.
         dtype = model_config.torch_dtype if on_cuda else "float32"
+    scheduler = _scheduler_config(args, model_config)
+    piecewise = args.piecewise_cudagraph
+    if not on_cuda and piecewise is None:
+        piecewise = "none"  # nothing to capture on CPU unless asked for explicitly
+    graph = resolve_graph_config(
+        piecewise_cudagraph=piecewise,
+        piecewise_compiler=args.piecewise_compiler,
+        capture_sizes=args.capture_sizes,
+        max_capture_tokens=args.max_capture_tokens,
+        disable_cudagraph=args.disable_cudagraph,
+        verify_cudagraphs=args.verify_cudagraphs,
+        scheduler=scheduler,
+    )
+    attention_backend, graph = _resolve_attention(
+        args.attention_backend, device, normalize_dtype(dtype), model_config.head_dim, graph
+    )
+    config = EngineConfig(
+        model=args.model,
+        model_config=model_config,
+        dtype=normalize_dtype(dtype),
+        device=device,
+        load_format=load_format,
+        seed=args.seed,
+        attention_backend=attention_backend,
+        cache=CacheConfig(args.block_size, args.gpu_memory_utilization, args.num_kv_tokens),
+        scheduler=scheduler,
+        graph=graph,
+        tokenizer=args.tokenizer,
+        sampling_defaults=read_generation_config(args.generation_config, path),
+    )
+    return config, path
+
+
+def _scheduler_config(args: EngineArgs, model_config: ModelConfig) -> SchedulerConfig:
+    max_model_len = args.max_model_len
     if max_model_len is not None and max_model_len > model_config.max_position_embeddings:
         raise ValueError(
             f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
             f"({model_config.max_position_embeddings}): lower it"
         )
-    scheduler = SchedulerConfig(
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
+    return SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=max_model_len or min(model_config.max_position_embeddings, 8192),
     )
-    if not on_cuda and prefill_graph is None:
-        prefill_graph = "none"  # nothing to capture on CPU unless asked for explicitly
-    graph = resolve_graph_config(
-        prefill_graph=prefill_graph,
-        piece_compiler=piece_compiler,
-        capture_sizes=capture_sizes,
-        max_capture_tokens=max_capture_tokens,
-        disable_cuda_graph=disable_cuda_graph,
-        verify=verify_graphs,
-        scheduler=scheduler,
-    )
-    attention_backend, graph = _resolve_attention(
-        attention_backend, device, normalize_dtype(dtype), model_config.head_dim, graph
-    )
-    config = EngineConfig(
-        model=model,
-        model_config=model_config,
-        dtype=normalize_dtype(dtype),
-        device=device,
-        load_format=load_format,
-        seed=seed,
-        attention_backend=attention_backend,
-        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens),
-        scheduler=scheduler,
-        graph=graph,
-    )
-    return config, path
 
 
 def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, graph):
@@ -141,12 +139,12 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
         dtype=dtype,
         head_dim=head_dim,
         piecewise=graph.piecewise_enabled,
-        full_decode=graph.decode_graph,
+        full_cudagraph=graph.full_cudagraph,
     )
-    if graph.decode_graph and not decision.full_decode:
-        graph = dataclasses.replace(graph, decode_graph=False, decode_batch_sizes=())
+    if graph.full_cudagraph and not decision.full_cudagraph:
+        graph = dataclasses.replace(graph, full_cudagraph=False, decode_batch_sizes=())
     if graph.piecewise_enabled and not decision.piecewise:
-        graph = dataclasses.replace(graph, prefill_graph="none", capture_sizes=())
+        graph = dataclasses.replace(graph, piecewise_cudagraph="none", capture_sizes=())
     return decision.name, graph
 
 
@@ -158,9 +156,10 @@ class LLMEngine:
 
         self.config = config
         self.runner = ModelRunner(config, model_path)
+        tokenizer_path = config.tokenizer or model_path
         self.tokenizer = tokenizer or (
-            load_tokenizer(model_path, config.model_config.eos_token_ids)
-            if model_path
+            load_tokenizer(tokenizer_path, config.model_config.eos_token_ids)
+            if tokenizer_path
             else ByteTokenizer()
         )
         self.eos_token_ids = tuple(
@@ -233,8 +232,18 @@ class LLMEngine:
         logits = self.runner.forward(batch)
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
+        histories = None
+        if any(r.params.needs_history for r in requests):
+            histories = [
+                SamplingHistory(
+                    r.prompt_token_ids,
+                    r.output_token_ids,
+                    (() if r.params.ignore_eos else r.eos_token_ids) + r.params.stop_token_ids,
+                )
+                for r in requests
+            ]
         tokens, logprobs = self.sampler(
-            logits, [r.params for r in requests], [r.request_id for r in requests]
+            logits, [r.params for r in requests], [r.request_id for r in requests], histories
         )
         sampled: list[int | None] = [None] * len(scheduled.requests)
         for row, request, token, lp in zip(rows, requests, tokens, logprobs, strict=True):

@@ -63,7 +63,7 @@ class GraphRunners:
         exists."""
         runner = self.model_runner
         graph = runner.config.graph
-        if not (graph.decode_graph and graph.decode_batch_sizes) or runner.device.type != "cuda":
+        if not (graph.full_cudagraph and graph.decode_batch_sizes) or runner.device.type != "cuda":
             return
         from tesela.executor.decode_graph import DecodeGraphRunner
 

@@ -59,9 +59,10 @@ class ModelRunner:
         self.kv_cache = self._make_pool(self._num_kv_blocks())
         self.attn_backend.kv_cache = self.kv_cache
         self.graphs.capture_decode()
-        if config.graph.verify and self.graphs.piecewise is not None:
+        if config.graph.verify_cudagraphs and self.graphs.piecewise is not None:
             exact = (
-                config.graph.prefill_graph == "breakable" or config.graph.piece_compiler == "eager"
+                config.graph.piecewise_cudagraph == "breakable"
+                or config.graph.piecewise_compiler == "eager"
             )
             self.graphs.piecewise.verify(tolerance=0.0 if exact else 5e-2)
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 from tesela.engine.llm_engine import RequestOutput
 from tesela.engine.request import TokenLogprobs
-from tesela.server.async_engine import EngineError, RequestGroup
+from tesela.server.async_engine import EngineError, RequestGroup, ShuttingDown
 from tesela.server.protocol import (
     APIError,
     GenerationRequest,
@@ -226,7 +226,8 @@ async def stream_events(group: RequestGroup, fmt: ResponseFormat) -> AsyncIterat
             yield sse(fmt.usage_chunk(sum(s.num_tokens for s in states)))
     except EngineError as exc:
         # The status line is already sent: report the error in-band, as OpenAI does.
-        yield sse(APIError(str(exc), 500, type="server_error", code="engine_error").body())
+        code = "shutting_down" if isinstance(exc, ShuttingDown) else "engine_error"
+        yield sse(APIError(str(exc), 500, type="server_error", code=code).body())
     finally:
         group.abort()
     yield sse("[DONE]")

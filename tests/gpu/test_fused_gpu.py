@@ -55,7 +55,7 @@ def test_kernels_match_the_ops_they_replace():
 
 def test_model_forward_with_and_without_fusion():
     config, path = make_engine_config(
-        "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=4096, disable_cuda_graph=True
+        "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=4096, disable_cudagraph=True
     )
     runner = ModelRunner(config, path)
     tokens = torch.randint(0, 151936, (300,)).tolist()

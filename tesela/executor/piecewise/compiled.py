@@ -251,7 +251,7 @@ class CompiledPieces:
         graph memory). A debugging switch, to tell an aliasing fault from any other."""
         self.model = model_runner.model
         self.keep_static_tensors = keep_static_tensors
-        self.piece_compiler = graph_config.piece_compiler
+        self.piecewise_compiler = graph_config.piecewise_compiler
         self.num_compiles = 0  # backend invocations: 1 for the whole ladder
         self.split: SplitGraph | None = None
         self.pieces: list[Piece] = []
@@ -315,7 +315,7 @@ class CompiledPieces:
                 self.num_compiles,
             )
         split = split_at_split_ops(graph_module)
-        if self.piece_compiler == "inductor":
+        if self.piecewise_compiler == "inductor":
             fakes, fake_mode = _fake_inputs(example_inputs)
             runnables = _FakePropagation(split, _inductor_compile, fake_mode).propagate(fakes)
         else:
@@ -328,7 +328,7 @@ class CompiledPieces:
         logger.info(
             "compiled the model into %d %s pieces around %d split calls",
             len(pieces),
-            self.piece_compiler,
+            self.piecewise_compiler,
             len(split.split_names),
         )
         return split.module

@@ -33,7 +33,7 @@ logger = logging.getLogger("tesela.piecewise")
 
 @dataclass
 class CaptureReport:
-    strategy: str
+    mode: str
     sizes: tuple[int, ...]
     seconds: float = 0.0
     graph_memory_bytes: int = 0
@@ -48,7 +48,7 @@ class CaptureReport:
     def summary(self) -> str:
         kind = "CUDA graphs" if self.cuda_graphs else "no capture (CPU)"
         return (
-            f"{self.strategy}: {len(self.sizes)} sizes "
+            f"{self.mode}: {len(self.sizes)} sizes "
             f"({self.sizes[0]}..{self.sizes[-1]} tokens), {self.segments_per_size} pieces each, "
             f"{kind}, built in {self.seconds:.2f} s, graph memory {self.graph_memory_gib:.3f} GiB"
         )
@@ -59,14 +59,14 @@ class PiecewiseRunner:
         self.model_runner = model_runner
         self.config = config
         self.sizes = tuple(config.capture_sizes)
-        self.strategy = config.prefill_graph
+        self.mode = config.piecewise_cudagraph
         self.device = model_runner.device
         self.use_cuda_graphs = self.device.type == "cuda"
         self.buffers = StaticBuffers.allocate(self.max_num_tokens, self.device)
         self.graphs: dict[int, BreakableGraph] = {}
         self.compiled = None
         self.report = CaptureReport(
-            f"piecewise {self.strategy}", self.sizes, cuda_graphs=self.use_cuda_graphs
+            f"piecewise {self.mode}", self.sizes, cuda_graphs=self.use_cuda_graphs
         )
 
     @property
@@ -87,7 +87,7 @@ class PiecewiseRunner:
     # ---- capture -------------------------------------------------------------------------
 
     def capture(self) -> CaptureReport:
-        if self.strategy == "compiled":
+        if self.mode == "compiled":
             from tesela.executor.piecewise.compiled import CompiledPieces
 
             self.compiled = CompiledPieces(self.model_runner, self.config)
@@ -196,8 +196,8 @@ class PiecewiseRunner:
             self.report.verify_max_abs_diff[size] = diff
             if not diff <= tolerance:
                 raise RuntimeError(
-                    f"piecewise {self.strategy} replay of {size} tokens differs from eager by "
-                    f"{diff:.3e} (tolerance {tolerance:.1e}): run with prefill_graph='none' and "
+                    f"piecewise {self.mode} replay of {size} tokens differs from eager by "
+                    f"{diff:.3e} (tolerance {tolerance:.1e}): run with piecewise_cudagraph='none' and "
                     "report this"
                 )
         return self.report.verify_max_abs_diff
