@@ -10,24 +10,24 @@ from pathlib import Path
 
 import torch
 
-from tesela.bench import copy_bandwidth, sync, weight_nbytes, write_outputs
+from tesela.bench import copy_bandwidth, fitting_counts, sync, weight_nbytes, write_outputs
 from tesela.executor.forward_batch import ForwardBatch, ForwardMode
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="qwen3-0.6b")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--batch-sizes", default="1,8,32,128")
-    parser.add_argument("--contexts", default="512,4096")
-    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--model", default="qwen3-0.6b", help="a model folder or a preset")
+    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
+    parser.add_argument("--batch-sizes", default="1,8,32,128", help="decode batch sizes")
+    parser.add_argument("--contexts", default="512,4096", help="tokens cached per row")
+    parser.add_argument("--repeat", type=int, default=50, help="timed steps per cell")
     parser.add_argument(
         "--kv-budget-gib",
         type=float,
         default=40.0,
         help="skip shapes whose KV cache would exceed this",
     )
-    parser.add_argument("--output-dir", default="results")
+    parser.add_argument("--output-dir", default="results", help="where the JSON goes")
 
 
 def run_decode(args: argparse.Namespace) -> int:
@@ -35,8 +35,12 @@ def run_decode(args: argparse.Namespace) -> int:
     from tesela.executor.model_runner import ModelRunner
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    contexts = [int(c) for c in args.contexts.split(",")]
     mc_config, _ = make_engine_config(args.model, dtype=args.dtype, num_kv_tokens=16)
+    # A context needs its tokens plus a margin of positions (max_model_len = context + 16).
+    positions = mc_config.model_config.max_position_embeddings - 16
+    contexts, notes = fitting_counts(
+        [int(c) for c in args.contexts.split(",")], positions, "context"
+    )
     per_token = kv_bytes_per_token(mc_config)
     fits = [
         (b, c)
@@ -58,24 +62,27 @@ def run_decode(args: argparse.Namespace) -> int:
     for k, v in zip(runner.kv_cache.k_buffers, runner.kv_cache.v_buffers, strict=True):
         k.normal_()
         v.normal_()
-    bandwidth = copy_bandwidth(runner.device)
+    on_cuda = runner.device.type == "cuda"
+    bandwidth = copy_bandwidth(runner.device) if on_cuda else None
+    if not on_cuda:
+        notes.append("no HBM floor on cpu (it measures a GPU copy)")
+        notes.append("no graph columns on cpu: the engine captures CUDA graphs only on CUDA")
     weights = weight_nbytes(runner.model)
     results = {
         "model": args.model,
-        "device": torch.cuda.get_device_name(runner.device),
+        "device": torch.cuda.get_device_name(runner.device) if on_cuda else "cpu",
         "dtype": config.dtype,
         "attention_backend": config.attention_backend,
-        "copy_bandwidth_gbs": bandwidth / 1e9,
+        "copy_bandwidth_gbs": bandwidth / 1e9 if bandwidth else None,
+        "notes": notes,
         "rows": [],
         "skipped": [(b, c) for b in batch_sizes for c in contexts if (b, c) not in fits],
     }
     for b, c in fits:
         batch = decode_batch(runner, b, c)
-        row = {
-            "batch": b,
-            "context": c,
-            "floor_ms": (weights + b * c * per_token) / bandwidth * 1e3,
-        }
+        row = {"batch": b, "context": c}
+        if bandwidth:
+            row["floor_ms"] = (weights + b * c * per_token) / bandwidth * 1e3
         row["eager_ms"], eager_out = time_step(runner, runner.forward_eager, batch, args.repeat)
         graphs = runner.graphs
         if graphs.decode is not None and graphs.decode.can_run(batch) is None:
@@ -145,21 +152,24 @@ def write_outputs_decode(results: dict, output_dir: Path) -> None:
 
 
 def format_decode_table(results: dict) -> str:
+    copy = results["copy_bandwidth_gbs"]
     lines = [
         f"decode step {results['model']} ({results['dtype']}, attention "
-        f"{results['attention_backend']}) on {results['device']}, copy "
-        f"{results['copy_bandwidth_gbs']:.0f} GB/s: median ms",
+        f"{results['attention_backend']}) on {results['device']}"
+        + (f", copy {copy:.0f} GB/s" if copy else "")
+        + ": median ms",
         "| batch | context | eager | piecewise | full graph | HBM floor | full/floor | full err |",
         "|---|---|---|---|---|---|---|---|",
     ]
     nan = float("nan")
     for row in results["rows"]:
-        full = row.get("full_graph_ms", nan)
+        full, floor = row.get("full_graph_ms", nan), row.get("floor_ms", nan)
         lines.append(
             f"| {row['batch']} | {row['context']} | {row['eager_ms']:.3f} | "
-            f"{row.get('piecewise_ms', nan):.3f} | {full:.3f} | {row['floor_ms']:.3f} | "
-            f"{full / row['floor_ms']:.2f} | {row.get('full_max_abs_err', nan):.1e} |"
+            f"{row.get('piecewise_ms', nan):.3f} | {full:.3f} | {floor:.3f} | "
+            f"{full / floor:.2f} | {row.get('full_max_abs_err', nan):.1e} |"
         )
     if results["skipped"]:
         lines.append(f"skipped (KV over budget): {results['skipped']}")
+    lines += [f"note: {note}" for note in results.get("notes", [])]
     return "\n".join(lines)

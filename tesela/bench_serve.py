@@ -60,15 +60,19 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default="32,128",
         help="output lengths in tokens, drawn uniformly per request",
     )
-    parser.add_argument("--max-queue-len", type=int, default=1024)
+    parser.add_argument(
+        "--max-queue-len", type=int, default=1024, help="the started server's --max-queue-len"
+    )
     parser.add_argument(
         "--in-process",
         action="store_true",
         help="run the server on a thread of this process instead of a subprocess (quicker to "
         "start, but the load generator then shares the GIL with it)",
     )
-    parser.add_argument("--request-timeout", type=float, default=600.0)
-    parser.add_argument("--output-dir", default="results")
+    parser.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds before a request fails"
+    )
+    parser.add_argument("--output-dir", default="results", help="where JSON (and PNG) go")
     # --seed (from the engine arguments) also fixes the workload and the arrival times.
 
 

@@ -54,12 +54,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.sampling_seed,
     )
+    llm = LLM(EngineArgs.from_cli_args(args))
     if args.model in PRESETS:
         print(
             f"note: {args.model!r} is a preset with random weights: its text is noise",
             file=sys.stderr,
         )
-    llm = LLM(EngineArgs.from_cli_args(args))
     # A progress bar once the work is long enough to wonder whether it is still running.
     long_run = len(prompts) > 1 or args.max_tokens >= 256
     outputs = llm.generate(prompts, params, use_tqdm=long_run)

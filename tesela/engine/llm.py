@@ -51,12 +51,21 @@ class LLM:
         token_prompts = [self._tokens(p) for p in prompts]
         ids = [self.engine.add_request(p, sp) for p, sp in zip(token_prompts, params, strict=True)]
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
+        # Progress in tokens, so one long generation shows it is moving too.
+        bar = tqdm(
+            total=sum(p.max_tokens for p in params),
+            desc="Generating",
+            unit="tok",
+            disable=not use_tqdm,
+        )
         while self.engine.has_unfinished():
             for output in self.engine.step():
+                bar.update(len(output.new_token_ids))
                 if output.finished:
                     results[output.request_id] = output
-                    bar.update(1)
+                    # A request that stops early gives back the rest of its budget.
+                    sampling = params[ids.index(output.request_id)]
+                    bar.update(sampling.max_tokens - len(output.token_ids))
         bar.close()
         return [results[i] for i in ids]
 
