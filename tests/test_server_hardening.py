@@ -57,25 +57,49 @@ def post(server, path: str, body, **kwargs) -> httpx.Response:
 # ---- size limits and responsiveness ---------------------------------------------------------
 
 
+def health_latencies_while(url: str, work) -> tuple[list[float], object]:
+    """Poll /health until `work` (run on a thread) returns; (latencies, its result)."""
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("value", work()))
+    worker.start()
+    latencies = []
+    while worker.is_alive() or not latencies:
+        start_time = time.monotonic()
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        latencies.append(time.monotonic() - start_time)
+    worker.join()
+    return latencies, result["value"]
+
+
 def test_health_answers_within_a_second_while_a_50_mb_request_is_in_flight(server):
     body = json.dumps({"model": "tiny", "prompt": "x" * 50_000_000, "max_tokens": 1})
-    result = {}
-
-    def send_big():
-        result["response"] = post(server, "/v1/completions", body)
-
-    sender = threading.Thread(target=send_big)
-    sender.start()
-    latencies = []
-    while sender.is_alive() or not latencies:
-        start_time = time.monotonic()
-        assert httpx.get(server.url + "/health", timeout=5).status_code == 200
-        latencies.append(time.monotonic() - start_time)
-    sender.join()
+    latencies, big = health_latencies_while(
+        server.url, lambda: post(server, "/v1/completions", body)
+    )
     assert max(latencies) < 1.0, latencies
-    big = result["response"]
     assert big.status_code == 400
-    assert big.json()["error"]["code"] == "context_length_exceeded"
+    error = big.json()["error"]
+    # Refused by its length in characters, before any tokenization.
+    assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
+
+
+def test_templating_runs_off_the_event_loop():
+    # A legitimate but slow template (~30M loop steps): /health must not wait for it.
+    slow = (
+        "{% for i in range(100000) %}{% for j in range(300) %}{% if j > 1000 %}x{% endif %}"
+        "{% endfor %}{% endfor %}hi"
+    )
+    server = start(chat_template=slow)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    try:
+        started = time.monotonic()
+        latencies, response = health_latencies_while(
+            server.url, lambda: post(server, "/v1/chat/completions", body)
+        )
+        assert response.status_code == 200 and time.monotonic() - started > 1.0
+        assert len(latencies) > 3 and max(latencies) < 1.0, latencies
+    finally:
+        server.stop()
 
 
 def test_a_body_over_the_limit_gets_413_with_or_without_content_length():
