@@ -279,7 +279,7 @@ def default_decode_batch_sizes(max_batch: int) -> tuple[int, ...]:
 
 
 PIECEWISE_CUDAGRAPH_MODES = ("breakable", "compiled", "none")
-PIECE_COMPILERS = ("eager", "inductor")
+PIECEWISE_COMPILERS = ("eager", "inductor")
 
 
 @dataclass(frozen=True)
@@ -299,9 +299,9 @@ class GraphConfig:
             raise ValueError(
                 f"piecewise_cudagraph must be one of {PIECEWISE_CUDAGRAPH_MODES}, got {self.piecewise_cudagraph!r}"
             )
-        if self.piecewise_compiler not in PIECE_COMPILERS:
+        if self.piecewise_compiler not in PIECEWISE_COMPILERS:
             raise ValueError(
-                f"piecewise_compiler must be one of {PIECE_COMPILERS}, got {self.piecewise_compiler!r}"
+                f"piecewise_compiler must be one of {PIECEWISE_COMPILERS}, got {self.piecewise_compiler!r}"
             )
         if any(s <= 0 for s in self.capture_sizes):
             raise ValueError(f"capture sizes must be positive, got {self.capture_sizes}")

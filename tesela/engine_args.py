@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from tesela.config import PIECE_COMPILERS, PIECEWISE_CUDAGRAPH_MODES
+from tesela.config import PIECEWISE_COMPILERS, PIECEWISE_CUDAGRAPH_MODES
 from tesela.presets import DEFAULT_MODEL, PRESETS
 
 # Old keyword / flag spelling -> the current one (kept because scripts and other branches use them).
@@ -96,7 +96,7 @@ class EngineArgs:
     piecewise_compiler: str = _option(
         "eager",
         "how `compiled` piecewise graphs compile each piece",
-        choices=list(PIECE_COMPILERS),
+        choices=list(PIECEWISE_COMPILERS),
     )
     capture_sizes: tuple[int, ...] | None = _option(
         None,

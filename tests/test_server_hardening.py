@@ -226,6 +226,18 @@ def test_tokenize_detokenize_version_and_model_card(server):
         client(server).models.retrieve("gpt-4")
 
 
+def test_tokenizer_flag_loads_another_tokenizer(tmp_path):
+    from conftest import write_tokenizer
+
+    write_tokenizer(tmp_path, vocab_size=258, eos_id=2)
+    other = start(engine={"tokenizer": str(tmp_path)})
+    try:
+        assert post(other, "/tokenize", {"prompt": "t5 t7 t257"}).json()["tokens"] == [5, 7, 257]
+        assert post(other, "/detokenize", {"tokens": [5, 7]}).json() == {"prompt": "t5 t7"}
+    finally:
+        other.stop()
+
+
 def test_served_model_name_is_the_id_clients_use():
     named = start(served_model_name="my-model")
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tesela.engine_args import EngineArgs
+from tesela.tokenizer import load_chat_template
 
 if TYPE_CHECKING:  # the engine (and torch) load only when a server is built
     from tesela.engine.llm_engine import LLMEngine
@@ -57,7 +58,6 @@ def create_app(
     require_server_dependencies()
     from tesela.server.protocol import ModelInfo
     from tesela.server.routes import build_app
-    from tesela.tokenizer import load_chat_template
 
     if max_queue_len < 0:
         raise ValueError(f"max_queue_len must be >= 0, got {max_queue_len}")
