@@ -99,3 +99,20 @@ def test_seeded_requests_do_not_depend_on_the_batch():
     ]
     together = llm.generate(["a", "seeded", "bb", "ccc"], [neighbours[0], seeded, *neighbours[1:]])
     assert together[1].token_ids == alone
+
+
+def test_prompt_logprobs_match_transformers_across_prefill_chunks(checkpoints):
+    path, hf_model = checkpoints["qwen2"]
+    prompt = [5, 17, 3, 99, 42, 7, 250, 11, 64, 8, 13, 200, 31, 4]
+    llm = LLM(str(path), max_num_batched_tokens=5, block_size=4)  # three prefill chunks
+    output = llm.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=3))[0]
+    with torch.no_grad():
+        reference = hf_model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == len(prompt)
+    for position in range(1, len(prompt)):
+        entry = output.prompt_logprobs[position]
+        expected = reference[position - 1]
+        assert entry.token_id == prompt[position]
+        assert entry.logprob == pytest.approx(expected[prompt[position]].item(), abs=1e-4)
+        top_ids = expected.topk(3).indices.tolist()
+        assert list(entry.top) == top_ids

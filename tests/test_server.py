@@ -274,7 +274,7 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"model": "tiny", "prompt": "x", "stop": [""]}, 400, "stop"),
     (COMPLETIONS, {"model": "tiny", "prompt": "x", "stop": 3}, 400, "stop"),
     (COMPLETIONS, {"model": "tiny", "prompt": "x", "seed": "abc"}, 400, "seed"),
-    (COMPLETIONS, {"model": "tiny", "prompt": "x", "echo": True}, 400, "echo"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
     (COMPLETIONS, {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
     (COMPLETIONS, {"model": "tiny", "prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
     (

@@ -348,3 +348,25 @@ def test_generation_config_gives_the_defaults(tmp_path):
         assert first.choices[0].text == second.choices[0].text == greedy_text(api, "defaults", 7)
     finally:
         configured.stop()
+
+
+def test_echo_with_prompt_logprobs_matches_the_offline_engine(server, offline):
+    prompt = "loglikelihood"
+    expected = offline.generate(
+        prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1, logprobs=1)
+    )[0]
+    response = client(server).completions.create(
+        model="tiny", prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1
+    )
+    choice = response.choices[0]
+    assert choice.text == prompt + expected.text
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(prompt) + 1  # byte tokenizer: one token per character
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    want = [e.logprob for e in expected.prompt_logprobs[1:]] + [expected.logprobs[0].logprob]
+    assert logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
+    assert logprobs.text_offset[:3] == [0, 1, 2]
+    plain = client(server).completions.create(
+        model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True
+    )
+    assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None

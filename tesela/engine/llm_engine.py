@@ -46,6 +46,8 @@ class RequestOutput:
     text: str
     new_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
+    # One entry per prompt token (None for the first, which nothing predicts), if asked.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     finished: bool = False
     finish_reason: str | None = None
 
@@ -232,6 +234,9 @@ class LLMEngine:
         logits = self.runner.forward(batch)
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
+        if len(logits) > len(rows):  # prompt logprobs follow the sampling rows' logits
+            self._record_prompt_logprobs(scheduled, logits[len(rows) :])
+            logits = logits[: len(rows)]
         histories = None
         if any(r.params.needs_history for r in requests):
             histories = [
@@ -251,6 +256,41 @@ class LLMEngine:
             if lp is not None:
                 request.output_logprobs.append(lp)
         return sampled
+
+    @staticmethod
+    def _prompt_logprob_rows(scheduled: ScheduledBatch) -> list[int]:
+        """Rows whose chunk predicts prompt tokens of a request that asked for their logprobs."""
+        return [
+            i
+            for i, (r, p) in enumerate(zip(scheduled.requests, scheduled.prefix_lens, strict=True))
+            if r.params.prompt_logprobs is not None and p < r.num_prompt_tokens - 1
+        ]
+
+    def _record_prompt_logprobs(self, scheduled: ScheduledBatch, logits: torch.Tensor) -> None:
+        """The logits at position i score prompt token i + 1 (positions are keyed, so a chunk
+        recomputed after preemption overwrites rather than duplicates)."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        offset = 0
+        for row in self._prompt_logprob_rows(scheduled):
+            request, start = scheduled.requests[row], scheduled.prefix_lens[row]
+            count = scheduled.num_new_tokens[row]
+            positions = [
+                p for p in range(start, start + count) if p + 1 < request.num_prompt_tokens
+            ]
+            if positions:
+                row_logprobs = logprobs[offset : offset + len(positions)]
+                targets = torch.tensor(
+                    [request.prompt_token_ids[p + 1] for p in positions], device=logits.device
+                )
+                chosen = row_logprobs.gather(1, targets[:, None])[:, 0].tolist()
+                k = max(request.params.prompt_logprobs, 1)
+                top_values, top_ids = (t.tolist() for t in row_logprobs.topk(k, dim=-1))
+                n = request.params.prompt_logprobs
+                for j, p in enumerate(positions):
+                    top = dict(zip(top_ids[j][:n], top_values[j][:n], strict=True))
+                    token = request.prompt_token_ids[p + 1]
+                    request.prompt_logprobs[p + 1] = TokenLogprobs(token, chosen[j], top)
+            offset += count
 
     def _forward_batch(self, scheduled: ScheduledBatch) -> ForwardBatch:
         token_ids = [
@@ -276,6 +316,7 @@ class LLMEngine:
             logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
             request_ids=[r.request_id for r in scheduled.requests],
             mode=mode,
+            input_logprob_rows=self._prompt_logprob_rows(scheduled),
         )
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
@@ -289,7 +330,15 @@ class LLMEngine:
             logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
             finished=request.is_finished,
             finish_reason=request.finish_reason,
+            prompt_logprobs=self._prompt_logprob_list(request),
         )
+
+    @staticmethod
+    def _prompt_logprob_list(request: Request) -> list[TokenLogprobs | None] | None:
+        if request.params.prompt_logprobs is None:
+            return None
+        positions = range(1, request.num_prompt_tokens)
+        return [None, *(request.prompt_logprobs.get(p) for p in positions)]
 
     def _check_stop_strings(self, request: Request) -> None:
         if not request.params.stop:

@@ -16,6 +16,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-k logprobs of each generated token
+    prompt_logprobs: int | None = None  # top-k logprobs of each prompt token (echo)
     include_stop_str_in_output: bool = False
     min_p: float = 0.0  # drop tokens below min_p x the top token's probability
     presence_penalty: float = 0.0  # subtracted once from every token already generated
@@ -42,8 +43,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1 or not isinstance(self.top_k, int):
             raise ValueError(f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise ValueError(f"{name} must be between 0 and 20, got {value}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         if not 0.0 <= self.min_p <= 1.0:

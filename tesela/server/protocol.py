@@ -115,6 +115,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None  # top alternatives per token; None: no logprobs
+    echo: bool = False  # completions: the prompt (and its logprobs) lead each choice
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -350,6 +351,7 @@ def _build(
     logprobs: int | None,
     max_tokens_name: str,
     default_max_tokens: int | None,
+    echo: bool = False,
 ) -> GenerationRequest:
     n = _int(body, "n", 1, low=1, high=MAX_N)
     if n * len(prompts) > model.max_seqs_per_request:
@@ -361,6 +363,8 @@ def _build(
             code="too_many_sequences",
         )
     common = _sampling_fields(body, model, logprobs)
+    if echo and logprobs is not None:
+        common["prompt_logprobs"] = logprobs
     seed = _seed(body)
     stream, include_usage = _stream_flags(body)
     choice_prompts, choice_params = [], []
@@ -376,7 +380,15 @@ def _build(
             choice_prompts.append(prompt_index)
             choice_params.append(_params(max_tokens, _choice_seed(seed, i), common))
     return GenerationRequest(
-        kind, model_name, prompts, choice_prompts, choice_params, stream, include_usage, logprobs
+        kind,
+        model_name,
+        prompts,
+        choice_prompts,
+        choice_params,
+        stream,
+        include_usage,
+        logprobs,
+        echo,
     )
 
 
@@ -470,7 +482,7 @@ def _params(max_tokens: int, seed: int | None, common: dict) -> SamplingParams:
 
 # ---- /v1/completions ------------------------------------------------------------------------
 
-COMPLETION_UNSUPPORTED = ("echo", "suffix")
+COMPLETION_UNSUPPORTED = ("suffix",)
 
 
 def parse_completion(body: dict, model: ModelInfo) -> GenerationRequest:
@@ -485,6 +497,13 @@ def parse_completion(body: dict, model: ModelInfo) -> GenerationRequest:
         )
     prompts = _completion_prompts(body, model)
     logprobs = _int(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
+    echo = _bool(body, "echo", False)
+    if echo and _bool(body, "stream", False):
+        raise APIError(
+            "'echo' is not supported with 'stream': send the request without stream",
+            param="echo",
+            code="unsupported_parameter",
+        )
     return _build(
         body,
         "completion",
@@ -494,6 +513,7 @@ def parse_completion(body: dict, model: ModelInfo) -> GenerationRequest:
         logprobs=logprobs,
         max_tokens_name="max_tokens",
         default_max_tokens=model.sampling_defaults.get("max_tokens", 16),
+        echo=echo,
     )
 
 
@@ -669,7 +689,7 @@ def completion_logprobs(entries: list[TokenLogprobs], decode, text_offset: int =
     return {
         "tokens": tokens,
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [_top_by_text(e.top, decode) for e in entries],
+        "top_logprobs": [None if e.top is None else _top_by_text(e.top, decode) for e in entries],
         "text_offset": offsets,
     }
 

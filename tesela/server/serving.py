@@ -125,12 +125,21 @@ class CompletionFormat(ResponseFormat):
     object_name = chunk_object_name = "text_completion"
 
     def final_choice(self, index: int, output: RequestOutput) -> dict:
+        entries = output.logprobs
+        text = output.text
+        if self.request.echo:
+            # The prompt leads: its text, and its tokens' logprobs (none for the first).
+            prompt = output.prompt_token_ids
+            text = self.token_text.tokenizer.decode(prompt) + text
+            if entries is not None:
+                first = TokenLogprobs(prompt[0], None, None)
+                entries = [first, *output.prompt_logprobs[1:], *entries]
         logprobs = None
-        if output.logprobs is not None:
-            logprobs = completion_logprobs(output.logprobs, self.token_text)
+        if entries is not None:
+            logprobs = completion_logprobs(entries, self.token_text)
         return {
             "index": index,
-            "text": output.text,
+            "text": text,
             "logprobs": logprobs,
             "finish_reason": output.finish_reason,
         }
