@@ -133,7 +133,7 @@ class ServerMetrics:
     """Every metric the server exports; `render(stats)` adds the engine's snapshot. Every
     sample carries a `model_name` label (as vLLM's do), so dashboards can tell servers apart."""
 
-    def __init__(self, model_name: str = "") -> None:
+    def __init__(self, model_name: str) -> None:
         self.model_name = model_name
         self.http_requests = Counter(
             "http_requests_total", "HTTP requests by route and status code.", ("route", "status")
