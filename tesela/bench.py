@@ -1,6 +1,6 @@
-"""`tesela bench prefill`: one-request prefill latency by graph strategy (shared/BENCH.md).
+"""`tesela bench prefill`: one-request prefill latency by graph mode (shared/BENCH.md).
 
-One model is loaded once; every strategy runs over it: eager, torch.compile (default and
+One model is loaded once; every mode runs over it: eager, torch.compile (default and
 reduce-overhead), piecewise breakable, piecewise compiled (eager and inductor pieces), and a
 full graph captured at each exact size (the launch-free floor for the same kernels). Latency is
 host-visible (launch to synchronized result), median of repeated runs after warmup; the logits
@@ -19,9 +19,14 @@ from pathlib import Path
 
 import torch
 
-from tesela.config import GraphConfig, default_capture_sizes
-from tesela.executor.forward_batch import ForwardBatch
-from tesela.executor.forward_context import forward_context
+from tesela.config import default_capture_sizes
+from tesela.core.forward_batch import ForwardBatch
+from tesela.core.forward_context import forward_context
+from tesela.engine.llm_engine import make_engine_config, resolve_model
+from tesela.executor.graphs import graph_factory_for
+from tesela.executor.model_runner import ModelRunner
+from tesela.executor.piecewise.breakable import BreakablePiecewiseRunner
+from tesela.executor.piecewise.compiled import CompiledPiecewiseRunner
 
 COLUMNS = (
     "eager",
@@ -88,9 +93,6 @@ def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_prefill(args: argparse.Namespace) -> int:
-    from tesela.engine.llm_engine import make_engine_config, resolve_model
-    from tesela.executor.model_runner import ModelRunner
-
     model_config, _ = resolve_model(args.model)
     counts, notes = fitting_counts(
         [int(n) for n in args.num_tokens.split(",")],
@@ -241,31 +243,34 @@ class PrefillBench:
             return self._with_context(lambda b: compiled(b.input_ids, b.positions))
         if column == "full-graph":
             return FullGraphs(runner)
-        strategy, compiler = {
+        mode, compiler = {
             "breakable": ("breakable", "eager"),
             "compiled-eager": ("compiled", "eager"),
             "compiled-inductor": ("compiled", "inductor"),
         }[column]
-        return self._piecewise(column, strategy, compiler)
+        return self._piecewise(column, mode, compiler)
 
     def _with_context(self, fn):
         def run(batch: ForwardBatch) -> torch.Tensor:
-            self.runner.attn_backend.init_forward_metadata(batch)
-            with torch.inference_mode(), forward_context(batch, self.runner.attn_backend):
+            plan = self.runner.planner.plan(batch)
+            with torch.inference_mode(), forward_context(batch, plan, self.runner.attn_backend):
                 return fn(batch)
 
         return run
 
-    def _piecewise(self, column: str, strategy: str, compiler: str):
-        from tesela.executor.piecewise.runner import PiecewiseRunner
-
-        config = GraphConfig(
-            piecewise_cudagraph=strategy,
-            piecewise_compiler=compiler,
+    def _piecewise(self, column: str, mode: str, compiler: str):
+        runner = self.runner
+        collaborators = dict(
+            model=runner.model,
+            planner=runner.planner,
             capture_sizes=default_capture_sizes(max(self.counts)),
-            max_capture_tokens=max(self.counts),
+            block_size=runner.kv_cache.block_size,
+            graphs=graph_factory_for(runner.device),
         )
-        piecewise = PiecewiseRunner(self.runner, config)
+        if mode == "compiled":
+            piecewise = CompiledPiecewiseRunner(piecewise_compiler=compiler, **collaborators)
+        else:
+            piecewise = BreakablePiecewiseRunner(**collaborators)
         report = piecewise.capture()
         self.results["build"][column] = {
             "seconds": report.seconds,
@@ -333,11 +338,12 @@ class FullGraphs:
             runner.forward_eager(batch)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        runner.attn_backend.init_forward_metadata(batch)
-        with torch.cuda.graph(graph, pool=self.pool), forward_context(batch, runner.attn_backend):
+        plan = runner.planner.plan(batch)
+        context = forward_context(batch, plan, runner.attn_backend)
+        with torch.cuda.graph(graph, pool=self.pool), context:
             output = runner.model(batch.input_ids, batch.positions)
-        # The graph reads the metadata's device tensors: keep them alive with it.
-        return graph, output, batch, runner.attn_backend.forward_metadata
+        # The graph reads the plan's device tensors: keep them alive with it.
+        return graph, output, batch, plan
 
 
 def write_outputs(results: dict, output_dir: Path, name: str, plot: bool = True) -> None:

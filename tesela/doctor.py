@@ -31,7 +31,7 @@ def doctor_report(
     dtype: str = "bfloat16",
     head_dim: int = 128,
     piecewise: bool | None = None,
-    full_cudagraph: bool = True,
+    full_decode: bool = True,
 ) -> str:
     """The plain-text report. `device` is "cpu", "cuda", "cuda:1" or None (auto).
     `piecewise` None means the engine's default there: on for CUDA, off for CPU (where the
@@ -39,9 +39,7 @@ def doctor_report(
     info = DeviceInfo.detect(device)
     if piecewise is None:
         piecewise = info.kind == "cuda"
-    settings = dict(
-        dtype=dtype, head_dim=head_dim, piecewise=piecewise, full_cudagraph=full_cudagraph
-    )
+    settings = dict(dtype=dtype, head_dim=head_dim, piecewise=piecewise, full_decode=full_decode)
     sections = [
         _versions_section(),
         _device_section(info, device),

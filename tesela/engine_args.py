@@ -7,7 +7,7 @@ shown, and `from_cli_args` reads them back. The engine resolves the "auto" value
 torch nor anything above `tesela.config`, so `tesela --help` stays fast.
 
 Names follow the field (vLLM/SGLang): `piecewise_cudagraph` is the piecewise capture mode,
-`full_cudagraph` the FULL decode graphs, `disable_cudagraph` turns both off. The spellings
+`full_decode` the FULL decode graphs, `disable_cudagraph` turns both off. The spellings
 of earlier versions are still accepted (with a warning) through `RENAMED`.
 """
 

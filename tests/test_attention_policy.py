@@ -41,7 +41,7 @@ def missing(*packages: str):
 
 
 def resolve(requested, device, **overrides):
-    settings = dict(dtype="bfloat16", head_dim=128, piecewise=True, full_cudagraph=True)
+    settings = dict(dtype="bfloat16", head_dim=128, piecewise=True, full_decode=True)
     settings.setdefault("importable", everything)
     settings.update(overrides)
     return resolve_attention(requested, device, **settings)
@@ -61,7 +61,7 @@ def fresh_warnings():
 def test_sm100_with_piecewise_uses_fa2_and_says_why(device):
     decision = resolve("flashinfer", device, piecewise=True)
     assert (decision.backend, decision.variant) == ("flashinfer", "fa2")
-    assert decision.piecewise and decision.full_cudagraph
+    assert decision.piecewise and decision.full_decode
     (line,) = decision.downgrades
     assert line.startswith("variant cutlass -> fa2:")
     assert "TMA descriptor" in line and "SM100" in line and "piecewise" in line
@@ -113,7 +113,7 @@ def test_explicit_fa2_on_sm100_is_kept():
 def test_flashinfer_missing_falls_back_to_triton_with_install_hint():
     decision = resolve("flashinfer", SM90, importable=missing("flashinfer"))
     assert (decision.backend, decision.variant) == ("triton", "plain")
-    assert decision.full_cudagraph
+    assert decision.full_decode
     (line,) = decision.downgrades
     assert line.startswith("backend flashinfer -> triton:")
     assert "pip install flashinfer-python" in line and "running triton instead" in line
@@ -137,7 +137,7 @@ def test_triton_missing_falls_back_to_torch_with_install_hint():
 
 def test_default_importable_checks_real_packages():
     decision = resolve_attention(
-        "triton", SM90, dtype="bf16", head_dim=128, piecewise=True, full_cudagraph=True
+        "triton", SM90, dtype="bf16", head_dim=128, piecewise=True, full_decode=True
     )
     expected = "triton" if policy.package_importable("triton") else "torch"
     assert decision.backend == expected
@@ -192,7 +192,7 @@ def test_dtype_aliases_are_accepted():
 
 def test_torch_on_cuda_keeps_backend_and_disables_full_decode():
     decision = resolve("torch", SM90)
-    assert (decision.backend, decision.piecewise, decision.full_cudagraph) == ("torch", True, False)
+    assert (decision.backend, decision.piecewise, decision.full_decode) == ("torch", True, False)
     (line,) = decision.downgrades
     assert line.startswith("FULL decode graphs on -> off:")
     assert "planning" in line and "decode batches run piecewise" in line
@@ -205,13 +205,13 @@ def test_torch_without_piecewise_says_decode_runs_eagerly():
 
 def test_cpu_has_no_full_decode_graphs_and_does_not_warn():
     decision = resolve("torch", CPU)
-    assert (decision.piecewise, decision.full_cudagraph) == (True, False)
+    assert (decision.piecewise, decision.full_decode) == (True, False)
     assert decision.downgrades == () and "no CUDA graphs on CPU" in decision.changes[0]
 
 
 def test_backend_without_piecewise_support_keeps_backend_and_disables_piecewise():
     decision = resolve("eager", SM90, specs=SPECS)
-    assert (decision.backend, decision.piecewise, decision.full_cudagraph) == (
+    assert (decision.backend, decision.piecewise, decision.full_decode) == (
         "eager",
         False,
         False,
@@ -220,8 +220,8 @@ def test_backend_without_piecewise_support_keeps_backend_and_disables_piecewise(
 
 
 def test_graph_modes_not_requested_stay_off():
-    decision = resolve("triton", SM90, piecewise=False, full_cudagraph=False)
-    assert (decision.piecewise, decision.full_cudagraph) == (False, False)
+    decision = resolve("triton", SM90, piecewise=False, full_decode=False)
+    assert (decision.piecewise, decision.full_decode) == (False, False)
     assert "piecewise graphs off: not requested" in decision.reasons
 
 
@@ -359,12 +359,12 @@ def _grid():
     flags = [True, False]
     shapes = [("bfloat16", 128), ("float32", 128), ("float16", 80)]
     for combo in itertools.product(requests, devices, availability, flags, flags, shapes):
-        requested, device, importable, piecewise, full_cudagraph, (dtype, head_dim) = combo
+        requested, device, importable, piecewise, full_decode, (dtype, head_dim) = combo
         settings = dict(dtype=dtype, head_dim=head_dim, piecewise=piecewise)
         yield (
             requested,
             device,
-            dict(importable=importable, full_cudagraph=full_cudagraph, **settings),
+            dict(importable=importable, full_decode=full_decode, **settings),
         )
 
 
@@ -392,17 +392,17 @@ def _assert_sound(decision, device, settings):
     assert settings["dtype"] in spec.dtypes
     assert spec.head_dims is None or settings["head_dim"] in spec.head_dims
     full_decode_ok = spec.graph_support >= GraphSupport.FULL_DECODE and device.kind == "cuda"
-    assert decision.full_cudagraph == (settings["full_cudagraph"] and full_decode_ok)
+    assert decision.full_decode == (settings["full_decode"] and full_decode_ok)
     piecewise_ok = spec.graph_support >= GraphSupport.PIECEWISE
     assert decision.piecewise == (settings["piecewise"] and piecewise_ok)
     on_sm100 = device.capability is not None and (10, 0) <= device.capability < (11, 0)
     assert not (decision.variant == "cutlass" and on_sm100 and decision.piecewise)
     # What was decided resolves to itself, with nothing left to change.
-    graphs = dict(piecewise=decision.piecewise, full_cudagraph=decision.full_cudagraph)
+    graphs = dict(piecewise=decision.piecewise, full_decode=decision.full_decode)
     again = resolve_attention(
         decision.name, device, specs=SPECS, log=False, **{**settings, **graphs}
     )
-    assert (again.name, again.piecewise, again.full_cudagraph) == (decision.name, *graphs.values())
+    assert (again.name, again.piecewise, again.full_decode) == (decision.name, *graphs.values())
     assert again.changes == ()
 
 

@@ -1,4 +1,4 @@
-"""The attention backend policy, as data (DESIGN.md §4).
+"""The attention backend policy, as data.
 
 Each backend declares what it supports (`BackendSpec`); hardware and graph-mode limits are rows
 of one rule table (`RULES`). `resolve_attention` turns a request ("auto", "triton",
@@ -206,7 +206,7 @@ class Rule:
     min_capability: Capability | None = None  # inclusive
     max_capability: Capability | None = None  # exclusive
     piecewise: bool | None = None
-    full_cudagraph: bool | None = None
+    full_decode: bool | None = None
     warn: bool = True  # False: an expected selection, logged at info
 
 
@@ -250,10 +250,10 @@ RULES: tuple[Rule, ...] = (
          max_capability=(9, 0)),
     # Graph modes: keep the backend the user chose, give up the graph mode it cannot serve.
     Rule(ANY, "no CUDA graphs on CPU; decode batches run {decode_path}",
-         Action.DISABLE_FULL_DECODE, device="cpu", full_cudagraph=True, warn=False),
+         Action.DISABLE_FULL_DECODE, device="cpu", full_decode=True, warn=False),
     Rule(ANY, "{backend} attention cannot run inside a FULL decode graph ({graph_note}); "
          "decode batches run {decode_path}", Action.DISABLE_FULL_DECODE,
-         when=Check.NO_FULL_DECODE_SUPPORT, full_cudagraph=True),
+         when=Check.NO_FULL_DECODE_SUPPORT, full_decode=True),
     Rule(ANY, "{backend} attention cannot run between piecewise graph pieces ({graph_note}); "
          "extend batches run eagerly", Action.DISABLE_PIECEWISE,
          when=Check.NO_PIECEWISE_SUPPORT, piecewise=True),
@@ -277,7 +277,7 @@ class AttentionDecision:
     backend: str
     variant: str | None
     piecewise: bool
-    full_cudagraph: bool
+    full_decode: bool
     reasons: tuple[str, ...]  # one line per decision, kept decisions included
     changes: tuple[str, ...] = ()  # the lines where something differs from the request
     downgrades: tuple[str, ...] = ()  # the changes logged as warnings (the rest: info)
@@ -291,7 +291,7 @@ class AttentionDecision:
         on = {True: "on", False: "off"}
         return (
             f"{self.name}, piecewise graphs {on[self.piecewise]}, "
-            f"FULL decode graphs {on[self.full_cudagraph]}"
+            f"FULL decode graphs {on[self.full_decode]}"
         )
 
 
@@ -308,7 +308,7 @@ class _State:
     backend: str
     variant: str | None
     piecewise: bool
-    full_cudagraph: bool
+    full_decode: bool
 
 
 @dataclass(frozen=True)
@@ -334,7 +334,7 @@ def resolve_attention(
     dtype: str,
     head_dim: int,
     piecewise: bool,
-    full_cudagraph: bool,
+    full_decode: bool,
     importable: Callable[[str], bool] = package_importable,
     rules: tuple[Rule, ...] = RULES,
     specs: Mapping[str, BackendSpec] = BACKEND_SPECS,
@@ -352,7 +352,7 @@ def resolve_attention(
     if backend != AUTO:
         variant = variant or specs[backend].default_variant
     situation = _Situation(device, normalize_dtype(dtype), int(head_dim), importable, specs)
-    state = _State(backend, variant, bool(piecewise), bool(full_cudagraph))
+    state = _State(backend, variant, bool(piecewise), bool(full_decode))
     state, changes = _run_to_fixed_point(state, situation, rules, explicit_variant)
     reasons = [c.line for c in changes] + _kept_lines(state, situation, rules, changes)
     decision = AttentionDecision(
@@ -360,7 +360,7 @@ def resolve_attention(
         backend=state.backend,
         variant=state.variant,
         piecewise=state.piecewise,
-        full_cudagraph=state.full_cudagraph,
+        full_decode=state.full_decode,
         reasons=tuple(reasons),
         changes=tuple(c.line for c in changes),
         downgrades=tuple(c.line for c in changes if c.warn),
@@ -432,7 +432,7 @@ def _matches(rule: Rule, state: _State, situation: _Situation) -> bool:
         return False
     if rule.piecewise is not None and rule.piecewise != state.piecewise:
         return False
-    if rule.full_cudagraph is not None and rule.full_cudagraph != state.full_cudagraph:
+    if rule.full_decode is not None and rule.full_decode != state.full_decode:
         return False
     return rule.when is Check.ALWAYS or _check(rule.when, situation.specs[state.backend], situation)
 
@@ -468,7 +468,7 @@ def _apply(rule: Rule, state: _State, specs: Mapping[str, BackendSpec]) -> _Stat
     if rule.action is Action.DISABLE_PIECEWISE:
         return replace(state, piecewise=False)
     if rule.action is Action.DISABLE_FULL_DECODE:
-        return replace(state, full_cudagraph=False)
+        return replace(state, full_decode=False)
     raise AssertionError(f"a KEEP rule changes nothing: {rule}")
 
 
@@ -476,7 +476,7 @@ _LABELS = {
     "backend": "backend",
     "variant": "variant",
     "piecewise": "piecewise graphs",
-    "full_cudagraph": "FULL decode graphs",
+    "full_decode": "FULL decode graphs",
 }
 
 
@@ -530,7 +530,7 @@ def _kept_lines(
     lines += [f"variant {state.variant} kept: {_reason(r, state, situation)}" for r in keep_rules]
     if state.variant is not None and not keep_rules and "variant" not in changed:
         lines.append(f"variant {state.variant} kept: no rule limits it on {situation.device.sm}")
-    for attribute in ("piecewise", "full_cudagraph"):
+    for attribute in ("piecewise", "full_decode"):
         if attribute not in changed:
             lines.append(_graph_kept_line(_LABELS[attribute], getattr(state, attribute), spec))
     return lines

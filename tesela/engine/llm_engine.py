@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from tesela.attention.policy import DeviceInfo, resolve_attention
 from tesela.config import (
     CacheConfig,
     EngineConfig,
@@ -24,14 +26,16 @@ from tesela.config import (
     read_generation_config,
     resolve_graph_config,
 )
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.engine.block_manager import BlockManager
-from tesela.engine.kv_cache import RESERVED_BLOCKS
 from tesela.engine.request import Request, TokenLogprobs
 from tesela.engine.sampler import Sampler, SamplingHistory
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
 from tesela.engine_args import EngineArgs
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.executor.model_runner import ModelRunner
+from tesela.models.registry import check_architecture
 from tesela.presets import DEFAULT_MODEL, PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -62,6 +66,19 @@ def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
             f"model {model!r} is neither a folder nor a preset: give a folder with config.json "
             f"and safetensors weights, or one of the presets {', '.join(PRESETS)}"
         )
+    # Refuse an unknown architecture before the config's other fields are read.
+    config_file = path / "config.json"
+    if config_file.is_file():
+        try:
+            hf = json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise ValueError(
+                f"{config_file} is not valid JSON ({exc}): fix or re-download it"
+            ) from None
+        try:
+            check_architecture(hf.get("architectures") or [] if isinstance(hf, dict) else [])
+        except ValueError as exc:
+            raise ValueError(f"{config_file}: {exc}") from None
     return ModelConfig.from_pretrained(path), str(path)
 
 
@@ -133,18 +150,16 @@ def _scheduler_config(args: EngineArgs, model_config: ModelConfig) -> SchedulerC
 def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, graph):
     """Resolve the attention backend once, through the policy table, and turn off the graph
     modes the chosen backend cannot serve (each change is logged once, with its reason)."""
-    from tesela.attention.policy import DeviceInfo, resolve_attention
-
     decision = resolve_attention(
         requested,
         DeviceInfo.detect(device),
         dtype=dtype,
         head_dim=head_dim,
         piecewise=graph.piecewise_enabled,
-        full_cudagraph=graph.full_cudagraph,
+        full_decode=graph.full_decode,
     )
-    if graph.full_cudagraph and not decision.full_cudagraph:
-        graph = dataclasses.replace(graph, full_cudagraph=False, decode_batch_sizes=())
+    if graph.full_decode and not decision.full_decode:
+        graph = dataclasses.replace(graph, full_decode=False, decode_batch_sizes=())
     if graph.piecewise_enabled and not decision.piecewise:
         graph = dataclasses.replace(graph, piecewise_cudagraph="none", capture_sizes=())
     return decision.name, graph
@@ -154,8 +169,6 @@ class LLMEngine:
     def __init__(
         self, config: EngineConfig, model_path: str | None, tokenizer: Tokenizer | None = None
     ) -> None:
-        from tesela.executor.model_runner import ModelRunner
-
         self.config = config
         self.runner = ModelRunner(config, model_path)
         tokenizer_path = config.tokenizer or model_path
@@ -360,5 +373,5 @@ class LLMEngine:
             "kv_blocks_total": bm.num_usable_blocks,
             "kv_blocks_used": bm.num_used_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
-            "dispatch": self.runner.graphs.stats.as_dict(),
+            "dispatch": self.runner.dispatcher.stats.as_dict(),
         }
