@@ -3,8 +3,8 @@
 Each option is a dataclass field whose metadata carries its help text; `add_cli_args` turns
 the fields into command-line flags (`--max-num-seqs` for `max_num_seqs`) with their defaults
 shown, and `from_cli_args` reads them back. The engine resolves the "auto" values into a frozen
-`EngineConfig` (`tesela.engine.llm_engine.make_engine_config`). This module imports neither
-torch nor anything above `tesela.config`, so `tesela --help` stays fast.
+`EngineConfig` (`tesela.engine.llm_engine.make_engine_config`). This module imports only
+config.py and presets.py (no torch), so `tesela --help` stays fast.
 
 Names follow the field (vLLM/SGLang): `piecewise_cudagraph` is the piecewise capture mode,
 `full_decode` the FULL decode graphs, `disable_cudagraph` turns both off. The spellings
