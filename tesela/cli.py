@@ -105,6 +105,13 @@ def _bench_decode(parser: argparse.ArgumentParser) -> Callable:
     return run_decode
 
 
+def _bench_latency(parser: argparse.ArgumentParser) -> Callable:
+    from tesela.bench_latency import add_latency_arguments, run_latency
+
+    add_latency_arguments(parser)
+    return run_latency
+
+
 def _bench_serve(parser: argparse.ArgumentParser) -> Callable:
     from tesela.bench_serve import add_bench_serve_arguments, run_bench_serve
 
@@ -131,7 +138,8 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
 }
 BENCH_COMMANDS: dict[str, tuple[str, Callable]] = {
     "prefill": ("prefill latency by piecewise mode", _bench_prefill),
-    "decode": ("decode step latency: eager, graphs, floor", _bench_decode),
+    "decode": ("decode step through sampling: eager, graphs, HBM floor", _bench_decode),
+    "latency": ("offline generate: tokens/s per batch size", _bench_latency),
     "serve": ("serving over HTTP: throughput, TTFT, ITL", _bench_serve),
 }
 

@@ -18,6 +18,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs of each generated token
     prompt_logprobs: int | None = None  # top-k logprobs of each prompt token (echo)
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     min_p: float = 0.0  # drop tokens below min_p x the top token's probability
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
