@@ -74,7 +74,9 @@ def test_every_flag_has_help_and_shows_its_default():
                 assert "default:" in sub._get_formatter()._expand_help(action) or (
                     "(default:" in action.help
                 ), f"{name}: {action.option_strings} shows no default"
-        assert "--max-num-seqs" in text or name in ("doctor", "bench prefill", "bench decode")
+        # Commands that build an engine from flags take every EngineArgs flag.
+        if name in ("generate", "serve", "bench serve"):
+            assert "--max-num-seqs" in text and "--piecewise-cudagraph" in text
 
 
 def test_engine_flags_are_generated_from_engine_args():
@@ -161,7 +163,7 @@ def test_generate_shows_progress_on_long_runs(capsys):
     assert "Generating" in err and "tok" in err
 
 
-def test_bench_prefill_and_decode_run_on_tiny_on_cpu(capsys, tmp_path):
+def test_bench_prefill_decode_and_latency_run_on_tiny_on_cpu(capsys, tmp_path):
     import torch
 
     if torch.cuda.is_available():
@@ -196,3 +198,16 @@ def test_bench_prefill_and_decode_run_on_tiny_on_cpu(capsys, tmp_path):
         "1",
     )
     assert code == 0 and "| 2 | 64 |" in out and "note: skipped context 4096" in out
+    code, out, _ = run_cli(
+        capsys,
+        "bench",
+        "latency",
+        *common,
+        "--batch-sizes",
+        "1",
+        "--input-len",
+        "4",
+        "--output-len",
+        "4",
+    )
+    assert code == 0 and (tmp_path / "latency-tiny.json").is_file()
