@@ -51,6 +51,7 @@ class LLM:
         token_prompts = [self._tokens(p) for p in prompts]
         ids = [self.engine.add_request(p, sp) for p, sp in zip(token_prompts, params, strict=True)]
         results: dict[str, RequestOutput] = {}
+        budget = {i: sp.max_tokens for i, sp in zip(ids, params, strict=True)}
         # Progress in tokens, so one long generation shows it is moving too.
         bar = tqdm(
             total=sum(p.max_tokens for p in params),
@@ -64,8 +65,7 @@ class LLM:
                 if output.finished:
                     results[output.request_id] = output
                     # A request that stops early gives back the rest of its budget.
-                    sampling = params[ids.index(output.request_id)]
-                    bar.update(sampling.max_tokens - len(output.token_ids))
+                    bar.update(budget[output.request_id] - len(output.token_ids))
         bar.close()
         return [results[i] for i in ids]
 
