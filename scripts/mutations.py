@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Mutation check of the graph layer, the sampler and the server: each mutation must make a CPU
-test fail.
+"""Mutation check of the graph layer, the prefix cache, the sampler and the server: each
+mutation must make a CPU test fail.
 
 Applies one textual mutation at a time to a temporary copy of the repository, runs the tests
 that guard it, and prints `mutation -> CAUGHT by <tests>` (or MISSED). Exit status 1 if any
 mutation is missed or no longer applies. Slow (a few minutes on 2 cores): run it by hand,
-`python3 scripts/mutations.py [name ...]`, after changing the runners, the planner or the sampler.
+`python3 scripts/mutations.py [name ...]`, after changing the runners, the planner, the sampler,
+the block manager or the scheduler.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ RUNNER = "tesela/executor/piecewise/runner.py"
 FULL = "tesela/executor/full_decode.py"
 PIECEWISE_TESTS = ["tests/test_piecewise.py"]
 DECODE_TESTS = ["tests/test_dispatcher.py"]
+MOE_PADDING_TEST = "tests/test_moe.py::test_padding_tokens_route_to_no_expert_in_padded_replays"
+BLOCKS = "tesela/engine/block_manager.py"
+SCHEDULER = "tesela/engine/scheduler.py"
+CACHE_TESTS = ["tests/test_prefix_cache.py"]
 
 # name -> (file, original text, mutated text, tests that must fail)
 MUTATIONS = {
@@ -69,6 +74,36 @@ MUTATIONS = {
         "    n = batch.num_tokens\n",
         "    n = q.shape[0]\n",
         ["tests/test_piecewise.py::test_padding_is_zeroed_and_never_reaches_the_kv_cache"],
+    ),
+    "MoE layers never see the real-token count of a padded replay": (
+        "tesela/core/forward_context.py",
+        "    _run_batch_hooks(batch.num_tokens if pinned is None else pinned)\n",
+        "",
+        [MOE_PADDING_TEST],
+    ),
+    "the CPU stand-in records the MoE real-token count write": (
+        "tesela/layers/moe/padding.py",
+        "    with torch._C._DisableTorchDispatch():\n",
+        "    if True:\n",
+        [MOE_PADDING_TEST],
+    ),
+    "FULL decode replay writes the padded size as the MoE real-token count": (
+        FULL,
+        "        with batch_state(n):",
+        "        with batch_state(size):",
+        ["tests/test_moe_triton.py::test_full_decode_replay_routes_padding_rows_to_no_expert"],
+    ),
+    "MoE per-pair kernel ignores the real-token count": (
+        "tesela/layers/moe/kernels.py",
+        "        valid = valid & (pair // top_k < tl.load(num_valid_tokens_ptr))\n",
+        "        valid = valid\n",
+        ["tests/test_moe_triton.py::test_padding_tokens_change_nothing"],
+    ),
+    "MoE grouping keeps padding tokens": (
+        "tesela/layers/moe/align.py",
+        "        keep &= token < num_valid_tokens\n",
+        "",
+        ["tests/test_moe_triton.py::test_padding_tokens_change_nothing"],
     ),
     "seeded sampler rows share one generator": (
         "tesela/engine/sampler.py",
@@ -127,6 +162,48 @@ MUTATIONS = {
         "    def capture_signals(self):",
         "    def _unused_capture_signals(self):",
         ["tests/test_serve_process.py::test_sigterm_drains_then_ends_open_streams_cleanly"],
+    ),
+    "a partial block enters the prefix cache": (
+        BLOCKS,
+        "num_full = min(request.num_computed_tokens // self.block_size",
+        "num_full = min(blocks_for(request.num_computed_tokens, self.block_size)",
+        CACHE_TESTS,
+    ),
+    "the block hash ignores the namespace (LoRA id, cache salt)": (
+        BLOCKS,
+        "    digest.update(repr(extra_keys).encode())\n",
+        "",
+        CACHE_TESTS,
+    ),
+    "an evicted block stays in the hash table": (
+        BLOCKS,
+        "            del self._cached[self._block_hashes[block]]\n",
+        "",
+        CACHE_TESTS,
+    ),
+    "a hit on an evictable block leaves it evictable": (
+        BLOCKS,
+        "                    del self._evictable[block]\n",
+        "                    pass\n",
+        CACHE_TESTS,
+    ),
+    "a fully cached prompt runs no token": (
+        BLOCKS,
+        "(request.num_tokens - 1) // self.block_size",
+        "request.num_tokens // self.block_size",
+        CACHE_TESTS,
+    ),
+    "blocks are never registered after their forward": (
+        SCHEDULER,
+        "            self.block_manager.cache_full_blocks(request)\n",
+        "",
+        CACHE_TESTS,
+    ),
+    "a multi-token recompute row is labelled decode": (
+        SCHEDULER,
+        "            self.num_new_tokens[row] == 1\n            and ",
+        "            ",
+        ["tests/test_prefix_cache.py", "tests/test_prefix_cache_triton.py"],
     ),
 }
 

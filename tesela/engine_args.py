@@ -107,6 +107,11 @@ class EngineArgs:
         None, "largest piecewise capture size (default: --max-num-batched-tokens)"
     )
     disable_cudagraph: bool = _option(False, "run every batch eagerly (no CUDA graphs at all)")
+    enable_prefix_caching: bool = _option(
+        True,
+        "share the KV of repeated prompt prefixes across requests (--no-enable-prefix-caching "
+        "turns it off)",
+    )
     verify_cudagraphs: bool = _option(
         False, "compare every captured size with the eager forward at startup"
     )
@@ -144,7 +149,8 @@ class EngineArgs:
             if "(default:" not in help_text:
                 help_text += f" (default: {_shown(f.default)})"
             if f.type == "bool":
-                kwargs.update(action="store_true")
+                # A flag that defaults on needs its --no- form to be turned off.
+                kwargs.update(action=argparse.BooleanOptionalAction if f.default else "store_true")
             else:
                 kwargs.setdefault("type", _cli_type(f.type))
                 kwargs.update(default=f.default, metavar=_metavar(f))

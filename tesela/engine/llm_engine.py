@@ -55,6 +55,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     finished: bool = False
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
@@ -125,7 +126,12 @@ def make_engine_config(
         load_format=load_format,
         seed=args.seed,
         attention_backend=attention_backend,
-        cache=CacheConfig(args.block_size, args.gpu_memory_utilization, args.num_kv_tokens),
+        cache=CacheConfig(
+            args.block_size,
+            args.gpu_memory_utilization,
+            args.num_kv_tokens,
+            args.enable_prefix_caching,
+        ),
         scheduler=scheduler,
         graph=graph,
         tokenizer=args.tokenizer,
@@ -182,7 +188,10 @@ class LLMEngine:
             sorted(set(config.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         )
         self.block_manager = BlockManager(
-            self.runner.num_kv_blocks, config.cache.block_size, RESERVED_BLOCKS
+            self.runner.num_kv_blocks,
+            config.cache.block_size,
+            RESERVED_BLOCKS,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.runner.device, config.seed)
@@ -197,7 +206,12 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> str:
+        """Queue a request. Requests share cached prefixes only when their `cache_salt` and
+        `lora_id` (the adapter, or any namespace) are equal."""
         params = params or SamplingParams()
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
@@ -208,7 +222,18 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
+        if params.prompt_logprobs is not None:
+            # Prompt logprobs need every prompt position computed: a salt of its own keeps
+            # this request from starting on a cached prefix.
+            cache_salt = f"prompt-logprobs:{request_id}"
+        request = Request(
+            request_id,
+            token_ids,
+            params,
+            eos_token_ids=self.eos_token_ids,
+            lora_id=lora_id,
+            cache_salt=cache_salt,
+        )
         self.scheduler.add(request)
         self.requests[request_id] = request
         self.detokenizers[request_id] = IncrementalDetokenizer(
@@ -356,6 +381,7 @@ class LLMEngine:
             finished=request.is_finished,
             finish_reason=request.finish_reason,
             prompt_logprobs=self._prompt_logprob_list(request),
+            num_cached_tokens=request.num_cached_tokens or 0,
         )
 
     @staticmethod
@@ -380,6 +406,11 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "kv_blocks_total": bm.num_usable_blocks,
             "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_cached": bm.num_cached_blocks,
+            "prefix_caching": bm.enable_prefix_caching,
+            "prefix_cache_queried_tokens": bm.stats.queried_tokens,
+            "prefix_cache_hit_tokens": bm.stats.hit_tokens,
+            "prefix_cache_hit_rate": bm.stats.hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
             "dispatch": self.runner.dispatcher.stats.as_dict(),
         }

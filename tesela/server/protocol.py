@@ -3,7 +3,7 @@
 Validation is explicit (no pydantic) so that every error names the field, says what was wrong
 and what to send instead, and comes back as an OpenAI error body
 ({"error": {"message", "type", "param", "code"}}) with a 4xx status through `APIError`.
-Fields OpenAI defines but tesela cannot honour (echo, suffix, tools, ...) are refused with a
+Fields OpenAI defines but tesela cannot honour (suffix, tools, ...) are refused with a
 message naming the field rather than silently ignored; unknown fields are ignored, as vLLM does.
 
 Parsing runs on a worker thread (it tokenizes and renders templates), and is bounded per
@@ -116,6 +116,7 @@ class GenerationRequest:
     include_usage: bool
     logprobs: int | None  # top alternatives per token; None: no logprobs
     echo: bool = False  # completions: the prompt (and its logprobs) lead each choice
+    cache_salt: str | None = None  # shares cached prefixes only with requests of equal salt
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -389,7 +390,16 @@ def _build(
         include_usage,
         logprobs,
         echo,
+        _cache_salt(body),
     )
+
+
+def _cache_salt(body: dict) -> str | None:
+    """vLLM's `cache_salt`: a non-empty string that keeps a tenant's cached prefixes apart."""
+    value = _get(body, "cache_salt", None)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _wrong_type("cache_salt", "a non-empty string", value)
+    return value
 
 
 def _sampling_fields(body: dict, model: ModelInfo, logprobs: int | None) -> dict:
@@ -672,11 +682,13 @@ def _content(content: Any, param: str) -> str:
 # ---- responses ------------------------------------------------------------------------------
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage block; `cached_tokens`: prompt tokens served from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
