@@ -150,7 +150,8 @@ class EngineArgs:
                 help_text += f" (default: {_shown(f.default)})"
             if f.type == "bool":
                 # A flag that defaults on needs its --no- form to be turned off.
-                kwargs.update(action=argparse.BooleanOptionalAction if f.default else "store_true")
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                kwargs.update(action=action, default=f.default)
             else:
                 kwargs.setdefault("type", _cli_type(f.type))
                 kwargs.update(default=f.default, metavar=_metavar(f))
