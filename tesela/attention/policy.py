@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -46,6 +47,8 @@ class DeviceInfo:
     kind: str  # "cpu" | "cuda"
     capability: Capability | None = None  # CUDA compute capability, e.g. (9, 0)
     name: str = ""
+    # TRITON_INTERPRET=1: Triton kernels run (slowly) on CPU tensors, as the CPU tests do.
+    triton_interpreter: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in DEVICE_KINDS:
@@ -76,7 +79,7 @@ class DeviceInfo:
                 f"unknown device {device!r}: use {', '.join(DEVICE_KINDS)} or cuda:<index>"
             ) from None
         if torch_device.type == "cpu":
-            return cls("cpu", None, "cpu")
+            return cls("cpu", None, "cpu", os.environ.get("TRITON_INTERPRET") == "1")
         if torch_device.type != "cuda":
             cls(torch_device.type)  # raises the unknown-kind error
         if not torch.cuda.is_available():
@@ -112,6 +115,7 @@ class BackendSpec:
     install: str = ""  # how to install `package`
     variants: tuple[str, ...] = ()  # first = default
     graph_note: str = ""  # why graph support stops where it does
+    runs_interpreted: bool = False  # also runs on CPU under the Triton interpreter
 
     @property
     def default_variant(self) -> str | None:
@@ -147,6 +151,7 @@ BACKEND_SPECS: Mapping[str, BackendSpec] = {
             min_capability=(8, 0),
             package="triton",
             install="pip install triton",
+            runs_interpreted=True,
             # "tma" is the form of a hardware-limited kernel path of our own (TMA descriptors,
             # SM90+): its limit is a rule below, never an `if` in the kernel wrapper.
             variants=("plain", "tma"),
@@ -443,12 +448,15 @@ def _check(check: Check, spec: BackendSpec, situation: _Situation) -> bool:
     if check is Check.NOT_IMPORTABLE:
         return spec.package is not None and not situation.importable(spec.package)
     if check is Check.DEVICE_UNSUPPORTED:
-        return device.kind not in spec.devices
+        interpreted = device.kind == "cpu" and device.triton_interpreter and spec.runs_interpreted
+        return device.kind not in spec.devices and not interpreted
     if check is Check.CAPABILITY_UNSUPPORTED:
         capability = device.capability
+        if capability is None:  # CPU: only the device check applies
+            return False
         too_old = spec.min_capability is not None and capability < spec.min_capability
         too_new = spec.max_capability is not None and capability >= spec.max_capability
-        return capability is not None and (too_old or too_new)
+        return too_old or too_new
     if check is Check.DTYPE_UNSUPPORTED:
         return situation.dtype not in spec.dtypes
     if check is Check.HEAD_DIM_UNSUPPORTED:

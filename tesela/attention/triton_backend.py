@@ -46,7 +46,7 @@ from tesela.attention.triton_kernels.extend_attention import (
 )
 from tesela.attention.triton_kernels.store_kv import store_kv
 from tesela.engine.kv_cache import DUMMY_SLOT, KVCachePool
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.executor.forward_batch import BatchModeError, ForwardBatch, ForwardMode
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,11 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _plan_decode(self, batch: ForwardBatch) -> TritonMetadata:
         n, max_seq_len = batch.batch_size, batch.max_seq_len
+        if batch.num_tokens != n:  # ForwardBatch refuses this label; guard the kernel anyway
+            raise BatchModeError(
+                f"triton decode attention runs one new token per row, but {batch.stamp} has "
+                f"{batch.num_tokens} tokens: plan it as an EXTEND or MIXED batch"
+            )
         splits = self.num_kv_splits(n, max_seq_len)
         layout = self.layout
         heads, dim = layout.num_heads, layout.head_dim

@@ -29,7 +29,7 @@ from tesela.engine.request import Request, TokenLogprobs
 from tesela.engine.sampler import Sampler
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.executor.forward_batch import ForwardBatch
 from tesela.presets import PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -150,6 +150,26 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
     return decision.name, graph
 
 
+def fit_max_model_len(config: EngineConfig, block_manager: BlockManager) -> EngineConfig:
+    """A max_model_len the KV pool cannot hold is lowered to what it holds, with a warning
+    naming both numbers (the pool is sized after the model loads, so this is the first place
+    both are known). One request of max_model_len tokens then always fits the pool alone."""
+    capacity = block_manager.num_usable_blocks * block_manager.block_size
+    max_model_len = config.scheduler.max_model_len
+    if max_model_len <= capacity:
+        return config
+    logger.warning(
+        "max_model_len %d is more than the KV cache holds (%d tokens): lowering max_model_len "
+        "to %d. Give the cache more memory (num_kv_tokens, gpu_memory_utilization) to serve "
+        "longer requests.",
+        max_model_len,
+        capacity,
+        capacity,
+    )
+    scheduler = dataclasses.replace(config.scheduler, max_model_len=capacity)
+    return config.replace(scheduler=scheduler)
+
+
 class LLMEngine:
     def __init__(
         self, config: EngineConfig, model_path: str | None, tokenizer: Tokenizer | None = None
@@ -169,6 +189,7 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_kv_blocks, config.cache.block_size, RESERVED_BLOCKS
         )
+        self.config = config = fit_max_model_len(config, self.block_manager)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.runner.device, config.seed)
         self._ids = itertools.count()
@@ -250,14 +271,6 @@ class LLMEngine:
                 scheduled.requests, scheduled.prefix_lens, scheduled.num_new_tokens, strict=True
             )
         ]
-        decode_rows = [scheduled.is_decode_row(i) for i in range(len(scheduled.requests))]
-        mode = (
-            ForwardMode.DECODE
-            if all(decode_rows)
-            else ForwardMode.MIXED
-            if any(decode_rows)
-            else ForwardMode.EXTEND
-        )
         return ForwardBatch.build(
             token_ids=token_ids,
             prefix_lens=scheduled.prefix_lens,
@@ -266,11 +279,12 @@ class LLMEngine:
             device=self.runner.device,
             logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
             request_ids=[r.request_id for r in scheduled.requests],
-            mode=mode,
-        )
+        )  # the mode comes from the rows (a recompute chunk past the prompt is not decode)
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
-        text = request.output_text or self.tokenizer.decode(request.output_token_ids)
+        text = request.stopped_text
+        if text is None:
+            text = self.tokenizer.decode(request.output_token_ids)
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -290,7 +304,7 @@ class LLMEngine:
             index = text.find(stop)
             if index >= 0:
                 keep = index + len(stop) if request.params.include_stop_str_in_output else index
-                request.output_text = text[:keep]
+                request.stopped_text = text[:keep]
                 self.scheduler.finish(request, "stop")
                 return
 

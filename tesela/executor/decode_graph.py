@@ -51,6 +51,8 @@ class DecodeGraphRunner:
         backend.init_cuda_graph_state(max_bs, self.max_blocks)
 
     def can_run(self, batch: ForwardBatch) -> str | None:
+        if not batch.mode.is_decode:  # one token per row is what the graphs were captured for
+            return "not_decode"
         if batch.batch_size > self.sizes[-1]:
             return "decode_batch_too_large"
         if batch.block_tables.shape[1] > self.max_blocks:
@@ -113,6 +115,12 @@ class DecodeGraphRunner:
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
+        reason = self.can_run(batch)
+        if reason is not None:
+            raise ValueError(
+                f"the FULL decode graph runner cannot serve {batch.stamp} ({reason}): "
+                "dispatch it through can_run (GraphRunners.run) to the piecewise or eager path"
+            )
         n = batch.batch_size
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
