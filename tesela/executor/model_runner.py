@@ -48,6 +48,9 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
             sliding_window=mc.sliding_window,
+            sliding_window_layers=(
+                None if mc.sliding_window_layers is None else frozenset(mc.sliding_window_layers)
+            ),
         )
         # A provisional pool (the dummy block plus one) serves graph capture; the real pool is
         # sized afterwards, from what is left once weights and graphs hold their memory.
