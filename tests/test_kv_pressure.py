@@ -125,7 +125,7 @@ def test_triton_in_a_fresh_interpreter_process():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k"]
-    command.append("triton_backend")
+    command.append("triton_backend or refuse")
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
@@ -168,3 +168,40 @@ def test_a_decode_label_on_multi_token_rows_cannot_be_built():
     fields.update(seq_lens_cpu=[8, 8], input_ids=torch.zeros(4, dtype=torch.int64), batch_id=10**9)
     with pytest.raises(BatchModeError, match=r"\[2, 2\]"):
         ForwardBatch(**fields)  # the dataclass constructor checks too
+
+
+# --- every runner refuses a batch it cannot serve, by name, before any kernel runs ----------
+
+
+@pytest.fixture(scope="module")
+def triton_runner():
+    if not INTERPRETED_HERE:
+        pytest.skip("triton not loaded under TRITON_INTERPRET here: run by the fresh process")
+    from tesela.attention.triton_backend import TritonAttentionBackend
+    from tesela.engine.llm_engine import make_engine_config
+    from tesela.executor.decode_graph import DecodeGraphRunner
+    from tesela.executor.model_runner import ModelRunner
+
+    config, path = make_engine_config(
+        "tiny", prefill_graph="breakable", capture_sizes=[4, 8], num_kv_tokens=256, block_size=4
+    )
+    runner = ModelRunner(config, path)
+    runner.attn_backend = TritonAttentionBackend(runner.layout, runner.kv_cache)
+    runner.graphs.decode = DecodeGraphRunner(runner, (1, 2, 4), max_model_len=64)
+    return runner
+
+
+def test_runners_refuse_what_they_cannot_serve(triton_runner):
+    from tesela.executor.dispatcher import RunPath
+
+    graphs = triton_runner.graphs
+    recompute = build([[5, 6], [7, 8]], [6, 6])  # two recompute chunks past their prompts
+    assert graphs.decode.can_run(recompute) == "not_decode"
+    with pytest.raises(ValueError, match="FULL decode graph runner cannot serve .*not_decode"):
+        graphs.decode.run(recompute)
+    assert graphs.choose(recompute) == (RunPath.PIECEWISE, None)
+    assert graphs.run(recompute).shape[0] == 4  # served, by the path that can
+    too_long = build([list(range(3, 15))], [0])  # 12 tokens, captured up to 8
+    with pytest.raises(ValueError, match="piecewise runner cannot serve .*too_many_tokens"):
+        graphs.piecewise.run(too_long)
+    assert graphs.choose(too_long) == (RunPath.EAGER, "too_many_tokens")
