@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from tesela import LLM, SamplingParams
+from tesela.core.forward_batch import BatchModeError, ForwardBatch, ForwardMode
 from tesela.engine.request import Request
-from tesela.executor.forward_batch import BatchModeError, ForwardBatch, ForwardMode
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -179,29 +179,35 @@ def triton_runner():
         pytest.skip("triton not loaded under TRITON_INTERPRET here: run by the fresh process")
     from tesela.attention.triton_backend import TritonAttentionBackend
     from tesela.engine.llm_engine import make_engine_config
-    from tesela.executor.decode_graph import DecodeGraphRunner
     from tesela.executor.model_runner import ModelRunner
 
     config, path = make_engine_config(
-        "tiny", prefill_graph="breakable", capture_sizes=[4, 8], num_kv_tokens=256, block_size=4
+        "tiny",
+        attention_backend="triton",
+        prefill_graph="breakable",
+        capture_sizes=[4, 8],
+        num_kv_tokens=256,
+        block_size=4,
     )
     runner = ModelRunner(config, path)
-    runner.attn_backend = TritonAttentionBackend(runner.layout, runner.kv_cache)
-    runner.graphs.decode = DecodeGraphRunner(runner, (1, 2, 4), max_model_len=64)
+    assert isinstance(runner.attn_backend, TritonAttentionBackend)
+    runner.add_full_decode((1, 2, 4), max_model_len=64)  # CPU stand-in graphs
     return runner
 
 
 def test_runners_refuse_what_they_cannot_serve(triton_runner):
     from tesela.executor.dispatcher import RunPath
 
-    graphs = triton_runner.graphs
+    dispatcher = triton_runner.dispatcher
+    full_decode = dispatcher.runner(RunPath.FULL_DECODE)
+    piecewise = dispatcher.runner(RunPath.PIECEWISE)
     recompute = build([[5, 6], [7, 8]], [6, 6])  # two recompute chunks past their prompts
-    assert graphs.decode.can_run(recompute) == "not_decode"
+    assert full_decode.can_run(recompute) == "not_decode"
     with pytest.raises(ValueError, match="FULL decode graph runner cannot serve .*not_decode"):
-        graphs.decode.run(recompute)
-    assert graphs.choose(recompute) == (RunPath.PIECEWISE, None)
-    assert graphs.run(recompute).shape[0] == 4  # served, by the path that can
+        full_decode.run(recompute)
+    assert dispatcher.choose(recompute) == (RunPath.PIECEWISE, None)
+    assert dispatcher.run(recompute).shape[0] == 4  # served, by the path that can
     too_long = build([list(range(3, 15))], [0])  # 12 tokens, captured up to 8
     with pytest.raises(ValueError, match="piecewise runner cannot serve .*too_many_tokens"):
-        graphs.piecewise.run(too_long)
-    assert graphs.choose(too_long) == (RunPath.EAGER, "too_many_tokens")
+        piecewise.run(too_long)
+    assert dispatcher.choose(too_long) == (RunPath.EAGER, "too_many_tokens")
