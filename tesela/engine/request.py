@@ -37,9 +37,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_preemptions: int = 0
-    # The text cut at a stop string; None until a stop string cuts it ("" is a cut text: a
-    # stop string at the very start of the output).
-    stopped_text: str | None = None
+    output_text: str = ""
 
     @property
     def all_token_ids(self) -> list[int]:
