@@ -55,9 +55,17 @@ BUDGETS = [1, 3, 64]
 WORKLOADS = {"torch": (PROMPTS, GREEDY, 40), "triton": (PROMPTS[:4], TRITON_GREEDY, 28)}
 
 
-def generate(backend: str, num_requests: int | None = None, **kwargs):
+def generate(backend: str, num_requests: int | None = None, graphs: bool = False, **kwargs):
+    """With `graphs`, the Triton run goes through piecewise graphs and FULL decode graphs on
+    the CPU stand-in graph (tesela/executor/graphs.py): the same capture and replay code as
+    on a GPU, under the same pressure."""
     prompts, params, _ = WORKLOADS[backend]
+    if graphs:
+        budget = kwargs["max_num_batched_tokens"]
+        kwargs.update(prefill_graph="breakable", capture_sizes=sorted({min(8, budget), budget}))
     llm = LLM("tiny", attention_backend=backend, block_size=BLOCK_SIZE, **kwargs)
+    if graphs:  # the engine captures FULL decode graphs on CUDA only
+        llm.engine.runner.add_full_decode((1, 2, 4), llm.engine.config.scheduler.max_model_len)
     return llm, llm.generate(prompts[:num_requests], params)
 
 
@@ -72,12 +80,12 @@ def roomy_reference(backend: str) -> list[list[int]]:
     return _references[backend]
 
 
-def check_under_pressure(backend: str, budget: int) -> int:
+def check_under_pressure(backend: str, budget: int, graphs: bool = False) -> int:
     prompts, params, pool_tokens = WORKLOADS[backend]
     # A budget of one token runs one request at a time (see below): a few show it.
     num_requests = (2 if backend == "torch" else 1) if budget == 1 else len(prompts)
     llm, outputs = generate(
-        backend, num_requests, num_kv_tokens=pool_tokens, max_num_batched_tokens=budget
+        backend, num_requests, graphs, num_kv_tokens=pool_tokens, max_num_batched_tokens=budget
     )
     # Greedy tokens do not depend on the batch (tests/test_engine.py), so a prefix of the
     # roomy run is the reference of a prefix of the requests.
@@ -88,8 +96,13 @@ def check_under_pressure(backend: str, budget: int) -> int:
     assert not engine.has_unfinished()
     assert engine.block_manager.num_used_blocks == 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
-    print(f"{backend} budget {budget}: {engine.stats()['num_preemptions']} preemptions")
-    return engine.stats()["num_preemptions"]
+    stats = engine.stats()
+    print(f"{backend} budget {budget}: {stats['num_preemptions']} preemptions, {stats['dispatch']}")
+    if graphs:  # both graph paths served steps under pressure
+        assert (
+            stats["dispatch"]["paths"]["full"] > 0 and stats["dispatch"]["paths"]["piecewise"] > 0
+        )
+    return stats["num_preemptions"]
 
 
 def expected_min_preemptions(backend: str, budget: int) -> int:
@@ -112,9 +125,11 @@ def interpreted():
         pytest.skip("triton not loaded under TRITON_INTERPRET here: run by the fresh process")
 
 
-@pytest.mark.parametrize("budget", BUDGETS)
-def test_triton_backend_under_kv_pressure(interpreted, budget):
-    preemptions = check_under_pressure("triton", budget)
+@pytest.mark.parametrize(
+    ("budget", "graphs"), [(1, False), (3, False), (3, True), (64, True)], ids=str
+)
+def test_triton_backend_under_kv_pressure(interpreted, budget, graphs):
+    preemptions = check_under_pressure("triton", budget, graphs)
     assert preemptions >= expected_min_preemptions("triton", budget)
 
 
