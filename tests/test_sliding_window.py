@@ -186,6 +186,25 @@ def hf_dict(arch: str, **fields) -> dict:
             (1, 3),
         ),
         ("LlamaForCausalLM", dict(sliding_window=64, use_sliding_window=True), None, None),
+        ("MixtralForCausalLM", dict(sliding_window=64), 64, None),
+        (
+            "Qwen3MoeForCausalLM",
+            dict(sliding_window=64, num_experts=4, num_experts_per_tok=2),
+            None,
+            None,
+        ),
+        (
+            "Qwen3MoeForCausalLM",
+            dict(
+                use_sliding_window=True,
+                sliding_window=64,
+                max_window_layers=2,
+                num_experts=4,
+                num_experts_per_tok=2,
+            ),
+            64,
+            None,  # Qwen3-MoE windows every layer: it has no max_window_layers rule
+        ),
     ],
 )
 def test_each_architecture_reads_its_own_window_rule(arch, fields, window, layers):
