@@ -41,7 +41,7 @@ def fused_on_cpu():
 
 @pytest.fixture(scope="module")
 def runners(fused_on_cpu):
-    return None, ModelRunner(*make_engine_config("tiny", prefill_graph="compiled", **COMMON))
+    return None, ModelRunner(*make_engine_config("tiny", piecewise_cudagraph="compiled", **COMMON))
 
 
 def batch(num_tokens: int):
@@ -81,6 +81,8 @@ def test_replay_equals_eager_with_fused_kernels_bitwise(runners):
 
 def test_inductor_pieces_still_trace_the_pytorch_ops(fused_on_cpu):
     runner = ModelRunner(
-        *make_engine_config("tiny", prefill_graph="compiled", piece_compiler="inductor", **COMMON)
+        *make_engine_config(
+            "tiny", piecewise_cudagraph="compiled", piecewise_compiler="inductor", **COMMON
+        )
     )
     assert traced_tesela_ops(runner) == set()
