@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tesela.bench import fitting_counts, sync, weight_nbytes, write_outputs
+from tesela.bench.prefill import fitting_counts, sync, weight_nbytes, write_outputs
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
@@ -152,7 +152,7 @@ def kv_bytes_per_token(config) -> int:
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes/s of a device-to-device copy (bytes read plus written); 64 MiB on CPU."""
     if device.type == "cuda":
-        from tesela.bench import copy_bandwidth as cuda_copy_bandwidth
+        from tesela.bench.prefill import copy_bandwidth as cuda_copy_bandwidth
 
         return cuda_copy_bandwidth(device)
     src = torch.randint(0, 255, (2**26,), dtype=torch.uint8)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tesela.bench import sync, write_outputs
+from tesela.bench.prefill import sync, write_outputs
 
 
 def add_latency_arguments(parser: argparse.ArgumentParser) -> None:

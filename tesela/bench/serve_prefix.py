@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tesela.bench_serve import (
+from tesela.bench.serve import (
     PROMPT_TOKEN_RANGE,
     RequestResult,
     WorkItem,

@@ -78,9 +78,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default="random",
         choices=["random", "shared-prefix"],
         help="random: the prompt/output length mix below; shared-prefix: system prompts and "
-        "conversation replays, with the prefix cache on and off (tesela/bench_serve_prefix.py)",
+        "conversation replays, with the prefix cache on and off (tesela/bench/serve_prefix.py)",
     )
-    from tesela.bench_serve_prefix import add_shared_prefix_arguments
+    from tesela.bench.serve_prefix import add_shared_prefix_arguments
 
     add_shared_prefix_arguments(parser)
     # --seed (from the engine arguments) also fixes the workload and the arrival times.
@@ -250,7 +250,7 @@ def summarize(results: list[RequestResult], items: list[WorkItem], duration: flo
 
 def run_bench_serve(args: argparse.Namespace) -> int:
     if args.workload == "shared-prefix":
-        from tesela.bench_serve_prefix import run_shared_prefix
+        from tesela.bench.serve_prefix import run_shared_prefix
 
         return run_shared_prefix(args, _start_server)
     try:
