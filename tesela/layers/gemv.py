@@ -17,7 +17,7 @@ Which kernel serves a call is data, not a guess: `gemv_table.json` beside this f
 device name -> dtype -> prologue -> "N,K" -> M bucket (1, 2, 4, 8, 16) -> kernel config, and
 holds only the cases where the Triton kernel was correct and beat the unfused path (cuBLAS,
 plus the separate norm or activation kernel) on that device. It is written by
-`python -m tesela.gemv_tune` on the GPU and checked in. Anything not in the table (a
+`python -m tesela.tune.gemv` on the GPU and checked in. Anything not in the table (a
 shape, a device, a dtype, M > 16, CPU, torch.compile) runs the unfused path.
 
 Traced with opaque fused ops (tesela/layers/fused.py), `linear`, `silu_linear` and
