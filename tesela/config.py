@@ -239,6 +239,9 @@ class GraphConfig:
     max_capture_tokens: int = 2048
     decode_graph: bool = True
     decode_batch_sizes: tuple[int, ...] = ()
+    # FULL graphs for extend and mixed batches (whole forward, attention inside) at the
+    # piecewise ladder's sizes, for backends that declare ALWAYS graph support.
+    full_mixed: bool = False
     verify: bool = False  # compare every captured size with eager at capture time
 
     def __post_init__(self) -> None:
@@ -269,6 +272,7 @@ def resolve_graph_config(
     disable_cuda_graph: bool = False,
     decode_batch_sizes: tuple[int, ...] | list[int] | None = None,
     max_decode_batch: int = 256,
+    full_mixed: bool = True,
     verify: bool = False,
     scheduler: SchedulerConfig | None = None,
 ) -> GraphConfig:
@@ -294,6 +298,7 @@ def resolve_graph_config(
         max_capture_tokens=max_tokens,
         decode_graph=not disable_cuda_graph,
         decode_batch_sizes=decode_sizes if not disable_cuda_graph else (),
+        full_mixed=full_mixed and not disable_cuda_graph and bool(sizes),
         verify=verify,
     )
 

@@ -32,10 +32,17 @@ def doctor_report(
     head_dim: int = 128,
     piecewise: bool = True,
     full_decode: bool = True,
+    full_mixed: bool = True,
 ) -> str:
     """The plain-text report. `device` is "cpu", "cuda", "cuda:1" or None (auto)."""
     info = DeviceInfo.detect(device)
-    settings = dict(dtype=dtype, head_dim=head_dim, piecewise=piecewise, full_decode=full_decode)
+    settings = dict(
+        dtype=dtype,
+        head_dim=head_dim,
+        piecewise=piecewise,
+        full_decode=full_decode,
+        full_mixed=full_mixed,
+    )
     sections = [
         _versions_section(),
         _device_section(info, device),

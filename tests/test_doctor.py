@@ -27,6 +27,9 @@ def test_report_lists_every_backend_with_its_support():
     for name in ("triton", "flashinfer"):
         assert f"  {name:<11} " in report
     assert "graphs FULL_DECODE; variants cutlass,fa2" in report
+    # Capture support levels: torch plans on the host, triton runs any batch in a FULL graph.
+    assert "graphs PIECEWISE; variants -" in report
+    assert "graphs ALWAYS; variants plain,tma" in report
     if not _installed("flashinfer"):
         assert "flashinfer  not found (pip install flashinfer-python)" in report
 

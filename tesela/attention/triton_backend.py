@@ -28,7 +28,12 @@ except ImportError as error:  # the registry imports this module only when trito
         "`pip install triton`, or run the torch backend (--attention-backend torch)"
     ) from error
 
-from tesela.attention.base import AttentionBackend, AttentionLayout, AttentionMetadata
+from tesela.attention.base import (
+    AttentionBackend,
+    AttentionLayout,
+    AttentionMetadata,
+    GraphSupport,
+)
 from tesela.attention.triton_kernels import (
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
@@ -40,9 +45,11 @@ from tesela.attention.triton_kernels.decode_attention import (
     num_kv_splits,
 )
 from tesela.attention.triton_kernels.extend_attention import (
+    build_tile_table,
     extend_attention,
     extend_config,
     kernels_interpreted,
+    max_tiles,
 )
 from tesela.attention.triton_kernels.store_kv import store_kv
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
@@ -84,6 +91,9 @@ class TritonMetadata(AttentionMetadata):
     prefix_lens: torch.Tensor | None = None  # [batch] int32
     extend_start_loc: torch.Tensor | None = None  # [batch] int32
     max_extend_len: int = 1
+    # FULL mixed graphs only: the extend kernel's tile table (grid fixed per captured size).
+    tile_rows: torch.Tensor | None = None  # [num_tiles] int32, -1 = absent tile
+    tile_starts: torch.Tensor | None = None  # [num_tiles] int32
     # Decode kernel only: split-KV partial outputs and their log2-sum-exp.
     num_kv_splits: int = 1
     partial_out: torch.Tensor | None = None  # [batch, heads, num_kv_splits, head_dim] fp32
@@ -129,9 +139,48 @@ class DecodeGraphState:
         self.block_tables[n:, 0].fill_(dummy_block)
 
 
+@dataclass
+class MixedGraphState:
+    """Persistent buffers that FULL mixed graphs (any batch: extend, mixed, decode) read,
+    rewritten in place before each replay. Rows after the batch's are never read: no tile of
+    the table points at them. The tile table is shared by every captured size (graphs replay
+    one at a time on one stream); a size of N tokens launches `max_tiles(N, ...)` programs
+    per head and reads that many entries."""
+
+    max_rows: int
+    max_blocks_per_seq: int
+    seq_lens: torch.Tensor  # [max_rows] int32
+    prefix_lens: torch.Tensor  # [max_rows] int32
+    extend_start_loc: torch.Tensor  # [max_rows] int32
+    block_tables: torch.Tensor  # [max_rows, max_blocks_per_seq] int32
+    tile_rows: torch.Tensor  # [max tiles of the largest size] int32
+    tile_starts: torch.Tensor  # [same] int32
+
+    def load(self, batch: ForwardBatch, block_m: int, num_tiles: int) -> None:
+        """Copy the batch's rows in and rewrite the tile table for its first `num_tiles`
+        entries (device copies; the tile table is built on the host from the batch's lists)."""
+        n, width = batch.batch_size, batch.block_tables.shape[1]
+        if n > self.max_rows or width > self.max_blocks_per_seq:
+            raise ValueError(
+                f"{batch.stamp} has {n} rows of up to {width} blocks, but the FULL mixed graph "
+                f"buffers hold {self.max_rows} rows of {self.max_blocks_per_seq} blocks: run it "
+                "through the piecewise or eager path, or raise max_num_seqs / max_model_len"
+            )
+        self.seq_lens[:n].copy_(batch.seq_lens)
+        self.prefix_lens[:n].copy_(batch.prefix_lens)
+        self.extend_start_loc[:n].copy_(batch.extend_start_loc)
+        self.block_tables[:n, :width].copy_(batch.block_tables)
+        rows, starts = build_tile_table(
+            batch.extend_lens_cpu, batch.prefix_lens_cpu, block_m, num_tiles
+        )
+        table = torch.tensor([rows, starts], dtype=torch.int32)
+        self.tile_rows[:num_tiles].copy_(table[0], non_blocking=True)
+        self.tile_starts[:num_tiles].copy_(table[1], non_blocking=True)
+
+
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
-    supports_cuda_graph = True
+    cuda_graph_support = GraphSupport.ALWAYS
 
     def __init__(
         self,
@@ -155,6 +204,7 @@ class TritonAttentionBackend(AttentionBackend):
         )
         self.target_programs = _target_programs(layout.device, self.config.programs_per_sm)
         self.graph_state: DecodeGraphState | None = None
+        self.mixed_state: MixedGraphState | None = None
 
     # Planning ---------------------------------------------------------------------------------
 
@@ -257,6 +307,73 @@ class TritonAttentionBackend(AttentionBackend):
         )
         return metadata
 
+    # FULL mixed graphs ------------------------------------------------------------------------
+
+    def init_mixed_graph_state(
+        self, max_rows: int, max_blocks_per_seq: int, max_num_tokens: int
+    ) -> None:
+        """Allocate the persistent buffers every FULL mixed graph reads."""
+        if min(max_rows, max_blocks_per_seq, max_num_tokens) < 1:
+            raise ValueError(
+                "FULL mixed graph buffers need max_rows, max_blocks_per_seq and "
+                f"max_num_tokens >= 1, got {max_rows}, {max_blocks_per_seq}, {max_num_tokens}"
+            )
+        device = self.layout.device
+        tiles = max_tiles(max_num_tokens, max_rows, self._mixed_config(1).block_m)
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.int32, device=device)
+
+        self.mixed_state = MixedGraphState(
+            max_rows=max_rows,
+            max_blocks_per_seq=max_blocks_per_seq,
+            seq_lens=zeros(max_rows),
+            prefix_lens=zeros(max_rows),
+            extend_start_loc=zeros(max_rows),
+            block_tables=zeros(max_rows, max_blocks_per_seq),
+            tile_rows=zeros(tiles) - 1,
+            tile_starts=zeros(tiles),
+        )
+
+    def _mixed_config(self, padded_num_tokens: int):
+        # One query tile per captured size: the batch's longest row is at most its size.
+        return extend_config(
+            self.layout.head_dim,
+            self.layout.dtype,
+            padded_num_tokens,
+            block_m=self.config.block_m,
+            block_n=self.config.block_n,
+        )
+
+    def plan_mixed_graph(self, batch: ForwardBatch, padded_num_tokens: int) -> TritonMetadata:
+        """Metadata viewing the persistent buffers, after rewriting them with `batch`; its launch
+        values depend only on `padded_num_tokens` (the captured size) and the buffers' limits,
+        so the same call plans the warmup, the capture of each size and every replay."""
+        state = self.mixed_state
+        if state is None:
+            raise RuntimeError(
+                "triton attention has no FULL mixed graph buffers: call "
+                "init_mixed_graph_state(max_rows, max_blocks_per_seq, max_num_tokens) first"
+            )
+        if batch.num_tokens > padded_num_tokens:
+            raise ValueError(f"{batch.stamp} does not fit a graph of {padded_num_tokens} tokens")
+        block_m = self._mixed_config(padded_num_tokens).block_m
+        num_tiles = max_tiles(padded_num_tokens, state.max_rows, block_m)
+        state.load(batch, block_m, num_tiles)
+        return TritonMetadata(
+            stamp=batch.stamp,
+            use_decode_kernel=False,
+            batch_size=state.max_rows,
+            seq_lens=state.seq_lens,
+            block_tables=state.block_tables,
+            max_seq_len=state.max_blocks_per_seq * self.kv_cache.block_size,
+            prefix_lens=state.prefix_lens,
+            extend_start_loc=state.extend_start_loc,
+            max_extend_len=padded_num_tokens,
+            tile_rows=state.tile_rows[:num_tiles],
+            tile_starts=state.tile_starts[:num_tiles],
+        )
+
     # Forward ----------------------------------------------------------------------------------
 
     def forward(self, q, k, v, out, layer_id, batch, metadata: TritonMetadata) -> None:
@@ -311,6 +428,8 @@ class TritonAttentionBackend(AttentionBackend):
             shape=self.shape,
             max_extend_len=metadata.max_extend_len,
             config=config,
+            tile_rows=metadata.tile_rows,
+            tile_starts=metadata.tile_starts,
         )
 
 

@@ -89,6 +89,7 @@ def make_engine_config(
     max_capture_tokens: int | None = None,
     disable_cuda_graph: bool = False,
     verify_graphs: bool = False,
+    full_mixed: bool = True,
 ) -> tuple[EngineConfig, str | None]:
     model_config, path = resolve_model(model)
     if path is None and load_format == "auto":
@@ -117,6 +118,7 @@ def make_engine_config(
         capture_sizes=capture_sizes,
         max_capture_tokens=max_capture_tokens,
         disable_cuda_graph=disable_cuda_graph,
+        full_mixed=full_mixed,
         verify=verify_graphs,
         scheduler=scheduler,
     )
@@ -148,7 +150,10 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
         head_dim=head_dim,
         piecewise=graph.piecewise_enabled,
         full_decode=graph.decode_graph,
+        full_mixed=graph.full_mixed,
     )
+    if graph.full_mixed and not decision.full_mixed:
+        graph = dataclasses.replace(graph, full_mixed=False)
     if graph.decode_graph and not decision.full_decode:
         graph = dataclasses.replace(graph, decode_graph=False, decode_batch_sizes=())
     if graph.piecewise_enabled and not decision.piecewise:
