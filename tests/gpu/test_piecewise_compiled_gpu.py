@@ -45,6 +45,7 @@ def compiled(request):
         prefill_graph="compiled",
         piece_compiler=request.param,
         capture_sizes=SIZES,
+        full_mixed=False,  # these tests replay piecewise graphs
         max_num_seqs=8,  # a short FULL decode ladder: these tests replay prefill pieces
     )
     model_config = dataclasses.replace(config.model_config, num_hidden_layers=NUM_LAYERS)
@@ -88,7 +89,7 @@ def assert_replay_matches(piece_compiler: str, got: torch.Tensor, expected: torc
 
 def test_every_piece_is_captured_at_every_size_with_one_compile(compiled):
     _, runner, graphs_at_capture = compiled
-    report = runner.dispatcher.reports()[0]
+    report = runner.piecewise.report()
     assert report.cuda_graphs and report.sizes == tuple(SIZES)
     assert report.graph_memory_bytes > 0
     pieces = runner.piecewise.pieces
@@ -179,7 +180,11 @@ def test_greedy_generations_identical_with_compiled_graphs_on_and_off():
         max_num_seqs=8,
     )
     on = LLM(
-        "qwen3-0.6b", prefill_graph="compiled", capture_sizes=[8, 16, 64, 128, 256, 512], **common
+        "qwen3-0.6b",
+        prefill_graph="compiled",
+        capture_sizes=[8, 16, 64, 128, 256, 512],
+        full_mixed=False,
+        **common,
     )
     on_tokens = [o.token_ids for o in on.generate(prompts, params)]
     assert on.engine.stats()["dispatch"]["paths"]["piecewise"] > 0
