@@ -118,8 +118,11 @@ def test_padding_is_zero_length_work(runner):
     assert full.out_cache_loc[6:8].tolist() == [DUMMY_SLOT] * 2
     assert full.input_ids[6:8].tolist() == [0, 0] and full.positions[6:8].tolist() == [0, 0]
     state = runner.attn_backend.mixed_state
-    # 8 tokens in at most 4 rows: 8 // 16 + 4 tiles; 2 real ones, longest walk first.
-    assert state.tile_rows[:4].tolist() == [1, 0, -1, -1]
+    # 8 tokens in at most 4 rows: 8 // 16 + 4 tiles, one real (the decode row has none) ...
+    assert state.tile_rows[:4].tolist() == [0, -1, -1, -1]
+    # ... and 4 decode entries, one real: row 1, whose query is token 5.
+    assert state.decode_rows[:4].tolist() == [1, -1, -1, -1]
+    assert state.decode_tokens[0] == 5
     assert state.seq_lens[:2].tolist() == [5, 10]
 
 

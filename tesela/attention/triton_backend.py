@@ -94,6 +94,10 @@ class TritonMetadata(AttentionMetadata):
     # FULL mixed graphs only: the extend kernel's tile table (grid fixed per captured size).
     tile_rows: torch.Tensor | None = None  # [num_tiles] int32, -1 = absent tile
     tile_starts: torch.Tensor | None = None  # [num_tiles] int32
+    # FULL mixed graphs only: the decode rows (one new token), run by the split-KV decode kernel
+    # through an entry table (row, query token); -1 = absent entry.
+    decode_rows: torch.Tensor | None = None  # [entries] int32
+    decode_tokens: torch.Tensor | None = None  # [entries] int32
     # Decode kernel only: split-KV partial outputs and their log2-sum-exp.
     num_kv_splits: int = 1
     partial_out: torch.Tensor | None = None  # [batch, heads, num_kv_splits, head_dim] fp32
@@ -155,10 +159,15 @@ class MixedGraphState:
     block_tables: torch.Tensor  # [max_rows, max_blocks_per_seq] int32
     tile_rows: torch.Tensor  # [max tiles of the largest size] int32
     tile_starts: torch.Tensor  # [same] int32
+    decode_rows: torch.Tensor  # [max_rows] int32: the decode entry table
+    decode_tokens: torch.Tensor  # [max_rows] int32
+    partial_out: torch.Tensor  # flat fp32 split-KV scratch of the decode entries
+    partial_lse: torch.Tensor  # flat fp32
 
-    def load(self, batch: ForwardBatch, block_m: int, num_tiles: int) -> None:
-        """Copy the batch's rows in and rewrite the tile table for its first `num_tiles`
-        entries (device copies; the tile table is built on the host from the batch's lists)."""
+    def load(self, batch: ForwardBatch, block_m: int, num_tiles: int, entries: int) -> None:
+        """Copy the batch's rows in; rewrite the tile table (its first `num_tiles` entries) with
+        the query blocks of the extend rows, and the decode entry table (its first `entries`)
+        with the 1-token rows. Both tables are built on the host from the batch's lists."""
         n, width = batch.batch_size, batch.block_tables.shape[1]
         if n > self.max_rows or width > self.max_blocks_per_seq:
             raise ValueError(
@@ -170,12 +179,29 @@ class MixedGraphState:
         self.prefix_lens[:n].copy_(batch.prefix_lens)
         self.extend_start_loc[:n].copy_(batch.extend_start_loc)
         self.block_tables[:n, :width].copy_(batch.block_tables)
-        rows, starts = build_tile_table(
-            batch.extend_lens_cpu, batch.prefix_lens_cpu, block_m, num_tiles
-        )
-        table = torch.tensor([rows, starts], dtype=torch.int32)
-        self.tile_rows[:num_tiles].copy_(table[0], non_blocking=True)
-        self.tile_starts[:num_tiles].copy_(table[1], non_blocking=True)
+        extend_lens = batch.extend_lens_cpu
+        # A 1-token row is a decode: the split-KV kernel serves it, no extend tile does.
+        tiled_lens = [0 if length == 1 else length for length in extend_lens]
+        rows, starts = build_tile_table(tiled_lens, batch.prefix_lens_cpu, block_m, num_tiles)
+        decode = [row for row, length in enumerate(extend_lens) if length == 1]
+        assert len(decode) <= entries, "more decode rows than tokens"
+        tokens = [int(start) for start in _starts(extend_lens, decode)]
+        pad = [-1] * (entries - len(decode))
+        tiles = torch.tensor([rows, starts], dtype=torch.int32)
+        decodes = torch.tensor([decode + pad, tokens + pad], dtype=torch.int32)
+        self.tile_rows[:num_tiles].copy_(tiles[0], non_blocking=True)
+        self.tile_starts[:num_tiles].copy_(tiles[1], non_blocking=True)
+        self.decode_rows[:entries].copy_(decodes[0], non_blocking=True)
+        self.decode_tokens[:entries].copy_(decodes[1], non_blocking=True)
+
+
+def _starts(extend_lens: list[int], rows: list[int]) -> list[int]:
+    """The first token of each of `rows` in the token dimension."""
+    offsets, total = [], 0
+    for length in extend_lens:
+        offsets.append(total)
+        total += length
+    return [offsets[row] for row in rows]
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -318,8 +344,14 @@ class TritonAttentionBackend(AttentionBackend):
                 "FULL mixed graph buffers need max_rows, max_blocks_per_seq and "
                 f"max_num_tokens >= 1, got {max_rows}, {max_blocks_per_seq}, {max_num_tokens}"
             )
-        device = self.layout.device
+        device, layout = self.layout.device, self.layout
         tiles = max_tiles(max_num_tokens, max_rows, self._mixed_config(1).block_m)
+        max_context_len = max_blocks_per_seq * self.kv_cache.block_size
+        # Split-KV scratch for the most (entry, split) pairs any captured size launches.
+        pairs = max(
+            e * self.num_kv_splits(e, max_context_len)
+            for e in range(1, min(max_rows, max_num_tokens) + 1)
+        )
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.int32, device=device)
@@ -333,6 +365,12 @@ class TritonAttentionBackend(AttentionBackend):
             block_tables=zeros(max_rows, max_blocks_per_seq),
             tile_rows=zeros(tiles) - 1,
             tile_starts=zeros(tiles),
+            decode_rows=zeros(max_rows) - 1,
+            decode_tokens=zeros(max_rows),
+            partial_out=torch.empty(
+                pairs * layout.num_heads * layout.head_dim, dtype=torch.float32, device=device
+            ),
+            partial_lse=torch.empty(pairs * layout.num_heads, dtype=torch.float32, device=device),
         )
 
     def _mixed_config(self, padded_num_tokens: int):
@@ -359,7 +397,11 @@ class TritonAttentionBackend(AttentionBackend):
             raise ValueError(f"{batch.stamp} does not fit a graph of {padded_num_tokens} tokens")
         block_m = self._mixed_config(padded_num_tokens).block_m
         num_tiles = max_tiles(padded_num_tokens, state.max_rows, block_m)
-        state.load(batch, block_m, num_tiles)
+        entries = min(state.max_rows, padded_num_tokens)
+        max_context_len = state.max_blocks_per_seq * self.kv_cache.block_size
+        splits = self.num_kv_splits(entries, max_context_len)
+        state.load(batch, block_m, num_tiles, entries)
+        heads, dim = self.layout.num_heads, self.layout.head_dim
         return TritonMetadata(
             stamp=batch.stamp,
             use_decode_kernel=False,
@@ -372,6 +414,13 @@ class TritonAttentionBackend(AttentionBackend):
             max_extend_len=padded_num_tokens,
             tile_rows=state.tile_rows[:num_tiles],
             tile_starts=state.tile_starts[:num_tiles],
+            decode_rows=state.decode_rows[:entries],
+            decode_tokens=state.decode_tokens[:entries],
+            num_kv_splits=splits,
+            partial_out=state.partial_out[: entries * heads * splits * dim].view(
+                entries, heads, splits, dim
+            ),
+            partial_lse=state.partial_lse[: entries * heads * splits].view(entries, heads, splits),
         )
 
     # Forward ----------------------------------------------------------------------------------
@@ -431,6 +480,23 @@ class TritonAttentionBackend(AttentionBackend):
             tile_rows=metadata.tile_rows,
             tile_starts=metadata.tile_starts,
         )
+        if metadata.decode_rows is not None:
+            decode_attention(
+                q,
+                out,
+                k_pool,
+                v_pool,
+                metadata.block_tables,
+                metadata.seq_lens,
+                metadata.partial_out,
+                metadata.partial_lse,
+                shape=self.shape,
+                num_kv_splits=metadata.num_kv_splits,
+                min_split_len=self.config.min_split_len,
+                config=self.decode_config,
+                entry_rows=metadata.decode_rows,
+                entry_tokens=metadata.decode_tokens,
+            )
 
 
 def _target_programs(device: torch.device, programs_per_sm: int) -> int:
