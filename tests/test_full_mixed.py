@@ -29,7 +29,7 @@ from tesela.executor.model_runner import ModelRunner  # noqa: E402
 
 BLOCK = 16
 MAX_ROWS = 4
-SIZES = (8, 16, 32)
+SIZES = (8, 32)
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +118,26 @@ def test_padding_is_zero_length_work(runner):
     assert full.out_cache_loc[6:8].tolist() == [DUMMY_SLOT] * 2
     assert full.input_ids[6:8].tolist() == [0, 0] and full.positions[6:8].tolist() == [0, 0]
     state = runner.attn_backend.mixed_state
-    # 8 tokens in at most 4 rows: 8 // 16 + 4 tiles, one real (the decode row has none) ...
-    assert state.tile_rows[:4].tolist() == [0, -1, -1, -1]
-    # ... and 4 decode entries, one real: row 1, whose query is token 5.
-    assert state.decode_rows[:4].tolist() == [1, -1, -1, -1]
-    assert state.decode_tokens[0] == 5
-    assert state.seq_lens[:2].tolist() == [5, 10]
+    rows = state.max_rows
+    assert state.segment(0)[:2].tolist() == [5, 10]  # sequence lengths
+    # 8 tokens in at most 4 rows: 4 entries, one real (row 1, whose query is token 5) ...
+    assert state.segment(3)[:4].tolist() == [1, -1, -1, -1]
+    assert state.segment(4)[0] == 5
+    # ... and 8 // 16 + 4 tiles, one real (the decode row has none): (row 0, query 0).
+    assert state.tiles(4).tolist() == [[0, 0], [-1, -1], [-1, -1], [-1, -1]]
+    assert rows == MAX_ROWS
+
+
+def test_prefill_only_batches_replay_the_graph_without_the_decode_launch(runner):
+    full = runner.full_mixed
+    assert sorted(full.captured) == [(s, split) for s in SIZES for split in (False, True)]
+    prefill = batch([(0, 20), (0, 9)], seed=8)
+    assert full.planner.key(prefill) == (32, False)
+    got = full.run(prefill).clone()
+    # Every row tiled for the extend kernel: longest causal walk first, 16-token query blocks.
+    assert runner.attn_backend.mixed_state.tiles(3).tolist() == [[0, 16], [1, 0], [0, 0]]
+    torch.testing.assert_close(got, runner.forward_eager(batch([(0, 20), (0, 9)], seed=8)))
+    assert full.planner.key(batch([(0, 20), (9, 1)])) == (32, True)
 
 
 def test_a_batch_with_more_rows_than_captured_is_refused(runner):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 try:
@@ -45,11 +46,11 @@ from tesela.attention.triton_kernels.decode_attention import (
     num_kv_splits,
 )
 from tesela.attention.triton_kernels.extend_attention import (
-    build_tile_table,
     extend_attention,
     extend_config,
     kernels_interpreted,
     max_tiles,
+    tile_table,
 )
 from tesela.attention.triton_kernels.store_kv import store_kv
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
@@ -92,8 +93,7 @@ class TritonMetadata(AttentionMetadata):
     extend_start_loc: torch.Tensor | None = None  # [batch] int32
     max_extend_len: int = 1
     # FULL mixed graphs only: the extend kernel's tile table (grid fixed per captured size).
-    tile_rows: torch.Tensor | None = None  # [num_tiles] int32, -1 = absent tile
-    tile_starts: torch.Tensor | None = None  # [num_tiles] int32
+    tiles: torch.Tensor | None = None  # [num_tiles, 2] int32 (row, first query); row -1: absent
     # FULL mixed graphs only: the decode rows (one new token), run by the split-KV decode kernel
     # through an entry table (row, query token); -1 = absent entry.
     decode_rows: torch.Tensor | None = None  # [entries] int32
@@ -146,28 +146,33 @@ class DecodeGraphState:
 @dataclass
 class MixedGraphState:
     """Persistent buffers that FULL mixed graphs (any batch: extend, mixed, decode) read,
-    rewritten in place before each replay. Rows after the batch's are never read: no tile of
-    the table points at them. The tile table is shared by every captured size (graphs replay
-    one at a time on one stream); a size of N tokens launches `max_tiles(N, ...)` programs
-    per head and reads that many entries."""
+    rewritten in place before each replay.
+
+    Everything but the block tables lives in one int32 buffer, so a replay's metadata goes to
+    the device in one copy (built with numpy on the host): per row (R = max_rows) the sequence
+    length, prefix length and first token; the decode entry table (row, query token) of the
+    1-token rows; the tile table, (row, first query) per query block of the other rows. Entries
+    past the batch's hold -1 (absent: no program does anything for them), and rows past the
+    batch's are never read. Every captured size reads the front of the shared tables."""
 
     max_rows: int
     max_blocks_per_seq: int
-    seq_lens: torch.Tensor  # [max_rows] int32
-    prefix_lens: torch.Tensor  # [max_rows] int32
-    extend_start_loc: torch.Tensor  # [max_rows] int32
+    meta: torch.Tensor  # [5 * max_rows + 2 * max_tiles] int32 (views below)
     block_tables: torch.Tensor  # [max_rows, max_blocks_per_seq] int32
-    tile_rows: torch.Tensor  # [max tiles of the largest size] int32
-    tile_starts: torch.Tensor  # [same] int32
-    decode_rows: torch.Tensor  # [max_rows] int32: the decode entry table
-    decode_tokens: torch.Tensor  # [max_rows] int32
     partial_out: torch.Tensor  # flat fp32 split-KV scratch of the decode entries
     partial_lse: torch.Tensor  # flat fp32
 
+    def segment(self, index: int) -> torch.Tensor:
+        """0 seq_lens, 1 prefix_lens, 2 extend_start_loc, 3 decode rows, 4 decode tokens."""
+        return self.meta[index * self.max_rows : (index + 1) * self.max_rows]
+
+    def tiles(self, num_tiles: int) -> torch.Tensor:
+        base = 5 * self.max_rows
+        return self.meta[base : base + 2 * num_tiles].view(num_tiles, 2)
+
     def load(self, batch: ForwardBatch, block_m: int, num_tiles: int, entries: int) -> None:
-        """Copy the batch's rows in; rewrite the tile table (its first `num_tiles` entries) with
-        the query blocks of the extend rows, and the decode entry table (its first `entries`)
-        with the 1-token rows. Both tables are built on the host from the batch's lists."""
+        """Copy the batch's rows in; with `entries` > 0 its 1-token rows go to the decode entry
+        table and the other rows' query blocks to the tile table, with 0 every row is tiled."""
         n, width = batch.batch_size, batch.block_tables.shape[1]
         if n > self.max_rows or width > self.max_blocks_per_seq:
             raise ValueError(
@@ -175,33 +180,25 @@ class MixedGraphState:
                 f"buffers hold {self.max_rows} rows of {self.max_blocks_per_seq} blocks: run it "
                 "through the piecewise or eager path, or raise max_num_seqs / max_model_len"
             )
-        self.seq_lens[:n].copy_(batch.seq_lens)
-        self.prefix_lens[:n].copy_(batch.prefix_lens)
-        self.extend_start_loc[:n].copy_(batch.extend_start_loc)
-        self.block_tables[:n, :width].copy_(batch.block_tables)
-        extend_lens = batch.extend_lens_cpu
-        # A 1-token row is a decode: the split-KV kernel serves it, no extend tile does.
-        tiled_lens = [0 if length == 1 else length for length in extend_lens]
-        rows, starts = build_tile_table(tiled_lens, batch.prefix_lens_cpu, block_m, num_tiles)
-        decode = [row for row, length in enumerate(extend_lens) if length == 1]
-        assert len(decode) <= entries, "more decode rows than tokens"
-        tokens = [int(start) for start in _starts(extend_lens, decode)]
-        pad = [-1] * (entries - len(decode))
-        tiles = torch.tensor([rows, starts], dtype=torch.int32)
-        decodes = torch.tensor([decode + pad, tokens + pad], dtype=torch.int32)
-        self.tile_rows[:num_tiles].copy_(tiles[0], non_blocking=True)
-        self.tile_starts[:num_tiles].copy_(tiles[1], non_blocking=True)
-        self.decode_rows[:entries].copy_(decodes[0], non_blocking=True)
-        self.decode_tokens[:entries].copy_(decodes[1], non_blocking=True)
-
-
-def _starts(extend_lens: list[int], rows: list[int]) -> list[int]:
-    """The first token of each of `rows` in the token dimension."""
-    offsets, total = [], 0
-    for length in extend_lens:
-        offsets.append(total)
-        total += length
-    return [offsets[row] for row in rows]
+        rows = self.max_rows
+        extend_lens = np.asarray(batch.extend_lens_cpu, dtype=np.int32)
+        starts = np.cumsum(extend_lens, dtype=np.int32) - extend_lens
+        decode = np.flatnonzero(extend_lens == 1) if entries else np.empty(0, dtype=np.int64)
+        assert len(decode) <= max(entries, 0), "more decode rows than entries"
+        tiled_lens = extend_lens.copy()
+        tiled_lens[decode] = 0  # a decode row gets an entry, not a tile
+        tiles = tile_table(tiled_lens.tolist(), batch.prefix_lens_cpu, block_m)
+        if len(tiles) > 2 * num_tiles:
+            raise ValueError(f"{len(tiles) // 2} query tiles do not fit a table of {num_tiles}")
+        host = np.full(5 * rows + 2 * num_tiles, -1, dtype=np.int32)
+        host[:n] = batch.seq_lens_cpu
+        host[rows : rows + n] = batch.prefix_lens_cpu
+        host[2 * rows : 2 * rows + n] = starts
+        host[3 * rows : 3 * rows + len(decode)] = decode
+        host[4 * rows : 4 * rows + len(decode)] = starts[decode]
+        host[5 * rows : 5 * rows + len(tiles)] = tiles
+        self.meta[: host.shape[0]].copy_(torch.from_numpy(host), non_blocking=True)
+        self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -359,14 +356,10 @@ class TritonAttentionBackend(AttentionBackend):
         self.mixed_state = MixedGraphState(
             max_rows=max_rows,
             max_blocks_per_seq=max_blocks_per_seq,
-            seq_lens=zeros(max_rows),
-            prefix_lens=zeros(max_rows),
-            extend_start_loc=zeros(max_rows),
-            block_tables=zeros(max_rows, max_blocks_per_seq),
-            tile_rows=zeros(tiles) - 1,
-            tile_starts=zeros(tiles),
-            decode_rows=zeros(max_rows) - 1,
-            decode_tokens=zeros(max_rows),
+            meta=torch.full((5 * max_rows + 2 * tiles,), -1, dtype=torch.int32, device=device),
+            block_tables=torch.zeros(
+                (max_rows, max_blocks_per_seq), dtype=torch.int32, device=device
+            ),
             partial_out=torch.empty(
                 pairs * layout.num_heads * layout.head_dim, dtype=torch.float32, device=device
             ),
@@ -383,10 +376,14 @@ class TritonAttentionBackend(AttentionBackend):
             block_n=self.config.block_n,
         )
 
-    def plan_mixed_graph(self, batch: ForwardBatch, padded_num_tokens: int) -> TritonMetadata:
+    def plan_mixed_graph(
+        self, batch: ForwardBatch, padded_num_tokens: int, split_decode: bool = True
+    ) -> TritonMetadata:
         """Metadata viewing the persistent buffers, after rewriting them with `batch`; its launch
-        values depend only on `padded_num_tokens` (the captured size) and the buffers' limits,
-        so the same call plans the warmup, the capture of each size and every replay."""
+        values depend only on `padded_num_tokens` (the captured size), `split_decode` and the
+        buffers' limits, so the same call plans the warmup, the capture of each size and every
+        replay. With `split_decode` the 1-token rows run the split-KV decode kernel (one more
+        launch per layer); without, every row is tiled for the extend kernel."""
         state = self.mixed_state
         if state is None:
             raise RuntimeError(
@@ -397,31 +394,34 @@ class TritonAttentionBackend(AttentionBackend):
             raise ValueError(f"{batch.stamp} does not fit a graph of {padded_num_tokens} tokens")
         block_m = self._mixed_config(padded_num_tokens).block_m
         num_tiles = max_tiles(padded_num_tokens, state.max_rows, block_m)
-        entries = min(state.max_rows, padded_num_tokens)
-        max_context_len = state.max_blocks_per_seq * self.kv_cache.block_size
-        splits = self.num_kv_splits(entries, max_context_len)
+        entries = min(state.max_rows, padded_num_tokens) if split_decode else 0
         state.load(batch, block_m, num_tiles, entries)
-        heads, dim = self.layout.num_heads, self.layout.head_dim
-        return TritonMetadata(
+        max_context_len = state.max_blocks_per_seq * self.kv_cache.block_size
+        metadata = TritonMetadata(
             stamp=batch.stamp,
             use_decode_kernel=False,
             batch_size=state.max_rows,
-            seq_lens=state.seq_lens,
+            seq_lens=state.segment(0),
             block_tables=state.block_tables,
-            max_seq_len=state.max_blocks_per_seq * self.kv_cache.block_size,
-            prefix_lens=state.prefix_lens,
-            extend_start_loc=state.extend_start_loc,
+            max_seq_len=max_context_len,
+            prefix_lens=state.segment(1),
+            extend_start_loc=state.segment(2),
             max_extend_len=padded_num_tokens,
-            tile_rows=state.tile_rows[:num_tiles],
-            tile_starts=state.tile_starts[:num_tiles],
-            decode_rows=state.decode_rows[:entries],
-            decode_tokens=state.decode_tokens[:entries],
-            num_kv_splits=splits,
-            partial_out=state.partial_out[: entries * heads * splits * dim].view(
-                entries, heads, splits, dim
-            ),
-            partial_lse=state.partial_lse[: entries * heads * splits].view(entries, heads, splits),
+            tiles=state.tiles(num_tiles),
         )
+        if split_decode:
+            heads, dim = self.layout.num_heads, self.layout.head_dim
+            splits = self.num_kv_splits(entries, max_context_len)
+            metadata.decode_rows = state.segment(3)[:entries]
+            metadata.decode_tokens = state.segment(4)[:entries]
+            metadata.num_kv_splits = splits
+            metadata.partial_out = state.partial_out[: entries * heads * splits * dim].view(
+                entries, heads, splits, dim
+            )
+            metadata.partial_lse = state.partial_lse[: entries * heads * splits].view(
+                entries, heads, splits
+            )
+        return metadata
 
     # Forward ----------------------------------------------------------------------------------
 
@@ -477,8 +477,7 @@ class TritonAttentionBackend(AttentionBackend):
             shape=self.shape,
             max_extend_len=metadata.max_extend_len,
             config=config,
-            tile_rows=metadata.tile_rows,
-            tile_starts=metadata.tile_starts,
+            tiles=metadata.tiles,
         )
         if metadata.decode_rows is not None:
             decode_attention(

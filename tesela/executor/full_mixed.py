@@ -67,9 +67,18 @@ class MixedGraphPlanner(ForwardPlanner):
     def padded_size(self, num_tokens: int) -> int:
         return self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
 
-    def plan(self, batch: ForwardBatch) -> ForwardPlan:
-        size = self.padded_size(batch.num_tokens)
-        return ForwardPlan(batch.stamp, self.attn_backend.plan_mixed_graph(batch, size))
+    def key(self, batch: ForwardBatch) -> tuple[int, bool]:
+        """The graph that serves `batch`: its padded size, and whether it has 1-token rows
+        (decode rows), which the variant with the split-KV decode launch serves; the other
+        variant spares prefill-only batches that launch."""
+        return self.padded_size(batch.num_tokens), 1 in batch.extend_lens_cpu
+
+    def plan(self, batch: ForwardBatch, split_decode: bool | None = None) -> ForwardPlan:
+        """Plan `batch` for its graph (`key`); capture names the variant it captures."""
+        size, has_decode = self.key(batch)
+        split = has_decode if split_decode is None else split_decode
+        metadata = self.attn_backend.plan_mixed_graph(batch, size, split)
+        return ForwardPlan(batch.stamp, metadata)
 
 
 class FullMixedRunner(GraphRunner):
@@ -96,8 +105,8 @@ class FullMixedRunner(GraphRunner):
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.out_cache_loc = torch.full((max_tokens,), DUMMY_SLOT, dtype=torch.int64, device=device)
-        # size -> (graph, output, the captured forward: run eagerly by run_eager_padded)
-        self.captured: dict[int, tuple] = {}
+        # (size, split_decode) -> (graph, output, the captured forward: run_eager_padded's)
+        self.captured: dict[tuple[int, bool], tuple] = {}
         self._report = CaptureReport(
             "full mixed", self.sizes, cuda_graphs=graphs.device_type == "cuda"
         )
@@ -149,14 +158,16 @@ class FullMixedRunner(GraphRunner):
         start = time.perf_counter()
         with self.graphs.capturing() as memory:
             for size in reversed(self.sizes):  # largest first: smaller ones reuse its pool
-                warmup = self._static_batch(size)
-                self._forward_fn(warmup, self.planner.plan(warmup))()
-                batch = self._static_batch(size)
-                forward = self._forward_fn(batch, self.planner.plan(batch))
-                graph = self.graphs.graph()
-                self.captured[size] = (graph, graph.capture(forward), forward)
+                for split_decode in (True, False):
+                    warmup = self._static_batch(size)
+                    self._forward_fn(warmup, self.planner.plan(warmup, split_decode))()
+                    batch = self._static_batch(size)
+                    forward = self._forward_fn(batch, self.planner.plan(batch, split_decode))
+                    graph = self.graphs.graph()
+                    output = graph.capture(forward)
+                    self.captured[size, split_decode] = (graph, output, forward)
         self._report.seconds = time.perf_counter() - start
-        self._report.segments_per_size = 1
+        self._report.segments_per_size = 2  # two graphs: with and without decode rows
         self._report.graph_memory_bytes = memory[0]
         logger.info(self._report.summary())
         return self._report
@@ -173,18 +184,17 @@ class FullMixedRunner(GraphRunner):
             self.positions[n:size].zero_()
             self.out_cache_loc[n:size].fill_(DUMMY_SLOT)
 
-    def _prepare(self, batch: ForwardBatch) -> int:
-        """Static buffers and persistent metadata for `batch`; returns the size to replay."""
-        size = self.planner.padded_size(batch.num_tokens)
-        self._load_tokens(batch, size)
+    def _prepare(self, batch: ForwardBatch) -> tuple[int, bool]:
+        """Static buffers and persistent metadata for `batch`; returns the graph to replay."""
+        key = self.planner.key(batch)
+        self._load_tokens(batch, key[0])
         # The graph runs no Python: planning this batch rewrites the buffers it reads.
         self.planner.plan(batch)
-        return size
+        return key
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        size = self._prepare(batch)
-        graph, output, _ = self.captured[size]
+        graph, output, _ = self.captured[self._prepare(batch)]
         graph.replay()
         return output[: batch.num_tokens]
 
@@ -192,6 +202,5 @@ class FullMixedRunner(GraphRunner):
     def run_eager_padded(self, batch: ForwardBatch) -> torch.Tensor:
         """What a replay computes, run eagerly: the captured forward of the same size over the
         same buffers and launch values. A replay must equal it bit for bit."""
-        size = self._prepare(batch)
-        _, _, forward = self.captured[size]
+        _, _, forward = self.captured[self._prepare(batch)]
         return forward()[: batch.num_tokens].clone()

@@ -114,8 +114,7 @@ def _extend_kernel(
     seq_lens_ptr,
     prefix_lens_ptr,
     extend_start_loc_ptr,
-    tile_rows_ptr,
-    tile_starts_ptr,
+    tiles_ptr,
     scale_log2,
     stride_q_token,
     stride_out_token,
@@ -138,8 +137,8 @@ def _extend_kernel(
         # FULL graphs: the grid is fixed per captured size; each program reads its (row, query
         # block) from the tile table, and entries past the batch's tiles hold row -1.
         tile = tl.program_id(1)
-        row = tl.load(tile_rows_ptr + tile)
-        q_begin = tl.load(tile_starts_ptr + tile)
+        row = tl.load(tiles_ptr + 2 * tile)
+        q_begin = tl.maximum(tl.load(tiles_ptr + 2 * tile + 1), 0)  # absent: (-1, -1)
     else:
         q_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
         row = tl.program_id(2)
@@ -215,26 +214,25 @@ def extend_attention(
     shape: PagedAttentionShape,
     max_extend_len: int,
     config: ExtendConfig,
-    tile_rows: torch.Tensor | None = None,
-    tile_starts: torch.Tensor | None = None,
+    tiles: torch.Tensor | None = None,
 ) -> None:
     """q/out: [num_tokens, heads*head_dim]; pools: [num_slots, kv_heads, head_dim];
     seq_lens/prefix_lens/extend_start_loc: [batch] int32; block_tables: [batch, max_blocks].
 
-    With a tile table (`tile_rows`, `tile_starts`: [num_tiles] int32, see `build_tile_table`)
+    With a tile table (`tiles`: [num_tiles, 2] int32 (row, first query), see `tile_table`)
     the grid is (heads, num_tiles) whatever the batch, so a CUDA graph can capture it."""
     check_row_major("q", q)
     check_row_major("out", out)
     batch_size = seq_lens.shape[0]
     if batch_size == 0 or max_extend_len == 0:
         return
-    tiled = tile_rows is not None
+    tiled = tiles is not None
     if tiled:
-        assert tile_starts is not None and tile_starts.shape == tile_rows.shape
-        grid = (shape.num_heads, tile_rows.shape[0])
+        assert tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.is_contiguous()
+        grid = (shape.num_heads, tiles.shape[0])
     else:
         grid = (shape.num_heads, triton.cdiv(max_extend_len, config.block_m), batch_size)
-        tile_rows = tile_starts = seq_lens  # not read
+        tiles = seq_lens  # not read
     _extend_kernel[grid](
         q,
         out,
@@ -244,8 +242,7 @@ def extend_attention(
         seq_lens,
         prefix_lens,
         extend_start_loc,
-        tile_rows,
-        tile_starts,
+        tiles,
         shape.scale_log2,
         q.stride(0),
         out.stride(0),
@@ -271,16 +268,15 @@ def max_tiles(num_tokens: int, max_rows: int, block_m: int) -> int:
     return num_tokens // block_m + min(max_rows, num_tokens)
 
 
-def build_tile_table(extend_lens: list[int], prefix_lens: list[int], block_m: int, size: int):
-    """The (row, query block start) of every query block of a batch, longest causal walk first
-    (as the untiled grid orders them), padded to `size` entries with row -1 (absent tiles)."""
-    tiles = [
-        (prefix + start, row, start)
-        for row, (length, prefix) in enumerate(zip(extend_lens, prefix_lens, strict=True))
-        for start in range(0, length, block_m)
-    ]
-    if len(tiles) > size:
-        raise ValueError(f"{len(tiles)} query tiles do not fit a tile table of {size}")
-    tiles.sort(reverse=True)
-    pad = size - len(tiles)
-    return [t[1] for t in tiles] + [-1] * pad, [t[2] for t in tiles] + [0] * pad
+def tile_table(extend_lens: list[int], prefix_lens: list[int], block_m: int) -> list[int]:
+    """The flat (row, first query) pairs of every query block of a batch, longest causal walk
+    first (as the untiled grid orders them). Rows of length 0 have none."""
+    tiles = sorted(
+        (
+            (prefix + start, row, start)
+            for row, (length, prefix) in enumerate(zip(extend_lens, prefix_lens, strict=True))
+            for start in range(0, length, block_m)
+        ),
+        reverse=True,
+    )
+    return [value for _, row, start in tiles for value in (row, start)]
