@@ -16,6 +16,7 @@ before triton is first imported), which is how the CPU tests check them.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -228,6 +229,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.target_programs = _target_programs(layout.device, self.config.programs_per_sm)
         self.graph_state: DecodeGraphState | None = None
         self.mixed_state: MixedGraphState | None = None
+        self._mixed_templates: dict[tuple[int, bool], tuple] = {}
 
     # Planning ---------------------------------------------------------------------------------
 
@@ -353,6 +355,7 @@ class TritonAttentionBackend(AttentionBackend):
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.int32, device=device)
 
+        self._mixed_templates = {}
         self.mixed_state = MixedGraphState(
             max_rows=max_rows,
             max_blocks_per_seq=max_blocks_per_seq,
@@ -392,13 +395,24 @@ class TritonAttentionBackend(AttentionBackend):
             )
         if batch.num_tokens > padded_num_tokens:
             raise ValueError(f"{batch.stamp} does not fit a graph of {padded_num_tokens} tokens")
+        key = (padded_num_tokens, split_decode)
+        graph = self._mixed_templates.get(key) or self._mixed_template(*key)
+        template, block_m, tiles, entries = graph
+        state.load(batch, block_m, tiles, entries)
+        metadata = copy.copy(template)  # the views and launch values of this graph
+        metadata.stamp = batch.stamp
+        return metadata
+
+    def _mixed_template(self, padded_num_tokens: int, split_decode: bool) -> tuple:
+        """The metadata of one FULL mixed graph but its stamp, its query tile, tiles and decode
+        entries (built once per graph: a replay only copies it, so its host cost is the
+        buffers' rewrite)."""
+        state = self.mixed_state
         block_m = self._mixed_config(padded_num_tokens).block_m
         num_tiles = max_tiles(padded_num_tokens, state.max_rows, block_m)
-        entries = min(state.max_rows, padded_num_tokens) if split_decode else 0
-        state.load(batch, block_m, num_tiles, entries)
         max_context_len = state.max_blocks_per_seq * self.kv_cache.block_size
         metadata = TritonMetadata(
-            stamp=batch.stamp,
+            stamp=None,
             use_decode_kernel=False,
             batch_size=state.max_rows,
             seq_lens=state.segment(0),
@@ -410,6 +424,7 @@ class TritonAttentionBackend(AttentionBackend):
             tiles=state.tiles(num_tiles),
         )
         if split_decode:
+            entries = min(state.max_rows, padded_num_tokens)
             heads, dim = self.layout.num_heads, self.layout.head_dim
             splits = self.num_kv_splits(entries, max_context_len)
             metadata.decode_rows = state.segment(3)[:entries]
@@ -421,7 +436,10 @@ class TritonAttentionBackend(AttentionBackend):
             metadata.partial_lse = state.partial_lse[: entries * heads * splits].view(
                 entries, heads, splits
             )
-        return metadata
+        entries = 0 if metadata.decode_rows is None else metadata.decode_rows.shape[0]
+        graph = (metadata, block_m, num_tiles, entries)
+        self._mixed_templates[padded_num_tokens, split_decode] = graph
+        return graph
 
     # Forward ----------------------------------------------------------------------------------
 

@@ -98,6 +98,7 @@ def test_greedy_generations_identical_full_mixed_piecewise_eager():
         dtype="bfloat16",
         num_kv_tokens=16384,
         max_num_batched_tokens=128,
+        max_num_seqs=16,  # a short FULL decode ladder
         capture_sizes=[8, 16, 32, 64, 128],
     )
     tokens, paths = {}, {}
