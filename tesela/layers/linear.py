@@ -1,14 +1,16 @@
 """Linear layers whose weights may be fused from several checkpoint tensors.
 
 `MergedLinear` holds e.g. q/k/v or gate/up in one weight so one GEMM serves them; its
-`weight_loader` places each checkpoint shard into its rows.
+`weight_loader` places each checkpoint shard into its rows. On CUDA a decode-sized input
+(<= 16 tokens) may run the tuned small-M kernel of tesela/layers/gemv.py instead of cuBLAS.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from tesela.layers import gemv
 
 
 class Linear(nn.Module):
@@ -18,7 +20,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return gemv.linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):
