@@ -21,6 +21,8 @@ RUNNER = "tesela/executor/piecewise/runner.py"
 FULL = "tesela/executor/full_decode.py"
 PIECEWISE_TESTS = ["tests/test_piecewise.py"]
 DECODE_TESTS = ["tests/test_dispatcher.py"]
+MIXED = "tesela/executor/full_mixed.py"
+MIXED_TESTS = ["tests/test_full_mixed.py"]
 
 # name -> (file, original text, mutated text, tests that must fail)
 MUTATIONS = {
@@ -68,6 +70,36 @@ MUTATIONS = {
         "    n = batch.num_tokens\n",
         "    n = q.shape[0]\n",
         ["tests/test_piecewise.py::test_padding_is_zeroed_and_never_reaches_the_kv_cache"],
+    ),
+    "FULL mixed replay without planning the batch": (
+        MIXED,
+        "        self.planner.plan(batch)\n",
+        "",
+        MIXED_TESTS,
+    ),
+    "FULL mixed padding tokens keep a stale KV slot": (
+        MIXED,
+        "            self.out_cache_loc[n:size].fill_(DUMMY_SLOT)\n",
+        "",
+        MIXED_TESTS,
+    ),
+    "FULL mixed absent tiles attend": (
+        "tesela/attention/triton_kernels/extend_attention.py",
+        "    extend_len = tl.where(present, seq_len - prefix, 0)\n",
+        "    extend_len = seq_len - prefix\n",
+        MIXED_TESTS,
+    ),
+    "FULL mixed decode entries write the row's token": (
+        "tesela/attention/triton_kernels/decode_attention.py",
+        "        token = tl.load(entry_tokens_ptr + entry)\n",
+        "        token = row\n",
+        MIXED_TESTS,
+    ),
+    "FULL mixed decode rows also get extend tiles": (
+        "tesela/attention/triton_backend.py",
+        "        tiled_lens[decode] = 0  # a decode row gets an entry, not a tile\n",
+        "",
+        MIXED_TESTS,
     ),
     "seeded sampler rows share one generator": (
         "tesela/engine/sampler.py",
