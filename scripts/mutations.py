@@ -83,10 +83,10 @@ MUTATIONS = {
         "",
         MIXED_TESTS,
     ),
-    "FULL mixed absent tiles attend": (
+    "FULL mixed absent tiles run (from query -1)": (
         "tesela/attention/triton_kernels/extend_attention.py",
-        "    extend_len = tl.where(present, seq_len - prefix, 0)\n",
-        "    extend_len = seq_len - prefix\n",
+        "        q_begin = tl.maximum(tl.load(tiles_ptr + 2 * tile + 1), 0)  # absent: (-1, -1)\n",
+        "        q_begin = tl.load(tiles_ptr + 2 * tile + 1)\n",
         MIXED_TESTS,
     ),
     "FULL mixed decode entries write the row's token": (
@@ -129,7 +129,8 @@ def run_mutation(name: str, workdir: Path) -> tuple[str, str]:
     failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     if result.returncode == 0:
         return "MISSED", " ".join(tests)
-    return "CAUGHT", "; ".join(failed) or result.stdout.strip().splitlines()[-1]
+    last = (result.stdout.strip().splitlines() or [f"the tests crashed ({result.returncode})"])[-1]
+    return "CAUGHT", "; ".join(failed) or last
 
 
 def main(names: list[str]) -> int:

@@ -114,8 +114,8 @@ def merge_results(paths: list[Path]) -> dict:
             continue
         if (part["model"], part["device"]) != (merged["model"], merged["device"]):
             raise ValueError(f"{path} is another model or card than {paths[0]}")
-        for key in ("latency_ms", "spread_ms", "max_abs_err", "build"):
-            merged[key].update(part[key])
+        for key in ("latency_ms", "launch_ms", "spread_ms", "max_abs_err", "build"):
+            merged.setdefault(key, {}).update(part.get(key, {}))
     return merged
 
 
@@ -161,6 +161,7 @@ class PrefillBench:
             "num_tokens": counts,
             "mixed": mixed,
             "latency_ms": {},
+            "launch_ms": {},
             "spread_ms": {},
             "max_abs_err": {},
             "build": {},
@@ -215,20 +216,24 @@ class PrefillBench:
 
     def time(
         self, fn: Callable[[ForwardBatch], torch.Tensor], n: int | str
-    ) -> tuple[list[float], torch.Tensor]:
+    ) -> tuple[list[float], list[float], torch.Tensor]:
+        """Host-visible ms per run, and host ms until `fn` returned (launch side, before the
+        sync: the host work of planning, copies and replay launches, GPU work overlapping)."""
         batch = self.batch(n)
         for _ in range(self.warmup):
             out = fn(batch)
         sync(self.device)
-        samples = []
+        samples, launches = [], []
         for _ in range(self.repeat):
             batch = self.batch(n)
             start = time.perf_counter()
             out = fn(batch)
+            launched = time.perf_counter()
             sync(self.device)
             samples.append((time.perf_counter() - start) * 1e3)
+            launches.append((launched - start) * 1e3)
         logits = self.runner.compute_logits(out[-1:].clone())
-        return samples, logits
+        return samples, launches, logits
 
     def run(self, columns: list[str]) -> dict:
         self.results["hbm_floor_ms"] = self.hbm_floor_ms()
@@ -243,9 +248,10 @@ class PrefillBench:
                 continue
             for n in self.workloads:
                 print(f"bench prefill: {column} n={n}", file=sys.stderr, flush=True)
-                samples, logits = self.time(fn, n)
+                samples, launches, logits = self.time(fn, n)
                 key = f"{column}/{n}"
                 self.results["latency_ms"][key] = statistics.median(samples)
+                self.results["launch_ms"][key] = statistics.median(launches)
                 self.results["spread_ms"][key] = (min(samples), max(samples))
                 if column == "eager":
                     reference[n] = logits
@@ -444,6 +450,19 @@ def format_table(results: dict) -> str:
             f"HBM floor (weights {results['weight_gib']:.2f} GiB at "
             f"{results['copy_bandwidth_gbs']:.0f} GB/s): {results['hbm_floor_ms']:.3f} ms"
         )
+    launch = results.get("launch_ms", {})
+    for column in ("breakable", "full-mixed"):
+        pieces = results["build"].get(column, {}).get("pieces", 2)
+        # A breakable replay of P segments makes P - 1 split calls.
+        splits = max(pieces - 1, 1) if column == "breakable" else 1
+        per = [
+            f"n={n} {launch[f'{column}/{n}'] * 1e3:.0f} us"
+            + (f" ({launch[f'{column}/{n}'] * 1e3 / splits:.1f} us/split)" if splits > 1 else "")
+            for n in workloads
+            if f"{column}/{n}" in launch
+        ]
+        if per:
+            lines.append(f"host launch time {column}: " + ", ".join(per))
     for column, build in results["build"].items():
         lines.append(f"build {column}: {build}")
     errors = results["max_abs_err"]
