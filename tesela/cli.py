@@ -52,6 +52,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="no FULL graphs for extend and mixed batches (they run piecewise instead)",
     )
     parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="share the KV of repeated prompt prefixes across requests (default: on)",
+    )
+    parser.add_argument(
         "--verify-graphs",
         action="store_true",
         help="compare every captured size with eager at startup",
@@ -78,6 +84,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         disable_cuda_graph=args.disable_cuda_graph,
         verify_graphs=args.verify_graphs,
         full_mixed=args.full_mixed,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 
