@@ -30,7 +30,7 @@ import torch
 
 from tesela.attention.base import AttentionBackend
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
-from tesela.core.forward_context import forward_context
+from tesela.core.forward_context import batch_state, forward_context
 from tesela.core.kv_cache import DUMMY_SLOT
 from tesela.core.plan import ForwardPlan
 from tesela.executor.graph_runner import CaptureReport, GraphRunner
@@ -195,12 +195,16 @@ class FullMixedRunner(GraphRunner):
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         graph, output, _ = self.captured[self._prepare(batch)]
-        graph.replay()
-        return output[: batch.num_tokens]
+        n = batch.num_tokens
+        with batch_state(n):  # what ordinary ops read per batch (the MoE real-token count)
+            graph.replay()
+        return output[:n]
 
     @torch.inference_mode()
     def run_eager_padded(self, batch: ForwardBatch) -> torch.Tensor:
         """What a replay computes, run eagerly: the captured forward of the same size over the
         same buffers and launch values. A replay must equal it bit for bit."""
         _, _, forward = self.captured[self._prepare(batch)]
-        return forward()[: batch.num_tokens].clone()
+        n = batch.num_tokens
+        with batch_state(n):
+            return forward()[:n].clone()
