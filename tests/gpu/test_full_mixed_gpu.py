@@ -56,7 +56,7 @@ def random_batch(rows: list[tuple[int, int]], seed: int) -> ForwardBatch:
 def test_capture_reports_both_graph_sets(runner):
     full = runner.full_mixed.report()
     piecewise = runner.piecewise.report()
-    assert full.cuda_graphs and full.sizes == tuple(SIZES) and full.segments_per_size == 1
+    assert full.cuda_graphs and full.sizes == tuple(SIZES) and full.segments_per_size == 2
     # Shown by `pytest -s`: what each set takes (FULL mixed shares the piecewise pool).
     print(f"\n{piecewise.summary()}\n{full.summary()}")
 
