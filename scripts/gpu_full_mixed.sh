@@ -13,7 +13,7 @@ case "${1:-tests}" in
       grep -v "^bench\|Capturing" | tail -40
     ;;
   bench)
-    tesela bench prefill --model "${2:-qwen3-0.6b}" --num-tokens 16,64,256,1024,4096 \
+    python -m tesela.cli bench prefill --model "${2:-qwen3-0.6b}" --num-tokens 16,64,256,1024,4096 \
       --columns eager,breakable,full-mixed,full-graph --repeat 20 \
       --output-dir "${OUT:-results}" 2>&1 | grep -v "^bench prefill\|Capturing" | tail -25
     ;;
