@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Mutation check of the graph layer and the prefix cache: each mutation must make a CPU test
-fail.
+"""Mutation check of the graph layer, the prefix cache, the sampler, the server, batch modes,
+admission, the attention policy and sliding windows: each mutation must make a CPU test fail.
 
 Applies one textual mutation at a time to a temporary copy of the repository, runs the tests
 that guard it, and prints `mutation -> CAUGHT by <tests>` (or MISSED). Exit status 1 if any
@@ -143,6 +143,58 @@ MUTATIONS = {
         "generator=self._generator(params[0], request_ids[0])",
         ["tests/test_sampler_seeds.py"],
     ),
+    "presence penalty not applied": (
+        "tesela/engine/sampler.py",
+        "    return logits - presence * (output_counts > 0).to(logits.dtype)\n",
+        "    return logits\n",
+        ["tests/test_sampler.py"],
+    ),
+    "prompt logprobs score the wrong token": (
+        "tesela/engine/llm_engine.py",
+        "[request.prompt_token_ids[p + 1] for p in positions]",
+        "[request.prompt_token_ids[p] for p in positions]",
+        ["tests/test_sampler.py::test_prompt_logprobs_match_transformers_across_prefill_chunks"],
+    ),
+    "chat templates render unsandboxed": (
+        "tesela/tokenizer.py",
+        "    environment = ImmutableSandboxedEnvironment(",
+        "    import jinja2\n\n    environment = jinja2.Environment(",
+        ["tests/test_server_hardening.py::test_a_hostile_chat_template_fails_safely"],
+    ),
+    "request parsing and templating on the event loop": (
+        "tesela/server/routes.py",
+        "        return await anyio.to_thread.run_sync(function, raw, limiter=self.preprocess_limiter)",
+        "        return function(raw)",
+        ["tests/test_server_hardening.py::test_templating_runs_off_the_event_loop"],
+    ),
+    "huge prompts tokenized before the length check": (
+        "tesela/server/protocol.py",
+        "        if len(text) > self.max_prompt_chars:",
+        "        if False:",
+        [
+            "tests/test_server_hardening.py::test_health_answers_within_a_second_while_a_50_mb_request_is_in_flight"
+        ],
+    ),
+    "a 500 is re-raised to uvicorn (connection reset, logged twice)": (
+        "tesela/server/routes.py",
+        "                await error_response(error)(scope, receive, send_with_id)\n",
+        "                await error_response(error)(scope, receive, send_with_id)\n            raise\n",
+        [
+            "tests/test_server_hardening.py::test_a_500_carries_a_request_id_not_internals_and_keeps_the_connection"
+        ],
+    ),
+    "SIGTERM without a drain": (
+        "tesela/server/shutdown.py",
+        "asyncio.ensure_future(drain_engine(self.config.app, self.drain_timeout))",
+        "asyncio.ensure_future(asyncio.sleep(0))",
+        ["tests/test_serve_process.py::test_sigterm_drains_then_ends_open_streams_cleanly"],
+    ),
+    "SIGTERM re-raised after shutdown (exit status not 0)": (
+        "tesela/server/shutdown.py",
+        "    def capture_signals(self):",
+        "    def _unused_capture_signals(self):",
+        ["tests/test_serve_process.py::test_sigterm_drains_then_ends_open_streams_cleanly"],
+    ),
     "a partial block enters the prefix cache": (
         BLOCKS,
         "num_full = min(request.num_computed_tokens // self.block_size",
@@ -184,6 +236,42 @@ MUTATIONS = {
         "            self.num_new_tokens[row] == 1\n            and ",
         "            ",
         ["tests/test_prefix_cache.py", "tests/test_prefix_cache_triton.py"],
+    ),
+    "the batch mode labels a multi-token row decode": (
+        "tesela/core/forward_batch.py",
+        "decode_rows = [n == 1 and p > 0 for",
+        "decode_rows = [p > 0 for",
+        ["tests/test_kv_pressure.py::test_recompute_chunks_past_the_prompt_are_extend_work"],
+    ),
+    "a DECODE label is not checked against the rows": (
+        "tesela/core/forward_batch.py",
+        "    if mode is ForwardMode.DECODE and any(n != 1 for n in extend_lens):\n",
+        "    if False:\n",
+        ["tests/test_kv_pressure.py::test_a_decode_label_on_multi_token_rows_cannot_be_built"],
+    ),
+    "admission lets prompt + max_tokens exceed max_model_len": (
+        SCHEDULER,
+        "        if n + max_tokens > max_model_len:\n",
+        "        if False:\n",
+        ["tests/test_admission.py"],
+    ),
+    "max_model_len is not fitted to the KV pool": (
+        "tesela/engine/llm_engine.py",
+        "    if max_model_len <= capacity:\n",
+        "    if True:\n",
+        ["tests/test_admission.py"],
+    ),
+    "a declared but unimplemented variant is kept": (
+        "tesela/attention/policy.py",
+        "        return not situation.implemented(spec, variant)\n",
+        "        return False\n",
+        ["tests/test_attention_policy.py"],
+    ),
+    "every layer gets the sliding window": (
+        "tesela/attention/base.py",
+        "        if self.sliding_window_layers is None or layer_id in self.sliding_window_layers:\n",
+        "        if True:\n",
+        ["tests/test_sliding_window.py"],
     ),
 }
 

@@ -37,7 +37,7 @@ def runner():
     from tesela.attention.triton_backend import TritonAttentionBackend, TritonAttentionConfig
 
     config, path = make_engine_config(
-        "tiny", prefill_graph="breakable", capture_sizes=list(SIZES), num_kv_tokens=2048
+        "tiny", piecewise_cudagraph="breakable", capture_sizes=list(SIZES), num_kv_tokens=2048
     )
     config = dataclasses.replace(config, attention_backend="triton")
     runner = ModelRunner(config, path)

@@ -127,10 +127,11 @@ def test_metrics_text_has_engine_numbers():
         "kv_blocks_total": 12,
         "dispatch": {"paths": {"eager": 5}, "fallbacks": {"too many tokens": 5}},
     }
-    text = ServerMetrics().render(stats)
-    assert "tesela_num_requests_running 2" in text
-    assert "tesela_kv_cache_usage_ratio 0.25" in text
-    assert 'tesela_graph_fallback_total{reason="too many tokens"} 5' in text
+    text = ServerMetrics("org/model").render(stats)
+    assert 'tesela_num_requests_running{model_name="org/model"} 2' in text
+    assert 'tesela_kv_cache_usage_ratio{model_name="org/model"} 0.25' in text
+    assert 'tesela_graph_fallback_total{model_name="org/model",reason="too many tokens"} 5' in text
+    assert 'tesela_time_to_first_token_seconds_bucket{model_name="org/model",le="+Inf"} 0' in text
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,8 @@ def test_admission_is_bounded_and_all_or_none(tiny_engine):
         engine.start()
         try:
             params = SamplingParams(max_tokens=3, temperature=0)
-            with pytest.raises(ValueError, match="KV cache"):  # the second prompt cannot fit
+            # The second prompt cannot fit (max_model_len is lowered to the KV pool at startup).
+            with pytest.raises(ValueError, match="KV cache|max_model_len"):
                 await engine.submit([[1, 2], [3] * 300], [params, params])
             assert engine.stats()["num_pending"] == 0  # the first one was taken back
             with pytest.raises(ValueError, match="lower n"):  # can never fit: a 400, not a 503

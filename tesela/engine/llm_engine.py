@@ -23,19 +23,21 @@ from tesela.config import (
     ModelConfig,
     SchedulerConfig,
     normalize_dtype,
+    read_generation_config,
     resolve_graph_config,
 )
-from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_batch import ForwardBatch
 from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.detokenizer import IncrementalDetokenizer
 from tesela.engine.request import Request, TokenLogprobs
-from tesela.engine.sampler import Sampler
+from tesela.engine.sampler import Sampler, SamplingHistory
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
+from tesela.engine_args import EngineArgs
 from tesela.executor.model_runner import ModelRunner
 from tesela.models.registry import check_architecture
-from tesela.presets import PRESETS
+from tesela.presets import DEFAULT_MODEL, PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 logger = logging.getLogger("tesela.engine")
@@ -49,6 +51,8 @@ class RequestOutput:
     text: str
     new_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
+    # One entry per prompt token (None for the first, which nothing predicts), if asked.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     finished: bool = False
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -67,80 +71,88 @@ def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
     # Refuse an unknown architecture before the config's other fields are read.
     config_file = path / "config.json"
     if config_file.is_file():
-        check_architecture(json.loads(config_file.read_text()).get("architectures") or [])
+        try:
+            hf = json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise ValueError(
+                f"{config_file} is not valid JSON ({exc}): fix or re-download it"
+            ) from None
+        try:
+            check_architecture(hf.get("architectures") or [] if isinstance(hf, dict) else [])
+        except ValueError as exc:
+            raise ValueError(f"{config_file}: {exc}") from None
     return ModelConfig.from_pretrained(path), str(path)
 
 
 def make_engine_config(
-    model: str,
-    *,
-    load_format: str = "auto",
-    dtype: str = "auto",
-    device: str = "auto",
-    seed: int = 0,
-    attention_backend: str = "auto",
-    block_size: int = 16,
-    gpu_memory_utilization: float = 0.85,
-    num_kv_tokens: int | None = None,
-    max_num_seqs: int = 256,
-    max_num_batched_tokens: int = 2048,
-    max_model_len: int | None = None,
-    prefill_graph: str | None = None,
-    piece_compiler: str = "eager",
-    capture_sizes: list[int] | None = None,
-    max_capture_tokens: int | None = None,
-    disable_cuda_graph: bool = False,
-    verify_graphs: bool = False,
-    full_mixed: bool = True,
-    enable_prefix_caching: bool = True,
+    model: str | EngineArgs = DEFAULT_MODEL, **kwargs
 ) -> tuple[EngineConfig, str | None]:
-    model_config, path = resolve_model(model)
+    """Resolve EngineArgs (or a model and EngineArgs keywords) into a frozen EngineConfig once:
+    the device, the dtype, the graph modes the attention backend can serve."""
+    args = model if isinstance(model, EngineArgs) else EngineArgs.from_kwargs(model, **kwargs)
+    model_config, path = resolve_model(args.model)
+    load_format = args.load_format
     if path is None and load_format == "auto":
         load_format = "dummy"  # presets have no weights
+    device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = torch.device(device).type == "cuda"
+    dtype = args.dtype
     if dtype == "auto":
         # bf16 matmuls are slow on most CPUs; the checkpoint's dtype on GPUs.
         dtype = model_config.torch_dtype if on_cuda else "float32"
+    scheduler = _scheduler_config(args, model_config)
+    piecewise = args.piecewise_cudagraph
+    if not on_cuda and piecewise is None:
+        piecewise = "none"  # nothing to capture on CPU unless asked for explicitly
+    graph = resolve_graph_config(
+        piecewise_cudagraph=piecewise,
+        piecewise_compiler=args.piecewise_compiler,
+        capture_sizes=args.capture_sizes,
+        max_capture_tokens=args.max_capture_tokens,
+        disable_cudagraph=args.disable_cudagraph,
+        verify_cudagraphs=args.verify_cudagraphs,
+        full_mixed=args.full_mixed,
+        scheduler=scheduler,
+    )
+    attention_backend, graph = _resolve_attention(
+        args.attention_backend, device, normalize_dtype(dtype), model_config.head_dim, graph
+    )
+    config = EngineConfig(
+        model=args.model,
+        model_config=model_config,
+        dtype=normalize_dtype(dtype),
+        device=device,
+        load_format=load_format,
+        seed=args.seed,
+        attention_backend=attention_backend,
+        cache=CacheConfig(
+            args.block_size,
+            args.gpu_memory_utilization,
+            args.num_kv_tokens,
+            args.enable_prefix_caching,
+        ),
+        scheduler=scheduler,
+        graph=graph,
+        tokenizer=args.tokenizer,
+        sampling_defaults=read_generation_config(args.generation_config, path),
+    )
+    return config, path
+
+
+def _scheduler_config(args: EngineArgs, model_config: ModelConfig) -> SchedulerConfig:
+    max_model_len = args.max_model_len
     if max_model_len is not None and max_model_len > model_config.max_position_embeddings:
         raise ValueError(
             f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
             f"({model_config.max_position_embeddings}): lower it"
         )
-    scheduler = SchedulerConfig(
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
+    return SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=max_model_len or min(model_config.max_position_embeddings, 8192),
     )
-    if not on_cuda and prefill_graph is None:
-        prefill_graph = "none"  # nothing to capture on CPU unless asked for explicitly
-    graph = resolve_graph_config(
-        prefill_graph=prefill_graph,
-        piece_compiler=piece_compiler,
-        capture_sizes=capture_sizes,
-        max_capture_tokens=max_capture_tokens,
-        disable_cuda_graph=disable_cuda_graph,
-        full_mixed=full_mixed,
-        verify=verify_graphs,
-        scheduler=scheduler,
-    )
-    attention_backend, graph = _resolve_attention(
-        attention_backend, device, normalize_dtype(dtype), model_config.head_dim, graph
-    )
-    config = EngineConfig(
-        model=model,
-        model_config=model_config,
-        dtype=normalize_dtype(dtype),
-        device=device,
-        load_format=load_format,
-        seed=seed,
-        attention_backend=attention_backend,
-        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens, enable_prefix_caching),
-        scheduler=scheduler,
-        graph=graph,
-    )
-    return config, path
 
 
 def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, graph):
@@ -152,16 +164,36 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
         dtype=dtype,
         head_dim=head_dim,
         piecewise=graph.piecewise_enabled,
-        full_decode=graph.decode_graph,
+        full_decode=graph.full_decode,
         full_mixed=graph.full_mixed,
     )
     if graph.full_mixed and not decision.full_mixed:
         graph = dataclasses.replace(graph, full_mixed=False)
-    if graph.decode_graph and not decision.full_decode:
-        graph = dataclasses.replace(graph, decode_graph=False, decode_batch_sizes=())
+    if graph.full_decode and not decision.full_decode:
+        graph = dataclasses.replace(graph, full_decode=False, decode_batch_sizes=())
     if graph.piecewise_enabled and not decision.piecewise:
-        graph = dataclasses.replace(graph, prefill_graph="none", capture_sizes=())
+        graph = dataclasses.replace(graph, piecewise_cudagraph="none", capture_sizes=())
     return decision.name, graph
+
+
+def fit_max_model_len(config: EngineConfig, block_manager: BlockManager) -> EngineConfig:
+    """A max_model_len the KV pool cannot hold is lowered to what it holds, with a warning
+    naming both numbers (the pool is sized after the model loads, so this is the first place
+    both are known). One request of max_model_len tokens then always fits the pool alone."""
+    capacity = block_manager.num_usable_blocks * block_manager.block_size
+    max_model_len = config.scheduler.max_model_len
+    if max_model_len <= capacity:
+        return config
+    logger.warning(
+        "max_model_len %d is more than the KV cache holds (%d tokens): lowering max_model_len "
+        "to %d. Give the cache more memory (num_kv_tokens, gpu_memory_utilization) to serve "
+        "longer requests.",
+        max_model_len,
+        capacity,
+        capacity,
+    )
+    scheduler = dataclasses.replace(config.scheduler, max_model_len=capacity)
+    return config.replace(scheduler=scheduler)
 
 
 class LLMEngine:
@@ -170,9 +202,10 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.runner = ModelRunner(config, model_path)
+        tokenizer_path = config.tokenizer or model_path
         self.tokenizer = tokenizer or (
-            load_tokenizer(model_path, config.model_config.eos_token_ids)
-            if model_path
+            load_tokenizer(tokenizer_path, config.model_config.eos_token_ids)
+            if tokenizer_path
             else ByteTokenizer()
         )
         self.eos_token_ids = tuple(
@@ -184,6 +217,7 @@ class LLMEngine:
             RESERVED_BLOCKS,
             enable_prefix_caching=config.cache.enable_prefix_caching,
         )
+        self.config = config = fit_max_model_len(config, self.block_manager)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.runner.device, config.seed)
         self._ids = itertools.count()
@@ -213,6 +247,10 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.prompt_logprobs is not None:
+            # Prompt logprobs need every prompt position computed: a salt of its own keeps
+            # this request from starting on a cached prefix.
+            cache_salt = f"prompt-logprobs:{request_id}"
         request = Request(
             request_id,
             token_ids,
@@ -271,8 +309,21 @@ class LLMEngine:
         logits = self.runner.forward(batch)
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
+        if len(logits) > len(rows):  # prompt logprobs follow the sampling rows' logits
+            self._record_prompt_logprobs(scheduled, logits[len(rows) :])
+            logits = logits[: len(rows)]
+        histories = None
+        if any(r.params.needs_history for r in requests):
+            histories = [
+                SamplingHistory(
+                    r.prompt_token_ids,
+                    r.output_token_ids,
+                    (() if r.params.ignore_eos else r.eos_token_ids) + r.params.stop_token_ids,
+                )
+                for r in requests
+            ]
         tokens, logprobs = self.sampler(
-            logits, [r.params for r in requests], [r.request_id for r in requests]
+            logits, [r.params for r in requests], [r.request_id for r in requests], histories
         )
         sampled: list[int | None] = [None] * len(scheduled.requests)
         for row, request, token, lp in zip(rows, requests, tokens, logprobs, strict=True):
@@ -281,6 +332,41 @@ class LLMEngine:
                 request.output_logprobs.append(lp)
         return sampled
 
+    @staticmethod
+    def _prompt_logprob_rows(scheduled: ScheduledBatch) -> list[int]:
+        """Rows whose chunk predicts prompt tokens of a request that asked for their logprobs."""
+        return [
+            i
+            for i, (r, p) in enumerate(zip(scheduled.requests, scheduled.prefix_lens, strict=True))
+            if r.params.prompt_logprobs is not None and p < r.num_prompt_tokens - 1
+        ]
+
+    def _record_prompt_logprobs(self, scheduled: ScheduledBatch, logits: torch.Tensor) -> None:
+        """The logits at position i score prompt token i + 1 (positions are keyed, so a chunk
+        recomputed after preemption overwrites rather than duplicates)."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        offset = 0
+        for row in self._prompt_logprob_rows(scheduled):
+            request, start = scheduled.requests[row], scheduled.prefix_lens[row]
+            count = scheduled.num_new_tokens[row]
+            positions = [
+                p for p in range(start, start + count) if p + 1 < request.num_prompt_tokens
+            ]
+            if positions:
+                row_logprobs = logprobs[offset : offset + len(positions)]
+                targets = torch.tensor(
+                    [request.prompt_token_ids[p + 1] for p in positions], device=logits.device
+                )
+                chosen = row_logprobs.gather(1, targets[:, None])[:, 0].tolist()
+                k = max(request.params.prompt_logprobs, 1)
+                top_values, top_ids = (t.tolist() for t in row_logprobs.topk(k, dim=-1))
+                n = request.params.prompt_logprobs
+                for j, p in enumerate(positions):
+                    top = dict(zip(top_ids[j][:n], top_values[j][:n], strict=True))
+                    token = request.prompt_token_ids[p + 1]
+                    request.prompt_logprobs[p + 1] = TokenLogprobs(token, chosen[j], top)
+            offset += count
+
     def _forward_batch(self, scheduled: ScheduledBatch) -> ForwardBatch:
         token_ids = [
             r.all_token_ids[p : p + n]
@@ -288,14 +374,6 @@ class LLMEngine:
                 scheduled.requests, scheduled.prefix_lens, scheduled.num_new_tokens, strict=True
             )
         ]
-        decode_rows = [scheduled.is_decode_row(i) for i in range(len(scheduled.requests))]
-        mode = (
-            ForwardMode.DECODE
-            if all(decode_rows)
-            else ForwardMode.MIXED
-            if any(decode_rows)
-            else ForwardMode.EXTEND
-        )
         return ForwardBatch.build(
             token_ids=token_ids,
             prefix_lens=scheduled.prefix_lens,
@@ -304,8 +382,8 @@ class LLMEngine:
             device=self.runner.device,
             logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
             request_ids=[r.request_id for r in scheduled.requests],
-            mode=mode,
-        )
+            input_logprob_rows=self._prompt_logprob_rows(scheduled),
+        )  # the mode comes from the rows (a recompute chunk past the prompt is not decode)
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
         text = request.output_text
@@ -318,8 +396,16 @@ class LLMEngine:
             logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
             finished=request.is_finished,
             finish_reason=request.finish_reason,
+            prompt_logprobs=self._prompt_logprob_list(request),
             num_cached_tokens=request.num_cached_tokens or 0,
         )
+
+    @staticmethod
+    def _prompt_logprob_list(request: Request) -> list[TokenLogprobs | None] | None:
+        if request.params.prompt_logprobs is None:
+            return None
+        positions = range(1, request.num_prompt_tokens)
+        return [None, *(request.prompt_logprobs.get(p) for p in positions)]
 
     def _detokenize(self, request: Request) -> None:
         """Extend the request's text by its new token (O(1)); a stop string finishes it."""

@@ -26,7 +26,7 @@ def runner():
         dtype="bfloat16",
         device="cuda",
         num_kv_tokens=16384,
-        prefill_graph="breakable",
+        piecewise_cudagraph="breakable",
         capture_sizes=SIZES,
         max_num_seqs=MAX_ROWS,
     )
@@ -105,7 +105,7 @@ def test_greedy_generations_identical_full_mixed_piecewise_eager():
     for name, kwargs in (
         ("full_mixed", {}),
         ("piecewise", dict(full_mixed=False)),
-        ("eager", dict(disable_cuda_graph=True)),
+        ("eager", dict(disable_cudagraph=True)),
     ):
         llm = LLM("qwen3-0.6b", **common, **kwargs)
         tokens[name] = [o.token_ids for o in llm.generate(prompts, params)]
