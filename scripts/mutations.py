@@ -23,6 +23,8 @@ RUNNER = "tesela/executor/piecewise/runner.py"
 FULL = "tesela/executor/full_decode.py"
 PIECEWISE_TESTS = ["tests/test_piecewise.py"]
 DECODE_TESTS = ["tests/test_dispatcher.py"]
+MIXED = "tesela/executor/full_mixed.py"
+MIXED_TESTS = ["tests/test_full_mixed.py"]
 MOE_PADDING_TEST = "tests/test_moe.py::test_padding_tokens_route_to_no_expert_in_padded_replays"
 BLOCKS = "tesela/engine/block_manager.py"
 SCHEDULER = "tesela/engine/scheduler.py"
@@ -74,6 +76,36 @@ MUTATIONS = {
         "    n = batch.num_tokens\n",
         "    n = q.shape[0]\n",
         ["tests/test_piecewise.py::test_padding_is_zeroed_and_never_reaches_the_kv_cache"],
+    ),
+    "FULL mixed replay without planning the batch": (
+        MIXED,
+        "        self.planner.plan(batch)\n",
+        "",
+        MIXED_TESTS,
+    ),
+    "FULL mixed padding tokens keep a stale KV slot": (
+        MIXED,
+        "            self.out_cache_loc[n:size].fill_(DUMMY_SLOT)\n",
+        "",
+        MIXED_TESTS,
+    ),
+    "FULL mixed absent tiles run (from query -1)": (
+        "tesela/attention/triton_kernels/extend_attention.py",
+        "        q_begin = tl.maximum(tl.load(tiles_ptr + 2 * tile + 1), 0)  # absent: (-1, -1)\n",
+        "        q_begin = tl.load(tiles_ptr + 2 * tile + 1)\n",
+        MIXED_TESTS,
+    ),
+    "FULL mixed decode entries write the row's token": (
+        "tesela/attention/triton_kernels/decode_attention.py",
+        "        token = tl.load(entry_tokens_ptr + entry)\n",
+        "        token = row\n",
+        MIXED_TESTS,
+    ),
+    "FULL mixed decode rows also get extend tiles": (
+        "tesela/attention/triton_backend.py",
+        "        tiled_lens[decode] = 0  # a decode row gets an entry, not a tile\n",
+        "",
+        MIXED_TESTS,
     ),
     "MoE layers never see the real-token count of a padded replay": (
         "tesela/core/forward_context.py",
@@ -263,7 +295,8 @@ def run_mutation(name: str, workdir: Path) -> tuple[str, str]:
     failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     if result.returncode == 0:
         return "MISSED", " ".join(tests)
-    return "CAUGHT", "; ".join(failed) or result.stdout.strip().splitlines()[-1]
+    last = (result.stdout.strip().splitlines() or [f"the tests crashed ({result.returncode})"])[-1]
+    return "CAUGHT", "; ".join(failed) or last
 
 
 def main(names: list[str]) -> int:

@@ -404,6 +404,9 @@ class GraphConfig:
     max_capture_tokens: int = 2048
     full_decode: bool = True
     decode_batch_sizes: tuple[int, ...] = ()
+    # FULL graphs for extend and mixed batches (whole forward, attention inside) at the
+    # piecewise ladder's sizes, for backends that declare ALWAYS graph support.
+    full_mixed: bool = False
     verify_cudagraphs: bool = False  # compare every captured size with eager at capture time
 
     def __post_init__(self) -> None:
@@ -434,6 +437,7 @@ def resolve_graph_config(
     disable_cudagraph: bool = False,
     decode_batch_sizes: tuple[int, ...] | list[int] | None = None,
     max_decode_batch: int = 256,
+    full_mixed: bool = True,
     verify_cudagraphs: bool = False,
     scheduler: SchedulerConfig | None = None,
 ) -> GraphConfig:
@@ -459,6 +463,7 @@ def resolve_graph_config(
         max_capture_tokens=max_tokens,
         full_decode=not disable_cudagraph,
         decode_batch_sizes=decode_sizes if not disable_cudagraph else (),
+        full_mixed=full_mixed and not disable_cudagraph and bool(sizes),
         verify_cudagraphs=verify_cudagraphs,
     )
 

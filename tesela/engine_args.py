@@ -107,6 +107,11 @@ class EngineArgs:
         None, "largest piecewise capture size (default: --max-num-batched-tokens)"
     )
     disable_cudagraph: bool = _option(False, "run every batch eagerly (no CUDA graphs at all)")
+    full_mixed: bool = _option(
+        True,
+        "FULL CUDA graphs for extend and mixed batches (attention inside) when the attention "
+        "backend declares ALWAYS graph support (--no-full-mixed: those batches run piecewise)",
+    )
     enable_prefix_caching: bool = _option(
         True,
         "share the KV of repeated prompt prefixes across requests (--no-enable-prefix-caching "

@@ -113,6 +113,7 @@ def make_engine_config(
         max_capture_tokens=args.max_capture_tokens,
         disable_cudagraph=args.disable_cudagraph,
         verify_cudagraphs=args.verify_cudagraphs,
+        full_mixed=args.full_mixed,
         scheduler=scheduler,
     )
     attention_backend, graph = _resolve_attention(
@@ -164,7 +165,10 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
         head_dim=head_dim,
         piecewise=graph.piecewise_enabled,
         full_decode=graph.full_decode,
+        full_mixed=graph.full_mixed,
     )
+    if graph.full_mixed and not decision.full_mixed:
+        graph = dataclasses.replace(graph, full_mixed=False)
     if graph.full_decode and not decision.full_decode:
         graph = dataclasses.replace(graph, full_decode=False, decode_batch_sizes=())
     if graph.piecewise_enabled and not decision.piecewise:

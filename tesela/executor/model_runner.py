@@ -21,6 +21,7 @@ from tesela.core.kv_cache import RESERVED_BLOCKS, KVCachePool
 from tesela.executor import startup
 from tesela.executor.dispatcher import Dispatcher, RunPath
 from tesela.executor.full_decode import FullDecodeRunner
+from tesela.executor.full_mixed import FullMixedRunner, MixedGraphPlanner
 from tesela.executor.graph_runner import EagerRunner
 from tesela.executor.graphs import graph_factory_for
 from tesela.executor.piecewise.breakable import BreakablePiecewiseRunner
@@ -53,6 +54,7 @@ class ModelRunner:
             self.kv_cache = self._make_pool(self._num_kv_blocks())
             self.attn_backend.bind_kv_pool(self.kv_cache)
         self._capture_full_decode()
+        self._capture_full_mixed()
         self._verify()
 
     @property
@@ -66,6 +68,10 @@ class ModelRunner:
     @property
     def full_decode(self) -> FullDecodeRunner | None:
         return self.dispatcher.runner(RunPath.FULL_DECODE)
+
+    @property
+    def full_mixed(self) -> FullMixedRunner | None:
+        return self.dispatcher.runner(RunPath.FULL_MIXED)
 
     # ---- startup phases ---------------------------------------------------------------------
 
@@ -146,6 +152,44 @@ class ModelRunner:
         )
         runner.capture()
         self.dispatcher.add(RunPath.FULL_DECODE, runner)
+        return runner
+
+    def _capture_full_mixed(self) -> None:
+        graph = self.config.graph
+        if not (graph.full_mixed and graph.capture_sizes):
+            self.startup.skip(startup.CAPTURE_FULL_MIXED, "FULL mixed graphs are off")
+            return
+        if not self.attn_backend.supports_full_mixed:
+            self.startup.skip(
+                startup.CAPTURE_FULL_MIXED,
+                f"{self.attn_backend.name} attention declares "
+                f"{self.attn_backend.cuda_graph_support.name} graph support, not ALWAYS",
+            )
+            return
+        if self.device.type != "cuda":
+            self.startup.skip(startup.CAPTURE_FULL_MIXED, "not on CUDA")
+            return
+        with self.startup.phase(startup.CAPTURE_FULL_MIXED):
+            assert self.attn_backend.kv_cache is self.kv_cache, "backend not on the real pool"
+            scheduler = self.config.scheduler
+            self.add_full_mixed(
+                graph.capture_sizes, scheduler.max_num_seqs, scheduler.max_model_len
+            )
+
+    def add_full_mixed(self, sizes: tuple[int, ...], max_rows: int, max_model_len: int):
+        """Build and capture the FULL mixed runner on the current (final) pool; it shares the
+        graph factory's memory pool with the piecewise graphs."""
+        max_blocks = -(-max_model_len // self.config.cache.block_size)
+        planner = MixedGraphPlanner(self.attn_backend, tuple(sizes), max_rows, max_blocks)
+        runner = FullMixedRunner(
+            model=self.model,
+            planner=planner,
+            block_size=self.config.cache.block_size,
+            max_blocks_per_seq=max_blocks,
+            graphs=self.graph_factory,
+        )
+        runner.capture()
+        self.dispatcher.add(RunPath.FULL_MIXED, runner)
         return runner
 
     def _verify(self) -> None:
