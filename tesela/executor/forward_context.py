@@ -25,6 +25,8 @@ class ForwardContext:
     # this hook, which ends the current graph segment, runs the op eagerly and records it.
     # Called as split_hook(fn, tensors, *args) in place of fn(*tensors, *args).
     split_hook: Callable[..., None] | None = None
+    # The LoRA part of the batch's plan (tesela.lora.manager.LoRABatchState), when LoRA is on.
+    lora: Any = None
 
 
 _current: ForwardContext | None = None
@@ -32,7 +34,7 @@ _current: ForwardContext | None = None
 
 @contextlib.contextmanager
 def forward_context(
-    batch: ForwardBatch, attn_backend: AttentionBackend, split_hook: Any = None
+    batch: ForwardBatch, attn_backend: AttentionBackend, split_hook: Any = None, lora: Any = None
 ) -> Iterator[ForwardContext]:
     global _current
     if _current is not None:
@@ -40,7 +42,7 @@ def forward_context(
             f"a forward context is already active for {_current.batch.stamp}; forward passes "
             "must not nest"
         )
-    _current = ForwardContext(batch, attn_backend, split_hook)
+    _current = ForwardContext(batch, attn_backend, split_hook, lora)
     try:
         yield _current
     finally:
