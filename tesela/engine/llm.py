@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from tesela.engine.llm_engine import LLMEngine, RequestOutput, make_engine_config
 from tesela.engine.sampling_params import SamplingParams
+from tesela.lora.request import LoRARequest
 
 
 class LLM:
@@ -31,7 +32,10 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
+        """Generate for every prompt; `lora_request` is one adapter for all prompts or one per
+        prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -39,9 +43,20 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        # Validate every prompt before queueing any, so a bad one leaves nothing half-done.
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_request = [lora_request] * len(prompts)
+        if len(lora_request) != len(prompts):
+            raise ValueError(f"got {len(lora_request)} LoRA requests for {len(prompts)} prompts")
+        # Validate every prompt and adapter before queueing any, so a bad one leaves nothing
+        # half-done.
         token_prompts = [self._tokens(p) for p in prompts]
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(token_prompts, params, strict=True)]
+        for lora in lora_request:
+            if lora is not None:
+                self.engine.add_lora(lora)
+        ids = [
+            self.engine.add_request(p, sp, lora_request=lora)
+            for p, sp, lora in zip(token_prompts, params, lora_request, strict=True)
+        ]
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
         while self.engine.has_unfinished():

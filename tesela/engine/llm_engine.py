@@ -22,6 +22,7 @@ from tesela.config import (
     SchedulerConfig,
     normalize_dtype,
     resolve_graph_config,
+    resolve_lora_config,
 )
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.kv_cache import RESERVED_BLOCKS
@@ -30,6 +31,7 @@ from tesela.engine.sampler import Sampler
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
 from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.lora.request import LoRARequest
 from tesela.presets import PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -81,6 +83,11 @@ def make_engine_config(
     max_capture_tokens: int | None = None,
     disable_cuda_graph: bool = False,
     verify_graphs: bool = False,
+    enable_lora: bool = False,
+    max_loras: int = 4,
+    max_lora_rank: int = 16,
+    max_cpu_loras: int | None = None,
+    lora_backend: str = "auto",
 ) -> tuple[EngineConfig, str | None]:
     model_config, path = resolve_model(model)
     if path is None and load_format == "auto":
@@ -126,6 +133,14 @@ def make_engine_config(
         cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens),
         scheduler=scheduler,
         graph=graph,
+        lora=resolve_lora_config(
+            enable_lora=enable_lora,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+            max_cpu_loras=max_cpu_loras,
+            backend=lora_backend,
+            on_cuda=on_cuda,
+        ),
     )
     return config, path
 
@@ -169,7 +184,9 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_kv_blocks, config.cache.block_size, RESERVED_BLOCKS
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(
+            config.scheduler, self.block_manager, max_loras=config.lora.max_loras
+        )
         self.sampler = Sampler(self.runner.device, config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
@@ -181,8 +198,10 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         params = params or SamplingParams()
+        lora_id = self.add_lora(lora_request) if lora_request is not None else 0
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise ValueError("the prompt is empty: give a non-empty prompt")
@@ -192,10 +211,36 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
+        request = Request(
+            request_id, token_ids, params, eos_token_ids=self.eos_token_ids, lora_id=lora_id
+        )
         self.scheduler.add(request)
         self.requests[request_id] = request
         return request_id
+
+    # ---- LoRA adapters -------------------------------------------------------------------
+
+    def add_lora(self, lora_request: LoRARequest) -> int:
+        """Load an adapter (once; later calls with the same request are free); its id."""
+        manager = self.runner.lora_manager
+        if manager is None:
+            raise ValueError(
+                f"LoRA adapter {lora_request.lora_name!r} was requested but LoRA is off: start "
+                "the engine with enable_lora=True (server: --lora-modules or --enable-lora)"
+            )
+        return manager.add_adapter(lora_request).lora_id
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Unload an adapter; refused while requests still use it."""
+        if any(r.lora_id == lora_id for r in self.requests.values()):
+            raise ValueError(f"LoRA adapter {lora_id} is still in use by running requests")
+        if self.runner.lora_manager is None:
+            raise ValueError("LoRA is off: there is no adapter to unload")
+        self.runner.lora_manager.remove_adapter(lora_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        manager = self.runner.lora_manager
+        return [a.request for a in manager.adapters.values()] if manager else []
 
     def abort(self, request_id: str) -> bool:
         request = self.scheduler.abort(request_id)
@@ -267,6 +312,7 @@ class LLMEngine:
             logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
             request_ids=[r.request_id for r in scheduled.requests],
             mode=mode,
+            lora_ids=[r.lora_id for r in scheduled.requests],
         )
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:

@@ -38,6 +38,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_preemptions: int = 0
     output_text: str = ""
+    lora_id: int = 0  # the LoRA adapter this request runs with (0: the base model)
 
     @property
     def all_token_ids(self) -> list[int]:

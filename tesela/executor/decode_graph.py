@@ -95,9 +95,10 @@ class DecodeGraphRunner:
                     batch = self._static_batch(size)
                     runner.forward_eager(batch)  # warmup, with metadata planned for it
                     backend.init_forward_metadata_capture_cuda_graph(batch)
+                    lora = runner.plan_lora(batch)  # no adapter: zero-length LoRA work
                     graph = torch.cuda.CUDAGraph()
                     graph.capture_begin(pool=pool)
-                    with forward_context(batch, backend):
+                    with forward_context(batch, backend, lora=lora):
                         output = runner.model(batch.input_ids, batch.positions)
                     graph.capture_end()
                     self.graphs[size] = (graph, output)
@@ -127,8 +128,10 @@ class DecodeGraphRunner:
         # The graph runs no Python, so check the invariant here: planned for this batch.
         backend.metadata_for(batch)
         assert metadata.stamp == batch.stamp
+        lora = self.model_runner.plan_lora(batch)
+        self.model_runner.check_lora(batch, lora)
         if not self.use_cuda_graphs:
-            with forward_context(batch, backend):
+            with forward_context(batch, backend, lora=lora):
                 return self.model_runner.model(self.input_ids[:size], self.positions[:size])[:n]
         graph, output = self.graphs[size]
         graph.replay()

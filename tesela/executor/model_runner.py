@@ -40,6 +40,8 @@ class ModelRunner:
             path=model_path,
             seed=config.seed,
         )
+        # LoRA slots take their memory now, before graphs are captured and the KV pool sized.
+        self.lora_manager = self._make_lora_manager()
         self.layout = AttentionLayout(
             num_heads=mc.num_attention_heads,
             num_kv_heads=mc.num_key_value_heads,
@@ -111,6 +113,40 @@ class ModelRunner:
         )
         return num_blocks
 
+    def _make_lora_manager(self):
+        lora = self.config.lora
+        if not lora.enabled:
+            return None
+        from tesela.lora.manager import LoRAManager
+
+        graph, scheduler = self.config.graph, self.config.scheduler
+        max_tokens = max(
+            scheduler.max_num_batched_tokens,
+            graph.max_capture_tokens,
+            *graph.capture_sizes,
+            *graph.decode_batch_sizes,
+        )
+        return LoRAManager(
+            self.model,
+            max_loras=lora.max_loras,
+            max_lora_rank=lora.max_lora_rank,
+            max_cpu_loras=lora.max_cpu_loras,
+            max_num_tokens=max_tokens,
+            device=self.device,
+            dtype=self.dtype,
+            backend=lora.backend,
+        )
+
+    def plan_lora(self, batch: ForwardBatch):
+        """The LoRA half of the batch's plan (None when LoRA is off): planned next to the
+        attention metadata for every warmup, capture, replay and eager run."""
+        return self.lora_manager.plan(batch) if self.lora_manager is not None else None
+
+    def check_lora(self, batch: ForwardBatch, lora) -> None:
+        """Before a graph replay (which runs no Python): the LoRA buffers hold this batch."""
+        if self.lora_manager is not None:
+            self.lora_manager.state_for(batch, lora)
+
     def _build_graph_runners(self):
         from tesela.executor.dispatcher import GraphRunners
 
@@ -128,5 +164,6 @@ class ModelRunner:
     def forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
         """The reference path: plan metadata for this batch, run the model as written."""
         self.attn_backend.init_forward_metadata(batch)
-        with forward_context(batch, self.attn_backend):
+        lora = self.plan_lora(batch)
+        with forward_context(batch, self.attn_backend, lora=lora):
             return self.model(batch.input_ids, batch.positions)

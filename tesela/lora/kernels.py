@@ -163,26 +163,25 @@ def _kernels():
         slot = tl.load(token_slot_ptr + t)
         offset = tl.load(slice_off_ptr + j)
         size = tl.load(slice_off_ptr + j + 1) - offset
-        if slot >= 0:
-            if pid_n * BLOCK_N < size:
-                rank = tl.load(ranks_ptr + slot)
-                scaling = tl.load(scalings_ptr + slot)
-                r = tl.arange(0, BLOCK_R)
-                cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                col_mask = cols < size
-                st = tl.load(s_ptr + t.to(tl.int64) * stride_sm + j * BLOCK_R + r)
-                b_offs = (
-                    slot.to(tl.int64) * stride_b_slot
-                    + (offset + cols)[:, None].to(tl.int64) * stride_b_row
-                    + r[None, :]
-                )
-                bt = tl.load(
-                    b_ptr + b_offs, mask=col_mask[:, None] & (r < rank)[None, :], other=0.0
-                )
-                delta = tl.sum(bt.to(tl.float32) * st[None, :], axis=1) * scaling
-                y_offs = t.to(tl.int64) * stride_ym + offset + cols
-                y = tl.load(y_ptr + y_offs, mask=col_mask, other=0.0)
-                tl.store(y_ptr + y_offs, (y.to(tl.float32) + delta).to(y.dtype), mask=col_mask)
+        if (slot >= 0) & (pid_n * BLOCK_N < size):
+            rank = tl.load(ranks_ptr + slot)
+            scaling = tl.load(scalings_ptr + slot)
+            r = tl.arange(0, BLOCK_R)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_mask = cols < size
+            st = tl.load(s_ptr + t.to(tl.int64) * stride_sm + j * BLOCK_R + r)
+            b_offs = (
+                slot.to(tl.int64) * stride_b_slot
+                + (offset + cols)[:, None].to(tl.int64) * stride_b_row
+                + r[None, :]
+            )
+            bt = tl.load(
+                b_ptr + b_offs, mask=col_mask[:, None] & (r < rank)[None, :], other=0.0
+            )
+            delta = tl.sum(bt.to(tl.float32) * st[None, :], axis=1) * scaling
+            y_offs = t.to(tl.int64) * stride_ym + offset + cols
+            y = tl.load(y_ptr + y_offs, mask=col_mask, other=0.0)
+            tl.store(y_ptr + y_offs, (y.to(tl.float32) + delta).to(y.dtype), mask=col_mask)
 
     return shrink_sgmv, expand_sgmv, shrink_gather, expand_gather
 

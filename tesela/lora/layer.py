@@ -46,7 +46,7 @@ def lora_linear(
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     if manager.backend == "triton":
-        max_size = max(hi - lo for lo, hi in zip(host_offsets, host_offsets[1:]))
+        max_size = max(hi - lo for lo, hi in zip(host_offsets[:-1], host_offsets[1:], strict=True))
         triton_lora(x2, y2, a, b, slice_offsets, max_size, manager.buffers, state.style)
     else:
         torch_lora(

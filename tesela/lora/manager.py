@@ -218,8 +218,7 @@ class LoRAManager:
     def _load_slot(self, lora_id: int, slot: int) -> None:
         adapter = self.adapters[lora_id]
         rank = adapter.rank
-        for name, target in self.targets.items():
-            module = self.modules[name]
+        for name, module in self.modules.items():
             if name in adapter.weights:
                 a, b = adapter.weights[name]
                 module.lora_a[slot, :, :rank].copy_(a, non_blocking=True)

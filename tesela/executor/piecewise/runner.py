@@ -131,10 +131,12 @@ class PiecewiseRunner:
         torch.cuda.empty_cache()
         self.report.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
 
-    def _run_model(self, batch: ForwardBatch, num_tokens: int, split_hook=None, plain=False):
+    def _run_model(
+        self, batch: ForwardBatch, num_tokens: int, split_hook=None, plain=False, lora=None
+    ):
         input_ids, positions = self.buffers.slice(num_tokens)
         backend = self.model_runner.attn_backend
-        with forward_context(batch, backend, split_hook):
+        with forward_context(batch, backend, split_hook, lora=lora):
             if self.compiled is not None and not plain:
                 return self.compiled(input_ids, positions)
             return self.model_runner.model(input_ids, positions)
@@ -142,22 +144,25 @@ class PiecewiseRunner:
     @torch.inference_mode()
     def _warmup(self, size: int) -> None:
         batch = self._plan_capture_batch(size)
+        lora = self.model_runner.plan_lora(batch)
         self.buffers.copy_from(batch, size)
-        self._run_model(batch, size)
+        self._run_model(batch, size, lora=lora)
 
     @torch.inference_mode()
     def _capture_size(self, size: int, pool) -> None:
         batch = self._plan_capture_batch(size)
+        # No adapter in the capture batch: the LoRA kernels are captured as zero-length work.
+        lora = self.model_runner.plan_lora(batch)
         self.buffers.copy_from(batch, size)
         if self.compiled is not None:
             # Each compiled piece captures its own graph for this size (CompiledPieces).
             with self.compiled.capturing(size, pool):
-                self._run_model(batch, size)
+                self._run_model(batch, size, lora=lora)
             return
         graph = BreakableGraph(size)
         recorder = SegmentRecorder(graph, pool)
         recorder.begin()
-        output = self._run_model(batch, size, split_hook=recorder)
+        output = self._run_model(batch, size, split_hook=recorder, lora=lora)
         recorder.finish(output)
         self.graphs[size] = graph
         self.report.segments_per_size = len(graph.segments)
@@ -211,12 +216,15 @@ class PiecewiseRunner:
         size = self.padded_size(n)
         self.buffers.copy_from(batch, size)
         self.model_runner.attn_backend.init_forward_metadata(batch)
+        lora = self.model_runner.plan_lora(batch)
+        # Captured LoRA kernels run no Python at replay: check their state here.
+        self.model_runner.check_lora(batch, lora)
         if self.use_cuda_graphs and self.compiled is None:
-            with forward_context(batch, self.model_runner.attn_backend):
+            with forward_context(batch, self.model_runner.attn_backend, lora=lora):
                 output = self.graphs[size].replay()
         else:
             # CPU, or compiled pieces (which replay their per-size graphs themselves).
-            output = self._run_model(batch, size)
+            output = self._run_model(batch, size, lora=lora)
         return output[:n]
 
     @torch.inference_mode()
@@ -228,7 +236,8 @@ class PiecewiseRunner:
         size = self.padded_size(batch.num_tokens)
         self.buffers.copy_from(batch, size)
         self.model_runner.attn_backend.init_forward_metadata(batch)
+        lora = self.model_runner.plan_lora(batch)
         # Compiled pieces trace the PyTorch ops (inductor fuses them itself), not our kernels.
         plain_ops = fused.disabled() if self.compiled is not None else contextlib.nullcontext()
         with plain_ops:
-            return self._run_model(batch, size, plain=True)[: batch.num_tokens].clone()
+            return self._run_model(batch, size, plain=True, lora=lora)[: batch.num_tokens].clone()
