@@ -124,3 +124,147 @@ def test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone(
     assert together[0].token_ids != together[4].token_ids
     stats = llm.engine.stats()["dispatch"]["paths"]
     assert stats["piecewise" if graph != "none" else "eager"] > 0
+
+
+# ---- the per-batch LoRA state and its stamp ------------------------------------------------
+
+
+def lora_runner(checkpoints, adapters, **kwargs):
+    path, _ = checkpoints["llama"]
+    llm = LLM(str(path), dtype="float32", device="cpu", enable_lora=True, max_lora_rank=8, **kwargs)
+    for request, _ in adapters["llama"].values():
+        llm.engine.add_lora(request)
+    return llm.engine.runner
+
+
+def make_batch(tokens, lora_ids, block=1):
+    from tesela.executor.forward_batch import ForwardBatch
+
+    return ForwardBatch.build(
+        token_ids=tokens,
+        prefix_lens=[0] * len(tokens),
+        block_tables=[[block + i] for i in range(len(tokens))],
+        block_size=16,
+        device="cpu",
+        lora_ids=lora_ids,
+    )
+
+
+def test_running_with_another_batchs_lora_state_is_an_error(checkpoints, adapters):
+    from tesela.executor.forward_context import forward_context
+    from tesela.lora.manager import StaleLoRAStateError
+
+    runner = lora_runner(checkpoints, adapters)
+    first, second = make_batch([[1, 2, 3]], [1]), make_batch([[4, 5, 6]], [2])
+    state = runner.lora_manager.plan(first)
+    runner.attn_backend.init_forward_metadata(second)
+    with torch.inference_mode(), pytest.raises(StaleLoRAStateError) as error:  # noqa: PT012
+        with forward_context(second, runner.attn_backend, lora=state):
+            runner.model(second.input_ids, second.positions)
+    assert f"#{second.batch_id}" in str(error.value) and f"#{first.batch_id}" in str(error.value)
+    # A state planned for the batch, whose buffers were since overwritten by another plan, is
+    # refused before a graph replay reads them.
+    own = runner.lora_manager.plan(second)
+    runner.lora_manager.plan(first)
+    with pytest.raises(StaleLoRAStateError, match=f"#{first.batch_id}"):
+        runner.check_lora(second, own)
+    with torch.inference_mode(), pytest.raises(StaleLoRAStateError, match="no LoRA state"):  # noqa: PT012
+        with forward_context(second, runner.attn_backend):
+            runner.model(second.input_ids, second.positions)
+
+
+def test_capture_with_lora_state_planned_once_is_caught(checkpoints, adapters, monkeypatch):
+    """The LoRA analogue of planning metadata once for a warmup batch: every capture size
+    must plan its own LoRA state."""
+    from tesela.executor.piecewise.runner import PiecewiseRunner
+    from tesela.lora.manager import StaleLoRAStateError
+
+    runner = lora_runner(checkpoints, adapters, prefill_graph="breakable", capture_sizes=[4, 16])
+    real_plan, planned = runner.plan_lora, []
+
+    def plan_once(batch):
+        if not planned:
+            planned.append(real_plan(batch))
+        return planned[0]
+
+    monkeypatch.setattr(runner, "plan_lora", plan_once)
+    with pytest.raises(StaleLoRAStateError, match=r"16 tokens.*planned for .*4 tokens"):
+        buggy = PiecewiseRunner(runner, runner.config.graph)
+        buggy._warmup(4)
+        buggy._warmup(16)
+    monkeypatch.setattr(runner, "plan_lora", real_plan)
+    PiecewiseRunner(runner, runner.config.graph).capture()  # the real runner plans every pass
+
+
+def test_segments_merge_neighbours_and_slots_swap_lru(checkpoints, adapters):
+    runner = lora_runner(checkpoints, adapters, max_loras=2)
+    manager = runner.lora_manager
+    state = manager.plan(make_batch([[1, 2], [3], [4, 5, 6], [7]], [1, 1, 0, 2]))
+    slot1, slot2 = manager.slots.by_id[1], manager.slots.by_id[2]
+    assert state.segments == [(0, 3, slot1), (3, 6, -1), (6, 7, slot2)]
+    assert state.style == "sgmv"
+    # Adapter 3 takes the least recently used slot that the batch does not need (adapter 1's).
+    manager.plan(make_batch([[1]], [2]))
+    manager.plan(make_batch([[1], [2]], [3, 2]))
+    assert manager.slots.by_id == {2: slot2, 3: slot1}
+    assert manager.slot_ranks[slot1] == ADAPTERS["mlp"][0]
+    with pytest.raises(ValueError, match="max_loras=2"):
+        manager.plan(make_batch([[1], [2], [3]], [1, 2, 3]))
+    # Only 2 adapters stay on the CPU; an evicted one is read from disk again when needed.
+    assert len(manager.adapters) == 2
+    manager.plan(make_batch([[1], [2]], [1, 3]))
+    assert manager.slot_ranks[manager.slots.by_id[1]] == ADAPTERS["full"][0]
+
+
+def test_scheduler_keeps_running_adapters_within_max_loras(checkpoints, adapters):
+    path, _ = checkpoints["llama"]
+    llm = LLM(str(path), dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=8)
+    requests = [r for r, _ in adapters["llama"].values()]
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    together = llm.generate([PROMPTS[0]] * 3, sp, lora_request=requests)
+    alone = [llm.generate(PROMPTS[0], sp, lora_request=r)[0].token_ids for r in requests]
+    assert [o.token_ids for o in together] == alone
+    assert len(set(map(tuple, alone))) > 1
+
+
+# ---- adapter errors ------------------------------------------------------------------------
+
+
+def test_bad_adapters_are_refused_with_clear_errors(checkpoints, adapters, tmp_path):
+    import shutil
+
+    runner = lora_runner(checkpoints, adapters)
+    manager = runner.lora_manager
+    good = adapters["llama"]["full"][0]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        manager.add_adapter(LoRARequest("x", 9, str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        manager.add_adapter(LoRARequest("x", 9, str(tmp_path / "empty")))
+
+    def variant(name: str, **config_changes):
+        folder = tmp_path / name
+        shutil.copytree(good.lora_path, folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config.update(config_changes)
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        return LoRARequest(name, 9, str(folder))
+
+    with pytest.raises(LoRAAdapterError, match="max_lora_rank=8"):
+        manager.add_adapter(variant("big", r=32))
+    with pytest.raises(LoRAAdapterError, match="lora_A .* needs"):
+        manager.add_adapter(variant("shape", r=4))  # config rank disagrees with the weights
+    with pytest.raises(LoRAAdapterError, match="use_dora"):
+        manager.add_adapter(variant("dora", use_dora=True))
+    other_path, _ = checkpoints["qwen3"]  # head_dim 16 vs llama's: another shape of q
+    other = adapters["qwen3"]["full"][0]
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(f"{other.lora_path}/adapter_model.safetensors")
+    weights = {k.replace("layers.1.", "layers.7."): v for k, v in weights.items()}
+    folder = tmp_path / "layers"
+    shutil.copytree(good.lora_path, folder)
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(LoRAAdapterError, match="does not exist in the base model"):
+        manager.add_adapter(LoRARequest("layers", 9, str(folder)))
+    assert list(manager.requests) == [1, 2, 3]  # nothing half-loaded

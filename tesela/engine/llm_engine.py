@@ -240,7 +240,7 @@ class LLMEngine:
 
     def list_loras(self) -> list[LoRARequest]:
         manager = self.runner.lora_manager
-        return [a.request for a in manager.adapters.values()] if manager else []
+        return list(manager.requests.values()) if manager else []
 
     def abort(self, request_id: str) -> bool:
         request = self.scheduler.abort(request_id)

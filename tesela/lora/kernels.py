@@ -175,9 +175,7 @@ def _kernels():
                 + (offset + cols)[:, None].to(tl.int64) * stride_b_row
                 + r[None, :]
             )
-            bt = tl.load(
-                b_ptr + b_offs, mask=col_mask[:, None] & (r < rank)[None, :], other=0.0
-            )
+            bt = tl.load(b_ptr + b_offs, mask=col_mask[:, None] & (r < rank)[None, :], other=0.0)
             delta = tl.sum(bt.to(tl.float32) * st[None, :], axis=1) * scaling
             y_offs = t.to(tl.int64) * stride_ym + offset + cols
             y = tl.load(y_ptr + y_offs, mask=col_mask, other=0.0)

@@ -160,8 +160,9 @@ class LoRAManager:
         self.targets: dict[str, LoRATarget] = lora_targets(model)
         self.buffers = LoRABuffers.allocate(max_num_tokens, max_loras, device)
         self.slots = LoRASlots(max_loras)
-        self.adapters: OrderedDict[int, LoRAAdapter] = OrderedDict()  # CPU cache, LRU order
+        self.requests: dict[int, LoRARequest] = {}  # every registered adapter, by id
         self.names: dict[str, int] = {}
+        self.adapters: OrderedDict[int, LoRAAdapter] = OrderedDict()  # CPU cache, LRU order
         self.buffer_stamp: BatchStamp | None = None  # whose state the buffers hold
         self.slot_ranks = [0] * max_loras  # host copies of buffers.ranks / scalings
         self.slot_scalings = [0.0] * max_loras
@@ -191,32 +192,46 @@ class LoRAManager:
     # ---- adapters ------------------------------------------------------------------------
 
     def add_adapter(self, request: LoRARequest) -> LoRAAdapter:
-        """Load and validate an adapter onto the CPU (raises for one that does not fit)."""
-        known = self.names.get(request.lora_name)
-        if known is not None and known != request.lora_int_id:
+        """Register an adapter, loading and validating it (raises for one that does not fit).
+
+        Registered adapters stay known by id; the CPU cache keeps the `max_cpu_loras` most
+        recently used and reads an evicted one from disk again when a batch needs it."""
+        known = self.requests.get(request.lora_int_id)
+        if known is not None and known != request:
+            raise ValueError(
+                f"LoRA id {request.lora_int_id} is already used by adapter {known.lora_name!r}"
+            )
+        named = self.names.get(request.lora_name)
+        if named is not None and named != request.lora_int_id:
             raise ValueError(f"a LoRA adapter named {request.lora_name!r} is already loaded")
-        if request.lora_int_id in self.adapters:
-            return self.adapters[request.lora_int_id]
-        adapter = load_adapter(request, self.targets, self.max_lora_rank)
-        if len(self.adapters) >= self.max_cpu_loras:
-            victim = next(i for i in self.adapters if i not in self.slots.by_id)
-            self.remove_adapter(victim)
-        self.adapters[adapter.lora_id] = adapter
-        self.names[adapter.name] = adapter.lora_id
+        adapter = self._cpu_adapter(request)
+        self.requests[request.lora_int_id] = request
+        self.names[request.lora_name] = request.lora_int_id
+        return adapter
+
+    def _cpu_adapter(self, request: LoRARequest) -> LoRAAdapter:
+        adapter = self.adapters.get(request.lora_int_id)
+        if adapter is None:
+            adapter = load_adapter(request, self.targets, self.max_lora_rank)
+            while len(self.adapters) >= self.max_cpu_loras:
+                self.adapters.popitem(last=False)  # slots keep their own copy on the device
+            self.adapters[request.lora_int_id] = adapter
+        self.adapters.move_to_end(request.lora_int_id)
         return adapter
 
     def remove_adapter(self, lora_id: int) -> None:
-        adapter = self.adapters.pop(lora_id, None)
-        if adapter is None:
+        request = self.requests.pop(lora_id, None)
+        if request is None:
             raise KeyError(f"no LoRA adapter with id {lora_id} is loaded")
-        self.names.pop(adapter.name, None)
+        self.names.pop(request.lora_name, None)
+        self.adapters.pop(lora_id, None)
         slot = self.slots.evict(lora_id)
         if slot is not None:
             self.buffers.ranks[slot] = 0
             self.slot_ranks[slot] = 0
 
     def _load_slot(self, lora_id: int, slot: int) -> None:
-        adapter = self.adapters[lora_id]
+        adapter = self._cpu_adapter(self.requests[lora_id])
         rank = adapter.rank
         for name, module in self.modules.items():
             if name in adapter.weights:
@@ -229,14 +244,13 @@ class LoRAManager:
         self.buffers.ranks[slot] = rank
         self.buffers.scalings[slot] = adapter.scaling
         self.slot_ranks[slot], self.slot_scalings[slot] = rank, adapter.scaling
-        self.adapters.move_to_end(lora_id)
 
     # ---- the per-batch plan --------------------------------------------------------------
 
     def plan(self, batch: ForwardBatch) -> LoRABatchState:
         """Slots for the batch's adapters, then segments written into the device buffers."""
         lora_ids = tuple(batch.lora_ids) or (0,) * batch.batch_size
-        missing = sorted({i for i in lora_ids if i and i not in self.adapters})
+        missing = sorted({i for i in lora_ids if i and i not in self.requests})
         if missing:
             raise ValueError(f"LoRA adapter id(s) {missing} are not loaded: add them first")
         for lora_id, slot in self.slots.assign([i for i in dict.fromkeys(lora_ids) if i]):
