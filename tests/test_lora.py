@@ -118,7 +118,9 @@ def test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone(
     loras = [None, requests[0], requests[1], None, requests[2], requests[0]]
     sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     together = llm.generate(prompts, sp, lora_request=loras)
-    alone = [llm.generate(p, sp, lora_request=lora)[0] for p, lora in zip(prompts, loras)]
+    alone = [
+        llm.generate(p, sp, lora_request=lora)[0] for p, lora in zip(prompts, loras, strict=True)
+    ]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     # Adapters matter: the same prompt differs between the base model and an adapter.
     assert together[0].token_ids != together[4].token_ids
@@ -158,9 +160,12 @@ def test_running_with_another_batchs_lora_state_is_an_error(checkpoints, adapter
     first, second = make_batch([[1, 2, 3]], [1]), make_batch([[4, 5, 6]], [2])
     state = runner.lora_manager.plan(first)
     runner.attn_backend.init_forward_metadata(second)
-    with torch.inference_mode(), pytest.raises(StaleLoRAStateError) as error:  # noqa: PT012
-        with forward_context(second, runner.attn_backend, lora=state):
-            runner.model(second.input_ids, second.positions)
+    with (
+        torch.inference_mode(),
+        pytest.raises(StaleLoRAStateError) as error,
+        forward_context(second, runner.attn_backend, lora=state),
+    ):
+        runner.model(second.input_ids, second.positions)
     assert f"#{second.batch_id}" in str(error.value) and f"#{first.batch_id}" in str(error.value)
     # A state planned for the batch, whose buffers were since overwritten by another plan, is
     # refused before a graph replay reads them.
@@ -168,9 +173,12 @@ def test_running_with_another_batchs_lora_state_is_an_error(checkpoints, adapter
     runner.lora_manager.plan(first)
     with pytest.raises(StaleLoRAStateError, match=f"#{first.batch_id}"):
         runner.check_lora(second, own)
-    with torch.inference_mode(), pytest.raises(StaleLoRAStateError, match="no LoRA state"):  # noqa: PT012
-        with forward_context(second, runner.attn_backend):
-            runner.model(second.input_ids, second.positions)
+    with (
+        torch.inference_mode(),
+        pytest.raises(StaleLoRAStateError, match="no LoRA state"),
+        forward_context(second, runner.attn_backend),
+    ):
+        runner.model(second.input_ids, second.positions)
 
 
 def test_capture_with_lora_state_planned_once_is_caught(checkpoints, adapters, monkeypatch):
