@@ -50,6 +50,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compare every captured size with eager at startup",
     )
+    parser.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
+    parser.add_argument("--max-loras", type=int, default=4, help="adapters on the device at once")
+    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--max-cpu-loras", type=int, default=None)
+    parser.add_argument("--lora-backend", default="auto", choices=["auto", "triton", "torch"])
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -71,6 +76,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_capture_tokens=args.max_capture_tokens,
         disable_cuda_graph=args.disable_cuda_graph,
         verify_graphs=args.verify_graphs,
+        enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
+        lora_backend=args.lora_backend,
     )
 
 

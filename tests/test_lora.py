@@ -11,61 +11,8 @@ import torch
 from tesela import LLM, LoRARequest, SamplingParams
 from tesela.lora.adapter import LoRAAdapterError
 
-ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# (rank, alpha, rsLoRA, target modules): full, a subset with rsLoRA, a smaller rank
-ADAPTERS = {
-    "full": (8, 16, False, ALL_MODULES),
-    "rslora": (4, 8, True, ["q_proj", "v_proj", "down_proj"]),
-    "mlp": (2, 4, False, ["gate_proj", "up_proj", "o_proj"]),
-}
 PROMPTS = [[5, 17, 42, 8, 99, 3], [300, 301, 12, 77, 54, 23, 9, 81, 44, 6, 1]]
-MAX_TOKENS = 6
-
-
-def write_adapter(base_path, out_path, name: str, seed: int):
-    """A PEFT adapter with random, non-zero A and B, saved by peft itself; the peft model."""
-    import peft
-    import transformers
-
-    rank, alpha, rslora, modules = ADAPTERS[name]
-    torch.manual_seed(seed)
-    base = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    config = peft.LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        use_rslora=rslora,
-        target_modules=modules,
-        init_lora_weights=False,  # random B: the adapter really changes the outputs
-    )
-    model = peft.get_peft_model(base, config)
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if "lora_" in param_name:
-                param.normal_(0.0, 0.2)
-    model.save_pretrained(out_path)
-    return model.eval()
-
-
-class Adapters(dict):
-    """arch -> {adapter name: (LoRARequest, peft model)}, written on first use."""
-
-    def __init__(self, checkpoints, tmp_path_factory) -> None:
-        super().__init__()
-        self.checkpoints, self.tmp = checkpoints, tmp_path_factory
-
-    def __missing__(self, arch: str):
-        path = self.checkpoints[arch][0]
-        self[arch] = {}
-        for i, name in enumerate(ADAPTERS):
-            folder = self.tmp.mktemp(f"{arch}-{name}")
-            model = write_adapter(path, folder, name, seed=10 + i)
-            self[arch][name] = (LoRARequest(name, i + 1, str(folder)), model)
-        return self[arch]
-
-
-@pytest.fixture(scope="module")
-def adapters(checkpoints, tmp_path_factory):
-    return Adapters(checkpoints, tmp_path_factory)
+MAX_TOKENS = 4
 
 
 def hf_greedy(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -82,19 +29,21 @@ def params() -> SamplingParams:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_greedy_tokens_and_logprobs_match_peft(checkpoints, adapters, arch):
+def test_greedy_tokens_and_logprobs_match_peft(checkpoints, lora_adapters, arch):
     path, base_model = checkpoints[arch]
     llm = LLM(str(path), dtype="float32", device="cpu", enable_lora=True, max_lora_rank=8)
-    for name, (request, peft_model) in adapters[arch].items():
+    base_tokens = [hf_greedy(base_model, p)[0] for p in PROMPTS]
+    for name, (request, peft_model) in lora_adapters[arch].items():
         outputs = llm.generate(PROMPTS, params(), lora_request=request)
-        for prompt, output in zip(PROMPTS, outputs, strict=True):
+        changed = False
+        for prompt, output, base in zip(PROMPTS, outputs, base_tokens, strict=True):
             tokens, reference = hf_greedy(peft_model, prompt)
-            base_tokens, _ = hf_greedy(base_model, prompt)
             assert output.token_ids == tokens, name
             for step, lp in enumerate(output.logprobs):
                 expected = reference[len(prompt) - 1 + step][tokens[step]].item()
                 assert abs(lp.logprob - expected) <= 1e-4 * max(1.0, abs(expected)), name
-        assert any(hf_greedy(peft_model, p)[0] != hf_greedy(base_model, p)[0] for p in PROMPTS)
+            changed |= tokens != base
+        assert changed, f"adapter {name} leaves the greedy tokens unchanged: a weak test"
 
 
 @pytest.mark.parametrize(
@@ -102,20 +51,20 @@ def test_greedy_tokens_and_logprobs_match_peft(checkpoints, adapters, arch):
     [("torch", "none"), ("torch", "breakable"), ("triton", "breakable")],
 )
 def test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone(
-    checkpoints, adapters, backend, graph
+    checkpoints, lora_adapters, backend, graph
 ):
     """One batch: base rows and rows of 3 adapters (one adapter twice, apart), prefill then
     decode, through the piecewise runner's CPU path; each row equals its request run alone."""
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton LoRA kernels run on CPU under TRITON_INTERPRET=1")
     path, _ = checkpoints["qwen2"]
-    requests = [r for r, _ in adapters["qwen2"].values()]
+    requests = [r for r, _ in lora_adapters["qwen2"].values()]
     llm = LLM(
         str(path), dtype="float32", device="cpu", enable_lora=True, max_lora_rank=8,
         lora_backend=backend, prefill_graph=graph, capture_sizes=[4, 16, 64],
     )  # fmt: skip
-    prompts = PROMPTS + [[9, 8, 7], [40, 41, 42, 43], PROMPTS[0], [11, 12]]
-    loras = [None, requests[0], requests[1], None, requests[2], requests[0]]
+    prompts = [PROMPTS[0], [9, 8, 7], [40, 41, 42, 43], PROMPTS[0], [11, 12]]
+    loras = [None, requests[0], requests[1], requests[2], requests[0]]
     sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     together = llm.generate(prompts, sp, lora_request=loras)
     alone = [
@@ -123,7 +72,7 @@ def test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone(
     ]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     # Adapters matter: the same prompt differs between the base model and an adapter.
-    assert together[0].token_ids != together[4].token_ids
+    assert together[0].token_ids != together[3].token_ids
     stats = llm.engine.stats()["dispatch"]["paths"]
     assert stats["piecewise" if graph != "none" else "eager"] > 0
 
@@ -131,10 +80,10 @@ def test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone(
 # ---- the per-batch LoRA state and its stamp ------------------------------------------------
 
 
-def lora_runner(checkpoints, adapters, **kwargs):
+def lora_runner(checkpoints, lora_adapters, **kwargs):
     path, _ = checkpoints["llama"]
     llm = LLM(str(path), dtype="float32", device="cpu", enable_lora=True, max_lora_rank=8, **kwargs)
-    for request, _ in adapters["llama"].values():
+    for request, _ in lora_adapters["llama"].values():
         llm.engine.add_lora(request)
     return llm.engine.runner
 
@@ -152,11 +101,11 @@ def make_batch(tokens, lora_ids, block=1):
     )
 
 
-def test_running_with_another_batchs_lora_state_is_an_error(checkpoints, adapters):
+def test_running_with_another_batchs_lora_state_is_an_error(checkpoints, lora_adapters):
     from tesela.executor.forward_context import forward_context
     from tesela.lora.manager import StaleLoRAStateError
 
-    runner = lora_runner(checkpoints, adapters)
+    runner = lora_runner(checkpoints, lora_adapters)
     first, second = make_batch([[1, 2, 3]], [1]), make_batch([[4, 5, 6]], [2])
     state = runner.lora_manager.plan(first)
     runner.attn_backend.init_forward_metadata(second)
@@ -181,13 +130,15 @@ def test_running_with_another_batchs_lora_state_is_an_error(checkpoints, adapter
         runner.model(second.input_ids, second.positions)
 
 
-def test_capture_with_lora_state_planned_once_is_caught(checkpoints, adapters, monkeypatch):
+def test_capture_with_lora_state_planned_once_is_caught(checkpoints, lora_adapters, monkeypatch):
     """The LoRA analogue of planning metadata once for a warmup batch: every capture size
     must plan its own LoRA state."""
     from tesela.executor.piecewise.runner import PiecewiseRunner
     from tesela.lora.manager import StaleLoRAStateError
 
-    runner = lora_runner(checkpoints, adapters, prefill_graph="breakable", capture_sizes=[4, 16])
+    runner = lora_runner(
+        checkpoints, lora_adapters, prefill_graph="breakable", capture_sizes=[4, 16]
+    )
     real_plan, planned = runner.plan_lora, []
 
     def plan_once(batch):
@@ -204,8 +155,8 @@ def test_capture_with_lora_state_planned_once_is_caught(checkpoints, adapters, m
     PiecewiseRunner(runner, runner.config.graph).capture()  # the real runner plans every pass
 
 
-def test_segments_merge_neighbours_and_slots_swap_lru(checkpoints, adapters):
-    runner = lora_runner(checkpoints, adapters, max_loras=2)
+def test_segments_merge_neighbours_and_slots_swap_lru(checkpoints, lora_adapters):
+    runner = lora_runner(checkpoints, lora_adapters, max_loras=2)
     manager = runner.lora_manager
     state = manager.plan(make_batch([[1, 2], [3], [4, 5, 6], [7]], [1, 1, 0, 2]))
     slot1, slot2 = manager.slots.by_id[1], manager.slots.by_id[2]
@@ -215,19 +166,19 @@ def test_segments_merge_neighbours_and_slots_swap_lru(checkpoints, adapters):
     manager.plan(make_batch([[1]], [2]))
     manager.plan(make_batch([[1], [2]], [3, 2]))
     assert manager.slots.by_id == {2: slot2, 3: slot1}
-    assert manager.slot_ranks[slot1] == ADAPTERS["mlp"][0]
+    assert manager.slot_ranks[slot1] == 2  # the "mlp" adapter's rank
     with pytest.raises(ValueError, match="max_loras=2"):
         manager.plan(make_batch([[1], [2], [3]], [1, 2, 3]))
     # Only 2 adapters stay on the CPU; an evicted one is read from disk again when needed.
     assert len(manager.adapters) == 2
     manager.plan(make_batch([[1], [2]], [1, 3]))
-    assert manager.slot_ranks[manager.slots.by_id[1]] == ADAPTERS["full"][0]
+    assert manager.slot_ranks[manager.slots.by_id[1]] == 8  # the "full" adapter's rank
 
 
-def test_scheduler_keeps_running_adapters_within_max_loras(checkpoints, adapters):
+def test_scheduler_keeps_running_adapters_within_max_loras(checkpoints, lora_adapters):
     path, _ = checkpoints["llama"]
     llm = LLM(str(path), dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=8)
-    requests = [r for r, _ in adapters["llama"].values()]
+    requests = [r for r, _ in lora_adapters["llama"].values()]
     sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     together = llm.generate([PROMPTS[0]] * 3, sp, lora_request=requests)
     alone = [llm.generate(PROMPTS[0], sp, lora_request=r)[0].token_ids for r in requests]
@@ -238,12 +189,12 @@ def test_scheduler_keeps_running_adapters_within_max_loras(checkpoints, adapters
 # ---- adapter errors ------------------------------------------------------------------------
 
 
-def test_bad_adapters_are_refused_with_clear_errors(checkpoints, adapters, tmp_path):
+def test_bad_adapters_are_refused_with_clear_errors(checkpoints, lora_adapters, tmp_path):
     import shutil
 
-    runner = lora_runner(checkpoints, adapters)
+    runner = lora_runner(checkpoints, lora_adapters)
     manager = runner.lora_manager
-    good = adapters["llama"]["full"][0]
+    good = lora_adapters["llama"]["full"][0]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         manager.add_adapter(LoRARequest("x", 9, str(tmp_path / "nowhere")))
     (tmp_path / "empty").mkdir()
@@ -265,7 +216,7 @@ def test_bad_adapters_are_refused_with_clear_errors(checkpoints, adapters, tmp_p
     with pytest.raises(LoRAAdapterError, match="use_dora"):
         manager.add_adapter(variant("dora", use_dora=True))
     other_path, _ = checkpoints["qwen3"]  # head_dim 16 vs llama's: another shape of q
-    other = adapters["qwen3"]["full"][0]
+    other = lora_adapters["qwen3"]["full"][0]
     from safetensors.torch import load_file, save_file
 
     weights = load_file(f"{other.lora_path}/adapter_model.safetensors")

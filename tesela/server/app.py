@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tesela.engine.llm_engine import LLMEngine
+from tesela.lora.request import LoRARequest
 
 DEFAULT_MAX_QUEUE_LEN = 1024
 
@@ -57,6 +58,7 @@ def create_app(
         max_model_len=engine.config.scheduler.max_model_len,
         vocab_size=engine.config.model_config.vocab_size,
         tokenizer=engine.tokenizer,
+        adapters={lora.lora_name: lora for lora in engine.list_loras()},
     )
     return build_app(engine, info, max_queue_len)
 
@@ -88,6 +90,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     parser.add_argument("--no-access-log", action="store_true")
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapters to serve (PEFT folders); a request's 'model' picks one by name "
+        "(turns LoRA on)",
+    )
+
+
+def parse_lora_modules(specs: list[str]) -> list[LoRARequest]:
+    loras = []
+    for index, spec in enumerate(specs, start=1):
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes NAME=PATH entries, got {spec!r}")
+        loras.append(LoRARequest(name, index, path))
+    return loras
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -100,8 +120,17 @@ def run_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         print(f"error: --port must be in [0, 65535], got {args.port}", file=sys.stderr)
         return 2
-    config, path = make_engine_config(args.model, **engine_kwargs(args))
+    try:
+        loras = parse_lora_modules(args.lora_modules)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    kwargs = engine_kwargs(args)
+    kwargs["enable_lora"] = kwargs["enable_lora"] or bool(loras)
+    config, path = make_engine_config(args.model, **kwargs)
     engine = LLMEngine(config, path)
+    for lora in loras:
+        engine.add_lora(lora)
     app = create_app(
         engine, served_model_name=args.served_model_name, max_queue_len=args.max_queue_len
     )

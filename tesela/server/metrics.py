@@ -147,6 +147,11 @@ class ServerMetrics:
             ("reason",),
         )
         self.prompt_tokens = Counter("prompt_tokens_total", "Prompt tokens of accepted requests.")
+        self.lora_requests = Counter(
+            "lora_requests_total",
+            "Accepted generation requests by model: the base model or a LoRA adapter.",
+            ("model",),
+        )
         self.generation_tokens = Counter("generation_tokens_total", "Tokens generated.")
         self.engine_errors = Counter("engine_errors_total", "Engine steps that raised.")
         self.time_to_first_token = Histogram(
@@ -163,6 +168,7 @@ class ServerMetrics:
             self.requests_finished,
             self.requests_rejected,
             self.prompt_tokens,
+            self.lora_requests,
             self.generation_tokens,
             self.engine_errors,
             self.time_to_first_token,

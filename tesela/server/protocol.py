@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tesela.engine.request import TokenLogprobs
@@ -63,9 +63,11 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     tokenizer: Any
+    # LoRA adapters served on top, by name (shared with the server, which adds and removes).
+    adapters: dict[str, Any] = field(default_factory=dict)
 
     def accepts(self, name: str) -> bool:
-        return name == self.name or name in self.aliases
+        return name == self.name or name in self.aliases or name in self.adapters
 
 
 @dataclass(frozen=True)
@@ -184,13 +186,14 @@ def check_model(body: dict, model: ModelInfo) -> str:
     if not isinstance(name, str):
         raise _wrong_type("model", "a string", name)
     if not model.accepts(name):
+        adapters = f" and adapters {sorted(model.adapters)}" if model.adapters else ""
         raise APIError(
-            f"the model {name!r} does not exist here: this server serves {model.name!r}",
+            f"the model {name!r} does not exist here: this server serves {model.name!r}{adapters}",
             status=404,
             param="model",
             code="model_not_found",
         )
-    return model.name
+    return name if name in model.adapters else model.name
 
 
 def _reject_unsupported(body: dict, names: tuple[str, ...]) -> None:
