@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     decode = bench_sub.add_parser("decode", help="decode step latency: eager, graphs, floor")
     add_decode_arguments(decode)
     decode.set_defaults(func=run_decode)
+    from tesela.bench_lora import add_lora_arguments, run_lora
+
+    lora = bench_sub.add_parser("lora", help="LoRA adapters vs the base model: decode, prefill")
+    add_lora_arguments(lora)
+    lora.set_defaults(func=run_lora)
     from tesela.bench_serve import add_bench_serve_arguments, run_bench_serve
 
     serve_bench = bench_sub.add_parser("serve", help="serving over HTTP: throughput, TTFT, ITL")

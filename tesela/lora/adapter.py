@@ -206,3 +206,52 @@ def _place(weights, targets, where, rank, parent, module, pair) -> None:
 
 def _has(target: LoRATarget, module: str) -> bool:
     return any(s[0] == module for s in target.slices)
+
+
+def write_random_adapter(
+    path: str | Path,
+    model_config,
+    *,
+    rank: int,
+    seed: int,
+    modules: tuple[str, ...] = SUPPORTED_MODULES,
+) -> Path:
+    """Write a PEFT-format adapter with random A and B for a model shape (benchmarks and GPU
+    tests on preset models, which have no checkpoint for peft to wrap). A ~ N(0, 1/in) and
+    B ~ N(0, 0.02^2) with alpha = 2 * rank, so the deltas visibly change the outputs."""
+    from safetensors.torch import save_file
+
+    mc = model_config
+    h, i = mc.hidden_size, mc.intermediate_size
+    shapes = {  # (out, in) of each projection
+        "q_proj": (mc.q_size, h),
+        "k_proj": (mc.kv_size, h),
+        "v_proj": (mc.kv_size, h),
+        "o_proj": (h, mc.q_size),
+        "gate_proj": (i, h),
+        "up_proj": (i, h),
+        "down_proj": (h, i),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(mc.num_hidden_layers):
+        for module in modules:
+            out_features, in_features = shapes[module]
+            parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            a = torch.randn(rank, in_features, generator=generator) * in_features**-0.5
+            b = torch.randn(out_features, rank, generator=generator) * 0.02
+            tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16)
+            tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / WEIGHTS_FILE))
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(modules),
+        "bias": "none",
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return path
