@@ -116,22 +116,34 @@ def write_adapter(base_path, out_path, name: str, seed: int):
 
 class Adapters(dict):
     """arch -> {adapter name: (LoRARequest, peft model)}: PEFT adapters with random,
-    non-zero A and B for each checkpoint, written on first use."""
+    non-zero A and B for each checkpoint, each written on first use."""
 
     def __init__(self, checkpoints, tmp_path_factory) -> None:
         super().__init__()
         self.checkpoints, self.tmp = checkpoints, tmp_path_factory
 
     def __missing__(self, arch: str):
-        path = self.checkpoints[arch][0]
-        self[arch] = {}
-        for i, name in enumerate(LORA_ADAPTERS):
-            folder = self.tmp.mktemp(f"{arch}-{name}")
-            model = write_adapter(path, folder, name, seed=10 + i)
-            from tesela.lora.request import LoRARequest
-
-            self[arch][name] = (LoRARequest(name, i + 1, str(folder)), model)
+        self[arch] = ArchAdapters(self, arch)
         return self[arch]
+
+
+class ArchAdapters(dict):
+    def __init__(self, owner: Adapters, arch: str) -> None:
+        super().__init__()
+        self.owner, self.arch = owner, arch
+
+    def __missing__(self, name: str):
+        from tesela.lora.request import LoRARequest
+
+        index = list(LORA_ADAPTERS).index(name)
+        folder = self.owner.tmp.mktemp(f"{self.arch}-{name}")
+        path = self.owner.checkpoints[self.arch][0]
+        model = write_adapter(path, folder, name, seed=10 + index)
+        self[name] = (LoRARequest(name, index + 1, str(folder)), model)
+        return self[name]
+
+    def all(self) -> list[tuple]:
+        return [self[name] for name in LORA_ADAPTERS]
 
 
 @pytest.fixture(scope="session")

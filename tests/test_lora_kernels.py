@@ -54,6 +54,7 @@ def test_triton_kernels_match_the_reference(style, case):
     buffers = state(segments, n, 64, ranks, scalings)
     # A slot's rows past its rank hold junk (a previous, larger adapter): the rank masks them.
     a[1, :, 3:] = 100.0
+    b[1, :, 3:] = 100.0
     x = torch.randn(padded, IN)
     y0 = torch.randn(padded, OFFSETS[-1])
     y = y0.clone()
