@@ -19,7 +19,7 @@ import torch
 
 from tesela.bench import write_outputs
 from tesela.bench_decode import time_step
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ def bench_batch(runner, rows: list[tuple[int, int]], lora_ids: list[int], mode) 
 
 def measure(runner, args, batch_sizes: list[int], adapters: int) -> dict:
     """Median ms per (phase, batch, path); `adapters` = 0 runs the base model."""
-    graphs, out = runner.graphs, {}
+    dispatcher, out = runner.dispatcher, {}
     for b in batch_sizes:
         ids = [1 + r % adapters if adapters else 0 for r in range(b)]
         decode = bench_batch(runner, [(args.context - 1, 1)] * b, ids, ForwardMode.DECODE)
@@ -93,11 +93,13 @@ def measure(runner, args, batch_sizes: list[int], adapters: int) -> dict:
             out[f"{phase}/b{b}/eager"], eager = time_step(
                 runner, runner.forward_eager, batch, args.repeat
             )
-            path, _ = graphs.choose(batch)
-            out[f"{phase}/b{b}/graphs"], replay = time_step(runner, graphs.run, batch, args.repeat)
+            path, _ = dispatcher.choose(batch)
+            out[f"{phase}/b{b}/graphs"], replay = time_step(
+                runner, dispatcher.run, batch, args.repeat
+            )
             out[f"{phase}/b{b}/graphs_path"] = path.value
             out[f"{phase}/b{b}/max_abs_err"] = (replay.float() - eager.float()).abs().max().item()
-    out["graph_memory_bytes"] = sum(r.graph_memory_bytes for r in graphs.capture_reports)
+    out["graph_memory_bytes"] = sum(r.graph_memory_bytes for r in dispatcher.reports())
     out["lora_memory_bytes"] = runner.lora_manager.nbytes if runner.lora_manager else 0
     return out
 

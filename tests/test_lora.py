@@ -102,7 +102,7 @@ def lora_runner(checkpoints, lora_adapters, **kwargs):
 
 
 def make_batch(tokens, lora_ids, block=1):
-    from tesela.executor.forward_batch import ForwardBatch
+    from tesela.core.forward_batch import ForwardBatch
 
     return ForwardBatch.build(
         token_ids=tokens,
@@ -115,57 +115,67 @@ def make_batch(tokens, lora_ids, block=1):
 
 
 def test_running_with_another_batchs_lora_state_is_an_error(checkpoints, lora_adapters):
-    from tesela.executor.forward_context import forward_context
-    from tesela.lora.manager import StaleLoRAStateError
+    from tesela.core.forward_context import forward_context
+    from tesela.core.plan import ForwardPlan, StaleMetadataError
+    from tesela.lora.state import StaleLoRAStateError
 
     runner = lora_runner(checkpoints, lora_adapters)
+    planner, backend = runner.planner, runner.attn_backend
     first, second = make_batch([[1, 2, 3]], [1]), make_batch([[4, 5, 6]], [2])
-    state = runner.lora_manager.plan(first)
-    runner.attn_backend.init_forward_metadata(second)
+    # A plan whose LoRA part was planned for another batch cannot even be built.
+    stale_part = runner.lora_manager.plan(first)
+    with pytest.raises(StaleMetadataError, match=f"lora part .*#{first.batch_id}"):
+        ForwardPlan(second.stamp, backend.plan(second), lora=stale_part)
+    # The LoRA op refuses a plan made for another batch.
+    plan = planner.plan(first)
     with (
         torch.inference_mode(),
-        pytest.raises(StaleLoRAStateError) as error,
-        forward_context(second, runner.attn_backend, lora=state),
+        pytest.raises(StaleMetadataError, match=f"LoRA ran batch #{second.batch_id}"),
+        forward_context(second, plan, backend),
     ):
         runner.model(second.input_ids, second.positions)
-    assert f"#{second.batch_id}" in str(error.value) and f"#{first.batch_id}" in str(error.value)
-    # A state planned for the batch, whose buffers were since overwritten by another plan, is
-    # refused before a graph replay reads them.
-    own = runner.lora_manager.plan(second)
-    runner.lora_manager.plan(first)
-    with pytest.raises(StaleLoRAStateError, match=f"#{first.batch_id}"):
-        runner.check_lora(second, own)
+    # A plan whose buffers a later plan rewrote is refused (what a graph replay would read).
+    own = planner.plan(second)
+    planner.plan(first)
+    with pytest.raises(StaleLoRAStateError, match=f"holding batch #{first.batch_id}"):
+        own.check(second)
+    # LoRA layers with a plan that has no LoRA part at all.
+    bare = ForwardPlan(second.stamp, backend.plan(second))
     with (
         torch.inference_mode(),
-        pytest.raises(StaleLoRAStateError, match="no LoRA state"),
-        forward_context(second, runner.attn_backend),
+        pytest.raises(StaleLoRAStateError, match="no LoRA part"),
+        forward_context(second, bare, backend),
     ):
         runner.model(second.input_ids, second.positions)
 
 
-def test_capture_with_lora_state_planned_once_is_caught(checkpoints, lora_adapters, monkeypatch):
-    """The LoRA analogue of planning metadata once for a warmup batch: every capture size
-    must plan its own LoRA state."""
-    from tesela.executor.piecewise.runner import PiecewiseRunner
-    from tesela.lora.manager import StaleLoRAStateError
+def test_capture_with_a_planner_that_plans_lora_once_is_caught(checkpoints, lora_adapters):
+    """The LoRA analogue of planning metadata once for a warmup batch (SGLang's bug class):
+    every capture size must get LoRA state planned for it, by the same planning call."""
+    from tesela.core.plan import ForwardPlan, StaleMetadataError
+    from tesela.executor.graphs import CpuGraphFactory
+    from tesela.executor.piecewise.breakable import BreakablePiecewiseRunner
+    from tesela.executor.planner import ForwardPlanner
 
-    runner = lora_runner(
-        checkpoints, lora_adapters, prefill_graph="breakable", capture_sizes=[4, 16]
-    )
-    real_plan, planned = runner.plan_lora, []
+    runner = lora_runner(checkpoints, lora_adapters)
 
-    def plan_once(batch):
-        if not planned:
-            planned.append(real_plan(batch))
-        return planned[0]
+    class PlansLoRAOnce(ForwardPlanner):
+        def plan(self, batch):
+            if not hasattr(self, "first"):
+                self.first = self.lora.plan(batch)
+            return ForwardPlan(batch.stamp, self.attn_backend.plan(batch), lora=self.first)
 
-    monkeypatch.setattr(runner, "plan_lora", plan_once)
-    with pytest.raises(StaleLoRAStateError, match=r"16 tokens.*planned for .*4 tokens"):
-        buggy = PiecewiseRunner(runner, runner.config.graph)
-        buggy._warmup(4)
-        buggy._warmup(16)
-    monkeypatch.setattr(runner, "plan_lora", real_plan)
-    PiecewiseRunner(runner, runner.config.graph).capture()  # the real runner plans every pass
+    def capture(planner):
+        return BreakablePiecewiseRunner(
+            model=runner.model, planner=planner, capture_sizes=(4, 16), block_size=16,
+            graphs=CpuGraphFactory(),
+        ).capture()  # fmt: skip
+
+    buggy = PlansLoRAOnce(runner.attn_backend, runner.lora_manager)
+    # Caught at the first capture pass, which would run on the warmup's LoRA state.
+    with pytest.raises(StaleMetadataError, match=r"lora part of a plan for batch #\d+ .* was"):
+        capture(buggy)
+    capture(ForwardPlanner(runner.attn_backend, runner.lora_manager))  # the real planner
 
 
 def test_segments_merge_neighbours_and_slots_swap_lru(checkpoints, lora_adapters):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tesela.lora.kernels import GATHER, SGMV, reference_lora_delta, torch_lora, triton_lora
-from tesela.lora.manager import NO_SLOT, LoRABuffers
+from tesela.lora.state import NO_SLOT, LoRABuffers
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",

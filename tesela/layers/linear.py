@@ -21,9 +21,8 @@ class Linear(nn.Module):
         self.lora_offsets: list[int] | None = None  # output slice offsets, once LoRA is on
 
     def attach_lora(self, a: torch.Tensor, b: torch.Tensor, offsets: tuple[int, ...]) -> None:
-        """Serve LoRA: a [slots, slices, rank, in] and b [slots, out, rank] (LoRAManager)."""
-        from tesela.lora import layer  # noqa: F401  (registers torch.ops.tesela.lora_linear)
-
+        """Serve LoRA: a [slots, slices, rank, in] and b [slots, out, rank]. Called by the LoRA
+        manager (tesela/lora/manager.py), which also registers the op `forward` then runs."""
         self.register_buffer("lora_a", a, persistent=False)
         self.register_buffer("lora_b", b, persistent=False)
         device_offsets = torch.tensor(offsets, dtype=torch.int32, device=a.device)

@@ -3,8 +3,9 @@
 `torch.ops.tesela.lora_linear(x, y, a, b, ...)` adds every token's adapter delta into `y` in
 place. It is an ordinary (non-split) op: it runs inside captured graph segments and compiled
 pieces. Its Python body runs at warmup, capture and eager time only; there it checks that the
-forward context carries LoRA state planned for the very batch being run (the stale-state
-guard) and picks the kernel style planned for the batch. It never skips the kernels for a
+forward context's plan has a LoRA part planned for the very batch being run, whose buffers no
+later plan rewrote (the stale-state guard), and picks the kernel style planned for the batch.
+At replay the attention split op makes the same check (`ForwardPlan.check`). It never skips the kernels for a
 batch without adapters: such a batch is all slot -1 tokens in the same launches, so a graph
 captured on it still adds the deltas of a later batch that has them.
 """
@@ -13,21 +14,21 @@ from __future__ import annotations
 
 import torch
 
-from tesela.executor.forward_context import get_forward_context
+from tesela.core.forward_context import get_forward_context
 from tesela.lora.kernels import torch_lora, triton_lora
+from tesela.lora.state import LoRABatchState, StaleLoRAStateError
 
 
-def _state():
-    from tesela.lora.manager import StaleLoRAStateError
-
+def _state() -> LoRABatchState:
     context = get_forward_context()
-    state = context.lora
-    if state is None:
+    plan = context.plan
+    if plan.lora is None:
         raise StaleLoRAStateError(
-            f"LoRA layers ran {context.batch.stamp} with no LoRA state planned: plan the batch "
-            "(LoRAManager.plan) and pass it to the forward context"
+            f"LoRA layers ran {context.batch.stamp} with a plan that has no LoRA part: plan "
+            "batches with a planner that holds the LoRA manager"
         )
-    return state.manager.state_for(context.batch, state)
+    plan.check(context.batch, where="LoRA")  # planned for this batch, buffers still current
+    return plan.lora
 
 
 @torch.library.custom_op("tesela::lora_linear", mutates_args=("y",))

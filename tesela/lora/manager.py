@@ -5,10 +5,11 @@ engine starts (so their memory is taken before the KV pool is sized). More adapt
 `max_cpu_loras`) wait on the CPU; a batch's adapters are swapped into slots on demand, evicting
 the least recently used slot that the batch does not need. Slot -1 is the base model.
 
-`plan(batch)` is the LoRA half of the per-batch plan: it maps the batch's rows to slots,
-merges consecutive tokens of one adapter into segments and writes them into persistent device
-buffers (what the kernels and captured graphs read), stamped with the batch's identity.
-`state_for(batch)` refuses to run a batch whose LoRA state was planned for another one.
+`plan(batch)` makes the LoRA part of the batch's `ForwardPlan` (called by the planner,
+tesela/executor/planner.py, in the same call as the attention metadata): it maps the batch's
+rows to slots, merges consecutive tokens of one adapter into segments and writes them into
+persistent device buffers (what the kernels and captured graphs read), stamped with the batch's
+identity. `LoRABatchState.check_current` refuses a plan whose buffers a later plan rewrote.
 """
 
 from __future__ import annotations
@@ -20,88 +21,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tesela.executor.forward_batch import BatchStamp, ForwardBatch
+from tesela.core.forward_batch import BatchStamp, ForwardBatch
+from tesela.lora import layer  # noqa: F401  (registers torch.ops.tesela.lora_linear)
 from tesela.lora.adapter import LoRAAdapter, LoRATarget, load_adapter, lora_targets
 from tesela.lora.kernels import GATHER, SGMV
 from tesela.lora.request import LoRARequest
+from tesela.lora.state import NO_SLOT, LoRABatchState, LoRABuffers
 
 logger = logging.getLogger("tesela.lora")
-
-NO_SLOT = -1  # the base model: no adapter
-
-
-class StaleLoRAStateError(RuntimeError):
-    """A forward pass ran with LoRA state planned for another batch (or none at all)."""
-
-
-@dataclass
-class LoRABuffers:
-    """Per-batch LoRA state at fixed addresses, sized for the largest batch; graphs read it."""
-
-    token_slot: torch.Tensor  # [max_tokens] int32: adapter slot of every token (-1: none)
-    token_seg: torch.Tensor  # [max_tokens] int32: segment of every token
-    seg_start: torch.Tensor  # [max_tokens + 2] int32: first token of every segment
-    seg_slot: torch.Tensor  # [max_tokens + 1] int32: adapter slot of every segment
-    ranks: torch.Tensor  # [max_loras] int32: rank of each slot's adapter (0: empty)
-    scalings: torch.Tensor  # [max_loras] fp32
-
-    @classmethod
-    def allocate(cls, max_tokens: int, max_loras: int, device) -> LoRABuffers:
-        def ints(n: int, value: int) -> torch.Tensor:
-            return torch.full((n,), value, dtype=torch.int32, device=device)
-
-        return cls(
-            token_slot=ints(max_tokens, NO_SLOT),
-            token_seg=ints(max_tokens, 0),
-            seg_start=torch.tensor([0] + [max_tokens] * (max_tokens + 1), dtype=torch.int32).to(
-                device
-            ),
-            seg_slot=ints(max_tokens + 1, NO_SLOT),
-            ranks=ints(max_loras, 0),
-            scalings=torch.zeros(max_loras, dtype=torch.float32, device=device),
-        )
-
-    @property
-    def max_tokens(self) -> int:
-        return int(self.token_slot.shape[0])
-
-    def write(self, segments: list[tuple[int, int, int]], num_tokens: int) -> None:
-        """Write a batch's segments (start, end, slot) covering its `num_tokens` tokens."""
-        n, num_segs = num_tokens, len(segments)
-        if n > self.max_tokens:
-            raise AssertionError(f"{n} tokens exceed the LoRA buffers ({self.max_tokens})")
-        token_slot, token_seg = [], []
-        for index, (start, end, slot) in enumerate(segments):
-            token_slot += [slot] * (end - start)
-            token_seg += [index] * (end - start)
-        # One trailing segment with no adapter covers any padding up to the largest size.
-        starts = [s for s, _, _ in segments] + [n, self.max_tokens]
-        slots = [s for _, _, s in segments] + [NO_SLOT]
-        host = torch.tensor(token_slot + token_seg + starts + slots, dtype=torch.int32)
-        host = host.pin_memory() if self.token_slot.is_cuda else host
-        host = host.to(self.token_slot.device, non_blocking=True)
-        parts = host.split([n, n, num_segs + 2, num_segs + 1])
-        self.token_slot[:n].copy_(parts[0])
-        self.token_slot[n:].fill_(NO_SLOT)
-        self.token_seg[:n].copy_(parts[1])
-        self.token_seg[n:].fill_(num_segs)
-        self.seg_start[: num_segs + 2].copy_(parts[2])
-        self.seg_slot[: num_segs + 1].copy_(parts[3])
-
-
-@dataclass
-class LoRABatchState:
-    """The LoRA part of one batch's plan (host side; the device side is in LoRABuffers)."""
-
-    stamp: BatchStamp
-    style: str  # sgmv | gather: the kernel style the batch's graph runs
-    segments: list[tuple[int, int, int]]  # (start, end, slot), covering the real tokens
-    lora_ids: tuple[int, ...]  # per row
-    manager: LoRAManager = field(repr=False)
-
-    @property
-    def has_adapters(self) -> bool:
-        return any(slot != NO_SLOT for _, _, slot in self.segments)
 
 
 @dataclass
@@ -261,21 +188,6 @@ class LoRAManager:
         self.buffer_stamp = batch.stamp
         style = GATHER if batch.mode.is_decode else SGMV
         return LoRABatchState(batch.stamp, style, segments, lora_ids, self)
-
-    def state_for(self, batch: ForwardBatch, state: LoRABatchState | None) -> LoRABatchState:
-        """The batch's LoRA state, checked: planned for this batch and still in the buffers."""
-        if state is None:
-            raise StaleLoRAStateError(
-                f"LoRA layers ran {batch.stamp} with no LoRA state planned: plan the batch "
-                "(LoRAManager.plan) before running the model"
-            )
-        if state.stamp != batch.stamp or self.buffer_stamp != batch.stamp:
-            held = self.buffer_stamp if state.stamp == batch.stamp else state.stamp
-            raise StaleLoRAStateError(
-                f"LoRA layers ran {batch.stamp} with LoRA state planned for {held}: plan every "
-                "batch (warmup, capture and replay included) before running it"
-            )
-        return state
 
 
 def _segments(extend_lens: list[int], row_slots: list[int]) -> list[tuple[int, int, int]]:

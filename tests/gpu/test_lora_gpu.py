@@ -10,7 +10,7 @@ import torch
 from tesela import LLM, LoRARequest, SamplingParams
 from tesela.lora.adapter import write_random_adapter
 from tesela.lora.kernels import GATHER, SGMV, reference_lora_delta, triton_lora
-from tesela.lora.manager import NO_SLOT, LoRABuffers
+from tesela.lora.state import NO_SLOT, LoRABuffers
 
 # Llama-3-8B's qkv (q 4096, k 1024, v 1024 rows over a 4096 input) and its down projection.
 SHAPES = {"qkv": (4096, (0, 4096, 5120, 6144)), "down": (14336, (0, 4096))}
