@@ -159,15 +159,11 @@ def format_lora_table(results: dict) -> str:
                 f"{lora[f'{key}/eager']:.3f} | {base[f'{key}/graphs']:.3f} | "
                 f"{lora[f'{key}/graphs']:.3f} | {ratio:.2f} | {lora[f'{key}/max_abs_err']:.1e} |"
             )
-    gib = 2**30
-    growth = (
-        lora["graph_memory_bytes"] / base["graph_memory_bytes"]
-        if base["graph_memory_bytes"]
-        else float("nan")
-    )
+    gib, base_graphs = 2**30, base["graph_memory_bytes"]
+    growth = f"{lora['graph_memory_bytes'] / base_graphs:.2f}x" if base_graphs else "n/a on CPU"
     lines.append(
-        f"graph memory: base {base['graph_memory_bytes'] / gib:.3f} GiB, with LoRA "
-        f"{lora['graph_memory_bytes'] / gib:.3f} GiB ({growth:.2f}x); LoRA slots "
+        f"graph memory: base {base_graphs / gib:.3f} GiB, with LoRA "
+        f"{lora['graph_memory_bytes'] / gib:.3f} GiB ({growth}); LoRA slots "
         f"{lora['lora_memory_bytes'] / gib:.3f} GiB"
     )
     return "\n".join(lines)
