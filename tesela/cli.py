@@ -150,9 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     prefill.set_defaults(func=run_prefill)
     from tesela.bench_decode import add_decode_arguments, run_decode
 
-    decode = bench_sub.add_parser("decode", help="decode step latency: eager, graphs, floor")
+    decode = bench_sub.add_parser(
+        "decode", help="decode step through sampling: eager, graphs, HBM floor"
+    )
     add_decode_arguments(decode)
     decode.set_defaults(func=run_decode)
+    from tesela.bench_latency import add_latency_arguments, run_latency
+
+    latency = bench_sub.add_parser("latency", help="offline generate: tokens/s per batch size")
+    add_latency_arguments(latency)
+    latency.set_defaults(func=run_latency)
     from tesela.bench_lora import add_lora_arguments, run_lora
 
     lora = bench_sub.add_parser("lora", help="LoRA adapters vs the base model: decode, prefill")

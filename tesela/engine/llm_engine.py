@@ -29,6 +29,7 @@ from tesela.config import (
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
 from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.engine.block_manager import BlockManager
+from tesela.engine.detokenizer import IncrementalDetokenizer
 from tesela.engine.request import Request, TokenLogprobs
 from tesela.engine.sampler import Sampler
 from tesela.engine.sampling_params import SamplingParams
@@ -194,6 +195,7 @@ class LLMEngine:
         self.sampler = Sampler(self.runner.device, config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -220,6 +222,12 @@ class LLMEngine:
         )
         self.scheduler.add(request)
         self.requests[request_id] = request
+        self.detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
         return request_id
 
     # ---- LoRA adapters -------------------------------------------------------------------
@@ -251,6 +259,7 @@ class LLMEngine:
         if request is not None:
             self.sampler.forget(request_id)
             self.requests.pop(request_id, None)
+            self.detokenizers.pop(request_id, None)
         return request is not None
 
     def has_unfinished(self) -> bool:
@@ -267,12 +276,15 @@ class LLMEngine:
             self.scheduler.update(scheduled, sampled)
             updated = [r for r, t in zip(scheduled.requests, sampled, strict=True) if t is not None]
         for request in updated:
-            if not request.is_finished:
-                self._check_stop_strings(request)
+            self._detokenize(request)
         outputs = {r.request_id: self._output(r, new_tokens=1) for r in updated}
         for request in self.scheduler.pop_finished():
             self.sampler.forget(request.request_id)
             self.requests.pop(request.request_id, None)
+            detokenizer = self.detokenizers.pop(request.request_id, None)
+            if detokenizer is not None:  # emit a held-back incomplete final character
+                detokenizer.flush(request.output_token_ids)
+                request.output_text = detokenizer.text
             new = 1 if request.request_id in outputs else 0
             outputs[request.request_id] = self._output(request, new_tokens=new)
         return list(outputs.values())
@@ -320,7 +332,7 @@ class LLMEngine:
         )
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
-        text = request.output_text or self.tokenizer.decode(request.output_token_ids)
+        text = request.output_text
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -332,17 +344,13 @@ class LLMEngine:
             finish_reason=request.finish_reason,
         )
 
-    def _check_stop_strings(self, request: Request) -> None:
-        if not request.params.stop:
-            return
-        text = self.tokenizer.decode(request.output_token_ids)
-        for stop in request.params.stop:
-            index = text.find(stop)
-            if index >= 0:
-                keep = index + len(stop) if request.params.include_stop_str_in_output else index
-                request.output_text = text[:keep]
-                self.scheduler.finish(request, "stop")
-                return
+    def _detokenize(self, request: Request) -> None:
+        """Extend the request's text by its new token (O(1)); a stop string finishes it."""
+        detokenizer = self.detokenizers[request.request_id]
+        detokenizer.update(request.output_token_ids)
+        request.output_text = detokenizer.text
+        if detokenizer.stopped_by is not None and not request.is_finished:
+            self.scheduler.finish(request, "stop")
 
     def stats(self) -> dict:
         bm = self.block_manager

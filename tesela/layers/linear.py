@@ -1,16 +1,18 @@
 """Linear layers whose weights may be fused from several checkpoint tensors.
 
 `MergedLinear` holds e.g. q/k/v or gate/up in one weight so one GEMM serves them; its
-`weight_loader` places each checkpoint shard into its rows. A layer that the LoRA manager
-attached stacked adapter weights to (`attach_lora`) adds each token's adapter delta after its
-GEMM (`tesela/lora/layer.py`).
+`weight_loader` places each checkpoint shard into its rows. On CUDA a decode-sized input
+(<= 16 tokens) may run the tuned small-M kernel of tesela/layers/gemv.py instead of cuBLAS. A
+layer that the LoRA manager attached stacked adapter weights to (`attach_lora`) adds each
+token's adapter delta after its GEMM (tesela/lora/layer.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from tesela.layers import gemv
 
 
 class Linear(nn.Module):
@@ -30,7 +32,7 @@ class Linear(nn.Module):
         self.lora_offsets = list(offsets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = gemv.linear(x, self.weight, self.bias)
         if self.lora_offsets is not None:
             torch.ops.tesela.lora_linear(
                 x, y, self.lora_a, self.lora_b, self.lora_slice_offsets, self.lora_offsets

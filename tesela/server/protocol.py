@@ -344,6 +344,7 @@ def _sampling_fields(body: dict, model: ModelInfo, logprobs: int | None) -> dict
         stop_token_ids=_token_id_list(body, "stop_token_ids", model.vocab_size),
         ignore_eos=_bool(body, "ignore_eos", False),
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
+        skip_special_tokens=_bool(body, "skip_special_tokens", True),
         logprobs=logprobs,
     )
 

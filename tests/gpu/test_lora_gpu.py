@@ -103,3 +103,54 @@ def test_greedy_with_adapters_identical_with_graphs_on_and_off(adapters, graphs)
     # The adapters change the generations (so the graphs really ran the deltas).
     assert all(on_tokens[i] != base_tokens[i] for i in (1, 2, 3, 4))
     assert on_tokens[0] == base_tokens[0] and on_tokens[5] == base_tokens[5]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 4, 16, 48])
+def test_adapter_equals_its_weights_merged_into_the_model(adapters, num_tokens):
+    """Rows served by an adapter equal the base model with that adapter's B·A merged into its
+    weights, at decode-sized batches too (where the small-M GEMV may fuse a norm or an
+    activation into a GEMM: it must not, on a LoRA projection, whose shrink reads the input)."""
+    from tesela.core.forward_batch import ForwardBatch
+    from tesela.engine.llm_engine import make_engine_config
+    from tesela.executor.model_runner import ModelRunner
+
+    def runner(lora: bool) -> ModelRunner:
+        config, path = make_engine_config(
+            "qwen3-0.6b", dtype="bfloat16", num_kv_tokens=4096, disable_cuda_graph=True,
+            enable_lora=lora,
+        )  # fmt: skip
+        return ModelRunner(config, path)
+
+    def batch(lora_id: int) -> ForwardBatch:
+        tokens = torch.randint(0, 151936, (num_tokens,), generator=torch.Generator().manual_seed(1))
+        return ForwardBatch.build(
+            token_ids=[[t] for t in tokens.tolist()], prefix_lens=[0] * num_tokens,
+            block_tables=[[1 + i] for i in range(num_tokens)], block_size=16, device="cuda",
+            lora_ids=[lora_id] * num_tokens,
+        )  # fmt: skip
+
+    with_lora = runner(lora=True)
+    adapter = with_lora.lora_manager.add_adapter(adapters[0])
+    got = with_lora.forward(batch(adapter.lora_id)).float()
+    base_logits = with_lora.forward(batch(0)).float()
+    del with_lora
+    merged = runner(lora=False)
+    with torch.no_grad():
+        for name, (a, b) in adapter.weights.items():
+            weight = merged.model.get_submodule(name).weight
+            offsets = [off for _, off, _ in _slices(merged, name)] + [weight.shape[0]]
+            for j in range(a.shape[0]):
+                lo, hi = offsets[j], offsets[j + 1]
+                delta = adapter.scaling * (b[lo:hi].cuda() @ a[j].cuda())
+                weight[lo:hi] = (weight[lo:hi].float() + delta).to(weight.dtype)
+    expected = merged.forward(batch(0)).float()
+    error = (got - expected).abs().max().item()
+    effect = (base_logits - expected).abs().max().item()
+    assert error < 0.1 * effect, (error, effect)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+def _slices(runner, name: str):
+    from tesela.lora.adapter import lora_targets
+
+    return lora_targets(runner.model)[name].slices
