@@ -278,3 +278,22 @@ def test_graphs_captured_without_adapters_launch_the_lora_kernels(
         per_batch.append((list(launches), out))
     assert per_batch[0][0] == per_batch[1][0] and len(per_batch[0][0]) == 8
     assert not torch.equal(per_batch[0][1], per_batch[1][1])
+
+
+def test_adapters_never_share_cached_prefixes(checkpoints, lora_adapters):
+    """Prefix caching keys blocks by adapter: the same prompt under the base model and two
+    adapters hits only its own cached blocks, and every answer equals a cache-free run."""
+    path, _ = checkpoints["llama"]
+    requests = [None] + [r for r, _ in lora_adapters["llama"].all()[:2]]
+    prompt = list(range(3, 40))  # two full blocks of 16 tokens
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    kwargs = dict(dtype="float32", enable_lora=True, max_lora_rank=8)
+    cached = LLM(str(path), **kwargs)
+    fresh = LLM(str(path), enable_prefix_caching=False, **kwargs)
+    for lora in requests + requests:  # the second round hits each adapter's own blocks
+        got = cached.generate(prompt, sp, lora_request=lora)[0]
+        assert got.token_ids == fresh.generate(prompt, sp, lora_request=lora)[0].token_ids
+    hits = [
+        cached.generate(prompt, sp, lora_request=lora)[0].num_cached_tokens for lora in requests
+    ]
+    assert hits == [32, 32, 32]

@@ -32,10 +32,13 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        cache_salt: str | None = None,
+        lora_id: str | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; `lora_request` is one adapter for all prompts or one per
-        prompt (None: the base model)."""
+        """Generate for every prompt. `lora_request` is one adapter for all prompts or one per
+        prompt (None: the base model). Cached prefixes are shared only among requests with the
+        same `cache_salt`, `lora_id` namespace and adapter (see `LLMEngine.add_request`)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -54,7 +57,9 @@ class LLM:
             if lora is not None:
                 self.engine.add_lora(lora)
         ids = [
-            self.engine.add_request(p, sp, lora_request=lora)
+            self.engine.add_request(
+                p, sp, cache_salt=cache_salt, lora_id=lora_id, lora_request=lora
+            )
             for p, sp, lora in zip(token_prompts, params, lora_request, strict=True)
         ]
         results: dict[str, RequestOutput] = {}

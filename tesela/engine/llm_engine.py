@@ -53,6 +53,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     finished: bool = False
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
@@ -92,6 +93,7 @@ def make_engine_config(
     max_capture_tokens: int | None = None,
     disable_cuda_graph: bool = False,
     verify_graphs: bool = False,
+    enable_prefix_caching: bool = True,
     enable_lora: bool = False,
     max_loras: int = 4,
     max_lora_rank: int = 16,
@@ -139,7 +141,7 @@ def make_engine_config(
         load_format=load_format,
         seed=seed,
         attention_backend=attention_backend,
-        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens),
+        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens, enable_prefix_caching),
         scheduler=scheduler,
         graph=graph,
         lora=resolve_lora_config(
@@ -187,7 +189,10 @@ class LLMEngine:
             sorted(set(config.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         )
         self.block_manager = BlockManager(
-            self.runner.num_kv_blocks, config.cache.block_size, RESERVED_BLOCKS
+            self.runner.num_kv_blocks,
+            config.cache.block_size,
+            RESERVED_BLOCKS,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
         )
         self.scheduler = Scheduler(
             config.scheduler, self.block_manager, max_loras=config.lora.max_loras
@@ -204,10 +209,16 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        cache_salt: str | None = None,
+        lora_id: str | None = None,
         lora_request: LoRARequest | None = None,
     ) -> str:
+        """Queue a request. Requests share cached prefixes only when their `cache_salt` and
+        `lora_id` (any namespace) and adapter (`lora_request`, which also serves the request)
+        are equal."""
         params = params or SamplingParams()
-        lora_id = self.add_lora(lora_request) if lora_request is not None else 0
+        lora_int_id = self.add_lora(lora_request) if lora_request is not None else 0
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise ValueError("the prompt is empty: give a non-empty prompt")
@@ -218,7 +229,13 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = Request(
-            request_id, token_ids, params, eos_token_ids=self.eos_token_ids, lora_id=lora_id
+            request_id,
+            token_ids,
+            params,
+            eos_token_ids=self.eos_token_ids,
+            lora_id=lora_id,
+            lora_int_id=lora_int_id,
+            cache_salt=cache_salt,
         )
         self.scheduler.add(request)
         self.requests[request_id] = request
@@ -244,7 +261,7 @@ class LLMEngine:
 
     def remove_lora(self, lora_id: int) -> None:
         """Unload an adapter; refused while requests still use it."""
-        if any(r.lora_id == lora_id for r in self.requests.values()):
+        if any(r.lora_int_id == lora_id for r in self.requests.values()):
             raise ValueError(f"LoRA adapter {lora_id} is still in use by running requests")
         if self.runner.lora_manager is None:
             raise ValueError("LoRA is off: there is no adapter to unload")
@@ -328,7 +345,7 @@ class LLMEngine:
             logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
             request_ids=[r.request_id for r in scheduled.requests],
             mode=mode,
-            lora_ids=[r.lora_id for r in scheduled.requests],
+            lora_ids=[r.lora_int_id for r in scheduled.requests],
         )
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
@@ -342,6 +359,7 @@ class LLMEngine:
             logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
             finished=request.is_finished,
             finish_reason=request.finish_reason,
+            num_cached_tokens=request.num_cached_tokens or 0,
         )
 
     def _detokenize(self, request: Request) -> None:
@@ -359,6 +377,11 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "kv_blocks_total": bm.num_usable_blocks,
             "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_cached": bm.num_cached_blocks,
+            "prefix_caching": bm.enable_prefix_caching,
+            "prefix_cache_queried_tokens": bm.stats.queried_tokens,
+            "prefix_cache_hit_tokens": bm.stats.hit_tokens,
+            "prefix_cache_hit_rate": bm.stats.hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
             "dispatch": self.runner.dispatcher.stats.as_dict(),
         }

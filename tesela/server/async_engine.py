@@ -92,6 +92,7 @@ class _Add:
     prompts: list[list[int]]
     params: list[SamplingParams]
     future: asyncio.Future
+    cache_salt: str | None = None
     lora_request: LoRARequest | None = None
 
 
@@ -155,6 +156,8 @@ class AsyncEngine:
         prompts: list[list[int]],
         params: list[SamplingParams],
         group_id: str | None = None,
+        *,
+        cache_salt: str | None = None,
         lora_request: LoRARequest | None = None,
     ) -> RequestGroup:
         """Queue one engine request per (prompt, params) pair, all or none.
@@ -169,7 +172,7 @@ class AsyncEngine:
             abort_callback=lambda g: self._commands.put(_Abort(g)),
         )
         future = self._loop.create_future()
-        self._admit(_Add(group, prompts, params, future, lora_request))
+        self._admit(_Add(group, prompts, params, future, cache_salt, lora_request))
         try:
             await future
         except asyncio.CancelledError:
@@ -280,7 +283,11 @@ class AsyncEngine:
             ):
                 request_id = group.request_ids[index]
                 self.engine.add_request(
-                    prompt, params, request_id, lora_request=command.lora_request
+                    prompt,
+                    params,
+                    request_id,
+                    cache_salt=command.cache_salt,
+                    lora_request=command.lora_request,
                 )
                 self._live[request_id] = (group, index)
                 added.append(request_id)

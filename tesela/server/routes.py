@@ -220,7 +220,13 @@ class Server:
         prompts = [generation.prompts[p] for p in generation.choice_prompts]
         lora = self.model_info.adapters.get(generation.model)
         try:
-            return await self.engine.submit(prompts, generation.choice_params, request_id, lora)
+            return await self.engine.submit(
+                prompts,
+                generation.choice_params,
+                request_id,
+                cache_salt=generation.cache_salt,
+                lora_request=lora,
+            )
         except Overloaded as exc:
             self.metrics.requests_rejected.inc(1, "overloaded")
             raise APIError(str(exc), 503, type="server_error", code="overloaded") from None
