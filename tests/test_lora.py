@@ -28,10 +28,10 @@ def params() -> SamplingParams:
     return SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
 
 
-# Every architecture with the full adapter; the others (rsLoRA, module subsets) on two.
+# Every architecture with the full adapter; rsLoRA and a module subset on one more each.
 PARITY = {
-    "llama": ("full", "rslora", "mlp"),
-    "qwen2": ("full", "rslora", "mlp"),
+    "llama": ("full", "rslora"),
+    "qwen2": ("full", "mlp"),
     "qwen3": ("full",),
     "mistral": ("full",),
 }
@@ -286,13 +286,15 @@ def test_adapters_never_share_cached_prefixes(checkpoints, lora_adapters):
     path, _ = checkpoints["llama"]
     requests = [None] + [r for r, _ in lora_adapters["llama"].all()[:2]]
     prompt = list(range(3, 40))  # two full blocks of 16 tokens
-    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     kwargs = dict(dtype="float32", enable_lora=True, max_lora_rank=8)
     cached = LLM(str(path), **kwargs)
     fresh = LLM(str(path), enable_prefix_caching=False, **kwargs)
-    for lora in requests + requests:  # the second round hits each adapter's own blocks
+    for lora in requests:  # base first: an adapter must not hit the base model's blocks
         got = cached.generate(prompt, sp, lora_request=lora)[0]
         assert got.token_ids == fresh.generate(prompt, sp, lora_request=lora)[0].token_ids
+        assert got.num_cached_tokens == 0
+    # A second round hits each adapter's own blocks.
     hits = [
         cached.generate(prompt, sp, lora_request=lora)[0].num_cached_tokens for lora in requests
     ]
