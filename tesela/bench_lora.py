@@ -50,7 +50,7 @@ def build_runner(args, batch_sizes: list[int], lora: bool):
         max_num_seqs=max_bs,
         max_num_batched_tokens=max(args.prefill_tokens, max_bs),
         max_model_len=args.context + 16,
-        prefill_graph="breakable",
+        piecewise_cudagraph="breakable",
         capture_sizes=prefill_sizes,
         enable_lora=lora,
         max_loras=args.num_adapters,

@@ -71,7 +71,7 @@ def test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone(
     requests = [r for r, _ in lora_adapters["qwen2"].all()]
     llm = LLM(
         str(path), dtype="float32", device="cpu", enable_lora=True, max_lora_rank=8,
-        lora_backend=backend, prefill_graph=graph, capture_sizes=[4, 16, 64],
+        lora_backend=backend, piecewise_cudagraph=graph, capture_sizes=[4, 16, 64],
     )  # fmt: skip
     prompts = [PROMPTS[0], [9, 8, 7], [40, 41, 42, 43], PROMPTS[0], [11, 12]]
     loras = [None, requests[0], requests[1], requests[2], requests[0]]

@@ -75,6 +75,7 @@ def test_adapters_are_models_loaded_and_unloaded_at_run_time(setup, tmp_path):
     assert complete(server, "sql").json()["choices"][0]["text"] == expected_sql
 
     metrics = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
-    assert 'lora_requests_total{model="sql"} 2' in metrics
-    assert 'lora_requests_total{model="chat"} 1' in metrics
-    assert 'lora_requests_total{model="base"} 1' in metrics
+    prefix = 'tesela_lora_requests_total{model_name="base",lora_name='
+    assert f'{prefix}"sql"}} 2' in metrics
+    assert f'{prefix}"chat"}} 1' in metrics
+    assert f'{prefix}""}} 1' in metrics  # the base model

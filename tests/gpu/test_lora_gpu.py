@@ -78,8 +78,8 @@ def adapters(tmp_path_factory):
 @pytest.mark.parametrize(
     "graphs",
     [
-        dict(prefill_graph="breakable"),
-        dict(prefill_graph="compiled", piece_compiler="eager"),
+        dict(piecewise_cudagraph="breakable"),
+        dict(piecewise_cudagraph="compiled", piecewise_compiler="eager"),
     ],
     ids=["breakable", "compiled"],
 )
@@ -98,7 +98,7 @@ def test_greedy_with_adapters_identical_with_graphs_on_and_off(adapters, graphs)
     assert paths["piecewise"] > 0 and paths["full"] > 0
     base_tokens = [o.token_ids for o in on.generate(prompts, params)]
     del on
-    off = LLM("qwen3-0.6b", disable_cuda_graph=True, **common)
+    off = LLM("qwen3-0.6b", disable_cudagraph=True, **common)
     assert [o.token_ids for o in off.generate(prompts, params, lora_request=loras)] == on_tokens
     # The adapters change the generations (so the graphs really ran the deltas).
     assert all(on_tokens[i] != base_tokens[i] for i in (1, 2, 3, 4))
@@ -116,7 +116,7 @@ def test_adapter_equals_its_weights_merged_into_the_model(adapters, num_tokens):
 
     def runner(lora: bool) -> ModelRunner:
         config, path = make_engine_config(
-            "qwen3-0.6b", dtype="bfloat16", num_kv_tokens=4096, disable_cuda_graph=True,
+            "qwen3-0.6b", dtype="bfloat16", num_kv_tokens=4096, disable_cudagraph=True,
             enable_lora=lora,
         )  # fmt: skip
         return ModelRunner(config, path)
