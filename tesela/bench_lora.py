@@ -23,16 +23,18 @@ from tesela.core.forward_batch import ForwardBatch, ForwardMode
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="qwen3-0.6b")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-sizes", default="1,8,32")
-    parser.add_argument("--prefill-tokens", type=int, default=1024)
-    parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--num-adapters", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--output-dir", default="results")
+    parser.add_argument("--model", default="qwen3-0.6b", help="model folder or preset")
+    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--batch-sizes", default="1,8,32", help="rows per batch, comma-separated")
+    parser.add_argument(
+        "--prefill-tokens", type=int, default=1024, help="prefill tokens, split over the rows"
+    )
+    parser.add_argument("--context", type=int, default=512, help="cached tokens per decode row")
+    parser.add_argument("--num-adapters", type=int, default=4, help="adapters, round robin")
+    parser.add_argument("--rank", type=int, default=16, help="rank of every adapter")
+    parser.add_argument("--repeat", type=int, default=30, help="timed runs per cell (median)")
+    parser.add_argument("--output-dir", default="results", help="where the JSON goes")
 
 
 def build_runner(args, batch_sizes: list[int], lora: bool):
