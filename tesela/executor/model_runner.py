@@ -89,6 +89,9 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
             sliding_window=mc.sliding_window,
+            sliding_window_layers=(
+                None if mc.sliding_window_layers is None else frozenset(mc.sliding_window_layers)
+            ),
         )
         # LoRA slots take their memory now, before graphs are captured and the pool is sized.
         self.lora_manager = self._make_lora_manager()
