@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Mutation check of the graph layer, the prefix cache, the sampler, the server, batch modes,
-admission, the attention policy and sliding windows: each mutation must make a CPU test fail.
+admission, the attention policy, sliding windows and LoRA: each mutation must make a CPU test
+fail.
 
 Applies one textual mutation at a time to a temporary copy of the repository, runs the tests
 that guard it, and prints `mutation -> CAUGHT by <tests>` (or MISSED). Exit status 1 if any
@@ -29,6 +30,12 @@ MOE_PADDING_TEST = "tests/test_moe.py::test_padding_tokens_route_to_no_expert_in
 BLOCKS = "tesela/engine/block_manager.py"
 SCHEDULER = "tesela/engine/scheduler.py"
 CACHE_TESTS = ["tests/test_prefix_cache.py"]
+KERNELS = "tesela/lora/kernels.py"
+LORA_KERNEL_TESTS = ["tests/test_lora_kernels.py"]
+LORA_PEFT_TESTS = ["tests/test_lora.py::test_greedy_tokens_and_logprobs_match_peft"]
+LORA_MIXED = (
+    "tests/test_lora.py::test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone"
+)
 
 # name -> (file, original text, mutated text, tests that must fail)
 MUTATIONS = {
@@ -142,6 +149,68 @@ MUTATIONS = {
         "generator=self._generator(p, rid)",
         "generator=self._generator(params[0], request_ids[0])",
         ["tests/test_sampler_seeds.py"],
+    ),
+    "LoRA expand runs one token past its segment": (
+        KERNELS,
+        "row_mask = (rows >= seg_lo) & (rows < seg_hi) & (rows < m_end)\n"
+        "                    s_offs",
+        "row_mask = (rows >= seg_lo) & (rows <= seg_hi) & (rows < m_end)\n"
+        "                    s_offs",
+        LORA_KERNEL_TESTS,
+    ),
+    "LoRA scaling dropped": (
+        KERNELS,
+        "out = y.to(tl.float32) + delta * scaling",
+        "out = y.to(tl.float32) + delta",
+        LORA_KERNEL_TESTS,
+    ),
+    "LoRA padding tokens get slot 0": (
+        "tesela/lora/state.py",
+        "self.token_slot[n:].fill_(NO_SLOT)",
+        "self.token_slot[n:].fill_(0)",
+        LORA_KERNEL_TESTS,
+    ),
+    "rsLoRA scaled as plain LoRA": (
+        "tesela/lora/adapter.py",
+        "alpha / math.sqrt(rank) if",
+        "alpha / rank if",
+        LORA_PEFT_TESTS,
+    ),
+    "a fused slice's B written at offset 0": (
+        "tesela/lora/adapter.py",
+        "    stacked_b[offset : offset + size].copy_(b)",
+        "    stacked_b[:size].copy_(b)",
+        LORA_PEFT_TESTS,
+    ),
+    "base rows served by adapter slot 0": (
+        "tesela/lora/manager.py",
+        "if i else NO_SLOT for i in lora_ids]",
+        "if i else 0 for i in lora_ids]",
+        [LORA_MIXED],
+    ),
+    "the LoRA op skips batches without adapters (baked into graphs)": (
+        "tesela/lora/layer.py",
+        "    manager = state.manager\n",
+        "    manager = state.manager\n    if not state.has_adapters:\n        return\n",
+        ["tests/test_lora.py::test_graphs_captured_without_adapters_launch_the_lora_kernels"],
+    ),
+    "a plan's LoRA buffers are not checked for a later plan": (
+        "tesela/core/plan.py",
+        "            self.lora.check_current(where)\n",
+        "            pass\n",
+        ["tests/test_lora.py::test_running_with_another_batchs_lora_state_is_an_error"],
+    ),
+    "the scheduler admits more adapters than slots": (
+        "tesela/engine/scheduler.py",
+        "            if not self._adapter_fits(request):\n",
+        "            if False:\n",
+        ["tests/test_lora.py::test_scheduler_keeps_running_adapters_within_max_loras"],
+    ),
+    "the prefix cache key ignores the adapter": (
+        "tesela/engine/request.py",
+        "return (self.lora_id, self.lora_int_id, self.cache_salt)",
+        "return (self.lora_id, self.cache_salt)",
+        ["tests/test_lora.py::test_adapters_never_share_cached_prefixes"],
     ),
     "presence penalty not applied": (
         "tesela/engine/sampler.py",

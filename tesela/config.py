@@ -468,6 +468,53 @@ def resolve_graph_config(
     )
 
 
+LORA_BACKENDS = ("triton", "torch")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving. Off unless `max_loras` > 0; build it through `resolve_lora_config`."""
+
+    max_loras: int = 0  # adapters on the device at once (slots allocated at startup)
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 0  # adapters kept on the CPU (at least max_loras)
+    backend: str = "torch"  # triton (CUDA, or CPU under TRITON_INTERPRET=1) | torch
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 0 or self.max_lora_rank <= 0:
+            raise ValueError(
+                f"max_loras must be >= 0 and max_lora_rank positive, got {self.max_loras} "
+                f"and {self.max_lora_rank}"
+            )
+        if self.backend not in LORA_BACKENDS:
+            raise ValueError(f"lora backend must be one of {LORA_BACKENDS}, got {self.backend!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_loras > 0
+
+
+def resolve_lora_config(
+    *,
+    enable_lora: bool,
+    max_loras: int,
+    max_lora_rank: int,
+    max_cpu_loras: int | None,
+    backend: str,
+    on_cuda: bool,
+) -> LoRAConfig:
+    if not enable_lora:
+        return LoRAConfig()
+    if backend == "auto":
+        backend = "triton" if on_cuda else "torch"
+    if backend == "torch" and on_cuda:
+        raise ValueError(
+            "lora_backend='torch' plans on the host and cannot run inside CUDA graphs: use "
+            "'triton' (or 'auto') on CUDA"
+        )
+    return LoRAConfig(max_loras, max_lora_rank, max(max_cpu_loras or 0, max_loras), backend)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine instance runs with."""
@@ -485,6 +532,7 @@ class EngineConfig:
     tokenizer: str | None = None  # a tokenizer folder other than the model's
     # Request defaults from generation_config.json (SamplingParams field -> value).
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -120,6 +120,17 @@ class EngineArgs:
     verify_cudagraphs: bool = _option(
         False, "compare every captured size with the eager forward at startup"
     )
+    enable_lora: bool = _option(False, "serve LoRA adapters (PEFT folders)")
+    max_loras: int = _option(4, "LoRA adapters on the device at once (slots, taken at startup)")
+    max_lora_rank: int = _option(16, "largest LoRA rank an adapter may have")
+    max_cpu_loras: int | None = _option(
+        None, "LoRA adapters kept on the CPU (default: --max-loras); more are read from disk"
+    )
+    lora_backend: str = _option(
+        "auto",
+        "auto (triton on CUDA, torch on CPU) | triton | torch: the LoRA kernels",
+        choices=["auto", "triton", "torch"],
+    )
 
     def __post_init__(self) -> None:
         if self.capture_sizes is not None:

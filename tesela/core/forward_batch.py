@@ -61,6 +61,7 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     prefix_lens_cpu: list[int]
     request_ids: list[str] = field(default_factory=list)
+    lora_ids: list[int] = field(default_factory=list)  # per row; 0 (or empty): the base model
     return_input_logprobs: bool = False
     batch_id: int = field(default_factory=lambda: next(_batch_ids))
 
@@ -104,6 +105,7 @@ class ForwardBatch:
         request_ids: list[str] | None = None,
         mode: ForwardMode | None = None,
         return_input_logprobs: bool = False,
+        lora_ids: list[int] | None = None,
         input_logprob_rows: list[int] = (),
     ) -> ForwardBatch:
         """Build a batch from host lists: the new tokens of each row, its prefix length in the
@@ -149,6 +151,7 @@ class ForwardBatch:
             seq_lens_cpu=seq_lens,
             prefix_lens_cpu=list(prefix_lens),
             request_ids=list(request_ids or []),
+            lora_ids=list(lora_ids or []),
             return_input_logprobs=return_input_logprobs or bool(input_logprob_rows),
         )
 

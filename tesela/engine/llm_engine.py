@@ -25,6 +25,7 @@ from tesela.config import (
     normalize_dtype,
     read_generation_config,
     resolve_graph_config,
+    resolve_lora_config,
 )
 from tesela.core.forward_batch import ForwardBatch
 from tesela.core.kv_cache import RESERVED_BLOCKS
@@ -36,6 +37,7 @@ from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
 from tesela.engine_args import EngineArgs
 from tesela.executor.model_runner import ModelRunner
+from tesela.lora.request import LoRARequest
 from tesela.models.registry import check_architecture
 from tesela.presets import DEFAULT_MODEL, PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -137,6 +139,14 @@ def make_engine_config(
         graph=graph,
         tokenizer=args.tokenizer,
         sampling_defaults=read_generation_config(args.generation_config, path),
+        lora=resolve_lora_config(
+            enable_lora=args.enable_lora,
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
+            max_cpu_loras=args.max_cpu_loras,
+            backend=args.lora_backend,
+            on_cuda=on_cuda,
+        ),
     )
     return config, path
 
@@ -218,7 +228,9 @@ class LLMEngine:
             enable_prefix_caching=config.cache.enable_prefix_caching,
         )
         self.config = config = fit_max_model_len(config, self.block_manager)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(
+            config.scheduler, self.block_manager, max_loras=config.lora.max_loras
+        )
         self.sampler = Sampler(self.runner.device, config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
@@ -234,10 +246,13 @@ class LLMEngine:
         *,
         cache_salt: str | None = None,
         lora_id: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Queue a request. Requests share cached prefixes only when their `cache_salt` and
-        `lora_id` (the adapter, or any namespace) are equal."""
+        `lora_id` (any namespace) and adapter (`lora_request`, which also serves the request)
+        are equal."""
         params = params or SamplingParams()
+        lora_int_id = self.add_lora(lora_request) if lora_request is not None else 0
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise ValueError("the prompt is empty: give a non-empty prompt")
@@ -257,6 +272,7 @@ class LLMEngine:
             params,
             eos_token_ids=self.eos_token_ids,
             lora_id=lora_id,
+            lora_int_id=lora_int_id,
             cache_salt=cache_salt,
         )
         self.scheduler.add(request)
@@ -268,6 +284,30 @@ class LLMEngine:
             include_stop_str_in_output=params.include_stop_str_in_output,
         )
         return request_id
+
+    # ---- LoRA adapters -------------------------------------------------------------------
+
+    def add_lora(self, lora_request: LoRARequest) -> int:
+        """Load an adapter (once; later calls with the same request are free); its id."""
+        manager = self.runner.lora_manager
+        if manager is None:
+            raise ValueError(
+                f"LoRA adapter {lora_request.lora_name!r} was requested but LoRA is off: start "
+                "the engine with enable_lora=True (server: --lora-modules or --enable-lora)"
+            )
+        return manager.add_adapter(lora_request).lora_id
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Unload an adapter; refused while requests still use it."""
+        if any(r.lora_int_id == lora_id for r in self.requests.values()):
+            raise ValueError(f"LoRA adapter {lora_id} is still in use by running requests")
+        if self.runner.lora_manager is None:
+            raise ValueError("LoRA is off: there is no adapter to unload")
+        self.runner.lora_manager.remove_adapter(lora_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        manager = self.runner.lora_manager
+        return list(manager.requests.values()) if manager else []
 
     def abort(self, request_id: str) -> bool:
         request = self.scheduler.abort(request_id)
@@ -382,6 +422,7 @@ class LLMEngine:
             device=self.runner.device,
             logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
             request_ids=[r.request_id for r in scheduled.requests],
+            lora_ids=[r.lora_int_id for r in scheduled.requests],
             input_logprob_rows=self._prompt_logprob_rows(scheduled),
         )  # the mode comes from the rows (a recompute chunk past the prompt is not decode)
 

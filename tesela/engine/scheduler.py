@@ -51,8 +51,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, max_loras: int = 0
+    ) -> None:
         self.config = config
+        self.max_loras = max_loras  # distinct adapters among running requests (0: no LoRA)
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -146,6 +149,8 @@ class Scheduler:
         block_manager = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if not self._adapter_fits(request):
+                break
             # A waiting request holds no blocks (new, or preempted and freed): its cached
             # prefix is shared, and only the tokens after it count against the budget.
             cached = block_manager.find_cached_prefix(request)
@@ -163,6 +168,14 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             batch.prefix_lens.append(request.num_computed_tokens)
             budget -= n
+
+    def _adapter_fits(self, request: Request) -> bool:
+        """Running requests may use at most max_loras adapters at once (the device slots), so
+        every batch's adapters fit; a request for another adapter waits its turn (FIFO)."""
+        if not request.lora_int_id:
+            return True
+        adapters = {r.lora_int_id for r in self.running if r.lora_int_id}
+        return request.lora_int_id in adapters or len(adapters) < self.max_loras
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

@@ -28,6 +28,7 @@ from tesela.executor.piecewise.breakable import BreakablePiecewiseRunner
 from tesela.executor.piecewise.compiled import CompiledPiecewiseRunner
 from tesela.executor.piecewise.runner import PiecewiseRunner
 from tesela.executor.planner import CudaGraphPlanner, ForwardPlanner
+from tesela.lora.manager import LoRAManager
 from tesela.models.loader import build_model
 
 logger = logging.getLogger("tesela.runner")
@@ -47,7 +48,7 @@ class ModelRunner:
         self.graph_factory = graph_factory_for(self.device)
         with self.startup.phase(startup.LOAD_WEIGHTS):
             self._load_weights(model_path)
-        self.planner = ForwardPlanner(self.attn_backend)
+        self.planner = ForwardPlanner(self.attn_backend, self.lora_manager)
         self.dispatcher = Dispatcher(EagerRunner(self.model, self.planner))
         self._capture_piecewise()
         with self.startup.phase(startup.SIZE_KV_POOL):
@@ -98,6 +99,8 @@ class ModelRunner:
                 None if mc.sliding_window_layers is None else frozenset(mc.sliding_window_layers)
             ),
         )
+        # LoRA slots take their memory now, before graphs are captured and the pool is sized.
+        self.lora_manager = self._make_lora_manager()
         self.kv_cache = self._make_pool(PROVISIONAL_BLOCKS)
         self.attn_backend: AttentionBackend = create_backend(
             config.attention_backend, self.layout, self.kv_cache
@@ -145,7 +148,9 @@ class ModelRunner:
         max_blocks = -(-max_model_len // self.config.cache.block_size)
         runner = FullDecodeRunner(
             model=self.model,
-            planner=CudaGraphPlanner(self.attn_backend, max(batch_sizes), max_blocks),
+            planner=CudaGraphPlanner(
+                self.attn_backend, max(batch_sizes), max_blocks, self.lora_manager
+            ),
             batch_sizes=tuple(batch_sizes),
             max_blocks_per_seq=max_blocks,
             graphs=self.graph_factory,
@@ -169,6 +174,9 @@ class ModelRunner:
         if self.device.type != "cuda":
             self.startup.skip(startup.CAPTURE_FULL_MIXED, "not on CUDA")
             return
+        if self.config.lora.enabled:  # its planner does not plan the LoRA part yet
+            self.startup.skip(startup.CAPTURE_FULL_MIXED, "LoRA is on: mixed batches run piecewise")
+            return
         with self.startup.phase(startup.CAPTURE_FULL_MIXED):
             assert self.attn_backend.kv_cache is self.kv_cache, "backend not on the real pool"
             scheduler = self.config.scheduler
@@ -191,6 +199,28 @@ class ModelRunner:
         runner.capture()
         self.dispatcher.add(RunPath.FULL_MIXED, runner)
         return runner
+
+    def _make_lora_manager(self) -> LoRAManager | None:
+        lora = self.config.lora
+        if not lora.enabled:
+            return None
+        graph, scheduler = self.config.graph, self.config.scheduler
+        max_tokens = max(
+            scheduler.max_num_batched_tokens,
+            graph.max_capture_tokens,
+            *graph.capture_sizes,
+            *graph.decode_batch_sizes,
+        )
+        return LoRAManager(
+            self.model,
+            max_loras=lora.max_loras,
+            max_lora_rank=lora.max_lora_rank,
+            max_cpu_loras=lora.max_cpu_loras,
+            max_num_tokens=max_tokens,
+            device=self.device,
+            dtype=self.dtype,
+            backend=lora.backend,
+        )
 
     def _verify(self) -> None:
         graph = self.config.graph

@@ -2,7 +2,9 @@
 
 `MergedLinear` holds e.g. q/k/v or gate/up in one weight so one GEMM serves them; its
 `weight_loader` places each checkpoint shard into its rows. On CUDA a decode-sized input
-(<= 16 tokens) may run the tuned small-M kernel of tesela/layers/gemv.py instead of cuBLAS.
+(<= 16 tokens) may run the tuned small-M kernel of tesela/layers/gemv.py instead of cuBLAS. A
+layer that the LoRA manager attached stacked adapter weights to (`attach_lora`) adds each
+token's adapter delta after its GEMM (tesela/lora/layer.py).
 """
 
 from __future__ import annotations
@@ -18,9 +20,24 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.lora_offsets: list[int] | None = None  # output slice offsets, once LoRA is on
+
+    def attach_lora(self, a: torch.Tensor, b: torch.Tensor, offsets: tuple[int, ...]) -> None:
+        """Serve LoRA: a [slots, slices, rank, in] and b [slots, out, rank]. Called by the LoRA
+        manager (tesela/lora/manager.py), which also registers the op `forward` then runs."""
+        self.register_buffer("lora_a", a, persistent=False)
+        self.register_buffer("lora_b", b, persistent=False)
+        device_offsets = torch.tensor(offsets, dtype=torch.int32, device=a.device)
+        self.register_buffer("lora_slice_offsets", device_offsets, persistent=False)
+        self.lora_offsets = list(offsets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv.linear(x, self.weight, self.bias)
+        y = gemv.linear(x, self.weight, self.bias)
+        if self.lora_offsets is not None:
+            torch.ops.tesela.lora_linear(
+                x, y, self.lora_a, self.lora_b, self.lora_slice_offsets, self.lora_offsets
+            )
+        return y
 
 
 class MergedLinear(Linear):
