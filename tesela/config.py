@@ -304,6 +304,24 @@ def resolve_graph_config(
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism: one worker process per GPU, every rank running the same batches."""
+
+    tensor_parallel_size: int = 1
+    # A collective, a worker start-up step or a reply that takes longer fails the engine with
+    # a clear error instead of hanging (the bound on detecting a hung worker).
+    distributed_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(
+                f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}"
+            )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine instance runs with."""
 
@@ -317,6 +335,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     graph: GraphConfig = field(default_factory=lambda: GraphConfig(prefill_graph="none"))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

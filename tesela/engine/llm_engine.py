@@ -19,10 +19,12 @@ from tesela.config import (
     CacheConfig,
     EngineConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     normalize_dtype,
     resolve_graph_config,
 )
+from tesela.distributed.sharding import check_tp_shapes
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.kv_cache import RESERVED_BLOCKS
 from tesela.engine.request import Request, TokenLogprobs
@@ -81,8 +83,16 @@ def make_engine_config(
     max_capture_tokens: int | None = None,
     disable_cuda_graph: bool = False,
     verify_graphs: bool = False,
+    tensor_parallel_size: int = 1,
+    distributed_timeout_s: float = 120.0,
 ) -> tuple[EngineConfig, str | None]:
     model_config, path = resolve_model(model)
+    check_tp_shapes(
+        num_attention_heads=model_config.num_attention_heads,
+        num_key_value_heads=model_config.num_key_value_heads,
+        intermediate_size=model_config.intermediate_size,
+        tensor_parallel_size=tensor_parallel_size,
+    )
     if path is None and load_format == "auto":
         load_format = "dummy"  # presets have no weights
     if device == "auto":
@@ -126,6 +136,7 @@ def make_engine_config(
         cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens),
         scheduler=scheduler,
         graph=graph,
+        parallel=ParallelConfig(tensor_parallel_size, distributed_timeout_s),
     )
     return config, path
 

@@ -14,6 +14,8 @@ import torch
 from tesela.attention.base import AttentionBackend, AttentionLayout
 from tesela.attention.registry import create_backend
 from tesela.config import EngineConfig
+from tesela.distributed.group import SINGLE, TPGroup
+from tesela.distributed.sharding import Section
 from tesela.engine.kv_cache import RESERVED_BLOCKS, KVCachePool
 from tesela.executor.forward_batch import ForwardBatch
 from tesela.executor.forward_context import forward_context
@@ -26,8 +28,11 @@ DEFAULT_CPU_KV_TOKENS = 32768
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: str | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, model_path: str | None = None, tp: TPGroup = SINGLE
+    ) -> None:
         self.config = config
+        self.tp = tp
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
         mc = config.model_config
@@ -39,10 +44,13 @@ class ModelRunner:
             load_format=config.load_format,
             path=model_path,
             seed=config.seed,
+            tp=tp,
         )
+        # This rank's heads: query heads split, KV heads split or replicated (sharding.py).
+        self.num_kv_heads = Section(mc.num_key_value_heads).rank_units(tp.rank, tp.size)[1]
         self.layout = AttentionLayout(
-            num_heads=mc.num_attention_heads,
-            num_kv_heads=mc.num_key_value_heads,
+            num_heads=mc.num_attention_heads // tp.size,
+            num_kv_heads=self.num_kv_heads,
             head_dim=mc.head_dim,
             scale=mc.head_dim**-0.5,
             dtype=self.dtype,
@@ -75,7 +83,7 @@ class ModelRunner:
             num_layers=mc.num_hidden_layers,
             num_blocks=num_blocks,
             block_size=self.config.cache.block_size,
-            num_kv_heads=mc.num_key_value_heads,
+            num_kv_heads=self.num_kv_heads,
             head_dim=mc.head_dim,
             dtype=self.dtype,
             device=self.device,
@@ -93,11 +101,12 @@ class ModelRunner:
         per_block = KVCachePool.bytes_per_block(
             num_layers=mc.num_hidden_layers,
             block_size=cache.block_size,
-            num_kv_heads=mc.num_key_value_heads,
+            num_kv_heads=self.num_kv_heads,
             head_dim=mc.head_dim,
             dtype=self.dtype,
         )
-        num_blocks = int(budget // per_block)
+        # Every rank must hold the same blocks: the scheduler hands out one block table.
+        num_blocks = self.tp.min_int(int(budget // per_block))
         if num_blocks <= RESERVED_BLOCKS:
             raise RuntimeError(
                 f"no GPU memory is left for the KV cache ({free / 2**30:.1f} GiB free of "
