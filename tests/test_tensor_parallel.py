@@ -4,31 +4,31 @@ Each rank builds the model for its shard straight from a real safetensors checkp
 here by transformers) or the `tiny` preset's dummy weights, runs the same extend and decode
 batches, and rank 0 saves its logits; they must equal the single-process model's. The
 checkpoints cover KV heads split (2 over 2 ranks) and replicated (1 KV head on 2 ranks), a
-vocabulary that does not divide (321: padded), q/k/v biases (Qwen2), per-head norms and a tied
-LM head (Qwen3).
+vocabulary that does not divide (321: padded) and q/k/v biases (Qwen2). The engine test runs
+Qwen3 (per-head norms, tied LM head) through `LLM(..., tensor_parallel_size=2)`, and the
+failure tests kill or stop a worker mid-generation.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tesela import LLM, SamplingParams
+from tesela.distributed.group import free_port
+from tesela.distributed.sharding import Section, check_tp_shapes
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.forward_batch import ForwardBatch
+from tesela.executor.multiproc import WorkerFailedError
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 7], [200, 201, 12, 77]]
 BLOCK = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_llama_one_kv_head(path: Path) -> None:
@@ -110,7 +110,7 @@ def rank_main(rank: int, world_size: int, port: int, models: list[str], out: str
 def tp_models(checkpoints, tmp_path_factory) -> list[str]:
     llama = tmp_path_factory.mktemp("llama_kv1")
     write_llama_one_kv_head(llama)
-    return ["tiny", str(llama), str(checkpoints["qwen2"][0]), str(checkpoints["qwen3"][0])]
+    return ["tiny", str(llama), str(checkpoints["qwen2"][0])]
 
 
 def test_tp2_logits_and_greedy_equal_tp1(tp_models, tmp_path):
@@ -132,3 +132,83 @@ def test_tp2_logits_and_greedy_equal_tp1(tp_models, tmp_path):
         assert got["shapes"]["o"] == (mc.hidden_size, mc.q_size // 2)
         assert got["shapes"]["embed"] == (-(-mc.vocab_size // 2), mc.hidden_size)
         assert got["shapes"]["kv_pool"][1] == kv_local // mc.head_dim
+
+
+def test_engine_tp2_greedy_and_logprobs_equal_tp1(checkpoints):
+    """The engine path: the scheduler runs once, the worker runs every batch it is sent."""
+    path = str(checkpoints["qwen3"][0])
+    prompts = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 250, 13], [300, 301, 12, 77, 54, 23, 9, 81]]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    kwargs = dict(device="cpu", dtype="float32", attention_backend="torch")
+    expected = LLM(path, **kwargs).generate(prompts, params)
+    llm = LLM(path, tensor_parallel_size=2, **kwargs)
+    try:
+        got = llm.generate(prompts, params)
+    finally:
+        llm.shutdown()
+    for a, b in zip(got, expected, strict=True):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert abs(x.logprob - y.logprob) < 1e-4
+
+
+def start_generating(timeout_s: float):
+    llm = LLM("tiny", device="cpu", tensor_parallel_size=2, distributed_timeout_s=timeout_s)
+    engine = llm.engine
+    engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=10_000, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    return llm, engine.runner.workers[0].process
+
+
+def steps_until_error(engine, limit_s: float) -> tuple[WorkerFailedError, float]:
+    start = time.monotonic()
+    with pytest.raises(WorkerFailedError) as info:
+        while time.monotonic() - start < limit_s:
+            engine.step()
+    return info.value, time.monotonic() - start
+
+
+def test_killing_a_worker_mid_generation_ends_the_engine_with_a_clear_error():
+    llm, worker = start_generating(timeout_s=60)
+    try:
+        worker.kill()
+        error, seconds = steps_until_error(llm.engine, limit_s=30)
+        assert seconds < 30
+        assert "rank 1" in str(error) and "SIGKILL" in str(error) and "restart" in str(error), error
+        with pytest.raises(WorkerFailedError):  # and it stays failed
+            llm.engine.step()
+    finally:
+        llm.shutdown()
+
+
+def test_a_hung_worker_fails_the_engine_within_the_timeout():
+    llm, worker = start_generating(timeout_s=5)
+    try:
+        os.kill(worker.pid, signal.SIGSTOP)
+        error, seconds = steps_until_error(llm.engine, limit_s=30)
+        assert seconds < 15
+        assert "hung" in str(error) and "distributed_timeout_s=5" in str(error)
+    finally:
+        worker.kill()
+        llm.shutdown()
+
+
+def test_kv_heads_split_or_replicate_by_rank():
+    assert [Section(8, 128).rank_rows(r, 2) for r in range(2)] == [(0, 512), (512, 512)]
+    # 2 KV heads on 4 ranks: ranks 0-1 hold head 0, ranks 2-3 head 1 (their query heads' head)
+    assert [Section(2).rank_units(r, 4) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, intermediate, size, message",
+    [(6, 2, 128, 4, "attention heads"), (8, 3, 128, 2, "KV heads"), (8, 2, 100, 8, "interm")],
+)
+def test_shapes_that_cannot_split_are_refused(heads, kv_heads, intermediate, size, message):
+    with pytest.raises(ValueError, match=message):
+        check_tp_shapes(
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            intermediate_size=intermediate,
+            tensor_parallel_size=size,
+        )

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -74,30 +76,60 @@ class TPGroup:
 SINGLE = TPGroup()
 
 
+def rendezvous_env(rank: int, world_size: int, port: int, addr: str = "127.0.0.1") -> dict:
+    """The variables torchrun would set for `rank` of a single-host group."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": addr,
+        "MASTER_PORT": str(port),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(
-    *, device: torch.device | str, timeout_s: float = 60.0, name: str = "tp"
+    *,
+    device: torch.device | str,
+    timeout_s: float = 60.0,
+    name: str = "tp",
+    env: Mapping[str, str] | None = None,
 ) -> TPGroup:
     """Join the process group described by the rendezvous environment; the whole world is one
-    tensor-parallel group. NCCL on CUDA (the device is cuda:LOCAL_RANK), gloo on CPU."""
-    missing = [k for k in RENDEZVOUS_ENV if k not in os.environ]
+    tensor-parallel group. NCCL on CUDA (the device is cuda:LOCAL_RANK), gloo on CPU.
+    `timeout_s` bounds every collective: a peer that hangs fails the group, not stalls it.
+    `env` (default: os.environ) holds the rendezvous variables."""
+    env = os.environ if env is None else env
+    missing = [k for k in RENDEZVOUS_ENV if k not in env]
     if missing:
         raise RuntimeError(
             f"tensor parallelism needs the torch.distributed rendezvous variables; missing "
             f"{', '.join(missing)}: launch with torchrun or set RANK, WORLD_SIZE, MASTER_ADDR "
             "and MASTER_PORT"
         )
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
     device = torch.device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        dist.init_process_group(
-            "nccl", init_method="env://", rank=rank, world_size=size, timeout=timeout
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", rank)))
+    if dist.is_initialized():
+        raise RuntimeError(
+            "this process already belongs to a tensor-parallel group: shut the running engine "
+            "down (LLM.shutdown()) before starting another"
         )
-    else:
-        dist.init_process_group(
-            "gloo", init_method="env://", rank=rank, world_size=size, timeout=timeout
-        )
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+        rank=rank,
+        world_size=size,
+        timeout=timeout,
+    )
     _PROCESS_GROUPS[name] = dist.group.WORLD
     _PROCESS_GROUPS[f"{name}:cpu"] = (
         dist.new_group(backend="gloo", timeout=timeout)

@@ -21,6 +21,10 @@ class LLM:
         config, path = make_engine_config(model, **kwargs)
         self.engine = LLMEngine(config, path, tokenizer)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (also done at interpreter exit)."""
+        self.engine.shutdown()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -31,7 +31,7 @@ from tesela.engine.request import Request, TokenLogprobs
 from tesela.engine.sampler import Sampler
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.executor.forward_batch import BatchInputs, ForwardMode
 from tesela.presets import PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -161,14 +161,24 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
     return decision.name, graph
 
 
+def _make_runner(config: EngineConfig, model_path: str | None):
+    """One ModelRunner in this process, or rank 0 of a tensor-parallel group whose other ranks
+    run in worker processes (tesela/executor/multiproc.py)."""
+    if config.parallel.tensor_parallel_size > 1:
+        from tesela.executor.multiproc import TensorParallelRunner
+
+        return TensorParallelRunner(config, model_path)
+    from tesela.executor.model_runner import ModelRunner
+
+    return ModelRunner(config, model_path)
+
+
 class LLMEngine:
     def __init__(
         self, config: EngineConfig, model_path: str | None, tokenizer: Tokenizer | None = None
     ) -> None:
-        from tesela.executor.model_runner import ModelRunner
-
         self.config = config
-        self.runner = ModelRunner(config, model_path)
+        self.runner = _make_runner(config, model_path)
         self.tokenizer = tokenizer or (
             load_tokenizer(model_path, config.model_config.eos_token_ids)
             if model_path
@@ -240,8 +250,7 @@ class LLMEngine:
         return list(outputs.values())
 
     def _run(self, scheduled: ScheduledBatch) -> list[int | None]:
-        batch = self._forward_batch(scheduled)
-        logits = self.runner.forward(batch)
+        logits = self.runner.execute(self._batch_inputs(scheduled))
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
         tokens, logprobs = self.sampler(
@@ -254,7 +263,7 @@ class LLMEngine:
                 request.output_logprobs.append(lp)
         return sampled
 
-    def _forward_batch(self, scheduled: ScheduledBatch) -> ForwardBatch:
+    def _batch_inputs(self, scheduled: ScheduledBatch) -> BatchInputs:
         token_ids = [
             r.all_token_ids[p : p + n]
             for r, p, n in zip(
@@ -269,12 +278,11 @@ class LLMEngine:
             if any(decode_rows)
             else ForwardMode.EXTEND
         )
-        return ForwardBatch.build(
+        return BatchInputs(
             token_ids=token_ids,
-            prefix_lens=scheduled.prefix_lens,
-            block_tables=[r.block_ids for r in scheduled.requests],
+            prefix_lens=list(scheduled.prefix_lens),
+            block_tables=[list(r.block_ids) for r in scheduled.requests],
             block_size=self.config.cache.block_size,
-            device=self.runner.device,
             logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
             request_ids=[r.request_id for r in scheduled.requests],
             mode=mode,
@@ -304,6 +312,10 @@ class LLMEngine:
                 request.output_text = text[:keep]
                 self.scheduler.finish(request, "stop")
                 return
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (a no-op for one process); the engine is unusable after."""
+        self.runner.shutdown()
 
     def stats(self) -> dict:
         bm = self.block_manager

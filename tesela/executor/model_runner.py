@@ -17,7 +17,7 @@ from tesela.config import EngineConfig
 from tesela.distributed.group import SINGLE, TPGroup
 from tesela.distributed.sharding import Section
 from tesela.engine.kv_cache import RESERVED_BLOCKS, KVCachePool
-from tesela.executor.forward_batch import ForwardBatch
+from tesela.executor.forward_batch import BatchInputs, ForwardBatch
 from tesela.executor.forward_context import forward_context
 from tesela.models.loader import build_model
 
@@ -124,6 +124,13 @@ class ModelRunner:
         from tesela.executor.dispatcher import GraphRunners
 
         return GraphRunners.build(self)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: one process (TensorParallelRunner stops its workers here)."""
+
+    def execute(self, inputs: BatchInputs) -> torch.Tensor:
+        """Build the batch on this device and run it (the engine's entry point)."""
+        return self.forward(inputs.build(self.device))
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
