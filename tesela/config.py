@@ -264,6 +264,16 @@ class GraphConfig:
     def piecewise_enabled(self) -> bool:
         return self.prefill_graph != "none" and bool(self.capture_sizes)
 
+    def capture_plan(self) -> tuple:
+        """What is captured, in capture order (largest first): equal on every TP rank."""
+        return (
+            self.prefill_graph,
+            self.piece_compiler,
+            tuple(reversed(self.capture_sizes)),
+            self.decode_graph,
+            tuple(reversed(self.decode_batch_sizes)),
+        )
+
 
 def resolve_graph_config(
     *,

@@ -102,6 +102,13 @@ def rank_main(rank: int, world_size: int, port: int, models: list[str], out: str
             logits = run_batches(runner)
             if rank == 0:
                 torch.save({"logits": logits, "shapes": shapes}, f"{out}/{i}.pt")
+        # Ranks that would capture different graphs are stopped before any capture.
+        plans = [config.graph, config.graph.__class__(capture_sizes=(4, 8))]
+        try:
+            tp.check_same(plans[rank].capture_plan(), "the CUDA graph capture plan")
+        except RuntimeError as error:
+            assert "rank 1 has" in str(error) and "(8, 4)" in str(error), error
+            torch.save(str(error), f"{out}/plan-error-{rank}.pt")
     finally:
         destroy_distributed()
 
@@ -132,6 +139,10 @@ def test_tp2_logits_and_greedy_equal_tp1(tp_models, tmp_path):
         assert got["shapes"]["o"] == (mc.hidden_size, mc.q_size // 2)
         assert got["shapes"]["embed"] == (-(-mc.vocab_size // 2), mc.hidden_size)
         assert got["shapes"]["kv_pool"][1] == kv_local // mc.head_dim
+    for rank in range(2):
+        assert "disagree on the CUDA graph capture plan" in torch.load(
+            tmp_path / f"plan-error-{rank}.pt"
+        )
 
 
 def test_engine_tp2_greedy_and_logprobs_equal_tp1(checkpoints):

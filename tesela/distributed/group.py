@@ -68,6 +68,19 @@ class TPGroup:
         dist.all_gather_object(out, obj, group=self.cpu_group)
         return out
 
+    def check_same(self, value, what: str) -> None:
+        """Raise unless every rank passes an equal `value` (e.g. its capture plan): ranks that
+        capture different sizes, or in another order, would pair collectives wrongly and hang
+        or corrupt each other."""
+        values = self.all_gather_object(value)
+        differ = [rank for rank, v in enumerate(values) if v != values[0]]
+        if differ:
+            raise RuntimeError(
+                f"tensor-parallel ranks disagree on {what}: rank 0 has {values[0]!r}, rank "
+                f"{differ[0]} has {values[differ[0]]!r}; every rank must run the same "
+                "configuration (capture sizes, graph modes, model)"
+            )
+
     def min_int(self, value: int) -> int:
         """The smallest `value` over the ranks (e.g. KV blocks every rank can hold)."""
         return min(self.all_gather_object(int(value)))

@@ -63,6 +63,9 @@ class ModelRunner:
         self.attn_backend: AttentionBackend = create_backend(
             config.attention_backend, self.layout, self.kv_cache
         )
+        # Collectives inside graphs pair up across ranks only if every rank captures the same
+        # sizes in the same order: compare the plans before any capture.
+        tp.check_same(config.graph.capture_plan(), "the CUDA graph capture plan")
         self.graphs = self._build_graph_runners()
         self.kv_cache = self._make_pool(self._num_kv_blocks())
         self.attn_backend.kv_cache = self.kv_cache
