@@ -19,9 +19,14 @@ from pathlib import Path
 
 import torch
 
-from tesela.config import GraphConfig, default_capture_sizes
-from tesela.executor.forward_batch import ForwardBatch
-from tesela.executor.forward_context import forward_context
+from tesela.config import default_capture_sizes
+from tesela.core.forward_batch import ForwardBatch
+from tesela.core.forward_context import forward_context
+from tesela.engine.llm_engine import make_engine_config
+from tesela.executor.graphs import graph_factory_for
+from tesela.executor.model_runner import ModelRunner
+from tesela.executor.piecewise.breakable import BreakablePiecewiseRunner
+from tesela.executor.piecewise.compiled import CompiledPiecewiseRunner
 
 COLUMNS = (
     "eager",
@@ -47,9 +52,6 @@ def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_prefill(args: argparse.Namespace) -> int:
-    from tesela.engine.llm_engine import make_engine_config
-    from tesela.executor.model_runner import ModelRunner
-
     counts = [int(n) for n in args.num_tokens.split(",")]
     columns = [c for c in args.columns.split(",") if c]
     config, path = make_engine_config(
@@ -197,22 +199,25 @@ class PrefillBench:
 
     def _with_context(self, fn):
         def run(batch: ForwardBatch) -> torch.Tensor:
-            self.runner.attn_backend.init_forward_metadata(batch)
-            with torch.inference_mode(), forward_context(batch, self.runner.attn_backend):
+            plan = self.runner.planner.plan(batch)
+            with torch.inference_mode(), forward_context(batch, plan, self.runner.attn_backend):
                 return fn(batch)
 
         return run
 
     def _piecewise(self, column: str, strategy: str, compiler: str):
-        from tesela.executor.piecewise.runner import PiecewiseRunner
-
-        config = GraphConfig(
-            prefill_graph=strategy,
-            piece_compiler=compiler,
+        runner = self.runner
+        collaborators = dict(
+            model=runner.model,
+            planner=runner.planner,
             capture_sizes=default_capture_sizes(max(self.counts)),
-            max_capture_tokens=max(self.counts),
+            block_size=runner.kv_cache.block_size,
+            graphs=graph_factory_for(runner.device),
         )
-        piecewise = PiecewiseRunner(self.runner, config)
+        if strategy == "compiled":
+            piecewise = CompiledPiecewiseRunner(piece_compiler=compiler, **collaborators)
+        else:
+            piecewise = BreakablePiecewiseRunner(**collaborators)
         report = piecewise.capture()
         self.results["build"][column] = {
             "seconds": report.seconds,
@@ -280,11 +285,12 @@ class FullGraphs:
             runner.forward_eager(batch)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        runner.attn_backend.init_forward_metadata(batch)
-        with torch.cuda.graph(graph, pool=self.pool), forward_context(batch, runner.attn_backend):
+        plan = runner.planner.plan(batch)
+        context = forward_context(batch, plan, runner.attn_backend)
+        with torch.cuda.graph(graph, pool=self.pool), context:
             output = runner.model(batch.input_ids, batch.positions)
-        # The graph reads the metadata's device tensors: keep them alive with it.
-        return graph, output, batch, runner.attn_backend.forward_metadata
+        # The graph reads the plan's device tensors: keep them alive with it.
+        return graph, output, batch, plan
 
 
 def write_outputs(results: dict, output_dir: Path, name: str, plot: bool = True) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from tesela.bench import copy_bandwidth, sync, weight_nbytes, write_outputs
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.engine.llm_engine import make_engine_config
+from tesela.executor.model_runner import ModelRunner
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +33,6 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_decode(args: argparse.Namespace) -> int:
-    from tesela.engine.llm_engine import make_engine_config
-    from tesela.executor.model_runner import ModelRunner
-
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     mc_config, _ = make_engine_config(args.model, dtype=args.dtype, num_kv_tokens=16)
@@ -77,12 +76,12 @@ def run_decode(args: argparse.Namespace) -> int:
             "floor_ms": (weights + b * c * per_token) / bandwidth * 1e3,
         }
         row["eager_ms"], eager_out = time_step(runner, runner.forward_eager, batch, args.repeat)
-        graphs = runner.graphs
-        if graphs.decode is not None and graphs.decode.can_run(batch) is None:
-            row["full_graph_ms"], out = time_step(runner, graphs.decode.run, batch, args.repeat)
+        full, piecewise = runner.full_decode, runner.piecewise
+        if full is not None and full.can_run(batch) is None:
+            row["full_graph_ms"], out = time_step(runner, full.run, batch, args.repeat)
             row["full_max_abs_err"] = (out.float() - eager_out.float()).abs().max().item()
-        if graphs.piecewise is not None and graphs.piecewise.can_run(batch) is None:
-            row["piecewise_ms"], _ = time_step(runner, graphs.piecewise.run, batch, args.repeat)
+        if piecewise is not None and piecewise.can_run(batch) is None:
+            row["piecewise_ms"], _ = time_step(runner, piecewise.run, batch, args.repeat)
         results["rows"].append(row)
     write_outputs_decode(results, Path(args.output_dir))
     print(format_decode_table(results))

@@ -1,11 +1,13 @@
-"""The dispatcher's choice per batch kind, and FULL decode padding through the CPU path.
+"""The dispatcher's choice per batch kind, and FULL decode graphs captured and replayed on CPU.
 
 Uses the real Triton backend in Triton's interpreter (CI exports TRITON_INTERPRET=1), since the
-FULL decode runner needs a backend with persistent decode-graph buffers.
+FULL decode runner needs a backend with persistent decode-graph buffers. The runner captures
+every size with the CPU stand-in graph, so replays read the static buffers as on a GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -15,11 +17,10 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 (set by .ci/run)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from tesela.engine.kv_cache import DUMMY_SLOT  # noqa: E402
+from tesela.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from tesela.core.kv_cache import DUMMY_SLOT  # noqa: E402
 from tesela.engine.llm_engine import make_engine_config  # noqa: E402
-from tesela.executor.decode_graph import DecodeGraphRunner  # noqa: E402
 from tesela.executor.dispatcher import RunPath  # noqa: E402
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from tesela.executor.model_runner import ModelRunner  # noqa: E402
 
 BLOCK = 16
@@ -32,10 +33,10 @@ def runner():
     config, path = make_engine_config(
         "tiny", prefill_graph="breakable", capture_sizes=[4, 8, 16, 32], num_kv_tokens=2048
     )
+    config = dataclasses.replace(config, attention_backend="triton")
     runner = ModelRunner(config, path)
-    runner.attn_backend = TritonAttentionBackend(runner.layout, runner.kv_cache)
-    runner.graphs.decode = DecodeGraphRunner(runner, (1, 2, 4), max_model_len=256)
-    runner.graphs.decode.capture()
+    assert isinstance(runner.attn_backend, TritonAttentionBackend)
+    runner.add_full_decode((1, 2, 4), max_model_len=256)
     return runner
 
 
@@ -54,12 +55,12 @@ def batch(rows: list[tuple[int, int]], mode=None, seed=0) -> ForwardBatch:
 
 
 def test_each_batch_kind_takes_its_path(runner):
-    graphs = runner.graphs
+    graphs = runner.dispatcher
     assert graphs.choose(batch([(0, 10)]))[0] is RunPath.PIECEWISE
     assert graphs.choose(batch([(0, 5), (9, 1)]))[0] is RunPath.PIECEWISE  # mixed
     decode = batch([(9, 1), (12, 1), (30, 1)])
     assert decode.mode is ForwardMode.DECODE
-    assert graphs.choose(decode) == (RunPath.FULL, None)
+    assert graphs.choose(decode) == (RunPath.FULL_DECODE, None)
     assert graphs.choose(batch([(9, 1)] * 6))[0] is RunPath.PIECEWISE  # over the decode ladder
     assert graphs.choose(batch([(0, 40)])) == (RunPath.EAGER, "too_many_tokens")
     logprobs = batch([(9, 1)])
@@ -71,8 +72,18 @@ def test_full_decode_pads_rows_and_matches_eager(runner):
     rows = [(9, 1), (12, 1), (30, 1)]
     prefill = batch([(0, 9), (0, 12), (0, 30)], seed=1)
     runner.forward_eager(prefill)  # fill the prefixes the decode rows attend to
-    decode = runner.graphs.decode
+    decode = runner.full_decode
+    assert sorted(decode.captured) == [1, 2, 4]
+    # A full 4-row replay first leaves real slots and lengths in the 4th row of every buffer.
+    runner.forward_eager(batch([(0, 9), (0, 12), (0, 30), (0, 20)], seed=1))
+    four = batch([(9, 1), (12, 1), (30, 1), (20, 1)], seed=3)
+    decode.run(four)
+    pool = runner.kv_cache
+    before = [k.clone() for k in pool.k_buffers]
     got = decode.run(batch(rows, seed=2)).clone()
+    fourth_slot = four.out_cache_loc[3]
+    for k, b in zip(pool.k_buffers, before, strict=True):
+        assert torch.equal(k[fourth_slot], b[fourth_slot])  # padding never reached the cache
     assert decode.input_ids[3] == 0 and decode.positions[3] == 0
     assert decode.out_cache_loc[3] == DUMMY_SLOT
     state = runner.attn_backend.graph_state

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tesela.attention.base import StaleMetadataError
+from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
 from tesela.executor.model_runner import ModelRunner
 
 
@@ -74,28 +74,30 @@ def test_attention_without_planned_metadata_raises(runner):
         block_size=4,
         device="cpu",
     )
-    from tesela.executor.forward_context import forward_context
+    from tesela.core.forward_context import forward_context
 
-    runner.attn_backend.init_forward_metadata(other)
-    with pytest.raises(StaleMetadataError) as error, forward_context(batch, runner.attn_backend):
+    plan = runner.planner.plan(other)
+    stale = forward_context(batch, plan, runner.attn_backend)
+    with pytest.raises(StaleMetadataError) as error, stale:
         runner.model(batch.input_ids, batch.positions)
     message = str(error.value)
     assert f"batch #{batch.batch_id}" in message and f"batch #{other.batch_id}" in message
-    assert "init_forward_metadata" in message
+    assert "planner.plan(batch)" in message
 
 
 def test_forward_contexts_refuse_nesting(runner):
-    from tesela.executor.forward_context import forward_context
+    from tesela.core.forward_context import forward_context
 
     batch = ForwardBatch.build(
         token_ids=[[1]], prefix_lens=[0], block_tables=[[1]], block_size=4, device="cpu"
     )
-    outer = forward_context(batch, runner.attn_backend)
+    plan = runner.planner.plan(batch)
+    outer = forward_context(batch, plan, runner.attn_backend)
     with (
         outer,
         pytest.raises(RuntimeError, match="nest"),
-        forward_context(batch, runner.attn_backend),
+        forward_context(batch, plan, runner.attn_backend),
     ):
         pass
-    with forward_context(batch, runner.attn_backend):  # restored after the error
+    with forward_context(batch, plan, runner.attn_backend):  # restored after the error
         pass

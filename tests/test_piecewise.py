@@ -1,7 +1,7 @@
 """The piecewise runner on CPU: padding, static buffers, slicing, fallback and metadata.
 
-On CPU nothing is captured, but the runner's own logic (ladder, static buffers, padding,
-slicing, dispatch, metadata planning for every warmup/capture/replay) is the same code that
+On CPU the runner captures with a stand-in graph (tesela/executor/graphs.py): the same code
+(ladder, static buffers, padding, planning of every warmup/capture/replay, segment recording)
 drives the CUDA graphs.
 """
 
@@ -13,8 +13,8 @@ import torch
 from tesela import LLM, SamplingParams
 from tesela.attention.base import StaleMetadataError
 from tesela.config import default_capture_sizes
+from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
 from tesela.executor.model_runner import ModelRunner
 
 LADDER_MAX = 320
@@ -58,18 +58,18 @@ def test_default_ladder_shape():
 
 def test_piecewise_equals_eager_at_every_boundary(runners):
     eager, piecewise = runners
-    runner = piecewise.graphs.piecewise
+    runner = piecewise.piecewise
     assert runner.sizes == default_capture_sizes(LADDER_MAX)
     for n in boundary_counts(runner.sizes):
         padded = runner.run_eager_padded(random_batch(n, seed=n))
         unpadded = eager.forward_eager(random_batch(n, seed=n))
-        got = piecewise.graphs.run(random_batch(n, seed=n))
+        got = piecewise.dispatcher.run(random_batch(n, seed=n))
         assert got.shape == unpadded.shape == (n, 64)
         assert torch.equal(got, padded), f"num_tokens={n}"
         # Padding changes GEMM row counts, hence kernels: equal up to float32 rounding.
         torch.testing.assert_close(got, unpadded, rtol=1e-5, atol=1e-5)
-    stats = piecewise.graphs.stats
-    assert stats.paths[piecewise.graphs.choose(random_batch(5, 0))[0]] > 0
+    stats = piecewise.dispatcher.stats
+    assert stats.paths[piecewise.dispatcher.choose(random_batch(5, 0))[0]] > 0
 
 
 def test_padding_is_zeroed_and_never_reaches_the_kv_cache(runners):
@@ -77,10 +77,10 @@ def test_padding_is_zeroed_and_never_reaches_the_kv_cache(runners):
     pool = piecewise.kv_cache
     before = [k.clone() for k in pool.k_buffers]
     batch = random_batch(5, seed=7)
-    piecewise.graphs.run(batch)
-    size = piecewise.graphs.piecewise.padded_size(5)
+    piecewise.dispatcher.run(batch)
+    size = piecewise.piecewise.padded_size(5)
     assert size == 8
-    buffers = piecewise.graphs.piecewise.buffers
+    buffers = piecewise.piecewise.buffers
     assert torch.equal(buffers.input_ids[:5], batch.input_ids)
     assert buffers.input_ids[5:8].eq(0).all() and buffers.positions[5:8].eq(0).all()
     written = [
@@ -94,7 +94,7 @@ def test_padding_is_zeroed_and_never_reaches_the_kv_cache(runners):
 
 def test_fallbacks_are_counted_by_reason(runners):
     _, piecewise = runners
-    graphs = piecewise.graphs
+    graphs = piecewise.dispatcher
     graphs.stats.fallbacks.clear()
     graphs.run(random_batch(LADDER_MAX + 1, seed=1))
     logprob_batch = random_batch(10, seed=2)
@@ -114,22 +114,35 @@ def test_greedy_generations_identical_with_graphs_on_and_off(strategy):
     paths = on_llm.engine.stats()["dispatch"]["paths"]
     assert paths["piecewise"] > 0 and paths["eager"] == 0
     if strategy == "compiled":
-        assert on_llm.engine.runner.graphs.piecewise.compiled.num_compiles == 1
+        assert on_llm.engine.runner.piecewise.pieces.num_compiles == 1
 
 
-# ---- the two historical metadata bugs (DESIGN.md §3) -----------------------------------------
+# ---- the two historical metadata bugs (SGLang), on the real runner ---------------------------
+# Mutating the runner to warm up or capture with a plan made for another batch (another size,
+# the warmup's, a decode batch's) makes the capture below fail: scripts/mutations.py shows it.
 
 
-class DecodeMetadataOnly:
-    """What a decode-graph capture leaves behind in a FlashInfer-style backend."""
-
-
-def test_warmup_after_decode_metadata_is_caught_when_init_is_skipped(runners):
-    """SGLang #12067: piecewise warmup ran an EXTEND pass on DECODE metadata."""
-    from tesela.executor.piecewise.runner import PiecewiseRunner
-
+def test_real_capture_warms_up_and_captures_every_size(runners):
+    """On CPU the runner captured every size through the same warmup -> capture code as on
+    CUDA (a stand-in graph), each size planned for itself; replays of any size, in any order,
+    equal the eager padded computation."""
     _, model_runner = runners
-    backend = model_runner.attn_backend
+    runner = model_runner.piecewise
+    layers = model_runner.config.model_config.num_hidden_layers
+    assert sorted(runner.captured) == list(runner.sizes)
+    for graph in runner.captured.values():
+        assert len(graph.segments) == layers + 1 and len(graph.splits) == layers
+    for n in (17, 4, 300, 17):
+        expected = runner.run_eager_padded(random_batch(n, seed=n))
+        assert torch.equal(runner.run(random_batch(n, seed=n)), expected), n
+
+
+def test_a_plan_from_another_batch_is_refused_by_the_real_runner(runners):
+    """SGLang #12067 (an EXTEND warmup ran on DECODE metadata) and the first fix's bug (one
+    plan for a 2-token warmup reused at every size) both reach the split op with a plan made for
+    another batch: the real runner's pass refuses it, naming both batches."""
+    _, model_runner = runners
+    runner = model_runner.piecewise
     decode = ForwardBatch.build(
         token_ids=[[1], [2]],
         prefix_lens=[3, 4],
@@ -137,46 +150,15 @@ def test_warmup_after_decode_metadata_is_caught_when_init_is_skipped(runners):
         block_size=16,
         device="cpu",
     )
-    assert decode.mode.is_decode
-
-    class SkipsInit(PiecewiseRunner):
-        def _plan_capture_batch(self, size):
-            from tesela.executor.piecewise.buffers import capture_batch
-
-            return capture_batch(size, 16, self.device)  # forgot init_forward_metadata
-
-    backend.init_forward_metadata(decode)  # state left by decode-graph capture
-    buggy = SkipsInit(model_runner, model_runner.config.graph)
-    with pytest.raises(StaleMetadataError, match=r"decode.*init_forward_metadata") as error:
-        buggy._warmup(16)
-    assert "extend, 16 tokens" in str(error.value)
-    # The real runner plans for every pass and works from the same stale state.
-    backend.init_forward_metadata(decode)
-    PiecewiseRunner(model_runner, model_runner.config.graph).capture()
-
-
-def test_capture_with_metadata_planned_for_another_size_is_caught(runners):
-    """The first fix planned metadata once, for a 2-token warmup, and captured every size."""
-    from tesela.executor.piecewise.buffers import capture_batch
-    from tesela.executor.piecewise.runner import PiecewiseRunner
-
-    _, model_runner = runners
-    backend = model_runner.attn_backend
-
-    class PlansOnce(PiecewiseRunner):
-        def _plan_capture_batch(self, size):
-            if not hasattr(self, "planned"):
-                self.planned = capture_batch(2, 16, self.device)
-                backend.init_forward_metadata(self.planned)
-            return capture_batch(size, 16, self.device)
-
-    buggy = PlansOnce(model_runner, model_runner.config.graph)
-    with pytest.raises(StaleMetadataError, match=r"2 tokens") as error:
-        buggy._warmup(buggy.sizes[-1])
-    assert f"{buggy.sizes[-1]} tokens" in str(error.value)
+    for stale in (decode, runner._capture_batch(2)):
+        batch = runner._capture_batch(16)
+        refused = pytest.raises(StaleMetadataError, match="planner.plan")
+        with refused as error, torch.inference_mode():
+            runner._forward(batch, model_runner.planner.plan(stale), 16)
+        assert "extend, 16 tokens" in str(error.value) and str(stale.stamp) in str(error.value)
 
 
 def test_verify_compares_every_captured_size_at_startup():
     llm = LLM("tiny", prefill_graph="breakable", capture_sizes=[4, 16, 48], verify_graphs=True)
-    report = llm.engine.runner.graphs.capture_reports[0]
+    report = llm.engine.runner.dispatcher.reports()[0]
     assert report.verify_max_abs_diff == {4: 0.0, 16: 0.0, 48: 0.0}

@@ -1,9 +1,9 @@
 """The `compiled` piecewise strategy on CPU: one compile, split at attention, pieces equal eager.
 
-On CPU nothing is captured: the runner runs the compiled pieces over its static buffers, so the
-trace, the split, the symbolic token count and the piece compilers are all exercised here, and
-the capture bookkeeping runs with a stand-in graph. Real CUDA graphs per piece are tested in
-tests/gpu/test_piecewise_compiled_gpu.py.
+On CPU the runner captures every piece at every size with the CPU stand-in graph
+(tesela/executor/graphs.py) through the same code as on CUDA, so the trace, the split, the
+symbolic token count, the piece compilers and the capture bookkeeping are all exercised here.
+Real CUDA graphs per piece are tested in tests/gpu/test_piecewise_compiled_gpu.py.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from torch._dynamo.utils import counters
 from tesela import LLM
 from tesela.attention.base import StaleMetadataError
 from tesela.config import default_capture_sizes
+from tesela.core.forward_batch import ForwardBatch
+from tesela.core.forward_context import forward_context
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
-from tesela.executor.forward_context import forward_context
 from tesela.executor.model_runner import ModelRunner
 from tesela.executor.piecewise.compiled import CapturedPiece, CompiledPieces, is_split_op
 
@@ -48,6 +48,10 @@ def unique_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def new_pieces(runner: ModelRunner) -> CompiledPieces:
+    return CompiledPieces(runner.model, runner.piecewise.sizes, "eager", runner.graph_factory)
+
+
 def compiled_runner(piece_compiler: str, **overrides) -> tuple[ModelRunner, int]:
     """A model runner with compiled pieces, and the dynamo graphs its capture produced."""
     before = unique_graphs()
@@ -67,14 +71,14 @@ def runners():
 
 def test_one_compile_serves_every_size_bitwise(runners):
     eager, compiled, graphs_at_capture = runners
-    piecewise = compiled.graphs.piecewise
+    piecewise = compiled.piecewise
     assert piecewise.sizes == default_capture_sizes(LADDER_MAX)
-    pieces = piecewise.compiled
+    pieces = piecewise.pieces
     before = unique_graphs()
     for n in boundary_counts(piecewise.sizes):
         padded = piecewise.run_eager_padded(random_batch(n, seed=n))
         unpadded = eager.forward_eager(random_batch(n, seed=n))
-        got = compiled.graphs.run(random_batch(n, seed=n))
+        got = compiled.dispatcher.run(random_batch(n, seed=n))
         assert got.shape == unpadded.shape == (n, 64)
         # Eager pieces run the traced ops as written: the same kernels as the eager model.
         assert torch.equal(got, padded), f"num_tokens={n}"
@@ -82,12 +86,12 @@ def test_one_compile_serves_every_size_bitwise(runners):
     # The capture warmed up every size of the ladder; the runs above reused that compile.
     assert pieces.num_compiles == 1
     assert graphs_at_capture == 1 and unique_graphs() == before
-    assert compiled.graphs.stats.paths[compiled.graphs.choose(random_batch(5, 0))[0]] > 0
+    assert compiled.dispatcher.stats.paths[compiled.dispatcher.choose(random_batch(5, 0))[0]] > 0
 
 
 def test_graph_is_split_at_every_attention_call(runners):
     _, compiled, _ = runners
-    pieces = compiled.graphs.piecewise.compiled
+    pieces = compiled.piecewise.pieces
     num_layers = compiled.config.model_config.num_hidden_layers
     assert pieces.num_split_calls == num_layers
     assert len(pieces.pieces) == num_layers + 1
@@ -107,25 +111,25 @@ def test_graph_is_split_at_every_attention_call(runners):
 
 def test_attention_reads_the_batch_at_run_time(runners):
     """The split op is not traced into the pieces: it checks the metadata of the batch being
-    run, so compiled pieces keep the metadata invariant (DESIGN.md §3)."""
+    run, so compiled pieces keep the metadata invariant (docs/architecture.md, "The metadata invariant")."""
     _, compiled, _ = runners
-    piecewise = compiled.graphs.piecewise
+    piecewise = compiled.piecewise
     planned = random_batch(8, seed=1)
-    compiled.attn_backend.init_forward_metadata(planned)
+    plan = compiled.planner.plan(planned)
     other = random_batch(8, seed=2)
     piecewise.buffers.copy_from(other, 8)
-    stale = rf"ran batch #{other.batch_id} .* planned for batch #{planned.batch_id} "
+    stale = rf"ran batch #{other.batch_id} .* made for batch #{planned.batch_id} "
     with pytest.raises(StaleMetadataError, match=stale), torch.inference_mode():
-        piecewise._run_model(other, 8)
+        piecewise._forward(other, plan, 8)
 
 
 def test_ladder_reaching_one_token_compiles_once():
     runner, graphs_at_capture = compiled_runner("eager", capture_sizes=[1, 2, 4, 8])
-    piecewise = runner.graphs.piecewise
+    piecewise = runner.piecewise
     for n in range(1, 9):
         expected = piecewise.run_eager_padded(random_batch(n, seed=n))
-        assert torch.equal(runner.graphs.run(random_batch(n, seed=n)), expected)
-    assert piecewise.compiled.num_compiles == 1 and graphs_at_capture == 1
+        assert torch.equal(runner.dispatcher.run(random_batch(n, seed=n)), expected)
+    assert piecewise.pieces.num_compiles == 1 and graphs_at_capture == 1
 
 
 def test_each_engine_compiles_its_own_model(runners):
@@ -133,15 +137,15 @@ def test_each_engine_compiles_its_own_model(runners):
     engine would count as a recompile of the others, and the one past dynamo's recompile
     limit would fail (fullgraph=True): every CompiledPieces has its own entry point."""
     _, compiled, _ = runners
-    piecewise = compiled.graphs.piecewise
+    piecewise = compiled.piecewise
     batch = random_batch(8, seed=3)
-    compiled.attn_backend.init_forward_metadata(batch)
+    plan = compiled.planner.plan(batch)
     piecewise.buffers.copy_from(batch, 8)
     engines, outputs = [], []
     with torch._dynamo.config.patch(recompile_limit=2), torch.inference_mode():
         for _ in range(3):
-            engines.append(CompiledPieces(compiled, compiled.config.graph))
-            with forward_context(batch, compiled.attn_backend):
+            engines.append(new_pieces(compiled))
+            with forward_context(batch, plan, compiled.attn_backend):
                 outputs.append(engines[-1](*piecewise.buffers.slice(8)).clone())
     assert [e.num_compiles for e in engines] == [1, 1, 1]
     assert engines[0].pieces[0] is not engines[1].pieces[0]
@@ -150,12 +154,12 @@ def test_each_engine_compiles_its_own_model(runners):
 
 def test_capturing_needs_a_compiled_model_and_does_not_nest(runners):
     _, compiled, _ = runners
-    fresh = CompiledPieces(compiled, compiled.config.graph)
-    with pytest.raises(RuntimeError, match="before the first run"), fresh.capturing(8, None):
+    fresh = new_pieces(compiled)
+    with pytest.raises(RuntimeError, match="before the first run"), fresh.capturing(8):
         pass
-    pieces = compiled.graphs.piecewise.compiled
+    pieces = compiled.piecewise.pieces
     nested = pytest.raises(RuntimeError, match="do not nest")
-    with pieces.capturing(8, None), nested, pieces.capturing(4, None):
+    with pieces.capturing(8), nested, pieces.capturing(4):
         pass
     assert pieces.capture_size is None
 
@@ -179,46 +183,18 @@ def test_replay_copies_only_inputs_that_moved():
     assert torch.equal(static, moved) and captured.input_copies == 1 and graph.replays == 2
 
 
-class _StandInGraph:
-    """torch.cuda.CUDAGraph's interface on CPU: captures nothing, counts replays."""
-
-    replays = 0
-
-    def capture_begin(self, pool=None) -> None:
-        pass
-
-    def capture_end(self) -> None:
-        pass
-
-    def replay(self) -> None:
-        _StandInGraph.replays += 1
-
-
-def test_capture_bookkeeping_with_a_stand_in_graph(runners, monkeypatch):
-    """The CUDA path's bookkeeping, run on CPU: a stand-in graph, and owning static tensors
-    (CPU memory goes back to the system once freed, so aliases would dangle). Every piece
-    captures once per size, and each replay finds every input where it was captured."""
+def test_real_capture_records_every_piece_at_every_size(runners):
+    """The runner captured each piece at each size through the graph factory (on CPU its
+    stand-in); a replay finds every input where it was captured and returns static outputs."""
     _, compiled, _ = runners
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
-    piecewise = compiled.graphs.piecewise
-    pieces = CompiledPieces(compiled, compiled.config.graph, keep_static_tensors=True)
-
-    def run(size: int) -> torch.Tensor:
-        batch = piecewise._plan_capture_batch(size)
-        piecewise.buffers.copy_from(batch, size)
-        with torch.inference_mode(), forward_context(batch, compiled.attn_backend):
-            return pieces(*piecewise.buffers.slice(size))
-
-    captured = {}
-    for size in (16, 8):  # largest first, each warmed up before its capture
-        run(size)
-        with pieces.capturing(size, pool=None):
-            captured[size] = run(size)
-    assert all(sorted(piece.graphs) == [8, 16] for piece in pieces.pieces)
-    _StandInGraph.replays = 0
-    for size in (8, 16, 8):
-        assert run(size).data_ptr() == captured[size].data_ptr()  # the static output
-    assert _StandInGraph.replays == 3 * len(pieces.pieces)
+    piecewise = compiled.piecewise
+    pieces = piecewise.pieces
+    assert all(sorted(piece.graphs) == list(piecewise.sizes) for piece in pieces.pieces)
+    outputs = {}
+    for n in (8, 16, 8):
+        got = compiled.dispatcher.run(random_batch(n, seed=n))
+        outputs.setdefault(n, got.data_ptr())
+        assert got.data_ptr() == outputs[n]  # the static output of that size
     assert pieces.num_input_copies == 0 and pieces.num_compiles == 1
 
 
@@ -226,19 +202,19 @@ def test_capture_bookkeeping_with_a_stand_in_graph(runners, monkeypatch):
 def test_inductor_pieces_match_eager(runners):
     eager, _, _ = runners
     runner, graphs_at_capture = compiled_runner("inductor", capture_sizes=[4, 8, 16, 32])
-    piecewise = runner.graphs.piecewise
+    piecewise = runner.piecewise
     for n in (1, 5, 16, 17, 32):
         expected = piecewise.run_eager_padded(random_batch(n, seed=n))
-        got = runner.graphs.run(random_batch(n, seed=n))
+        got = runner.dispatcher.run(random_batch(n, seed=n))
         # Fused kernels round differently from eager ones: float32 rounding apart.
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         unpadded = eager.forward_eager(random_batch(n, seed=n))
         torch.testing.assert_close(got, unpadded, rtol=1e-4, atol=1e-4)
-    assert piecewise.compiled.num_compiles == 1 and graphs_at_capture == 1
-    assert len(piecewise.compiled.pieces) == runner.config.model_config.num_hidden_layers + 1
+    assert piecewise.pieces.num_compiles == 1 and graphs_at_capture == 1
+    assert len(piecewise.pieces.pieces) == runner.config.model_config.num_hidden_layers + 1
 
 
 def test_verify_at_startup_finds_compiled_pieces_exact():
     llm = LLM("tiny", prefill_graph="compiled", capture_sizes=[4, 16, 48], verify_graphs=True)
-    report = llm.engine.runner.graphs.capture_reports[0]
+    report = llm.engine.runner.dispatcher.reports()[0]
     assert report.verify_max_abs_diff == {4: 0.0, 16: 0.0, 48: 0.0}

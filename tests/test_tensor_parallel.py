@@ -21,10 +21,10 @@ import torch
 import torch.multiprocessing as mp
 
 from tesela import LLM, SamplingParams
+from tesela.core.forward_batch import ForwardBatch
 from tesela.distributed.group import free_port
 from tesela.distributed.sharding import Section, check_tp_shapes
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
 from tesela.executor.multiproc import WorkerFailedError
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 7], [200, 201, 12, 77]]
@@ -68,7 +68,17 @@ def run_batches(runner) -> list[torch.Tensor]:
     return logits
 
 
-def engine_config(model: str, tp: int):
+# Graph modes run on CPU through the stand-in graphs (tesela/executor/graphs.py): capture and
+# replay re-run the recorded ops, all-reduces included, on every rank in the same order.
+GRAPHS = {
+    "eager": {},
+    "breakable": dict(prefill_graph="breakable", capture_sizes=[4, 8, 16]),
+    "compiled": dict(prefill_graph="compiled", capture_sizes=[4, 8, 16]),
+}
+
+
+def engine_config(job: tuple[str, str], tp: int):
+    model, graphs = job
     return make_engine_config(
         model,
         device="cpu",
@@ -76,10 +86,11 @@ def engine_config(model: str, tp: int):
         attention_backend="torch",
         num_kv_tokens=256,
         tensor_parallel_size=tp,
+        **GRAPHS[graphs],
     )
 
 
-def rank_main(rank: int, world_size: int, port: int, models: list[str], out: str) -> None:
+def rank_main(rank: int, world_size: int, port: int, jobs: list, out: str) -> None:
     from tesela.distributed.group import destroy_distributed, init_distributed
     from tesela.executor.model_runner import ModelRunner
 
@@ -89,8 +100,8 @@ def rank_main(rank: int, world_size: int, port: int, models: list[str], out: str
     )
     tp = init_distributed(device="cpu", timeout_s=60)
     try:
-        for i, model in enumerate(models):
-            config, path = engine_config(model, world_size)
+        for i, job in enumerate(jobs):
+            config, path = engine_config(job, world_size)
             runner = ModelRunner(config, path, tp)
             attention = runner.model.model.layers[0].self_attn
             shapes = {
@@ -100,8 +111,9 @@ def rank_main(rank: int, world_size: int, port: int, models: list[str], out: str
                 "kv_pool": tuple(runner.kv_cache.k_buffers[0].shape),
             }
             logits = run_batches(runner)
+            paths = {path.value: n for path, n in runner.dispatcher.stats.paths.items()}
             if rank == 0:
-                torch.save({"logits": logits, "shapes": shapes}, f"{out}/{i}.pt")
+                torch.save({"logits": logits, "shapes": shapes, "paths": paths}, f"{out}/{i}.pt")
         # Ranks that would capture different graphs are stopped before any capture.
         plans = [config.graph, config.graph.__class__(capture_sizes=(4, 8))]
         try:
@@ -114,23 +126,28 @@ def rank_main(rank: int, world_size: int, port: int, models: list[str], out: str
 
 
 @pytest.fixture(scope="module")
-def tp_models(checkpoints, tmp_path_factory) -> list[str]:
+def tp_jobs(checkpoints, tmp_path_factory) -> list[tuple[str, str]]:
     llama = tmp_path_factory.mktemp("llama_kv1")
     write_llama_one_kv_head(llama)
-    return ["tiny", str(llama), str(checkpoints["qwen2"][0])]
+    qwen2 = str(checkpoints["qwen2"][0])
+    return [("tiny", "eager"), (str(llama), "breakable"), (qwen2, "eager"), (qwen2, "compiled")]
 
 
-def test_tp2_logits_and_greedy_equal_tp1(tp_models, tmp_path):
+def test_tp2_logits_and_greedy_equal_tp1(tp_jobs, tmp_path):
     from tesela.executor.model_runner import ModelRunner
 
-    mp.spawn(rank_main, args=(2, free_port(), tp_models, str(tmp_path)), nprocs=2, join=True)
-    for i, model in enumerate(tp_models):
-        config, path = engine_config(model, 1)
-        expected = run_batches(ModelRunner(config, path))
+    mp.spawn(rank_main, args=(2, free_port(), tp_jobs, str(tmp_path)), nprocs=2, join=True)
+    for i, job in enumerate(tp_jobs):
+        config, path = engine_config(job, 1)
+        runner = ModelRunner(config, path)
+        expected = run_batches(runner)
         got = torch.load(tmp_path / f"{i}.pt")
+        paths = {path.value: n for path, n in runner.dispatcher.stats.paths.items()}
+        assert got["paths"] == paths  # the same graph paths ran
+        assert (paths.get("piecewise", 0) > 0) == (job[1] != "eager")
         for step, (a, b) in enumerate(zip(got["logits"], expected, strict=True)):
-            assert a.shape == b.shape, (model, step)
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{model} step {step}")
+            assert a.shape == b.shape, (job, step)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{job} step {step}")
             assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
         # Each rank holds its shard only: half the query heads, its KV heads, half the vocab.
         mc = config.model_config

@@ -45,8 +45,8 @@ from tesela.attention.triton_backend import (  # noqa: E402
     TritonAttentionConfig,
 )
 from tesela.attention.triton_kernels.extend_attention import kernels_interpreted  # noqa: E402
-from tesela.engine.kv_cache import KVCachePool  # noqa: E402
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from tesela.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from tesela.core.kv_cache import KVCachePool  # noqa: E402
 
 # torch._dynamo imports triton when it is installed, so in a full test run triton may already
 # be loaded without the interpreter: the kernel tests then run in a fresh process.
@@ -149,7 +149,7 @@ def run_triton(backend, batch, q, k, v):
     width = q.shape[1]
     buffer = torch.full((q.shape[0], width + 8), float("nan"), dtype=q.dtype)
     out = buffer[:, 4 : 4 + width]
-    backend.forward(q, k, v, out, 0, batch, backend.init_forward_metadata(batch))
+    backend.forward(q, k, v, out, 0, batch, backend.plan(batch))
     assert not out.isnan().any(), "the kernel left output values unwritten"
     assert buffer[:, :4].isnan().all() and buffer[:, 4 + width :].isnan().all()
     return out
@@ -158,7 +158,7 @@ def run_triton(backend, batch, q, k, v):
 def run_reference(backend, batch, q, k, v):
     out = torch.empty(q.shape, dtype=torch.float32)
     q, k, v = q.float(), k.float(), v.float()
-    backend.forward(q, k, v, out, 0, batch, backend.init_forward_metadata(batch))
+    backend.forward(q, k, v, out, 0, batch, backend.plan(batch))
     return out
 
 
@@ -181,7 +181,7 @@ def assert_matches_reference(layout, rows, block_size, config=SMALL_TILES, mode=
     for name in ("k_buffers", "v_buffers"):
         pool = getattr(triton_backend.kv_cache, name)[0].float()
         torch.testing.assert_close(pool, getattr(torch_backend.kv_cache, name)[0], rtol=0, atol=0)
-    return batch, triton_backend.forward_metadata
+    return batch, triton_backend.plan(batch)
 
 
 def random_rows(count, seed, max_prefix=48, max_extend=40):
@@ -284,7 +284,7 @@ def test_graph_replay_with_padded_rows_matches_reference():
     triton_backend, torch_backend = make_backends(layout, block_size, num_blocks)
     triton_backend.init_cuda_graph_state(max_batch_size=8, max_blocks_per_seq=16)
     static = static_decode_batch(captured, block_size)
-    graph_metadata = triton_backend.init_forward_metadata_capture_cuda_graph(static)
+    graph_metadata = triton_backend.plan_cuda_graph(static)
     assert graph_metadata.num_kv_splits == SMALL_TILES.max_kv_splits  # from 64-token context
 
     for seed in (0, 1):  # two replays: the buffers are rewritten each time
@@ -292,9 +292,8 @@ def test_graph_replay_with_padded_rows_matches_reference():
         q, k, v = make_qkv(captured, layout, seed=seed + 5)  # padding rows carry data too
         static.out_cache_loc[: batch.num_tokens].copy_(batch.out_cache_loc)
         static.out_cache_loc[batch.num_tokens :].fill_(0)  # the dummy slot
-        replay_metadata = triton_backend.init_forward_metadata_replay_cuda_graph(batch)
+        replay_metadata = triton_backend.plan_cuda_graph(batch)
         assert replay_metadata.stamp == batch.stamp
-        assert triton_backend.forward_metadata is replay_metadata
 
         buffer = torch.full((captured, q.shape[1]), float("nan"))
         triton_backend.forward(q, k, v, buffer, 0, static, graph_metadata)  # "graph replay"
@@ -315,7 +314,7 @@ def test_graph_buffers_pad_rows_to_the_dummy_block():
     state.seq_lens.fill_(99)
     state.block_tables.fill_(7)
     batch = make_batch([(5, 1), (9, 1)], 4, 32)
-    metadata = triton_backend.init_forward_metadata_replay_cuda_graph(batch)
+    metadata = triton_backend.plan_cuda_graph(batch)
     assert state.seq_lens.tolist() == [6, 10, 1, 1, 1]
     assert state.block_tables[:2, :3].tolist() == batch.block_tables.tolist()
     assert state.block_tables[2:, 0].tolist() == [0, 0, 0]
@@ -327,14 +326,14 @@ def test_graph_hooks_refuse_what_they_cannot_serve():
     layout = make_layout(2, 1, 32)
     triton_backend, _ = make_backends(layout, 4, 32)
     with pytest.raises(RuntimeError, match="init_cuda_graph_state"):
-        triton_backend.init_forward_metadata_capture_cuda_graph(static_decode_batch(2, 4))
+        triton_backend.plan_cuda_graph(static_decode_batch(2, 4))
     triton_backend.init_cuda_graph_state(max_batch_size=2, max_blocks_per_seq=2)
     with pytest.raises(ValueError, match="hold 2 rows of 2 blocks"):
-        triton_backend.init_forward_metadata_replay_cuda_graph(static_decode_batch(3, 4))
+        triton_backend.plan_cuda_graph(static_decode_batch(3, 4))
     with pytest.raises(ValueError, match="2 rows of 2 blocks"):
-        triton_backend.init_forward_metadata_replay_cuda_graph(make_batch([(9, 1)], 4, 32))
+        triton_backend.plan_cuda_graph(make_batch([(9, 1)], 4, 32))
     with pytest.raises(ValueError, match="one new token per row"):
-        triton_backend.init_forward_metadata_replay_cuda_graph(make_batch([(0, 3)], 4, 32))
+        triton_backend.plan_cuda_graph(make_batch([(0, 3)], 4, 32))
 
 
 # User errors and packaging --------------------------------------------------------------------

@@ -1,10 +1,9 @@
-"""The attention backend interface and the stamped metadata that guards it.
+"""The attention backend interface: `plan` a batch into metadata, `forward` with it.
 
-The metadata invariant (DESIGN.md §3): every execution of the model runs with metadata that
-`init_forward_metadata(batch)` built for that very batch. Metadata carries the stamp of the
-batch it was planned for, and `metadata_for(batch)` refuses any other batch with an error that
-names both, so a runner that forgets to plan (or plans for the wrong size or mode) fails loudly
-instead of computing garbage.
+Backends are stateless about batches: `plan(batch)` returns metadata stamped with the batch
+and the planner (tesela/executor/planner.py) puts it in the batch's `ForwardPlan`; `forward`
+receives it from the forward context. Backends that serve FULL decode CUDA graphs also keep
+persistent buffers (`init_cuda_graph_state`) that `plan_cuda_graph(batch)` rewrites in place.
 """
 
 from __future__ import annotations
@@ -15,12 +14,11 @@ from typing import ClassVar
 
 import torch
 
-from tesela.engine.kv_cache import KVCachePool
-from tesela.executor.forward_batch import BatchStamp, ForwardBatch
+from tesela.core.forward_batch import ForwardBatch
+from tesela.core.kv_cache import KVCachePool
+from tesela.core.plan import AttentionMetadata, StaleMetadataError
 
-
-class StaleMetadataError(RuntimeError):
-    """Attention ran with metadata planned for another batch (or none at all)."""
+__all__ = ["AttentionBackend", "AttentionLayout", "AttentionMetadata", "StaleMetadataError"]
 
 
 @dataclass(frozen=True)
@@ -34,54 +32,34 @@ class AttentionLayout:
     sliding_window: int | None = None
 
 
-@dataclass
-class AttentionMetadata:
-    """Base class of every backend's per-batch metadata."""
-
-    stamp: BatchStamp
-
-
 class AttentionBackend(ABC):
     """One attention implementation over the paged KV pool.
 
     Subclasses implement `plan` (build metadata for a batch on the host side) and `forward`
     (store the new tokens' K/V in the pool, then attend). Backends that serve FULL decode graphs
-    also implement the `*_cuda_graph` hooks, keeping their metadata in persistent buffers.
+    set `supports_cuda_graph` and implement `init_cuda_graph_state` and `plan_cuda_graph`.
     """
 
     name: ClassVar[str]
+    supports_cuda_graph: ClassVar[bool] = False
 
     def __init__(self, layout: AttentionLayout, kv_cache: KVCachePool) -> None:
         self.layout = layout
         self.kv_cache = kv_cache
-        self.forward_metadata: AttentionMetadata | None = None
 
-    def init_forward_metadata(self, batch: ForwardBatch) -> AttentionMetadata:
-        metadata = self.plan(batch)
-        if metadata.stamp != batch.stamp:
-            raise AssertionError(f"{type(self).__name__}.plan stamped {metadata.stamp}")
-        self.forward_metadata = metadata
-        return metadata
-
-    def metadata_for(self, batch: ForwardBatch) -> AttentionMetadata:
-        """The current metadata, checked against the batch being run."""
-        metadata = self.forward_metadata
-        if metadata is None:
-            raise StaleMetadataError(
-                f"{self.name} attention ran {batch.stamp} but no metadata was planned: call "
-                "attn_backend.init_forward_metadata(batch) before running the model"
-            )
-        if metadata.stamp != batch.stamp:
-            raise StaleMetadataError(
-                f"{self.name} attention ran {batch.stamp} with {type(metadata).__name__} "
-                f"planned for {metadata.stamp}: call attn_backend.init_forward_metadata(batch) "
-                "for the batch being run (warmup, capture and replay included)"
-            )
-        return metadata
+    def bind_kv_pool(self, kv_cache: KVCachePool) -> None:
+        """Point the backend at the real pool once startup has sized it (ModelRunner)."""
+        self.kv_cache = kv_cache
 
     @abstractmethod
     def plan(self, batch: ForwardBatch) -> AttentionMetadata:
         """Build this backend's metadata for `batch` (host-side work, may allocate)."""
+
+    def init_cuda_graph_state(self, max_batch_size: int, max_blocks_per_seq: int) -> None:
+        raise ValueError(f"attention backend {self.name!r} cannot run in FULL decode graphs")
+
+    def plan_cuda_graph(self, batch: ForwardBatch) -> AttentionMetadata:
+        raise ValueError(f"attention backend {self.name!r} cannot run in FULL decode graphs")
 
     @abstractmethod
     def forward(

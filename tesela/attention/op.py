@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tesela.executor.forward_context import get_forward_context
+from tesela.core.forward_context import get_forward_context
 
 
 def run_attention(
@@ -21,12 +21,12 @@ def run_attention(
     real tokens are attended and stored, so padding never reaches the KV cache.
     """
     context = get_forward_context()
-    batch, backend = context.batch, context.attn_backend
-    metadata = backend.metadata_for(batch)
+    batch, plan = context.batch, context.plan
+    plan.check(batch)  # the metadata invariant: planned for this very batch
     n = batch.num_tokens
     if q.shape[0] < n:
         raise RuntimeError(f"attention got {q.shape[0]} tokens for {batch.stamp}")
-    backend.forward(q[:n], k[:n], v[:n], out[:n], layer_id, batch, metadata)
+    context.attn_backend.forward(q[:n], k[:n], v[:n], out[:n], layer_id, batch, plan.attn_metadata)
 
 
 @torch.library.custom_op("tesela::attention", mutates_args=("out",))

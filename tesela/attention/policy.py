@@ -1,4 +1,4 @@
-"""The attention backend policy, as data (DESIGN.md §4).
+"""The attention backend policy, as data.
 
 Each backend declares what it supports (`BackendSpec`); hardware and graph-mode limits are rows
 of one rule table (`RULES`). `resolve_attention` turns a request ("auto", "triton",

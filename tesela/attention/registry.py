@@ -20,7 +20,7 @@ from tesela.attention.policy import (
     parse_request,
     unavailable_message,
 )
-from tesela.engine.kv_cache import KVCachePool
+from tesela.core.kv_cache import KVCachePool
 
 # name -> (module, class). A backend in BACKEND_SPECS whose module is not written yet (FlashInfer)
 # is still listed: adding its adapter is then one file.

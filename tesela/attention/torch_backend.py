@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tesela.attention.base import AttentionBackend, AttentionMetadata
-from tesela.executor.forward_batch import ForwardBatch
+from tesela.core.forward_batch import ForwardBatch
 
 
 @dataclass

@@ -5,7 +5,7 @@ the batch as they are: no copies), the host-side maxima that size the launch gri
 decode the split count and the split-KV scratch. DECODE batches run the decode kernel; EXTEND
 and MIXED batches run the extend kernel (a decode row is an extend of one token).
 
-FULL decode graphs (`*_cuda_graph` hooks) keep the metadata in persistent buffers
+FULL decode graphs (`init_cuda_graph_state`, `plan_cuda_graph`) keep the metadata in persistent buffers
 (`DecodeGraphState`) that are rewritten in place before every replay, so a captured graph reads
 the new batch. In that mode the split count depends only on the captured batch size and the
 longest context the buffers allow, never on the lengths of the batch being run.
@@ -45,8 +45,8 @@ from tesela.attention.triton_kernels.extend_attention import (
     kernels_interpreted,
 )
 from tesela.attention.triton_kernels.store_kv import store_kv
-from tesela.engine.kv_cache import DUMMY_SLOT, KVCachePool
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.kv_cache import DUMMY_SLOT, KVCachePool
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ class DecodeGraphState:
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    supports_cuda_graph = True
 
     def __init__(
         self,
@@ -230,17 +231,10 @@ class TritonAttentionBackend(AttentionBackend):
             partial_lse=torch.empty(pairs * layout.num_heads, dtype=torch.float32, device=device),
         )
 
-    def init_forward_metadata_capture_cuda_graph(self, batch: ForwardBatch) -> TritonMetadata:
-        """Metadata for capturing the decode graph of `batch`'s size, viewing the persistent
-        buffers (which now hold `batch`)."""
-        return self._graph_metadata(batch)
-
-    def init_forward_metadata_replay_cuda_graph(self, batch: ForwardBatch) -> TritonMetadata:
-        """Rewrite the persistent buffers with `batch` before a replay. `batch` may have fewer
-        rows than the captured size: the rows after it become padding rows."""
-        return self._graph_metadata(batch)
-
-    def _graph_metadata(self, batch: ForwardBatch) -> TritonMetadata:
+    def plan_cuda_graph(self, batch: ForwardBatch) -> TritonMetadata:
+        """Metadata viewing the persistent buffers, after rewriting them with `batch`: the
+        same call plans the warmup, the capture of each size and every replay. `batch` may
+        have fewer rows than the captured size: the rows after it become padding rows."""
         state = self.graph_state
         if state is None:
             raise RuntimeError(
@@ -261,7 +255,6 @@ class TritonAttentionBackend(AttentionBackend):
             partial_out=state.partial_out[: n * heads * splits * dim].view(n, heads, splits, dim),
             partial_lse=state.partial_lse[: n * heads * splits].view(n, heads, splits),
         )
-        self.forward_metadata = metadata
         return metadata
 
     # Forward ----------------------------------------------------------------------------------

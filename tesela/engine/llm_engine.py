@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from tesela.attention.policy import DeviceInfo, resolve_attention
 from tesela.config import (
     CacheConfig,
     EngineConfig,
@@ -24,14 +26,16 @@ from tesela.config import (
     normalize_dtype,
     resolve_graph_config,
 )
+from tesela.core.forward_batch import BatchInputs, ForwardMode
+from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.distributed.sharding import check_tp_shapes
 from tesela.engine.block_manager import BlockManager
-from tesela.engine.kv_cache import RESERVED_BLOCKS
 from tesela.engine.request import Request, TokenLogprobs
 from tesela.engine.sampler import Sampler
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
-from tesela.executor.forward_batch import BatchInputs, ForwardMode
+from tesela.executor.model_runner import ModelRunner
+from tesela.models.registry import check_architecture
 from tesela.presets import PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -60,6 +64,10 @@ def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
             f"model {model!r} is neither a folder nor a preset: give a folder with config.json "
             f"and safetensors weights, or one of the presets {', '.join(PRESETS)}"
         )
+    # Refuse an unknown architecture before the config's other fields are read.
+    config_file = path / "config.json"
+    if config_file.is_file():
+        check_architecture(json.loads(config_file.read_text()).get("architectures") or [])
     return ModelConfig.from_pretrained(path), str(path)
 
 
@@ -144,8 +152,6 @@ def make_engine_config(
 def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, graph):
     """Resolve the attention backend once, through the policy table, and turn off the graph
     modes the chosen backend cannot serve (each change is logged once, with its reason)."""
-    from tesela.attention.policy import DeviceInfo, resolve_attention
-
     decision = resolve_attention(
         requested,
         DeviceInfo.detect(device),
@@ -168,8 +174,6 @@ def _make_runner(config: EngineConfig, model_path: str | None):
         from tesela.executor.multiproc import TensorParallelRunner
 
         return TensorParallelRunner(config, model_path)
-    from tesela.executor.model_runner import ModelRunner
-
     return ModelRunner(config, model_path)
 
 
@@ -325,5 +329,5 @@ class LLMEngine:
             "kv_blocks_total": bm.num_usable_blocks,
             "kv_blocks_used": bm.num_used_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
-            "dispatch": self.runner.graphs.stats.as_dict(),
+            "dispatch": self.runner.dispatcher.stats.as_dict(),
         }

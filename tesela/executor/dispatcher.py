@@ -1,10 +1,13 @@
-"""The dispatcher: one place decides how each batch runs, and counts why.
+"""The dispatcher: one ordered table says which runner serves which batch, and counts why.
 
-  FULL       a decode batch whose size has a full graph (attention inside)
-  PIECEWISE  an extend/mixed/decode batch within the piecewise capture ladder
-  EAGER      anything else, and every batch when graphs are off
+  FULL_DECODE  a decode batch whose row count has a FULL graph (attention inside)
+  PIECEWISE    an extend/mixed/decode batch within the piecewise capture ladder
+  EAGER        anything else, and every batch when graphs are off
 
-Every fallback is counted by reason, so a surprising path shows up in stats and logs.
+The table `routes` is the single source of truth: a batch runs on the first runner (in `ORDER`)
+whose `can_run` accepts it; a FULL graph for mixed batches slots in between FULL_DECODE and
+PIECEWISE by adding its path to `ORDER`. A batch that ends on EAGER is counted under the reason
+the last graph runner gave, so a surprising path shows up in stats and logs.
 """
 
 from __future__ import annotations
@@ -16,15 +19,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tesela.executor.forward_batch import ForwardBatch
+from tesela.core.forward_batch import ForwardBatch
+from tesela.executor.graph_runner import CaptureReport, EagerRunner, GraphRunner
 
 logger = logging.getLogger("tesela.dispatcher")
 
 
 class RunPath(enum.Enum):
-    FULL = "full"
+    FULL_DECODE = "full"
     PIECEWISE = "piecewise"
     EAGER = "eager"
+
+
+# Most specialized first; eager always last and always accepts.
+ORDER = (RunPath.FULL_DECODE, RunPath.PIECEWISE, RunPath.EAGER)
 
 
 @dataclass
@@ -39,59 +47,60 @@ class DispatchStats:
         }
 
 
-@dataclass
-class GraphRunners:
-    model_runner: object
-    piecewise: object | None = None  # PiecewiseRunner
-    decode: object | None = None  # DecodeGraphRunner
-    stats: DispatchStats = field(default_factory=DispatchStats)
-    capture_reports: list = field(default_factory=list)
+class Dispatcher:
+    def __init__(self, eager: EagerRunner) -> None:
+        self.runners: dict[RunPath, GraphRunner] = {RunPath.EAGER: eager}
+        self.stats = DispatchStats()
+        self._routes: tuple = ()
+        self._rebuild()
 
-    @classmethod
-    def build(cls, model_runner) -> GraphRunners:
-        graph = model_runner.config.graph
-        runners = cls(model_runner)
-        if graph.piecewise_enabled:
-            from tesela.executor.piecewise.runner import PiecewiseRunner
+    def add(self, path: RunPath, runner: GraphRunner) -> None:
+        if path in self.runners:
+            raise ValueError(f"{path.value} already has a runner")
+        self.runners[path] = runner
+        self._rebuild()
 
-            runners.piecewise = PiecewiseRunner(model_runner, graph)
-            runners.capture_reports.append(runners.piecewise.capture())
-        return runners
-
-    def capture_decode(self) -> None:
-        """FULL decode graphs bake in the KV pool's addresses: capture them once the real pool
-        exists."""
-        runner = self.model_runner
-        graph = runner.config.graph
-        if not (graph.decode_graph and graph.decode_batch_sizes) or runner.device.type != "cuda":
-            return
-        from tesela.executor.decode_graph import DecodeGraphRunner
-
-        self.decode = DecodeGraphRunner(
-            runner, graph.decode_batch_sizes, runner.config.scheduler.max_model_len
+    def _rebuild(self) -> None:
+        # (path, can_run, run) in ORDER: the hot loop calls bound methods, nothing else.
+        self._routes = tuple(
+            (path, self.runners[path].can_run, self.runners[path].run)
+            for path in ORDER
+            if path in self.runners
         )
-        self.capture_reports.append(self.decode.capture())
+
+    def runner(self, path: RunPath) -> GraphRunner | None:
+        return self.runners.get(path)
+
+    def keys(self) -> dict[RunPath, tuple[int, ...]]:
+        """Which sizes each graph path serves (tokens for piecewise, rows for FULL decode)."""
+        return {
+            path: tuple(runner.sizes)
+            for path, runner in self.runners.items()
+            if path is not RunPath.EAGER
+        }
+
+    def reports(self) -> list[CaptureReport]:
+        reports = (self.runners[path].report() for path in ORDER if path in self.runners)
+        return [report for report in reports if report is not None]
 
     def choose(self, batch: ForwardBatch) -> tuple[RunPath, str | None]:
-        if self.decode is not None and batch.mode.is_decode:
-            reason = self.decode.can_run(batch)
-            if reason is None:
-                return RunPath.FULL, None
-        if self.piecewise is None:
-            return RunPath.EAGER, "graphs_disabled"
-        reason = self.piecewise.can_run(batch)
-        if reason is None:
-            return RunPath.PIECEWISE, None
-        return RunPath.EAGER, reason
+        reason = "graphs_disabled"
+        for path, can_run, _ in self._routes:
+            refusal = can_run(batch)
+            if refusal is None:
+                return path, (reason if path is RunPath.EAGER else None)
+            reason = refusal
+        raise AssertionError("the eager runner accepts every batch")
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        path, reason = self.choose(batch)
-        self.stats.paths[path] += 1
-        if reason is not None:
-            self.stats.fallbacks[reason] += 1
-            logger.debug("%s runs eagerly: %s", batch.stamp, reason)
-        if path is RunPath.FULL:
-            return self.decode.run(batch)
-        if path is RunPath.PIECEWISE:
-            return self.piecewise.run(batch)
-        return self.model_runner.forward_eager(batch)
+        reason = "graphs_disabled"
+        for path, can_run, run in self._routes:
+            refusal = can_run(batch)
+            if refusal is None:
+                self.stats.paths[path] += 1
+                if path is RunPath.EAGER:
+                    self.stats.fallbacks[reason] += 1
+                    logger.debug("%s runs eagerly: %s", batch.stamp, reason)
+                return run(batch)
+            reason = refusal
+        raise AssertionError("the eager runner accepts every batch")

@@ -1,8 +1,10 @@
-"""ModelRunner: owns the model, the KV pool and the attention backend, and runs batches.
+"""ModelRunner: owns the model, the KV pool, the attention backend and the runners, and runs
+batches.
 
-`forward(batch)` returns the logits of the batch's `logits_indices` rows. Every path plans
-attention metadata for the exact batch it runs (the metadata invariant); the graph runners
-plug in through `self.graphs` and are picked per batch by the dispatcher.
+Startup runs the named phases of tesela/executor/startup.py: load weights, capture piecewise
+graphs on a provisional pool, size the KV pool from what is left, capture FULL decode graphs,
+verify. `forward(batch)` returns the logits of the batch's `logits_indices` rows; the
+dispatcher picks the runner, and every runner plans the exact batch it runs.
 """
 
 from __future__ import annotations
@@ -14,17 +16,27 @@ import torch
 from tesela.attention.base import AttentionBackend, AttentionLayout
 from tesela.attention.registry import create_backend
 from tesela.config import EngineConfig
+from tesela.core.forward_batch import BatchInputs, ForwardBatch
+from tesela.core.kv_cache import RESERVED_BLOCKS, KVCachePool
 from tesela.distributed.group import SINGLE, TPGroup
 from tesela.distributed.sharding import Section
-from tesela.engine.kv_cache import RESERVED_BLOCKS, KVCachePool
-from tesela.executor.forward_batch import BatchInputs, ForwardBatch
-from tesela.executor.forward_context import forward_context
+from tesela.executor import startup
+from tesela.executor.dispatcher import Dispatcher, RunPath
+from tesela.executor.full_decode import FullDecodeRunner
+from tesela.executor.graph_runner import EagerRunner
+from tesela.executor.graphs import graph_factory_for
+from tesela.executor.piecewise.breakable import BreakablePiecewiseRunner
+from tesela.executor.piecewise.compiled import CompiledPiecewiseRunner
+from tesela.executor.piecewise.runner import PiecewiseRunner
+from tesela.executor.planner import CudaGraphPlanner, ForwardPlanner
 from tesela.models.loader import build_model
 
 logger = logging.getLogger("tesela.runner")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_TOKENS = 32768
+# The provisional pool: the reserved dummy block plus one, enough for capture batches.
+PROVISIONAL_BLOCKS = RESERVED_BLOCKS + 1
 
 
 class ModelRunner:
@@ -35,7 +47,38 @@ class ModelRunner:
         self.tp = tp
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
-        mc = config.model_config
+        self.startup = startup.Startup(self.device)
+        self.graph_factory = graph_factory_for(self.device)
+        with self.startup.phase(startup.LOAD_WEIGHTS):
+            self._load_weights(model_path)
+        self.planner = ForwardPlanner(self.attn_backend)
+        self.dispatcher = Dispatcher(EagerRunner(self.model, self.planner))
+        # Collectives inside graphs pair up across ranks only if every rank captures the same
+        # sizes in the same order: compare the plans before any capture.
+        tp.check_same(config.graph.capture_plan(), "the CUDA graph capture plan")
+        self._capture_piecewise()
+        with self.startup.phase(startup.SIZE_KV_POOL):
+            self.kv_cache = self._make_pool(self._num_kv_blocks())
+            self.attn_backend.bind_kv_pool(self.kv_cache)
+        self._capture_full_decode()
+        self._verify()
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_cache.num_blocks
+
+    @property
+    def piecewise(self) -> PiecewiseRunner | None:
+        return self.dispatcher.runner(RunPath.PIECEWISE)
+
+    @property
+    def full_decode(self) -> FullDecodeRunner | None:
+        return self.dispatcher.runner(RunPath.FULL_DECODE)
+
+    # ---- startup phases ---------------------------------------------------------------------
+
+    def _load_weights(self, model_path: str | None) -> None:
+        config, mc = self.config, self.config.model_config
         torch.manual_seed(config.seed)
         self.model = build_model(
             mc,
@@ -44,12 +87,13 @@ class ModelRunner:
             load_format=config.load_format,
             path=model_path,
             seed=config.seed,
-            tp=tp,
+            tp=self.tp,
         )
         # This rank's heads: query heads split, KV heads split or replicated (sharding.py).
-        self.num_kv_heads = Section(mc.num_key_value_heads).rank_units(tp.rank, tp.size)[1]
+        rank, size = self.tp.rank, self.tp.size
+        self.num_kv_heads = Section(mc.num_key_value_heads).rank_units(rank, size)[1]
         self.layout = AttentionLayout(
-            num_heads=mc.num_attention_heads // tp.size,
+            num_heads=mc.num_attention_heads // size,
             num_kv_heads=self.num_kv_heads,
             head_dim=mc.head_dim,
             scale=mc.head_dim**-0.5,
@@ -57,28 +101,78 @@ class ModelRunner:
             device=self.device,
             sliding_window=mc.sliding_window,
         )
-        # A provisional pool (the dummy block plus one) serves graph capture; the real pool is
-        # sized afterwards, from what is left once weights and graphs hold their memory.
-        self.kv_cache = self._make_pool(RESERVED_BLOCKS + 1)
+        self.kv_cache = self._make_pool(PROVISIONAL_BLOCKS)
         self.attn_backend: AttentionBackend = create_backend(
             config.attention_backend, self.layout, self.kv_cache
         )
-        # Collectives inside graphs pair up across ranks only if every rank captures the same
-        # sizes in the same order: compare the plans before any capture.
-        tp.check_same(config.graph.capture_plan(), "the CUDA graph capture plan")
-        self.graphs = self._build_graph_runners()
-        self.kv_cache = self._make_pool(self._num_kv_blocks())
-        self.attn_backend.kv_cache = self.kv_cache
-        self.graphs.capture_decode()
-        if config.graph.verify and self.graphs.piecewise is not None:
-            exact = (
-                config.graph.prefill_graph == "breakable" or config.graph.piece_compiler == "eager"
-            )
-            self.graphs.piecewise.verify(tolerance=0.0 if exact else 5e-2)
 
-    @property
-    def num_kv_blocks(self) -> int:
-        return self.kv_cache.num_blocks
+    def _capture_piecewise(self) -> None:
+        graph = self.config.graph
+        if not graph.piecewise_enabled:
+            self.startup.skip(startup.CAPTURE_PIECEWISE, "piecewise graphs are off")
+            return
+        with self.startup.phase(startup.CAPTURE_PIECEWISE):
+            # Precondition: the pool is still provisional, so it holds no request's cache.
+            assert self.kv_cache.num_blocks == PROVISIONAL_BLOCKS, "capture on a sized pool"
+            collaborators = dict(
+                model=self.model,
+                planner=self.planner,
+                capture_sizes=tuple(graph.capture_sizes),
+                block_size=self.config.cache.block_size,
+                graphs=self.graph_factory,
+            )
+            if graph.prefill_graph == "compiled":
+                runner = CompiledPiecewiseRunner(
+                    piece_compiler=graph.piece_compiler, **collaborators
+                )
+            else:
+                runner = BreakablePiecewiseRunner(**collaborators)
+            runner.capture()
+            # Each split op runs eagerly between graph pieces, so the collectives in the
+            # pieces pair up across ranks only if the ops and their order match.
+            self.tp.check_same(runner.split_signature(), "the split ops of the piecewise graphs")
+            self.dispatcher.add(RunPath.PIECEWISE, runner)
+
+    def _capture_full_decode(self) -> None:
+        graph = self.config.graph
+        if not (graph.decode_graph and graph.decode_batch_sizes):
+            self.startup.skip(startup.CAPTURE_FULL_DECODE, "FULL decode graphs are off")
+            return
+        if self.device.type != "cuda":
+            self.startup.skip(startup.CAPTURE_FULL_DECODE, "not on CUDA")
+            return
+        with self.startup.phase(startup.CAPTURE_FULL_DECODE):
+            # Precondition: FULL graphs bake in the pool's addresses, so it must be final.
+            assert self.attn_backend.kv_cache is self.kv_cache, "backend not on the real pool"
+            self.add_full_decode(graph.decode_batch_sizes, self.config.scheduler.max_model_len)
+
+    def add_full_decode(self, batch_sizes: tuple[int, ...], max_model_len: int):
+        """Build and capture the FULL decode runner on the current (final) pool."""
+        max_blocks = -(-max_model_len // self.config.cache.block_size)
+        runner = FullDecodeRunner(
+            model=self.model,
+            planner=CudaGraphPlanner(self.attn_backend, max(batch_sizes), max_blocks),
+            batch_sizes=tuple(batch_sizes),
+            max_blocks_per_seq=max_blocks,
+            graphs=self.graph_factory,
+        )
+        runner.capture()
+        self.dispatcher.add(RunPath.FULL_DECODE, runner)
+        return runner
+
+    def _verify(self) -> None:
+        graph = self.config.graph
+        piecewise = self.piecewise
+        if not graph.verify or piecewise is None:
+            self.startup.skip(startup.VERIFY, "verify is off")
+            return
+        with self.startup.phase(startup.VERIFY):
+            exact = graph.prefill_graph == "breakable" or graph.piece_compiler == "eager"
+            piecewise.verify(
+                self.kv_cache,
+                self.config.model_config.vocab_size,
+                tolerance=0.0 if exact else 5e-2,
+            )
 
     def _make_pool(self, num_blocks: int) -> KVCachePool:
         mc = self.config.model_config
@@ -123,10 +217,7 @@ class ModelRunner:
         )
         return num_blocks
 
-    def _build_graph_runners(self):
-        from tesela.executor.dispatcher import GraphRunners
-
-        return GraphRunners.build(self)
+    # ---- running ----------------------------------------------------------------------------
 
     def shutdown(self) -> None:
         """Nothing to stop: one process (TensorParallelRunner stops its workers here)."""
@@ -137,7 +228,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        hidden_states = self.graphs.run(batch)
+        hidden_states = self.dispatcher.run(batch)
         return self.compute_logits(hidden_states[batch.logits_indices])
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -145,7 +236,5 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
-        """The reference path: plan metadata for this batch, run the model as written."""
-        self.attn_backend.init_forward_metadata(batch)
-        with forward_context(batch, self.attn_backend):
-            return self.model(batch.input_ids, batch.positions)
+        """The reference path: plan this batch, run the model as written."""
+        return self.dispatcher.runner(RunPath.EAGER).run(batch)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from tesela.config import EngineConfig
+from tesela.core.forward_batch import BatchInputs
 from tesela.distributed.group import (
     abort_distributed,
     destroy_distributed,
@@ -45,7 +46,6 @@ from tesela.distributed.group import (
     init_distributed,
     rendezvous_env,
 )
-from tesela.executor.forward_batch import BatchInputs
 
 logger = logging.getLogger("tesela.multiproc")
 

@@ -20,6 +20,15 @@ def supported_architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
+def check_architecture(architectures: list[str]) -> None:
+    """Raise the user error for a config.json whose first architecture tesela cannot build."""
+    if architectures and architectures[0] not in _ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {architectures[0]!r} in config.json: tesela supports "
+            f"{', '.join(supported_architectures())}"
+        )
+
+
 def model_class(config: ModelConfig) -> type[nn.Module]:
     try:
         module_name, class_name = _ARCHITECTURES[config.architecture]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from tesela.config import RopeScaling
+from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
 from tesela.executor.model_runner import ModelRunner
 from tesela.layers import fused
 from tesela.layers.norm import RMSNorm

@@ -15,8 +15,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from tesela import LLM, SamplingParams
+from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
+from tesela.executor.graphs import CudaGraphFactory
 from tesela.executor.model_runner import ModelRunner
 
 pytestmark = [
@@ -87,10 +88,10 @@ def assert_replay_matches(piece_compiler: str, got: torch.Tensor, expected: torc
 
 def test_every_piece_is_captured_at_every_size_with_one_compile(compiled):
     _, runner, graphs_at_capture = compiled
-    report = runner.graphs.capture_reports[0]
+    report = runner.dispatcher.reports()[0]
     assert report.cuda_graphs and report.sizes == tuple(SIZES)
     assert report.graph_memory_bytes > 0
-    pieces = runner.graphs.piecewise.compiled
+    pieces = runner.piecewise.pieces
     assert pieces.num_compiles == 1 and graphs_at_capture == 1
     assert pieces.num_split_calls == NUM_LAYERS and len(pieces.pieces) == NUM_LAYERS + 1
     for piece in pieces.pieces:
@@ -100,7 +101,7 @@ def test_every_piece_is_captured_at_every_size_with_one_compile(compiled):
 @pytest.mark.parametrize("n", [1, 3, 15, 16, 17, 63, 64, 100, 255, 256])
 def test_replay_matches_eager_padded(compiled, n):
     piece_compiler, runner, _ = compiled
-    piecewise = runner.graphs.piecewise
+    piecewise = runner.piecewise
     before = unique_graphs()
     expected = piecewise.run_eager_padded(random_batch([(0, n)], seed=n))
     got = piecewise.run(random_batch([(0, n)], seed=n)).clone()
@@ -108,14 +109,14 @@ def test_replay_matches_eager_padded(compiled, n):
     unpadded = runner.forward_eager(random_batch([(0, n)], seed=n))
     torch.testing.assert_close(got.float(), unpadded.float(), rtol=5e-2, atol=0.125)
     # Replays reuse the one compile, and every piece finds its inputs where it captured them.
-    assert piecewise.compiled.num_compiles == 1 and unique_graphs() == before
-    assert piecewise.compiled.num_input_copies == 0
+    assert piecewise.pieces.num_compiles == 1 and unique_graphs() == before
+    assert piecewise.pieces.num_input_copies == 0
 
 
 def test_mixed_batches_and_interleaved_sizes_replay_exactly(compiled):
     """Every size shares one pool: replaying sizes in any order must not disturb another."""
     piece_compiler, runner, _ = compiled
-    piecewise = runner.graphs.piecewise
+    piecewise = runner.piecewise
     shapes = [[(0, 7), (33, 1), (16, 20), (5, 1)], [(0, 200)], [(40, 3)], [(0, 60), (2, 4)]]
     for seed in range(2):
         runner.forward_eager(random_batch([(0, 48)] * 4, seed))  # fill prefixes
@@ -123,7 +124,7 @@ def test_mixed_batches_and_interleaved_sizes_replay_exactly(compiled):
             expected = piecewise.run_eager_padded(random_batch(rows, seed))
             got = piecewise.run(random_batch(rows, seed)).clone()
             assert_replay_matches(piece_compiler, got, expected)
-    assert piecewise.compiled.num_input_copies == 0
+    assert piecewise.pieces.num_input_copies == 0
 
 
 def _pool_bytes(pool) -> tuple[int, int] | None:
@@ -141,19 +142,26 @@ def test_captured_pieces_hold_no_pool_memory(compiled):
     """Static inputs and outputs are non-owning aliases: once a size is captured, its pool
     memory is all free for the next size (and nothing in it is kept alive by the pieces)."""
     piece_compiler, runner, _ = compiled
-    piecewise = runner.graphs.piecewise
-    pool = torch.cuda.graph_pool_handle()
+    piecewise = runner.piecewise
+    factory = CudaGraphFactory(runner.device)  # a pool of its own, to measure
+    pool = factory.pool
     extra = 128  # outside the ladder: never replayed by the runner
-    with torch.cuda.stream(torch.cuda.Stream()):
-        piecewise._warmup(extra)
-        piecewise._capture_size(extra, pool)
+    piecewise.pieces.graphs = factory
+    try:
+        with torch.cuda.stream(torch.cuda.Stream()), torch.inference_mode():
+            warmup = piecewise._capture_batch(extra)
+            piecewise._forward(warmup, runner.planner.plan(warmup), extra)
+            batch = piecewise._capture_batch(extra)
+            piecewise._capture_size(batch, runner.planner.plan(batch), extra)
+    finally:
+        piecewise.pieces.graphs = runner.graph_factory
     torch.cuda.synchronize()
     measured = _pool_bytes(pool)
     if measured is None:
         pytest.skip("this torch's memory snapshot has no segment_pool_id")
     reserved, in_use = measured
     assert reserved > 0 and in_use == 0
-    assert all(extra in piece.graphs for piece in piecewise.compiled.pieces)
+    assert all(extra in piece.graphs for piece in piecewise.pieces.pieces)
     # The runner's ladder is untouched and still replays exactly.
     expected = piecewise.run_eager_padded(random_batch([(0, 100)], seed=5))
     got = piecewise.run(random_batch([(0, 100)], seed=5)).clone()
@@ -175,7 +183,7 @@ def test_greedy_generations_identical_with_compiled_graphs_on_and_off():
     )
     on_tokens = [o.token_ids for o in on.generate(prompts, params)]
     assert on.engine.stats()["dispatch"]["paths"]["piecewise"] > 0
-    assert on.engine.runner.graphs.piecewise.compiled.num_compiles == 1
+    assert on.engine.runner.piecewise.pieces.num_compiles == 1
     del on
     gc.collect()
     torch.cuda.empty_cache()

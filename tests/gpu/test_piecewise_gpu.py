@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tesela import LLM, SamplingParams
+from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
-from tesela.executor.forward_batch import ForwardBatch
 from tesela.executor.model_runner import ModelRunner
 
 SIZES = [4, 8, 16, 32, 64, 128, 256]
@@ -45,7 +45,7 @@ def random_batch(rows: list[tuple[int, int]], seed: int) -> ForwardBatch:
 
 
 def test_capture_report(runner):
-    report = runner.graphs.capture_reports[0]
+    report = runner.dispatcher.reports()[0]
     assert report.cuda_graphs and report.sizes == tuple(SIZES)
     assert report.segments_per_size == runner.config.model_config.num_hidden_layers + 1
     assert report.graph_memory_bytes > 0
@@ -53,7 +53,7 @@ def test_capture_report(runner):
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 15, 16, 17, 63, 64, 100, 255, 256])
 def test_replay_equals_eager_bitwise(runner, n):
-    piecewise = runner.graphs.piecewise
+    piecewise = runner.piecewise
     batch = random_batch([(0, n)], seed=n)
     expected = piecewise.run_eager_padded(batch)
     got = piecewise.run(random_batch([(0, n)], seed=n)).clone()
@@ -65,7 +65,7 @@ def test_replay_equals_eager_bitwise(runner, n):
 
 
 def test_mixed_batch_with_prefixes_replays_exactly(runner):
-    piecewise = runner.graphs.piecewise
+    piecewise = runner.piecewise
     rows = [(0, 7), (33, 1), (16, 20), (5, 1)]
     for seed in range(3):
         batch = random_batch(rows, seed)

@@ -41,8 +41,8 @@ from tesela.attention.base import AttentionLayout  # noqa: E402
 from tesela.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from tesela.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from tesela.attention.triton_kernels.extend_attention import kernels_interpreted  # noqa: E402
-from tesela.engine.kv_cache import KVCachePool  # noqa: E402
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from tesela.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from tesela.core.kv_cache import KVCachePool  # noqa: E402
 
 if kernels_interpreted():
     pytest.skip(
@@ -127,7 +127,7 @@ def poisoned_out(num_tokens, width, dtype):
 
 def run_triton(backend, batch, q, k, v):
     buffer, out = poisoned_out(q.shape[0], q.shape[1], q.dtype)
-    backend.forward(q, k, v, out, 0, batch, backend.init_forward_metadata(batch))
+    backend.forward(q, k, v, out, 0, batch, backend.plan(batch))
     torch.cuda.synchronize()
     assert not out.isnan().any(), "the kernel left output values unwritten"
     assert buffer[:, :4].isnan().all() and buffer[:, 4 + q.shape[1] :].isnan().all()
@@ -143,7 +143,7 @@ def run_reference(backend, batch, q, k, v):
     torch.set_float32_matmul_precision("highest")
     try:
         with sdpa_kernel(SDPBackend.MATH):
-            backend.forward(q, k, v, out, 0, batch, backend.init_forward_metadata(batch))
+            backend.forward(q, k, v, out, 0, batch, backend.plan(batch))
     finally:
         torch.set_float32_matmul_precision(precision)
     return out
@@ -161,7 +161,7 @@ def assert_matches_reference(layout, rows, block_size, mode=None, seed=0):
     for name in ("k_buffers", "v_buffers"):
         pool = getattr(triton_backend.kv_cache, name)[0].float()
         torch.testing.assert_close(pool, getattr(torch_backend.kv_cache, name)[0], rtol=0, atol=0)
-    return batch, triton_backend.forward_metadata
+    return batch, triton_backend.plan(batch)
 
 
 # (heads, kv_heads, head_dim, block_size)
@@ -258,11 +258,11 @@ def test_decode_cuda_graph_replay_equals_eager(dtype):
 
     # Warm up as the decode-graph runner does: eagerly, with metadata planned for the static
     # batch (one split, a 1-column table). The capture must then find every kernel compiled.
-    eager_metadata = triton_backend.init_forward_metadata(static)
+    eager_metadata = triton_backend.plan(static)
     triton_backend.forward(q, k, v, out, 0, static, eager_metadata)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    metadata = triton_backend.init_forward_metadata_capture_cuda_graph(static)
+    metadata = triton_backend.plan_cuda_graph(static)
     with torch.cuda.graph(graph):
         triton_backend.forward(q, k, v, out, 0, static, metadata)
 
@@ -278,7 +278,7 @@ def test_decode_cuda_graph_replay_equals_eager(dtype):
         static.out_cache_loc[n:].fill_(0)  # the dummy slot
         pool = triton_backend.kv_cache
         pools_before = [pool.k_buffers[0].clone(), pool.v_buffers[0].clone()]
-        replay_metadata = triton_backend.init_forward_metadata_replay_cuda_graph(batch)
+        replay_metadata = triton_backend.plan_cuda_graph(batch)
         assert replay_metadata.stamp == batch.stamp
         buffer.fill_(float("nan"))
         graph.replay()
@@ -313,7 +313,7 @@ def test_batch1_decode_bandwidth():
     q, k, v = make_qkv(1, layout)
     out = torch.empty_like(q)
     backend.init_cuda_graph_state(max_batch_size=1, max_blocks_per_seq=context // block_size)
-    metadata = backend.init_forward_metadata_capture_cuda_graph(batch)
+    metadata = backend.plan_cuda_graph(batch)
     backend.forward(q, k, v, out, 0, batch, metadata)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tesela.engine.kv_cache import RESERVED_BLOCKS
-from tesela.executor.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.kv_cache import RESERVED_BLOCKS
 
 
 @dataclass

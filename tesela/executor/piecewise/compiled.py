@@ -1,4 +1,4 @@
-"""The `compiled` capture strategy: torch.compile, split at the split ops, a graph per piece.
+"""The `compiled` piecewise strategy: torch.compile, split at the split ops, a graph per piece.
 
 Dynamo traces the model once, with the token dimension of `input_ids` and `positions` marked
 dynamic, into one FX graph. Our backend cuts that graph at every split op (attention) with
@@ -20,16 +20,17 @@ as written (eagerly, reading the forward context), and everything between two sp
 
 Each piece then behaves as follows, with `num_tokens` the token count of the current call:
 
-  - inside `capturing(size, pool)`, when num_tokens == size: capture a CUDA graph of the piece
-    into the shared pool, replay it once (capture records without running, and the next split
-    op must see real data), and keep its static inputs and outputs;
+  - inside `capturing(size)`, when num_tokens == size: capture a graph of the piece from the
+    runner's graph factory (a CUDA graph in the shared pool, replayed once since capture records
+    without running and the next split op must see real data; on CPU the stand-in), and keep
+    its static inputs and outputs;
   - otherwise, when a graph exists for num_tokens: copy any input whose address differs from
     the captured one into the static input, replay, return the static outputs;
-  - otherwise (CPU, warmup, a size not captured): run the compiled piece.
+  - otherwise (warmup, a size not captured): run the compiled piece.
 
 Memory. Every piece of every size captures into one pool and the runner captures the largest
 size first. A captured piece keeps its static inputs and outputs as *non-owning aliases*
-(`breakable.non_owning_alias`): they name the memory but do not keep it allocated. During the
+(`graphs.non_owning_alias`): they name the memory but do not keep it allocated. During the
 capture pass the pieces' real outputs flow through the split graph's Python code like any
 tensor, freed after their last use (FX frees dead values), so pool memory follows exactly the
 lifetimes of an eager forward: a piece's temporaries and outputs are reused by later pieces of
@@ -69,8 +70,11 @@ from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_map_only
 
 from tesela.attention.op import SPLIT_OPS
-from tesela.config import GraphConfig
-from tesela.executor.piecewise.breakable import non_owning_alias
+from tesela.core.forward_batch import ForwardBatch
+from tesela.core.plan import ForwardPlan
+from tesela.executor.graphs import GraphFactory
+from tesela.executor.piecewise.runner import PiecewiseRunner
+from tesela.layers import fused
 
 logger = logging.getLogger("tesela.piecewise")
 
@@ -131,7 +135,7 @@ def split_at_split_ops(graph_module: fx.GraphModule) -> SplitGraph:
 class CapturedPiece:
     """One piece captured at one size: its graph, its static inputs, its static outputs."""
 
-    graph: torch.cuda.CUDAGraph
+    graph: Any  # from the runner's GraphFactory
     # (argument index, the captured input, its address) for inputs that may move; the
     # tensors here and in `outputs` are non-owning aliases (unless keep_static_tensors).
     static_inputs: list[tuple[int, torch.Tensor, int]]
@@ -167,15 +171,12 @@ class Piece:
         return self.runnable(*args)
 
     def _capture(self, size: int, args: tuple) -> Any:
-        graph = torch.cuda.CUDAGraph()
-        graph.capture_begin(pool=self.owner.capture_pool)
-        outputs = self.runnable(*args)
-        graph.capture_end()
-        # Capture records without running; the split op that follows runs eagerly on this
-        # piece's outputs, so run the graph once for real.
-        graph.replay()
+        graphs = self.owner.graphs
+        graph = graphs.graph()
+        # Outputs are real after capture: the split op that follows runs eagerly on them.
+        outputs = graph.capture(lambda: self.runnable(*args))
         fixed = self.owner.fixed_addresses
-        keep = _keep if self.owner.keep_static_tensors else non_owning_alias
+        keep = _keep if self.owner.keep_static_tensors else graphs.alias
         static_inputs = [
             (i, keep(arg), arg.data_ptr())
             for i, arg in enumerate(args)
@@ -244,26 +245,32 @@ class CompiledPieces:
     """The model under torch.compile, split at the split ops, each piece graphed per size."""
 
     def __init__(
-        self, model_runner, graph_config: GraphConfig, *, keep_static_tensors: bool = False
+        self,
+        model: torch.nn.Module,
+        capture_sizes: tuple[int, ...],
+        piece_compiler: str,
+        graphs: GraphFactory,
+        *,
+        keep_static_tensors: bool = False,
     ) -> None:
         """`keep_static_tensors` keeps owning references to the pieces' static inputs and
         outputs instead of aliases: every size then holds all its piece outputs (much more
         graph memory). A debugging switch, to tell an aliasing fault from any other."""
-        self.model = model_runner.model
+        self.model = model
+        self.graphs = graphs
         self.keep_static_tensors = keep_static_tensors
-        self.piece_compiler = graph_config.piece_compiler
+        self.piece_compiler = piece_compiler
         self.num_compiles = 0  # backend invocations: 1 for the whole ladder
         self.split: SplitGraph | None = None
         self.pieces: list[Piece] = []
         self.num_tokens = 0  # token count of the call in progress, read by the pieces
         self.capture_size: int | None = None  # set while `capturing`
-        self.capture_pool = None
         # Parameters and buffers never move: pieces skip the address check for them.
         self.fixed_addresses = {
             t.data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers())
         }
         # A ladder reaching 1 token would compile twice with a backed size (module docstring).
-        sizes = graph_config.capture_sizes
+        sizes = capture_sizes
         self.unbacked_tokens = bool(sizes) and min(sizes) < 2
         self._compiled = torch.compile(
             _private_entry(self.model), backend=self._backend, fullgraph=True
@@ -289,7 +296,7 @@ class CompiledPieces:
         return self._compiled(input_ids, positions)
 
     @contextlib.contextmanager
-    def capturing(self, size: int, pool) -> Iterator[None]:
+    def capturing(self, size: int) -> Iterator[None]:
         """While active, every piece called with `size` tokens captures its graph for it."""
         if self.capture_size is not None:
             raise RuntimeError(f"already capturing size {self.capture_size}: captures do not nest")
@@ -298,11 +305,11 @@ class CompiledPieces:
                 "CompiledPieces.capturing before the first run: run the model once at this "
                 "size first (the runner's warmup) so that compilation happens outside capture"
             )
-        self.capture_size, self.capture_pool = size, pool
+        self.capture_size = size
         try:
             yield
         finally:
-            self.capture_size, self.capture_pool = None, None
+            self.capture_size = None
 
     def _backend(self, graph_module: fx.GraphModule, example_inputs: list) -> Callable:
         self.num_compiles += 1
@@ -332,6 +339,46 @@ class CompiledPieces:
             len(split.split_names),
         )
         return split.module
+
+
+class CompiledPiecewiseRunner(PiecewiseRunner):
+    """Piecewise graphs of the compiled model: one compile, a graph per piece and size."""
+
+    strategy = "compiled"
+
+    def __init__(self, *, piece_compiler: str, **collaborators) -> None:
+        super().__init__(**collaborators)
+        self.pieces = CompiledPieces(self.model, self.sizes, piece_compiler, self.graphs)
+        self.model_fn = self.pieces
+
+    def _before_capture(self) -> None:
+        # Compile once, outside the capture scope and its memory measurement (gc on).
+        batch = self._capture_batch(self.max_num_tokens)
+        self._forward(batch, self.planner.plan(batch), self.max_num_tokens)
+
+    def _capture_size(self, batch: ForwardBatch, plan: ForwardPlan, size: int) -> None:
+        with self.pieces.capturing(size):
+            self._forward(batch, plan, size)
+        self._report.segments_per_size = len(self.pieces.pieces)
+
+    def split_signature(self) -> tuple:
+        """Each split submodule's ops with their constant arguments (e.g. the layer id); one
+        split graph serves every size."""
+        split = self.pieces.split
+        return tuple(
+            (str(node.target), tuple(a for a in node.args if not isinstance(a, fx.Node)))
+            for name in split.split_names
+            for node in split.submodule(name).graph.nodes
+            if node.op == "call_function"
+        )
+
+    def _replay(self, batch: ForwardBatch, plan: ForwardPlan, size: int) -> torch.Tensor:
+        # The pieces replay their graphs for `size` themselves; split ops run in between.
+        return self._forward(batch, plan, size)
+
+    def _eager_ops(self):
+        # Compiled pieces trace the PyTorch ops (inductor fuses them itself), not our kernels.
+        return fused.disabled()
 
 
 def _private_entry(model: torch.nn.Module) -> Callable:

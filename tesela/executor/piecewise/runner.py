@@ -1,73 +1,65 @@
 """The piecewise runner: capture every size of the ladder, replay the smallest that fits.
 
-Capture runs largest size first into one shared graph pool, with the garbage collector paused,
-a progress bar, and GPU memory measured before and after. Every warmup and capture pass builds
-a real ForwardBatch for what it runs and plans attention metadata for it, so no pass can ever
-run with metadata left over from another batch (DESIGN.md §3).
+`PiecewiseRunner` owns what both strategies share: the static buffers, the ladder and padding,
+the capture loop (largest size first, one graph pool, gc paused, memory measured) and `verify`.
+The strategies differ only in how one size is captured and replayed: `BreakablePiecewiseRunner`
+(tesela/executor/piecewise/breakable.py) and `CompiledPiecewiseRunner`
+(tesela/executor/piecewise/compiled.py).
 
-On CPU there is no graph capture: the same runner runs the model directly over the same static
-buffers, so padding, slicing, fallback and metadata handling are exercised without a GPU.
+Every warmup, capture and replay pass builds a real ForwardBatch for what it runs and plans it
+with `planner.plan(batch)`, so no pass can run with a plan left over from another batch. The
+same code runs on CPU, where the graph factory hands out stand-in graphs.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from abc import abstractmethod
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
-from tesela.config import GraphConfig
-from tesela.executor.forward_batch import ForwardBatch
-from tesela.executor.forward_context import forward_context
-from tesela.executor.piecewise.breakable import BreakableGraph, SegmentRecorder
+from tesela.core.forward_batch import ForwardBatch
+from tesela.core.forward_context import forward_context
+from tesela.core.kv_cache import KVCachePool
+from tesela.core.plan import ForwardPlan
+from tesela.executor.graph_runner import CaptureReport, GraphRunner
+from tesela.executor.graphs import GraphFactory
 from tesela.executor.piecewise.buffers import StaticBuffers, capture_batch
-from tesela.layers import fused
+from tesela.executor.planner import ForwardPlanner
 
 logger = logging.getLogger("tesela.piecewise")
 
 
-@dataclass
-class CaptureReport:
+class PiecewiseRunner(GraphRunner):
     strategy: str
-    sizes: tuple[int, ...]
-    seconds: float = 0.0
-    graph_memory_bytes: int = 0
-    segments_per_size: int = 0
-    cuda_graphs: bool = False
-    verify_max_abs_diff: dict[int, float] = field(default_factory=dict)
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        planner: ForwardPlanner,
+        capture_sizes: tuple[int, ...],
+        block_size: int,
+        graphs: GraphFactory,
+    ) -> None:
+        self.model = model
+        self.planner = planner
+        self.sizes = tuple(capture_sizes)
+        self.block_size = block_size
+        self.graphs = graphs
+        self.buffers = StaticBuffers.allocate(self.max_num_tokens, graphs.device)
+        self._report = CaptureReport(
+            f"piecewise {self.strategy}", self.sizes, cuda_graphs=graphs.device_type == "cuda"
+        )
 
     @property
-    def graph_memory_gib(self) -> float:
-        return self.graph_memory_bytes / 2**30
-
-    def summary(self) -> str:
-        kind = "CUDA graphs" if self.cuda_graphs else "no capture (CPU)"
-        return (
-            f"{self.strategy}: {len(self.sizes)} sizes "
-            f"({self.sizes[0]}..{self.sizes[-1]} tokens), {self.segments_per_size} pieces each, "
-            f"{kind}, built in {self.seconds:.2f} s, graph memory {self.graph_memory_gib:.3f} GiB"
-        )
-
-
-class PiecewiseRunner:
-    def __init__(self, model_runner, config: GraphConfig) -> None:
-        self.model_runner = model_runner
-        self.config = config
-        self.sizes = tuple(config.capture_sizes)
-        self.strategy = config.prefill_graph
-        self.device = model_runner.device
-        self.use_cuda_graphs = self.device.type == "cuda"
-        self.buffers = StaticBuffers.allocate(self.max_num_tokens, self.device)
-        self.graphs: dict[int, BreakableGraph] = {}
-        self.compiled = None
-        self.report = CaptureReport(
-            f"piecewise {self.strategy}", self.sizes, cuda_graphs=self.use_cuda_graphs
-        )
+    def name(self) -> str:
+        return f"piecewise {self.strategy}"
 
     @property
     def max_num_tokens(self) -> int:
@@ -84,123 +76,63 @@ class PiecewiseRunner:
             return "input_logprobs"
         return None
 
+    def report(self) -> CaptureReport:
+        return self._report
+
+    # ---- strategy hooks -----------------------------------------------------------------------
+
+    # What a pass calls on the static buffers: the model, or its compiled pieces.
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    @abstractmethod
+    def _capture_size(self, batch: ForwardBatch, plan: ForwardPlan, size: int) -> None:
+        """Capture the graph(s) of one size, running `batch` under `plan`."""
+
+    @abstractmethod
+    def _replay(self, batch: ForwardBatch, plan: ForwardPlan, size: int) -> torch.Tensor:
+        """Replay size `size` for `batch` (already in the static buffers) under `plan`."""
+
+    @abstractmethod
+    def split_signature(self) -> tuple:
+        """The split ops between the captured pieces, in order: equal on every TP rank."""
+
+    def _before_capture(self) -> None:
+        """Work that must happen before the capture scope (compilation)."""
+
     # ---- capture -------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def capture(self) -> CaptureReport:
-        if self.strategy == "compiled":
-            from tesela.executor.piecewise.compiled import CompiledPieces
-
-            self.compiled = CompiledPieces(self.model_runner, self.config)
         start = time.perf_counter()
-        if self.use_cuda_graphs:
-            self._capture_cuda()
-        elif self.compiled is not None:
-            for size in reversed(self.sizes):
-                self._warmup(size)  # compiles once (dynamic token dim), then runs every size
-        if self.compiled is not None:
-            self.report.segments_per_size = len(self.compiled.pieces)
-        self.report.seconds = time.perf_counter() - start
-        logger.info(self.report.summary())
-        return self.report
+        self._before_capture()
+        with self.graphs.capturing() as memory:
+            for size in tqdm(
+                list(reversed(self.sizes)),
+                desc="Capturing piecewise graphs",
+                leave=False,
+                disable=len(self.sizes) < 8,
+            ):
+                # Warmup and capture each run a batch of their own, each with its own plan.
+                warmup = self._capture_batch(size)
+                plan = self.planner.plan(warmup)
+                self._forward(warmup, plan, size)
+                batch = self._capture_batch(size)
+                plan = self.planner.plan(batch)
+                self._capture_size(batch, plan, size)
+        self._report.graph_memory_bytes = memory[0]
+        self._report.seconds = time.perf_counter() - start
+        logger.info(self._report.summary())
+        return self._report
 
-    def _capture_cuda(self) -> None:
-        if self.compiled is not None:
-            self._warmup(self.sizes[-1])  # compile outside the memory measurement, gc on
-        # Empty the ordinary cache on both sides, so the difference is the graph pool alone
-        # (warmups and eager attention leave cached blocks that are not graph memory).
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        free_before = torch.cuda.mem_get_info(self.device)[0]
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        gc.collect()
-        gc.disable()  # a collection per capture costs seconds over a ladder (vLLM #10059)
-        try:
-            with torch.cuda.stream(stream):
-                for size in tqdm(
-                    list(reversed(self.sizes)),
-                    desc="Capturing piecewise graphs",
-                    leave=False,
-                    disable=len(self.sizes) < 8,
-                ):
-                    self._warmup(size)
-                    self._capture_size(size, pool)
-            torch.cuda.synchronize(self.device)
-        finally:
-            gc.enable()
-        torch.cuda.empty_cache()
-        self.report.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
-
-    def _run_model(self, batch: ForwardBatch, num_tokens: int, split_hook=None, plain=False):
-        input_ids, positions = self.buffers.slice(num_tokens)
-        backend = self.model_runner.attn_backend
-        with forward_context(batch, backend, split_hook):
-            if self.compiled is not None and not plain:
-                return self.compiled(input_ids, positions)
-            return self.model_runner.model(input_ids, positions)
-
-    @torch.inference_mode()
-    def _warmup(self, size: int) -> None:
-        batch = self._plan_capture_batch(size)
+    def _capture_batch(self, size: int) -> ForwardBatch:
+        batch = capture_batch(size, self.block_size, self.graphs.device)
         self.buffers.copy_from(batch, size)
-        self._run_model(batch, size)
-
-    @torch.inference_mode()
-    def _capture_size(self, size: int, pool) -> None:
-        batch = self._plan_capture_batch(size)
-        self.buffers.copy_from(batch, size)
-        if self.compiled is not None:
-            # Each compiled piece captures its own graph for this size (CompiledPieces).
-            with self.compiled.capturing(size, pool):
-                self._run_model(batch, size)
-            return
-        graph = BreakableGraph(size)
-        recorder = SegmentRecorder(graph, pool)
-        recorder.begin()
-        output = self._run_model(batch, size, split_hook=recorder)
-        recorder.finish(output)
-        self.graphs[size] = graph
-        self.report.segments_per_size = len(graph.segments)
-
-    def _plan_capture_batch(self, size: int) -> ForwardBatch:
-        runner = self.model_runner
-        batch = capture_batch(size, runner.kv_cache.block_size, self.device)
-        runner.attn_backend.init_forward_metadata(batch)
         return batch
 
-    @torch.inference_mode()
-    def verify(self, tolerance: float = 0.0) -> dict[int, float]:
-        """Replay every captured size on a real random batch and compare with the same padded
-        computation run eagerly; raise if any size differs by more than `tolerance`."""
-        pool = self.model_runner.kv_cache
-        generator = torch.Generator().manual_seed(0)
-        vocab = self.model_runner.config.model_config.vocab_size
-        for size in self.sizes:
-            blocks = -(-size // pool.block_size)
-            if blocks >= pool.num_blocks:  # the pool is too small to hold this batch
-                continue
-            tokens = torch.randint(0, vocab, (size,), generator=generator).tolist()
-
-            def batch(tokens=tokens, blocks=blocks) -> ForwardBatch:
-                return ForwardBatch.build(
-                    token_ids=[tokens],
-                    prefix_lens=[0],
-                    block_tables=[list(range(1, blocks + 1))],
-                    block_size=pool.block_size,
-                    device=self.device,
-                )
-
-            expected = self.run_eager_padded(batch())
-            got = self.run(batch())
-            diff = (got.float() - expected.float()).abs().max().item()
-            self.report.verify_max_abs_diff[size] = diff
-            if not diff <= tolerance:
-                raise RuntimeError(
-                    f"piecewise {self.strategy} replay of {size} tokens differs from eager by "
-                    f"{diff:.3e} (tolerance {tolerance:.1e}): run with prefill_graph='none' and "
-                    "report this"
-                )
-        return self.report.verify_max_abs_diff
+    def _forward(self, batch, plan, size: int, split_hook=None, model_fn=None) -> torch.Tensor:
+        input_ids, positions = self.buffers.slice(size)
+        with forward_context(batch, plan, self.planner.attn_backend, split_hook):
+            return (model_fn or self.model_fn)(input_ids, positions)
 
     # ---- replay --------------------------------------------------------------------------
 
@@ -210,14 +142,12 @@ class PiecewiseRunner:
         n = batch.num_tokens
         size = self.padded_size(n)
         self.buffers.copy_from(batch, size)
-        self.model_runner.attn_backend.init_forward_metadata(batch)
-        if self.use_cuda_graphs and self.compiled is None:
-            with forward_context(batch, self.model_runner.attn_backend):
-                output = self.graphs[size].replay()
-        else:
-            # CPU, or compiled pieces (which replay their per-size graphs themselves).
-            output = self._run_model(batch, size)
-        return output[:n]
+        plan = self.planner.plan(batch)
+        return self._replay(batch, plan, size)[:n]
+
+    def _eager_ops(self) -> contextlib.AbstractContextManager:
+        """The ops `run_eager_padded` runs: those the replay runs."""
+        return contextlib.nullcontext()
 
     @torch.inference_mode()
     def run_eager_padded(self, batch: ForwardBatch) -> torch.Tensor:
@@ -227,8 +157,39 @@ class PiecewiseRunner:
         in the last bits, since GEMM libraries pick kernels by row count."""
         size = self.padded_size(batch.num_tokens)
         self.buffers.copy_from(batch, size)
-        self.model_runner.attn_backend.init_forward_metadata(batch)
-        # Compiled pieces trace the PyTorch ops (inductor fuses them itself), not our kernels.
-        plain_ops = fused.disabled() if self.compiled is not None else contextlib.nullcontext()
-        with plain_ops:
-            return self._run_model(batch, size, plain=True)[: batch.num_tokens].clone()
+        plan = self.planner.plan(batch)
+        with self._eager_ops():
+            output = self._forward(batch, plan, size, model_fn=self.model)
+        return output[: batch.num_tokens].clone()
+
+    @torch.inference_mode()
+    def verify(self, pool: KVCachePool, vocab_size: int, tolerance: float = 0.0):
+        """Replay every captured size on a real random batch and compare with the same padded
+        computation run eagerly; raise if any size differs by more than `tolerance`."""
+        generator = torch.Generator().manual_seed(0)
+        for size in self.sizes:
+            blocks = -(-size // pool.block_size)
+            if blocks >= pool.num_blocks:  # the pool is too small to hold this batch
+                continue
+            tokens = torch.randint(0, vocab_size, (size,), generator=generator).tolist()
+
+            def batch(tokens=tokens, blocks=blocks) -> ForwardBatch:
+                return ForwardBatch.build(
+                    token_ids=[tokens],
+                    prefix_lens=[0],
+                    block_tables=[list(range(1, blocks + 1))],
+                    block_size=pool.block_size,
+                    device=self.graphs.device,
+                )
+
+            expected = self.run_eager_padded(batch())
+            got = self.run(batch())
+            diff = (got.float() - expected.float()).abs().max().item()
+            self._report.verify_max_abs_diff[size] = diff
+            if not diff <= tolerance:
+                raise RuntimeError(
+                    f"piecewise {self.strategy} replay of {size} tokens differs from eager by "
+                    f"{diff:.3e} (tolerance {tolerance:.1e}): run with prefill_graph='none' and "
+                    "report this"
+                )
+        return self._report.verify_max_abs_diff

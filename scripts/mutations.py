@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Mutation check of the graph layer: each mutation must make a CPU test fail.
+
+Applies one textual mutation at a time to a temporary copy of the repository, runs the tests
+that guard it, and prints `mutation -> CAUGHT by <tests>` (or MISSED). Exit status 1 if any
+mutation is missed or no longer applies. Slow (a few minutes on 2 cores): run it by hand,
+`python3 scripts/mutations.py [name ...]`, after changing the runners, the planner or the sampler.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = "tesela/executor/piecewise/runner.py"
+FULL = "tesela/executor/full_decode.py"
+PIECEWISE_TESTS = ["tests/test_piecewise.py"]
+DECODE_TESTS = ["tests/test_dispatcher.py"]
+
+# name -> (file, original text, mutated text, tests that must fail)
+MUTATIONS = {
+    "warmup runs without its own plan": (
+        RUNNER,
+        "                plan = self.planner.plan(warmup)\n",
+        "",
+        PIECEWISE_TESTS
+        + ["tests/test_piecewise_compiled.py::test_graph_is_split_at_every_attention_call"],
+    ),
+    "capture of size N reuses the warmup's plan": (
+        RUNNER,
+        "                plan = self.planner.plan(batch)\n",
+        "",
+        PIECEWISE_TESTS
+        + ["tests/test_piecewise_compiled.py::test_graph_is_split_at_every_attention_call"],
+    ),
+    "replay runs with the capture batch's plan": (
+        RUNNER,
+        "        plan = self.planner.plan(batch)\n        return self._replay(",
+        "        batch = self._capture_batch(size)\n        plan = self.planner.plan(batch)\n"
+        "        return self._replay(",
+        ["tests/test_piecewise.py::test_piecewise_equals_eager_at_every_boundary"],
+    ),
+    "FULL decode replay without planning the batch": (
+        FULL,
+        "        self.planner.plan(batch)\n",
+        "",
+        DECODE_TESTS,
+    ),
+    "FULL decode padding rows keep a stale KV slot": (
+        FULL,
+        "            self.out_cache_loc[n:size].fill_(DUMMY_SLOT)\n",
+        "",
+        DECODE_TESTS,
+    ),
+    "FULL decode padding rows keep a stale seq length": (
+        "tesela/attention/triton_backend.py",
+        "        self.seq_lens[n:].fill_(1)\n",
+        "",
+        DECODE_TESTS,
+    ),
+    "padding tokens reach the KV cache": (
+        "tesela/attention/op.py",
+        "    n = batch.num_tokens\n",
+        "    n = q.shape[0]\n",
+        ["tests/test_piecewise.py::test_padding_is_zeroed_and_never_reaches_the_kv_cache"],
+    ),
+    "seeded sampler rows share one generator": (
+        "tesela/engine/sampler.py",
+        "generator=self._generator(p, rid)",
+        "generator=self._generator(params[0], request_ids[0])",
+        ["tests/test_sampler_seeds.py"],
+    ),
+}
+
+
+def run_mutation(name: str, workdir: Path) -> tuple[str, str]:
+    path, original, mutated, tests = MUTATIONS[name]
+    source = (ROOT / path).read_text()
+    if source.count(original) != 1:
+        return "STALE", f"the text to mutate is not found exactly once in {path}"
+    shutil.rmtree(workdir / "tesela", ignore_errors=True)
+    shutil.copytree(ROOT / "tesela", workdir / "tesela")
+    (workdir / path).write_text(source.replace(original, mutated))
+    env = {**os.environ, "PYTHONPATH": str(workdir), "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    if result.returncode == 0:
+        return "MISSED", " ".join(tests)
+    return "CAUGHT", "; ".join(failed) or result.stdout.strip().splitlines()[-1]
+
+
+def main(names: list[str]) -> int:
+    names = names or list(MUTATIONS)
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        shutil.copytree(ROOT / "tests", workdir / "tests")
+        shutil.copy(ROOT / "pyproject.toml", workdir / "pyproject.toml")
+        for name in names:
+            verdict, detail = run_mutation(name, workdir)
+            ok &= verdict == "CAUGHT"
+            print(f"{name} -> {verdict}: {detail}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

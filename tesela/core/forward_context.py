@@ -1,0 +1,75 @@
+"""The scoped forward context: the batch being run, its plan, and the attention backend.
+
+Model code stays ordinary PyTorch (`forward(input_ids, positions)`); the attention split op
+finds the batch, its plan and the backend here. The context is set by a context manager that
+refuses nesting and always restores, so a stale batch can never leak into a later pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from tesela.core.forward_batch import ForwardBatch
+from tesela.core.plan import AttentionMetadata, ForwardPlan
+
+
+class AttentionImpl(Protocol):
+    """What the split op calls: an attention backend (tesela/attention/base.py)."""
+
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        layer_id: int,
+        batch: ForwardBatch,
+        metadata: AttentionMetadata,
+    ) -> None: ...
+
+
+@dataclass
+class ForwardContext:
+    batch: ForwardBatch
+    plan: ForwardPlan
+    attn_backend: AttentionImpl
+    # Set by the breakable piecewise runner while it captures: every split op hands itself to
+    # this hook, which ends the current graph segment, runs the op eagerly and records it.
+    # Called as split_hook(fn, tensors, *args) in place of fn(*tensors, *args).
+    split_hook: Callable[..., None] | None = None
+
+
+_current: ForwardContext | None = None
+
+
+@contextlib.contextmanager
+def forward_context(
+    batch: ForwardBatch, plan: ForwardPlan, attn_backend: AttentionImpl, split_hook: Any = None
+) -> Iterator[ForwardContext]:
+    global _current
+    if _current is not None:
+        raise RuntimeError(
+            f"a forward context is already active for {_current.batch.stamp}; forward passes "
+            "must not nest"
+        )
+    _current = ForwardContext(batch, plan, attn_backend, split_hook)
+    try:
+        yield _current
+    finally:
+        _current = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _current is None:
+        raise RuntimeError(
+            "attention was called outside a forward context: run the model through a runner "
+            "(tesela/executor) or wrap the call in tesela.core.forward_context.forward_context"
+        )
+    return _current

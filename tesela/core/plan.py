@@ -1,0 +1,64 @@
+"""The per-batch plan: everything a forward needs that depends on the batch, built by one call.
+
+`ForwardPlanner.plan(batch)` (tesela/executor/planner.py) is the only producer. The plan travels
+with its batch into the forward context (tesela/core/forward_context.py); attention backends keep
+no per-batch state of their own. Every part of a plan carries the stamp of the batch it was
+planned for, and `ForwardPlan.check(batch)` refuses any other batch, so a pass that runs with a
+plan made for another batch (another size, another mode, the warmup's) fails loudly instead of
+computing garbage. This is the metadata invariant of docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from tesela.core.forward_batch import BatchStamp, ForwardBatch
+
+
+class StaleMetadataError(RuntimeError):
+    """A forward ran with a plan made for another batch."""
+
+
+@dataclass
+class AttentionMetadata:
+    """Base class of every attention backend's per-batch metadata."""
+
+    stamp: BatchStamp
+
+
+class PlanPart(Protocol):
+    """A batch-dependent part of a plan (attention metadata, later LoRA segments, collective
+    state): anything stamped with the batch it was planned for."""
+
+    stamp: BatchStamp
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardPlan:
+    """One batch's plan. Extension slots stay None until their feature plans them: a new
+    batch-dependent input is a new slot here, filled by the planner, never state on a layer."""
+
+    stamp: BatchStamp
+    attn_metadata: AttentionMetadata
+    lora: PlanPart | None = None  # multi-LoRA: per-token adapter segments (not built yet)
+    collective: PlanPart | None = None  # tensor parallelism: per-batch collective state
+
+    def __post_init__(self) -> None:
+        for name in ("attn_metadata", "lora", "collective"):
+            part = getattr(self, name)
+            if part is not None and part.stamp != self.stamp:
+                raise StaleMetadataError(
+                    f"the {name} part of a plan for {self.stamp} was planned for {part.stamp}: "
+                    "every part of a plan must come from the same planning call"
+                )
+
+    def check(self, batch: ForwardBatch, where: str = "attention") -> None:
+        """Raise unless this plan was made for `batch` (what the forward context runs)."""
+        stamp = batch.stamp
+        if self.stamp != stamp:
+            raise StaleMetadataError(
+                f"{where} ran {stamp} with a plan made for {self.stamp}: plan every pass "
+                "(warmup, each capture size, each replay) with planner.plan(batch) for the "
+                "batch being run"
+            )

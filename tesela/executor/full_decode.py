@@ -1,0 +1,130 @@
+"""FULL decode graphs: the whole forward of a decode batch, attention inside, per batch size.
+
+Decode batches have one token per row, so their shapes depend only on the row count: each size
+of the ladder is captured once. Its plan comes from a `CudaGraphPlanner`, whose attention
+metadata views the backend's persistent buffers. A replay copies the batch's tokens, positions
+and KV slots into static buffers, plans the batch (the same call, which rewrites the persistent
+buffers in place) and replays the smallest captured size that fits. Padding rows use token 0,
+position 0, the dummy KV slot and a length-1 context on the dummy block.
+
+Warmup, capture and replay are the same code on every device; on CPU the graph is the
+`CpuGraph` stand-in (tesela/executor/graphs.py), which re-runs the captured forward over the
+same static buffers and persistent metadata, so padding and buffer reuse are tested on CPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_context import forward_context
+from tesela.core.kv_cache import DUMMY_SLOT
+from tesela.core.plan import ForwardPlan
+from tesela.executor.graph_runner import CaptureReport, GraphRunner
+from tesela.executor.graphs import GraphFactory
+from tesela.executor.planner import CudaGraphPlanner
+
+logger = logging.getLogger("tesela.full_decode")
+
+
+class FullDecodeRunner(GraphRunner):
+    name = "full decode"
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        planner: CudaGraphPlanner,
+        batch_sizes: tuple[int, ...],
+        max_blocks_per_seq: int,
+        graphs: GraphFactory,
+    ) -> None:
+        self.model = model
+        self.planner = planner
+        self.sizes = tuple(batch_sizes)
+        self.max_blocks = max_blocks_per_seq
+        self.graphs = graphs
+        device = graphs.device
+        max_bs = self.sizes[-1]
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.out_cache_loc = torch.full((max_bs,), DUMMY_SLOT, dtype=torch.int64, device=device)
+        self.captured: dict[int, tuple] = {}  # size -> (graph, output)
+        self._report = CaptureReport(
+            "full decode", self.sizes, cuda_graphs=graphs.device_type == "cuda"
+        )
+
+    def can_run(self, batch: ForwardBatch) -> str | None:
+        if not batch.mode.is_decode:
+            return "not_decode"
+        if batch.batch_size > self.sizes[-1]:
+            return "decode_batch_too_large"
+        if batch.block_tables.shape[1] > self.max_blocks:
+            return "context_too_long"
+        if batch.return_input_logprobs:
+            return "input_logprobs"
+        return None
+
+    def report(self) -> CaptureReport:
+        return self._report
+
+    def _static_batch(self, size: int) -> ForwardBatch:
+        """A decode batch whose token tensors are the static buffers (what graphs read)."""
+        device = self.graphs.device
+        zeros = torch.zeros(size, dtype=torch.int32, device=device)
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=self.input_ids[:size],
+            positions=self.positions[:size],
+            out_cache_loc=self.out_cache_loc[:size],
+            seq_lens=zeros + 1,
+            prefix_lens=zeros,
+            extend_start_loc=torch.arange(size, dtype=torch.int32, device=device),
+            block_tables=torch.zeros((size, 1), dtype=torch.int32, device=device),
+            logits_indices=torch.arange(size, device=device),
+            seq_lens_cpu=[1] * size,
+            prefix_lens_cpu=[0] * size,
+        )
+
+    def _forward(self, batch: ForwardBatch, plan: ForwardPlan) -> torch.Tensor:
+        with forward_context(batch, plan, self.planner.attn_backend):
+            return self.model(batch.input_ids, batch.positions)
+
+    @torch.inference_mode()
+    def capture(self) -> CaptureReport:
+        start = time.perf_counter()
+        with self.graphs.capturing() as memory:
+            for size in reversed(self.sizes):
+                warmup = self._static_batch(size)
+                self._forward(warmup, self.planner.plan(warmup))
+                batch = self._static_batch(size)
+                plan = self.planner.plan(batch)
+                graph = self.graphs.graph()
+                output = graph.capture(lambda batch=batch, plan=plan: self._forward(batch, plan))
+                self.captured[size] = (graph, output)
+        self._report.seconds = time.perf_counter() - start
+        self._report.segments_per_size = 1
+        self._report.graph_memory_bytes = memory[0]
+        logger.info(self._report.summary())
+        return self._report
+
+    @torch.inference_mode()
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        n = batch.batch_size
+        size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:n].copy_(batch.positions, non_blocking=True)
+        self.out_cache_loc[:n].copy_(batch.out_cache_loc, non_blocking=True)
+        if size > n:
+            self.input_ids[n:size].zero_()
+            self.positions[n:size].zero_()
+            self.out_cache_loc[n:size].fill_(DUMMY_SLOT)
+        # The graph runs no Python: planning this batch rewrites the buffers it reads.
+        self.planner.plan(batch)
+        graph, output = self.captured[size]
+        graph.replay()
+        return output[:n]
