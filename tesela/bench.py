@@ -22,6 +22,7 @@ import torch
 from tesela.config import default_capture_sizes
 from tesela.core.forward_batch import ForwardBatch
 from tesela.core.forward_context import forward_context
+from tesela.distributed.launch import all_reduce_latency_us, run_spmd
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.graphs import graph_factory_for
 from tesela.executor.model_runner import ModelRunner
@@ -49,9 +50,19 @@ def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--output-dir", default="results")
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) to split the model over"
+    )
 
 
 def run_prefill(args: argparse.Namespace) -> int:
+    """Every tensor-parallel rank runs the same columns and batches
+    (tesela/distributed/launch.py); rank 0 reports."""
+    device = args.device if args.device != "auto" else default_device()
+    return run_spmd(_run_prefill, args.tensor_parallel_size, device, args)
+
+
+def _run_prefill(tp, args: argparse.Namespace) -> int:
     counts = [int(n) for n in args.num_tokens.split(",")]
     columns = [c for c in args.columns.split(",") if c]
     config, path = make_engine_config(
@@ -62,14 +73,52 @@ def run_prefill(args: argparse.Namespace) -> int:
         attention_backend=args.attention_backend,
         num_kv_tokens=max(counts) + 64,
         max_num_batched_tokens=max(counts),
+        tensor_parallel_size=tp.size,
     )
-    runner = ModelRunner(config, path)
+    runner = ModelRunner(config, path, tp)
     bench = PrefillBench(runner, counts, args.repeat, args.warmup)
     results = bench.run(columns)
-    suffix = "" if columns == list(COLUMNS) else "-" + "-".join(columns)
-    write_outputs(results, Path(args.output_dir), f"prefill-{args.model}{suffix}")
-    print(format_table(results))
+    graph_gib = {c: b.get("graph_gib") for c, b in results["build"].items()}
+    results.update(tensor_parallel_results(tp, runner, counts, graph_gib))
+    if tp.rank == 0:
+        suffix = "" if columns == list(COLUMNS) else "-" + "-".join(columns)
+        suffix += f"-tp{tp.size}" if tp.size > 1 else ""
+        write_outputs(results, Path(args.output_dir), f"prefill-{args.model}{suffix}")
+        print(format_table(results))
     return 0
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tensor_parallel_results(tp, runner, token_counts: list[int], graph_gib) -> dict:
+    """The all-reduce cost per layer (two per layer: after attention and after the MLP) at each
+    token count, and every rank's graph memory."""
+    if tp.size == 1:
+        return {"tensor_parallel_size": 1}
+    hidden = runner.config.model_config.hidden_size
+    return {
+        "tensor_parallel_size": tp.size,
+        "all_reduce_us_per_layer": {
+            str(n): 2 * all_reduce_latency_us(tp, (n, hidden), runner.dtype, runner.device)
+            for n in token_counts
+        },
+        "graph_gib_per_rank": tp.all_gather_object(graph_gib),
+    }
+
+
+def format_tensor_parallel(results: dict) -> list[str]:
+    if results.get("tensor_parallel_size", 1) == 1:
+        return []
+    per_layer = ", ".join(
+        f"n={n}: {us:.1f}" for n, us in results["all_reduce_us_per_layer"].items()
+    )
+    return [
+        f"tensor parallel size {results['tensor_parallel_size']}; all-reduce us per layer "
+        f"(2 per layer, captured in a CUDA graph on GPUs): {per_layer}",
+        f"graph memory per rank (GiB): {results['graph_gib_per_rank']}",
+    ]
 
 
 def merge_results(paths: list[Path]) -> dict:
@@ -356,6 +405,7 @@ def format_table(results: dict) -> str:
             if c != "eager"
         }
         lines.append("max |logits - eager|: " + ", ".join(f"{c} {v:.2e}" for c, v in worst.items()))
+    lines += format_tensor_parallel(results)
     return "\n".join(lines)
 
 

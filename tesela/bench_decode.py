@@ -10,8 +10,17 @@ from pathlib import Path
 
 import torch
 
-from tesela.bench import copy_bandwidth, sync, weight_nbytes, write_outputs
+from tesela.bench import (
+    copy_bandwidth,
+    default_device,
+    format_tensor_parallel,
+    sync,
+    tensor_parallel_results,
+    weight_nbytes,
+    write_outputs,
+)
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.distributed.launch import run_spmd
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
 
@@ -30,9 +39,17 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip shapes whose KV cache would exceed this",
     )
     parser.add_argument("--output-dir", default="results")
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) to split the model over"
+    )
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    """Every tensor-parallel rank runs the same batches (tesela/distributed/launch.py)."""
+    return run_spmd(_run_decode, args.tensor_parallel_size, default_device(), args)
+
+
+def _run_decode(tp, args: argparse.Namespace) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     mc_config, _ = make_engine_config(args.model, dtype=args.dtype, num_kv_tokens=16)
@@ -52,8 +69,9 @@ def run_decode(args: argparse.Namespace) -> int:
         max_num_seqs=max(batch_sizes),
         max_model_len=max(contexts) + 16,
         capture_sizes=batch_sizes,
+        tensor_parallel_size=tp.size,
     )
-    runner = ModelRunner(config, path)
+    runner = ModelRunner(config, path, tp)
     for k, v in zip(runner.kv_cache.k_buffers, runner.kv_cache.v_buffers, strict=True):
         k.normal_()
         v.normal_()
@@ -83,8 +101,12 @@ def run_decode(args: argparse.Namespace) -> int:
         if piecewise is not None and piecewise.can_run(batch) is None:
             row["piecewise_ms"], _ = time_step(runner, piecewise.run, batch, args.repeat)
         results["rows"].append(row)
-    write_outputs_decode(results, Path(args.output_dir))
-    print(format_decode_table(results))
+    reports = [r for r in (runner.full_decode, runner.piecewise) if r is not None]
+    graph_gib = {r.name: r.report().graph_memory_gib for r in reports}
+    results.update(tensor_parallel_results(tp, runner, batch_sizes, graph_gib))
+    if tp.rank == 0:
+        write_outputs_decode(results, Path(args.output_dir))
+        print(format_decode_table(results))
     return 0
 
 
@@ -140,7 +162,9 @@ def write_outputs_decode(results: dict, output_dir: Path) -> None:
         for column in ("eager", "full_graph", "piecewise", "floor"):
             if f"{column}_ms" in row:
                 flat["latency_ms"][f"{column}/{key}"] = row[f"{column}_ms"]
-    write_outputs(flat, output_dir, f"decode-{results['model']}", plot=False)
+    size = results["tensor_parallel_size"]
+    suffix = f"-tp{size}" if size > 1 else ""
+    write_outputs(flat, output_dir, f"decode-{results['model']}{suffix}", plot=False)
 
 
 def format_decode_table(results: dict) -> str:
@@ -161,4 +185,5 @@ def format_decode_table(results: dict) -> str:
         )
     if results["skipped"]:
         lines.append(f"skipped (KV over budget): {results['skipped']}")
+    lines += format_tensor_parallel(results)
     return "\n".join(lines)

@@ -50,6 +50,22 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compare every captured size with eager at startup",
     )
+    add_parallel_arguments(parser)
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="GPUs to split the model over (one worker process per GPU)",
+    )
+    parser.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a collective or a worker may stall before the engine fails",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -71,6 +87,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_capture_tokens=args.max_capture_tokens,
         disable_cuda_graph=args.disable_cuda_graph,
         verify_graphs=args.verify_graphs,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_timeout_s=args.distributed_timeout,
     )
 
 
