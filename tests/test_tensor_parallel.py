@@ -172,6 +172,7 @@ def test_engine_tp2_greedy_and_logprobs_equal_tp1(checkpoints):
     llm = LLM(path, tensor_parallel_size=2, **kwargs)
     try:
         got = llm.generate(prompts, params)
+        assert llm.engine.stats()["dispatch"]["paths"]["eager"] > 0
     finally:
         llm.shutdown()
     for a, b in zip(got, expected, strict=True):
@@ -240,3 +241,30 @@ def test_shapes_that_cannot_split_are_refused(heads, kv_heads, intermediate, siz
             intermediate_size=intermediate,
             tensor_parallel_size=size,
         )
+
+
+def test_every_rank_builds_the_same_stamped_batch():
+    """Workers rebuild the driver's batch from its host lists: same tensors, same stamp."""
+    from tesela.core.forward_batch import BatchInputs
+
+    inputs = BatchInputs(
+        token_ids=[[5, 6, 7], [9]], prefix_lens=[0, 4], block_tables=[[1], [2]], block_size=16
+    )
+    driver, worker = inputs.build("cpu"), inputs.build("cpu")
+    assert driver.stamp == worker.stamp and driver.batch_id == inputs.batch_id
+    assert torch.equal(driver.out_cache_loc, worker.out_cache_loc)
+
+
+def test_dummy_weights_draw_every_section_of_a_fused_weight():
+    """Dummy weights are generated whole and cut into q/k/v (gate/up) sections for the
+    loaders: each section must be its own draw, not a copy of another's rows."""
+    config, path = engine_config(("tiny", "eager"), 1)
+    from tesela.models.loader import build_model
+
+    model = build_model(config.model_config, dtype=torch.float32, device="cpu", load_format="dummy")
+    attention = model.model.layers[0].self_attn
+    qkv = attention.qkv_proj.weight
+    q, kv = attention.q_size, attention.kv_size
+    sections = [qkv[:kv], qkv[q : q + kv], qkv[q + kv :]]
+    assert not torch.equal(sections[0], sections[1]) and not torch.equal(sections[1], sections[2])
+    assert 0.015 < qkv.std().item() < 0.025

@@ -260,8 +260,9 @@ class TensorParallelRunner:
         return self.runner.num_kv_blocks
 
     @property
-    def graphs(self):
-        return self.runner.graphs
+    def dispatcher(self):
+        """Rank 0's dispatcher: its counters stand for every rank (they run the same batches)."""
+        return self.runner.dispatcher
 
     def execute(self, inputs: BatchInputs) -> torch.Tensor:
         """Send the batch to every worker, run rank 0's share, return rank 0's logits."""
