@@ -1,5 +1,11 @@
-"""`tesela bench decode`: one decode step by batch size and context, eager vs graphs vs the
-HBM floor (weights + KV read once, at the measured copy bandwidth). JSON + PNG + table."""
+"""`tesela bench decode`: one decode step by batch size and context, through the logits and
+greedy sampling, eager vs graphs vs the HBM floor. JSON + table.
+
+The floor counts exactly the bytes the timed step reads (`decode_floor_bytes`): every weight
+once (the LM head included, since the step runs through the logits), the embedding rows the
+batch gathers, and the K/V of every cached token. Achieved GB/s is those bytes over the step's
+time; launches per layer are the kernels one decoder layer launches (CUDA only).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,6 @@ from pathlib import Path
 import torch
 
 from tesela.bench import (
-    copy_bandwidth,
     default_device,
     format_tensor_parallel,
     sync,
@@ -28,6 +33,7 @@ from tesela.executor.model_runner import ModelRunner
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--batch-sizes", default="1,8,32,128")
     parser.add_argument("--contexts", default="512,4096")
@@ -46,26 +52,27 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_decode(args: argparse.Namespace) -> int:
     """Every tensor-parallel rank runs the same batches (tesela/distributed/launch.py)."""
-    return run_spmd(_run_decode, args.tensor_parallel_size, default_device(), args)
+    device = args.device if args.device != "auto" else default_device()
+    return run_spmd(_run_decode, args.tensor_parallel_size, device, args)
 
 
 def _run_decode(tp, args: argparse.Namespace) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
-    mc_config, _ = make_engine_config(args.model, dtype=args.dtype, num_kv_tokens=16)
-    per_token = kv_bytes_per_token(mc_config)
+    probe, _ = make_engine_config(args.model, dtype=args.dtype, device=args.device)
+    per_token = kv_bytes_per_token(probe)
     fits = [
         (b, c)
         for b in batch_sizes
         for c in contexts
         if b * c * per_token <= args.kv_budget_gib * 2**30
     ]
-    tokens = max(b * c for b, c in fits) + 64
     config, path = make_engine_config(
         args.model,
         dtype=args.dtype,
+        device=args.device,
         attention_backend=args.attention_backend,
-        num_kv_tokens=tokens,
+        num_kv_tokens=max(b * c for b, c in fits) + 64,
         max_num_seqs=max(batch_sizes),
         max_model_len=max(contexts) + 16,
         capture_sizes=batch_sizes,
@@ -76,31 +83,18 @@ def _run_decode(tp, args: argparse.Namespace) -> int:
         k.normal_()
         v.normal_()
     bandwidth = copy_bandwidth(runner.device)
-    weights = weight_nbytes(runner.model)
     results = {
         "model": args.model,
-        "device": torch.cuda.get_device_name(runner.device),
+        "device": device_name(runner.device),
         "dtype": config.dtype,
         "attention_backend": config.attention_backend,
         "copy_bandwidth_gbs": bandwidth / 1e9,
+        "launches_per_layer": launches_per_layer(runner),
         "rows": [],
         "skipped": [(b, c) for b in batch_sizes for c in contexts if (b, c) not in fits],
     }
     for b, c in fits:
-        batch = decode_batch(runner, b, c)
-        row = {
-            "batch": b,
-            "context": c,
-            "floor_ms": (weights + b * c * per_token) / bandwidth * 1e3,
-        }
-        row["eager_ms"], eager_out = time_step(runner, runner.forward_eager, batch, args.repeat)
-        full, piecewise = runner.full_decode, runner.piecewise
-        if full is not None and full.can_run(batch) is None:
-            row["full_graph_ms"], out = time_step(runner, full.run, batch, args.repeat)
-            row["full_max_abs_err"] = (out.float() - eager_out.float()).abs().max().item()
-        if piecewise is not None and piecewise.can_run(batch) is None:
-            row["piecewise_ms"], _ = time_step(runner, piecewise.run, batch, args.repeat)
-        results["rows"].append(row)
+        results["rows"].append(measure_row(runner, b, c, per_token, bandwidth, args.repeat))
     reports = [r for r in (runner.full_decode, runner.piecewise) if r is not None]
     graph_gib = {r.name: r.report().graph_memory_gib for r in reports}
     results.update(tensor_parallel_results(tp, runner, batch_sizes, graph_gib))
@@ -110,10 +104,61 @@ def _run_decode(tp, args: argparse.Namespace) -> int:
     return 0
 
 
+def measure_row(runner, b: int, c: int, per_token: int, bandwidth: float, repeat: int) -> dict:
+    batch = decode_batch(runner, b, c)
+    floor_bytes = decode_floor_bytes(runner.model, b, c, per_token)
+    row = {"batch": b, "context": c, "floor_bytes": floor_bytes}
+    row["floor_ms"] = floor_bytes / bandwidth * 1e3
+    row["eager_ms"], eager_logits = time_step(runner, runner.forward_eager, batch, repeat)
+    row["launches_per_step"] = count_launches(
+        runner, lambda: decode_step(runner.forward_eager, runner, batch)
+    )
+    full, piecewise = runner.full_decode, runner.piecewise
+    if full is not None and full.can_run(batch) is None:
+        row["full_graph_ms"], logits = time_step(runner, full.run, batch, repeat)
+        row["full_max_abs_err"] = (logits - eager_logits).abs().max().item()
+        row["full_gbs"] = floor_bytes / row["full_graph_ms"] / 1e6
+    if piecewise is not None and piecewise.can_run(batch) is None:
+        row["piecewise_ms"], _ = time_step(runner, piecewise.run, batch, repeat)
+    return row
+
+
+def decode_floor_bytes(model, batch_size: int, context: int, kv_bytes_per_token: int) -> int:
+    """Bytes one decode step reads at least: every weight once (the LM head too), the embedding
+    rows the batch gathers (an untied table is not streamed; a tied one is, as the LM head),
+    and the K/V of `context` tokens per row."""
+    embedding = model.model.embed_tokens.weight
+    row_bytes = embedding.shape[1] * embedding.element_size()
+    weights = weight_nbytes(model)  # parameters() lists a tied table once
+    if model.lm_head.weight is not embedding:
+        weights -= embedding.numel() * embedding.element_size()
+    gathered = min(batch_size, embedding.shape[0]) * row_bytes
+    return weights + gathered + batch_size * context * kv_bytes_per_token
+
+
 def kv_bytes_per_token(config) -> int:
     mc = config.model_config
     itemsize = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
     return 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * itemsize
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a device-to-device copy (bytes read plus written); 64 MiB on CPU."""
+    if device.type == "cuda":
+        from tesela.bench import copy_bandwidth as cuda_copy_bandwidth
+
+        return cuda_copy_bandwidth(device)
+    src = torch.randint(0, 255, (2**26,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    return 2 * src.numel() * 5 / (time.perf_counter() - start)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def decode_batch(runner, batch_size: int, context: int) -> ForwardBatch:
@@ -136,17 +181,61 @@ def decode_batch(runner, batch_size: int, context: int) -> ForwardBatch:
     )
 
 
+@torch.inference_mode()
+def decode_step(fn, runner, batch: ForwardBatch) -> tuple[torch.Tensor, list[int]]:
+    """What the engine does per decode step: forward, logits, greedy tokens back on the host."""
+    hidden_states = fn(batch)
+    logits = runner.compute_logits(hidden_states[batch.logits_indices])
+    return logits, logits.argmax(dim=-1).tolist()
+
+
 def time_step(runner, fn, batch: ForwardBatch, repeat: int) -> tuple[float, torch.Tensor]:
+    """Host-visible median ms of a decode step through sampling; and its logits."""
     for _ in range(5):
-        out = fn(batch)
+        decode_step(fn, runner, batch)
     sync(runner.device)
     samples = []
     for _ in range(repeat):
         start = time.perf_counter()
-        out = fn(batch)
+        logits, _ = decode_step(fn, runner, batch)
         sync(runner.device)
         samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples), out.clone()
+    return statistics.median(samples), logits.clone()
+
+
+def count_launches(runner, fn) -> int | None:
+    """GPU kernels `fn` launches (torch.profiler's device events); None on CPU."""
+    if runner.device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # compile and autotune outside the profile
+    sync(runner.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(runner.device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len([e for e in kernels if not e.name.startswith(("Memcpy", "Memset"))])
+
+
+@torch.inference_mode()
+def launches_per_layer(runner) -> int | None:
+    """Kernels one decoder layer launches in a batch-1 decode step (a middle layer, with the
+    residual stream, as in the graph)."""
+    from tesela.core.forward_context import forward_context
+
+    model = runner.model.model
+    batch = decode_batch(runner, 1, 16)
+    layer = model.layers[min(1, len(model.layers) - 1)]
+    hidden = model.embed_tokens(batch.input_ids)
+    residual = hidden.clone()
+    plan = runner.planner.plan(batch)
+
+    def run_layer():
+        with forward_context(batch, plan, runner.attn_backend):
+            layer(batch.positions, hidden, residual)
+
+    return count_launches(runner, run_layer)
 
 
 def write_outputs_decode(results: dict, output_dir: Path) -> None:
@@ -168,20 +257,26 @@ def write_outputs_decode(results: dict, output_dir: Path) -> None:
 
 
 def format_decode_table(results: dict) -> str:
+    launches = results["launches_per_layer"]
     lines = [
-        f"decode step {results['model']} ({results['dtype']}, attention "
-        f"{results['attention_backend']}) on {results['device']}, copy "
-        f"{results['copy_bandwidth_gbs']:.0f} GB/s: median ms",
-        "| batch | context | eager | piecewise | full graph | HBM floor | full/floor | full err |",
-        "|---|---|---|---|---|---|---|---|",
+        f"decode step through logits + greedy sampling, {results['model']} ({results['dtype']}, "
+        f"attention {results['attention_backend']}) on {results['device']}, copy "
+        f"{results['copy_bandwidth_gbs']:.0f} GB/s, launches per layer "
+        f"{'n/a' if launches is None else launches}: median ms",
+        "| batch | context | eager | piecewise | full graph | HBM floor | full/floor | full GB/s "
+        "| launches/step | logits err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     nan = float("nan")
     for row in results["rows"]:
         full = row.get("full_graph_ms", nan)
+        launches = row["launches_per_step"]
         lines.append(
             f"| {row['batch']} | {row['context']} | {row['eager_ms']:.3f} | "
             f"{row.get('piecewise_ms', nan):.3f} | {full:.3f} | {row['floor_ms']:.3f} | "
-            f"{full / row['floor_ms']:.2f} | {row.get('full_max_abs_err', nan):.1e} |"
+            f"{full / row['floor_ms']:.2f} | {row.get('full_gbs', nan):.0f} | "
+            f"{'n/a' if launches is None else launches} | "
+            f"{row.get('full_max_abs_err', nan):.1e} |"
         )
     if results["skipped"]:
         lines.append(f"skipped (KV over budget): {results['skipped']}")

@@ -46,6 +46,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-capture-tokens", type=int, default=None)
     parser.add_argument("--disable-cuda-graph", action="store_true")
     parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="share the KV of repeated prompt prefixes across requests (default: on)",
+    )
+    parser.add_argument(
         "--verify-graphs",
         action="store_true",
         help="compare every captured size with eager at startup",
@@ -87,6 +93,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_capture_tokens=args.max_capture_tokens,
         disable_cuda_graph=args.disable_cuda_graph,
         verify_graphs=args.verify_graphs,
+        enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
         distributed_timeout_s=args.distributed_timeout,
     )
@@ -158,9 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     prefill.set_defaults(func=run_prefill)
     from tesela.bench_decode import add_decode_arguments, run_decode
 
-    decode = bench_sub.add_parser("decode", help="decode step latency: eager, graphs, floor")
+    decode = bench_sub.add_parser(
+        "decode", help="decode step through sampling: eager, graphs, HBM floor"
+    )
     add_decode_arguments(decode)
     decode.set_defaults(func=run_decode)
+    from tesela.bench_latency import add_latency_arguments, run_latency
+
+    latency = bench_sub.add_parser("latency", help="offline generate: tokens/s per batch size")
+    add_latency_arguments(latency)
+    latency.set_defaults(func=run_latency)
     from tesela.bench_serve import add_bench_serve_arguments, run_bench_serve
 
     serve_bench = bench_sub.add_parser("serve", help="serving over HTTP: throughput, TTFT, ITL")

@@ -72,3 +72,33 @@ def test_silu_and_mul(dtype):
     torch.testing.assert_close(
         fused.silu_and_mul(gate_up), expected, rtol=tolerance, atol=tolerance
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_rope_matches_norm_then_rotary(dtype, qk_norm):
+    """One launch for q/k norm + rotary equals the two separate steps it replaces."""
+    torch.manual_seed(4)
+    heads, kv_heads, dim, tokens = 4, 2, 32, 6
+    rotary = RotaryEmbedding(dim, 256, 10000.0, RopeScaling())
+    rotary.init_cache("cpu")
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype) * 3
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    positions = torch.tensor([0, 1, 7, 100, 255, 3])
+    weights = None
+    if qk_norm:
+        q_norm, k_norm = RMSNorm(dim, 1e-6).to(dtype), RMSNorm(dim, 1e-6).to(dtype)
+        q_norm.weight.data.uniform_(0.5, 1.5)
+        k_norm.weight.data.uniform_(0.5, 1.5)
+        q, k = fused.rms_norm(q, q_norm.weight, 1e-6)[0], fused.rms_norm(k, k_norm.weight, 1e-6)[0]
+        weights = (q_norm.weight, k_norm.weight)
+    expected_q, expected_k = rotary(positions, q, k)
+    got_q, got_k = fused.qk_norm_rope(
+        qkv, positions, rotary.cos_sin_cache, heads, kv_heads, weights, 1e-6
+    )
+    assert got_q.shape == expected_q.shape and got_k.shape == expected_k.shape
+    # The norm sums its two halves separately: one rounding step of the dtype at most.
+    tolerance = 1e-5 if dtype is torch.float32 else 2e-3
+    torch.testing.assert_close(got_q, expected_q, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got_k, expected_k, rtol=tolerance, atol=tolerance)

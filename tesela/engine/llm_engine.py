@@ -30,6 +30,7 @@ from tesela.core.forward_batch import BatchInputs, ForwardMode
 from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.distributed.sharding import check_tp_shapes
 from tesela.engine.block_manager import BlockManager
+from tesela.engine.detokenizer import IncrementalDetokenizer
 from tesela.engine.request import Request, TokenLogprobs
 from tesela.engine.sampler import Sampler
 from tesela.engine.sampling_params import SamplingParams
@@ -52,6 +53,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     finished: bool = False
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
@@ -91,6 +93,7 @@ def make_engine_config(
     max_capture_tokens: int | None = None,
     disable_cuda_graph: bool = False,
     verify_graphs: bool = False,
+    enable_prefix_caching: bool = True,
     tensor_parallel_size: int = 1,
     distributed_timeout_s: float = 120.0,
 ) -> tuple[EngineConfig, str | None]:
@@ -141,7 +144,7 @@ def make_engine_config(
         load_format=load_format,
         seed=seed,
         attention_backend=attention_backend,
-        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens),
+        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens, enable_prefix_caching),
         scheduler=scheduler,
         graph=graph,
         parallel=ParallelConfig(tensor_parallel_size, distributed_timeout_s),
@@ -192,12 +195,16 @@ class LLMEngine:
             sorted(set(config.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         )
         self.block_manager = BlockManager(
-            self.runner.num_kv_blocks, config.cache.block_size, RESERVED_BLOCKS
+            self.runner.num_kv_blocks,
+            config.cache.block_size,
+            RESERVED_BLOCKS,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.runner.device, config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -206,7 +213,12 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> str:
+        """Queue a request. Requests share cached prefixes only when their `cache_salt` and
+        `lora_id` (the adapter, or any namespace) are equal."""
         params = params or SamplingParams()
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
@@ -217,9 +229,22 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
+        request = Request(
+            request_id,
+            token_ids,
+            params,
+            eos_token_ids=self.eos_token_ids,
+            lora_id=lora_id,
+            cache_salt=cache_salt,
+        )
         self.scheduler.add(request)
         self.requests[request_id] = request
+        self.detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -227,6 +252,7 @@ class LLMEngine:
         if request is not None:
             self.sampler.forget(request_id)
             self.requests.pop(request_id, None)
+            self.detokenizers.pop(request_id, None)
         return request is not None
 
     def has_unfinished(self) -> bool:
@@ -243,12 +269,15 @@ class LLMEngine:
             self.scheduler.update(scheduled, sampled)
             updated = [r for r, t in zip(scheduled.requests, sampled, strict=True) if t is not None]
         for request in updated:
-            if not request.is_finished:
-                self._check_stop_strings(request)
+            self._detokenize(request)
         outputs = {r.request_id: self._output(r, new_tokens=1) for r in updated}
         for request in self.scheduler.pop_finished():
             self.sampler.forget(request.request_id)
             self.requests.pop(request.request_id, None)
+            detokenizer = self.detokenizers.pop(request.request_id, None)
+            if detokenizer is not None:  # emit a held-back incomplete final character
+                detokenizer.flush(request.output_token_ids)
+                request.output_text = detokenizer.text
             new = 1 if request.request_id in outputs else 0
             outputs[request.request_id] = self._output(request, new_tokens=new)
         return list(outputs.values())
@@ -293,7 +322,7 @@ class LLMEngine:
         )
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
-        text = request.output_text or self.tokenizer.decode(request.output_token_ids)
+        text = request.output_text
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -303,19 +332,16 @@ class LLMEngine:
             logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
             finished=request.is_finished,
             finish_reason=request.finish_reason,
+            num_cached_tokens=request.num_cached_tokens or 0,
         )
 
-    def _check_stop_strings(self, request: Request) -> None:
-        if not request.params.stop:
-            return
-        text = self.tokenizer.decode(request.output_token_ids)
-        for stop in request.params.stop:
-            index = text.find(stop)
-            if index >= 0:
-                keep = index + len(stop) if request.params.include_stop_str_in_output else index
-                request.output_text = text[:keep]
-                self.scheduler.finish(request, "stop")
-                return
+    def _detokenize(self, request: Request) -> None:
+        """Extend the request's text by its new token (O(1)); a stop string finishes it."""
+        detokenizer = self.detokenizers[request.request_id]
+        detokenizer.update(request.output_token_ids)
+        request.output_text = detokenizer.text
+        if detokenizer.stopped_by is not None and not request.is_finished:
+            self.scheduler.finish(request, "stop")
 
     def shutdown(self) -> None:
         """Stop tensor-parallel workers (a no-op for one process); the engine is unusable after."""
@@ -328,6 +354,11 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "kv_blocks_total": bm.num_usable_blocks,
             "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_cached": bm.num_cached_blocks,
+            "prefix_caching": bm.enable_prefix_caching,
+            "prefix_cache_queried_tokens": bm.stats.queried_tokens,
+            "prefix_cache_hit_tokens": bm.stats.hit_tokens,
+            "prefix_cache_hit_rate": bm.stats.hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
             "dispatch": self.runner.dispatcher.stats.as_dict(),
         }

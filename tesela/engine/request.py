@@ -38,6 +38,13 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_preemptions: int = 0
     output_text: str = ""
+    # Prefix caching: requests share cached KV only when these agree (a LoRA adapter changes
+    # the KV; a salt keeps one tenant's prefix out of another's reach).
+    lora_id: str | None = None
+    cache_salt: str | None = None
+    num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
+    block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, memoized
+    num_registered_blocks: int = 0  # leading blocks of block_ids already in the prefix cache
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -50,6 +57,11 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def extra_keys(self) -> tuple:
+        """Everything besides the tokens that changes a block's KV (see block_manager)."""
+        return (self.lora_id, self.cache_salt)
 
     @property
     def is_finished(self) -> bool:

@@ -5,6 +5,12 @@ continues with a chunk), then waiting requests are admitted in arrival order whi
 budget, the row limit and the KV pool allow. When the pool runs dry, the newest running request
 is preempted: its blocks are freed and it is recomputed from scratch later (preemption by
 recompute), so accepted work is never lost.
+
+With prefix caching, a request is admitted with the longest cached prefix of its tokens
+already computed (shared blocks from the block manager), so only the rest counts against the
+token budget; full blocks are registered in the cache after the forward that wrote them
+(`update`). A preempted request drops its references, and its blocks stay cached until the pool
+needs them, so its recompute usually starts from its own prefix.
 """
 
 from __future__ import annotations
@@ -36,7 +42,12 @@ class ScheduledBatch:
         return self.prefix_lens[row] + self.num_new_tokens[row] == request.num_tokens
 
     def is_decode_row(self, row: int) -> bool:
-        return self.prefix_lens[row] >= self.requests[row].num_prompt_tokens
+        # One new token after the prompt. A recompute (after preemption, from a cached prefix
+        # or in chunks) can start past the prompt with several tokens: that is an extend row.
+        return (
+            self.num_new_tokens[row] == 1
+            and self.prefix_lens[row] >= self.requests[row].num_prompt_tokens
+        )
 
 
 class Scheduler:
@@ -116,12 +127,19 @@ class Scheduler:
         return True
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        block_manager = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(request, request.num_computed_tokens + n):
+            # A waiting request holds no blocks (new, or preempted and freed): its cached
+            # prefix is shared, and only the tokens after it count against the budget.
+            cached = block_manager.find_cached_prefix(request)
+            num_cached_tokens = len(cached) * block_manager.block_size
+            n = min(request.num_tokens - num_cached_tokens, budget)
+            if not block_manager.can_allocate(request, num_cached_tokens + n, cached):
                 break
-            self.block_manager.allocate(request, request.num_computed_tokens + n)
+            block_manager.allocate(request, num_cached_tokens + n, cached)
+            block_manager.record_admission(request, num_cached_tokens)
+            request.num_computed_tokens = num_cached_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -146,6 +164,8 @@ class Scheduler:
             if request.is_finished:  # aborted while the step ran
                 continue
             request.num_computed_tokens += batch.num_new_tokens[row]
+            # The forward wrote these tokens' KV: their full blocks may now be shared.
+            self.block_manager.cache_full_blocks(request)
             token = sampled[row]
             if token is None:
                 continue

@@ -118,7 +118,50 @@ def _kernels():
         out = (act * up.to(tl.float32)).to(gate.dtype)
         tl.store(out_ptr + row.to(tl.int64) * n_cols + cols, out, mask=mask)
 
-    return rmsnorm_kernel, rotary_kernel, silu_mul_kernel
+    @triton.jit
+    def qk_norm_rope_kernel(
+        qkv_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr,
+        num_heads, num_kv_heads, stride_token, stride_cache_kind, stride_cache_pos, eps,
+        HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # One program per (token, head) over q's heads then k's: q and k are adjacent in qkv.
+        token, head = tl.program_id(0), tl.program_id(1)
+        is_q = head < num_heads
+        cols = tl.arange(0, BLOCK)
+        mask = cols < HALF
+        base = token.to(tl.int64) * stride_token + head * (2 * HALF)
+        x1 = tl.load(qkv_ptr + base + cols, mask=mask, other=0.0)
+        x2 = tl.load(qkv_ptr + base + HALF + cols, mask=mask, other=0.0)
+        dtype = x1.dtype
+        if HAS_NORM:  # per-head RMSNorm, rounded as RMSNorm rounds (see rmsnorm_kernel)
+            x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+            variance = (tl.sum(x1f * x1f, axis=0) + tl.sum(x2f * x2f, axis=0)) / (2 * HALF)
+            scale = tl.rsqrt(variance + eps)
+            if is_q:
+                w_ptr = q_w_ptr
+            else:
+                w_ptr = k_w_ptr
+            w1 = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + cols, mask=mask, other=0.0).to(tl.float32)
+            x1 = (w1 * (x1f * scale).to(dtype).to(tl.float32)).to(dtype)
+            x2 = (w2 * (x2f * scale).to(dtype).to(tl.float32)).to(dtype)
+        pos = tl.load(pos_ptr + token)
+        cache = cos_sin_ptr + pos.to(tl.int64) * stride_cache_pos + cols
+        cos = tl.load(cache, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        sin = tl.load(cache + stride_cache_kind, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        a1 = (x1.to(tl.float32) * cos).to(dtype).to(tl.float32)
+        b1 = (-x2.to(tl.float32) * sin).to(dtype).to(tl.float32)
+        a2 = (x2.to(tl.float32) * cos).to(dtype).to(tl.float32)
+        b2 = (x1.to(tl.float32) * sin).to(dtype).to(tl.float32)
+        if is_q:
+            out = q_out_ptr + (token.to(tl.int64) * num_heads + head) * (2 * HALF) + cols
+        else:
+            kv_head = head - num_heads
+            out = k_out_ptr + (token.to(tl.int64) * num_kv_heads + kv_head) * (2 * HALF) + cols
+        tl.store(out, (a1 + b1).to(dtype), mask=mask)
+        tl.store(out + HALF, (a2 + b2).to(dtype), mask=mask)
+
+    return rmsnorm_kernel, rotary_kernel, silu_mul_kernel, qk_norm_rope_kernel
 
 
 def _block(n: int) -> int:
@@ -177,6 +220,37 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
         HALF=dim // 2, BLOCK=_block(dim // 2),
     )  # fmt: skip
     return out
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k (Qwen3; skipped when `norm_weights` is None) and neox rotary,
+    in one launch, read from the fused projection qkv = [q | k | v] ([tokens, width], rows may
+    be strided). Returns contiguous q [tokens, heads * head_dim], k [tokens, kv_heads * head_dim]
+    equal to `rms_norm` followed by `rotary` (up to the norm's summation order)."""
+    kernel = _kernels()[3]
+    tokens = qkv.shape[0]
+    head_dim = cos_sin_cache.shape[-1]
+    assert qkv.stride(1) == 1 and qkv.shape[1] >= (num_heads + 2 * num_kv_heads) * head_dim
+    q = torch.empty((tokens, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((tokens, num_kv_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    if tokens == 0:
+        return q, k
+    q_weight, k_weight = norm_weights if norm_weights is not None else (qkv, qkv)
+    kernel[(tokens, num_heads + num_kv_heads)](
+        qkv, q, k, q_weight, k_weight, cos_sin_cache, positions,
+        num_heads, num_kv_heads, qkv.stride(0), cos_sin_cache.stride(0), cos_sin_cache.stride(1),
+        eps,
+        HAS_NORM=norm_weights is not None, HALF=head_dim // 2, BLOCK=_block(head_dim // 2),
+    )  # fmt: skip
+    return q, k
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

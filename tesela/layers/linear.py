@@ -10,16 +10,19 @@
 Weights load per rank straight from a checkpoint tensor *source*: a safetensors slice
 (`safe_open(...).get_slice(name)`) or a tensor. `weight_loader(param, source, shard)` reads
 only the rows or columns this rank holds, so no rank ever materialises the whole model.
+
+On CUDA a decode-sized input (<= 16 tokens) may run the tuned small-M kernel of
+tesela/layers/gemv.py instead of cuBLAS.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tesela.distributed.group import SINGLE, TPGroup
 from tesela.distributed.sharding import Section
+from tesela.layers import gemv
 
 
 def source_shape(source) -> tuple[int, ...]:
@@ -43,7 +46,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return gemv.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(Linear):
@@ -102,8 +105,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce_(F.linear(x, self.weight))
+            return gemv.linear(x, self.weight, self.bias)
+        out = self.tp.all_reduce_(gemv.linear(x, self.weight, None))
         return out if self.bias is None else out + self.bias
 
     def weight_loader(self, param: nn.Parameter, source, shard: str | None, name: str) -> None:

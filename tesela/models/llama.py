@@ -21,7 +21,7 @@ import tesela.attention.op  # noqa: F401  (registers torch.ops.tesela.attention)
 from tesela.config import ModelConfig
 from tesela.distributed.group import SINGLE, TPGroup
 from tesela.distributed.sharding import Section
-from tesela.layers import fused
+from tesela.layers import fused, gemv
 from tesela.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tesela.layers.norm import RMSNorm
 from tesela.layers.rotary import RotaryEmbedding
@@ -64,16 +64,35 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)
+        return self.attend(positions, self.qkv_proj(hidden_states))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention from the qkv projection's output: q/k norm, rotary, attention, o_proj."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if fused.fused_enabled(qkv):  # q/k norm and rotary in one launch
+            q, k = fused.qk_norm_rope(
+                qkv,
+                positions,
+                self.rotary.cos_sin_cache,
+                self.num_heads,
+                self.num_kv_heads,
+                self._norm_weights(),
+                self.q_norm.eps if self.q_norm is not None else 0.0,
+            )
+        else:
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         out = torch.empty_like(q)
         torch.ops.tesela.attention(q, k, v, out, self.layer_id)
         return self.o_proj(out)
+
+    def _norm_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.q_norm is None:
+            return None
+        return self.q_norm.weight, self.k_norm.weight
 
 
 class LlamaMLP(nn.Module):
@@ -89,10 +108,17 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(columns, config.hidden_size, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down_proj(silu(gate) * up), the activation fused with the GEMM where tuned."""
+        if self.down_proj.tp.size == 1:
+            return gemv.silu_linear(gate_up, self.down_proj)
+        # The tuned activation+GEMM kernel reads down_proj's weight itself and would skip the
+        # all-reduce: under tensor parallelism the activation runs first, then down_proj.
         if fused.fused_enabled(gate_up):
             return self.down_proj(fused.silu_and_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -109,17 +135,17 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual stream is carried separately so each add fuses with the norm after it.
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm.add_and_norm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm.add_and_norm(
-            hidden_states, residual
+        # The residual stream is carried separately so each add fuses with the norm after it,
+        # and (in small decode batches, where tuned) the norm with the GEMM after it.
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = gemv.norm_linear(
+            hidden_states, residual, self.input_layernorm, attn.qkv_proj
         )
-        return self.mlp(hidden_states), residual
+        hidden_states = attn.attend(positions, qkv)
+        gate_up, residual = gemv.norm_linear(
+            hidden_states, residual, self.post_attention_layernorm, mlp.gate_up_proj
+        )
+        return mlp.down(gate_up), residual
 
 
 class LlamaModel(nn.Module):

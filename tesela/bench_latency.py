@@ -1,0 +1,108 @@
+"""`tesela bench latency`: end-to-end offline generation, tokens/s per batch size.
+
+Random prompts of `--input-len` tokens, greedy, exactly `--output-len` new tokens each (EOS
+ignored), through `LLM.generate`: scheduling, prefill, every decode step, sampling and
+detokenization, as a user of the offline engine sees them. One warm-up run per batch size
+first (graph capture and Triton compilation stay out of the figure). JSON + table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from tesela.bench import sync, write_outputs
+
+
+def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="qwen3-0.6b")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--batch-sizes", default="1,32,256")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-kv-tokens", type=int, default=None)
+    parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument("--output-dir", default="results")
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    from tesela.engine.llm import LLM
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        max_num_seqs=max(batch_sizes),
+        max_model_len=args.input_len + args.output_len + 16,
+        num_kv_tokens=args.num_kv_tokens,
+        disable_cuda_graph=args.disable_cuda_graph,
+    )
+    config = llm.engine.config
+    results = {
+        "model": args.model,
+        "device": _device_name(llm.engine.runner.device),
+        "dtype": config.dtype,
+        "attention_backend": config.attention_backend,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "decode_graphs": config.graph.decode_graph and config.device != "cpu",
+        "rows": [measure(llm, b, args.input_len, args.output_len) for b in batch_sizes],
+    }
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_outputs(results, output_dir, f"latency-{args.model}", plot=False)
+    print(format_latency_table(results))
+    return 0
+
+
+def measure(llm, batch_size: int, input_len: int, output_len: int) -> dict:
+    from tesela.engine.sampling_params import SamplingParams
+
+    vocab = llm.engine.config.model_config.vocab_size
+    generator = torch.Generator().manual_seed(batch_size)
+    prompts = torch.randint(0, vocab, (batch_size, input_len), generator=generator).tolist()
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    device = llm.engine.runner.device
+    llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    sync(device)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    sync(device)
+    seconds = time.perf_counter() - start
+    if any(len(o.token_ids) != output_len for o in outputs):
+        raise RuntimeError("a request stopped early: the figure would not be comparable")
+    return {
+        "batch": batch_size,
+        "seconds": seconds,
+        "output_tokens_per_s": batch_size * output_len / seconds,
+        "total_tokens_per_s": batch_size * (input_len + output_len) / seconds,
+        "ms_per_step": seconds / output_len * 1e3,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def format_latency_table(results: dict) -> str:
+    lines = [
+        f"offline generate {results['model']} ({results['dtype']}, attention "
+        f"{results['attention_backend']}, decode graphs {'on' if results['decode_graphs'] else 'off'}) "
+        f"on {results['device']}: {results['input_len']} prompt tokens, "
+        f"{results['output_len']} greedy output tokens per request",
+        "| batch | seconds | output tok/s | total tok/s | ms per step |",
+        "|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        lines.append(
+            f"| {row['batch']} | {row['seconds']:.3f} | {row['output_tokens_per_s']:,.0f} | "
+            f"{row['total_tokens_per_s']:,.0f} | {row['ms_per_step']:.2f} |"
+        )
+    return "\n".join(lines)

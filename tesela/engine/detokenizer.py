@@ -1,0 +1,111 @@
+"""Incremental detokenization: each new token's text in O(1), and stop strings found as it grows.
+
+Decoding a request's whole output every step costs O(length) per token, O(length^2) per
+request. Instead each request keeps two offsets into its output ids, as vLLM and SGLang do:
+`read_offset` (everything before it has been emitted as text) and `prefix_offset` (a few
+tokens of already-emitted context before it). Each step decodes only the short window
+ids[prefix_offset:] and emits what it adds beyond ids[prefix_offset:read_offset]. The context
+matters for tokenizers whose decoder treats the first token of a decode specially (SentencePiece
+drops a leading space there): mid-stream that token is never first in the window.
+
+A window whose text ends in U+FFFD is an incomplete UTF-8 sequence (half of an emoji's bytes,
+say): nothing is emitted until the character completes, so emitted text is never taken back and
+the text at the end equals a full decode of the output. A window can only end in an incomplete
+character for a few tokens (a character is at most 4 bytes); past `MAX_PENDING_TOKENS` the
+replacement characters are real (invalid bytes) and are emitted as they are.
+
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+REPLACEMENT_CHAR = "\ufffd"
+MAX_PENDING_TOKENS = 8
+
+
+class Decoder(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """The text of one request's output, extended token by token; cut at a stop string."""
+
+    def __init__(
+        self,
+        tokenizer: Decoder,
+        *,
+        skip_special_tokens: bool = True,
+        stop: tuple[str, ...] = (),
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = stop
+        self.include_stop_str_in_output = include_stop_str_in_output
+        self.text = ""
+        self.stopped_by: str | None = None  # the stop string that ended the text, if any
+        self.num_tokens = 0  # output tokens seen
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self._max_stop_len = max((len(s) for s in stop), default=0)
+
+    def update(self, output_token_ids: list[int]) -> str:
+        """Take the output ids (all of them; only the new ones are read) and return the text
+        they add. After a stop string matched, nothing more is added."""
+        if self.stopped_by is not None:
+            return ""
+        self.num_tokens = len(output_token_ids)
+        new_text = self._advance(output_token_ids, flush=False)
+        return self._append(new_text)
+
+    def flush(self, output_token_ids: list[int]) -> str:
+        """The request finished: emit what was held back (an incomplete final character)."""
+        if self.stopped_by is not None:
+            return ""
+        self.num_tokens = len(output_token_ids)
+        return self._append(self._advance(output_token_ids, flush=True))
+
+    def _advance(self, ids: list[int], flush: bool) -> str:
+        if self.read_offset >= len(ids):
+            return ""
+        prefix_text = self._decode(ids[self.prefix_offset : self.read_offset])
+        window_text = self._decode(ids[self.prefix_offset :])
+        pending = len(ids) - self.read_offset
+        incomplete = window_text.endswith(REPLACEMENT_CHAR) and pending <= MAX_PENDING_TOKENS
+        if len(window_text) <= len(prefix_text) and not flush:
+            return ""  # e.g. only special tokens so far, which decode to nothing
+        if incomplete and not flush:
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        return window_text[len(prefix_text) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _append(self, new_text: str) -> str:
+        if not new_text:
+            return ""
+        start = len(self.text)
+        self.text += new_text
+        if self.stop:
+            self._cut_at_stop(start)
+        return self.text[start:]
+
+    def _cut_at_stop(self, start: int) -> None:
+        # A stop string may span the old text and the new: search from max_len - 1 chars back.
+        search_from = max(0, start - self._max_stop_len + 1)
+        best: tuple[int, str] | None = None
+        for stop in self.stop:
+            index = self.text.find(stop, search_from)
+            if index >= 0 and (best is None or index < best[0]):
+                best = (index, stop)
+        if best is None:
+            return
+        index, stop = best
+        keep = index + len(stop) if self.include_stop_str_in_output else index
+        self.text = self.text[:keep]
+        self.stopped_by = stop

@@ -1,0 +1,180 @@
+"""Fill tesela/layers/gemv_table.json on this GPU: for every small-M call of the given models'
+decode step (each linear layer, and the norm + qkv/gate_up and silu + down pairs) and every M
+bucket, time the unfused path (cuBLAS, plus the separate norm or activation kernel) and each
+candidate Triton config; keep a config only where it is correct (within one bf16 step of the
+unfused path) and faster by `--margin`.
+
+    python -m tesela.gemv_tune --models qwen3-0.6b,llama-3.2-1b
+
+Timing replays a CUDA graph of many calls, as the decode graph runs them, each call on its own
+copy of the weight so that the copies together overflow L2 (in a decode step no weight is in
+L2 when its layer starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tesela.config import ModelConfig
+from tesela.layers import fused, gemv
+from tesela.presets import PRESETS
+
+L2_OVERFLOW_BYTES = 256 * 2**20
+
+
+def tuned_cases(preset: str) -> list[tuple[str, int, int]]:
+    """(prologue, N, K) of each small-M call a decode step of a preset model makes."""
+    mc = ModelConfig.from_hf_dict(PRESETS[preset])
+    h, q, kv, inter = mc.hidden_size, mc.q_size, mc.kv_size, mc.intermediate_size
+    plain = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter), (mc.vocab_size, h)]
+    cases = [("none", n, k) for n, k in plain]
+    cases += [("norm", q + 2 * kv, h), ("norm", 2 * inter, h), ("silu", h, inter)]
+    return cases
+
+
+def candidates(bucket: int) -> list[dict]:
+    """Configs worth timing at this M bucket: the FMA path for 1-2 tokens (no padding of M),
+    tensor cores from 4 up; tiles kept to what the registers hold."""
+    configs = []
+    for block_n in (4, 8, 16):
+        for block_k in (256, 512, 1024):
+            if bucket * block_n * block_k <= 8192:
+                configs.append(dict(block_n=block_n, block_k=block_k, use_dot=False))
+    if bucket >= 4:
+        for block_n in (16, 32, 64):
+            for block_k in (128, 256):
+                configs.append(dict(block_n=block_n, block_k=block_k, use_dot=True))
+    return [dict(c, num_warps=4, num_stages=4) for c in configs]
+
+
+def time_calls(fn, weights: list[torch.Tensor], repeat: int = 5) -> float:
+    """Microseconds per call of fn(weight), replayed from a CUDA graph over all the copies."""
+    for w in weights[:2]:
+        fn(w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(w)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeat):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / len(weights))
+    return sorted(samples)[len(samples) // 2]
+
+
+class Case:
+    """One (prologue, N, K, M) call: its inputs, the unfused path and the Triton kernel."""
+
+    def __init__(self, prologue: str, bucket: int, k: int, dtype: torch.dtype) -> None:
+        self.prologue = prologue
+        width = 2 * k if prologue == "silu" else k
+        self.x = torch.randn(bucket, width, device="cuda", dtype=dtype) * 2
+        self.residual = torch.randn(bucket, k, device="cuda", dtype=dtype)
+        self.norm_weight = torch.rand(k, device="cuda", dtype=dtype) + 0.5
+
+    def unfused(self, weight: torch.Tensor, plain: dict | None) -> torch.Tensor:
+        """What the model runs without this prologue's entry: separate kernel, then the
+        plain choice (cuBLAS or the tuned plain kernel)."""
+        x = self.x
+        if self.prologue == "silu":
+            x = fused.silu_and_mul(x)
+        elif self.prologue == "norm":
+            x = fused.rms_norm(x, self.norm_weight, 1e-6, self.residual)[0]
+        return F.linear(x, weight) if plain is None else gemv.gemv(x, weight, None, plain)
+
+    def triton(self, weight: torch.Tensor, config: dict) -> torch.Tensor:
+        if self.prologue == "silu":
+            return gemv.gemv_silu(self.x, weight, None, config)
+        if self.prologue == "norm":
+            residual, norm_weight = self.residual, self.norm_weight
+            return gemv.gemv_norm(self.x, residual, norm_weight, 1e-6, weight, None, config)[0]
+        return gemv.gemv(self.x, weight, None, config)
+
+
+def tune_case(prologue, n, k, margin, dtype, plain_choices) -> tuple[dict, list[dict]]:
+    """{bucket: config} where Triton wins, and a report row per bucket."""
+    nbytes = n * k * dtype.itemsize
+    copies = max(2, math.ceil(L2_OVERFLOW_BYTES / nbytes))
+    weights = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(copies)]
+    chosen, report = {}, []
+    for bucket in gemv.M_BUCKETS:
+        case = Case(prologue, bucket, k, dtype)
+        plain = plain_choices.get((n, k, bucket)) if prologue != "none" else None
+        reference = case.unfused(weights[0], None).float()
+        baseline_us = time_calls(lambda w, c=case, p=plain: c.unfused(w, p), weights)
+        best = None
+        for config in candidates(bucket):
+            got = case.triton(weights[0], config).float()
+            if not torch.allclose(got, reference, rtol=8e-3, atol=1.5e-2):
+                print(f"  {prologue} {n}x{k} M={bucket} {config}: wrong result, skipped")
+                continue
+            us = time_calls(lambda w, c=case, cfg=config: c.triton(w, cfg), weights)
+            if best is None or us < best[0]:
+                best = (us, config)
+        row = {"prologue": prologue, "n": n, "k": k, "m": bucket, "unfused_us": baseline_us}
+        if best is not None:
+            row.update(triton_us=best[0], config=best[1])
+            if best[0] * (1 + margin) < baseline_us:
+                chosen[str(bucket)] = best[1]
+        row["choice"] = "triton" if str(bucket) in chosen else "unfused"
+        row["weight_gbs"] = nbytes / min(baseline_us, row.get("triton_us", math.inf)) / 1e3
+        report.append(row)
+        print(
+            f"  {prologue} {n}x{k} M={bucket}: unfused {baseline_us:.2f} us, triton "
+            f"{row.get('triton_us', math.nan):.2f} us -> {row['choice']} "
+            f"({row['weight_gbs']:.0f} GB/s)"
+        )
+    del weights
+    torch.cuda.empty_cache()
+    return chosen, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="qwen3-0.6b,llama-3.2-1b")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--margin", type=float, default=0.03, help="Triton must win by this")
+    parser.add_argument("--output", default=str(gemv.TABLE_PATH))
+    parser.add_argument("--report", default=None, help="also write the timings (JSON) here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gemv_tune times kernels on a CUDA GPU: run it on one")
+    dtype = getattr(torch, args.dtype)
+    cases = {case for m in args.models.split(",") for case in tuned_cases(m)}
+    output = Path(args.output)
+    table = json.loads(output.read_text()) if output.is_file() else {}
+    device = torch.cuda.get_device_name()
+    entries = table.setdefault(device, {}).setdefault(args.dtype, {})
+    report, plain_choices = [], {}
+    # Plain shapes first: a prologue's baseline is its separate kernel + the plain choice.
+    for prologue, n, k in sorted(cases, key=lambda c: (c[0] != "none", c)):
+        chosen, rows = tune_case(prologue, n, k, args.margin, dtype, plain_choices)
+        report += rows
+        if prologue == "none":
+            plain_choices.update({(n, k, int(b)): config for b, config in chosen.items()})
+        shapes = entries.setdefault(prologue, {})
+        shapes.pop(f"{n},{k}", None)
+        if chosen:
+            shapes[f"{n},{k}"] = chosen
+    output.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    if args.report:
+        Path(args.report).write_text(json.dumps({"device": device, "rows": report}, indent=1))
+    count = sum(len(b) for shapes in entries.values() for b in shapes.values())
+    print(f"wrote {output}: {count} Triton entries on {device}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""Small-M linear layers (M <= 16 tokens, the decode batch): a weight-streaming Triton kernel,
+used only where a tuning run measured it faster than cuBLAS and the unfused ops.
+
+At batch 1-16 a linear layer is a GEMV: it reads the whole weight once and does almost no math,
+so its time is the weight's bytes over the bandwidth it reaches. Each program of `gemv_kernel`
+streams BLOCK_N full weight rows (all of K, no split-K, so the result is deterministic and each
+output row's sum runs in the same order whatever M is: a row's tokens do not depend on the rest
+of the batch).
+
+The kernel can also do the small op before its GEMM while it loads its input (a "prologue"),
+saving a launch and a round trip of the activation: `silu` (the MLP's silu(gate) * up before
+down_proj) and `norm` (the residual add + RMSNorm before qkv_proj and gate_up_proj). Each
+rounds exactly where the unfused kernels of tesela/layers/fused.py round, so the two agree up
+to the norm's summation order.
+
+Which kernel serves a call is data, not a guess: `gemv_table.json` beside this file maps
+device name -> dtype -> prologue -> "N,K" -> M bucket (1, 2, 4, 8, 16) -> kernel config, and
+holds only the cases where the Triton kernel was correct and beat the unfused path (cuBLAS,
+plus the separate norm or activation kernel) on that device. It is written by
+`python -m tesela.gemv_tune` on the GPU and checked in. Anything not in the table (a
+shape, a device, a dtype, M > 16, CPU, torch.compile) runs the unfused path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tesela.layers import fused
+
+TABLE_PATH = Path(__file__).with_name("gemv_table.json")
+M_BUCKETS = (1, 2, 4, 8, 16)
+MAX_M = M_BUCKETS[-1]
+
+
+def m_bucket(m: int) -> int:
+    return next(b for b in M_BUCKETS if b >= m)
+
+
+PROLOGUES = ("none", "silu", "norm")  # what the kernel does to its input as it loads it
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_kernel(
+        x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, res_out_ptr, norm_w_ptr,
+        M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps,
+        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        ms = tl.arange(0, BLOCK_M)
+        ks = tl.arange(0, BLOCK_K)
+        row_mask, m_mask = rows < N, ms < M
+        w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+        x_ptrs = x_ptr + ms[:, None] * stride_xm + ks[None, :]
+        r_ptrs = res_ptr + ms[:, None] * stride_rm + ks[None, :]
+        if PROLOGUE == 2:  # RMSNorm of (x + residual): its variance first (x is in L2)
+            sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mask = m_mask[:, None] & ((k0 + ks) < K)[None, :]
+                h = tl.load(x_ptrs + k0, mask=mask, other=0.0)
+                if HAS_RESIDUAL:  # residual + x rounded, as rmsnorm_kernel rounds it
+                    r = tl.load(r_ptrs + k0, mask=mask, other=0.0)
+                    h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
+                    out_res = res_out_ptr + ms[:, None] * K + k0 + ks[None, :]
+                    tl.store(out_res, h, mask=mask & (pid == 0))  # one program writes it
+                sq += h.to(tl.float32) * h.to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (k0 + ks) < K
+            x_mask = m_mask[:, None] & k_mask[None, :]
+            w = tl.load(w_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+            if PROLOGUE == 1:  # x = [gate | up]: silu(gate) * up, rounded as silu_mul_kernel
+                up = tl.load(x_ptrs + K + k0, mask=x_mask, other=0.0)
+                gate = x.to(tl.float32)
+                act = (gate / (1.0 + tl.exp(-gate))).to(x.dtype).to(tl.float32)
+                x = (act * up.to(tl.float32)).to(x.dtype)
+            elif PROLOGUE == 2:
+                if HAS_RESIDUAL:
+                    r = tl.load(r_ptrs + k0, mask=x_mask, other=0.0)
+                    x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+                y = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+                norm_w = tl.load(norm_w_ptr + k0 + ks, mask=k_mask, other=0.0)
+                x = (norm_w.to(tl.float32)[None, :] * y).to(x.dtype)
+            if USE_DOT:  # tensor cores (M padded to 16): worth it from a few tokens up
+                acc += tl.dot(x, tl.trans(w))
+            else:
+                prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+                acc += tl.sum(prod, axis=2)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + ms[:, None] * stride_om + rows[None, :]
+        out_mask = m_mask[:, None] & row_mask[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    return gemv_kernel
+
+
+def _launch(x, weight, bias, config, prologue, k, residual=None, norm_weight=None, eps=0.0):
+    m, n = x.shape[0], weight.shape[0]
+    if m > MAX_M or weight.shape[1] != k or x.stride(-1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"gemv serves [<= {MAX_M}, K] @ [N, K]^T row-major, got {x.shape}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    new_residual = (
+        torch.empty((m, k), dtype=x.dtype, device=x.device) if residual is not None else None
+    )
+    if m == 0:
+        return out, new_residual
+    bucket = m_bucket(m)
+    block_m = max(bucket, 16) if config["use_dot"] else bucket
+    grid = (-(-n // config["block_n"]),)
+    _kernel()[grid](
+        x, weight, bias if bias is not None else weight, out,
+        residual if residual is not None else x,
+        new_residual if new_residual is not None else x,
+        norm_weight if norm_weight is not None else weight,
+        m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        residual.stride(0) if residual is not None else 0, eps,
+        PROLOGUE=PROLOGUES.index(prologue), HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None, USE_DOT=config["use_dot"],
+        BLOCK_M=block_m, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+    return out, new_residual
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict):
+    """x [M, K] @ weight[N, K]^T (+ bias) with the Triton kernel and `config` (block_n,
+    block_k, use_dot, num_warps, num_stages)."""
+    return _launch(x, weight, bias, config, "none", x.shape[-1])[0]
+
+
+def gemv_silu(gate_up: torch.Tensor, weight: torch.Tensor, bias, config: dict) -> torch.Tensor:
+    """silu(gate) * up of gate_up = [gate | up] ([M, 2K]), times weight [N, K]^T: the MLP's
+    activation done while the down projection loads its input."""
+    return _launch(gate_up, weight, bias, config, "silu", gate_up.shape[-1] // 2)[0]
+
+
+def gemv_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm(residual + x) @ weight^T, and residual + x (the new residual stream): the
+    residual add and norm done while the projection loads its input."""
+    out, new_residual = _launch(
+        x, weight, bias, config, "norm", x.shape[-1], residual, norm_weight, eps
+    )
+    return out, new_residual if new_residual is not None else x
+
+
+@functools.cache
+def _device_table(device_name: str, dtype: str, path: Path = TABLE_PATH) -> dict:
+    """{(prologue, N, K, bucket): config} for this device and dtype; empty when not tuned."""
+    if not path.is_file():
+        return {}
+    table = json.loads(path.read_text()).get(device_name, {}).get(dtype, {})
+    result = {}
+    for prologue, shapes in table.items():
+        if prologue not in PROLOGUES:
+            raise ValueError(f"{path}: unknown prologue {prologue!r} (expected one of {PROLOGUES})")
+        for shape, buckets in shapes.items():
+            n, k = (int(v) for v in shape.split(","))
+            for bucket, config in buckets.items():
+                result[(prologue, n, k, int(bucket))] = config
+    return result
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def lookup(x: torch.Tensor, weight: torch.Tensor, prologue: str = "none") -> dict | None:
+    """The tuned Triton config for this call, or None for the unfused ops and cuBLAS."""
+    # fused_enabled first: under torch.compile it is False, and a size test before it would
+    # put a guard on the symbolic batch size (a recompile at 16 tokens).
+    if not fused.fused_enabled(x) or x.dim() != 2 or not 0 < x.shape[0] <= MAX_M:
+        return None
+    dtype = str(x.dtype).removeprefix("torch.")
+    table = _device_table(_device_name(x.device.index or 0), dtype)
+    return table.get((prologue, weight.shape[0], weight.shape[1], m_bucket(x.shape[0])))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    config = lookup(x, weight)
+    if config is None:
+        return F.linear(x, weight, bias)
+    return gemv(x, weight, bias, config)
+
+
+def silu_linear(gate_up: torch.Tensor, down_proj) -> torch.Tensor:
+    """down_proj(silu(gate) * up): one kernel where tuned, else the fused activation + GEMM."""
+    config = lookup(gate_up, down_proj.weight, "silu")
+    if config is not None:
+        return gemv_silu(gate_up, down_proj.weight, down_proj.bias, config)
+    if fused.fused_enabled(gate_up):
+        return down_proj(fused.silu_and_mul(gate_up))
+    gate, up = gate_up.chunk(2, dim=-1)
+    return down_proj(F.silu(gate) * up)
+
+
+def norm_linear(
+    x: torch.Tensor, residual: torch.Tensor | None, norm, proj
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(proj(norm(residual + x)), residual + x); with no residual yet, x is the residual.
+    One kernel where tuned, else the fused add + norm and then the GEMM."""
+    config = lookup(x, proj.weight, "norm")
+    if config is not None:
+        return gemv_norm(x, residual, norm.weight, norm.eps, proj.weight, proj.bias, config)
+    if residual is None:
+        return proj(norm(x)), x
+    normed, residual = norm.add_and_norm(x, residual)
+    return proj(normed), residual
