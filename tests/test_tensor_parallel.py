@@ -130,7 +130,7 @@ def tp_jobs(checkpoints, tmp_path_factory) -> list[tuple[str, str]]:
     llama = tmp_path_factory.mktemp("llama_kv1")
     write_llama_one_kv_head(llama)
     qwen2 = str(checkpoints["qwen2"][0])
-    return [("tiny", "eager"), (str(llama), "breakable"), (qwen2, "eager"), (qwen2, "compiled")]
+    return [("tiny", "eager"), (str(llama), "breakable"), (qwen2, "compiled")]
 
 
 def test_tp2_logits_and_greedy_equal_tp1(tp_jobs, tmp_path):
@@ -212,12 +212,12 @@ def test_killing_a_worker_mid_generation_ends_the_engine_with_a_clear_error():
 
 
 def test_a_hung_worker_fails_the_engine_within_the_timeout():
-    llm, worker = start_generating(timeout_s=5)
+    llm, worker = start_generating(timeout_s=3)
     try:
         os.kill(worker.pid, signal.SIGSTOP)
         error, seconds = steps_until_error(llm.engine, limit_s=30)
-        assert seconds < 15
-        assert "hung" in str(error) and "distributed_timeout_s=5" in str(error)
+        assert seconds < 10
+        assert "hung" in str(error) and "distributed_timeout_s=3" in str(error)
     finally:
         worker.kill()
         llm.shutdown()

@@ -6,12 +6,15 @@ Run on a machine with >= 2 GPUs (skipped otherwise):
 - fp32 greedy at TP=2 equals TP=1, with graphs off, with breakable piecewise + FULL decode
   graphs, and with compiled piecewise graphs (the dispatch counters prove the graph paths ran);
 - bf16 at TP=2 against transformers on the same checkpoint (tolerances of
-  tests/gpu/test_reference_gpu.py).
+  tests/gpu/test_reference_gpu.py);
+- killing a worker mid-generation (NCCL, graphs on) fails the engine within 30 s.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
+import time
 
 import pytest
 import torch
@@ -70,3 +73,35 @@ def test_tp2_bf16_matches_transformers(checkpoints, arch):
             top2 = row.topk(2)
             if (top2.values[0] - top2.values[1]).item() > 0.1:
                 assert lp.token_id == top2.indices[0].item()
+
+
+def test_killing_a_worker_ends_the_engine_within_30_s():
+    """NCCL, graphs on: rank 0 would spin in a collective (or a graph replay) waiting for the
+    dead peer; the watchdog must see the exit, abort the communicators and fail the engine."""
+    from tesela.executor.multiproc import WorkerFailedError
+
+    llm = LLM("qwen3-0.6b", tensor_parallel_size=2, num_kv_tokens=8192, capture_sizes=[8, 16])
+    engine = llm.engine
+    engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=100_000, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    outcome: list[BaseException] = []
+
+    def keep_stepping() -> None:
+        try:
+            while True:
+                engine.step()
+        except BaseException as error:  # noqa: BLE001  (the outcome is the assertion below)
+            outcome.append(error)
+
+    stepper = threading.Thread(target=keep_stepping, daemon=True)
+    stepper.start()
+    start = time.monotonic()
+    engine.runner.workers[0].process.kill()
+    stepper.join(timeout=40)
+    try:
+        assert outcome, "the engine is still stepping 40 s after a worker was killed"
+        assert isinstance(outcome[0], WorkerFailedError), outcome[0]
+        assert "rank 1" in str(outcome[0]) and time.monotonic() - start < 30
+    finally:
+        llm.shutdown()
