@@ -1,5 +1,8 @@
 """The Llama family: Llama, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm).
 
+Its decoder layer also serves the mixture-of-experts models (tesela/models/moe.py), whose
+layers take a `SparseMoeBlock` as their MLP.
+
 Ordinary PyTorch with `forward(input_ids, positions) -> hidden_states`; attention goes through
 the `tesela::attention` split op, which reads the batch from the forward context. Parameter
 names follow HF checkpoints except for the fused `qkv_proj` and `gate_up_proj`, which
@@ -23,6 +26,7 @@ from tesela.distributed.group import SINGLE, TPGroup
 from tesela.distributed.sharding import Section
 from tesela.layers import fused, gemv
 from tesela.layers.linear import ColumnParallelLinear, RowParallelLinear
+from tesela.layers.moe.layer import SparseMoeBlock
 from tesela.layers.norm import RMSNorm
 from tesela.layers.rotary import RotaryEmbedding
 from tesela.layers.vocab import ParallelLMHead, VocabParallelEmbedding
@@ -128,7 +132,14 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_id, rotary, tp)
-        self.mlp = LlamaMLP(config, tp)
+        # Mixture-of-experts models (Qwen3-MoE, Mixtral) differ from Llama only here. Under
+        # tensor parallelism the experts are replicated: every rank computes the whole block
+        # from the whole (all-reduced) hidden states, so no collective is needed.
+        self.mlp = (
+            SparseMoeBlock(config.hidden_size, config.moe)
+            if config.is_moe_layer(layer_id)
+            else LlamaMLP(config, tp)
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -142,6 +153,9 @@ class LlamaDecoderLayer(nn.Module):
             hidden_states, residual, self.input_layernorm, attn.qkv_proj
         )
         hidden_states = attn.attend(positions, qkv)
+        if isinstance(mlp, SparseMoeBlock):  # the router and experts both read the normed states
+            normed, residual = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
+            return mlp(normed), residual
         gate_up, residual = gemv.norm_linear(
             hidden_states, residual, self.post_attention_layernorm, mlp.gate_up_proj
         )

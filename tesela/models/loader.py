@@ -121,7 +121,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, object]], fused=
                 _load_one(model, params[name], name, part, shard, ckpt_name)
                 loaded.add(f"{name}:{shard}")
             continue
-        name, shard = _map_name(ckpt_name, stacked)
+        name, shard = _map_name(ckpt_name, stacked, getattr(model, "map_checkpoint_name", None))
         if name not in params:
             if model.config.tie_word_embeddings and ckpt_name == "lm_head.weight":
                 continue
@@ -132,13 +132,16 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, object]], fused=
 
 
 def _load_one(model: nn.Module, param, name: str, source, shard, ckpt_name: str) -> None:
-    """The owning layer reads its rank's part; a replicated parameter is read whole."""
+    """The owning layer reads its rank's part; a replicated parameter is read whole. Layers
+    that only place whole checkpoint tensors (MoE experts: `load_shard`) get them whole."""
     owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     loader = getattr(owner, "weight_loader", None)
     if loader is not None:
         loader(param, source, shard, ckpt_name)
         return
-    assert shard is None, name
+    if shard is not None:
+        owner.load_shard(param, source[:].to(param.device), shard)
+        return
     check_shape(ckpt_name, source, tuple(param.shape))
     param.copy_(source[:])
 
@@ -156,7 +159,12 @@ def _unfuse(model: nn.Module, name: str, tensor: torch.Tensor):
         offset += section.rows
 
 
-def _map_name(ckpt_name: str, stacked: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+def _map_name(ckpt_name: str, stacked: dict[str, tuple[str, str]], model_map=None):
+    """(parameter name, shard or None). A model's own `map_checkpoint_name` (MoE experts) goes
+    first, then the fused-parameter fragments."""
+    mapped = model_map(ckpt_name) if model_map is not None else None
+    if mapped is not None:
+        return mapped
     for fragment, (fused, shard) in stacked.items():
         if f".{fragment}." in ckpt_name:
             return ckpt_name.replace(f".{fragment}.", f".{fused}."), shard
@@ -171,6 +179,13 @@ def _check_complete(model, params, stacked, loaded: set[str]) -> None:
     missing = []
     for name in params:
         if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        owner_name, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        shards_of = getattr(model.get_submodule(owner_name), "checkpoint_shards", None)
+        if shards_of is not None and f"{name}:None" not in loaded:
+            # Stacked expert weights: loaded whole (fused checkpoint) or expert by expert.
+            lost = [s for s in shards_of(leaf) if f"{name}:{s}" not in loaded]
+            missing += [f"{owner_name}.{e}.{kind}_proj" for e, kind in lost]
             continue
         fused = next((f for f in fused_shards if f".{f}." in name), None)
         if fused is None:
