@@ -27,6 +27,7 @@ from tesela.bench import (
 )
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
 from tesela.distributed.launch import run_spmd
+from tesela.distributed.sharding import Section
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
 from tesela.models.step_bytes import decode_step_weight_bytes, record_routed_experts
@@ -63,7 +64,10 @@ def _run_decode(tp, args: argparse.Namespace) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     probe, _ = make_engine_config(args.model, dtype=args.dtype, device=args.device)
-    per_token = kv_bytes_per_token(probe)
+    # This rank's share of the KV cache (KV heads split, or replicated past their count).
+    kv_heads = probe.model_config.num_key_value_heads
+    local_kv_heads = Section(kv_heads).rank_units(tp.rank, tp.size)[1]
+    per_token = kv_bytes_per_token(probe) * local_kv_heads // kv_heads
     budget_gib = args.kv_budget_gib or kv_budget_gib(probe)
     fits = [
         (b, c) for b in batch_sizes for c in contexts if b * c * per_token <= budget_gib * 2**30
