@@ -72,8 +72,8 @@ def run_batches(runner) -> list[torch.Tensor]:
 # replay re-run the recorded ops, all-reduces included, on every rank in the same order.
 GRAPHS = {
     "eager": {},
-    "breakable": dict(prefill_graph="breakable", capture_sizes=[4, 8, 16]),
-    "compiled": dict(prefill_graph="compiled", capture_sizes=[4, 8, 16]),
+    "breakable": dict(piecewise_cudagraph="breakable", capture_sizes=[4, 8, 16]),
+    "compiled": dict(piecewise_cudagraph="compiled", capture_sizes=[4, 8, 16]),
 }
 
 

@@ -24,6 +24,7 @@ from tesela.config import (
     ParallelConfig,
     SchedulerConfig,
     normalize_dtype,
+    read_generation_config,
     resolve_graph_config,
 )
 from tesela.core.forward_batch import BatchInputs, ForwardMode
@@ -32,12 +33,13 @@ from tesela.distributed.sharding import check_tp_shapes
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.detokenizer import IncrementalDetokenizer
 from tesela.engine.request import Request, TokenLogprobs
-from tesela.engine.sampler import Sampler
+from tesela.engine.sampler import Sampler, SamplingHistory
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
+from tesela.engine_args import EngineArgs
 from tesela.executor.model_runner import ModelRunner
 from tesela.models.registry import check_architecture
-from tesela.presets import PRESETS
+from tesela.presets import DEFAULT_MODEL, PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 logger = logging.getLogger("tesela.engine")
@@ -51,6 +53,8 @@ class RequestOutput:
     text: str
     new_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
+    # One entry per prompt token (None for the first, which nothing predicts), if asked.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     finished: bool = False
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -69,87 +73,94 @@ def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
     # Refuse an unknown architecture before the config's other fields are read.
     config_file = path / "config.json"
     if config_file.is_file():
-        check_architecture(json.loads(config_file.read_text()).get("architectures") or [])
+        try:
+            hf = json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise ValueError(
+                f"{config_file} is not valid JSON ({exc}): fix or re-download it"
+            ) from None
+        try:
+            check_architecture(hf.get("architectures") or [] if isinstance(hf, dict) else [])
+        except ValueError as exc:
+            raise ValueError(f"{config_file}: {exc}") from None
     return ModelConfig.from_pretrained(path), str(path)
 
 
 def make_engine_config(
-    model: str,
-    *,
-    load_format: str = "auto",
-    dtype: str = "auto",
-    device: str = "auto",
-    seed: int = 0,
-    attention_backend: str = "auto",
-    block_size: int = 16,
-    gpu_memory_utilization: float = 0.85,
-    num_kv_tokens: int | None = None,
-    max_num_seqs: int = 256,
-    max_num_batched_tokens: int = 2048,
-    max_model_len: int | None = None,
-    prefill_graph: str | None = None,
-    piece_compiler: str = "eager",
-    capture_sizes: list[int] | None = None,
-    max_capture_tokens: int | None = None,
-    disable_cuda_graph: bool = False,
-    verify_graphs: bool = False,
-    enable_prefix_caching: bool = True,
-    tensor_parallel_size: int = 1,
-    distributed_timeout_s: float = 120.0,
+    model: str | EngineArgs = DEFAULT_MODEL, **kwargs
 ) -> tuple[EngineConfig, str | None]:
-    model_config, path = resolve_model(model)
+    """Resolve EngineArgs (or a model and EngineArgs keywords) into a frozen EngineConfig once:
+    the device, the dtype, the graph modes the attention backend can serve."""
+    args = model if isinstance(model, EngineArgs) else EngineArgs.from_kwargs(model, **kwargs)
+    model_config, path = resolve_model(args.model)
     check_tp_shapes(
         num_attention_heads=model_config.num_attention_heads,
         num_key_value_heads=model_config.num_key_value_heads,
         intermediate_size=model_config.intermediate_size,
-        tensor_parallel_size=tensor_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
+    load_format = args.load_format
     if path is None and load_format == "auto":
         load_format = "dummy"  # presets have no weights
+    device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = torch.device(device).type == "cuda"
+    dtype = args.dtype
     if dtype == "auto":
         # bf16 matmuls are slow on most CPUs; the checkpoint's dtype on GPUs.
         dtype = model_config.torch_dtype if on_cuda else "float32"
+    scheduler = _scheduler_config(args, model_config)
+    piecewise = args.piecewise_cudagraph
+    if not on_cuda and piecewise is None:
+        piecewise = "none"  # nothing to capture on CPU unless asked for explicitly
+    graph = resolve_graph_config(
+        piecewise_cudagraph=piecewise,
+        piecewise_compiler=args.piecewise_compiler,
+        capture_sizes=args.capture_sizes,
+        max_capture_tokens=args.max_capture_tokens,
+        disable_cudagraph=args.disable_cudagraph,
+        verify_cudagraphs=args.verify_cudagraphs,
+        scheduler=scheduler,
+    )
+    attention_backend, graph = _resolve_attention(
+        args.attention_backend, device, normalize_dtype(dtype), model_config.head_dim, graph
+    )
+    config = EngineConfig(
+        model=args.model,
+        model_config=model_config,
+        dtype=normalize_dtype(dtype),
+        device=device,
+        load_format=load_format,
+        seed=args.seed,
+        attention_backend=attention_backend,
+        cache=CacheConfig(
+            args.block_size,
+            args.gpu_memory_utilization,
+            args.num_kv_tokens,
+            args.enable_prefix_caching,
+        ),
+        scheduler=scheduler,
+        graph=graph,
+        tokenizer=args.tokenizer,
+        sampling_defaults=read_generation_config(args.generation_config, path),
+        parallel=ParallelConfig(args.tensor_parallel_size, args.distributed_timeout_s),
+    )
+    return config, path
+
+
+def _scheduler_config(args: EngineArgs, model_config: ModelConfig) -> SchedulerConfig:
+    max_model_len = args.max_model_len
     if max_model_len is not None and max_model_len > model_config.max_position_embeddings:
         raise ValueError(
             f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
             f"({model_config.max_position_embeddings}): lower it"
         )
-    scheduler = SchedulerConfig(
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
+    return SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=max_model_len or min(model_config.max_position_embeddings, 8192),
     )
-    if not on_cuda and prefill_graph is None:
-        prefill_graph = "none"  # nothing to capture on CPU unless asked for explicitly
-    graph = resolve_graph_config(
-        prefill_graph=prefill_graph,
-        piece_compiler=piece_compiler,
-        capture_sizes=capture_sizes,
-        max_capture_tokens=max_capture_tokens,
-        disable_cuda_graph=disable_cuda_graph,
-        verify=verify_graphs,
-        scheduler=scheduler,
-    )
-    attention_backend, graph = _resolve_attention(
-        attention_backend, device, normalize_dtype(dtype), model_config.head_dim, graph
-    )
-    config = EngineConfig(
-        model=model,
-        model_config=model_config,
-        dtype=normalize_dtype(dtype),
-        device=device,
-        load_format=load_format,
-        seed=seed,
-        attention_backend=attention_backend,
-        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens, enable_prefix_caching),
-        scheduler=scheduler,
-        graph=graph,
-        parallel=ParallelConfig(tensor_parallel_size, distributed_timeout_s),
-    )
-    return config, path
 
 
 def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, graph):
@@ -161,12 +172,12 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
         dtype=dtype,
         head_dim=head_dim,
         piecewise=graph.piecewise_enabled,
-        full_decode=graph.decode_graph,
+        full_decode=graph.full_decode,
     )
-    if graph.decode_graph and not decision.full_decode:
-        graph = dataclasses.replace(graph, decode_graph=False, decode_batch_sizes=())
+    if graph.full_decode and not decision.full_decode:
+        graph = dataclasses.replace(graph, full_decode=False, decode_batch_sizes=())
     if graph.piecewise_enabled and not decision.piecewise:
-        graph = dataclasses.replace(graph, prefill_graph="none", capture_sizes=())
+        graph = dataclasses.replace(graph, piecewise_cudagraph="none", capture_sizes=())
     return decision.name, graph
 
 
@@ -186,9 +197,10 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.runner = _make_runner(config, model_path)
+        tokenizer_path = config.tokenizer or model_path
         self.tokenizer = tokenizer or (
-            load_tokenizer(model_path, config.model_config.eos_token_ids)
-            if model_path
+            load_tokenizer(tokenizer_path, config.model_config.eos_token_ids)
+            if tokenizer_path
             else ByteTokenizer()
         )
         self.eos_token_ids = tuple(
@@ -229,6 +241,10 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.prompt_logprobs is not None:
+            # Prompt logprobs need every prompt position computed: a salt of its own keeps
+            # this request from starting on a cached prefix.
+            cache_salt = f"prompt-logprobs:{request_id}"
         request = Request(
             request_id,
             token_ids,
@@ -286,8 +302,21 @@ class LLMEngine:
         logits = self.runner.execute(self._batch_inputs(scheduled))
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
+        if len(logits) > len(rows):  # prompt logprobs follow the sampling rows' logits
+            self._record_prompt_logprobs(scheduled, logits[len(rows) :])
+            logits = logits[: len(rows)]
+        histories = None
+        if any(r.params.needs_history for r in requests):
+            histories = [
+                SamplingHistory(
+                    r.prompt_token_ids,
+                    r.output_token_ids,
+                    (() if r.params.ignore_eos else r.eos_token_ids) + r.params.stop_token_ids,
+                )
+                for r in requests
+            ]
         tokens, logprobs = self.sampler(
-            logits, [r.params for r in requests], [r.request_id for r in requests]
+            logits, [r.params for r in requests], [r.request_id for r in requests], histories
         )
         sampled: list[int | None] = [None] * len(scheduled.requests)
         for row, request, token, lp in zip(rows, requests, tokens, logprobs, strict=True):
@@ -295,6 +324,41 @@ class LLMEngine:
             if lp is not None:
                 request.output_logprobs.append(lp)
         return sampled
+
+    @staticmethod
+    def _prompt_logprob_rows(scheduled: ScheduledBatch) -> list[int]:
+        """Rows whose chunk predicts prompt tokens of a request that asked for their logprobs."""
+        return [
+            i
+            for i, (r, p) in enumerate(zip(scheduled.requests, scheduled.prefix_lens, strict=True))
+            if r.params.prompt_logprobs is not None and p < r.num_prompt_tokens - 1
+        ]
+
+    def _record_prompt_logprobs(self, scheduled: ScheduledBatch, logits: torch.Tensor) -> None:
+        """The logits at position i score prompt token i + 1 (positions are keyed, so a chunk
+        recomputed after preemption overwrites rather than duplicates)."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        offset = 0
+        for row in self._prompt_logprob_rows(scheduled):
+            request, start = scheduled.requests[row], scheduled.prefix_lens[row]
+            count = scheduled.num_new_tokens[row]
+            positions = [
+                p for p in range(start, start + count) if p + 1 < request.num_prompt_tokens
+            ]
+            if positions:
+                row_logprobs = logprobs[offset : offset + len(positions)]
+                targets = torch.tensor(
+                    [request.prompt_token_ids[p + 1] for p in positions], device=logits.device
+                )
+                chosen = row_logprobs.gather(1, targets[:, None])[:, 0].tolist()
+                k = max(request.params.prompt_logprobs, 1)
+                top_values, top_ids = (t.tolist() for t in row_logprobs.topk(k, dim=-1))
+                n = request.params.prompt_logprobs
+                for j, p in enumerate(positions):
+                    top = dict(zip(top_ids[j][:n], top_values[j][:n], strict=True))
+                    token = request.prompt_token_ids[p + 1]
+                    request.prompt_logprobs[p + 1] = TokenLogprobs(token, chosen[j], top)
+            offset += count
 
     def _batch_inputs(self, scheduled: ScheduledBatch) -> BatchInputs:
         token_ids = [
@@ -319,6 +383,7 @@ class LLMEngine:
             logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
             request_ids=[r.request_id for r in scheduled.requests],
             mode=mode,
+            input_logprob_rows=tuple(self._prompt_logprob_rows(scheduled)),
         )
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
@@ -332,8 +397,16 @@ class LLMEngine:
             logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
             finished=request.is_finished,
             finish_reason=request.finish_reason,
+            prompt_logprobs=self._prompt_logprob_list(request),
             num_cached_tokens=request.num_cached_tokens or 0,
         )
+
+    @staticmethod
+    def _prompt_logprob_list(request: Request) -> list[TokenLogprobs | None] | None:
+        if request.params.prompt_logprobs is None:
+            return None
+        positions = range(1, request.num_prompt_tokens)
+        return [None, *(request.prompt_logprobs.get(p) for p in positions)]
 
     def _detokenize(self, request: Request) -> None:
         """Extend the request's text by its new token (O(1)); a stop string finishes it."""

@@ -38,6 +38,8 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_preemptions: int = 0
     output_text: str = ""
+    # Prompt position i -> logprob of prompt token i (i >= 1), when prompt_logprobs is asked.
+    prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
     # Prefix caching: requests share cached KV only when these agree (a LoRA adapter changes
     # the KV; a salt keeps one tenant's prefix out of another's reach).
     lora_id: str | None = None

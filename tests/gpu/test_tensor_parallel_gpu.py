@@ -27,9 +27,9 @@ pytestmark = pytest.mark.skipif(
 
 PROMPTS = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 250, 13], [300, 301, 12, 77, 54, 23, 9, 81, 44, 6, 1]]
 GRAPH_MODES = {
-    "off": dict(disable_cuda_graph=True),
-    "breakable": dict(prefill_graph="breakable", capture_sizes=[4, 8, 16, 32]),
-    "compiled": dict(prefill_graph="compiled", capture_sizes=[4, 8, 16, 32]),
+    "off": dict(disable_cudagraph=True),
+    "breakable": dict(piecewise_cudagraph="breakable", capture_sizes=[4, 8, 16, 32]),
+    "compiled": dict(piecewise_cudagraph="compiled", capture_sizes=[4, 8, 16, 32]),
 }
 
 
