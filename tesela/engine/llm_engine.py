@@ -27,7 +27,7 @@ from tesela.config import (
     read_generation_config,
     resolve_graph_config,
 )
-from tesela.core.forward_batch import BatchInputs, ForwardMode
+from tesela.core.forward_batch import BatchInputs
 from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.distributed.sharding import check_tp_shapes
 from tesela.engine.block_manager import BlockManager
@@ -181,6 +181,26 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
     return decision.name, graph
 
 
+def fit_max_model_len(config: EngineConfig, block_manager: BlockManager) -> EngineConfig:
+    """A max_model_len the KV pool cannot hold is lowered to what it holds, with a warning
+    naming both numbers (the pool is sized after the model loads, so this is the first place
+    both are known). One request of max_model_len tokens then always fits the pool alone."""
+    capacity = block_manager.num_usable_blocks * block_manager.block_size
+    max_model_len = config.scheduler.max_model_len
+    if max_model_len <= capacity:
+        return config
+    logger.warning(
+        "max_model_len %d is more than the KV cache holds (%d tokens): lowering max_model_len "
+        "to %d. Give the cache more memory (num_kv_tokens, gpu_memory_utilization) to serve "
+        "longer requests.",
+        max_model_len,
+        capacity,
+        capacity,
+    )
+    scheduler = dataclasses.replace(config.scheduler, max_model_len=capacity)
+    return config.replace(scheduler=scheduler)
+
+
 def _make_runner(config: EngineConfig, model_path: str | None):
     """One ModelRunner in this process, or rank 0 of a tensor-parallel group whose other ranks
     run in worker processes (tesela/executor/multiproc.py)."""
@@ -212,6 +232,7 @@ class LLMEngine:
             RESERVED_BLOCKS,
             enable_prefix_caching=config.cache.enable_prefix_caching,
         )
+        self.config = config = fit_max_model_len(config, self.block_manager)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.runner.device, config.seed)
         self._ids = itertools.count()
@@ -367,14 +388,6 @@ class LLMEngine:
                 scheduled.requests, scheduled.prefix_lens, scheduled.num_new_tokens, strict=True
             )
         ]
-        decode_rows = [scheduled.is_decode_row(i) for i in range(len(scheduled.requests))]
-        mode = (
-            ForwardMode.DECODE
-            if all(decode_rows)
-            else ForwardMode.MIXED
-            if any(decode_rows)
-            else ForwardMode.EXTEND
-        )
         return BatchInputs(
             token_ids=token_ids,
             prefix_lens=list(scheduled.prefix_lens),
@@ -382,9 +395,8 @@ class LLMEngine:
             block_size=self.config.cache.block_size,
             logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
             request_ids=[r.request_id for r in scheduled.requests],
-            mode=mode,
             input_logprob_rows=tuple(self._prompt_logprob_rows(scheduled)),
-        )
+        )  # the mode comes from the rows (a recompute chunk past the prompt is not decode)
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
         text = request.output_text
