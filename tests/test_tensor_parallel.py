@@ -184,7 +184,7 @@ def test_engine_tp2_greedy_and_logprobs_equal_tp1(checkpoints):
 def start_generating(timeout_s: float):
     llm = LLM("tiny", device="cpu", tensor_parallel_size=2, distributed_timeout_s=timeout_s)
     engine = llm.engine
-    engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=10_000, ignore_eos=True))
+    engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=1000, ignore_eos=True))
     for _ in range(3):
         engine.step()
     return llm, engine.runner.workers[0].process

@@ -238,7 +238,9 @@ class TensorParallelRunner:
             return exc
         deadline = time.monotonic() + EXIT_GRACE_S
         while self._failure is None and time.monotonic() < deadline:
-            if not any(w.process.is_alive() for w in self.workers):
+            dead = [w for w in self.workers if not w.process.is_alive()]
+            if dead:  # name it here: the watchdog may not have woken yet
+                self._failure = self._describe(dead[0])
                 break
             time.sleep(0.05)
         if self._failure is not None:
