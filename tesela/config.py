@@ -427,6 +427,17 @@ class GraphConfig:
     def piecewise_enabled(self) -> bool:
         return self.piecewise_cudagraph != "none" and bool(self.capture_sizes)
 
+    def capture_plan(self) -> tuple:
+        """What is captured, in capture order (largest first): equal on every TP rank."""
+        return (
+            self.piecewise_cudagraph,
+            self.piecewise_compiler,
+            tuple(reversed(self.capture_sizes)),
+            self.full_decode,
+            tuple(reversed(self.decode_batch_sizes)),
+            self.full_mixed,
+        )
+
 
 def resolve_graph_config(
     *,
@@ -516,6 +527,24 @@ def resolve_lora_config(
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism: one worker process per GPU, every rank running the same batches."""
+
+    tensor_parallel_size: int = 1
+    # A collective, a worker start-up step or a reply that takes longer fails the engine with
+    # a clear error instead of hanging (the bound on detecting a hung worker).
+    distributed_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(
+                f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}"
+            )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine instance runs with."""
 
@@ -533,6 +562,7 @@ class EngineConfig:
     # Request defaults from generation_config.json (SamplingParams field -> value).
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -131,6 +131,12 @@ class EngineArgs:
         "auto (triton on CUDA, torch on CPU) | triton | torch: the LoRA kernels",
         choices=["auto", "triton", "torch"],
     )
+    tensor_parallel_size: int = _option(
+        1, "GPUs to split the model over (one worker process per GPU; gloo ranks on CPU)"
+    )
+    distributed_timeout_s: float = _option(
+        120.0, "seconds a collective or a worker may stall before the engine fails"
+    )
 
     def __post_init__(self) -> None:
         if self.capture_sizes is not None:

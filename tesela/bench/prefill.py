@@ -37,6 +37,7 @@ from tesela.bench.common import (
 from tesela.config import default_capture_sizes
 from tesela.core.forward_batch import ForwardBatch
 from tesela.core.forward_context import forward_context
+from tesela.distributed.launch import all_reduce_latency_us, run_spmd
 from tesela.engine.llm_engine import make_engine_config, resolve_model
 from tesela.executor.graphs import graph_factory_for
 from tesela.executor.model_runner import ModelRunner
@@ -113,6 +114,9 @@ def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-rows", type=int, default=256, help="rows a FULL mixed graph holds (max_num_seqs)"
     )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) to split the model over"
+    )
 
 
 def parse_mixed(text: str) -> tuple[int, int, int] | None:
@@ -130,6 +134,13 @@ def parse_mixed(text: str) -> tuple[int, int, int] | None:
 
 
 def run_prefill(args: argparse.Namespace) -> int:
+    """Every tensor-parallel rank runs the same columns and batches
+    (tesela/distributed/launch.py); rank 0 reports."""
+    device = args.device if args.device != "auto" else default_device()
+    return run_spmd(_run_prefill, args.tensor_parallel_size, device, args)
+
+
+def _run_prefill(tp, args: argparse.Namespace) -> int:
     model_config, _ = resolve_model(args.model)
     counts, notes = fitting_counts(
         int_list(args.num_tokens, "--num-tokens"),
@@ -153,16 +164,54 @@ def run_prefill(args: argparse.Namespace) -> int:
         num_kv_tokens=max(counts) + 64 + mixed_tokens,
         max_num_batched_tokens=max(counts),
         max_num_seqs=args.max_rows,
+        tensor_parallel_size=tp.size,
     )
-    runner = ModelRunner(config, path)
+    runner = ModelRunner(config, path, tp)
     columns, skipped = runnable_columns(requested, runner.device)
     bench = PrefillBench(runner, counts, args.repeat, args.warmup, mixed)
     results = bench.run(columns)
     results["notes"] = notes + skipped
-    suffix = "" if requested == list(COLUMNS) else "-" + "-".join(requested)
-    write_outputs(results, Path(args.output_dir), f"prefill-{args.model}{suffix}")
-    print(format_table(results))
+    graph_gib = {c: b.get("graph_gib") for c, b in results["build"].items()}
+    results.update(tensor_parallel_results(tp, runner, counts, graph_gib))
+    if tp.rank == 0:
+        suffix = "" if requested == list(COLUMNS) else "-" + "-".join(requested)
+        suffix += f"-tp{tp.size}" if tp.size > 1 else ""
+        write_outputs(results, Path(args.output_dir), f"prefill-{args.model}{suffix}")
+        print(format_table(results))
     return 0
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tensor_parallel_results(tp, runner, token_counts: list[int], graph_gib) -> dict:
+    """The all-reduce cost per layer (two per layer: after attention and after the MLP) at each
+    token count, and every rank's graph memory."""
+    if tp.size == 1:
+        return {"tensor_parallel_size": 1}
+    hidden = runner.config.model_config.hidden_size
+    return {
+        "tensor_parallel_size": tp.size,
+        "all_reduce_us_per_layer": {
+            str(n): 2 * all_reduce_latency_us(tp, (n, hidden), runner.dtype, runner.device)
+            for n in token_counts
+        },
+        "graph_gib_per_rank": tp.all_gather_object(graph_gib),
+    }
+
+
+def format_tensor_parallel(results: dict) -> list[str]:
+    if results.get("tensor_parallel_size", 1) == 1:
+        return []
+    per_layer = ", ".join(
+        f"n={n}: {us:.1f}" for n, us in results["all_reduce_us_per_layer"].items()
+    )
+    return [
+        f"tensor parallel size {results['tensor_parallel_size']}; all-reduce us per layer "
+        f"(2 per layer, captured in a CUDA graph on GPUs): {per_layer}",
+        f"graph memory per rank (GiB): {results['graph_gib_per_rank']}",
+    ]
 
 
 def merge_results(paths: list[Path]) -> dict:
@@ -501,6 +550,7 @@ def format_table(results: dict) -> str:
             if c != "eager"
         }
         lines.append("max |logits - eager|: " + ", ".join(f"{c} {v:.2e}" for c, v in worst.items()))
+    lines += format_tensor_parallel(results)
     return "\n".join(lines)
 
 

@@ -30,6 +30,10 @@ class LLM:
         config, path = make_engine_config(args)
         self.engine = LLMEngine(config, path, tokenizer)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (also done at interpreter exit)."""
+        self.engine.shutdown()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -21,14 +21,16 @@ from tesela.config import (
     CacheConfig,
     EngineConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     normalize_dtype,
     read_generation_config,
     resolve_graph_config,
     resolve_lora_config,
 )
-from tesela.core.forward_batch import ForwardBatch
+from tesela.core.forward_batch import BatchInputs
 from tesela.core.kv_cache import RESERVED_BLOCKS
+from tesela.distributed.sharding import check_tp_shapes
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.detokenizer import IncrementalDetokenizer
 from tesela.engine.request import Request, TokenLogprobs
@@ -93,6 +95,18 @@ def make_engine_config(
     the device, the dtype, the graph modes the attention backend can serve."""
     args = model if isinstance(model, EngineArgs) else EngineArgs.from_kwargs(model, **kwargs)
     model_config, path = resolve_model(args.model)
+    check_tp_shapes(
+        num_attention_heads=model_config.num_attention_heads,
+        num_key_value_heads=model_config.num_key_value_heads,
+        intermediate_size=model_config.intermediate_size,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
+    if args.enable_lora and args.tensor_parallel_size > 1:
+        raise ValueError(
+            "LoRA adapters are not sharded over tensor-parallel ranks yet: serve adapters with "
+            "tensor_parallel_size=1, or the base model alone at tensor_parallel_size="
+            f"{args.tensor_parallel_size}"
+        )
     load_format = args.load_format
     if path is None and load_format == "auto":
         load_format = "dummy"  # presets have no weights
@@ -147,6 +161,7 @@ def make_engine_config(
             backend=args.lora_backend,
             on_cuda=on_cuda,
         ),
+        parallel=ParallelConfig(args.tensor_parallel_size, args.distributed_timeout_s),
     )
     return config, path
 
@@ -206,12 +221,22 @@ def fit_max_model_len(config: EngineConfig, block_manager: BlockManager) -> Engi
     return config.replace(scheduler=scheduler)
 
 
+def _make_runner(config: EngineConfig, model_path: str | None):
+    """One ModelRunner in this process, or rank 0 of a tensor-parallel group whose other ranks
+    run in worker processes (tesela/executor/multiproc.py)."""
+    if config.parallel.tensor_parallel_size > 1:
+        from tesela.executor.multiproc import TensorParallelRunner
+
+        return TensorParallelRunner(config, model_path)
+    return ModelRunner(config, model_path)
+
+
 class LLMEngine:
     def __init__(
         self, config: EngineConfig, model_path: str | None, tokenizer: Tokenizer | None = None
     ) -> None:
         self.config = config
-        self.runner = ModelRunner(config, model_path)
+        self.runner = _make_runner(config, model_path)
         tokenizer_path = config.tokenizer or model_path
         self.tokenizer = tokenizer or (
             load_tokenizer(tokenizer_path, config.model_config.eos_token_ids)
@@ -345,8 +370,7 @@ class LLMEngine:
         return list(outputs.values())
 
     def _run(self, scheduled: ScheduledBatch) -> list[int | None]:
-        batch = self._forward_batch(scheduled)
-        logits = self.runner.forward(batch)
+        logits = self.runner.execute(self._batch_inputs(scheduled))
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
         if len(logits) > len(rows):  # prompt logprobs follow the sampling rows' logits
@@ -407,23 +431,22 @@ class LLMEngine:
                     request.prompt_logprobs[p + 1] = TokenLogprobs(token, chosen[j], top)
             offset += count
 
-    def _forward_batch(self, scheduled: ScheduledBatch) -> ForwardBatch:
+    def _batch_inputs(self, scheduled: ScheduledBatch) -> BatchInputs:
         token_ids = [
             r.all_token_ids[p : p + n]
             for r, p, n in zip(
                 scheduled.requests, scheduled.prefix_lens, scheduled.num_new_tokens, strict=True
             )
         ]
-        return ForwardBatch.build(
+        return BatchInputs(
             token_ids=token_ids,
-            prefix_lens=scheduled.prefix_lens,
-            block_tables=[r.block_ids for r in scheduled.requests],
+            prefix_lens=list(scheduled.prefix_lens),
+            block_tables=[list(r.block_ids) for r in scheduled.requests],
             block_size=self.config.cache.block_size,
-            device=self.runner.device,
             logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
             request_ids=[r.request_id for r in scheduled.requests],
             lora_ids=[r.lora_int_id for r in scheduled.requests],
-            input_logprob_rows=self._prompt_logprob_rows(scheduled),
+            input_logprob_rows=tuple(self._prompt_logprob_rows(scheduled)),
         )  # the mode comes from the rows (a recompute chunk past the prompt is not decode)
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
@@ -455,6 +478,10 @@ class LLMEngine:
         request.output_text = detokenizer.text
         if detokenizer.stopped_by is not None and not request.is_finished:
             self.scheduler.finish(request, "stop")
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (a no-op for one process); the engine is unusable after."""
+        self.runner.shutdown()
 
     def stats(self) -> dict:
         bm = self.block_manager

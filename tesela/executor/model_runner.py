@@ -16,8 +16,10 @@ import torch
 from tesela.attention.base import AttentionBackend, AttentionLayout
 from tesela.attention.registry import create_backend
 from tesela.config import EngineConfig
-from tesela.core.forward_batch import ForwardBatch
+from tesela.core.forward_batch import BatchInputs, ForwardBatch
 from tesela.core.kv_cache import RESERVED_BLOCKS, KVCachePool
+from tesela.distributed.group import SINGLE, TPGroup
+from tesela.distributed.sharding import Section
 from tesela.executor import startup
 from tesela.executor.dispatcher import Dispatcher, RunPath
 from tesela.executor.full_decode import FullDecodeRunner
@@ -40,8 +42,11 @@ PROVISIONAL_BLOCKS = RESERVED_BLOCKS + 1
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: str | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, model_path: str | None = None, tp: TPGroup = SINGLE
+    ) -> None:
         self.config = config
+        self.tp = tp
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
         self.startup = startup.Startup(self.device)
@@ -50,6 +55,9 @@ class ModelRunner:
             self._load_weights(model_path)
         self.planner = ForwardPlanner(self.attn_backend, self.lora_manager)
         self.dispatcher = Dispatcher(EagerRunner(self.model, self.planner))
+        # Collectives inside graphs pair up across ranks only if every rank captures the same
+        # sizes in the same order: compare the plans before any capture.
+        tp.check_same(config.graph.capture_plan(), "the CUDA graph capture plan")
         self._capture_piecewise()
         with self.startup.phase(startup.SIZE_KV_POOL):
             self.kv_cache = self._make_pool(self._num_kv_blocks())
@@ -86,10 +94,14 @@ class ModelRunner:
             load_format=config.load_format,
             path=model_path,
             seed=config.seed,
+            tp=self.tp,
         )
+        # This rank's heads: query heads split, KV heads split or replicated (sharding.py).
+        rank, size = self.tp.rank, self.tp.size
+        self.num_kv_heads = Section(mc.num_key_value_heads).rank_units(rank, size)[1]
         self.layout = AttentionLayout(
-            num_heads=mc.num_attention_heads,
-            num_kv_heads=mc.num_key_value_heads,
+            num_heads=mc.num_attention_heads // size,
+            num_kv_heads=self.num_kv_heads,
             head_dim=mc.head_dim,
             scale=mc.head_dim**-0.5,
             dtype=self.dtype,
@@ -128,6 +140,9 @@ class ModelRunner:
             else:
                 runner = BreakablePiecewiseRunner(**collaborators)
             runner.capture()
+            # Each split op runs eagerly between graph pieces, so the collectives in the
+            # pieces pair up across ranks only if the ops and their order match.
+            self.tp.check_same(runner.split_signature(), "the split ops of the piecewise graphs")
             self.dispatcher.add(RunPath.PIECEWISE, runner)
 
     def _capture_full_decode(self) -> None:
@@ -242,7 +257,7 @@ class ModelRunner:
             num_layers=mc.num_hidden_layers,
             num_blocks=num_blocks,
             block_size=self.config.cache.block_size,
-            num_kv_heads=mc.num_key_value_heads,
+            num_kv_heads=self.num_kv_heads,
             head_dim=mc.head_dim,
             dtype=self.dtype,
             device=self.device,
@@ -260,11 +275,12 @@ class ModelRunner:
         per_block = KVCachePool.bytes_per_block(
             num_layers=mc.num_hidden_layers,
             block_size=cache.block_size,
-            num_kv_heads=mc.num_key_value_heads,
+            num_kv_heads=self.num_kv_heads,
             head_dim=mc.head_dim,
             dtype=self.dtype,
         )
-        num_blocks = int(budget // per_block)
+        # Every rank must hold the same blocks: the scheduler hands out one block table.
+        num_blocks = self.tp.min_int(int(budget // per_block))
         if num_blocks <= RESERVED_BLOCKS:
             raise RuntimeError(
                 f"no GPU memory is left for the KV cache ({free / 2**30:.1f} GiB free of "
@@ -279,6 +295,13 @@ class ModelRunner:
         return num_blocks
 
     # ---- running ----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Nothing to stop: one process (TensorParallelRunner stops its workers here)."""
+
+    def execute(self, inputs: BatchInputs) -> torch.Tensor:
+        """Build the batch on this device and run it (the engine's entry point)."""
+        return self.forward(inputs.build(self.device))
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -440,6 +440,17 @@ class CompiledPiecewiseRunner(PiecewiseRunner):
             self._forward(batch, plan, size)
         self._report.segments_per_size = len(self.pieces.pieces)
 
+    def split_signature(self) -> tuple:
+        """Each split submodule's ops with their constant arguments (e.g. the layer id); one
+        split graph serves every size."""
+        split = self.pieces.split
+        return tuple(
+            (str(node.target), tuple(a for a in node.args if not isinstance(a, fx.Node)))
+            for name in split.split_names
+            for node in split.submodule(name).graph.nodes
+            if node.op == "call_function"
+        )
+
     def _replay(self, batch: ForwardBatch, plan: ForwardPlan, size: int) -> torch.Tensor:
         # The pieces replay their graphs for `size` themselves; split ops run in between.
         return self._forward(batch, plan, size)
