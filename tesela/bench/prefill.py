@@ -1,4 +1,4 @@
-"""`tesela bench prefill`: one-request prefill latency by graph mode (shared/BENCH.md).
+"""`tesela bench prefill`: one-request prefill latency by graph mode (docs/bench-results.md).
 
 One model is loaded once; every strategy runs over it: eager, torch.compile (default and
 reduce-overhead), piecewise breakable, piecewise compiled (eager and inductor pieces), FULL mixed
