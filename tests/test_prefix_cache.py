@@ -270,3 +270,29 @@ def test_two_requests_computing_the_same_prefix_in_one_step_register_it_once():
     assert bm.num_evictable_blocks == bm.num_cached_blocks == 3  # + first's decode block
     assert bm.num_free_blocks == bm.num_usable_blocks
     bm.check_invariants([])
+
+
+def test_a_request_with_a_cached_prefix_gets_its_first_token_in_the_next_step_while_others_decode():
+    """The serving case of the shared-prefix benchmark: 31 requests are decoding when one more
+    arrives whose long system prompt is cached. It joins the very next step (a mixed batch: no
+    prefill-only step, no wait for the decodes) with only its uncached tokens, and samples."""
+    bm = BlockManager(num_blocks=2048, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=256), bm)
+    kv = SymbolicKV(bm)
+    system = list(range(3, 203))  # 200 tokens: 50 full blocks
+    decoding = [make(system + [1, i], f"d{i}", max_tokens=50) for i in range(31)]
+    for request in decoding:
+        scheduler.add(request)
+    while any(not r.output_token_ids for r in decoding):  # prefill them all
+        step(scheduler, kv, 9)
+    arrival = make(system + [2] * 13, "new", max_tokens=4)
+    scheduler.add(arrival)
+    batch = scheduler.schedule()
+    assert arrival in batch.requests
+    row = batch.requests.index(arrival)
+    assert batch.prefix_lens[row] == 200 and batch.num_new_tokens[row] == 13
+    assert batch.samples(row)
+    assert sum(batch.is_decode_row(i) for i in range(len(batch.requests))) == 31
+    kv.forward(batch)
+    scheduler.update(batch, [9] * len(batch.requests))
+    assert arrival.output_token_ids == [9]
