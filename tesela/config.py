@@ -312,6 +312,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     graph: GraphConfig = field(default_factory=lambda: GraphConfig(prefill_graph="none"))
+    # Launch step N+1 before reading step N's tokens (tesela/engine/llm_engine.py).
+    overlap_schedule: bool = False
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -1,8 +1,9 @@
-"""Per-request seeds: a seeded row's draws depend on its seed alone, never on the other rows.
+"""Per-request seeds: a seeded row's draws depend on its seed and token index alone, never on
+the other rows.
 
-The sampler draws each row's exponential-race noise from that row's own generator; a sampler
-that shared one generator across rows (or drew from another row's) would make a seeded request
-depend on what it was batched with.
+The sampler keys each row's noise by (its seed, the index of the token it draws); a sampler
+that keyed noise by row position, or mixed rows' keys, would make a seeded request depend on
+what it was batched with.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ def draws(rows: list[tuple[str, SamplingParams]], watch: str) -> list[int]:
     logits = torch.zeros(len(rows), VOCAB)  # flat: every token is the noise's choice
     ids = [rid for rid, _ in rows]
     params = [p for _, p in rows]
-    return [sampler(logits, params, ids)[0][ids.index(watch)] for _ in range(STEPS)]
+    return [
+        sampler(logits, params, ids, [step] * len(rows))[0][ids.index(watch)]
+        for step in range(STEPS)
+    ]
 
 
 def test_seeded_row_draws_do_not_depend_on_the_batch():

@@ -120,7 +120,7 @@ class ForwardBatch:
         padded_tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
 
         def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype, device)
 
         return cls(
             mode=mode,
@@ -137,6 +137,17 @@ class ForwardBatch:
             request_ids=list(request_ids or []),
             return_input_logprobs=return_input_logprobs,
         )
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list on `device` without blocking the host: through pinned memory on CUDA. (A
+    plain `torch.tensor(values, device="cuda")` waits for the GPU's queued work, which would
+    stall the host while an earlier step runs: overlap scheduling builds batches then.)"""
+    device = torch.device(device)
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _infer_mode(extend_lens: list[int], prefix_lens: list[int]) -> ForwardMode:

@@ -3,6 +3,14 @@
 `add_request` validates and queues; `step` schedules one batch, runs it, samples, applies stop
 conditions (tokens, length, stop strings) and returns what changed. The offline `LLM` and the
 server both drive this loop.
+
+Overlap scheduling (`EngineConfig.overlap_schedule`): a step launches batch N+1 before it reads
+batch N's tokens, so the host schedules and builds N+1 while the GPU runs N. The sampled ids
+stay on the device: a decode row of N+1 takes its input id from N's token tensor (a device
+gather), and N's results come back through pinned memory, read one step later. Stops found
+then are exact: the request finishes, its blocks are freed (N+1's writes to them are ordered
+before any later batch's on the stream), and the token N+1 drew for it is dropped. Without
+overlap the same code reads each step back at once.
 """
 
 from __future__ import annotations
@@ -25,15 +33,16 @@ from tesela.config import (
     normalize_dtype,
     resolve_graph_config,
 )
-from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_batch import ForwardBatch, ForwardMode, to_device
 from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.detokenizer import IncrementalDetokenizer
 from tesela.engine.request import Request, TokenLogprobs
-from tesela.engine.sampler import Sampler
+from tesela.engine.sampler import Sampler, read_back
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
 from tesela.executor.model_runner import ModelRunner
+from tesela.executor.sampling import SampleOutput, variant_for
 from tesela.models.registry import check_architecture
 from tesela.presets import PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -90,7 +99,9 @@ def make_engine_config(
     max_capture_tokens: int | None = None,
     disable_cuda_graph: bool = False,
     verify_graphs: bool = False,
+    overlap_schedule: bool | None = None,
 ) -> tuple[EngineConfig, str | None]:
+    """`overlap_schedule`: None means on for CUDA, off on CPU (module docstring)."""
     model_config, path = resolve_model(model)
     if path is None and load_format == "auto":
         load_format = "dummy"  # presets have no weights
@@ -135,6 +146,7 @@ def make_engine_config(
         cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens),
         scheduler=scheduler,
         graph=graph,
+        overlap_schedule=on_cuda if overlap_schedule is None else overlap_schedule,
     )
     return config, path
 
@@ -155,6 +167,44 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
     if graph.piecewise_enabled and not decision.piecewise:
         graph = dataclasses.replace(graph, prefill_graph="none", capture_sizes=())
     return decision.name, graph
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its sampled tokens on the device and their copies on the way to pinned
+    host memory, which `wait` makes readable."""
+
+    scheduled: ScheduledBatch
+    rows: list[int]  # the batch rows that sample, in the order of `sampled`
+    params: list[SamplingParams]
+    sampled: SampleOutput | None
+    host: SampleOutput | None = None
+    event: torch.cuda.Event | None = None
+    index_of: dict[str, int] = field(default_factory=dict)  # request id -> token row
+
+    def start_copy(self) -> None:
+        self.index_of = {
+            self.scheduled.requests[row].request_id: i for i, row in enumerate(self.rows)
+        }
+        if self.sampled is None:
+            return
+        self.host = self.sampled.to_host()
+        if self.sampled.tokens.device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> SampleOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+    def feed(self, input_ids: torch.Tensor, dst: list[int], src: list[int]) -> None:
+        """Write this step's sampled tokens `src` into the next batch's `input_ids[dst]`, on
+        the device: ordered on the stream after the sampling, before the next forward."""
+        device = input_ids.device
+        dst_t = to_device(dst, torch.int64, device)
+        src_t = to_device(src, torch.int64, device)
+        input_ids.index_copy_(0, dst_t, self.sampled.tokens.index_select(0, src_t))
 
 
 class LLMEngine:
@@ -179,6 +229,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._inflight: _InFlight | None = None  # launched, tokens not read yet (overlap)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -218,54 +269,97 @@ class LLMEngine:
         return request is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- the step loop -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Launch the next batch, then read back the previous one (overlap) or this one."""
+        if self._inflight is not None and self._needs_host_tokens():
+            outputs = self._resolve(self._inflight)  # the next batch needs these ids on the host
+            self._inflight = None
+        else:
+            outputs = {}
         scheduled = self.scheduler.schedule()
-        sampled: list[int | None] = []
-        updated: list[Request] = []
-        if scheduled is not None:
-            sampled = self._run(scheduled)
-            self.scheduler.update(scheduled, sampled)
-            updated = [r for r, t in zip(scheduled.requests, sampled, strict=True) if t is not None]
-        for request in updated:
-            self._detokenize(request)
-        outputs = {r.request_id: self._output(r, new_tokens=1) for r in updated}
+        launched = self._launch(scheduled) if scheduled is not None else None
+        if self._inflight is not None:
+            outputs.update(self._resolve(self._inflight))
+        self._inflight = launched
+        if launched is not None and not self.config.overlap_schedule:
+            outputs.update(self._resolve(launched))
+            self._inflight = None
         for request in self.scheduler.pop_finished():
-            self.sampler.forget(request.request_id)
-            self.requests.pop(request.request_id, None)
-            detokenizer = self.detokenizers.pop(request.request_id, None)
-            if detokenizer is not None:  # emit a held-back incomplete final character
-                detokenizer.flush(request.output_token_ids)
-                request.output_text = detokenizer.text
-            new = 1 if request.request_id in outputs else 0
-            outputs[request.request_id] = self._output(request, new_tokens=new)
+            self._retire(request, outputs)
         return list(outputs.values())
 
-    def _run(self, scheduled: ScheduledBatch) -> list[int | None]:
-        batch = self._forward_batch(scheduled)
-        logits = self.runner.forward(batch)
+    def _needs_host_tokens(self) -> bool:
+        """Whether a running request samples with host-side processors that read its tokens."""
+        return any(self.sampler.needs_history(r.params) for r in self.scheduler.running)
+
+    def _launch(self, scheduled: ScheduledBatch) -> _InFlight:
+        """Run the batch and sample on the device; start copying the results to the host."""
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
-        tokens, logprobs = self.sampler(
-            logits, [r.params for r in requests], [r.request_id for r in requests]
-        )
-        sampled: list[int | None] = [None] * len(scheduled.requests)
-        for row, request, token, lp in zip(rows, requests, tokens, logprobs, strict=True):
+        batch = self._forward_batch(scheduled)
+        sampled = None
+        if rows:
+            params = [r.params for r in requests]
+            ids = [r.request_id for r in requests]
+            indices = [r.num_output_tokens for r in requests]
+            vocab = self.config.model_config.vocab_size
+            tensors = self.sampler.tensors(params, ids, indices, vocab)
+            sampled = self.runner.forward_sample(batch, tensors, variant_for(params))
+        else:
+            self.runner.forward(batch)  # prefill chunks only: KV writes, nothing to sample
+        self.scheduler.launched(scheduled)
+        step = _InFlight(scheduled, rows, [r.params for r in requests], sampled)
+        step.start_copy()
+        return step
+
+    def _resolve(self, step: _InFlight) -> dict[str, RequestOutput]:
+        """Read a launched step's tokens, append them, apply stop conditions."""
+        if step.sampled is None:
+            self.scheduler.resolve(step.scheduled, [None] * len(step.scheduled.requests))
+            return {}
+        tokens, logprobs = read_back(step.wait(), step.params)
+        sampled: list[int | None] = [None] * len(step.scheduled.requests)
+        updated: list[Request] = []
+        for row, token, lp in zip(step.rows, tokens, logprobs, strict=True):
             sampled[row] = token
-            if lp is not None:
-                request.output_logprobs.append(lp)
-        return sampled
+            request = step.scheduled.requests[row]
+            if not request.is_finished:  # else: stopped or aborted meanwhile, token dropped
+                updated.append(request)
+                if lp is not None:
+                    request.output_logprobs.append(lp)
+        self.scheduler.resolve(step.scheduled, sampled)
+        for request in updated:
+            self._detokenize(request)
+        return {r.request_id: self._output(r, new_tokens=1) for r in updated}
+
+    def _retire(self, request: Request, outputs: dict[str, RequestOutput]) -> None:
+        self.sampler.forget(request.request_id)
+        self.requests.pop(request.request_id, None)
+        detokenizer = self.detokenizers.pop(request.request_id, None)
+        if detokenizer is not None:  # emit a held-back incomplete final character
+            detokenizer.flush(request.output_token_ids)
+            request.output_text = detokenizer.text
+        new = 1 if request.request_id in outputs else 0
+        outputs[request.request_id] = self._output(request, new_tokens=new)
 
     def _forward_batch(self, scheduled: ScheduledBatch) -> ForwardBatch:
-        token_ids = [
-            r.all_token_ids[p : p + n]
-            for r, p, n in zip(
-                scheduled.requests, scheduled.prefix_lens, scheduled.num_new_tokens, strict=True
-            )
-        ]
+        token_ids, gather_dst, gather_src = [], [], []
+        num_tokens = 0
+        for r, p, n in zip(
+            scheduled.requests, scheduled.prefix_lens, scheduled.num_new_tokens, strict=True
+        ):
+            row = r.all_token_ids[p : p + n]
+            if len(row) < n:  # the last token is in flight: its id comes from the device
+                assert len(row) == n - 1 and self._inflight is not None, "unknown token ids"
+                gather_dst.append(num_tokens + n - 1)
+                gather_src.append(self._inflight.index_of[r.request_id])
+                row.append(0)
+            token_ids.append(row)
+            num_tokens += n
         decode_rows = [scheduled.is_decode_row(i) for i in range(len(scheduled.requests))]
         mode = (
             ForwardMode.DECODE
@@ -274,7 +368,7 @@ class LLMEngine:
             if any(decode_rows)
             else ForwardMode.EXTEND
         )
-        return ForwardBatch.build(
+        batch = ForwardBatch.build(
             token_ids=token_ids,
             prefix_lens=scheduled.prefix_lens,
             block_tables=[r.block_ids for r in scheduled.requests],
@@ -284,6 +378,9 @@ class LLMEngine:
             request_ids=[r.request_id for r in scheduled.requests],
             mode=mode,
         )
+        if gather_dst:
+            self._inflight.feed(batch.input_ids, gather_dst, gather_src)
+        return batch
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
         text = request.output_text

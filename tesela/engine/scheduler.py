@@ -5,6 +5,13 @@ continues with a chunk), then waiting requests are admitted in arrival order whi
 budget, the row limit and the KV pool allow. When the pool runs dry, the newest running request
 is preempted: its blocks are freed and it is recomputed from scratch later (preemption by
 recompute), so accepted work is never lost.
+
+A step is recorded in two halves, so that the engine can schedule step N+1 before step N's
+tokens are known (overlap scheduling): `launched` when its batch is on the device (computed
+tokens advance, each sampling row gets an in-flight token), `resolve` when its sampled ids are
+on the host (they are appended and stop conditions checked). A request whose in-flight token is
+certainly its last (by length) is not scheduled again; one that stops otherwise may have run
+one more row, whose token `resolve` discards (its blocks were freed when it finished).
 """
 
 from __future__ import annotations
@@ -88,6 +95,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.num_inflight_tokens and request.reaches_length_limit(
+                self.config.max_model_len
+            ):
+                index += 1  # its in-flight token is its last: resolve finishes it
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._reserve(request, n):
                 if request not in self.running:  # it was preempted itself
@@ -118,6 +130,8 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_inflight_tokens:
+                break  # preempted with a token in flight: admit it once the id is known
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.block_manager.can_allocate(request, request.num_computed_tokens + n):
                 break
@@ -140,15 +154,30 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
-        """Record a finished step: computed tokens advance, sampled tokens are appended, and
-        requests that hit a stop condition finish (their blocks are freed)."""
+        """Record a step that ran and was read back at once (no overlap)."""
+        self.launched(batch)
+        self.resolve(batch, sampled)
+
+    def launched(self, batch: ScheduledBatch) -> None:
+        """The batch is on the device: computed tokens advance, and every row that samples
+        has one token in flight."""
         for row, request in enumerate(batch.requests):
-            if request.is_finished:  # aborted while the step ran
+            if request.is_finished:  # aborted before the launch
                 continue
+            samples = batch.samples(row)
             request.num_computed_tokens += batch.num_new_tokens[row]
+            if samples:
+                request.num_inflight_tokens += 1
+
+    def resolve(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
+        """The batch's sampled ids are on the host: append them, and finish the requests that
+        hit a stop condition (their blocks are freed). A request that finished in the meantime
+        (a stop found one step late, an abort) drops its token."""
+        for row, request in enumerate(batch.requests):
             token = sampled[row]
-            if token is None:
+            if token is None or request.is_finished:
                 continue
+            request.num_inflight_tokens -= 1
             request.output_token_ids.append(token)
             reason = request.check_token_stop(self.config.max_model_len)
             if reason is not None:

@@ -27,6 +27,7 @@ from tesela.executor.piecewise.breakable import BreakablePiecewiseRunner
 from tesela.executor.piecewise.compiled import CompiledPiecewiseRunner
 from tesela.executor.piecewise.runner import PiecewiseRunner
 from tesela.executor.planner import CudaGraphPlanner, ForwardPlanner
+from tesela.executor.sampling import SampleOutput, SamplingTensors, SamplingVariant, sample
 from tesela.models.loader import build_model
 
 logger = logging.getLogger("tesela.runner")
@@ -140,6 +141,7 @@ class ModelRunner:
             batch_sizes=tuple(batch_sizes),
             max_blocks_per_seq=max_blocks,
             graphs=self.graph_factory,
+            vocab_size=self.config.model_config.vocab_size,
         )
         runner.capture()
         self.dispatcher.add(RunPath.FULL_DECODE, runner)
@@ -207,6 +209,19 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         hidden_states = self.dispatcher.run(batch)
         return self.compute_logits(hidden_states[batch.logits_indices])
+
+    @torch.inference_mode()
+    def forward_sample(
+        self, batch: ForwardBatch, tensors: SamplingTensors, variant: SamplingVariant
+    ) -> SampleOutput:
+        """Forward, logits and sampling of the batch's `logits_indices` rows, left on the
+        device. A FULL decode batch samples inside its graphs; others sample eagerly with the
+        same function."""
+        path, runner = self.dispatcher.route(batch)
+        if path is RunPath.FULL_DECODE and runner.samples_in_graph:
+            return runner.run_sample(batch, tensors, variant)
+        hidden_states = runner.run(batch)
+        return sample(self.compute_logits(hidden_states[batch.logits_indices]), tensors, variant)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden_states).float()
