@@ -1,0 +1,163 @@
+"""Overlap scheduling on CPU: step N+1 is launched before step N's tokens are read, and the
+tokens, stops, KV blocks and seeded draws are exactly those of the engine without overlap.
+
+The graph engine runs the real Triton backend in Triton's interpreter (CI exports
+TRITON_INTERPRET=1) and FULL decode graphs with sampling inside, captured and replayed with the
+CPU stand-in graphs, so with overlap on a decode row's input id is gathered from the token
+tensor that the previous step's sampling graph wrote. (Piecewise graphs run the same forward
+for extend batches; they are left out here to keep the interpreter's time down.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from tesela import SamplingParams
+from tesela.engine.llm_engine import LLMEngine, make_engine_config
+from tesela.tokenizer import ByteTokenizer
+
+PROMPTS = ["hello there", "a", "the quick brown fox jumps over", "tesela!"]
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=8, temperature=1.0, top_k=40, top_p=0.9, seed=5, ignore_eos=True)
+
+
+def make_engine(overlap: bool, graphs: bool = False, **kwargs) -> LLMEngine:
+    kwargs.setdefault("max_num_batched_tokens", 16)  # prompts arrive in chunks: mixed batches
+    kwargs.setdefault("num_kv_tokens", 2048)
+    config, path = make_engine_config("tiny", overlap_schedule=overlap, **kwargs)
+    if graphs:
+        config = dataclasses.replace(config, attention_backend="triton")
+    engine = LLMEngine(config, path)
+    if graphs:
+        engine.runner.add_full_decode((1, 4), max_model_len=256)
+    return engine
+
+
+def run(engine: LLMEngine, prompts, params, abort_at: dict[int, str] | None = None):
+    """Drive the loop to the end; returns {request id: (final output, streamed new ids)}."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    finals, streamed, step = {}, {i: [] for i in ids}, 0
+    while engine.has_unfinished():
+        for output in engine.step():
+            streamed[output.request_id] += output.new_token_ids
+            if output.finished:
+                finals[output.request_id] = output
+        step += 1
+        if abort_at and step in abort_at:
+            assert engine.abort(abort_at[step])
+    assert engine.block_manager.num_used_blocks == 0  # no KV leaked
+    return [(finals[i], streamed[i]) for i in ids]
+
+
+def tokens(results) -> list[list[int]]:
+    return [final.token_ids for final, _ in results]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return make_engine(overlap=False)
+
+
+@pytest.fixture(scope="module")
+def overlapped():
+    return make_engine(overlap=True)
+
+
+MIXED = [GREEDY, SEEDED, GREEDY, dataclasses.replace(SEEDED, seed=11, top_k=-1)]
+
+
+def test_greedy_and_seeded_tokens_equal_with_overlap_on_and_off(reference, overlapped):
+    expected = tokens(run(reference, PROMPTS, MIXED))
+    assert tokens(run(overlapped, PROMPTS, MIXED)) == expected
+
+
+def test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off(reference):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the graph engine needs TRITON_INTERPRET=1 (set by .ci/run)")
+    prompts, params = ["hi", "a", "xyz"], [GREEDY, SEEDED, dataclasses.replace(GREEDY, logprobs=3)]
+    params = [dataclasses.replace(p, max_tokens=5) for p in params]
+    expected = run(reference, prompts, params)
+    graphs = make_engine(overlap=True, graphs=True)
+    for overlap in (True, False):
+        graphs.config = dataclasses.replace(graphs.config, overlap_schedule=overlap)
+        got = run(graphs, prompts, params)
+        assert tokens(got) == tokens(expected)
+        for (final, _), (want, _) in zip(got[2:], expected[2:], strict=True):
+            for lp, want_lp in zip(final.logprobs, want.logprobs, strict=True):
+                assert lp.top.keys() == want_lp.top.keys()
+                assert lp.logprob == pytest.approx(want_lp.logprob, abs=1e-4)
+    paths = graphs.stats()["dispatch"]["paths"]
+    assert paths["full"] >= 2 * 4  # every decode step of both runs sampled in the graph
+
+
+def test_each_step_is_read_back_one_step_later(reference, overlapped):
+    one = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for engine in (reference, overlapped):
+        engine.add_request("z", one, request_id="late")
+    assert [o.new_token_ids for o in reference.step()] == [[reference.requests["late"].output_token_ids[0]]]
+    assert overlapped.step() == []  # launched; its token is still on the device
+    request = overlapped.requests["late"]
+    assert request.num_inflight_tokens == 1 and request.output_token_ids == []
+    second = overlapped.step()  # launches the next decode step, then reads the first
+    assert request.num_inflight_tokens == 1 and len(request.output_token_ids) == 1
+    assert [o.new_token_ids for o in second] == [request.output_token_ids]
+    for engine in (reference, overlapped):
+        while engine.has_unfinished():
+            engine.step()
+    assert overlapped.block_manager.num_used_blocks == 0
+
+
+def test_stops_are_exact_and_nothing_extra_is_streamed(reference, overlapped):
+    free = tokens(run(reference, PROMPTS, GREEDY))
+    text = ByteTokenizer().decode(free[2])
+    stops = [
+        SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(free[0][2],)),
+        SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop=text[3:5]),
+        SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+    ]
+    expected = run(reference, PROMPTS, stops)
+    got = run(overlapped, PROMPTS, stops)
+    assert tokens(got) == tokens(expected)
+    assert tokens(got)[0] == free[0][:3] and len(tokens(got)[1]) == 3
+    for (final, streamed), (want, _) in zip(got, expected, strict=True):
+        assert streamed == final.token_ids  # no token past the stop reached the user
+        assert (final.text, final.finish_reason) == (want.text, want.finish_reason)
+
+
+def test_preemption_under_overlap_completes_every_request_unchanged(reference):
+    expected = tokens(run(reference, PROMPTS, MIXED))
+    # 10 blocks of 4 tokens: not enough for all requests at once, enough for each alone.
+    small = make_engine(overlap=True, num_kv_tokens=40, block_size=4)
+    assert tokens(run(small, PROMPTS, MIXED)) == expected
+    assert small.scheduler.num_preemptions > 0
+
+
+def test_abort_with_a_token_in_flight_frees_its_blocks(reference, overlapped):
+    expected = tokens(run(reference, PROMPTS, GREEDY))
+    ids = [f"req-{i}" for i in range(len(PROMPTS))]
+    prompts = dict(zip(ids, PROMPTS, strict=True))
+    for request_id in ids:
+        overlapped.add_request(prompts[request_id], GREEDY, request_id=request_id)
+    for _ in range(6):
+        overlapped.step()
+    victim = overlapped.requests["req-1"]
+    at_abort = list(victim.output_token_ids)
+    assert victim.num_inflight_tokens == 1 and overlapped.abort("req-1")
+    finals, victim_outputs = {}, []
+    while overlapped.has_unfinished():
+        for output in overlapped.step():
+            finals[output.request_id] = output.token_ids
+            if output.request_id == "req-1":
+                victim_outputs.append(output)
+    # Its in-flight token was dropped: nothing new reaches the user after the abort.
+    assert all(o.finished and not o.new_token_ids for o in victim_outputs)
+    assert victim.output_token_ids == at_abort
+    assert victim.finish_reason == "abort"
+    for i in (0, 2, 3):
+        assert finals[ids[i]] == expected[i]
+    assert overlapped.block_manager.num_used_blocks == 0
