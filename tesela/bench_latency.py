@@ -27,6 +27,15 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-kv-tokens", type=int, default=None)
     parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument(
+        "--overlap-schedule",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="launch step N+1 before reading step N (auto: on for CUDA)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="> 0: seeded random sampling (top-k 50)"
+    )
     parser.add_argument("--output-dir", default="results")
 
 
@@ -43,6 +52,7 @@ def run_latency(args: argparse.Namespace) -> int:
         max_model_len=args.input_len + args.output_len + 16,
         num_kv_tokens=args.num_kv_tokens,
         disable_cuda_graph=args.disable_cuda_graph,
+        overlap_schedule={"auto": None, "on": True, "off": False}[args.overlap_schedule],
     )
     config = llm.engine.config
     results = {
@@ -53,7 +63,11 @@ def run_latency(args: argparse.Namespace) -> int:
         "input_len": args.input_len,
         "output_len": args.output_len,
         "decode_graphs": config.graph.decode_graph and config.device != "cpu",
-        "rows": [measure(llm, b, args.input_len, args.output_len) for b in batch_sizes],
+        "overlap_schedule": config.overlap_schedule,
+        "temperature": args.temperature,
+        "rows": [
+            measure(llm, b, args.input_len, args.output_len, args.temperature) for b in batch_sizes
+        ],
     }
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -62,13 +76,21 @@ def run_latency(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure(llm, batch_size: int, input_len: int, output_len: int) -> dict:
+def measure(
+    llm, batch_size: int, input_len: int, output_len: int, temperature: float = 0.0
+) -> dict:
     from tesela.engine.sampling_params import SamplingParams
 
     vocab = llm.engine.config.model_config.vocab_size
     generator = torch.Generator().manual_seed(batch_size)
     prompts = torch.randint(0, vocab, (batch_size, input_len), generator=generator).tolist()
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=output_len,
+        temperature=temperature,
+        top_k=50 if temperature > 0 else -1,
+        seed=0 if temperature > 0 else None,
+        ignore_eos=True,
+    )
     device = llm.engine.runner.device
     llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     sync(device)
@@ -94,9 +116,11 @@ def _device_name(device: torch.device) -> str:
 def format_latency_table(results: dict) -> str:
     lines = [
         f"offline generate {results['model']} ({results['dtype']}, attention "
-        f"{results['attention_backend']}, decode graphs {'on' if results['decode_graphs'] else 'off'}) "
+        f"{results['attention_backend']}, decode graphs {'on' if results['decode_graphs'] else 'off'}, "
+        f"overlap {'on' if results.get('overlap_schedule') else 'off'}) "
         f"on {results['device']}: {results['input_len']} prompt tokens, "
-        f"{results['output_len']} greedy output tokens per request",
+        f"{results['output_len']} output tokens per request, temperature "
+        f"{results.get('temperature', 0.0)}",
         "| batch | seconds | output tok/s | total tok/s | ms per step |",
         "|---|---|---|---|---|",
     ]

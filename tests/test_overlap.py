@@ -98,7 +98,9 @@ def test_each_step_is_read_back_one_step_later(reference, overlapped):
     one = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     for engine in (reference, overlapped):
         engine.add_request("z", one, request_id="late")
-    assert [o.new_token_ids for o in reference.step()] == [[reference.requests["late"].output_token_ids[0]]]
+    assert [o.new_token_ids for o in reference.step()] == [
+        [reference.requests["late"].output_token_ids[0]]
+    ]
     assert overlapped.step() == []  # launched; its token is still on the device
     request = overlapped.requests["late"]
     assert request.num_inflight_tokens == 1 and request.output_token_ids == []

@@ -60,9 +60,7 @@ class Request:
     def reaches_length_limit(self, max_model_len: int) -> bool:
         """Whether the tokens sampled so far already end the request by length, so it needs
         no further step (known before an in-flight token's id is)."""
-        return (
-            self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= max_model_len
-        )
+        return self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= max_model_len
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -71,7 +71,7 @@ class SamplingTensors:
         travel through pinned memory without blocking (the GPU may still be busy)."""
         greedy = [p.temperature == 0.0 for p in params]
         values = {
-            "temperature": ([1.0 if g else p.temperature for p, g in zip(params, greedy)], 0),
+            "temperature": ([1.0 if p.temperature == 0.0 else p.temperature for p in params], 0),
             "greedy": (greedy, 1),
             "top_k": ([p.top_k if 0 < p.top_k < vocab else vocab for p in params], 2),
             "top_p": ([p.top_p if p.top_p < 1.0 else 2.0 for p in params], 0),
