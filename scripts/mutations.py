@@ -21,6 +21,9 @@ RUNNER = "tesela/executor/piecewise/runner.py"
 FULL = "tesela/executor/full_decode.py"
 PIECEWISE_TESTS = ["tests/test_piecewise.py"]
 DECODE_TESTS = ["tests/test_dispatcher.py"]
+SAMPLING = "tesela/executor/sampling.py"
+ENGINE = "tesela/engine/llm_engine.py"
+OVERLAP = "tests/test_overlap.py"
 
 # name -> (file, original text, mutated text, tests that must fail)
 MUTATIONS = {
@@ -69,11 +72,47 @@ MUTATIONS = {
         "    n = q.shape[0]\n",
         ["tests/test_piecewise.py::test_padding_is_zeroed_and_never_reaches_the_kv_cache"],
     ),
-    "seeded sampler rows share one generator": (
-        "tesela/engine/sampler.py",
-        "generator=self._generator(p, rid)",
-        "generator=self._generator(params[0], request_ids[0])",
+    "noise keyed by row position instead of the seed": (
+        SAMPLING,
+        "    row_key = hash32(hash32(seed) ^",
+        "    row_key = hash32(hash32(torch.arange(seed.shape[0], device=seed.device)) ^",
         ["tests/test_sampler_seeds.py"],
+    ),
+    "noise ignores the token index": (
+        SAMPLING,
+        "hash32(hash32(seed) ^ _mul32(index & _MASK32, 0x27D4EB2F))",
+        "hash32(hash32(seed))",
+        ["tests/test_sampler_seeds.py"],
+    ),
+    "sampling graph replays with the previous step's parameters": (
+        FULL,
+        "        self.sampling.copy_(tensors)",
+        "        pass",
+        ["tests/test_dispatcher.py::test_sampling_graphs_draw_what_eager_sampling_draws"],
+    ),
+    "a graph's token output read after the next replay": (
+        SAMPLING,
+        "        return t.clone()",
+        "        return t",
+        [OVERLAP + "::test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off"],
+    ),
+    "next batch's decode ids not gathered from the device": (
+        ENGINE,
+        "            self._inflight.feed(batch.input_ids, gather_dst, gather_src)",
+        "            pass",
+        [OVERLAP + "::test_greedy_and_seeded_tokens_equal_with_overlap_on_and_off"],
+    ),
+    "a token drawn after the request finished is kept": (
+        "tesela/engine/scheduler.py",
+        "            if token is None or request.is_finished:",
+        "            if token is None:",
+        [OVERLAP + "::test_abort_with_a_token_in_flight_frees_its_blocks"],
+    ),
+    "a request whose last token is in flight is scheduled again": (
+        "tesela/engine/scheduler.py",
+        "            if request.num_inflight_tokens and request.reaches_length_limit(",
+        "            if False and request.reaches_length_limit(",
+        [OVERLAP + "::test_each_step_is_read_back_one_step_later"],
     ),
 }
 

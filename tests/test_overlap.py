@@ -94,22 +94,29 @@ def test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off(reference):
     assert paths["full"] >= 2 * 4  # every decode step of both runs sampled in the graph
 
 
+def launches(engine: LLMEngine) -> int:
+    return sum(engine.stats()["dispatch"]["paths"].values())
+
+
 def test_each_step_is_read_back_one_step_later(reference, overlapped):
     one = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    before = {id(e): launches(e) for e in (reference, overlapped)}
     for engine in (reference, overlapped):
         engine.add_request("z", one, request_id="late")
-    assert [o.new_token_ids for o in reference.step()] == [
-        [reference.requests["late"].output_token_ids[0]]
-    ]
+    token = reference.step()[0].new_token_ids
+    assert token == reference.requests["late"].output_token_ids
     assert overlapped.step() == []  # launched; its token is still on the device
     request = overlapped.requests["late"]
     assert request.num_inflight_tokens == 1 and request.output_token_ids == []
     second = overlapped.step()  # launches the next decode step, then reads the first
-    assert request.num_inflight_tokens == 1 and len(request.output_token_ids) == 1
-    assert [o.new_token_ids for o in second] == [request.output_token_ids]
+    assert request.num_inflight_tokens == 1 and request.output_token_ids == token
+    assert [o.new_token_ids for o in second] == [token]
     for engine in (reference, overlapped):
         while engine.has_unfinished():
             engine.step()
+    # The step that drew the last token (by length) is not followed by a wasted one.
+    assert launches(overlapped) - before[id(overlapped)] == 3
+    assert launches(reference) - before[id(reference)] == 3
     assert overlapped.block_manager.num_used_blocks == 0
 
 
