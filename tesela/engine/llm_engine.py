@@ -282,9 +282,9 @@ class LLMEngine:
             outputs = {}
         scheduled = self.scheduler.schedule()
         launched = self._launch(scheduled) if scheduled is not None else None
-        if self._inflight is not None:
-            outputs.update(self._resolve(self._inflight))
-        self._inflight = launched
+        previous, self._inflight = self._inflight, launched  # never resolve a step twice
+        if previous is not None:
+            outputs.update(self._resolve(previous))
         if launched is not None and not self.config.overlap_schedule:
             outputs.update(self._resolve(launched))
             self._inflight = None
