@@ -7,7 +7,7 @@
 #     starlette==1.10.0 anyio==4.16.0 idna==3.20 typing_extensions==4.16.0 uvicorn==0.54.0 \
 #     click==8.5.1 h11==0.16.0 httpx==0.28.1 httpcore==1.0.9 certifi==2026.5.20
 # Usage: scripts/gpu_check.sh [steps...]
-#   steps: tests tests-all bench-prefill bench-decode bench-serve generate doctor
+#   steps: tests tests-all bench-prefill bench-decode bench-serve bench-serve-prefix generate doctor
 set -uo pipefail
 OUT=${OUT:-.}
 RES=/tmp/results
@@ -44,6 +44,9 @@ for step in $steps; do
         timeout 300 python3 -m tesela.cli bench serve --model qwen3-0.6b --concurrency 1,8,32 \
           --num-prompts ${SERVE_PROMPTS:-64} $flag --output-dir "$RES/serve-$graphs" 2>&1 | tee "$RES/bench-serve-$graphs.log" | tail -10
       done ;;
+    bench-serve-prefix)  # the prefix cache on and off, one run (tesela/bench_serve_prefix.py)
+      timeout 590 python3 -m tesela.cli bench serve --model qwen3-0.6b --workload shared-prefix --num-prompts 256 \
+        --output-dir "$RES/serve-prefix" 2>&1 | tee "$RES/bench-serve-prefix.log" | tail -12 ;;
     generate) timeout 200 python3 -m tesela.cli -v generate --model qwen3-0.6b --load-format dummy --max-tokens 16 2>&1 | tee "$RES/generate.log" | tail -8 ;;
     doctor) timeout 60 python3 -m tesela.cli doctor 2>&1 | tee "$RES/doctor.log" | tail -40 ;;
   esac

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Mutation check of the graph layer: each mutation must make a CPU test fail.
+"""Mutation check of the graph layer and the prefix cache: each mutation must make a CPU test
+fail.
 
 Applies one textual mutation at a time to a temporary copy of the repository, runs the tests
 that guard it, and prints `mutation -> CAUGHT by <tests>` (or MISSED). Exit status 1 if any
 mutation is missed or no longer applies. Slow (a few minutes on 2 cores): run it by hand,
-`python3 scripts/mutations.py [name ...]`, after changing the runners, the planner or the sampler.
+`python3 scripts/mutations.py [name ...]`, after changing the runners, the planner, the sampler,
+the block manager or the scheduler.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ DECODE_TESTS = ["tests/test_dispatcher.py"]
 SAMPLING = "tesela/executor/sampling.py"
 ENGINE = "tesela/engine/llm_engine.py"
 OVERLAP = "tests/test_overlap.py"
+BLOCKS = "tesela/engine/block_manager.py"
+SCHEDULER = "tesela/engine/scheduler.py"
+CACHE_TESTS = ["tests/test_prefix_cache.py"]
 
 # name -> (file, original text, mutated text, tests that must fail)
 MUTATIONS = {
@@ -113,6 +118,48 @@ MUTATIONS = {
         "            if request.num_inflight_tokens and request.reaches_length_limit(",
         "            if False and request.reaches_length_limit(",
         [OVERLAP + "::test_each_step_is_read_back_one_step_later"],
+    ),
+    "a partial block enters the prefix cache": (
+        BLOCKS,
+        "num_full = min(known // self.block_size",
+        "num_full = min(blocks_for(known, self.block_size)",
+        CACHE_TESTS,
+    ),
+    "the block hash ignores the namespace (LoRA id, cache salt)": (
+        BLOCKS,
+        "    digest.update(repr(extra_keys).encode())\n",
+        "",
+        CACHE_TESTS,
+    ),
+    "an evicted block stays in the hash table": (
+        BLOCKS,
+        "            del self._cached[self._block_hashes[block]]\n",
+        "",
+        CACHE_TESTS,
+    ),
+    "a hit on an evictable block leaves it evictable": (
+        BLOCKS,
+        "                    del self._evictable[block]\n",
+        "                    pass\n",
+        CACHE_TESTS,
+    ),
+    "a fully cached prompt runs no token": (
+        BLOCKS,
+        "(request.num_tokens - 1) // self.block_size",
+        "request.num_tokens // self.block_size",
+        CACHE_TESTS,
+    ),
+    "blocks are never registered after their forward": (
+        SCHEDULER,
+        "shared.\n            self.block_manager.cache_full_blocks(request)\n",
+        "shared.\n",
+        CACHE_TESTS,
+    ),
+    "a multi-token recompute row is labelled decode": (
+        SCHEDULER,
+        "            self.num_new_tokens[row] == 1\n            and ",
+        "            ",
+        ["tests/test_prefix_cache.py", "tests/test_prefix_cache_triton.py"],
     ),
 }
 

@@ -68,6 +68,16 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--request-timeout", type=float, default=600.0)
     parser.add_argument("--output-dir", default="results")
+    parser.add_argument(
+        "--workload",
+        default="random",
+        choices=["random", "shared-prefix"],
+        help="random: the prompt/output length mix below; shared-prefix: system prompts and "
+        "conversation replays, with the prefix cache on and off (tesela/bench_serve_prefix.py)",
+    )
+    from tesela.bench_serve_prefix import add_shared_prefix_arguments
+
+    add_shared_prefix_arguments(parser)
     # --seed (from the engine arguments) also fixes the workload and the arrival times.
 
 
@@ -234,6 +244,10 @@ def summarize(results: list[RequestResult], items: list[WorkItem], duration: flo
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
+    if args.workload == "shared-prefix":
+        from tesela.bench_serve_prefix import run_shared_prefix
+
+        return run_shared_prefix(args, _start_server)
     try:
         input_lens = _int_list(args.input_len, "--input-len")
         output_lens = _int_list(args.output_len, "--output-len")

@@ -46,6 +46,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-capture-tokens", type=int, default=None)
     parser.add_argument("--disable-cuda-graph", action="store_true")
     parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="share the KV of repeated prompt prefixes across requests (default: on)",
+    )
+    parser.add_argument(
         "--verify-graphs",
         action="store_true",
         help="compare every captured size with eager at startup",
@@ -71,6 +77,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_capture_tokens=args.max_capture_tokens,
         disable_cuda_graph=args.disable_cuda_graph,
         verify_graphs=args.verify_graphs,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 

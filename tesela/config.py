@@ -183,6 +183,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85
     # On CPU (and when set on CUDA) the pool holds exactly this many token slots.
     num_kv_tokens: int | None = None
+    # Share the KV of full blocks across requests with the same prefix (block_manager.py).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:

@@ -31,7 +31,11 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> list[RequestOutput]:
+        """Generate for every prompt. Cached prefixes are shared only among requests with the
+        same `cache_salt` and `lora_id` (see `LLMEngine.add_request`)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -41,7 +45,10 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         # Validate every prompt before queueing any, so a bad one leaves nothing half-done.
         token_prompts = [self._tokens(p) for p in prompts]
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(token_prompts, params, strict=True)]
+        ids = [
+            self.engine.add_request(p, sp, cache_salt=cache_salt, lora_id=lora_id)
+            for p, sp in zip(token_prompts, params, strict=True)
+        ]
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
         while self.engine.has_unfinished():

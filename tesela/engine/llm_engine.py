@@ -60,6 +60,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     finished: bool = False
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
@@ -100,6 +101,7 @@ def make_engine_config(
     disable_cuda_graph: bool = False,
     verify_graphs: bool = False,
     overlap_schedule: bool | None = None,
+    enable_prefix_caching: bool = True,
 ) -> tuple[EngineConfig, str | None]:
     """`overlap_schedule`: None means on for CUDA, off on CPU (module docstring)."""
     model_config, path = resolve_model(model)
@@ -143,7 +145,7 @@ def make_engine_config(
         load_format=load_format,
         seed=seed,
         attention_backend=attention_backend,
-        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens),
+        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens, enable_prefix_caching),
         scheduler=scheduler,
         graph=graph,
         overlap_schedule=on_cuda if overlap_schedule is None else overlap_schedule,
@@ -222,7 +224,10 @@ class LLMEngine:
             sorted(set(config.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         )
         self.block_manager = BlockManager(
-            self.runner.num_kv_blocks, config.cache.block_size, RESERVED_BLOCKS
+            self.runner.num_kv_blocks,
+            config.cache.block_size,
+            RESERVED_BLOCKS,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.runner.device, config.seed)
@@ -238,7 +243,12 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> str:
+        """Queue a request. Requests share cached prefixes only when their `cache_salt` and
+        `lora_id` (the adapter, or any namespace) are equal."""
         params = params or SamplingParams()
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
@@ -249,7 +259,14 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
+        request = Request(
+            request_id,
+            token_ids,
+            params,
+            eos_token_ids=self.eos_token_ids,
+            lora_id=lora_id,
+            cache_salt=cache_salt,
+        )
         self.scheduler.add(request)
         self.requests[request_id] = request
         self.detokenizers[request_id] = IncrementalDetokenizer(
@@ -393,6 +410,7 @@ class LLMEngine:
             logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
             finished=request.is_finished,
             finish_reason=request.finish_reason,
+            num_cached_tokens=request.num_cached_tokens or 0,
         )
 
     def _detokenize(self, request: Request) -> None:
@@ -410,6 +428,11 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "kv_blocks_total": bm.num_usable_blocks,
             "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_cached": bm.num_cached_blocks,
+            "prefix_caching": bm.enable_prefix_caching,
+            "prefix_cache_queried_tokens": bm.stats.queried_tokens,
+            "prefix_cache_hit_tokens": bm.stats.hit_tokens,
+            "prefix_cache_hit_rate": bm.stats.hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
             "dispatch": self.runner.dispatcher.stats.as_dict(),
         }

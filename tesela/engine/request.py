@@ -42,6 +42,13 @@ class Request:
     # up to two, of which only the last can be an input of the next batch). They count in
     # num_tokens, not in all_token_ids.
     num_inflight_tokens: int = 0
+    # Prefix caching: requests share cached KV only when these agree (a LoRA adapter changes
+    # the KV; a salt keeps one tenant's prefix out of another's reach).
+    lora_id: str | None = None
+    cache_salt: str | None = None
+    num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
+    block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, memoized
+    num_registered_blocks: int = 0  # leading blocks of block_ids already in the prefix cache
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -65,6 +72,11 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def extra_keys(self) -> tuple:
+        """Everything besides the tokens that changes a block's KV (see block_manager)."""
+        return (self.lora_id, self.cache_salt)
 
     @property
     def is_finished(self) -> bool:

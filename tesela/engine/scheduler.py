@@ -12,6 +12,13 @@ tokens advance, each sampling row gets an in-flight token), `resolve` when its s
 on the host (they are appended and stop conditions checked). A request whose in-flight token is
 certainly its last (by length) is not scheduled again; one that stops otherwise may have run
 one more row, whose token `resolve` discards (its blocks were freed when it finished).
+
+With prefix caching, a request is admitted with the longest cached prefix of its tokens
+already computed (shared blocks from the block manager), so only the rest counts against the
+token budget; full blocks are registered in the cache after the forward that wrote them
+(`launched`), once their token ids are all known on the host (`resolve` registers a block
+that an in-flight token completed). A preempted request drops its references, and its blocks stay cached until the pool
+needs them, so its recompute usually starts from its own prefix.
 """
 
 from __future__ import annotations
@@ -43,7 +50,12 @@ class ScheduledBatch:
         return self.prefix_lens[row] + self.num_new_tokens[row] == request.num_tokens
 
     def is_decode_row(self, row: int) -> bool:
-        return self.prefix_lens[row] >= self.requests[row].num_prompt_tokens
+        # One new token after the prompt. A recompute (after preemption, from a cached prefix
+        # or in chunks) can start past the prompt with several tokens: that is an extend row.
+        return (
+            self.num_new_tokens[row] == 1
+            and self.prefix_lens[row] >= self.requests[row].num_prompt_tokens
+        )
 
 
 class Scheduler:
@@ -128,14 +140,21 @@ class Scheduler:
         return True
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        block_manager = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.num_inflight_tokens:
                 break  # preempted with a token in flight: admit it once the id is known
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(request, request.num_computed_tokens + n):
+            # A waiting request holds no blocks (new, or preempted and freed): its cached
+            # prefix is shared, and only the tokens after it count against the budget.
+            cached = block_manager.find_cached_prefix(request)
+            num_cached_tokens = len(cached) * block_manager.block_size
+            n = min(request.num_tokens - num_cached_tokens, budget)
+            if not block_manager.can_allocate(request, num_cached_tokens + n, cached):
                 break
-            self.block_manager.allocate(request, request.num_computed_tokens + n)
+            block_manager.allocate(request, num_cached_tokens + n, cached)
+            block_manager.record_admission(request, num_cached_tokens)
+            request.num_computed_tokens = num_cached_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -168,6 +187,8 @@ class Scheduler:
             request.num_computed_tokens += batch.num_new_tokens[row]
             if samples:
                 request.num_inflight_tokens += 1
+            # The forward wrote these tokens' KV: their full blocks may now be shared.
+            self.block_manager.cache_full_blocks(request)
 
     def resolve(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
         """The batch's sampled ids are on the host: append them, and finish the requests that
@@ -179,6 +200,8 @@ class Scheduler:
                 continue
             request.num_inflight_tokens -= 1
             request.output_token_ids.append(token)
+            # A block completed by a token that was in flight can be hashed now.
+            self.block_manager.cache_full_blocks(request)
             reason = request.check_token_stop(self.config.max_model_len)
             if reason is not None:
                 self.finish(request, reason)

@@ -90,6 +90,7 @@ class _Add:
     prompts: list[list[int]]
     params: list[SamplingParams]
     future: asyncio.Future
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -140,7 +141,12 @@ class AsyncEngine:
     # ---- requests (event loop side) ---------------------------------------------------------
 
     async def submit(
-        self, prompts: list[list[int]], params: list[SamplingParams], group_id: str | None = None
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        group_id: str | None = None,
+        *,
+        cache_salt: str | None = None,
     ) -> RequestGroup:
         """Queue one engine request per (prompt, params) pair, all or none.
 
@@ -154,7 +160,7 @@ class AsyncEngine:
             abort_callback=lambda g: self._commands.put(_Abort(g)),
         )
         future = self._loop.create_future()
-        self._admit(_Add(group, prompts, params, future))
+        self._admit(_Add(group, prompts, params, future, cache_salt))
         try:
             await future
         except asyncio.CancelledError:
@@ -251,7 +257,7 @@ class AsyncEngine:
                 zip(command.prompts, command.params, strict=True)
             ):
                 request_id = group.request_ids[index]
-                self.engine.add_request(prompt, params, request_id)
+                self.engine.add_request(prompt, params, request_id, cache_salt=command.cache_salt)
                 self._live[request_id] = (group, index)
                 added.append(request_id)
         except Exception as exc:  # all or none: undo the choices already queued

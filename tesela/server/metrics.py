@@ -185,6 +185,12 @@ def _engine_lines(stats: dict) -> list[str]:
         ("num_requests_pending", "num_pending", "Requests admitted by the server, not finished."),
         ("kv_blocks_used", "kv_blocks_used", "KV cache blocks held by requests."),
         ("kv_blocks_total", "kv_blocks_total", "KV cache blocks in the pool."),
+        ("kv_blocks_cached", "kv_blocks_cached", "KV blocks in the prefix cache (any use)."),
+        (
+            "prefix_cache_hit_rate",
+            "prefix_cache_hit_rate",
+            "Fraction of prompt tokens served from the prefix cache.",
+        ),
     )
     lines: list[str] = []
     for name, key, help_text in gauges:
@@ -200,6 +206,11 @@ def _engine_lines(stats: dict) -> list[str]:
         "Requests preempted by the scheduler (KV pool exhausted).",
         {(): stats.get("num_preemptions", 0)},
     )
+    for name, key, help_text in (
+        ("prefix_cache_queries_total", "prefix_cache_queried_tokens", "Prompt tokens looked up."),
+        ("prefix_cache_hits_total", "prefix_cache_hit_tokens", "Prompt tokens found cached."),
+    ):
+        lines += render_values(name, "counter", help_text, {(): stats.get(key, 0)})
     dispatch = stats.get("dispatch", {})
     paths = {(p,): n for p, n in dispatch.get("paths", {}).items()}
     lines += render_values(

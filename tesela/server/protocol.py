@@ -80,6 +80,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None  # top alternatives per token; None: no logprobs
+    cache_salt: str | None = None  # shares cached prefixes only with requests of equal salt
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -315,8 +316,24 @@ def _build(
             choice_prompts.append(prompt_index)
             choice_params.append(_params(max_tokens, _choice_seed(seed, i), common))
     return GenerationRequest(
-        kind, model_name, prompts, choice_prompts, choice_params, stream, include_usage, logprobs
+        kind,
+        model_name,
+        prompts,
+        choice_prompts,
+        choice_params,
+        stream,
+        include_usage,
+        logprobs,
+        _cache_salt(body),
     )
+
+
+def _cache_salt(body: dict) -> str | None:
+    """vLLM's `cache_salt`: a non-empty string that keeps a tenant's cached prefixes apart."""
+    value = _get(body, "cache_salt", None)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _wrong_type("cache_salt", "a non-empty string", value)
+    return value
 
 
 def _sampling_fields(body: dict, model: ModelInfo, logprobs: int | None) -> dict:
@@ -532,11 +549,13 @@ def _content(content: Any, param: str) -> str:
 # ---- responses ------------------------------------------------------------------------------
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage block; `cached_tokens`: prompt tokens served from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

@@ -163,7 +163,9 @@ class Server:
     async def _submit(self, generation: GenerationRequest, request_id: str):
         prompts = [generation.prompts[p] for p in generation.choice_prompts]
         try:
-            return await self.engine.submit(prompts, generation.choice_params, request_id)
+            return await self.engine.submit(
+                prompts, generation.choice_params, request_id, cache_salt=generation.cache_salt
+            )
         except Overloaded as exc:
             self.metrics.requests_rejected.inc(1, "overloaded")
             raise APIError(str(exc), 503, type="server_error", code="overloaded") from None

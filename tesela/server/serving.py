@@ -53,12 +53,14 @@ class ChoiceStream:
         self.num_tokens = 0
         self.text_offset = 0  # for legacy logprobs offsets across chunks
         self.finish_reason: str | None = None
+        self.num_cached_tokens = 0
 
     def advance(self, output: RequestOutput) -> tuple[str, list[TokenLogprobs] | None, bool]:
         """(text delta, logprobs of the new tokens, whether anything new happened)."""
         logprobs = output.logprobs[self.num_tokens :] if output.logprobs is not None else None
         new_tokens = len(output.token_ids) > self.num_tokens
         self.num_tokens = len(output.token_ids)
+        self.num_cached_tokens = output.num_cached_tokens
         text = output.text if output.finished else self._settled(output.text)
         delta = ""
         if text.startswith(self.text):
@@ -103,13 +105,22 @@ class ResponseFormat:
         choices = [self.final_choice(i, outputs[i]) for i in sorted(outputs)]
         body = self.envelope(self.object_name, choices)
         completion_tokens = sum(len(o.token_ids) for o in outputs.values())
-        body["usage"] = usage(self.request.num_prompt_tokens, completion_tokens)
+        cached = self.cached_tokens({i: o.num_cached_tokens for i, o in outputs.items()})
+        body["usage"] = usage(self.request.num_prompt_tokens, completion_tokens, cached)
         return body
 
-    def usage_chunk(self, completion_tokens: int) -> dict:
+    def usage_chunk(self, completion_tokens: int, cached_tokens: int) -> dict:
         body = self.envelope(self.chunk_object_name, [])
-        body["usage"] = usage(self.request.num_prompt_tokens, completion_tokens)
+        body["usage"] = usage(self.request.num_prompt_tokens, completion_tokens, cached_tokens)
         return body
+
+    def cached_tokens(self, by_choice: dict[int, int]) -> int:
+        """Cached prompt tokens, counted once per prompt like `prompt_tokens` (the first choice
+        of each prompt tells; its other choices share the same prompt)."""
+        per_prompt: dict[int, int] = {}
+        for choice in sorted(by_choice):
+            per_prompt.setdefault(self.request.choice_prompts[choice], by_choice[choice])
+        return sum(per_prompt.values())
 
     def start_chunks(self) -> list[dict]:
         return []
@@ -223,7 +234,8 @@ async def stream_events(group: RequestGroup, fmt: ResponseFormat) -> AsyncIterat
             if events:
                 yield "".join(events)
         if request.include_usage:
-            yield sse(fmt.usage_chunk(sum(s.num_tokens for s in states)))
+            cached = fmt.cached_tokens({i: s.num_cached_tokens for i, s in enumerate(states)})
+            yield sse(fmt.usage_chunk(sum(s.num_tokens for s in states), cached))
     except EngineError as exc:
         # The status line is already sent: report the error in-band, as OpenAI does.
         yield sse(APIError(str(exc), 500, type="server_error", code="engine_error").body())
