@@ -170,3 +170,14 @@ def test_abort_with_a_token_in_flight_frees_its_blocks(reference, overlapped):
     for i in (0, 2, 3):
         assert finals[ids[i]] == expected[i]
     assert overlapped.block_manager.num_used_blocks == 0
+
+
+def test_host_processor_path_samples_what_the_device_path_samples(reference, monkeypatch):
+    """Rows with logit processors take their logits out of the forward and sample with the same
+    function: with no processor set, the tokens must not change, overlap on or off."""
+    expected = tokens(run(reference, PROMPTS, MIXED))
+    engine = make_engine(overlap=True)
+    monkeypatch.setattr(engine.sampler, "uses_host_processors", lambda params: True)
+    monkeypatch.setattr(engine.sampler, "needs_history", lambda params: True)
+    assert tokens(run(engine, PROMPTS, MIXED)) == expected
+    assert engine._inflight is None

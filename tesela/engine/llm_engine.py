@@ -319,7 +319,16 @@ class LLMEngine:
         requests = [scheduled.requests[i] for i in rows]
         batch = self._forward_batch(scheduled)
         sampled = None
-        if rows:
+        if rows and self.sampler.uses_host_processors([r.params for r in requests]):
+            # Logit processors the graphs do not capture: logits out, then the same sampling.
+            logits = self.runner.forward(batch)
+            sampled = self.sampler.sample(
+                logits,
+                [r.params for r in requests],
+                [r.request_id for r in requests],
+                [r.num_output_tokens for r in requests],
+            )
+        elif rows:
             params = [r.params for r in requests]
             ids = [r.request_id for r in requests]
             indices = [r.num_output_tokens for r in requests]

@@ -46,6 +46,12 @@ class Sampler:
         return seed
 
     @staticmethod
+    def uses_host_processors(params: list[SamplingParams]) -> bool:
+        """Whether some row needs logit processors that `sample` does not run (the engine then
+        takes the logits out of the forward and samples with `Sampler.sample`)."""
+        return False
+
+    @staticmethod
     def needs_history(params: SamplingParams) -> bool:
         """Whether sampling this request reads its token ids on the host (the engine then
         reads each step back before building the next)."""
