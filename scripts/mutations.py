@@ -26,6 +26,7 @@ DECODE_TESTS = ["tests/test_dispatcher.py"]
 SAMPLING = "tesela/executor/sampling.py"
 ENGINE = "tesela/engine/llm_engine.py"
 OVERLAP = "tests/test_overlap.py"
+MOE_PADDING_TEST = "tests/test_moe.py::test_padding_tokens_route_to_no_expert_in_padded_replays"
 BLOCKS = "tesela/engine/block_manager.py"
 SCHEDULER = "tesela/engine/scheduler.py"
 CACHE_TESTS = ["tests/test_prefix_cache.py"]
@@ -76,6 +77,36 @@ MUTATIONS = {
         "    n = batch.num_tokens\n",
         "    n = q.shape[0]\n",
         ["tests/test_piecewise.py::test_padding_is_zeroed_and_never_reaches_the_kv_cache"],
+    ),
+    "MoE layers never see the real-token count of a padded replay": (
+        "tesela/core/forward_context.py",
+        "    _run_batch_hooks(batch.num_tokens if pinned is None else pinned)\n",
+        "",
+        [MOE_PADDING_TEST],
+    ),
+    "the CPU stand-in records the MoE real-token count write": (
+        "tesela/layers/moe/padding.py",
+        "    with torch._C._DisableTorchDispatch():\n",
+        "    if True:\n",
+        [MOE_PADDING_TEST],
+    ),
+    "FULL decode replay writes the padded size as the MoE real-token count": (
+        FULL,
+        "        with batch_state(n):",
+        "        with batch_state(size):",
+        ["tests/test_moe_triton.py::test_full_decode_replay_routes_padding_rows_to_no_expert"],
+    ),
+    "MoE per-pair kernel ignores the real-token count": (
+        "tesela/layers/moe/kernels.py",
+        "        valid = valid & (pair // top_k < tl.load(num_valid_tokens_ptr))\n",
+        "        valid = valid\n",
+        ["tests/test_moe_triton.py::test_padding_tokens_change_nothing"],
+    ),
+    "MoE grouping keeps padding tokens": (
+        "tesela/layers/moe/align.py",
+        "        keep &= token < num_valid_tokens\n",
+        "",
+        ["tests/test_moe_triton.py::test_padding_tokens_change_nothing"],
     ),
     "noise keyed by row position instead of the seed": (
         SAMPLING,

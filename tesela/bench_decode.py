@@ -3,8 +3,9 @@ greedy sampling, eager vs graphs vs the HBM floor. JSON + table.
 
 The floor counts exactly the bytes the timed step reads (`decode_floor_bytes`): every weight
 once (the LM head included, since the step runs through the logits), the embedding rows the
-batch gathers, and the K/V of every cached token. Achieved GB/s is those bytes over the step's
-time; launches per layer are the kernels one decoder layer launches (CUDA only).
+batch gathers, and the K/V of every cached token; for a mixture-of-experts model, of the
+experts only those the step routes to (`moe_step_weight_bytes`). Achieved GB/s is those bytes
+over the step's time; launches per layer are the kernels one decoder layer launches (CUDA only).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tesela.bench import sync, weight_nbytes, write_outputs
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
+from tesela.models.step_bytes import decode_step_weight_bytes, record_routed_experts
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +35,9 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-budget-gib",
         type=float,
-        default=40.0,
-        help="skip shapes whose KV cache would exceed this",
+        default=None,
+        help="skip shapes whose KV cache would exceed this (default: 40, or less when the "
+        "weights leave less of the GPU: see kv_budget_gib)",
     )
     parser.add_argument("--output-dir", default="results")
 
@@ -44,11 +47,9 @@ def run_decode(args: argparse.Namespace) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     probe, _ = make_engine_config(args.model, dtype=args.dtype, device=args.device)
     per_token = kv_bytes_per_token(probe)
+    budget_gib = args.kv_budget_gib or kv_budget_gib(probe)
     fits = [
-        (b, c)
-        for b in batch_sizes
-        for c in contexts
-        if b * c * per_token <= args.kv_budget_gib * 2**30
+        (b, c) for b in batch_sizes for c in contexts if b * c * per_token <= budget_gib * 2**30
     ]
     config, path = make_engine_config(
         args.model,
@@ -85,6 +86,8 @@ def run_decode(args: argparse.Namespace) -> int:
 def measure_row(runner, b: int, c: int, per_token: int, bandwidth: float, repeat: int) -> dict:
     batch = decode_batch(runner, b, c)
     floor_bytes = decode_floor_bytes(runner.model, b, c, per_token)
+    if runner.config.model_config.moe is not None:  # only the experts the step routes to
+        floor_bytes = moe_step_weight_bytes(runner, batch) + b * c * per_token
     row = {"batch": b, "context": c, "floor_bytes": floor_bytes}
     row["floor_ms"] = floor_bytes / bandwidth * 1e3
     row["eager_ms"], eager_logits = time_step(runner, runner.forward_eager, batch, repeat)
@@ -130,6 +133,26 @@ def time_graph_sampling(runner, full, batch: ForwardBatch, repeat: int) -> dict:
             samples.append((time.perf_counter() - start) * 1e3)
         result[name] = statistics.median(samples)
     return result
+
+
+def kv_budget_gib(config) -> float:
+    """40 GiB, or 60% of what the weights leave of the GPU (a 30B MoE on an 80 GB card)."""
+    if torch.device(config.device).type != "cuda":
+        return 40.0
+    itemsize = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
+    weights = config.model_config.num_parameters() * itemsize
+    total = torch.cuda.mem_get_info()[1]
+    return min(40.0, max(total - weights, 0) * 0.6 / 2**30)
+
+
+def moe_step_weight_bytes(runner, batch: ForwardBatch) -> int:
+    """The weights this decode step reads: attention, routers, the experts its tokens are
+    routed to (counted in an eager run of the batch), embedding rows and the LM head."""
+    with record_routed_experts(runner.model) as routed:
+        runner.forward_eager(batch)
+    return decode_step_weight_bytes(
+        runner.config.model_config, batch.batch_size, runner.dtype.itemsize, routed
+    )
 
 
 def decode_floor_bytes(model, batch_size: int, context: int, kv_bytes_per_token: int) -> int:

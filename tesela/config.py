@@ -45,6 +45,72 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+ROUTER_SCORING = ("softmax_topk", "topk_softmax")
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The sparse MLP of a mixture-of-experts model (Qwen3-MoE, Mixtral), from config.json.
+
+    `scoring` is the router's rule: "softmax_topk" (Qwen3-MoE) takes a softmax over all
+    experts, then the top-k, renormalised when `norm_topk_prob`; "topk_softmax" (Mixtral)
+    takes the top-k logits and a softmax over those k (the same as renormalising the top-k of
+    a full softmax, which is how transformers writes it)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    scoring: str = "softmax_topk"
+    norm_topk_prob: bool = False  # transformers' default
+    decoder_sparse_step: int = 1  # every step-th layer is sparse (Qwen3-MoE)
+    mlp_only_layers: tuple[int, ...] = ()  # dense layers by index (Qwen3-MoE)
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ROUTER_SCORING:
+            raise ValueError(f"MoE scoring must be one of {ROUTER_SCORING}, got {self.scoring!r}")
+        if not 0 < self.top_k <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.top_k}) must be in 1..num_experts ({self.num_experts})"
+            )
+        if self.decoder_sparse_step <= 0:
+            raise ValueError(
+                f"decoder_sparse_step must be positive, got {self.decoder_sparse_step}"
+            )
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return (
+            layer_id not in self.mlp_only_layers and (layer_id + 1) % self.decoder_sparse_step == 0
+        )
+
+    @classmethod
+    def from_hf_dict(cls, arch: str, hf: dict[str, Any]) -> MoeConfig | None:
+        if arch == "MixtralForCausalLM":
+            return cls(
+                num_experts=int(hf.get("num_local_experts", 8)),
+                top_k=int(hf.get("num_experts_per_tok", 2)),
+                intermediate_size=int(hf["intermediate_size"]),
+                scoring="topk_softmax",
+            )
+        if arch == "Qwen3MoeForCausalLM":
+            # transformers 5 writes `num_local_experts`; the Hub's configs say `num_experts`.
+            num_experts = hf.get("num_experts") or hf.get("num_local_experts")
+            if not num_experts:
+                raise ValueError(
+                    "Qwen3MoeForCausalLM config.json needs num_experts: dense Qwen3 checkpoints "
+                    "are Qwen3ForCausalLM"
+                )
+            return cls(
+                num_experts=int(num_experts),
+                top_k=int(hf.get("num_experts_per_tok", 8)),
+                intermediate_size=int(hf.get("moe_intermediate_size", hf["intermediate_size"])),
+                scoring="softmax_topk",
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                decoder_sparse_step=int(hf.get("decoder_sparse_step") or 1),
+                mlp_only_layers=tuple(int(i) for i in hf.get("mlp_only_layers") or ()),
+            )
+        return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture of a decoder-only Llama-family model, read from an HF config.json."""
@@ -69,6 +135,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
+    moe: MoeConfig | None = None  # Qwen3-MoE, Mixtral: the sparse MLP of their MoE layers
 
     @property
     def q_size(self) -> int:
@@ -78,11 +145,22 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.moe is not None and self.moe.is_moe_layer(layer_id)
+
     def num_parameters(self) -> int:
         h, i, layers = self.hidden_size, self.intermediate_size, self.num_hidden_layers
-        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        attention = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 2 * h
+        attention += 2 * self.head_dim if self.qk_norm else 0
+        total = 0
+        for layer_id in range(layers):
+            if self.is_moe_layer(layer_id):
+                e, moe_i = self.moe.num_experts, self.moe.intermediate_size
+                total += attention + e * h + e * 3 * h * moe_i
+            else:
+                total += attention + 3 * h * i
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return layers * per_layer + embed + h
+        return total + embed + h
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -124,6 +202,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window") else None,
+            moe=MoeConfig.from_hf_dict(arch, hf),
         )
 
     @classmethod

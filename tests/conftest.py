@@ -37,6 +37,20 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
+    # Mixture-of-experts: layer 0 of the Qwen3-MoE model is dense (mlp_only_layers).
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            head_dim=16,
+            num_hidden_layers=3,
+            num_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+        ),
+    ),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=6, num_experts_per_tok=2)),
 }
 
 
@@ -60,7 +74,7 @@ def write_checkpoint(path: Path, arch: str, *, max_shard_size: str | None = None
     import transformers
 
     config_cls, extra = ARCHITECTURES[arch]
-    config = getattr(transformers, config_cls)(**SMALL, **extra, eos_token_id=2, bos_token_id=1)
+    config = getattr(transformers, config_cls)(**{**SMALL, **extra}, eos_token_id=2, bos_token_id=1)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()

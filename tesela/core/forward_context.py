@@ -47,6 +47,42 @@ class ForwardContext:
 
 
 _current: ForwardContext | None = None
+# Per-batch device state that ordinary (non-split) ops read, e.g. the MoE layers' count of real
+# tokens (tesela/layers/moe/padding.py): called with the token count on entry, None on exit.
+_batch_hooks: list[Callable[[int | None], None]] = []
+
+
+# Set by `batch_state` around a graph replay: forward contexts entered inside it (the CPU
+# stand-in graph re-running its captured callable) see the replayed batch's count, as on a GPU.
+_pinned_num_tokens: int | None = None
+
+
+def register_batch_hook(hook: Callable[[int | None], None]) -> None:
+    _batch_hooks.append(hook)
+
+
+def _run_batch_hooks(num_tokens: int | None) -> None:
+    # During capture the write would be recorded and replayed with the capture batch's count:
+    # the replay's own context entry writes the right one instead.
+    if _batch_hooks and not (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    ):
+        for hook in _batch_hooks:
+            hook(num_tokens)
+
+
+@contextlib.contextmanager
+def batch_state(num_tokens: int) -> Iterator[None]:
+    """The per-batch device state of a forward context, for a graph replayed outside one (FULL
+    decode graphs replay with no Python): written before, reset after."""
+    global _pinned_num_tokens
+    _pinned_num_tokens = num_tokens
+    _run_batch_hooks(num_tokens)
+    try:
+        yield
+    finally:
+        _pinned_num_tokens = None
+        _run_batch_hooks(None)
 
 
 @contextlib.contextmanager
@@ -60,10 +96,13 @@ def forward_context(
             "must not nest"
         )
     _current = ForwardContext(batch, plan, attn_backend, split_hook)
+    pinned = _pinned_num_tokens
+    _run_batch_hooks(batch.num_tokens if pinned is None else pinned)
     try:
         yield _current
     finally:
         _current = None
+        _run_batch_hooks(pinned)
 
 
 def get_forward_context() -> ForwardContext:

@@ -26,7 +26,7 @@ import time
 import torch
 
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
-from tesela.core.forward_context import forward_context
+from tesela.core.forward_context import batch_state, forward_context
 from tesela.core.kv_cache import DUMMY_SLOT
 from tesela.core.plan import ForwardPlan
 from tesela.executor.graph_runner import CaptureReport, GraphRunner
@@ -178,5 +178,6 @@ class FullDecodeRunner(GraphRunner):
         # The graph runs no Python: planning this batch rewrites the buffers it reads.
         self.planner.plan(batch)
         graph, output = self.captured[size]
-        graph.replay()
+        with batch_state(n):  # what ordinary ops read per batch (the MoE real-token count)
+            graph.replay()
         return output[:n]

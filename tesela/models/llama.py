@@ -1,5 +1,8 @@
 """The Llama family: Llama, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm).
 
+Its decoder layer also serves the mixture-of-experts models (tesela/models/moe.py), whose
+layers take a `SparseMoeBlock` as their MLP.
+
 Ordinary PyTorch with `forward(input_ids, positions) -> hidden_states`; attention goes through
 the `tesela::attention` split op, which reads the batch from the forward context. Parameter
 names follow HF checkpoints except for the fused `qkv_proj` and `gate_up_proj`, which
@@ -15,6 +18,7 @@ import tesela.attention.op  # noqa: F401  (registers torch.ops.tesela.attention)
 from tesela.config import ModelConfig
 from tesela.layers import fused, gemv
 from tesela.layers.linear import Linear, MergedLinear
+from tesela.layers.moe.layer import SparseMoeBlock
 from tesela.layers.norm import RMSNorm
 from tesela.layers.rotary import RotaryEmbedding
 
@@ -105,7 +109,12 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_id, rotary)
-        self.mlp = LlamaMLP(config)
+        # Mixture-of-experts models (Qwen3-MoE, Mixtral) differ from Llama only here.
+        self.mlp = (
+            SparseMoeBlock(config.hidden_size, config.moe)
+            if config.is_moe_layer(layer_id)
+            else LlamaMLP(config)
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -119,6 +128,9 @@ class LlamaDecoderLayer(nn.Module):
             hidden_states, residual, self.input_layernorm, attn.qkv_proj
         )
         hidden_states = attn.attend(positions, qkv)
+        if isinstance(mlp, SparseMoeBlock):  # the router and experts both read the normed states
+            normed, residual = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
+            return mlp(normed), residual
         gate_up, residual = gemv.norm_linear(
             hidden_states, residual, self.post_attention_layernorm, mlp.gate_up_proj
         )

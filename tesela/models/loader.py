@@ -101,7 +101,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     for ckpt_name, tensor in weights:
         if "rotary_emb.inv_freq" in ckpt_name:
             continue
-        name, shard = _map_name(ckpt_name, stacked)
+        name, shard = _map_name(ckpt_name, stacked, getattr(model, "map_checkpoint_name", None))
         if name not in params:
             if model.config.tie_word_embeddings and ckpt_name == "lm_head.weight":
                 continue
@@ -121,7 +121,12 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     _check_complete(model, params, stacked, loaded)
 
 
-def _map_name(ckpt_name: str, stacked: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+def _map_name(ckpt_name: str, stacked: dict[str, tuple[str, str]], model_map=None):
+    """(parameter name, shard or None). A model's own `map_checkpoint_name` (MoE experts) goes
+    first, then the fused-parameter fragments."""
+    mapped = model_map(ckpt_name) if model_map is not None else None
+    if mapped is not None:
+        return mapped
     for fragment, (fused, shard) in stacked.items():
         if f".{fragment}." in ckpt_name:
             return ckpt_name.replace(f".{fragment}.", f".{fused}."), shard
@@ -136,6 +141,13 @@ def _check_complete(model, params, stacked, loaded: set[str]) -> None:
     missing = []
     for name in params:
         if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        owner_name, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        shards_of = getattr(model.get_submodule(owner_name), "checkpoint_shards", None)
+        if shards_of is not None and f"{name}:None" not in loaded:
+            # Stacked expert weights: loaded whole (fused checkpoint) or expert by expert.
+            lost = [s for s in shards_of(leaf) if f"{name}:{s}" not in loaded]
+            missing += [f"{owner_name}.{e}.{kind}_proj" for e, kind in lost]
             continue
         fused = next((f for f in fused_shards if f".{f}." in name), None)
         if fused is None:

@@ -13,6 +13,8 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("tesela.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("tesela.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("tesela.models.llama", "LlamaForCausalLM"),
+    "Qwen3MoeForCausalLM": ("tesela.models.moe", "MoeForCausalLM"),
+    "MixtralForCausalLM": ("tesela.models.moe", "MoeForCausalLM"),
 }
 
 

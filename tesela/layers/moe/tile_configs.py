@@ -1,0 +1,66 @@
+"""Tile sizes for the fused MoE kernels, per (E, N, K) shape and token-count bucket.
+
+`tile_configs.json` maps "E,N,K" (N: output features of the GEMM, K: its input features; the
+gated gate/up GEMM is keyed by its 2*I rows) to {M bucket: config}. The buckets are powers of
+two; a batch of M tokens uses the largest bucket <= M. `python -m tesela.moe_tune` times
+candidates on the GPU and writes the file; shapes missing from it use `default_config`.
+
+A config names its path: "gemv" (one program per (token, expert) pair, the decode path) or
+"grouped" (sorted blocks, the prefill path), with the tile sizes that path reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = Path(__file__).with_name("tile_configs.json")
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Up to this many tokens the per-pair GEMV reads each routed expert's weights once per pair,
+# which at decode batch sizes is what the grouped GEMM reads too, without the sort.
+GEMV_MAX_TOKENS = 8
+
+
+def shape_key(num_experts: int, n: int, k: int) -> str:
+    return f"{num_experts},{n},{k}"
+
+
+def m_bucket(num_tokens: int) -> int:
+    return max([b for b in M_BUCKETS if b <= max(num_tokens, 1)])
+
+
+def default_config(num_tokens: int) -> dict[str, Any]:
+    if num_tokens <= GEMV_MAX_TOKENS:
+        return {"path": "gemv", "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
+    block_m = 16 if num_tokens <= 64 else 64
+    return {
+        "path": "grouped",
+        "BLOCK_M": block_m,
+        "BLOCK_N": 64,
+        "BLOCK_K": 64,
+        "GROUP_M": 8,
+        "num_warps": 4,
+        "num_stages": 3,
+    }
+
+
+@functools.cache
+def _table(path: Path = CONFIG_FILE) -> dict[str, dict[str, dict[str, Any]]]:
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def get_config(
+    num_experts: int, n: int, k: int, num_tokens: int, table: dict | None = None
+) -> dict[str, Any]:
+    """The tuned config for this shape and token count (from `table`, by default the JSON
+    file), else the default."""
+    by_bucket = (_table() if table is None else table).get(shape_key(num_experts, n, k))
+    if not by_bucket:
+        return default_config(num_tokens)
+    buckets = sorted(int(b) for b in by_bucket)
+    usable = [b for b in buckets if b <= max(num_tokens, 1)] or buckets[:1]
+    return dict(by_bucket[str(usable[-1])])

@@ -1,0 +1,97 @@
+"""Tune the fused MoE tile configs on the GPU: `python -m tesela.moe_tune --model NAME`.
+
+For each GEMM shape of the model's MoE layers ((E, 2I, H) gate/up and (E, H, I) down) and each
+token-count bucket, times every candidate config with the model's top-k routing on random
+router logits and keeps the fastest; the result is merged into tile_configs.json (commit it).
+Each GEMM is timed on its own, with the other at the default config, so the two are tuned
+independently (the intermediate layout is the same for both paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from tesela.layers.moe import tile_configs
+from tesela.layers.moe.fused_moe import fused_experts
+from tesela.layers.moe.router import select_experts
+
+
+def candidates(num_tokens: int) -> list[dict]:
+    configs = []
+    if num_tokens <= 32:
+        for block_n, block_k, warps in itertools.product((16, 32, 64), (64, 128, 256), (2, 4)):
+            configs.append({"path": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k,
+                            "num_warps": warps, "num_stages": 2})  # fmt: skip
+    for block_m, block_n, block_k, stages, warps in itertools.product(
+        (16, 32, 64, 128), (64, 128), (64, 128), (3, 4), (4, 8)
+    ):
+        if block_m > 4 * max(num_tokens, 16):
+            continue
+        configs.append({"path": "grouped", "BLOCK_M": block_m, "BLOCK_N": block_n,
+                        "BLOCK_K": block_k, "GROUP_M": 8, "num_warps": warps,
+                        "num_stages": stages})  # fmt: skip
+    return configs
+
+
+def time_config(inputs, configs) -> float:
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench(lambda: fused_experts(*inputs, configs=configs), rep=50)
+    except Exception:  # noqa: BLE001  (a config that does not compile or fit shared memory)
+        return float("inf")
+
+
+def tune_shape(num_experts, hidden, intermediate, top_k, num_tokens, dtype) -> tuple[dict, dict]:
+    """The fastest (gate/up, down) configs for one token count."""
+    device = torch.device("cuda")
+    w13 = torch.randn(num_experts, 2 * intermediate, hidden, device=device, dtype=dtype) * 0.02
+    w2 = torch.randn(num_experts, hidden, intermediate, device=device, dtype=dtype) * 0.02
+    x = torch.randn(num_tokens, hidden, device=device, dtype=dtype)
+    logits = torch.randn(num_tokens, num_experts, device=device)
+    weights, ids = select_experts(logits, top_k, "softmax_topk", True)
+    inputs = (x, w13, w2, weights, ids)
+    default = tile_configs.default_config(num_tokens)
+    best = []
+    for which in range(2):
+        timed = []
+        for config in candidates(num_tokens):
+            pair = (config, default) if which == 0 else (default, config)
+            timed.append((time_config(inputs, pair), config))
+        best.append(min(timed, key=lambda t: t[0])[1])
+    return best[0], best[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tesela.config import ModelConfig
+    from tesela.presets import PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="qwen3-30b-a3b", help="a preset name")
+    parser.add_argument("--buckets", default=",".join(map(str, tile_configs.M_BUCKETS)))
+    args = parser.parse_args(argv)
+    moe = ModelConfig.from_hf_dict(PRESETS[args.model]).moe
+    hidden = PRESETS[args.model]["hidden_size"]
+    if moe is None:
+        raise SystemExit(f"{args.model} is not a mixture-of-experts model")
+    table = json.loads(tile_configs.CONFIG_FILE.read_text())
+    e, i = moe.num_experts, moe.intermediate_size
+    up_key, down_key = (
+        tile_configs.shape_key(e, 2 * i, hidden),
+        tile_configs.shape_key(e, hidden, i),
+    )
+    for m in (int(b) for b in args.buckets.split(",")):
+        up, down = tune_shape(e, hidden, i, moe.top_k, m, torch.bfloat16)
+        table.setdefault(up_key, {})[str(m)] = up
+        table.setdefault(down_key, {})[str(m)] = down
+        print(f"M={m}: gate/up {up}  down {down}", flush=True)
+        tile_configs.CONFIG_FILE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""The fused MoE on CUDA: kernels vs the reference in bf16, CUDA-graph capture of the MoE layer
+(no host sync, padding masked on the device), graphs vs eager in every graph mode on small
+random Qwen3-MoE and Mixtral checkpoints, and transformers parity in bf16."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tesela import LLM, SamplingParams
+from tesela.core.forward_batch import ForwardBatch
+from tesela.engine.llm_engine import make_engine_config
+from tesela.executor.model_runner import ModelRunner
+from tesela.layers.moe.fused_moe import fused_experts
+from tesela.layers.moe.reference import moe_reference
+from tesela.layers.moe.router import select_experts
+from tesela.layers.moe.tile_configs import default_config
+
+CUDA = torch.device("cuda")
+GEMV = {"path": "gemv", "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
+GROUPED = {"path": "grouped", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8,
+           "num_warps": 4, "num_stages": 3}  # fmt: skip
+
+
+def moe_inputs(num_experts, hidden, intermediate, top_k, num_tokens, seed=0):
+    generator = torch.Generator(device=CUDA).manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, device=CUDA) * scale).bfloat16()
+
+    w13 = randn(num_experts, 2 * intermediate, hidden, scale=0.03)
+    w2 = randn(num_experts, hidden, intermediate, scale=0.03)
+    x = randn(num_tokens, hidden)
+    logits = torch.randn(num_tokens, num_experts, generator=generator, device=CUDA)
+    weights, ids = select_experts(logits, top_k, "softmax_topk", True)
+    return x, w13, w2, weights, ids
+
+
+def assert_close_to_reference(got, x, w13, w2, weights, ids):
+    expected = moe_reference(x.float(), w13.float(), w2.float(), weights, ids)
+    error = (got.float() - expected).abs().max().item()
+    assert error <= 2e-2 * expected.abs().max().item(), error
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 8, 16, 100, 1024])
+@pytest.mark.parametrize("shape", [(128, 2048, 768, 8), (8, 1024, 1792, 2), (6, 256, 96, 3)])
+def test_kernel_matches_reference_bf16(shape, num_tokens):
+    num_experts, hidden, intermediate, top_k = shape
+    inputs = moe_inputs(num_experts, hidden, intermediate, top_k, num_tokens)
+    for configs in [None, (GEMV, GEMV), (GROUPED, GROUPED), (GEMV, GROUPED)]:
+        assert_close_to_reference(fused_experts(*inputs, configs=configs), *inputs)
+
+
+@pytest.mark.parametrize("num_tokens", [4, 64])
+def test_moe_captures_in_a_cuda_graph_and_masks_padding(num_tokens):
+    """No host sync (capture would fail), fixed buffers, and tokens past the device-side count
+    of real tokens reach no expert; the real tokens' outputs equal an unpadded run's."""
+    inputs = moe_inputs(128, 2048, 768, 8, num_tokens, seed=1)
+    num_valid = torch.full((1,), num_tokens, dtype=torch.int32, device=CUDA)
+    fused_experts(*inputs, num_valid_tokens=num_valid)  # warm up (compile) outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts(*inputs, num_valid_tokens=num_valid)
+    for real in (num_tokens, num_tokens - 1, 1):
+        num_valid.fill_(real)
+        graph.replay()
+        x, w13, w2, weights, ids = inputs
+        assert torch.equal(out[real:], torch.zeros_like(out[real:]))
+        expected = fused_experts(*inputs, num_valid_tokens=num_valid)
+        assert torch.equal(out[:real], expected[:real])
+        assert_close_to_reference(out[:real], x[:real], w13, w2, weights[:real], ids[:real])
+
+
+def test_default_configs_cover_decode_and_prefill():
+    assert default_config(1)["path"] == "gemv" and default_config(512)["path"] == "grouped"
+
+
+def random_batch(num_tokens: int, seed: int) -> ForwardBatch:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 320, (num_tokens,), generator=generator).tolist()
+    return ForwardBatch.build(
+        token_ids=[tokens],
+        prefix_lens=[0],
+        block_tables=[list(range(1, num_tokens // 16 + 2))],
+        block_size=16,
+        device="cuda",
+    )
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("strategy", [("breakable", "eager"), ("compiled", "eager"),
+                                      ("compiled", "inductor")])  # fmt: skip
+def test_piecewise_replay_equals_eager_padded(checkpoints, arch, strategy):
+    prefill_graph, compiler = strategy
+    config, path = make_engine_config(
+        str(checkpoints[arch][0]), dtype="bfloat16", device="cuda", num_kv_tokens=4096,
+        prefill_graph=prefill_graph, piece_compiler=compiler, capture_sizes=[4, 8, 16, 64],
+    )  # fmt: skip
+    runner = ModelRunner(config, path)
+    piecewise = runner.piecewise
+    for n in (1, 3, 5, 16, 17, 50):
+        expected = piecewise.run_eager_padded(random_batch(n, seed=n))
+        got = piecewise.run(random_batch(n, seed=n)).clone()
+        if compiler == "eager":
+            assert torch.equal(got, expected), n
+        else:  # inductor fuses the ops around the MoE op: equal up to bf16 rounding
+            torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=5e-2)
+
+
+PROMPTS = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 250, 13], [300, 301, 12, 77, 54, 23, 9, 81, 44, 6, 1]]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("prefill_graph", ["breakable", "compiled"])
+def test_greedy_identical_with_graphs_on_and_off(checkpoints, arch, prefill_graph):
+    """FULL decode graphs for decode steps, piecewise graphs for prefill: same tokens."""
+    path = str(checkpoints[arch][0])
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    common = dict(dtype="bfloat16", num_kv_tokens=4096, max_num_batched_tokens=64)
+    on = LLM(path, prefill_graph=prefill_graph, capture_sizes=[4, 8, 16, 32, 64], **common)
+    on_tokens = [o.token_ids for o in on.generate(PROMPTS, params)]
+    paths = on.engine.stats()["dispatch"]["paths"]
+    assert paths["piecewise"] > 0 and paths["full"] > 0, paths
+    del on
+    off = LLM(path, disable_cuda_graph=True, **common)
+    assert [o.token_ids for o in off.generate(PROMPTS, params)] == on_tokens
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_bf16_matches_transformers(checkpoints, arch):
+    """As tests/gpu/test_reference_gpu.py: |Δ logprob| <= 0.1 and greedy choices equal where
+    transformers' top-1 margin exceeds 0.1."""
+    path, hf_model = checkpoints[arch]
+    hf = copy.deepcopy(hf_model).to(device="cuda", dtype=torch.bfloat16)
+    llm = LLM(str(path), dtype="bfloat16", device="cuda", num_kv_tokens=4096,
+              capture_sizes=[4, 8, 16])  # fmt: skip
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
+    for prompt, output in zip(PROMPTS, llm.generate(PROMPTS, params), strict=True):
+        ids = prompt + output.token_ids
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids], device="cuda")).logits[0].float()
+        reference = torch.log_softmax(logits, dim=-1)
+        for step, lp in enumerate(output.logprobs):
+            row = reference[len(prompt) - 1 + step]
+            assert abs(lp.logprob - row[lp.token_id].item()) <= 0.1
+            top2 = row.topk(2)
+            if (top2.values[0] - top2.values[1]).item() > 0.1:
+                assert lp.token_id == top2.indices[0].item()

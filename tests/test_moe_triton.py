@@ -1,0 +1,198 @@
+"""The Triton fused MoE against the torch reference, on CPU under the Triton interpreter.
+
+Kernel cases cover both paths (per-pair GEMV for decode, grouped GEMM over expert-sorted
+blocks for prefill) for several (E, top_k, M) including M=1, an expert that receives no token,
+every token on one expert, and padding tokens (expert id out of range) that must change
+nothing. Then whole Qwen3-MoE and Mixtral models run with the kernels and match transformers.
+
+TRITON_INTERPRET=1 must be set before triton is first imported; as in
+tests/test_triton_attention.py, a full run where triton was already loaded compiled runs this
+module again in a fresh process. bf16 is covered on GPU only (tests/gpu/test_moe_gpu.py): the
+interpreter multiplies bf16 tiles as integers in tl.dot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    pytest.skip("CUDA machine: tests/gpu/test_moe_gpu.py tests the compiled kernels",
+                allow_module_level=True)  # fmt: skip
+if "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from tesela import LLM, SamplingParams  # noqa: E402
+from tesela.layers.moe import kernels  # noqa: E402
+from tesela.layers.moe.fused_moe import fused_experts  # noqa: E402
+from tesela.layers.moe.layer import use_triton_on_cpu  # noqa: E402
+from tesela.layers.moe.reference import moe_reference  # noqa: E402
+from tesela.layers.moe.router import select_experts  # noqa: E402
+from tests.test_reference import PROMPTS, hf_greedy  # noqa: E402
+
+INTERPRETED_HERE = not isinstance(
+    kernels.pair_gemv_kernel, __import__("triton").runtime.JITFunction
+)
+
+
+@pytest.fixture(autouse=True)
+def _kernels_run_in_this_process(request):
+    if not INTERPRETED_HERE and request.function is not test_in_a_fresh_interpreter_process:
+        pytest.skip("triton was loaded without TRITON_INTERPRET: run by the fresh-process test")
+
+
+def test_in_a_fresh_interpreter_process():
+    """Run this module again where TRITON_INTERPRET=1 is set before triton is imported."""
+    if INTERPRETED_HERE:
+        pytest.skip("the kernel tests run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
+GEMV = {"path": "gemv", "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+GROUPED = {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2,
+           "num_warps": 4, "num_stages": 1}  # fmt: skip
+# (gate/up config, down config): the paths share the pair-indexed intermediate, so they mix.
+PATHS = {"gemv": (GEMV, GEMV), "grouped": (GROUPED, GROUPED), "mixed": (GEMV, GROUPED)}
+# H and I are not multiples of the tiles, so every mask is exercised.
+HIDDEN, INTERMEDIATE = 40, 24
+
+
+def make_experts(num_experts: int, dtype=torch.float32, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * INTERMEDIATE, HIDDEN, generator=generator) * 0.2
+    w2 = torch.randn(num_experts, HIDDEN, INTERMEDIATE, generator=generator) * 0.2
+    return w13.to(dtype), w2.to(dtype)
+
+
+def route(num_tokens: int, num_experts: int, top_k: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, HIDDEN, generator=generator)
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    weights, ids = select_experts(logits, top_k, "softmax_topk", True)
+    return hidden, weights, ids
+
+
+# The per-pair path serves decode (M <= 8 by default) and is slow in the interpreter: it gets
+# the small cases.
+KERNEL_CASES = [
+    ("gemv", 4, 1, 1),
+    ("gemv", 8, 2, 1),
+    ("gemv", 6, 6, 3),
+    ("grouped", 8, 2, 1),
+    ("grouped", 16, 4, 37),
+    ("grouped", 6, 6, 5),
+    ("mixed", 8, 2, 7),
+]
+
+
+@pytest.mark.parametrize("path,num_experts,top_k,num_tokens", KERNEL_CASES)
+def test_kernel_matches_reference(path, num_experts, top_k, num_tokens):
+    w13, w2 = make_experts(num_experts)
+    hidden, weights, ids = route(num_tokens, num_experts, top_k, seed=num_tokens)
+    expected = moe_reference(hidden, w13, w2, weights, ids)
+    got = fused_experts(hidden, w13, w2, weights, ids, configs=PATHS[path])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_idle_experts_and_every_token_on_one_expert(path):
+    w13, w2 = make_experts(8)
+    hidden, weights, _ = route(11, 8, 2, seed=1)
+    # Experts 0, 2..7 idle; expert 1 takes every token in both slots (weights still differ).
+    ids = torch.full((11, 2), 1)
+    expected = moe_reference(hidden, w13, w2, weights, ids)
+    got = fused_experts(hidden, w13, w2, weights, ids, configs=PATHS[path])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Only experts 3 and 6 used: the blocks of the others are empty.
+    ids = torch.where(torch.arange(11)[:, None] % 2 == 0, 3, 6).expand(11, 2).contiguous()
+    ids[:, 1] = 9 - ids[:, 0]
+    expected = moe_reference(hidden, w13, w2, weights, ids)
+    got = fused_experts(hidden, w13, w2, weights, ids, configs=PATHS[path])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_padding_tokens_change_nothing(path):
+    """Tokens routed to an out-of-range expert (how graphs pad) get zeros and leave the rest."""
+    w13, w2 = make_experts(8)
+    hidden, weights, ids = route(12, 8, 2, seed=2)
+    real = fused_experts(hidden[:7], w13, w2, weights[:7], ids[:7], configs=PATHS[path])
+    padded_ids = ids.clone()
+    padded_ids[7:] = 8
+    got = fused_experts(hidden, w13, w2, weights, padded_ids, configs=PATHS[path])
+    assert torch.equal(got[7:], torch.zeros(5, HIDDEN))
+    torch.testing.assert_close(got[:7], real, rtol=1e-6, atol=1e-6)
+    # The same through the device-side count of real tokens (what graph replays use).
+    num_valid = torch.tensor([7], dtype=torch.int32)
+    counted = fused_experts(hidden, w13, w2, weights, ids, configs=PATHS[path],
+                            num_valid_tokens=num_valid)  # fmt: skip
+    assert torch.equal(counted, got)
+
+
+def test_half_precision_kernel():
+    w13, w2 = make_experts(8, dtype=torch.float16)
+    hidden, weights, ids = route(5, 8, 2, seed=3)
+    hidden = hidden.half()
+    expected = moe_reference(hidden.float(), w13.float(), w2.float(), weights, ids)
+    for configs in (PATHS["gemv"], PATHS["grouped"]):
+        got = fused_experts(hidden, w13, w2, weights, ids, configs=configs)
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_models_with_the_kernel_match_transformers(checkpoints, arch):
+    """Prefill takes the grouped path (M > 8), decode the per-pair path: both in one run."""
+    path, hf_model = checkpoints[arch]
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with use_triton_on_cpu():
+        outputs = llm.generate(PROMPTS, params)
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        assert output.token_ids == hf_greedy(hf_model, prompt)[0][:4]
+
+
+def test_full_decode_replay_routes_padding_rows_to_no_expert(checkpoints):
+    """FULL decode graphs (CPU stand-in, Triton attention in the interpreter): a 3-row decode
+    replays the 4-row graph; its MoE layers read 3 real tokens, the padding row reaches no
+    expert, and the logits equal eager."""
+    from tesela.core.forward_batch import ForwardBatch, ForwardMode
+    from tesela.engine.llm_engine import make_engine_config
+    from tesela.executor.model_runner import ModelRunner
+    from tests.test_moe import MoeCalls
+
+    config, path = make_engine_config(str(checkpoints["qwen3_moe"][0]), num_kv_tokens=1024)
+    runner = ModelRunner(dataclasses.replace(config, attention_backend="triton"), path)
+    runner.add_full_decode((1, 2, 4), max_model_len=128)
+
+    def batch(rows, mode=None):
+        return ForwardBatch.build(
+            token_ids=[[7 + i] * n for i, (_, n) in enumerate(rows)],
+            prefix_lens=[p for p, _ in rows],
+            block_tables=[list(range(1 + 4 * i, 5 + 4 * i)) for i in range(len(rows))],
+            block_size=16,
+            device="cpu",
+            mode=mode,
+        )
+
+    runner.forward_eager(batch([(0, 9), (0, 12), (0, 5)]))  # the prefixes
+    decode = [(9, 1), (12, 1), (5, 1)]
+    with MoeCalls() as observed:
+        got = runner.full_decode.run(batch(decode, ForwardMode.DECODE))
+    assert [(count, out.shape[0]) for count, out in observed.calls] == [(3, 4), (3, 4)]
+    for _, out in observed.calls:
+        assert torch.equal(out[3], torch.zeros_like(out[3]))
+    expected = runner.forward_eager(batch(decode, ForwardMode.DECODE))
+    torch.testing.assert_close(got, expected)
