@@ -52,6 +52,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="share the KV of repeated prompt prefixes across requests (default: on)",
     )
     parser.add_argument(
+        "--overlap-schedule",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="schedule step N+1 while the GPU runs step N (default: on for CUDA, off on CPU)",
+    )
+    parser.add_argument(
         "--verify-graphs",
         action="store_true",
         help="compare every captured size with eager at startup",
@@ -78,6 +84,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         disable_cuda_graph=args.disable_cuda_graph,
         verify_graphs=args.verify_graphs,
         enable_prefix_caching=args.enable_prefix_caching,
+        overlap_schedule=args.overlap_schedule,
     )
 
 

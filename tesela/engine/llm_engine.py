@@ -378,12 +378,16 @@ class LLMEngine:
         for r, p, n in zip(
             scheduled.requests, scheduled.prefix_lens, scheduled.num_new_tokens, strict=True
         ):
-            row = r.all_token_ids[p : p + n]
-            if len(row) < n:  # the last token is in flight: its id comes from the device
-                assert len(row) == n - 1 and self._inflight is not None, "unknown token ids"
+            known = r.num_tokens - r.num_inflight_tokens
+            if p + n <= known:
+                row = r.all_token_ids[p : p + n]
+            else:  # the last token is in flight: its id comes from the device
+                assert p + n == known + 1 and self._inflight is not None, "unknown token ids"
+                # A decode row (the common case) needs no host ids at all.
+                row = r.all_token_ids[p:known] if p < known else []
+                row.append(0)
                 gather_dst.append(num_tokens + n - 1)
                 gather_src.append(self._inflight.index_of[r.request_id])
-                row.append(0)
             token_ids.append(row)
             num_tokens += n
         decode_rows = [scheduled.is_decode_row(i) for i in range(len(scheduled.requests))]
