@@ -317,30 +317,28 @@ class LLMEngine:
         """Run the batch and sample on the device; start copying the results to the host."""
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
-        batch = self._forward_batch(scheduled)
-        sampled = None
-        if rows and self.sampler.uses_host_processors([r.params for r in requests]):
-            # Logit processors the graphs do not capture: logits out, then the same sampling.
-            logits = self.runner.forward(batch)
-            sampled = self.sampler.sample(
-                logits,
-                [r.params for r in requests],
-                [r.request_id for r in requests],
-                [r.num_output_tokens for r in requests],
-            )
-        elif rows:
-            params = [r.params for r in requests]
-            ids = [r.request_id for r in requests]
-            indices = [r.num_output_tokens for r in requests]
-            vocab = self.config.model_config.vocab_size
-            tensors = self.sampler.tensors(params, ids, indices, vocab)
-            sampled = self.runner.forward_sample(batch, tensors, variant_for(params))
+        batch = self._forward_batch(scheduled, rows)
+        params = [r.params for r in requests]
+        if rows:
+            sampled = self._forward_sample(batch, requests, params)
         else:
+            sampled = None
             self.runner.forward(batch)  # prefill chunks only: KV writes, nothing to sample
         self.scheduler.launched(scheduled)
-        step = _InFlight(scheduled, rows, [r.params for r in requests], sampled)
+        step = _InFlight(scheduled, rows, params, sampled)
         step.start_copy()
         return step
+
+    def _forward_sample(self, batch: ForwardBatch, requests: list[Request], params):
+        """Forward and sampling on the device: in the FULL decode graphs where they serve the
+        batch; with logits taken out when a row needs host-side logit processors."""
+        ids = [r.request_id for r in requests]
+        indices = [r.num_output_tokens for r in requests]  # the token each row draws
+        if self.sampler.uses_host_processors(params):
+            return self.sampler.sample(self.runner.forward(batch), params, ids, indices)
+        vocab = self.config.model_config.vocab_size
+        tensors = self.sampler.tensors(params, ids, indices, vocab)
+        return self.runner.forward_sample(batch, tensors, variant_for(params))
 
     def _resolve(self, step: _InFlight) -> dict[str, RequestOutput]:
         """Read a launched step's tokens, append them, apply stop conditions."""
@@ -372,7 +370,7 @@ class LLMEngine:
         new = 1 if request.request_id in outputs else 0
         outputs[request.request_id] = self._output(request, new_tokens=new)
 
-    def _forward_batch(self, scheduled: ScheduledBatch) -> ForwardBatch:
+    def _forward_batch(self, scheduled: ScheduledBatch, logits_rows: list[int]) -> ForwardBatch:
         token_ids, gather_dst, gather_src = [], [], []
         num_tokens = 0
         for r, p, n in zip(
@@ -404,7 +402,7 @@ class LLMEngine:
             block_tables=[r.block_ids for r in scheduled.requests],
             block_size=self.config.cache.block_size,
             device=self.runner.device,
-            logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
+            logits_rows=logits_rows,
             request_ids=[r.request_id for r in scheduled.requests],
             mode=mode,
         )
