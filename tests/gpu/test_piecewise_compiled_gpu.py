@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 from tesela import LLM, SamplingParams
 from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
+from tesela.executor.dispatcher import RunPath
 from tesela.executor.graphs import CudaGraphFactory
 from tesela.executor.model_runner import ModelRunner
 
@@ -88,7 +89,7 @@ def assert_replay_matches(piece_compiler: str, got: torch.Tensor, expected: torc
 
 def test_every_piece_is_captured_at_every_size_with_one_compile(compiled):
     _, runner, graphs_at_capture = compiled
-    report = runner.dispatcher.reports()[0]
+    report = runner.dispatcher.runners[RunPath.PIECEWISE].report()
     assert report.cuda_graphs and report.sizes == tuple(SIZES)
     assert report.graph_memory_bytes > 0
     pieces = runner.piecewise.pieces

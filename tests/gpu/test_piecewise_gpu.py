@@ -8,6 +8,7 @@ import torch
 from tesela import LLM, SamplingParams
 from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
+from tesela.executor.dispatcher import RunPath
 from tesela.executor.model_runner import ModelRunner
 
 SIZES = [4, 8, 16, 32, 64, 128, 256]
@@ -45,7 +46,7 @@ def random_batch(rows: list[tuple[int, int]], seed: int) -> ForwardBatch:
 
 
 def test_capture_report(runner):
-    report = runner.dispatcher.reports()[0]
+    report = runner.dispatcher.runners[RunPath.PIECEWISE].report()
     assert report.cuda_graphs and report.sizes == tuple(SIZES)
     assert report.segments_per_size == runner.config.model_config.num_hidden_layers + 1
     assert report.graph_memory_bytes > 0

@@ -5,7 +5,10 @@ pool small enough to preempt and evict.
 
 float32 is the exact check: the cached prefix's KV was computed in another batch than the
 cache-off run computes it in, so GEMM kernels may differ by row count, which moves float32 by
-~1e-7 but bf16 by a rounding step. bf16 is checked too, as the serving dtype.
+~1e-7 but bf16 by a rounding step. With random weights the logits are nearly flat, so in bf16
+such a step flips greedy near-ties (seen on an H200: 7 of 20 requests diverged somewhere in
+their output); bf16, the serving dtype, is therefore checked for the cache working (hits,
+preemption, both graph paths, every request finished with its full length), not for equality.
 """
 
 from __future__ import annotations
@@ -41,4 +44,8 @@ def test_greedy_identical_with_the_cache_on_and_off(dtype, limits):
         assert engine.scheduler.num_preemptions > 0
     del engine
     _, off = run(workload, enable_prefix_caching=False, **common)
-    assert tokens(on) == tokens(off)
+    assert tokens(on).keys() == tokens(off).keys()
+    if dtype == "float32":
+        assert tokens(on) == tokens(off)
+    else:
+        assert [len(t) for t in tokens(on).values()] == [len(t) for t in tokens(off).values()]
