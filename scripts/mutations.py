@@ -184,7 +184,19 @@ MUTATIONS = {
         SCHEDULER,
         "shared.\n            self.block_manager.cache_full_blocks(request)\n",
         "shared.\n",
-        CACHE_TESTS,
+        CACHE_TESTS + [OVERLAP],
+    ),
+    "a block whose last token is in flight is hashed from the ids the host knows": (
+        BLOCKS,
+        "request.num_tokens - request.num_inflight_tokens)",
+        "request.num_tokens)",
+        [OVERLAP + "::test_prefix_blocks_register_at_launch_and_never_with_an_in_flight_id"],
+    ),
+    "a block completed by an in-flight token is registered only at a later launch": (
+        SCHEDULER,
+        "known now.\n            self.block_manager.cache_full_blocks(request)\n",
+        "known now.\n",
+        [OVERLAP + "::test_prefix_blocks_register_at_launch_and_never_with_an_in_flight_id"],
     ),
     "a multi-token recompute row is labelled decode": (
         SCHEDULER,

@@ -181,3 +181,32 @@ def test_host_processor_path_samples_what_the_device_path_samples(reference, mon
     monkeypatch.setattr(engine.sampler, "needs_history", lambda params: True)
     assert tokens(run(engine, PROMPTS, MIXED)) == expected
     assert engine._inflight is None
+
+
+def test_prefix_blocks_register_at_launch_and_never_with_an_in_flight_id():
+    """A prefill chunk's full blocks are shared once launched; a block whose last token is in
+    flight waits for that id (hashing what the host knows would register a wrong hash) and is
+    registered when the step that sampled it is resolved."""
+    from tesela.config import SchedulerConfig
+    from tesela.engine.block_manager import BlockManager
+    from tesela.engine.request import Request
+    from tesela.engine.scheduler import Scheduler
+
+    blocks = BlockManager(32, block_size=4)
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=4, max_model_len=64)
+    scheduler = Scheduler(config, blocks)
+    request = Request("a", [11, 12, 13, 14, 15, 16, 17], GREEDY)
+    scheduler.add(request)
+    chunk = scheduler.schedule()
+    scheduler.launched(chunk)
+    assert blocks.num_cached_blocks == 1  # positions 0-3, written by this launch
+    scheduler.resolve(chunk, [None])
+    last_chunk = scheduler.schedule()  # positions 4-6: samples position 7
+    scheduler.launched(last_chunk)
+    decode = scheduler.schedule()  # overlap: position 7 runs before its id is read
+    scheduler.launched(decode)
+    assert request.num_inflight_tokens == 2 and blocks.num_cached_blocks == 1
+    scheduler.resolve(last_chunk, [42])
+    assert blocks.num_cached_blocks == 2
+    twin = Request("b", [11, 12, 13, 14, 15, 16, 17, 42, 9], GREEDY)
+    assert blocks.find_cached_prefix(twin) == request.block_ids[:2]

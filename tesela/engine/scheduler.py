@@ -200,7 +200,7 @@ class Scheduler:
                 continue
             request.num_inflight_tokens -= 1
             request.output_token_ids.append(token)
-            # A block completed by a token that was in flight can be hashed now.
+            # A block completed by a token that was in flight: its ids are all known now.
             self.block_manager.cache_full_blocks(request)
             reason = request.check_token_stop(self.config.max_model_len)
             if reason is not None:
