@@ -48,7 +48,7 @@ for step in $steps; do
       done ;;
     bench-serve)
       for graphs in on off; do
-        flag=""; [ "$graphs" = off ] && flag=--disable-cuda-graph
+        flag=""; [ "$graphs" = off ] && flag=--disable-cudagraph
         timeout 300 python3 -m tesela.cli bench serve --model qwen3-0.6b --concurrency 1,8,32 \
           --num-prompts ${SERVE_PROMPTS:-64} $flag --output-dir "$RES/serve-$graphs" 2>&1 | tee "$RES/bench-serve-$graphs.log" | tail -10
       done ;;

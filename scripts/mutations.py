@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Mutation check of the graph layer and the prefix cache: each mutation must make a CPU test
-fail.
+"""Mutation check of the graph layer, the prefix cache, the sampler and the server: each
+mutation must make a CPU test fail.
 
 Applies one textual mutation at a time to a temporary copy of the repository, runs the tests
 that guard it, and prints `mutation -> CAUGHT by <tests>` (or MISSED). Exit status 1 if any
@@ -149,6 +149,58 @@ MUTATIONS = {
         "            if request.num_inflight_tokens and request.reaches_length_limit(",
         "            if False and request.reaches_length_limit(",
         [OVERLAP + "::test_each_step_is_read_back_one_step_later"],
+    ),
+    "presence penalty not applied": (
+        "tesela/engine/sampler.py",
+        "    return logits - presence * (output_counts > 0).to(logits.dtype)\n",
+        "    return logits\n",
+        ["tests/test_sampler.py"],
+    ),
+    "prompt logprobs score the wrong token": (
+        "tesela/engine/llm_engine.py",
+        "[request.prompt_token_ids[p + 1] for p in positions]",
+        "[request.prompt_token_ids[p] for p in positions]",
+        ["tests/test_sampler.py::test_prompt_logprobs_match_transformers_across_prefill_chunks"],
+    ),
+    "chat templates render unsandboxed": (
+        "tesela/tokenizer.py",
+        "    environment = ImmutableSandboxedEnvironment(",
+        "    import jinja2\n\n    environment = jinja2.Environment(",
+        ["tests/test_server_hardening.py::test_a_hostile_chat_template_fails_safely"],
+    ),
+    "request parsing and templating on the event loop": (
+        "tesela/server/routes.py",
+        "        return await anyio.to_thread.run_sync(function, raw, limiter=self.preprocess_limiter)",
+        "        return function(raw)",
+        ["tests/test_server_hardening.py::test_templating_runs_off_the_event_loop"],
+    ),
+    "huge prompts tokenized before the length check": (
+        "tesela/server/protocol.py",
+        "        if len(text) > self.max_prompt_chars:",
+        "        if False:",
+        [
+            "tests/test_server_hardening.py::test_health_answers_within_a_second_while_a_50_mb_request_is_in_flight"
+        ],
+    ),
+    "a 500 is re-raised to uvicorn (connection reset, logged twice)": (
+        "tesela/server/routes.py",
+        "                await error_response(error)(scope, receive, send_with_id)\n",
+        "                await error_response(error)(scope, receive, send_with_id)\n            raise\n",
+        [
+            "tests/test_server_hardening.py::test_a_500_carries_a_request_id_not_internals_and_keeps_the_connection"
+        ],
+    ),
+    "SIGTERM without a drain": (
+        "tesela/server/shutdown.py",
+        "asyncio.ensure_future(drain_engine(self.config.app, self.drain_timeout))",
+        "asyncio.ensure_future(asyncio.sleep(0))",
+        ["tests/test_serve_process.py::test_sigterm_drains_then_ends_open_streams_cleanly"],
+    ),
+    "SIGTERM re-raised after shutdown (exit status not 0)": (
+        "tesela/server/shutdown.py",
+        "    def capture_signals(self):",
+        "    def _unused_capture_signals(self):",
+        ["tests/test_serve_process.py::test_sigterm_drains_then_ends_open_streams_cleanly"],
     ),
     "a partial block enters the prefix cache": (
         BLOCKS,

@@ -1,6 +1,6 @@
-"""`tesela bench prefill`: one-request prefill latency by graph strategy (shared/BENCH.md).
+"""`tesela bench prefill`: one-request prefill latency by graph mode (shared/BENCH.md).
 
-One model is loaded once; every strategy runs over it: eager, torch.compile (default and
+One model is loaded once; every mode runs over it: eager, torch.compile (default and
 reduce-overhead), piecewise breakable, piecewise compiled (eager and inductor pieces), and a
 full graph captured at each exact size (the launch-free floor for the same kernels). Latency is
 host-visible (launch to synchronized result), median of repeated runs after warmup; the logits
@@ -22,7 +22,7 @@ import torch
 from tesela.config import default_capture_sizes
 from tesela.core.forward_batch import ForwardBatch
 from tesela.core.forward_context import forward_context
-from tesela.engine.llm_engine import make_engine_config
+from tesela.engine.llm_engine import make_engine_config, resolve_model
 from tesela.executor.graphs import graph_factory_for
 from tesela.executor.model_runner import ModelRunner
 from tesela.executor.piecewise.breakable import BreakablePiecewiseRunner
@@ -39,34 +39,87 @@ COLUMNS = (
 )
 
 
+# Columns that capture CUDA graphs, and columns that build with inductor (C++ on a CPU: slow
+# to build and not what this benchmark measures): both are skipped on CPU, with a note.
+CUDA_ONLY_COLUMNS = ("compile-ro", "full-graph")
+INDUCTOR_COLUMNS = ("compile", "compiled-inductor")
+
+
+def runnable_columns(columns: list[str], device: torch.device) -> tuple[list[str], list[str]]:
+    """(columns to run, notes on the ones skipped on this device)."""
+    if device.type == "cuda":
+        return columns, []
+    kept = [c for c in columns if c not in CUDA_ONLY_COLUMNS + INDUCTOR_COLUMNS]
+    notes = [
+        f"skipped {c} on {device.type}: "
+        + ("it captures CUDA graphs" if c in CUDA_ONLY_COLUMNS else "inductor builds C++ on CPU")
+        for c in columns
+        if c not in kept
+    ]
+    return kept, notes
+
+
+def fitting_counts(counts: list[int], max_positions: int, what: str) -> tuple[list[int], list[str]]:
+    """Drop the sizes the model's context cannot hold (e.g. 4096 on `tiny`), with a note."""
+    kept = [n for n in counts if n <= max_positions]
+    notes = [
+        f"skipped {what} {n}: over the model's {max_positions} positions"
+        for n in counts
+        if n not in kept
+    ]
+    if not kept:
+        raise ValueError(
+            f"every {what} exceeds the model's {max_positions} positions: pass smaller ones"
+        )
+    return kept, notes
+
+
 def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="qwen3-0.6b")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--num-tokens", default="16,64,256,1024,4096")
-    parser.add_argument("--columns", default=",".join(COLUMNS))
-    parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--output-dir", default="results")
+    parser.add_argument("--model", default="qwen3-0.6b", help="a model folder or a preset")
+    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
+    parser.add_argument(
+        "--num-tokens", default="16,64,256,1024,4096", help="prompt lengths to time"
+    )
+    parser.add_argument(
+        "--columns",
+        default=",".join(COLUMNS),
+        help="what to time (GPU-only ones are skipped on CPU, with a note)",
+    )
+    parser.add_argument("--repeat", type=int, default=30, help="timed runs per cell")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs per cell first")
+    parser.add_argument("--output-dir", default="results", help="where JSON (and PNG) go")
 
 
 def run_prefill(args: argparse.Namespace) -> int:
-    counts = [int(n) for n in args.num_tokens.split(",")]
-    columns = [c for c in args.columns.split(",") if c]
+    model_config, _ = resolve_model(args.model)
+    counts, notes = fitting_counts(
+        [int(n) for n in args.num_tokens.split(",")],
+        model_config.max_position_embeddings,
+        "num_tokens",
+    )
+    requested = [c for c in args.columns.split(",") if c]
+    unknown = sorted(set(requested) - set(COLUMNS))
+    if unknown:
+        raise ValueError(
+            f"unknown column(s) {', '.join(unknown)}: choose from {', '.join(COLUMNS)}"
+        )
     config, path = make_engine_config(
         args.model,
         dtype=args.dtype,
         device=args.device,
-        disable_cuda_graph=True,
+        disable_cudagraph=True,
         attention_backend=args.attention_backend,
         num_kv_tokens=max(counts) + 64,
         max_num_batched_tokens=max(counts),
     )
     runner = ModelRunner(config, path)
+    columns, skipped = runnable_columns(requested, runner.device)
     bench = PrefillBench(runner, counts, args.repeat, args.warmup)
     results = bench.run(columns)
-    suffix = "" if columns == list(COLUMNS) else "-" + "-".join(columns)
+    results["notes"] = notes + skipped
+    suffix = "" if requested == list(COLUMNS) else "-" + "-".join(requested)
     write_outputs(results, Path(args.output_dir), f"prefill-{args.model}{suffix}")
     print(format_table(results))
     return 0
@@ -190,12 +243,12 @@ class PrefillBench:
             return self._with_context(lambda b: compiled(b.input_ids, b.positions))
         if column == "full-graph":
             return FullGraphs(runner)
-        strategy, compiler = {
+        mode, compiler = {
             "breakable": ("breakable", "eager"),
             "compiled-eager": ("compiled", "eager"),
             "compiled-inductor": ("compiled", "inductor"),
         }[column]
-        return self._piecewise(column, strategy, compiler)
+        return self._piecewise(column, mode, compiler)
 
     def _with_context(self, fn):
         def run(batch: ForwardBatch) -> torch.Tensor:
@@ -205,7 +258,7 @@ class PrefillBench:
 
         return run
 
-    def _piecewise(self, column: str, strategy: str, compiler: str):
+    def _piecewise(self, column: str, mode: str, compiler: str):
         runner = self.runner
         collaborators = dict(
             model=runner.model,
@@ -214,8 +267,8 @@ class PrefillBench:
             block_size=runner.kv_cache.block_size,
             graphs=graph_factory_for(runner.device),
         )
-        if strategy == "compiled":
-            piecewise = CompiledPiecewiseRunner(piece_compiler=compiler, **collaborators)
+        if mode == "compiled":
+            piecewise = CompiledPiecewiseRunner(piecewise_compiler=compiler, **collaborators)
         else:
             piecewise = BreakablePiecewiseRunner(**collaborators)
         report = piecewise.capture()
@@ -304,7 +357,10 @@ def write_outputs(results: dict, output_dir: Path, name: str, plot: bool = True)
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"(matplotlib missing: no plot; raw numbers in {output_dir / name}.json)")
+        print(
+            f"(no plot: pip install 'tesela[plot]' for PNGs; numbers in {output_dir / name}.json)",
+            file=sys.stderr,
+        )
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     columns = sorted({k.split("/")[0] for k in results["latency_ms"]}, key=COLUMNS.index)
@@ -348,6 +404,7 @@ def format_table(results: dict) -> str:
         )
     for column, build in results["build"].items():
         lines.append(f"build {column}: {build}")
+    lines += [f"note: {note}" for note in results.get("notes", [])]
     errors = results["max_abs_err"]
     if errors:
         worst = {

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tesela.bench import sync, weight_nbytes, write_outputs
+from tesela.bench import fitting_counts, sync, weight_nbytes, write_outputs
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
@@ -25,13 +25,13 @@ from tesela.models.step_bytes import decode_step_weight_bytes, record_routed_exp
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="qwen3-0.6b")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--batch-sizes", default="1,8,32,128")
-    parser.add_argument("--contexts", default="512,4096")
-    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--model", default="qwen3-0.6b", help="a model folder or a preset")
+    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
+    parser.add_argument("--batch-sizes", default="1,8,32,128", help="decode batch sizes")
+    parser.add_argument("--contexts", default="512,4096", help="tokens cached per row")
+    parser.add_argument("--repeat", type=int, default=50, help="timed steps per cell")
     parser.add_argument(
         "--kv-budget-gib",
         type=float,
@@ -39,13 +39,18 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip shapes whose KV cache would exceed this (default: 40, or less when the "
         "weights leave less of the GPU: see kv_budget_gib)",
     )
-    parser.add_argument("--output-dir", default="results")
+    parser.add_argument("--output-dir", default="results", help="where the JSON goes")
 
 
 def run_decode(args: argparse.Namespace) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    contexts = [int(c) for c in args.contexts.split(",")]
     probe, _ = make_engine_config(args.model, dtype=args.dtype, device=args.device)
+    # A context needs its tokens plus a margin of positions (max_model_len = context + 16).
+    contexts, notes = fitting_counts(
+        [int(c) for c in args.contexts.split(",")],
+        probe.model_config.max_position_embeddings - 16,
+        "context",
+    )
     per_token = kv_bytes_per_token(probe)
     budget_gib = args.kv_budget_gib or kv_budget_gib(probe)
     fits = [
@@ -73,6 +78,7 @@ def run_decode(args: argparse.Namespace) -> int:
         "attention_backend": config.attention_backend,
         "copy_bandwidth_gbs": bandwidth / 1e9,
         "launches_per_layer": launches_per_layer(runner),
+        "notes": notes,
         "rows": [],
         "skipped": [(b, c) for b in batch_sizes for c in contexts if (b, c) not in fits],
     }
@@ -319,4 +325,5 @@ def format_decode_table(results: dict) -> str:
         )
     if results["skipped"]:
         lines.append(f"skipped (KV over budget): {results['skipped']}")
+    lines += [f"note: {note}" for note in results.get("notes", [])]
     return "\n".join(lines)

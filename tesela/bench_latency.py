@@ -18,15 +18,18 @@ from tesela.bench import sync, write_outputs
 
 
 def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="qwen3-0.6b")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--batch-sizes", default="1,32,256")
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--num-kv-tokens", type=int, default=None)
-    parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument("--model", default="qwen3-0.6b", help="a model folder or a preset")
+    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
+    parser.add_argument("--batch-sizes", default="1,32,256", help="prompts generated together")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--output-len", type=int, default=128, help="new tokens per prompt")
+    parser.add_argument(
+        "--num-kv-tokens", type=int, default=None, help="KV cache size (default: the engine's)"
+    )
+    parser.add_argument("--disable-cudagraph", action="store_true", help="run every batch eagerly")
+    parser.add_argument("--output-dir", default="results", help="where the JSON goes")
     parser.add_argument(
         "--overlap-schedule",
         choices=("auto", "on", "off"),
@@ -36,7 +39,6 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="> 0: seeded random sampling (top-k 50)"
     )
-    parser.add_argument("--output-dir", default="results")
 
 
 def run_latency(args: argparse.Namespace) -> int:
@@ -51,8 +53,8 @@ def run_latency(args: argparse.Namespace) -> int:
         max_num_seqs=max(batch_sizes),
         max_model_len=args.input_len + args.output_len + 16,
         num_kv_tokens=args.num_kv_tokens,
-        disable_cuda_graph=args.disable_cuda_graph,
-        overlap_schedule={"auto": None, "on": True, "off": False}[args.overlap_schedule],
+        disable_cudagraph=args.disable_cudagraph,
+        overlap_schedule=args.overlap_schedule,
     )
     config = llm.engine.config
     results = {
@@ -62,7 +64,7 @@ def run_latency(args: argparse.Namespace) -> int:
         "attention_backend": config.attention_backend,
         "input_len": args.input_len,
         "output_len": args.output_len,
-        "decode_graphs": config.graph.decode_graph and config.device != "cpu",
+        "decode_graphs": config.graph.full_decode and config.device != "cpu",
         "overlap_schedule": config.overlap_schedule,
         "temperature": args.temperature,
         "rows": [

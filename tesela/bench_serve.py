@@ -26,13 +26,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tesela.engine_args import EngineArgs
+from tesela.server.app import ServerThread, create_app
+
 PROMPT_TOKEN_RANGE = 256  # ids below this are ordinary tokens in every supported vocabulary
 
 
 def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from tesela.cli import add_engine_arguments
-
-    add_engine_arguments(parser)  # used only when the benchmark starts the server itself
+    EngineArgs.add_cli_args(parser)  # used only when the benchmark starts the server itself
     parser.add_argument(
         "--url", default=None, help="an already running server (default: start one in this process)"
     )
@@ -59,15 +60,19 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default="32,128",
         help="output lengths in tokens, drawn uniformly per request",
     )
-    parser.add_argument("--max-queue-len", type=int, default=1024)
+    parser.add_argument(
+        "--max-queue-len", type=int, default=1024, help="the started server's --max-queue-len"
+    )
     parser.add_argument(
         "--in-process",
         action="store_true",
         help="run the server on a thread of this process instead of a subprocess (quicker to "
         "start, but the load generator then shares the GIL with it)",
     )
-    parser.add_argument("--request-timeout", type=float, default=600.0)
-    parser.add_argument("--output-dir", default="results")
+    parser.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds before a request fails"
+    )
+    parser.add_argument("--output-dir", default="results", help="where JSON (and PNG) go")
     parser.add_argument(
         "--workload",
         default="random",
@@ -278,19 +283,15 @@ def run_bench_serve(args: argparse.Namespace) -> int:
 def _start_server(args: argparse.Namespace):
     """A server of its own: a subprocess by default, so that the load generator does not
     compete with the server for one interpreter's GIL; a thread with --in-process."""
-    from tesela.cli import engine_kwargs
-
-    kwargs = engine_kwargs(args)
+    engine_args = EngineArgs.from_cli_args(args)
     if args.in_process:
-        return _ServerInThread(args.model, kwargs, args.max_queue_len)
-    return _ServerProcess(args.model, kwargs, args.max_queue_len)
+        return _ServerInThread(engine_args, args.max_queue_len)
+    return _ServerProcess(engine_args, args.max_queue_len)
 
 
 class _ServerInThread:
-    def __init__(self, model: str, kwargs: dict, max_queue_len: int) -> None:
-        from tesela.server.app import ServerThread
-
-        self.server = ServerThread(_make_app(model, kwargs, max_queue_len))
+    def __init__(self, engine_args: EngineArgs, max_queue_len: int) -> None:
+        self.server = ServerThread(_make_app(engine_args, max_queue_len))
         self.url = self.server.start(timeout=900)
 
     def stop(self) -> None:
@@ -298,14 +299,14 @@ class _ServerInThread:
 
 
 class _ServerProcess:
-    def __init__(self, model: str, kwargs: dict, max_queue_len: int) -> None:
+    def __init__(self, engine_args: EngineArgs, max_queue_len: int) -> None:
         import multiprocessing
 
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA
         self.process = context.Process(
-            target=_serve_forever, args=(model, kwargs, max_queue_len, port), daemon=True
+            target=_serve_forever, args=(engine_args, max_queue_len, port), daemon=True
         )
         self.process.start()
         self._wait_ready(timeout=900)  # loading and graph capture can take minutes on a GPU
@@ -331,18 +332,17 @@ class _ServerProcess:
         self.process.join(30)
 
 
-def _make_app(model: str, kwargs: dict, max_queue_len: int):
+def _make_app(engine_args: EngineArgs, max_queue_len: int):
     from tesela.engine.llm_engine import LLMEngine, make_engine_config
-    from tesela.server.app import create_app
 
-    config, path = make_engine_config(model, **kwargs)
+    config, path = make_engine_config(engine_args)
     return create_app(LLMEngine(config, path), max_queue_len=max_queue_len)
 
 
-def _serve_forever(model: str, kwargs: dict, max_queue_len: int, port: int) -> None:
+def _serve_forever(engine_args: EngineArgs, max_queue_len: int, port: int) -> None:
     import uvicorn
 
-    app = _make_app(model, kwargs, max_queue_len)
+    app = _make_app(engine_args, max_queue_len)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 

@@ -43,13 +43,19 @@ from tesela.bench_serve import (
 
 def add_shared_prefix_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("shared-prefix workload (--workload shared-prefix)")
-    group.add_argument("--num-system-prompts", type=int, default=8)
-    group.add_argument("--system-prompt-len", type=int, default=2000)
+    group.add_argument(
+        "--num-system-prompts", type=int, default=8, help="distinct shared system prompts"
+    )
+    group.add_argument(
+        "--system-prompt-len", type=int, default=2000, help="tokens per system prompt"
+    )
     group.add_argument(
         "--user-len", default="64,128,192", help="user-turn lengths, drawn uniformly"
     )
-    group.add_argument("--num-conversations", type=int, default=32)
-    group.add_argument("--num-turns", type=int, default=4)
+    group.add_argument(
+        "--num-conversations", type=int, default=32, help="conversations replayed turn by turn"
+    )
+    group.add_argument("--num-turns", type=int, default=4, help="turns per conversation")
 
 
 @dataclass

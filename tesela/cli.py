@@ -1,103 +1,52 @@
-"""The `tesela` command: generate | serve | bench | doctor."""
+"""The `tesela` command: generate | serve | bench | doctor.
+
+The entry point on top of every layer. It imports torch (and the engine) only once a command
+runs, so `tesela --help` answers at once; a subcommand's flags are built only when that
+subcommand is named. A user's mistake (a missing folder, a bad flag value, a corrupt file)
+prints one line and exits 2; `-v` shows the traceback as well.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
-from tesela.presets import DEFAULT_MODEL, PRESETS
+from tesela.engine_args import EngineArgs
+from tesela.presets import PRESETS
 
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"a model folder or a preset ({', '.join(PRESETS)}); "
-        f"default: {DEFAULT_MODEL}, a random model",
-    )
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=2048,
-        help="token budget of one step (the chunked-prefill size)",
-    )
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--num-kv-tokens", type=int, default=None)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    parser.add_argument(
-        "--prefill-graph",
-        default=None,
-        choices=["breakable", "compiled", "none"],
-        help="piecewise graph strategy (default: breakable on CUDA, none on CPU)",
-    )
-    parser.add_argument("--piece-compiler", default="eager", choices=["eager", "inductor"])
-    parser.add_argument(
-        "--capture-sizes",
-        default=None,
-        help="comma-separated token counts to capture (default: the ladder)",
-    )
-    parser.add_argument("--max-capture-tokens", type=int, default=None)
-    parser.add_argument("--disable-cuda-graph", action="store_true")
-    parser.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="share the KV of repeated prompt prefixes across requests (default: on)",
-    )
-    parser.add_argument(
-        "--overlap-schedule",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="schedule step N+1 while the GPU runs step N (default: on for CUDA, off on CPU)",
-    )
-    parser.add_argument(
-        "--verify-graphs",
-        action="store_true",
-        help="compare every captured size with eager at startup",
-    )
+USAGE_ERROR = 2
+# Exceptions that mean "the input was wrong": their message says what and how to fix it.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    sizes = [int(s) for s in args.capture_sizes.split(",")] if args.capture_sizes else None
-    return dict(
-        load_format=args.load_format,
-        dtype=args.dtype,
-        device=args.device,
-        seed=args.seed,
-        attention_backend=args.attention_backend,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        num_kv_tokens=args.num_kv_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        prefill_graph=args.prefill_graph,
-        piece_compiler=args.piece_compiler,
-        capture_sizes=sizes,
-        max_capture_tokens=args.max_capture_tokens,
-        disable_cuda_graph=args.disable_cuda_graph,
-        verify_graphs=args.verify_graphs,
-        enable_prefix_caching=args.enable_prefix_caching,
-        overlap_schedule=args.overlap_schedule,
-    )
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults on every flag, and descriptions kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # EngineArgs writes its defaults into the help text already.
+        if action.help and "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="*", help="prompts (default: one example prompt)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=int, default=-1, help="-1: all tokens")
+    parser.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    EngineArgs.add_cli_args(parser)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tesela import LLM, SamplingParams
 
     prompts = args.prompt or ["The capital of France is"]
-    if args.model in PRESETS:
-        print(
-            f"note: {args.model!r} is a preset with random weights: its text is noise",
-            file=sys.stderr,
-        )
-    llm = LLM(args.model, **engine_kwargs(args))
+    if any(not p for p in prompts):
+        raise ValueError("a prompt is empty: give each prompt at least one character")
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -105,7 +54,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.sampling_seed,
     )
-    outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    llm = LLM(EngineArgs.from_cli_args(args))
+    if args.model in PRESETS:
+        print(
+            f"note: {args.model!r} is a preset with random weights: its text is noise",
+            file=sys.stderr,
+        )
+    # A progress bar once the work is long enough to wonder whether it is still running.
+    long_run = len(prompts) > 1 or args.max_tokens >= 256
+    outputs = llm.generate(prompts, params, use_tqdm=long_run)
     for prompt, output in zip(prompts, outputs, strict=True):
         print(f"--- {prompt!r} -> ({len(output.token_ids)} tokens, {output.finish_reason})")
         print(output.text)
@@ -114,83 +71,121 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from tesela.doctor import doctor_report
 
-    print(
-        doctor_report(
-            args.device if args.device != "auto" else None, attention_backend=args.attention_backend
-        )
-    )
+    device = args.device if args.device != "auto" else None
+    print(doctor_report(device, attention_backend=args.attention_backend))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tesela", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _serve(parser: argparse.ArgumentParser) -> Callable:
+    from tesela.server.app import add_serve_arguments, run_serve
 
-    gen = sub.add_parser("generate", help="generate text offline")
-    gen.add_argument("prompt", nargs="*", help="prompts (default: one example prompt)")
-    add_engine_arguments(gen)
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--sampling-seed", type=int, default=None)
-    gen.set_defaults(func=cmd_generate)
+    add_serve_arguments(parser)
+    return run_serve
 
-    doctor = sub.add_parser("doctor", help="the device, the backends found, and each decision")
-    doctor.add_argument("--device", default="auto")
-    doctor.add_argument("--attention-backend", default="auto")
-    doctor.set_defaults(func=cmd_doctor)
 
-    bench = sub.add_parser("bench", help="benchmarks (JSON + PNG + table)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
+def _bench_prefill(parser: argparse.ArgumentParser) -> Callable:
     from tesela.bench import add_prefill_arguments, run_prefill
 
-    prefill = bench_sub.add_parser("prefill", help="prefill latency by graph strategy")
-    add_prefill_arguments(prefill)
-    prefill.set_defaults(func=run_prefill)
+    add_prefill_arguments(parser)
+    return run_prefill
+
+
+def _bench_decode(parser: argparse.ArgumentParser) -> Callable:
     from tesela.bench_decode import add_decode_arguments, run_decode
 
-    decode = bench_sub.add_parser(
-        "decode", help="decode step through sampling: eager, graphs, HBM floor"
-    )
-    add_decode_arguments(decode)
-    decode.set_defaults(func=run_decode)
+    add_decode_arguments(parser)
+    return run_decode
+
+
+def _bench_latency(parser: argparse.ArgumentParser) -> Callable:
     from tesela.bench_latency import add_latency_arguments, run_latency
 
-    latency = bench_sub.add_parser("latency", help="offline generate: tokens/s per batch size")
-    add_latency_arguments(latency)
-    latency.set_defaults(func=run_latency)
+    add_latency_arguments(parser)
+    return run_latency
+
+
+def _bench_serve(parser: argparse.ArgumentParser) -> Callable:
     from tesela.bench_serve import add_bench_serve_arguments, run_bench_serve
 
-    serve_bench = bench_sub.add_parser("serve", help="serving over HTTP: throughput, TTFT, ITL")
-    add_bench_serve_arguments(serve_bench)
-    serve_bench.set_defaults(func=run_bench_serve)
-    _add_optional_commands(sub, bench_sub)
+    add_bench_serve_arguments(parser)
+    return run_bench_serve
+
+
+def _simple(add: Callable, run: Callable) -> Callable:
+    def build(parser: argparse.ArgumentParser) -> Callable:
+        add(parser)
+        return run
+
+    return build
+
+
+# name -> (help, builder); a builder adds the flags and returns the function to run.
+COMMANDS: dict[str, tuple[str, Callable]] = {
+    "generate": ("generate text offline", _simple(add_generate_arguments, cmd_generate)),
+    "serve": ("OpenAI-compatible HTTP server (needs the server extra)", _serve),
+    "doctor": (
+        "the device, the backends found, and each decision",
+        _simple(add_doctor_arguments, cmd_doctor),
+    ),
+}
+BENCH_COMMANDS: dict[str, tuple[str, Callable]] = {
+    "prefill": ("prefill latency by piecewise mode", _bench_prefill),
+    "decode": ("decode step through sampling: eager, graphs, HBM floor", _bench_decode),
+    "latency": ("offline generate: tokens/s per batch size", _bench_latency),
+    "serve": ("serving over HTTP: throughput, TTFT, ITL", _bench_serve),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in `argv` gets its flags (None: all of them)."""
+    parser = argparse.ArgumentParser(prog="tesela", description=__doc__, formatter_class=Formatter)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log more; tracebacks on errors"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    words = [a for a in argv if not a.startswith("-")] if argv is not None else None
+    for name, (help_text, build) in COMMANDS.items():
+        command = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=Formatter
+        )
+        if words is None or words[:1] == [name]:
+            command.set_defaults(func=build(command))
+    bench = sub.add_parser("bench", help="benchmarks (JSON + table; PNG with the plot extra)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    for name, (help_text, build) in BENCH_COMMANDS.items():
+        command = bench_sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=Formatter
+        )
+        if words is None or words[:2] == ["bench", name]:
+            command.set_defaults(func=build(command))
     return parser
 
 
-def _add_optional_commands(sub, bench_sub) -> None:
-    """Commands whose modules are optional pieces (server, decode bench)."""
-    try:
-        from tesela.server.app import add_serve_arguments, run_serve
-    except ImportError:
-        return
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    add_serve_arguments(serve)
-    serve.set_defaults(func=run_serve)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message} (-v shows the traceback)", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -213,7 +213,16 @@ class ModelConfig:
                 f"no config.json in {path}: a model folder needs config.json, safetensors "
                 "weights and tokenizer.json (or pass a preset name such as 'tiny')"
             )
-        return cls.from_hf_dict(json.loads(config_file.read_text()))
+        try:
+            hf = json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise ValueError(
+                f"{config_file} is not valid JSON ({exc}): fix or re-download it"
+            ) from None
+        try:
+            return cls.from_hf_dict(hf)
+        except ValueError as exc:
+            raise ValueError(f"{config_file}: {exc}") from None
 
 
 _REQUIRED_FIELDS = (
@@ -288,6 +297,45 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
+# generation_config.json key -> the SamplingParams field it sets a default for.
+GENERATION_CONFIG_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def read_generation_config(setting: str, model_path: str | None) -> dict[str, Any]:
+    """Sampling defaults from generation_config.json: `auto` reads the model folder's (if
+    any), `none` ignores it, anything else is a folder holding one. Sampling applies only
+    when the file says `do_sample` (or leaves it out), as in transformers."""
+    if setting == "none":
+        return {}
+    folder = model_path if setting == "auto" else setting
+    if folder is None:
+        return {}
+    file = Path(folder) / "generation_config.json"
+    if not file.is_file():
+        if setting != "auto":
+            raise FileNotFoundError(f"no generation_config.json in {folder} (--generation-config)")
+        return {}
+    try:
+        hf = json.loads(file.read_text())
+    except ValueError as exc:
+        raise ValueError(
+            f"{file} is not valid JSON ({exc}): fix it or pass --generation-config none"
+        ) from None
+    defaults = {
+        field: hf[key] for key, field in GENERATION_CONFIG_FIELDS.items() if hf.get(key) is not None
+    }
+    if hf.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
+
+
 def default_capture_sizes(max_size: int) -> tuple[int, ...]:
     """The piecewise capture ladder (in the spirit of SGLang's), always ending at max_size."""
     sizes = list(range(4, 33, 4))
@@ -306,30 +354,30 @@ def default_decode_batch_sizes(max_batch: int) -> tuple[int, ...]:
     return tuple(sorted({s for s in sizes if s <= max_batch} | {max_batch}))
 
 
-PREFILL_GRAPH_MODES = ("breakable", "compiled", "none")
-PIECE_COMPILERS = ("eager", "inductor")
+PIECEWISE_CUDAGRAPH_MODES = ("breakable", "compiled", "none")
+PIECEWISE_COMPILERS = ("eager", "inductor")
 
 
 @dataclass(frozen=True)
 class GraphConfig:
     """CUDA graph settings. Build it through `resolve_graph_config` to fill in the defaults."""
 
-    prefill_graph: str = "breakable"  # breakable | compiled | none
-    piece_compiler: str = "eager"  # eager | inductor (for `compiled`)
+    piecewise_cudagraph: str = "breakable"  # breakable | compiled | none
+    piecewise_compiler: str = "eager"  # eager | inductor (for `compiled`)
     capture_sizes: tuple[int, ...] = ()
     max_capture_tokens: int = 2048
-    decode_graph: bool = True
+    full_decode: bool = True
     decode_batch_sizes: tuple[int, ...] = ()
-    verify: bool = False  # compare every captured size with eager at capture time
+    verify_cudagraphs: bool = False  # compare every captured size with eager at capture time
 
     def __post_init__(self) -> None:
-        if self.prefill_graph not in PREFILL_GRAPH_MODES:
+        if self.piecewise_cudagraph not in PIECEWISE_CUDAGRAPH_MODES:
             raise ValueError(
-                f"prefill_graph must be one of {PREFILL_GRAPH_MODES}, got {self.prefill_graph!r}"
+                f"piecewise_cudagraph must be one of {PIECEWISE_CUDAGRAPH_MODES}, got {self.piecewise_cudagraph!r}"
             )
-        if self.piece_compiler not in PIECE_COMPILERS:
+        if self.piecewise_compiler not in PIECEWISE_COMPILERS:
             raise ValueError(
-                f"piece_compiler must be one of {PIECE_COMPILERS}, got {self.piece_compiler!r}"
+                f"piecewise_compiler must be one of {PIECEWISE_COMPILERS}, got {self.piecewise_compiler!r}"
             )
         if any(s <= 0 for s in self.capture_sizes):
             raise ValueError(f"capture sizes must be positive, got {self.capture_sizes}")
@@ -338,26 +386,26 @@ class GraphConfig:
 
     @property
     def piecewise_enabled(self) -> bool:
-        return self.prefill_graph != "none" and bool(self.capture_sizes)
+        return self.piecewise_cudagraph != "none" and bool(self.capture_sizes)
 
 
 def resolve_graph_config(
     *,
-    prefill_graph: str | None = None,
-    piece_compiler: str = "eager",
+    piecewise_cudagraph: str | None = None,
+    piecewise_compiler: str = "eager",
     capture_sizes: tuple[int, ...] | list[int] | None = None,
     max_capture_tokens: int | None = None,
-    disable_cuda_graph: bool = False,
+    disable_cudagraph: bool = False,
     decode_batch_sizes: tuple[int, ...] | list[int] | None = None,
     max_decode_batch: int = 256,
-    verify: bool = False,
+    verify_cudagraphs: bool = False,
     scheduler: SchedulerConfig | None = None,
 ) -> GraphConfig:
     """Fill the "auto" values of a GraphConfig once."""
     scheduler = scheduler or SchedulerConfig()
-    if disable_cuda_graph:
-        prefill_graph = "none"
-    prefill_graph = prefill_graph or "breakable"
+    if disable_cudagraph:
+        piecewise_cudagraph = "none"
+    piecewise_cudagraph = piecewise_cudagraph or "breakable"
     max_tokens = max_capture_tokens or scheduler.max_num_batched_tokens
     if capture_sizes is None:
         sizes = default_capture_sizes(max_tokens)
@@ -369,13 +417,13 @@ def resolve_graph_config(
     else:
         decode_sizes = tuple(sorted(set(int(s) for s in decode_batch_sizes)))
     return GraphConfig(
-        prefill_graph=prefill_graph,
-        piece_compiler=piece_compiler,
-        capture_sizes=sizes if prefill_graph != "none" else (),
+        piecewise_cudagraph=piecewise_cudagraph,
+        piecewise_compiler=piecewise_compiler,
+        capture_sizes=sizes if piecewise_cudagraph != "none" else (),
         max_capture_tokens=max_tokens,
-        decode_graph=not disable_cuda_graph,
-        decode_batch_sizes=decode_sizes if not disable_cuda_graph else (),
-        verify=verify,
+        full_decode=not disable_cudagraph,
+        decode_batch_sizes=decode_sizes if not disable_cudagraph else (),
+        verify_cudagraphs=verify_cudagraphs,
     )
 
 
@@ -392,7 +440,10 @@ class EngineConfig:
     attention_backend: str = "torch"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    graph: GraphConfig = field(default_factory=lambda: GraphConfig(prefill_graph="none"))
+    graph: GraphConfig = field(default_factory=lambda: GraphConfig(piecewise_cudagraph="none"))
+    tokenizer: str | None = None  # a tokenizer folder other than the model's
+    # Request defaults from generation_config.json (SamplingParams field -> value).
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
     # Launch step N+1 before reading step N's tokens (tesela/engine/llm_engine.py).
     overlap_schedule: bool = False
 

@@ -30,11 +30,15 @@ def doctor_report(
     attention_backend: str = "auto",
     dtype: str = "bfloat16",
     head_dim: int = 128,
-    piecewise: bool = True,
+    piecewise: bool | None = None,
     full_decode: bool = True,
 ) -> str:
-    """The plain-text report. `device` is "cpu", "cuda", "cuda:1" or None (auto)."""
+    """The plain-text report. `device` is "cpu", "cuda", "cuda:1" or None (auto).
+    `piecewise` None means the engine's default there: on for CUDA, off for CPU (where the
+    engine runs eagerly and nothing is captured)."""
     info = DeviceInfo.detect(device)
+    if piecewise is None:
+        piecewise = info.kind == "cuda"
     settings = dict(dtype=dtype, head_dim=head_dim, piecewise=piecewise, full_decode=full_decode)
     sections = [
         _versions_section(),

@@ -1,12 +1,15 @@
 """Tokenizers: HF tokenizer.json (through `tokenizers`) and the built-in byte-level tokenizer.
 
-The chat template comes from tokenizer_config.json when it has one (rendered with jinja2, as
-HF does); otherwise a plain "role: content" transcript is used.
+The chat template comes from `--chat-template` or tokenizer_config.json (rendered in jinja2's
+immutable sandbox with the helpers transformers gives templates: a template from a third-party
+repository is untrusted input); without one a plain "role: content" transcript is used.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +37,7 @@ class ByteTokenizer:
 
     BOS, EOS = 256, 257
     vocab_size = 258
+    chat_template: str | None = None  # set by --chat-template; else a plain transcript
 
     def __init__(self) -> None:
         self.eos_token_ids = (self.EOS,)
@@ -47,6 +51,8 @@ class ByteTokenizer:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self.chat_template:
+            return render_chat_template(self.chat_template, messages, add_generation_prompt)
         return plain_chat_prompt(messages, add_generation_prompt)
 
 
@@ -83,17 +89,70 @@ class HFTokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             return plain_chat_prompt(messages, add_generation_prompt)
-        import jinja2
-
-        environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        environment.globals["raise_exception"] = _raise_template_error
-        template = environment.from_string(self.chat_template)
-        return template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
+        return render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
+
+
+class ChatTemplateError(ValueError):
+    """A chat template failed to render (or refused the messages)."""
+
+
+def render_chat_template(
+    template: str, messages: list[dict], add_generation_prompt: bool = True, **special: str
+) -> str:
+    """Render an HF chat template in jinja2's immutable sandbox: no attribute walks to
+    Python internals, no mutation of the messages. Any failure is a ChatTemplateError."""
+    import jinja2
+
+    try:
+        compiled = _compile_template(template)
+        special.setdefault("bos_token", "")
+        special.setdefault("eos_token", "")
+        return compiled.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special
+        )
+    except ChatTemplateError:
+        raise
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
+        raise ChatTemplateError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    # The helpers transformers provides to chat templates.
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_template_error
+    environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return environment.from_string(template)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def load_chat_template(value: str) -> str:
+    """`--chat-template`: a file holding a template, or the template text itself."""
+    path = Path(value)
+    if len(value) < 4096 and "{" not in value:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"chat template file {value} does not exist: give a jinja file or the template text"
+            )
+        return path.read_text()
+    return value
 
 
 def _token_text(token) -> str | None:
@@ -103,7 +162,7 @@ def _token_text(token) -> str | None:
 
 
 def _raise_template_error(message: str):
-    raise ValueError(f"the chat template refused the messages: {message}")
+    raise ChatTemplateError(f"the chat template refused the messages: {message}")
 
 
 def load_tokenizer(path: str | Path | None, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:

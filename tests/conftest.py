@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run in Triton's interpreter, so a plain `pytest` runs the same
+# suites as CI. It must be set before anything imports triton (triton.jit reads it then).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SMALL = dict(
     hidden_size=64,

@@ -211,7 +211,11 @@ def test_cpu_has_no_full_decode_graphs_and_does_not_warn():
 
 def test_backend_without_piecewise_support_keeps_backend_and_disables_piecewise():
     decision = resolve("eager", SM90, specs=SPECS)
-    assert (decision.backend, decision.piecewise, decision.full_decode) == ("eager", False, False)
+    assert (decision.backend, decision.piecewise, decision.full_decode) == (
+        "eager",
+        False,
+        False,
+    )
     assert any(line.startswith("piecewise graphs on -> off:") for line in decision.downgrades)
 
 
@@ -357,7 +361,11 @@ def _grid():
     for combo in itertools.product(requests, devices, availability, flags, flags, shapes):
         requested, device, importable, piecewise, full_decode, (dtype, head_dim) = combo
         settings = dict(dtype=dtype, head_dim=head_dim, piecewise=piecewise)
-        yield requested, device, dict(importable=importable, full_decode=full_decode, **settings)
+        yield (
+            requested,
+            device,
+            dict(importable=importable, full_decode=full_decode, **settings),
+        )
 
 
 def _template_regex(template: str) -> re.Pattern:

@@ -31,7 +31,7 @@ def runner():
     from tesela.attention.triton_backend import TritonAttentionBackend
 
     config, path = make_engine_config(
-        "tiny", prefill_graph="breakable", capture_sizes=[4, 8, 16, 32], num_kv_tokens=2048
+        "tiny", piecewise_cudagraph="breakable", capture_sizes=[4, 8, 16, 32], num_kv_tokens=2048
     )
     config = dataclasses.replace(config, attention_backend="triton")
     runner = ModelRunner(config, path)

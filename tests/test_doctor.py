@@ -16,7 +16,9 @@ def test_report_names_device_versions_and_decision(caplog):
     report = doctor_report()
     assert "device (asked: auto)\n  cpu (" in report
     assert f"torch         {torch.__version__}" in report
-    assert "decision: torch, piecewise graphs on, FULL decode graphs off" in report
+    # The engine runs eagerly on CPU: the report must not claim piecewise graphs there.
+    assert "decision: torch, piecewise graphs off, FULL decode graphs off" in report
+    assert "piecewise graphs on" not in report.split("what the policy would do")[0]
     assert "- backend auto -> torch: auto picks torch, the reference backend, on CPU" in report
     assert caplog.records == []  # the report prints decisions; it does not log them
 

@@ -173,13 +173,15 @@ def random_batch(num_tokens: int, seed: int) -> ForwardBatch:
     )
 
 
-@pytest.mark.parametrize("prefill_graph", ["breakable", "compiled"])
-def test_piecewise_runner_equals_eager_on_a_moe_model(checkpoints, prefill_graph):
+@pytest.mark.parametrize("piecewise_cudagraph", ["breakable", "compiled"])
+def test_piecewise_runner_equals_eager_on_a_moe_model(checkpoints, piecewise_cudagraph):
     """The MoE layer runs inside the pieces: padded replays equal eager for every count."""
     path = str(checkpoints["qwen3_moe"][0])
     common = dict(num_kv_tokens=1024, max_num_batched_tokens=32)
     eager = ModelRunner(*make_engine_config(path, **common))
-    piecewise = ModelRunner(*make_engine_config(path, prefill_graph=prefill_graph, **common))
+    piecewise = ModelRunner(
+        *make_engine_config(path, piecewise_cudagraph=piecewise_cudagraph, **common)
+    )
     assert piecewise.piecewise is not None
     for n in (1, 3, 4, 5, 17, 32):
         got = piecewise.piecewise.run(random_batch(n, seed=n))
@@ -238,7 +240,7 @@ def test_padding_tokens_route_to_no_expert_in_padded_replays(checkpoints):
 
     path = str(checkpoints["qwen3_moe"][0])
     common = dict(num_kv_tokens=1024, max_num_batched_tokens=32)
-    runner = ModelRunner(*make_engine_config(path, prefill_graph="breakable", **common))
+    runner = ModelRunner(*make_engine_config(path, piecewise_cudagraph="breakable", **common))
     assert runner.piecewise.padded_size(5) == 8
     with MoeCalls() as observed:
         got = runner.piecewise.run(random_batch(5, seed=3))

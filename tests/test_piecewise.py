@@ -31,7 +31,7 @@ def boundary_counts(sizes) -> list[int]:
 def runners():
     common = dict(num_kv_tokens=4096, max_num_batched_tokens=LADDER_MAX)
     eager = ModelRunner(*make_engine_config("tiny", **common))
-    piecewise = ModelRunner(*make_engine_config("tiny", prefill_graph="breakable", **common))
+    piecewise = ModelRunner(*make_engine_config("tiny", piecewise_cudagraph="breakable", **common))
     return eager, piecewise
 
 
@@ -103,17 +103,17 @@ def test_fallbacks_are_counted_by_reason(runners):
     assert graphs.stats.fallbacks == {"too_many_tokens": 1, "input_logprobs": 1}
 
 
-@pytest.mark.parametrize("strategy", ["breakable", "compiled"])
-def test_greedy_generations_identical_with_graphs_on_and_off(strategy):
+@pytest.mark.parametrize("mode", ["breakable", "compiled"])
+def test_greedy_generations_identical_with_graphs_on_and_off(mode):
     prompts = ["piecewise", "graphs " * 9, "q", "a longer prompt that crosses a few sizes" * 3]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     off = LLM("tiny", max_num_batched_tokens=64).generate(prompts, params)
-    on_llm = LLM("tiny", prefill_graph=strategy, max_num_batched_tokens=64)
+    on_llm = LLM("tiny", piecewise_cudagraph=mode, max_num_batched_tokens=64)
     on = on_llm.generate(prompts, params)
     assert [o.token_ids for o in on] == [o.token_ids for o in off]
     paths = on_llm.engine.stats()["dispatch"]["paths"]
     assert paths["piecewise"] > 0 and paths["eager"] == 0
-    if strategy == "compiled":
+    if mode == "compiled":
         assert on_llm.engine.runner.piecewise.pieces.num_compiles == 1
 
 
@@ -159,6 +159,8 @@ def test_a_plan_from_another_batch_is_refused_by_the_real_runner(runners):
 
 
 def test_verify_compares_every_captured_size_at_startup():
-    llm = LLM("tiny", prefill_graph="breakable", capture_sizes=[4, 16, 48], verify_graphs=True)
+    llm = LLM(
+        "tiny", piecewise_cudagraph="breakable", capture_sizes=[4, 16, 48], verify_cudagraphs=True
+    )
     report = llm.engine.runner.dispatcher.reports()[0]
     assert report.verify_max_abs_diff == {4: 0.0, 16: 0.0, 48: 0.0}

@@ -1,4 +1,4 @@
-"""The `compiled` piecewise strategy on CPU: one compile, split at attention, pieces equal eager.
+"""The `compiled` piecewise mode on CPU: one compile, split at attention, pieces equal eager.
 
 On CPU the runner captures every piece at every size with the CPU stand-in graph
 (tesela/executor/graphs.py) through the same code as on CUDA, so the trace, the split, the
@@ -52,11 +52,14 @@ def new_pieces(runner: ModelRunner) -> CompiledPieces:
     return CompiledPieces(runner.model, runner.piecewise.sizes, "eager", runner.graph_factory)
 
 
-def compiled_runner(piece_compiler: str, **overrides) -> tuple[ModelRunner, int]:
+def compiled_runner(piecewise_compiler: str, **overrides) -> tuple[ModelRunner, int]:
     """A model runner with compiled pieces, and the dynamo graphs its capture produced."""
     before = unique_graphs()
     config = make_engine_config(
-        "tiny", prefill_graph="compiled", piece_compiler=piece_compiler, **{**COMMON, **overrides}
+        "tiny",
+        piecewise_cudagraph="compiled",
+        piecewise_compiler=piecewise_compiler,
+        **{**COMMON, **overrides},
     )
     runner = ModelRunner(*config)
     return runner, unique_graphs() - before
@@ -215,6 +218,8 @@ def test_inductor_pieces_match_eager(runners):
 
 
 def test_verify_at_startup_finds_compiled_pieces_exact():
-    llm = LLM("tiny", prefill_graph="compiled", capture_sizes=[4, 16, 48], verify_graphs=True)
+    llm = LLM(
+        "tiny", piecewise_cudagraph="compiled", capture_sizes=[4, 16, 48], verify_cudagraphs=True
+    )
     report = llm.engine.runner.dispatcher.reports()[0]
     assert report.verify_max_abs_diff == {4: 0.0, 16: 0.0, 48: 0.0}

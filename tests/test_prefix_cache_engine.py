@@ -156,7 +156,9 @@ def test_piecewise_rows_with_cached_prefixes_match_eager_without_cache():
     same attention op; tests/test_piecewise_compiled.py checks it against breakable.)"""
     workload = shared_prefix_workload(seed=5)
     _, off = run(workload, enable_prefix_caching=False)
-    engine, on = run(workload, prefill_graph="breakable", capture_sizes=[4, 8, 16, 32, 64, 128])
+    engine, on = run(
+        workload, piecewise_cudagraph="breakable", capture_sizes=[4, 8, 16, 32, 64, 128]
+    )
     assert tokens(on) == tokens(off)
     assert engine.stats()["dispatch"]["paths"]["piecewise"] > 0
     assert engine.stats()["prefix_cache_hit_tokens"] > 0
@@ -176,10 +178,11 @@ def test_a_repeated_prompt_is_served_from_the_cache():
 
 
 def test_the_cli_flag_turns_the_cache_off():
-    from tesela.cli import build_parser, engine_kwargs
+    from tesela.cli import build_parser
+    from tesela.engine_args import EngineArgs
 
-    on = build_parser().parse_args(["generate"])
-    off = build_parser().parse_args(["generate", "--no-enable-prefix-caching"])
-    assert engine_kwargs(on)["enable_prefix_caching"] is True
-    config, _ = make_engine_config("tiny", **engine_kwargs(off))
+    on = build_parser(["generate"]).parse_args(["generate"])
+    off = build_parser(["generate"]).parse_args(["generate", "--no-enable-prefix-caching"])
+    assert EngineArgs.from_cli_args(on).enable_prefix_caching is True
+    config, _ = make_engine_config(EngineArgs.from_cli_args(off))
     assert config.cache.enable_prefix_caching is False

@@ -80,6 +80,8 @@ def wait_idle(server, timeout: float = 10.0) -> dict:
 def metric(server, line_prefix: str) -> float:
     text = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
     for line in text.splitlines():
+        # Every sample carries the model_name label; match on the other labels.
+        line = line.replace('{model_name="tiny"}', "").replace('model_name="tiny",', "")
         if line.startswith(line_prefix + " "):
             return float(line.split()[-1])
     return 0.0
@@ -99,8 +101,9 @@ def test_models_health_and_metrics(server):
         "tesela_time_to_first_token_seconds_count",
         "tesela_time_per_output_token_seconds_bucket",
         "tesela_num_requests_waiting",
-        'tesela_graph_path_total{path="eager"}',
-        'tesela_graph_fallback_total{reason="graphs_disabled"}',
+        'tesela_graph_path_total{model_name="tiny",path="eager"}',
+        'tesela_graph_fallback_total{model_name="tiny",reason="graphs_disabled"}',
+        'tesela_generation_tokens_total{model_name="tiny"}',
     ):
         assert name in text, name
     assert metric(server, "tesela_time_to_first_token_seconds_count") >= 1
@@ -275,8 +278,44 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"model": "tiny", "prompt": "x", "stop": [""]}, 400, "stop"),
     (COMPLETIONS, {"model": "tiny", "prompt": "x", "stop": 3}, 400, "stop"),
     (COMPLETIONS, {"model": "tiny", "prompt": "x", "seed": "abc"}, 400, "seed"),
-    (COMPLETIONS, {"model": "tiny", "prompt": "x", "echo": True}, 400, "echo"),
-    (COMPLETIONS, {"model": "tiny", "prompt": "x", "presence_penalty": 1}, 400, "presence_penalty"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    (
+        COMPLETIONS,
+        {"model": "tiny", "prompt": "x", "frequency_penalty": "a"},
+        400,
+        "frequency_penalty",
+    ),
+    (
+        COMPLETIONS,
+        {"model": "tiny", "prompt": "x", "repetition_penalty": 0},
+        400,
+        "repetition_penalty",
+    ),
+    (COMPLETIONS, {"model": "tiny", "prompt": "x", "min_p": 1.5}, 400, "min_p"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
+    (
+        COMPLETIONS,
+        {"model": "tiny", "prompt": "x", "min_tokens": 9, "max_tokens": 4},
+        400,
+        "min_tokens",
+    ),
+    (COMPLETIONS, {"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "x", "logit_bias": [5]}, 400, "logit_bias"),
+    # n x prompts over the per-request cap (max_num_seqs = 256 here)
+    (COMPLETIONS, {"model": "tiny", "prompt": ["a", "b", "c"], "n": 100}, 400, "n"),
+    # malformed beyond the schema: a lone surrogate, and JSON nested 100k deep
+    (COMPLETIONS, '{"model": "tiny", "prompt": "a\\ud800b"}', 400, "prompt"),
+    (
+        CHAT,
+        '{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
+        400,
+        "messages",
+    ),
+    (COMPLETIONS, "[" * 100_000 + "]" * 100_000, 400, None),
+    (COMPLETIONS, '{"model": "tiny", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),
     (CHAT, {"model": "tiny"}, 400, "messages"),
     (CHAT, {"model": "tiny", "messages": []}, 400, "messages"),
     (CHAT, {"model": "tiny", "messages": "hi"}, 400, "messages"),
@@ -475,7 +514,7 @@ def test_kv_exhaustion_preempts_and_resumes(small_server):
     assert api.completions.create(model="tiny", prompt="ok", max_tokens=2).usage
 
 
-def test_an_engine_fault_fails_its_requests_and_the_server_recovers(small_server):
+def test_an_engine_fault_fails_its_requests_and_the_server_recovers(small_server, caplog):
     engine = small_server.app_state.engine.engine
     original = engine.step
     calls = {"n": 0}
@@ -489,17 +528,23 @@ def test_an_engine_fault_fails_its_requests_and_the_server_recovers(small_server
     engine.step = failing_step
     try:
         api = client(small_server)
-        with pytest.raises(openai.APIError, match="injected fault"):
-            for _ in api.completions.create(
-                model="tiny",
-                prompt="fault",
-                max_tokens=50,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            ):
+        stream = api.completions.create(
+            model="tiny",
+            prompt="fault",
+            max_tokens=50,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        with pytest.raises(openai.APIError, match="the engine failed") as raised:
+            for _ in stream:
                 pass
     finally:
         engine.step = original
+    # The client sees no internal text; the log has the traceback under the request's id.
+    assert "injected fault" not in str(raised.value)
+    request_id = stream.response.headers["x-request-id"]
+    logged = [r for r in caplog.records if r.exc_info and "injected fault" in str(r.exc_info[1])]
+    assert len(logged) == 1 and request_id in logged[0].getMessage()
     wait_idle(small_server)
     response = api.completions.create(
         model="tiny", prompt="fine", max_tokens=5, extra_body={"ignore_eos": True}

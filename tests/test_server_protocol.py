@@ -127,10 +127,11 @@ def test_metrics_text_has_engine_numbers():
         "kv_blocks_total": 12,
         "dispatch": {"paths": {"eager": 5}, "fallbacks": {"too many tokens": 5}},
     }
-    text = ServerMetrics().render(stats)
-    assert "tesela_num_requests_running 2" in text
-    assert "tesela_kv_cache_usage_ratio 0.25" in text
-    assert 'tesela_graph_fallback_total{reason="too many tokens"} 5' in text
+    text = ServerMetrics("org/model").render(stats)
+    assert 'tesela_num_requests_running{model_name="org/model"} 2' in text
+    assert 'tesela_kv_cache_usage_ratio{model_name="org/model"} 0.25' in text
+    assert 'tesela_graph_fallback_total{model_name="org/model",reason="too many tokens"} 5' in text
+    assert 'tesela_time_to_first_token_seconds_bucket{model_name="org/model",le="+Inf"} 0' in text
 
 
 @pytest.fixture(scope="module")

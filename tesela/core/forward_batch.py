@@ -96,10 +96,12 @@ class ForwardBatch:
         request_ids: list[str] | None = None,
         mode: ForwardMode | None = None,
         return_input_logprobs: bool = False,
+        input_logprob_rows: list[int] = (),
     ) -> ForwardBatch:
         """Build a batch from host lists: the new tokens of each row, its prefix length in the
         cache and its block table. `logits_rows` lists the rows that sample (their last token's
-        logits are computed); by default every row does."""
+        logits are computed); by default every row does. `input_logprob_rows` want the logits
+        of every new token (prompt logprobs): those come after the sampling rows' logits."""
         if not token_ids:
             raise ValueError("a ForwardBatch needs at least one row")
         extend_lens = [len(t) for t in token_ids]
@@ -131,11 +133,15 @@ class ForwardBatch:
             prefix_lens=tensor(prefix_lens, torch.int32),
             extend_start_loc=tensor(starts, torch.int32),
             block_tables=tensor(padded_tables, torch.int32),
-            logits_indices=tensor([ends[r] for r in rows], torch.int64),
+            logits_indices=tensor(
+                [ends[r] for r in rows]
+                + [i for r in input_logprob_rows for i in range(starts[r], ends[r] + 1)],
+                torch.int64,
+            ),
             seq_lens_cpu=seq_lens,
             prefix_lens_cpu=list(prefix_lens),
             request_ids=list(request_ids or []),
-            return_input_logprobs=return_input_logprobs,
+            return_input_logprobs=return_input_logprobs or bool(input_logprob_rows),
         )
 
 

@@ -8,17 +8,25 @@ from tqdm import tqdm
 
 from tesela.engine.llm_engine import LLMEngine, RequestOutput, make_engine_config
 from tesela.engine.sampling_params import SamplingParams
+from tesela.engine_args import EngineArgs
+from tesela.presets import DEFAULT_MODEL
 
 
 class LLM:
     """Load a model (a folder or a preset name) and generate offline.
 
-    Keyword arguments are those of `make_engine_config` (dtype, device, load_format,
-    attention_backend, prefill_graph, capture_sizes, ...)."""
+    Keyword arguments are the fields of `EngineArgs` (dtype, device, load_format,
+    attention_backend, piecewise_cudagraph, capture_sizes, ...); `tokenizer` may also be a
+    tokenizer object."""
 
-    def __init__(self, model: str = "tiny", **kwargs) -> None:
-        tokenizer = kwargs.pop("tokenizer", None)
-        config, path = make_engine_config(model, **kwargs)
+    def __init__(self, model: str | EngineArgs = DEFAULT_MODEL, **kwargs) -> None:
+        tokenizer = kwargs.get("tokenizer")
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            kwargs.pop("tokenizer")
+        else:
+            tokenizer = None
+        args = model if isinstance(model, EngineArgs) else EngineArgs.from_kwargs(model, **kwargs)
+        config, path = make_engine_config(args)
         self.engine = LLMEngine(config, path, tokenizer)
 
     @property
@@ -50,12 +58,21 @@ class LLM:
             for p, sp in zip(token_prompts, params, strict=True)
         ]
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
+        budget = {i: sp.max_tokens for i, sp in zip(ids, params, strict=True)}
+        # Progress in tokens, so one long generation shows it is moving too.
+        bar = tqdm(
+            total=sum(p.max_tokens for p in params),
+            desc="Generating",
+            unit="tok",
+            disable=not use_tqdm,
+        )
         while self.engine.has_unfinished():
             for output in self.engine.step():
+                bar.update(len(output.new_token_ids))
                 if output.finished:
                     results[output.request_id] = output
-                    bar.update(1)
+                    # A request that stops early gives back the rest of its budget.
+                    bar.update(budget[output.request_id] - len(output.token_ids))
         bar.close()
         return [results[i] for i in ids]
 

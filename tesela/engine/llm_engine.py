@@ -31,6 +31,7 @@ from tesela.config import (
     ModelConfig,
     SchedulerConfig,
     normalize_dtype,
+    read_generation_config,
     resolve_graph_config,
 )
 from tesela.core.forward_batch import ForwardBatch, ForwardMode, to_device
@@ -38,13 +39,14 @@ from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.detokenizer import IncrementalDetokenizer
 from tesela.engine.request import Request, TokenLogprobs
-from tesela.engine.sampler import Sampler, read_back
+from tesela.engine.sampler import Sampler, SamplingHistory, read_back
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
+from tesela.engine_args import EngineArgs
 from tesela.executor.model_runner import ModelRunner
 from tesela.executor.sampling import SampleOutput, variant_for
 from tesela.models.registry import check_architecture
-from tesela.presets import PRESETS
+from tesela.presets import DEFAULT_MODEL, PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 logger = logging.getLogger("tesela.engine")
@@ -58,6 +60,8 @@ class RequestOutput:
     text: str
     new_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
+    # One entry per prompt token (None for the first, which nothing predicts), if asked.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     finished: bool = False
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -76,81 +80,96 @@ def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
     # Refuse an unknown architecture before the config's other fields are read.
     config_file = path / "config.json"
     if config_file.is_file():
-        check_architecture(json.loads(config_file.read_text()).get("architectures") or [])
+        try:
+            hf = json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise ValueError(
+                f"{config_file} is not valid JSON ({exc}): fix or re-download it"
+            ) from None
+        try:
+            check_architecture(hf.get("architectures") or [] if isinstance(hf, dict) else [])
+        except ValueError as exc:
+            raise ValueError(f"{config_file}: {exc}") from None
     return ModelConfig.from_pretrained(path), str(path)
 
 
 def make_engine_config(
-    model: str,
-    *,
-    load_format: str = "auto",
-    dtype: str = "auto",
-    device: str = "auto",
-    seed: int = 0,
-    attention_backend: str = "auto",
-    block_size: int = 16,
-    gpu_memory_utilization: float = 0.85,
-    num_kv_tokens: int | None = None,
-    max_num_seqs: int = 256,
-    max_num_batched_tokens: int = 2048,
-    max_model_len: int | None = None,
-    prefill_graph: str | None = None,
-    piece_compiler: str = "eager",
-    capture_sizes: list[int] | None = None,
-    max_capture_tokens: int | None = None,
-    disable_cuda_graph: bool = False,
-    verify_graphs: bool = False,
-    overlap_schedule: bool | None = None,
-    enable_prefix_caching: bool = True,
+    model: str | EngineArgs = DEFAULT_MODEL, **kwargs
 ) -> tuple[EngineConfig, str | None]:
-    """`overlap_schedule`: None means on for CUDA, off on CPU (module docstring)."""
-    model_config, path = resolve_model(model)
+    """Resolve EngineArgs (or a model and EngineArgs keywords) into a frozen EngineConfig once:
+    the device, the dtype, the graph modes the attention backend can serve."""
+    args = model if isinstance(model, EngineArgs) else EngineArgs.from_kwargs(model, **kwargs)
+    model_config, path = resolve_model(args.model)
+    load_format = args.load_format
     if path is None and load_format == "auto":
         load_format = "dummy"  # presets have no weights
+    device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = torch.device(device).type == "cuda"
+    dtype = args.dtype
     if dtype == "auto":
         # bf16 matmuls are slow on most CPUs; the checkpoint's dtype on GPUs.
         dtype = model_config.torch_dtype if on_cuda else "float32"
+    scheduler = _scheduler_config(args, model_config)
+    piecewise = args.piecewise_cudagraph
+    if not on_cuda and piecewise is None:
+        piecewise = "none"  # nothing to capture on CPU unless asked for explicitly
+    graph = resolve_graph_config(
+        piecewise_cudagraph=piecewise,
+        piecewise_compiler=args.piecewise_compiler,
+        capture_sizes=args.capture_sizes,
+        max_capture_tokens=args.max_capture_tokens,
+        disable_cudagraph=args.disable_cudagraph,
+        verify_cudagraphs=args.verify_cudagraphs,
+        scheduler=scheduler,
+    )
+    attention_backend, graph = _resolve_attention(
+        args.attention_backend, device, normalize_dtype(dtype), model_config.head_dim, graph
+    )
+    config = EngineConfig(
+        model=args.model,
+        model_config=model_config,
+        dtype=normalize_dtype(dtype),
+        device=device,
+        load_format=load_format,
+        seed=args.seed,
+        attention_backend=attention_backend,
+        cache=CacheConfig(
+            args.block_size,
+            args.gpu_memory_utilization,
+            args.num_kv_tokens,
+            args.enable_prefix_caching,
+        ),
+        scheduler=scheduler,
+        graph=graph,
+        tokenizer=args.tokenizer,
+        sampling_defaults=read_generation_config(args.generation_config, path),
+        overlap_schedule=_overlap_schedule(args.overlap_schedule, on_cuda),
+    )
+    return config, path
+
+
+def _overlap_schedule(value: str | bool | None, on_cuda: bool) -> bool:
+    """auto: on for CUDA (the host work hides behind the GPU), off on CPU (nothing to hide)."""
+    choices = {"auto": on_cuda, None: on_cuda, "on": True, True: True, "off": False, False: False}
+    if value not in choices:
+        raise ValueError(f"overlap_schedule must be auto, on or off, got {value!r}")
+    return choices[value]
+
+
+def _scheduler_config(args: EngineArgs, model_config: ModelConfig) -> SchedulerConfig:
+    max_model_len = args.max_model_len
     if max_model_len is not None and max_model_len > model_config.max_position_embeddings:
         raise ValueError(
             f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
             f"({model_config.max_position_embeddings}): lower it"
         )
-    scheduler = SchedulerConfig(
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
+    return SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=max_model_len or min(model_config.max_position_embeddings, 8192),
     )
-    if not on_cuda and prefill_graph is None:
-        prefill_graph = "none"  # nothing to capture on CPU unless asked for explicitly
-    graph = resolve_graph_config(
-        prefill_graph=prefill_graph,
-        piece_compiler=piece_compiler,
-        capture_sizes=capture_sizes,
-        max_capture_tokens=max_capture_tokens,
-        disable_cuda_graph=disable_cuda_graph,
-        verify=verify_graphs,
-        scheduler=scheduler,
-    )
-    attention_backend, graph = _resolve_attention(
-        attention_backend, device, normalize_dtype(dtype), model_config.head_dim, graph
-    )
-    config = EngineConfig(
-        model=model,
-        model_config=model_config,
-        dtype=normalize_dtype(dtype),
-        device=device,
-        load_format=load_format,
-        seed=seed,
-        attention_backend=attention_backend,
-        cache=CacheConfig(block_size, gpu_memory_utilization, num_kv_tokens, enable_prefix_caching),
-        scheduler=scheduler,
-        graph=graph,
-        overlap_schedule=on_cuda if overlap_schedule is None else overlap_schedule,
-    )
-    return config, path
 
 
 def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, graph):
@@ -162,12 +181,12 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
         dtype=dtype,
         head_dim=head_dim,
         piecewise=graph.piecewise_enabled,
-        full_decode=graph.decode_graph,
+        full_decode=graph.full_decode,
     )
-    if graph.decode_graph and not decision.full_decode:
-        graph = dataclasses.replace(graph, decode_graph=False, decode_batch_sizes=())
+    if graph.full_decode and not decision.full_decode:
+        graph = dataclasses.replace(graph, full_decode=False, decode_batch_sizes=())
     if graph.piecewise_enabled and not decision.piecewise:
-        graph = dataclasses.replace(graph, prefill_graph="none", capture_sizes=())
+        graph = dataclasses.replace(graph, piecewise_cudagraph="none", capture_sizes=())
     return decision.name, graph
 
 
@@ -215,9 +234,10 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.runner = ModelRunner(config, model_path)
+        tokenizer_path = config.tokenizer or model_path
         self.tokenizer = tokenizer or (
-            load_tokenizer(model_path, config.model_config.eos_token_ids)
-            if model_path
+            load_tokenizer(tokenizer_path, config.model_config.eos_token_ids)
+            if tokenizer_path
             else ByteTokenizer()
         )
         self.eos_token_ids = tuple(
@@ -259,6 +279,10 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.prompt_logprobs is not None:
+            # Prompt logprobs need every prompt position computed: a salt of its own keeps
+            # this request from starting on a cached prefix.
+            cache_salt = f"prompt-logprobs:{request_id}"
         request = Request(
             request_id,
             token_ids,
@@ -319,7 +343,9 @@ class LLMEngine:
         requests = [scheduled.requests[i] for i in rows]
         batch = self._forward_batch(scheduled, rows)
         params = [r.params for r in requests]
-        if rows:
+        if batch.return_input_logprobs:
+            sampled = self._forward_prompt_logprobs(scheduled, batch, requests, params)
+        elif rows:
             sampled = self._forward_sample(batch, requests, params)
         else:
             sampled = None
@@ -335,7 +361,8 @@ class LLMEngine:
         ids = [r.request_id for r in requests]
         indices = [r.num_output_tokens for r in requests]  # the token each row draws
         if self.sampler.uses_host_processors(params):
-            return self.sampler.sample(self.runner.forward(batch), params, ids, indices)
+            logits = self.runner.forward(batch)
+            return self.sampler.sample(logits, params, ids, indices, self._histories(requests))
         vocab = self.config.model_config.vocab_size
         tensors = self.sampler.tensors(params, ids, indices, vocab)
         return self.runner.forward_sample(batch, tensors, variant_for(params))
@@ -369,6 +396,69 @@ class LLMEngine:
             request.output_text = detokenizer.text
         new = 1 if request.request_id in outputs else 0
         outputs[request.request_id] = self._output(request, new_tokens=new)
+
+    def _forward_prompt_logprobs(self, scheduled, batch, requests, params):
+        """A batch that scores prompt tokens: logits out (eager or piecewise), prompt logprobs
+        recorded, the sampling rows sampled eagerly with the same function."""
+        logits = self.runner.forward(batch)
+        rows = len(requests)
+        self._record_prompt_logprobs(scheduled, logits[rows:])
+        if not rows:
+            return None
+        ids = [r.request_id for r in requests]
+        indices = [r.num_output_tokens for r in requests]
+        histories = self._histories(requests) if self.sampler.uses_host_processors(params) else None
+        return self.sampler.sample(logits[:rows], params, ids, indices, histories)
+
+    @staticmethod
+    def _histories(requests: list[Request]) -> list[SamplingHistory] | None:
+        """Token histories for penalties and min_tokens (their ids are on the host: the engine
+        reads the step in flight back first, `_needs_host_tokens`)."""
+        if not any(r.params.needs_history for r in requests):
+            return None
+        return [
+            SamplingHistory(
+                r.prompt_token_ids,
+                r.output_token_ids,
+                (() if r.params.ignore_eos else r.eos_token_ids) + r.params.stop_token_ids,
+            )
+            for r in requests
+        ]
+
+    @staticmethod
+    def _prompt_logprob_rows(scheduled: ScheduledBatch) -> list[int]:
+        """Rows whose chunk predicts prompt tokens of a request that asked for their logprobs."""
+        return [
+            i
+            for i, (r, p) in enumerate(zip(scheduled.requests, scheduled.prefix_lens, strict=True))
+            if r.params.prompt_logprobs is not None and p < r.num_prompt_tokens - 1
+        ]
+
+    def _record_prompt_logprobs(self, scheduled: ScheduledBatch, logits: torch.Tensor) -> None:
+        """The logits at position i score prompt token i + 1 (positions are keyed, so a chunk
+        recomputed after preemption overwrites rather than duplicates)."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        offset = 0
+        for row in self._prompt_logprob_rows(scheduled):
+            request, start = scheduled.requests[row], scheduled.prefix_lens[row]
+            count = scheduled.num_new_tokens[row]
+            positions = [
+                p for p in range(start, start + count) if p + 1 < request.num_prompt_tokens
+            ]
+            if positions:
+                row_logprobs = logprobs[offset : offset + len(positions)]
+                targets = torch.tensor(
+                    [request.prompt_token_ids[p + 1] for p in positions], device=logits.device
+                )
+                chosen = row_logprobs.gather(1, targets[:, None])[:, 0].tolist()
+                k = max(request.params.prompt_logprobs, 1)
+                top_values, top_ids = (t.tolist() for t in row_logprobs.topk(k, dim=-1))
+                n = request.params.prompt_logprobs
+                for j, p in enumerate(positions):
+                    top = dict(zip(top_ids[j][:n], top_values[j][:n], strict=True))
+                    token = request.prompt_token_ids[p + 1]
+                    request.prompt_logprobs[p + 1] = TokenLogprobs(token, chosen[j], top)
+            offset += count
 
     def _forward_batch(self, scheduled: ScheduledBatch, logits_rows: list[int]) -> ForwardBatch:
         token_ids, gather_dst, gather_src = [], [], []
@@ -405,6 +495,7 @@ class LLMEngine:
             logits_rows=logits_rows,
             request_ids=[r.request_id for r in scheduled.requests],
             mode=mode,
+            input_logprob_rows=self._prompt_logprob_rows(scheduled),
         )
         if gather_dst:
             self._inflight.feed(batch.input_ids, gather_dst, gather_src)
@@ -421,8 +512,16 @@ class LLMEngine:
             logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
             finished=request.is_finished,
             finish_reason=request.finish_reason,
+            prompt_logprobs=self._prompt_logprob_list(request),
             num_cached_tokens=request.num_cached_tokens or 0,
         )
+
+    @staticmethod
+    def _prompt_logprob_list(request: Request) -> list[TokenLogprobs | None] | None:
+        if request.params.prompt_logprobs is None:
+            return None
+        positions = range(1, request.num_prompt_tokens)
+        return [None, *(request.prompt_logprobs.get(p) for p in positions)]
 
     def _detokenize(self, request: Request) -> None:
         """Extend the request's text by its new token (O(1)); a stop string finishes it."""

@@ -42,6 +42,8 @@ class Request:
     # up to two, of which only the last can be an input of the next batch). They count in
     # num_tokens, not in all_token_ids.
     num_inflight_tokens: int = 0
+    # Prompt position i -> logprob of prompt token i (i >= 1), when prompt_logprobs is asked.
+    prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
     # Prefix caching: requests share cached KV only when these agree (a LoRA adapter changes
     # the KV; a salt keeps one tenant's prefix out of another's reach).
     lora_id: str | None = None

@@ -20,7 +20,7 @@ from tesela.executor.planner import ForwardPlanner
 
 @dataclass
 class CaptureReport:
-    strategy: str
+    mode: str
     sizes: tuple[int, ...]
     seconds: float = 0.0
     graph_memory_bytes: int = 0
@@ -36,7 +36,7 @@ class CaptureReport:
         kind = "CUDA graphs" if self.cuda_graphs else "CPU stand-in graphs"
         sizes = f"({self.sizes[0]}..{self.sizes[-1]})" if self.sizes else "(none)"
         return (
-            f"{self.strategy}: {len(self.sizes)} sizes {sizes}, {self.segments_per_size} "
+            f"{self.mode}: {len(self.sizes)} sizes {sizes}, {self.segments_per_size} "
             f"pieces each, {kind}, built in {self.seconds:.2f} s, graph memory "
             f"{self.graph_memory_gib:.3f} GiB"
         )

@@ -110,9 +110,9 @@ class ModelRunner:
                 block_size=self.config.cache.block_size,
                 graphs=self.graph_factory,
             )
-            if graph.prefill_graph == "compiled":
+            if graph.piecewise_cudagraph == "compiled":
                 runner = CompiledPiecewiseRunner(
-                    piece_compiler=graph.piece_compiler, **collaborators
+                    piecewise_compiler=graph.piecewise_compiler, **collaborators
                 )
             else:
                 runner = BreakablePiecewiseRunner(**collaborators)
@@ -121,7 +121,7 @@ class ModelRunner:
 
     def _capture_full_decode(self) -> None:
         graph = self.config.graph
-        if not (graph.decode_graph and graph.decode_batch_sizes):
+        if not (graph.full_decode and graph.decode_batch_sizes):
             self.startup.skip(startup.CAPTURE_FULL_DECODE, "FULL decode graphs are off")
             return
         if self.device.type != "cuda":
@@ -150,11 +150,11 @@ class ModelRunner:
     def _verify(self) -> None:
         graph = self.config.graph
         piecewise = self.piecewise
-        if not graph.verify or piecewise is None:
+        if not graph.verify_cudagraphs or piecewise is None:
             self.startup.skip(startup.VERIFY, "verify is off")
             return
         with self.startup.phase(startup.VERIFY):
-            exact = graph.prefill_graph == "breakable" or graph.piece_compiler == "eager"
+            exact = graph.piecewise_cudagraph == "breakable" or graph.piecewise_compiler == "eager"
             piecewise.verify(
                 self.kv_cache,
                 self.config.model_config.vocab_size,

@@ -145,8 +145,15 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 # ---- the sampling function ------------------------------------------------------------------
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors, variant: SamplingVariant) -> SampleOutput:
-    """Tokens for `logits` [n, vocab] under the per-row parameters `t` (module docstring)."""
+def sample(
+    logits: torch.Tensor,
+    t: SamplingTensors,
+    variant: SamplingVariant,
+    logprob_logits: torch.Tensor | None = None,
+) -> SampleOutput:
+    """Tokens for `logits` [n, vocab] under the per-row parameters `t` (module docstring).
+    Logprobs come from `logprob_logits` when given (the raw model distribution, when the
+    logits were processed first)."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
     if variant.random:
@@ -157,7 +164,7 @@ def sample(logits: torch.Tensor, t: SamplingTensors, variant: SamplingVariant) -
         tokens = torch.where(t.greedy, tokens, drawn)
     if not variant.logprobs:
         return SampleOutput(tokens)
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits if logprob_logits is None else logprob_logits, dim=-1)
     top_logprobs, top_ids = logprobs.topk(min(MAX_TOP_LOGPROBS, logits.shape[-1]), dim=-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]
     return SampleOutput(tokens, chosen, top_ids, top_logprobs)

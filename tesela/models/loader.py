@@ -88,7 +88,13 @@ def safetensors_files(path: Path) -> list[Path]:
 
 def iterate_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as f:
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as exc:  # SafetensorError is not importable under one stable name
+            raise ValueError(
+                f"{file} is not a readable safetensors file ({exc}): re-download or re-save it"
+            ) from exc
+        with handle as f:
             for name in f.keys():  # noqa: SIM118  (safe_open is not a dict)
                 yield name, f.get_tensor(name)
 

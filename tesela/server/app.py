@@ -7,15 +7,23 @@ and say how to install what is missing; the HTTP layer itself is in routes.py.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tesela.engine.llm_engine import LLMEngine
+from tesela.engine_args import EngineArgs
+from tesela.tokenizer import load_chat_template
+
+if TYPE_CHECKING:  # the engine (and torch) load only when a server is built
+    from tesela.engine.llm_engine import LLMEngine
 
 DEFAULT_MAX_QUEUE_LEN = 1024
+DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
+DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
 def require_server_dependencies() -> None:
@@ -37,17 +45,24 @@ def create_app(
     *,
     served_model_name: str | None = None,
     max_queue_len: int = DEFAULT_MAX_QUEUE_LEN,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_seqs_per_request: int | None = None,
+    api_key: str | None = None,
+    chat_template: str | None = None,
 ):
     """A Starlette app serving `engine`; its engine thread starts with the app's lifespan.
 
     `max_queue_len` bounds how many requests may wait beyond `max_num_seqs` running ones;
-    past that the server answers 503 instead of queueing without limit."""
+    past that the server answers 503 instead of queueing without limit. One request may ask
+    for at most `max_seqs_per_request` sequences (default: max_num_seqs)."""
     require_server_dependencies()
     from tesela.server.protocol import ModelInfo
     from tesela.server.routes import build_app
 
     if max_queue_len < 0:
         raise ValueError(f"max_queue_len must be >= 0, got {max_queue_len}")
+    if chat_template is not None:
+        engine.tokenizer.chat_template = load_chat_template(chat_template)
     model = engine.config.model
     name = served_model_name or model
     aliases = tuple({model, Path(model).name, Path(model.rstrip("/")).name} - {name})
@@ -57,67 +72,125 @@ def create_app(
         max_model_len=engine.config.scheduler.max_model_len,
         vocab_size=engine.config.model_config.vocab_size,
         tokenizer=engine.tokenizer,
+        sampling_defaults=dict(engine.config.sampling_defaults),
+        max_seqs_per_request=max_seqs_per_request or engine.config.scheduler.max_num_seqs,
     )
-    return build_app(engine, info, max_queue_len)
+    return build_app(
+        engine, info, max_queue_len, max_request_bytes=max_request_bytes, api_key=api_key
+    )
 
 
 # ---- the command line -----------------------------------------------------------------------
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from tesela.cli import add_engine_arguments
-
-    add_engine_arguments(parser)
-    parser.add_argument(
+    group = parser.add_argument_group("server options")
+    group.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"
     )
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
+    group.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    group.add_argument(
         "--served-model-name",
         default=None,
         help="the model id clients send (default: --model as given)",
     )
-    parser.add_argument(
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("TESELA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TESELA_API_KEY, "
+        "else none)",
+    )
+    group.add_argument(
+        "--chat-template",
+        default=None,
+        help="a jinja chat template (a file, or the text) instead of the tokenizer's",
+    )
+    group.add_argument(
         "--max-queue-len",
         type=int,
         default=DEFAULT_MAX_QUEUE_LEN,
-        help="requests that may wait beyond --max-num-seqs before the server "
-        "answers 503 (default: %(default)s)",
+        help="requests that may wait beyond --max-num-seqs before the server answers 503",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    group.add_argument(
+        "--max-seqs-per-request",
+        type=int,
+        default=None,
+        help="most sequences (prompts x n) one request may ask for (default: --max-num-seqs)",
     )
-    parser.add_argument("--no-access-log", action="store_true")
+    group.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="larger request bodies get 413",
+    )
+    group.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        help="seconds running requests get to finish after SIGTERM before they are cut off",
+    )
+    group.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level",
+    )
+    group.add_argument("--no-access-log", action="store_true", help="no line per request")
+    EngineArgs.add_cli_args(parser)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Take the port before the model loads, so a busy port fails in a second, not minutes."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): another server may hold it; "
+            "stop it or pass another --port"
+        ) from None
+    return sock
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from tesela.cli import engine_kwargs
-    from tesela.engine.llm_engine import make_engine_config
-
     require_server_dependencies()
     import uvicorn
 
-    if not 0 <= args.port <= 65535:
-        print(f"error: --port must be in [0, 65535], got {args.port}", file=sys.stderr)
-        return 2
-    config, path = make_engine_config(args.model, **engine_kwargs(args))
+    from tesela.engine.llm_engine import LLMEngine, make_engine_config
+    from tesela.server.shutdown import GracefulServer
+
+    sock = bind_socket(args.host, args.port)
+    config, path = make_engine_config(EngineArgs.from_cli_args(args))
     engine = LLMEngine(config, path)
     app = create_app(
-        engine, served_model_name=args.served_model_name, max_queue_len=args.max_queue_len
+        engine,
+        served_model_name=args.served_model_name,
+        max_queue_len=args.max_queue_len,
+        max_request_bytes=args.max_request_bytes,
+        max_seqs_per_request=args.max_seqs_per_request,
+        api_key=args.api_key,
+        chat_template=args.chat_template,
     )
+    port = sock.getsockname()[1]
     print(
-        f"serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1 "
+        f"serving {args.served_model_name or args.model} at http://{args.host}:{port}/v1 "
         f"(max_model_len {config.scheduler.max_model_len})",
         file=sys.stderr,
+        flush=True,
     )
-    uvicorn.run(
+    uvicorn_config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
         log_level=args.log_level,
         access_log=not args.no_access_log,
-        timeout_graceful_shutdown=5,
+        # A backstop only: GracefulServer cuts requests off after the drain timeout.
+        timeout_graceful_shutdown=args.drain_timeout + 10,
     )
+    GracefulServer(uvicorn_config, drain_timeout=args.drain_timeout).run(sockets=[sock])
     return 0
 
 

@@ -9,7 +9,10 @@ Admission is bounded: at most `max_num_seqs + max_queue_len` engine requests may
 beyond that `submit` raises `Overloaded` (HTTP 503) at once instead of growing the queue without
 limit. An accepted request is never dropped: the scheduler preempts and resumes under KV
 pressure. If a step raises, the requests in flight get the error, their KV blocks are freed and
-the loop keeps serving.
+the loop keeps serving; the exception is logged once, and clients see no internal text.
+
+Shutdown drains: `begin_drain` refuses new requests (503) while running ones continue;
+`cut_off` then ends whatever is left with `ShuttingDown`, which streams report in-band.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ class Overloaded(Exception):
 
 class EngineError(Exception):
     """The engine failed while running a request, or is not running (HTTP 500/503)."""
+
+
+class ShuttingDown(EngineError):
+    """The server is stopping: the request was cut off or refused (HTTP 503)."""
 
 
 @dataclass
@@ -102,6 +109,11 @@ class _Stop:
     pass
 
 
+@dataclass
+class _FailAll:
+    error: Exception
+
+
 class AsyncEngine:
     """Runs `engine` on its own thread; `submit` from the event loop returns a RequestGroup."""
 
@@ -119,6 +131,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.dead_reason: str | None = None
+        self.draining = False
 
     # ---- lifecycle (event loop side) -------------------------------------------------------
 
@@ -133,6 +146,23 @@ class AsyncEngine:
         if self._thread is not None and self._thread.is_alive():
             self._commands.put(_Stop())
             self._thread.join(timeout)
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; running ones continue."""
+        with self._lock:
+            self.draining = True
+
+    def cut_off(self, message: str) -> int:
+        """End every request in flight with ShuttingDown; returns how many were pending."""
+        with self._lock:
+            pending = self._num_pending
+        self._commands.put(_FailAll(ShuttingDown(message)))
+        return pending
+
+    @property
+    def num_pending(self) -> int:
+        with self._lock:
+            return self._num_pending
 
     @property
     def is_running(self) -> bool:
@@ -177,6 +207,8 @@ class AsyncEngine:
             )
         # Under the lock, so that no command slips in after the engine thread's final drain.
         with self._lock:
+            if self.draining:
+                raise ShuttingDown("the server is shutting down: retry on another replica")
             if self._closed or not self.is_running:
                 reason = self.dead_reason or ("shutting down" if self._closed else "not started")
                 raise EngineError(f"the engine is not running: {reason}")
@@ -209,10 +241,10 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     self._step()
                 self._refresh_stats()
-        except BaseException as exc:  # a bug in this loop: fail loudly, never hang clients
+        except BaseException:  # a bug in this loop: fail loudly, never hang clients
             logger.exception("the engine loop died")
-            self.dead_reason = f"{type(exc).__name__}: {exc}"
-            error = EngineError(f"the engine loop died: {self.dead_reason}")
+            self.dead_reason = "the engine loop died (see the server log)"
+            error = EngineError(self.dead_reason)
         with self._lock:
             self._closed = True
         self._fail_all(error)
@@ -245,6 +277,8 @@ class AsyncEngine:
                 return False
             if isinstance(command, _Add):
                 self._add(command)
+            elif isinstance(command, _FailAll):
+                self._fail_all(command.error)
             else:
                 self._abort(command.group)
         return True
@@ -280,11 +314,17 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:
-            logger.exception("an engine step failed; failing the requests in flight")
+        except Exception:
+            groups = sorted({group.group_id for group, _ in self._live.values()})
+            logger.exception("an engine step failed; failing requests %s", ", ".join(groups))
             if self.metrics is not None:
                 self.metrics.engine_errors.inc()
-            self._fail_all(EngineError(f"the engine failed while running this request: {exc}"))
+            self._fail_all(
+                EngineError(
+                    "the engine failed while running this request: the server logged it under "
+                    "this request's id"
+                )
+            )
             return
         delivered = []
         for output in outputs:

@@ -130,9 +130,11 @@ class Histogram(Metric):
 
 
 class ServerMetrics:
-    """Every metric the server exports; `render(stats)` adds the engine's snapshot."""
+    """Every metric the server exports; `render(stats)` adds the engine's snapshot. Every
+    sample carries a `model_name` label (as vLLM's do), so dashboards can tell servers apart."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
         self.http_requests = Counter(
             "http_requests_total", "HTTP requests by route and status code.", ("route", "status")
         )
@@ -175,7 +177,18 @@ class ServerMetrics:
         for metric in self._own:
             lines += metric.render()
         lines += _engine_lines(stats)
-        return "\n".join(lines) + "\n"
+        label = f'model_name="{_escape(self.model_name)}"'
+        return "\n".join(_with_label(line, label) for line in lines) + "\n"
+
+
+def _with_label(line: str, label: str) -> str:
+    """Add `label` first to a sample line's label set (comment lines pass through)."""
+    if line.startswith("#"):
+        return line
+    name_end = min(i for i in (line.find("{"), line.find(" ")) if i >= 0)
+    if line[name_end] == "{":
+        return f"{line[: name_end + 1]}{label},{line[name_end + 1 :]}"
+    return f"{line[:name_end]}{{{label}}}{line[name_end:]}"
 
 
 def _engine_lines(stats: dict) -> list[str]:

@@ -3,23 +3,32 @@
 Validation is explicit (no pydantic) so that every error names the field, says what was wrong
 and what to send instead, and comes back as an OpenAI error body
 ({"error": {"message", "type", "param", "code"}}) with a 4xx status through `APIError`.
-Fields OpenAI defines but tesela cannot honour (penalties, logit_bias, echo, tools, ...) are
-refused with a message rather than silently ignored; unknown fields are ignored, as vLLM does.
+Fields OpenAI defines but tesela cannot honour (suffix, tools, ...) are refused with a
+message naming the field rather than silently ignored; unknown fields are ignored, as vLLM does.
+
+Parsing runs on a worker thread (it tokenizes and renders templates), and is bounded per
+request: a string longer than the context could ever hold is refused before it is tokenized,
+and one request may ask for at most `max_seqs_per_request` sequences (prompts x n).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tesela.engine.request import TokenLogprobs
 from tesela.engine.sampling_params import SamplingParams
+from tesela.tokenizer import ChatTemplateError
 
 MAX_N = 128
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+# No tokenizer we know has tokens longer than this many characters: a text longer than
+# max_model_len x this cannot fit the context, so it is refused without tokenizing it.
+MAX_CHARS_PER_TOKEN = 128
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _MISSING = object()
 
@@ -63,9 +72,35 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     tokenizer: Any
+    # Defaults for fields a request leaves out (from generation_config.json).
+    sampling_defaults: dict = field(default_factory=dict)
+    max_seqs_per_request: int = 256  # prompts x n of one request
 
     def accepts(self, name: str) -> bool:
         return name == self.name or name in self.aliases
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_model_len * MAX_CHARS_PER_TOKEN
+
+    def encode(self, text: str, param: str) -> list[int]:
+        """Tokenize client text: too long to ever fit, or not valid Unicode, is a 400."""
+        if len(text) > self.max_prompt_chars:
+            raise APIError(
+                f"'{param}' has {len(text)} characters, more than a {self.max_model_len}-token "
+                "context can hold: shorten it",
+                param=param,
+                code="context_length_exceeded",
+            )
+        try:
+            return self.tokenizer.encode(text)
+        except UnicodeEncodeError:
+            raise APIError(
+                f"'{param}' is not valid Unicode (it holds a lone surrogate such as \\ud800): "
+                "send text that encodes as UTF-8",
+                param=param,
+                code="invalid_value",
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -80,6 +115,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None  # top alternatives per token; None: no logprobs
+    echo: bool = False  # completions: the prompt (and its logprobs) lead each choice
     cache_salt: str | None = None  # shares cached prefixes only with requests of equal salt
 
     @property
@@ -98,8 +134,13 @@ def parse_json_body(raw: bytes) -> dict:
         body = json.loads(raw, parse_constant=reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(
-            f"the request body is not valid JSON ({exc}): send a JSON object with "
+            f"the request body is not valid JSON ({str(exc)[:200]}): send a JSON object with "
             "Content-Type: application/json",
+            code="invalid_json",
+        ) from None
+    except RecursionError:
+        raise APIError(
+            "the request body nests arrays or objects too deeply: no OpenAI request needs that",
             code="invalid_json",
         ) from None
     if not isinstance(body, dict):
@@ -126,10 +167,17 @@ def _json_type(value: Any) -> str:
 
 def _wrong_type(name: str, expected: str, value: Any) -> APIError:
     return APIError(
-        f"'{name}' must be {expected}, got {_json_type(value)} ({json.dumps(value)[:50]})",
+        f"'{name}' must be {expected}, got {_json_type(value)} ({_preview(value)})",
         param=name,
         code="invalid_type",
     )
+
+
+def _preview(value: Any) -> str:
+    """At most 50 characters of a JSON value, safe for deep nesting and lone surrogates."""
+    if isinstance(value, (list, dict)):
+        return "[...]" if isinstance(value, list) else "{...}"
+    return json.dumps(value)[:50]
 
 
 def _get(body: dict, name: str, default: Any) -> Any:
@@ -304,14 +352,31 @@ def _build(
     logprobs: int | None,
     max_tokens_name: str,
     default_max_tokens: int | None,
+    echo: bool = False,
 ) -> GenerationRequest:
     n = _int(body, "n", 1, low=1, high=MAX_N)
+    if n * len(prompts) > model.max_seqs_per_request:
+        raise APIError(
+            f"this request asks for {n * len(prompts)} sequences ({len(prompts)} prompt(s) x "
+            f"n={n}), more than one request may run at once ({model.max_seqs_per_request}): "
+            "lower n or split the prompts over several requests",
+            param="n",
+            code="too_many_sequences",
+        )
     common = _sampling_fields(body, model, logprobs)
+    if echo and logprobs is not None:
+        common["prompt_logprobs"] = logprobs
     seed = _seed(body)
     stream, include_usage = _stream_flags(body)
     choice_prompts, choice_params = [], []
     for prompt_index, prompt in enumerate(prompts):
         max_tokens = _max_tokens(body, max_tokens_name, len(prompt), model, default_max_tokens)
+        if common["min_tokens"] > max_tokens:
+            raise APIError(
+                f"'min_tokens' ({common['min_tokens']}) exceeds {max_tokens_name} ({max_tokens})",
+                param="min_tokens",
+                code="invalid_value",
+            )
         for i in range(n):
             choice_prompts.append(prompt_index)
             choice_params.append(_params(max_tokens, _choice_seed(seed, i), common))
@@ -324,6 +389,7 @@ def _build(
         stream,
         include_usage,
         logprobs,
+        echo,
         _cache_salt(body),
     )
 
@@ -338,14 +404,15 @@ def _cache_salt(body: dict) -> str | None:
 
 def _sampling_fields(body: dict, model: ModelInfo, logprobs: int | None) -> dict:
     """The SamplingParams fields every choice shares (all but max_tokens and seed)."""
-    temperature = _float(body, "temperature", 1.0)
+    defaults = model.sampling_defaults
+    temperature = _float(body, "temperature", defaults.get("temperature", 1.0))
     if temperature < 0 or not math.isfinite(temperature):
         raise APIError(
             f"'temperature' must be >= 0 (0 is greedy), got {temperature}",
             param="temperature",
             code="invalid_value",
         )
-    top_p = _float(body, "top_p", 1.0)
+    top_p = _float(body, "top_p", defaults.get("top_p", 1.0))
     if not 0.0 < top_p <= 1.0:
         raise APIError(
             f"'top_p' must be in (0, 1], got {top_p}", param="top_p", code="invalid_value"
@@ -353,7 +420,13 @@ def _sampling_fields(body: dict, model: ModelInfo, logprobs: int | None) -> dict
     return dict(
         temperature=temperature,
         top_p=top_p,
-        top_k=_int(body, "top_k", -1, low=-1),
+        top_k=_int(body, "top_k", defaults.get("top_k", -1), low=-1),
+        min_p=_float_in(body, "min_p", defaults.get("min_p", 0.0), 0.0, 1.0),
+        presence_penalty=_float_in(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_float_in(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_repetition_penalty(body, defaults.get("repetition_penalty", 1.0)),
+        min_tokens=_int(body, "min_tokens", 0, low=0),
+        logit_bias=_logit_bias(body, model.vocab_size),
         stop=_stop_strings(body),
         stop_token_ids=_token_id_list(body, "stop_token_ids", model.vocab_size),
         ignore_eos=_bool(body, "ignore_eos", False),
@@ -361,6 +434,54 @@ def _sampling_fields(body: dict, model: ModelInfo, logprobs: int | None) -> dict
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
         logprobs=logprobs,
     )
+
+
+def _float_in(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = _float(body, name, default)
+    if not math.isfinite(value):
+        raise APIError(f"'{name}' must be a finite number", param=name, code="invalid_value")
+    _check_range(name, value, low, high)
+    return value
+
+
+def _repetition_penalty(body: dict, default: float) -> float:
+    value = _float(body, "repetition_penalty", default)
+    if not (math.isfinite(value) and value > 0):
+        raise APIError(
+            f"'repetition_penalty' must be > 0 (1 is off), got {value}",
+            param="repetition_penalty",
+            code="invalid_value",
+        )
+    return value
+
+
+def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias in [-100, 100]}, as OpenAI sends it (keys are strings in JSON)."""
+    value = _get(body, "logit_bias", {})
+    if not isinstance(value, dict):
+        raise _wrong_type("logit_bias", "an object of token id -> bias", value)
+    if len(value) > MAX_LOGIT_BIAS:
+        raise APIError(
+            f"'logit_bias' takes at most {MAX_LOGIT_BIAS} entries, got {len(value)}",
+            param="logit_bias",
+            code="invalid_value",
+        )
+    entries = []
+    for key, bias in value.items():
+        if not (key.isdigit() and int(key) < vocab_size):
+            raise APIError(
+                f"'logit_bias' keys must be token ids in [0, {vocab_size}), got {key[:20]!r}",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise APIError(
+                f"'logit_bias' values must be numbers in [-100, 100], got {_preview(bias)}",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        entries.append((int(key), float(bias)))
+    return tuple(entries)
 
 
 def _params(max_tokens: int, seed: int | None, common: dict) -> SamplingParams:
@@ -372,13 +493,7 @@ def _params(max_tokens: int, seed: int | None, common: dict) -> SamplingParams:
 
 # ---- /v1/completions ------------------------------------------------------------------------
 
-COMPLETION_UNSUPPORTED = (
-    "echo",
-    "suffix",
-    "logit_bias",
-    "presence_penalty",
-    "frequency_penalty",
-)
+COMPLETION_UNSUPPORTED = ("suffix",)
 
 
 def parse_completion(body: dict, model: ModelInfo) -> GenerationRequest:
@@ -393,6 +508,13 @@ def parse_completion(body: dict, model: ModelInfo) -> GenerationRequest:
         )
     prompts = _completion_prompts(body, model)
     logprobs = _int(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
+    echo = _bool(body, "echo", False)
+    if echo and _bool(body, "stream", False):
+        raise APIError(
+            "'echo' is not supported with 'stream': send the request without stream",
+            param="echo",
+            code="unsupported_parameter",
+        )
     return _build(
         body,
         "completion",
@@ -401,7 +523,8 @@ def parse_completion(body: dict, model: ModelInfo) -> GenerationRequest:
         model,
         logprobs=logprobs,
         max_tokens_name="max_tokens",
-        default_max_tokens=16,
+        default_max_tokens=model.sampling_defaults.get("max_tokens", 16),
+        echo=echo,
     )
 
 
@@ -431,7 +554,7 @@ def _completion_prompts(body: dict, model: ModelInfo) -> list[list[int]]:
 
 def _prompt_tokens(prompt: Any, model: ModelInfo) -> list[int]:
     if isinstance(prompt, str):
-        tokens = model.tokenizer.encode(prompt)
+        tokens = model.encode(prompt, "prompt")
     elif isinstance(prompt, list) and all(_is_int(t) for t in prompt):
         tokens = list(prompt)
         if any(not 0 <= t < model.vocab_size for t in tokens):
@@ -452,9 +575,6 @@ CHAT_UNSUPPORTED = (
     "tools",
     "functions",
     "tool_choice",
-    "logit_bias",
-    "presence_penalty",
-    "frequency_penalty",
     "response_format",
     "audio",
     "prediction",
@@ -464,15 +584,7 @@ CHAT_UNSUPPORTED = (
 def parse_chat(body: dict, model: ModelInfo) -> GenerationRequest:
     model_name = check_model(body, model)
     _reject_unsupported(body, CHAT_UNSUPPORTED)
-    messages = _messages(body)
-    add_generation_prompt = _bool(body, "add_generation_prompt", True)
-    try:
-        text = model.tokenizer.apply_chat_template(messages, add_generation_prompt)
-    except Exception as exc:  # jinja errors and raise_exception() in the template
-        raise APIError(
-            f"the chat template could not render these messages: {exc}", param="messages"
-        ) from None
-    tokens = model.tokenizer.encode(text)
+    tokens = chat_prompt_tokens(body, model)
     _check_prompt_length(tokens, model, "messages")
     logprobs = None
     if _bool(body, "logprobs", False):
@@ -490,8 +602,29 @@ def parse_chat(body: dict, model: ModelInfo) -> GenerationRequest:
         model,
         logprobs=logprobs,
         max_tokens_name=max_name,
-        default_max_tokens=None,
+        default_max_tokens=model.sampling_defaults.get("max_tokens"),
     )
+
+
+def chat_prompt_tokens(body: dict, model: ModelInfo) -> list[int]:
+    """The messages through the (sandboxed) chat template, tokenized."""
+    messages = _messages(body)
+    add_generation_prompt = _bool(body, "add_generation_prompt", True)
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > model.max_prompt_chars:
+        raise APIError(
+            f"'messages' hold {chars} characters, more than a {model.max_model_len}-token "
+            "context can hold: shorten them",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    try:
+        text = model.tokenizer.apply_chat_template(messages, add_generation_prompt)
+    except ChatTemplateError as exc:  # jinja errors, sandbox refusals, raise_exception()
+        raise APIError(
+            f"the chat template could not render these messages: {exc}", param="messages"
+        ) from None
+    return model.encode(text, "messages")
 
 
 def _messages(body: dict) -> list[dict]:
@@ -569,7 +702,7 @@ def completion_logprobs(entries: list[TokenLogprobs], decode, text_offset: int =
     return {
         "tokens": tokens,
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [_top_by_text(e.top, decode) for e in entries],
+        "top_logprobs": [None if e.top is None else _top_by_text(e.top, decode) for e in entries],
         "text_offset": offsets,
     }
 
@@ -595,3 +728,33 @@ def chat_logprobs(entries: list[TokenLogprobs], decode) -> dict:
         top = [item(t, lp) for t, lp in entry.top.items()]
         content.append({**item(entry.token_id, entry.logprob), "top_logprobs": top})
     return {"content": content}
+
+
+# ---- /tokenize and /detokenize --------------------------------------------------------------
+
+
+def _optional_model(body: dict, model: ModelInfo) -> None:
+    if body.get("model") is not None:
+        check_model(body, model)
+
+
+def parse_tokenize(body: dict, model: ModelInfo) -> list[int]:
+    """{"prompt": str} or {"messages": [...]} (through the chat template) -> token ids."""
+    _optional_model(body, model)
+    if body.get("messages") is not None:
+        return chat_prompt_tokens(body, model)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise APIError(
+            "'prompt' (a string) or 'messages' (an array) is required",
+            param="prompt",
+            code="missing_field",
+        )
+    return model.encode(prompt, "prompt")
+
+
+def parse_detokenize(body: dict, model: ModelInfo) -> list[int]:
+    _optional_model(body, model)
+    if "tokens" not in body:
+        raise APIError("'tokens' (an array of token ids) is required", param="tokens")
+    return list(_token_id_list(body, "tokens", model.vocab_size))

@@ -3,13 +3,15 @@
 Starlette (not FastAPI) keeps the dependency set small and pure Python (no pydantic-core);
 validation lives in protocol.py anyway. Every error a client can cause leaves as an OpenAI
 error body with a 4xx status; overload is a 503 with Retry-After; anything unexpected is a
-500 in the same shape, and never disturbs the other requests in flight.
+500 in the same shape (logged once under the request id it carries), and never disturbs the
+other requests in flight or the client's keep-alive connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 import uuid
@@ -22,8 +24,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tesela import __version__
 from tesela.engine.llm_engine import LLMEngine
-from tesela.server.async_engine import AsyncEngine, EngineError, Overloaded
+from tesela.server.async_engine import AsyncEngine, EngineError, Overloaded, ShuttingDown
 from tesela.server.metrics import ServerMetrics
 from tesela.server.protocol import (
     APIError,
@@ -31,13 +34,30 @@ from tesela.server.protocol import (
     ModelInfo,
     parse_chat,
     parse_completion,
+    parse_detokenize,
     parse_json_body,
+    parse_tokenize,
 )
 from tesela.server.serving import TokenText, collect, make_format, stream_events
 
 logger = logging.getLogger("tesela.server")
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/stats")
+ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/stats",
+    "/tokenize",
+    "/detokenize",
+    "/version",
+)
+# Paths that need the API key when the server has one (vLLM guards /v1 the same way).
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
+# Requests whose JSON is parsed, tokenized and templated at the same time, on worker threads.
+PREPROCESS_THREADS = 8
 
 
 class EventStreamResponse(StreamingResponse):
@@ -87,15 +107,110 @@ def error_response(error: APIError, headers: dict | None = None) -> JSONResponse
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
+class RequestTooLarge(Exception):
+    """The body went past the server's limit while it was being read."""
+
+
+class GuardMiddleware:
+    """Per HTTP request: an id (the X-Request-Id header of every response), the API key, the
+    body-size limit, and the last line of defence against bugs. An unexpected exception is
+    logged once, with the request id, and answered with a 500 that carries the id and no
+    internal text; it is never re-raised, so the server keeps the connection alive."""
+
+    def __init__(self, app, *, max_request_bytes: int, api_key: str | None) -> None:
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+        self.api_key = api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = [False]
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                started[0] = True
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send_with_id)
+            return
+        try:
+            await self.app(scope, self._limited(receive), send_with_id)
+        except RequestTooLarge:
+            if not started[0]:
+                await error_response(self._too_large())(scope, receive, send_with_id)
+        except Exception as exc:
+            logger.error(
+                "request %s: unhandled error on %s", request_id, scope["path"], exc_info=exc
+            )
+            if not started[0]:
+                error = APIError(
+                    f"internal server error: the server logged it as request {request_id}",
+                    500,
+                    type="server_error",
+                    code="internal_error",
+                )
+                await error_response(error)(scope, receive, send_with_id)
+
+    def _refusal(self, scope) -> APIError | None:
+        headers = dict(scope.get("headers", []))
+        if self.api_key is not None and scope["path"].startswith(PROTECTED_PREFIXES):
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return APIError(
+                    "missing or wrong API key: send 'Authorization: Bearer <key>' with the key "
+                    "the server was started with (--api-key)",
+                    401,
+                    code="invalid_api_key",
+                )
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_request_bytes:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            f"the request body is larger than this server accepts ({self.max_request_bytes} "
+            "bytes): send a shorter prompt, or start the server with a larger "
+            "--max-request-bytes",
+            413,
+            code="request_too_large",
+        )
+
+    def _limited(self, receive):
+        received = [0]
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > self.max_request_bytes:
+                    raise RequestTooLarge
+            return message
+
+        return limited_receive
+
+
 class Server:
     """The routes' shared state: the async engine, the model's facts, the metrics."""
 
     def __init__(self, engine: LLMEngine, model_info: ModelInfo, max_queue_len: int) -> None:
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(model_info.name)
         self.engine = AsyncEngine(engine, max_queue_len=max_queue_len, metrics=self.metrics)
         self.model_info = model_info
         self.token_text = TokenText(engine.tokenizer)
         self.started = int(time.time())
+        self.preprocess_limiter = anyio.CapacityLimiter(PREPROCESS_THREADS)
 
     # ---- endpoints -----------------------------------------------------------------------
 
@@ -105,21 +220,60 @@ class Server:
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, parse_chat, "chatcmpl")
 
-    async def models(self, request: Request) -> Response:
+    def _model_card(self) -> dict:
         info = self.model_info
-        card = {
+        return {
             "id": info.name,
             "object": "model",
             "created": self.started,
             "owned_by": "tesela",
             "max_model_len": info.max_model_len,
         }
-        return JSONResponse({"object": "list", "data": [card]})
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model_id"]
+        if not self.model_info.accepts(name):
+            return error_response(
+                APIError(
+                    f"the model {name!r} does not exist here: this server serves "
+                    f"{self.model_info.name!r}",
+                    404,
+                    param="model",
+                    code="model_not_found",
+                )
+            )
+        return JSONResponse(self._model_card())
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": __version__})
+
+    async def tokenize(self, request: Request) -> Response:
+        def run(raw: bytes) -> dict:
+            tokens = parse_tokenize(parse_json_body(raw), self.model_info)
+            return {
+                "tokens": tokens,
+                "count": len(tokens),
+                "max_model_len": self.model_info.max_model_len,
+            }
+
+        return await self._preprocessed(request, run)
+
+    async def detokenize(self, request: Request) -> Response:
+        def run(raw: bytes) -> dict:
+            tokens = parse_detokenize(parse_json_body(raw), self.model_info)
+            return {"prompt": self.model_info.tokenizer.decode(tokens)}
+
+        return await self._preprocessed(request, run)
 
     async def health(self, request: Request) -> Response:
-        if self.engine.is_running:
+        if self.engine.is_running and not self.engine.draining:
             return JSONResponse({"status": "ok"})
-        reason = self.engine.dead_reason or "not started"
+        reason = (
+            "shutting down" if self.engine.draining else self.engine.dead_reason or "not started"
+        )
         return error_response(
             APIError(f"the engine is not running: {reason}", 503, type="server_error")
         )
@@ -133,14 +287,31 @@ class Server:
 
     # ---- generation ----------------------------------------------------------------------
 
+    async def _preprocess(self, function, raw: bytes):
+        """JSON parsing, tokenization and templating, on a worker thread: a large request
+        never holds the event loop (so /health and streams stay responsive)."""
+        return await anyio.to_thread.run_sync(function, raw, limiter=self.preprocess_limiter)
+
+    async def _preprocessed(self, request: Request, function) -> Response:
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            return Response(status_code=499)
+        try:
+            return JSONResponse(await self._preprocess(function, raw))
+        except APIError as error:
+            return error_response(error)
+
     async def _generate(self, request: Request, parse, id_prefix: str) -> Response:
         try:
             raw = await request.body()
         except ClientDisconnect:
             return Response(status_code=499)  # gone before the body arrived
         try:
-            generation = parse(parse_json_body(raw), self.model_info)
-            request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+            generation = await self._preprocess(
+                lambda body: parse(parse_json_body(body), self.model_info), raw
+            )
+            request_id = f"{id_prefix}-{request.scope['state']['request_id']}"
             group = await self._submit(generation, request_id)
         except APIError as error:
             headers = {"Retry-After": "1"} if error.status == 503 else None
@@ -152,6 +323,11 @@ class Server:
             return EventStreamResponse(stream_events(group, fmt), headers=headers)
         try:
             outputs = await until_disconnected(request, collect(group))
+        except ShuttingDown as exc:
+            return error_response(
+                APIError(str(exc), 503, type="server_error", code="shutting_down"),
+                {"Retry-After": "1"},
+            )
         except EngineError as exc:
             return error_response(APIError(str(exc), 500, type="server_error", code="engine_error"))
         finally:
@@ -172,6 +348,8 @@ class Server:
         except ValueError as exc:  # the engine refused the input (e.g. longer than the KV cache)
             self.metrics.requests_rejected.inc(1, "invalid")
             raise APIError(str(exc), 400, code="invalid_value") from None
+        except ShuttingDown as exc:
+            raise APIError(str(exc), 503, type="server_error", code="shutting_down") from None
         except EngineError as exc:
             raise APIError(str(exc), 503, type="server_error", code="engine_unavailable") from None
 
@@ -199,7 +377,8 @@ async def _wait_for_disconnect(request: Request) -> None:
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     message = {
         404: f"no route {request.url.path}: the API lives under /v1 (completions, "
-        "chat/completions, models), plus /health, /metrics and /stats",
+        "chat/completions, models), plus /health, /metrics, /stats, /tokenize, /detokenize "
+        "and /version",
         405: f"{request.method} is not allowed on {request.url.path}",
     }.get(exc.status_code, str(exc.detail))
     return error_response(
@@ -207,13 +386,14 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     )
 
 
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
-    message = f"internal server error ({type(exc).__name__}): see the server log"
-    return error_response(APIError(message, 500, type="server_error", code="internal_error"))
-
-
-def build_app(engine: LLMEngine, model_info: ModelInfo, max_queue_len: int) -> Starlette:
+def build_app(
+    engine: LLMEngine,
+    model_info: ModelInfo,
+    max_queue_len: int,
+    *,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    api_key: str | None = None,
+) -> Starlette:
     server = Server(engine, model_info, max_queue_len)
 
     @contextlib.asynccontextmanager
@@ -228,6 +408,10 @@ def build_app(engine: LLMEngine, model_info: ModelInfo, max_queue_len: int) -> S
         ("/v1/completions", server.completions, ["POST"]),
         ("/v1/chat/completions", server.chat_completions, ["POST"]),
         ("/v1/models", server.models, ["GET"]),
+        ("/v1/models/{model_id:path}", server.model, ["GET"]),
+        ("/tokenize", server.tokenize, ["POST"]),
+        ("/detokenize", server.detokenize, ["POST"]),
+        ("/version", server.version, ["GET"]),
         ("/health", server.health, ["GET"]),
         ("/stats", server.stats, ["GET"]),
         ("/metrics", server.prometheus, ["GET"]),
@@ -235,8 +419,10 @@ def build_app(engine: LLMEngine, model_info: ModelInfo, max_queue_len: int) -> S
     app = Starlette(
         routes=[Route(path, fn, methods=methods) for path, fn, methods in endpoints],
         lifespan=lifespan,
-        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        exception_handlers={HTTPException: _http_error},
     )
+    # Outermost last: metrics see every status, including the guard's 401/413/500.
+    app.add_middleware(GuardMiddleware, max_request_bytes=max_request_bytes, api_key=api_key)
     app.add_middleware(MetricsMiddleware, metrics=server.metrics)
     app.state.server = server
     return app

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 from tesela.engine.llm_engine import RequestOutput
 from tesela.engine.request import TokenLogprobs
-from tesela.server.async_engine import EngineError, RequestGroup
+from tesela.server.async_engine import EngineError, RequestGroup, ShuttingDown
 from tesela.server.protocol import (
     APIError,
     GenerationRequest,
@@ -136,12 +136,21 @@ class CompletionFormat(ResponseFormat):
     object_name = chunk_object_name = "text_completion"
 
     def final_choice(self, index: int, output: RequestOutput) -> dict:
+        entries = output.logprobs
+        text = output.text
+        if self.request.echo:
+            # The prompt leads: its text, and its tokens' logprobs (none for the first).
+            prompt = output.prompt_token_ids
+            text = self.token_text.tokenizer.decode(prompt) + text
+            if entries is not None:
+                first = TokenLogprobs(prompt[0], None, None)
+                entries = [first, *output.prompt_logprobs[1:], *entries]
         logprobs = None
-        if output.logprobs is not None:
-            logprobs = completion_logprobs(output.logprobs, self.token_text)
+        if entries is not None:
+            logprobs = completion_logprobs(entries, self.token_text)
         return {
             "index": index,
-            "text": output.text,
+            "text": text,
             "logprobs": logprobs,
             "finish_reason": output.finish_reason,
         }
@@ -238,7 +247,8 @@ async def stream_events(group: RequestGroup, fmt: ResponseFormat) -> AsyncIterat
             yield sse(fmt.usage_chunk(sum(s.num_tokens for s in states), cached))
     except EngineError as exc:
         # The status line is already sent: report the error in-band, as OpenAI does.
-        yield sse(APIError(str(exc), 500, type="server_error", code="engine_error").body())
+        code = "shutting_down" if isinstance(exc, ShuttingDown) else "engine_error"
+        yield sse(APIError(str(exc), 500, type="server_error", code=code).body())
     finally:
         group.abort()
     yield sse("[DONE]")

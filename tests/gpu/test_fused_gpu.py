@@ -55,7 +55,7 @@ def test_kernels_match_the_ops_they_replace():
 
 def test_model_forward_with_and_without_fusion():
     config, path = make_engine_config(
-        "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=4096, disable_cuda_graph=True
+        "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=4096, disable_cudagraph=True
     )
     runner = ModelRunner(config, path)
     tokens = torch.randint(0, 151936, (300,)).tolist()
@@ -119,7 +119,7 @@ def test_decode_step_logits_with_and_without_fusion():
     from tesela.bench_decode import decode_batch
 
     config, path = make_engine_config(
-        "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=8192, disable_cuda_graph=True
+        "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=8192, disable_cudagraph=True
     )
     runner = ModelRunner(config, path)
     for k, v in zip(runner.kv_cache.k_buffers, runner.kv_cache.v_buffers, strict=True):
@@ -143,7 +143,7 @@ def test_fused_decode_layer_launches_fewer_kernels():
     from tesela.bench_decode import launches_per_layer
 
     config, path = make_engine_config(
-        "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=4096, disable_cuda_graph=True
+        "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=4096, disable_cudagraph=True
     )
     runner = ModelRunner(config, path)
     fused_launches = launches_per_layer(runner)

@@ -91,13 +91,13 @@ def random_batch(num_tokens: int, seed: int) -> ForwardBatch:
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-@pytest.mark.parametrize("strategy", [("breakable", "eager"), ("compiled", "eager"),
+@pytest.mark.parametrize("mode", [("breakable", "eager"), ("compiled", "eager"),
                                       ("compiled", "inductor")])  # fmt: skip
-def test_piecewise_replay_equals_eager_padded(checkpoints, arch, strategy):
-    prefill_graph, compiler = strategy
+def test_piecewise_replay_equals_eager_padded(checkpoints, arch, mode):
+    piecewise_cudagraph, compiler = mode
     config, path = make_engine_config(
         str(checkpoints[arch][0]), dtype="bfloat16", device="cuda", num_kv_tokens=4096,
-        prefill_graph=prefill_graph, piece_compiler=compiler, capture_sizes=[4, 8, 16, 64],
+        piecewise_cudagraph=piecewise_cudagraph, piecewise_compiler=compiler, capture_sizes=[4, 8, 16, 64],
     )  # fmt: skip
     runner = ModelRunner(config, path)
     piecewise = runner.piecewise
@@ -116,18 +116,20 @@ PROMPTS = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 250, 13], [300, 301, 12, 77, 54, 23,
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-@pytest.mark.parametrize("prefill_graph", ["breakable", "compiled"])
-def test_greedy_identical_with_graphs_on_and_off(checkpoints, arch, prefill_graph):
+@pytest.mark.parametrize("piecewise_cudagraph", ["breakable", "compiled"])
+def test_greedy_identical_with_graphs_on_and_off(checkpoints, arch, piecewise_cudagraph):
     """FULL decode graphs for decode steps, piecewise graphs for prefill: same tokens."""
     path = str(checkpoints[arch][0])
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     common = dict(dtype="bfloat16", num_kv_tokens=4096, max_num_batched_tokens=64)
-    on = LLM(path, prefill_graph=prefill_graph, capture_sizes=[4, 8, 16, 32, 64], **common)
+    on = LLM(
+        path, piecewise_cudagraph=piecewise_cudagraph, capture_sizes=[4, 8, 16, 32, 64], **common
+    )
     on_tokens = [o.token_ids for o in on.generate(PROMPTS, params)]
     paths = on.engine.stats()["dispatch"]["paths"]
     assert paths["piecewise"] > 0 and paths["full"] > 0, paths
     del on
-    off = LLM(path, disable_cuda_graph=True, **common)
+    off = LLM(path, disable_cudagraph=True, **common)
     assert [o.token_ids for o in off.generate(PROMPTS, params)] == on_tokens
 
 

@@ -1,4 +1,4 @@
-"""The `compiled` piecewise strategy on CUDA: a graph per piece and size, replayed exactly.
+"""The `compiled` piecewise mode on CUDA: a graph per piece and size, replayed exactly.
 
 A qwen3-0.6b-shaped model with fewer layers, captured at a short ladder with eager pieces (a
 replay equals `run_eager_padded` bit for bit) and inductor pieces (fused kernels round
@@ -43,8 +43,8 @@ def compiled(request):
         dtype="bfloat16",
         device="cuda",
         num_kv_tokens=8192,
-        prefill_graph="compiled",
-        piece_compiler=request.param,
+        piecewise_cudagraph="compiled",
+        piecewise_compiler=request.param,
         capture_sizes=SIZES,
         max_num_seqs=8,  # a short FULL decode ladder: these tests replay prefill pieces
     )
@@ -74,8 +74,8 @@ def random_batch(rows: list[tuple[int, int]], seed: int) -> ForwardBatch:
     )
 
 
-def assert_replay_matches(piece_compiler: str, got: torch.Tensor, expected: torch.Tensor):
-    if piece_compiler == "eager":
+def assert_replay_matches(piecewise_compiler: str, got: torch.Tensor, expected: torch.Tensor):
+    if piecewise_compiler == "eager":
         assert torch.equal(got, expected)
         return
     # Inductor fuses norms, rotary and activations and keeps fp32 where eager rounds to bf16
@@ -101,12 +101,12 @@ def test_every_piece_is_captured_at_every_size_with_one_compile(compiled):
 
 @pytest.mark.parametrize("n", [1, 3, 15, 16, 17, 63, 64, 100, 255, 256])
 def test_replay_matches_eager_padded(compiled, n):
-    piece_compiler, runner, _ = compiled
+    piecewise_compiler, runner, _ = compiled
     piecewise = runner.piecewise
     before = unique_graphs()
     expected = piecewise.run_eager_padded(random_batch([(0, n)], seed=n))
     got = piecewise.run(random_batch([(0, n)], seed=n)).clone()
-    assert_replay_matches(piece_compiler, got, expected)
+    assert_replay_matches(piecewise_compiler, got, expected)
     unpadded = runner.forward_eager(random_batch([(0, n)], seed=n))
     torch.testing.assert_close(got.float(), unpadded.float(), rtol=5e-2, atol=0.125)
     # Replays reuse the one compile, and every piece finds its inputs where it captured them.
@@ -116,7 +116,7 @@ def test_replay_matches_eager_padded(compiled, n):
 
 def test_mixed_batches_and_interleaved_sizes_replay_exactly(compiled):
     """Every size shares one pool: replaying sizes in any order must not disturb another."""
-    piece_compiler, runner, _ = compiled
+    piecewise_compiler, runner, _ = compiled
     piecewise = runner.piecewise
     shapes = [[(0, 7), (33, 1), (16, 20), (5, 1)], [(0, 200)], [(40, 3)], [(0, 60), (2, 4)]]
     for seed in range(2):
@@ -124,7 +124,7 @@ def test_mixed_batches_and_interleaved_sizes_replay_exactly(compiled):
         for rows in shapes + shapes[::-1]:
             expected = piecewise.run_eager_padded(random_batch(rows, seed))
             got = piecewise.run(random_batch(rows, seed)).clone()
-            assert_replay_matches(piece_compiler, got, expected)
+            assert_replay_matches(piecewise_compiler, got, expected)
     assert piecewise.pieces.num_input_copies == 0
 
 
@@ -142,7 +142,7 @@ def _pool_bytes(pool) -> tuple[int, int] | None:
 def test_captured_pieces_hold_no_pool_memory(compiled):
     """Static inputs and outputs are non-owning aliases: once a size is captured, its pool
     memory is all free for the next size (and nothing in it is kept alive by the pieces)."""
-    piece_compiler, runner, _ = compiled
+    piecewise_compiler, runner, _ = compiled
     piecewise = runner.piecewise
     factory = CudaGraphFactory(runner.device)  # a pool of its own, to measure
     pool = factory.pool
@@ -166,7 +166,7 @@ def test_captured_pieces_hold_no_pool_memory(compiled):
     # The runner's ladder is untouched and still replays exactly.
     expected = piecewise.run_eager_padded(random_batch([(0, 100)], seed=5))
     got = piecewise.run(random_batch([(0, 100)], seed=5)).clone()
-    assert_replay_matches(piece_compiler, got, expected)
+    assert_replay_matches(piecewise_compiler, got, expected)
 
 
 def test_greedy_generations_identical_with_compiled_graphs_on_and_off():
@@ -180,7 +180,10 @@ def test_greedy_generations_identical_with_compiled_graphs_on_and_off():
         max_num_seqs=8,
     )
     on = LLM(
-        "qwen3-0.6b", prefill_graph="compiled", capture_sizes=[8, 16, 64, 128, 256, 512], **common
+        "qwen3-0.6b",
+        piecewise_cudagraph="compiled",
+        capture_sizes=[8, 16, 64, 128, 256, 512],
+        **common,
     )
     on_tokens = [o.token_ids for o in on.generate(prompts, params)]
     assert on.engine.stats()["dispatch"]["paths"]["piecewise"] > 0
@@ -188,5 +191,5 @@ def test_greedy_generations_identical_with_compiled_graphs_on_and_off():
     del on
     gc.collect()
     torch.cuda.empty_cache()
-    off = LLM("qwen3-0.6b", disable_cuda_graph=True, **common)
+    off = LLM("qwen3-0.6b", disable_cudagraph=True, **common)
     assert [o.token_ids for o in off.generate(prompts, params)] == on_tokens

@@ -21,7 +21,7 @@ def runner():
         dtype="bfloat16",
         device="cuda",
         num_kv_tokens=8192,
-        prefill_graph="breakable",
+        piecewise_cudagraph="breakable",
         capture_sizes=SIZES,
     )
     return ModelRunner(config, path)
@@ -87,5 +87,5 @@ def test_greedy_generations_identical_with_graphs_on_and_off():
     paths = on.engine.stats()["dispatch"]["paths"]
     assert paths["piecewise"] > 0
     del on
-    off = LLM("qwen3-0.6b", disable_cuda_graph=True, **common)
+    off = LLM("qwen3-0.6b", disable_cudagraph=True, **common)
     assert [o.token_ids for o in off.generate(prompts, params)] == on_tokens

@@ -1,4 +1,4 @@
-"""The `breakable` piecewise strategy: no torch.compile, the ordinary forward under capture.
+"""The `breakable` piecewise mode: no torch.compile, the ordinary forward under capture.
 
 While a size is captured, every split op ends the current graph segment, runs eagerly (outside
 the capture) and is recorded; then a new segment begins. Replay runs the segment graphs with
@@ -96,7 +96,7 @@ class SegmentRecorder:
 
 
 class BreakablePiecewiseRunner(PiecewiseRunner):
-    strategy = "breakable"
+    mode = "breakable"
 
     def __init__(self, **collaborators) -> None:
         super().__init__(**collaborators)

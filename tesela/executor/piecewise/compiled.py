@@ -1,4 +1,4 @@
-"""The `compiled` piecewise strategy: torch.compile, split at the split ops, a graph per piece.
+"""The `compiled` piecewise mode: torch.compile, split at the split ops, a graph per piece.
 
 Dynamo traces the model once, with the token dimension of `input_ids` and `positions` marked
 dynamic, into one FX graph. Our backend cuts that graph at every split op (attention) with
@@ -238,7 +238,7 @@ def _fake_inputs(example_inputs: list) -> tuple[list, Any]:
     return fakes, fake_mode
 
 
-# ---- the strategy ----------------------------------------------------------------------------
+# ---- the mode ----------------------------------------------------------------------------
 
 
 class CompiledPieces:
@@ -248,7 +248,7 @@ class CompiledPieces:
         self,
         model: torch.nn.Module,
         capture_sizes: tuple[int, ...],
-        piece_compiler: str,
+        piecewise_compiler: str,
         graphs: GraphFactory,
         *,
         keep_static_tensors: bool = False,
@@ -259,7 +259,7 @@ class CompiledPieces:
         self.model = model
         self.graphs = graphs
         self.keep_static_tensors = keep_static_tensors
-        self.piece_compiler = piece_compiler
+        self.piecewise_compiler = piecewise_compiler
         self.num_compiles = 0  # backend invocations: 1 for the whole ladder
         self.split: SplitGraph | None = None
         self.pieces: list[Piece] = []
@@ -322,7 +322,7 @@ class CompiledPieces:
                 self.num_compiles,
             )
         split = split_at_split_ops(graph_module)
-        if self.piece_compiler == "inductor":
+        if self.piecewise_compiler == "inductor":
             fakes, fake_mode = _fake_inputs(example_inputs)
             runnables = _FakePropagation(split, _inductor_compile, fake_mode).propagate(fakes)
         else:
@@ -335,7 +335,7 @@ class CompiledPieces:
         logger.info(
             "compiled the model into %d %s pieces around %d split calls",
             len(pieces),
-            self.piece_compiler,
+            self.piecewise_compiler,
             len(split.split_names),
         )
         return split.module
@@ -344,11 +344,11 @@ class CompiledPieces:
 class CompiledPiecewiseRunner(PiecewiseRunner):
     """Piecewise graphs of the compiled model: one compile, a graph per piece and size."""
 
-    strategy = "compiled"
+    mode = "compiled"
 
-    def __init__(self, *, piece_compiler: str, **collaborators) -> None:
+    def __init__(self, *, piecewise_compiler: str, **collaborators) -> None:
         super().__init__(**collaborators)
-        self.pieces = CompiledPieces(self.model, self.sizes, piece_compiler, self.graphs)
+        self.pieces = CompiledPieces(self.model, self.sizes, piecewise_compiler, self.graphs)
         self.model_fn = self.pieces
 
     def _before_capture(self) -> None:

@@ -1,8 +1,8 @@
 """The piecewise runner: capture every size of the ladder, replay the smallest that fits.
 
-`PiecewiseRunner` owns what both strategies share: the static buffers, the ladder and padding,
+`PiecewiseRunner` owns what both modes share: the static buffers, the ladder and padding,
 the capture loop (largest size first, one graph pool, gc paused, memory measured) and `verify`.
-The strategies differ only in how one size is captured and replayed: `BreakablePiecewiseRunner`
+The modes differ only in how one size is captured and replayed: `BreakablePiecewiseRunner`
 (tesela/executor/piecewise/breakable.py) and `CompiledPiecewiseRunner`
 (tesela/executor/piecewise/compiled.py).
 
@@ -36,7 +36,7 @@ logger = logging.getLogger("tesela.piecewise")
 
 
 class PiecewiseRunner(GraphRunner):
-    strategy: str
+    mode: str
 
     def __init__(
         self,
@@ -54,12 +54,12 @@ class PiecewiseRunner(GraphRunner):
         self.graphs = graphs
         self.buffers = StaticBuffers.allocate(self.max_num_tokens, graphs.device)
         self._report = CaptureReport(
-            f"piecewise {self.strategy}", self.sizes, cuda_graphs=graphs.device_type == "cuda"
+            f"piecewise {self.mode}", self.sizes, cuda_graphs=graphs.device_type == "cuda"
         )
 
     @property
     def name(self) -> str:
-        return f"piecewise {self.strategy}"
+        return f"piecewise {self.mode}"
 
     @property
     def max_num_tokens(self) -> int:
@@ -79,7 +79,7 @@ class PiecewiseRunner(GraphRunner):
     def report(self) -> CaptureReport:
         return self._report
 
-    # ---- strategy hooks -----------------------------------------------------------------------
+    # ---- mode hooks -----------------------------------------------------------------------
 
     # What a pass calls on the static buffers: the model, or its compiled pieces.
     model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -184,8 +184,8 @@ class PiecewiseRunner(GraphRunner):
             self._report.verify_max_abs_diff[size] = diff
             if not diff <= tolerance:
                 raise RuntimeError(
-                    f"piecewise {self.strategy} replay of {size} tokens differs from eager by "
-                    f"{diff:.3e} (tolerance {tolerance:.1e}): run with prefill_graph='none' and "
+                    f"piecewise {self.mode} replay of {size} tokens differs from eager by "
+                    f"{diff:.3e} (tolerance {tolerance:.1e}): run with piecewise_cudagraph='none' and "
                     "report this"
                 )
         return self._report.verify_max_abs_diff
