@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Mutation check of the graph layer, the prefix cache, the sampler and the server: each
-mutation must make a CPU test fail.
+"""Mutation check of the graph layer, the prefix cache, the sampler, the server, batch modes,
+admission, the attention policy and sliding windows: each mutation must make a CPU test fail.
 
 Applies one textual mutation at a time to a temporary copy of the repository, runs the tests
 that guard it, and prints `mutation -> CAUGHT by <tests>` (or MISSED). Exit status 1 if any
@@ -255,6 +255,42 @@ MUTATIONS = {
         "            self.num_new_tokens[row] == 1\n            and ",
         "            ",
         ["tests/test_prefix_cache.py", "tests/test_prefix_cache_triton.py"],
+    ),
+    "the batch mode labels a multi-token row decode": (
+        "tesela/core/forward_batch.py",
+        "decode_rows = [n == 1 and p > 0 for",
+        "decode_rows = [p > 0 for",
+        ["tests/test_kv_pressure.py::test_recompute_chunks_past_the_prompt_are_extend_work"],
+    ),
+    "a DECODE label is not checked against the rows": (
+        "tesela/core/forward_batch.py",
+        "    if mode is ForwardMode.DECODE and any(n != 1 for n in extend_lens):\n",
+        "    if False:\n",
+        ["tests/test_kv_pressure.py::test_a_decode_label_on_multi_token_rows_cannot_be_built"],
+    ),
+    "admission lets prompt + max_tokens exceed max_model_len": (
+        SCHEDULER,
+        "        if n + max_tokens > max_model_len:\n",
+        "        if False:\n",
+        ["tests/test_admission.py"],
+    ),
+    "max_model_len is not fitted to the KV pool": (
+        "tesela/engine/llm_engine.py",
+        "    if max_model_len <= capacity:\n",
+        "    if True:\n",
+        ["tests/test_admission.py"],
+    ),
+    "a declared but unimplemented variant is kept": (
+        "tesela/attention/policy.py",
+        "        return not situation.implemented(spec, variant)\n",
+        "        return False\n",
+        ["tests/test_attention_policy.py"],
+    ),
+    "every layer gets the sliding window": (
+        "tesela/attention/base.py",
+        "        if self.sliding_window_layers is None or layer_id in self.sliding_window_layers:\n",
+        "        if True:\n",
+        ["tests/test_sliding_window.py"],
     ),
 }
 

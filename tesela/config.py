@@ -134,8 +134,16 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Keys a query sees at most (itself included), as transformers applies it; None: no
+    # window. `sliding_window_layers` lists the layers that use it (None: every layer).
     sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] | None = None
     moe: MoeConfig | None = None  # Qwen3-MoE, Mixtral: the sparse MLP of their MoE layers
+
+    def layer_sliding_window(self, layer_id: int) -> int | None:
+        if self.sliding_window_layers is None or layer_id in self.sliding_window_layers:
+            return self.sliding_window
+        return None
 
     @property
     def q_size(self) -> int:
@@ -201,7 +209,7 @@ class ModelConfig:
             torch_dtype=normalize_dtype(dtype),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
-            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window") else None,
+            **_sliding_window(arch, hf, int(hf["num_hidden_layers"])),
             moe=MoeConfig.from_hf_dict(arch, hf),
         )
 
@@ -232,6 +240,34 @@ _REQUIRED_FIELDS = (
     "num_hidden_layers",
     "num_attention_heads",
 )
+
+
+def _sliding_window(arch: str, hf: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Each architecture's own rule, as its transformers model applies it:
+    - Mistral, Mixtral: `sliding_window` (null: none) on every layer;
+    - Qwen3-MoE: only with `use_sliding_window`, on every layer;
+    - Qwen2/Qwen3: only with `use_sliding_window`, on the layers `layer_types` marks
+      "sliding_attention" (by default those from `max_window_layers` on);
+    - Llama: never (a `sliding_window` key in its config.json is ignored, as transformers does).
+    """
+    window = hf.get("sliding_window")
+    if arch.startswith(("Mistral", "Mixtral")):
+        return {"sliding_window": int(window) if window else None}
+    if arch.startswith("Qwen3Moe"):
+        on = hf.get("use_sliding_window") and window
+        return {"sliding_window": int(window)} if on else {}
+    if not arch.startswith(("Qwen2", "Qwen3")) or not hf.get("use_sliding_window") or not window:
+        return {}
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        first = int(hf.get("max_window_layers", 28))
+        layers = tuple(range(first, num_layers))
+    else:
+        layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    if not layers:
+        return {}
+    every = layers == tuple(range(num_layers))
+    return {"sliding_window": int(window), "sliding_window_layers": None if every else layers}
 
 
 def _rope_params(hf: dict[str, Any]) -> dict[str, Any]:

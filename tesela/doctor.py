@@ -1,9 +1,11 @@
 """`tesela doctor`: what this machine has and what the attention policy decides on it.
 
-The report lists versions, the device, every attention backend (found or not, and what it
-declares), the decision for the given settings with one reason per line, and, for
-illustration, what the policy does for flashinfer and triton on SM80/SM90/SM100 with piecewise
-graphs on and off (assuming every package is installed, so the hardware rules show).
+The report lists versions, the device, every attention backend the policy table declares
+(available here, or declared but unavailable and why: a missing package, no tesela adapter, a
+variant not implemented), the decision for the given settings with one reason per line, and,
+for illustration, what the policy does for flashinfer and triton on SM80/SM90/SM100 with
+piecewise graphs on and off (assuming every package and adapter present, so the hardware
+rules show).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import platform
 from tesela.attention.policy import (
     BACKEND_SPECS,
     DeviceInfo,
+    availability,
     package_importable,
     resolve_attention,
 )
-from tesela.attention.registry import adapter_available
 
 ILLUSTRATED_CAPABILITIES = ((8, 0), (9, 0), (10, 0))
 ILLUSTRATED_BACKENDS = ("flashinfer", "triton")
@@ -92,11 +94,8 @@ def _device_section(info: DeviceInfo, requested: str | None) -> str:
 def _backends_section() -> str:
     lines = []
     for spec in BACKEND_SPECS.values():
-        found = spec.package is None or package_importable(spec.package)
-        status = "found" if found else f"not found ({spec.install})"
-        adapter = "" if adapter_available(spec.name) else " [no tesela adapter yet]"
-        lines.append(f"  {spec.name:<11} {status}{adapter}\n    {spec.describe()}")
-    return "attention backends\n" + "\n".join(lines)
+        lines.append(f"  {spec.name:<11} {availability(spec)}\n    {spec.describe()}")
+    return "attention backends (declared by the policy table)\n" + "\n".join(lines)
 
 
 def _decision_section(requested: str, info: DeviceInfo, settings: dict) -> str:
@@ -117,13 +116,20 @@ def _illustration_section(settings: dict) -> str:
         for backend in ILLUSTRATED_BACKENDS:
             for piecewise in (True, False):
                 lines.append(_illustration_line(backend, device, settings, piecewise))
-    header = "what the policy would do elsewhere (every package assumed installed)"
+    header = "what the policy would do elsewhere (every package and adapter assumed present)"
     return f"{header}\n" + "\n".join(lines)
 
 
 def _illustration_line(backend: str, device: DeviceInfo, settings: dict, piecewise: bool) -> str:
     settings = {**settings, "piecewise": piecewise}
-    decision = resolve_attention(backend, device, importable=lambda _: True, log=False, **settings)
+    decision = resolve_attention(
+        backend,
+        device,
+        importable=lambda _: True,
+        implemented=lambda _spec, _variant: True,
+        log=False,
+        **settings,
+    )
     variant_lines = [line for line in decision.reasons if line.startswith("variant")]
     why = "\n      ".join(decision.changes or variant_lines or ("as requested",))
     label = f"{device.sm} {backend} piecewise {'on' if piecewise else 'off'}"

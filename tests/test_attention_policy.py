@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 
 import pytest
@@ -40,9 +41,15 @@ def missing(*packages: str):
     return lambda package: package not in packages
 
 
+def all_implemented(_spec, _variant) -> bool:
+    """Every declared adapter and variant present: the hardware rules show, as data."""
+    return True
+
+
 def resolve(requested, device, **overrides):
     settings = dict(dtype="bfloat16", head_dim=128, piecewise=True, full_decode=True)
     settings.setdefault("importable", everything)
+    settings.setdefault("implemented", all_implemented)
     settings.update(overrides)
     return resolve_attention(requested, device, **settings)
 
@@ -240,6 +247,56 @@ def test_triton_tma_on_sm90_is_kept():
     assert any("supports the TMA-descriptor Triton path" in r for r in decision.reasons)
 
 
+# --- what tesela does not implement is never kept ----------------------------------------
+
+
+def test_triton_tma_is_declared_but_not_implemented_so_plain_runs():
+    decision = resolve("triton:tma", SM90, implemented=policy.implemented_here)
+    assert (decision.backend, decision.variant) == ("triton", "plain")
+    assert "declared but not implemented" in decision.downgrades[0]
+
+
+def test_flashinfer_without_adapter_falls_to_triton_and_says_so():
+    decision = resolve("flashinfer", B200, implemented=policy.implemented_here)
+    if policy.implemented_here(BACKEND_SPECS["flashinfer"]):
+        pytest.skip("this build has a flashinfer adapter")
+    assert (decision.backend, decision.variant) == ("triton", "plain")
+    line = decision.downgrades[0]
+    assert line.startswith("backend flashinfer -> triton:")
+    assert "no adapter" in line and "tesela.attention.flashinfer_backend" in line
+
+
+def test_what_is_built_here_is_implemented():
+    assert policy.implemented_here(BACKEND_SPECS["torch"], None)
+    assert policy.implemented_here(BACKEND_SPECS["triton"], "plain")
+    assert not policy.implemented_here(BACKEND_SPECS["triton"], "tma")
+    from tesela.attention.registry import _BACKENDS
+
+    for name, spec in BACKEND_SPECS.items():  # the table and the registry name one module
+        assert spec.adapter == _BACKENDS[name][0]
+
+
+def test_availability_lines_name_what_is_missing():
+    triton, flashinfer = BACKEND_SPECS["triton"], BACKEND_SPECS["flashinfer"]
+    assert policy.availability(BACKEND_SPECS["torch"]) == "available"
+    assert policy.availability(triton, everything) == (
+        "available; variant(s) tma declared, not implemented"
+    )
+    line = policy.availability(flashinfer, missing("flashinfer"))
+    assert line.startswith("declared, unavailable here: package flashinfer not installed")
+    assert "no tesela adapter yet (tesela.attention.flashinfer_backend)" in line
+    assert policy.availability(flashinfer, everything, all_implemented) == "available"
+
+
+def test_triton_runs_on_cpu_only_under_the_interpreter():
+    interpreted = DeviceInfo("cpu", triton_interpreter=True)
+    decision = resolve("triton", interpreted, dtype="float32", head_dim=16)
+    assert (decision.backend, decision.full_decode) == ("triton", False)
+    assert resolve("triton", CPU, dtype="float32", head_dim=16).backend == "torch"
+    assert resolve("flashinfer", interpreted).backend == "torch"  # not a Triton backend
+    assert resolve("auto", interpreted).backend == "torch"  # auto keeps the reference on CPU
+
+
 # --- auto ----------------------------------------------------------------------------------
 
 
@@ -310,7 +367,8 @@ def test_cuda_device_needs_a_capability():
 def test_detect_reads_torch():
     import torch
 
-    assert DeviceInfo.detect("cpu") == DeviceInfo("cpu", None, "cpu")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    assert DeviceInfo.detect("cpu") == DeviceInfo("cpu", None, "cpu", interpreted)
     if not torch.cuda.is_available():
         assert DeviceInfo.detect(None).kind == "cpu"
         with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
@@ -356,16 +414,15 @@ def _grid():
     requests = ["auto", "torch", "eager", "triton", "triton:tma"]
     requests += ["flashinfer", "flashinfer:cutlass", "flashinfer:fa2"]
     availability = [everything, missing("flashinfer"), missing("flashinfer", "triton")]
+    no_triton_adapter = lambda spec, _: spec.name not in ("triton", "flashinfer")  # noqa: E731
+    adapters = [all_implemented, policy.implemented_here, no_triton_adapter]
     flags = [True, False]
     shapes = [("bfloat16", 128), ("float32", 128), ("float16", 80)]
-    for combo in itertools.product(requests, devices, availability, flags, flags, shapes):
-        requested, device, importable, piecewise, full_decode, (dtype, head_dim) = combo
-        settings = dict(dtype=dtype, head_dim=head_dim, piecewise=piecewise)
-        yield (
-            requested,
-            device,
-            dict(importable=importable, full_decode=full_decode, **settings),
-        )
+    grid = itertools.product(requests, devices, availability, adapters, flags, flags, shapes)
+    for requested, device, importable, implemented, piecewise, full_decode, shape in grid:
+        settings = dict(dtype=shape[0], head_dim=shape[1], piecewise=piecewise)
+        settings.update(importable=importable, implemented=implemented, full_decode=full_decode)
+        yield requested, device, settings
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -389,6 +446,7 @@ def _assert_sound(decision, device, settings):
     spec = SPECS[decision.backend]
     assert device.kind in spec.devices
     assert spec.package is None or settings["importable"](spec.package)
+    assert settings["implemented"](spec, decision.variant)  # never picks what cannot be built
     assert settings["dtype"] in spec.dtypes
     assert spec.head_dims is None or settings["head_dim"] in spec.head_dims
     full_decode_ok = spec.graph_support >= GraphSupport.FULL_DECODE and device.kind == "cuda"

@@ -25,12 +25,19 @@ def test_report_names_device_versions_and_decision(caplog):
 
 def test_report_lists_every_backend_with_its_support():
     report = doctor_report("cpu")
-    assert "  torch       found\n    devices cpu,cuda;" in report
+    assert "  torch       available\n    devices cpu,cuda;" in report
     for name in ("triton", "flashinfer"):
         assert f"  {name:<11} " in report
     assert "graphs FULL_DECODE; variants cutlass,fa2" in report
+    if _installed("triton"):
+        assert "triton      available; variant(s) tma declared, not implemented" in report
+    # Declared in the table, never buildable here: shown as such, with what is missing.
+    backends = report.split("attention backends (declared by the policy table)\n", 1)[1]
+    flashinfer = backends.split("  flashinfer  ", 1)[1].splitlines()[0]
+    assert flashinfer.startswith("declared, unavailable here:")
+    assert "no tesela adapter yet (tesela.attention.flashinfer_backend)" in flashinfer
     if not _installed("flashinfer"):
-        assert "flashinfer  not found (pip install flashinfer-python)" in report
+        assert "package flashinfer not installed (pip install flashinfer-python)" in flashinfer
 
 
 def test_report_explains_a_requested_backend_on_cpu():

@@ -30,6 +30,14 @@ class AttentionLayout:
     dtype: torch.dtype
     device: torch.device
     sliding_window: int | None = None
+    # The layers that use `sliding_window` (None: every layer); the others attend fully.
+    sliding_window_layers: frozenset[int] | None = None
+
+    def window(self, layer_id: int) -> int | None:
+        """The sliding window of layer `layer_id` (None: full causal attention)."""
+        if self.sliding_window_layers is None or layer_id in self.sliding_window_layers:
+            return self.sliding_window
+        return None
 
 
 class AttentionBackend(ABC):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -46,6 +47,8 @@ class DeviceInfo:
     kind: str  # "cpu" | "cuda"
     capability: Capability | None = None  # CUDA compute capability, e.g. (9, 0)
     name: str = ""
+    # TRITON_INTERPRET=1: Triton kernels run (slowly) on CPU tensors, as the CPU tests do.
+    triton_interpreter: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in DEVICE_KINDS:
@@ -76,7 +79,7 @@ class DeviceInfo:
                 f"unknown device {device!r}: use {', '.join(DEVICE_KINDS)} or cuda:<index>"
             ) from None
         if torch_device.type == "cpu":
-            return cls("cpu", None, "cpu")
+            return cls("cpu", None, "cpu", os.environ.get("TRITON_INTERPRET") == "1")
         if torch_device.type != "cuda":
             cls(torch_device.type)  # raises the unknown-kind error
         if not torch.cuda.is_available():
@@ -112,6 +115,12 @@ class BackendSpec:
     install: str = ""  # how to install `package`
     variants: tuple[str, ...] = ()  # first = default
     graph_note: str = ""  # why graph support stops where it does
+    runs_interpreted: bool = False  # also runs on CPU under the Triton interpreter
+    # tesela's own adapter module, and the variants it implements (None: every variant). A
+    # declared backend or variant without them stays in the table (its rules are data) but
+    # is never chosen: the policy says so and falls to one that runs.
+    adapter: str | None = None
+    implemented_variants: tuple[str, ...] | None = None
 
     @property
     def default_variant(self) -> str | None:
@@ -138,6 +147,7 @@ BACKEND_SPECS: Mapping[str, BackendSpec] = {
             devices=("cpu", "cuda"),
             graph_support=GraphSupport.PIECEWISE,
             graph_note="its planning allocates and loops over rows on the host",
+            adapter="tesela.attention.torch_backend",
         ),
         BackendSpec(
             name="triton",
@@ -147,9 +157,12 @@ BACKEND_SPECS: Mapping[str, BackendSpec] = {
             min_capability=(8, 0),
             package="triton",
             install="pip install triton",
+            runs_interpreted=True,
             # "tma" is the form of a hardware-limited kernel path of our own (TMA descriptors,
             # SM90+): its limit is a rule below, never an `if` in the kernel wrapper.
             variants=("plain", "tma"),
+            adapter="tesela.attention.triton_backend",
+            implemented_variants=("plain",),
         ),
         BackendSpec(
             name="flashinfer",
@@ -161,6 +174,7 @@ BACKEND_SPECS: Mapping[str, BackendSpec] = {
             package="flashinfer",
             install="pip install flashinfer-python",
             variants=("cutlass", "fa2"),  # the prefill path; decode is the same for both
+            adapter="tesela.attention.flashinfer_backend",
         ),
     )
 }
@@ -171,6 +185,8 @@ class Check(enum.Enum):
 
     ALWAYS = "always"
     NOT_IMPORTABLE = "not importable"
+    NOT_IMPLEMENTED = "no tesela adapter"
+    VARIANT_NOT_IMPLEMENTED = "variant not implemented"
     DEVICE_UNSUPPORTED = "device unsupported"
     CAPABILITY_UNSUPPORTED = "capability unsupported"
     DTYPE_UNSUPPORTED = "dtype unsupported"
@@ -193,7 +209,7 @@ class Rule:
 
     Match fields left as None match anything; `reason` is formatted with the situation
     (backend, variant, to, sm, device, gpu, dtype, head_dim, install, dtypes, head_dims,
-    devices, min_sm, graph_note, decode_path).
+    devices, min_sm, graph_note, decode_path, adapter).
     """
 
     backend: str
@@ -229,6 +245,11 @@ RULES: tuple[Rule, ...] = (
     Rule("triton", "triton is not importable: install it with `{install}`; running {to} "
          "(the slow reference attention) instead", Action.USE_BACKEND, "torch",
          when=Check.NOT_IMPORTABLE),
+    Rule("flashinfer", "flashinfer is declared but tesela has no adapter for it yet "
+         "({adapter} is missing); running {to} instead", Action.USE_BACKEND, "triton",
+         when=Check.NOT_IMPLEMENTED),
+    Rule(ANY, "{backend} is declared but tesela has no adapter for it ({adapter} is missing); "
+         "running {to} instead", Action.USE_BACKEND, "torch", when=Check.NOT_IMPLEMENTED),
     Rule(ANY, "{backend} attention does not support dtype {dtype} (it supports {dtypes}); "
          "running {to} instead", Action.USE_BACKEND, "torch", when=Check.DTYPE_UNSUPPORTED),
     Rule(ANY, "{backend} attention does not support head_dim {head_dim} (it supports "
@@ -248,6 +269,9 @@ RULES: tuple[Rule, ...] = (
     Rule("triton", "the TMA-descriptor Triton path needs Hopper (SM90) or later, not {gpu}; "
          "using the plain Triton path", Action.USE_VARIANT, "plain", variant="tma",
          max_capability=(9, 0)),
+    Rule("triton", "the TMA-descriptor Triton path is declared but not implemented in tesela "
+         "yet; using the plain Triton path", Action.USE_VARIANT, "plain", variant="tma",
+         when=Check.VARIANT_NOT_IMPLEMENTED),
     # Graph modes: keep the backend the user chose, give up the graph mode it cannot serve.
     Rule(ANY, "no CUDA graphs on CPU; decode batches run {decode_path}",
          Action.DISABLE_FULL_DECODE, device="cpu", full_decode=True, warn=False),
@@ -303,6 +327,37 @@ def package_importable(package: str) -> bool:
         return False
 
 
+def implemented_here(spec: BackendSpec, variant: str | None = None) -> bool:
+    """True when tesela has `spec`'s adapter module and implements `variant` (None: any)."""
+    if spec.adapter is not None and not package_importable(spec.adapter):
+        return False
+    return (
+        variant is None
+        or spec.implemented_variants is None
+        or (variant in spec.implemented_variants)
+    )
+
+
+def availability(
+    spec: BackendSpec,
+    importable: Callable[[str], bool] = package_importable,
+    implemented: Callable[[BackendSpec, str | None], bool] = implemented_here,
+) -> str:
+    """One line: can this declared backend (and which of its variants) run here, and if not,
+    why (for `tesela doctor`)."""
+    missing = []
+    if spec.package is not None and not importable(spec.package):
+        missing.append(f"package {spec.package} not installed ({spec.install})")
+    if not implemented(spec, None):
+        missing.append(f"no tesela adapter yet ({spec.adapter})")
+    if missing:
+        return "declared, unavailable here: " + "; ".join(missing)
+    unimplemented = [v for v in spec.variants if not implemented(spec, v)]
+    if unimplemented:
+        return f"available; variant(s) {', '.join(unimplemented)} declared, not implemented"
+    return "available"
+
+
 @dataclass(frozen=True)
 class _State:
     backend: str
@@ -325,6 +380,7 @@ class _Situation:
     head_dim: int
     importable: Callable[[str], bool]
     specs: Mapping[str, BackendSpec]
+    implemented: Callable[[BackendSpec, str | None], bool] = implemented_here
 
 
 def resolve_attention(
@@ -336,6 +392,7 @@ def resolve_attention(
     piecewise: bool,
     full_decode: bool,
     importable: Callable[[str], bool] = package_importable,
+    implemented: Callable[[BackendSpec, str | None], bool] = implemented_here,
     rules: tuple[Rule, ...] = RULES,
     specs: Mapping[str, BackendSpec] = BACKEND_SPECS,
     log: bool = True,
@@ -343,7 +400,9 @@ def resolve_attention(
     """Resolve a request ("auto", "<backend>" or "<backend>:<variant>") to what will run.
 
     Raises ValueError for an unknown backend or variant. With `log`, each downgrade is logged
-    once per process as a warning on "tesela.attention".
+    once per process as a warning on "tesela.attention". `importable` (packages) and
+    `implemented` (tesela's adapters and variants) are injectable, like the device, so that
+    every rule is tested as data.
     """
     if not isinstance(device, DeviceInfo):
         raise TypeError(f"device must be a DeviceInfo (DeviceInfo.detect(...)), got {device!r}")
@@ -351,7 +410,9 @@ def resolve_attention(
     explicit_variant = variant is not None
     if backend != AUTO:
         variant = variant or specs[backend].default_variant
-    situation = _Situation(device, normalize_dtype(dtype), int(head_dim), importable, specs)
+    situation = _Situation(
+        device, normalize_dtype(dtype), int(head_dim), importable, specs, implemented
+    )
     state = _State(backend, variant, bool(piecewise), bool(full_decode))
     state, changes = _run_to_fixed_point(state, situation, rules, explicit_variant)
     reasons = [c.line for c in changes] + _kept_lines(state, situation, rules, changes)
@@ -434,25 +495,34 @@ def _matches(rule: Rule, state: _State, situation: _Situation) -> bool:
         return False
     if rule.full_decode is not None and rule.full_decode != state.full_decode:
         return False
-    return rule.when is Check.ALWAYS or _check(rule.when, situation.specs[state.backend], situation)
+    if rule.when is Check.ALWAYS:
+        return True
+    return _check(rule.when, situation.specs[state.backend], situation, state.variant)
 
 
-def _check(check: Check, spec: BackendSpec, situation: _Situation) -> bool:
+def _check(check: Check, spec: BackendSpec, situation: _Situation, variant: str | None) -> bool:
     """True when `spec` fails `check` in this situation."""
     device = situation.device
     if check is Check.NOT_IMPORTABLE:
         return spec.package is not None and not situation.importable(spec.package)
+    if check is Check.NOT_IMPLEMENTED:
+        return not situation.implemented(spec, None)
     if check is Check.DEVICE_UNSUPPORTED:
-        return device.kind not in spec.devices
+        interpreted = device.kind == "cpu" and device.triton_interpreter and spec.runs_interpreted
+        return device.kind not in spec.devices and not interpreted
     if check is Check.CAPABILITY_UNSUPPORTED:
         capability = device.capability
+        if capability is None:  # CPU: only the device check applies
+            return False
         too_old = spec.min_capability is not None and capability < spec.min_capability
         too_new = spec.max_capability is not None and capability >= spec.max_capability
-        return capability is not None and (too_old or too_new)
+        return too_old or too_new
     if check is Check.DTYPE_UNSUPPORTED:
         return situation.dtype not in spec.dtypes
     if check is Check.HEAD_DIM_UNSUPPORTED:
         return spec.head_dims is not None and situation.head_dim not in spec.head_dims
+    if check is Check.VARIANT_NOT_IMPLEMENTED:
+        return not situation.implemented(spec, variant)
     if check is Check.NO_PIECEWISE_SUPPORT:
         return spec.graph_support < GraphSupport.PIECEWISE
     if check is Check.NO_FULL_DECODE_SUPPORT:
@@ -513,6 +583,7 @@ def _reason(rule: Rule, state: _State, situation: _Situation) -> str:
         "head_dims": ", ".join(map(str, spec.head_dims or ())) if spec else "",
         "min_sm": sm_name(spec.min_capability) if spec and spec.min_capability else "",
         "graph_note": (spec.graph_note if spec else "") or "declared by the backend",
+        "adapter": (spec.adapter or "") if spec else "",
     }
     return rule.reason.format(**fields)
 

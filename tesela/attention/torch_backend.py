@@ -22,6 +22,7 @@ class TorchRow:
     q_len: int
     kv_slots: torch.Tensor  # [seq_len] int64
     mask: torch.Tensor  # [q_len, seq_len] bool, True where a query may attend
+    window_mask: torch.Tensor | None = None  # the same within the sliding window (if any)
 
 
 @dataclass
@@ -44,9 +45,8 @@ class TorchAttentionBackend(AttentionBackend):
             slots = tables[i, positions // block_size] * block_size + positions % block_size
             q_pos = torch.arange(prefix, seq_len, device=batch.device)[:, None]
             mask = positions[None, :] <= q_pos
-            if window is not None:
-                mask &= positions[None, :] > q_pos - window
-            rows.append(TorchRow(q_start, seq_len - prefix, slots, mask))
+            window_mask = None if window is None else mask & (positions[None, :] > q_pos - window)
+            rows.append(TorchRow(q_start, seq_len - prefix, slots, mask, window_mask))
             q_start += seq_len - prefix
         return TorchMetadata(stamp=batch.stamp, rows=rows)
 
@@ -56,6 +56,7 @@ class TorchAttentionBackend(AttentionBackend):
         k_pool = self.kv_cache.k_buffers[layer_id]
         v_pool = self.kv_cache.v_buffers[layer_id]
         heads, kv_heads, dim = layout.num_heads, layout.num_kv_heads, layout.head_dim
+        windowed = layout.window(layer_id) is not None
         for row in metadata.rows:
             rows = slice(row.q_start, row.q_start + row.q_len)
             q_row = q[rows].view(row.q_len, heads, dim).transpose(0, 1)
@@ -65,7 +66,7 @@ class TorchAttentionBackend(AttentionBackend):
                 q_row,
                 k_row,
                 v_row,
-                attn_mask=row.mask,
+                attn_mask=row.window_mask if windowed else row.mask,
                 scale=layout.scale,
                 enable_gqa=kv_heads != heads,
             )

@@ -16,6 +16,7 @@ before triton is first imported), which is how the CPU tests check them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,7 @@ from tesela.attention.triton_kernels.extend_attention import (
     kernels_interpreted,
 )
 from tesela.attention.triton_kernels.store_kv import store_kv
-from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_batch import BatchModeError, ForwardBatch, ForwardMode
 from tesela.core.kv_cache import DUMMY_SLOT, KVCachePool
 
 
@@ -150,6 +151,8 @@ class TritonAttentionBackend(AttentionBackend):
             scale=layout.scale,
             sliding_window=layout.sliding_window,
         )
+        # Layers outside `sliding_window_layers` launch the same kernels without the window.
+        self.full_shape = dataclasses.replace(self.shape, sliding_window=None)
         self.decode_config = decode_config(
             layout.head_dim, layout.dtype, self.config.max_kv_splits, self.config.block_n
         )
@@ -175,6 +178,11 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _plan_decode(self, batch: ForwardBatch) -> TritonMetadata:
         n, max_seq_len = batch.batch_size, batch.max_seq_len
+        if batch.num_tokens != n:  # ForwardBatch refuses this label; guard the kernel anyway
+            raise BatchModeError(
+                f"triton decode attention runs one new token per row, but {batch.stamp} has "
+                f"{batch.num_tokens} tokens: plan it as an EXTEND or MIXED batch"
+            )
         splits = self.num_kv_splits(n, max_seq_len)
         layout = self.layout
         heads, dim = layout.num_heads, layout.head_dim
@@ -265,12 +273,13 @@ class TritonAttentionBackend(AttentionBackend):
         k_pool = self.kv_cache.k_buffers[layer_id]
         v_pool = self.kv_cache.v_buffers[layer_id]
         store_kv(k, v, k_pool, v_pool, batch.out_cache_loc)
+        shape = self.shape if self.layout.window(layer_id) is not None else self.full_shape
         if metadata.use_decode_kernel:
-            self._forward_decode(q, out, k_pool, v_pool, metadata)
+            self._forward_decode(q, out, k_pool, v_pool, metadata, shape)
         else:
-            self._forward_extend(q, out, k_pool, v_pool, metadata)
+            self._forward_extend(q, out, k_pool, v_pool, metadata, shape)
 
-    def _forward_decode(self, q, out, k_pool, v_pool, metadata: TritonMetadata) -> None:
+    def _forward_decode(self, q, out, k_pool, v_pool, metadata: TritonMetadata, shape) -> None:
         if q.shape[0] != metadata.batch_size:
             raise RuntimeError(
                 f"triton decode attention got {q.shape[0]} query tokens for "
@@ -285,13 +294,13 @@ class TritonAttentionBackend(AttentionBackend):
             metadata.seq_lens,
             metadata.partial_out,
             metadata.partial_lse,
-            shape=self.shape,
+            shape=shape,
             num_kv_splits=metadata.num_kv_splits,
             min_split_len=self.config.min_split_len,
             config=self.decode_config,
         )
 
-    def _forward_extend(self, q, out, k_pool, v_pool, metadata: TritonMetadata) -> None:
+    def _forward_extend(self, q, out, k_pool, v_pool, metadata: TritonMetadata, shape) -> None:
         config = extend_config(
             self.layout.head_dim,
             self.layout.dtype,
@@ -308,7 +317,7 @@ class TritonAttentionBackend(AttentionBackend):
             metadata.seq_lens,
             metadata.prefix_lens,
             metadata.extend_start_loc,
-            shape=self.shape,
+            shape=shape,
             max_extend_len=metadata.max_extend_len,
             config=config,
         )

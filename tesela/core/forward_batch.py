@@ -3,6 +3,11 @@
 A batch is a list of request rows. Row i has `prefix_lens[i]` tokens already in the paged KV
 cache and `extend_lens[i]` new tokens in this batch (1 for a decode row). The new tokens of all
 rows are laid out back to back in the token dimension, row by row.
+
+The mode comes from the rows, never from request state: `build` derives it, and a mode given
+to either constructor is checked against the rows (a DECODE batch has exactly one new token per
+row), so a batch whose label disagrees with its shape cannot exist. After preemption a
+recompute chunk past the prompt is extend work, whatever the request has generated.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ _batch_ids = itertools.count(1)
 
 
 class ForwardMode(enum.Enum):
-    EXTEND = "extend"  # every row brings new prompt tokens (prefill or a prefill chunk)
-    DECODE = "decode"  # every row brings exactly one token after its prompt is done
+    EXTEND = "extend"  # rows bring chunks of new tokens (prefill, a chunk, a recompute)
+    DECODE = "decode"  # every row brings exactly one token on a prefix already in the cache
     MIXED = "mixed"  # both kinds of rows in one batch
 
     @property
@@ -58,6 +63,9 @@ class ForwardBatch:
     request_ids: list[str] = field(default_factory=list)
     return_input_logprobs: bool = False
     batch_id: int = field(default_factory=lambda: next(_batch_ids))
+
+    def __post_init__(self) -> None:
+        check_mode(self.mode, self.extend_lens_cpu, self.num_tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -107,7 +115,7 @@ class ForwardBatch:
         extend_lens = [len(t) for t in token_ids]
         if min(extend_lens) <= 0:
             raise ValueError("every row of a ForwardBatch needs at least one new token")
-        mode = mode or _infer_mode(extend_lens, prefix_lens)
+        mode = mode or infer_mode(extend_lens, prefix_lens)
         seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens, strict=True)]
         positions, slots, starts = [], [], []
         for row, (prefix, n) in enumerate(zip(prefix_lens, extend_lens, strict=True)):
@@ -156,7 +164,30 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> t
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def _infer_mode(extend_lens: list[int], prefix_lens: list[int]) -> ForwardMode:
+class BatchModeError(ValueError):
+    """A forward mode that the batch's rows contradict (a runner would fail on its shapes)."""
+
+
+def check_mode(mode: ForwardMode, extend_lens: list[int], num_tokens: int) -> None:
+    """Refuse a DECODE label on rows that are not one new token each: decode kernels and FULL
+    decode graphs size everything by the row count."""
+    if not isinstance(mode, ForwardMode):
+        raise TypeError(f"mode must be a ForwardMode, got {mode!r}")
+    if sum(extend_lens) != num_tokens:
+        raise ValueError(
+            f"the rows' new tokens add up to {sum(extend_lens)}, but the batch has "
+            f"{num_tokens} tokens: seq_lens - prefix_lens must count each row's new tokens"
+        )
+    if mode is ForwardMode.DECODE and any(n != 1 for n in extend_lens):
+        shown = extend_lens if len(extend_lens) <= 8 else [*extend_lens[:8], "..."]
+        raise BatchModeError(
+            f"a DECODE batch has exactly one new token per row, but these rows bring {shown} "
+            f"({num_tokens} tokens for {len(extend_lens)} rows): label it EXTEND or MIXED, or "
+            "let ForwardBatch.build derive the mode"
+        )
+
+
+def infer_mode(extend_lens: list[int], prefix_lens: list[int]) -> ForwardMode:
     # A decode row brings one token after a non-empty prefix; a 1-token prompt chunk is
     # indistinguishable and is served identically by every backend.
     decode_rows = [n == 1 and p > 0 for n, p in zip(extend_lens, prefix_lens, strict=True)]

@@ -34,7 +34,7 @@ from tesela.config import (
     read_generation_config,
     resolve_graph_config,
 )
-from tesela.core.forward_batch import ForwardBatch, ForwardMode, to_device
+from tesela.core.forward_batch import ForwardBatch, to_device
 from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.detokenizer import IncrementalDetokenizer
@@ -228,6 +228,26 @@ class _InFlight:
         input_ids.index_copy_(0, dst_t, self.sampled.tokens.index_select(0, src_t))
 
 
+def fit_max_model_len(config: EngineConfig, block_manager: BlockManager) -> EngineConfig:
+    """A max_model_len the KV pool cannot hold is lowered to what it holds, with a warning
+    naming both numbers (the pool is sized after the model loads, so this is the first place
+    both are known). One request of max_model_len tokens then always fits the pool alone."""
+    capacity = block_manager.num_usable_blocks * block_manager.block_size
+    max_model_len = config.scheduler.max_model_len
+    if max_model_len <= capacity:
+        return config
+    logger.warning(
+        "max_model_len %d is more than the KV cache holds (%d tokens): lowering max_model_len "
+        "to %d. Give the cache more memory (num_kv_tokens, gpu_memory_utilization) to serve "
+        "longer requests.",
+        max_model_len,
+        capacity,
+        capacity,
+    )
+    scheduler = dataclasses.replace(config.scheduler, max_model_len=capacity)
+    return config.replace(scheduler=scheduler)
+
+
 class LLMEngine:
     def __init__(
         self, config: EngineConfig, model_path: str | None, tokenizer: Tokenizer | None = None
@@ -249,6 +269,7 @@ class LLMEngine:
             RESERVED_BLOCKS,
             enable_prefix_caching=config.cache.enable_prefix_caching,
         )
+        self.config = config = fit_max_model_len(config, self.block_manager)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.runner.device, config.seed)
         self._ids = itertools.count()
@@ -478,14 +499,6 @@ class LLMEngine:
                 gather_src.append(self._inflight.index_of[r.request_id])
             token_ids.append(row)
             num_tokens += n
-        decode_rows = [scheduled.is_decode_row(i) for i in range(len(scheduled.requests))]
-        mode = (
-            ForwardMode.DECODE
-            if all(decode_rows)
-            else ForwardMode.MIXED
-            if any(decode_rows)
-            else ForwardMode.EXTEND
-        )
         batch = ForwardBatch.build(
             token_ids=token_ids,
             prefix_lens=scheduled.prefix_lens,
@@ -494,9 +507,8 @@ class LLMEngine:
             device=self.runner.device,
             logits_rows=logits_rows,
             request_ids=[r.request_id for r in scheduled.requests],
-            mode=mode,
             input_logprob_rows=self._prompt_logprob_rows(scheduled),
-        )
+        )  # the mode comes from the rows (a recompute chunk past the prompt is not decode)
         if gather_dst:
             self._inflight.feed(batch.input_ids, gather_dst, gather_src)
         return batch

@@ -74,19 +74,35 @@ class Scheduler:
         self.waiting.append(request)
 
     def validate(self, request: Request) -> None:
-        n = request.num_prompt_tokens
+        """Refuse up front a request that could never run to its end: nothing is truncated
+        later for lack of room (a request admitted here always fits alone in the pool)."""
+        n, max_tokens = request.num_prompt_tokens, request.params.max_tokens
+        max_model_len = self.config.max_model_len
         if n == 0:
             raise ValueError("the prompt is empty: give at least one token")
-        if n >= self.config.max_model_len:
+        if n >= max_model_len:
             raise ValueError(
-                f"the prompt has {n} tokens, but max_model_len is {self.config.max_model_len}: "
+                f"the prompt has {n} tokens, but max_model_len is {max_model_len}: "
                 "shorten the prompt or raise max_model_len"
             )
-        capacity = self.block_manager.num_usable_blocks * self.block_manager.block_size
-        if blocks_for(n + 1, self.block_manager.block_size) > self.block_manager.num_usable_blocks:
+        if n + max_tokens > max_model_len:
             raise ValueError(
-                f"the prompt has {n} tokens, but the KV cache holds only {capacity}: "
-                "give the cache more memory or shorten the prompt"
+                f"the prompt has {n} tokens and max_tokens is {max_tokens}: {n + max_tokens} "
+                f"tokens exceed max_model_len {max_model_len}; ask for at most "
+                f"{max_model_len - n} tokens or shorten the prompt"
+            )
+        # The last sampled token is never written to the cache.
+        self._check_fits_pool(n, n + max_tokens - 1)
+
+    def _check_fits_pool(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        bm = self.block_manager
+        capacity = bm.num_usable_blocks * bm.block_size
+        if blocks_for(num_cached_tokens, bm.block_size) > bm.num_usable_blocks:
+            raise ValueError(
+                f"the prompt has {num_prompt_tokens} tokens and the request needs KV slots for "
+                f"{num_cached_tokens}, but the KV cache holds only {capacity}: give the cache "
+                "more memory (num_kv_tokens, gpu_memory_utilization), lower max_tokens or "
+                "shorten the prompt"
             )
 
     def has_unfinished(self) -> bool:

@@ -166,6 +166,13 @@ class FullDecodeRunner(GraphRunner):
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
+        reason = self.can_run(batch)
+        if reason is not None:  # before any static buffer is touched
+            raise ValueError(
+                f"the FULL decode graph runner cannot serve {batch.stamp} ({reason}): run "
+                "batches through the dispatcher (tesela/executor/dispatcher.py), which asks "
+                "can_run first and falls to the piecewise or eager path"
+            )
         n = batch.batch_size
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)

@@ -89,6 +89,9 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
             sliding_window=mc.sliding_window,
+            sliding_window_layers=(
+                None if mc.sliding_window_layers is None else frozenset(mc.sliding_window_layers)
+            ),
         )
         self.kv_cache = self._make_pool(PROVISIONAL_BLOCKS)
         self.attn_backend: AttentionBackend = create_backend(

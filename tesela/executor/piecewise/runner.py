@@ -135,6 +135,13 @@ class PiecewiseRunner(GraphRunner):
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states of the batch's real tokens ([num_tokens, hidden])."""
+        reason = self.can_run(batch)
+        if reason is not None:
+            raise ValueError(
+                f"the piecewise runner cannot serve {batch.stamp} ({reason}; captured sizes "
+                f"up to {self.max_num_tokens} tokens): run batches through the dispatcher "
+                "(tesela/executor/dispatcher.py), which asks can_run first"
+            )
         n = batch.num_tokens
         size = self.padded_size(n)
         self.buffers.copy_from(batch, size)
