@@ -52,7 +52,7 @@ for step in $steps; do
         timeout 300 python3 -m tesela.cli bench serve --model qwen3-0.6b --concurrency 1,8,32 \
           --num-prompts ${SERVE_PROMPTS:-64} $flag --output-dir "$RES/serve-$graphs" 2>&1 | tee "$RES/bench-serve-$graphs.log" | tail -10
       done ;;
-    bench-serve-prefix)  # the prefix cache on and off, one run (tesela/bench_serve_prefix.py)
+    bench-serve-prefix)  # the prefix cache on and off, one run (tesela/bench/serve_prefix.py)
       timeout 590 python3 -m tesela.cli bench serve --model qwen3-0.6b --workload shared-prefix --num-prompts 256 \
         --output-dir "$RES/serve-prefix" 2>&1 | tee "$RES/bench-serve-prefix.log" | tail -12 ;;
     generate) timeout 200 python3 -m tesela.cli -v generate --model qwen3-0.6b --load-format dummy --max-tokens 16 2>&1 | tee "$RES/generate.log" | tail -8 ;;

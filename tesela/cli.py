@@ -92,28 +92,28 @@ def _serve(parser: argparse.ArgumentParser) -> Callable:
 
 
 def _bench_prefill(parser: argparse.ArgumentParser) -> Callable:
-    from tesela.bench import add_prefill_arguments, run_prefill
+    from tesela.bench.prefill import add_prefill_arguments, run_prefill
 
     add_prefill_arguments(parser)
     return run_prefill
 
 
 def _bench_decode(parser: argparse.ArgumentParser) -> Callable:
-    from tesela.bench_decode import add_decode_arguments, run_decode
+    from tesela.bench.decode import add_decode_arguments, run_decode
 
     add_decode_arguments(parser)
     return run_decode
 
 
 def _bench_latency(parser: argparse.ArgumentParser) -> Callable:
-    from tesela.bench_latency import add_latency_arguments, run_latency
+    from tesela.bench.latency import add_latency_arguments, run_latency
 
     add_latency_arguments(parser)
     return run_latency
 
 
 def _bench_serve(parser: argparse.ArgumentParser) -> Callable:
-    from tesela.bench_serve import add_bench_serve_arguments, run_bench_serve
+    from tesela.bench.serve import add_bench_serve_arguments, run_bench_serve
 
     add_bench_serve_arguments(parser)
     return run_bench_serve

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tesela.bench_decode import decode_floor_bytes, kv_bytes_per_token
+from tesela.bench.decode import decode_floor_bytes, kv_bytes_per_token
 from tesela.cli import main
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner

@@ -111,7 +111,7 @@ def test_bench_serve_shared_prefix_workload_runs_cache_on_and_off(tmp_path, caps
     import argparse
     import json
 
-    from tesela.bench_serve import add_bench_serve_arguments, run_bench_serve
+    from tesela.bench.serve import add_bench_serve_arguments, run_bench_serve
 
     parser = argparse.ArgumentParser()
     add_bench_serve_arguments(parser)

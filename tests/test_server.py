@@ -558,7 +558,7 @@ def test_an_engine_fault_fails_its_requests_and_the_server_recovers(small_server
 def test_bench_serve_against_a_running_server(server, tmp_path, capsys):
     import argparse
 
-    from tesela.bench_serve import add_bench_serve_arguments, run_bench_serve
+    from tesela.bench.serve import add_bench_serve_arguments, run_bench_serve
 
     parser = argparse.ArgumentParser()
     add_bench_serve_arguments(parser)

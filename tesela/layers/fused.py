@@ -9,6 +9,15 @@ reference still holds.
 
 Layers call `fused_enabled(x)`; on CPU, without Triton, or under torch.compile (inductor fuses
 the PyTorch ops itself) they keep their PyTorch ops.
+
+Opaque ops. The compiled piecewise runner with `eager` pieces must run exactly the kernels the
+eager model runs, or graphs on and off would compute different functions. While it traces
+(`tracing_opaque(True)`), `fused_enabled` stays true under torch.compile and each kernel is
+called through a `tesela::` custom op, which dynamo records as one opaque node (its shapes from
+the `register_fake` function) and the piece later runs as the same kernel launch. Only a trace
+pays the custom-op dispatch: outside torch.compile the public functions call the kernels
+directly. The switch is read through `torch.compiler.assume_constant_result`, so it adds no
+dynamo guard.
 """
 
 from __future__ import annotations
@@ -20,22 +29,38 @@ from collections.abc import Iterator
 import torch
 
 _DISABLED = False  # tests flip this to compare fused and unfused paths
+_ON_CPU = False  # tests run the kernels on CPU tensors (under TRITON_INTERPRET=1)
+_OPAQUE = False  # a trace in progress records the kernels as tesela:: custom ops
 
 
-def set_fused_enabled(enabled: bool) -> None:
-    global _DISABLED
+def set_fused_enabled(enabled: bool, *, on_cpu: bool = False) -> None:
+    """`on_cpu` also runs the kernels on CPU tensors: only under TRITON_INTERPRET=1 (tests)."""
+    global _DISABLED, _ON_CPU
     _DISABLED = not enabled
+    _ON_CPU = enabled and on_cpu
+
+
+@contextlib.contextmanager
+def tracing_opaque(opaque: bool) -> Iterator[None]:
+    """While active, torch.compile traces the fused kernels as opaque custom ops (True) or
+    traces the PyTorch ops (False, the default)."""
+    global _OPAQUE
+    previous, _OPAQUE = _OPAQUE, opaque
+    try:
+        yield
+    finally:
+        _OPAQUE = previous
 
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
     """Run the PyTorch ops instead of the fused kernels (what torch.compile traces)."""
-    previous = _DISABLED
-    set_fused_enabled(False)
+    global _DISABLED
+    previous, _DISABLED = _DISABLED, True
     try:
         yield
     finally:
-        set_fused_enabled(not previous)
+        _DISABLED = previous
 
 
 @functools.cache
@@ -48,7 +73,21 @@ def _triton_available() -> bool:
 
 
 def fused_enabled(x: torch.Tensor) -> bool:
-    return x.is_cuda and not _DISABLED and not torch.compiler.is_compiling() and _triton_available()
+    if torch.compiler.is_compiling():
+        return _traced_opaque_on(x.is_cuda)
+    return (x.is_cuda or _ON_CPU) and not _DISABLED and _triton_available()
+
+
+def opaque_under_trace(x: torch.Tensor) -> bool:
+    """Whether this call is being traced and must record its kernel as a custom op."""
+    return torch.compiler.is_compiling() and _traced_opaque_on(x.is_cuda)
+
+
+@torch.compiler.assume_constant_result
+def _traced_opaque_on(is_cuda: bool) -> bool:
+    # A trace-time constant: dynamo calls this instead of tracing it and installs no guard on
+    # the globals it reads (each compiled runner traces its own code object, see compiled.py).
+    return _OPAQUE and (is_cuda or _ON_CPU) and not _DISABLED and _triton_available()
 
 
 @functools.cache
@@ -170,7 +209,7 @@ def _block(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def rms_norm(
+def _rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
@@ -205,7 +244,7 @@ def rms_norm(
     return out, new_residual
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+def _rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
     """Neox-style rotary of x [tokens, heads, head_dim] (token rows may be strided); returns a
     contiguous [tokens, heads * head_dim]. cos_sin_cache: [2, positions, head_dim] fp32."""
     rotary_kernel = _kernels()[1]
@@ -222,7 +261,7 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
     return out
 
 
-def qk_norm_rope(
+def _qk_norm_rope(
     qkv: torch.Tensor,
     positions: torch.Tensor,
     cos_sin_cache: torch.Tensor,
@@ -253,7 +292,7 @@ def qk_norm_rope(
     return q, k
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(x[:, :n]) * x[:, n:] for x = [gate | up] of width 2n."""
     silu_mul_kernel = _kernels()[2]
     tokens, n = x.shape[0], x.shape[1] // 2
@@ -264,3 +303,134 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = 1024
     silu_mul_kernel[(tokens, -(-n // block))](x, out, x.stride(0), n, BLOCK=block)
     return out
+
+
+# ---- the public entry points: direct calls, or tesela:: custom ops while a trace records them
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm over the last dim. x: [tokens, hidden] or [tokens, heads, head_dim] (rows may be
+    strided views). With `residual` ([tokens, hidden]) the norm is taken of residual + x, and
+    that sum is returned as the new residual."""
+    if not opaque_under_trace(x):
+        return _rms_norm(x, weight, eps, residual)
+    if residual is None:
+        return torch.ops.tesela.rms_norm(x, weight, eps), None
+    out, new_residual = torch.ops.tesela.add_rms_norm(x, residual, weight, eps)
+    return out, new_residual
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """Neox-style rotary of x [tokens, heads, head_dim] (token rows may be strided); returns a
+    contiguous [tokens, heads * head_dim]. cos_sin_cache: [2, positions, head_dim] fp32."""
+    if opaque_under_trace(x):
+        return torch.ops.tesela.rotary(x, positions, cos_sin_cache)
+    return _rotary(x, positions, cos_sin_cache)
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k (Qwen3; skipped when `norm_weights` is None) and neox rotary,
+    in one launch, read from the fused projection qkv = [q | k | v] ([tokens, width], rows may
+    be strided). Returns contiguous q [tokens, heads * head_dim], k [tokens, kv_heads * head_dim]
+    equal to `rms_norm` followed by `rotary` (up to the norm's summation order)."""
+    if not opaque_under_trace(qkv):
+        return _qk_norm_rope(
+            qkv, positions, cos_sin_cache, num_heads, num_kv_heads, norm_weights, eps
+        )
+    q_weight, k_weight = norm_weights if norm_weights is not None else (None, None)
+    q, k = torch.ops.tesela.qk_norm_rope(
+        qkv, positions, cos_sin_cache, num_heads, num_kv_heads, q_weight, k_weight, eps
+    )
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :n]) * x[:, n:] for x = [gate | up] of width 2n."""
+    if opaque_under_trace(x):
+        return torch.ops.tesela.silu_and_mul(x)
+    return _silu_and_mul(x)
+
+
+# The custom ops return fresh tensors (no aliasing, nothing mutated); each fake gives the real
+# output's shape and (contiguous) strides so the trace's shapes match the kernel's.
+
+
+@torch.library.custom_op("tesela::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _rms_norm(x, weight, eps)[0]
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("tesela::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_norm(x, weight, eps, residual)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("tesela::rotary", mutates_args=())
+def _rotary_op(
+    x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> torch.Tensor:
+    return _rotary(x, positions, cos_sin_cache)
+
+
+@_rotary_op.register_fake
+def _(x, positions, cos_sin_cache):
+    return x.new_empty((x.shape[0], x.shape[1] * x.shape[2]))
+
+
+@torch.library.custom_op("tesela::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = (q_weight, k_weight) if q_weight is not None else None
+    return _qk_norm_rope(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, weights, eps)
+
+
+@_qk_norm_rope_op.register_fake
+def _(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, q_weight, k_weight, eps):
+    head_dim = cos_sin_cache.shape[-1]
+    tokens = qkv.shape[0]
+    return qkv.new_empty((tokens, num_heads * head_dim)), qkv.new_empty(
+        (tokens, num_kv_heads * head_dim)
+    )
+
+
+@torch.library.custom_op("tesela::silu_and_mul", mutates_args=())
+def _silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:
+    return _silu_and_mul(x)
+
+
+@_silu_and_mul_op.register_fake
+def _(x):
+    return x.new_empty((x.shape[0], x.shape[1] // 2))

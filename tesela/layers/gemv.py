@@ -17,8 +17,12 @@ Which kernel serves a call is data, not a guess: `gemv_table.json` beside this f
 device name -> dtype -> prologue -> "N,K" -> M bucket (1, 2, 4, 8, 16) -> kernel config, and
 holds only the cases where the Triton kernel was correct and beat the unfused path (cuBLAS,
 plus the separate norm or activation kernel) on that device. It is written by
-`python -m tesela.gemv_tune` on the GPU and checked in. Anything not in the table (a
+`python -m tesela.tune.gemv` on the GPU and checked in. Anything not in the table (a
 shape, a device, a dtype, M > 16, CPU, torch.compile) runs the unfused path.
+
+Traced with opaque fused ops (tesela/layers/fused.py), `linear`, `silu_linear` and
+`norm_linear` each become one `tesela::` custom op whose body makes the whole choice above at
+run time: the trace never branches on the symbolic token count (no guard, no recompile at 16).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from tesela.layers import fused
+from tesela.layers.norm import add_rms_norm, rms_norm
 
 TABLE_PATH = Path(__file__).with_name("gemv_table.json")
 M_BUCKETS = (1, 2, 4, 8, 16)
@@ -184,8 +189,10 @@ def _device_table(device_name: str, dtype: str, path: Path = TABLE_PATH) -> dict
 
 
 @functools.cache
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type  # kernels on CPU (TRITON_INTERPRET tests): no table entry
+    return torch.cuda.get_device_name(device.index or 0)
 
 
 def lookup(x: torch.Tensor, weight: torch.Tensor, prologue: str = "none") -> dict | None:
@@ -195,11 +202,17 @@ def lookup(x: torch.Tensor, weight: torch.Tensor, prologue: str = "none") -> dic
     if not fused.fused_enabled(x) or x.dim() != 2 or not 0 < x.shape[0] <= MAX_M:
         return None
     dtype = str(x.dtype).removeprefix("torch.")
-    table = _device_table(_device_name(x.device.index or 0), dtype)
+    table = _device_table(_device_name(x.device), dtype)
     return table.get((prologue, weight.shape[0], weight.shape[1], m_bucket(x.shape[0])))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if fused.opaque_under_trace(x):
+        return torch.ops.tesela.linear(x, weight, bias)
+    return _linear(x, weight, bias)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     config = lookup(x, weight)
     if config is None:
         return F.linear(x, weight, bias)
@@ -207,25 +220,101 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def silu_linear(gate_up: torch.Tensor, down_proj) -> torch.Tensor:
-    """down_proj(silu(gate) * up): one kernel where tuned, else the fused activation + GEMM."""
-    config = lookup(gate_up, down_proj.weight, "silu")
+    """down_proj(silu(gate) * up): one kernel where tuned, else the fused activation + GEMM.
+    `down_proj` is a tesela Linear (its forward is `linear`)."""
+    if fused.opaque_under_trace(gate_up):
+        return torch.ops.tesela.silu_linear(gate_up, down_proj.weight, down_proj.bias)
+    return _silu_linear(gate_up, down_proj.weight, down_proj.bias)
+
+
+def _silu_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    config = lookup(gate_up, weight, "silu")
     if config is not None:
-        return gemv_silu(gate_up, down_proj.weight, down_proj.bias, config)
+        return gemv_silu(gate_up, weight, bias, config)
     if fused.fused_enabled(gate_up):
-        return down_proj(fused.silu_and_mul(gate_up))
+        return linear(fused.silu_and_mul(gate_up), weight, bias)
     gate, up = gate_up.chunk(2, dim=-1)
-    return down_proj(F.silu(gate) * up)
+    return linear(F.silu(gate) * up, weight, bias)
 
 
 def norm_linear(
     x: torch.Tensor, residual: torch.Tensor | None, norm, proj
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(proj(norm(residual + x)), residual + x); with no residual yet, x is the residual.
-    One kernel where tuned, else the fused add + norm and then the GEMM."""
-    config = lookup(x, proj.weight, "norm")
+    One kernel where tuned, else the fused add + norm and then the GEMM. `norm` is an RMSNorm
+    and `proj` a tesela Linear."""
+    args = (norm.weight, norm.eps, proj.weight, proj.bias)
+    if not fused.opaque_under_trace(x):
+        return _norm_linear(x, residual, *args)
+    if residual is None:  # the op returns fresh tensors only: x is passed through here
+        return torch.ops.tesela.norm_linear(x, *args), x
+    out, new_residual = torch.ops.tesela.add_norm_linear(x, residual, *args)
+    return out, new_residual
+
+
+def _norm_linear(x, residual, norm_weight, eps, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    config = lookup(x, weight, "norm")
     if config is not None:
-        return gemv_norm(x, residual, norm.weight, norm.eps, proj.weight, proj.bias, config)
+        return gemv_norm(x, residual, norm_weight, eps, weight, bias, config)
     if residual is None:
-        return proj(norm(x)), x
-    normed, residual = norm.add_and_norm(x, residual)
-    return proj(normed), residual
+        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
+    normed, residual = add_rms_norm(x, residual, norm_weight, eps)
+    return linear(normed, weight, bias), residual
+
+
+# ---- the custom ops a trace records (fresh outputs, nothing mutated; fakes give the shapes)
+
+
+@torch.library.custom_op("tesela::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _linear(x, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("tesela::silu_linear", mutates_args=())
+def _silu_linear_op(
+    gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return _silu_linear(gate_up, weight, bias)
+
+
+@_silu_linear_op.register_fake
+def _(gate_up, weight, bias):
+    return gate_up.new_empty((gate_up.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("tesela::norm_linear", mutates_args=())
+def _norm_linear_op(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return _norm_linear(x, None, norm_weight, eps, weight, bias)[0]
+
+
+@_norm_linear_op.register_fake
+def _(x, norm_weight, eps, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("tesela::add_norm_linear", mutates_args=())
+def _add_norm_linear_op(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm_linear(x, residual, norm_weight, eps, weight, bias)
+
+
+@_add_norm_linear_op.register_fake
+def _(x, residual, norm_weight, eps, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty(x.shape)

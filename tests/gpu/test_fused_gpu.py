@@ -100,8 +100,8 @@ def test_qk_norm_rope_matches_norm_then_rotary():
 def test_every_tuned_gemv_entry_matches_the_unfused_path():
     """Each (prologue, N, K, M bucket) the table sends to Triton on this GPU, through the
     model's dispatch, against the separate kernel + cuBLAS."""
-    from tesela.gemv_tune import Case
     from tesela.layers import gemv
+    from tesela.tune.gemv import Case
 
     table = gemv._device_table(torch.cuda.get_device_name(), "bfloat16")
     torch.manual_seed(6)
@@ -116,7 +116,7 @@ def test_every_tuned_gemv_entry_matches_the_unfused_path():
 @torch.inference_mode()
 def test_decode_step_logits_with_and_without_fusion():
     """A small decode batch (the tuned GEMV path) against the unfused ops, through logits."""
-    from tesela.bench_decode import decode_batch
+    from tesela.bench.decode import decode_batch
 
     config, path = make_engine_config(
         "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=8192, disable_cudagraph=True
@@ -140,7 +140,7 @@ def test_decode_step_logits_with_and_without_fusion():
 def test_fused_decode_layer_launches_fewer_kernels():
     """Launches of one decoder layer in a batch-1 decode step, fused vs unfused (qwen3: q/k
     norm + rotary is one kernel instead of four)."""
-    from tesela.bench_decode import launches_per_layer
+    from tesela.bench.decode import launches_per_layer
 
     config, path = make_engine_config(
         "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=4096, disable_cudagraph=True

@@ -20,6 +20,7 @@ from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.dispatcher import RunPath
 from tesela.executor.graphs import CudaGraphFactory
 from tesela.executor.model_runner import ModelRunner
+from tesela.layers import fused
 
 pytestmark = [
     pytest.mark.gpu,
@@ -112,6 +113,31 @@ def test_replay_matches_eager_padded(compiled, n):
     # Replays reuse the one compile, and every piece finds its inputs where it captured them.
     assert piecewise.pieces.num_compiles == 1 and unique_graphs() == before
     assert piecewise.pieces.num_input_copies == 0
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 64])
+def test_eager_pieces_run_the_fused_kernels_bitwise(compiled, n):
+    """Eager pieces trace the fused kernels and the GEMV dispatch as tesela:: custom ops, so a
+    replay is the eager model's own kernels: bitwise equal with the fused kernels on."""
+    piece_compiler, runner, _ = compiled
+    if piece_compiler != "eager":
+        pytest.skip("inductor pieces trace the PyTorch ops")
+    piecewise = runner.piecewise
+    split = piecewise.pieces.split
+    traced = {
+        str(node.target)
+        for name in split.piece_names
+        for node in split.submodule(name).graph.nodes
+        if node.op == "call_function"
+    }
+    for op in ("qk_norm_rope", "add_norm_linear", "silu_linear", "linear"):
+        assert any(t.startswith(f"tesela.{op}") for t in traced), op
+    batch = random_batch([(0, n)], seed=100 + n)
+    assert fused.fused_enabled(batch.input_ids.new_empty(1, dtype=torch.bfloat16))
+    expected = piecewise.run_eager_padded(batch)
+    got = piecewise.run(random_batch([(0, n)], seed=100 + n)).clone()
+    assert torch.equal(got, expected)
+    assert piecewise.pieces.num_compiles == 1
 
 
 def test_mixed_batches_and_interleaved_sizes_replay_exactly(compiled):

@@ -6,8 +6,10 @@ dynamic, into one FX graph. Our backend cuts that graph at every split op (atten
 as written (eagerly, reading the forward context), and everything between two split ops is a
 *piece*, compiled once for the symbolic token count by the chosen piece compiler:
 
-  eager     the piece's GraphModule runs as traced: the same kernels as the eager model, so a
-            replay equals `run_eager_padded` bit for bit.
+  eager     the piece's GraphModule runs as traced: the same kernels as the eager model (the
+            trace records the fused kernels and the small-M GEMV dispatch as opaque tesela::
+            custom ops, tesela/layers/fused.py), so a replay equals `run_eager_padded` and
+            the eager forward at the same padded shapes bit for bit.
   inductor  `torch._inductor.compile_fx.compile_fx(piece, fake_inputs)`, called inside our
             backend with fake inputs that carry the dynamo trace's symbolic sizes. It is what
             `torch.compile(backend="inductor")` itself runs on a dynamo graph, called as
@@ -293,7 +295,9 @@ class CompiledPieces:
         mark(input_ids, 0)
         mark(positions, 0)
         self.num_tokens = int(input_ids.shape[0])
-        return self._compiled(input_ids, positions)
+        # Eager pieces trace our fused kernels as opaque ops; inductor traces the PyTorch ops.
+        with fused.tracing_opaque(self.piecewise_compiler == "eager"):
+            return self._compiled(input_ids, positions)
 
     @contextlib.contextmanager
     def capturing(self, size: int) -> Iterator[None]:
@@ -366,8 +370,11 @@ class CompiledPiecewiseRunner(PiecewiseRunner):
         return self._forward(batch, plan, size)
 
     def _eager_ops(self):
-        # Compiled pieces trace the PyTorch ops (inductor fuses them itself), not our kernels.
-        return fused.disabled()
+        # Inductor pieces trace the PyTorch ops (inductor fuses them itself), not our kernels;
+        # eager pieces run our kernels, as the eager model does.
+        if self.pieces.piecewise_compiler == "inductor":
+            return fused.disabled()
+        return contextlib.nullcontext()
 
 
 def _private_entry(model: torch.nn.Module) -> Callable:

@@ -8,6 +8,6 @@
 - `fused_moe.py`: `fused_experts`, which runs align + gate/up (SiLU·mul fused) + down + the
   weighted top-k sum, and the `tesela::fused_moe` custom op the layer calls.
 - `tile_configs.py` + `tile_configs.json`: tile sizes per (E, N, K, M bucket), filled by
-  `python -m tesela.moe_tune` on a GPU.
+  `python -m tesela.tune.moe` on a GPU.
 - `layer.py`: `SparseMoeBlock`, the module a decoder layer uses as its MLP.
 """

@@ -2,7 +2,7 @@
 
 `tile_configs.json` maps "E,N,K" (N: output features of the GEMM, K: its input features; the
 gated gate/up GEMM is keyed by its 2*I rows) to {M bucket: config}. The buckets are powers of
-two; a batch of M tokens uses the largest bucket <= M. `python -m tesela.moe_tune` times
+two; a batch of M tokens uses the largest bucket <= M. `python -m tesela.tune.moe` times
 candidates on the GPU and writes the file; shapes missing from it use `default_config`.
 
 A config names its path: "gemv" (one program per (token, expert) pair, the decode path) or

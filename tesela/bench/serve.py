@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tesela.bench.common import int_list, pyplot, save_figure, write_json
 from tesela.engine_args import EngineArgs
 from tesela.server.app import ServerThread, create_app
 
@@ -78,9 +79,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default="random",
         choices=["random", "shared-prefix"],
         help="random: the prompt/output length mix below; shared-prefix: system prompts and "
-        "conversation replays, with the prefix cache on and off (tesela/bench_serve_prefix.py)",
+        "conversation replays, with the prefix cache on and off (tesela/bench/serve_prefix.py)",
     )
-    from tesela.bench_serve_prefix import add_shared_prefix_arguments
+    from tesela.bench.serve_prefix import add_shared_prefix_arguments
 
     add_shared_prefix_arguments(parser)
     # --seed (from the engine arguments) also fixes the workload and the arrival times.
@@ -100,16 +101,6 @@ class RequestResult:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str = ""
-
-
-def _int_list(text: str, name: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{name} needs positive integers, got {text!r}")
-    return values
 
 
 def _rate_list(text: str) -> list[float]:
@@ -250,15 +241,15 @@ def summarize(results: list[RequestResult], items: list[WorkItem], duration: flo
 
 def run_bench_serve(args: argparse.Namespace) -> int:
     if args.workload == "shared-prefix":
-        from tesela.bench_serve_prefix import run_shared_prefix
+        from tesela.bench.serve_prefix import run_shared_prefix
 
         return run_shared_prefix(args, _start_server)
     try:
-        input_lens = _int_list(args.input_len, "--input-len")
-        output_lens = _int_list(args.output_len, "--output-len")
+        input_lens = int_list(args.input_len, "--input-len")
+        output_lens = int_list(args.output_len, "--output-len")
         rates = _rate_list(args.request_rate) if args.request_rate else []
         concurrency_text = args.concurrency or ("" if rates else "1,8,32")
-        concurrencies = _int_list(concurrency_text, "--concurrency") if concurrency_text else []
+        concurrencies = int_list(concurrency_text, "--concurrency") if concurrency_text else []
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -406,15 +397,8 @@ def _setting_label(run: dict) -> str:
 
 
 def write_outputs(results: dict, output_dir: Path, name: str) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"(matplotlib missing: no plot; raw numbers in {output_dir / name}.json)")
+    plt = pyplot(write_json(results, output_dir, name))
+    if plt is None:
         return
     runs = results["runs"]
     labels = [_setting_label(r).replace("concurrency ", "c=").replace("rate ", "") for r in runs]
@@ -427,8 +411,7 @@ def write_outputs(results: dict, output_dir: Path, name: str) -> None:
     right.set(ylabel="ms", yscale="log", title="latency")
     right.legend(fontsize=8)
     fig.suptitle(f"tesela serve: {results['model']}")
-    fig.tight_layout()
-    fig.savefig(output_dir / f"{name}.png", dpi=120)
+    save_figure(fig, output_dir, name)
 
 
 def format_table(results: dict) -> str:

@@ -10,15 +10,27 @@ of each column are compared with eager. Writes JSON + PNG and prints a table las
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from tesela.bench.common import (
+    add_model_arguments,
+    add_output_argument,
+    copy_bandwidth,
+    device_name,
+    host_samples_ms,
+    int_list,
+    pyplot,
+    save_figure,
+    weight_nbytes,
+    write_json,
+)
 from tesela.config import default_capture_sizes
 from tesela.core.forward_batch import ForwardBatch
 from tesela.core.forward_context import forward_context
@@ -75,10 +87,7 @@ def fitting_counts(counts: list[int], max_positions: int, what: str) -> tuple[li
 
 
 def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="qwen3-0.6b", help="a model folder or a preset")
-    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
+    add_model_arguments(parser)
     parser.add_argument(
         "--num-tokens", default="16,64,256,1024,4096", help="prompt lengths to time"
     )
@@ -89,13 +98,13 @@ def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeat", type=int, default=30, help="timed runs per cell")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs per cell first")
-    parser.add_argument("--output-dir", default="results", help="where JSON (and PNG) go")
+    add_output_argument(parser)
 
 
 def run_prefill(args: argparse.Namespace) -> int:
     model_config, _ = resolve_model(args.model)
     counts, notes = fitting_counts(
-        [int(n) for n in args.num_tokens.split(",")],
+        int_list(args.num_tokens, "--num-tokens"),
         model_config.max_position_embeddings,
         "num_tokens",
     )
@@ -153,11 +162,6 @@ def main_merge(argv: list[str]) -> int:
     return 0
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class PrefillBench:
     def __init__(self, runner, counts: list[int], repeat: int, warmup: int) -> None:
         self.runner = runner
@@ -167,9 +171,7 @@ class PrefillBench:
         self.device = runner.device
         self.results: dict = {
             "model": runner.config.model,
-            "device": torch.cuda.get_device_name(self.device)
-            if self.device.type == "cuda"
-            else "cpu",
+            "device": device_name(self.device),
             "dtype": runner.config.dtype,
             "attention_backend": runner.config.attention_backend,
             "num_tokens": counts,
@@ -196,17 +198,9 @@ class PrefillBench:
     def time(
         self, fn: Callable[[ForwardBatch], torch.Tensor], n: int
     ) -> tuple[list[float], torch.Tensor]:
-        batch = self.batch(n)
-        for _ in range(self.warmup):
-            out = fn(batch)
-        sync(self.device)
-        samples = []
-        for _ in range(self.repeat):
-            batch = self.batch(n)
-            start = time.perf_counter()
-            out = fn(batch)
-            sync(self.device)
-            samples.append((time.perf_counter() - start) * 1e3)
+        samples, out = host_samples_ms(
+            fn, functools.partial(self.batch, n), self.device, self.repeat, self.warmup
+        )
         logits = self.runner.compute_logits(out[-1:].clone())
         return samples, logits
 
@@ -290,25 +284,6 @@ class PrefillBench:
         return weight_bytes / bandwidth * 1e3
 
 
-def weight_nbytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.randint(0, 255, (2**30,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    sync(device)
-    return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3)
-
-
 class FullGraphs:
     """The whole forward captured at each exact batch (attention inside, its metadata fixed):
     what a launch-free run of the same kernels costs."""
@@ -347,20 +322,9 @@ class FullGraphs:
 
 
 def write_outputs(results: dict, output_dir: Path, name: str, plot: bool = True) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
-    if not plot:
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            f"(no plot: pip install 'tesela[plot]' for PNGs; numbers in {output_dir / name}.json)",
-            file=sys.stderr,
-        )
+    json_path = write_json(results, output_dir, name)
+    plt = pyplot(json_path) if plot else None
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     columns = sorted({k.split("/")[0] for k in results["latency_ms"]}, key=COLUMNS.index)
@@ -375,8 +339,7 @@ def write_outputs(results: dict, output_dir: Path, name: str, plot: bool = True)
         title=f"prefill {results['model']} on {results['device']}",
     )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(output_dir / f"{name}.png", dpi=120)
+    save_figure(fig, output_dir, name)
 
 
 def format_table(results: dict) -> str:

@@ -11,13 +11,25 @@ over the step's time; launches per layer are the kernels one decoder layer launc
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from tesela.bench import fitting_counts, sync, weight_nbytes, write_outputs
+from tesela.bench.common import (
+    add_model_arguments,
+    add_output_argument,
+    copy_bandwidth,
+    device_name,
+    host_samples_ms,
+    int_list,
+    sync,
+    weight_nbytes,
+    write_json,
+)
+from tesela.bench.prefill import fitting_counts
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
@@ -25,10 +37,7 @@ from tesela.models.step_bytes import decode_step_weight_bytes, record_routed_exp
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="qwen3-0.6b", help="a model folder or a preset")
-    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
+    add_model_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,8,32,128", help="decode batch sizes")
     parser.add_argument("--contexts", default="512,4096", help="tokens cached per row")
     parser.add_argument("--repeat", type=int, default=50, help="timed steps per cell")
@@ -39,15 +48,15 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip shapes whose KV cache would exceed this (default: 40, or less when the "
         "weights leave less of the GPU: see kv_budget_gib)",
     )
-    parser.add_argument("--output-dir", default="results", help="where the JSON goes")
+    add_output_argument(parser, "the JSON")
 
 
 def run_decode(args: argparse.Namespace) -> int:
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = int_list(args.batch_sizes, "--batch-sizes")
     probe, _ = make_engine_config(args.model, dtype=args.dtype, device=args.device)
     # A context needs its tokens plus a margin of positions (max_model_len = context + 16).
     contexts, notes = fitting_counts(
-        [int(c) for c in args.contexts.split(",")],
+        int_list(args.contexts, "--contexts"),
         probe.model_config.max_position_embeddings - 16,
         "context",
     )
@@ -180,25 +189,6 @@ def kv_bytes_per_token(config) -> int:
     return 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * itemsize
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a device-to-device copy (bytes read plus written); 64 MiB on CPU."""
-    if device.type == "cuda":
-        from tesela.bench import copy_bandwidth as cuda_copy_bandwidth
-
-        return cuda_copy_bandwidth(device)
-    src = torch.randint(0, 255, (2**26,), dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src)
-    return 2 * src.numel() * 5 / (time.perf_counter() - start)
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def decode_batch(runner, batch_size: int, context: int) -> ForwardBatch:
     """`batch_size` rows, each with `context - 1` tokens cached in its own blocks."""
     block_size = runner.kv_cache.block_size
@@ -229,15 +219,8 @@ def decode_step(fn, runner, batch: ForwardBatch) -> tuple[torch.Tensor, list[int
 
 def time_step(runner, fn, batch: ForwardBatch, repeat: int) -> tuple[float, torch.Tensor]:
     """Host-visible median ms of a decode step through sampling; and its logits."""
-    for _ in range(5):
-        decode_step(fn, runner, batch)
-    sync(runner.device)
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        logits, _ = decode_step(fn, runner, batch)
-        sync(runner.device)
-        samples.append((time.perf_counter() - start) * 1e3)
+    step = functools.partial(decode_step, fn, runner)
+    samples, (logits, _) = host_samples_ms(step, lambda: batch, runner.device, repeat, warmup=5)
     return statistics.median(samples), logits.clone()
 
 
@@ -296,7 +279,7 @@ def write_outputs_decode(results: dict, output_dir: Path) -> None:
         ):
             if f"{column}_ms" in row:
                 flat["latency_ms"][f"{column}/{key}"] = row[f"{column}_ms"]
-    write_outputs(flat, output_dir, f"decode-{results['model']}", plot=False)
+    write_json(flat, output_dir, f"decode-{results['model']}")
 
 
 def format_decode_table(results: dict) -> str:

@@ -1,4 +1,4 @@
-"""Tune the fused MoE tile configs on the GPU: `python -m tesela.moe_tune --model NAME`.
+"""Tune the fused MoE tile configs on the GPU: `python -m tesela.tune.moe --model NAME`.
 
 For each GEMM shape of the model's MoE layers ((E, 2I, H) gate/up and (E, H, I) down) and each
 token-count bucket, times every candidate config with the model's top-k routing on random

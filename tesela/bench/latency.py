@@ -14,14 +14,18 @@ from pathlib import Path
 
 import torch
 
-from tesela.bench import sync, write_outputs
+from tesela.bench.common import (
+    add_model_arguments,
+    add_output_argument,
+    device_name,
+    int_list,
+    sync,
+    write_json,
+)
 
 
 def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="qwen3-0.6b", help="a model folder or a preset")
-    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
+    add_model_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,32,256", help="prompts generated together")
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens")
     parser.add_argument("--output-len", type=int, default=128, help="new tokens per prompt")
@@ -29,7 +33,7 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-kv-tokens", type=int, default=None, help="KV cache size (default: the engine's)"
     )
     parser.add_argument("--disable-cudagraph", action="store_true", help="run every batch eagerly")
-    parser.add_argument("--output-dir", default="results", help="where the JSON goes")
+    add_output_argument(parser, "the JSON")
     parser.add_argument(
         "--overlap-schedule",
         choices=("auto", "on", "off"),
@@ -44,7 +48,7 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
 def run_latency(args: argparse.Namespace) -> int:
     from tesela.engine.llm import LLM
 
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = int_list(args.batch_sizes, "--batch-sizes")
     llm = LLM(
         args.model,
         dtype=args.dtype,
@@ -59,7 +63,7 @@ def run_latency(args: argparse.Namespace) -> int:
     config = llm.engine.config
     results = {
         "model": args.model,
-        "device": _device_name(llm.engine.runner.device),
+        "device": device_name(llm.engine.runner.device),
         "dtype": config.dtype,
         "attention_backend": config.attention_backend,
         "input_len": args.input_len,
@@ -71,9 +75,7 @@ def run_latency(args: argparse.Namespace) -> int:
             measure(llm, b, args.input_len, args.output_len, args.temperature) for b in batch_sizes
         ],
     }
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_outputs(results, output_dir, f"latency-{args.model}", plot=False)
+    write_json(results, Path(args.output_dir), f"latency-{args.model}")
     print(format_latency_table(results))
     return 0
 
@@ -109,10 +111,6 @@ def measure(
         "total_tokens_per_s": batch_size * (input_len + output_len) / seconds,
         "ms_per_step": seconds / output_len * 1e3,
     }
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def format_latency_table(results: dict) -> str:

@@ -4,7 +4,7 @@ bucket, time the unfused path (cuBLAS, plus the separate norm or activation kern
 candidate Triton config; keep a config only where it is correct (within one bf16 step of the
 unfused path) and faster by `--margin`.
 
-    python -m tesela.gemv_tune --models qwen3-0.6b,llama-3.2-1b
+    python -m tesela.tune.gemv --models qwen3-0.6b,llama-3.2-1b
 
 Timing replays a CUDA graph of many calls, as the decode graph runs them, each call on its own
 copy of the weight so that the copies together overflow L2 (in a decode step no weight is in
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default=None, help="also write the timings (JSON) here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("gemv_tune times kernels on a CUDA GPU: run it on one")
+        raise SystemExit("tesela.tune.gemv times kernels on a CUDA GPU: run it on one")
     dtype = getattr(torch, args.dtype)
     cases = {case for m in args.models.split(",") for case in tuned_cases(m)}
     output = Path(args.output)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -30,11 +29,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tesela.bench_serve import (
+from tesela.bench.common import int_list, pyplot, save_figure, write_json
+from tesela.bench.serve import (
     PROMPT_TOKEN_RANGE,
     RequestResult,
     WorkItem,
-    _int_list,
     run_setting,
     send_request,
     summarize,
@@ -156,9 +155,9 @@ async def run_workloads(url: str, args, workloads) -> dict:
 def run_shared_prefix(args, start_server) -> int:
     """Both workloads against a cache-on server, then against a cache-off one."""
     try:
-        user_lens = _int_list(args.user_len, "--user-len")
-        output_lens = _int_list(args.output_len, "--output-len")
-        concurrency = _int_list(args.concurrency or "32", "--concurrency")[0]
+        user_lens = int_list(args.user_len, "--user-len")
+        output_lens = int_list(args.output_len, "--output-len")
+        concurrency = int_list(args.concurrency or "32", "--concurrency")[0]
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -241,15 +240,8 @@ def format_prefix_table(results: dict) -> str:
 
 
 def write_prefix_outputs(results: dict, output_dir: Path, name: str) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"(matplotlib missing: no plot; raw numbers in {output_dir / name}.json)")
+    plt = pyplot(write_json(results, output_dir, name))
+    if plt is None:
         return
     workloads = ("system-prompts", "conversations")
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -265,5 +257,4 @@ def write_prefix_outputs(results: dict, output_dir: Path, name: str) -> None:
         axis.set_xticks(range(len(workloads)), workloads)
         axis.legend(fontsize=8)
     fig.suptitle(f"tesela prefix caching: {results['model']}")
-    fig.tight_layout()
-    fig.savefig(output_dir / f"{name}.png", dpi=120)
+    save_figure(fig, output_dir, name)
