@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Mutation check of the graph layer, the prefix cache, the sampler, the server, batch modes,
-admission, the attention policy and sliding windows: each mutation must make a CPU test fail.
+admission, the attention policy, sliding windows and LoRA: each mutation must make a CPU test
+fail.
 
 Applies one textual mutation at a time to a temporary copy of the repository, runs the tests
 that guard it, and prints `mutation -> CAUGHT by <tests>` (or MISSED). Exit status 1 if any
@@ -24,12 +25,19 @@ FULL = "tesela/executor/full_decode.py"
 PIECEWISE_TESTS = ["tests/test_piecewise.py"]
 DECODE_TESTS = ["tests/test_dispatcher.py"]
 SAMPLING = "tesela/executor/sampling.py"
-ENGINE = "tesela/engine/llm_engine.py"
 OVERLAP = "tests/test_overlap.py"
+MIXED = "tesela/executor/full_mixed.py"
+MIXED_TESTS = ["tests/test_full_mixed.py"]
 MOE_PADDING_TEST = "tests/test_moe.py::test_padding_tokens_route_to_no_expert_in_padded_replays"
 BLOCKS = "tesela/engine/block_manager.py"
 SCHEDULER = "tesela/engine/scheduler.py"
 CACHE_TESTS = ["tests/test_prefix_cache.py"]
+KERNELS = "tesela/lora/kernels.py"
+LORA_KERNEL_TESTS = ["tests/test_lora_kernels.py"]
+LORA_PEFT_TESTS = ["tests/test_lora.py::test_greedy_tokens_and_logprobs_match_peft"]
+LORA_MIXED = (
+    "tests/test_lora.py::test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone"
+)
 
 # name -> (file, original text, mutated text, tests that must fail)
 MUTATIONS = {
@@ -77,6 +85,36 @@ MUTATIONS = {
         "    n = batch.num_tokens\n",
         "    n = q.shape[0]\n",
         ["tests/test_piecewise.py::test_padding_is_zeroed_and_never_reaches_the_kv_cache"],
+    ),
+    "FULL mixed replay without planning the batch": (
+        MIXED,
+        "        self.planner.plan(batch)\n",
+        "",
+        MIXED_TESTS,
+    ),
+    "FULL mixed padding tokens keep a stale KV slot": (
+        MIXED,
+        "            self.out_cache_loc[n:size].fill_(DUMMY_SLOT)\n",
+        "",
+        MIXED_TESTS,
+    ),
+    "FULL mixed absent tiles run (from query -1)": (
+        "tesela/attention/triton_kernels/extend_attention.py",
+        "        q_begin = tl.maximum(tl.load(tiles_ptr + 2 * tile + 1), 0)  # absent: (-1, -1)\n",
+        "        q_begin = tl.load(tiles_ptr + 2 * tile + 1)\n",
+        MIXED_TESTS,
+    ),
+    "FULL mixed decode entries write the row's token": (
+        "tesela/attention/triton_kernels/decode_attention.py",
+        "        token = tl.load(entry_tokens_ptr + entry)\n",
+        "        token = row\n",
+        MIXED_TESTS,
+    ),
+    "FULL mixed decode rows also get extend tiles": (
+        "tesela/attention/triton_backend.py",
+        "        tiled_lens[decode] = 0  # a decode row gets an entry, not a tile\n",
+        "",
+        MIXED_TESTS,
     ),
     "MoE layers never see the real-token count of a padded replay": (
         "tesela/core/forward_context.py",
@@ -133,8 +171,8 @@ MUTATIONS = {
         [OVERLAP + "::test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off"],
     ),
     "next batch's decode ids not gathered from the device": (
-        ENGINE,
-        "            self._inflight.feed(batch.input_ids, gather_dst, gather_src)",
+        "tesela/executor/model_runner.py",
+        "            feed(batch.input_ids)",
         "            pass",
         [OVERLAP + "::test_greedy_and_seeded_tokens_equal_with_overlap_on_and_off"],
     ),
@@ -149,6 +187,68 @@ MUTATIONS = {
         "            if request.num_inflight_tokens and request.reaches_length_limit(",
         "            if False and request.reaches_length_limit(",
         [OVERLAP + "::test_each_step_is_read_back_one_step_later"],
+    ),
+    "LoRA expand runs one token past its segment": (
+        KERNELS,
+        "row_mask = (rows >= seg_lo) & (rows < seg_hi) & (rows < m_end)\n"
+        "                    s_offs",
+        "row_mask = (rows >= seg_lo) & (rows <= seg_hi) & (rows < m_end)\n"
+        "                    s_offs",
+        LORA_KERNEL_TESTS,
+    ),
+    "LoRA scaling dropped": (
+        KERNELS,
+        "out = y.to(tl.float32) + delta * scaling",
+        "out = y.to(tl.float32) + delta",
+        LORA_KERNEL_TESTS,
+    ),
+    "LoRA padding tokens get slot 0": (
+        "tesela/lora/state.py",
+        "self.token_slot[n:].fill_(NO_SLOT)",
+        "self.token_slot[n:].fill_(0)",
+        LORA_KERNEL_TESTS,
+    ),
+    "rsLoRA scaled as plain LoRA": (
+        "tesela/lora/adapter.py",
+        "alpha / math.sqrt(rank) if",
+        "alpha / rank if",
+        LORA_PEFT_TESTS,
+    ),
+    "a fused slice's B written at offset 0": (
+        "tesela/lora/adapter.py",
+        "    stacked_b[offset : offset + size].copy_(b)",
+        "    stacked_b[:size].copy_(b)",
+        LORA_PEFT_TESTS,
+    ),
+    "base rows served by adapter slot 0": (
+        "tesela/lora/manager.py",
+        "if i else NO_SLOT for i in lora_ids]",
+        "if i else 0 for i in lora_ids]",
+        [LORA_MIXED],
+    ),
+    "the LoRA op skips batches without adapters (baked into graphs)": (
+        "tesela/lora/layer.py",
+        "    manager = state.manager\n",
+        "    manager = state.manager\n    if not state.has_adapters:\n        return\n",
+        ["tests/test_lora.py::test_graphs_captured_without_adapters_launch_the_lora_kernels"],
+    ),
+    "a plan's LoRA buffers are not checked for a later plan": (
+        "tesela/core/plan.py",
+        "            self.lora.check_current(where)\n",
+        "            pass\n",
+        ["tests/test_lora.py::test_running_with_another_batchs_lora_state_is_an_error"],
+    ),
+    "the scheduler admits more adapters than slots": (
+        "tesela/engine/scheduler.py",
+        "            if not self._adapter_fits(request):\n",
+        "            if False:\n",
+        ["tests/test_lora.py::test_scheduler_keeps_running_adapters_within_max_loras"],
+    ),
+    "the prefix cache key ignores the adapter": (
+        "tesela/engine/request.py",
+        "return (self.lora_id, self.lora_int_id, self.cache_salt)",
+        "return (self.lora_id, self.cache_salt)",
+        ["tests/test_lora.py::test_adapters_never_share_cached_prefixes"],
     ),
     "presence penalty not applied": (
         "tesela/engine/sampler.py",
@@ -314,7 +414,8 @@ def run_mutation(name: str, workdir: Path) -> tuple[str, str]:
     failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     if result.returncode == 0:
         return "MISSED", " ".join(tests)
-    return "CAUGHT", "; ".join(failed) or result.stdout.strip().splitlines()[-1]
+    last = (result.stdout.strip().splitlines() or [f"the tests crashed ({result.returncode})"])[-1]
+    return "CAUGHT", "; ".join(failed) or last
 
 
 def main(names: list[str]) -> int:

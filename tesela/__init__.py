@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams"]
 __version__ = "0.1.0"
 
 
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from tesela.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "LoRARequest":
+        from tesela.lora.request import LoRARequest
+
+        return LoRARequest
     raise AttributeError(f"module 'tesela' has no attribute {name!r}")

@@ -119,6 +119,13 @@ def _bench_serve(parser: argparse.ArgumentParser) -> Callable:
     return run_bench_serve
 
 
+def _bench_lora(parser: argparse.ArgumentParser) -> Callable:
+    from tesela.bench.lora import add_lora_arguments, run_lora
+
+    add_lora_arguments(parser)
+    return run_lora
+
+
 def _simple(add: Callable, run: Callable) -> Callable:
     def build(parser: argparse.ArgumentParser) -> Callable:
         add(parser)
@@ -141,6 +148,7 @@ BENCH_COMMANDS: dict[str, tuple[str, Callable]] = {
     "decode": ("decode step through sampling: eager, graphs, HBM floor", _bench_decode),
     "latency": ("offline generate: tokens/s per batch size", _bench_latency),
     "serve": ("serving over HTTP: throughput, TTFT, ITL", _bench_serve),
+    "lora": ("LoRA adapters vs the base model: decode, prefill, graph memory", _bench_lora),
 }
 
 

@@ -404,6 +404,9 @@ class GraphConfig:
     max_capture_tokens: int = 2048
     full_decode: bool = True
     decode_batch_sizes: tuple[int, ...] = ()
+    # FULL graphs for extend and mixed batches (whole forward, attention inside) at the
+    # piecewise ladder's sizes, for backends that declare ALWAYS graph support.
+    full_mixed: bool = False
     verify_cudagraphs: bool = False  # compare every captured size with eager at capture time
 
     def __post_init__(self) -> None:
@@ -424,6 +427,17 @@ class GraphConfig:
     def piecewise_enabled(self) -> bool:
         return self.piecewise_cudagraph != "none" and bool(self.capture_sizes)
 
+    def capture_plan(self) -> tuple:
+        """What is captured, in capture order (largest first): equal on every TP rank."""
+        return (
+            self.piecewise_cudagraph,
+            self.piecewise_compiler,
+            tuple(reversed(self.capture_sizes)),
+            self.full_decode,
+            tuple(reversed(self.decode_batch_sizes)),
+            self.full_mixed,
+        )
+
 
 def resolve_graph_config(
     *,
@@ -434,6 +448,7 @@ def resolve_graph_config(
     disable_cudagraph: bool = False,
     decode_batch_sizes: tuple[int, ...] | list[int] | None = None,
     max_decode_batch: int = 256,
+    full_mixed: bool = True,
     verify_cudagraphs: bool = False,
     scheduler: SchedulerConfig | None = None,
 ) -> GraphConfig:
@@ -459,8 +474,74 @@ def resolve_graph_config(
         max_capture_tokens=max_tokens,
         full_decode=not disable_cudagraph,
         decode_batch_sizes=decode_sizes if not disable_cudagraph else (),
+        full_mixed=full_mixed and not disable_cudagraph and bool(sizes),
         verify_cudagraphs=verify_cudagraphs,
     )
+
+
+LORA_BACKENDS = ("triton", "torch")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving. Off unless `max_loras` > 0; build it through `resolve_lora_config`."""
+
+    max_loras: int = 0  # adapters on the device at once (slots allocated at startup)
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 0  # adapters kept on the CPU (at least max_loras)
+    backend: str = "torch"  # triton (CUDA, or CPU under TRITON_INTERPRET=1) | torch
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 0 or self.max_lora_rank <= 0:
+            raise ValueError(
+                f"max_loras must be >= 0 and max_lora_rank positive, got {self.max_loras} "
+                f"and {self.max_lora_rank}"
+            )
+        if self.backend not in LORA_BACKENDS:
+            raise ValueError(f"lora backend must be one of {LORA_BACKENDS}, got {self.backend!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_loras > 0
+
+
+def resolve_lora_config(
+    *,
+    enable_lora: bool,
+    max_loras: int,
+    max_lora_rank: int,
+    max_cpu_loras: int | None,
+    backend: str,
+    on_cuda: bool,
+) -> LoRAConfig:
+    if not enable_lora:
+        return LoRAConfig()
+    if backend == "auto":
+        backend = "triton" if on_cuda else "torch"
+    if backend == "torch" and on_cuda:
+        raise ValueError(
+            "lora_backend='torch' plans on the host and cannot run inside CUDA graphs: use "
+            "'triton' (or 'auto') on CUDA"
+        )
+    return LoRAConfig(max_loras, max_lora_rank, max(max_cpu_loras or 0, max_loras), backend)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism: one worker process per GPU, every rank running the same batches."""
+
+    tensor_parallel_size: int = 1
+    # A collective, a worker start-up step or a reply that takes longer fails the engine with
+    # a clear error instead of hanging (the bound on detecting a hung worker).
+    distributed_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(
+                f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}"
+            )
 
 
 @dataclass(frozen=True)
@@ -480,6 +561,8 @@ class EngineConfig:
     tokenizer: str | None = None  # a tokenizer folder other than the model's
     # Request defaults from generation_config.json (SamplingParams field -> value).
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Launch step N+1 before reading step N's tokens (tesela/engine/llm_engine.py).
     overlap_schedule: bool = False
 

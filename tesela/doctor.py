@@ -34,6 +34,7 @@ def doctor_report(
     head_dim: int = 128,
     piecewise: bool | None = None,
     full_decode: bool = True,
+    full_mixed: bool = True,
 ) -> str:
     """The plain-text report. `device` is "cpu", "cuda", "cuda:1" or None (auto).
     `piecewise` None means the engine's default there: on for CUDA, off for CPU (where the
@@ -41,7 +42,13 @@ def doctor_report(
     info = DeviceInfo.detect(device)
     if piecewise is None:
         piecewise = info.kind == "cuda"
-    settings = dict(dtype=dtype, head_dim=head_dim, piecewise=piecewise, full_decode=full_decode)
+    settings = dict(
+        dtype=dtype,
+        head_dim=head_dim,
+        piecewise=piecewise,
+        full_decode=full_decode,
+        full_mixed=full_mixed,
+    )
     sections = [
         _versions_section(),
         _device_section(info, device),

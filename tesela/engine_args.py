@@ -107,6 +107,11 @@ class EngineArgs:
         None, "largest piecewise capture size (default: --max-num-batched-tokens)"
     )
     disable_cudagraph: bool = _option(False, "run every batch eagerly (no CUDA graphs at all)")
+    full_mixed: bool = _option(
+        True,
+        "FULL CUDA graphs for extend and mixed batches (attention inside) when the attention "
+        "backend declares ALWAYS graph support (--no-full-mixed: those batches run piecewise)",
+    )
     enable_prefix_caching: bool = _option(
         True,
         "share the KV of repeated prompt prefixes across requests (--no-enable-prefix-caching "
@@ -114,6 +119,23 @@ class EngineArgs:
     )
     verify_cudagraphs: bool = _option(
         False, "compare every captured size with the eager forward at startup"
+    )
+    enable_lora: bool = _option(False, "serve LoRA adapters (PEFT folders)")
+    max_loras: int = _option(4, "LoRA adapters on the device at once (slots, taken at startup)")
+    max_lora_rank: int = _option(16, "largest LoRA rank an adapter may have")
+    max_cpu_loras: int | None = _option(
+        None, "LoRA adapters kept on the CPU (default: --max-loras); more are read from disk"
+    )
+    lora_backend: str = _option(
+        "auto",
+        "auto (triton on CUDA, torch on CPU) | triton | torch: the LoRA kernels",
+        choices=["auto", "triton", "torch"],
+    )
+    tensor_parallel_size: int = _option(
+        1, "GPUs to split the model over (one worker process per GPU; gloo ranks on CPU)"
+    )
+    distributed_timeout_s: float = _option(
+        120.0, "seconds a collective or a worker may stall before the engine fails"
     )
     overlap_schedule: str = _option(
         "auto",

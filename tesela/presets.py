@@ -1,7 +1,8 @@
 """Named model shapes that need no files: HF-style config dicts for random-weight models.
 
 `tiny` is the built-in default model (fast on CPU, byte-level tokenizer); the others are the
-benchmark shapes of shared/BENCH.md.
+benchmark shapes of docs/bench-results.md (qwen3-0.6b, llama-3.2-1b, llama-3-8b; the MoE presets
+qwen3-30b-a3b and mixtral-8x7b) with the real models' configs and random weights.
 """
 
 from __future__ import annotations

@@ -101,6 +101,76 @@ def checkpoints(tmp_path_factory):
     return result
 
 
+# LoRA adapters: (rank, alpha, rsLoRA, target modules)
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_ADAPTERS = {
+    "full": (8, 16, False, ALL_MODULES),
+    "rslora": (4, 8, True, ["q_proj", "v_proj", "down_proj"]),
+    "mlp": (2, 4, False, ["gate_proj", "up_proj", "o_proj"]),
+}
+
+
+def write_adapter(base_path, out_path, name: str, seed: int):
+    """A PEFT adapter with random, non-zero A and B, saved by peft itself; the peft model."""
+    import peft
+    import transformers
+
+    rank, alpha, rslora, modules = LORA_ADAPTERS[name]
+    torch.manual_seed(seed)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        use_rslora=rslora,
+        target_modules=modules,
+        init_lora_weights=False,  # random B: the adapter really changes the outputs
+    )
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_" in param_name:
+                param.normal_(0.0, 0.2)
+    model.save_pretrained(out_path)
+    return model.eval()
+
+
+class Adapters(dict):
+    """arch -> {adapter name: (LoRARequest, peft model)}: PEFT adapters with random,
+    non-zero A and B for each checkpoint, each written on first use."""
+
+    def __init__(self, checkpoints, tmp_path_factory) -> None:
+        super().__init__()
+        self.checkpoints, self.tmp = checkpoints, tmp_path_factory
+
+    def __missing__(self, arch: str):
+        self[arch] = ArchAdapters(self, arch)
+        return self[arch]
+
+
+class ArchAdapters(dict):
+    def __init__(self, owner: Adapters, arch: str) -> None:
+        super().__init__()
+        self.owner, self.arch = owner, arch
+
+    def __missing__(self, name: str):
+        from tesela.lora.request import LoRARequest
+
+        index = list(LORA_ADAPTERS).index(name)
+        folder = self.owner.tmp.mktemp(f"{self.arch}-{name}")
+        path = self.owner.checkpoints[self.arch][0]
+        model = write_adapter(path, folder, name, seed=10 + index)
+        self[name] = (LoRARequest(name, index + 1, str(folder)), model)
+        return self[name]
+
+    def all(self) -> list[tuple]:
+        return [self[name] for name in LORA_ADAPTERS]
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(checkpoints, tmp_path_factory):
+    return Adapters(checkpoints, tmp_path_factory)
+
+
 def pytest_collection_modifyitems(config, items):
     """Everything under tests/gpu is marked `gpu` and skips cleanly without CUDA."""
     cuda = torch.cuda.is_available()

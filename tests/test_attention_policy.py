@@ -310,9 +310,21 @@ def test_auto_on_cpu_is_torch():
 
 
 def test_auto_on_cuda_is_triton_with_full_decode_graphs():
-    decision = resolve("auto", SM90)
-    assert decision.summary() == "triton:plain, piecewise graphs on, FULL decode graphs on"
+    decision = resolve("auto", SM90, full_mixed=True)
+    assert decision.summary() == (
+        "triton:plain, piecewise graphs on, FULL decode graphs on, FULL mixed graphs on"
+    )
     assert decision.downgrades == ()
+
+
+def test_full_mixed_graphs_need_always_graph_support():
+    for backend, device in (("torch", SM90), ("flashinfer", SM90), ("triton", CPU)):
+        decision = resolve(backend, device, full_mixed=True)
+        assert not decision.full_mixed
+        (line,) = [c for c in decision.changes if c.startswith("FULL mixed graphs on -> off")]
+        assert "piecewise" in line  # says where extend and mixed batches run instead
+        assert decision.downgrades == () or "FULL mixed" not in decision.downgrades[0]
+    assert resolve("triton", SM90, full_mixed=True).full_mixed
 
 
 def test_auto_on_cuda_without_triton_warns_and_runs_torch():
@@ -322,12 +334,13 @@ def test_auto_on_cuda_without_triton_warns_and_runs_torch():
 
 
 def test_every_decision_has_a_line_per_decision():
-    decision = resolve("triton", SM90)
+    decision = resolve("triton", SM90, full_mixed=True)
     assert [line.split(" kept")[0].split(" on:")[0] for line in decision.reasons] == [
         "backend triton",
         "variant plain",
         "piecewise graphs",
         "FULL decode graphs",
+        "FULL mixed graphs",
     ]
 
 
@@ -418,9 +431,9 @@ def _grid():
     adapters = [all_implemented, policy.implemented_here, no_triton_adapter]
     flags = [True, False]
     shapes = [("bfloat16", 128), ("float32", 128), ("float16", 80)]
-    grid = itertools.product(requests, devices, availability, adapters, flags, flags, shapes)
-    for requested, device, importable, implemented, piecewise, full_decode, shape in grid:
-        settings = dict(dtype=shape[0], head_dim=shape[1], piecewise=piecewise)
+    grid = itertools.product(requests, devices, availability, adapters, flags, flags, flags, shapes)
+    for requested, device, importable, implemented, piecewise, full_decode, mixed, shape in grid:
+        settings = dict(dtype=shape[0], head_dim=shape[1], piecewise=piecewise, full_mixed=mixed)
         settings.update(importable=importable, implemented=implemented, full_decode=full_decode)
         yield requested, device, settings
 
@@ -453,14 +466,23 @@ def _assert_sound(decision, device, settings):
     assert decision.full_decode == (settings["full_decode"] and full_decode_ok)
     piecewise_ok = spec.graph_support >= GraphSupport.PIECEWISE
     assert decision.piecewise == (settings["piecewise"] and piecewise_ok)
+    full_mixed_ok = spec.graph_support >= GraphSupport.ALWAYS and device.kind == "cuda"
+    assert decision.full_mixed == (settings.get("full_mixed", False) and full_mixed_ok)
     on_sm100 = device.capability is not None and (10, 0) <= device.capability < (11, 0)
     assert not (decision.variant == "cutlass" and on_sm100 and decision.piecewise)
     # What was decided resolves to itself, with nothing left to change.
-    graphs = dict(piecewise=decision.piecewise, full_decode=decision.full_decode)
+    graphs = dict(
+        piecewise=decision.piecewise,
+        full_decode=decision.full_decode,
+        full_mixed=decision.full_mixed,
+    )
     again = resolve_attention(
         decision.name, device, specs=SPECS, log=False, **{**settings, **graphs}
     )
-    assert (again.name, again.piecewise, again.full_decode) == (decision.name, *graphs.values())
+    assert (again.name, again.piecewise, again.full_decode, again.full_mixed) == (
+        decision.name,
+        *graphs.values(),
+    )
     assert again.changes == ()
 
 
@@ -471,7 +493,8 @@ def test_registry_names_match_the_specs():
     from tesela.attention.registry import backend_names, backend_spec
 
     assert set(backend_names()) == set(BACKEND_SPECS)
-    assert backend_spec("triton").graph_support is GraphSupport.FULL_DECODE
+    assert backend_spec("triton").graph_support is GraphSupport.ALWAYS
+    assert backend_spec("flashinfer").graph_support is GraphSupport.FULL_DECODE
     assert backend_spec("torch").graph_support is GraphSupport.PIECEWISE
     assert backend_spec("flashinfer").variants == ("cutlass", "fa2")
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_merge_command_joins_per_column_prefill_runs(tmp_path, capsys):
     for column in ("eager", "breakable"):
         argv = ["bench", "prefill", "--model", "tiny", "--device", "cpu", "--columns", column]
-        argv += ["--num-tokens", "8", "--repeat", "1", "--warmup", "0"]
+        argv += ["--num-tokens", "8", "--mixed", "none", "--repeat", "1", "--warmup", "0"]
         assert main([*argv, "--output-dir", str(tmp_path)]) == 0
     capsys.readouterr()
     parts = sorted(tmp_path.glob("prefill-tiny-*.json"))

@@ -29,6 +29,9 @@ def test_report_lists_every_backend_with_its_support():
     for name in ("triton", "flashinfer"):
         assert f"  {name:<11} " in report
     assert "graphs FULL_DECODE; variants cutlass,fa2" in report
+    # Capture support levels: torch plans on the host, triton runs any batch in a FULL graph.
+    assert "graphs PIECEWISE; variants -" in report
+    assert "graphs ALWAYS; variants plain,tma" in report
     if _installed("triton"):
         assert "triton      available; variant(s) tma declared, not implemented" in report
     # Declared in the table, never buildable here: shown as such, with what is missing.

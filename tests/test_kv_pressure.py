@@ -14,12 +14,11 @@ tests/test_triton_attention.py).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter import rerun_under_interpreter, triton_interpreted
 
 from tesela import LLM, SamplingParams
 from tesela.core.forward_batch import BatchModeError, ForwardBatch, ForwardMode
@@ -29,17 +28,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _triton_interpreted() -> bool:
-    if torch.cuda.is_available():
-        return False
-    try:
-        from tesela.attention.triton_kernels.extend_attention import kernels_interpreted
-    except ImportError:
-        return False
-    return kernels_interpreted()
-
-
-INTERPRETED_HERE = _triton_interpreted()
+INTERPRETED_HERE = triton_interpreted()
 BLOCK_SIZE = 4
 # Sixteen requests of 2..20 prompt tokens and 16 new tokens each (up to 36 tokens, 9 blocks):
 # together they need ~100 blocks, the small pool holds 10.
@@ -138,13 +127,7 @@ def test_triton_in_a_fresh_interpreter_process():
     if INTERPRETED_HERE or torch.cuda.is_available():
         pytest.skip("the Triton tests run in this process (or on the GPU suite)")
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k"]
-    command.append("triton_backend or refuse")
-    repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout
+    rerun_under_interpreter(__file__, "-k", "triton_backend or refuse", no_skips=True)
 
 
 # --- the batch mode comes from the rows ------------------------------------------------------

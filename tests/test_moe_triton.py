@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +26,8 @@ if torch.cuda.is_available():
 if "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
+
+from interpreter import rerun_under_interpreter
 
 from tesela import LLM, SamplingParams  # noqa: E402
 from tesela.layers.moe import kernels  # noqa: E402
@@ -52,12 +52,7 @@ def test_in_a_fresh_interpreter_process():
     """Run this module again where TRITON_INTERPRET=1 is set before triton is imported."""
     if INTERPRETED_HERE:
         pytest.skip("the kernel tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
-    repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout
+    rerun_under_interpreter(__file__)
 
 
 GEMV = {"path": "gemv", "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}

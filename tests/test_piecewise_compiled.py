@@ -223,3 +223,23 @@ def test_verify_at_startup_finds_compiled_pieces_exact():
     )
     report = llm.engine.runner.dispatcher.reports()[0]
     assert report.verify_max_abs_diff == {4: 0.0, 16: 0.0, 48: 0.0}
+
+
+def test_replay_of_a_captured_size_skips_dynamo(runners):
+    """Dynamo's guards run on the first call of each size at most: a replay calls the split
+    graph directly, and still equals the same padded forward run eagerly."""
+    _, compiled, _ = runners
+    piecewise = compiled.piecewise
+    pieces = piecewise.pieces
+    assert pieces._graph_call.direct
+    assert pieces.captured_sizes == set(piecewise.sizes)
+    dynamo_calls = []
+    through_dynamo = pieces._compiled
+    pieces._compiled = lambda *args: dynamo_calls.append(1) or through_dynamo(*args)
+    try:
+        for n in (3, 16, 40):
+            got = compiled.dispatcher.run(random_batch(n, seed=n))
+            assert torch.equal(got, piecewise.run_eager_padded(random_batch(n, seed=n)))
+    finally:
+        pieces._compiled = through_dynamo
+    assert dynamo_calls == []

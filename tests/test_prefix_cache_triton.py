@@ -12,9 +12,7 @@ machines it skips (tests/gpu/test_prefix_cache_gpu.py covers the compiled kernel
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +26,7 @@ if "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from interpreter import rerun_under_interpreter
 from test_prefix_cache_engine import (  # noqa: E402
     Arrival,
     Workload,
@@ -46,12 +45,7 @@ INTERPRETED_HERE = kernels_interpreted()
 def test_in_a_fresh_interpreter_process():
     if INTERPRETED_HERE:
         pytest.skip("the kernel tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
-    repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout
+    rerun_under_interpreter(__file__)
 
 
 def triton_engine(**kwargs) -> LLMEngine:

@@ -84,9 +84,10 @@ def test_health_answers_within_a_second_while_a_50_mb_request_is_in_flight(serve
 
 
 def test_templating_runs_off_the_event_loop():
-    # A legitimate but slow template (~30M loop steps): /health must not wait for it.
+    # A legitimate but slow template (~150M loop steps, seconds on any CPU, so the checks below
+    # run while it renders; 30M took under a second here): /health must not wait for it.
     slow = (
-        "{% for i in range(100000) %}{% for j in range(300) %}{% if j > 1000 %}x{% endif %}"
+        "{% for i in range(100000) %}{% for j in range(1500) %}{% if j > 10000 %}x{% endif %}"
         "{% endfor %}{% endfor %}hi"
     )
     server = start(chat_template=slow)

@@ -12,12 +12,12 @@ imported triton without it, as in tests/test_triton_attention.py).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreter import rerun_under_interpreter, triton_interpreted
 
 from tesela import LLM, SamplingParams
 from tesela.config import ModelConfig
@@ -38,17 +38,7 @@ WINDOWED = {
 }
 
 
-def _triton_interpreted() -> bool:
-    if torch.cuda.is_available():
-        return False
-    try:
-        from tesela.attention.triton_kernels.extend_attention import kernels_interpreted
-    except ImportError:
-        return False
-    return kernels_interpreted()
-
-
-INTERPRETED_HERE = _triton_interpreted()
+INTERPRETED_HERE = triton_interpreted()
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +125,7 @@ def test_triton_in_a_fresh_interpreter_process():
     if INTERPRETED_HERE or torch.cuda.is_available():
         pytest.skip("the Triton tests run in this process (or on the GPU suite)")
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
-    command += ["-k", "triton_backend"]
-    repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout
+    rerun_under_interpreter(__file__, "-k", "triton_backend", no_skips=True)
 
 
 def hf_dict(arch: str, **fields) -> dict:

@@ -21,9 +21,7 @@ import dataclasses
 import importlib
 import os
 import random
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +35,8 @@ if torch.cuda.is_available():
 if "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
+
+from interpreter import rerun_under_interpreter
 
 from tesela.attention.base import AttentionLayout  # noqa: E402
 from tesela.attention.torch_backend import TorchAttentionBackend  # noqa: E402
@@ -63,12 +63,7 @@ def test_in_a_fresh_interpreter_process():
     """Run this module again where TRITON_INTERPRET=1 is set before triton is imported."""
     if INTERPRETED_HERE:
         pytest.skip("the kernel tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
-    repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout
+    rerun_under_interpreter(__file__)
 
 
 SMALL_TILES = TritonAttentionConfig(block_m=16, block_n=16, min_split_len=4, max_kv_splits=4)

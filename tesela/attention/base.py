@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from tesela.attention.policy import GraphSupport
 from tesela.core.forward_batch import ForwardBatch
 from tesela.core.kv_cache import KVCachePool
 from tesela.core.plan import AttentionMetadata, StaleMetadataError
@@ -44,12 +45,24 @@ class AttentionBackend(ABC):
     """One attention implementation over the paged KV pool.
 
     Subclasses implement `plan` (build metadata for a batch on the host side) and `forward`
-    (store the new tokens' K/V in the pool, then attend). Backends that serve FULL decode graphs
-    set `supports_cuda_graph` and implement `init_cuda_graph_state` and `plan_cuda_graph`.
+    (store the new tokens' K/V in the pool, then attend). `cuda_graph_support` declares how much
+    CUDA graph the backend can live in (the same level as its row of the policy table):
+    FULL_DECODE backends implement `init_cuda_graph_state` and `plan_cuda_graph`; ALWAYS
+    backends also `init_mixed_graph_state` and `plan_mixed_graph` (any batch in a FULL graph).
     """
 
     name: ClassVar[str]
-    supports_cuda_graph: ClassVar[bool] = False
+    cuda_graph_support: ClassVar[GraphSupport] = GraphSupport.PIECEWISE
+
+    @property
+    def supports_cuda_graph(self) -> bool:
+        """Can run inside a FULL decode graph."""
+        return self.cuda_graph_support >= GraphSupport.FULL_DECODE
+
+    @property
+    def supports_full_mixed(self) -> bool:
+        """Can run any batch (extend, mixed) inside a FULL graph."""
+        return self.cuda_graph_support >= GraphSupport.ALWAYS
 
     def __init__(self, layout: AttentionLayout, kv_cache: KVCachePool) -> None:
         self.layout = layout
@@ -68,6 +81,20 @@ class AttentionBackend(ABC):
 
     def plan_cuda_graph(self, batch: ForwardBatch) -> AttentionMetadata:
         raise ValueError(f"attention backend {self.name!r} cannot run in FULL decode graphs")
+
+    def init_mixed_graph_state(
+        self, max_rows: int, max_blocks_per_seq: int, max_num_tokens: int
+    ) -> None:
+        raise ValueError(
+            f"attention backend {self.name!r} cannot run extend or mixed batches inside a FULL "
+            f"graph (it declares {self.cuda_graph_support.name}): use piecewise graphs"
+        )
+
+    def plan_mixed_graph(self, batch: ForwardBatch, padded_num_tokens: int) -> AttentionMetadata:
+        raise ValueError(
+            f"attention backend {self.name!r} cannot run extend or mixed batches inside a FULL "
+            f"graph (it declares {self.cuda_graph_support.name}): use piecewise graphs"
+        )
 
     @abstractmethod
     def forward(

@@ -98,6 +98,7 @@ class GraphSupport(enum.IntEnum):
     NONE = 0  # eager only: not even between piecewise graph pieces
     PIECEWISE = 1  # runs eagerly between piecewise graph pieces (static, padded buffers)
     FULL_DECODE = 2  # also inside a FULL decode graph (metadata in persistent buffers)
+    ALWAYS = 3  # inside a FULL graph of any batch: extend and mixed too (fixed launch grids)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ BACKEND_SPECS: Mapping[str, BackendSpec] = {
         BackendSpec(
             name="triton",
             devices=("cuda",),
-            graph_support=GraphSupport.FULL_DECODE,
+            graph_support=GraphSupport.ALWAYS,
             head_dims=(16, 32, 64, 96, 128, 256),
             min_capability=(8, 0),
             package="triton",
@@ -193,6 +194,7 @@ class Check(enum.Enum):
     HEAD_DIM_UNSUPPORTED = "head dim unsupported"
     NO_PIECEWISE_SUPPORT = "no piecewise support"
     NO_FULL_DECODE_SUPPORT = "no full decode support"
+    NO_FULL_MIXED_SUPPORT = "no full mixed support"
 
 
 class Action(enum.Enum):
@@ -201,6 +203,7 @@ class Action(enum.Enum):
     USE_VARIANT = "use variant"
     DISABLE_PIECEWISE = "disable piecewise graphs"
     DISABLE_FULL_DECODE = "disable full decode graphs"
+    DISABLE_FULL_MIXED = "disable full mixed graphs"
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,7 @@ class Rule:
     max_capability: Capability | None = None  # exclusive
     piecewise: bool | None = None
     full_decode: bool | None = None
+    full_mixed: bool | None = None
     warn: bool = True  # False: an expected selection, logged at info
 
 
@@ -278,6 +282,11 @@ RULES: tuple[Rule, ...] = (
     Rule(ANY, "{backend} attention cannot run inside a FULL decode graph ({graph_note}); "
          "decode batches run {decode_path}", Action.DISABLE_FULL_DECODE,
          when=Check.NO_FULL_DECODE_SUPPORT, full_decode=True),
+    Rule(ANY, "no CUDA graphs on CPU; extend and mixed batches run {mixed_path}",
+         Action.DISABLE_FULL_MIXED, device="cpu", full_mixed=True, warn=False),
+    Rule(ANY, "{backend} attention cannot run extend or mixed batches inside a FULL graph "
+         "({graph_note}); they run {mixed_path}", Action.DISABLE_FULL_MIXED,
+         when=Check.NO_FULL_MIXED_SUPPORT, full_mixed=True, warn=False),  # the usual split
     Rule(ANY, "{backend} attention cannot run between piecewise graph pieces ({graph_note}); "
          "extend batches run eagerly", Action.DISABLE_PIECEWISE,
          when=Check.NO_PIECEWISE_SUPPORT, piecewise=True),
@@ -305,6 +314,7 @@ class AttentionDecision:
     reasons: tuple[str, ...]  # one line per decision, kept decisions included
     changes: tuple[str, ...] = ()  # the lines where something differs from the request
     downgrades: tuple[str, ...] = ()  # the changes logged as warnings (the rest: info)
+    full_mixed: bool = False  # FULL graphs for extend and mixed batches
 
     @property
     def name(self) -> str:
@@ -315,7 +325,7 @@ class AttentionDecision:
         on = {True: "on", False: "off"}
         return (
             f"{self.name}, piecewise graphs {on[self.piecewise]}, "
-            f"FULL decode graphs {on[self.full_decode]}"
+            f"FULL decode graphs {on[self.full_decode]}, FULL mixed graphs {on[self.full_mixed]}"
         )
 
 
@@ -364,6 +374,7 @@ class _State:
     variant: str | None
     piecewise: bool
     full_decode: bool
+    full_mixed: bool = False
 
 
 @dataclass(frozen=True)
@@ -391,6 +402,7 @@ def resolve_attention(
     head_dim: int,
     piecewise: bool,
     full_decode: bool,
+    full_mixed: bool = False,
     importable: Callable[[str], bool] = package_importable,
     implemented: Callable[[BackendSpec, str | None], bool] = implemented_here,
     rules: tuple[Rule, ...] = RULES,
@@ -413,7 +425,7 @@ def resolve_attention(
     situation = _Situation(
         device, normalize_dtype(dtype), int(head_dim), importable, specs, implemented
     )
-    state = _State(backend, variant, bool(piecewise), bool(full_decode))
+    state = _State(backend, variant, bool(piecewise), bool(full_decode), bool(full_mixed))
     state, changes = _run_to_fixed_point(state, situation, rules, explicit_variant)
     reasons = [c.line for c in changes] + _kept_lines(state, situation, rules, changes)
     decision = AttentionDecision(
@@ -422,6 +434,7 @@ def resolve_attention(
         variant=state.variant,
         piecewise=state.piecewise,
         full_decode=state.full_decode,
+        full_mixed=state.full_mixed,
         reasons=tuple(reasons),
         changes=tuple(c.line for c in changes),
         downgrades=tuple(c.line for c in changes if c.warn),
@@ -495,6 +508,8 @@ def _matches(rule: Rule, state: _State, situation: _Situation) -> bool:
         return False
     if rule.full_decode is not None and rule.full_decode != state.full_decode:
         return False
+    if rule.full_mixed is not None and rule.full_mixed != state.full_mixed:
+        return False
     if rule.when is Check.ALWAYS:
         return True
     return _check(rule.when, situation.specs[state.backend], situation, state.variant)
@@ -527,6 +542,8 @@ def _check(check: Check, spec: BackendSpec, situation: _Situation, variant: str 
         return spec.graph_support < GraphSupport.PIECEWISE
     if check is Check.NO_FULL_DECODE_SUPPORT:
         return spec.graph_support < GraphSupport.FULL_DECODE
+    if check is Check.NO_FULL_MIXED_SUPPORT:
+        return spec.graph_support < GraphSupport.ALWAYS
     raise AssertionError(f"unhandled check {check}")
 
 
@@ -539,6 +556,8 @@ def _apply(rule: Rule, state: _State, specs: Mapping[str, BackendSpec]) -> _Stat
         return replace(state, piecewise=False)
     if rule.action is Action.DISABLE_FULL_DECODE:
         return replace(state, full_decode=False)
+    if rule.action is Action.DISABLE_FULL_MIXED:
+        return replace(state, full_mixed=False)
     raise AssertionError(f"a KEEP rule changes nothing: {rule}")
 
 
@@ -547,6 +566,7 @@ _LABELS = {
     "variant": "variant",
     "piecewise": "piecewise graphs",
     "full_decode": "FULL decode graphs",
+    "full_mixed": "FULL mixed graphs",
 }
 
 
@@ -577,6 +597,7 @@ def _reason(rule: Rule, state: _State, situation: _Situation) -> str:
         "dtype": situation.dtype,
         "head_dim": situation.head_dim,
         "decode_path": "piecewise" if state.piecewise else "eagerly",
+        "mixed_path": "piecewise" if state.piecewise else "eagerly",
         "install": spec.install if spec else "",
         "devices": ", ".join(spec.devices) if spec else "",
         "dtypes": ", ".join(spec.dtypes) if spec else "",
@@ -601,7 +622,7 @@ def _kept_lines(
     lines += [f"variant {state.variant} kept: {_reason(r, state, situation)}" for r in keep_rules]
     if state.variant is not None and not keep_rules and "variant" not in changed:
         lines.append(f"variant {state.variant} kept: no rule limits it on {situation.device.sm}")
-    for attribute in ("piecewise", "full_decode"):
+    for attribute in ("piecewise", "full_decode", "full_mixed"):
         if attribute not in changed:
             lines.append(_graph_kept_line(_LABELS[attribute], getattr(state, attribute), spec))
     return lines

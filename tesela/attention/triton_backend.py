@@ -16,9 +16,11 @@ before triton is first imported), which is how the CPU tests check them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 try:
@@ -29,7 +31,12 @@ except ImportError as error:  # the registry imports this module only when trito
         "`pip install triton`, or run the torch backend (--attention-backend torch)"
     ) from error
 
-from tesela.attention.base import AttentionBackend, AttentionLayout, AttentionMetadata
+from tesela.attention.base import (
+    AttentionBackend,
+    AttentionLayout,
+    AttentionMetadata,
+    GraphSupport,
+)
 from tesela.attention.triton_kernels import (
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
@@ -44,6 +51,8 @@ from tesela.attention.triton_kernels.extend_attention import (
     extend_attention,
     extend_config,
     kernels_interpreted,
+    max_tiles,
+    tile_table,
 )
 from tesela.attention.triton_kernels.store_kv import store_kv
 from tesela.core.forward_batch import BatchModeError, ForwardBatch, ForwardMode
@@ -85,6 +94,12 @@ class TritonMetadata(AttentionMetadata):
     prefix_lens: torch.Tensor | None = None  # [batch] int32
     extend_start_loc: torch.Tensor | None = None  # [batch] int32
     max_extend_len: int = 1
+    # FULL mixed graphs only: the extend kernel's tile table (grid fixed per captured size).
+    tiles: torch.Tensor | None = None  # [num_tiles, 2] int32 (row, first query); row -1: absent
+    # FULL mixed graphs only: the decode rows (one new token), run by the split-KV decode kernel
+    # through an entry table (row, query token); -1 = absent entry.
+    decode_rows: torch.Tensor | None = None  # [entries] int32
+    decode_tokens: torch.Tensor | None = None  # [entries] int32
     # Decode kernel only: split-KV partial outputs and their log2-sum-exp.
     num_kv_splits: int = 1
     partial_out: torch.Tensor | None = None  # [batch, heads, num_kv_splits, head_dim] fp32
@@ -130,9 +145,67 @@ class DecodeGraphState:
         self.block_tables[n:, 0].fill_(dummy_block)
 
 
+@dataclass
+class MixedGraphState:
+    """Persistent buffers that FULL mixed graphs (any batch: extend, mixed, decode) read,
+    rewritten in place before each replay.
+
+    Everything but the block tables lives in one int32 buffer, so a replay's metadata goes to
+    the device in one copy (built with numpy on the host): per row (R = max_rows) the sequence
+    length, prefix length and first token; the decode entry table (row, query token) of the
+    1-token rows; the tile table, (row, first query) per query block of the other rows. Entries
+    past the batch's hold -1 (absent: no program does anything for them), and rows past the
+    batch's are never read. Every captured size reads the front of the shared tables."""
+
+    max_rows: int
+    max_blocks_per_seq: int
+    meta: torch.Tensor  # [5 * max_rows + 2 * max_tiles] int32 (views below)
+    block_tables: torch.Tensor  # [max_rows, max_blocks_per_seq] int32
+    partial_out: torch.Tensor  # flat fp32 split-KV scratch of the decode entries
+    partial_lse: torch.Tensor  # flat fp32
+
+    def segment(self, index: int) -> torch.Tensor:
+        """0 seq_lens, 1 prefix_lens, 2 extend_start_loc, 3 decode rows, 4 decode tokens."""
+        return self.meta[index * self.max_rows : (index + 1) * self.max_rows]
+
+    def tiles(self, num_tiles: int) -> torch.Tensor:
+        base = 5 * self.max_rows
+        return self.meta[base : base + 2 * num_tiles].view(num_tiles, 2)
+
+    def load(self, batch: ForwardBatch, block_m: int, num_tiles: int, entries: int) -> None:
+        """Copy the batch's rows in; with `entries` > 0 its 1-token rows go to the decode entry
+        table and the other rows' query blocks to the tile table, with 0 every row is tiled."""
+        n, width = batch.batch_size, batch.block_tables.shape[1]
+        if n > self.max_rows or width > self.max_blocks_per_seq:
+            raise ValueError(
+                f"{batch.stamp} has {n} rows of up to {width} blocks, but the FULL mixed graph "
+                f"buffers hold {self.max_rows} rows of {self.max_blocks_per_seq} blocks: run it "
+                "through the piecewise or eager path, or raise max_num_seqs / max_model_len"
+            )
+        rows = self.max_rows
+        extend_lens = np.asarray(batch.extend_lens_cpu, dtype=np.int32)
+        starts = np.cumsum(extend_lens, dtype=np.int32) - extend_lens
+        decode = np.flatnonzero(extend_lens == 1) if entries else np.empty(0, dtype=np.int64)
+        assert len(decode) <= max(entries, 0), "more decode rows than entries"
+        tiled_lens = extend_lens.copy()
+        tiled_lens[decode] = 0  # a decode row gets an entry, not a tile
+        tiles = tile_table(tiled_lens.tolist(), batch.prefix_lens_cpu, block_m)
+        if len(tiles) > 2 * num_tiles:
+            raise ValueError(f"{len(tiles) // 2} query tiles do not fit a table of {num_tiles}")
+        host = np.full(5 * rows + 2 * num_tiles, -1, dtype=np.int32)
+        host[:n] = batch.seq_lens_cpu
+        host[rows : rows + n] = batch.prefix_lens_cpu
+        host[2 * rows : 2 * rows + n] = starts
+        host[3 * rows : 3 * rows + len(decode)] = decode
+        host[4 * rows : 4 * rows + len(decode)] = starts[decode]
+        host[5 * rows : 5 * rows + len(tiles)] = tiles
+        self.meta[: host.shape[0]].copy_(torch.from_numpy(host), non_blocking=True)
+        self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
+
+
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
-    supports_cuda_graph = True
+    cuda_graph_support = GraphSupport.ALWAYS
 
     def __init__(
         self,
@@ -158,6 +231,8 @@ class TritonAttentionBackend(AttentionBackend):
         )
         self.target_programs = _target_programs(layout.device, self.config.programs_per_sm)
         self.graph_state: DecodeGraphState | None = None
+        self.mixed_state: MixedGraphState | None = None
+        self._mixed_templates: dict[tuple[int, bool], tuple] = {}
 
     # Planning ---------------------------------------------------------------------------------
 
@@ -265,6 +340,115 @@ class TritonAttentionBackend(AttentionBackend):
         )
         return metadata
 
+    # FULL mixed graphs ------------------------------------------------------------------------
+
+    def init_mixed_graph_state(
+        self, max_rows: int, max_blocks_per_seq: int, max_num_tokens: int
+    ) -> None:
+        """Allocate the persistent buffers every FULL mixed graph reads."""
+        if min(max_rows, max_blocks_per_seq, max_num_tokens) < 1:
+            raise ValueError(
+                "FULL mixed graph buffers need max_rows, max_blocks_per_seq and "
+                f"max_num_tokens >= 1, got {max_rows}, {max_blocks_per_seq}, {max_num_tokens}"
+            )
+        device, layout = self.layout.device, self.layout
+        tiles = max_tiles(max_num_tokens, max_rows, self._mixed_config(1).block_m)
+        max_context_len = max_blocks_per_seq * self.kv_cache.block_size
+        # Split-KV scratch for the most (entry, split) pairs any captured size launches.
+        pairs = max(
+            e * self.num_kv_splits(e, max_context_len)
+            for e in range(1, min(max_rows, max_num_tokens) + 1)
+        )
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.int32, device=device)
+
+        self._mixed_templates = {}
+        self.mixed_state = MixedGraphState(
+            max_rows=max_rows,
+            max_blocks_per_seq=max_blocks_per_seq,
+            meta=torch.full((5 * max_rows + 2 * tiles,), -1, dtype=torch.int32, device=device),
+            block_tables=torch.zeros(
+                (max_rows, max_blocks_per_seq), dtype=torch.int32, device=device
+            ),
+            partial_out=torch.empty(
+                pairs * layout.num_heads * layout.head_dim, dtype=torch.float32, device=device
+            ),
+            partial_lse=torch.empty(pairs * layout.num_heads, dtype=torch.float32, device=device),
+        )
+
+    def _mixed_config(self, padded_num_tokens: int):
+        # One query tile per captured size: the batch's longest row is at most its size.
+        return extend_config(
+            self.layout.head_dim,
+            self.layout.dtype,
+            padded_num_tokens,
+            block_m=self.config.block_m,
+            block_n=self.config.block_n,
+        )
+
+    def plan_mixed_graph(
+        self, batch: ForwardBatch, padded_num_tokens: int, split_decode: bool = True
+    ) -> TritonMetadata:
+        """Metadata viewing the persistent buffers, after rewriting them with `batch`; its launch
+        values depend only on `padded_num_tokens` (the captured size), `split_decode` and the
+        buffers' limits, so the same call plans the warmup, the capture of each size and every
+        replay. With `split_decode` the 1-token rows run the split-KV decode kernel (one more
+        launch per layer); without, every row is tiled for the extend kernel."""
+        state = self.mixed_state
+        if state is None:
+            raise RuntimeError(
+                "triton attention has no FULL mixed graph buffers: call "
+                "init_mixed_graph_state(max_rows, max_blocks_per_seq, max_num_tokens) first"
+            )
+        if batch.num_tokens > padded_num_tokens:
+            raise ValueError(f"{batch.stamp} does not fit a graph of {padded_num_tokens} tokens")
+        key = (padded_num_tokens, split_decode)
+        graph = self._mixed_templates.get(key) or self._mixed_template(*key)
+        template, block_m, tiles, entries = graph
+        state.load(batch, block_m, tiles, entries)
+        metadata = copy.copy(template)  # the views and launch values of this graph
+        metadata.stamp = batch.stamp
+        return metadata
+
+    def _mixed_template(self, padded_num_tokens: int, split_decode: bool) -> tuple:
+        """The metadata of one FULL mixed graph but its stamp, its query tile, tiles and decode
+        entries (built once per graph: a replay only copies it, so its host cost is the
+        buffers' rewrite)."""
+        state = self.mixed_state
+        block_m = self._mixed_config(padded_num_tokens).block_m
+        num_tiles = max_tiles(padded_num_tokens, state.max_rows, block_m)
+        max_context_len = state.max_blocks_per_seq * self.kv_cache.block_size
+        metadata = TritonMetadata(
+            stamp=None,
+            use_decode_kernel=False,
+            batch_size=state.max_rows,
+            seq_lens=state.segment(0),
+            block_tables=state.block_tables,
+            max_seq_len=max_context_len,
+            prefix_lens=state.segment(1),
+            extend_start_loc=state.segment(2),
+            max_extend_len=padded_num_tokens,
+            tiles=state.tiles(num_tiles),
+        )
+        if split_decode:
+            entries = min(state.max_rows, padded_num_tokens)
+            heads, dim = self.layout.num_heads, self.layout.head_dim
+            splits = self.num_kv_splits(entries, max_context_len)
+            metadata.decode_rows = state.segment(3)[:entries]
+            metadata.decode_tokens = state.segment(4)[:entries]
+            metadata.num_kv_splits = splits
+            metadata.partial_out = state.partial_out[: entries * heads * splits * dim].view(
+                entries, heads, splits, dim
+            )
+            metadata.partial_lse = state.partial_lse[: entries * heads * splits].view(
+                entries, heads, splits
+            )
+        entries = 0 if metadata.decode_rows is None else metadata.decode_rows.shape[0]
+        graph = (metadata, block_m, num_tiles, entries)
+        self._mixed_templates[padded_num_tokens, split_decode] = graph
+        return graph
+
     # Forward ----------------------------------------------------------------------------------
 
     def forward(self, q, k, v, out, layer_id, batch, metadata: TritonMetadata) -> None:
@@ -320,7 +504,25 @@ class TritonAttentionBackend(AttentionBackend):
             shape=shape,
             max_extend_len=metadata.max_extend_len,
             config=config,
+            tiles=metadata.tiles,
         )
+        if metadata.decode_rows is not None:
+            decode_attention(
+                q,
+                out,
+                k_pool,
+                v_pool,
+                metadata.block_tables,
+                metadata.seq_lens,
+                metadata.partial_out,
+                metadata.partial_lse,
+                shape=self.shape,
+                num_kv_splits=metadata.num_kv_splits,
+                min_split_len=self.config.min_split_len,
+                config=self.decode_config,
+                entry_rows=metadata.decode_rows,
+                entry_tokens=metadata.decode_tokens,
+            )
 
 
 def _target_programs(device: torch.device, programs_per_sm: int) -> int:

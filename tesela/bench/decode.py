@@ -29,8 +29,15 @@ from tesela.bench.common import (
     weight_nbytes,
     write_json,
 )
-from tesela.bench.prefill import fitting_counts
+from tesela.bench.prefill import (
+    default_device,
+    fitting_counts,
+    format_tensor_parallel,
+    tensor_parallel_results,
+)
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.distributed.launch import run_spmd
+from tesela.distributed.sharding import Section
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
 from tesela.models.step_bytes import decode_step_weight_bytes, record_routed_experts
@@ -49,9 +56,18 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         "weights leave less of the GPU: see kv_budget_gib)",
     )
     add_output_argument(parser, "the JSON")
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) to split the model over"
+    )
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    """Every tensor-parallel rank runs the same batches (tesela/distributed/launch.py)."""
+    device = args.device if args.device != "auto" else default_device()
+    return run_spmd(_run_decode, args.tensor_parallel_size, device, args)
+
+
+def _run_decode(tp, args: argparse.Namespace) -> int:
     batch_sizes = int_list(args.batch_sizes, "--batch-sizes")
     probe, _ = make_engine_config(args.model, dtype=args.dtype, device=args.device)
     # A context needs its tokens plus a margin of positions (max_model_len = context + 16).
@@ -60,7 +76,10 @@ def run_decode(args: argparse.Namespace) -> int:
         probe.model_config.max_position_embeddings - 16,
         "context",
     )
-    per_token = kv_bytes_per_token(probe)
+    # This rank's share of the KV cache (KV heads split, or replicated past their count).
+    kv_heads = probe.model_config.num_key_value_heads
+    local_kv_heads = Section(kv_heads).rank_units(tp.rank, tp.size)[1]
+    per_token = kv_bytes_per_token(probe) * local_kv_heads // kv_heads
     budget_gib = args.kv_budget_gib or kv_budget_gib(probe)
     fits = [
         (b, c) for b in batch_sizes for c in contexts if b * c * per_token <= budget_gib * 2**30
@@ -74,8 +93,9 @@ def run_decode(args: argparse.Namespace) -> int:
         max_num_seqs=max(batch_sizes),
         max_model_len=max(contexts) + 16,
         capture_sizes=batch_sizes,
+        tensor_parallel_size=tp.size,
     )
-    runner = ModelRunner(config, path)
+    runner = ModelRunner(config, path, tp)
     for k, v in zip(runner.kv_cache.k_buffers, runner.kv_cache.v_buffers, strict=True):
         k.normal_()
         v.normal_()
@@ -93,8 +113,12 @@ def run_decode(args: argparse.Namespace) -> int:
     }
     for b, c in fits:
         results["rows"].append(measure_row(runner, b, c, per_token, bandwidth, args.repeat))
-    write_outputs_decode(results, Path(args.output_dir))
-    print(format_decode_table(results))
+    reports = [r for r in (runner.full_decode, runner.piecewise) if r is not None]
+    graph_gib = {r.name: r.report().graph_memory_gib for r in reports}
+    results.update(tensor_parallel_results(tp, runner, batch_sizes, graph_gib))
+    if tp.rank == 0:
+        write_outputs_decode(results, Path(args.output_dir))
+        print(format_decode_table(results))
     return 0
 
 
@@ -279,7 +303,9 @@ def write_outputs_decode(results: dict, output_dir: Path) -> None:
         ):
             if f"{column}_ms" in row:
                 flat["latency_ms"][f"{column}/{key}"] = row[f"{column}_ms"]
-    write_json(flat, output_dir, f"decode-{results['model']}")
+    size = results["tensor_parallel_size"]
+    suffix = f"-tp{size}" if size > 1 else ""
+    write_json(flat, output_dir, f"decode-{results['model']}{suffix}")
 
 
 def format_decode_table(results: dict) -> str:
@@ -309,4 +335,5 @@ def format_decode_table(results: dict) -> str:
     if results["skipped"]:
         lines.append(f"skipped (KV over budget): {results['skipped']}")
     lines += [f"note: {note}" for note in results.get("notes", [])]
+    lines += format_tensor_parallel(results)
     return "\n".join(lines)

@@ -1,8 +1,11 @@
-"""`tesela bench prefill`: one-request prefill latency by graph mode (shared/BENCH.md).
+"""`tesela bench prefill`: one-request prefill latency by graph mode (docs/bench-results.md).
 
-One model is loaded once; every mode runs over it: eager, torch.compile (default and
-reduce-overhead), piecewise breakable, piecewise compiled (eager and inductor pieces), and a
-full graph captured at each exact size (the launch-free floor for the same kernels). Latency is
+One model is loaded once; every strategy runs over it: eager, torch.compile (default and
+reduce-overhead), piecewise breakable, piecewise compiled (eager and inductor pieces), FULL mixed
+graphs (the ladder's padded sizes, attention inside, tesela/executor/full_mixed.py) and a full
+graph captured at each exact size (the launch-free floor for the same kernels). Besides the
+one-request prefills, a mixed step (`--mixed`: decode rows plus one prefill chunk) runs through
+every column. Latency is
 host-visible (launch to synchronized result), median of repeated runs after warmup; the logits
 of each column are compared with eager. Writes JSON + PNG and prints a table last.
 """
@@ -10,10 +13,10 @@ of each column are compared with eager. Writes JSON + PNG and prints a table las
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,16 +27,17 @@ from tesela.bench.common import (
     add_output_argument,
     copy_bandwidth,
     device_name,
-    host_samples_ms,
     int_list,
     pyplot,
     save_figure,
+    sync,
     weight_nbytes,
     write_json,
 )
 from tesela.config import default_capture_sizes
 from tesela.core.forward_batch import ForwardBatch
 from tesela.core.forward_context import forward_context
+from tesela.distributed.launch import all_reduce_latency_us, run_spmd
 from tesela.engine.llm_engine import make_engine_config, resolve_model
 from tesela.executor.graphs import graph_factory_for
 from tesela.executor.model_runner import ModelRunner
@@ -47,8 +51,10 @@ COLUMNS = (
     "breakable",
     "compiled-eager",
     "compiled-inductor",
+    "full-mixed",
     "full-graph",
 )
+MIXED_KEY = "mixed"
 
 
 # Columns that capture CUDA graphs, and columns that build with inductor (C++ on a CPU: slow
@@ -99,9 +105,42 @@ def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=30, help="timed runs per cell")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs per cell first")
     add_output_argument(parser)
+    parser.add_argument(
+        "--mixed",
+        default="31x512+512",
+        help="the mixed step: DECODE_ROWSxCONTEXT+CHUNK (decode rows with CONTEXT cached tokens "
+        "each, plus one first prefill chunk of CHUNK tokens); 'none' to skip",
+    )
+    parser.add_argument(
+        "--max-rows", type=int, default=256, help="rows a FULL mixed graph holds (max_num_seqs)"
+    )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) to split the model over"
+    )
+
+
+def parse_mixed(text: str) -> tuple[int, int, int] | None:
+    """'31x512+512' -> (31 decode rows, 512 cached tokens each, a 512-token chunk)."""
+    if text == "none":
+        return None
+    try:
+        rows, rest = text.split("x")
+        context, chunk = rest.split("+")
+        return int(rows), int(context), int(chunk)
+    except ValueError:
+        raise ValueError(
+            f"--mixed takes ROWSxCONTEXT+CHUNK (e.g. 31x512+512), got {text!r}"
+        ) from None
 
 
 def run_prefill(args: argparse.Namespace) -> int:
+    """Every tensor-parallel rank runs the same columns and batches
+    (tesela/distributed/launch.py); rank 0 reports."""
+    device = args.device if args.device != "auto" else default_device()
+    return run_spmd(_run_prefill, args.tensor_parallel_size, device, args)
+
+
+def _run_prefill(tp, args: argparse.Namespace) -> int:
     model_config, _ = resolve_model(args.model)
     counts, notes = fitting_counts(
         int_list(args.num_tokens, "--num-tokens"),
@@ -114,24 +153,65 @@ def run_prefill(args: argparse.Namespace) -> int:
         raise ValueError(
             f"unknown column(s) {', '.join(unknown)}: choose from {', '.join(COLUMNS)}"
         )
+    mixed = parse_mixed(args.mixed)
+    mixed_tokens = 0 if mixed is None else mixed[0] * (mixed[1] + 16) + mixed[2]
     config, path = make_engine_config(
         args.model,
         dtype=args.dtype,
         device=args.device,
         disable_cudagraph=True,
         attention_backend=args.attention_backend,
-        num_kv_tokens=max(counts) + 64,
+        num_kv_tokens=max(counts) + 64 + mixed_tokens,
         max_num_batched_tokens=max(counts),
+        max_num_seqs=args.max_rows,
+        tensor_parallel_size=tp.size,
     )
-    runner = ModelRunner(config, path)
+    runner = ModelRunner(config, path, tp)
     columns, skipped = runnable_columns(requested, runner.device)
-    bench = PrefillBench(runner, counts, args.repeat, args.warmup)
+    bench = PrefillBench(runner, counts, args.repeat, args.warmup, mixed)
     results = bench.run(columns)
     results["notes"] = notes + skipped
-    suffix = "" if requested == list(COLUMNS) else "-" + "-".join(requested)
-    write_outputs(results, Path(args.output_dir), f"prefill-{args.model}{suffix}")
-    print(format_table(results))
+    graph_gib = {c: b.get("graph_gib") for c, b in results["build"].items()}
+    results.update(tensor_parallel_results(tp, runner, counts, graph_gib))
+    if tp.rank == 0:
+        suffix = "" if requested == list(COLUMNS) else "-" + "-".join(requested)
+        suffix += f"-tp{tp.size}" if tp.size > 1 else ""
+        write_outputs(results, Path(args.output_dir), f"prefill-{args.model}{suffix}")
+        print(format_table(results))
     return 0
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tensor_parallel_results(tp, runner, token_counts: list[int], graph_gib) -> dict:
+    """The all-reduce cost per layer (two per layer: after attention and after the MLP) at each
+    token count, and every rank's graph memory."""
+    if tp.size == 1:
+        return {"tensor_parallel_size": 1}
+    hidden = runner.config.model_config.hidden_size
+    return {
+        "tensor_parallel_size": tp.size,
+        "all_reduce_us_per_layer": {
+            str(n): 2 * all_reduce_latency_us(tp, (n, hidden), runner.dtype, runner.device)
+            for n in token_counts
+        },
+        "graph_gib_per_rank": tp.all_gather_object(graph_gib),
+    }
+
+
+def format_tensor_parallel(results: dict) -> list[str]:
+    if results.get("tensor_parallel_size", 1) == 1:
+        return []
+    per_layer = ", ".join(
+        f"n={n}: {us:.1f}" for n, us in results["all_reduce_us_per_layer"].items()
+    )
+    return [
+        f"tensor parallel size {results['tensor_parallel_size']}; all-reduce us per layer "
+        f"(2 per layer, captured in a CUDA graph on GPUs): {per_layer}",
+        f"graph memory per rank (GiB): {results['graph_gib_per_rank']}",
+    ]
 
 
 def merge_results(paths: list[Path]) -> dict:
@@ -145,8 +225,8 @@ def merge_results(paths: list[Path]) -> dict:
             continue
         if (part["model"], part["device"]) != (merged["model"], merged["device"]):
             raise ValueError(f"{path} is another model or card than {paths[0]}")
-        for key in ("latency_ms", "spread_ms", "max_abs_err", "build"):
-            merged[key].update(part[key])
+        for key in ("latency_ms", "launch_ms", "spread_ms", "max_abs_err", "build"):
+            merged.setdefault(key, {}).update(part.get(key, {}))
     return merged
 
 
@@ -163,9 +243,17 @@ def main_merge(argv: list[str]) -> int:
 
 
 class PrefillBench:
-    def __init__(self, runner, counts: list[int], repeat: int, warmup: int) -> None:
+    def __init__(
+        self,
+        runner,
+        counts: list[int],
+        repeat: int,
+        warmup: int,
+        mixed: tuple[int, int, int] | None = None,
+    ) -> None:
         self.runner = runner
         self.counts = counts
+        self.mixed = mixed
         self.repeat = repeat
         self.warmup = warmup
         self.device = runner.device
@@ -175,13 +263,26 @@ class PrefillBench:
             "dtype": runner.config.dtype,
             "attention_backend": runner.config.attention_backend,
             "num_tokens": counts,
+            "mixed": mixed,
             "latency_ms": {},
+            "launch_ms": {},
             "spread_ms": {},
             "max_abs_err": {},
             "build": {},
         }
 
-    def batch(self, n: int) -> ForwardBatch:
+    @property
+    def workloads(self) -> list:
+        return self.counts + ([MIXED_KEY] if self.mixed else [])
+
+    @property
+    def max_num_tokens(self) -> int:
+        mixed = self.mixed[0] + self.mixed[2] if self.mixed else 0
+        return max(*self.counts, mixed)
+
+    def batch(self, n: int | str) -> ForwardBatch:
+        if n == MIXED_KEY:
+            return self.mixed_batch()
         generator = torch.Generator().manual_seed(n)
         tokens = torch.randint(
             0, self.runner.config.model_config.vocab_size, (n,), generator=generator
@@ -195,17 +296,53 @@ class PrefillBench:
             device=self.device,
         )
 
-    def time(
-        self, fn: Callable[[ForwardBatch], torch.Tensor], n: int
-    ) -> tuple[list[float], torch.Tensor]:
-        samples, out = host_samples_ms(
-            fn, functools.partial(self.batch, n), self.device, self.repeat, self.warmup
+    def mixed_batch(self) -> ForwardBatch:
+        """Decode rows over cached contexts (random K/V, see `run`) plus one first chunk."""
+        rows, context, chunk = self.mixed
+        block_size = self.runner.kv_cache.block_size
+        vocab = self.runner.config.model_config.vocab_size
+        generator = torch.Generator().manual_seed(rows * context + chunk)
+        lengths = [(context, 1)] * rows + [(0, chunk)]
+        tables, next_block = [], 1
+        for prefix, n in lengths:
+            blocks = -(-(prefix + n) // block_size)
+            tables.append(list(range(next_block, next_block + blocks)))
+            next_block += blocks
+        return ForwardBatch.build(
+            token_ids=[
+                torch.randint(0, vocab, (n,), generator=generator).tolist() for _, n in lengths
+            ],
+            prefix_lens=[p for p, _ in lengths],
+            block_tables=tables,
+            block_size=block_size,
+            device=self.device,
         )
+
+    def time(
+        self, fn: Callable[[ForwardBatch], torch.Tensor], n: int | str
+    ) -> tuple[list[float], list[float], torch.Tensor]:
+        """Host-visible ms per run, and host ms until `fn` returned (launch side, before the
+        sync: the host work of planning, copies and replay launches, GPU work overlapping)."""
+        batch = self.batch(n)
+        for _ in range(self.warmup):
+            out = fn(batch)
+        sync(self.device)
+        samples, launches = [], []
+        for _ in range(self.repeat):
+            batch = self.batch(n)
+            start = time.perf_counter()
+            out = fn(batch)
+            launched = time.perf_counter()
+            sync(self.device)
+            samples.append((time.perf_counter() - start) * 1e3)
+            launches.append((launched - start) * 1e3)
         logits = self.runner.compute_logits(out[-1:].clone())
-        return samples, logits
+        return samples, launches, logits
 
     def run(self, columns: list[str]) -> dict:
         self.results["hbm_floor_ms"] = self.hbm_floor_ms()
+        for pool in (*self.runner.kv_cache.k_buffers, *self.runner.kv_cache.v_buffers):
+            pool.normal_()  # decode rows of the mixed step attend over random contexts
         reference = {}
         for column in columns:
             try:
@@ -213,11 +350,12 @@ class PrefillBench:
             except Exception as error:  # a column that cannot build is reported, not fatal
                 self.results["build"][column] = {"error": f"{type(error).__name__}: {error}"}
                 continue
-            for n in self.counts:
+            for n in self.workloads:
                 print(f"bench prefill: {column} n={n}", file=sys.stderr, flush=True)
-                samples, logits = self.time(fn, n)
+                samples, launches, logits = self.time(fn, n)
                 key = f"{column}/{n}"
                 self.results["latency_ms"][key] = statistics.median(samples)
+                self.results["launch_ms"][key] = statistics.median(launches)
                 self.results["spread_ms"][key] = (min(samples), max(samples))
                 if column == "eager":
                     reference[n] = logits
@@ -237,6 +375,8 @@ class PrefillBench:
             return self._with_context(lambda b: compiled(b.input_ids, b.positions))
         if column == "full-graph":
             return FullGraphs(runner)
+        if column == "full-mixed":
+            return self._full_mixed()
         mode, compiler = {
             "breakable": ("breakable", "eager"),
             "compiled-eager": ("compiled", "eager"),
@@ -257,7 +397,7 @@ class PrefillBench:
         collaborators = dict(
             model=runner.model,
             planner=runner.planner,
-            capture_sizes=default_capture_sizes(max(self.counts)),
+            capture_sizes=default_capture_sizes(self.max_num_tokens),
             block_size=runner.kv_cache.block_size,
             graphs=graph_factory_for(runner.device),
         )
@@ -273,6 +413,22 @@ class PrefillBench:
             "pieces": report.segments_per_size,
         }
         return piecewise.run
+
+    def _full_mixed(self):
+        runner = self.runner
+        full = runner.add_full_mixed(
+            default_capture_sizes(self.max_num_tokens),
+            runner.config.scheduler.max_num_seqs,
+            runner.config.scheduler.max_model_len,
+        )
+        report = full.report()
+        self.results["build"]["full-mixed"] = {
+            "seconds": report.seconds,
+            "graph_gib": report.graph_memory_gib,
+            "sizes": len(report.sizes),
+            "max_rows": full.max_rows,
+        }
+        return full.run
 
     def hbm_floor_ms(self) -> float | None:
         if self.device.type != "cuda":
@@ -349,22 +505,40 @@ def format_table(results: dict) -> str:
         f"prefill {results['model']} ({results['dtype']}, attention "
         f"{results['attention_backend']}) on {results['device']}: median ms"
     ]
-    lines.append("| n | " + " | ".join(columns) + " | breakable/full | eager/breakable |")
-    lines.append("|---" * (len(columns) + 3) + "|")
-    for n in results["num_tokens"]:
-        row = [f"{latency.get(f'{c}/{n}', float('nan')):.3f}" for c in columns]
-        ratio = latency.get(f"breakable/{n}", float("nan")) / latency.get(
-            f"full-graph/{n}", float("nan")
-        )
-        speedup = latency.get(f"eager/{n}", float("nan")) / latency.get(
-            f"breakable/{n}", float("nan")
-        )
-        lines.append(f"| {n} | " + " | ".join(row) + f" | {ratio:.3f} | {speedup:.2f} |")
+    # (label, numerator column, denominator column)
+    ratios = (
+        ("breakable/full", "breakable", "full-graph"),
+        ("full-mixed/full", "full-mixed", "full-graph"),
+        ("eager/breakable", "eager", "breakable"),
+    )
+    lines.append("| n | " + " | ".join(columns + [r[0] for r in ratios]) + " |")
+    lines.append("|---" * (len(columns) + len(ratios) + 1) + "|")
+    workloads = list(results["num_tokens"]) + ([MIXED_KEY] if results.get("mixed") else [])
+    nan = float("nan")
+    for n in workloads:
+        row = [f"{latency.get(f'{c}/{n}', nan):.3f}" for c in columns]
+        for _, top, bottom in ratios:
+            row.append(f"{latency.get(f'{top}/{n}', nan) / latency.get(f'{bottom}/{n}', nan):.3f}")
+        label = n if n != MIXED_KEY else "mixed {}x{}+{}".format(*results["mixed"])
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
     if results.get("hbm_floor_ms"):
         lines.append(
             f"HBM floor (weights {results['weight_gib']:.2f} GiB at "
             f"{results['copy_bandwidth_gbs']:.0f} GB/s): {results['hbm_floor_ms']:.3f} ms"
         )
+    launch = results.get("launch_ms", {})
+    for column in ("breakable", "full-mixed"):
+        pieces = results["build"].get(column, {}).get("pieces", 2)
+        # A breakable replay of P segments makes P - 1 split calls.
+        splits = max(pieces - 1, 1) if column == "breakable" else 1
+        per = [
+            f"n={n} {launch[f'{column}/{n}'] * 1e3:.0f} us"
+            + (f" ({launch[f'{column}/{n}'] * 1e3 / splits:.1f} us/split)" if splits > 1 else "")
+            for n in workloads
+            if f"{column}/{n}" in launch
+        ]
+        if per:
+            lines.append(f"host launch time {column}: " + ", ".join(per))
     for column, build in results["build"].items():
         lines.append(f"build {column}: {build}")
     lines += [f"note: {note}" for note in results.get("notes", [])]
@@ -376,6 +550,7 @@ def format_table(results: dict) -> str:
             if c != "eager"
         }
         lines.append("max |logits - eager|: " + ", ".join(f"{c} {v:.2e}" for c, v in worst.items()))
+    lines += format_tensor_parallel(results)
     return "\n".join(lines)
 
 

@@ -61,6 +61,7 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     prefix_lens_cpu: list[int]
     request_ids: list[str] = field(default_factory=list)
+    lora_ids: list[int] = field(default_factory=list)  # per row; 0 (or empty): the base model
     return_input_logprobs: bool = False
     batch_id: int = field(default_factory=lambda: next(_batch_ids))
 
@@ -104,7 +105,9 @@ class ForwardBatch:
         request_ids: list[str] | None = None,
         mode: ForwardMode | None = None,
         return_input_logprobs: bool = False,
+        lora_ids: list[int] | None = None,
         input_logprob_rows: list[int] = (),
+        batch_id: int | None = None,
     ) -> ForwardBatch:
         """Build a batch from host lists: the new tokens of each row, its prefix length in the
         cache and its block table. `logits_rows` lists the rows that sample (their last token's
@@ -149,7 +152,44 @@ class ForwardBatch:
             seq_lens_cpu=seq_lens,
             prefix_lens_cpu=list(prefix_lens),
             request_ids=list(request_ids or []),
+            lora_ids=list(lora_ids or []),
             return_input_logprobs=return_input_logprobs or bool(input_logprob_rows),
+            batch_id=next(_batch_ids) if batch_id is None else batch_id,
+        )
+
+
+@dataclass(frozen=True)
+class BatchInputs:
+    """A batch as the scheduler decided it, in host lists: cheap to send to other tensor-
+    parallel ranks, each of which builds the identical ForwardBatch (same batch id, hence the
+    same stamp) on its own device with `build`."""
+
+    token_ids: list[list[int]]
+    prefix_lens: list[int]
+    block_tables: list[list[int]]
+    block_size: int
+    logits_rows: list[int] | None = None
+    request_ids: list[str] | None = None
+    mode: ForwardMode | None = None
+    return_input_logprobs: bool = False
+    input_logprob_rows: tuple[int, ...] = ()
+    lora_ids: list[int] | None = None  # per row; 0 (or None): the base model
+    batch_id: int = field(default_factory=lambda: next(_batch_ids))
+
+    def build(self, device: torch.device | str) -> ForwardBatch:
+        return ForwardBatch.build(
+            token_ids=self.token_ids,
+            prefix_lens=self.prefix_lens,
+            block_tables=self.block_tables,
+            block_size=self.block_size,
+            device=device,
+            logits_rows=self.logits_rows,
+            request_ids=self.request_ids,
+            mode=self.mode,
+            return_input_logprobs=self.return_input_logprobs,
+            input_logprob_rows=self.input_logprob_rows,
+            lora_ids=self.lora_ids,
+            batch_id=self.batch_id,
         )
 
 

@@ -28,10 +28,15 @@ class AttentionMetadata:
 
 
 class PlanPart(Protocol):
-    """A batch-dependent part of a plan (attention metadata, later LoRA segments, collective
-    state): anything stamped with the batch it was planned for."""
+    """A batch-dependent part of a plan (LoRA segments, collective state): stamped with the batch
+    it was planned for. A part whose device state lives in persistent buffers (what captured
+    graphs read) also says whether those buffers still hold its batch: a later plan rewrites
+    them, and replaying an older plan would read another batch's state."""
 
     stamp: BatchStamp
+
+    def check_current(self, where: str) -> None:
+        """Raise StaleMetadataError if the persistent buffers now hold another batch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +46,7 @@ class ForwardPlan:
 
     stamp: BatchStamp
     attn_metadata: AttentionMetadata
-    lora: PlanPart | None = None  # multi-LoRA: per-token adapter segments (not built yet)
+    lora: PlanPart | None = None  # multi-LoRA: segments (tesela/lora/manager.py)
     collective: PlanPart | None = None  # tensor parallelism: per-batch collective state
 
     def __post_init__(self) -> None:
@@ -62,3 +67,5 @@ class ForwardPlan:
                 "(warmup, each capture size, each replay) with planner.plan(batch) for the "
                 "batch being run"
             )
+        if self.lora is not None:
+            self.lora.check_current(where)

@@ -9,6 +9,7 @@ from tqdm import tqdm
 from tesela.engine.llm_engine import LLMEngine, RequestOutput, make_engine_config
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine_args import EngineArgs
+from tesela.lora.request import LoRARequest
 from tesela.presets import DEFAULT_MODEL
 
 
@@ -29,6 +30,10 @@ class LLM:
         config, path = make_engine_config(args)
         self.engine = LLMEngine(config, path, tokenizer)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (also done at interpreter exit)."""
+        self.engine.shutdown()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer
@@ -41,9 +46,11 @@ class LLM:
         use_tqdm: bool = False,
         cache_salt: str | None = None,
         lora_id: str | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt. Cached prefixes are shared only among requests with the
-        same `cache_salt` and `lora_id` (see `LLMEngine.add_request`)."""
+        """Generate for every prompt. `lora_request` is one adapter for all prompts or one per
+        prompt (None: the base model). Cached prefixes are shared only among requests with the
+        same `cache_salt`, `lora_id` namespace and adapter (see `LLMEngine.add_request`)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -51,11 +58,21 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        # Validate every prompt before queueing any, so a bad one leaves nothing half-done.
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_request = [lora_request] * len(prompts)
+        if len(lora_request) != len(prompts):
+            raise ValueError(f"got {len(lora_request)} LoRA requests for {len(prompts)} prompts")
+        # Validate every prompt and adapter before queueing any, so a bad one leaves nothing
+        # half-done.
         token_prompts = [self._tokens(p) for p in prompts]
+        for lora in lora_request:
+            if lora is not None:
+                self.engine.add_lora(lora)
         ids = [
-            self.engine.add_request(p, sp, cache_salt=cache_salt, lora_id=lora_id)
-            for p, sp in zip(token_prompts, params, strict=True)
+            self.engine.add_request(
+                p, sp, cache_salt=cache_salt, lora_id=lora_id, lora_request=lora
+            )
+            for p, sp, lora in zip(token_prompts, params, lora_request, strict=True)
         ]
         results: dict[str, RequestOutput] = {}
         budget = {i: sp.max_tokens for i, sp in zip(ids, params, strict=True)}

@@ -29,13 +29,16 @@ from tesela.config import (
     CacheConfig,
     EngineConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     normalize_dtype,
     read_generation_config,
     resolve_graph_config,
+    resolve_lora_config,
 )
-from tesela.core.forward_batch import ForwardBatch, to_device
+from tesela.core.forward_batch import BatchInputs, to_device
 from tesela.core.kv_cache import RESERVED_BLOCKS
+from tesela.distributed.sharding import check_tp_shapes
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.detokenizer import IncrementalDetokenizer
 from tesela.engine.request import Request, TokenLogprobs
@@ -43,8 +46,9 @@ from tesela.engine.sampler import Sampler, SamplingHistory, read_back
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
 from tesela.engine_args import EngineArgs
-from tesela.executor.model_runner import ModelRunner
+from tesela.executor.model_runner import FeedInputIds, ModelRunner
 from tesela.executor.sampling import SampleOutput, variant_for
+from tesela.lora.request import LoRARequest
 from tesela.models.registry import check_architecture
 from tesela.presets import DEFAULT_MODEL, PRESETS
 from tesela.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -100,6 +104,18 @@ def make_engine_config(
     the device, the dtype, the graph modes the attention backend can serve."""
     args = model if isinstance(model, EngineArgs) else EngineArgs.from_kwargs(model, **kwargs)
     model_config, path = resolve_model(args.model)
+    check_tp_shapes(
+        num_attention_heads=model_config.num_attention_heads,
+        num_key_value_heads=model_config.num_key_value_heads,
+        intermediate_size=model_config.intermediate_size,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
+    if args.enable_lora and args.tensor_parallel_size > 1:
+        raise ValueError(
+            "LoRA adapters are not sharded over tensor-parallel ranks yet: serve adapters with "
+            "tensor_parallel_size=1, or the base model alone at tensor_parallel_size="
+            f"{args.tensor_parallel_size}"
+        )
     load_format = args.load_format
     if path is None and load_format == "auto":
         load_format = "dummy"  # presets have no weights
@@ -122,6 +138,7 @@ def make_engine_config(
         max_capture_tokens=args.max_capture_tokens,
         disable_cudagraph=args.disable_cudagraph,
         verify_cudagraphs=args.verify_cudagraphs,
+        full_mixed=args.full_mixed,
         scheduler=scheduler,
     )
     attention_backend, graph = _resolve_attention(
@@ -145,17 +162,46 @@ def make_engine_config(
         graph=graph,
         tokenizer=args.tokenizer,
         sampling_defaults=read_generation_config(args.generation_config, path),
-        overlap_schedule=_overlap_schedule(args.overlap_schedule, on_cuda),
+        lora=resolve_lora_config(
+            enable_lora=args.enable_lora,
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
+            max_cpu_loras=args.max_cpu_loras,
+            backend=args.lora_backend,
+            on_cuda=on_cuda,
+        ),
+        parallel=ParallelConfig(args.tensor_parallel_size, args.distributed_timeout_s),
+        overlap_schedule=_overlap_schedule(
+            args.overlap_schedule, on_cuda, args.tensor_parallel_size
+        ),
     )
     return config, path
 
 
-def _overlap_schedule(value: str | bool | None, on_cuda: bool) -> bool:
-    """auto: on for CUDA (the host work hides behind the GPU), off on CPU (nothing to hide)."""
-    choices = {"auto": on_cuda, None: on_cuda, "on": True, True: True, "off": False, False: False}
+def _overlap_schedule(value: str | bool | None, on_cuda: bool, tensor_parallel_size: int) -> bool:
+    """auto: on for CUDA at TP=1 (the host work hides behind the GPU); off on CPU, where every
+    op runs on the host (nothing to hide), and under tensor parallelism, whose driver sends
+    each batch's host ids to the workers and waits for the step (tesela/executor/multiproc.py)."""
+    choices = {"auto": None, None: None, "on": True, True: True, "off": False, False: False}
     if value not in choices:
         raise ValueError(f"overlap_schedule must be auto, on or off, got {value!r}")
-    return choices[value]
+    chosen = choices[value]
+    if tensor_parallel_size > 1:
+        if chosen:
+            raise ValueError(
+                "overlap_schedule='on' is not supported with tensor_parallel_size="
+                f"{tensor_parallel_size}: the workers need every input id on the host. Use "
+                "overlap_schedule='off' or 'auto' (--overlap-schedule off|auto), or "
+                "tensor_parallel_size=1"
+            )
+        if chosen is None and on_cuda:
+            logger.info(
+                "overlap scheduling is off: tensor_parallel_size=%d sends host ids to the "
+                "workers and waits for each step",
+                tensor_parallel_size,
+            )
+        return False
+    return on_cuda if chosen is None else chosen
 
 
 def _scheduler_config(args: EngineArgs, model_config: ModelConfig) -> SchedulerConfig:
@@ -182,7 +228,10 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
         head_dim=head_dim,
         piecewise=graph.piecewise_enabled,
         full_decode=graph.full_decode,
+        full_mixed=graph.full_mixed,
     )
+    if graph.full_mixed and not decision.full_mixed:
+        graph = dataclasses.replace(graph, full_mixed=False)
     if graph.full_decode and not decision.full_decode:
         graph = dataclasses.replace(graph, full_decode=False, decode_batch_sizes=())
     if graph.piecewise_enabled and not decision.piecewise:
@@ -248,12 +297,22 @@ def fit_max_model_len(config: EngineConfig, block_manager: BlockManager) -> Engi
     return config.replace(scheduler=scheduler)
 
 
+def _make_runner(config: EngineConfig, model_path: str | None):
+    """One ModelRunner in this process, or rank 0 of a tensor-parallel group whose other ranks
+    run in worker processes (tesela/executor/multiproc.py)."""
+    if config.parallel.tensor_parallel_size > 1:
+        from tesela.executor.multiproc import TensorParallelRunner
+
+        return TensorParallelRunner(config, model_path)
+    return ModelRunner(config, model_path)
+
+
 class LLMEngine:
     def __init__(
         self, config: EngineConfig, model_path: str | None, tokenizer: Tokenizer | None = None
     ) -> None:
         self.config = config
-        self.runner = ModelRunner(config, model_path)
+        self.runner = _make_runner(config, model_path)
         tokenizer_path = config.tokenizer or model_path
         self.tokenizer = tokenizer or (
             load_tokenizer(tokenizer_path, config.model_config.eos_token_ids)
@@ -270,7 +329,9 @@ class LLMEngine:
             enable_prefix_caching=config.cache.enable_prefix_caching,
         )
         self.config = config = fit_max_model_len(config, self.block_manager)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(
+            config.scheduler, self.block_manager, max_loras=config.lora.max_loras
+        )
         self.sampler = Sampler(self.runner.device, config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
@@ -287,10 +348,13 @@ class LLMEngine:
         *,
         cache_salt: str | None = None,
         lora_id: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Queue a request. Requests share cached prefixes only when their `cache_salt` and
-        `lora_id` (the adapter, or any namespace) are equal."""
+        `lora_id` (any namespace) and adapter (`lora_request`, which also serves the request)
+        are equal."""
         params = params or SamplingParams()
+        lora_int_id = self.add_lora(lora_request) if lora_request is not None else 0
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise ValueError("the prompt is empty: give a non-empty prompt")
@@ -310,6 +374,7 @@ class LLMEngine:
             params,
             eos_token_ids=self.eos_token_ids,
             lora_id=lora_id,
+            lora_int_id=lora_int_id,
             cache_salt=cache_salt,
         )
         self.scheduler.add(request)
@@ -321,6 +386,30 @@ class LLMEngine:
             include_stop_str_in_output=params.include_stop_str_in_output,
         )
         return request_id
+
+    # ---- LoRA adapters -------------------------------------------------------------------
+
+    def add_lora(self, lora_request: LoRARequest) -> int:
+        """Load an adapter (once; later calls with the same request are free); its id."""
+        manager = self.runner.lora_manager
+        if manager is None:
+            raise ValueError(
+                f"LoRA adapter {lora_request.lora_name!r} was requested but LoRA is off: start "
+                "the engine with enable_lora=True (server: --lora-modules or --enable-lora)"
+            )
+        return manager.add_adapter(lora_request).lora_id
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Unload an adapter; refused while requests still use it."""
+        if any(r.lora_int_id == lora_id for r in self.requests.values()):
+            raise ValueError(f"LoRA adapter {lora_id} is still in use by running requests")
+        if self.runner.lora_manager is None:
+            raise ValueError("LoRA is off: there is no adapter to unload")
+        self.runner.lora_manager.remove_adapter(lora_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        manager = self.runner.lora_manager
+        return list(manager.requests.values()) if manager else []
 
     def abort(self, request_id: str) -> bool:
         request = self.scheduler.abort(request_id)
@@ -362,31 +451,31 @@ class LLMEngine:
         """Run the batch and sample on the device; start copying the results to the host."""
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
-        batch = self._forward_batch(scheduled, rows)
+        inputs, feed = self._batch_inputs(scheduled, rows)
         params = [r.params for r in requests]
-        if batch.return_input_logprobs:
-            sampled = self._forward_prompt_logprobs(scheduled, batch, requests, params)
+        if inputs.input_logprob_rows:
+            sampled = self._forward_prompt_logprobs(scheduled, inputs, feed, requests, params)
         elif rows:
-            sampled = self._forward_sample(batch, requests, params)
+            sampled = self._forward_sample(inputs, feed, requests, params)
         else:
             sampled = None
-            self.runner.forward(batch)  # prefill chunks only: KV writes, nothing to sample
+            self.runner.execute(inputs, feed)  # prefill chunks only: KV writes, no sampling
         self.scheduler.launched(scheduled)
         step = _InFlight(scheduled, rows, params, sampled)
         step.start_copy()
         return step
 
-    def _forward_sample(self, batch: ForwardBatch, requests: list[Request], params):
+    def _forward_sample(self, inputs: BatchInputs, feed, requests: list[Request], params):
         """Forward and sampling on the device: in the FULL decode graphs where they serve the
         batch; with logits taken out when a row needs host-side logit processors."""
         ids = [r.request_id for r in requests]
         indices = [r.num_output_tokens for r in requests]  # the token each row draws
         if self.sampler.uses_host_processors(params):
-            logits = self.runner.forward(batch)
+            logits = self.runner.execute(inputs, feed)
             return self.sampler.sample(logits, params, ids, indices, self._histories(requests))
         vocab = self.config.model_config.vocab_size
         tensors = self.sampler.tensors(params, ids, indices, vocab)
-        return self.runner.forward_sample(batch, tensors, variant_for(params))
+        return self.runner.execute_sample(inputs, tensors, variant_for(params), feed)
 
     def _resolve(self, step: _InFlight) -> dict[str, RequestOutput]:
         """Read a launched step's tokens, append them, apply stop conditions."""
@@ -418,10 +507,10 @@ class LLMEngine:
         new = 1 if request.request_id in outputs else 0
         outputs[request.request_id] = self._output(request, new_tokens=new)
 
-    def _forward_prompt_logprobs(self, scheduled, batch, requests, params):
+    def _forward_prompt_logprobs(self, scheduled, inputs, feed, requests, params):
         """A batch that scores prompt tokens: logits out (eager or piecewise), prompt logprobs
         recorded, the sampling rows sampled eagerly with the same function."""
-        logits = self.runner.forward(batch)
+        logits = self.runner.execute(inputs, feed)
         rows = len(requests)
         self._record_prompt_logprobs(scheduled, logits[rows:])
         if not rows:
@@ -481,7 +570,10 @@ class LLMEngine:
                     request.prompt_logprobs[p + 1] = TokenLogprobs(token, chosen[j], top)
             offset += count
 
-    def _forward_batch(self, scheduled: ScheduledBatch, logits_rows: list[int]) -> ForwardBatch:
+    def _batch_inputs(
+        self, scheduled: ScheduledBatch, logits_rows: list[int]
+    ) -> tuple[BatchInputs, FeedInputIds | None]:
+        """The batch's host lists, and (overlap) how to fill in input ids still in flight."""
         token_ids, gather_dst, gather_src = [], [], []
         num_tokens = 0
         for r, p, n in zip(
@@ -499,19 +591,20 @@ class LLMEngine:
                 gather_src.append(self._inflight.index_of[r.request_id])
             token_ids.append(row)
             num_tokens += n
-        batch = ForwardBatch.build(
+        inputs = BatchInputs(
             token_ids=token_ids,
-            prefix_lens=scheduled.prefix_lens,
-            block_tables=[r.block_ids for r in scheduled.requests],
+            prefix_lens=list(scheduled.prefix_lens),
+            block_tables=[list(r.block_ids) for r in scheduled.requests],
             block_size=self.config.cache.block_size,
-            device=self.runner.device,
             logits_rows=logits_rows,
             request_ids=[r.request_id for r in scheduled.requests],
-            input_logprob_rows=self._prompt_logprob_rows(scheduled),
+            lora_ids=[r.lora_int_id for r in scheduled.requests],
+            input_logprob_rows=tuple(self._prompt_logprob_rows(scheduled)),
         )  # the mode comes from the rows (a recompute chunk past the prompt is not decode)
-        if gather_dst:
-            self._inflight.feed(batch.input_ids, gather_dst, gather_src)
-        return batch
+        if not gather_dst:
+            return inputs, None
+        inflight = self._inflight
+        return inputs, lambda input_ids: inflight.feed(input_ids, gather_dst, gather_src)
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
         text = request.output_text
@@ -542,6 +635,10 @@ class LLMEngine:
         request.output_text = detokenizer.text
         if detokenizer.stopped_by is not None and not request.is_finished:
             self.scheduler.finish(request, "stop")
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (a no-op for one process); the engine is unusable after."""
+        self.runner.shutdown()
 
     def stats(self) -> dict:
         bm = self.block_manager

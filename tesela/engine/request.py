@@ -47,6 +47,7 @@ class Request:
     # Prefix caching: requests share cached KV only when these agree (a LoRA adapter changes
     # the KV; a salt keeps one tenant's prefix out of another's reach).
     lora_id: str | None = None
+    lora_int_id: int = 0  # the LoRA adapter this request runs with (0: the base model)
     cache_salt: str | None = None
     num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
     block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, memoized
@@ -77,8 +78,10 @@ class Request:
 
     @property
     def extra_keys(self) -> tuple:
-        """Everything besides the tokens that changes a block's KV (see block_manager)."""
-        return (self.lora_id, self.cache_salt)
+        """Everything besides the tokens that changes a block's KV (see block_manager): the
+        namespace, the adapter the request runs with (its KV differs from the base model's),
+        and the salt."""
+        return (self.lora_id, self.lora_int_id, self.cache_salt)
 
     @property
     def is_finished(self) -> bool:

@@ -59,8 +59,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, max_loras: int = 0
+    ) -> None:
         self.config = config
+        self.max_loras = max_loras  # distinct adapters among running requests (0: no LoRA)
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -159,6 +162,8 @@ class Scheduler:
         block_manager = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if not self._adapter_fits(request):
+                break
             if request.num_inflight_tokens:
                 break  # preempted with a token in flight: admit it once the id is known
             # A waiting request holds no blocks (new, or preempted and freed): its cached
@@ -178,6 +183,14 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             batch.prefix_lens.append(request.num_computed_tokens)
             budget -= n
+
+    def _adapter_fits(self, request: Request) -> bool:
+        """Running requests may use at most max_loras adapters at once (the device slots), so
+        every batch's adapters fit; a request for another adapter waits its turn (FIFO)."""
+        if not request.lora_int_id:
+            return True
+        adapters = {r.lora_int_id for r in self.running if r.lora_int_id}
+        return request.lora_int_id in adapters or len(adapters) < self.max_loras
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

@@ -1,12 +1,13 @@
 """The dispatcher: one ordered table says which runner serves which batch, and counts why.
 
   FULL_DECODE  a decode batch whose row count has a FULL graph (attention inside)
+  FULL_MIXED   any batch within the ladder and the rows a FULL mixed graph holds, for a
+               backend that declares ALWAYS graph support (attention inside)
   PIECEWISE    an extend/mixed/decode batch within the piecewise capture ladder
   EAGER        anything else, and every batch when graphs are off
 
 The table `routes` is the single source of truth: a batch runs on the first runner (in `ORDER`)
-whose `can_run` accepts it; a FULL graph for mixed batches slots in between FULL_DECODE and
-PIECEWISE by adding its path to `ORDER`. A batch that ends on EAGER is counted under the reason
+whose `can_run` accepts it. A batch that ends on EAGER is counted under the reason
 the last graph runner gave, so a surprising path shows up in stats and logs.
 """
 
@@ -27,12 +28,13 @@ logger = logging.getLogger("tesela.dispatcher")
 
 class RunPath(enum.Enum):
     FULL_DECODE = "full"
+    FULL_MIXED = "full_mixed"
     PIECEWISE = "piecewise"
     EAGER = "eager"
 
 
 # Most specialized first; eager always last and always accepts.
-ORDER = (RunPath.FULL_DECODE, RunPath.PIECEWISE, RunPath.EAGER)
+ORDER = (RunPath.FULL_DECODE, RunPath.FULL_MIXED, RunPath.PIECEWISE, RunPath.EAGER)
 
 
 @dataclass

@@ -10,17 +10,21 @@ dispatcher picks the runner, and every runner plans the exact batch it runs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
 from tesela.attention.base import AttentionBackend, AttentionLayout
 from tesela.attention.registry import create_backend
 from tesela.config import EngineConfig
-from tesela.core.forward_batch import ForwardBatch
+from tesela.core.forward_batch import BatchInputs, ForwardBatch
 from tesela.core.kv_cache import RESERVED_BLOCKS, KVCachePool
+from tesela.distributed.group import SINGLE, TPGroup
+from tesela.distributed.sharding import Section
 from tesela.executor import startup
 from tesela.executor.dispatcher import Dispatcher, RunPath
 from tesela.executor.full_decode import FullDecodeRunner
+from tesela.executor.full_mixed import FullMixedRunner, MixedGraphPlanner
 from tesela.executor.graph_runner import EagerRunner
 from tesela.executor.graphs import graph_factory_for
 from tesela.executor.piecewise.breakable import BreakablePiecewiseRunner
@@ -28,9 +32,14 @@ from tesela.executor.piecewise.compiled import CompiledPiecewiseRunner
 from tesela.executor.piecewise.runner import PiecewiseRunner
 from tesela.executor.planner import CudaGraphPlanner, ForwardPlanner
 from tesela.executor.sampling import SampleOutput, SamplingTensors, SamplingVariant, sample
+from tesela.lora.manager import LoRAManager
 from tesela.models.loader import build_model
 
 logger = logging.getLogger("tesela.runner")
+
+# Writes input ids that only the device knows yet (tokens sampled by the step in flight, under
+# overlap scheduling) into a built batch's `input_ids`, ordered on the stream before its forward.
+FeedInputIds = Callable[[torch.Tensor], None]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_TOKENS = 32768
@@ -39,21 +48,28 @@ PROVISIONAL_BLOCKS = RESERVED_BLOCKS + 1
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: str | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, model_path: str | None = None, tp: TPGroup = SINGLE
+    ) -> None:
         self.config = config
+        self.tp = tp
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
         self.startup = startup.Startup(self.device)
         self.graph_factory = graph_factory_for(self.device)
         with self.startup.phase(startup.LOAD_WEIGHTS):
             self._load_weights(model_path)
-        self.planner = ForwardPlanner(self.attn_backend)
+        self.planner = ForwardPlanner(self.attn_backend, self.lora_manager)
         self.dispatcher = Dispatcher(EagerRunner(self.model, self.planner))
+        # Collectives inside graphs pair up across ranks only if every rank captures the same
+        # sizes in the same order: compare the plans before any capture.
+        tp.check_same(config.graph.capture_plan(), "the CUDA graph capture plan")
         self._capture_piecewise()
         with self.startup.phase(startup.SIZE_KV_POOL):
             self.kv_cache = self._make_pool(self._num_kv_blocks())
             self.attn_backend.bind_kv_pool(self.kv_cache)
         self._capture_full_decode()
+        self._capture_full_mixed()
         self._verify()
 
     @property
@@ -68,6 +84,10 @@ class ModelRunner:
     def full_decode(self) -> FullDecodeRunner | None:
         return self.dispatcher.runner(RunPath.FULL_DECODE)
 
+    @property
+    def full_mixed(self) -> FullMixedRunner | None:
+        return self.dispatcher.runner(RunPath.FULL_MIXED)
+
     # ---- startup phases ---------------------------------------------------------------------
 
     def _load_weights(self, model_path: str | None) -> None:
@@ -80,10 +100,14 @@ class ModelRunner:
             load_format=config.load_format,
             path=model_path,
             seed=config.seed,
+            tp=self.tp,
         )
+        # This rank's heads: query heads split, KV heads split or replicated (sharding.py).
+        rank, size = self.tp.rank, self.tp.size
+        self.num_kv_heads = Section(mc.num_key_value_heads).rank_units(rank, size)[1]
         self.layout = AttentionLayout(
-            num_heads=mc.num_attention_heads,
-            num_kv_heads=mc.num_key_value_heads,
+            num_heads=mc.num_attention_heads // size,
+            num_kv_heads=self.num_kv_heads,
             head_dim=mc.head_dim,
             scale=mc.head_dim**-0.5,
             dtype=self.dtype,
@@ -93,6 +117,8 @@ class ModelRunner:
                 None if mc.sliding_window_layers is None else frozenset(mc.sliding_window_layers)
             ),
         )
+        # LoRA slots take their memory now, before graphs are captured and the pool is sized.
+        self.lora_manager = self._make_lora_manager()
         self.kv_cache = self._make_pool(PROVISIONAL_BLOCKS)
         self.attn_backend: AttentionBackend = create_backend(
             config.attention_backend, self.layout, self.kv_cache
@@ -120,6 +146,9 @@ class ModelRunner:
             else:
                 runner = BreakablePiecewiseRunner(**collaborators)
             runner.capture()
+            # Each split op runs eagerly between graph pieces, so the collectives in the
+            # pieces pair up across ranks only if the ops and their order match.
+            self.tp.check_same(runner.split_signature(), "the split ops of the piecewise graphs")
             self.dispatcher.add(RunPath.PIECEWISE, runner)
 
     def _capture_full_decode(self) -> None:
@@ -140,15 +169,82 @@ class ModelRunner:
         max_blocks = -(-max_model_len // self.config.cache.block_size)
         runner = FullDecodeRunner(
             model=self.model,
-            planner=CudaGraphPlanner(self.attn_backend, max(batch_sizes), max_blocks),
+            planner=CudaGraphPlanner(
+                self.attn_backend, max(batch_sizes), max_blocks, self.lora_manager
+            ),
             batch_sizes=tuple(batch_sizes),
             max_blocks_per_seq=max_blocks,
             graphs=self.graph_factory,
-            vocab_size=self.config.model_config.vocab_size,
+            # Sampling graphs at TP=1 only: at TP>1 rank 0 samples eagerly from the gathered
+            # logits (tesela/executor/multiproc.py), so the workers' replays stay the forward's.
+            vocab_size=self.config.model_config.vocab_size if self.tp.size == 1 else None,
         )
         runner.capture()
         self.dispatcher.add(RunPath.FULL_DECODE, runner)
         return runner
+
+    def _capture_full_mixed(self) -> None:
+        graph = self.config.graph
+        if not (graph.full_mixed and graph.capture_sizes):
+            self.startup.skip(startup.CAPTURE_FULL_MIXED, "FULL mixed graphs are off")
+            return
+        if not self.attn_backend.supports_full_mixed:
+            self.startup.skip(
+                startup.CAPTURE_FULL_MIXED,
+                f"{self.attn_backend.name} attention declares "
+                f"{self.attn_backend.cuda_graph_support.name} graph support, not ALWAYS",
+            )
+            return
+        if self.device.type != "cuda":
+            self.startup.skip(startup.CAPTURE_FULL_MIXED, "not on CUDA")
+            return
+        if self.config.lora.enabled:  # its planner does not plan the LoRA part yet
+            self.startup.skip(startup.CAPTURE_FULL_MIXED, "LoRA is on: mixed batches run piecewise")
+            return
+        with self.startup.phase(startup.CAPTURE_FULL_MIXED):
+            assert self.attn_backend.kv_cache is self.kv_cache, "backend not on the real pool"
+            scheduler = self.config.scheduler
+            self.add_full_mixed(
+                graph.capture_sizes, scheduler.max_num_seqs, scheduler.max_model_len
+            )
+
+    def add_full_mixed(self, sizes: tuple[int, ...], max_rows: int, max_model_len: int):
+        """Build and capture the FULL mixed runner on the current (final) pool; it shares the
+        graph factory's memory pool with the piecewise graphs."""
+        max_blocks = -(-max_model_len // self.config.cache.block_size)
+        planner = MixedGraphPlanner(self.attn_backend, tuple(sizes), max_rows, max_blocks)
+        runner = FullMixedRunner(
+            model=self.model,
+            planner=planner,
+            block_size=self.config.cache.block_size,
+            max_blocks_per_seq=max_blocks,
+            graphs=self.graph_factory,
+        )
+        runner.capture()
+        self.dispatcher.add(RunPath.FULL_MIXED, runner)
+        return runner
+
+    def _make_lora_manager(self) -> LoRAManager | None:
+        lora = self.config.lora
+        if not lora.enabled:
+            return None
+        graph, scheduler = self.config.graph, self.config.scheduler
+        max_tokens = max(
+            scheduler.max_num_batched_tokens,
+            graph.max_capture_tokens,
+            *graph.capture_sizes,
+            *graph.decode_batch_sizes,
+        )
+        return LoRAManager(
+            self.model,
+            max_loras=lora.max_loras,
+            max_lora_rank=lora.max_lora_rank,
+            max_cpu_loras=lora.max_cpu_loras,
+            max_num_tokens=max_tokens,
+            device=self.device,
+            dtype=self.dtype,
+            backend=lora.backend,
+        )
 
     def _verify(self) -> None:
         graph = self.config.graph
@@ -170,7 +266,7 @@ class ModelRunner:
             num_layers=mc.num_hidden_layers,
             num_blocks=num_blocks,
             block_size=self.config.cache.block_size,
-            num_kv_heads=mc.num_key_value_heads,
+            num_kv_heads=self.num_kv_heads,
             head_dim=mc.head_dim,
             dtype=self.dtype,
             device=self.device,
@@ -188,11 +284,12 @@ class ModelRunner:
         per_block = KVCachePool.bytes_per_block(
             num_layers=mc.num_hidden_layers,
             block_size=cache.block_size,
-            num_kv_heads=mc.num_key_value_heads,
+            num_kv_heads=self.num_kv_heads,
             head_dim=mc.head_dim,
             dtype=self.dtype,
         )
-        num_blocks = int(budget // per_block)
+        # Every rank must hold the same blocks: the scheduler hands out one block table.
+        num_blocks = self.tp.min_int(int(budget // per_block))
         if num_blocks <= RESERVED_BLOCKS:
             raise RuntimeError(
                 f"no GPU memory is left for the KV cache ({free / 2**30:.1f} GiB free of "
@@ -207,6 +304,30 @@ class ModelRunner:
         return num_blocks
 
     # ---- running ----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Nothing to stop: one process (TensorParallelRunner stops its workers here)."""
+
+    def execute(self, inputs: BatchInputs, feed: FeedInputIds | None = None) -> torch.Tensor:
+        """Build the batch on this device and run it (the engine's entry point): the logits of
+        its `logits_rows` (then its prompt-logprob rows)."""
+        return self.forward(self._build(inputs, feed))
+
+    def execute_sample(
+        self,
+        inputs: BatchInputs,
+        tensors: SamplingTensors,
+        variant: SamplingVariant,
+        feed: FeedInputIds | None = None,
+    ) -> SampleOutput:
+        """Build the batch, run it and sample its `logits_rows` on the device (`forward_sample`)."""
+        return self.forward_sample(self._build(inputs, feed), tensors, variant)
+
+    def _build(self, inputs: BatchInputs, feed: FeedInputIds | None) -> ForwardBatch:
+        batch = inputs.build(self.device)
+        if feed is not None:  # ids sampled by a step still on the device (overlap scheduling)
+            feed(batch.input_ids)
+        return batch
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The planner: the one call that turns a batch into its `ForwardPlan`.
 
 Every pass of every runner (warmup, each capture size, each replay, each eager forward) calls
-`planner.plan(batch)` for the batch it runs; nothing else builds batch-dependent state. Today a
-plan holds the attention metadata; multi-LoRA segments and collective state are further parts
-of `ForwardPlan` (tesela/core/plan.py), produced here by the same call.
+`planner.plan(batch)` for the batch it runs; nothing else builds batch-dependent state. A plan
+holds the attention metadata and, with LoRA on, the batch's adapter segments (written into the
+LoRA manager's persistent buffers by the same call); collective state will be a further part of
+`ForwardPlan` (tesela/core/plan.py), produced here too.
 """
 
 from __future__ import annotations
@@ -11,16 +12,23 @@ from __future__ import annotations
 from tesela.attention.base import AttentionBackend
 from tesela.core.forward_batch import ForwardBatch
 from tesela.core.plan import ForwardPlan
+from tesela.lora.manager import LoRAManager
 
 
 class ForwardPlanner:
     """Plans batches for eager and piecewise passes: metadata allocated per batch."""
 
-    def __init__(self, attn_backend: AttentionBackend) -> None:
+    def __init__(self, attn_backend: AttentionBackend, lora: LoRAManager | None = None) -> None:
         self.attn_backend = attn_backend
+        self.lora = lora
 
     def plan(self, batch: ForwardBatch) -> ForwardPlan:
-        return ForwardPlan(batch.stamp, self.attn_backend.plan(batch))
+        return ForwardPlan(batch.stamp, self.attn_backend.plan(batch), lora=self._lora(batch))
+
+    def _lora(self, batch: ForwardBatch):
+        # Always planned when LoRA is on, adapters or not: a batch without adapters is all
+        # slot -1 tokens (zero-length work), so graphs captured on it serve every batch.
+        return self.lora.plan(batch) if self.lora is not None else None
 
 
 class CudaGraphPlanner(ForwardPlanner):
@@ -28,15 +36,20 @@ class CudaGraphPlanner(ForwardPlanner):
     each call rewrites with the batch (the captured graph reads them at replay)."""
 
     def __init__(
-        self, attn_backend: AttentionBackend, max_batch_size: int, max_blocks_per_seq: int
+        self,
+        attn_backend: AttentionBackend,
+        max_batch_size: int,
+        max_blocks_per_seq: int,
+        lora: LoRAManager | None = None,
     ) -> None:
         if not attn_backend.supports_cuda_graph:
             raise ValueError(
                 f"attention backend {attn_backend.name!r} cannot run in FULL decode graphs: "
                 "use the triton backend or turn FULL decode graphs off"
             )
-        super().__init__(attn_backend)
+        super().__init__(attn_backend, lora)
         attn_backend.init_cuda_graph_state(max_batch_size, max_blocks_per_seq)
 
     def plan(self, batch: ForwardBatch) -> ForwardPlan:
-        return ForwardPlan(batch.stamp, self.attn_backend.plan_cuda_graph(batch))
+        metadata = self.attn_backend.plan_cuda_graph(batch)
+        return ForwardPlan(batch.stamp, metadata, lora=self._lora(batch))

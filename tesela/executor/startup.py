@@ -2,7 +2,9 @@
 
 The order is load-bearing (docs/architecture.md, "Startup"): piecewise graphs are captured on a
 provisional KV pool, because what the graphs take must be known before the real pool is sized
-from what is left; FULL decode graphs bake in the real pool's addresses, so they come after it.
+from what is left; FULL decode and FULL mixed graphs bake in the real pool's addresses, so they
+come after it (FULL mixed graphs share the piecewise graphs' memory pool, whose memory was
+reserved before sizing).
 """
 
 from __future__ import annotations
@@ -21,8 +23,16 @@ LOAD_WEIGHTS = "load_weights"
 CAPTURE_PIECEWISE = "capture_piecewise"
 SIZE_KV_POOL = "size_kv_pool"
 CAPTURE_FULL_DECODE = "capture_full_decode"
+CAPTURE_FULL_MIXED = "capture_full_mixed"
 VERIFY = "verify"
-PHASES = (LOAD_WEIGHTS, CAPTURE_PIECEWISE, SIZE_KV_POOL, CAPTURE_FULL_DECODE, VERIFY)
+PHASES = (
+    LOAD_WEIGHTS,
+    CAPTURE_PIECEWISE,
+    SIZE_KV_POOL,
+    CAPTURE_FULL_DECODE,
+    CAPTURE_FULL_MIXED,
+    VERIFY,
+)
 
 
 @dataclass(frozen=True)

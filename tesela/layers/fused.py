@@ -270,10 +270,7 @@ def _qk_norm_rope(
     norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head RMSNorm of q and k (Qwen3; skipped when `norm_weights` is None) and neox rotary,
-    in one launch, read from the fused projection qkv = [q | k | v] ([tokens, width], rows may
-    be strided). Returns contiguous q [tokens, heads * head_dim], k [tokens, kv_heads * head_dim]
-    equal to `rms_norm` followed by `rotary` (up to the norm's summation order)."""
+    """The launch behind `qk_norm_rope` (which documents it)."""
     kernel = _kernels()[3]
     tokens = qkv.shape[0]
     head_dim = cos_sin_cache.shape[-1]

@@ -219,9 +219,21 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return gemv(x, weight, bias, config)
 
 
+def _has_lora(proj) -> bool:
+    # A LoRA-enabled projection (Linear.attach_lora) runs through its module, whose forward adds
+    # the adapter's delta; its input must exist for the adapter's shrink, so no norm or
+    # activation is folded into its GEMM.
+    return getattr(proj, "lora_offsets", None) is not None
+
+
 def silu_linear(gate_up: torch.Tensor, down_proj) -> torch.Tensor:
     """down_proj(silu(gate) * up): one kernel where tuned, else the fused activation + GEMM.
-    `down_proj` is a tesela Linear (its forward is `linear`)."""
+    `down_proj` is a tesela Linear (its forward is `linear`, plus the adapter when LoRA is on)."""
+    if _has_lora(down_proj):  # through the module, which adds the adapter's delta
+        if fused.fused_enabled(gate_up):
+            return down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return down_proj(F.silu(gate) * up)
     if fused.opaque_under_trace(gate_up):
         return torch.ops.tesela.silu_linear(gate_up, down_proj.weight, down_proj.bias)
     return _silu_linear(gate_up, down_proj.weight, down_proj.bias)
@@ -243,6 +255,11 @@ def norm_linear(
     """(proj(norm(residual + x)), residual + x); with no residual yet, x is the residual.
     One kernel where tuned, else the fused add + norm and then the GEMM. `norm` is an RMSNorm
     and `proj` a tesela Linear."""
+    if _has_lora(proj):  # through the module, which adds the adapter's delta
+        if residual is None:
+            return proj(norm(x)), x
+        normed, residual = norm.add_and_norm(x, residual)
+        return proj(normed), residual
     args = (norm.weight, norm.eps, proj.weight, proj.bias)
     if not fused.opaque_under_trace(x):
         return _norm_linear(x, residual, *args)

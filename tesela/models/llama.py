@@ -7,20 +7,29 @@ Ordinary PyTorch with `forward(input_ids, positions) -> hidden_states`; attentio
 the `tesela::attention` split op, which reads the batch from the forward context. Parameter
 names follow HF checkpoints except for the fused `qkv_proj` and `gate_up_proj`, which
 `STACKED_PARAMS` maps back to the checkpoint's separate tensors.
+
+Tensor parallelism (`tp`, a `TPGroup`): qkv and gate_up are column-parallel (this rank's query
+heads, KV heads — split, or replicated when tp exceeds their count — and MLP columns), o_proj
+and down_proj row-parallel with an all-reduce, the embedding and LM head vocab-parallel. With
+tp of size 1 every layer runs exactly the single-GPU computation.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tesela.attention.op  # noqa: F401  (registers torch.ops.tesela.attention)
 from tesela.config import ModelConfig
+from tesela.distributed.group import SINGLE, TPGroup
+from tesela.distributed.sharding import Section
 from tesela.layers import fused, gemv
-from tesela.layers.linear import Linear, MergedLinear
+from tesela.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tesela.layers.moe.layer import SparseMoeBlock
 from tesela.layers.norm import RMSNorm
 from tesela.layers.rotary import RotaryEmbedding
+from tesela.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 # checkpoint name fragment -> (fused parameter fragment, shard name)
 STACKED_PARAMS = {
@@ -33,19 +42,24 @@ STACKED_PARAMS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup = SINGLE
+    ) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_size, self.kv_size = config.q_size, config.kv_size
-        self.qkv_proj = MergedLinear(
+        q_heads = Section(config.num_attention_heads, config.head_dim)
+        kv_heads = Section(config.num_key_value_heads, config.head_dim)
+        self.qkv_proj = ColumnParallelLinear(
             config.hidden_size,
-            {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+            {"q": q_heads, "k": kv_heads, "v": kv_heads},
             bias=config.attention_bias,
+            tp=tp,
         )
-        self.o_proj = Linear(self.q_size, config.hidden_size)
+        self.q_size, self.kv_size, _ = self.qkv_proj.output_sizes
+        self.num_heads = self.q_size // self.head_dim  # this rank's heads
+        self.num_kv_heads = self.kv_size // self.head_dim
+        self.o_proj = RowParallelLinear(q_heads, config.hidden_size, tp=tp)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -86,34 +100,45 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(
-            config.hidden_size,
-            {"gate": config.intermediate_size, "up": config.intermediate_size},
+        columns = Section(config.intermediate_size)
+        self.gate_up_proj = ColumnParallelLinear(
+            config.hidden_size, {"gate": columns, "up": columns}, tp=tp
         )
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.intermediate_size = self.gate_up_proj.output_sizes[0]  # this rank's columns
+        self.down_proj = RowParallelLinear(columns, config.hidden_size, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.gate_up_proj(x))
 
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
         """down_proj(silu(gate) * up), the activation fused with the GEMM where tuned."""
-        return gemv.silu_linear(gate_up, self.down_proj)
+        if self.down_proj.tp.size == 1:
+            return gemv.silu_linear(gate_up, self.down_proj)
+        # The tuned activation+GEMM kernel reads down_proj's weight itself and would skip the
+        # all-reduce: under tensor parallelism the activation runs first, then down_proj.
+        if fused.fused_enabled(gate_up):
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup = SINGLE
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, rotary)
-        # Mixture-of-experts models (Qwen3-MoE, Mixtral) differ from Llama only here.
+        self.self_attn = LlamaAttention(config, layer_id, rotary, tp)
+        # Mixture-of-experts models (Qwen3-MoE, Mixtral) differ from Llama only here. Under
+        # tensor parallelism the experts are replicated: every rank computes the whole block
+        # from the whole (all-reduced) hidden states, so no collective is needed.
         self.mlp = (
             SparseMoeBlock(config.hidden_size, config.moe)
             if config.is_moe_layer(layer_id)
-            else LlamaMLP(config)
+            else LlamaMLP(config, tp)
         )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -138,9 +163,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         rotary = RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
@@ -148,7 +173,7 @@ class LlamaModel(nn.Module):
             config.rope_scaling,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, rotary, tp) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = rotary
@@ -165,11 +190,11 @@ class LlamaForCausalLM(nn.Module):
 
     stacked_params = STACKED_PARAMS
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.model = LlamaModel(config, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tesela.engine_args import EngineArgs
+from tesela.lora.request import LoRARequest
 from tesela.tokenizer import load_chat_template
 
 if TYPE_CHECKING:  # the engine (and torch) load only when a server is built
@@ -72,6 +73,7 @@ def create_app(
         max_model_len=engine.config.scheduler.max_model_len,
         vocab_size=engine.config.model_config.vocab_size,
         tokenizer=engine.tokenizer,
+        adapters={lora.lora_name: lora for lora in engine.list_loras()},
         sampling_defaults=dict(engine.config.sampling_defaults),
         max_seqs_per_request=max_seqs_per_request or engine.config.scheduler.max_num_seqs,
     )
@@ -136,7 +138,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="uvicorn's log level",
     )
     group.add_argument("--no-access-log", action="store_true", help="no line per request")
+    group.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapters to serve (PEFT folders); a request's 'model' picks one by name "
+        "(turns LoRA on)",
+    )
     EngineArgs.add_cli_args(parser)
+
+
+def parse_lora_modules(specs: list[str]) -> list[LoRARequest]:
+    loras = []
+    for index, spec in enumerate(specs, start=1):
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes NAME=PATH entries, got {spec!r}")
+        loras.append(LoRARequest(name, index, path))
+    return loras
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -164,9 +184,19 @@ def run_serve(args: argparse.Namespace) -> int:
     from tesela.engine.llm_engine import LLMEngine, make_engine_config
     from tesela.server.shutdown import GracefulServer
 
+    try:
+        loras = parse_lora_modules(args.lora_modules)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     sock = bind_socket(args.host, args.port)
-    config, path = make_engine_config(EngineArgs.from_cli_args(args))
+    engine_args = EngineArgs.from_cli_args(args)
+    if loras:
+        engine_args = engine_args.replace(enable_lora=True)
+    config, path = make_engine_config(engine_args)
     engine = LLMEngine(config, path)
+    for lora in loras:
+        engine.add_lora(lora)
     app = create_app(
         engine,
         served_model_name=args.served_model_name,

@@ -1,7 +1,7 @@
 """AsyncEngine: one background thread owns the LLMEngine; asyncio handlers talk to it.
 
 The engine is not thread-safe, so exactly one thread touches it. Handlers submit work through a
-thread-safe command queue (add, abort, stop); the thread drains the queue between steps, runs
+thread-safe command queue (add, abort, call, stop); the thread drains the queue between steps, runs
 `step()` while there is work and sleeps on the queue when there is none. Each step's outputs go
 back to the event loop in one `call_soon_threadsafe` call, into per-request asyncio queues.
 
@@ -26,9 +26,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tesela.engine.llm_engine import LLMEngine, RequestOutput
 from tesela.engine.sampling_params import SamplingParams
+from tesela.lora.request import LoRARequest
 
 logger = logging.getLogger("tesela.server")
 
@@ -98,11 +100,20 @@ class _Add:
     params: list[SamplingParams]
     future: asyncio.Future
     cache_salt: str | None = None
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
 class _Abort:
     group: RequestGroup
+
+
+@dataclass
+class _Call:
+    """Run `fn(engine)` on the engine thread between steps (adapter load/unload)."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future
 
 
 class _Stop:
@@ -177,6 +188,7 @@ class AsyncEngine:
         group_id: str | None = None,
         *,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> RequestGroup:
         """Queue one engine request per (prompt, params) pair, all or none.
 
@@ -190,7 +202,7 @@ class AsyncEngine:
             abort_callback=lambda g: self._commands.put(_Abort(g)),
         )
         future = self._loop.create_future()
-        self._admit(_Add(group, prompts, params, future, cache_salt))
+        self._admit(_Add(group, prompts, params, future, cache_salt, lora_request))
         try:
             await future
         except asyncio.CancelledError:
@@ -220,6 +232,16 @@ class AsyncEngine:
                 )
             self._num_pending += count
             self._commands.put(command)
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run `fn(engine)` on the engine thread (which owns the engine) and return its result;
+        its exception is raised here."""
+        future = self._loop.create_future()
+        with self._lock:
+            if self._closed or not self.is_running:
+                raise EngineError(f"the engine is not running: {self.dead_reason or 'stopped'}")
+            self._commands.put(_Call(fn, future))
+        return await future
 
     def _release(self, count: int) -> None:
         with self._lock:
@@ -259,6 +281,7 @@ class AsyncEngine:
                 return
             if isinstance(command, _Add):
                 self._release(len(command.prompts))
+            if isinstance(command, (_Add, _Call)):
                 self._post(_resolve, command.future, error)
 
     def _handle_commands(self, block: bool) -> bool:
@@ -277,6 +300,8 @@ class AsyncEngine:
                 return False
             if isinstance(command, _Add):
                 self._add(command)
+            elif isinstance(command, _Call):
+                self._call(command)
             elif isinstance(command, _FailAll):
                 self._fail_all(command.error)
             else:
@@ -291,7 +316,13 @@ class AsyncEngine:
                 zip(command.prompts, command.params, strict=True)
             ):
                 request_id = group.request_ids[index]
-                self.engine.add_request(prompt, params, request_id, cache_salt=command.cache_salt)
+                self.engine.add_request(
+                    prompt,
+                    params,
+                    request_id,
+                    cache_salt=command.cache_salt,
+                    lora_request=command.lora_request,
+                )
                 self._live[request_id] = (group, index)
                 added.append(request_id)
         except Exception as exc:  # all or none: undo the choices already queued
@@ -302,6 +333,14 @@ class AsyncEngine:
             self._post(_resolve, command.future, exc)
             return
         self._post(_resolve, command.future, None)
+
+    def _call(self, command: _Call) -> None:
+        try:
+            result = command.fn(self.engine)
+        except Exception as exc:
+            self._post(_resolve, command.future, exc)
+            return
+        self._post(_set_result, command.future, result)
 
     def _abort(self, group: RequestGroup) -> None:
         for request_id in group.request_ids:
@@ -386,6 +425,11 @@ class AsyncEngine:
         if output.finished:
             metrics.requests_finished.inc(1, output.finish_reason or "unknown")
             metrics.e2e_latency.observe(now - group.arrival)
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _resolve(future: asyncio.Future, error: Exception | None) -> None:

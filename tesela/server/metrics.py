@@ -149,6 +149,11 @@ class ServerMetrics:
             ("reason",),
         )
         self.prompt_tokens = Counter("prompt_tokens_total", "Prompt tokens of accepted requests.")
+        self.lora_requests = Counter(
+            "lora_requests_total",
+            "Accepted generation requests by LoRA adapter (empty: the base model).",
+            ("lora_name",),
+        )
         self.generation_tokens = Counter("generation_tokens_total", "Tokens generated.")
         self.engine_errors = Counter("engine_errors_total", "Engine steps that raised.")
         self.time_to_first_token = Histogram(
@@ -165,6 +170,7 @@ class ServerMetrics:
             self.requests_finished,
             self.requests_rejected,
             self.prompt_tokens,
+            self.lora_requests,
             self.generation_tokens,
             self.engine_errors,
             self.time_to_first_token,

@@ -72,12 +72,14 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     tokenizer: Any
+    # LoRA adapters served on top, by name (shared with the server, which adds and removes).
+    adapters: dict[str, Any] = field(default_factory=dict)
     # Defaults for fields a request leaves out (from generation_config.json).
     sampling_defaults: dict = field(default_factory=dict)
     max_seqs_per_request: int = 256  # prompts x n of one request
 
     def accepts(self, name: str) -> bool:
-        return name == self.name or name in self.aliases
+        return name == self.name or name in self.aliases or name in self.adapters
 
     @property
     def max_prompt_chars(self) -> int:
@@ -233,13 +235,14 @@ def check_model(body: dict, model: ModelInfo) -> str:
     if not isinstance(name, str):
         raise _wrong_type("model", "a string", name)
     if not model.accepts(name):
+        adapters = f" and adapters {sorted(model.adapters)}" if model.adapters else ""
         raise APIError(
-            f"the model {name!r} does not exist here: this server serves {model.name!r}",
+            f"the model {name!r} does not exist here: this server serves {model.name!r}{adapters}",
             status=404,
             param="model",
             code="model_not_found",
         )
-    return model.name
+    return name if name in model.adapters else model.name
 
 
 def _reject_unsupported(body: dict, names: tuple[str, ...]) -> None:

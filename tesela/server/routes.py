@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
 import time
 import uuid
@@ -26,6 +27,7 @@ from starlette.routing import Route
 
 from tesela import __version__
 from tesela.engine.llm_engine import LLMEngine
+from tesela.lora.request import LoRARequest
 from tesela.server.async_engine import AsyncEngine, EngineError, Overloaded, ShuttingDown
 from tesela.server.metrics import ServerMetrics
 from tesela.server.protocol import (
@@ -46,6 +48,8 @@ ROUTES = (
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/models",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
     "/health",
     "/metrics",
     "/stats",
@@ -210,6 +214,9 @@ class Server:
         self.model_info = model_info
         self.token_text = TokenText(engine.tokenizer)
         self.started = int(time.time())
+        self._lora_ids = itertools.count(
+            1 + max((a.lora_int_id for a in engine.list_loras()), default=0)
+        )
         self.preprocess_limiter = anyio.CapacityLimiter(PREPROCESS_THREADS)
 
     # ---- endpoints -----------------------------------------------------------------------
@@ -227,11 +234,56 @@ class Server:
             "object": "model",
             "created": self.started,
             "owned_by": "tesela",
+            "root": info.name,
+            "parent": None,
             "max_model_len": info.max_model_len,
         }
 
+    def _model_cards(self) -> list[dict]:
+        """The base model, then every LoRA adapter served on top of it."""
+        card, info = self._model_card(), self.model_info
+        return [card] + [
+            dict(card, id=name, root=lora.lora_path, parent=info.name)
+            for name, lora in sorted(info.adapters.items())
+        ]
+
+    # ---- LoRA adapters at run time ---------------------------------------------------------
+
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """POST {"lora_name": ..., "lora_path": ...}: validate and serve a new adapter."""
+        try:
+            body = parse_json_body(await request.body())
+            name, path = _lora_field(body, "lora_name"), _lora_field(body, "lora_path")
+            if self.model_info.accepts(name):
+                raise APIError(f"the name {name!r} is already served: pick another lora_name")
+            lora = LoRARequest(name, next(self._lora_ids), path)
+            await self.engine.call(lambda engine: engine.add_lora(lora))
+        except APIError as error:
+            return error_response(error)
+        except (ValueError, FileNotFoundError) as exc:  # the adapter does not fit this model
+            return error_response(APIError(str(exc), 400, param="lora_path", code="invalid_lora"))
+        self.model_info.adapters[name] = lora
+        return JSONResponse({"status": "ok", "lora_name": name, "lora_int_id": lora.lora_int_id})
+
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """POST {"lora_name": ...}: stop serving an adapter (refused while requests use it)."""
+        try:
+            name = _lora_field(parse_json_body(await request.body()), "lora_name")
+            lora = self.model_info.adapters.get(name)
+            if lora is None:
+                raise APIError(
+                    f"no LoRA adapter named {name!r} is loaded", 404, code="lora_not_found"
+                )
+            await self.engine.call(lambda engine: engine.remove_lora(lora.lora_int_id))
+        except APIError as error:
+            return error_response(error)
+        except ValueError as exc:
+            return error_response(APIError(str(exc), 409, code="lora_in_use"))
+        del self.model_info.adapters[name]
+        return JSONResponse({"status": "ok", "lora_name": name})
+
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        return JSONResponse({"object": "list", "data": self._model_cards()})
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model_id"]
@@ -245,7 +297,8 @@ class Server:
                     code="model_not_found",
                 )
             )
-        return JSONResponse(self._model_card())
+        cards = {card["id"]: card for card in self._model_cards()}
+        return JSONResponse(cards.get(name, self._model_card()))  # an alias: the base model
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": __version__})
@@ -317,6 +370,8 @@ class Server:
             headers = {"Retry-After": "1"} if error.status == 503 else None
             return error_response(error, headers)
         self.metrics.prompt_tokens.inc(generation.num_prompt_tokens)
+        adapter = generation.model if generation.model in self.model_info.adapters else ""
+        self.metrics.lora_requests.inc(1, adapter)
         fmt = make_format(generation, request_id, self.token_text)
         if generation.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -338,9 +393,14 @@ class Server:
 
     async def _submit(self, generation: GenerationRequest, request_id: str):
         prompts = [generation.prompts[p] for p in generation.choice_prompts]
+        lora = self.model_info.adapters.get(generation.model)
         try:
             return await self.engine.submit(
-                prompts, generation.choice_params, request_id, cache_salt=generation.cache_salt
+                prompts,
+                generation.choice_params,
+                request_id,
+                cache_salt=generation.cache_salt,
+                lora_request=lora,
             )
         except Overloaded as exc:
             self.metrics.requests_rejected.inc(1, "overloaded")
@@ -352,6 +412,13 @@ class Server:
             raise APIError(str(exc), 503, type="server_error", code="shutting_down") from None
         except EngineError as exc:
             raise APIError(str(exc), 503, type="server_error", code="engine_unavailable") from None
+
+
+def _lora_field(body: dict, name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise APIError(f"'{name}' is required and must be a non-empty string", param=name)
+    return value
 
 
 async def until_disconnected(request: Request, work: Awaitable):
@@ -408,6 +475,8 @@ def build_app(
         ("/v1/completions", server.completions, ["POST"]),
         ("/v1/chat/completions", server.chat_completions, ["POST"]),
         ("/v1/models", server.models, ["GET"]),
+        ("/v1/load_lora_adapter", server.load_lora_adapter, ["POST"]),
+        ("/v1/unload_lora_adapter", server.unload_lora_adapter, ["POST"]),
         ("/v1/models/{model_id:path}", server.model, ["GET"]),
         ("/tokenize", server.tokenize, ["POST"]),
         ("/detokenize", server.detokenize, ["POST"]),

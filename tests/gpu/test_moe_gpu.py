@@ -122,8 +122,12 @@ def test_greedy_identical_with_graphs_on_and_off(checkpoints, arch, piecewise_cu
     path = str(checkpoints[arch][0])
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     common = dict(dtype="bfloat16", num_kv_tokens=4096, max_num_batched_tokens=64)
-    on = LLM(
-        path, piecewise_cudagraph=piecewise_cudagraph, capture_sizes=[4, 8, 16, 32, 64], **common
+    on = LLM(  # FULL mixed off: extend batches take the piecewise graphs under test
+        path,
+        piecewise_cudagraph=piecewise_cudagraph,
+        capture_sizes=[4, 8, 16, 32, 64],
+        full_mixed=False,
+        **common,
     )
     on_tokens = [o.token_ids for o in on.generate(PROMPTS, params)]
     paths = on.engine.stats()["dispatch"]["paths"]

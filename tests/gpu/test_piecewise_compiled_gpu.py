@@ -47,6 +47,7 @@ def compiled(request):
         piecewise_cudagraph="compiled",
         piecewise_compiler=request.param,
         capture_sizes=SIZES,
+        full_mixed=False,  # these tests replay piecewise graphs
         max_num_seqs=8,  # a short FULL decode ladder: these tests replay prefill pieces
     )
     model_config = dataclasses.replace(config.model_config, num_hidden_layers=NUM_LAYERS)
@@ -209,6 +210,7 @@ def test_greedy_generations_identical_with_compiled_graphs_on_and_off():
         "qwen3-0.6b",
         piecewise_cudagraph="compiled",
         capture_sizes=[8, 16, 64, 128, 256, 512],
+        full_mixed=False,
         **common,
     )
     on_tokens = [o.token_ids for o in on.generate(prompts, params)]

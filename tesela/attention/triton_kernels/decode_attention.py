@@ -10,6 +10,10 @@ The split count launched is fixed by the host (so a CUDA graph can capture it); 
 uses only as many of those splits as its own length needs (`min_split_len` tokens at least per
 split), computed on the device from its sequence length. Short rows of a graph batch (and padded
 rows) therefore cost one small split, not the captured maximum, and nothing is read on the host.
+
+With an entry table (`entry_rows`, `entry_tokens`), program i serves the row `entry_rows[i]`
+whose query is token `entry_tokens[i]`: the decode rows of a mixed batch, in a FULL mixed graph
+whose grid is fixed. Entries with row -1 are absent and do nothing.
 """
 
 from __future__ import annotations
@@ -80,6 +84,19 @@ def _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW: tl.constexpr):
     return kv_start, kv_len, splits
 
 
+@triton.jit
+def _entry(entry, entry_rows_ptr, entry_tokens_ptr, seq_lens_ptr, INDIRECT: tl.constexpr):
+    """The row, query token and sequence length of program `entry` (length 0: absent)."""
+    if INDIRECT:
+        row = tl.load(entry_rows_ptr + entry)
+        token = tl.load(entry_tokens_ptr + entry)
+    else:
+        row = entry
+        token = entry
+    seq_len = tl.load(seq_lens_ptr + tl.maximum(row, 0))
+    return row, token, tl.where(row >= 0, seq_len, 0)
+
+
 # The split count and the table / scratch strides are launch values, not compile keys: the
 # eager warmup before a graph capture (planned for 1-token rows, one split, a 1-column table)
 # must compile the very kernels the capture launches, or the capture itself would compile and
@@ -103,6 +120,8 @@ def _decode_stage1_kernel(
     seq_lens_ptr,
     partial_out_ptr,
     partial_lse_ptr,
+    entry_rows_ptr,
+    entry_tokens_ptr,
     scale_log2,
     stride_q_token,
     stride_pool_slot,
@@ -122,11 +141,12 @@ def _decode_stage1_kernel(
     PAGE_SIZE: tl.constexpr,
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
+    INDIRECT: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    entry = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + row)
+    row, token, seq_len = _entry(entry, entry_rows_ptr, entry_tokens_ptr, seq_lens_ptr, INDIRECT)
     kv_start, kv_len, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW)
     # Splits beyond what this row uses are never read by stage 2: nothing to do.
     if split < splits:
@@ -139,7 +159,7 @@ def _decode_stage1_kernel(
         heads = kv_head * GROUP + offs_h
         h_mask = offs_h < GROUP
         d_mask = offs_d < HEAD_DIM
-        q_offs = row.to(tl.int64) * stride_q_token + heads[:, None] * HEAD_DIM + offs_d[None, :]
+        q_offs = token.to(tl.int64) * stride_q_token + heads[:, None] * HEAD_DIM + offs_d[None, :]
         q = tl.load(q_ptr + q_offs, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
 
         table = block_tables_ptr + row.to(tl.int64) * stride_table_row
@@ -170,13 +190,13 @@ def _decode_stage1_kernel(
         has_kv = l_i > 0
         out = acc / tl.where(has_kv, l_i, 1.0)[:, None]
         lse = tl.where(has_kv, m_i + tl.log2(tl.where(has_kv, l_i, 1.0)), float("-inf"))
-        po = row.to(tl.int64) * stride_po_row + heads * stride_po_head + split * stride_po_split
+        po = entry.to(tl.int64) * stride_po_row + heads * stride_po_head + split * stride_po_split
         tl.store(
             partial_out_ptr + po[:, None] + offs_d[None, :],
             out,
             mask=h_mask[:, None] & d_mask[None, :],
         )
-        lse_offs = row.to(tl.int64) * stride_lse_row + heads * stride_lse_head + split
+        lse_offs = entry.to(tl.int64) * stride_lse_row + heads * stride_lse_head + split
         tl.store(partial_lse_ptr + lse_offs, lse, mask=h_mask)
 
 
@@ -186,6 +206,8 @@ def _decode_stage2_kernel(
     partial_lse_ptr,
     out_ptr,
     seq_lens_ptr,
+    entry_rows_ptr,
+    entry_tokens_ptr,
     stride_po_row,
     stride_po_head,
     stride_po_split,
@@ -198,26 +220,31 @@ def _decode_stage2_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     WINDOW: tl.constexpr,
+    INDIRECT: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    entry = tl.program_id(0)
     head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + row)
+    row, token, seq_len = _entry(entry, entry_rows_ptr, entry_tokens_ptr, seq_lens_ptr, INDIRECT)
     _, _, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < splits
-    d_mask = offs_d < HEAD_DIM
+    # An absent entry (seq_len 0) has no split: nothing to merge.
+    if splits > 0:
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < splits
+        d_mask = offs_d < HEAD_DIM
 
-    lse_base = row.to(tl.int64) * stride_lse_row + head * stride_lse_head
-    lse = tl.load(partial_lse_ptr + lse_base + offs_s, mask=s_mask, other=float("-inf"))
-    # Split 0 is never empty (seq_len >= 1), so the max is finite.
-    weight = tl.exp2(lse - tl.max(lse, 0))
-    po_base = row.to(tl.int64) * stride_po_row + head * stride_po_head
-    po_offs = po_base + offs_s[:, None] * stride_po_split + offs_d[None, :]
-    parts = tl.load(partial_out_ptr + po_offs, mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
-    out_offs = row.to(tl.int64) * stride_out_token + head * HEAD_DIM + offs_d
-    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+        lse_base = entry.to(tl.int64) * stride_lse_row + head * stride_lse_head
+        lse = tl.load(partial_lse_ptr + lse_base + offs_s, mask=s_mask, other=float("-inf"))
+        # Split 0 is never empty (seq_len >= 1), so the max is finite.
+        weight = tl.exp2(lse - tl.max(lse, 0))
+        po_base = entry.to(tl.int64) * stride_po_row + head * stride_po_head
+        po_offs = po_base + offs_s[:, None] * stride_po_split + offs_d[None, :]
+        parts = tl.load(
+            partial_out_ptr + po_offs, mask=s_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+        out_offs = token.to(tl.int64) * stride_out_token + head * HEAD_DIM + offs_d
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def decode_attention(
@@ -234,14 +261,22 @@ def decode_attention(
     num_kv_splits: int,
     min_split_len: int,
     config: DecodeConfig,
+    entry_rows: torch.Tensor | None = None,
+    entry_tokens: torch.Tensor | None = None,
 ) -> None:
     """q/out: [batch, heads*head_dim], token i = row i. seq_lens/block_tables: [>= batch] rows
     of the pool. partial_out: [>= batch, heads, >= num_kv_splits, head_dim] fp32 scratch,
     partial_lse: [>= batch, heads, >= num_kv_splits] fp32 scratch. No allocation, no host
-    sync: safe to capture in a CUDA graph."""
+    sync: safe to capture in a CUDA graph.
+
+    With an entry table (`entry_rows`, `entry_tokens`: [entries] int32; module docstring) the
+    grid has one program row per entry and q/out may hold any number of tokens."""
     check_row_major("q", q)
     check_row_major("out", out)
-    batch_size = q.shape[0]
+    indirect = entry_rows is not None
+    batch_size = entry_rows.shape[0] if indirect else q.shape[0]
+    if not indirect:
+        entry_rows = entry_tokens = seq_lens  # not read
     if batch_size == 0:
         return
     assert partial_out.stride(-1) == 1 and partial_lse.stride(-1) == 1
@@ -256,6 +291,8 @@ def decode_attention(
         seq_lens,
         partial_out,
         partial_lse,
+        entry_rows,
+        entry_tokens,
         shape.scale_log2,
         q.stride(0),
         k_pool.stride(0),
@@ -275,6 +312,7 @@ def decode_attention(
         PAGE_SIZE=shape.page_size,
         WINDOW=shape.window,
         PRECISION=input_precision(q.dtype),
+        INDIRECT=indirect,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -283,6 +321,8 @@ def decode_attention(
         partial_lse,
         out,
         seq_lens,
+        entry_rows,
+        entry_tokens,
         partial_out.stride(0),
         partial_out.stride(1),
         partial_out.stride(2),
@@ -295,5 +335,6 @@ def decode_attention(
         BLOCK_D=shape.block_d,
         BLOCK_S=config.block_s,
         WINDOW=shape.window,
+        INDIRECT=indirect,
         num_warps=4,
     )

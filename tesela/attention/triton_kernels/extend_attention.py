@@ -114,6 +114,7 @@ def _extend_kernel(
     seq_lens_ptr,
     prefix_lens_ptr,
     extend_start_loc_ptr,
+    tiles_ptr,
     scale_log2,
     stride_q_token,
     stride_out_token,
@@ -127,16 +128,26 @@ def _extend_kernel(
     PAGE_SIZE: tl.constexpr,
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
+    TILED: tl.constexpr,
 ):
     # Heads vary fastest, so the query heads of one KV head run together and share its K/V
     # tiles in L2; query blocks go last-first, so the longest causal walks start first.
     head = tl.program_id(0)
-    q_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    row = tl.program_id(2)
+    if TILED:
+        # FULL graphs: the grid is fixed per captured size; each program reads its (row, query
+        # block) from the tile table, and entries past the batch's tiles hold row -1.
+        tile = tl.program_id(1)
+        row = tl.load(tiles_ptr + 2 * tile)
+        q_begin = tl.maximum(tl.load(tiles_ptr + 2 * tile + 1), 0)  # absent: (-1, -1)
+    else:
+        q_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+        row = tl.program_id(2)
+    present = row >= 0
+    row = tl.maximum(row, 0)
     seq_len = tl.load(seq_lens_ptr + row)
     prefix = tl.load(prefix_lens_ptr + row)
-    extend_len = seq_len - prefix
-    # The grid covers the longest row; query blocks past this row's end do nothing.
+    extend_len = tl.where(present, seq_len - prefix, 0)
+    # The grid covers the longest row (or the most tiles); blocks past a row's end do nothing.
     if q_begin < extend_len:
         offs_m = q_begin + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -203,15 +214,25 @@ def extend_attention(
     shape: PagedAttentionShape,
     max_extend_len: int,
     config: ExtendConfig,
+    tiles: torch.Tensor | None = None,
 ) -> None:
     """q/out: [num_tokens, heads*head_dim]; pools: [num_slots, kv_heads, head_dim];
-    seq_lens/prefix_lens/extend_start_loc: [batch] int32; block_tables: [batch, max_blocks]."""
+    seq_lens/prefix_lens/extend_start_loc: [batch] int32; block_tables: [batch, max_blocks].
+
+    With a tile table (`tiles`: [num_tiles, 2] int32 (row, first query), see `tile_table`)
+    the grid is (heads, num_tiles) whatever the batch, so a CUDA graph can capture it."""
     check_row_major("q", q)
     check_row_major("out", out)
     batch_size = seq_lens.shape[0]
     if batch_size == 0 or max_extend_len == 0:
         return
-    grid = (shape.num_heads, triton.cdiv(max_extend_len, config.block_m), batch_size)
+    tiled = tiles is not None
+    if tiled:
+        assert tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.is_contiguous()
+        grid = (shape.num_heads, tiles.shape[0])
+    else:
+        grid = (shape.num_heads, triton.cdiv(max_extend_len, config.block_m), batch_size)
+        tiles = seq_lens  # not read
     _extend_kernel[grid](
         q,
         out,
@@ -221,6 +242,7 @@ def extend_attention(
         seq_lens,
         prefix_lens,
         extend_start_loc,
+        tiles,
         shape.scale_log2,
         q.stride(0),
         out.stride(0),
@@ -234,6 +256,27 @@ def extend_attention(
         PAGE_SIZE=shape.page_size,
         WINDOW=shape.window,
         PRECISION=input_precision(q.dtype),
+        TILED=tiled,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+
+
+def max_tiles(num_tokens: int, max_rows: int, block_m: int) -> int:
+    """Query blocks any batch of `num_tokens` tokens in at most `max_rows` rows can need:
+    sum(ceil(len_i / block_m)) <= num_tokens // block_m + rows."""
+    return num_tokens // block_m + min(max_rows, num_tokens)
+
+
+def tile_table(extend_lens: list[int], prefix_lens: list[int], block_m: int) -> list[int]:
+    """The flat (row, first query) pairs of every query block of a batch, longest causal walk
+    first (as the untiled grid orders them). Rows of length 0 have none."""
+    tiles = sorted(
+        (
+            (prefix + start, row, start)
+            for row, (length, prefix) in enumerate(zip(extend_lens, prefix_lens, strict=True))
+            for start in range(0, length, block_m)
+        ),
+        reverse=True,
+    )
+    return [value for _, row, start in tiles for value in (row, start)]

@@ -112,6 +112,12 @@ class BreakablePiecewiseRunner(PiecewiseRunner):
         self.captured[size] = graph
         self._report.segments_per_size = len(graph.segments)
 
+    def split_signature(self) -> tuple:
+        return tuple(
+            (size, tuple((call.fn.__qualname__, call.args) for call in graph.splits))
+            for size, graph in sorted(self.captured.items())
+        )
+
     def _replay(self, batch: ForwardBatch, plan: ForwardPlan, size: int) -> torch.Tensor:
         with forward_context(batch, plan, self.planner.attn_backend):
             return self.captured[size].replay()

@@ -277,6 +277,12 @@ class CompiledPieces:
         self._compiled = torch.compile(
             _private_entry(self.model), backend=self._backend, fullgraph=True
         )
+        # Replay skips dynamo (its guards cost tens of microseconds per call): sizes whose every
+        # piece is captured call the split graph directly, with the arguments dynamo passed it
+        # (`_GraphCall`), the token inputs and the token count put in their places.
+        self.captured_sizes: set[int] = set()
+        self._graph_call: _GraphCall | None = None
+        self._inputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_split_calls(self) -> int:
@@ -287,6 +293,11 @@ class CompiledPieces:
         return sum(c.input_copies for piece in self.pieces for c in piece.graphs.values())
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        num_tokens = int(input_ids.shape[0])
+        call = self._graph_call
+        if num_tokens in self.captured_sizes and self.capture_size is None and call.direct:
+            self.num_tokens = num_tokens
+            return call.direct_call(input_ids, positions, num_tokens)
         mark = (
             torch._dynamo.decorators.mark_unbacked
             if self.unbacked_tokens
@@ -294,10 +305,17 @@ class CompiledPieces:
         )
         mark(input_ids, 0)
         mark(positions, 0)
-        self.num_tokens = int(input_ids.shape[0])
-        # Eager pieces trace our fused kernels as opaque ops; inductor traces the PyTorch ops.
-        with fused.tracing_opaque(self.piecewise_compiler == "eager"):
-            return self._compiled(input_ids, positions)
+        self.num_tokens = num_tokens
+        self._inputs = (input_ids, positions)
+        try:
+            # Eager pieces trace our fused kernels as opaque ops; inductor traces the PyTorch ops.
+            with fused.tracing_opaque(self.piecewise_compiler == "eager"):
+                output = self._compiled(input_ids, positions)
+        finally:
+            self._inputs = None
+        if self._graph_call is not None:
+            self._graph_call.confirm(output)
+        return output
 
     @contextlib.contextmanager
     def capturing(self, size: int) -> Iterator[None]:
@@ -314,6 +332,8 @@ class CompiledPieces:
             yield
         finally:
             self.capture_size = None
+        if all(size in piece.graphs for piece in self.pieces):
+            self.captured_sizes.add(size)
 
     def _backend(self, graph_module: fx.GraphModule, example_inputs: list) -> Callable:
         self.num_compiles += 1
@@ -336,13 +356,68 @@ class CompiledPieces:
             # An instance attribute shadows the submodule: the split graph calls self.<name>.
             split.module.__dict__[piece.name] = piece
         self.split, self.pieces = split, pieces
+        self._graph_call = _GraphCall(split.module, self)
+        self.captured_sizes.clear()
         logger.info(
             "compiled the model into %d %s pieces around %d split calls",
             len(pieces),
             self.piecewise_compiler,
             len(split.split_names),
         )
-        return split.module
+        return self._graph_call
+
+
+class _GraphCall:
+    """What dynamo calls: the split graph. It learns, on its first call, where the token inputs
+    and the token count sit among dynamo's arguments (the rest are parameters and buffers, which
+    never move), so that replay can call the split graph without dynamo. If the layout is not
+    what it expects (an argument it cannot place, an output dynamo rebuilt), `direct` stays
+    False and every call goes through dynamo."""
+
+    def __init__(self, module: fx.GraphModule, owner: CompiledPieces) -> None:
+        self.module = module
+        self.owner = owner
+        self.template: list | None = None
+        self.slots: list[tuple[int, str]] = []  # (argument index, "ids" | "positions" | "n")
+        self.last_output: Any = None
+        self.direct = False
+
+    def __call__(self, *args):
+        if self.template is None:
+            self._learn(args)
+        output = self.module(*args)
+        self.last_output = output
+        return output
+
+    def _learn(self, args: tuple) -> None:
+        input_ids, positions = self.owner._inputs
+        self.template, self.slots = list(args), []
+        for index, arg in enumerate(args):
+            if arg is input_ids:
+                self.slots.append((index, "ids"))
+            elif arg is positions:
+                self.slots.append((index, "positions"))
+            elif isinstance(arg, int):
+                if arg != self.owner.num_tokens:
+                    self.template = []  # a size other than the token count: no direct calls
+                    return
+                self.slots.append((index, "n"))
+        if len(self.slots) < 2:  # the token inputs not found among the arguments
+            self.template = []
+
+    def confirm(self, output: Any) -> None:
+        """Allow direct calls once dynamo is seen returning the split graph's output as is."""
+        if self.direct or not self.template:
+            return
+        raw = self.last_output
+        self.direct = isinstance(raw, (tuple, list)) and len(raw) == 1 and raw[0] is output
+
+    def direct_call(self, input_ids, positions, num_tokens: int) -> torch.Tensor:
+        args = list(self.template)
+        values = {"ids": input_ids, "positions": positions, "n": num_tokens}
+        for index, kind in self.slots:
+            args[index] = values[kind]
+        return self.module(*args)[0]
 
 
 class CompiledPiecewiseRunner(PiecewiseRunner):
@@ -364,6 +439,17 @@ class CompiledPiecewiseRunner(PiecewiseRunner):
         with self.pieces.capturing(size):
             self._forward(batch, plan, size)
         self._report.segments_per_size = len(self.pieces.pieces)
+
+    def split_signature(self) -> tuple:
+        """Each split submodule's ops with their constant arguments (e.g. the layer id); one
+        split graph serves every size."""
+        split = self.pieces.split
+        return tuple(
+            (str(node.target), tuple(a for a in node.args if not isinstance(a, fx.Node)))
+            for name in split.split_names
+            for node in split.submodule(name).graph.nodes
+            if node.op == "call_function"
+        )
 
     def _replay(self, batch: ForwardBatch, plan: ForwardPlan, size: int) -> torch.Tensor:
         # The pieces replay their graphs for `size` themselves; split ops run in between.

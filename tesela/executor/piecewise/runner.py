@@ -92,6 +92,10 @@ class PiecewiseRunner(GraphRunner):
     def _replay(self, batch: ForwardBatch, plan: ForwardPlan, size: int) -> torch.Tensor:
         """Replay size `size` for `batch` (already in the static buffers) under `plan`."""
 
+    @abstractmethod
+    def split_signature(self) -> tuple:
+        """The split ops between the captured pieces, in order: equal on every TP rank."""
+
     def _before_capture(self) -> None:
         """Work that must happen before the capture scope (compilation)."""
 

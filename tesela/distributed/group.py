@@ -1,0 +1,191 @@
+"""The tensor-parallel group: start-up from the torch.distributed environment, collectives.
+
+A `TPGroup` is a plain value (rank, size, name) handed to every layer that shards; layers call
+`all_reduce_` / `all_gather`, which are registered custom ops so that torch.compile keeps them
+as single opaque nodes and CUDA graphs capture them (a plain NCCL all-reduce is capturable once
+its communicator exists, which the eager warmup before every capture guarantees). Custom ops
+take only plain arguments, so they find the torch ProcessGroup by the group's name in
+`_PROCESS_GROUPS`, filled once by `init_distributed`.
+
+Start-up reads the standard rendezvous variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+LOCAL_RANK), exactly what torchrun sets, so multi-node launches use the usual tooling. Two
+groups are made: the compute group (NCCL on CUDA, gloo on CPU) and a gloo group on the host
+for small control exchanges (capture plans, KV sizes) that must not touch the GPU stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_PROCESS_GROUPS: dict[str, dist.ProcessGroup] = {}
+RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This process's place in the tensor-parallel group (size 1: no collectives at all)."""
+
+    rank: int = 0
+    size: int = 1
+    name: str = ""  # key of the compute ProcessGroup; its host twin is f"{name}:cpu"
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.rank < self.size, (self.rank, self.size)
+
+    @property
+    def process_group(self) -> dist.ProcessGroup:
+        return _PROCESS_GROUPS[self.name]
+
+    @property
+    def cpu_group(self) -> dist.ProcessGroup:
+        return _PROCESS_GROUPS[f"{self.name}:cpu"]
+
+    def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the ranks, in place; returns `x`."""
+        if self.size > 1:
+            torch.ops.tesela.all_reduce_(x, self.name)
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's `x` along the last dimension, in rank order."""
+        if self.size == 1:
+            return x
+        return torch.ops.tesela.all_gather(x, self.name, self.size)
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's picklable `obj`, in rank order, over the host group."""
+        if self.size == 1:
+            return [obj]
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.cpu_group)
+        return out
+
+    def check_same(self, value, what: str) -> None:
+        """Raise unless every rank passes an equal `value` (e.g. its capture plan): ranks that
+        capture different sizes, or in another order, would pair collectives wrongly and hang
+        or corrupt each other."""
+        values = self.all_gather_object(value)
+        differ = [rank for rank, v in enumerate(values) if v != values[0]]
+        if differ:
+            raise RuntimeError(
+                f"tensor-parallel ranks disagree on {what}: rank 0 has {values[0]!r}, rank "
+                f"{differ[0]} has {values[differ[0]]!r}; every rank must run the same "
+                "configuration (capture sizes, graph modes, model)"
+            )
+
+    def min_int(self, value: int) -> int:
+        """The smallest `value` over the ranks (e.g. KV blocks every rank can hold)."""
+        return min(self.all_gather_object(int(value)))
+
+
+SINGLE = TPGroup()
+
+
+def rendezvous_env(rank: int, world_size: int, port: int, addr: str = "127.0.0.1") -> dict:
+    """The variables torchrun would set for `rank` of a single-host group."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": addr,
+        "MASTER_PORT": str(port),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    *,
+    device: torch.device | str,
+    timeout_s: float = 60.0,
+    name: str = "tp",
+    env: Mapping[str, str] | None = None,
+) -> TPGroup:
+    """Join the process group described by the rendezvous environment; the whole world is one
+    tensor-parallel group. NCCL on CUDA (the device is cuda:LOCAL_RANK), gloo on CPU.
+    `timeout_s` bounds every collective: a peer that hangs fails the group, not stalls it.
+    `env` (default: os.environ) holds the rendezvous variables."""
+    env = os.environ if env is None else env
+    missing = [k for k in RENDEZVOUS_ENV if k not in env]
+    if missing:
+        raise RuntimeError(
+            f"tensor parallelism needs the torch.distributed rendezvous variables; missing "
+            f"{', '.join(missing)}: launch with torchrun or set RANK, WORLD_SIZE, MASTER_ADDR "
+            "and MASTER_PORT"
+        )
+    rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    device = torch.device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", rank)))
+    if dist.is_initialized():
+        raise RuntimeError(
+            "this process already belongs to a tensor-parallel group: shut the running engine "
+            "down (LLM.shutdown()) before starting another"
+        )
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+        rank=rank,
+        world_size=size,
+        timeout=timeout,
+    )
+    _PROCESS_GROUPS[name] = dist.group.WORLD
+    _PROCESS_GROUPS[f"{name}:cpu"] = (
+        dist.new_group(backend="gloo", timeout=timeout)
+        if device.type == "cuda"
+        else dist.group.WORLD
+    )
+    return TPGroup(rank, size, name)
+
+
+def destroy_distributed(*, barrier: bool = True) -> None:
+    """Leave the process group (idempotent). A clean shutdown waits for every rank first: the
+    rank hosting the rendezvous store must not leave while others still talk to it."""
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier(group=_PROCESS_GROUPS.get("tp:cpu"))
+        dist.destroy_process_group()
+    _PROCESS_GROUPS.clear()
+
+
+def abort_distributed() -> None:
+    """Abort pending collectives so a thread blocked on a dead peer returns (best effort)."""
+    for group in list(_PROCESS_GROUPS.values()):
+        with contextlib.suppress(Exception):  # aborting is best effort by nature
+            dist.distributed_c10d._abort_process_group(group)
+
+
+@torch.library.custom_op("tesela::all_reduce_", mutates_args=("x",))
+def _all_reduce_(x: torch.Tensor, group_name: str) -> None:
+    dist.all_reduce(x, group=_PROCESS_GROUPS[group_name])
+
+
+@_all_reduce_.register_fake
+def _(x, group_name) -> None:
+    return None
+
+
+@torch.library.custom_op("tesela::all_gather", mutates_args=())
+def _all_gather(x: torch.Tensor, group_name: str, world_size: int) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous(), group=_PROCESS_GROUPS[group_name])
+    return torch.cat(parts, dim=-1)
+
+
+@_all_gather.register_fake
+def _(x, group_name, world_size):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] * world_size))

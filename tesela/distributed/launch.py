@@ -1,0 +1,102 @@
+"""Run one function on every rank of a single-host tensor-parallel group (SPMD).
+
+The benchmarks drive ModelRunners directly, batch by batch; at tensor-parallel size N each
+rank must run the very same batches, which is simplest when every rank runs the same script:
+`run_spmd(fn, N, device, *args)` spawns N processes with the rendezvous variables torchrun
+would set, calls `fn(tp, *args)` in each and returns rank 0's result. Size 1 calls `fn`
+in-process with the single-rank group. Also here: `all_reduce_latency_us`, the cost of one
+all-reduce of a given shape, as the model's layers issue it (inside a CUDA graph on CUDA).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tesela.distributed.group import (
+    SINGLE,
+    TPGroup,
+    destroy_distributed,
+    free_port,
+    init_distributed,
+    rendezvous_env,
+)
+
+
+def _rank_entry(fn, rank: int, size: int, port: int, device: str, args: tuple, queue) -> None:
+    tp = init_distributed(device=device, env=rendezvous_env(rank, size, port), timeout_s=600)
+    try:
+        result = fn(tp, *args)
+        if rank == 0:
+            queue.put(("ok", result))
+    except BaseException:
+        queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+        raise
+    finally:
+        destroy_distributed(barrier=False)
+
+
+def run_spmd(fn: Callable[..., Any], size: int, device: str, *args) -> Any:
+    """fn(tp, *args) on `size` ranks; rank 0's return value (or the first rank's error)."""
+    if size == 1:
+        return fn(SINGLE, *args)
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=_rank_entry, args=(fn, rank, size, port, device, args, queue))
+        for rank in range(size)
+    ]
+    for process in processes:
+        process.start()
+    status, payload = queue.get()
+    for process in processes:
+        process.join(timeout=60 if status == "ok" else 5)
+        if process.is_alive():
+            process.kill()
+    if status != "ok":
+        raise RuntimeError(f"a tensor-parallel rank failed: {payload}")
+    return payload
+
+
+def all_reduce_latency_us(
+    tp: TPGroup, shape: tuple[int, ...], dtype: torch.dtype, device, repeat: int = 20
+) -> float:
+    """Median microseconds of one in-place all-reduce of `shape` (0 for a single rank). On
+    CUDA the all-reduces are captured in a graph, as the decode and piecewise graphs run them,
+    so the figure excludes the host launch cost."""
+    if tp.size == 1:
+        return 0.0
+    x = torch.zeros(shape, dtype=dtype, device=device)
+    device = torch.device(device)
+    per_graph = 16
+    if device.type == "cuda":
+        for _ in range(3):
+            tp.all_reduce_(x)  # creates the NCCL communicator outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(per_graph):
+                tp.all_reduce_(x)
+        run = graph.replay
+    else:
+
+        def run() -> None:
+            for _ in range(per_graph):
+                tp.all_reduce_(x)
+
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) / per_graph * 1e6)
+    return statistics.median(times)

@@ -1,0 +1,210 @@
+"""FULL mixed graphs: the whole forward of any batch (extend, mixed, decode), attention inside,
+per padded token count.
+
+For backends that declare ALWAYS graph support (tesela/attention/policy.py): their attention
+reads every per-batch value (row starts, prefix and sequence lengths, block tables, the tile
+table that gives each program its row) from persistent buffers that `MixedGraphPlanner.plan`
+rewrites in place, and launches grids fixed per captured size. A replay copies the batch's
+tokens, positions and KV slots into static buffers (padding tokens: token 0, position 0, the
+dummy KV slot), plans the batch and replays the smallest captured size that fits. Padding is
+zero-length work: no tile of the table covers a padding token, and its KV store hits only the
+dummy slot.
+
+A graph captured for N tokens serves at most `max_rows` rows (its tile table and row buffers
+are that large): `can_run` refuses a batch with more, and planning one raises.
+
+Warmup, capture and replay are the same code on every device; on CPU the graph is the `CpuGraph`
+stand-in (tesela/executor/graphs.py), which re-runs the captured forward over the same static
+buffers and persistent metadata, so a launch value that depended on the capture batch would
+show up as a wrong result on CPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from tesela.attention.base import AttentionBackend
+from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_context import batch_state, forward_context
+from tesela.core.kv_cache import DUMMY_SLOT
+from tesela.core.plan import ForwardPlan
+from tesela.executor.graph_runner import CaptureReport, GraphRunner
+from tesela.executor.graphs import GraphFactory
+from tesela.executor.piecewise.buffers import capture_batch
+from tesela.executor.planner import ForwardPlanner
+
+logger = logging.getLogger("tesela.full_mixed")
+
+
+class MixedGraphPlanner(ForwardPlanner):
+    """Plans batches for FULL mixed graphs: the attention metadata views the backend's
+    persistent buffers, rewritten with the batch; its launch values depend only on the captured
+    size the batch pads to."""
+
+    def __init__(
+        self,
+        attn_backend: AttentionBackend,
+        sizes: tuple[int, ...],
+        max_rows: int,
+        max_blocks_per_seq: int,
+    ) -> None:
+        if not attn_backend.supports_full_mixed:
+            raise ValueError(
+                f"attention backend {attn_backend.name!r} declares "
+                f"{attn_backend.cuda_graph_support.name} graph support, not ALWAYS: it cannot "
+                "run extend or mixed batches in a FULL graph; use piecewise graphs"
+            )
+        super().__init__(attn_backend)
+        self.sizes = tuple(sizes)
+        self.max_rows = max_rows
+        attn_backend.init_mixed_graph_state(max_rows, max_blocks_per_seq, self.sizes[-1])
+
+    def padded_size(self, num_tokens: int) -> int:
+        return self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
+
+    def key(self, batch: ForwardBatch) -> tuple[int, bool]:
+        """The graph that serves `batch`: its padded size, and whether it has 1-token rows
+        (decode rows), which the variant with the split-KV decode launch serves; the other
+        variant spares prefill-only batches that launch."""
+        return self.padded_size(batch.num_tokens), 1 in batch.extend_lens_cpu
+
+    def plan(self, batch: ForwardBatch, split_decode: bool | None = None) -> ForwardPlan:
+        """Plan `batch` for its graph (`key`); capture names the variant it captures."""
+        size, has_decode = self.key(batch)
+        split = has_decode if split_decode is None else split_decode
+        metadata = self.attn_backend.plan_mixed_graph(batch, size, split)
+        return ForwardPlan(batch.stamp, metadata)
+
+
+class FullMixedRunner(GraphRunner):
+    name = "full mixed"
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        planner: MixedGraphPlanner,
+        block_size: int,
+        max_blocks_per_seq: int,
+        graphs: GraphFactory,
+    ) -> None:
+        self.model = model
+        self.planner = planner
+        self.sizes = planner.sizes
+        self.max_rows = planner.max_rows
+        self.block_size = block_size
+        self.max_blocks = max_blocks_per_seq
+        self.graphs = graphs
+        max_tokens = self.sizes[-1]
+        device = graphs.device
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.out_cache_loc = torch.full((max_tokens,), DUMMY_SLOT, dtype=torch.int64, device=device)
+        # (size, split_decode) -> (graph, output, the captured forward: run_eager_padded's)
+        self.captured: dict[tuple[int, bool], tuple] = {}
+        self._report = CaptureReport(
+            "full mixed", self.sizes, cuda_graphs=graphs.device_type == "cuda"
+        )
+
+    def can_run(self, batch: ForwardBatch) -> str | None:
+        if batch.num_tokens > self.sizes[-1]:
+            return "too_many_tokens"
+        if batch.batch_size > self.max_rows:
+            return "too_many_rows"
+        if batch.block_tables.shape[1] > self.max_blocks:
+            return "context_too_long"
+        if batch.return_input_logprobs:
+            return "input_logprobs"
+        return None
+
+    def report(self) -> CaptureReport:
+        return self._report
+
+    # ---- capture ------------------------------------------------------------------------------
+
+    def _static_batch(self, size: int) -> ForwardBatch:
+        """A real batch of `size` tokens (one row on the dummy block, as piecewise capture
+        uses) whose token tensors are the static buffers the graph reads."""
+        rows = capture_batch(size, self.block_size, self.graphs.device)
+        self._load_tokens(rows, size)
+        return ForwardBatch(
+            mode=ForwardMode.EXTEND,
+            input_ids=self.input_ids[:size],
+            positions=self.positions[:size],
+            out_cache_loc=self.out_cache_loc[:size],
+            seq_lens=rows.seq_lens,
+            prefix_lens=rows.prefix_lens,
+            extend_start_loc=rows.extend_start_loc,
+            block_tables=rows.block_tables,
+            logits_indices=rows.logits_indices,
+            seq_lens_cpu=rows.seq_lens_cpu,
+            prefix_lens_cpu=rows.prefix_lens_cpu,
+        )
+
+    def _forward_fn(self, batch: ForwardBatch, plan: ForwardPlan) -> Callable[[], torch.Tensor]:
+        def forward() -> torch.Tensor:
+            with forward_context(batch, plan, self.planner.attn_backend):
+                return self.model(batch.input_ids, batch.positions)
+
+        return forward
+
+    @torch.inference_mode()
+    def capture(self) -> CaptureReport:
+        start = time.perf_counter()
+        with self.graphs.capturing() as memory:
+            for size in reversed(self.sizes):  # largest first: smaller ones reuse its pool
+                for split_decode in (True, False):
+                    warmup = self._static_batch(size)
+                    self._forward_fn(warmup, self.planner.plan(warmup, split_decode))()
+                    batch = self._static_batch(size)
+                    forward = self._forward_fn(batch, self.planner.plan(batch, split_decode))
+                    graph = self.graphs.graph()
+                    output = graph.capture(forward)
+                    self.captured[size, split_decode] = (graph, output, forward)
+        self._report.seconds = time.perf_counter() - start
+        self._report.segments_per_size = 2  # two graphs: with and without decode rows
+        self._report.graph_memory_bytes = memory[0]
+        logger.info(self._report.summary())
+        return self._report
+
+    # ---- replay -------------------------------------------------------------------------------
+
+    def _load_tokens(self, batch: ForwardBatch, size: int) -> None:
+        n = batch.num_tokens
+        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:n].copy_(batch.positions, non_blocking=True)
+        self.out_cache_loc[:n].copy_(batch.out_cache_loc, non_blocking=True)
+        if size > n:
+            self.input_ids[n:size].zero_()
+            self.positions[n:size].zero_()
+            self.out_cache_loc[n:size].fill_(DUMMY_SLOT)
+
+    def _prepare(self, batch: ForwardBatch) -> tuple[int, bool]:
+        """Static buffers and persistent metadata for `batch`; returns the graph to replay."""
+        key = self.planner.key(batch)
+        self._load_tokens(batch, key[0])
+        # The graph runs no Python: planning this batch rewrites the buffers it reads.
+        self.planner.plan(batch)
+        return key
+
+    @torch.inference_mode()
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        graph, output, _ = self.captured[self._prepare(batch)]
+        n = batch.num_tokens
+        with batch_state(n):  # what ordinary ops read per batch (the MoE real-token count)
+            graph.replay()
+        return output[:n]
+
+    @torch.inference_mode()
+    def run_eager_padded(self, batch: ForwardBatch) -> torch.Tensor:
+        """What a replay computes, run eagerly: the captured forward of the same size over the
+        same buffers and launch values. A replay must equal it bit for bit."""
+        _, _, forward = self.captured[self._prepare(batch)]
+        n = batch.num_tokens
+        with batch_state(n):
+            return forward()[:n].clone()

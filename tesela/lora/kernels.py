@@ -1,0 +1,283 @@
+"""Segmented LoRA kernels in Triton (shrink and expand), and the torch reference.
+
+For a target with slices j (q/k/v of `qkv_proj`, gate/up of `gate_up_proj`, one for the
+others) and a token t served by adapter slot `slot`:
+
+    shrink:  s[t, j, :]         = x[t] @ A[slot, j, :rank].T              (fp32)
+    expand:  y[t, off_j:off_j+1] += scaling[slot] * s[t, j, :rank] @ B[slot, off_j:off_j+1, :rank].T
+
+Two styles read the same persistent buffers of the per-batch LoRA state:
+- `sgmv` (extend/mixed): programs own fixed blocks of BLOCK_M tokens and walk the segments
+  (runs of consecutive tokens sharing an adapter) that overlap their block, so any number of
+  segments is served and none is skipped;
+- `gather` (decode): one program per token reads its slot from `token_slot`.
+Launch grids depend only on the (padded) token count and the target's shape, never on the
+batch: a graph captured at one size is right for every batch replayed at that size. Tokens of
+the base model and padding carry slot -1 and cost no work; a slot's rank masks its weights, so
+a smaller adapter in a reused slot never reads the previous one's rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+SGMV, GATHER = "sgmv", "gather"
+
+
+def rank_block(max_lora_rank: int) -> int:
+    """The rank width of the shrink output and of the kernels' rank tiles (tl.dot needs 16)."""
+    return max(16, 1 << (max_lora_rank - 1).bit_length())
+
+
+def _pow2_block(n: int, cap: int) -> int:
+    return max(16, min(cap, 1 << (max(n, 1) - 1).bit_length()))
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def shrink_sgmv(
+        x_ptr, a_ptr, s_ptr, token_seg_ptr, seg_start_ptr, seg_slot_ptr, ranks_ptr,
+        num_tokens, K, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank, stride_sm,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        pid_m, j = tl.program_id(0), tl.program_id(1)
+        m_start = pid_m * BLOCK_M
+        m_end = tl.minimum(m_start + BLOCK_M, num_tokens)
+        rows = m_start + tl.arange(0, BLOCK_M)
+        r = tl.arange(0, BLOCK_R)
+        seg = tl.load(token_seg_ptr + m_start)
+        seg_lo = tl.load(seg_start_ptr + seg)
+        while seg_lo < m_end:
+            seg_hi = tl.load(seg_start_ptr + seg + 1)
+            slot = tl.load(seg_slot_ptr + seg)
+            if slot >= 0:
+                rank = tl.load(ranks_ptr + slot)
+                row_mask = (rows >= seg_lo) & (rows < seg_hi) & (rows < m_end)
+                a_base = a_ptr + slot.to(tl.int64) * stride_a_slot + j * stride_a_slice
+                acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    xt = tl.load(
+                        x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
+                        mask=row_mask[:, None] & (ks < K)[None, :], other=0.0,
+                    )  # fmt: skip
+                    at = tl.load(
+                        a_base + r[None, :] * stride_a_rank + ks[:, None],
+                        mask=(r < rank)[None, :] & (ks < K)[:, None], other=0.0,
+                    )  # fmt: skip
+                    if IEEE:
+                        acc += tl.dot(xt, at, input_precision="ieee")
+                    else:
+                        acc += tl.dot(xt, at)
+                s_offs = rows[:, None].to(tl.int64) * stride_sm + j * BLOCK_R + r[None, :]
+                tl.store(s_ptr + s_offs, acc, mask=row_mask[:, None])
+            seg += 1
+            seg_lo = seg_hi
+
+    @triton.jit
+    def expand_sgmv(
+        s_ptr, b_ptr, y_ptr, slice_off_ptr, token_seg_ptr, seg_start_ptr, seg_slot_ptr,
+        ranks_ptr, scalings_ptr,
+        num_tokens, stride_sm, stride_b_slot, stride_b_row, stride_ym,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        pid_m, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offset = tl.load(slice_off_ptr + j)
+        size = tl.load(slice_off_ptr + j + 1) - offset
+        m_start = pid_m * BLOCK_M
+        m_end = tl.minimum(m_start + BLOCK_M, num_tokens)
+        if pid_n * BLOCK_N < size:
+            rows = m_start + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_mask = cols < size
+            r = tl.arange(0, BLOCK_R)
+            seg = tl.load(token_seg_ptr + m_start)
+            seg_lo = tl.load(seg_start_ptr + seg)
+            while seg_lo < m_end:
+                seg_hi = tl.load(seg_start_ptr + seg + 1)
+                slot = tl.load(seg_slot_ptr + seg)
+                if slot >= 0:
+                    rank = tl.load(ranks_ptr + slot)
+                    scaling = tl.load(scalings_ptr + slot)
+                    row_mask = (rows >= seg_lo) & (rows < seg_hi) & (rows < m_end)
+                    s_offs = rows[:, None].to(tl.int64) * stride_sm + j * BLOCK_R + r[None, :]
+                    st = tl.load(s_ptr + s_offs, mask=row_mask[:, None], other=0.0)
+                    b_offs = (
+                        slot.to(tl.int64) * stride_b_slot
+                        + (offset + cols)[None, :].to(tl.int64) * stride_b_row
+                        + r[:, None]
+                    )
+                    bt = tl.load(
+                        b_ptr + b_offs, mask=(r < rank)[:, None] & col_mask[None, :], other=0.0
+                    )
+                    if IEEE:
+                        delta = tl.dot(st, bt.to(tl.float32), input_precision="ieee")
+                    else:
+                        delta = tl.dot(st.to(bt.dtype), bt)
+                    y_offs = rows[:, None].to(tl.int64) * stride_ym + (offset + cols)[None, :]
+                    mask = row_mask[:, None] & col_mask[None, :]
+                    y = tl.load(y_ptr + y_offs, mask=mask, other=0.0)
+                    out = y.to(tl.float32) + delta * scaling
+                    tl.store(y_ptr + y_offs, out.to(y.dtype), mask=mask)
+                seg += 1
+                seg_lo = seg_hi
+
+    @triton.jit
+    def shrink_gather(
+        x_ptr, a_ptr, s_ptr, token_slot_ptr, ranks_ptr,
+        K, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank, stride_sm,
+        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        t, j = tl.program_id(0), tl.program_id(1)
+        slot = tl.load(token_slot_ptr + t)
+        if slot >= 0:
+            rank = tl.load(ranks_ptr + slot)
+            r = tl.arange(0, BLOCK_R)
+            a_base = a_ptr + slot.to(tl.int64) * stride_a_slot + j * stride_a_slice
+            acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                xk = tl.load(x_ptr + t.to(tl.int64) * stride_xm + ks, mask=ks < K, other=0.0)
+                at = tl.load(
+                    a_base + r[:, None] * stride_a_rank + ks[None, :],
+                    mask=(r < rank)[:, None] & (ks < K)[None, :], other=0.0,
+                )  # fmt: skip
+                acc += tl.sum(at.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
+            tl.store(s_ptr + t.to(tl.int64) * stride_sm + j * BLOCK_R + r, acc)
+
+    @triton.jit
+    def expand_gather(
+        s_ptr, b_ptr, y_ptr, slice_off_ptr, token_slot_ptr, ranks_ptr, scalings_ptr,
+        stride_sm, stride_b_slot, stride_b_row, stride_ym,
+        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        t, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        slot = tl.load(token_slot_ptr + t)
+        offset = tl.load(slice_off_ptr + j)
+        size = tl.load(slice_off_ptr + j + 1) - offset
+        if (slot >= 0) & (pid_n * BLOCK_N < size):
+            rank = tl.load(ranks_ptr + slot)
+            scaling = tl.load(scalings_ptr + slot)
+            r = tl.arange(0, BLOCK_R)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_mask = cols < size
+            st = tl.load(s_ptr + t.to(tl.int64) * stride_sm + j * BLOCK_R + r)
+            b_offs = (
+                slot.to(tl.int64) * stride_b_slot
+                + (offset + cols)[:, None].to(tl.int64) * stride_b_row
+                + r[None, :]
+            )
+            bt = tl.load(b_ptr + b_offs, mask=col_mask[:, None] & (r < rank)[None, :], other=0.0)
+            delta = tl.sum(bt.to(tl.float32) * st[None, :], axis=1) * scaling
+            y_offs = t.to(tl.int64) * stride_ym + offset + cols
+            y = tl.load(y_ptr + y_offs, mask=col_mask, other=0.0)
+            tl.store(y_ptr + y_offs, (y.to(tl.float32) + delta).to(y.dtype), mask=col_mask)
+
+    return shrink_sgmv, expand_sgmv, shrink_gather, expand_gather
+
+
+def triton_lora(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    slice_offsets: torch.Tensor,
+    max_slice_size: int,
+    state,
+    style: str,
+) -> None:
+    """y += LoRA(x) for every token of x (x/y may be padded past the batch's tokens).
+
+    a: [slots, slices, max_rank, in]; b: [slots, out, max_rank]; `state` holds the persistent
+    per-batch buffers (token_slot, token_seg, seg_start, seg_slot, ranks, scalings)."""
+    shrink_sgmv, expand_sgmv, shrink_gather, expand_gather = _kernels()
+    num_tokens, K = x.shape
+    num_slices = a.shape[1]
+    block_r = rank_block(a.shape[2])
+    assert a.stride(3) == 1 and b.stride(2) == 1 and x.stride(1) == 1 and y.stride(1) == 1
+    s = torch.empty(num_tokens, num_slices * block_r, dtype=torch.float32, device=x.device)
+    block_k = _pow2_block(K, 64)
+    block_n = _pow2_block(max_slice_size, 64)
+    n_blocks = -(-max_slice_size // block_n)
+    ieee = x.dtype == torch.float32
+    a_strides = (a.stride(0), a.stride(1), a.stride(2))
+    if style == SGMV:
+        block_m = 32 if num_tokens >= 32 else 16
+        m_blocks = -(-num_tokens // block_m)
+        shrink_sgmv[(m_blocks, num_slices)](
+            x, a, s, state.token_seg, state.seg_start, state.seg_slot, state.ranks,
+            num_tokens, K, x.stride(0), *a_strides, s.stride(0),
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee,
+        )  # fmt: skip
+        expand_sgmv[(m_blocks, n_blocks, num_slices)](
+            s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
+            state.ranks, state.scalings,
+            num_tokens, s.stride(0), b.stride(0), b.stride(1), y.stride(0),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=ieee,
+        )  # fmt: skip
+        return
+    assert style == GATHER, style
+    shrink_gather[(num_tokens, num_slices)](
+        x, a, s, state.token_slot, state.ranks,
+        K, x.stride(0), *a_strides, s.stride(0),
+        BLOCK_K=block_k, BLOCK_R=block_r,
+    )  # fmt: skip
+    expand_gather[(num_tokens, n_blocks, num_slices)](
+        s, b, y, slice_offsets, state.token_slot, state.ranks, state.scalings,
+        s.stride(0), b.stride(0), b.stride(1), y.stride(0),
+        BLOCK_N=block_n, BLOCK_R=block_r,
+    )  # fmt: skip
+
+
+def torch_lora(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    slice_offsets: tuple[int, ...],
+    segments: list[tuple[int, int, int]],
+    ranks: list[int],
+    scalings: list[float],
+) -> None:
+    """The torch path (CPU, eager): y += LoRA(x) segment by segment, from host-side lists.
+
+    `segments` are (start, end, slot) runs of tokens; slot -1 (the base model) adds nothing."""
+    for start, end, slot in segments:
+        if slot < 0:
+            continue
+        rank = ranks[slot]
+        rows = x[start:end]
+        for j in range(a.shape[1]):
+            lo, hi = slice_offsets[j], slice_offsets[j + 1]
+            shrunk = rows @ a[slot, j, :rank].T
+            y[start:end, lo:hi] += scalings[slot] * (shrunk @ b[slot, lo:hi, :rank].T)
+
+
+def reference_lora_delta(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    slice_offsets: tuple[int, ...],
+    token_slot: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+) -> torch.Tensor:
+    """The delta each token's adapter adds, computed densely in fp64 (for tests)."""
+    out = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float64)
+    for t, slot in enumerate(token_slot.tolist()):
+        if slot < 0:
+            continue
+        rank = int(ranks[slot])
+        for j in range(a.shape[1]):
+            lo, hi = slice_offsets[j], slice_offsets[j + 1]
+            shrunk = x[t].double() @ a[slot, j, :rank].double().T
+            out[t, lo:hi] = float(scalings[slot]) * (shrunk @ b[slot, lo:hi, :rank].double().T)
+    return out

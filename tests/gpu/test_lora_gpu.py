@@ -1,0 +1,156 @@
+"""LoRA on CUDA: the Triton kernels in bf16 against the fp64 reference, and greedy generations
+with adapters identical with graphs off, piecewise breakable, piecewise compiled and FULL
+decode graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tesela import LLM, LoRARequest, SamplingParams
+from tesela.lora.adapter import write_random_adapter
+from tesela.lora.kernels import GATHER, SGMV, reference_lora_delta, triton_lora
+from tesela.lora.state import NO_SLOT, LoRABuffers
+
+# Llama-3-8B's qkv (q 4096, k 1024, v 1024 rows over a 4096 input) and its down projection.
+SHAPES = {"qkv": (4096, (0, 4096, 5120, 6144)), "down": (14336, (0, 4096))}
+
+
+def random_segments(num_tokens: int, slots: int, seed: int) -> list[tuple[int, int, int]]:
+    generator = torch.Generator().manual_seed(seed)
+    segments, start = [], 0
+    while start < num_tokens:
+        n = int(torch.randint(1, 40, (1,), generator=generator))
+        slot = int(torch.randint(-1, slots, (1,), generator=generator))
+        segments.append((start, min(start + n, num_tokens), slot))
+        start += n
+    return segments
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("style", [SGMV, GATHER])
+@pytest.mark.parametrize("num_tokens", [1, 7, 32, 300])
+def test_kernels_bf16_match_the_reference(shape, style, num_tokens):
+    in_features, offsets = SHAPES[shape]
+    slots, max_rank = 4, 16
+    generator = torch.Generator().manual_seed(num_tokens)
+    a = torch.randn(slots, len(offsets) - 1, max_rank, in_features, generator=generator)
+    a = (a * in_features**-0.5).to(torch.bfloat16).cuda()
+    b = (torch.randn(slots, offsets[-1], max_rank, generator=generator) * 0.05).bfloat16().cuda()
+    x = torch.randn(num_tokens + 5, in_features, generator=generator).bfloat16().cuda()
+    y0 = torch.randn(num_tokens + 5, offsets[-1], generator=generator).bfloat16().cuda()
+    buffers = LoRABuffers.allocate(512, slots, "cuda")
+    segments = random_segments(num_tokens, slots, seed=num_tokens)
+    buffers.write(segments, num_tokens)
+    buffers.ranks.copy_(torch.tensor([16, 8, 16, 4], dtype=torch.int32))
+    buffers.scalings.copy_(torch.tensor([2.0, 1.0, 0.5, 4.0]))
+    y = y0.clone()
+    device_offsets = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    max_size = max(hi - lo for lo, hi in zip(offsets[:-1], offsets[1:], strict=True))
+    triton_lora(x, y, a, b, device_offsets, max_size, buffers, style)
+    torch.cuda.synchronize()
+    expected = reference_lora_delta(
+        x.cpu(), a.cpu(), b.cpu(), offsets, buffers.token_slot[: x.shape[0]].cpu(),
+        buffers.ranks.cpu(), buffers.scalings.cpu(),
+    )  # fmt: skip
+    got = (y.double() - y0.double()).cpu()
+    # bf16 output: one rounding of y + delta (|y| ~ 4: a step of 2^-6), plus the shrink
+    # output rounded to bf16 before the expand.
+    torch.testing.assert_close(got, expected, atol=6e-2, rtol=2e-2)
+    assert torch.equal(y[num_tokens:], y0[num_tokens:])  # padding rows untouched
+    if any(slot != NO_SLOT for _, _, slot in segments):
+        assert expected.abs().max() > 0.1
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    from tesela.engine.llm_engine import resolve_model
+
+    model_config, _ = resolve_model("qwen3-0.6b")
+    folder = tmp_path_factory.mktemp("adapters")
+    return [
+        LoRARequest(f"a{i}", i + 1, str(write_random_adapter(folder / f"a{i}", model_config,
+                                                                 rank=16, seed=i)))
+        for i in range(3)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "graphs",
+    [
+        dict(piecewise_cudagraph="breakable"),
+        dict(piecewise_cudagraph="compiled", piecewise_compiler="eager"),
+    ],
+    ids=["breakable", "compiled"],
+)
+def test_greedy_with_adapters_identical_with_graphs_on_and_off(adapters, graphs):
+    """Base rows and three adapters in one batch; prefill through piecewise graphs, decode
+    through FULL decode graphs (both captured with no adapter in the batch)."""
+    prompts = [list(range(100 + i, 100 + i + n)) for i, n in enumerate([3, 17, 64, 200, 9, 40])]
+    loras = [None, adapters[0], adapters[1], adapters[2], adapters[0], None]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    common = dict(
+        dtype="bfloat16", num_kv_tokens=16384, max_num_batched_tokens=512, enable_lora=True
+    )
+    on = LLM("qwen3-0.6b", capture_sizes=[8, 16, 64, 128, 256, 512], **common, **graphs)
+    on_tokens = [o.token_ids for o in on.generate(prompts, params, lora_request=loras)]
+    paths = on.engine.stats()["dispatch"]["paths"]
+    assert paths["piecewise"] > 0 and paths["full"] > 0
+    base_tokens = [o.token_ids for o in on.generate(prompts, params)]
+    del on
+    off = LLM("qwen3-0.6b", disable_cudagraph=True, **common)
+    assert [o.token_ids for o in off.generate(prompts, params, lora_request=loras)] == on_tokens
+    # The adapters change the generations (so the graphs really ran the deltas).
+    assert all(on_tokens[i] != base_tokens[i] for i in (1, 2, 3, 4))
+    assert on_tokens[0] == base_tokens[0] and on_tokens[5] == base_tokens[5]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 4, 16, 48])
+def test_adapter_equals_its_weights_merged_into_the_model(adapters, num_tokens):
+    """Rows served by an adapter equal the base model with that adapter's B·A merged into its
+    weights, at decode-sized batches too (where the small-M GEMV may fuse a norm or an
+    activation into a GEMM: it must not, on a LoRA projection, whose shrink reads the input)."""
+    from tesela.core.forward_batch import ForwardBatch
+    from tesela.engine.llm_engine import make_engine_config
+    from tesela.executor.model_runner import ModelRunner
+
+    def runner(lora: bool) -> ModelRunner:
+        config, path = make_engine_config(
+            "qwen3-0.6b", dtype="bfloat16", num_kv_tokens=4096, disable_cudagraph=True,
+            enable_lora=lora,
+        )  # fmt: skip
+        return ModelRunner(config, path)
+
+    def batch(lora_id: int) -> ForwardBatch:
+        tokens = torch.randint(0, 151936, (num_tokens,), generator=torch.Generator().manual_seed(1))
+        return ForwardBatch.build(
+            token_ids=[[t] for t in tokens.tolist()], prefix_lens=[0] * num_tokens,
+            block_tables=[[1 + i] for i in range(num_tokens)], block_size=16, device="cuda",
+            lora_ids=[lora_id] * num_tokens,
+        )  # fmt: skip
+
+    with_lora = runner(lora=True)
+    adapter = with_lora.lora_manager.add_adapter(adapters[0])
+    got = with_lora.forward(batch(adapter.lora_id)).float()
+    base_logits = with_lora.forward(batch(0)).float()
+    del with_lora
+    merged = runner(lora=False)
+    with torch.no_grad():
+        for name, (a, b) in adapter.weights.items():
+            weight = merged.model.get_submodule(name).weight
+            offsets = [off for _, off, _ in _slices(merged, name)] + [weight.shape[0]]
+            for j in range(a.shape[0]):
+                lo, hi = offsets[j], offsets[j + 1]
+                delta = adapter.scaling * (b[lo:hi].cuda() @ a[j].cuda())
+                weight[lo:hi] = (weight[lo:hi].float() + delta).to(weight.dtype)
+    expected = merged.forward(batch(0)).float()
+    error = (got - expected).abs().max().item()
+    effect = (base_logits - expected).abs().max().item()
+    assert error < 0.1 * effect, (error, effect)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+def _slices(runner, name: str):
+    from tesela.lora.adapter import lora_targets
+
+    return lora_targets(runner.model)[name].slices

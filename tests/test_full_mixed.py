@@ -1,0 +1,166 @@
+"""FULL mixed graphs on CPU: the whole forward of extend and mixed batches, attention inside,
+captured with the stand-in graph and replayed over persistent buffers.
+
+Uses the real Triton backend in Triton's interpreter (CI exports TRITON_INTERPRET=1). The
+stand-in graph re-runs the captured forward with the capture-time plan, so any launch value
+(grid, tile count, row count) that depended on the capture batch instead of the persistent
+buffers gives a wrong result here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 (set by .ci/run)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from tesela.attention.policy import DeviceInfo, GraphSupport, resolve_attention  # noqa: E402
+from tesela.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from tesela.core.kv_cache import DUMMY_SLOT  # noqa: E402
+from tesela.engine.llm_engine import make_engine_config  # noqa: E402
+from tesela.executor.dispatcher import RunPath  # noqa: E402
+from tesela.executor.full_mixed import MixedGraphPlanner  # noqa: E402
+from tesela.executor.model_runner import ModelRunner  # noqa: E402
+
+BLOCK = 16
+MAX_ROWS = 4
+SIZES = (8, 32)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from tesela.attention.triton_backend import TritonAttentionBackend, TritonAttentionConfig
+
+    config, path = make_engine_config(
+        "tiny", piecewise_cudagraph="breakable", capture_sizes=list(SIZES), num_kv_tokens=2048
+    )
+    config = dataclasses.replace(config, attention_backend="triton")
+    runner = ModelRunner(config, path)
+    assert isinstance(runner.attn_backend, TritonAttentionBackend)
+    # 16-token query tiles, so a 32-token graph has several tiles per row and absent tiles.
+    runner.attn_backend.config = TritonAttentionConfig(block_m=16, block_n=16)
+    runner.add_full_mixed(SIZES, max_rows=MAX_ROWS, max_model_len=256)
+    return runner
+
+
+def batch(rows: list[tuple[int, int]], seed: int = 0) -> ForwardBatch:
+    """Rows of (prefix_len, new tokens), each on its own blocks (row i: blocks 1+8i..)."""
+    generator = torch.Generator().manual_seed(seed)
+    tables = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(rows))]
+    tokens = [torch.randint(0, 258, (n,), generator=generator).tolist() for _, n in rows]
+    return ForwardBatch.build(
+        token_ids=tokens,
+        prefix_lens=[p for p, _ in rows],
+        block_tables=tables,
+        block_size=BLOCK,
+        device="cpu",
+    )
+
+
+# Decode rows, a first prefill chunk and a later chunk whose prefix is already cached.
+MIXED_ROWS = [(9, 1), (0, 7), (20, 6), (30, 1)]
+
+
+def fill_prefixes(runner, rows, seed=1):
+    """Run the prefixes eagerly, so that the rows' cached prefixes hold real K/V."""
+    runner.forward_eager(batch([(0, p or 1) for p, _ in rows], seed=seed))
+
+
+def test_mixed_batch_takes_the_full_mixed_path(runner):
+    mixed = batch(MIXED_ROWS)
+    assert mixed.mode is ForwardMode.MIXED
+    assert runner.dispatcher.choose(mixed) == (RunPath.FULL_MIXED, None)
+    assert runner.dispatcher.choose(batch([(0, 10)]))[0] is RunPath.FULL_MIXED
+    assert runner.dispatcher.choose(batch([(0, 40)])) == (RunPath.EAGER, "too_many_tokens")
+
+
+def test_replay_equals_eager_at_the_same_padded_shapes(runner):
+    fill_prefixes(runner, MIXED_ROWS)
+    full = runner.full_mixed
+    # A bigger batch first leaves real rows, slots and tiles in every buffer.
+    full.run(batch([(0, 9), (0, 12), (0, 5), (0, 3)], seed=5))
+    got = full.run(batch(MIXED_ROWS, seed=2)).clone()
+    expected = full.run_eager_padded(batch(MIXED_ROWS, seed=2))
+    assert torch.equal(got, expected)
+    # Against the unpadded eager forward: equal up to the GEMMs' choice of kernel by row count.
+    reference = runner.forward_eager(batch(MIXED_ROWS, seed=2))
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_tokens_identical_across_full_mixed_piecewise_and_eager(runner):
+    fill_prefixes(runner, MIXED_ROWS, seed=3)
+    step = batch(MIXED_ROWS, seed=4)
+    logits = {}
+    for path in (RunPath.FULL_MIXED, RunPath.PIECEWISE, RunPath.EAGER):
+        hidden = runner.dispatcher.runner(path).run(batch(MIXED_ROWS, seed=4))
+        logits[path] = runner.compute_logits(hidden[step.logits_indices])
+    tokens = {path: value.argmax(-1).tolist() for path, value in logits.items()}
+    assert tokens[RunPath.FULL_MIXED] == tokens[RunPath.EAGER] == tokens[RunPath.PIECEWISE]
+    torch.testing.assert_close(logits[RunPath.FULL_MIXED], logits[RunPath.EAGER])
+
+
+def test_padding_is_zero_length_work(runner):
+    full = runner.full_mixed
+    big = batch([(0, 9), (0, 12), (0, 5), (0, 3)], seed=6)
+    full.run(big)
+    pool = runner.kv_cache
+    before = [k.clone() for k in pool.k_buffers]
+    small = batch([(0, 5), (9, 1)], seed=7)  # 6 tokens: padded to 8
+    full.run(small)
+    untouched = [s for s in big.out_cache_loc.tolist() if s not in small.out_cache_loc.tolist()]
+    for k, b in zip(pool.k_buffers, before, strict=True):
+        assert torch.equal(k[untouched], b[untouched])  # padding never reached the cache
+    assert full.out_cache_loc[6:8].tolist() == [DUMMY_SLOT] * 2
+    assert full.input_ids[6:8].tolist() == [0, 0] and full.positions[6:8].tolist() == [0, 0]
+    state = runner.attn_backend.mixed_state
+    rows = state.max_rows
+    assert state.segment(0)[:2].tolist() == [5, 10]  # sequence lengths
+    # 8 tokens in at most 4 rows: 4 entries, one real (row 1, whose query is token 5) ...
+    assert state.segment(3)[:4].tolist() == [1, -1, -1, -1]
+    assert state.segment(4)[0] == 5
+    # ... and 8 // 16 + 4 tiles, one real (the decode row has none): (row 0, query 0).
+    assert state.tiles(4).tolist() == [[0, 0], [-1, -1], [-1, -1], [-1, -1]]
+    assert rows == MAX_ROWS
+
+
+def test_prefill_only_batches_replay_the_graph_without_the_decode_launch(runner):
+    full = runner.full_mixed
+    assert sorted(full.captured) == [(s, split) for s in SIZES for split in (False, True)]
+    prefill = batch([(0, 20), (0, 9)], seed=8)
+    assert full.planner.key(prefill) == (32, False)
+    got = full.run(prefill).clone()
+    # Every row tiled for the extend kernel: longest causal walk first, 16-token query blocks.
+    assert runner.attn_backend.mixed_state.tiles(3).tolist() == [[0, 16], [1, 0], [0, 0]]
+    torch.testing.assert_close(got, runner.forward_eager(batch([(0, 20), (0, 9)], seed=8)))
+    assert full.planner.key(batch([(0, 20), (9, 1)])) == (32, True)
+
+
+def test_a_batch_with_more_rows_than_captured_is_refused(runner):
+    rows = [(9, 1)] * (MAX_ROWS + 1) + [(0, 3)]
+    wide = batch(rows)
+    assert runner.full_mixed.can_run(wide) == "too_many_rows"
+    assert runner.dispatcher.choose(wide)[0] is RunPath.PIECEWISE
+    with pytest.raises(ValueError, match="FULL mixed graph buffers hold 4 rows"):
+        runner.full_mixed.planner.plan(wide)
+
+
+def test_capture_support_levels_gate_full_mixed_graphs(runner):
+    from tesela.attention.torch_backend import TorchAttentionBackend
+
+    assert runner.attn_backend.cuda_graph_support is GraphSupport.ALWAYS
+    torch_backend = TorchAttentionBackend(runner.layout, runner.kv_cache)
+    assert torch_backend.cuda_graph_support is GraphSupport.PIECEWISE
+    with pytest.raises(ValueError, match="not ALWAYS"):
+        MixedGraphPlanner(torch_backend, SIZES, MAX_ROWS, 16)
+    settings = dict(dtype="bfloat16", head_dim=128, piecewise=True, full_decode=True)
+    sm90 = DeviceInfo("cuda", (9, 0))
+    triton = resolve_attention("triton", sm90, full_mixed=True, log=False, **settings)
+    assert triton.full_mixed
+    torch_ = resolve_attention("torch", sm90, full_mixed=True, log=False, **settings)
+    assert not torch_.full_mixed
+    assert any("FULL mixed graphs on -> off" in line for line in torch_.changes)
