@@ -25,6 +25,7 @@ FULL = "tesela/executor/full_decode.py"
 PIECEWISE_TESTS = ["tests/test_piecewise.py"]
 DECODE_TESTS = ["tests/test_dispatcher.py"]
 SAMPLING = "tesela/executor/sampling.py"
+ENGINE = "tesela/engine/llm_engine.py"
 OVERLAP = "tests/test_overlap.py"
 MIXED = "tesela/executor/full_mixed.py"
 MIXED_TESTS = ["tests/test_full_mixed.py"]
@@ -181,6 +182,18 @@ MUTATIONS = {
         "            if token is None or request.is_finished:",
         "            if token is None:",
         [OVERLAP + "::test_abort_with_a_token_in_flight_frees_its_blocks"],
+    ),
+    "a block whose last id is in flight is hashed and cached": (
+        BLOCKS,
+        "        known = min(request.num_computed_tokens, request.num_tokens - request.num_inflight_tokens)",
+        "        known = request.num_computed_tokens",
+        [OVERLAP + "::test_prefix_cache_holds_only_emitted_tokens_under_overlap"],
+    ),
+    "overlap is kept under tensor parallelism": (
+        ENGINE,
+        "    if tensor_parallel_size > 1:\n        if chosen:",
+        "    if tensor_parallel_size > 1:\n        if False:",
+        [OVERLAP + "::test_overlap_option_resolves_per_device_and_refuses_tensor_parallel"],
     ),
     "a request whose last token is in flight is scheduled again": (
         "tesela/engine/scheduler.py",

@@ -15,7 +15,8 @@ import os
 
 import pytest
 
-from tesela import SamplingParams
+from tesela import LLM, SamplingParams
+from tesela.engine.block_manager import hash_block
 from tesela.engine.llm_engine import LLMEngine, make_engine_config
 from tesela.tokenizer import ByteTokenizer
 
@@ -33,6 +34,9 @@ def make_engine(overlap: bool, graphs: bool = False, **kwargs) -> LLMEngine:
     engine = LLMEngine(config, path)
     if graphs:
         engine.runner.add_full_decode((1, 4), max_model_len=256)
+        # Extend and mixed batches (<= 16 tokens here) replay a FULL mixed graph, so a mixed
+        # batch's in-flight decode ids are fed into its static buffers too.
+        engine.runner.add_full_mixed((16,), max_rows=4, max_model_len=256)
     return engine
 
 
@@ -92,6 +96,7 @@ def test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off(reference):
                 assert lp.logprob == pytest.approx(want_lp.logprob, abs=1e-4)
     paths = graphs.stats()["dispatch"]["paths"]
     assert paths["full"] >= 2 * 4  # every decode step of both runs sampled in the graph
+    assert paths["full_mixed"] >= 2  # the prefills (and mixed steps) of both runs
 
 
 def launches(engine: LLMEngine) -> int:
@@ -210,3 +215,78 @@ def test_prefix_blocks_register_at_launch_and_never_with_an_in_flight_id():
     assert blocks.num_cached_blocks == 2
     twin = Request("b", [11, 12, 13, 14, 15, 16, 17, 42, 9], GREEDY)
     assert blocks.find_cached_prefix(twin) == request.block_ids[:2]
+
+
+def emitted_block_hashes(engine: LLMEngine, requests) -> set[bytes]:
+    """Every full block's hash over what each request really holds: prompt + emitted output."""
+    size, allowed = engine.block_manager.block_size, set()
+    for request in requests:
+        tokens, parent = request.all_token_ids, None
+        for start in range(0, len(tokens) - size + 1, size):
+            parent = hash_block(parent, tokens[start : start + size], request.extra_keys)
+            allowed.add(parent)
+    return allowed
+
+
+def test_prefix_cache_holds_only_emitted_tokens_under_overlap(reference):
+    """With overlap, a decode row's input id is in flight when its block fills: that block is
+    registered only once the id is read back, and a token drawn after a stop never is. A second
+    round of the same prompts hits the cache and answers as the engine without overlap."""
+    shared = "a shared system prompt, then: "
+    prompts = [shared + tail for tail in ("one", "two two", "three", "4")]
+    free = tokens(run(reference, prompts, GREEDY))
+    stops = [
+        GREEDY,
+        dataclasses.replace(GREEDY, stop_token_ids=(free[1][3],)),
+        dataclasses.replace(GREEDY, stop=ByteTokenizer().decode(free[2])[2:4]),
+        dataclasses.replace(GREEDY, max_tokens=5),
+    ]
+    expected = tokens(run(reference, prompts, stops))
+    engine = make_engine(overlap=True, block_size=4)
+    kept = []
+    engine.scheduler.pop_finished = _keeping(engine.scheduler.pop_finished, kept)
+    assert tokens(run(engine, prompts, stops)) == expected
+    cache = engine.block_manager
+    assert set(cache._cached) <= emitted_block_hashes(engine, kept)
+    assert tokens(run(engine, prompts, stops)) == expected  # now from the cache
+    assert cache.stats.hit_tokens >= len(prompts) * (len(shared) // 4) * 4
+    assert set(cache._cached) <= emitted_block_hashes(engine, kept)
+
+
+def _keeping(pop_finished, kept: list):
+    def pop():
+        finished = pop_finished()
+        kept.extend(finished)
+        return finished
+
+    return pop
+
+
+def test_lora_requests_equal_with_overlap_on_and_off(checkpoints, lora_adapters):
+    """Base rows and two adapters in one batch: overlap feeds in-flight ids without touching
+    the per-row adapter ids."""
+    path = str(checkpoints["llama"][0])
+    loras = [None] + [r for r, _ in lora_adapters["llama"].all()[:2]]
+    prompts = [[3, 9, 27, 81], [5, 6, 7], [100, 200, 3, 4, 5, 6]]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    results = {}
+    for overlap in ("off", "on"):
+        llm = LLM(
+            path, dtype="float32", enable_lora=True, max_lora_rank=8, overlap_schedule=overlap
+        )
+        assert llm.engine.config.overlap_schedule == (overlap == "on")
+        outputs = llm.generate(prompts, params, lora_request=loras)
+        results[overlap] = [o.token_ids for o in outputs]
+        assert llm.engine.block_manager.num_used_blocks == 0
+    assert results["on"] == results["off"]
+
+
+def test_overlap_option_resolves_per_device_and_refuses_tensor_parallel():
+    def resolved(**kwargs) -> bool:
+        return make_engine_config("tiny", device="cpu", **kwargs)[0].overlap_schedule
+
+    assert resolved() is False  # auto on CPU: every op runs on the host, nothing to hide
+    assert resolved(overlap_schedule="on") is True
+    assert resolved(tensor_parallel_size=2) is False  # auto under TP: off
+    with pytest.raises(ValueError, match="overlap_schedule='on'.*tensor_parallel_size=2"):
+        make_engine_config("tiny", device="cpu", overlap_schedule="on", tensor_parallel_size=2)

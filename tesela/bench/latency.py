@@ -22,6 +22,7 @@ from tesela.bench.common import (
     sync,
     write_json,
 )
+from tesela.engine_args import EngineArgs
 
 
 def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +35,7 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--disable-cudagraph", action="store_true", help="run every batch eagerly")
     add_output_argument(parser, "the JSON")
-    parser.add_argument(
-        "--overlap-schedule",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="launch step N+1 before reading step N (auto: on for CUDA)",
-    )
+    EngineArgs.add_cli_args(parser, only=("overlap_schedule",))  # the engine's own flag
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="> 0: seeded random sampling (top-k 50)"
     )
