@@ -27,7 +27,7 @@ def _state() -> LoRABatchState:
             f"LoRA layers ran {context.batch.stamp} with a plan that has no LoRA part: plan "
             "batches with a planner that holds the LoRA manager"
         )
-    plan.check(context.batch, where="LoRA")  # planned for this batch, buffers still current
+    context.check_plan("LoRA")  # planned for this batch, buffers still current
     return plan.lora
 
 
