@@ -188,3 +188,26 @@ def test_greedy_with_adapters_identical_with_full_mixed_on_and_off(adapters):
     assert tokens[True] == tokens[False]
     assert tokens[True][1] == base[1]  # the base row
     assert any(tokens[True][i] != base[i] for i in (0, 2, 3))
+
+
+def test_full_decode_replay_with_adapters_equals_eager(runner):
+    """FULL decode graphs (the `gather` kernels) replayed on the stand-in check their plan the
+    same way: the captured forward's ops check the replayed batch's LoRA buffers."""
+    from tesela.executor.full_decode import FullDecodeRunner
+    from tesela.executor.planner import CudaGraphPlanner
+
+    planner = CudaGraphPlanner(runner.attn_backend, 4, 16, runner.lora_manager)
+    decode = FullDecodeRunner(
+        model=runner.model, planner=planner, batch_sizes=(2, 4), max_blocks_per_seq=16,
+        graphs=runner.graph_factory,
+    )  # fmt: skip
+    decode.capture()
+    rows = [(9, 1), (20, 1), (30, 1)]
+    fill_prefixes(runner, rows)
+    decode.run(batch([(5, 1), (6, 1)], [2, 2], seed=3))
+    got = decode.run(batch(rows, [1, 0, 3], seed=4)).clone()
+    assert runner.lora_manager.buffers.token_slot[3].item() == -1  # the padding row
+    eager = runner.forward_eager(batch(rows, [1, 0, 3], seed=4))
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    base = runner.forward_eager(batch(rows, [0, 0, 0], seed=4))
+    assert (got[0] - base[0]).abs().max() > 1e-2 and (got[2] - base[2]).abs().max() > 1e-2
