@@ -29,6 +29,7 @@ ENGINE = "tesela/engine/llm_engine.py"
 OVERLAP = "tests/test_overlap.py"
 MIXED = "tesela/executor/full_mixed.py"
 MIXED_TESTS = ["tests/test_full_mixed.py"]
+MIXED_LORA_TESTS = ["tests/test_full_mixed_lora.py"]
 MOE_PADDING_TEST = "tests/test_moe.py::test_padding_tokens_route_to_no_expert_in_padded_replays"
 BLOCKS = "tesela/engine/block_manager.py"
 SCHEDULER = "tesela/engine/scheduler.py"
@@ -87,11 +88,29 @@ MUTATIONS = {
         "    n = q.shape[0]\n",
         ["tests/test_piecewise.py::test_padding_is_zeroed_and_never_reaches_the_kv_cache"],
     ),
-    "FULL mixed replay without planning the batch": (
+    "FULL mixed replay with the capture batch's plan": (
         MIXED,
-        "        self.planner.plan(batch)\n",
-        "",
+        "        return key, self.planner.plan(batch)\n",
+        "        return key, self.planner.plan(self._static_batch(key[0]))\n",
         MIXED_TESTS,
+    ),
+    "FULL mixed replay plans no LoRA part": (
+        MIXED,
+        "        return key, self.planner.plan(batch)\n",
+        "        return key, ForwardPlan(batch.stamp, self.planner.plan(batch).attn_metadata)\n",
+        MIXED_LORA_TESTS,
+    ),
+    "FULL mixed replay does not check its plan": (
+        MIXED,
+        '        self.planner.check_replay(plan, batch, "FULL mixed replay")\n',
+        "",
+        MIXED_LORA_TESTS,
+    ),
+    "LoRA padding tokens keep the last batch's slots": (
+        "tesela/lora/state.py",
+        "        self.token_slot[n:].fill_(NO_SLOT)\n",
+        "",
+        MIXED_LORA_TESTS,
     ),
     "FULL mixed padding tokens keep a stale KV slot": (
         MIXED,
@@ -247,8 +266,8 @@ MUTATIONS = {
     ),
     "a plan's LoRA buffers are not checked for a later plan": (
         "tesela/core/plan.py",
-        "            self.lora.check_current(where)\n",
-        "            pass\n",
+        "                part.check_current(where)\n",
+        "                pass\n",
         ["tests/test_lora.py::test_running_with_another_batchs_lora_state_is_an_error"],
     ),
     "the scheduler admits more adapters than slots": (

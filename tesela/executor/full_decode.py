@@ -182,9 +182,11 @@ class FullDecodeRunner(GraphRunner):
             self.input_ids[n:size].zero_()
             self.positions[n:size].zero_()
             self.out_cache_loc[n:size].fill_(DUMMY_SLOT)
-        # The graph runs no Python: planning this batch rewrites the buffers it reads.
-        self.planner.plan(batch)
+        # The graph runs no Python: planning this batch rewrites the buffers it reads, and
+        # no op inside it can check the plan, so the runner does.
+        plan = self.planner.plan(batch)
+        self.planner.check_replay(plan, batch, "FULL decode replay")
         graph, output = self.captured[size]
-        with batch_state(n):  # what ordinary ops read per batch (the MoE real-token count)
+        with batch_state(n, plan):  # what ordinary ops read per batch (the MoE token count)
             graph.replay()
         return output[:n]

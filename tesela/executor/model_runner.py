@@ -198,9 +198,6 @@ class ModelRunner:
         if self.device.type != "cuda":
             self.startup.skip(startup.CAPTURE_FULL_MIXED, "not on CUDA")
             return
-        if self.config.lora.enabled:  # its planner does not plan the LoRA part yet
-            self.startup.skip(startup.CAPTURE_FULL_MIXED, "LoRA is on: mixed batches run piecewise")
-            return
         with self.startup.phase(startup.CAPTURE_FULL_MIXED):
             assert self.attn_backend.kv_cache is self.kv_cache, "backend not on the real pool"
             scheduler = self.config.scheduler
@@ -212,7 +209,9 @@ class ModelRunner:
         """Build and capture the FULL mixed runner on the current (final) pool; it shares the
         graph factory's memory pool with the piecewise graphs."""
         max_blocks = -(-max_model_len // self.config.cache.block_size)
-        planner = MixedGraphPlanner(self.attn_backend, tuple(sizes), max_rows, max_blocks)
+        planner = MixedGraphPlanner(
+            self.attn_backend, tuple(sizes), max_rows, max_blocks, self.lora_manager
+        )
         runner = FullMixedRunner(
             model=self.model,
             planner=planner,
