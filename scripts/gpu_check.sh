@@ -7,7 +7,8 @@
 #     starlette==1.10.0 anyio==4.16.0 idna==3.20 typing_extensions==4.16.0 uvicorn==0.54.0 \
 #     click==8.5.1 h11==0.16.0 httpx==0.28.1 httpcore==1.0.9 certifi==2026.5.20
 # Usage: scripts/gpu_check.sh [steps...]
-#   steps: tests tests-all bench-prefill bench-decode bench-lora bench-serve bench-serve-prefix generate doctor
+#   steps: tests tests-all bench-prefill bench-decode bench-latency bench-lora bench-serve
+#          bench-serve-prefix generate doctor
 set -uo pipefail
 OUT=${OUT:-.}
 RES=/tmp/results
@@ -37,6 +38,13 @@ for step in $steps; do
     bench-decode)
       for model in $models; do
         timeout 300 python3 -m tesela.cli bench decode --model "$model" --output-dir "$RES" 2>&1 | tee "$RES/bench-decode-$model.log" | tail -14
+      done ;;
+    bench-latency)  # offline tok/s, overlap scheduling off then on (same process per setting)
+      for model in $models; do
+        for overlap in off on; do
+          timeout 300 python3 -m tesela.cli bench latency --model "$model" --overlap-schedule $overlap \
+            --output-dir "$RES/latency-overlap-$overlap" 2>&1 | tee "$RES/bench-latency-$model-$overlap.log" | tail -6
+        done
       done ;;
     bench-lora)  # 4 adapters of rank 16 vs the base model, graphs on and off, graph memory
       for model in $models; do

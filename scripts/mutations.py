@@ -24,8 +24,12 @@ RUNNER = "tesela/executor/piecewise/runner.py"
 FULL = "tesela/executor/full_decode.py"
 PIECEWISE_TESTS = ["tests/test_piecewise.py"]
 DECODE_TESTS = ["tests/test_dispatcher.py"]
+SAMPLING = "tesela/executor/sampling.py"
+ENGINE = "tesela/engine/llm_engine.py"
+OVERLAP = "tests/test_overlap.py"
 MIXED = "tesela/executor/full_mixed.py"
 MIXED_TESTS = ["tests/test_full_mixed.py"]
+MIXED_LORA_TESTS = ["tests/test_full_mixed_lora.py"]
 MOE_PADDING_TEST = "tests/test_moe.py::test_padding_tokens_route_to_no_expert_in_padded_replays"
 BLOCKS = "tesela/engine/block_manager.py"
 SCHEDULER = "tesela/engine/scheduler.py"
@@ -84,11 +88,29 @@ MUTATIONS = {
         "    n = q.shape[0]\n",
         ["tests/test_piecewise.py::test_padding_is_zeroed_and_never_reaches_the_kv_cache"],
     ),
-    "FULL mixed replay without planning the batch": (
+    "FULL mixed replay with the capture batch's plan": (
         MIXED,
-        "        self.planner.plan(batch)\n",
-        "",
+        "        return key, self.planner.plan(batch)\n",
+        "        return key, self.planner.plan(self._static_batch(key[0]))\n",
         MIXED_TESTS,
+    ),
+    "FULL mixed replay plans no LoRA part": (
+        MIXED,
+        "        return key, self.planner.plan(batch)\n",
+        "        return key, ForwardPlan(batch.stamp, self.planner.plan(batch).attn_metadata)\n",
+        MIXED_LORA_TESTS,
+    ),
+    "FULL mixed replay does not check its plan": (
+        MIXED,
+        '        self.planner.check_replay(plan, batch, "FULL mixed replay")\n',
+        "",
+        MIXED_LORA_TESTS,
+    ),
+    "LoRA padding tokens keep the last batch's slots": (
+        "tesela/lora/state.py",
+        "        self.token_slot[n:].fill_(NO_SLOT)\n",
+        "",
+        MIXED_LORA_TESTS,
     ),
     "FULL mixed padding tokens keep a stale KV slot": (
         MIXED,
@@ -144,11 +166,59 @@ MUTATIONS = {
         "",
         ["tests/test_moe_triton.py::test_padding_tokens_change_nothing"],
     ),
-    "seeded sampler rows share one generator": (
-        "tesela/engine/sampler.py",
-        "generator=self._generator(p, rid)",
-        "generator=self._generator(params[0], request_ids[0])",
+    "noise keyed by row position instead of the seed": (
+        SAMPLING,
+        "    row_key = hash32(hash32(seed) ^",
+        "    row_key = hash32(hash32(torch.arange(seed.shape[0], device=seed.device)) ^",
         ["tests/test_sampler_seeds.py"],
+    ),
+    "noise ignores the token index": (
+        SAMPLING,
+        "hash32(hash32(seed) ^ _mul32(index & _MASK32, 0x27D4EB2F))",
+        "hash32(hash32(seed))",
+        ["tests/test_sampler_seeds.py"],
+    ),
+    "sampling graph replays with the previous step's parameters": (
+        FULL,
+        "        self.sampling.copy_(tensors)",
+        "        pass",
+        ["tests/test_dispatcher.py::test_sampling_graphs_draw_what_eager_sampling_draws"],
+    ),
+    "a graph's token output read after the next replay": (
+        SAMPLING,
+        "        return t.clone()",
+        "        return t",
+        [OVERLAP + "::test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off"],
+    ),
+    "next batch's decode ids not gathered from the device": (
+        "tesela/executor/model_runner.py",
+        "            feed(batch.input_ids)",
+        "            pass",
+        [OVERLAP + "::test_greedy_and_seeded_tokens_equal_with_overlap_on_and_off"],
+    ),
+    "a token drawn after the request finished is kept": (
+        "tesela/engine/scheduler.py",
+        "            if token is None or request.is_finished:",
+        "            if token is None:",
+        [OVERLAP + "::test_abort_with_a_token_in_flight_frees_its_blocks"],
+    ),
+    "a block whose last id is in flight is hashed and cached": (
+        BLOCKS,
+        "        known = min(request.num_computed_tokens, request.num_tokens - request.num_inflight_tokens)",
+        "        known = request.num_computed_tokens",
+        [OVERLAP + "::test_prefix_cache_holds_only_emitted_tokens_under_overlap"],
+    ),
+    "overlap is kept under tensor parallelism": (
+        ENGINE,
+        "    if tensor_parallel_size > 1:\n        if chosen:",
+        "    if tensor_parallel_size > 1:\n        if False:",
+        [OVERLAP + "::test_overlap_option_resolves_per_device_and_refuses_tensor_parallel"],
+    ),
+    "a request whose last token is in flight is scheduled again": (
+        "tesela/engine/scheduler.py",
+        "            if request.num_inflight_tokens and request.reaches_length_limit(",
+        "            if False and request.reaches_length_limit(",
+        [OVERLAP + "::test_each_step_is_read_back_one_step_later"],
     ),
     "LoRA expand runs one token past its segment": (
         KERNELS,
@@ -196,8 +266,8 @@ MUTATIONS = {
     ),
     "a plan's LoRA buffers are not checked for a later plan": (
         "tesela/core/plan.py",
-        "            self.lora.check_current(where)\n",
-        "            pass\n",
+        "                part.check_current(where)\n",
+        "                pass\n",
         ["tests/test_lora.py::test_running_with_another_batchs_lora_state_is_an_error"],
     ),
     "the scheduler admits more adapters than slots": (
@@ -266,8 +336,8 @@ MUTATIONS = {
     ),
     "a partial block enters the prefix cache": (
         BLOCKS,
-        "num_full = min(request.num_computed_tokens // self.block_size",
-        "num_full = min(blocks_for(request.num_computed_tokens, self.block_size)",
+        "num_full = min(known // self.block_size",
+        "num_full = min(blocks_for(known, self.block_size)",
         CACHE_TESTS,
     ),
     "the block hash ignores the namespace (LoRA id, cache salt)": (
@@ -296,9 +366,21 @@ MUTATIONS = {
     ),
     "blocks are never registered after their forward": (
         SCHEDULER,
-        "            self.block_manager.cache_full_blocks(request)\n",
-        "",
-        CACHE_TESTS,
+        "shared.\n            self.block_manager.cache_full_blocks(request)\n",
+        "shared.\n",
+        CACHE_TESTS + [OVERLAP],
+    ),
+    "a block whose last token is in flight is hashed from the ids the host knows": (
+        BLOCKS,
+        "request.num_tokens - request.num_inflight_tokens)",
+        "request.num_tokens)",
+        [OVERLAP + "::test_prefix_blocks_register_at_launch_and_never_with_an_in_flight_id"],
+    ),
+    "a block completed by an in-flight token is registered only at a later launch": (
+        SCHEDULER,
+        "known now.\n            self.block_manager.cache_full_blocks(request)\n",
+        "known now.\n",
+        [OVERLAP + "::test_prefix_blocks_register_at_launch_and_never_with_an_in_flight_id"],
     ),
     "a multi-token recompute row is labelled decode": (
         SCHEDULER,

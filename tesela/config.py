@@ -563,6 +563,8 @@ class EngineConfig:
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Launch step N+1 before reading step N's tokens (tesela/engine/llm_engine.py).
+    overlap_schedule: bool = False
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

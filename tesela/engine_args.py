@@ -137,6 +137,12 @@ class EngineArgs:
     distributed_timeout_s: float = _option(
         120.0, "seconds a collective or a worker may stall before the engine fails"
     )
+    overlap_schedule: str = _option(
+        "auto",
+        "schedule and build step N+1 while the GPU runs step N: auto (on for CUDA at "
+        "--tensor-parallel-size 1; off on CPU and under tensor parallelism) | on | off",
+        choices=["auto", "on", "off"],
+    )
 
     def __post_init__(self) -> None:
         if self.capture_sizes is not None:
@@ -159,12 +165,19 @@ class EngineArgs:
         return cls(model=model, **kwargs)
 
     @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
-        """One flag per field: `--name-with-dashes`, its help, its default shown."""
+    def add_cli_args(
+        cls,
+        parser: argparse.ArgumentParser,
+        *,
+        skip: tuple[str, ...] = (),
+        only: tuple[str, ...] | None = None,
+    ) -> None:
+        """One flag per field: `--name-with-dashes`, its help, its default shown. `only`: just
+        these fields (a benchmark that sets the rest itself)."""
         group = parser.add_argument_group("engine options")
         old_names = {new: old for old, new in RENAMED.items()}
         for f in dataclasses.fields(cls):
-            if f.name in skip:
+            if f.name in skip or (only is not None and f.name not in only):
                 continue
             kwargs = {k: v for k, v in f.metadata.items() if k != "help"}
             help_text = f.metadata["help"]

@@ -91,3 +91,32 @@ def test_full_decode_pads_rows_and_matches_eager(runner):
     assert state.block_tables[3, 0] == DUMMY_SLOT // BLOCK
     expected = runner.forward_eager(batch(rows, seed=2))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_graphs_draw_what_eager_sampling_draws(runner):
+    """Every variant's captured head (LM head + sampling) equals `sample` on eager logits, with
+    per-row parameters rewritten between replays and a padded row in the graph."""
+    from tesela.engine.sampling_params import SamplingParams
+    from tesela.executor.sampling import SamplingTensors, SamplingVariant, sample
+
+    rows = [(9, 1), (12, 1), (30, 1)]
+    runner.forward_eager(batch([(0, 9), (0, 12), (0, 30)], seed=1))
+    decode = runner.full_decode
+    assert len(decode.sample_graphs) == len(decode.sizes) * len(SamplingVariant.all())
+    params = [
+        SamplingParams(temperature=0.0, logprobs=2),
+        SamplingParams(temperature=0.7, top_k=5, seed=3),
+        SamplingParams(temperature=1.3, top_p=0.8, seed=4, logprobs=0),
+    ]
+    vocab = runner.config.model_config.vocab_size
+    logits = runner.compute_logits(runner.forward_eager(batch(rows, seed=2)))
+    for step in range(3):  # the rows' token index moves: new noise each replay
+        tensors = SamplingTensors.build(params, [3, 4, 5], [step] * 3, vocab, "cpu")
+        for variant in SamplingVariant.all():
+            got = decode.run_sample(batch(rows, seed=2), tensors, variant)
+            want = sample(logits, tensors, variant)
+            assert got.tokens.tolist() == want.tokens.tolist(), (variant, step)
+            if variant.logprobs:
+                assert got.top_ids.tolist() == want.top_ids.tolist()
+                assert (got.logprob - want.logprob).abs().max() < 1e-4
+    assert {True, False} == {bool(decode.sampling.greedy[0]), bool(decode.sampling.greedy[1])}

@@ -92,12 +92,18 @@ def test_top_k_1_is_greedy_and_logprobs_are_normalized(tiny):
 
 
 def test_top_p_keeps_only_the_nucleus():
-    from tesela.engine.sampler import _apply_top_p
+    from tesela.executor.sampling import SamplingTensors, filter_logits
 
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = torch.isfinite(_apply_top_p(logits, [0.7]))
-    assert kept.tolist() == [[True, True, False, False]]
-    assert torch.isfinite(_apply_top_p(logits, [0.01])).sum() == 1
+    def kept(top_p: float, top_k: int = -1) -> list[bool]:
+        logits = torch.log(torch.tensor([[0.15, 0.5, 0.05, 0.3]]))
+        params = SamplingParams(temperature=1.0, top_p=top_p, top_k=top_k)
+        tensors = SamplingTensors.build([params], [0], [0], 4, "cpu")
+        return torch.isfinite(filter_logits(logits, tensors))[0].tolist()
+
+    assert kept(0.7) == [False, True, False, True]
+    assert kept(0.01) == [False, True, False, False]
+    assert kept(1.0) == [True] * 4
+    assert kept(1.0, top_k=3) == [True, True, False, True]
 
 
 @pytest.mark.parametrize(

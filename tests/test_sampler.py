@@ -83,8 +83,8 @@ def test_min_p_and_greedy_rows_through_the_sampler():
         SamplingParams(temperature=0.0, logit_bias={0: 100.0}),
     ]
     histories = [history(), history()]
-    for _ in range(20):
-        tokens, _ = sampler(logits, params, ["a", "b"], histories)
+    for step in range(20):
+        tokens, _ = sampler(logits, params, ["a", "b"], [step, step], histories)
         assert tokens == [EOS, 0]
 
 

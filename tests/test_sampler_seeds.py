@@ -1,8 +1,9 @@
-"""Per-request seeds: a seeded row's draws depend on its seed alone, never on the other rows.
+"""Per-request seeds: a seeded row's draws depend on its seed and token index alone, never on
+the other rows.
 
-The sampler draws each row's exponential-race noise from that row's own generator; a sampler
-that shared one generator across rows (or drew from another row's) would make a seeded request
-depend on what it was batched with.
+The sampler keys each row's noise by (its seed, the index of the token it draws); a sampler
+that keyed noise by row position, or mixed rows' keys, would make a seeded request depend on
+what it was batched with.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ def draws(rows: list[tuple[str, SamplingParams]], watch: str) -> list[int]:
     logits = torch.zeros(len(rows), VOCAB)  # flat: every token is the noise's choice
     ids = [rid for rid, _ in rows]
     params = [p for _, p in rows]
-    return [sampler(logits, params, ids)[0][ids.index(watch)] for _ in range(STEPS)]
+    return [
+        sampler(logits, params, ids, [step] * len(rows))[0][ids.index(watch)]
+        for step in range(STEPS)
+    ]
 
 
 def test_seeded_row_draws_do_not_depend_on_the_batch():
@@ -41,3 +45,38 @@ def test_seeded_row_draws_do_not_depend_on_the_batch():
 def test_two_requests_with_one_seed_draw_the_same_tokens_side_by_side():
     rows = [("x", SamplingParams(seed=5)), ("y", SamplingParams(seed=5))]
     assert draws(rows, "x") == draws(rows, "y") == draws([("z", SamplingParams(seed=5))], "z")
+
+
+def test_noise_is_a_function_of_seed_and_index_only():
+    from tesela.executor.sampling import uniform_noise
+
+    seeds = torch.tensor([7, 7, 99, 2**32 - 1])
+    index = torch.tensor([0, 1, 0, 5])
+    noise = uniform_noise(seeds, index, VOCAB)
+    assert noise.min() > 0 and noise.max() < 1
+    order = torch.tensor([3, 1, 0, 2])  # another batch order: each row keeps its own noise
+    assert torch.equal(uniform_noise(seeds[order], index[order], VOCAB), noise[order])
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    # A longer vocabulary extends each row's noise without changing its start.
+    assert torch.equal(uniform_noise(seeds, index, 2 * VOCAB)[:, :VOCAB], noise)
+
+
+def test_draws_follow_the_softmax_distribution():
+    """Gumbel-max over the hashed noise samples tokens with the model's probabilities."""
+    from tesela.executor.sampling import SamplingTensors, SamplingVariant, sample
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 4000
+    params = [SamplingParams(temperature=1.0, seed=3)] * n
+    tensors = SamplingTensors.build(params, [3] * n, list(range(n)), 4, "cpu")
+    logits = probs.log().expand(n, 4)
+    drawn = sample(logits, tensors, SamplingVariant(random=True)).tokens
+    frequencies = torch.bincount(drawn, minlength=4).float() / n
+    assert (frequencies - probs).abs().max() < 0.03, frequencies
+    # Temperature 0.5 squares the odds: p_i^2 / sum p^2.
+    cold = [SamplingParams(temperature=0.5, seed=3)] * n
+    tensors = SamplingTensors.build(cold, [3] * n, list(range(n)), 4, "cpu")
+    drawn = sample(logits, tensors, SamplingVariant(random=True)).tokens
+    expected = probs**2 / (probs**2).sum()
+    frequencies = torch.bincount(drawn, minlength=4).float() / n
+    assert (frequencies - expected).abs().max() < 0.03, frequencies

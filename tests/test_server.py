@@ -23,6 +23,10 @@ TIMEOUT = 30.0
 
 
 def start_server(max_queue_len: int = 1024, **engine_kwargs):
+    # Overlap scheduling on, as on CUDA by default: every test below also checks that outputs,
+    # aborts, preemption and fault recovery hold when each step is read back one step later
+    # (the `offline` reference runs without overlap).
+    engine_kwargs.setdefault("overlap_schedule", True)
     config, path = make_engine_config("tiny", **engine_kwargs)
     app = create_app(LLMEngine(config, path), max_queue_len=max_queue_len)
     server = ServerThread(app)

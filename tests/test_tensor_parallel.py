@@ -168,13 +168,21 @@ def test_engine_tp2_greedy_and_logprobs_equal_tp1(checkpoints):
     prompts = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 250, 13], [300, 301, 12, 77, 54, 23, 9, 81]]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
     kwargs = dict(device="cpu", dtype="float32", attention_backend="torch")
-    expected = LLM(path, **kwargs).generate(prompts, params)
+    # A seeded row samples on rank 0 from the gathered logits (`execute_sample`): its draws
+    # depend on the seed and the token index only, as at TP=1.
+    seeded = SamplingParams(max_tokens=6, temperature=0.8, top_k=20, seed=7, ignore_eos=True)
+    single = LLM(path, **kwargs)
+    expected = single.generate(prompts, params)
+    expected_seeded = single.generate(prompts, seeded)
     llm = LLM(path, tensor_parallel_size=2, **kwargs)
     try:
+        assert not llm.engine.config.overlap_schedule  # auto is off under TP
         got = llm.generate(prompts, params)
         assert llm.engine.stats()["dispatch"]["paths"]["eager"] > 0
+        got_seeded = llm.generate(prompts, seeded)
     finally:
         llm.shutdown()
+    assert [o.token_ids for o in got_seeded] == [o.token_ids for o in expected_seeded]
     for a, b in zip(got, expected, strict=True):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs, strict=True):

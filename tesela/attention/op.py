@@ -22,7 +22,7 @@ def run_attention(
     """
     context = get_forward_context()
     batch, plan = context.batch, context.plan
-    plan.check(batch)  # the metadata invariant: planned for this very batch
+    context.check_plan("attention")  # the metadata invariant: planned for this very batch
     n = batch.num_tokens
     if q.shape[0] < n:
         raise RuntimeError(f"attention got {q.shape[0]} tokens for {batch.stamp}")

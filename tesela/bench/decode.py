@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -137,9 +138,40 @@ def measure_row(runner, b: int, c: int, per_token: int, bandwidth: float, repeat
         row["full_graph_ms"], logits = time_step(runner, full.run, batch, repeat)
         row["full_max_abs_err"] = (logits - eager_logits).abs().max().item()
         row["full_gbs"] = floor_bytes / row["full_graph_ms"] / 1e6
+        if full.samples_in_graph:
+            row.update(time_graph_sampling(runner, full, batch, repeat))
     if piecewise is not None and piecewise.can_run(batch) is None:
         row["piecewise_ms"], _ = time_step(runner, piecewise.run, batch, repeat)
     return row
+
+
+def time_graph_sampling(runner, full, batch: ForwardBatch, repeat: int) -> dict:
+    """The FULL graph step with the LM head and sampling captured too (what the engine runs),
+    tokens back on the host: greedy, and seeded top-k 50 at temperature 0.8."""
+    from tesela.engine.sampling_params import SamplingParams
+    from tesela.executor.sampling import SamplingTensors, variant_for
+
+    vocab, n = runner.config.model_config.vocab_size, batch.batch_size
+    result = {}
+    for name, params in (
+        ("full_sample_greedy_ms", SamplingParams(temperature=0.0)),
+        ("full_sample_topk_ms", SamplingParams(temperature=0.8, top_k=50, seed=1)),
+    ):
+        tensors = SamplingTensors.build([params] * n, [1] * n, [0] * n, vocab, runner.device)
+        variant = variant_for([params])
+
+        def step(tensors=tensors, variant=variant):
+            return full.run_sample(batch, tensors, variant).tokens.tolist()
+
+        for _ in range(5):
+            step()
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            step()
+            samples.append((time.perf_counter() - start) * 1e3)
+        result[name] = statistics.median(samples)
+    return result
 
 
 def kv_budget_gib(config) -> float:
@@ -261,7 +293,14 @@ def write_outputs_decode(results: dict, output_dir: Path) -> None:
     }
     for row in results["rows"]:
         key = f"b{row['batch']}-c{row['context']}"
-        for column in ("eager", "full_graph", "piecewise", "floor"):
+        for column in (
+            "eager",
+            "full_graph",
+            "piecewise",
+            "floor",
+            "full_sample_greedy",
+            "full_sample_topk",
+        ):
             if f"{column}_ms" in row:
                 flat["latency_ms"][f"{column}/{key}"] = row[f"{column}_ms"]
     size = results["tensor_parallel_size"]
@@ -277,8 +316,8 @@ def format_decode_table(results: dict) -> str:
         f"{results['copy_bandwidth_gbs']:.0f} GB/s, launches per layer "
         f"{'n/a' if launches is None else launches}: median ms",
         "| batch | context | eager | piecewise | full graph | HBM floor | full/floor | full GB/s "
-        "| launches/step | logits err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| launches/step | logits err | graph+greedy | graph+top-k |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     nan = float("nan")
     for row in results["rows"]:
@@ -289,7 +328,9 @@ def format_decode_table(results: dict) -> str:
             f"{row.get('piecewise_ms', nan):.3f} | {full:.3f} | {row['floor_ms']:.3f} | "
             f"{full / row['floor_ms']:.2f} | {row.get('full_gbs', nan):.0f} | "
             f"{'n/a' if launches is None else launches} | "
-            f"{row.get('full_max_abs_err', nan):.1e} |"
+            f"{row.get('full_max_abs_err', nan):.1e} | "
+            f"{row.get('full_sample_greedy_ms', nan):.3f} | "
+            f"{row.get('full_sample_topk_ms', nan):.3f} |"
         )
     if results["skipped"]:
         lines.append(f"skipped (KV over budget): {results['skipped']}")

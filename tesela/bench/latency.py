@@ -22,6 +22,7 @@ from tesela.bench.common import (
     sync,
     write_json,
 )
+from tesela.engine_args import EngineArgs
 
 
 def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,10 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--disable-cudagraph", action="store_true", help="run every batch eagerly")
     add_output_argument(parser, "the JSON")
+    EngineArgs.add_cli_args(parser, only=("overlap_schedule",))  # the engine's own flag
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="> 0: seeded random sampling (top-k 50)"
+    )
 
 
 def run_latency(args: argparse.Namespace) -> int:
@@ -49,6 +54,7 @@ def run_latency(args: argparse.Namespace) -> int:
         max_model_len=args.input_len + args.output_len + 16,
         num_kv_tokens=args.num_kv_tokens,
         disable_cudagraph=args.disable_cudagraph,
+        overlap_schedule=args.overlap_schedule,
     )
     config = llm.engine.config
     results = {
@@ -59,20 +65,32 @@ def run_latency(args: argparse.Namespace) -> int:
         "input_len": args.input_len,
         "output_len": args.output_len,
         "decode_graphs": config.graph.full_decode and config.device != "cpu",
-        "rows": [measure(llm, b, args.input_len, args.output_len) for b in batch_sizes],
+        "overlap_schedule": config.overlap_schedule,
+        "temperature": args.temperature,
+        "rows": [
+            measure(llm, b, args.input_len, args.output_len, args.temperature) for b in batch_sizes
+        ],
     }
     write_json(results, Path(args.output_dir), f"latency-{args.model}")
     print(format_latency_table(results))
     return 0
 
 
-def measure(llm, batch_size: int, input_len: int, output_len: int) -> dict:
+def measure(
+    llm, batch_size: int, input_len: int, output_len: int, temperature: float = 0.0
+) -> dict:
     from tesela.engine.sampling_params import SamplingParams
 
     vocab = llm.engine.config.model_config.vocab_size
     generator = torch.Generator().manual_seed(batch_size)
     prompts = torch.randint(0, vocab, (batch_size, input_len), generator=generator).tolist()
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=output_len,
+        temperature=temperature,
+        top_k=50 if temperature > 0 else -1,
+        seed=0 if temperature > 0 else None,
+        ignore_eos=True,
+    )
     device = llm.engine.runner.device
     llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     sync(device)
@@ -94,9 +112,11 @@ def measure(llm, batch_size: int, input_len: int, output_len: int) -> dict:
 def format_latency_table(results: dict) -> str:
     lines = [
         f"offline generate {results['model']} ({results['dtype']}, attention "
-        f"{results['attention_backend']}, decode graphs {'on' if results['decode_graphs'] else 'off'}) "
+        f"{results['attention_backend']}, decode graphs {'on' if results['decode_graphs'] else 'off'}, "
+        f"overlap {'on' if results.get('overlap_schedule') else 'off'}) "
         f"on {results['device']}: {results['input_len']} prompt tokens, "
-        f"{results['output_len']} greedy output tokens per request",
+        f"{results['output_len']} output tokens per request, temperature "
+        f"{results.get('temperature', 0.0)}",
         "| batch | seconds | output tok/s | total tok/s | ms per step |",
         "|---|---|---|---|---|",
     ]

@@ -2,10 +2,12 @@
 
 For each batch size, a decode step (every row one token after `--context` cached tokens) and a
 prefill of `--prefill-tokens` tokens split over the batch's rows, each row served by one of
-`--num-adapters` random adapters of rank `--rank` (round robin), eager and with graphs (FULL
-decode graphs for decode, piecewise for prefill); the same shapes on the base model (LoRA off)
-side by side. Also the graph memory of both engines. Runs on `tiny` on CPU (no capture there:
-the graph columns run the CPU path of the same runners). JSON + a table printed last.
+`--num-adapters` random adapters of rank `--rank` (round robin), eager and with graphs through
+the dispatcher, so each batch takes the path that serves it in production (FULL decode graphs
+for decode; FULL mixed graphs for prefill when `--full-mixed on`, the default, else piecewise;
+the table names the path); the same shapes on the base model (LoRA off) side by side. Also the
+graph memory of both engines, per graph set. Runs on `tiny` on CPU (no capture there: the graph
+columns run the CPU path of the same runners). JSON + a table printed last.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-adapters", type=int, default=4, help="adapters, round robin")
     parser.add_argument("--rank", type=int, default=16, help="rank of every adapter")
     parser.add_argument("--repeat", type=int, default=30, help="timed runs per cell (median)")
+    parser.add_argument(
+        "--full-mixed", choices=["on", "off"], default="on",
+        help="FULL mixed graphs for prefill (on: as served; off: piecewise graphs)",
+    )  # fmt: skip
     parser.add_argument("--output-dir", default="results", help="where the JSON goes")
 
 
@@ -43,6 +49,9 @@ def build_runner(args, batch_sizes: list[int], lora: bool):
 
     max_bs = max(batch_sizes)
     tokens = max_bs * (args.context + 16) + args.prefill_tokens + 64
+    # A prefill row of all the tokens must fit a row of the graphs' block tables, or FULL
+    # mixed graphs would refuse it (context_too_long) and the prefill would run piecewise.
+    max_model_len = max(args.context, args.prefill_tokens) + 16
     prefill_sizes = sorted({args.prefill_tokens, *batch_sizes})
     config, path = make_engine_config(
         args.model,
@@ -51,8 +60,9 @@ def build_runner(args, batch_sizes: list[int], lora: bool):
         num_kv_tokens=tokens,
         max_num_seqs=max_bs,
         max_num_batched_tokens=max(args.prefill_tokens, max_bs),
-        max_model_len=args.context + 16,
+        max_model_len=max_model_len,
         piecewise_cudagraph="breakable",
+        full_mixed=args.full_mixed == "on",
         capture_sizes=prefill_sizes,
         enable_lora=lora,
         max_loras=args.num_adapters,
@@ -101,7 +111,9 @@ def measure(runner, args, batch_sizes: list[int], adapters: int) -> dict:
             )
             out[f"{phase}/b{b}/graphs_path"] = path.value
             out[f"{phase}/b{b}/max_abs_err"] = (replay.float() - eager.float()).abs().max().item()
-    out["graph_memory_bytes"] = sum(r.graph_memory_bytes for r in dispatcher.reports())
+    reports = dispatcher.reports()
+    out["graph_memory_bytes"] = sum(r.graph_memory_bytes for r in reports)
+    out["graph_memory_by_set"] = {r.mode: r.graph_memory_bytes for r in reports}
     out["lora_memory_bytes"] = runner.lora_manager.nbytes if runner.lora_manager else 0
     return out
 
@@ -112,6 +124,7 @@ def run_lora(args: argparse.Namespace) -> int:
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     results: dict = {"model": args.model, "rank": args.rank, "adapters": args.num_adapters}
+    results["full_mixed"] = args.full_mixed
     base = build_runner(args, batch_sizes, lora=False)
     results["device"] = _device_name(base.device)
     results["dtype"] = base.config.dtype
@@ -168,4 +181,7 @@ def format_lora_table(results: dict) -> str:
         f"{lora['graph_memory_bytes'] / gib:.3f} GiB ({growth}); LoRA slots "
         f"{lora['lora_memory_bytes'] / gib:.3f} GiB"
     )
+    for mode, nbytes in base["graph_memory_by_set"].items():
+        with_lora = lora["graph_memory_by_set"].get(mode, 0)
+        lines.append(f"  {mode}: base {nbytes / gib:.3f} GiB, with LoRA {with_lora / gib:.3f} GiB")
     return "\n".join(lines)

@@ -133,7 +133,7 @@ class ForwardBatch:
         padded_tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
 
         def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype, device)
 
         return cls(
             mode=mode,
@@ -191,6 +191,17 @@ class BatchInputs:
             lora_ids=self.lora_ids,
             batch_id=self.batch_id,
         )
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list on `device` without blocking the host: through pinned memory on CUDA. (A
+    plain `torch.tensor(values, device="cuda")` waits for the GPU's queued work, which would
+    stall the host while an earlier step runs: overlap scheduling builds batches then.)"""
+    device = torch.device(device)
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class BatchModeError(ValueError):

@@ -44,6 +44,13 @@ class ForwardContext:
     # this hook, which ends the current graph segment, runs the op eagerly and records it.
     # Called as split_hook(fn, tensors, *args) in place of fn(*tensors, *args).
     split_hook: Callable[..., None] | None = None
+    # Set inside `batch_state(n, plan)` (a FULL graph replay): the replayed batch's plan, whose
+    # persistent buffers the CPU stand-in's re-run of the captured forward reads.
+    replayed: ForwardPlan | None = None
+
+    def check_plan(self, where: str) -> None:
+        """The metadata invariant, where a split op or a plan-reading op runs."""
+        self.plan.check(self.batch, where, self.replayed)
 
 
 _current: ForwardContext | None = None
@@ -53,8 +60,10 @@ _batch_hooks: list[Callable[[int | None], None]] = []
 
 
 # Set by `batch_state` around a graph replay: forward contexts entered inside it (the CPU
-# stand-in graph re-running its captured callable) see the replayed batch's count, as on a GPU.
+# stand-in graph re-running its captured callable) see the replayed batch's count and plan, as
+# on a GPU.
 _pinned_num_tokens: int | None = None
+_pinned_plan: ForwardPlan | None = None
 
 
 def register_batch_hook(hook: Callable[[int | None], None]) -> None:
@@ -72,16 +81,18 @@ def _run_batch_hooks(num_tokens: int | None) -> None:
 
 
 @contextlib.contextmanager
-def batch_state(num_tokens: int) -> Iterator[None]:
+def batch_state(num_tokens: int, plan: ForwardPlan | None = None) -> Iterator[None]:
     """The per-batch device state of a forward context, for a graph replayed outside one (FULL
-    decode graphs replay with no Python): written before, reset after."""
-    global _pinned_num_tokens
-    _pinned_num_tokens = num_tokens
+    graphs replay with no Python): written before, reset after. `plan` is the replayed batch's
+    (checked by the runner before the replay), which a captured forward re-run on CPU checks
+    its persistent buffers against (`ForwardPlan.check`)."""
+    global _pinned_num_tokens, _pinned_plan
+    _pinned_num_tokens, _pinned_plan = num_tokens, plan
     _run_batch_hooks(num_tokens)
     try:
         yield
     finally:
-        _pinned_num_tokens = None
+        _pinned_num_tokens, _pinned_plan = None, None
         _run_batch_hooks(None)
 
 
@@ -95,7 +106,7 @@ def forward_context(
             f"a forward context is already active for {_current.batch.stamp}; forward passes "
             "must not nest"
         )
-    _current = ForwardContext(batch, plan, attn_backend, split_hook)
+    _current = ForwardContext(batch, plan, attn_backend, split_hook, _pinned_plan)
     pinned = _pinned_num_tokens
     _run_batch_hooks(batch.num_tokens if pinned is None else pinned)
     try:

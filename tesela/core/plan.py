@@ -58,8 +58,16 @@ class ForwardPlan:
                     "every part of a plan must come from the same planning call"
                 )
 
-    def check(self, batch: ForwardBatch, where: str = "attention") -> None:
-        """Raise unless this plan was made for `batch` (what the forward context runs)."""
+    def check(
+        self, batch: ForwardBatch, where: str = "attention", replayed: ForwardPlan | None = None
+    ) -> None:
+        """Raise unless this plan was made for `batch` (what the forward context runs) and the
+        persistent buffers still hold it.
+
+        `replayed`: the plan of the batch a FULL graph is replaying. Only the CPU stand-in runs
+        this code then (it re-runs the captured forward, with the capture plan): the buffers
+        must hold the replayed batch, whose plan the runner checked before the replay, as on a
+        GPU, where no host code runs inside the graph."""
         stamp = batch.stamp
         if self.stamp != stamp:
             raise StaleMetadataError(
@@ -67,5 +75,10 @@ class ForwardPlan:
                 "(warmup, each capture size, each replay) with planner.plan(batch) for the "
                 "batch being run"
             )
-        if self.lora is not None:
-            self.lora.check_current(where)
+        (self if replayed is None else replayed).check_current(where)
+
+    def check_current(self, where: str) -> None:
+        """Raise if a part's persistent buffers now hold another batch (planned since)."""
+        for part in (self.lora, self.collective):
+            if part is not None:
+                part.check_current(where)

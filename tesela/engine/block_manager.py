@@ -145,7 +145,9 @@ class BlockManager:
         requests computed the same prefix in one step) stays private: the first one wins."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        # Only tokens whose ids the host knows can be hashed (not one in flight: overlap).
+        known = min(request.num_computed_tokens, request.num_tokens - request.num_inflight_tokens)
+        num_full = min(known // self.block_size, len(request.block_ids))
         if num_full <= request.num_registered_blocks:
             return
         hashes = self.block_hashes(request, num_full)

@@ -3,6 +3,14 @@
 `add_request` validates and queues; `step` schedules one batch, runs it, samples, applies stop
 conditions (tokens, length, stop strings) and returns what changed. The offline `LLM` and the
 server both drive this loop.
+
+Overlap scheduling (`EngineConfig.overlap_schedule`): a step launches batch N+1 before it reads
+batch N's tokens, so the host schedules and builds N+1 while the GPU runs N. The sampled ids
+stay on the device: a decode row of N+1 takes its input id from N's token tensor (a device
+gather), and N's results come back through pinned memory, read one step later. Stops found
+then are exact: the request finishes, its blocks are freed (N+1's writes to them are ordered
+before any later batch's on the stream), and the token N+1 drew for it is dropped. Without
+overlap the same code reads each step back at once.
 """
 
 from __future__ import annotations
@@ -28,17 +36,18 @@ from tesela.config import (
     resolve_graph_config,
     resolve_lora_config,
 )
-from tesela.core.forward_batch import BatchInputs
+from tesela.core.forward_batch import BatchInputs, to_device
 from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.distributed.sharding import check_tp_shapes
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.detokenizer import IncrementalDetokenizer
 from tesela.engine.request import Request, TokenLogprobs
-from tesela.engine.sampler import Sampler, SamplingHistory
+from tesela.engine.sampler import Sampler, SamplingHistory, read_back
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
 from tesela.engine_args import EngineArgs
-from tesela.executor.model_runner import ModelRunner
+from tesela.executor.model_runner import FeedInputIds, ModelRunner
+from tesela.executor.sampling import SampleOutput, variant_for
 from tesela.lora.request import LoRARequest
 from tesela.models.registry import check_architecture
 from tesela.presets import DEFAULT_MODEL, PRESETS
@@ -162,8 +171,37 @@ def make_engine_config(
             on_cuda=on_cuda,
         ),
         parallel=ParallelConfig(args.tensor_parallel_size, args.distributed_timeout_s),
+        overlap_schedule=_overlap_schedule(
+            args.overlap_schedule, on_cuda, args.tensor_parallel_size
+        ),
     )
     return config, path
+
+
+def _overlap_schedule(value: str | bool | None, on_cuda: bool, tensor_parallel_size: int) -> bool:
+    """auto: on for CUDA at TP=1 (the host work hides behind the GPU); off on CPU, where every
+    op runs on the host (nothing to hide), and under tensor parallelism, whose driver sends
+    each batch's host ids to the workers and waits for the step (tesela/executor/multiproc.py)."""
+    choices = {"auto": None, None: None, "on": True, True: True, "off": False, False: False}
+    if value not in choices:
+        raise ValueError(f"overlap_schedule must be auto, on or off, got {value!r}")
+    chosen = choices[value]
+    if tensor_parallel_size > 1:
+        if chosen:
+            raise ValueError(
+                "overlap_schedule='on' is not supported with tensor_parallel_size="
+                f"{tensor_parallel_size}: the workers need every input id on the host. Use "
+                "overlap_schedule='off' or 'auto' (--overlap-schedule off|auto), or "
+                "tensor_parallel_size=1"
+            )
+        if chosen is None and on_cuda:
+            logger.info(
+                "overlap scheduling is off: tensor_parallel_size=%d sends host ids to the "
+                "workers and waits for each step",
+                tensor_parallel_size,
+            )
+        return False
+    return on_cuda if chosen is None else chosen
 
 
 def _scheduler_config(args: EngineArgs, model_config: ModelConfig) -> SchedulerConfig:
@@ -199,6 +237,44 @@ def _resolve_attention(requested: str, device: str, dtype: str, head_dim: int, g
     if graph.piecewise_enabled and not decision.piecewise:
         graph = dataclasses.replace(graph, piecewise_cudagraph="none", capture_sizes=())
     return decision.name, graph
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its sampled tokens on the device and their copies on the way to pinned
+    host memory, which `wait` makes readable."""
+
+    scheduled: ScheduledBatch
+    rows: list[int]  # the batch rows that sample, in the order of `sampled`
+    params: list[SamplingParams]
+    sampled: SampleOutput | None
+    host: SampleOutput | None = None
+    event: torch.cuda.Event | None = None
+    index_of: dict[str, int] = field(default_factory=dict)  # request id -> token row
+
+    def start_copy(self) -> None:
+        self.index_of = {
+            self.scheduled.requests[row].request_id: i for i, row in enumerate(self.rows)
+        }
+        if self.sampled is None:
+            return
+        self.host = self.sampled.to_host()
+        if self.sampled.tokens.device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> SampleOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+    def feed(self, input_ids: torch.Tensor, dst: list[int], src: list[int]) -> None:
+        """Write this step's sampled tokens `src` into the next batch's `input_ids[dst]`, on
+        the device: ordered on the stream after the sampling, before the next forward."""
+        device = input_ids.device
+        dst_t = to_device(dst, torch.int64, device)
+        src_t = to_device(src, torch.int64, device)
+        input_ids.index_copy_(0, dst_t, self.sampled.tokens.index_select(0, src_t))
 
 
 def fit_max_model_len(config: EngineConfig, block_manager: BlockManager) -> EngineConfig:
@@ -260,6 +336,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._inflight: _InFlight | None = None  # launched, tokens not read yet (overlap)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -343,58 +420,120 @@ class LLMEngine:
         return request is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- the step loop -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Launch the next batch, then read back the previous one (overlap) or this one."""
+        if self._inflight is not None and self._needs_host_tokens():
+            outputs = self._resolve(self._inflight)  # the next batch needs these ids on the host
+            self._inflight = None
+        else:
+            outputs = {}
         scheduled = self.scheduler.schedule()
-        sampled: list[int | None] = []
-        updated: list[Request] = []
-        if scheduled is not None:
-            sampled = self._run(scheduled)
-            self.scheduler.update(scheduled, sampled)
-            updated = [r for r, t in zip(scheduled.requests, sampled, strict=True) if t is not None]
-        for request in updated:
-            self._detokenize(request)
-        outputs = {r.request_id: self._output(r, new_tokens=1) for r in updated}
+        launched = self._launch(scheduled) if scheduled is not None else None
+        previous, self._inflight = self._inflight, launched  # never resolve a step twice
+        if previous is not None:
+            outputs.update(self._resolve(previous))
+        if launched is not None and not self.config.overlap_schedule:
+            outputs.update(self._resolve(launched))
+            self._inflight = None
         for request in self.scheduler.pop_finished():
-            self.sampler.forget(request.request_id)
-            self.requests.pop(request.request_id, None)
-            detokenizer = self.detokenizers.pop(request.request_id, None)
-            if detokenizer is not None:  # emit a held-back incomplete final character
-                detokenizer.flush(request.output_token_ids)
-                request.output_text = detokenizer.text
-            new = 1 if request.request_id in outputs else 0
-            outputs[request.request_id] = self._output(request, new_tokens=new)
+            self._retire(request, outputs)
         return list(outputs.values())
 
-    def _run(self, scheduled: ScheduledBatch) -> list[int | None]:
-        logits = self.runner.execute(self._batch_inputs(scheduled))
+    def _needs_host_tokens(self) -> bool:
+        """Whether a running request samples with host-side processors that read its tokens."""
+        return any(self.sampler.needs_history(r.params) for r in self.scheduler.running)
+
+    def _launch(self, scheduled: ScheduledBatch) -> _InFlight:
+        """Run the batch and sample on the device; start copying the results to the host."""
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
-        if len(logits) > len(rows):  # prompt logprobs follow the sampling rows' logits
-            self._record_prompt_logprobs(scheduled, logits[len(rows) :])
-            logits = logits[: len(rows)]
-        histories = None
-        if any(r.params.needs_history for r in requests):
-            histories = [
-                SamplingHistory(
-                    r.prompt_token_ids,
-                    r.output_token_ids,
-                    (() if r.params.ignore_eos else r.eos_token_ids) + r.params.stop_token_ids,
-                )
-                for r in requests
-            ]
-        tokens, logprobs = self.sampler(
-            logits, [r.params for r in requests], [r.request_id for r in requests], histories
-        )
-        sampled: list[int | None] = [None] * len(scheduled.requests)
-        for row, request, token, lp in zip(rows, requests, tokens, logprobs, strict=True):
+        inputs, feed = self._batch_inputs(scheduled, rows)
+        params = [r.params for r in requests]
+        if inputs.input_logprob_rows:
+            sampled = self._forward_prompt_logprobs(scheduled, inputs, feed, requests, params)
+        elif rows:
+            sampled = self._forward_sample(inputs, feed, requests, params)
+        else:
+            sampled = None
+            self.runner.execute(inputs, feed)  # prefill chunks only: KV writes, no sampling
+        self.scheduler.launched(scheduled)
+        step = _InFlight(scheduled, rows, params, sampled)
+        step.start_copy()
+        return step
+
+    def _forward_sample(self, inputs: BatchInputs, feed, requests: list[Request], params):
+        """Forward and sampling on the device: in the FULL decode graphs where they serve the
+        batch; with logits taken out when a row needs host-side logit processors."""
+        ids = [r.request_id for r in requests]
+        indices = [r.num_output_tokens for r in requests]  # the token each row draws
+        if self.sampler.uses_host_processors(params):
+            logits = self.runner.execute(inputs, feed)
+            return self.sampler.sample(logits, params, ids, indices, self._histories(requests))
+        vocab = self.config.model_config.vocab_size
+        tensors = self.sampler.tensors(params, ids, indices, vocab)
+        return self.runner.execute_sample(inputs, tensors, variant_for(params), feed)
+
+    def _resolve(self, step: _InFlight) -> dict[str, RequestOutput]:
+        """Read a launched step's tokens, append them, apply stop conditions."""
+        if step.sampled is None:
+            self.scheduler.resolve(step.scheduled, [None] * len(step.scheduled.requests))
+            return {}
+        tokens, logprobs = read_back(step.wait(), step.params)
+        sampled: list[int | None] = [None] * len(step.scheduled.requests)
+        updated: list[Request] = []
+        for row, token, lp in zip(step.rows, tokens, logprobs, strict=True):
             sampled[row] = token
-            if lp is not None:
-                request.output_logprobs.append(lp)
-        return sampled
+            request = step.scheduled.requests[row]
+            if not request.is_finished:  # else: stopped or aborted meanwhile, token dropped
+                updated.append(request)
+                if lp is not None:
+                    request.output_logprobs.append(lp)
+        self.scheduler.resolve(step.scheduled, sampled)
+        for request in updated:
+            self._detokenize(request)
+        return {r.request_id: self._output(r, new_tokens=1) for r in updated}
+
+    def _retire(self, request: Request, outputs: dict[str, RequestOutput]) -> None:
+        self.sampler.forget(request.request_id)
+        self.requests.pop(request.request_id, None)
+        detokenizer = self.detokenizers.pop(request.request_id, None)
+        if detokenizer is not None:  # emit a held-back incomplete final character
+            detokenizer.flush(request.output_token_ids)
+            request.output_text = detokenizer.text
+        new = 1 if request.request_id in outputs else 0
+        outputs[request.request_id] = self._output(request, new_tokens=new)
+
+    def _forward_prompt_logprobs(self, scheduled, inputs, feed, requests, params):
+        """A batch that scores prompt tokens: logits out (eager or piecewise), prompt logprobs
+        recorded, the sampling rows sampled eagerly with the same function."""
+        logits = self.runner.execute(inputs, feed)
+        rows = len(requests)
+        self._record_prompt_logprobs(scheduled, logits[rows:])
+        if not rows:
+            return None
+        ids = [r.request_id for r in requests]
+        indices = [r.num_output_tokens for r in requests]
+        histories = self._histories(requests) if self.sampler.uses_host_processors(params) else None
+        return self.sampler.sample(logits[:rows], params, ids, indices, histories)
+
+    @staticmethod
+    def _histories(requests: list[Request]) -> list[SamplingHistory] | None:
+        """Token histories for penalties and min_tokens (their ids are on the host: the engine
+        reads the step in flight back first, `_needs_host_tokens`)."""
+        if not any(r.params.needs_history for r in requests):
+            return None
+        return [
+            SamplingHistory(
+                r.prompt_token_ids,
+                r.output_token_ids,
+                (() if r.params.ignore_eos else r.eos_token_ids) + r.params.stop_token_ids,
+            )
+            for r in requests
+        ]
 
     @staticmethod
     def _prompt_logprob_rows(scheduled: ScheduledBatch) -> list[int]:
@@ -431,23 +570,41 @@ class LLMEngine:
                     request.prompt_logprobs[p + 1] = TokenLogprobs(token, chosen[j], top)
             offset += count
 
-    def _batch_inputs(self, scheduled: ScheduledBatch) -> BatchInputs:
-        token_ids = [
-            r.all_token_ids[p : p + n]
-            for r, p, n in zip(
-                scheduled.requests, scheduled.prefix_lens, scheduled.num_new_tokens, strict=True
-            )
-        ]
-        return BatchInputs(
+    def _batch_inputs(
+        self, scheduled: ScheduledBatch, logits_rows: list[int]
+    ) -> tuple[BatchInputs, FeedInputIds | None]:
+        """The batch's host lists, and (overlap) how to fill in input ids still in flight."""
+        token_ids, gather_dst, gather_src = [], [], []
+        num_tokens = 0
+        for r, p, n in zip(
+            scheduled.requests, scheduled.prefix_lens, scheduled.num_new_tokens, strict=True
+        ):
+            known = r.num_tokens - r.num_inflight_tokens
+            if p + n <= known:
+                row = r.all_token_ids[p : p + n]
+            else:  # the last token is in flight: its id comes from the device
+                assert p + n == known + 1 and self._inflight is not None, "unknown token ids"
+                # A decode row (the common case) needs no host ids at all.
+                row = r.all_token_ids[p:known] if p < known else []
+                row.append(0)
+                gather_dst.append(num_tokens + n - 1)
+                gather_src.append(self._inflight.index_of[r.request_id])
+            token_ids.append(row)
+            num_tokens += n
+        inputs = BatchInputs(
             token_ids=token_ids,
             prefix_lens=list(scheduled.prefix_lens),
             block_tables=[list(r.block_ids) for r in scheduled.requests],
             block_size=self.config.cache.block_size,
-            logits_rows=[i for i in range(len(scheduled.requests)) if scheduled.samples(i)],
+            logits_rows=logits_rows,
             request_ids=[r.request_id for r in scheduled.requests],
             lora_ids=[r.lora_int_id for r in scheduled.requests],
             input_logprob_rows=tuple(self._prompt_logprob_rows(scheduled)),
         )  # the mode comes from the rows (a recompute chunk past the prompt is not decode)
+        if not gather_dst:
+            return inputs, None
+        inflight = self._inflight
+        return inputs, lambda input_ids: inflight.feed(input_ids, gather_dst, gather_src)
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
         text = request.output_text

@@ -38,6 +38,10 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_preemptions: int = 0
     output_text: str = ""
+    # Tokens sampled on the device whose ids the host has not read yet (overlap scheduling:
+    # up to two, of which only the last can be an input of the next batch). They count in
+    # num_tokens, not in all_token_ids.
+    num_inflight_tokens: int = 0
     # Prompt position i -> logprob of prompt token i (i >= 1), when prompt_logprobs is asked.
     prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
     # Prefix caching: requests share cached KV only when these agree (a LoRA adapter changes
@@ -51,11 +55,22 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
+        """The token ids known on the host (an in-flight last token is not among them)."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens sampled so far, in flight included: the index of the next draw."""
+        return len(self.output_token_ids) + self.num_inflight_tokens
+
+    def reaches_length_limit(self, max_model_len: int) -> bool:
+        """Whether the tokens sampled so far already end the request by length, so it needs
+        no further step (known before an in-flight token's id is)."""
+        return self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= max_model_len
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -75,6 +90,7 @@ class Request:
     def finish(self, reason: str) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
+        self.num_inflight_tokens = 0  # whatever is still in flight is dropped
 
     def check_token_stop(self, max_model_len: int) -> str | None:
         """Stop by token (EOS, stop_token_ids) or by length, after a token was appended."""

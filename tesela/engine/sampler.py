@@ -1,21 +1,34 @@
-"""Turning logits into tokens: greedy, temperature, top-k, top-p, min-p, per-request seeds,
-logprobs, and the logit processors (presence/frequency/repetition penalties, min_tokens,
-logit_bias), each vectorised over the batch and skipped when no row uses it.
+"""Turning logits into tokens for the engine: per-request seeds, the eager sampling path, the
+logit processors (presence/frequency/repetition penalties, min_tokens, logit_bias), and reading
+sampled tokens and logprobs back on the host.
 
-The processors run on every row before greedy or random selection, as in vLLM; logprobs are
-those of the raw model distribution. Random rows use the exponential-race form of sampling (argmax of p / E with E ~ Exp(1)), which
-needs one noise vector per row: a request with a seed draws its noise from its own generator,
-so its tokens do not depend on what else is in the batch.
+The sampling itself is `tesela.executor.sampling.sample`, the very function the FULL decode
+graphs capture, so eager and graph sampling agree. Every request gets a 32-bit seed: its own
+`SamplingParams.seed`, or one derived from the engine seed and the order requests were first
+sampled in. A row's draw is keyed by (seed, index of the output token it draws), so a seeded
+request draws the same tokens in any batch, on any path, with overlap scheduling on or off.
+
+The processors run on the host-built logits before sampling, as in vLLM, vectorised over the
+batch and skipped when no row uses them; rows that use them are sampled eagerly (the graphs do
+not capture them), and logprobs stay those of the raw model distribution.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from tesela.engine.request import TokenLogprobs
 from tesela.engine.sampling_params import SamplingParams
+from tesela.executor.sampling import (
+    SampleOutput,
+    SamplingTensors,
+    hash32,
+    sample,
+    variant_for,
+)
 
 
 @dataclass(frozen=True)
@@ -30,106 +43,89 @@ class SamplingHistory:
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
-        self._global = torch.Generator(device=device).manual_seed(seed)
-        self._request_generators: dict[str, torch.Generator] = {}
+        self.seed = seed
+        self._counter = itertools.count()
+        self._request_seeds: dict[str, int] = {}
 
     def forget(self, request_id: str) -> None:
-        self._request_generators.pop(request_id, None)
+        self._request_seeds.pop(request_id, None)
+
+    def seed_of(self, params: SamplingParams, request_id: str) -> int:
+        if params.seed is not None:
+            return params.seed
+        seed = self._request_seeds.get(request_id)
+        if seed is None:
+            # hash32 works on Python ints too: a well-mixed seed per request, in arrival order.
+            order = (self.seed ^ next(self._counter) * 0x9E3779B1) & 0xFFFFFFFF
+            seed = self._request_seeds[request_id] = hash32(order)
+        return seed
+
+    @staticmethod
+    def uses_host_processors(params: list[SamplingParams]) -> bool:
+        """Whether some row needs logit processors that `sample` does not run (the engine then
+        takes the logits out of the forward and samples with `Sampler.sample`)."""
+        return any(p.needs_history or p.logit_bias for p in params)
+
+    @staticmethod
+    def needs_history(params: SamplingParams) -> bool:
+        """Whether sampling this request reads its token ids on the host (the engine then
+        reads each step back before building the next)."""
+        return params.needs_history
+
+    def tensors(
+        self,
+        params: list[SamplingParams],
+        request_ids: list[str],
+        indices: list[int],
+        vocab: int,
+    ) -> SamplingTensors:
+        seeds = [self.seed_of(p, r) for p, r in zip(params, request_ids, strict=True)]
+        return SamplingTensors.build(params, seeds, indices, vocab, self.device)
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        request_ids: list[str],
+        indices: list[int],
+        histories: list[SamplingHistory] | None = None,
+    ) -> SampleOutput:
+        """The eager path: the logit processors, then `sample` on the device; nothing is read
+        back. `histories` are needed only when a row uses penalties or min_tokens."""
+        raw = logits.float()
+        processed = apply_logit_processors(raw, params, histories)
+        tensors = self.tensors(params, request_ids, indices, logits.shape[-1])
+        return sample(processed, tensors, variant_for(params), logprob_logits=raw)
 
     def __call__(
         self,
         logits: torch.Tensor,
         params: list[SamplingParams],
         request_ids: list[str],
+        indices: list[int],
         histories: list[SamplingHistory] | None = None,
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """One token per row. `histories` (prompt and output tokens of each row) are needed
-        only when a row uses penalties or min_tokens."""
-        logits = logits.float()
-        raw_logits = logits
-        logits = apply_logit_processors(logits, params, histories)
-        tokens = logits.argmax(dim=-1)
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
-            picked = self._sample(
-                logits[rows],
-                [params[i] for i in random_rows],
-                [request_ids[i] for i in random_rows],
-            )
-            tokens = tokens.index_copy(0, rows, picked)
-        token_list = tokens.tolist()
-        return token_list, self._logprobs(raw_logits, params, token_list)
-
-    def _sample(self, logits, params: list[SamplingParams], request_ids: list[str]):
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-        logits = logits / temperature[:, None]
-        logits = _apply_top_k(logits, [p.top_k for p in params])
-        logits = _apply_top_p(logits, [p.top_p for p in params])
-        probs = _apply_min_p(logits.softmax(dim=-1), [p.min_p for p in params])
-        noise = torch.empty_like(probs)
-        for row, (p, rid) in enumerate(zip(params, request_ids, strict=True)):
-            noise[row].exponential_(generator=self._generator(p, rid))
-        return (probs / noise).argmax(dim=-1)
-
-    def _generator(self, params: SamplingParams, request_id: str) -> torch.Generator:
-        if params.seed is None:
-            return self._global
-        generator = self._request_generators.get(request_id)
-        if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-            self._request_generators[request_id] = generator
-        return generator
-
-    @staticmethod
-    def _logprobs(logits, params: list[SamplingParams], tokens: list[int]):
-        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-        result: list[TokenLogprobs | None] = [None] * len(params)
-        if not wanted:
-            return result
-        logprobs = torch.log_softmax(logits[wanted], dim=-1)
-        k = max(params[i].logprobs for i in wanted)
-        top_values, top_ids = logprobs.topk(max(k, 1), dim=-1)
-        chosen = logprobs.gather(
-            1, torch.tensor([[tokens[i]] for i in wanted], device=logits.device)
-        )
-        top_values, top_ids, chosen = top_values.tolist(), top_ids.tolist(), chosen.tolist()
-        for j, i in enumerate(wanted):
-            n = params[i].logprobs
-            top = dict(zip(top_ids[j][:n], top_values[j][:n], strict=True))
-            result[i] = TokenLogprobs(tokens[i], chosen[j][0], top)
-        return result
+        """Sample and read back at once (a synchronizing convenience)."""
+        sampled = self.sample(logits, params, request_ids, indices, histories)
+        return read_back(sampled.to_host(), params)
 
 
-def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    ks = [k if 0 < k < vocab else vocab for k in top_ks]
-    if all(k == vocab for k in ks):
-        return logits
-    k_tensor = torch.tensor(ks, device=logits.device)
-    sorted_logits = logits.sort(dim=-1, descending=True).values
-    threshold = sorted_logits.gather(1, (k_tensor - 1)[:, None])
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
-    if all(p >= 1.0 for p in top_ps):
-        return logits
-    p_tensor = torch.tensor(top_ps, device=logits.device)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the mass before it already reaches top_p (the first always stays).
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop_sorted = mass_before >= p_tensor[:, None]
-    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def _apply_min_p(probs: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
-    if all(p <= 0.0 for p in min_ps):
-        return probs
-    threshold = torch.tensor(min_ps, device=probs.device)[:, None] * probs.amax(-1, keepdim=True)
-    return probs.masked_fill(probs < threshold, 0.0)
+def read_back(
+    host: SampleOutput, params: list[SamplingParams]
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Tokens and the logprobs each row asked for, from a step's host copies."""
+    tokens = host.tokens.tolist()
+    result: list[TokenLogprobs | None] = [None] * len(params)
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not wanted:
+        return tokens, result
+    chosen = host.logprob.tolist()
+    top_ids, top_values = host.top_ids.tolist(), host.top_logprobs.tolist()
+    for i in wanted:
+        n = params[i].logprobs
+        top = dict(zip(top_ids[i][:n], top_values[i][:n], strict=True))
+        result[i] = TokenLogprobs(tokens[i], chosen[i], top)
+    return tokens, result
 
 
 # ---- logit processors -----------------------------------------------------------------------

@@ -6,10 +6,18 @@ budget, the row limit and the KV pool allow. When the pool runs dry, the newest 
 is preempted: its blocks are freed and it is recomputed from scratch later (preemption by
 recompute), so accepted work is never lost.
 
+A step is recorded in two halves, so that the engine can schedule step N+1 before step N's
+tokens are known (overlap scheduling): `launched` when its batch is on the device (computed
+tokens advance, each sampling row gets an in-flight token), `resolve` when its sampled ids are
+on the host (they are appended and stop conditions checked). A request whose in-flight token is
+certainly its last (by length) is not scheduled again; one that stops otherwise may have run
+one more row, whose token `resolve` discards (its blocks were freed when it finished).
+
 With prefix caching, a request is admitted with the longest cached prefix of its tokens
 already computed (shared blocks from the block manager), so only the rest counts against the
 token budget; full blocks are registered in the cache after the forward that wrote them
-(`update`). A preempted request drops its references, and its blocks stay cached until the pool
+(`launched`), once their token ids are all known on the host (`resolve` registers a block
+that an in-flight token completed). A preempted request drops its references, and its blocks stay cached until the pool
 needs them, so its recompute usually starts from its own prefix.
 """
 
@@ -118,6 +126,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.num_inflight_tokens and request.reaches_length_limit(
+                self.config.max_model_len
+            ):
+                index += 1  # its in-flight token is its last: resolve finishes it
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._reserve(request, n):
                 if request not in self.running:  # it was preempted itself
@@ -151,6 +164,8 @@ class Scheduler:
             request = self.waiting[0]
             if not self._adapter_fits(request):
                 break
+            if request.num_inflight_tokens:
+                break  # preempted with a token in flight: admit it once the id is known
             # A waiting request holds no blocks (new, or preempted and freed): its cached
             # prefix is shared, and only the tokens after it count against the budget.
             cached = block_manager.find_cached_prefix(request)
@@ -187,18 +202,35 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
-        """Record a finished step: computed tokens advance, sampled tokens are appended, and
-        requests that hit a stop condition finish (their blocks are freed)."""
+        """Record a step that ran and was read back at once (no overlap)."""
+        self.launched(batch)
+        self.resolve(batch, sampled)
+
+    def launched(self, batch: ScheduledBatch) -> None:
+        """The batch is on the device: computed tokens advance, and every row that samples
+        has one token in flight."""
         for row, request in enumerate(batch.requests):
-            if request.is_finished:  # aborted while the step ran
+            if request.is_finished:  # aborted before the launch
                 continue
+            samples = batch.samples(row)
             request.num_computed_tokens += batch.num_new_tokens[row]
+            if samples:
+                request.num_inflight_tokens += 1
             # The forward wrote these tokens' KV: their full blocks may now be shared.
             self.block_manager.cache_full_blocks(request)
+
+    def resolve(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
+        """The batch's sampled ids are on the host: append them, and finish the requests that
+        hit a stop condition (their blocks are freed). A request that finished in the meantime
+        (a stop found one step late, an abort) drops its token."""
+        for row, request in enumerate(batch.requests):
             token = sampled[row]
-            if token is None:
+            if token is None or request.is_finished:
                 continue
+            request.num_inflight_tokens -= 1
             request.output_token_ids.append(token)
+            # A block completed by a token that was in flight: its ids are all known now.
+            self.block_manager.cache_full_blocks(request)
             reason = request.check_token_stop(self.config.max_model_len)
             if reason is not None:
                 self.finish(request, reason)

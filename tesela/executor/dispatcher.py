@@ -94,15 +94,19 @@ class Dispatcher:
             reason = refusal
         raise AssertionError("the eager runner accepts every batch")
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
+    def route(self, batch: ForwardBatch) -> tuple[RunPath, GraphRunner]:
+        """The runner that serves `batch` (counted in stats, with the fallback reason)."""
         reason = "graphs_disabled"
-        for path, can_run, run in self._routes:
+        for path, can_run, _ in self._routes:
             refusal = can_run(batch)
             if refusal is None:
                 self.stats.paths[path] += 1
                 if path is RunPath.EAGER:
                     self.stats.fallbacks[reason] += 1
                     logger.debug("%s runs eagerly: %s", batch.stamp, reason)
-                return run(batch)
+                return path, self.runners[path]
             reason = refusal
         raise AssertionError("the eager runner accepts every batch")
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.route(batch)[1].run(batch)

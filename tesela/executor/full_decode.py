@@ -7,6 +7,11 @@ and KV slots into static buffers, plans the batch (the same call, which rewrites
 buffers in place) and replays the smallest captured size that fits. Padding rows use token 0,
 position 0, the dummy KV slot and a length-1 context on the dummy block.
 
+With `vocab_size` given, each size also gets sampling graphs, one per `SamplingVariant`: the LM
+head over the forward graph's output and `tesela.executor.sampling.sample`, reading per-row
+parameters from persistent `SamplingTensors` that `run_sample` rewrites before the replay. A
+decode step is then two replays and no host sync: the sampled tokens stay on the device.
+
 Warmup, capture and replay are the same code on every device; on CPU the graph is the
 `CpuGraph` stand-in (tesela/executor/graphs.py), which re-runs the captured forward over the
 same static buffers and persistent metadata, so padding and buffer reuse are tested on CPU.
@@ -27,6 +32,13 @@ from tesela.core.plan import ForwardPlan
 from tesela.executor.graph_runner import CaptureReport, GraphRunner
 from tesela.executor.graphs import GraphFactory
 from tesela.executor.planner import CudaGraphPlanner
+from tesela.executor.sampling import (
+    SampleOutput,
+    SamplingTensors,
+    SamplingVariant,
+    prepare_vocab_keys,
+    sample,
+)
 
 logger = logging.getLogger("tesela.full_decode")
 
@@ -42,6 +54,7 @@ class FullDecodeRunner(GraphRunner):
         batch_sizes: tuple[int, ...],
         max_blocks_per_seq: int,
         graphs: GraphFactory,
+        vocab_size: int | None = None,
     ) -> None:
         self.model = model
         self.planner = planner
@@ -54,6 +67,11 @@ class FullDecodeRunner(GraphRunner):
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.out_cache_loc = torch.full((max_bs,), DUMMY_SLOT, dtype=torch.int64, device=device)
         self.captured: dict[int, tuple] = {}  # size -> (graph, output)
+        self.vocab_size = vocab_size
+        self.sampling = (
+            SamplingTensors.empty(max_bs, vocab_size, device) if vocab_size is not None else None
+        )
+        self.sample_graphs: dict[tuple[int, SamplingVariant], tuple] = {}
         self._report = CaptureReport(
             "full decode", self.sizes, cuda_graphs=graphs.device_type == "cuda"
         )
@@ -106,11 +124,45 @@ class FullDecodeRunner(GraphRunner):
                 graph = self.graphs.graph()
                 output = graph.capture(lambda batch=batch, plan=plan: self._forward(batch, plan))
                 self.captured[size] = (graph, output)
+                self._capture_sampling(size, output)
         self._report.seconds = time.perf_counter() - start
         self._report.segments_per_size = 1
         self._report.graph_memory_bytes = memory[0]
         logger.info(self._report.summary())
         return self._report
+
+    def _capture_sampling(self, size: int, hidden_states: torch.Tensor) -> None:
+        if self.sampling is None:
+            return
+        prepare_vocab_keys(self.vocab_size, self.graphs.device)
+        tensors = self.sampling.rows(size)
+        for variant in SamplingVariant.all():
+
+            def head(variant=variant):
+                # A tuple, so the CPU stand-in's replay finds the tensors to refresh.
+                return sample(self.model.compute_logits(hidden_states), tensors, variant).fields()
+
+            head()  # warmup: lazy kernel setup happens outside the capture
+            graph = self.graphs.graph()
+            self.sample_graphs[size, variant] = (graph, SampleOutput(*graph.capture(head)))
+
+    @property
+    def samples_in_graph(self) -> bool:
+        return self.sampling is not None
+
+    @torch.inference_mode()
+    def run_sample(
+        self, batch: ForwardBatch, tensors: SamplingTensors, variant: SamplingVariant
+    ) -> SampleOutput:
+        """Forward, LM head and sampling of a decode batch (every row samples), all replayed;
+        the result stays on the device."""
+        self.run(batch)
+        n = batch.batch_size
+        size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.sampling.copy_(tensors)  # rows past n keep earlier, valid values: padding
+        graph, output = self.sample_graphs[size, variant]
+        graph.replay()
+        return output.rows(n)
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
@@ -130,9 +182,11 @@ class FullDecodeRunner(GraphRunner):
             self.input_ids[n:size].zero_()
             self.positions[n:size].zero_()
             self.out_cache_loc[n:size].fill_(DUMMY_SLOT)
-        # The graph runs no Python: planning this batch rewrites the buffers it reads.
-        self.planner.plan(batch)
+        # The graph runs no Python: planning this batch rewrites the buffers it reads, and
+        # no op inside it can check the plan, so the runner does.
+        plan = self.planner.plan(batch)
+        self.planner.check_replay(plan, batch, "FULL decode replay")
         graph, output = self.captured[size]
-        with batch_state(n):  # what ordinary ops read per batch (the MoE real-token count)
+        with batch_state(n, plan):  # what ordinary ops read per batch (the MoE token count)
             graph.replay()
         return output[:n]

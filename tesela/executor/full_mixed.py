@@ -13,6 +13,13 @@ dummy slot.
 A graph captured for N tokens serves at most `max_rows` rows (its tile table and row buffers
 are that large): `can_run` refuses a batch with more, and planning one raises.
 
+With LoRA on, the same planning call writes the batch's adapter segments into the LoRA
+manager's persistent buffers (tesela/lora/state.py); the graphs, captured on a batch with no
+adapter, launch the segmented (`sgmv`) LoRA kernels with grids fixed by N, and padding tokens
+fall in a trailing slot -1 segment (zero-length work). A replay checks its plan first
+(`ForwardPlanner.check_replay`): a plan without a LoRA part, or whose buffers another batch's
+plan rewrote, raises instead of reading another batch's adapters.
+
 Warmup, capture and replay are the same code on every device; on CPU the graph is the `CpuGraph`
 stand-in (tesela/executor/graphs.py), which re-runs the captured forward over the same static
 buffers and persistent metadata, so a launch value that depended on the capture batch would
@@ -37,6 +44,8 @@ from tesela.executor.graph_runner import CaptureReport, GraphRunner
 from tesela.executor.graphs import GraphFactory
 from tesela.executor.piecewise.buffers import capture_batch
 from tesela.executor.planner import ForwardPlanner
+from tesela.lora.kernels import SGMV
+from tesela.lora.manager import LoRAManager
 
 logger = logging.getLogger("tesela.full_mixed")
 
@@ -52,6 +61,7 @@ class MixedGraphPlanner(ForwardPlanner):
         sizes: tuple[int, ...],
         max_rows: int,
         max_blocks_per_seq: int,
+        lora: LoRAManager | None = None,
     ) -> None:
         if not attn_backend.supports_full_mixed:
             raise ValueError(
@@ -59,7 +69,12 @@ class MixedGraphPlanner(ForwardPlanner):
                 f"{attn_backend.cuda_graph_support.name} graph support, not ALWAYS: it cannot "
                 "run extend or mixed batches in a FULL graph; use piecewise graphs"
             )
-        super().__init__(attn_backend)
+        if lora is not None and lora.backend != "triton":
+            raise ValueError(
+                f"lora_backend={lora.backend!r} adds the LoRA deltas from host-side segments, "
+                "which a FULL mixed graph would bake in at capture: use lora_backend='triton'"
+            )
+        super().__init__(attn_backend, lora)
         self.sizes = tuple(sizes)
         self.max_rows = max_rows
         attn_backend.init_mixed_graph_state(max_rows, max_blocks_per_seq, self.sizes[-1])
@@ -78,7 +93,8 @@ class MixedGraphPlanner(ForwardPlanner):
         size, has_decode = self.key(batch)
         split = has_decode if split_decode is None else split_decode
         metadata = self.attn_backend.plan_mixed_graph(batch, size, split)
-        return ForwardPlan(batch.stamp, metadata)
+        # The graphs launch the segmented LoRA kernels whatever the batch (decode rows too).
+        return ForwardPlan(batch.stamp, metadata, lora=self._lora(batch, SGMV))
 
 
 class FullMixedRunner(GraphRunner):
@@ -184,19 +200,28 @@ class FullMixedRunner(GraphRunner):
             self.positions[n:size].zero_()
             self.out_cache_loc[n:size].fill_(DUMMY_SLOT)
 
-    def _prepare(self, batch: ForwardBatch) -> tuple[int, bool]:
-        """Static buffers and persistent metadata for `batch`; returns the graph to replay."""
+    def prepare(self, batch: ForwardBatch) -> tuple[tuple[int, bool], ForwardPlan]:
+        """Static buffers and persistent state for `batch`: the key of the graph to replay,
+        and the batch's plan."""
         key = self.planner.key(batch)
         self._load_tokens(batch, key[0])
-        # The graph runs no Python: planning this batch rewrites the buffers it reads.
-        self.planner.plan(batch)
-        return key
+        # The graph runs no Python: planning this batch rewrites the buffers it reads
+        # (attention metadata and LoRA segments alike).
+        return key, self.planner.plan(batch)
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        graph, output, _ = self.captured[self._prepare(batch)]
+        return self.replay(batch, *self.prepare(batch))
+
+    def replay(self, batch: ForwardBatch, key: tuple[int, bool], plan: ForwardPlan):
+        """Replay the graph `key` for `batch`, planned by `plan` (checked first: no op inside
+        the graph can check it)."""
+        self.planner.check_replay(plan, batch, "FULL mixed replay")
+        graph, output, _ = self.captured[key]
         n = batch.num_tokens
-        with batch_state(n):  # what ordinary ops read per batch (the MoE real-token count)
+        # What ordinary ops read per batch (the MoE real-token count); the plan, for the CPU
+        # stand-in's checks.
+        with torch.inference_mode(), batch_state(n, plan):
             graph.replay()
         return output[:n]
 
@@ -204,7 +229,8 @@ class FullMixedRunner(GraphRunner):
     def run_eager_padded(self, batch: ForwardBatch) -> torch.Tensor:
         """What a replay computes, run eagerly: the captured forward of the same size over the
         same buffers and launch values. A replay must equal it bit for bit."""
-        _, _, forward = self.captured[self._prepare(batch)]
+        key, plan = self.prepare(batch)
+        self.planner.check_replay(plan, batch, "FULL mixed forward")
         n = batch.num_tokens
-        with batch_state(n):
-            return forward()[:n].clone()
+        with batch_state(n, plan):
+            return self.captured[key][2]()[:n].clone()

@@ -10,6 +10,7 @@ dispatcher picks the runner, and every runner plans the exact batch it runs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -30,10 +31,15 @@ from tesela.executor.piecewise.breakable import BreakablePiecewiseRunner
 from tesela.executor.piecewise.compiled import CompiledPiecewiseRunner
 from tesela.executor.piecewise.runner import PiecewiseRunner
 from tesela.executor.planner import CudaGraphPlanner, ForwardPlanner
+from tesela.executor.sampling import SampleOutput, SamplingTensors, SamplingVariant, sample
 from tesela.lora.manager import LoRAManager
 from tesela.models.loader import build_model
 
 logger = logging.getLogger("tesela.runner")
+
+# Writes input ids that only the device knows yet (tokens sampled by the step in flight, under
+# overlap scheduling) into a built batch's `input_ids`, ordered on the stream before its forward.
+FeedInputIds = Callable[[torch.Tensor], None]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_TOKENS = 32768
@@ -169,6 +175,9 @@ class ModelRunner:
             batch_sizes=tuple(batch_sizes),
             max_blocks_per_seq=max_blocks,
             graphs=self.graph_factory,
+            # Sampling graphs at TP=1 only: at TP>1 rank 0 samples eagerly from the gathered
+            # logits (tesela/executor/multiproc.py), so the workers' replays stay the forward's.
+            vocab_size=self.config.model_config.vocab_size if self.tp.size == 1 else None,
         )
         runner.capture()
         self.dispatcher.add(RunPath.FULL_DECODE, runner)
@@ -189,9 +198,6 @@ class ModelRunner:
         if self.device.type != "cuda":
             self.startup.skip(startup.CAPTURE_FULL_MIXED, "not on CUDA")
             return
-        if self.config.lora.enabled:  # its planner does not plan the LoRA part yet
-            self.startup.skip(startup.CAPTURE_FULL_MIXED, "LoRA is on: mixed batches run piecewise")
-            return
         with self.startup.phase(startup.CAPTURE_FULL_MIXED):
             assert self.attn_backend.kv_cache is self.kv_cache, "backend not on the real pool"
             scheduler = self.config.scheduler
@@ -203,7 +209,9 @@ class ModelRunner:
         """Build and capture the FULL mixed runner on the current (final) pool; it shares the
         graph factory's memory pool with the piecewise graphs."""
         max_blocks = -(-max_model_len // self.config.cache.block_size)
-        planner = MixedGraphPlanner(self.attn_backend, tuple(sizes), max_rows, max_blocks)
+        planner = MixedGraphPlanner(
+            self.attn_backend, tuple(sizes), max_rows, max_blocks, self.lora_manager
+        )
         runner = FullMixedRunner(
             model=self.model,
             planner=planner,
@@ -299,14 +307,44 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Nothing to stop: one process (TensorParallelRunner stops its workers here)."""
 
-    def execute(self, inputs: BatchInputs) -> torch.Tensor:
-        """Build the batch on this device and run it (the engine's entry point)."""
-        return self.forward(inputs.build(self.device))
+    def execute(self, inputs: BatchInputs, feed: FeedInputIds | None = None) -> torch.Tensor:
+        """Build the batch on this device and run it (the engine's entry point): the logits of
+        its `logits_rows` (then its prompt-logprob rows)."""
+        return self.forward(self._build(inputs, feed))
+
+    def execute_sample(
+        self,
+        inputs: BatchInputs,
+        tensors: SamplingTensors,
+        variant: SamplingVariant,
+        feed: FeedInputIds | None = None,
+    ) -> SampleOutput:
+        """Build the batch, run it and sample its `logits_rows` on the device (`forward_sample`)."""
+        return self.forward_sample(self._build(inputs, feed), tensors, variant)
+
+    def _build(self, inputs: BatchInputs, feed: FeedInputIds | None) -> ForwardBatch:
+        batch = inputs.build(self.device)
+        if feed is not None:  # ids sampled by a step still on the device (overlap scheduling)
+            feed(batch.input_ids)
+        return batch
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         hidden_states = self.dispatcher.run(batch)
         return self.compute_logits(hidden_states[batch.logits_indices])
+
+    @torch.inference_mode()
+    def forward_sample(
+        self, batch: ForwardBatch, tensors: SamplingTensors, variant: SamplingVariant
+    ) -> SampleOutput:
+        """Forward, logits and sampling of the batch's `logits_indices` rows, left on the
+        device. A FULL decode batch samples inside its graphs; others sample eagerly with the
+        same function."""
+        path, runner = self.dispatcher.route(batch)
+        if path is RunPath.FULL_DECODE and runner.samples_in_graph:
+            return runner.run_sample(batch, tensors, variant)
+        hidden_states = runner.run(batch)
+        return sample(self.compute_logits(hidden_states[batch.logits_indices]), tensors, variant)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden_states).float()

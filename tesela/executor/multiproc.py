@@ -46,6 +46,7 @@ from tesela.distributed.group import (
     init_distributed,
     rendezvous_env,
 )
+from tesela.executor.sampling import SampleOutput, SamplingTensors, SamplingVariant, sample
 
 logger = logging.getLogger("tesela.multiproc")
 
@@ -266,8 +267,11 @@ class TensorParallelRunner:
         """Rank 0's dispatcher: its counters stand for every rank (they run the same batches)."""
         return self.runner.dispatcher
 
-    def execute(self, inputs: BatchInputs) -> torch.Tensor:
+    def execute(self, inputs: BatchInputs, feed=None) -> torch.Tensor:
         """Send the batch to every worker, run rank 0's share, return rank 0's logits."""
+        # Input ids only the device knows (overlap scheduling) cannot reach the workers: the
+        # engine turns overlap off at TP>1 (make_engine_config), so every id is on the host.
+        assert feed is None, "overlap scheduling is off under tensor parallelism"
         self._check()
         self._step_started = time.monotonic()
         try:
@@ -283,6 +287,14 @@ class TensorParallelRunner:
             self._step_started = None
         self._check()
         return logits
+
+    def execute_sample(
+        self, inputs: BatchInputs, tensors: SamplingTensors, variant: SamplingVariant, feed=None
+    ) -> SampleOutput:
+        """The step's tokens, sampled on rank 0's device from its gathered logits with the same
+        `sample` the FULL decode graphs capture at TP=1 (the workers run the same forward and
+        LM head, so their collectives pair up; the sampling itself has none)."""
+        return sample(self.execute(inputs, feed), tensors, variant)
 
     def shutdown(self) -> None:
         """Stop the workers (idempotent): a clean goodbye when all are healthy, else kill."""

@@ -13,6 +13,7 @@ from tesela.attention.base import AttentionBackend
 from tesela.core.forward_batch import ForwardBatch
 from tesela.core.plan import ForwardPlan
 from tesela.lora.manager import LoRAManager
+from tesela.lora.state import StaleLoRAStateError
 
 
 class ForwardPlanner:
@@ -25,10 +26,21 @@ class ForwardPlanner:
     def plan(self, batch: ForwardBatch) -> ForwardPlan:
         return ForwardPlan(batch.stamp, self.attn_backend.plan(batch), lora=self._lora(batch))
 
-    def _lora(self, batch: ForwardBatch):
+    def _lora(self, batch: ForwardBatch, style: str | None = None):
         # Always planned when LoRA is on, adapters or not: a batch without adapters is all
         # slot -1 tokens (zero-length work), so graphs captured on it serve every batch.
-        return self.lora.plan(batch) if self.lora is not None else None
+        return self.lora.plan(batch, style) if self.lora is not None else None
+
+    def check_replay(self, plan: ForwardPlan, batch: ForwardBatch, where: str) -> None:
+        """Before a FULL graph replays `batch` (no host code runs inside the graph, so no op
+        can check then): the plan is this batch's, has a LoRA part when the model has LoRA
+        layers, and its persistent buffers still hold it."""
+        plan.check(batch, where)
+        if self.lora is not None and plan.lora is None:
+            raise StaleLoRAStateError(
+                f"{where} of {batch.stamp} has a plan with no LoRA part: the graph would read "
+                "the LoRA buffers of the last batch planned; plan the LoRA part of every replay"
+            )
 
 
 class CudaGraphPlanner(ForwardPlanner):

@@ -5,7 +5,7 @@ place. It is an ordinary (non-split) op: it runs inside captured graph segments 
 pieces. Its Python body runs at warmup, capture and eager time only; there it checks that the
 forward context's plan has a LoRA part planned for the very batch being run, whose buffers no
 later plan rewrote (the stale-state guard), and picks the kernel style planned for the batch.
-At replay the attention split op makes the same check (`ForwardPlan.check`). It never skips the kernels for a
+At a piecewise replay the attention split op makes the same check (`ForwardPlan.check`); a FULL graph's runner checks its plan before `replay()` (`ForwardPlanner.check_replay`). It never skips the kernels for a
 batch without adapters: such a batch is all slot -1 tokens in the same launches, so a graph
 captured on it still adds the deltas of a later batch that has them.
 """
@@ -27,7 +27,7 @@ def _state() -> LoRABatchState:
             f"LoRA layers ran {context.batch.stamp} with a plan that has no LoRA part: plan "
             "batches with a planner that holds the LoRA manager"
         )
-    plan.check(context.batch, where="LoRA")  # planned for this batch, buffers still current
+    context.check_plan("LoRA")  # planned for this batch, buffers still current
     return plan.lora
 
 

@@ -174,8 +174,12 @@ class LoRAManager:
 
     # ---- the per-batch plan --------------------------------------------------------------
 
-    def plan(self, batch: ForwardBatch) -> LoRABatchState:
-        """Slots for the batch's adapters, then segments written into the device buffers."""
+    def plan(self, batch: ForwardBatch, style: str | None = None) -> LoRABatchState:
+        """Slots for the batch's adapters, then segments written into the device buffers.
+
+        `style`: the kernels the batch's graph launches, when they are fixed by the graph
+        (a FULL mixed graph launches `sgmv` for every batch, decode rows too); by default
+        `gather` for decode batches and `sgmv` for the rest."""
         lora_ids = tuple(batch.lora_ids) or (0,) * batch.batch_size
         missing = sorted({i for i in lora_ids if i and i not in self.requests})
         if missing:
@@ -186,7 +190,8 @@ class LoRAManager:
         segments = _segments(batch.extend_lens_cpu, row_slots)
         self.buffers.write(segments, batch.num_tokens)
         self.buffer_stamp = batch.stamp
-        style = GATHER if batch.mode.is_decode else SGMV
+        if style is None:
+            style = GATHER if batch.mode.is_decode else SGMV
         return LoRABatchState(batch.stamp, style, segments, lora_ids, self)
 
 

@@ -1,6 +1,6 @@
-"""LoRA on CUDA: the Triton kernels in bf16 against the fp64 reference, and greedy generations
-with adapters identical with graphs off, piecewise breakable, piecewise compiled and FULL
-decode graphs."""
+"""LoRA on CUDA: the Triton kernels in bf16 against the fp64 reference; greedy generations
+with adapters identical with graphs off, piecewise breakable, piecewise compiled, FULL decode
+and FULL mixed graphs; FULL mixed replays of batches mixing adapters equal their eager forward."""
 
 from __future__ import annotations
 
@@ -76,16 +76,18 @@ def adapters(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "graphs",
+    "graphs,prefill_path",
     [
-        dict(piecewise_cudagraph="breakable"),
-        dict(piecewise_cudagraph="compiled", piecewise_compiler="eager"),
+        (dict(piecewise_cudagraph="breakable", full_mixed=False), "piecewise"),
+        (dict(piecewise_cudagraph="compiled", piecewise_compiler="eager", full_mixed=False),
+         "piecewise"),
+        (dict(piecewise_cudagraph="breakable", full_mixed=True), "full_mixed"),
     ],
-    ids=["breakable", "compiled"],
-)
-def test_greedy_with_adapters_identical_with_graphs_on_and_off(adapters, graphs):
-    """Base rows and three adapters in one batch; prefill through piecewise graphs, decode
-    through FULL decode graphs (both captured with no adapter in the batch)."""
+    ids=["breakable", "compiled", "full_mixed"],
+)  # fmt: skip
+def test_greedy_with_adapters_identical_with_graphs_on_and_off(adapters, graphs, prefill_path):
+    """Base rows and three adapters in one batch; prefill through piecewise or FULL mixed
+    graphs, decode through FULL decode graphs (all captured with no adapter in the batch)."""
     prompts = [list(range(100 + i, 100 + i + n)) for i, n in enumerate([3, 17, 64, 200, 9, 40])]
     loras = [None, adapters[0], adapters[1], adapters[2], adapters[0], None]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -95,7 +97,7 @@ def test_greedy_with_adapters_identical_with_graphs_on_and_off(adapters, graphs)
     on = LLM("qwen3-0.6b", capture_sizes=[8, 16, 64, 128, 256, 512], **common, **graphs)
     on_tokens = [o.token_ids for o in on.generate(prompts, params, lora_request=loras)]
     paths = on.engine.stats()["dispatch"]["paths"]
-    assert paths["piecewise"] > 0 and paths["full"] > 0
+    assert paths.get(prefill_path, 0) > 0 and paths["full"] > 0, paths
     base_tokens = [o.token_ids for o in on.generate(prompts, params)]
     del on
     off = LLM("qwen3-0.6b", disable_cudagraph=True, **common)
@@ -154,3 +156,84 @@ def _slices(runner, name: str):
     from tesela.lora.adapter import lora_targets
 
     return lora_targets(runner.model)[name].slices
+
+
+@pytest.fixture(scope="module")
+def mixed_runner(adapters):
+    from tesela.engine.llm_engine import make_engine_config
+    from tesela.executor.model_runner import ModelRunner
+
+    config, path = make_engine_config(
+        "qwen3-0.6b", dtype="bfloat16", device="cuda", num_kv_tokens=16384,
+        piecewise_cudagraph="breakable", capture_sizes=[8, 16, 32, 64, 128, 256, 512],
+        max_num_seqs=8, enable_lora=True, max_loras=2, max_lora_rank=16,
+    )  # fmt: skip
+    runner = ModelRunner(config, path)  # graphs captured before any adapter is known
+    assert runner.full_mixed is not None, "LoRA must not turn FULL mixed graphs off"
+    for request in adapters:
+        runner.lora_manager.add_adapter(request)
+    return runner
+
+
+def mixed_batch(rows, lora_ids, seed):
+    """rows: (prefix_len, new_tokens), each on its own blocks."""
+    from tesela.core.forward_batch import ForwardBatch
+
+    generator = torch.Generator().manual_seed(seed)
+    tables, next_block = [], 1
+    for prefix, n in rows:
+        blocks = (prefix + n) // 16 + 1
+        tables.append(list(range(next_block, next_block + blocks)))
+        next_block += blocks
+    return ForwardBatch.build(
+        token_ids=[torch.randint(0, 151936, (n,), generator=generator).tolist() for _, n in rows],
+        prefix_lens=[p for p, _ in rows], block_tables=tables, block_size=16, device="cuda",
+        lora_ids=lora_ids,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rows,lora_ids",
+    [
+        ([(40, 1), (0, 100), (64, 37), (90, 1)], [1, 0, 2, 1]),
+        ([(40, 1), (0, 100), (64, 37), (90, 1)], [3, 2, 0, 3]),  # slot 1's adapter swapped out
+        ([(0, 300), (0, 45)], [2, 3]),  # prefill only, padded to 512
+        ([(0, 7)] * 8, [0] * 8),  # no adapter after batches with adapters
+    ],
+    ids=["mixed", "swapped", "prefill", "base"],
+)
+def test_full_mixed_replay_with_adapters_equals_eager(mixed_runner, rows, lora_ids):
+    """A replay equals the captured forward run eagerly over the same buffers bit for bit, and
+    the unpadded eager forward up to bf16 GEMM differences; base rows get no delta."""
+    from tesela.executor.dispatcher import RunPath
+
+    runner, full = mixed_runner, mixed_runner.full_mixed
+    runner.forward_eager(mixed_batch([(0, p or 1) for p, _ in rows], [0] * len(rows), seed=1))
+    assert runner.dispatcher.choose(mixed_batch(rows, lora_ids, 2))[0] is RunPath.FULL_MIXED
+    full.run(mixed_batch([(0, 50), (0, 9), (0, 200), (0, 3)], [2, 2, 0, 1], seed=5))
+    got = full.run(mixed_batch(rows, lora_ids, 2)).clone()
+    assert torch.equal(got, full.run_eager_padded(mixed_batch(rows, lora_ids, 2)))
+    eager = runner.forward_eager(mixed_batch(rows, lora_ids, 2))
+    torch.testing.assert_close(got.float(), eager.float(), rtol=2e-2, atol=0.125)
+    base = runner.forward_eager(mixed_batch(rows, [0] * len(rows), 2))
+    start = 0
+    for (_, n), lora_id in zip(rows, lora_ids, strict=True):
+        part = slice(start, start + n)
+        start += n
+        error = (got[part].float() - eager[part].float()).abs().max().item()
+        effect = (eager[part].float() - base[part].float()).abs().max().item()
+        if lora_id:  # the delta is there, and far above the graph-vs-eager difference
+            assert error < 0.1 * effect, (lora_id, error, effect)
+        else:  # no delta: the base model's rows
+            torch.testing.assert_close(got[part].float(), base[part].float(), rtol=2e-2, atol=0.125)
+
+
+def test_full_mixed_replay_with_a_stale_lora_plan_raises(mixed_runner):
+    from tesela.lora.state import StaleLoRAStateError
+
+    full = mixed_runner.full_mixed
+    first = mixed_batch([(0, 30), (0, 5)], [1, 2], seed=3)
+    key, plan = full.prepare(first)
+    full.planner.plan(mixed_batch([(0, 3)], [2], seed=4))
+    with pytest.raises(StaleLoRAStateError, match="FULL mixed replay"):
+        full.replay(first, key, plan)
