@@ -104,40 +104,24 @@ def launches(engine: LLMEngine) -> int:
 
 
 def test_each_step_is_read_back_one_step_later(reference, overlapped):
-    """Decode steps are read one step late; a step that samples a request's first token is
-    read back at once, so the first token does not wait for the next batch's launch."""
     one = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     before = {id(e): launches(e) for e in (reference, overlapped)}
     for engine in (reference, overlapped):
         engine.add_request("z", one, request_id="late")
-    expected = [o.new_token_ids for o in reference.step()]
+    token = reference.step()[0].new_token_ids
+    assert token == reference.requests["late"].output_token_ids
+    assert overlapped.step() == []  # launched; its token is still on the device
     request = overlapped.requests["late"]
-    assert [o.new_token_ids for o in overlapped.step()] == expected  # the first token: now
-    assert request.num_inflight_tokens == 0 and [request.output_token_ids] == expected
-    assert overlapped.step() == []  # a decode step: launched, its token still on the device
-    assert request.num_inflight_tokens == 1 and [request.output_token_ids] == expected
-    second = [o.new_token_ids for o in reference.step()]
-    assert [o.new_token_ids for o in overlapped.step()] == second  # launches, reads the last
+    assert request.num_inflight_tokens == 1 and request.output_token_ids == []
+    second = overlapped.step()  # launches the next decode step, then reads the first
+    assert request.num_inflight_tokens == 1 and request.output_token_ids == token
+    assert [o.new_token_ids for o in second] == [token]
     for engine in (reference, overlapped):
         while engine.has_unfinished():
             engine.step()
     # The step that drew the last token (by length) is not followed by a wasted one.
     assert launches(overlapped) - before[id(overlapped)] == 3
     assert launches(reference) - before[id(reference)] == 3
-    assert overlapped.block_manager.num_used_blocks == 0
-
-
-def test_a_first_token_waits_one_step_without_the_early_read_back(overlapped):
-    one = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-    overlapped.read_back_first_tokens = False
-    try:
-        overlapped.add_request("z", one, request_id="late-2")
-        assert overlapped.step() == []  # launched; its first token is still on the device
-        assert overlapped.requests["late-2"].num_inflight_tokens == 1
-        while overlapped.has_unfinished():
-            overlapped.step()
-    finally:
-        overlapped.read_back_first_tokens = True
     assert overlapped.block_manager.num_used_blocks == 0
 
 

@@ -11,11 +11,6 @@ gather), and N's results come back through pinned memory, read one step later. S
 then are exact: the request finishes, its blocks are freed (N+1's writes to them are ordered
 before any later batch's on the stream), and the token N+1 drew for it is dropped. Without
 overlap the same code reads each step back at once.
-
-A step that samples some request's first token is read back at once even with overlap
-(`read_back_first_tokens`): otherwise that token reaches the client only after the host has
-scheduled and launched the next batch, which on a small model is a whole step of host time
-added to every request's time to first token. Decode steps keep the overlap.
 """
 
 from __future__ import annotations
@@ -253,7 +248,6 @@ class _InFlight:
     rows: list[int]  # the batch rows that sample, in the order of `sampled`
     params: list[SamplingParams]
     sampled: SampleOutput | None
-    samples_first_token: bool = False  # some row draws its request's first output token
     host: SampleOutput | None = None
     event: torch.cuda.Event | None = None
     index_of: dict[str, int] = field(default_factory=dict)  # request id -> token row
@@ -343,8 +337,6 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._inflight: _InFlight | None = None  # launched, tokens not read yet (overlap)
-        # Read a step that samples first tokens back before returning (module docstring).
-        self.read_back_first_tokens = True
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -444,10 +436,7 @@ class LLMEngine:
         previous, self._inflight = self._inflight, launched  # never resolve a step twice
         if previous is not None:
             outputs.update(self._resolve(previous))
-        read_now = not self.config.overlap_schedule or (
-            self.read_back_first_tokens and launched is not None and launched.samples_first_token
-        )
-        if launched is not None and read_now:
+        if launched is not None and not self.config.overlap_schedule:
             outputs.update(self._resolve(launched))
             self._inflight = None
         for request in self.scheduler.pop_finished():
@@ -462,7 +451,6 @@ class LLMEngine:
         """Run the batch and sample on the device; start copying the results to the host."""
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
-        first_token = any(r.num_output_tokens == 0 for r in requests)  # before `launched`
         inputs, feed = self._batch_inputs(scheduled, rows)
         params = [r.params for r in requests]
         if inputs.input_logprob_rows:
@@ -473,7 +461,7 @@ class LLMEngine:
             sampled = None
             self.runner.execute(inputs, feed)  # prefill chunks only: KV writes, no sampling
         self.scheduler.launched(scheduled)
-        step = _InFlight(scheduled, rows, params, sampled, samples_first_token=first_token)
+        step = _InFlight(scheduled, rows, params, sampled)
         step.start_copy()
         return step
 
