@@ -4,13 +4,12 @@ async engine's admission (the end-to-end tests are in test_server.py)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import pytest
 
 from tesela.engine.llm_engine import LLMEngine, RequestOutput, make_engine_config
 from tesela.engine.sampling_params import SamplingParams
-from tesela.server.async_engine import ENGINE_SWITCH_INTERVAL_S, AsyncEngine, Overloaded
+from tesela.server.async_engine import AsyncEngine, Overloaded
 from tesela.server.metrics import Histogram, ServerMetrics
 from tesela.server.protocol import APIError, ModelInfo, parse_chat, parse_completion
 from tesela.server.serving import ChoiceStream
@@ -190,25 +189,3 @@ def test_chat_uses_the_tokenizer_chat_template(tmp_path):
     with pytest.raises(APIError, match="no tools") as info:
         parse_chat({"model": "hf", "messages": [{"role": "tool", "content": "x"}]}, model)
     assert info.value.status == 400 and info.value.param == "messages"
-
-
-def test_the_engine_thread_runs_with_a_short_gil_switch_interval(tiny_engine):
-    """Each hand-off of a request between the event loop and the engine thread waits for the
-    GIL; at CPython's default 5 ms interval that alone exceeds a GPU decode step, so the
-    interval is short while the engine runs, and the interpreter's comes back at shutdown."""
-    before = sys.getswitchinterval()
-
-    async def scenario():
-        engine = AsyncEngine(tiny_engine)
-        engine.start()
-        try:
-            assert sys.getswitchinterval() == pytest.approx(ENGINE_SWITCH_INTERVAL_S)
-            assert ENGINE_SWITCH_INTERVAL_S <= 0.001
-            group = await engine.submit([[1, 2, 3]], [SamplingParams(max_tokens=2)])
-            async for _ in group.outputs():
-                pass
-        finally:
-            engine.shutdown()
-        assert sys.getswitchinterval() == pytest.approx(before)
-
-    asyncio.run(asyncio.wait_for(scenario(), 30))

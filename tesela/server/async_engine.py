@@ -13,14 +13,6 @@ the loop keeps serving; the exception is logged once, and clients see no interna
 
 Shutdown drains: `begin_drain` refuses new requests (503) while running ones continue;
 `cut_off` then ends whatever is left with `ShuttingDown`, which streams report in-band.
-
-The engine thread and the event loop share one GIL. CPython makes a thread that wants the GIL
-wait up to the switch interval (5 ms by default) before the holder must give it up, and both
-sides are busy under load (the engine with a step's host work, the loop with every stream's
-chunk), so each hand-off of a request between them (parsed -> queued -> scheduled -> streamed)
-could cost up to 5 ms: more than a whole decode step of a small model on a GPU. While the engine
-thread runs, the interval is `switch_interval_s` (0.5 ms by default), so a hand-off waits at
-most about that long.
 """
 
 from __future__ import annotations
@@ -30,7 +22,6 @@ import contextlib
 import itertools
 import logging
 import queue
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -42,9 +33,6 @@ from tesela.engine.sampling_params import SamplingParams
 from tesela.lora.request import LoRARequest
 
 logger = logging.getLogger("tesela.server")
-
-# The GIL switch interval while an engine thread runs (see the module docstring).
-ENGINE_SWITCH_INTERVAL_S = 0.0005
 
 
 class Overloaded(Exception):
@@ -140,19 +128,8 @@ class _FailAll:
 class AsyncEngine:
     """Runs `engine` on its own thread; `submit` from the event loop returns a RequestGroup."""
 
-    def __init__(
-        self,
-        engine: LLMEngine,
-        *,
-        max_queue_len: int = 1024,
-        metrics=None,
-        switch_interval_s: float | None = ENGINE_SWITCH_INTERVAL_S,
-    ) -> None:
-        """`switch_interval_s`: the GIL switch interval while the engine thread runs (None
-        leaves the interpreter's)."""
+    def __init__(self, engine: LLMEngine, *, max_queue_len: int = 1024, metrics=None) -> None:
         self.engine = engine
-        self.switch_interval_s = switch_interval_s
-        self._saved_switch_interval: float | None = None
         self.max_in_flight = engine.config.scheduler.max_num_seqs + max_queue_len
         self.metrics = metrics
         self._commands: queue.Queue = queue.Queue()
@@ -173,9 +150,6 @@ class AsyncEngine:
         """Start the engine thread; call from the event loop that will read the outputs."""
         self._loop = asyncio.get_running_loop()
         self._refresh_stats()
-        if self.switch_interval_s is not None:
-            self._saved_switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(self.switch_interval_s)
         self._thread = threading.Thread(target=self._run, name="tesela-engine", daemon=True)
         self._thread.start()
 
@@ -183,9 +157,6 @@ class AsyncEngine:
         if self._thread is not None and self._thread.is_alive():
             self._commands.put(_Stop())
             self._thread.join(timeout)
-        if self._saved_switch_interval is not None:
-            sys.setswitchinterval(self._saved_switch_interval)
-            self._saved_switch_interval = None
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on; running ones continue."""
