@@ -326,7 +326,9 @@ def test_shared_prefix_serving_shape_admits_arrivals_in_the_next_step():
     while scheduler.has_unfinished():
         batch = scheduler.schedule()
         sampled = [9 if batch.samples(i) else None for i in range(len(batch.requests))]
-        first = [r for r, t in zip(batch.requests, sampled) if t and not r.output_token_ids]
+        first = [
+            r for r, t in zip(batch.requests, sampled, strict=True) if t and not r.output_token_ids
+        ]
         scheduler.update(batch, sampled)
         steps_to_first_token += [step - arrived[r.request_id] + 1 for r in first]
         step += 1
