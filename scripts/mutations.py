@@ -424,6 +424,25 @@ MUTATIONS = {
         "        if True:\n",
         ["tests/test_sliding_window.py"],
     ),
+    "FULL mixed capture puts a whole size in one row past the buffers' blocks per row": (
+        MIXED,
+        "        rows = capture_batch(size, self.block_size, self.graphs.device, row_tokens)\n",
+        "        rows = capture_batch(size, self.block_size, self.graphs.device)\n",
+        ["tests/test_full_mixed.py::test_sizes_past_the_row_limit_capture_over_several_rows"],
+    ),
+    "shutdown keeps the graph runners (NCCL teardown would block)": (
+        "tesela/executor/dispatcher.py",
+        "        self.runners = {RunPath.EAGER: self.runners[RunPath.EAGER]}\n",
+        "",
+        ["tests/test_dispatcher.py::test_released_graphs_leave_an_eager_runner_that_still_serves"],
+    ),
+    "an untuned MoE bucket borrows a neighbour's tiles": (
+        "tesela/layers/moe/tile_configs.py",
+        "    config = by_bucket.get(str(m_bucket(num_tokens)))\n",
+        "    config = next((by_bucket[b] for b in sorted(by_bucket, key=int, reverse=True)"
+        " if int(b) <= num_tokens), None)\n",
+        ["tests/test_moe.py::test_tile_configs_by_shape_and_token_bucket"],
+    ),
 }
 
 

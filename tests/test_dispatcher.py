@@ -120,3 +120,22 @@ def test_sampling_graphs_draw_what_eager_sampling_draws(runner):
                 assert got.top_ids.tolist() == want.top_ids.tolist()
                 assert (got.logprob - want.logprob).abs().max() < 1e-4
     assert {True, False} == {bool(decode.sampling.greedy[0]), bool(decode.sampling.greedy[1])}
+
+
+def test_released_graphs_leave_an_eager_runner_that_still_serves():
+    """Shutdown frees the graphs before the NCCL group goes (its teardown blocks while they
+    live): afterwards no graph runner is reachable and batches still run, eagerly."""
+    config, path = make_engine_config(
+        "tiny", piecewise_cudagraph="breakable", capture_sizes=[4], num_kv_tokens=512
+    )
+    runner = ModelRunner(dataclasses.replace(config, attention_backend="triton"), path)
+    runner.add_full_decode((1,), max_model_len=128)
+    prefill = batch([(0, 3)], seed=4)
+    assert runner.dispatcher.choose(prefill)[0] is RunPath.PIECEWISE
+    expected = runner.forward(prefill).clone()  # logits, through the piecewise graph
+    runner.release_cuda_graphs()
+    assert runner.piecewise is None and runner.full_decode is None
+    assert set(runner.dispatcher.runners) == {RunPath.EAGER}
+    assert runner.dispatcher.choose(prefill)[0] is RunPath.EAGER
+    torch.testing.assert_close(runner.forward(batch([(0, 3)], seed=4)), expected)
+    assert runner.dispatcher.stats.paths[RunPath.EAGER] == 1

@@ -164,3 +164,33 @@ def test_capture_support_levels_gate_full_mixed_graphs(runner):
     torch_ = resolve_attention("torch", sm90, full_mixed=True, log=False, **settings)
     assert not torch_.full_mixed
     assert any("FULL mixed graphs on -> off" in line for line in torch_.changes)
+
+
+def test_sizes_past_the_row_limit_capture_over_several_rows():
+    """max_model_len bounds the blocks per row in the graph's buffers: a capture size with more
+    tokens than one row holds is captured over several rows, and sizes no batch can reach
+    (more than max_rows full rows) are not captured at all."""
+    from tesela.attention.triton_backend import TritonAttentionConfig
+
+    config, path = make_engine_config("tiny", piecewise_cudagraph="none", num_kv_tokens=1024)
+    runner = ModelRunner(dataclasses.replace(config, attention_backend="triton"), path)
+    runner.attn_backend.config = TritonAttentionConfig(block_m=16, block_n=16)
+    full = runner.add_full_mixed((8, 32, 64, 128), max_rows=4, max_model_len=16)
+    assert full.sizes == (8, 32, 64)  # 4 rows of one 16-token block hold 64 tokens at most
+    rows = [(0, 16), (0, 16), (3, 9)]  # 41 tokens: replays the 64-token graph
+    fill_prefixes(runner, rows)  # row i's prefix in block 1 + 8i
+
+    def short_rows() -> ForwardBatch:
+        step = batch(rows, seed=7)
+        return ForwardBatch.build(
+            token_ids=[t.tolist() for t in step.input_ids.split([16, 16, 9])],
+            prefix_lens=[0, 0, 3],
+            block_tables=[[1], [9], [17]],  # one block per row, as the buffers allow
+            block_size=BLOCK,
+            device="cpu",
+        )
+
+    assert runner.dispatcher.choose(short_rows()) == (RunPath.FULL_MIXED, None)
+    got = full.run(short_rows()).clone()
+    assert torch.equal(got, full.run_eager_padded(short_rows()))
+    torch.testing.assert_close(got, runner.forward_eager(short_rows()), rtol=1e-4, atol=1e-4)

@@ -258,8 +258,10 @@ def test_tile_configs_by_shape_and_token_bucket():
     gemv, grouped = {"path": "gemv", "BLOCK_N": 64}, {"path": "grouped", "BLOCK_M": 32}
     table = {"128,1536,2048": {"1": gemv, "16": grouped}}
     assert get_config(128, 1536, 2048, 1, table) == gemv
-    assert get_config(128, 1536, 2048, 15, table) == gemv  # largest bucket <= M
-    assert get_config(128, 1536, 2048, 4096, table) == grouped
+    assert get_config(128, 1536, 2048, 31, table) == grouped  # bucket 16 serves 16..31 tokens
+    # Untuned buckets take the default, never a neighbour's tiles (a GEMV at 4096 tokens).
+    assert get_config(128, 1536, 2048, 15, table) == default_config(15)
+    assert get_config(128, 1536, 2048, 4096, table) == default_config(4096)
     assert get_config(128, 2048, 768, 4096, table) == default_config(4096)  # shape not tuned
     assert default_config(8)["path"] == "gemv" and default_config(9)["path"] == "grouped"
     json.loads(CONFIG_FILE.read_text())  # the shipped table parses

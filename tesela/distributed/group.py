@@ -154,7 +154,9 @@ def init_distributed(
 
 def destroy_distributed(*, barrier: bool = True) -> None:
     """Leave the process group (idempotent). A clean shutdown waits for every rank first: the
-    rank hosting the rendezvous store must not leave while others still talk to it."""
+    rank hosting the rendezvous store must not leave while others still talk to it. Free the
+    rank's CUDA graphs before this (ModelRunner.release_cuda_graphs): NCCL's teardown blocks
+    while graphs that captured its collectives are alive."""
     if dist.is_initialized():
         if barrier:
             dist.barrier(group=_PROCESS_GROUPS.get("tp:cpu"))

@@ -70,6 +70,12 @@ class Dispatcher:
             if path in self.runners
         )
 
+    def release_graphs(self) -> None:
+        """Drop every graph runner (eager only from here on): their CUDA graphs are freed once
+        nothing else holds them. Shutdown does this before leaving the NCCL process group."""
+        self.runners = {RunPath.EAGER: self.runners[RunPath.EAGER]}
+        self._rebuild()
+
     def runner(self, path: RunPath) -> GraphRunner | None:
         return self.runners.get(path)
 

@@ -144,9 +144,11 @@ class FullMixedRunner(GraphRunner):
     # ---- capture ------------------------------------------------------------------------------
 
     def _static_batch(self, size: int) -> ForwardBatch:
-        """A real batch of `size` tokens (one row on the dummy block, as piecewise capture
-        uses) whose token tensors are the static buffers the graph reads."""
-        rows = capture_batch(size, self.block_size, self.graphs.device)
+        """A real batch of `size` tokens (on the dummy block, as piecewise capture uses; rows
+        no longer than the buffers' blocks per row) whose token tensors are the static buffers
+        the graph reads."""
+        row_tokens = self.max_blocks * self.block_size
+        rows = capture_batch(size, self.block_size, self.graphs.device, row_tokens)
         self._load_tokens(rows, size)
         return ForwardBatch(
             mode=ForwardMode.EXTEND,

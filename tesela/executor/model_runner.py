@@ -9,6 +9,7 @@ dispatcher picks the runner, and every runner plans the exact batch it runs.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 
@@ -208,9 +209,19 @@ class ModelRunner:
     def add_full_mixed(self, sizes: tuple[int, ...], max_rows: int, max_model_len: int):
         """Build and capture the FULL mixed runner on the current (final) pool; it shares the
         graph factory's memory pool with the piecewise graphs."""
-        max_blocks = -(-max_model_len // self.config.cache.block_size)
+        block_size = self.config.cache.block_size
+        max_blocks = -(-max_model_len // block_size)
+        # No batch holds more tokens than max_rows rows of max_blocks blocks: larger sizes
+        # could neither be captured with a real batch nor ever replayed.
+        capacity = max_rows * max_blocks * block_size
+        sizes = tuple(s for s in sizes if s <= capacity)
+        if not sizes:
+            raise ValueError(
+                f"no FULL mixed capture size fits {max_rows} rows of {max_model_len} tokens: "
+                "raise max_num_seqs / max_model_len or turn FULL mixed graphs off"
+            )
         planner = MixedGraphPlanner(
-            self.attn_backend, tuple(sizes), max_rows, max_blocks, self.lora_manager
+            self.attn_backend, sizes, max_rows, max_blocks, self.lora_manager
         )
         runner = FullMixedRunner(
             model=self.model,
@@ -306,6 +317,15 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         """Nothing to stop: one process (TensorParallelRunner stops its workers here)."""
+
+    def release_cuda_graphs(self) -> None:
+        """Free every captured graph (the runner serves eagerly afterwards). A rank does this
+        before it leaves its NCCL group: NCCL's teardown blocks while CUDA graphs that captured
+        its collectives are alive (a known PyTorch/NCCL limitation)."""
+        self.dispatcher.release_graphs()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def execute(self, inputs: BatchInputs, feed: FeedInputIds | None = None) -> torch.Tensor:
         """Build the batch on this device and run it (the engine's entry point): the logits of

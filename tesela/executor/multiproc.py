@@ -113,6 +113,7 @@ def worker_main(
         conn.send(("ready", runner.num_kv_blocks))
         while (inputs := conn.recv()) is not None:
             runner.execute(inputs)
+        runner.release_cuda_graphs()  # before NCCL teardown, which blocks while they live
         clean = True
     except EOFError:
         pass  # the driver is gone: nothing left to serve
@@ -306,6 +307,8 @@ class TensorParallelRunner:
             with contextlib.suppress(OSError):
                 worker.conn.send(None)
         with contextlib.suppress(Exception):
+            if getattr(self, "runner", None) is not None:  # None when start-up failed early
+                self.runner.release_cuda_graphs()
             destroy_distributed(barrier=healthy)
         for worker in self.workers:
             worker.process.join(timeout=5.0)

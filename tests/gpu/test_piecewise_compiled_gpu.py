@@ -155,15 +155,25 @@ def test_mixed_batches_and_interleaved_sizes_replay_exactly(compiled):
     assert piecewise.pieces.num_input_copies == 0
 
 
-def _pool_bytes(pool) -> tuple[int, int] | None:
-    """(reserved, in use by live tensors) in the graph pool `pool`, from a memory snapshot."""
+def _pool_bytes(pool) -> tuple[int, int, list[str]] | None:
+    """(reserved, in use by live tensors, where each live block was allocated) in the graph
+    pool `pool`, from a memory snapshot (frames only while memory history is recorded)."""
     segments = torch.cuda.memory._snapshot()["segments"]
     if segments and "segment_pool_id" not in segments[0]:
         return None
     mine = [s for s in segments if tuple(s["segment_pool_id"]) == tuple(pool)]
     reserved = sum(s["total_size"] for s in mine)
-    in_use = sum(b["size"] for s in mine for b in s["blocks"] if b["state"] == "active_allocated")
-    return reserved, in_use
+    live = [b for s in mine for b in s["blocks"] if b["state"] == "active_allocated"]
+    origins = [
+        f"{b['size']} B at "
+        + " <- ".join(
+            f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']}:{f['name']}"
+            for f in b.get("frames", [])
+            if "tesela" in f["filename"] or "torch/_inductor" in f["filename"]
+        )[:1500]
+        for b in live
+    ]
+    return reserved, sum(b["size"] for b in live), origins
 
 
 def test_captured_pieces_hold_no_pool_memory(compiled):
@@ -175,6 +185,7 @@ def test_captured_pieces_hold_no_pool_memory(compiled):
     pool = factory.pool
     extra = 128  # outside the ladder: never replayed by the runner
     piecewise.pieces.graphs = factory
+    torch.cuda.memory._record_memory_history(max_entries=200_000)  # to name a leaked block
     try:
         with torch.cuda.stream(torch.cuda.Stream()), torch.inference_mode():
             warmup = piecewise._capture_batch(extra)
@@ -185,10 +196,11 @@ def test_captured_pieces_hold_no_pool_memory(compiled):
         piecewise.pieces.graphs = runner.graph_factory
     torch.cuda.synchronize()
     measured = _pool_bytes(pool)
+    torch.cuda.memory._record_memory_history(enabled=None)
     if measured is None:
         pytest.skip("this torch's memory snapshot has no segment_pool_id")
-    reserved, in_use = measured
-    assert reserved > 0 and in_use == 0
+    reserved, in_use, origins = measured
+    assert reserved > 0 and in_use == 0, origins
     assert all(extra in piece.graphs for piece in piecewise.pieces.pieces)
     # The runner's ladder is untouched and still replays exactly.
     expected = piecewise.run_eager_padded(random_batch([(0, 100)], seed=5))

@@ -50,4 +50,7 @@ def test_greedy_identical_with_the_cache_on_and_off(dtype, limits):
     if dtype == "float32":
         assert tokens(on) == tokens(off)
     else:
-        assert [len(t) for t in tokens(on).values()] == [len(t) for t in tokens(off).values()]
+        # by request id: the runs finish requests in different orders (preemption differs)
+        assert {r: len(t) for r, t in tokens(on).items()} == {
+            r: len(t) for r, t in tokens(off).items()
+        }

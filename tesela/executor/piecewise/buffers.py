@@ -42,15 +42,21 @@ class StaticBuffers:
             self.positions[n:padded_num_tokens].zero_()
 
 
-def capture_batch(num_tokens: int, block_size: int, device: torch.device) -> ForwardBatch:
-    """A real batch of `num_tokens` tokens for warmup and capture: one row whose every slot is
-    in the reserved dummy block, so capture never touches a request's cache."""
+def capture_batch(
+    num_tokens: int, block_size: int, device: torch.device, max_row_tokens: int | None = None
+) -> ForwardBatch:
+    """A real batch of `num_tokens` tokens for warmup and capture, every slot in the reserved
+    dummy block, so capture never touches a request's cache: one row, or rows of at most
+    `max_row_tokens` tokens where the graph's buffers bound the blocks per row."""
     assert RESERVED_BLOCKS >= 1
-    num_blocks = -(-num_tokens // block_size)
+    row_tokens = max_row_tokens or num_tokens
+    lens = [row_tokens] * (num_tokens // row_tokens) + [num_tokens % row_tokens] * bool(
+        num_tokens % row_tokens
+    )
     return ForwardBatch.build(
-        token_ids=[[0] * num_tokens],
-        prefix_lens=[0],
-        block_tables=[[0] * num_blocks],
+        token_ids=[[0] * n for n in lens],
+        prefix_lens=[0] * len(lens),
+        block_tables=[[0] * -(-n // block_size) for n in lens],
         block_size=block_size,
         device=device,
         mode=ForwardMode.EXTEND,

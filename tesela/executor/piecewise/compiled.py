@@ -386,7 +386,8 @@ class _GraphCall:
         if self.template is None:
             self._learn(args)
         output = self.module(*args)
-        self.last_output = output
+        if not self.direct:
+            self.last_output = output  # for `confirm` only: it drops the reference at once
         return output
 
     def _learn(self, args: tuple) -> None:
@@ -407,9 +408,11 @@ class _GraphCall:
 
     def confirm(self, output: Any) -> None:
         """Allow direct calls once dynamo is seen returning the split graph's output as is."""
+        # Never keep the output past this call: held, it would pin its block in the graph pool
+        # it was captured into (and keep a stale tensor alive).
+        raw, self.last_output = self.last_output, None
         if self.direct or not self.template:
             return
-        raw = self.last_output
         self.direct = isinstance(raw, (tuple, list)) and len(raw) == 1 and raw[0] is output
 
     def direct_call(self, input_ids, positions, num_tokens: int) -> torch.Tensor:

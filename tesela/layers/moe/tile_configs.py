@@ -2,7 +2,8 @@
 
 `tile_configs.json` maps "E,N,K" (N: output features of the GEMM, K: its input features; the
 gated gate/up GEMM is keyed by its 2*I rows) to {M bucket: config}. The buckets are powers of
-two; a batch of M tokens uses the largest bucket <= M. `python -m tesela.tune.moe` times
+two; a batch of M tokens uses the config of its own bucket (the largest power of two <= M),
+or `default_config` where that bucket was not tuned. `python -m tesela.tune.moe` times
 candidates on the GPU and writes the file; shapes missing from it use `default_config`.
 
 A config names its path: "gemv" (one program per (token, expert) pair, the decode path) or
@@ -58,9 +59,8 @@ def get_config(
 ) -> dict[str, Any]:
     """The tuned config for this shape and token count (from `table`, by default the JSON
     file), else the default."""
-    by_bucket = (_table() if table is None else table).get(shape_key(num_experts, n, k))
-    if not by_bucket:
-        return default_config(num_tokens)
-    buckets = sorted(int(b) for b in by_bucket)
-    usable = [b for b in buckets if b <= max(num_tokens, 1)] or buckets[:1]
-    return dict(by_bucket[str(usable[-1])])
+    by_bucket = (_table() if table is None else table).get(shape_key(num_experts, n, k), {})
+    # Only the token count's own bucket: a config tuned for 16 tokens (a GEMV, say) must not
+    # serve a 4096-token prefill because the buckets between were never tuned.
+    config = by_bucket.get(str(m_bucket(num_tokens)))
+    return dict(config) if config else default_config(num_tokens)
