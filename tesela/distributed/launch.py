@@ -10,6 +10,7 @@ all-reduce of a given shape, as the model's layers issue it (inside a CUDA graph
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import statistics
 import time
@@ -39,6 +40,9 @@ def _rank_entry(fn, rank: int, size: int, port: int, device: str, args: tuple, q
         queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
         raise
     finally:
+        # `fn`'s runner is gone now; collect its CUDA graphs before NCCL's teardown, which
+        # blocks while graphs that captured its collectives are alive.
+        gc.collect()
         destroy_distributed(barrier=False)
 
 
