@@ -64,10 +64,11 @@ MUTATIONS = {
         "        return self._replay(",
         ["tests/test_piecewise.py::test_piecewise_equals_eager_at_every_boundary"],
     ),
-    "FULL decode replay without planning the batch": (
+    "FULL decode replay runs with the first batch's plan": (
         FULL,
-        "        self.planner.plan(batch)\n",
-        "",
+        "        plan = self.planner.plan(batch)\n        self.planner.check_replay(",
+        "        plan = self.__dict__.setdefault('_first_plan', self.planner.plan(batch))\n"
+        "        self.planner.check_replay(",
         DECODE_TESTS,
     ),
     "FULL decode padding rows keep a stale KV slot": (
@@ -150,8 +151,8 @@ MUTATIONS = {
     ),
     "FULL decode replay writes the padded size as the MoE real-token count": (
         FULL,
-        "        with batch_state(n):",
-        "        with batch_state(size):",
+        "        with batch_state(n, plan):",
+        "        with batch_state(size, plan):",
         ["tests/test_moe_triton.py::test_full_decode_replay_routes_padding_rows_to_no_expert"],
     ),
     "MoE per-pair kernel ignores the real-token count": (
