@@ -71,11 +71,11 @@ MUTATIONS = {
         "        self.planner.check_replay(",
         DECODE_TESTS,
     ),
-    "FULL decode padding rows keep a stale KV slot": (
-        FULL,
-        "            self.out_cache_loc[n:size].fill_(DUMMY_SLOT)\n",
-        "",
-        DECODE_TESTS,
+    "FULL graph padding tokens (decode and mixed) keep a stale KV slot": (
+        "tesela/executor/buffers.py",
+        "                self.out_cache_loc[n:padded_num_tokens].fill_(DUMMY_SLOT)\n",
+        "                pass\n",
+        DECODE_TESTS + MIXED_TESTS,
     ),
     "FULL decode padding rows keep a stale seq length": (
         "tesela/attention/triton_backend.py",
@@ -112,12 +112,6 @@ MUTATIONS = {
         "        self.token_slot[n:].fill_(NO_SLOT)\n",
         "",
         MIXED_LORA_TESTS,
-    ),
-    "FULL mixed padding tokens keep a stale KV slot": (
-        MIXED,
-        "            self.out_cache_loc[n:size].fill_(DUMMY_SLOT)\n",
-        "",
-        MIXED_TESTS,
     ),
     "FULL mixed absent tiles run (from query -1)": (
         "tesela/attention/triton_kernels/extend_attention.py",

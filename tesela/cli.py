@@ -9,6 +9,7 @@ prints one line and exits 2; `-v` shows the traceback as well.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable
@@ -84,46 +85,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(parser: argparse.ArgumentParser) -> Callable:
-    from tesela.server.app import add_serve_arguments, run_serve
+def _lazy(module: str, add: str, run: str) -> Callable:
+    """A builder that imports `module` (torch, the engine) only when its command is named."""
 
-    add_serve_arguments(parser)
-    return run_serve
+    def build(parser: argparse.ArgumentParser) -> Callable:
+        loaded = importlib.import_module(module)
+        getattr(loaded, add)(parser)
+        return getattr(loaded, run)
 
-
-def _bench_prefill(parser: argparse.ArgumentParser) -> Callable:
-    from tesela.bench.prefill import add_prefill_arguments, run_prefill
-
-    add_prefill_arguments(parser)
-    return run_prefill
-
-
-def _bench_decode(parser: argparse.ArgumentParser) -> Callable:
-    from tesela.bench.decode import add_decode_arguments, run_decode
-
-    add_decode_arguments(parser)
-    return run_decode
-
-
-def _bench_latency(parser: argparse.ArgumentParser) -> Callable:
-    from tesela.bench.latency import add_latency_arguments, run_latency
-
-    add_latency_arguments(parser)
-    return run_latency
-
-
-def _bench_serve(parser: argparse.ArgumentParser) -> Callable:
-    from tesela.bench.serve import add_bench_serve_arguments, run_bench_serve
-
-    add_bench_serve_arguments(parser)
-    return run_bench_serve
-
-
-def _bench_lora(parser: argparse.ArgumentParser) -> Callable:
-    from tesela.bench.lora import add_lora_arguments, run_lora
-
-    add_lora_arguments(parser)
-    return run_lora
+    return build
 
 
 def _simple(add: Callable, run: Callable) -> Callable:
@@ -137,18 +107,36 @@ def _simple(add: Callable, run: Callable) -> Callable:
 # name -> (help, builder); a builder adds the flags and returns the function to run.
 COMMANDS: dict[str, tuple[str, Callable]] = {
     "generate": ("generate text offline", _simple(add_generate_arguments, cmd_generate)),
-    "serve": ("OpenAI-compatible HTTP server (needs the server extra)", _serve),
+    "serve": (
+        "OpenAI-compatible HTTP server (needs the server extra)",
+        _lazy("tesela.server.app", "add_serve_arguments", "run_serve"),
+    ),
     "doctor": (
         "the device, the backends found, and each decision",
         _simple(add_doctor_arguments, cmd_doctor),
     ),
 }
 BENCH_COMMANDS: dict[str, tuple[str, Callable]] = {
-    "prefill": ("prefill latency by piecewise mode", _bench_prefill),
-    "decode": ("decode step through sampling: eager, graphs, HBM floor", _bench_decode),
-    "latency": ("offline generate: tokens/s per batch size", _bench_latency),
-    "serve": ("serving over HTTP: throughput, TTFT, ITL", _bench_serve),
-    "lora": ("LoRA adapters vs the base model: decode, prefill, graph memory", _bench_lora),
+    "prefill": (
+        "prefill latency by piecewise mode",
+        _lazy("tesela.bench.prefill", "add_prefill_arguments", "run_prefill"),
+    ),
+    "decode": (
+        "decode step through sampling: eager, graphs, HBM floor",
+        _lazy("tesela.bench.decode", "add_decode_arguments", "run_decode"),
+    ),
+    "latency": (
+        "offline generate: tokens/s per batch size",
+        _lazy("tesela.bench.latency", "add_latency_arguments", "run_latency"),
+    ),
+    "serve": (
+        "serving over HTTP: throughput, TTFT, ITL",
+        _lazy("tesela.bench.serve", "add_bench_serve_arguments", "run_bench_serve"),
+    ),
+    "lora": (
+        "LoRA adapters vs the base model: decode, prefill, graph memory",
+        _lazy("tesela.bench.lora", "add_lora_arguments", "run_lora"),
+    ),
 }
 
 

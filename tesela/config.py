@@ -214,23 +214,33 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        config_file = Path(path) / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"no config.json in {path}: a model folder needs config.json, safetensors "
-                "weights and tokenizer.json (or pass a preset name such as 'tiny')"
-            )
-        try:
-            hf = json.loads(config_file.read_text())
-        except ValueError as exc:
-            raise ValueError(
-                f"{config_file} is not valid JSON ({exc}): fix or re-download it"
-            ) from None
+    def from_pretrained(cls, path: str | Path, hf: dict[str, Any] | None = None) -> ModelConfig:
+        """The model folder's config; `hf`: its config.json when the caller read it already
+        (read_hf_config), so the file is read once."""
+        hf = read_hf_config(path) if hf is None else hf
         try:
             return cls.from_hf_dict(hf)
         except ValueError as exc:
-            raise ValueError(f"{config_file}: {exc}") from None
+            raise ValueError(f"{Path(path) / 'config.json'}: {exc}") from None
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """A model folder's config.json, with errors that say what to do."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"no config.json in {path}: a model folder needs config.json, safetensors "
+            "weights and tokenizer.json (or pass a preset name such as 'tiny')"
+        )
+    try:
+        hf = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise ValueError(
+            f"{config_file} is not valid JSON ({exc}): fix or re-download it"
+        ) from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file} is not a JSON object: fix or re-download it")
+    return hf
 
 
 _REQUIRED_FIELDS = (

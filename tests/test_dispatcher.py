@@ -84,8 +84,8 @@ def test_full_decode_pads_rows_and_matches_eager(runner):
     fourth_slot = four.out_cache_loc[3]
     for k, b in zip(pool.k_buffers, before, strict=True):
         assert torch.equal(k[fourth_slot], b[fourth_slot])  # padding never reached the cache
-    assert decode.input_ids[3] == 0 and decode.positions[3] == 0
-    assert decode.out_cache_loc[3] == DUMMY_SLOT
+    assert decode.buffers.input_ids[3] == 0 and decode.buffers.positions[3] == 0
+    assert decode.buffers.out_cache_loc[3] == DUMMY_SLOT
     state = runner.attn_backend.graph_state
     assert state.seq_lens[:4].tolist() == [10, 13, 31, 1]  # the padding row: length 1
     assert state.block_tables[3, 0] == DUMMY_SLOT // BLOCK

@@ -115,8 +115,10 @@ def test_padding_is_zero_length_work(runner):
     untouched = [s for s in big.out_cache_loc.tolist() if s not in small.out_cache_loc.tolist()]
     for k, b in zip(pool.k_buffers, before, strict=True):
         assert torch.equal(k[untouched], b[untouched])  # padding never reached the cache
-    assert full.out_cache_loc[6:8].tolist() == [DUMMY_SLOT] * 2
-    assert full.input_ids[6:8].tolist() == [0, 0] and full.positions[6:8].tolist() == [0, 0]
+    assert full.buffers.out_cache_loc[6:8].tolist() == [DUMMY_SLOT] * 2
+    assert full.buffers.input_ids[6:8].tolist() == [0, 0] and full.buffers.positions[
+        6:8
+    ].tolist() == [0, 0]
     state = runner.attn_backend.mixed_state
     rows = state.max_rows
     assert state.segment(0)[:2].tolist() == [5, 10]  # sequence lengths

@@ -469,6 +469,10 @@ class TritonAttentionBackend(AttentionBackend):
                 f"triton decode attention got {q.shape[0]} query tokens for "
                 f"{metadata.batch_size} rows planned for {metadata.stamp}"
             )
+        self._decode_attention(q, out, k_pool, v_pool, metadata, shape)
+
+    def _decode_attention(self, q, out, k_pool, v_pool, metadata, shape, **entries) -> None:
+        """Split-KV decode over the planned rows (`entries`: a mixed batch's decode-row table)."""
         decode_attention(
             q,
             out,
@@ -482,6 +486,7 @@ class TritonAttentionBackend(AttentionBackend):
             num_kv_splits=metadata.num_kv_splits,
             min_split_len=self.config.min_split_len,
             config=self.decode_config,
+            **entries,
         )
 
     def _forward_extend(self, q, out, k_pool, v_pool, metadata: TritonMetadata, shape) -> None:
@@ -507,19 +512,13 @@ class TritonAttentionBackend(AttentionBackend):
             tiles=metadata.tiles,
         )
         if metadata.decode_rows is not None:
-            decode_attention(
+            self._decode_attention(
                 q,
                 out,
                 k_pool,
                 v_pool,
-                metadata.block_tables,
-                metadata.seq_lens,
-                metadata.partial_out,
-                metadata.partial_lse,
-                shape=self.shape,
-                num_kv_splits=metadata.num_kv_splits,
-                min_split_len=self.config.min_split_len,
-                config=self.decode_config,
+                metadata,
+                self.shape,
                 entry_rows=metadata.decode_rows,
                 entry_tokens=metadata.decode_tokens,
             )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from tesela.config import (
     SchedulerConfig,
     normalize_dtype,
     read_generation_config,
+    read_hf_config,
     resolve_graph_config,
     resolve_lora_config,
 )
@@ -81,20 +81,12 @@ def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
             f"model {model!r} is neither a folder nor a preset: give a folder with config.json "
             f"and safetensors weights, or one of the presets {', '.join(PRESETS)}"
         )
-    # Refuse an unknown architecture before the config's other fields are read.
-    config_file = path / "config.json"
-    if config_file.is_file():
-        try:
-            hf = json.loads(config_file.read_text())
-        except ValueError as exc:
-            raise ValueError(
-                f"{config_file} is not valid JSON ({exc}): fix or re-download it"
-            ) from None
-        try:
-            check_architecture(hf.get("architectures") or [] if isinstance(hf, dict) else [])
-        except ValueError as exc:
-            raise ValueError(f"{config_file}: {exc}") from None
-    return ModelConfig.from_pretrained(path), str(path)
+    hf = read_hf_config(path)
+    try:  # an unknown architecture is refused before the config's other fields are read
+        check_architecture(hf.get("architectures") or [])
+    except ValueError as exc:
+        raise ValueError(f"{path / 'config.json'}: {exc}") from None
+    return ModelConfig.from_pretrained(path, hf), str(path)
 
 
 def make_engine_config(

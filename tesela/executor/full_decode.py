@@ -27,8 +27,8 @@ import torch
 
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
 from tesela.core.forward_context import batch_state, forward_context
-from tesela.core.kv_cache import DUMMY_SLOT
 from tesela.core.plan import ForwardPlan
+from tesela.executor.buffers import StaticBuffers
 from tesela.executor.graph_runner import CaptureReport, GraphRunner
 from tesela.executor.graphs import GraphFactory
 from tesela.executor.planner import CudaGraphPlanner
@@ -63,9 +63,7 @@ class FullDecodeRunner(GraphRunner):
         self.graphs = graphs
         device = graphs.device
         max_bs = self.sizes[-1]
-        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.out_cache_loc = torch.full((max_bs,), DUMMY_SLOT, dtype=torch.int64, device=device)
+        self.buffers = StaticBuffers.allocate(max_bs, device, kv_slots=True)
         self.captured: dict[int, tuple] = {}  # size -> (graph, output)
         self.vocab_size = vocab_size
         self.sampling = (
@@ -96,9 +94,9 @@ class FullDecodeRunner(GraphRunner):
         zeros = torch.zeros(size, dtype=torch.int32, device=device)
         return ForwardBatch(
             mode=ForwardMode.DECODE,
-            input_ids=self.input_ids[:size],
-            positions=self.positions[:size],
-            out_cache_loc=self.out_cache_loc[:size],
+            input_ids=self.buffers.input_ids[:size],
+            positions=self.buffers.positions[:size],
+            out_cache_loc=self.buffers.out_cache_loc[:size],
             seq_lens=zeros + 1,
             prefix_lens=zeros,
             extend_start_loc=torch.arange(size, dtype=torch.int32, device=device),
@@ -175,13 +173,7 @@ class FullDecodeRunner(GraphRunner):
             )
         n = batch.batch_size
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
-        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        self.out_cache_loc[:n].copy_(batch.out_cache_loc, non_blocking=True)
-        if size > n:
-            self.input_ids[n:size].zero_()
-            self.positions[n:size].zero_()
-            self.out_cache_loc[n:size].fill_(DUMMY_SLOT)
+        self.buffers.copy_from(batch, size)  # one token per decode row
         # The graph runs no Python: planning this batch rewrites the buffers it reads, and
         # no op inside it can check the plan, so the runner does.
         plan = self.planner.plan(batch)

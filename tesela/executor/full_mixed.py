@@ -38,11 +38,10 @@ import torch
 from tesela.attention.base import AttentionBackend
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
 from tesela.core.forward_context import batch_state, forward_context
-from tesela.core.kv_cache import DUMMY_SLOT
 from tesela.core.plan import ForwardPlan
+from tesela.executor.buffers import StaticBuffers, capture_batch
 from tesela.executor.graph_runner import CaptureReport, GraphRunner
 from tesela.executor.graphs import GraphFactory
-from tesela.executor.piecewise.buffers import capture_batch
 from tesela.executor.planner import ForwardPlanner
 from tesela.lora.kernels import SGMV
 from tesela.lora.manager import LoRAManager
@@ -118,9 +117,7 @@ class FullMixedRunner(GraphRunner):
         self.graphs = graphs
         max_tokens = self.sizes[-1]
         device = graphs.device
-        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.out_cache_loc = torch.full((max_tokens,), DUMMY_SLOT, dtype=torch.int64, device=device)
+        self.buffers = StaticBuffers.allocate(max_tokens, device, kv_slots=True)
         # (size, split_decode) -> (graph, output, the captured forward: run_eager_padded's)
         self.captured: dict[tuple[int, bool], tuple] = {}
         self._report = CaptureReport(
@@ -149,12 +146,12 @@ class FullMixedRunner(GraphRunner):
         the graph reads."""
         row_tokens = self.max_blocks * self.block_size
         rows = capture_batch(size, self.block_size, self.graphs.device, row_tokens)
-        self._load_tokens(rows, size)
+        self.buffers.copy_from(rows, size)
         return ForwardBatch(
             mode=ForwardMode.EXTEND,
-            input_ids=self.input_ids[:size],
-            positions=self.positions[:size],
-            out_cache_loc=self.out_cache_loc[:size],
+            input_ids=self.buffers.input_ids[:size],
+            positions=self.buffers.positions[:size],
+            out_cache_loc=self.buffers.out_cache_loc[:size],
             seq_lens=rows.seq_lens,
             prefix_lens=rows.prefix_lens,
             extend_start_loc=rows.extend_start_loc,
@@ -192,21 +189,11 @@ class FullMixedRunner(GraphRunner):
 
     # ---- replay -------------------------------------------------------------------------------
 
-    def _load_tokens(self, batch: ForwardBatch, size: int) -> None:
-        n = batch.num_tokens
-        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        self.out_cache_loc[:n].copy_(batch.out_cache_loc, non_blocking=True)
-        if size > n:
-            self.input_ids[n:size].zero_()
-            self.positions[n:size].zero_()
-            self.out_cache_loc[n:size].fill_(DUMMY_SLOT)
-
     def prepare(self, batch: ForwardBatch) -> tuple[tuple[int, bool], ForwardPlan]:
         """Static buffers and persistent state for `batch`: the key of the graph to replay,
         and the batch's plan."""
         key = self.planner.key(batch)
-        self._load_tokens(batch, key[0])
+        self.buffers.copy_from(batch, key[0])
         # The graph runs no Python: planning this batch rewrites the buffers it reads
         # (attention metadata and LoRA segments alike).
         return key, self.planner.plan(batch)

@@ -8,9 +8,9 @@ import gc
 
 import pytest
 import torch
+from test_piecewise_gpu import random_batch
 
 from tesela import LLM, SamplingParams
-from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.dispatcher import RunPath
 from tesela.executor.model_runner import ModelRunner
@@ -33,24 +33,6 @@ def runner():
     runner = ModelRunner(config, path)
     assert runner.full_mixed is not None, "the triton backend declares ALWAYS graph support"
     return runner
-
-
-def random_batch(rows: list[tuple[int, int]], seed: int) -> ForwardBatch:
-    """rows: (prefix_len, new_tokens); each row gets its own blocks."""
-    generator = torch.Generator().manual_seed(seed)
-    token_ids, tables, next_block = [], [], 1
-    for prefix, n in rows:
-        token_ids.append(torch.randint(0, 151936, (n,), generator=generator).tolist())
-        blocks = (prefix + n) // 16 + 1
-        tables.append(list(range(next_block, next_block + blocks)))
-        next_block += blocks
-    return ForwardBatch.build(
-        token_ids=token_ids,
-        prefix_lens=[p for p, _ in rows],
-        block_tables=tables,
-        block_size=16,
-        device="cuda",
-    )
 
 
 def test_capture_reports_both_graph_sets(runner):

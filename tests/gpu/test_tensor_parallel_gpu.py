@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+from test_reference_gpu import assert_matches_transformers
 
 from tesela import LLM, SamplingParams
 
@@ -62,17 +63,7 @@ def test_tp2_bf16_matches_transformers(checkpoints, arch):
     path, hf_model = checkpoints[arch]
     hf = copy.deepcopy(hf_model).to(device="cuda", dtype=torch.bfloat16)
     outputs, _ = generate(path, 2, dtype="bfloat16", capture_sizes=[4, 8, 16])
-    for prompt, output in zip(PROMPTS, outputs, strict=True):
-        ids = prompt + output.token_ids
-        with torch.no_grad():
-            logits = hf(torch.tensor([ids], device="cuda")).logits[0].float()
-        reference = torch.log_softmax(logits, dim=-1)
-        for step, lp in enumerate(output.logprobs):
-            row = reference[len(prompt) - 1 + step]
-            assert abs(lp.logprob - row[lp.token_id].item()) <= 0.1
-            top2 = row.topk(2)
-            if (top2.values[0] - top2.values[1]).item() > 0.1:
-                assert lp.token_id == top2.indices[0].item()
+    assert_matches_transformers(hf, PROMPTS, outputs)
 
 
 def test_killing_a_worker_ends_the_engine_within_30_s():

@@ -27,9 +27,9 @@ from tesela.core.forward_batch import ForwardBatch
 from tesela.core.forward_context import forward_context
 from tesela.core.kv_cache import KVCachePool
 from tesela.core.plan import ForwardPlan
+from tesela.executor.buffers import StaticBuffers, capture_batch
 from tesela.executor.graph_runner import CaptureReport, GraphRunner
 from tesela.executor.graphs import GraphFactory
-from tesela.executor.piecewise.buffers import StaticBuffers, capture_batch
 from tesela.executor.planner import ForwardPlanner
 
 logger = logging.getLogger("tesela.piecewise")
