@@ -55,8 +55,26 @@ def doctor_report(
         _backends_section(),
         _decision_section(attention_backend, info, settings),
         _illustration_section(settings),
+        _launchers_section(),
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def _launchers_section() -> str:
+    """How the Triton attention kernels are launched in this process: through their cached
+    compiled handles, or through kernel[grid] and why (the interpreter, an unexpected Triton)."""
+    try:  # optional dependency: triton
+        from tesela.attention.triton_kernels.decode_attention import STAGE1, STAGE2
+        from tesela.attention.triton_kernels.extend_attention import EXTEND
+        from tesela.attention.triton_kernels.store_kv import STORE_KV
+    except ImportError as error:
+        return f"Triton kernel launchers: unavailable ({error})"
+    lines = ["Triton kernel launchers:"]
+    for launcher in (STORE_KV, EXTEND, STAGE1, STAGE2):
+        reason = launcher.fallback_reason
+        how = "cached compiled handle" if reason is None else f"kernel[grid] ({reason})"
+        lines.append(f"  {launcher.name:<22} {how}")
+    return "\n".join(lines)
 
 
 def _versions_section() -> str:

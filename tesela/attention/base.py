@@ -9,6 +9,7 @@ persistent buffers (`init_cuda_graph_state`) that `plan_cuda_graph(batch)` rewri
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,7 +20,13 @@ from tesela.core.forward_batch import ForwardBatch
 from tesela.core.kv_cache import KVCachePool
 from tesela.core.plan import AttentionMetadata, StaleMetadataError
 
-__all__ = ["AttentionBackend", "AttentionLayout", "AttentionMetadata", "StaleMetadataError"]
+__all__ = [
+    "AttentionBackend",
+    "AttentionLayout",
+    "AttentionMetadata",
+    "SplitReplay",
+    "StaleMetadataError",
+]
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,17 @@ class AttentionLayout:
         if self.sliding_window_layers is None or layer_id in self.sliding_window_layers:
             return self.sliding_window
         return None
+
+
+@dataclass
+class SplitReplay:
+    """What every attention call of one breakable piecewise replay shares: the batch, its
+    metadata and the count of real tokens (the captured tensors are padded past it). Built once
+    per replay by `prepare_split_replay`, after the plan was checked against the batch."""
+
+    batch: ForwardBatch
+    metadata: AttentionMetadata
+    num_tokens: int
 
 
 class AttentionBackend(ABC):
@@ -108,6 +126,25 @@ class AttentionBackend(ABC):
         metadata: AttentionMetadata,
     ) -> None:
         """q/out: [num_tokens, heads*head_dim]; k/v: [num_tokens, kv_heads*head_dim]."""
+
+    # Breakable piecewise replay: split calls bound at capture ---------------------------------
+
+    def prepare_split_replay(self, batch: ForwardBatch, metadata: AttentionMetadata) -> SplitReplay:
+        """Once per replay: what every layer's bound call reads (backends add launch values)."""
+        return SplitReplay(batch, metadata, batch.num_tokens)
+
+    def bind_split(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int
+    ) -> Callable[[SplitReplay], None]:
+        """The attention call of one layer at one captured size, its tensors bound (they are
+        the captured ones, padded to the size). The default slices them per call and runs
+        `forward`; a backend may bind its kernel launches instead (the Triton backend does)."""
+
+        def call(replay: SplitReplay) -> None:
+            n = replay.num_tokens  # only the real tokens are stored and attended
+            self.forward(q[:n], k[:n], v[:n], out[:n], layer_id, replay.batch, replay.metadata)
+
+        return call
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, layer_id: int, batch: ForwardBatch):
         layout = self.layout

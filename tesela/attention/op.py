@@ -3,13 +3,19 @@
 A registered custom op that writes into a caller-provided output and reads its per-batch state
 from the forward context. Graph code treats it as opaque: the breakable runner ends a graph
 segment at it, the compiled runner splits the FX graph at it.
+
+The breakable runner does not replay the op itself: `SPLIT_BINDINGS` gives it, per split
+function, a `bind` (run once per recorded call: the backend's per-layer callable over the
+captured tensors) and a `prepare` (run once per replay: the plan check and the launch values
+every layer shares), so a replayed split call does no op dispatch, context lookup or slicing.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tesela.core.forward_context import get_forward_context
+from tesela.attention.base import AttentionBackend, SplitReplay
+from tesela.core.forward_context import ForwardContext, get_forward_context
 
 
 def run_attention(
@@ -27,6 +33,24 @@ def run_attention(
     if q.shape[0] < n:
         raise RuntimeError(f"attention got {q.shape[0]} tokens for {batch.stamp}")
     context.attn_backend.forward(q[:n], k[:n], v[:n], out[:n], layer_id, batch, plan.attn_metadata)
+
+
+def prepare_attention_replay(context: ForwardContext) -> SplitReplay:
+    """Once per breakable replay, for every layer's bound attention call: the metadata
+    invariant (the same check `run_attention` makes per call) and the shared launch values."""
+    batch, plan = context.batch, context.plan
+    context.check_plan("attention")
+    return context.attn_backend.prepare_split_replay(batch, plan.attn_metadata)
+
+
+def bind_attention(backend: AttentionBackend, tensors: tuple[torch.Tensor, ...], layer_id: int):
+    """The recorded call `run_attention(q, k, v, out, layer_id)` bound to its tensors."""
+    q, k, v, out = tensors
+    return backend.bind_split(q, k, v, out, layer_id)
+
+
+# split function -> (prepare once per replay, bind once per recorded call)
+SPLIT_BINDINGS = {run_attention: (prepare_attention_replay, bind_attention)}
 
 
 @torch.library.custom_op("tesela::attention", mutates_args=("out",))

@@ -36,6 +36,7 @@ from tesela.attention.base import (
     AttentionLayout,
     AttentionMetadata,
     GraphSupport,
+    SplitReplay,
 )
 from tesela.attention.triton_kernels import (
     MAX_HEAD_DIM,
@@ -43,18 +44,32 @@ from tesela.attention.triton_kernels import (
     PagedAttentionShape,
 )
 from tesela.attention.triton_kernels.decode_attention import (
-    decode_attention,
+    STAGE1,
+    STAGE2,
+    STAGE2_OPTIONS,
     decode_config,
+    decode_grids,
     num_kv_splits,
 )
+from tesela.attention.triton_kernels.decode_attention import batch_args as decode_batch_args
+from tesela.attention.triton_kernels.decode_attention import layer_args as decode_layer_args
+from tesela.attention.triton_kernels.decode_attention import shape_args as decode_shape_args
 from tesela.attention.triton_kernels.extend_attention import (
-    extend_attention,
+    EXTEND,
     extend_config,
+    extend_grid,
     kernels_interpreted,
     max_tiles,
+    tile_args,
     tile_table,
 )
-from tesela.attention.triton_kernels.store_kv import store_kv
+from tesela.attention.triton_kernels.extend_attention import batch_args as extend_batch_args
+from tesela.attention.triton_kernels.extend_attention import layer_args as extend_layer_args
+from tesela.attention.triton_kernels.extend_attention import shape_args as extend_shape_args
+from tesela.attention.triton_kernels.launcher import Args, runtime_args
+from tesela.attention.triton_kernels.store_kv import OPTIONS as STORE_OPTIONS
+from tesela.attention.triton_kernels.store_kv import STORE_KV, pool_args, width_args
+from tesela.attention.triton_kernels.store_kv import layer_args as store_layer_args
 from tesela.core.forward_batch import BatchModeError, ForwardBatch, ForwardMode
 from tesela.core.kv_cache import DUMMY_SLOT, KVCachePool
 
@@ -233,6 +248,10 @@ class TritonAttentionBackend(AttentionBackend):
         self.graph_state: DecodeGraphState | None = None
         self.mixed_state: MixedGraphState | None = None
         self._mixed_templates: dict[tuple[int, bool], tuple] = {}
+        self._store_constants, self._store_blocks = width_args(
+            layout.num_kv_heads * layout.head_dim
+        )
+        self._pools: tuple[KVCachePool, list[Args]] | None = None  # per pool: its groups
 
     # Planning ---------------------------------------------------------------------------------
 
@@ -453,43 +472,51 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, out, layer_id, batch, metadata: TritonMetadata) -> None:
         # Host-side checks and kernel launches only: the decode path allocates nothing and
-        # never syncs, so it can be captured.
-        k_pool = self.kv_cache.k_buffers[layer_id]
-        v_pool = self.kv_cache.v_buffers[layer_id]
-        store_kv(k, v, k_pool, v_pool, batch.out_cache_loc)
-        shape = self.shape if self.layout.window(layer_id) is not None else self.full_shape
-        if metadata.use_decode_kernel:
-            self._forward_decode(q, out, k_pool, v_pool, metadata, shape)
-        else:
-            self._forward_extend(q, out, k_pool, v_pool, metadata, shape)
-
-    def _forward_decode(self, q, out, k_pool, v_pool, metadata: TritonMetadata, shape) -> None:
-        if q.shape[0] != metadata.batch_size:
+        # never syncs, so it can be captured. The same launches as a bound split call.
+        if metadata.use_decode_kernel and q.shape[0] != metadata.batch_size:
             raise RuntimeError(
                 f"triton decode attention got {q.shape[0]} query tokens for "
                 f"{metadata.batch_size} rows planned for {metadata.stamp}"
             )
-        self._decode_attention(q, out, k_pool, v_pool, metadata, shape)
+        call = BoundTritonAttention(self, q, k, v, out, layer_id)
+        call(self._split_replay(batch, metadata, k.shape[0]))
 
-    def _decode_attention(self, q, out, k_pool, v_pool, metadata, shape, **entries) -> None:
-        """Split-KV decode over the planned rows (`entries`: a mixed batch's decode-row table)."""
-        decode_attention(
-            q,
-            out,
-            k_pool,
-            v_pool,
-            metadata.block_tables,
-            metadata.seq_lens,
-            metadata.partial_out,
-            metadata.partial_lse,
-            shape=shape,
-            num_kv_splits=metadata.num_kv_splits,
-            min_split_len=self.config.min_split_len,
-            config=self.decode_config,
-            **entries,
-        )
+    def bind_kv_pool(self, kv_cache: KVCachePool) -> None:
+        super().bind_kv_pool(kv_cache)
+        self._pools = None  # drop the provisional pool's tensors
 
-    def _forward_extend(self, q, out, k_pool, v_pool, metadata: TritonMetadata, shape) -> None:
+    def layer_shape(self, layer_id: int) -> PagedAttentionShape:
+        # Layers outside `sliding_window_layers` launch the same kernels without the window.
+        return self.shape if self.layout.window(layer_id) is not None else self.full_shape
+
+    def bind_split(self, q, k, v, out, layer_id: int) -> BoundTritonAttention:
+        return BoundTritonAttention(self, q, k, v, out, layer_id)
+
+    def prepare_split_replay(self, batch, metadata: TritonMetadata) -> TritonSplitReplay:
+        return self._split_replay(batch, metadata, batch.num_tokens)
+
+    def _split_replay(self, batch, metadata: TritonMetadata, num_tokens: int) -> TritonSplitReplay:
+        """The launch values every layer shares: grids, options and the batch's argument
+        groups (their specialization keys computed here, once)."""
+        if self._pools is None or self._pools[0] is not self.kv_cache:
+            pools = zip(self.kv_cache.k_buffers, self.kv_cache.v_buffers, strict=True)
+            self._pools = (self.kv_cache, [pool_args(k, v) for k, v in pools])
+        replay = TritonSplitReplay(batch, metadata, num_tokens, pools=self._pools[1])
+        if num_tokens > 0:
+            replay.store = ((num_tokens, self._store_blocks, 1), runtime_args(batch.out_cache_loc))
+        if metadata.use_decode_kernel:
+            replay.decode = self._decode_launch(metadata, metadata.batch_size, None, None)
+            return replay
+        rows = metadata.seq_lens.shape[0]
+        if rows > 0 and metadata.max_extend_len > 0:
+            replay.extend = self._extend_launch(metadata, rows)
+        if metadata.decode_rows is not None:
+            entries = metadata.decode_rows.shape[0]
+            rows, tokens = metadata.decode_rows, metadata.decode_tokens
+            replay.decode = self._decode_launch(metadata, entries, rows, tokens)
+        return replay
+
+    def _extend_launch(self, metadata: TritonMetadata, rows: int) -> tuple:
         config = extend_config(
             self.layout.head_dim,
             self.layout.dtype,
@@ -497,31 +524,80 @@ class TritonAttentionBackend(AttentionBackend):
             block_m=self.config.block_m,
             block_n=self.config.block_n,
         )
-        extend_attention(
-            q,
-            out,
-            k_pool,
-            v_pool,
+        tiles = metadata.tiles
+        grid = extend_grid(self.shape, config, metadata.max_extend_len, rows, tiles)
+        batch = extend_batch_args(
             metadata.block_tables,
             metadata.seq_lens,
             metadata.prefix_lens,
             metadata.extend_start_loc,
-            shape=shape,
-            max_extend_len=metadata.max_extend_len,
-            config=config,
-            tiles=metadata.tiles,
+            tiles,
         )
-        if metadata.decode_rows is not None:
-            self._decode_attention(
-                q,
-                out,
-                k_pool,
-                v_pool,
-                metadata,
-                self.shape,
-                entry_rows=metadata.decode_rows,
-                entry_tokens=metadata.decode_tokens,
-            )
+        options = (config.num_warps, config.num_stages)
+        return grid, options, batch, tile_args(config, tiles is not None)
+
+    def _decode_launch(self, metadata, entries: int, rows, tokens) -> tuple | None:
+        if entries == 0:
+            return None
+        stage1, stage2 = decode_batch_args(
+            metadata.block_tables,
+            metadata.seq_lens,
+            metadata.partial_out,
+            metadata.partial_lse,
+            rows,
+            tokens,
+            num_kv_splits=metadata.num_kv_splits,
+            min_split_len=self.config.min_split_len,
+            config=self.decode_config,
+        )
+        grids = decode_grids(self.shape, entries, metadata.num_kv_splits)
+        options = (self.decode_config.num_warps, self.decode_config.num_stages)
+        return grids, options, stage1, stage2
+
+
+@dataclass
+class TritonSplitReplay(SplitReplay):
+    """The launch values of one replay (or one eager call): None where nothing runs."""
+
+    pools: list[Args] = dataclasses.field(default_factory=list)  # per layer: K/V pool group
+    store: tuple | None = None  # grid, batch group
+    extend: tuple | None = None  # grid, options, batch group, tile group
+    decode: tuple | None = None  # grids, options, stage 1 and stage 2 batch groups
+
+
+class BoundTritonAttention:
+    """One layer's attention launches with its tensors bound: the KV store, then the extend
+    kernel and/or the split-KV decode kernels, through cached launchers (no JITFunction.run
+    binding, no slicing: the grids cover only the real tokens and rows)."""
+
+    __slots__ = ("layer_id", "store", "width", "extend", "extend_shape", "decode", "decode_shape")
+
+    def __init__(self, backend: TritonAttentionBackend, q, k, v, out, layer_id: int) -> None:
+        layout, shape = backend.layout, backend.layer_shape(layer_id)
+        width = layout.num_kv_heads * layout.head_dim
+        if k.shape[1] != width or v.shape[1] != width:
+            raise ValueError(f"k/v must be [tokens, {width}], got {tuple(k.shape)}")
+        self.layer_id = layer_id
+        self.store = store_layer_args(k, v)
+        self.width = backend._store_constants
+        self.extend = extend_layer_args(q, out, shape)
+        self.extend_shape = extend_shape_args(shape, q.dtype)
+        self.decode = decode_layer_args(q, out, shape)
+        self.decode_shape = decode_shape_args(shape, backend.decode_config, q.dtype)
+
+    def __call__(self, replay: TritonSplitReplay) -> None:
+        pool = replay.pools[self.layer_id]
+        if replay.store is not None:
+            grid, batch = replay.store
+            STORE_KV(grid, STORE_OPTIONS, self.store, pool, batch, self.width)
+        if replay.extend is not None:
+            grid, options, batch, tiles = replay.extend
+            EXTEND(grid, options, self.extend, pool, batch, tiles, self.extend_shape)
+        if replay.decode is not None:
+            (grid1, grid2), options, (batch1, indirect1), (batch2, indirect2) = replay.decode
+            shape1, shape2 = self.decode_shape
+            STAGE1(grid1, options, self.decode[0], pool, batch1, indirect1, shape1)
+            STAGE2(grid2, STAGE2_OPTIONS, self.decode[1], batch2, indirect2, shape2)
 
 
 def _target_programs(device: torch.device, programs_per_sm: int) -> int:

@@ -225,7 +225,7 @@ def merge_results(paths: list[Path]) -> dict:
             continue
         if (part["model"], part["device"]) != (merged["model"], merged["device"]):
             raise ValueError(f"{path} is another model or card than {paths[0]}")
-        for key in ("latency_ms", "launch_ms", "spread_ms", "max_abs_err", "build"):
+        for key in ("latency_ms", "launch_ms", "split_us", "spread_ms", "max_abs_err", "build"):
             merged.setdefault(key, {}).update(part.get(key, {}))
     return merged
 
@@ -266,6 +266,7 @@ class PrefillBench:
             "mixed": mixed,
             "latency_ms": {},
             "launch_ms": {},
+            "split_us": {},
             "spread_ms": {},
             "max_abs_err": {},
             "build": {},
@@ -357,6 +358,8 @@ class PrefillBench:
                 self.results["latency_ms"][key] = statistics.median(samples)
                 self.results["launch_ms"][key] = statistics.median(launches)
                 self.results["spread_ms"][key] = (min(samples), max(samples))
+                if column == "breakable":
+                    self.results["split_us"][key] = self.split_us(n)
                 if column == "eager":
                     reference[n] = logits
                 elif n in reference:
@@ -384,6 +387,15 @@ class PrefillBench:
         }[column]
         return self._piecewise(column, mode, compiler)
 
+    def split_us(self, n: int | str) -> float:
+        """Median host us of one split call of a breakable replay (the calls alone, timed
+        inside the replay; planning, copies and segment launches excluded)."""
+        samples = []
+        for _ in range(self.repeat):
+            samples.append(self.breakable.split_host_seconds(self.batch(n)))
+            sync(self.device)  # a full launch queue would block the timed host side
+        return statistics.median(samples) * 1e6
+
     def _with_context(self, fn):
         def run(batch: ForwardBatch) -> torch.Tensor:
             plan = self.runner.planner.plan(batch)
@@ -404,7 +416,7 @@ class PrefillBench:
         if mode == "compiled":
             piecewise = CompiledPiecewiseRunner(piecewise_compiler=compiler, **collaborators)
         else:
-            piecewise = BreakablePiecewiseRunner(**collaborators)
+            piecewise = self.breakable = BreakablePiecewiseRunner(**collaborators)
         report = piecewise.capture()
         self.results["build"][column] = {
             "seconds": report.seconds,
@@ -511,14 +523,19 @@ def format_table(results: dict) -> str:
         ("full-mixed/full", "full-mixed", "full-graph"),
         ("eager/breakable", "eager", "breakable"),
     )
-    lines.append("| n | " + " | ".join(columns + [r[0] for r in ratios]) + " |")
-    lines.append("|---" * (len(columns) + len(ratios) + 1) + "|")
+    split_us = results.get("split_us", {})
+    # Host us of one breakable split call (the calls alone, timed inside a replay).
+    extra = ["split us"] if split_us else []
+    lines.append("| n | " + " | ".join(columns + [r[0] for r in ratios] + extra) + " |")
+    lines.append("|---" * (len(columns) + len(ratios) + len(extra) + 1) + "|")
     workloads = list(results["num_tokens"]) + ([MIXED_KEY] if results.get("mixed") else [])
     nan = float("nan")
     for n in workloads:
         row = [f"{latency.get(f'{c}/{n}', nan):.3f}" for c in columns]
         for _, top, bottom in ratios:
             row.append(f"{latency.get(f'{top}/{n}', nan) / latency.get(f'{bottom}/{n}', nan):.3f}")
+        if extra:
+            row.append(f"{split_us.get(f'breakable/{n}', nan):.1f}")
         label = n if n != MIXED_KEY else "mixed {}x{}+{}".format(*results["mixed"])
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     if results.get("hbm_floor_ms"):

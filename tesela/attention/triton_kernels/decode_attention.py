@@ -31,6 +31,13 @@ from tesela.attention.triton_kernels import (
     input_precision,
     next_power_of_2,
 )
+from tesela.attention.triton_kernels.launcher import (
+    Args,
+    CachedLauncher,
+    constexpr_args,
+    runtime_args,
+)
+from tesela.attention.triton_kernels.store_kv import pool_args
 
 # Running-max start: finite, so fully masked tiles never give inf - inf.
 _FLOAT_MIN = tl.constexpr(-1.0e30)
@@ -113,18 +120,21 @@ _LAUNCH_VALUES = (
 
 @triton.jit(do_not_specialize=_LAUNCH_VALUES)
 def _decode_stage1_kernel(
+    # the layer
     q_ptr,
+    stride_q_token,
+    scale_log2,
+    # the layer's pools
     k_pool_ptr,
     v_pool_ptr,
+    stride_pool_slot,
+    # the batch
     block_tables_ptr,
     seq_lens_ptr,
     partial_out_ptr,
     partial_lse_ptr,
     entry_rows_ptr,
     entry_tokens_ptr,
-    scale_log2,
-    stride_q_token,
-    stride_pool_slot,
     stride_table_row,
     stride_po_row,
     stride_po_head,
@@ -133,6 +143,8 @@ def _decode_stage1_kernel(
     stride_lse_head,
     num_kv_splits,
     min_split_len,
+    INDIRECT: tl.constexpr,
+    # the backend's shape
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -141,7 +153,6 @@ def _decode_stage1_kernel(
     PAGE_SIZE: tl.constexpr,
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
-    INDIRECT: tl.constexpr,
 ):
     entry = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -202,9 +213,12 @@ def _decode_stage1_kernel(
 
 @triton.jit(do_not_specialize=_LAUNCH_VALUES[1:])
 def _decode_stage2_kernel(
+    # the layer
+    out_ptr,
+    stride_out_token,
+    # the batch
     partial_out_ptr,
     partial_lse_ptr,
-    out_ptr,
     seq_lens_ptr,
     entry_rows_ptr,
     entry_tokens_ptr,
@@ -213,14 +227,14 @@ def _decode_stage2_kernel(
     stride_po_split,
     stride_lse_row,
     stride_lse_head,
-    stride_out_token,
     num_kv_splits,
     min_split_len,
+    INDIRECT: tl.constexpr,
+    # the backend's shape
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     WINDOW: tl.constexpr,
-    INDIRECT: tl.constexpr,
 ):
     entry = tl.program_id(0)
     head = tl.program_id(1)
@@ -271,32 +285,52 @@ def decode_attention(
 
     With an entry table (`entry_rows`, `entry_tokens`: [entries] int32; module docstring) the
     grid has one program row per entry and q/out may hold any number of tokens."""
-    check_row_major("q", q)
-    check_row_major("out", out)
-    indirect = entry_rows is not None
-    batch_size = entry_rows.shape[0] if indirect else q.shape[0]
-    if not indirect:
-        entry_rows = entry_tokens = seq_lens  # not read
+    layer1, layer2 = layer_args(q, out, shape)
+    batch_size = entry_rows.shape[0] if entry_rows is not None else q.shape[0]
     if batch_size == 0:
         return
-    assert partial_out.stride(-1) == 1 and partial_lse.stride(-1) == 1
-    assert partial_out.shape[2] >= num_kv_splits and partial_lse.shape[2] >= num_kv_splits
-    assert num_kv_splits <= config.block_s
-    stage1 = (batch_size, shape.num_kv_heads, num_kv_splits)
-    _decode_stage1_kernel[stage1](
-        q,
-        k_pool,
-        v_pool,
+    batch1, batch2 = batch_args(
         block_tables,
         seq_lens,
         partial_out,
         partial_lse,
         entry_rows,
         entry_tokens,
-        shape.scale_log2,
-        q.stride(0),
-        k_pool.stride(0),
-        block_tables.stride(0),
+        num_kv_splits=num_kv_splits,
+        min_split_len=min_split_len,
+        config=config,
+    )
+    shape1, shape2 = shape_args(shape, config, q.dtype)
+    pools = pool_args(k_pool, v_pool)
+    stage1, stage2 = decode_grids(shape, batch_size, num_kv_splits)
+    STAGE1(stage1, (config.num_warps, config.num_stages), layer1, pools, *batch1, shape1)
+    STAGE2(stage2, STAGE2_OPTIONS, layer2, *batch2, shape2)
+
+
+STAGE1 = CachedLauncher(_decode_stage1_kernel)
+STAGE2 = CachedLauncher(_decode_stage2_kernel)
+STAGE2_OPTIONS = (4, 3)  # (num_warps, num_stages): Triton's default stages
+
+
+def layer_args(q: torch.Tensor, out: torch.Tensor, shape: PagedAttentionShape):
+    """The layer groups of stage 1 (q) and stage 2 (out)."""
+    check_row_major("q", q)
+    check_row_major("out", out)
+    return runtime_args(q, q.stride(0), shape.scale_log2), runtime_args(out, out.stride(0))
+
+
+def batch_args(
+    block_tables, seq_lens, partial_out, partial_lse, entry_rows, entry_tokens, *,
+    num_kv_splits: int, min_split_len: int, config: DecodeConfig,
+) -> tuple[tuple[Args, Args], tuple[Args, Args]]:  # fmt: skip
+    """The batch groups (runtime, constexpr) of stage 1 and stage 2."""
+    indirect = entry_rows is not None
+    if not indirect:
+        entry_rows = entry_tokens = seq_lens  # not read
+    assert partial_out.stride(-1) == 1 and partial_lse.stride(-1) == 1
+    assert partial_out.shape[2] >= num_kv_splits and partial_lse.shape[2] >= num_kv_splits
+    assert num_kv_splits <= config.block_s
+    scratch = (
         partial_out.stride(0),
         partial_out.stride(1),
         partial_out.stride(2),
@@ -304,37 +338,32 @@ def decode_attention(
         partial_lse.stride(1),
         num_kv_splits,
         min_split_len,
-        GROUP=shape.group_size,
-        BLOCK_H=max(next_power_of_2(shape.group_size), MIN_DOT_DIM),
-        HEAD_DIM=shape.head_dim,
-        BLOCK_D=shape.block_d,
-        BLOCK_N=config.block_n,
-        PAGE_SIZE=shape.page_size,
-        WINDOW=shape.window,
-        PRECISION=input_precision(q.dtype),
-        INDIRECT=indirect,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
-    _decode_stage2_kernel[(batch_size, shape.num_heads)](
-        partial_out,
-        partial_lse,
-        out,
-        seq_lens,
-        entry_rows,
-        entry_tokens,
-        partial_out.stride(0),
-        partial_out.stride(1),
-        partial_out.stride(2),
-        partial_lse.stride(0),
-        partial_lse.stride(1),
-        out.stride(0),
-        num_kv_splits,
-        min_split_len,
-        HEAD_DIM=shape.head_dim,
-        BLOCK_D=shape.block_d,
-        BLOCK_S=config.block_s,
-        WINDOW=shape.window,
-        INDIRECT=indirect,
-        num_warps=4,
+    entries = (entry_rows, entry_tokens)
+    stage1 = runtime_args(
+        block_tables, seq_lens, partial_out, partial_lse, *entries, block_tables.stride(0),
+        *scratch,
+    )  # fmt: skip
+    stage2 = runtime_args(partial_out, partial_lse, seq_lens, *entries, *scratch)
+    indirect_args = constexpr_args(indirect)
+    return (stage1, indirect_args), (stage2, indirect_args)
+
+
+def shape_args(shape: PagedAttentionShape, config: DecodeConfig, dtype: torch.dtype):
+    """The constexpr groups of stage 1 and stage 2."""
+    stage1 = constexpr_args(
+        shape.group_size,
+        max(next_power_of_2(shape.group_size), MIN_DOT_DIM),
+        shape.head_dim,
+        shape.block_d,
+        config.block_n,
+        shape.page_size,
+        shape.window,
+        input_precision(dtype),
     )
+    stage2 = constexpr_args(shape.head_dim, shape.block_d, config.block_s, shape.window)
+    return stage1, stage2
+
+
+def decode_grids(shape: PagedAttentionShape, entries: int, num_kv_splits: int):
+    return (entries, shape.num_kv_heads, num_kv_splits), (entries, shape.num_heads, 1)

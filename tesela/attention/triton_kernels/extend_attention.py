@@ -17,6 +17,13 @@ import triton
 import triton.language as tl
 
 from tesela.attention.triton_kernels import PagedAttentionShape, check_row_major, input_precision
+from tesela.attention.triton_kernels.launcher import (
+    Args,
+    CachedLauncher,
+    constexpr_args,
+    runtime_args,
+)
+from tesela.attention.triton_kernels.store_kv import pool_args
 
 # Running-max start: finite, so fully masked tiles never give inf - inf.
 _FLOAT_MIN = tl.constexpr(-1.0e30)
@@ -106,29 +113,33 @@ def _attend_tile(
 
 @triton.jit
 def _extend_kernel(
+    # the layer (bound per captured size by the piecewise runner)
     q_ptr,
     out_ptr,
+    stride_q_token,
+    stride_out_token,
+    scale_log2,
+    # the layer's pools
     k_pool_ptr,
     v_pool_ptr,
+    stride_pool_slot,
+    # the batch
     block_tables_ptr,
     seq_lens_ptr,
     prefix_lens_ptr,
     extend_start_loc_ptr,
     tiles_ptr,
-    scale_log2,
-    stride_q_token,
-    stride_out_token,
-    stride_pool_slot,
     stride_table_row,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILED: tl.constexpr,
+    # the backend's shape
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
-    TILED: tl.constexpr,
 ):
     # Heads vary fastest, so the query heads of one KV head run together and share its K/V
     # tiles in L2; query blocks go last-first, so the longest causal walks start first.
@@ -221,45 +232,66 @@ def extend_attention(
 
     With a tile table (`tiles`: [num_tiles, 2] int32 (row, first query), see `tile_table`)
     the grid is (heads, num_tiles) whatever the batch, so a CUDA graph can capture it."""
-    check_row_major("q", q)
-    check_row_major("out", out)
+    layer = layer_args(q, out, shape)
     batch_size = seq_lens.shape[0]
     if batch_size == 0 or max_extend_len == 0:
         return
-    tiled = tiles is not None
-    if tiled:
-        assert tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.is_contiguous()
-        grid = (shape.num_heads, tiles.shape[0])
-    else:
-        grid = (shape.num_heads, triton.cdiv(max_extend_len, config.block_m), batch_size)
-        tiles = seq_lens  # not read
-    _extend_kernel[grid](
-        q,
-        out,
-        k_pool,
-        v_pool,
-        block_tables,
-        seq_lens,
-        prefix_lens,
-        extend_start_loc,
-        tiles,
-        shape.scale_log2,
-        q.stride(0),
-        out.stride(0),
-        k_pool.stride(0),
-        block_tables.stride(0),
-        GROUP=shape.group_size,
-        HEAD_DIM=shape.head_dim,
-        BLOCK_D=shape.block_d,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        PAGE_SIZE=shape.page_size,
-        WINDOW=shape.window,
-        PRECISION=input_precision(q.dtype),
-        TILED=tiled,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+    EXTEND(
+        extend_grid(shape, config, max_extend_len, batch_size, tiles),
+        (config.num_warps, config.num_stages),
+        layer,
+        pool_args(k_pool, v_pool),
+        batch_args(block_tables, seq_lens, prefix_lens, extend_start_loc, tiles),
+        tile_args(config, tiles is not None),
+        shape_args(shape, q.dtype),
     )
+
+
+EXTEND = CachedLauncher(_extend_kernel)
+
+
+def layer_args(q: torch.Tensor, out: torch.Tensor, shape: PagedAttentionShape) -> Args:
+    check_row_major("q", q)
+    check_row_major("out", out)
+    return runtime_args(q, out, q.stride(0), out.stride(0), shape.scale_log2)
+
+
+def batch_args(block_tables, seq_lens, prefix_lens, extend_start_loc, tiles) -> Args:
+    if tiles is None:
+        tiles = seq_lens  # not read
+    else:
+        assert tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.is_contiguous()
+    return runtime_args(
+        block_tables, seq_lens, prefix_lens, extend_start_loc, tiles, block_tables.stride(0)
+    )
+
+
+def tile_args(config: ExtendConfig, tiled: bool) -> Args:
+    return constexpr_args(config.block_m, config.block_n, tiled)
+
+
+def shape_args(shape: PagedAttentionShape, dtype: torch.dtype) -> Args:
+    return constexpr_args(
+        shape.group_size,
+        shape.head_dim,
+        shape.block_d,
+        shape.page_size,
+        shape.window,
+        input_precision(dtype),
+    )
+
+
+def extend_grid(
+    shape: PagedAttentionShape,
+    config: ExtendConfig,
+    max_extend_len: int,
+    batch_size: int,
+    tiles: torch.Tensor | None,
+) -> tuple[int, int, int]:
+    """With a tile table the grid is (heads, num_tiles) whatever the batch (FULL graphs)."""
+    if tiles is not None:
+        return (shape.num_heads, tiles.shape[0], 1)
+    return (shape.num_heads, triton.cdiv(max_extend_len, config.block_m), batch_size)
 
 
 def max_tiles(num_tokens: int, max_rows: int, block_m: int) -> int:

@@ -2,8 +2,13 @@
 
 While a size is captured, every split op ends the current graph segment, runs eagerly (outside
 the capture) and is recorded; then a new segment begins. Replay runs the segment graphs with
-the recorded split calls between them; each call reads the forward context at replay time, so
-attention runs with the plan made for the replayed batch.
+the recorded split calls between them, bound at capture: a split function listed in
+`SPLIT_BINDINGS` (tesela/attention/op.py; attention) is turned by its `bind` into the backend's
+callable over the captured tensors, and each replay runs its `prepare` once (the plan check
+against the replayed batch, the launch values every layer shares) and hands the result to every
+bound call. So attention runs with the plan made for the replayed batch, checked once per replay,
+and a split call costs its kernel launches: no op dispatch, context lookup or slicing. A split
+function without a binding runs as recorded, reading the forward context itself.
 
 Every segment of every size is captured into one shared memory pool. A recorded split call
 keeps its tensors as non-owning aliases (on CUDA), so their memory follows the lifetimes the
@@ -15,14 +20,16 @@ size replays at a time.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from tesela.attention.op import SPLIT_BINDINGS
 from tesela.core.forward_batch import ForwardBatch
-from tesela.core.forward_context import forward_context
+from tesela.core.forward_context import ForwardContext, forward_context
 from tesela.core.plan import ForwardPlan
 from tesela.executor.graphs import GraphFactory
 from tesela.executor.piecewise.runner import PiecewiseRunner
@@ -38,6 +45,10 @@ class SplitCall:
         self.fn(*self.tensors, *self.args)
 
 
+def _unbound(call: SplitCall) -> Callable[[Any], None]:
+    return lambda _prepared: call()
+
+
 @dataclass
 class BreakableGraph:
     """One captured size: graph segments with the split calls that run between them."""
@@ -46,21 +57,49 @@ class BreakableGraph:
     segments: list[Any] = field(default_factory=list)
     splits: list[SplitCall] = field(default_factory=list)
     output: torch.Tensor | None = None
-    # segment replays and split calls interleaved: the replay loop is one call per step
-    steps: tuple[Callable[[], Any], ...] = ()
+    # Sealed for replay: (segment replay, bound split call) pairs, then the last segment, and
+    # the `prepare` of the bound calls (one per replay).
+    steps: tuple[tuple[Callable[[], Any], Callable[[Any], None]], ...] = ()
+    last: Callable[[], Any] | None = None
+    prepare: Callable[[ForwardContext], Any] | None = None
 
-    def seal(self) -> None:
-        steps: list[Callable[[], Any]] = []
-        for i, segment in enumerate(self.segments):
-            steps.append(segment.replay)
-            if i < len(self.splits):
-                steps.append(self.splits[i])
-        self.steps = tuple(steps)
+    def seal(self, backend: Any) -> None:
+        bound, prepares = [], set()
+        for call in self.splits:
+            binding = SPLIT_BINDINGS.get(call.fn)
+            if binding is None:
+                bound.append(_unbound(call))
+                continue
+            prepare, bind = binding
+            prepares.add(prepare)
+            bound.append(bind(backend, call.tensors, *call.args))
+        assert len(prepares) <= 1, "one prepared state per replay: one bound split function"
+        self.prepare = prepares.pop() if prepares else None
+        self.steps = tuple(zip((s.replay for s in self.segments), bound, strict=False))
+        self.last = self.segments[-1].replay
 
-    def replay(self) -> torch.Tensor:
-        for step in self.steps:
-            step()
+    def replay(self, context: ForwardContext) -> torch.Tensor:
+        prepared = self.prepare(context) if self.prepare is not None else None
+        for segment, split in self.steps:
+            segment()
+            split(prepared)
+        self.last()
         return self.output
+
+    def replay_timed(self, context: ForwardContext) -> tuple[torch.Tensor, float]:
+        """`replay`, also returning the host seconds spent in the split calls alone (the
+        per-replay `prepare` included): what `tesela bench prefill` reports per split."""
+        clock = time.perf_counter
+        start = clock()
+        prepared = self.prepare(context) if self.prepare is not None else None
+        spent = clock() - start
+        for segment, split in self.steps:
+            segment()
+            start = clock()
+            split(prepared)
+            spent += clock() - start
+        self.last()
+        return self.output, spent
 
 
 class SegmentRecorder:
@@ -89,10 +128,10 @@ class SegmentRecorder:
         self.graph.splits.append(call)
         self.begin()
 
-    def finish(self, output: torch.Tensor) -> None:
+    def finish(self, output: torch.Tensor, backend: Any) -> None:
         self.end()
         self.graph.output = self.graphs.alias(output)
-        self.graph.seal()
+        self.graph.seal(backend)
 
 
 class BreakablePiecewiseRunner(PiecewiseRunner):
@@ -108,7 +147,7 @@ class BreakablePiecewiseRunner(PiecewiseRunner):
         recorder = SegmentRecorder(graph, self.graphs)
         recorder.begin()
         output = self._forward(batch, plan, size, split_hook=recorder)
-        recorder.finish(output)
+        recorder.finish(output, self.planner.attn_backend)
         self.captured[size] = graph
         self._report.segments_per_size = len(graph.segments)
 
@@ -118,6 +157,18 @@ class BreakablePiecewiseRunner(PiecewiseRunner):
             for size, graph in sorted(self.captured.items())
         )
 
+    @torch.inference_mode()
+    def split_host_seconds(self, batch: ForwardBatch) -> float:
+        """Replay `batch` as `run` does and return the host seconds per split call (no sync:
+        the host side alone, with the GPU work queued behind it)."""
+        size = self.padded_size(batch.num_tokens)
+        self.buffers.copy_from(batch, size)
+        plan = self.planner.plan(batch)
+        graph = self.captured[size]
+        with forward_context(batch, plan, self.planner.attn_backend) as context:
+            _, spent = graph.replay_timed(context)
+        return spent / max(len(graph.splits), 1)
+
     def _replay(self, batch: ForwardBatch, plan: ForwardPlan, size: int) -> torch.Tensor:
-        with forward_context(batch, plan, self.planner.attn_backend):
-            return self.captured[size].replay()
+        with forward_context(batch, plan, self.planner.attn_backend) as context:
+            return self.captured[size].replay(context)
