@@ -29,6 +29,7 @@ ENGINE = "tesela/engine/llm_engine.py"
 OVERLAP = "tests/test_overlap.py"
 MIXED = "tesela/executor/full_mixed.py"
 MIXED_TESTS = ["tests/test_full_mixed.py"]
+LAUNCHER_TESTS = "tests/test_triton_launcher.py"
 MIXED_LORA_TESTS = ["tests/test_full_mixed_lora.py"]
 MOE_PADDING_TEST = "tests/test_moe.py::test_padding_tokens_route_to_no_expert_in_padded_replays"
 BLOCKS = "tesela/engine/block_manager.py"
@@ -87,7 +88,44 @@ MUTATIONS = {
         "tesela/attention/op.py",
         "    n = batch.num_tokens\n",
         "    n = q.shape[0]\n",
+        # the split op serves eager and compiled pieces; breakable replays run bound calls
+        [
+            "tests/test_piecewise.py::test_piecewise_equals_eager_at_every_boundary",
+            "tests/test_piecewise_compiled.py::test_one_compile_serves_every_size_bitwise",
+        ],
+    ),
+    "breakable replay skips the plan check of its bound split calls": (
+        "tesela/attention/op.py",
+        '    context.check_plan("attention")\n    return context.attn_backend.prepare_split_replay(',
+        "    return context.attn_backend.prepare_split_replay(",
+        [
+            LAUNCHER_TESTS
+            + "::test_a_replay_with_a_plan_for_another_batch_is_refused_before_any_split"
+        ],
+    ),
+    "bound split calls store and attend the padding tokens": (
+        "tesela/attention/base.py",
+        "            n = replay.num_tokens  # only the real tokens are stored and attended\n",
+        "            n = q.shape[0]\n",
         ["tests/test_piecewise.py::test_padding_is_zeroed_and_never_reaches_the_kv_cache"],
+    ),
+    "launcher key misses the dtype": (
+        "tesela/attention/triton_kernels/launcher.py",
+        "        return (value.dtype, value.data_ptr() % 16 == 0)\n",
+        "        return value.data_ptr() % 16 == 0\n",
+        [LAUNCHER_TESTS],
+    ),
+    "launcher key misses Triton's ==1 specialization": (
+        "tesela/attention/triton_kernels/launcher.py",
+        "        return (value == 1, value % 16 == 0, value in _INT32)\n",
+        "        return (value % 16 == 0, value in _INT32)\n",
+        [LAUNCHER_TESTS],
+    ),
+    "launcher lets a constexpr ride in a runtime group": (
+        "tesela/attention/triton_kernels/launcher.py",
+        "        if kinds != self.constexpr:\n",
+        "        if False:\n",
+        [LAUNCHER_TESTS],
     ),
     "FULL mixed replay with the capture batch's plan": (
         MIXED,

@@ -34,6 +34,8 @@ def test_merge_command_joins_per_column_prefill_runs(tmp_path, capsys):
     assert set(merged["latency_ms"]) == {"eager/8", "breakable/8"}
     assert merged["eager_in_every_run"] is True
     assert "| 8 |" in result.stdout and "eager" in result.stdout
+    # host us of one breakable split call, a column of the table
+    assert merged["split_us"]["breakable/8"] > 0 and "split us" in result.stdout
 
 
 def test_host_timer_warms_up_then_times_fresh_inputs():

@@ -130,6 +130,10 @@ class CachedLauncher:
     def cached_keys(self) -> int:
         return len(self._handles)
 
+    def clear(self) -> None:
+        """Forget the cached handles (the next launch of each key goes through kernel[grid])."""
+        self._handles.clear()
+
     def _fall_back(self, reason: str) -> None:
         if self.fallback_reason is None:
             self.fallback_reason = reason
