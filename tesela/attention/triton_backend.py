@@ -10,6 +10,11 @@ FULL decode graphs (`init_cuda_graph_state`, `plan_cuda_graph`) keep the metadat
 the new batch. In that mode the split count depends only on the captured batch size and the
 longest context the buffers allow, never on the lengths of the batch being run.
 
+`forward` and the breakable runner's bound split calls (`bind_split`, `prepare_split_replay`)
+run the same `BoundTritonAttention` launches through cached launchers
+(triton_kernels/launcher.py); a bound call takes its tensors at capture and its batch values
+once per replay.
+
 The kernels run on CUDA, and on CPU only under the Triton interpreter (TRITON_INTERPRET=1 set
 before triton is first imported), which is how the CPU tests check them.
 """

@@ -4,6 +4,8 @@
 - `extend_attention`: causal attention of the new tokens of every row over the row's whole
   sequence (prefill, prefill chunks, mixed batches).
 - `decode_attention`: one query token per row, split-KV (flash-decoding) for long contexts.
+- `launcher`: cached launches of the compiled kernels (no per-call argument binding); each
+  kernel's parameters are grouped (layer, pool, batch, constants) for it.
 
 Every kernel reads the pool through the block table: position p of row i lives in slot
 `block_tables[i, p // page_size] * page_size + p % page_size`. The shape every kernel shares

@@ -23,7 +23,9 @@ the key call it directly. Under the Triton interpreter, or when the compiled ker
 as expected (a Triton version whose internals differ), the launcher falls back to `kernel[grid]`
 for good and records why (`fallback_reasons`, shown by `tesela doctor`). With
 TESELA_CHECK_LAUNCHERS=1 every cached launch also asks Triton which compiled kernel its own
-path would pick and raises if it differs (a debugging aid: it costs a full binding).
+path would pick and raises if it differs (a debugging aid: it costs a full binding). While
+Triton launch hooks are installed (a profiler such as proton), no handle is cached; handles
+cached before the hooks were installed skip them.
 """
 
 from __future__ import annotations
@@ -157,8 +159,8 @@ class CachedLauncher:
         assert len(grid) == 3, "launch grids are (x, y, z)"
         num_warps, num_stages = options
         compiled = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
-        if self.fallback_reason is not None:
-            return
+        if self.fallback_reason is not None or _launch_hooks():
+            return  # with launch hooks (a profiler) installed, every launch goes through Triton
         try:
             device = torch.cuda.current_device()
             if self.device is not None and device != self.device:
@@ -172,6 +174,16 @@ class CachedLauncher:
         self.device = device
         check = _jit_check(self, compiled) if CHECK_LAUNCHERS else None
         self._handles[key] = (run, function, metadata, check)
+
+
+def _launch_hooks() -> bool:
+    """Whether Triton launch hooks are installed (3.7 keeps an empty `HookChain` when none)."""
+    from triton import knobs
+
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 def _jit_check(launcher: CachedLauncher, compiled: Any):
