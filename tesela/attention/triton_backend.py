@@ -71,7 +71,7 @@ from tesela.attention.triton_kernels.extend_attention import (
 from tesela.attention.triton_kernels.extend_attention import batch_args as extend_batch_args
 from tesela.attention.triton_kernels.extend_attention import layer_args as extend_layer_args
 from tesela.attention.triton_kernels.extend_attention import shape_args as extend_shape_args
-from tesela.attention.triton_kernels.launcher import Args, runtime_args
+from tesela.attention.triton_kernels.launcher import Args, join, runtime_args
 from tesela.attention.triton_kernels.store_kv import OPTIONS as STORE_OPTIONS
 from tesela.attention.triton_kernels.store_kv import STORE_KV, pool_args, width_args
 from tesela.attention.triton_kernels.store_kv import layer_args as store_layer_args
@@ -539,7 +539,7 @@ class TritonAttentionBackend(AttentionBackend):
             tiles,
         )
         options = (config.num_warps, config.num_stages)
-        return grid, options, batch, tile_args(config, tiles is not None)
+        return grid, options, join(batch, tile_args(config, tiles is not None))
 
     def _decode_launch(self, metadata, entries: int, rows, tokens) -> tuple | None:
         if entries == 0:
@@ -557,7 +557,7 @@ class TritonAttentionBackend(AttentionBackend):
         )
         grids = decode_grids(self.shape, entries, metadata.num_kv_splits)
         options = (self.decode_config.num_warps, self.decode_config.num_stages)
-        return grids, options, stage1, stage2
+        return grids, options, join(*stage1), join(*stage2)
 
 
 @dataclass
@@ -566,16 +566,19 @@ class TritonSplitReplay(SplitReplay):
 
     pools: list[Args] = dataclasses.field(default_factory=list)  # per layer: K/V pool group
     store: tuple | None = None  # grid, batch group
-    extend: tuple | None = None  # grid, options, batch group, tile group
+    extend: tuple | None = None  # grid, options, batch group (tiles joined)
     decode: tuple | None = None  # grids, options, stage 1 and stage 2 batch groups
 
 
 class BoundTritonAttention:
     """One layer's attention launches with its tensors bound: the KV store, then the extend
     kernel and/or the split-KV decode kernels, through cached launchers (no JITFunction.run
-    binding, no slicing: the grids cover only the real tokens and rows)."""
+    binding, no slicing: the grids cover only the real tokens and rows). The layer's argument
+    groups are joined with its pool's once per pool, so a launch assembles three groups."""
 
-    __slots__ = ("layer_id", "store", "width", "extend", "extend_shape", "decode", "decode_shape")
+    __slots__ = (
+        "layer_id", "layer", "constants", "pool", "store", "extend", "stage1", "stage2",
+    )  # fmt: skip
 
     def __init__(self, backend: TritonAttentionBackend, q, k, v, out, layer_id: int) -> None:
         layout, shape = backend.layout, backend.layer_shape(layer_id)
@@ -583,26 +586,36 @@ class BoundTritonAttention:
         if k.shape[1] != width or v.shape[1] != width:
             raise ValueError(f"k/v must be [tokens, {width}], got {tuple(k.shape)}")
         self.layer_id = layer_id
-        self.store = store_layer_args(k, v)
-        self.width = backend._store_constants
-        self.extend = extend_layer_args(q, out, shape)
-        self.extend_shape = extend_shape_args(shape, q.dtype)
-        self.decode = decode_layer_args(q, out, shape)
-        self.decode_shape = decode_shape_args(shape, backend.decode_config, q.dtype)
+        # per kernel (store, extend, stage 1, stage 2): the layer's group and the constants
+        stage1, stage2 = decode_layer_args(q, out, shape)
+        self.layer = (store_layer_args(k, v), extend_layer_args(q, out, shape), stage1, stage2)
+        shape1, shape2 = decode_shape_args(shape, backend.decode_config, q.dtype)
+        self.constants = (backend._store_constants, extend_shape_args(shape, q.dtype), shape1)
+        self.stage2 = (stage2, shape2)
+        self.pool = None
+
+    def _bind_pool(self, pool: Args) -> None:
+        store, extend, stage1, _ = self.layer
+        self.store, self.extend, self.stage1 = (join(store, pool), join(extend, pool),
+                                                join(stage1, pool))  # fmt: skip
+        self.pool = pool
 
     def __call__(self, replay: TritonSplitReplay) -> None:
         pool = replay.pools[self.layer_id]
+        if pool is not self.pool:
+            self._bind_pool(pool)
+        store_constants, extend_constants, stage1_constants = self.constants
         if replay.store is not None:
             grid, batch = replay.store
-            STORE_KV(grid, STORE_OPTIONS, self.store, pool, batch, self.width)
+            STORE_KV(grid, STORE_OPTIONS, self.store, batch, store_constants)
         if replay.extend is not None:
-            grid, options, batch, tiles = replay.extend
-            EXTEND(grid, options, self.extend, pool, batch, tiles, self.extend_shape)
+            grid, options, batch = replay.extend
+            EXTEND(grid, options, self.extend, batch, extend_constants)
         if replay.decode is not None:
-            (grid1, grid2), options, (batch1, indirect1), (batch2, indirect2) = replay.decode
-            shape1, shape2 = self.decode_shape
-            STAGE1(grid1, options, self.decode[0], pool, batch1, indirect1, shape1)
-            STAGE2(grid2, STAGE2_OPTIONS, self.decode[1], batch2, indirect2, shape2)
+            (grid1, grid2), options, batch1, batch2 = replay.decode
+            STAGE1(grid1, options, self.stage1, batch1, stage1_constants)
+            layer2, constants2 = self.stage2
+            STAGE2(grid2, STAGE2_OPTIONS, layer2, batch2, constants2)
 
 
 def _target_programs(device: torch.device, programs_per_sm: int) -> int:

@@ -73,15 +73,25 @@ class Args(NamedTuple):
 
     values: tuple
     key: int
-    constexpr: bool
+    constexpr: tuple[bool, ...]  # per value: passed as a constexpr (keyed by its value)
 
 
 def runtime_args(*values: Any) -> Args:
-    return Args(values, _intern(tuple(map(_runtime_key, values))), False)
+    return Args(values, _intern(tuple(map(_runtime_key, values))), (False,) * len(values))
 
 
 def constexpr_args(*values: Any) -> Args:
-    return Args(values, _intern(("constexpr", *values)), True)
+    return Args(values, _intern(("constexpr", *values)), (True,) * len(values))
+
+
+def join(*groups: Args) -> Args:
+    """Consecutive groups as one (computed once where they are fixed together, so a launch
+    assembles fewer groups)."""
+    return Args(
+        sum((group.values for group in groups), ()),
+        _intern(tuple(group.key for group in groups)),
+        sum((group.constexpr for group in groups), ()),
+    )
 
 
 def _constexpr_mask(kernel: Any) -> tuple[bool, ...]:
@@ -114,8 +124,11 @@ class CachedLauncher:
 
     def __call__(self, grid: tuple[int, int, int], options: tuple[int, int], *groups: Args):
         """Launch on the current stream. `options`: (num_warps, num_stages)."""
-        key = (options, *[group.key for group in groups])
-        args = [value for group in groups for value in group.values]
+        key, args = [options], ()
+        for group in groups:
+            key.append(group.key)
+            args += group.values
+        key = tuple(key)
         handle = self._handles.get(key)
         if handle is None:
             self._first_launch(key, grid, options, groups, args)
@@ -146,7 +159,7 @@ class CachedLauncher:
         """Every group's kind matches the kernel's parameters (once per key)."""
         if key in self._checked:
             return
-        kinds = tuple(group.constexpr for group in groups for _ in group.values)
+        kinds = sum((group.constexpr for group in groups), ())
         if kinds != self.constexpr:
             raise TypeError(
                 f"launch of {self.name}: argument groups (constexpr per argument) {kinds} do "
