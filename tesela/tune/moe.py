@@ -4,7 +4,9 @@ For each GEMM shape of the model's MoE layers ((E, 2I, H) gate/up and (E, H, I) 
 token-count bucket, times every candidate config with the model's top-k routing on random
 router logits and keeps the fastest; the result is merged into tile_configs.json (commit it).
 Each GEMM is timed on its own, with the other at the default config, so the two are tuned
-independently (the intermediate layout is the same for both paths).
+independently (the intermediate layout is the same for both paths). A "gemv" candidate for the
+down GEMM is timed as it runs: `down_sum_gemv_kernel`, one program per (token, N tile) summing
+the token's k pairs, so its grid has M (not M*k) rows and narrow N tiles matter more.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tesela.layers.moe.router import select_experts
 def candidates(num_tokens: int) -> list[dict]:
     configs = []
     if num_tokens <= 32:
-        for block_n, block_k, warps in itertools.product((16, 32, 64), (64, 128, 256), (2, 4)):
+        for block_n, block_k, warps in itertools.product((8, 16, 32, 64), (64, 128, 256), (2, 4)):
             configs.append({"path": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k,
                             "num_warps": warps, "num_stages": 2})  # fmt: skip
     for block_m, block_n, block_k, stages, warps in itertools.product(

@@ -6,8 +6,12 @@ two; a batch of M tokens uses the config of its own bucket (the largest power of
 or `default_config` where that bucket was not tuned. `python -m tesela.tune.moe` times
 candidates on the GPU and writes the file; shapes missing from it use `default_config`.
 
-A config names its path: "gemv" (one program per (token, expert) pair, the decode path) or
-"grouped" (sorted blocks, the prefill path), with the tile sizes that path reads.
+A config names its path: "gemv" (the decode path: one program per (token, expert) pair for
+gate/up, one per token summing its k pairs for down) or "grouped" (sorted blocks, the prefill
+path), with the tile sizes that path reads. The shipped H200 down entries ("128,2048,768",
+buckets 1 and 16) were timed when the gemv down kernel ran per pair; they stay valid tiles for
+the summing kernel, and `python -m tesela.tune.moe --model qwen3-30b-a3b --buckets 1,16`
+re-times them for it.
 """
 
 from __future__ import annotations
