@@ -65,6 +65,8 @@ def _launch(a, w, out, topk_weights, topk_ids, num_valid, aligned, config, *, ga
 
 def _down_sum_gemv(intermediate, w2, topk_weights, topk_ids, num_valid, config) -> torch.Tensor:
     """out[t] = sum over t's k pairs of weight * intermediate[pair] @ w2[expert]^T, [M, H]."""
+    import triton
+
     from tesela.layers.moe import kernels
 
     num_tokens, top_k = topk_ids.shape
@@ -76,7 +78,8 @@ def _down_sum_gemv(intermediate, w2, topk_weights, topk_ids, num_valid, config) 
         intermediate, w2, out, topk_weights, topk_ids, num_valid if has_valid else topk_ids,
         num_experts, hidden, intermediate_size,
         *intermediate.stride(), *w2.stride(), *out.stride(),
-        TOP_K=top_k, HAS_NUM_VALID=has_valid, **_tile_args(config),
+        TOP_K=top_k, HAS_NUM_VALID=has_valid, BLOCK_TOPK=triton.next_power_of_2(top_k),
+        **_tile_args(config),
     )  # fmt: skip
     return out
 
@@ -106,7 +109,7 @@ def fused_experts(
     if configs is None:
         configs = (
             get_config(num_experts, two_i, hidden, num_tokens),
-            get_config(num_experts, hidden, two_i // 2, num_tokens),
+            get_config(num_experts, hidden, two_i // 2, num_tokens, gemm="down"),
         )
     up_config, down_config = configs
     topk_ids = topk_ids.contiguous()

@@ -13,10 +13,12 @@ block holds pairs of one expert (see align.py), so each program streams one expe
 `pair_gemv_kernel` (decode gate/up): one program per (pair, N tile), no sorting at all; pairs whose
 expert is out of range, or whose token is past the batch's real tokens (`num_valid_tokens`,
 read on the device: graph padding), load nothing and store zeros.
-`down_sum_gemv_kernel` (decode down projection): one program per (token, N tile) loops over
-the token's k pairs in slot order, accumulating weight * (intermediate @ W_down^T) in fp32
-registers, and writes the token's [H] output once: no zeroed [M*k, H] buffer and no separate
-sum over the top-k, and the fixed slot order makes it deterministic.
+`down_sum_gemv_kernel` (decode down projection): one program per (token, N tile) holds the
+token's k pairs side by side ([next_pow2(k), BLOCK_N, BLOCK_K] weight tiles per K step),
+accumulates each pair's partial in fp32 registers, and writes the weighted sum over the k
+pairs, the token's [H] output, once: no zeroed [M*k, H] buffer and no separate sum over the
+top-k; the fixed reduction order makes it deterministic. Its grid has M (not M*k) rows, so its
+tuned BLOCK_N is narrower than the per-pair kernel's.
 `router_topk_kernel`: softmax, top-k and renormalisation of one token's router logits in one
 program (see router.py for the rule it reproduces).
 """
@@ -135,37 +137,39 @@ def down_sum_gemv_kernel(
     num_experts, N, K,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
     TOP_K: tl.constexpr, HAS_NUM_VALID: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
-    token_valid = token < tl.num_programs(0)  # always true, unless narrowed here:
+    # The token's k pairs side by side: each K step loads all k experts' [BLOCK_N, BLOCK_K]
+    # tiles at once, so a program keeps k tiles of loads in flight (what k programs did).
+    slots = tl.arange(0, BLOCK_TOPK)
+    pairs = token * TOP_K + slots
+    slot_mask = slots < TOP_K
+    experts = tl.load(topk_ids_ptr + pairs, mask=slot_mask, other=-1).to(tl.int64)
+    # A padding token's or an out-of-range expert's pair loads nothing and adds nothing.
+    valid = slot_mask & (experts >= 0) & (experts < num_experts)
     if HAS_NUM_VALID:
-        token_valid = token < tl.load(num_valid_tokens_ptr)
+        valid = valid & (token < tl.load(num_valid_tokens_ptr))
+    experts = tl.where(valid, experts, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for slot in tl.static_range(TOP_K):
-        pair = token * TOP_K + slot
-        expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
-        # A padding token's or an out-of-range expert's pair loads nothing and adds nothing.
-        valid = token_valid & (expert >= 0) & (expert < num_experts)
-        expert = tl.where(valid, expert, 0)
-        n_mask = (offs_n < N) & valid
-        a_ptrs = a_ptr + pair.to(tl.int64) * stride_am + offs_k * stride_ak
-        w_ptrs = (w_ptr + expert * stride_we + offs_n[:, None] * stride_wn
-                  + offs_k[None, :] * stride_wk)  # fmt: skip
-        partial = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_mask = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_mask & valid, other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            partial += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-            a_ptrs += BLOCK_K * stride_ak
-            w_ptrs += BLOCK_K * stride_wk
-        weight = tl.load(topk_weights_ptr + pair).to(tl.float32)
-        acc += tl.where(valid, weight * partial, 0.0)
-    out_ptrs = out_ptr + token.to(tl.int64) * stride_om + offs_n * stride_on
+    nw_mask = valid[:, None, None] & (offs_n < N)[None, :, None]
+    a_ptrs = a_ptr + pairs[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = (w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
+              + offs_k[None, None, :] * stride_wk)  # fmt: skip
+    partial = tl.zeros((BLOCK_TOPK, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=nw_mask & k_mask[None, None, :], other=0.0)
+        partial += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    weights = tl.load(topk_weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
+    # The weighted sum over the k slots, in fp32, in a fixed order: one rounding, deterministic.
+    acc = tl.sum(tl.where(valid[:, None], partial * weights[:, None], 0.0), axis=0)
+    out_ptrs = out_ptr + token * stride_om + offs_n * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 

@@ -6,7 +6,11 @@ activation dtype, Mixtral keeps them in fp32.
 
 `select_experts` is the rule in torch ops (softmax, topk, sum, div, cast: five launches);
 `tesela::moe_topk` is the same rule in one Triton launch (`router_topk_kernel`, one program per
-token), which the MoE layer uses wherever the experts run as Triton. Ties between equal
+token), which the MoE layer uses wherever the experts run as Triton. The router GEMM before it
+stays the tuned `gemv.linear`: folded in, one program per token would stream the whole [E, H]
+gate weight alone (512 KB for qwen3-30b-a3b, several microseconds on one SM at batch 1), while
+the GEMV spreads it over the GPU; splitting E over programs would need a second pass for the
+top-k, which is the launch we save. Ties between equal
 probabilities go to the lowest expert index in the kernel; torch.topk promises no order, so the
 two can differ only on exact ties of the fp32 softmax, which random router weights never make.
 """
@@ -61,10 +65,13 @@ def fused_select_experts(
     ids = router_logits.new_empty(num_tokens, top_k, dtype=torch.int64)
     if num_tokens == 0:
         return weights, ids
+    block_e = triton.next_power_of_2(num_experts)
     kernels.router_topk_kernel[(num_tokens,)](
         router_logits, weights, ids, num_experts, router_logits.stride(0),
         TOP_K=top_k, RENORMALIZE=renormalize or scoring == "topk_softmax",
-        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_TOPK=triton.next_power_of_2(top_k),
+        BLOCK_E=block_e, BLOCK_TOPK=triton.next_power_of_2(top_k),
+        # Up to 256 experts one warp holds the row: the 2k reductions stay in shuffles.
+        num_warps=1 if block_e <= 256 else 4,
     )  # fmt: skip
     return weights, ids
 
