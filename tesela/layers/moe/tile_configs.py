@@ -39,11 +39,13 @@ def m_bucket(num_tokens: int) -> int:
 def default_config(num_tokens: int, gemm: str = "gate_up") -> dict[str, Any]:
     """`gemm`: "gate_up" or "down" (their GEMV kernels want different tiles)."""
     if num_tokens <= GEMV_MAX_TOKENS:
-        # The down GEMV's program holds all k pairs' tiles and its grid has M rows, not M*k:
-        # narrow N tiles give it enough programs (at M=1, H=2048: 512 of [8, 4, 128]).
-        block_n = 4 if gemm == "down" else 32
-        return {"path": "gemv", "BLOCK_N": block_n, "BLOCK_K": 128, "num_warps": 4,
-                "num_stages": 2}  # fmt: skip
+        if gemm == "down":
+            # Its program holds all k pairs' tiles and its grid has M rows, not M*k: narrow N
+            # tiles give it enough programs (at M=1, H=2048: 512 of [8, 4, 256], 61 registers
+            # a thread on sm_90 with no spills; 16 KB of loads in flight each).
+            return {"path": "gemv", "BLOCK_N": 4, "BLOCK_K": 256, "num_warps": 8,
+                    "num_stages": 2}  # fmt: skip
+        return {"path": "gemv", "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
     block_m = 16 if num_tokens <= 64 else 64
     return {
         "path": "grouped",
