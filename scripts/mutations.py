@@ -157,15 +157,15 @@ MUTATIONS = {
     ),
     "MoE down-sum kernel computes padding tokens like real ones": (
         "tesela/layers/moe/kernels.py",
-        "        token_valid = token < tl.load(num_valid_tokens_ptr)\n",
-        "        token_valid = token_valid\n",
-        ["tests/test_moe_triton.py::test_padding_tokens_change_nothing"],
+        "        valid = valid & (token < tl.load(num_valid_tokens_ptr))\n",
+        "        valid = valid\n",
+        ["tests/test_moe_triton.py::test_down_sum_kernel_masks_slots_itself"],
     ),
     "MoE down-sum kernel keeps out-of-range expert slots": (
         "tesela/layers/moe/kernels.py",
-        "        valid = token_valid & (expert >= 0) & (expert < num_experts)\n",
-        "        valid = token_valid & (expert < num_experts)\n",
-        ["tests/test_moe_triton.py::test_down_sum_kernel_drops_out_of_range_slots_and_padding_tokens"],
+        "    valid = slot_mask & (experts >= 0) & (experts < num_experts)\n",
+        "    valid = slot_mask & (experts < num_experts)\n",
+        ["tests/test_moe_triton.py::test_down_sum_kernel_masks_slots_itself"],
     ),
     "MoE fused router skips the renormalisation": (
         "tesela/layers/moe/kernels.py",

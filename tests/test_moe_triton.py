@@ -170,6 +170,28 @@ def test_down_sum_kernel_drops_out_of_range_slots_and_padding_tokens():
         torch.testing.assert_close(counted[:2], expected[:2], rtol=1e-5, atol=1e-5)
 
 
+def test_down_sum_kernel_masks_slots_itself():
+    """The down kernel alone, on an intermediate where every row is non-zero (as the grouped
+    gate/up leaves the rows of pairs it dropped: never written): out-of-range slots and tokens
+    past the real-token count add nothing, padding rows are zeros."""
+    from tesela.layers.moe.fused_moe import _down_sum_gemv
+
+    _, w2 = make_experts(6)
+    generator = torch.Generator().manual_seed(6)
+    intermediate = torch.randn(4 * 3, INTERMEDIATE, generator=generator)
+    weights = torch.rand(4, 3, generator=generator)
+    ids = torch.tensor([[0, 6, 2], [-1, 5, 5], [1, 1, 3], [4, 0, 2]])
+    num_valid = torch.tensor([3], dtype=torch.int32)
+    got = _down_sum_gemv(intermediate, w2, weights, ids, num_valid, GEMV)
+    expected = torch.zeros(4, HIDDEN)
+    for token, slot in ((t, s) for t in range(3) for s in range(3)):
+        if 0 <= ids[token, slot] < 6:
+            pair_out = intermediate[token * 3 + slot] @ w2[ids[token, slot]].T
+            expected[token] += weights[token, slot] * pair_out
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[3], torch.zeros(HIDDEN))
+
+
 def test_gate_up_gemv_skips_padding_pairs():
     """The per-pair gate/up kernel loads nothing for tokens past the real-token count (their
     intermediate rows are zeros): padding costs no weight bandwidth in a padded decode graph."""

@@ -25,7 +25,7 @@ from tesela.layers.moe.router import select_experts
 # gets narrower and shorter ones.
 GEMV_TILES = {
     "gate_up": list(itertools.product((16, 32, 64), (64, 128, 256), (2, 4))),
-    "down": list(itertools.product((2, 4, 8, 16), (32, 64, 128, 256), (2, 4, 8))),
+    "down": list(itertools.product((2, 4, 8, 16), (64, 128, 256), (4, 8))),
 }
 
 

@@ -147,7 +147,8 @@ def down_sum_gemv_kernel(
     pairs = token * TOP_K + slots
     slot_mask = slots < TOP_K
     experts = tl.load(topk_ids_ptr + pairs, mask=slot_mask, other=-1).to(tl.int64)
-    # A padding token's or an out-of-range expert's pair loads nothing and adds nothing.
+    # A padding token's or an out-of-range expert's pair loads nothing and adds nothing (after a
+    # grouped gate/up its intermediate row was never written).
     valid = slot_mask & (experts >= 0) & (experts < num_experts)
     if HAS_NUM_VALID:
         valid = valid & (token < tl.load(num_valid_tokens_ptr))

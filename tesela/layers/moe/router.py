@@ -6,13 +6,18 @@ activation dtype, Mixtral keeps them in fp32.
 
 `select_experts` is the rule in torch ops (softmax, topk, sum, div, cast: five launches);
 `tesela::moe_topk` is the same rule in one Triton launch (`router_topk_kernel`, one program per
-token), which the MoE layer uses wherever the experts run as Triton. The router GEMM before it
-stays the tuned `gemv.linear`: folded in, one program per token would stream the whole [E, H]
-gate weight alone (512 KB for qwen3-30b-a3b, several microseconds on one SM at batch 1), while
-the GEMV spreads it over the GPU; splitting E over programs would need a second pass for the
-top-k, which is the launch we save. Ties between equal
-probabilities go to the lowest expert index in the kernel; torch.topk promises no order, so the
-two can differ only on exact ties of the fp32 softmax, which random router weights never make.
+token), which the MoE layer uses wherever the experts run as Triton.
+
+Ties: the kernel gives equal probabilities to the lowest expert index first (a fixed rule);
+torch.topk promises no order. fp32 logits almost never tie; bf16
+logits tie often. A tie inside the top k only swaps two slots (the same experts, the same sum);
+a tie at the k-th place picks the lower index, as torch.topk's CUDA selection does in practice
+(its CPU path and the order it sorts tied outputs in may differ).
+
+The router GEMM before the kernel stays the tuned `gemv.linear`: folded in, one program per
+token would stream the whole [E, H] gate weight alone (512 KB for qwen3-30b-a3b, several
+microseconds on one SM at batch 1), while the GEMV spreads it over the GPU; splitting E over
+programs would need a second pass for the top-k, which is the launch saved.
 """
 
 from __future__ import annotations
