@@ -137,6 +137,11 @@ class EngineArgs:
     distributed_timeout_s: float = _option(
         120.0, "seconds a collective or a worker may stall before the engine fails"
     )
+    disable_custom_all_reduce: bool = _option(
+        False,
+        "reduce every tensor-parallel message with NCCL (default: small ones over NVLink "
+        "peer memory, where every rank can)",
+    )
     overlap_schedule: str = _option(
         "auto",
         "schedule and build step N+1 while the GPU runs step N: auto (on for CUDA at "

@@ -23,6 +23,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
 
 
+def add_tensor_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) to split the model over"
+    )
+    parser.add_argument(
+        "--disable-custom-all-reduce",
+        action="store_true",
+        help="reduce every message with NCCL (default: small ones over NVLink peer memory)",
+    )
+
+
 def add_output_argument(parser: argparse.ArgumentParser, what: str = "JSON (and PNG)") -> None:
     parser.add_argument("--output-dir", default="results", help=f"where {what} go")
 
