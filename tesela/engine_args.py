@@ -137,10 +137,11 @@ class EngineArgs:
     distributed_timeout_s: float = _option(
         120.0, "seconds a collective or a worker may stall before the engine fails"
     )
-    disable_custom_all_reduce: bool = _option(
+    custom_all_reduce: bool = _option(
         False,
-        "reduce every tensor-parallel message with NCCL (default: small ones over NVLink "
-        "peer memory, where every rank can)",
+        "reduce small tensor-parallel messages over NVLink peer memory (symmetric memory) "
+        "where every rank can, NCCL above (default: NCCL for all; measured no faster inside "
+        "decode graphs on 2 x H200)",
     )
     overlap_schedule: str = _option(
         "auto",

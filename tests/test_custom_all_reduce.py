@@ -28,7 +28,7 @@ def test_symmetric_memory_where_every_condition_holds():
     [
         (dict(device_type="cpu"), "gloo", "gloo"),
         (dict(world_size=1), "nccl", "single rank"),
-        (dict(enabled=False), "nccl", "--disable-custom-all-reduce"),
+        (dict(enabled=False), "nccl", "--custom-all-reduce turns it on"),
         (dict(world_size=16), "nccl", "NVLink domain"),
         (dict(world_size=4, env={"LOCAL_WORLD_SIZE": "2"}), "nccl", "several hosts"),
     ],

@@ -28,9 +28,9 @@ def add_tensor_parallel_arguments(parser: argparse.ArgumentParser) -> None:
         "--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) to split the model over"
     )
     parser.add_argument(
-        "--disable-custom-all-reduce",
+        "--custom-all-reduce",
         action="store_true",
-        help="reduce every message with NCCL (default: small ones over NVLink peer memory)",
+        help="small all-reduces over NVLink peer memory (default: NCCL for all)",
     )
 
 

@@ -65,7 +65,7 @@ def run_decode(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else default_device()
     return run_spmd(
         _run_decode, args.tensor_parallel_size, device, args,
-        custom_all_reduce=not args.disable_custom_all_reduce,
+        custom_all_reduce=args.custom_all_reduce,
     )  # fmt: skip
 
 

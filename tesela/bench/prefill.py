@@ -138,7 +138,7 @@ def run_prefill(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else default_device()
     return run_spmd(
         _run_prefill, args.tensor_parallel_size, device, args,
-        custom_all_reduce=not args.disable_custom_all_reduce,
+        custom_all_reduce=args.custom_all_reduce,
     )  # fmt: skip
 
 

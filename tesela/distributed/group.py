@@ -127,7 +127,7 @@ def init_distributed(
     timeout_s: float = 60.0,
     name: str = "tp",
     env: Mapping[str, str] | None = None,
-    custom_all_reduce: bool = True,
+    custom_all_reduce: bool = False,
 ) -> TPGroup:
     """Join the process group described by the rendezvous environment; the whole world is one
     tensor-parallel group. NCCL on CUDA (the device is cuda:LOCAL_RANK), gloo on CPU.

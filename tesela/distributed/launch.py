@@ -54,7 +54,7 @@ def _rank_entry(
 
 
 def run_spmd(
-    fn: Callable[..., Any], size: int, device: str, *args, custom_all_reduce: bool = True
+    fn: Callable[..., Any], size: int, device: str, *args, custom_all_reduce: bool = False
 ) -> Any:
     """fn(tp, *args) on `size` ranks; rank 0's return value (or the first rank's error).
     `custom_all_reduce` allows the symmetric-memory all-reduce for small messages."""

@@ -165,7 +165,7 @@ def make_engine_config(
         parallel=ParallelConfig(
             args.tensor_parallel_size,
             args.distributed_timeout_s,
-            disable_custom_all_reduce=args.disable_custom_all_reduce,
+            custom_all_reduce=args.custom_all_reduce,
         ),
         overlap_schedule=_overlap_schedule(
             args.overlap_schedule, on_cuda, args.tensor_parallel_size

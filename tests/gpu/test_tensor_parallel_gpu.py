@@ -144,6 +144,6 @@ def test_custom_all_reduce_equals_nccl():
               ((600, 4096), torch.bfloat16), ((3, 5, 64), torch.float16)]  # fmt: skip
     used = {algorithm_for(torch.empty(s, dtype=d, device="meta")) for s, d in shapes}
     assert used == {"one_shot", "two_shot", "nccl"}
-    results = run_spmd(_reduce_both_ways, 2, "cuda", shapes)
+    results = run_spmd(_reduce_both_ways, 2, "cuda", shapes, custom_all_reduce=True)
     assert results.pop("kind") == "symm_mem"
     assert all(all(agree) for agree in results.values()), results
