@@ -191,7 +191,32 @@ MUTATIONS = {
         "tesela/layers/moe/kernels.py",
         "        valid = valid & (pair // top_k < tl.load(num_valid_tokens_ptr))\n",
         "        valid = valid\n",
-        ["tests/test_moe_triton.py::test_padding_tokens_change_nothing"],
+        ["tests/test_moe_triton.py::test_gate_up_gemv_skips_padding_pairs"],
+    ),
+    "MoE down-sum kernel computes padding tokens like real ones": (
+        "tesela/layers/moe/kernels.py",
+        "        valid = valid & (token < tl.load(num_valid_tokens_ptr))\n",
+        "        valid = valid\n",
+        ["tests/test_moe_triton.py::test_down_sum_kernel_masks_slots_itself"],
+    ),
+    "MoE down-sum kernel keeps out-of-range expert slots": (
+        "tesela/layers/moe/kernels.py",
+        "    valid = slot_mask & (experts >= 0) & (experts < num_experts)\n",
+        "    valid = slot_mask & (experts < num_experts)\n",
+        ["tests/test_moe_triton.py::test_down_sum_kernel_masks_slots_itself"],
+    ),
+    "MoE fused router skips the renormalisation": (
+        "tesela/layers/moe/kernels.py",
+        "        weights = weights / tl.sum(weights, axis=0)  # lanes past TOP_K hold 0\n",
+        "        weights = weights\n",
+        ["tests/test_moe_triton.py::test_fused_router_matches_select_experts",
+         "tests/test_moe_triton.py::test_models_with_the_kernel_match_transformers"],
+    ),
+    "MoE fused router breaks ties to the highest expert": (
+        "tesela/layers/moe/kernels.py",
+        "        expert = tl.min(tl.where(probs == best, offs_e, BLOCK_E), axis=0)\n",
+        "        expert = tl.max(tl.where(probs == best, offs_e, -1), axis=0)\n",
+        ["tests/test_moe_triton.py::test_fused_router_breaks_ties_to_the_lowest_expert"],
     ),
     "MoE grouping keeps padding tokens": (
         "tesela/layers/moe/align.py",
@@ -475,6 +500,24 @@ MUTATIONS = {
         "    config = next((by_bucket[b] for b in sorted(by_bucket, key=int, reverse=True)"
         " if int(b) <= num_tokens), None)\n",
         ["tests/test_moe.py::test_tile_configs_by_shape_and_token_bucket"],
+    ),
+    "shutdown leaves graphs that something else still references": (
+        "tesela/executor/model_runner.py",
+        "        self.graph_factory.reset_all()  # also the graphs something else still references\n",
+        "",
+        ["tests/test_dispatcher.py::test_released_graphs_leave_an_eager_runner_that_still_serves"],
+    ),
+    "custom all-reduce takes every message size": (
+        "tesela/distributed/custom_all_reduce.py",
+        "    if nbytes <= TWO_SHOT_MAX_BYTES:\n",
+        "    if True:\n",
+        ["tests/test_custom_all_reduce.py"],
+    ),
+    "custom all-reduce takes fp16, which its one-shot kernel lacks": (
+        "tesela/distributed/custom_all_reduce.py",
+        "DTYPES = (torch.bfloat16, torch.float32)",
+        "DTYPES = (torch.bfloat16, torch.float16, torch.float32)",
+        ["tests/test_custom_all_reduce.py"],
     ),
 }
 
