@@ -209,8 +209,10 @@ MUTATIONS = {
         "tesela/layers/moe/kernels.py",
         "        weights = weights / tl.sum(weights, axis=0)  # lanes past TOP_K hold 0\n",
         "        weights = weights\n",
-        ["tests/test_moe_triton.py::test_fused_router_matches_select_experts",
-         "tests/test_moe_triton.py::test_models_with_the_kernel_match_transformers"],
+        [
+            "tests/test_moe_triton.py::test_fused_router_matches_select_experts",
+            "tests/test_moe_triton.py::test_models_with_the_kernel_match_transformers",
+        ],
     ),
     "MoE fused router breaks ties to the highest expert": (
         "tesela/layers/moe/kernels.py",

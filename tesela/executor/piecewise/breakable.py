@@ -6,9 +6,10 @@ the recorded split calls between them, bound at capture: a split function listed
 `SPLIT_BINDINGS` (tesela/attention/op.py; attention) is turned by its `bind` into the backend's
 callable over the captured tensors, and each replay runs its `prepare` once (the plan check
 against the replayed batch, the launch values every layer shares) and hands the result to every
-bound call. So attention runs with the plan made for the replayed batch, checked once per replay,
-and a split call costs its kernel launches: no op dispatch, context lookup or slicing. A split
-function without a binding runs as recorded, reading the forward context itself.
+bound call. So attention runs with the plan made for the replayed batch, checked once per replay
+(after the first segment is launched, before any split call), and a split call costs its kernel
+launches: no op dispatch, context lookup or slicing. A split function without a binding runs as
+recorded, reading the forward context itself.
 
 Every segment of every size is captured into one shared memory pool. A recorded split call
 keeps its tensors as non-owning aliases (on CUDA), so their memory follows the lifetimes the
@@ -29,7 +30,7 @@ import torch
 
 from tesela.attention.op import SPLIT_BINDINGS
 from tesela.core.forward_batch import ForwardBatch
-from tesela.core.forward_context import ForwardContext, forward_context
+from tesela.core.forward_context import ForwardContext, forward_context, get_forward_context
 from tesela.core.plan import ForwardPlan
 from tesela.executor.graphs import GraphFactory
 from tesela.executor.piecewise.runner import PiecewiseRunner
@@ -57,10 +58,11 @@ class BreakableGraph:
     segments: list[Any] = field(default_factory=list)
     splits: list[SplitCall] = field(default_factory=list)
     output: torch.Tensor | None = None
-    # Sealed for replay: (segment replay, bound split call) pairs, then the last segment, and
-    # the `prepare` of the bound calls (one per replay).
-    steps: tuple[tuple[Callable[[], Any], Callable[[Any], None]], ...] = ()
-    last: Callable[[], Any] | None = None
+    # Sealed for replay: the first segment, then (bound split call, next segment) pairs, and
+    # the `prepare` of the bound calls (run once per replay, after the first segment's launch,
+    # so its host work overlaps that segment's GPU work).
+    first: Callable[[], Any] | None = None
+    steps: tuple[tuple[Callable[[Any], None], Callable[[], Any]], ...] = ()
     prepare: Callable[[ForwardContext], Any] | None = None
 
     def seal(self, backend: Any) -> None:
@@ -75,30 +77,36 @@ class BreakableGraph:
             bound.append(bind(backend, call.tensors, *call.args))
         assert len(prepares) <= 1, "one prepared state per replay: one bound split function"
         self.prepare = prepares.pop() if prepares else None
-        self.steps = tuple(zip((s.replay for s in self.segments), bound, strict=False))
-        self.last = self.segments[-1].replay
+        self.first = self.segments[0].replay
+        self.steps = tuple(zip(bound, (s.replay for s in self.segments[1:]), strict=True))
 
-    def replay(self, context: ForwardContext) -> torch.Tensor:
-        prepared = self.prepare(context) if self.prepare is not None else None
-        for segment, split in self.steps:
-            segment()
+    def _prepared(self, context: ForwardContext | None) -> Any:
+        if self.prepare is None:
+            return None
+        return self.prepare(context if context is not None else get_forward_context())
+
+    def replay(self, context: ForwardContext | None = None) -> torch.Tensor:
+        """Run the captured size in the replay's forward context (default: the current one)."""
+        self.first()
+        prepared = self._prepared(context)
+        for split, segment in self.steps:
             split(prepared)
-        self.last()
+            segment()
         return self.output
 
     def replay_timed(self, context: ForwardContext) -> tuple[torch.Tensor, float]:
         """`replay`, also returning the host seconds spent in the split calls alone (the
         per-replay `prepare` included): what `tesela bench prefill` reports per split."""
         clock = time.perf_counter
+        self.first()
         start = clock()
-        prepared = self.prepare(context) if self.prepare is not None else None
+        prepared = self._prepared(context)
         spent = clock() - start
-        for segment, split in self.steps:
-            segment()
+        for split, segment in self.steps:
             start = clock()
             split(prepared)
             spent += clock() - start
-        self.last()
+            segment()
         return self.output, spent
 
 
