@@ -229,6 +229,24 @@ MUTATIONS = {
         "out = y.to(tl.float32) + delta",
         LORA_KERNEL_TESTS,
     ),
+    "LoRA sgmv expand adds only the first K split's partial sums": (
+        KERNELS,
+        "for split in tl.static_range(SPLIT_K):",
+        "for split in tl.static_range(1):",
+        LORA_KERNEL_TESTS,
+    ),
+    "LoRA fused decode kernel drops the K tail past its last whole chunk": (
+        KERNELS,
+        "K_CHUNKS=-(-K // tiles.block_k)",
+        "K_CHUNKS=K // tiles.block_k",
+        LORA_KERNEL_TESTS,
+    ),
+    "LoRA fused decode kernel reads A past the slot's rank": (
+        KERNELS,
+        "mask=(r < rank)[:, None] & (ks < K)[None, :]",
+        "mask=(ks < K)[None, :]",
+        LORA_KERNEL_TESTS,
+    ),
     "LoRA padding tokens get slot 0": (
         "tesela/lora/state.py",
         "self.token_slot[n:].fill_(NO_SLOT)",

@@ -7,7 +7,16 @@ import os
 import pytest
 import torch
 
-from tesela.lora.kernels import GATHER, SGMV, reference_lora_delta, torch_lora, triton_lora
+from tesela.lora.kernels import (
+    GATHER,
+    SGMV,
+    LoRATiles,
+    gather_tiles,
+    reference_lora_delta,
+    sgmv_tiles,
+    torch_lora,
+    triton_lora,
+)
 from tesela.lora.state import NO_SLOT, LoRABuffers
 
 pytestmark = pytest.mark.skipif(
@@ -86,3 +95,81 @@ def test_segment_walk_covers_blocks_spanning_many_segments():
     )
     torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
     assert (y[:n].abs().sum(dim=1) > 0).all()  # no segment skipped
+
+
+def random_case(num_tokens: int, slots: int, seed: int):
+    """Segments of random lengths and slots (slot -1 among them) over `num_tokens` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    segments, start = [], 0
+    while start < num_tokens:
+        end = min(num_tokens, start + int(torch.randint(1, 6, (1,), generator=g)))
+        segments.append((start, end, int(torch.randint(-1, slots, (1,), generator=g))))
+        start = end
+    return segments
+
+
+# (K, slice offsets, tiles): K not a multiple of BLOCK_K, slices wider than a column block and
+# of unequal sizes (column blocks past a slice's end), and for sgmv every way of splitting K.
+TILED = {
+    "gather_k_tail": (72, (0, 40, 64), LoRATiles(1, 16, 16, 1)),  # 5 chunks, the last 8 wide
+    "gather_one_chunk": (72, (0, 24), LoRATiles(1, 32, 128, 1)),
+    "sgmv_split_4": (200, (0, 40, 64), LoRATiles(16, 16, 16, 4)),  # K planes of 64,64,64,8
+    "sgmv_split_13": (200, (0, 24), LoRATiles(16, 16, 16, 13)),  # one 16-wide step per plane
+    "sgmv_split_6_is_5": (200, (0, 40, 64), LoRATiles(16, 32, 16, 6)),  # 3 steps each: 5 used
+    "sgmv_unsplit": (72, (0, 40, 64), LoRATiles(32, 16, 16, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(TILED))
+def test_tiled_kernels_match_the_reference(case):
+    """Decode's fused kernel and the split-K sgmv pair against the fp64 reference, with base
+    rows, padding, ranks below the slot's width (junk past them) and reused slots."""
+    in_features, offsets, tiles = TILED[case]
+    style = GATHER if case.startswith("gather") else SGMV
+    n, slots, max_rank = 45, 3, 8
+    g = torch.Generator().manual_seed(len(case))
+    a = torch.randn(slots, len(offsets) - 1, max_rank, in_features, generator=g) * 0.2
+    b = torch.randn(slots, offsets[-1], max_rank, generator=g) * 0.2
+    # Slot 2 serves a rank-5 adapter now; its rows past rank 5 are junk, NaN here, so that
+    # both the A and the B rank masks matter (a finite junk row of one meets zeros of the other).
+    a[2, :, 5:] = b[2, :, 5:] = float("nan")
+    buffers = LoRABuffers.allocate(64, slots, "cpu")
+    buffers.write(random_case(n, slots, seed=len(case)), n)
+    buffers.ranks.copy_(torch.tensor([8, 1, 5], dtype=torch.int32))
+    buffers.scalings.copy_(torch.tensor([0.5, 3.0, 1.5]))
+    x, y0 = torch.randn(n + 6, in_features, generator=g), torch.randn(n + 6, offsets[-1])
+    y = y0.clone()
+    max_size = max(hi - lo for lo, hi in zip(offsets[:-1], offsets[1:], strict=True))
+    device_offsets = torch.tensor(offsets, dtype=torch.int32)
+    triton_lora(x, y, a, b, device_offsets, max_size, buffers, style, tiles)
+    expected = reference_lora_delta(
+        x, a, b, offsets, buffers.token_slot[: n + 6], buffers.ranks, buffers.scalings
+    )
+    torch.testing.assert_close((y - y0).double(), expected, atol=1e-4, rtol=1e-4)
+    base_rows = buffers.token_slot[: n + 6] == NO_SLOT  # base rows and padding: untouched
+    assert torch.equal(y[base_rows], y0[base_rows]) and (~base_rows).sum() > n // 2
+    assert (expected[~base_rows].abs().sum(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("in_features", [16, 72, 200, 1024, 3072])
+@pytest.mark.parametrize("split_k", [1, 2, 3, 5, 16])
+def test_k_splits_cover_k_once_and_each_owns_a_step(in_features, split_k):
+    """Every shrink plane the expand sums is written (no split without a K step), and the
+    splits' K ranges tile [0, K) exactly."""
+    tiles = LoRATiles(16, 16, 64, split_k)
+    per_split, splits = tiles.k_per_split(in_features), tiles.num_splits(in_features)
+    ranges = [(i * per_split, min((i + 1) * per_split, in_features)) for i in range(splits)]
+    assert per_split % 64 == 0 and splits <= split_k
+    assert all(lo < hi for lo, hi in ranges)
+    assert ranges[0][0] == 0 and ranges[-1][1] == in_features
+    assert all(ranges[i][1] == ranges[i + 1][0] for i in range(splits - 1))
+
+
+def test_tiles_depend_on_the_padded_size_and_shape_and_split_prefill():
+    """The tile choice is a function of (padded tokens, target shape): equal inputs give equal
+    grids (a captured graph fits its replays), and a prefill's shrink is split over K."""
+    assert sgmv_tiles(1024, 1024, 2048, 3, "cpu") == sgmv_tiles(1024, 1024, 2048, 3, "cpu")
+    prefill = sgmv_tiles(64, 3072, 1024, 1, "cpu")
+    assert prefill.num_splits(3072) > 1
+    decode = gather_tiles(32, 3072, 2048)
+    assert -(-3072 // decode.block_k) <= 8  # a handful of K chunks in flight, not 48 steps
