@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
 
-from tesela.lora.kernels import (
-    GATHER,
-    SGMV,
-    LoRATiles,
-    gather_tiles,
-    reference_lora_delta,
-    sgmv_tiles,
-    torch_lora,
-    triton_lora,
-)
+from tesela.lora.kernels import GATHER, SGMV, reference_lora_delta, torch_lora, triton_lora
 from tesela.lora.state import NO_SLOT, LoRABuffers
+from tesela.lora.tiles import LoRATiles, gather_tiles, sgmv_tiles, tuned_tiles
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -171,5 +165,42 @@ def test_tiles_depend_on_the_padded_size_and_shape_and_split_prefill():
     assert sgmv_tiles(1024, 1024, 2048, 3, "cpu") == sgmv_tiles(1024, 1024, 2048, 3, "cpu")
     prefill = sgmv_tiles(64, 3072, 1024, 1, "cpu")
     assert prefill.num_splits(3072) > 1
-    decode = gather_tiles(32, 3072, 2048)
+    decode = gather_tiles(32, 3072, 2048, block_r=16)
     assert -(-3072 // decode.block_k) <= 8  # a handful of K chunks in flight, not 48 steps
+
+
+def test_a_tuned_tile_serves_its_own_bucket_only():
+    """Table lookup: a token count takes its own bucket's tuned tiles (20 tokens: bucket 32),
+    never a neighbour bucket's (33 tokens: bucket 64, untuned: the defaults)."""
+    tiles = LoRATiles(1, 128, 256, 1, 4, 1)
+    table = {"H100": {"bfloat16": {GATHER: {"1024,2048,3": {"32": asdict(tiles)}}}}}
+    look = functools.partial(tuned_tiles, table, "H100", torch.bfloat16, GATHER, "1024,2048,3")
+    assert look(20) == tiles and look(32) == tiles
+    assert look(33) is None and look(16) is None
+    assert tuned_tiles(table, "H200", torch.bfloat16, GATHER, "1024,2048,3", 32) is None
+    assert tuned_tiles(table, "H100", torch.float16, GATHER, "1024,2048,3", 32) is None
+
+
+@pytest.mark.parametrize("style", [GATHER, SGMV])
+def test_every_tile_the_tuner_tries_computes_the_same_delta(style):
+    """The tuner's candidates (run here on small shapes, a sample) are valid tiles:
+    each adds the delta the default tiles add, so the tuner's pick is a speed choice only."""
+    from tesela.tune.lora import Case, gather_candidates, sgmv_candidates
+
+    num_tokens, in_features, sizes = (3, 40, (24, 8)) if style == GATHER else (20, 200, (24, 8))
+    case = Case(style, in_features, sizes, num_tokens, 3, torch.float32, device="cpu")
+    default = (
+        gather_tiles(num_tokens, in_features, 24, 16)
+        if style == GATHER
+        else sgmv_tiles(num_tokens, in_features, 24, 2, "cpu")
+    )
+    expected = case.output(default)
+    candidates = (
+        gather_candidates(default)
+        if style == GATHER
+        else sgmv_candidates(default, num_tokens, 0)
+        + sgmv_candidates(default, num_tokens, 1, LoRATiles(16, 64, 64, 4))
+    )
+    for tiles in candidates[:: 3 if style == GATHER else 8]:
+        torch.testing.assert_close(case.output(tiles), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, case.y0)

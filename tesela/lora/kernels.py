@@ -1,4 +1,4 @@
-"""Segmented LoRA kernels in Triton, their tile choice, and the torch reference.
+"""Segmented LoRA kernels in Triton (tiles: tesela/lora/tiles.py), and the torch reference.
 
 For a target with slices j (q/k/v of `qkv_proj`, gate/up of `gate_up_proj`, one for the
 others) and a token t served by adapter slot `slot`:
@@ -28,79 +28,10 @@ adapter in a reused slot never reads the previous one's rows.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
 
 import torch
 
-SGMV, GATHER = "sgmv", "gather"
-
-
-def rank_block(max_lora_rank: int) -> int:
-    """The rank width of the shrink output and of the kernels' rank tiles (tl.dot needs 16)."""
-    return max(16, 1 << (max_lora_rank - 1).bit_length())
-
-
-def _pow2_block(n: int, cap: int) -> int:
-    return max(16, min(cap, 1 << (max(n, 1) - 1).bit_length()))
-
-
-@dataclass(frozen=True)
-class LoRATiles:
-    """The tiles of one LoRA launch. A function of the padded token count and the target's
-    shape only (never of the batch), so a graph captured with them fits every replay."""
-
-    block_m: int  # sgmv: tokens per program (gather: one token per program)
-    block_n: int  # output columns per expand program
-    block_k: int  # input features per shrink step (gather: per unrolled chunk)
-    split_k: int  # sgmv: shrink programs per (token block, slice), over disjoint K ranges
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def k_per_split(self, in_features: int) -> int:
-        """Each split's share of K, whole BLOCK_K steps (the last split takes what is left)."""
-        steps = -(-in_features // self.block_k)
-        return -(-steps // self.split_k) * self.block_k
-
-    def num_splits(self, in_features: int) -> int:
-        """Splits that own at least one K step: no shrink plane is left unwritten."""
-        return -(-in_features // self.k_per_split(in_features))
-
-
-def gather_tiles(num_tokens: int, in_features: int, max_slice_size: int) -> LoRATiles:
-    """Decode: wide column blocks, since each program recomputes its token's 16 x K shrink
-    (fewer column blocks, less A re-read from L2: ~32-96 KB per program at K=1024-3072);
-    K chunks of 512 unrolled (at most 6 in flight for K=3072), 8 warps to hold them."""
-    del num_tokens  # one program per token whatever the count; kept for a future table
-    return LoRATiles(
-        block_m=1,
-        block_n=_pow2_block(max_slice_size, 512),
-        block_k=_pow2_block(in_features, 512),
-        split_k=1,
-        num_warps=8,
-        num_stages=1,
-    )
-
-
-def sgmv_tiles(
-    num_tokens: int, in_features: int, max_slice_size: int, num_slices: int, device
-) -> LoRATiles:
-    """Extend/mixed: split K until the shrink has ~2 programs per SM (1024 tokens of a qkv
-    target: 32 blocks x 3 slices = 96 programs unsplit, 288 split 3 ways), each still taking
-    whole BLOCK_K steps; the expand, one pass over y, takes 128 columns per program."""
-    block_m = 16 if num_tokens <= 128 else 32
-    block_k = _pow2_block(in_features, 128)
-    programs = -(-num_tokens // block_m) * num_slices
-    split = -(-2 * _num_sms(device) // programs)
-    split = max(1, min(split, -(-in_features // block_k), 16))
-    tiles = LoRATiles(block_m, _pow2_block(max_slice_size, 128), block_k, split)
-    return replace(tiles, split_k=tiles.num_splits(in_features))
-
-
-def _num_sms(device) -> int:
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 4  # the CPU interpreter: a few splits, so the CPU tests cover the split sum
-    return torch.cuda.get_device_properties(device).multi_processor_count
+from tesela.lora.tiles import GATHER, SGMV, LoRATiles, choose_tiles, rank_block
 
 
 def launches_per_target(style: str) -> int:
@@ -276,14 +207,13 @@ def triton_lora(
     per-batch buffers (token_slot, token_seg, seg_start, seg_slot, ranks, scalings); `tiles`
     overrides the tile choice (tests)."""
     num_tokens, K = x.shape
-    num_slices = a.shape[1]
+    num_slices, block_r = a.shape[1], rank_block(a.shape[2])
     assert a.stride(3) == 1 and b.stride(2) == 1 and x.stride(1) == 1 and y.stride(1) == 1
+    assert style in (SGMV, GATHER), style
+    tiles = tiles or choose_tiles(style, num_tokens, K, max_slice_size, num_slices, block_r, x)
     if style == SGMV:
-        tiles = tiles or sgmv_tiles(num_tokens, K, max_slice_size, num_slices, x.device)
         _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles)
         return
-    assert style == GATHER, style
-    tiles = tiles or gather_tiles(num_tokens, K, max_slice_size)
     _, _, lora_gather = _kernels()
     grid = (num_tokens, -(-max_slice_size // tiles.block_n), num_slices)
     lora_gather[grid](
@@ -291,7 +221,7 @@ def triton_lora(
         K, x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
         y.stride(0),
         K_CHUNKS=-(-K // tiles.block_k), BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
-        BLOCK_R=rank_block(a.shape[2]), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
 
 

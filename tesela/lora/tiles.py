@@ -1,0 +1,126 @@
+"""The tiles of the LoRA kernels (tesela/lora/kernels.py): sane Hopper defaults, and a table of
+measured ones.
+
+A launch's tiles are a function of the padded token count, the target's shape (input width,
+widest slice, slices), the adapter rank width, the device and the dtype, never of the batch: a
+graph captured with them is right for every batch replayed at its size.
+
+`lora_tile_table.json` beside this file maps device name -> dtype -> style -> "K,N,S" (input
+width, widest slice, slices) -> token bucket (the smallest of TOKEN_BUCKETS >= the token count)
+-> tiles. It is written by `python3 -m tesela.tune.lora` on the GPU and checked in; a count whose
+own bucket was not tuned, and any shape, device or dtype not in it, gets the defaults below.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+SGMV, GATHER = "sgmv", "gather"
+TABLE_PATH = Path(__file__).with_name("lora_tile_table.json")
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def rank_block(max_lora_rank: int) -> int:
+    """The rank width of the shrink output and of the kernels' rank tiles (tl.dot needs 16)."""
+    return max(16, 1 << (max_lora_rank - 1).bit_length())
+
+
+def pow2_block(n: int, cap: int) -> int:
+    return max(16, min(cap, 1 << (max(n, 1) - 1).bit_length()))
+
+
+def token_bucket(num_tokens: int) -> int | None:
+    return next((b for b in TOKEN_BUCKETS if b >= num_tokens), None)
+
+
+@dataclass(frozen=True)
+class LoRATiles:
+    """The tiles of one LoRA launch."""
+
+    block_m: int  # sgmv: tokens per program (gather: one token per program)
+    block_n: int  # output columns per expand (gather: fused) program
+    block_k: int  # input features per shrink step (gather: per unrolled chunk)
+    split_k: int  # sgmv: shrink programs per (token block, slice), over disjoint K ranges
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def k_per_split(self, in_features: int) -> int:
+        """Each split's share of K, whole BLOCK_K steps (the last split takes what is left)."""
+        steps = -(-in_features // self.block_k)
+        return -(-steps // self.split_k) * self.block_k
+
+    def num_splits(self, in_features: int) -> int:
+        """Splits that own at least one K step (no program without work)."""
+        return -(-in_features // self.k_per_split(in_features))
+
+
+def gather_tiles(num_tokens: int, in_features: int, max_slice_size: int, block_r: int):
+    """Decode's fused kernel. Each program recomputes its token's BLOCK_R x K shrink (A: 32-96
+    KB at K=1024-3072, rank 16), so column blocks trade parallelism for A re-reads from L2: a
+    few tokens want many small programs (latency: at batch 1 a qkv target gets 16 programs
+    of 256 columns), a batch of 32 wants few wide ones (1024 columns: A re-read at most as
+    often as B is read). K chunks of 512 are unrolled (6 loads in flight at K=3072). Tiles stay
+    under ~16K elements per 256 threads whatever the rank width."""
+    wide = 1024 if num_tokens > 8 else 256
+    return LoRATiles(
+        block_m=1,
+        block_n=pow2_block(max_slice_size, min(wide, 16384 // block_r)),
+        block_k=pow2_block(in_features, 8192 // block_r),
+        split_k=1,
+        num_warps=8,
+        num_stages=1,
+    )
+
+
+def sgmv_tiles(num_tokens: int, in_features: int, max_slice_size: int, num_slices: int, device):
+    """Extend/mixed: split K until the shrink has ~2 programs per SM (1024 tokens of a qkv
+    target: 32 blocks x 3 slices = 96 programs unsplit, 288 split 3 ways), each taking whole
+    BLOCK_K steps; the expand, one pass over y, takes 128 columns per program."""
+    block_m = 16 if num_tokens <= 128 else 32
+    block_k = pow2_block(in_features, 128)
+    programs = -(-num_tokens // block_m) * num_slices
+    split = -(-2 * _num_sms(device) // programs)
+    split = max(1, min(split, -(-in_features // block_k), 16))
+    tiles = LoRATiles(block_m, pow2_block(max_slice_size, 128), block_k, split)
+    return replace(tiles, split_k=tiles.num_splits(in_features))
+
+
+def _num_sms(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 4  # the CPU interpreter: a few splits, so the CPU tests cover the split sum
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def shape_key(in_features: int, max_slice_size: int, num_slices: int) -> str:
+    return f"{in_features},{max_slice_size},{num_slices}"
+
+
+def choose_tiles(style, num_tokens, in_features, max_slice_size, num_slices, block_r, x):
+    """The tuned tiles of this launch's bucket, else the defaults."""
+    if style == GATHER:
+        default = gather_tiles(num_tokens, in_features, max_slice_size, block_r)
+    else:
+        default = sgmv_tiles(num_tokens, in_features, max_slice_size, num_slices, x.device)
+    if x.device.type != "cuda" or block_r != 16:  # the table is tuned at rank width 16
+        return default
+    key = (style, shape_key(in_features, max_slice_size, num_slices), num_tokens)
+    tuned = tuned_tiles(_table(), torch.cuda.get_device_name(x.device), x.dtype, *key)
+    return tuned or default
+
+
+def tuned_tiles(table: dict, device_name: str, dtype, style, key, num_tokens) -> LoRATiles | None:
+    """The table's tiles for this token count's own bucket (never a neighbour's), if tuned."""
+    shapes = table.get(device_name, {}).get(str(dtype).removeprefix("torch."), {})
+    entry = shapes.get(style, {}).get(key, {}).get(str(token_bucket(num_tokens)))
+    return LoRATiles(**entry) if entry else None
+
+
+@functools.cache
+def _table() -> dict:
+    return json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}

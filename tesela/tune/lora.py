@@ -1,0 +1,158 @@
+"""Tune the LoRA kernels' tiles on the GPU: `python3 -m tesela.tune.lora --model qwen3-0.6b`.
+
+For each LoRA target of the model (qkv, o, gate_up and down at tensor-parallel size 1) and each
+token bucket, times candidate tiles of the decode (`gather`: one fused launch) and extend
+(`sgmv`: split-K shrink + expand) kernels inside a CUDA graph, as they run when served, with
+`--num-adapters` adapters of rank 16 round robin over the rows (decode: one token per row;
+extend: up to 32 rows splitting the bucket's tokens, as `tesela bench lora` prefills). Keeps
+the fastest whose output matches the default tiles', and merges it into
+tesela/lora/lora_tile_table.json (commit it). One line per (style, target, bucket): default
+and best time. A style's run fits the 10-minute limit of one call; run them apart if needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from dataclasses import asdict, replace
+
+import torch
+
+from tesela.lora import tiles as lora_tiles
+from tesela.lora.kernels import GATHER, SGMV, triton_lora
+from tesela.lora.state import LoRABuffers
+from tesela.lora.tiles import LoRATiles
+
+RANK, BUCKETS = 16, {GATHER: "1,8,32,128", SGMV: "16,128,1024,4096"}
+
+
+def target_shapes(model_config) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """name -> (input width, slice sizes) of the model's LoRA targets."""
+    hidden, inter = model_config.hidden_size, model_config.intermediate_size
+    q, kv = model_config.q_size, model_config.kv_size
+    return {
+        "qkv_proj": (hidden, (q, kv, kv)),
+        "o_proj": (q, (hidden,)),
+        "gate_up_proj": (hidden, (inter, inter)),
+        "down_proj": (inter, (hidden,)),
+    }
+
+
+def gather_candidates(default: LoRATiles) -> list[LoRATiles]:
+    grid = itertools.product((64, 128, 256, 512, 1024), (128, 256, 512, 1024), (4, 8))
+    return [default] + [LoRATiles(1, n, k, 1, w, 1) for n, k, w in grid]
+
+
+def sgmv_candidates(default: LoRATiles, num_tokens: int, stage: int, best=None):
+    """Stage 0: the shrink's shape (token block, K step, splits, warps); stage 1: the
+    expand's columns and the pipeline depth around the best of stage 0."""
+    if stage == 1:
+        return [replace(best, block_n=n, num_stages=s) for n in (64, 128, 256) for s in (2, 3, 4)]
+    out = [default]
+    for m, k, split, w in itertools.product((16, 32, 64), (64, 128, 256), (1, 2, 4, 8, 16), (4, 8)):
+        if m <= 4 * max(num_tokens, 16):
+            out.append(LoRATiles(m, default.block_n, k, split, w, 3))
+    return out
+
+
+def segments_for(style: str, num_tokens: int, adapters: int) -> list[tuple[int, int, int]]:
+    if style == GATHER:
+        return [(t, t + 1, t % adapters) for t in range(num_tokens)]
+    rows = min(32, num_tokens)
+    bounds = [num_tokens * r // rows for r in range(rows + 1)]
+    return [(bounds[r], bounds[r + 1], r % adapters) for r in range(rows)]
+
+
+class Case:
+    """One (style, target shape, token count) with its inputs on the GPU."""
+
+    def __init__(self, style, in_features, sizes, num_tokens, adapters, dtype, device="cuda"):
+        g = torch.Generator().manual_seed(num_tokens)
+        slices, out = len(sizes), sum(sizes)
+        a = torch.randn(adapters, slices, RANK, in_features, generator=g) * in_features**-0.5
+        b = torch.randn(adapters, out, RANK, generator=g) * 0.05
+        self.a, self.b = a.to(device, dtype), b.to(device, dtype)
+        self.x = torch.randn(num_tokens, in_features, generator=g).to(device, dtype)
+        self.y0 = torch.randn(num_tokens, out, generator=g).to(device, dtype)
+        offsets = [0, *itertools.accumulate(sizes)]
+        self.offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
+        self.max_size, self.style = max(sizes), style
+        self.buffers = LoRABuffers.allocate(num_tokens, adapters, device)
+        self.buffers.write(segments_for(style, num_tokens, adapters), num_tokens)
+        self.buffers.ranks.fill_(RANK)
+        self.buffers.scalings.fill_(2.0)
+
+    def run(self, y, tiles):
+        triton_lora(
+            self.x, y, self.a, self.b, self.offsets, self.max_size, self.buffers, self.style, tiles
+        )
+
+    def output(self, tiles) -> torch.Tensor:
+        y = self.y0.clone()
+        self.run(y, tiles)
+        return y
+
+    def time_us(self, tiles, expected) -> float:
+        """Microseconds per launch set in a CUDA graph; inf if it fails or disagrees."""
+        import triton.testing
+
+        try:
+            got = self.output(tiles)
+            if not torch.allclose(got.float(), expected.float(), atol=6e-2, rtol=2e-2):
+                return float("inf")
+            y = self.y0.clone()
+            return 1e3 * triton.testing.do_bench_cudagraph(lambda: self.run(y, tiles), rep=10)
+        except Exception:  # noqa: BLE001  (a config that does not compile or fit shared memory)
+            return float("inf")
+
+
+def tune_case(case: Case, num_tokens: int, default: LoRATiles) -> tuple[float, float, LoRATiles]:
+    expected = case.output(default)
+    if case.style == GATHER:
+        best = _fastest(case, gather_candidates(default), expected)
+    else:
+        best = _fastest(case, sgmv_candidates(default, num_tokens, 0), expected)
+        stage_1 = sgmv_candidates(default, num_tokens, 1, best[1])
+        best = min(best, _fastest(case, stage_1, expected), key=lambda t: t[0])
+    return case.time_us(default, expected), best[0], best[1]
+
+
+def _fastest(case: Case, candidates: list[LoRATiles], expected) -> tuple[float, LoRATiles]:
+    timed = [(case.time_us(tiles, expected), tiles) for tiles in candidates]
+    return min(timed, key=lambda t: t[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tesela.config import ModelConfig
+    from tesela.presets import PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="qwen3-0.6b", help="a preset name")
+    parser.add_argument("--styles", default="gather,sgmv", help="gather (decode), sgmv (extend)")
+    parser.add_argument("--buckets", default=None, help="token buckets (default per style)")
+    parser.add_argument("--num-adapters", type=int, default=4)
+    args = parser.parse_args(argv)
+    dtype = torch.bfloat16
+    device_name = torch.cuda.get_device_name()
+    path = lora_tiles.TABLE_PATH
+    table = json.loads(path.read_text()) if path.exists() else {}
+    shapes = target_shapes(ModelConfig.from_hf_dict(PRESETS[args.model]))
+    for style in args.styles.split(","):
+        for m in (int(b) for b in (args.buckets or BUCKETS[style]).split(",")):
+            for name, (k, sizes) in shapes.items():
+                n_max, key = max(sizes), lora_tiles.shape_key(k, max(sizes), len(sizes))
+                probe = torch.empty(0, device="cuda", dtype=dtype)
+                default = lora_tiles.choose_tiles(style, m, k, n_max, len(sizes), 16, probe)
+                case = Case(style, k, sizes, m, args.num_adapters, dtype)
+                base_us, best_us, best = tune_case(case, m, default)
+                print(f"{style} {name} {key} tokens={m}: default {base_us:.1f} us, best "
+                      f"{best_us:.1f} us {asdict(best)}", flush=True)  # fmt: skip
+                entry = table.setdefault(device_name, {}).setdefault("bfloat16", {})
+                entry.setdefault(style, {}).setdefault(key, {})[str(m)] = asdict(best)
+                path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
