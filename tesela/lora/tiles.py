@@ -64,13 +64,14 @@ def gather_tiles(num_tokens: int, in_features: int, max_slice_size: int, block_r
     KB at K=1024-3072, rank 16), so column blocks trade parallelism for A re-reads from L2: a
     few tokens want many small programs (latency: at batch 1 a qkv target gets 16 programs
     of 256 columns), a batch of 32 wants few wide ones (1024 columns: A re-read at most as
-    often as B is read). K chunks of 512 are unrolled (6 loads in flight at K=3072). Tiles stay
-    under ~16K elements per 256 threads whatever the rank width."""
+    often as B is read). K chunks of 512 are unrolled (6 loads in flight at K=3072; 1024 wide
+    past K=4096: 14 at K=14336). Tiles stay under ~16K elements per 256 threads whatever the
+    rank width."""
     wide = 1024 if num_tokens > 8 else 256
     return LoRATiles(
         block_m=1,
         block_n=pow2_block(max_slice_size, min(wide, 16384 // block_r)),
-        block_k=pow2_block(in_features, 8192 // block_r),
+        block_k=pow2_block(in_features, (8192 if in_features <= 4096 else 16384) // block_r),
         split_k=1,
         num_warps=8,
         num_stages=1,
@@ -103,14 +104,21 @@ def shape_key(in_features: int, max_slice_size: int, num_slices: int) -> str:
 
 def choose_tiles(style, num_tokens, in_features, max_slice_size, num_slices, block_r, x):
     """The tuned tiles of this launch's bucket, else the defaults."""
+    shape = (in_features, max_slice_size, num_slices, block_r)
+    return _choose(style, num_tokens, shape, x.device, x.dtype)
+
+
+@functools.lru_cache(maxsize=4096)  # eager forwards call this per LoRA layer: keep it cheap
+def _choose(style, num_tokens, shape, device, dtype) -> LoRATiles:
+    in_features, max_slice_size, num_slices, block_r = shape
     if style == GATHER:
         default = gather_tiles(num_tokens, in_features, max_slice_size, block_r)
     else:
-        default = sgmv_tiles(num_tokens, in_features, max_slice_size, num_slices, x.device)
-    if x.device.type != "cuda" or block_r != 16:  # the table is tuned at rank width 16
+        default = sgmv_tiles(num_tokens, in_features, max_slice_size, num_slices, device)
+    if device.type != "cuda" or block_r != 16:  # the table is tuned at rank width 16
         return default
-    key = (style, shape_key(in_features, max_slice_size, num_slices), num_tokens)
-    tuned = tuned_tiles(_table(), torch.cuda.get_device_name(x.device), x.dtype, *key)
+    key = shape_key(in_features, max_slice_size, num_slices)
+    tuned = tuned_tiles(_table(), torch.cuda.get_device_name(device), dtype, style, key, num_tokens)
     return tuned or default
 
 
