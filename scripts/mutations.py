@@ -235,10 +235,10 @@ MUTATIONS = {
         "for split in tl.static_range(1):",
         LORA_KERNEL_TESTS,
     ),
-    "LoRA fused decode kernel drops the K tail past its last whole chunk": (
+    "LoRA fused decode kernel's K steps skip a chunk": (
         KERNELS,
-        "K_CHUNKS=-(-K // tiles.block_k)",
-        "K_CHUNKS=K // tiles.block_k",
+        "for k0 in range(0, K, K_UNROLL * BLOCK_K):",
+        "for k0 in range(0, K, (K_UNROLL + 1) * BLOCK_K):",
         LORA_KERNEL_TESTS,
     ),
     "LoRA fused decode kernel reads A past the slot's rank": (

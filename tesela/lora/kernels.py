@@ -148,7 +148,7 @@ def _kernels():
         x_ptr, a_ptr, b_ptr, y_ptr, slice_off_ptr, token_slot_ptr, ranks_ptr, scalings_ptr,
         K, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank, stride_b_slot,
         stride_b_row, stride_ym,
-        K_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+        K_UNROLL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):  # fmt: skip
         t, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -159,21 +159,8 @@ def _kernels():
             rank = tl.load(ranks_ptr + slot)
             scaling = tl.load(scalings_ptr + slot)
             r = tl.arange(0, BLOCK_R)
-            # Shrink: the K chunks are unrolled, so their loads issue back to back rather
-            # than one dependent round trip per chunk; one cross-thread sum at the end.
-            a_base = a_ptr + slot.to(tl.int64) * stride_a_slot + j * stride_a_slice
-            x_base = x_ptr + t.to(tl.int64) * stride_xm
-            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-            for c in tl.static_range(K_CHUNKS):
-                ks = c * BLOCK_K + tl.arange(0, BLOCK_K)
-                xk = tl.load(x_base + ks, mask=ks < K, other=0.0)
-                at = tl.load(
-                    a_base + r[:, None] * stride_a_rank + ks[None, :],
-                    mask=(r < rank)[:, None] & (ks < K)[None, :], other=0.0,
-                )  # fmt: skip
-                acc += at.to(tl.float32) * xk.to(tl.float32)[None, :]
-            s = tl.sum(acc, axis=1)
-            # Expand: this program's BLOCK_N columns of the slice.
+            # B and y first: their loads depend only on the slot, so they are in flight with
+            # the shrink's (the compiler does not move loads across the shrink's reduction).
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             col_mask = cols < size
             b_offs = (
@@ -182,9 +169,26 @@ def _kernels():
                 + r[None, :]
             )
             bt = tl.load(b_ptr + b_offs, mask=col_mask[:, None] & (r < rank)[None, :], other=0.0)
-            delta = tl.sum(bt.to(tl.float32) * s[None, :], axis=1) * scaling
             y_offs = t.to(tl.int64) * stride_ym + offset + cols
             y = tl.load(y_ptr + y_offs, mask=col_mask, other=0.0)
+            # Shrink: K_UNROLL chunks per step are unrolled, so their loads issue back to back
+            # (one memory round trip per step, not per chunk; at most ~2K elements of A in
+            # registers); one cross-thread sum at the end.
+            a_base = a_ptr + slot.to(tl.int64) * stride_a_slot + j * stride_a_slice
+            x_base = x_ptr + t.to(tl.int64) * stride_xm
+            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, K_UNROLL * BLOCK_K):
+                for c in tl.static_range(K_UNROLL):
+                    ks = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
+                    xk = tl.load(x_base + ks, mask=ks < K, other=0.0)
+                    at = tl.load(
+                        a_base + r[:, None] * stride_a_rank + ks[None, :],
+                        mask=(r < rank)[:, None] & (ks < K)[None, :], other=0.0,
+                    )  # fmt: skip
+                    acc += at.to(tl.float32) * xk.to(tl.float32)[None, :]
+            s = tl.sum(acc, axis=1)
+            # Expand: this program's BLOCK_N columns of the slice.
+            delta = tl.sum(bt.to(tl.float32) * s[None, :], axis=1) * scaling
             tl.store(y_ptr + y_offs, (y.to(tl.float32) + delta).to(y.dtype), mask=col_mask)
 
     return shrink_sgmv, expand_sgmv, lora_gather
@@ -220,7 +224,7 @@ def triton_lora(
         x, a, b, y, slice_offsets, state.token_slot, state.ranks, state.scalings,
         K, x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
         y.stride(0),
-        K_CHUNKS=-(-K // tiles.block_k), BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
+        K_UNROLL=tiles.k_unroll(K), BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
         BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
 
@@ -235,19 +239,19 @@ def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATi
     s = torch.empty(split_k, num_tokens, num_slices * block_r, dtype=torch.float32, device=x.device)
     m_blocks = -(-num_tokens // tiles.block_m)
     ieee = x.dtype == torch.float32
-    launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     shrink_sgmv[(m_blocks, num_slices, split_k)](
         x, a, s, state.token_seg, state.seg_start, state.seg_slot, state.ranks,
         num_tokens, K, tiles.k_per_split(K), x.stride(0), a.stride(0), a.stride(1),
         a.stride(2), s.stride(0), s.stride(1),
-        BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r, IEEE=ieee, **launch,
+        BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r, IEEE=ieee,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     expand_sgmv[(m_blocks, -(-max_slice_size // tiles.block_n), num_slices)](
         s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
         state.ranks, state.scalings,
         num_tokens, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
         SPLIT_K=split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
-        IEEE=ieee, **launch,
+        IEEE=ieee, num_warps=tiles.expand_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
 
 

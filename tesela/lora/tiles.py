@@ -46,13 +46,23 @@ class LoRATiles:
     block_n: int  # output columns per expand (gather: fused) program
     block_k: int  # input features per shrink step (gather: per unrolled chunk)
     split_k: int  # sgmv: shrink programs per (token block, slice), over disjoint K ranges
-    num_warps: int = 4
+    num_warps: int = 4  # gather: the fused kernel; sgmv: the shrink
     num_stages: int = 3
+    max_unroll: int = 4  # gather: K chunks whose loads are in flight together
+    expand_warps: int = 8  # sgmv: the expand (a 32 x 128 tile of y needs ~250 registers at 4)
 
     def k_per_split(self, in_features: int) -> int:
         """Each split's share of K, whole BLOCK_K steps (the last split takes what is left)."""
         steps = -(-in_features // self.block_k)
         return -(-steps // self.split_k) * self.block_k
+
+    def k_unroll(self, in_features: int) -> int:
+        """gather: K chunks unrolled per step, at most `max_unroll`, spread evenly (K=3072 in
+        chunks of 512: 2 steps of 3), so the steps are few and a step's loads fit the registers
+        (all of K at once spills past K~3K at rank 16)."""
+        chunks = -(-in_features // self.block_k)
+        steps = -(-chunks // self.max_unroll)
+        return -(-chunks // steps)
 
     def num_splits(self, in_features: int) -> int:
         """Splits that own at least one K step (no program without work)."""
@@ -64,26 +74,28 @@ def gather_tiles(num_tokens: int, in_features: int, max_slice_size: int, block_r
     KB at K=1024-3072, rank 16), so column blocks trade parallelism for A re-reads from L2: a
     few tokens want many small programs (latency: at batch 1 a qkv target gets 16 programs
     of 256 columns), a batch of 32 wants few wide ones (1024 columns: A re-read at most as
-    often as B is read). K chunks of 512 are unrolled (6 loads in flight at K=3072; 1024 wide
-    past K=4096: 14 at K=14336). Tiles stay under ~16K elements per 256 threads whatever the
-    rank width."""
+    often as B is read). K goes in steps of up to 4 unrolled chunks of 512 (`k_unroll`). Tiles
+    stay under ~16K elements per 256 threads whatever the rank width."""
     wide = 1024 if num_tokens > 8 else 256
     return LoRATiles(
         block_m=1,
         block_n=pow2_block(max_slice_size, min(wide, 16384 // block_r)),
-        block_k=pow2_block(in_features, (8192 if in_features <= 4096 else 16384) // block_r),
+        block_k=pow2_block(in_features, 8192 // block_r),
         split_k=1,
         num_warps=8,
         num_stages=1,
     )
 
 
-def sgmv_tiles(num_tokens: int, in_features: int, max_slice_size: int, num_slices: int, device):
+def sgmv_tiles(
+    num_tokens: int, in_features: int, max_slice_size: int, num_slices: int, device, dtype=None
+):
     """Extend/mixed: split K until the shrink has ~2 programs per SM (1024 tokens of a qkv
     target: 32 blocks x 3 slices = 96 programs unsplit, 288 split 3 ways), each taking whole
-    BLOCK_K steps; the expand, one pass over y, takes 128 columns per program."""
+    BLOCK_K steps (128; 64 in fp32, whose 3-stage pipeline would take 48 KB of shared memory);
+    the expand, one pass over y, takes 128 columns per program."""
     block_m = 16 if num_tokens <= 128 else 32
-    block_k = pow2_block(in_features, 128)
+    block_k = pow2_block(in_features, 64 if dtype == torch.float32 else 128)
     programs = -(-num_tokens // block_m) * num_slices
     split = -(-2 * _num_sms(device) // programs)
     split = max(1, min(split, -(-in_features // block_k), 16))
@@ -114,7 +126,7 @@ def _choose(style, num_tokens, shape, device, dtype) -> LoRATiles:
     if style == GATHER:
         default = gather_tiles(num_tokens, in_features, max_slice_size, block_r)
     else:
-        default = sgmv_tiles(num_tokens, in_features, max_slice_size, num_slices, device)
+        default = sgmv_tiles(num_tokens, in_features, max_slice_size, num_slices, device, dtype)
     if device.type != "cuda" or block_r != 16:  # the table is tuned at rank width 16
         return default
     key = shape_key(in_features, max_slice_size, num_slices)

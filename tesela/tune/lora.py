@@ -48,7 +48,8 @@ def sgmv_candidates(default: LoRATiles, num_tokens: int, stage: int, best=None):
     """Stage 0: the shrink's shape (token block, K step, splits, warps); stage 1: the
     expand's columns and the pipeline depth around the best of stage 0."""
     if stage == 1:
-        return [replace(best, block_n=n, num_stages=s) for n in (64, 128, 256) for s in (2, 3, 4)]
+        grid = itertools.product((64, 128, 256), (2, 3, 4), (4, 8))
+        return [replace(best, block_n=n, num_stages=s, expand_warps=w) for n, s, w in grid]
     out = [default]
     for m, k, split, w in itertools.product((16, 32, 64), (64, 128, 256), (1, 2, 4, 8, 16), (4, 8)):
         if m <= 4 * max(num_tokens, 16):
