@@ -247,6 +247,15 @@ MUTATIONS = {
         "mask=(ks < K)[None, :]",
         LORA_KERNEL_TESTS,
     ),
+    "a tuned LoRA tile changes a token's sum order (eager and graphs disagree)": (
+        "tesela/lora/tiles.py",
+        "    return replace(LoRATiles(**entry), **order)\n",
+        "    return LoRATiles(**entry)\n",
+        [
+            "tests/test_lora_kernels.py::"
+            "test_a_tuned_tile_serves_its_own_bucket_only_in_the_default_sum_order"
+        ],
+    ),
     "LoRA padding tokens get slot 0": (
         "tesela/lora/state.py",
         "self.token_slot[n:].fill_(NO_SLOT)",

@@ -10,14 +10,16 @@ Two styles read the same persistent buffers of the per-batch LoRA state:
 - `sgmv` (extend/mixed): programs own fixed blocks of BLOCK_M tokens and walk the segments
   (runs of consecutive tokens sharing an adapter) that overlap their block, so any number of
   segments is served and none is skipped. The shrink is split over K (`split_k` programs per
-  block and slice, each writing its partial sums to its own plane of `s`, no atomics: the sum
-  order is fixed, so a replay is bit-identical to eager) so that a prefill fills the GPU instead
-  of walking K=1024..3072 serially in a few dozen programs; the expand adds the planes up.
+  block and slice, each writing its partial sums to its own plane of `s`; no atomics) so that a
+  prefill fills the GPU instead of walking K=1024..3072 serially in a few dozen programs; the
+  expand adds the planes up in order.
 - `gather` (decode): one fused launch per target. Program (token, column block, slice) reads
-  its slot from `token_slot`, recomputes its token's s (A is 16 x K: small, L2-resident; the
-  K chunks are unrolled so their loads are all in flight at once) and adds its columns of the
-  delta. Half the launches of shrink + expand and no s buffer: at decode sizes a LoRA kernel
-  costs its launch and memory latency, not its bytes.
+  its slot from `token_slot`, loads its B and y columns, recomputes its token's s (A is 16 x K:
+  small; K in steps of a few unrolled chunks whose loads are in flight together) and adds its
+  columns of the delta. Half the launches of shrink + expand and no s buffer: at decode sizes
+  a LoRA kernel costs its launch and memory latency, not its bytes.
+A token's sum order (K step, split planes) depends on the target's shape alone
+(`LoRATiles.ORDER_FIELDS`), so its delta is bit-identical in any batch, eager or replayed.
 Launch grids depend only on the (padded) token count and the target's shape, never on the
 batch: a graph captured at one size is right for every batch replayed at that size. Tokens of
 the base model and padding carry slot -1 and cost no work (and add nothing; the sgmv expand

@@ -17,6 +17,7 @@ import functools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -40,7 +41,15 @@ def token_bucket(num_tokens: int) -> int | None:
 
 @dataclass(frozen=True)
 class LoRATiles:
-    """The tiles of one LoRA launch."""
+    """The tiles of one LoRA launch.
+
+    `ORDER_FIELDS` fix the order in which a token's shrink sums its K products (the K step,
+    and the sgmv split planes added up in order); they depend on the target's shape alone, never
+    on the token count or a tuned bucket, so a token's delta is bit-identical whatever batch it
+    is in and whether it runs eager (its own count) or in a graph (a padded size). The others
+    (token block, columns, warps, stages, unroll) only change which program computes what."""
+
+    ORDER_FIELDS: ClassVar[tuple[str, ...]] = ("block_k", "split_k")
 
     block_m: int  # sgmv: tokens per program (gather: one token per program)
     block_n: int  # output columns per expand (gather: fused) program
@@ -87,27 +96,17 @@ def gather_tiles(num_tokens: int, in_features: int, max_slice_size: int, block_r
     )
 
 
-def sgmv_tiles(
-    num_tokens: int, in_features: int, max_slice_size: int, num_slices: int, device, dtype=None
-):
-    """Extend/mixed: split K until the shrink has ~2 programs per SM (1024 tokens of a qkv
-    target: 32 blocks x 3 slices = 96 programs unsplit, 288 split 3 ways), each taking whole
-    BLOCK_K steps (128; 64 in fp32, whose 3-stage pipeline would take 48 KB of shared memory);
-    the expand, one pass over y, takes 128 columns per program."""
+def sgmv_tiles(num_tokens: int, in_features: int, max_slice_size: int, num_slices: int, dtype=None):
+    """Extend/mixed: the shrink split over K in planes of 256 input features (at most 16
+    planes), so 1024 tokens of a qkv target run 32 blocks x 3 slices x 4 splits = 384 programs
+    of 2 pipelined BLOCK_K steps instead of 96 walking all of K (128-wide steps; 64 in fp32,
+    whose 3-stage pipeline would take 48 KB of shared memory). The split depends on K alone:
+    see `LoRATiles.ORDER_FIELDS`. The expand, one pass over y, takes 128 columns per program."""
     block_m = 16 if num_tokens <= 128 else 32
     block_k = pow2_block(in_features, 64 if dtype == torch.float32 else 128)
-    programs = -(-num_tokens // block_m) * num_slices
-    split = -(-2 * _num_sms(device) // programs)
-    split = max(1, min(split, -(-in_features // block_k), 16))
+    split = min(16, -(-in_features // 256))
     tiles = LoRATiles(block_m, pow2_block(max_slice_size, 128), block_k, split)
     return replace(tiles, split_k=tiles.num_splits(in_features))
-
-
-def _num_sms(device) -> int:
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 4  # the CPU interpreter: a few splits, so the CPU tests cover the split sum
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def shape_key(in_features: int, max_slice_size: int, num_slices: int) -> str:
@@ -126,19 +125,23 @@ def _choose(style, num_tokens, shape, device, dtype) -> LoRATiles:
     if style == GATHER:
         default = gather_tiles(num_tokens, in_features, max_slice_size, block_r)
     else:
-        default = sgmv_tiles(num_tokens, in_features, max_slice_size, num_slices, device, dtype)
+        default = sgmv_tiles(num_tokens, in_features, max_slice_size, num_slices, dtype)
     if device.type != "cuda" or block_r != 16:  # the table is tuned at rank width 16
         return default
     key = shape_key(in_features, max_slice_size, num_slices)
-    tuned = tuned_tiles(_table(), torch.cuda.get_device_name(device), dtype, style, key, num_tokens)
-    return tuned or default
+    name = torch.cuda.get_device_name(device)
+    return tuned_tiles(_table(), name, dtype, style, key, num_tokens, default) or default
 
 
-def tuned_tiles(table: dict, device_name: str, dtype, style, key, num_tokens) -> LoRATiles | None:
-    """The table's tiles for this token count's own bucket (never a neighbour's), if tuned."""
+def tuned_tiles(table: dict, device_name, dtype, style, key, num_tokens, default: LoRATiles):
+    """The table's tiles for this token count's own bucket (never a neighbour's), if tuned,
+    with the default's summation order (see `LoRATiles.ORDER_FIELDS`)."""
     shapes = table.get(device_name, {}).get(str(dtype).removeprefix("torch."), {})
     entry = shapes.get(style, {}).get(key, {}).get(str(token_bucket(num_tokens)))
-    return LoRATiles(**entry) if entry else None
+    if not entry:
+        return None
+    order = {name: getattr(default, name) for name in LoRATiles.ORDER_FIELDS}
+    return replace(LoRATiles(**entry), **order)
 
 
 @functools.cache

@@ -42,21 +42,20 @@ def target_shapes(model_config) -> dict[str, tuple[int, tuple[int, ...]]]:
 
 
 def gather_candidates(default: LoRATiles) -> list[LoRATiles]:
-    grid = itertools.product((64, 128, 256, 512, 1024), (128, 256, 512, 1024), (4, 8))
-    return [default] + [LoRATiles(1, n, k, 1, w, 1) for n, k, w in grid]
+    """Columns per program, warps and K chunks in flight; never the K step (the sum order)."""
+    grid = itertools.product((64, 128, 256, 512, 1024), (4, 8), (1, 2, 4))
+    return [default] + [replace(default, block_n=n, num_warps=w, max_unroll=u) for n, w, u in grid]
 
 
-def sgmv_candidates(default: LoRATiles, num_tokens: int, stage: int, best=None):
-    """Stage 0: the shrink's shape (token block, K step, splits, warps); stage 1: the
-    expand's columns and the pipeline depth around the best of stage 0."""
+def sgmv_candidates(default: LoRATiles, stage: int, best=None) -> list[LoRATiles]:
+    """Stage 0: the token block and the shrink's warps; stage 1: the expand's columns and
+    warps and the pipeline depth, around the best of stage 0. Never the K step or the splits
+    (the sum order), nor token blocks past 32 (tl.dot would take other MMA instructions)."""
     if stage == 1:
         grid = itertools.product((64, 128, 256), (2, 3, 4), (4, 8))
         return [replace(best, block_n=n, num_stages=s, expand_warps=w) for n, s, w in grid]
-    out = [default]
-    for m, k, split, w in itertools.product((16, 32, 64), (64, 128, 256), (1, 2, 4, 8, 16), (4, 8)):
-        if m <= 4 * max(num_tokens, 16):
-            out.append(LoRATiles(m, default.block_n, k, split, w, 3))
-    return out
+    grid = itertools.product((16, 32), (2, 4, 8))
+    return [default] + [replace(default, block_m=m, num_warps=w) for m, w in grid]
 
 
 def segments_for(style: str, num_tokens: int, adapters: int) -> list[tuple[int, int, int]]:
@@ -122,13 +121,13 @@ class Case:
             return float("inf")
 
 
-def tune_case(case: Case, num_tokens: int, default: LoRATiles) -> tuple[float, float, LoRATiles]:
+def tune_case(case: Case, default: LoRATiles) -> tuple[float, float, LoRATiles]:
     expected = case.output(default)
     if case.style == GATHER:
         best = _fastest(case, gather_candidates(default), expected)
     else:
-        best = _fastest(case, sgmv_candidates(default, num_tokens, 0), expected)
-        stage_1 = sgmv_candidates(default, num_tokens, 1, best[1])
+        best = _fastest(case, sgmv_candidates(default, 0), expected)
+        stage_1 = sgmv_candidates(default, 1, best[1])
         best = min(best, _fastest(case, stage_1, expected), key=lambda t: t[0])
     return case.time_us(default, expected), best[0], best[1]
 
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 default = lora_tiles.choose_tiles(style, m, k, n_max, len(sizes), 16, probe)
                 case = Case(style, k, sizes, m, args.num_adapters, dtype)
                 case.spread_weights()
-                base_us, best_us, best = tune_case(case, m, default)
+                base_us, best_us, best = tune_case(case, default)
                 print(f"{style} {name} {key} tokens={m}: default {base_us:.1f} us, best "
                       f"{best_us:.1f} us {asdict(best)}", flush=True)  # fmt: skip
                 entry = table.setdefault(device_name, {}).setdefault("bfloat16", {})
