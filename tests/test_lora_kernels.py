@@ -167,10 +167,9 @@ def test_a_tokens_sum_order_depends_on_the_shape_alone():
     for K in (200, 1024, 3072, 14336):
         sgmv = {(t.block_k, t.split_k) for n in (1, 16, 100, 1024, 8192)
                 for t in [sgmv_tiles(n, K, 2048, 3)]}  # fmt: skip
-        gather = {gather_tiles(n, K, 2048, 16).block_k for n in (1, 8, 32, 256)}
-        assert len(sgmv) == 1 and len(gather) == 1
+        assert len(sgmv) == 1
     assert sgmv_tiles(64, 3072, 1024, 1).num_splits(3072) == 12
-    decode = gather_tiles(32, 3072, 2048, block_r=16)
+    decode = gather_tiles(3072, 2048, block_r=16)
     steps = -(-3072 // (decode.block_k * decode.k_unroll(3072)))
     assert steps <= 2  # one or two memory round trips for the shrink, not 48 serial steps
 
@@ -188,6 +187,13 @@ def test_a_tuned_tile_serves_its_own_bucket_only_in_the_default_sum_order():
     assert look(33, default) is None and look(16, default) is None
     assert tuned_tiles(table, "H200", torch.bfloat16, SGMV, "1024,2048,3", 32, default) is None
     assert tuned_tiles(table, "H100", torch.float16, SGMV, "1024,2048,3", 32, default) is None
+    # Decode tiles: one per shape (their every field orders the sums), whatever the count.
+    gather = {"1024,2048,3": {"all": asdict(tiles)}}
+    table["H100"]["bfloat16"][GATHER] = gather
+    assert all(
+        tuned_tiles(table, "H100", torch.bfloat16, GATHER, "1024,2048,3", n, default) == tiles
+        for n in (1, 7, 300)
+    )
 
 
 @pytest.mark.parametrize("style", [GATHER, SGMV])
@@ -199,7 +205,7 @@ def test_every_tile_the_tuner_tries_computes_the_same_delta(style):
     num_tokens, in_features, sizes = (3, 40, (24, 8)) if style == GATHER else (20, 200, (24, 8))
     case = Case(style, in_features, sizes, num_tokens, 3, torch.float32, device="cpu")
     default = (
-        gather_tiles(num_tokens, in_features, 24, 16)
+        gather_tiles(in_features, 24, 16)
         if style == GATHER
         else replace(sgmv_tiles(num_tokens, in_features, 24, 2), block_k=16, split_k=4)
     )

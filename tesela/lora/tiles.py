@@ -6,9 +6,10 @@ widest slice, slices), the adapter rank width, the device and the dtype, never o
 graph captured with them is right for every batch replayed at its size.
 
 `lora_tile_table.json` beside this file maps device name -> dtype -> style -> "K,N,S" (input
-width, widest slice, slices) -> token bucket (the smallest of TOKEN_BUCKETS >= the token count)
--> tiles. It is written by `python3 -m tesela.tune.lora` on the GPU and checked in; a count whose
-own bucket was not tuned, and any shape, device or dtype not in it, gets the defaults below.
+width, widest slice, slices) -> token bucket (the smallest of TOKEN_BUCKETS >= the token count;
+gather: "all", one entry per shape) -> tiles. It is written by `python3 -m tesela.tune.lora` on
+the GPU and checked in; a count whose own bucket was not tuned, and any shape, device or dtype
+not in it, gets the defaults below.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 SGMV, GATHER = "sgmv", "gather"
 TABLE_PATH = Path(__file__).with_name("lora_tile_table.json")
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+ALL_TOKENS = "all"  # the bucket of gather entries: one tile per shape (see LoRATiles)
 
 
 def rank_block(max_lora_rank: int) -> int:
@@ -43,11 +45,13 @@ def token_bucket(num_tokens: int) -> int | None:
 class LoRATiles:
     """The tiles of one LoRA launch.
 
-    `ORDER_FIELDS` fix the order in which a token's shrink sums its K products (the K step,
-    and the sgmv split planes added up in order); they depend on the target's shape alone, never
-    on the token count or a tuned bucket, so a token's delta is bit-identical whatever batch it
-    is in and whether it runs eager (its own count) or in a graph (a padded size). The others
-    (token block, columns, warps, stages, unroll) only change which program computes what."""
+    A token's delta must be bit-identical whatever batch it is in, eager (its own token count)
+    or replayed in a graph (a padded size). So what fixes the order in which its sums run
+    depends on the target's shape alone, never on the token count or a tuned bucket: for
+    `sgmv`, the K step and the split planes (`ORDER_FIELDS`; tl.dot adds a tile's products in
+    K order whatever the token block, columns or warps); for `gather`, every field (its
+    cross-thread sums follow the layout that columns and warps choose), so decode tiles are
+    one per shape, tuned over all token counts at once."""
 
     ORDER_FIELDS: ClassVar[tuple[str, ...]] = ("block_k", "split_k")
 
@@ -78,17 +82,16 @@ class LoRATiles:
         return -(-in_features // self.k_per_split(in_features))
 
 
-def gather_tiles(num_tokens: int, in_features: int, max_slice_size: int, block_r: int):
-    """Decode's fused kernel. Each program recomputes its token's BLOCK_R x K shrink (A: 32-96
-    KB at K=1024-3072, rank 16), so column blocks trade parallelism for A re-reads from L2: a
-    few tokens want many small programs (latency: at batch 1 a qkv target gets 16 programs
-    of 256 columns), a batch of 32 wants few wide ones (1024 columns: A re-read at most as
-    often as B is read). K goes in steps of up to 4 unrolled chunks of 512 (`k_unroll`). Tiles
-    stay under ~16K elements per 256 threads whatever the rank width."""
-    wide = 1024 if num_tokens > 8 else 256
+def gather_tiles(in_features: int, max_slice_size: int, block_r: int) -> LoRATiles:
+    """Decode's fused kernel, one tile for every token count. Each program recomputes its
+    token's BLOCK_R x K shrink (A: 32-96 KB at K=1024-3072, rank 16), so column blocks trade
+    parallelism for A re-reads from L2: 512 columns give a batch-1 qkv target 8 programs and a
+    batch of 32 a re-read of A under twice B's bytes. K goes in steps of up to 4 unrolled
+    chunks of 512 (`k_unroll`). Tiles stay under ~16K elements per 256 threads whatever the
+    rank width."""
     return LoRATiles(
         block_m=1,
-        block_n=pow2_block(max_slice_size, min(wide, 16384 // block_r)),
+        block_n=pow2_block(max_slice_size, min(512, 16384 // block_r)),
         block_k=pow2_block(in_features, 8192 // block_r),
         split_k=1,
         num_warps=8,
@@ -123,7 +126,7 @@ def choose_tiles(style, num_tokens, in_features, max_slice_size, num_slices, blo
 def _choose(style, num_tokens, shape, device, dtype) -> LoRATiles:
     in_features, max_slice_size, num_slices, block_r = shape
     if style == GATHER:
-        default = gather_tiles(num_tokens, in_features, max_slice_size, block_r)
+        default = gather_tiles(in_features, max_slice_size, block_r)
     else:
         default = sgmv_tiles(num_tokens, in_features, max_slice_size, num_slices, dtype)
     if device.type != "cuda" or block_r != 16:  # the table is tuned at rank width 16
@@ -134,14 +137,15 @@ def _choose(style, num_tokens, shape, device, dtype) -> LoRATiles:
 
 
 def tuned_tiles(table: dict, device_name, dtype, style, key, num_tokens, default: LoRATiles):
-    """The table's tiles for this token count's own bucket (never a neighbour's), if tuned,
-    with the default's summation order (see `LoRATiles.ORDER_FIELDS`)."""
+    """The table's tiles: for sgmv, this token count's own bucket's (never a neighbour's), in
+    the default's sum order; for gather, the shape's one entry (bucket "all")."""
     shapes = table.get(device_name, {}).get(str(dtype).removeprefix("torch."), {})
-    entry = shapes.get(style, {}).get(key, {}).get(str(token_bucket(num_tokens)))
+    bucket = ALL_TOKENS if style == GATHER else str(token_bucket(num_tokens))
+    entry = shapes.get(style, {}).get(key, {}).get(bucket)
     if not entry:
         return None
     order = {name: getattr(default, name) for name in LoRATiles.ORDER_FIELDS}
-    return replace(LoRATiles(**entry), **order)
+    return LoRATiles(**entry) if style == GATHER else replace(LoRATiles(**entry), **order)
 
 
 @functools.cache

@@ -6,7 +6,9 @@ token bucket, times candidate tiles of the decode (`gather`: one fused launch) a
 `--num-adapters` adapters of rank 16 round robin over the rows (decode: one token per row;
 extend: up to 32 rows splitting the bucket's tokens, as `tesela bench lora` prefills). Keeps
 the fastest whose output matches the default tiles', and merges it into
-tesela/lora/lora_tile_table.json (or `--output`; commit it). One line per (style, target,
+tesela/lora/lora_tile_table.json (or `--output`; commit it). Decode tiles are one per target
+shape (they fix a token's sum order, which must not depend on the batch: tesela/lora/tiles.py),
+chosen by their mean time relative to the default over the buckets. One line per (style, target,
 bucket): default and best time. The table is written after every line, so a run cut short keeps
 what it measured; `--styles` and `--buckets` split the work.
 """
@@ -121,15 +123,44 @@ class Case:
             return float("inf")
 
 
-def tune_case(case: Case, default: LoRATiles) -> tuple[float, float, LoRATiles]:
+def tune_sgmv(case: Case, default: LoRATiles) -> tuple[float, float, LoRATiles]:
+    """(default us, best us, best tiles) of one token bucket."""
     expected = case.output(default)
-    if case.style == GATHER:
-        best = _fastest(case, gather_candidates(default), expected)
-    else:
-        best = _fastest(case, sgmv_candidates(default, 0), expected)
-        stage_1 = sgmv_candidates(default, 1, best[1])
-        best = min(best, _fastest(case, stage_1, expected), key=lambda t: t[0])
+    best = _fastest(case, sgmv_candidates(default, 0), expected)
+    stage_1 = _fastest(case, sgmv_candidates(default, 1, best[1]), expected)
+    best = min(best, stage_1, key=lambda t: t[0])
     return case.time_us(default, expected), best[0], best[1]
+
+
+def tune_gather(cases: list[Case], default: LoRATiles) -> tuple[float, float, LoRATiles]:
+    """One tile for every token count (it fixes the sum order): the candidate with the least
+    total time over the buckets, relative to the default's in each (so batch 1 counts as much
+    as batch 128). Returns (1.0, its relative time, it)."""
+    expected = [case.output(default) for case in cases]
+    base = [case.time_us(default, e) for case, e in zip(cases, expected, strict=True)]
+
+    def relative(tiles: LoRATiles) -> float:
+        times = [c.time_us(tiles, e) for c, e in zip(cases, expected, strict=True)]
+        return sum(t / b for t, b in zip(times, base, strict=True)) / len(cases)
+
+    timed = [(relative(tiles), tiles) for tiles in gather_candidates(default)]
+    best = min(timed, key=lambda t: t[0])
+    return 1.0, best[0], best[1]
+
+
+def tune_shape(style: str, in_features: int, sizes, buckets: list[int], adapters: int) -> dict:
+    """bucket -> (default, best, best tiles) of one target (gather: the one bucket "all")."""
+    dtype, n = torch.bfloat16, max(sizes)
+    probe = torch.empty(0, device="cuda", dtype=dtype)
+    cases = [Case(style, in_features, sizes, m, adapters, dtype) for m in buckets]
+    for case in cases:
+        case.spread_weights()
+    tiles = [
+        lora_tiles.choose_tiles(style, m, in_features, n, len(sizes), 16, probe) for m in buckets
+    ]
+    if style == GATHER:
+        return {lora_tiles.ALL_TOKENS: tune_gather(cases, tiles[0])}
+    return {str(m): tune_sgmv(c, t) for m, c, t in zip(buckets, cases, tiles, strict=True)}
 
 
 def _fastest(case: Case, candidates: list[LoRATiles], expected) -> tuple[float, LoRATiles]:
@@ -151,26 +182,23 @@ def main(argv: list[str] | None = None) -> int:
         help="the table to merge into (default: the checked-in one the kernels read)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    dtype = torch.bfloat16
     device_name = torch.cuda.get_device_name()
     path = Path(args.output)
     source = path if path.exists() else lora_tiles.TABLE_PATH
     table = json.loads(source.read_text()) if source.exists() else {}
     shapes = target_shapes(ModelConfig.from_hf_dict(PRESETS[args.model]))
+    entry = table.setdefault(device_name, {}).setdefault("bfloat16", {})
     for style in args.styles.split(","):
-        for m in (int(b) for b in (args.buckets or BUCKETS[style]).split(",")):
-            for name, (k, sizes) in shapes.items():
-                n_max, key = max(sizes), lora_tiles.shape_key(k, max(sizes), len(sizes))
-                probe = torch.empty(0, device="cuda", dtype=dtype)
-                default = lora_tiles.choose_tiles(style, m, k, n_max, len(sizes), 16, probe)
-                case = Case(style, k, sizes, m, args.num_adapters, dtype)
-                case.spread_weights()
-                base_us, best_us, best = tune_case(case, default)
-                print(f"{style} {name} {key} tokens={m}: default {base_us:.1f} us, best "
-                      f"{best_us:.1f} us {asdict(best)}", flush=True)  # fmt: skip
-                entry = table.setdefault(device_name, {}).setdefault("bfloat16", {})
-                entry.setdefault(style, {}).setdefault(key, {})[str(m)] = asdict(best)
-                path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        buckets = [int(b) for b in (args.buckets or BUCKETS[style]).split(",")]
+        for name, (k, sizes) in shapes.items():
+            key = lora_tiles.shape_key(k, max(sizes), len(sizes))
+            results = tune_shape(style, k, sizes, buckets, args.num_adapters)
+            for bucket, (base, best_time, best) in results.items():
+                unit = "x the default" if style == GATHER else "us"
+                print(f"{style} {name} {key} tokens={bucket}: default {base:.2f}, best "
+                      f"{best_time:.2f} {unit} {asdict(best)}", flush=True)  # fmt: skip
+                entry.setdefault(style, {}).setdefault(key, {})[bucket] = asdict(best)
+            path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return 0
 
 
