@@ -465,6 +465,24 @@ MUTATIONS = {
         " if int(b) <= num_tokens), None)\n",
         ["tests/test_moe.py::test_tile_configs_by_shape_and_token_bucket"],
     ),
+    "shutdown leaves graphs that something else still references": (
+        "tesela/executor/model_runner.py",
+        "        self.graph_factory.reset_all()  # also the graphs something else still references\n",
+        "",
+        ["tests/test_dispatcher.py::test_released_graphs_leave_an_eager_runner_that_still_serves"],
+    ),
+    "custom all-reduce takes every message size": (
+        "tesela/distributed/custom_all_reduce.py",
+        "    if nbytes <= TWO_SHOT_MAX_BYTES:\n",
+        "    if True:\n",
+        ["tests/test_custom_all_reduce.py"],
+    ),
+    "custom all-reduce takes fp16, which its one-shot kernel lacks": (
+        "tesela/distributed/custom_all_reduce.py",
+        "DTYPES = (torch.bfloat16, torch.float32)",
+        "DTYPES = (torch.bfloat16, torch.float16, torch.float32)",
+        ["tests/test_custom_all_reduce.py"],
+    ),
 }
 
 

@@ -544,6 +544,9 @@ class ParallelConfig:
     # A collective, a worker start-up step or a reply that takes longer fails the engine with
     # a clear error instead of hanging (the bound on detecting a hung worker).
     distributed_timeout_s: float = 120.0
+    # Small all-reduces over NVLink peer memory where every rank can (distributed/
+    # custom_all_reduce.py); off by default: no faster than NCCL inside decode graphs (2 x H200).
+    custom_all_reduce: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -133,8 +133,12 @@ def test_released_graphs_leave_an_eager_runner_that_still_serves():
     prefill = batch([(0, 3)], seed=4)
     assert runner.dispatcher.choose(prefill)[0] is RunPath.PIECEWISE
     expected = runner.forward(prefill).clone()  # logits, through the piecewise graph
+    stray = runner.piecewise  # a reference the shutdown does not know about
     runner.release_cuda_graphs()
     assert runner.piecewise is None and runner.full_decode is None
+    # ... cannot keep its graphs alive: every graph the factory made is destroyed.
+    with pytest.raises(RuntimeError, match="was reset"):
+        stray.captured[4].replay()
     assert set(runner.dispatcher.runners) == {RunPath.EAGER}
     assert runner.dispatcher.choose(prefill)[0] is RunPath.EAGER
     torch.testing.assert_close(runner.forward(batch([(0, 3)], seed=4)), expected)

@@ -23,6 +23,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
 
 
+def add_tensor_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) to split the model over"
+    )
+    parser.add_argument(
+        "--custom-all-reduce",
+        action="store_true",
+        help="small all-reduces over NVLink peer memory (default: NCCL for all)",
+    )
+
+
 def add_output_argument(parser: argparse.ArgumentParser, what: str = "JSON (and PNG)") -> None:
     parser.add_argument("--output-dir", default="results", help=f"where {what} go")
 

@@ -21,6 +21,7 @@ import torch
 from tesela.bench.common import (
     add_model_arguments,
     add_output_argument,
+    add_tensor_parallel_arguments,
     copy_bandwidth,
     device_name,
     host_samples_ms,
@@ -56,15 +57,16 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         "weights leave less of the GPU: see kv_budget_gib)",
     )
     add_output_argument(parser, "the JSON")
-    parser.add_argument(
-        "--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) to split the model over"
-    )
+    add_tensor_parallel_arguments(parser)
 
 
 def run_decode(args: argparse.Namespace) -> int:
     """Every tensor-parallel rank runs the same batches (tesela/distributed/launch.py)."""
     device = args.device if args.device != "auto" else default_device()
-    return run_spmd(_run_decode, args.tensor_parallel_size, device, args)
+    return run_spmd(
+        _run_decode, args.tensor_parallel_size, device, args,
+        custom_all_reduce=args.custom_all_reduce,
+    )  # fmt: skip
 
 
 def _run_decode(tp, args: argparse.Namespace) -> int:

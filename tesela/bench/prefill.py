@@ -25,6 +25,7 @@ import torch
 from tesela.bench.common import (
     add_model_arguments,
     add_output_argument,
+    add_tensor_parallel_arguments,
     copy_bandwidth,
     device_name,
     int_list,
@@ -114,9 +115,7 @@ def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-rows", type=int, default=256, help="rows a FULL mixed graph holds (max_num_seqs)"
     )
-    parser.add_argument(
-        "--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) to split the model over"
-    )
+    add_tensor_parallel_arguments(parser)
 
 
 def parse_mixed(text: str) -> tuple[int, int, int] | None:
@@ -137,7 +136,10 @@ def run_prefill(args: argparse.Namespace) -> int:
     """Every tensor-parallel rank runs the same columns and batches
     (tesela/distributed/launch.py); rank 0 reports."""
     device = args.device if args.device != "auto" else default_device()
-    return run_spmd(_run_prefill, args.tensor_parallel_size, device, args)
+    return run_spmd(
+        _run_prefill, args.tensor_parallel_size, device, args,
+        custom_all_reduce=args.custom_all_reduce,
+    )  # fmt: skip
 
 
 def _run_prefill(tp, args: argparse.Namespace) -> int:
@@ -193,6 +195,7 @@ def tensor_parallel_results(tp, runner, token_counts: list[int], graph_gib) -> d
     hidden = runner.config.model_config.hidden_size
     return {
         "tensor_parallel_size": tp.size,
+        "all_reduce": f"{tp.all_reduce.kind} ({tp.all_reduce.reason})",
         "all_reduce_us_per_layer": {
             str(n): 2 * all_reduce_latency_us(tp, (n, hidden), runner.dtype, runner.device)
             for n in token_counts
@@ -208,8 +211,9 @@ def format_tensor_parallel(results: dict) -> list[str]:
         f"n={n}: {us:.1f}" for n, us in results["all_reduce_us_per_layer"].items()
     )
     return [
-        f"tensor parallel size {results['tensor_parallel_size']}; all-reduce us per layer "
-        f"(2 per layer, captured in a CUDA graph on GPUs): {per_layer}",
+        f"tensor parallel size {results['tensor_parallel_size']}; all-reduce: "
+        f"{results['all_reduce']}",
+        f"all-reduce us per layer (2 per layer, captured in a CUDA graph on GPUs): {per_layer}",
         f"graph memory per rank (GiB): {results['graph_gib_per_rank']}",
     ]
 

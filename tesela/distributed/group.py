@@ -11,12 +11,16 @@ Start-up reads the standard rendezvous variables (RANK, WORLD_SIZE, MASTER_ADDR,
 LOCAL_RANK), exactly what torchrun sets, so multi-node launches use the usual tooling. Two
 groups are made: the compute group (NCCL on CUDA, gloo on CPU) and a gloo group on the host
 for small control exchanges (capture plans, KV sizes) that must not touch the GPU stream.
+On CUDA, small all-reduces take the custom all-reduce over NVLink peer memory
+(`custom_all_reduce.py`) when every rank can, NCCL otherwise; the group says which and why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import logging
 import os
 import socket
 from collections.abc import Mapping
@@ -25,7 +29,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tesela.distributed.custom_all_reduce import (
+    AllReduceChoice,
+    SymmMemAllReduce,
+    choose_all_reduce,
+)
+
+logger = logging.getLogger("tesela.distributed")
 _PROCESS_GROUPS: dict[str, dist.ProcessGroup] = {}
+# The custom all-reduce of a group (by name), where every rank set one up.
+_CUSTOM_ALL_REDUCE: dict[str, SymmMemAllReduce] = {}
 RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -36,6 +49,8 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     name: str = ""  # key of the compute ProcessGroup; its host twin is f"{name}:cpu"
+    # How small all-reduces travel ("symm_mem", "nccl", "gloo"; "" for a single rank), and why.
+    all_reduce: AllReduceChoice | None = None
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.size, (self.rank, self.size)
@@ -112,11 +127,13 @@ def init_distributed(
     timeout_s: float = 60.0,
     name: str = "tp",
     env: Mapping[str, str] | None = None,
+    custom_all_reduce: bool = False,
 ) -> TPGroup:
     """Join the process group described by the rendezvous environment; the whole world is one
     tensor-parallel group. NCCL on CUDA (the device is cuda:LOCAL_RANK), gloo on CPU.
     `timeout_s` bounds every collective: a peer that hangs fails the group, not stalls it.
-    `env` (default: os.environ) holds the rendezvous variables."""
+    `env` (default: os.environ) holds the rendezvous variables. `custom_all_reduce` allows
+    the symmetric-memory all-reduce for small messages where every rank can use it."""
     env = os.environ if env is None else env
     missing = [k for k in RENDEZVOUS_ENV if k not in env]
     if missing:
@@ -149,7 +166,28 @@ def init_distributed(
         if device.type == "cuda"
         else dist.group.WORLD
     )
-    return TPGroup(rank, size, name)
+    group = TPGroup(rank, size, name)
+    choice = _set_up_all_reduce(group, device, custom_all_reduce, env)
+    return dataclasses.replace(group, all_reduce=choice)
+
+
+def _set_up_all_reduce(
+    group: TPGroup, device: torch.device, enabled: bool, env: Mapping[str, str]
+) -> AllReduceChoice:
+    """Agree on the small-message all-reduce: the custom one only if every rank chose it (a
+    rank on NCCL beside one on peer memory would pair nothing and hang)."""
+    choice = choose_all_reduce(
+        device_type=device.type, world_size=group.size, enabled=enabled, env=env
+    )
+    kinds = group.all_gather_object(choice.kind)
+    if choice.kind == "symm_mem" and any(kind != "symm_mem" for kind in kinds):
+        choice = AllReduceChoice("nccl", f"not every rank can use symmetric memory ({kinds})")
+    if choice.kind == "symm_mem":
+        process_group = group.process_group
+        _CUSTOM_ALL_REDUCE[group.name] = SymmMemAllReduce(process_group.group_name, device)
+    if group.rank == 0:
+        logger.info("tensor-parallel all-reduce: %s (%s)", choice.kind, choice.reason)
+    return choice
 
 
 def destroy_distributed(*, barrier: bool = True) -> None:
@@ -157,6 +195,7 @@ def destroy_distributed(*, barrier: bool = True) -> None:
     rank hosting the rendezvous store must not leave while others still talk to it. Free the
     rank's CUDA graphs before this (ModelRunner.release_cuda_graphs): NCCL's teardown blocks
     while graphs that captured its collectives are alive."""
+    _CUSTOM_ALL_REDUCE.clear()  # its peer mappings go before the group they were made over
     if dist.is_initialized():
         if barrier:
             dist.barrier(group=_PROCESS_GROUPS.get("tp:cpu"))
@@ -173,6 +212,9 @@ def abort_distributed() -> None:
 
 @torch.library.custom_op("tesela::all_reduce_", mutates_args=("x",))
 def _all_reduce_(x: torch.Tensor, group_name: str) -> None:
+    custom = _CUSTOM_ALL_REDUCE.get(group_name)
+    if custom is not None and custom(x):
+        return
     dist.all_reduce(x, group=_PROCESS_GROUPS[group_name])
 
 

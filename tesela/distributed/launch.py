@@ -30,8 +30,15 @@ from tesela.distributed.group import (
 )
 
 
-def _rank_entry(fn, rank: int, size: int, port: int, device: str, args: tuple, queue) -> None:
-    tp = init_distributed(device=device, env=rendezvous_env(rank, size, port), timeout_s=600)
+def _rank_entry(
+    fn, rank: int, size: int, port: int, device: str, args: tuple, queue, custom_all_reduce: bool
+) -> None:
+    tp = init_distributed(
+        device=device,
+        env=rendezvous_env(rank, size, port),
+        timeout_s=600,
+        custom_all_reduce=custom_all_reduce,
+    )
     try:
         result = fn(tp, *args)
         if rank == 0:
@@ -46,15 +53,21 @@ def _rank_entry(fn, rank: int, size: int, port: int, device: str, args: tuple, q
         destroy_distributed(barrier=False)
 
 
-def run_spmd(fn: Callable[..., Any], size: int, device: str, *args) -> Any:
-    """fn(tp, *args) on `size` ranks; rank 0's return value (or the first rank's error)."""
+def run_spmd(
+    fn: Callable[..., Any], size: int, device: str, *args, custom_all_reduce: bool = False
+) -> Any:
+    """fn(tp, *args) on `size` ranks; rank 0's return value (or the first rank's error).
+    `custom_all_reduce` allows the symmetric-memory all-reduce for small messages."""
     if size == 1:
         return fn(SINGLE, *args)
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
     processes = [
-        context.Process(target=_rank_entry, args=(fn, rank, size, port, device, args, queue))
+        context.Process(
+            target=_rank_entry,
+            args=(fn, rank, size, port, device, args, queue, custom_all_reduce),
+        )
         for rank in range(size)
     ]
     for process in processes:
@@ -103,4 +116,6 @@ def all_reduce_latency_us(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) / per_graph * 1e6)
+    if device.type == "cuda":
+        graph.reset()  # it holds collectives: gone before the group is left
     return statistics.median(times)

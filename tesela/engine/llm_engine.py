@@ -162,7 +162,11 @@ def make_engine_config(
             backend=args.lora_backend,
             on_cuda=on_cuda,
         ),
-        parallel=ParallelConfig(args.tensor_parallel_size, args.distributed_timeout_s),
+        parallel=ParallelConfig(
+            args.tensor_parallel_size,
+            args.distributed_timeout_s,
+            custom_all_reduce=args.custom_all_reduce,
+        ),
         overlap_schedule=_overlap_schedule(
             args.overlap_schedule, on_cuda, args.tensor_parallel_size
         ),

@@ -13,12 +13,18 @@ The CPU stand-in (`CpuGraph`) re-runs the recorded callable and copies its resul
 captured outputs, or re-runs the recorded ATen ops (breakable segments are plain PyTorch between
 split ops) writing each result into the tensor captured for it. Either way later reads see
 replay-time values at capture-time tensors, which is what makes stale static state visible.
+
+Every factory remembers the graphs it made (weakly) and `reset_all()` destroys them whoever
+still holds them: a tensor-parallel rank must free every graph that captured a collective
+before it leaves the process group (NCCL's teardown waits for them), and a stray reference (a
+closure, a report, dynamo's code cache) must not be able to keep one alive.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -69,9 +75,21 @@ class CudaGraphFactory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
+        self._made: weakref.WeakSet[CudaGraph] = weakref.WeakSet()
 
     def graph(self) -> CudaGraph:
-        return CudaGraph(self.pool)
+        graph = CudaGraph(self.pool)
+        self._made.add(graph)
+        return graph
+
+    def reset_all(self) -> int:
+        """Destroy every graph this factory made (module docstring); returns how many."""
+        graphs = list(self._made)
+        for graph in graphs:
+            graph.reset()
+        self._made.clear()
+        torch.cuda.synchronize(self.device)
+        return len(graphs)
 
     alias = staticmethod(non_owning_alias)
 
@@ -138,6 +156,7 @@ class CpuGraph:
         self._ops: list = []
         self._fn: Callable[[], Any] | None = None
         self._output: Any = None
+        self._reset = False
 
     def begin(self) -> None:
         recorder = self._recorder
@@ -158,7 +177,14 @@ class CpuGraph:
         self._fn = fn
         return self._output
 
+    def reset(self) -> None:
+        """Forget the recording, as a reset CUDA graph does: replaying it is an error."""
+        self._ops, self._fn, self._output = [], None, None
+        self._reset = True
+
     def replay(self) -> None:
+        if self._reset:
+            raise RuntimeError("replay of a graph that was reset (its runner was released)")
         if self._fn is not None:
             _copy_into(self._output, self._fn())
             return
@@ -174,9 +200,19 @@ class CpuGraphFactory:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self._recorder = _OpRecorder()
+        self._made: weakref.WeakSet[CpuGraph] = weakref.WeakSet()
 
     def graph(self) -> CpuGraph:
-        return CpuGraph(self._recorder)
+        graph = CpuGraph(self._recorder)
+        self._made.add(graph)
+        return graph
+
+    def reset_all(self) -> int:
+        graphs = list(self._made)
+        for graph in graphs:
+            graph.reset()
+        self._made.clear()
+        return len(graphs)
 
     @staticmethod
     def alias(tensor: torch.Tensor) -> torch.Tensor:

@@ -323,6 +323,7 @@ class ModelRunner:
         before it leaves its NCCL group: NCCL's teardown blocks while CUDA graphs that captured
         its collectives are alive (a known PyTorch/NCCL limitation)."""
         self.dispatcher.release_graphs()
+        self.graph_factory.reset_all()  # also the graphs something else still references
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

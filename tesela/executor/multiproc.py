@@ -108,6 +108,7 @@ def worker_main(
             device=config.device,
             timeout_s=config.parallel.distributed_timeout_s,
             env=rendezvous_env(rank, size, port),
+            custom_all_reduce=config.parallel.custom_all_reduce,
         )
         runner = ModelRunner(config, model_path, tp)
         conn.send(("ready", runner.num_kv_blocks))
@@ -151,6 +152,7 @@ class TensorParallelRunner:
                 device=config.device,
                 timeout_s=self.timeout_s,
                 env=rendezvous_env(0, self.size, port),
+                custom_all_reduce=config.parallel.custom_all_reduce,
             )
             self.runner = ModelRunner(config, model_path, tp)
             kv_blocks = self._wait_for("ready", self.timeout_s, "finish start-up")

@@ -4,7 +4,9 @@ Run on a machine with >= 2 GPUs (skipped otherwise):
     pytest -q -m gpu tests/gpu/test_tensor_parallel_gpu.py
 
 - fp32 greedy at TP=2 equals TP=1, with graphs off, with breakable piecewise + FULL decode
-  graphs, and with compiled piecewise graphs (the dispatch counters prove the graph paths ran);
+  graphs, with compiled piecewise graphs and with FULL mixed graphs (the dispatch counters
+  prove the graph paths ran), and every such engine shuts down (its graphs freed first);
+- the custom (symmetric-memory) all-reduce equals NCCL, eagerly and inside a CUDA graph;
 - bf16 at TP=2 against transformers on the same checkpoint (tolerances of
   tests/gpu/test_reference_gpu.py);
 - killing a worker mid-generation (NCCL, graphs on) fails the engine within 30 s.
@@ -29,9 +31,17 @@ pytestmark = pytest.mark.skipif(
 PROMPTS = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 250, 13], [300, 301, 12, 77, 54, 23, 9, 81, 44, 6, 1]]
 GRAPH_MODES = {
     "off": dict(disable_cudagraph=True),
-    "breakable": dict(piecewise_cudagraph="breakable", capture_sizes=[4, 8, 16, 32]),
-    "compiled": dict(piecewise_cudagraph="compiled", capture_sizes=[4, 8, 16, 32]),
+    # FULL mixed off: prefills take the piecewise graphs, whose splits sit between collectives
+    "breakable": dict(
+        piecewise_cudagraph="breakable", capture_sizes=[4, 8, 16, 32], full_mixed=False
+    ),
+    "compiled": dict(
+        piecewise_cudagraph="compiled", capture_sizes=[4, 8, 16, 32], full_mixed=False
+    ),
+    "full_mixed": dict(capture_sizes=[4, 8, 16, 32]),
 }
+# The graph path each mode's prefills must take (decode steps take FULL decode graphs).
+PREFILL_PATH = {"breakable": "piecewise", "compiled": "piecewise", "full_mixed": "full_mixed"}
 
 
 def generate(path, tp: int, **kwargs):
@@ -55,7 +65,7 @@ def test_tp2_greedy_equals_tp1(checkpoints, mode):
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert abs(x.logprob - y.logprob) < 1e-3
     if mode != "off":
-        assert paths["piecewise"] > 0 and paths["full"] > 0, paths
+        assert paths[PREFILL_PATH[mode]] > 0 and paths["full"] > 0, paths
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
@@ -96,3 +106,44 @@ def test_killing_a_worker_ends_the_engine_within_30_s():
         assert "rank 1" in str(outcome[0]) and time.monotonic() - start < 30
     finally:
         llm.shutdown()
+
+
+def _reduce_both_ways(tp, shapes):
+    """On each rank: every shape reduced by the custom all-reduce (eager and replayed from a
+    CUDA graph) and by NCCL, on the same per-rank random data; True where they agree."""
+    import torch.distributed as dist
+
+    results = {"kind": tp.all_reduce.kind}
+    for shape, dtype in shapes:
+        generator = torch.Generator(device="cuda").manual_seed(tp.rank)
+        data = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+        nccl = data.clone()
+        dist.all_reduce(nccl, group=tp.process_group)
+        eager = tp.all_reduce_(data.clone())
+        static = torch.zeros_like(data)
+        tp.all_reduce_(static)  # warm the path outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            tp.all_reduce_(static)
+        static.copy_(data)
+        graph.replay()
+        torch.cuda.synchronize()
+        graph.reset()
+        results[(shape, str(dtype))] = (torch.equal(eager, nccl), torch.equal(static, nccl))
+    return results
+
+
+def test_custom_all_reduce_equals_nccl():
+    """One-shot, two-shot and the NCCL fallback (a large message; fp16, which the one-shot
+    kernel lacks), bf16 and fp32, eager and in a graph:
+    two ranks' sums are exact either way, so the custom all-reduce must equal NCCL bitwise."""
+    from tesela.distributed.custom_all_reduce import algorithm_for
+    from tesela.distributed.launch import run_spmd
+
+    shapes = [((1, 4096), torch.bfloat16), ((7, 1000), torch.float32), ((100, 4096), torch.bfloat16),
+              ((600, 4096), torch.bfloat16), ((3, 5, 64), torch.float16)]  # fmt: skip
+    used = {algorithm_for(torch.empty(s, dtype=d, device="meta")) for s, d in shapes}
+    assert used == {"one_shot", "two_shot", "nccl"}
+    results = run_spmd(_reduce_both_ways, 2, "cuda", shapes, custom_all_reduce=True)
+    assert results.pop("kind") == "symm_mem"
+    assert all(all(agree) for agree in results.values()), results
