@@ -249,8 +249,8 @@ MUTATIONS = {
     ),
     "a tuned LoRA tile changes a token's sum order (eager and graphs disagree)": (
         "tesela/lora/tiles.py",
-        "    return replace(LoRATiles(**entry), **order)\n",
-        "    return LoRATiles(**entry)\n",
+        " else replace(LoRATiles(**entry), **order)\n",
+        " else LoRATiles(**entry)\n",
         [
             "tests/test_lora_kernels.py::"
             "test_a_tuned_tile_serves_its_own_bucket_only_in_the_default_sum_order"
