@@ -153,7 +153,32 @@ MUTATIONS = {
         "tesela/layers/moe/kernels.py",
         "        valid = valid & (pair // top_k < tl.load(num_valid_tokens_ptr))\n",
         "        valid = valid\n",
-        ["tests/test_moe_triton.py::test_padding_tokens_change_nothing"],
+        ["tests/test_moe_triton.py::test_gate_up_gemv_skips_padding_pairs"],
+    ),
+    "MoE down-sum kernel computes padding tokens like real ones": (
+        "tesela/layers/moe/kernels.py",
+        "        valid = valid & (token < tl.load(num_valid_tokens_ptr))\n",
+        "        valid = valid\n",
+        ["tests/test_moe_triton.py::test_down_sum_kernel_masks_slots_itself"],
+    ),
+    "MoE down-sum kernel keeps out-of-range expert slots": (
+        "tesela/layers/moe/kernels.py",
+        "    valid = slot_mask & (experts >= 0) & (experts < num_experts)\n",
+        "    valid = slot_mask & (experts < num_experts)\n",
+        ["tests/test_moe_triton.py::test_down_sum_kernel_masks_slots_itself"],
+    ),
+    "MoE fused router skips the renormalisation": (
+        "tesela/layers/moe/kernels.py",
+        "        weights = weights / tl.sum(weights, axis=0)  # lanes past TOP_K hold 0\n",
+        "        weights = weights\n",
+        ["tests/test_moe_triton.py::test_fused_router_matches_select_experts",
+         "tests/test_moe_triton.py::test_models_with_the_kernel_match_transformers"],
+    ),
+    "MoE fused router breaks ties to the highest expert": (
+        "tesela/layers/moe/kernels.py",
+        "        expert = tl.min(tl.where(probs == best, offs_e, BLOCK_E), axis=0)\n",
+        "        expert = tl.max(tl.where(probs == best, offs_e, -1), axis=0)\n",
+        ["tests/test_moe_triton.py::test_fused_router_breaks_ties_to_the_lowest_expert"],
     ),
     "MoE grouping keeps padding tokens": (
         "tesela/layers/moe/align.py",

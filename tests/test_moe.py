@@ -264,4 +264,7 @@ def test_tile_configs_by_shape_and_token_bucket():
     assert get_config(128, 1536, 2048, 4096, table) == default_config(4096)
     assert get_config(128, 2048, 768, 4096, table) == default_config(4096)  # shape not tuned
     assert default_config(8)["path"] == "gemv" and default_config(9)["path"] == "grouped"
+    # The down GEMV (k pairs per program, M rows) has its own default tiles.
+    assert get_config(128, 2048, 768, 1, table, gemm="down") == default_config(1, "down")
+    assert default_config(1, "down")["BLOCK_N"] < default_config(1)["BLOCK_N"]
     json.loads(CONFIG_FILE.read_text())  # the shipped table parses

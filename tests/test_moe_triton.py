@@ -1,9 +1,11 @@
 """The Triton fused MoE against the torch reference, on CPU under the Triton interpreter.
 
 Kernel cases cover both paths (per-pair GEMV for decode, grouped GEMM over expert-sorted
-blocks for prefill) for several (E, top_k, M) including M=1, an expert that receives no token,
-every token on one expert, and padding tokens (expert id out of range) that must change
-nothing. Then whole Qwen3-MoE and Mixtral models run with the kernels and match transformers.
+blocks for prefill) and the decode down kernel that sums the top-k itself, for several
+(E, top_k, M) including M=1, an expert that receives no token, every token on one expert, and
+padding tokens (expert id out of range, or past the device count of real tokens) that must
+change nothing; and the one-launch router top-k against `select_experts` (both scoring rules,
+ties, E not a power of two). Then whole Qwen3-MoE and Mixtral models run with the kernels and match transformers.
 
 TRITON_INTERPRET=1 must be set before triton is first imported; as in
 tests/test_triton_attention.py, a full run where triton was already loaded compiled runs this
@@ -34,7 +36,7 @@ from tesela.layers.moe import kernels  # noqa: E402
 from tesela.layers.moe.fused_moe import fused_experts  # noqa: E402
 from tesela.layers.moe.layer import use_triton_on_cpu  # noqa: E402
 from tesela.layers.moe.reference import moe_reference  # noqa: E402
-from tesela.layers.moe.router import select_experts  # noqa: E402
+from tesela.layers.moe.router import fused_select_experts, select_experts  # noqa: E402
 from tests.test_reference import PROMPTS, hf_greedy  # noqa: E402
 
 INTERPRETED_HERE = not isinstance(
@@ -58,8 +60,10 @@ def test_in_a_fresh_interpreter_process():
 GEMV = {"path": "gemv", "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
 GROUPED = {"path": "grouped", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2,
            "num_warps": 4, "num_stages": 1}  # fmt: skip
-# (gate/up config, down config): the paths share the pair-indexed intermediate, so they mix.
-PATHS = {"gemv": (GEMV, GEMV), "grouped": (GROUPED, GROUPED), "mixed": (GEMV, GROUPED)}
+# (gate/up config, down config): the paths share the pair-indexed intermediate, so they mix. A
+# gemv down config runs the kernel that sums each token's k pairs itself.
+PATHS = {"gemv": (GEMV, GEMV), "grouped": (GROUPED, GROUPED), "mixed": (GEMV, GROUPED),
+         "mixed_down_gemv": (GROUPED, GEMV)}  # fmt: skip
 # H and I are not multiples of the tiles, so every mask is exercised.
 HIDDEN, INTERMEDIATE = 40, 24
 
@@ -89,6 +93,7 @@ KERNEL_CASES = [
     ("grouped", 16, 4, 37),
     ("grouped", 6, 6, 5),
     ("mixed", 8, 2, 7),
+    ("mixed_down_gemv", 6, 3, 9),
 ]
 
 
@@ -145,6 +150,99 @@ def test_half_precision_kernel():
         got = fused_experts(hidden, w13, w2, weights, ids, configs=configs)
         assert got.dtype == torch.float16
         torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_down_sum_kernel_drops_out_of_range_slots_and_padding_tokens():
+    """Per slot, not per token: a token with one valid and one out-of-range expert (E or -1)
+    keeps the valid one; tokens past the real-token count are written as zeros."""
+    w13, w2 = make_experts(6)
+    hidden, weights, ids = route(5, 6, 2, seed=4)
+    ids[1, 0], ids[3, 1], ids[4] = 6, -1, torch.tensor([2, 2])
+    expected = moe_reference(hidden, w13, w2, weights, ids)
+    assert expected[1].abs().sum() > 0 and expected[3].abs().sum() > 0  # half-routed tokens
+    for configs in (PATHS["gemv"], PATHS["mixed_down_gemv"]):
+        got = fused_experts(hidden, w13, w2, weights, ids, configs=configs)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        num_valid = torch.tensor([2], dtype=torch.int32)
+        counted = fused_experts(hidden, w13, w2, weights, ids, configs=configs,
+                                num_valid_tokens=num_valid)  # fmt: skip
+        assert torch.equal(counted[2:], torch.zeros(3, HIDDEN))
+        torch.testing.assert_close(counted[:2], expected[:2], rtol=1e-5, atol=1e-5)
+
+
+def test_down_sum_kernel_masks_slots_itself():
+    """The down kernel alone, on an intermediate where every row is non-zero (as the grouped
+    gate/up leaves the rows of pairs it dropped: never written): out-of-range slots and tokens
+    past the real-token count add nothing, padding rows are zeros."""
+    from tesela.layers.moe.fused_moe import _down_sum_gemv
+
+    _, w2 = make_experts(6)
+    generator = torch.Generator().manual_seed(6)
+    intermediate = torch.randn(4 * 3, INTERMEDIATE, generator=generator)
+    weights = torch.rand(4, 3, generator=generator)
+    ids = torch.tensor([[0, 6, 2], [-1, 5, 5], [1, 1, 3], [4, 0, 2]])
+    num_valid = torch.tensor([3], dtype=torch.int32)
+    got = _down_sum_gemv(intermediate, w2, weights, ids, num_valid, GEMV)
+    expected = torch.zeros(4, HIDDEN)
+    for token, slot in ((t, s) for t in range(3) for s in range(3)):
+        if 0 <= ids[token, slot] < 6:
+            pair_out = intermediate[token * 3 + slot] @ w2[ids[token, slot]].T
+            expected[token] += weights[token, slot] * pair_out
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[3], torch.zeros(HIDDEN))
+
+
+def test_gate_up_gemv_skips_padding_pairs():
+    """The per-pair gate/up kernel loads nothing for tokens past the real-token count (their
+    intermediate rows are zeros): padding costs no weight bandwidth in a padded decode graph."""
+    from tesela.layers.moe.fused_moe import _launch
+
+    w13, _ = make_experts(8)
+    hidden, weights, ids = route(4, 8, 2, seed=5)
+    intermediate = torch.full((8, INTERMEDIATE), float("nan"))
+    num_valid = torch.tensor([3], dtype=torch.int32)
+    _launch(hidden, w13, intermediate, weights, ids, num_valid, None, GEMV,
+            gated=True, rows_per_pair=2)  # fmt: skip
+    assert torch.equal(intermediate[6:], torch.zeros(2, INTERMEDIATE))
+    assert intermediate[:6].abs().sum(dim=1).min() > 0
+
+
+ROUTER_RULES = [("softmax_topk", True), ("softmax_topk", False), ("topk_softmax", False)]
+
+
+@pytest.mark.parametrize("scoring,renormalize", ROUTER_RULES)
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (6, 3), (60, 4), (128, 8)])
+def test_fused_router_matches_select_experts(scoring, renormalize, num_experts, top_k):
+    """Same ids, weights and weight dtype as the torch rule (E=6 and 60: not powers of two)."""
+    generator = torch.Generator().manual_seed(num_experts)
+    logits = torch.randn(5, num_experts, generator=generator) * 3
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = select_experts(logits.to(dtype), top_k, scoring, renormalize)
+        weights, ids = fused_select_experts(logits.to(dtype), top_k, scoring, renormalize)
+        assert torch.equal(ids, expected[1]) and ids.dtype == torch.int64
+        assert weights.dtype == expected[0].dtype
+        # bf16 weights (Qwen3-MoE) may differ by one rounding step of the fp32 softmax.
+        tolerance = 1e-6 if weights.dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(weights, expected[0], rtol=tolerance, atol=tolerance)
+
+
+def test_fused_router_breaks_ties_to_the_lowest_expert():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 2.0], [0.5] * 6])
+    weights, ids = fused_select_experts(logits, 4, "softmax_topk", False)
+    assert ids.tolist() == [[1, 2, 4, 5], [0, 1, 2, 3]]
+    probs = torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(weights, probs.gather(1, ids), rtol=1e-6, atol=1e-7)
+    # Renormalised, four equal weights are a quarter each.
+    weights, _ = fused_select_experts(logits[1:], 4, "topk_softmax", False)
+    torch.testing.assert_close(weights, torch.full((1, 4), 0.25), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_router_rejects_bad_rules():
+    logits = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="scoring"):
+        fused_select_experts(logits, 2, "sigmoid", True)
+    with pytest.raises(ValueError, match="top_k=5"):
+        fused_select_experts(logits, 5, "softmax_topk", True)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])

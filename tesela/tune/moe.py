@@ -4,7 +4,9 @@ For each GEMM shape of the model's MoE layers ((E, 2I, H) gate/up and (E, H, I) 
 token-count bucket, times every candidate config with the model's top-k routing on random
 router logits and keeps the fastest; the result is merged into tile_configs.json (commit it).
 Each GEMM is timed on its own, with the other at the default config, so the two are tuned
-independently (the intermediate layout is the same for both paths).
+independently (the intermediate layout is the same for both paths). A "gemv" candidate for the
+down GEMM is timed as it runs: `down_sum_gemv_kernel`, one program per (token, N tile) summing
+the token's k pairs, so its grid has M (not M*k) rows and narrow N tiles matter more.
 """
 
 from __future__ import annotations
@@ -19,11 +21,18 @@ from tesela.layers.moe import tile_configs
 from tesela.layers.moe.fused_moe import fused_experts
 from tesela.layers.moe.router import select_experts
 
+# GEMV tiles (BLOCK_N, BLOCK_K, num_warps): the down kernel holds k tiles per program, so it
+# gets narrower and shorter ones.
+GEMV_TILES = {
+    "gate_up": list(itertools.product((16, 32, 64), (64, 128, 256), (2, 4))),
+    "down": list(itertools.product((2, 4, 8, 16), (64, 128, 256), (4, 8))),
+}
 
-def candidates(num_tokens: int) -> list[dict]:
+
+def candidates(num_tokens: int, gemm: str) -> list[dict]:
     configs = []
     if num_tokens <= 32:
-        for block_n, block_k, warps in itertools.product((16, 32, 64), (64, 128, 256), (2, 4)):
+        for block_n, block_k, warps in GEMV_TILES[gemm]:
             configs.append({"path": "gemv", "BLOCK_N": block_n, "BLOCK_K": block_k,
                             "num_warps": warps, "num_stages": 2})  # fmt: skip
     for block_m, block_n, block_k, stages, warps in itertools.product(
@@ -55,12 +64,14 @@ def tune_shape(num_experts, hidden, intermediate, top_k, num_tokens, dtype) -> t
     logits = torch.randn(num_tokens, num_experts, device=device)
     weights, ids = select_experts(logits, top_k, "softmax_topk", True)
     inputs = (x, w13, w2, weights, ids)
-    default = tile_configs.default_config(num_tokens)
+    defaults = {gemm: tile_configs.default_config(num_tokens, gemm) for gemm in GEMV_TILES}
     best = []
-    for which in range(2):
+    for gemm in ("gate_up", "down"):
         timed = []
-        for config in candidates(num_tokens):
-            pair = (config, default) if which == 0 else (default, config)
+        for config in candidates(num_tokens, gemm):
+            pair = (
+                (config, defaults["down"]) if gemm == "gate_up" else (defaults["gate_up"], config)
+            )
             timed.append((time_config(inputs, pair), config))
         best.append(min(timed, key=lambda t: t[0])[1])
     return best[0], best[1]

@@ -16,7 +16,7 @@ from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
 from tesela.layers.moe.fused_moe import fused_experts
 from tesela.layers.moe.reference import moe_reference
-from tesela.layers.moe.router import select_experts
+from tesela.layers.moe.router import fused_select_experts, select_experts
 from tesela.layers.moe.tile_configs import default_config
 
 CUDA = torch.device("cuda")
@@ -73,6 +73,31 @@ def test_moe_captures_in_a_cuda_graph_and_masks_padding(num_tokens):
         expected = fused_experts(*inputs, num_valid_tokens=num_valid)
         assert torch.equal(out[:real], expected[:real])
         assert_close_to_reference(out[:real], x[:real], w13, w2, weights[:real], ids[:real])
+
+
+@pytest.mark.parametrize("scoring,renormalize", [("softmax_topk", True), ("topk_softmax", False)])
+@pytest.mark.parametrize("num_tokens", [1, 7, 256])
+def test_fused_router_matches_select_experts_and_captures(scoring, renormalize, num_tokens):
+    """fp32 logits (no ties): the same ids and weights as the torch rule. bf16 logits (ties are
+    common): the chosen probabilities equal torch's top-k values, whatever order ties take; the
+    output dtype follows the rule. Then one launch replays in a CUDA graph."""
+    logits = torch.randn(num_tokens, 128, device=CUDA) * 2
+    weights, ids = fused_select_experts(logits, 8, scoring, renormalize)
+    expected_weights, expected_ids = select_experts(logits, 8, scoring, renormalize)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+    bf16 = logits.bfloat16()
+    weights, ids = fused_select_experts(bf16, 8, scoring, renormalize)
+    assert weights.dtype == select_experts(bf16, 8, scoring, renormalize)[0].dtype
+    probs = torch.softmax(bf16, dim=-1, dtype=torch.float32)
+    torch.testing.assert_close(probs.gather(1, ids), torch.topk(probs, 8).values)
+    static = logits.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_select_experts(static, 8, scoring, renormalize)
+    static.copy_(torch.randn_like(static))
+    graph.replay()
+    assert torch.equal(captured[1], select_experts(static, 8, scoring, renormalize)[1])
 
 
 def test_default_configs_cover_decode_and_prefill():

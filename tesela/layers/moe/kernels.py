@@ -10,9 +10,17 @@ row = pair // top_k) and 1 for the second (A is the intermediate, one row per pa
 
 `grouped_gemm_kernel` (prefill): one program per (block of BLOCK_M sorted pairs, N tile); a
 block holds pairs of one expert (see align.py), so each program streams one expert's weights.
-`pair_gemv_kernel` (decode): one program per (pair, N tile), no sorting at all; pairs whose
+`pair_gemv_kernel` (decode gate/up): one program per (pair, N tile), no sorting at all; pairs whose
 expert is out of range, or whose token is past the batch's real tokens (`num_valid_tokens`,
 read on the device: graph padding), load nothing and store zeros.
+`down_sum_gemv_kernel` (decode down projection): one program per (token, N tile) holds the
+token's k pairs side by side ([next_pow2(k), BLOCK_N, BLOCK_K] weight tiles per K step),
+accumulates each pair's partial in fp32 registers, and writes the weighted sum over the k
+pairs, the token's [H] output, once: no zeroed [M*k, H] buffer and no separate sum over the
+top-k; the fixed reduction order makes it deterministic. Its grid has M (not M*k) rows, so its
+tuned BLOCK_N is narrower than the per-pair kernel's.
+`router_topk_kernel`: softmax, top-k and renormalisation of one token's router logits in one
+program (see router.py for the rule it reproduces).
 """
 
 from __future__ import annotations
@@ -121,3 +129,78 @@ def pair_gemv_kernel(
     acc = tl.where(valid, acc, 0.0)
     c_ptrs = c_ptr + pair.to(tl.int64) * stride_cm + offs_n * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def down_sum_gemv_kernel(
+    a_ptr, w_ptr, out_ptr, topk_weights_ptr, topk_ids_ptr, num_valid_tokens_ptr,
+    num_experts, N, K,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    TOP_K: tl.constexpr, HAS_NUM_VALID: tl.constexpr,
+    BLOCK_TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    # The token's k pairs side by side: each K step loads all k experts' [BLOCK_N, BLOCK_K]
+    # tiles at once, so a program keeps k tiles of loads in flight (what k programs did).
+    slots = tl.arange(0, BLOCK_TOPK)
+    pairs = token * TOP_K + slots
+    slot_mask = slots < TOP_K
+    experts = tl.load(topk_ids_ptr + pairs, mask=slot_mask, other=-1).to(tl.int64)
+    # A padding token's or an out-of-range expert's pair loads nothing and adds nothing (after a
+    # grouped gate/up its intermediate row was never written).
+    valid = slot_mask & (experts >= 0) & (experts < num_experts)
+    if HAS_NUM_VALID:
+        valid = valid & (token < tl.load(num_valid_tokens_ptr))
+    experts = tl.where(valid, experts, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    nw_mask = valid[:, None, None] & (offs_n < N)[None, :, None]
+    a_ptrs = a_ptr + pairs[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = (w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
+              + offs_k[None, None, :] * stride_wk)  # fmt: skip
+    partial = tl.zeros((BLOCK_TOPK, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=nw_mask & k_mask[None, None, :], other=0.0)
+        partial += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    weights = tl.load(topk_weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
+    # The weighted sum over the k slots, in fp32, in a fixed order: one rounding, deterministic.
+    acc = tl.sum(tl.where(valid[:, None], partial * weights[:, None], 0.0), axis=0)
+    out_ptrs = out_ptr + token * stride_om + offs_n * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def router_topk_kernel(
+    logits_ptr, topk_weights_ptr, topk_ids_ptr, num_experts, stride_lm,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_mask = offs_e < num_experts
+    logits = tl.load(logits_ptr + token * stride_lm + offs_e, mask=e_mask, other=-float("inf"))
+    # Softmax in fp32 over all E experts, as torch.softmax(..., dtype=torch.float32) does.
+    numerators = tl.exp(logits.to(tl.float32) - tl.max(logits.to(tl.float32), axis=0))
+    probs = numerators / tl.sum(numerators, axis=0)
+    probs = tl.where(e_mask, probs, -1.0)  # lanes past E are never picked (probs >= 0)
+    offs_topk = tl.arange(0, BLOCK_TOPK)
+    weights = tl.zeros((BLOCK_TOPK,), dtype=tl.float32)
+    ids = tl.zeros((BLOCK_TOPK,), dtype=tl.int64)
+    for slot in tl.static_range(TOP_K):
+        best = tl.max(probs, axis=0)
+        # Ties go to the lowest expert index (a fixed rule; torch.topk documents none).
+        expert = tl.min(tl.where(probs == best, offs_e, BLOCK_E), axis=0)
+        weights = tl.where(offs_topk == slot, best, weights)
+        ids = tl.where(offs_topk == slot, expert.to(tl.int64), ids)
+        probs = tl.where(offs_e == expert, -1.0, probs)
+    if RENORMALIZE:
+        weights = weights / tl.sum(weights, axis=0)  # lanes past TOP_K hold 0
+    out = token * TOP_K + offs_topk
+    mask = offs_topk < TOP_K
+    tl.store(topk_weights_ptr + out, weights.to(topk_weights_ptr.dtype.element_ty), mask=mask)
+    tl.store(topk_ids_ptr + out, ids, mask=mask)

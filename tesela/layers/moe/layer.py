@@ -5,7 +5,9 @@ expert's gate rows, then its up rows) and `experts.down_proj` [E, H, I], the lay
 transformers 5's fused checkpoints; per-expert checkpoint tensors are copied into their slice
 by `FusedExperts.load_shard`, one at a time.
 
-On CUDA the experts run as the Triton fused MoE; elsewhere as the torch reference loop.
+On CUDA the router's top-k runs as one Triton kernel and the experts as the Triton fused MoE
+(at decode: router GEMM, top-k, gate/up, down-with-sum = 4 launches per block, fused_moe.py);
+elsewhere as torch ops and the torch reference loop.
 `use_triton_on_cpu()` switches CPU runs to the Triton kernels (under TRITON_INTERPRET=1) so
 tests drive the kernel path through a whole model.
 """
@@ -23,7 +25,7 @@ from tesela.config import MoeConfig
 from tesela.layers.linear import Linear
 from tesela.layers.moe import fused_moe as _fused_moe  # noqa: F401  (registers the op)
 from tesela.layers.moe import padding
-from tesela.layers.moe.router import select_experts
+from tesela.layers.moe.router import MAX_FUSED_EXPERTS, fused_select_experts, select_experts
 
 _TRITON_ON_CPU = False
 
@@ -101,9 +103,11 @@ class SparseMoeBlock(nn.Module):
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(topk_weights, topk_ids) of each token."""
         router_logits = self.gate(hidden_states)
-        return select_experts(
-            router_logits, self.moe.top_k, self.moe.scoring, self.moe.norm_topk_prob
-        )
+        args = (router_logits, self.moe.top_k, self.moe.scoring, self.moe.norm_topk_prob)
+        if use_triton(hidden_states) and self.moe.num_experts <= MAX_FUSED_EXPERTS:
+            # One launch instead of softmax, topk, sum, div and cast (router.py).
+            return fused_select_experts(*args)
+        return select_experts(*args)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.route(hidden_states)

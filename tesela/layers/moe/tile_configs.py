@@ -6,8 +6,12 @@ two; a batch of M tokens uses the config of its own bucket (the largest power of
 or `default_config` where that bucket was not tuned. `python -m tesela.tune.moe` times
 candidates on the GPU and writes the file; shapes missing from it use `default_config`.
 
-A config names its path: "gemv" (one program per (token, expert) pair, the decode path) or
-"grouped" (sorted blocks, the prefill path), with the tile sizes that path reads.
+A config names its path: "gemv" (the decode path: one program per (token, expert) pair for
+gate/up, one per token summing its k pairs for down) or "grouped" (sorted blocks, the prefill
+path), with the tile sizes that path reads. The H200 tune of qwen3-30b-a3b's down GEMM
+("128,2048,768", buckets 1 and 16) was dropped when the down GEMV became the kernel that sums
+the top-k (its tiles, timed per pair, would be [8, 16, 256] per program now: register spills);
+`python -m tesela.tune.moe --model qwen3-30b-a3b --buckets 1,16` re-times it.
 """
 
 from __future__ import annotations
@@ -32,8 +36,15 @@ def m_bucket(num_tokens: int) -> int:
     return max([b for b in M_BUCKETS if b <= max(num_tokens, 1)])
 
 
-def default_config(num_tokens: int) -> dict[str, Any]:
+def default_config(num_tokens: int, gemm: str = "gate_up") -> dict[str, Any]:
+    """`gemm`: "gate_up" or "down" (their GEMV kernels want different tiles)."""
     if num_tokens <= GEMV_MAX_TOKENS:
+        if gemm == "down":
+            # Its program holds all k pairs' tiles and its grid has M rows, not M*k: narrow N
+            # tiles give it enough programs (at M=1, H=2048: 512 of [8, 4, 256], 61 registers
+            # a thread on sm_90 with no spills; 16 KB of loads in flight each).
+            return {"path": "gemv", "BLOCK_N": 4, "BLOCK_K": 256, "num_warps": 8,
+                    "num_stages": 2}  # fmt: skip
         return {"path": "gemv", "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
     block_m = 16 if num_tokens <= 64 else 64
     return {
@@ -55,12 +66,17 @@ def _table(path: Path = CONFIG_FILE) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def get_config(
-    num_experts: int, n: int, k: int, num_tokens: int, table: dict | None = None
+    num_experts: int,
+    n: int,
+    k: int,
+    num_tokens: int,
+    table: dict | None = None,
+    gemm: str = "gate_up",
 ) -> dict[str, Any]:
     """The tuned config for this shape and token count (from `table`, by default the JSON
-    file), else the default."""
+    file), else the default for `gemm` ("gate_up" or "down")."""
     by_bucket = (_table() if table is None else table).get(shape_key(num_experts, n, k), {})
     # Only the token count's own bucket: a config tuned for 16 tokens (a GEMV, say) must not
     # serve a 4096-token prefill because the buckets between were never tuned.
     config = by_bucket.get(str(m_bucket(num_tokens)))
-    return dict(config) if config else default_config(num_tokens)
+    return dict(config) if config else default_config(num_tokens, gemm)
