@@ -294,6 +294,33 @@ MUTATIONS = {
         "out = y.to(tl.float32) + delta",
         LORA_KERNEL_TESTS,
     ),
+    "LoRA sgmv expand adds only the first K split's partial sums": (
+        KERNELS,
+        "for split in tl.static_range(SPLIT_K):",
+        "for split in tl.static_range(1):",
+        LORA_KERNEL_TESTS,
+    ),
+    "LoRA fused decode kernel's K steps skip a chunk": (
+        KERNELS,
+        "for k0 in range(0, K, K_UNROLL * BLOCK_K):",
+        "for k0 in range(0, K, (K_UNROLL + 1) * BLOCK_K):",
+        LORA_KERNEL_TESTS,
+    ),
+    "LoRA fused decode kernel reads A past the slot's rank": (
+        KERNELS,
+        "mask=(r < rank)[:, None] & (ks < K)[None, :]",
+        "mask=(ks < K)[None, :]",
+        LORA_KERNEL_TESTS,
+    ),
+    "a tuned LoRA tile changes a token's sum order (eager and graphs disagree)": (
+        "tesela/lora/tiles.py",
+        " else replace(LoRATiles(**entry), **order)\n",
+        " else LoRATiles(**entry)\n",
+        [
+            "tests/test_lora_kernels.py::"
+            "test_a_tuned_tile_serves_its_own_bucket_only_in_the_default_sum_order"
+        ],
+    ),
     "LoRA padding tokens get slot 0": (
         "tesela/lora/state.py",
         "self.token_slot[n:].fill_(NO_SLOT)",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
 from tesela.lora.kernels import GATHER, SGMV, reference_lora_delta, torch_lora, triton_lora
 from tesela.lora.state import NO_SLOT, LoRABuffers
+from tesela.lora.tiles import LoRATiles, gather_tiles, sgmv_tiles, tuned_tiles
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -86,3 +89,132 @@ def test_segment_walk_covers_blocks_spanning_many_segments():
     )
     torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
     assert (y[:n].abs().sum(dim=1) > 0).all()  # no segment skipped
+
+
+def random_case(num_tokens: int, slots: int, seed: int):
+    """Segments of random lengths and slots (slot -1 among them) over `num_tokens` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    segments, start = [], 0
+    while start < num_tokens:
+        end = min(num_tokens, start + int(torch.randint(1, 6, (1,), generator=g)))
+        segments.append((start, end, int(torch.randint(-1, slots, (1,), generator=g))))
+        start = end
+    return segments
+
+
+# (K, slice offsets, tiles): K not a multiple of BLOCK_K, slices wider than a column block and
+# of unequal sizes (column blocks past a slice's end), and for sgmv every way of splitting K.
+TILED = {
+    # 5 chunks of K, the last 8 wide, in 3 steps of 2 (the last step's second chunk empty)
+    "gather_k_tail": (72, (0, 40, 64), LoRATiles(1, 16, 16, 1, max_unroll=2)),
+    "gather_one_chunk": (72, (0, 24), LoRATiles(1, 32, 128, 1)),
+    "sgmv_split_4": (200, (0, 40, 64), LoRATiles(16, 16, 16, 4)),  # K planes of 64,64,64,8
+    "sgmv_split_13": (200, (0, 24), LoRATiles(16, 16, 16, 13)),  # one 16-wide step per plane
+    "sgmv_split_6_is_5": (200, (0, 40, 64), LoRATiles(16, 32, 16, 6)),  # 3 steps each: 5 used
+    "sgmv_unsplit": (72, (0, 40, 64), LoRATiles(32, 16, 16, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(TILED))
+def test_tiled_kernels_match_the_reference(case):
+    """Decode's fused kernel and the split-K sgmv pair against the fp64 reference, with base
+    rows, padding, ranks below the slot's width (junk past them) and reused slots."""
+    in_features, offsets, tiles = TILED[case]
+    style = GATHER if case.startswith("gather") else SGMV
+    n, slots, max_rank = 45, 3, 8
+    g = torch.Generator().manual_seed(len(case))
+    a = torch.randn(slots, len(offsets) - 1, max_rank, in_features, generator=g) * 0.2
+    b = torch.randn(slots, offsets[-1], max_rank, generator=g) * 0.2
+    # Slot 2 serves a rank-5 adapter now; its rows past rank 5 are junk, NaN here, so that
+    # both the A and the B rank masks matter (a finite junk row of one meets zeros of the other).
+    a[2, :, 5:] = b[2, :, 5:] = float("nan")
+    buffers = LoRABuffers.allocate(64, slots, "cpu")
+    buffers.write(random_case(n, slots, seed=len(case)), n)
+    buffers.ranks.copy_(torch.tensor([8, 1, 5], dtype=torch.int32))
+    buffers.scalings.copy_(torch.tensor([0.5, 3.0, 1.5]))
+    x, y0 = torch.randn(n + 6, in_features, generator=g), torch.randn(n + 6, offsets[-1])
+    y = y0.clone()
+    max_size = max(hi - lo for lo, hi in zip(offsets[:-1], offsets[1:], strict=True))
+    device_offsets = torch.tensor(offsets, dtype=torch.int32)
+    triton_lora(x, y, a, b, device_offsets, max_size, buffers, style, tiles)
+    expected = reference_lora_delta(
+        x, a, b, offsets, buffers.token_slot[: n + 6], buffers.ranks, buffers.scalings
+    )
+    torch.testing.assert_close((y - y0).double(), expected, atol=1e-4, rtol=1e-4)
+    base_rows = buffers.token_slot[: n + 6] == NO_SLOT  # base rows and padding: untouched
+    assert torch.equal(y[base_rows], y0[base_rows]) and (~base_rows).sum() > n // 2
+    assert (expected[~base_rows].abs().sum(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("in_features", [16, 72, 200, 1024, 3072])
+@pytest.mark.parametrize("split_k", [1, 2, 3, 5, 16])
+def test_k_splits_cover_k_once_and_each_owns_a_step(in_features, split_k):
+    """Every shrink plane the expand sums is written (no split without a K step), and the
+    splits' K ranges tile [0, K) exactly."""
+    tiles = LoRATiles(16, 16, 64, split_k)
+    per_split, splits = tiles.k_per_split(in_features), tiles.num_splits(in_features)
+    ranges = [(i * per_split, min((i + 1) * per_split, in_features)) for i in range(splits)]
+    assert per_split % 64 == 0 and splits <= split_k
+    assert all(lo < hi for lo, hi in ranges)
+    assert ranges[0][0] == 0 and ranges[-1][1] == in_features
+    assert all(ranges[i][1] == ranges[i + 1][0] for i in range(splits - 1))
+
+
+def test_a_tokens_sum_order_depends_on_the_shape_alone():
+    """The K step and the split planes (the order a token's shrink adds its products in) are
+    the same at every token count and for tuned tiles: a token's delta is the same in any
+    batch, eager (its own count) or in a graph (a padded size); prefill splits K."""
+    for K in (200, 1024, 3072, 14336):
+        sgmv = {(t.block_k, t.split_k) for n in (1, 16, 100, 1024, 8192)
+                for t in [sgmv_tiles(n, K, 2048, 3)]}  # fmt: skip
+        assert len(sgmv) == 1
+    assert sgmv_tiles(64, 3072, 1024, 1).num_splits(3072) == 12
+    decode = gather_tiles(3072, 2048, block_r=16)
+    steps = -(-3072 // (decode.block_k * decode.k_unroll(3072)))
+    assert steps <= 2  # one or two memory round trips for the shrink, not 48 serial steps
+
+
+def test_a_tuned_tile_serves_its_own_bucket_only_in_the_default_sum_order():
+    """Table lookup: a token count takes its own bucket's tuned tiles (20 tokens: bucket 32),
+    never a neighbour bucket's (33 tokens: bucket 64, untuned: the defaults); a tuned entry
+    never changes the sum order (its K step and splits are the default's)."""
+    default = sgmv_tiles(32, 1024, 2048, 3)
+    tiles = LoRATiles(32, 256, 64, 2, num_warps=8)
+    table = {"H100": {"bfloat16": {SGMV: {"1024,2048,3": {"32": asdict(tiles)}}}}}
+    look = functools.partial(tuned_tiles, table, "H100", torch.bfloat16, SGMV, "1024,2048,3")
+    tuned = replace(tiles, block_k=default.block_k, split_k=default.split_k)
+    assert look(20, default) == tuned and look(32, default) == tuned
+    assert look(33, default) is None and look(16, default) is None
+    assert tuned_tiles(table, "H200", torch.bfloat16, SGMV, "1024,2048,3", 32, default) is None
+    assert tuned_tiles(table, "H100", torch.float16, SGMV, "1024,2048,3", 32, default) is None
+    # Decode tiles: one per shape (their every field orders the sums), whatever the count.
+    gather = {"1024,2048,3": {"all": asdict(tiles)}}
+    table["H100"]["bfloat16"][GATHER] = gather
+    assert all(
+        tuned_tiles(table, "H100", torch.bfloat16, GATHER, "1024,2048,3", n, default) == tiles
+        for n in (1, 7, 300)
+    )
+
+
+@pytest.mark.parametrize("style", [GATHER, SGMV])
+def test_every_tile_the_tuner_tries_computes_the_same_delta(style):
+    """The tuner's candidates (run here on small shapes, a sample) are valid tiles:
+    each adds the delta the default tiles add, so the tuner's pick is a speed choice only."""
+    from tesela.tune.lora import Case, gather_candidates, sgmv_candidates
+
+    num_tokens, in_features, sizes = (3, 40, (24, 8)) if style == GATHER else (20, 200, (24, 8))
+    case = Case(style, in_features, sizes, num_tokens, 3, torch.float32, device="cpu")
+    default = (
+        gather_tiles(in_features, 24, 16)
+        if style == GATHER
+        else replace(sgmv_tiles(num_tokens, in_features, 24, 2), block_k=16, split_k=4)
+    )
+    expected = case.output(default)
+    candidates = (
+        gather_candidates(default)
+        if style == GATHER
+        else sgmv_candidates(default, 0) + sgmv_candidates(default, 1, default)
+    )
+    for tiles in candidates[:: 3 if style == GATHER else 4]:
+        torch.testing.assert_close(case.output(tiles), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, case.y0)

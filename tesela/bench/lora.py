@@ -140,10 +140,20 @@ def run_lora(args: argparse.Namespace) -> int:
             )
             lora.lora_manager.add_adapter(LoRARequest(f"a{i}", i + 1, str(path)))
         results["lora"] = measure(lora, args, batch_sizes, adapters=args.num_adapters)
+    results["lora_launches_per_layer"] = launches_per_layer(lora, model_config)
     results["batch_sizes"] = batch_sizes
     write_outputs(results, Path(args.output_dir), f"lora-{args.model}", plot=False)
     print(format_lora_table(results))
     return 0
+
+
+def launches_per_layer(runner, model_config) -> dict[str, int]:
+    """LoRA kernel launches one decoder layer adds, per kernel style (decode: gather; prefill
+    through FULL mixed or piecewise graphs: sgmv)."""
+    from tesela.lora.kernels import GATHER, SGMV, launches_per_target
+
+    targets = len(runner.lora_manager.targets) // model_config.num_hidden_layers
+    return {style: targets * launches_per_target(style) for style in (GATHER, SGMV)}
 
 
 def _device_name(device: torch.device) -> str:
@@ -174,6 +184,11 @@ def format_lora_table(results: dict) -> str:
                 f"{lora[f'{key}/eager']:.3f} | {base[f'{key}/graphs']:.3f} | "
                 f"{lora[f'{key}/graphs']:.3f} | {ratio:.2f} | {lora[f'{key}/max_abs_err']:.1e} |"
             )
+    launches = results["lora_launches_per_layer"]
+    lines.append(
+        f"LoRA kernel launches per layer: decode {launches['gather']} (fused gather), "
+        f"prefill {launches['sgmv']} (sgmv shrink + expand)"
+    )
     gib, base_graphs = 2**30, base["graph_memory_bytes"]
     growth = f"{lora['graph_memory_bytes'] / base_graphs:.2f}x" if base_graphs else "n/a on CPU"
     lines.append(

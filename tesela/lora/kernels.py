@@ -1,4 +1,4 @@
-"""Segmented LoRA kernels in Triton (shrink and expand), and the torch reference.
+"""Segmented LoRA kernels in Triton (tiles: tesela/lora/tiles.py), and the torch reference.
 
 For a target with slices j (q/k/v of `qkv_proj`, gate/up of `gate_up_proj`, one for the
 others) and a token t served by adapter slot `slot`:
@@ -9,12 +9,22 @@ others) and a token t served by adapter slot `slot`:
 Two styles read the same persistent buffers of the per-batch LoRA state:
 - `sgmv` (extend/mixed): programs own fixed blocks of BLOCK_M tokens and walk the segments
   (runs of consecutive tokens sharing an adapter) that overlap their block, so any number of
-  segments is served and none is skipped;
-- `gather` (decode): one program per token reads its slot from `token_slot`.
+  segments is served and none is skipped. The shrink is split over K (`split_k` programs per
+  block and slice, each writing its partial sums to its own plane of `s`; no atomics) so that a
+  prefill fills the GPU instead of walking K=1024..3072 serially in a few dozen programs; the
+  expand adds the planes up in order.
+- `gather` (decode): one fused launch per target. Program (token, column block, slice) reads
+  its slot from `token_slot`, loads its B and y columns, recomputes its token's s (A is 16 x K:
+  small; K in steps of a few unrolled chunks whose loads are in flight together) and adds its
+  columns of the delta. Half the launches of shrink + expand and no s buffer: at decode sizes
+  a LoRA kernel costs its launch and memory latency, not its bytes.
+A token's sum order (K step, split planes) depends on the target's shape alone
+(`LoRATiles.ORDER_FIELDS`), so its delta is bit-identical in any batch, eager or replayed.
 Launch grids depend only on the (padded) token count and the target's shape, never on the
 batch: a graph captured at one size is right for every batch replayed at that size. Tokens of
-the base model and padding carry slot -1 and cost no work; a slot's rank masks its weights, so
-a smaller adapter in a reused slot never reads the previous one's rows.
+the base model and padding carry slot -1 and cost no work (and add nothing; the sgmv expand
+never reads the s rows the shrink skipped); a slot's rank masks its weights, so a smaller
+adapter in a reused slot never reads the previous one's rows.
 """
 
 from __future__ import annotations
@@ -23,16 +33,12 @@ import functools
 
 import torch
 
-SGMV, GATHER = "sgmv", "gather"
+from tesela.lora.tiles import GATHER, SGMV, LoRATiles, choose_tiles, rank_block
 
 
-def rank_block(max_lora_rank: int) -> int:
-    """The rank width of the shrink output and of the kernels' rank tiles (tl.dot needs 16)."""
-    return max(16, 1 << (max_lora_rank - 1).bit_length())
-
-
-def _pow2_block(n: int, cap: int) -> int:
-    return max(16, min(cap, 1 << (max(n, 1) - 1).bit_length()))
+def launches_per_target(style: str) -> int:
+    """Kernel launches one LoRA target costs (shrink + expand, or the fused gather kernel)."""
+    return 2 if style == SGMV else 1
 
 
 @functools.cache
@@ -43,15 +49,19 @@ def _kernels():
     @triton.jit
     def shrink_sgmv(
         x_ptr, a_ptr, s_ptr, token_seg_ptr, seg_start_ptr, seg_slot_ptr, ranks_ptr,
-        num_tokens, K, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank, stride_sm,
+        num_tokens, K, k_per_split, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank,
+        stride_s_split, stride_sm,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         IEEE: tl.constexpr,
     ):  # fmt: skip
-        pid_m, j = tl.program_id(0), tl.program_id(1)
+        pid_m, j, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         m_start = pid_m * BLOCK_M
         m_end = tl.minimum(m_start + BLOCK_M, num_tokens)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
         rows = m_start + tl.arange(0, BLOCK_M)
         r = tl.arange(0, BLOCK_R)
+        s_base = s_ptr + pid_k.to(tl.int64) * stride_s_split
         seg = tl.load(token_seg_ptr + m_start)
         seg_lo = tl.load(seg_start_ptr + seg)
         while seg_lo < m_end:
@@ -62,22 +72,22 @@ def _kernels():
                 row_mask = (rows >= seg_lo) & (rows < seg_hi) & (rows < m_end)
                 a_base = a_ptr + slot.to(tl.int64) * stride_a_slot + j * stride_a_slice
                 acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
+                for k0 in range(k_lo, k_hi, BLOCK_K):
                     ks = k0 + tl.arange(0, BLOCK_K)
                     xt = tl.load(
                         x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
-                        mask=row_mask[:, None] & (ks < K)[None, :], other=0.0,
+                        mask=row_mask[:, None] & (ks < k_hi)[None, :], other=0.0,
                     )  # fmt: skip
                     at = tl.load(
                         a_base + r[None, :] * stride_a_rank + ks[:, None],
-                        mask=(r < rank)[None, :] & (ks < K)[:, None], other=0.0,
+                        mask=(r < rank)[None, :] & (ks < k_hi)[:, None], other=0.0,
                     )  # fmt: skip
                     if IEEE:
                         acc += tl.dot(xt, at, input_precision="ieee")
                     else:
                         acc += tl.dot(xt, at)
                 s_offs = rows[:, None].to(tl.int64) * stride_sm + j * BLOCK_R + r[None, :]
-                tl.store(s_ptr + s_offs, acc, mask=row_mask[:, None])
+                tl.store(s_base + s_offs, acc, mask=row_mask[:, None])
             seg += 1
             seg_lo = seg_hi
 
@@ -85,9 +95,9 @@ def _kernels():
     def expand_sgmv(
         s_ptr, b_ptr, y_ptr, slice_off_ptr, token_seg_ptr, seg_start_ptr, seg_slot_ptr,
         ranks_ptr, scalings_ptr,
-        num_tokens, stride_sm, stride_b_slot, stride_b_row, stride_ym,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        IEEE: tl.constexpr,
+        num_tokens, stride_s_split, stride_sm, stride_b_slot, stride_b_row, stride_ym,
+        SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         pid_m, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offset = tl.load(slice_off_ptr + j)
@@ -109,7 +119,12 @@ def _kernels():
                     scaling = tl.load(scalings_ptr + slot)
                     row_mask = (rows >= seg_lo) & (rows < seg_hi) & (rows < m_end)
                     s_offs = rows[:, None].to(tl.int64) * stride_sm + j * BLOCK_R + r[None, :]
-                    st = tl.load(s_ptr + s_offs, mask=row_mask[:, None], other=0.0)
+                    st = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                    for split in tl.static_range(SPLIT_K):  # the shrink's K planes, in order
+                        st += tl.load(
+                            s_ptr + split * stride_s_split + s_offs,
+                            mask=row_mask[:, None], other=0.0,
+                        )  # fmt: skip
                     b_offs = (
                         slot.to(tl.int64) * stride_b_slot
                         + (offset + cols)[None, :].to(tl.int64) * stride_b_row
@@ -131,33 +146,12 @@ def _kernels():
                 seg_lo = seg_hi
 
     @triton.jit
-    def shrink_gather(
-        x_ptr, a_ptr, s_ptr, token_slot_ptr, ranks_ptr,
-        K, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank, stride_sm,
-        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    ):  # fmt: skip
-        t, j = tl.program_id(0), tl.program_id(1)
-        slot = tl.load(token_slot_ptr + t)
-        if slot >= 0:
-            rank = tl.load(ranks_ptr + slot)
-            r = tl.arange(0, BLOCK_R)
-            a_base = a_ptr + slot.to(tl.int64) * stride_a_slot + j * stride_a_slice
-            acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                xk = tl.load(x_ptr + t.to(tl.int64) * stride_xm + ks, mask=ks < K, other=0.0)
-                at = tl.load(
-                    a_base + r[:, None] * stride_a_rank + ks[None, :],
-                    mask=(r < rank)[:, None] & (ks < K)[None, :], other=0.0,
-                )  # fmt: skip
-                acc += tl.sum(at.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
-            tl.store(s_ptr + t.to(tl.int64) * stride_sm + j * BLOCK_R + r, acc)
-
-    @triton.jit
-    def expand_gather(
-        s_ptr, b_ptr, y_ptr, slice_off_ptr, token_slot_ptr, ranks_ptr, scalings_ptr,
-        stride_sm, stride_b_slot, stride_b_row, stride_ym,
-        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    def lora_gather(
+        x_ptr, a_ptr, b_ptr, y_ptr, slice_off_ptr, token_slot_ptr, ranks_ptr, scalings_ptr,
+        K, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank, stride_b_slot,
+        stride_b_row, stride_ym,
+        K_UNROLL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
     ):  # fmt: skip
         t, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         slot = tl.load(token_slot_ptr + t)
@@ -167,21 +161,39 @@ def _kernels():
             rank = tl.load(ranks_ptr + slot)
             scaling = tl.load(scalings_ptr + slot)
             r = tl.arange(0, BLOCK_R)
+            # B and y first: their loads depend only on the slot, so they are in flight with
+            # the shrink's (the compiler does not move loads across the shrink's reduction).
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             col_mask = cols < size
-            st = tl.load(s_ptr + t.to(tl.int64) * stride_sm + j * BLOCK_R + r)
             b_offs = (
                 slot.to(tl.int64) * stride_b_slot
                 + (offset + cols)[:, None].to(tl.int64) * stride_b_row
                 + r[None, :]
             )
             bt = tl.load(b_ptr + b_offs, mask=col_mask[:, None] & (r < rank)[None, :], other=0.0)
-            delta = tl.sum(bt.to(tl.float32) * st[None, :], axis=1) * scaling
             y_offs = t.to(tl.int64) * stride_ym + offset + cols
             y = tl.load(y_ptr + y_offs, mask=col_mask, other=0.0)
+            # Shrink: K_UNROLL chunks per step are unrolled, so their loads issue back to back
+            # (one memory round trip per step, not per chunk; at most ~2K elements of A in
+            # registers); one cross-thread sum at the end.
+            a_base = a_ptr + slot.to(tl.int64) * stride_a_slot + j * stride_a_slice
+            x_base = x_ptr + t.to(tl.int64) * stride_xm
+            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, K_UNROLL * BLOCK_K):
+                for c in tl.static_range(K_UNROLL):
+                    ks = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
+                    xk = tl.load(x_base + ks, mask=ks < K, other=0.0)
+                    at = tl.load(
+                        a_base + r[:, None] * stride_a_rank + ks[None, :],
+                        mask=(r < rank)[:, None] & (ks < K)[None, :], other=0.0,
+                    )  # fmt: skip
+                    acc += at.to(tl.float32) * xk.to(tl.float32)[None, :]
+            s = tl.sum(acc, axis=1)
+            # Expand: this program's BLOCK_N columns of the slice.
+            delta = tl.sum(bt.to(tl.float32) * s[None, :], axis=1) * scaling
             tl.store(y_ptr + y_offs, (y.to(tl.float32) + delta).to(y.dtype), mask=col_mask)
 
-    return shrink_sgmv, expand_sgmv, shrink_gather, expand_gather
+    return shrink_sgmv, expand_sgmv, lora_gather
 
 
 def triton_lora(
@@ -193,47 +205,55 @@ def triton_lora(
     max_slice_size: int,
     state,
     style: str,
+    tiles: LoRATiles | None = None,
 ) -> None:
     """y += LoRA(x) for every token of x (x/y may be padded past the batch's tokens).
 
     a: [slots, slices, max_rank, in]; b: [slots, out, max_rank]; `state` holds the persistent
-    per-batch buffers (token_slot, token_seg, seg_start, seg_slot, ranks, scalings)."""
-    shrink_sgmv, expand_sgmv, shrink_gather, expand_gather = _kernels()
+    per-batch buffers (token_slot, token_seg, seg_start, seg_slot, ranks, scalings); `tiles`
+    overrides the tile choice (tests)."""
     num_tokens, K = x.shape
-    num_slices = a.shape[1]
-    block_r = rank_block(a.shape[2])
+    num_slices, block_r = a.shape[1], rank_block(a.shape[2])
     assert a.stride(3) == 1 and b.stride(2) == 1 and x.stride(1) == 1 and y.stride(1) == 1
-    s = torch.empty(num_tokens, num_slices * block_r, dtype=torch.float32, device=x.device)
-    block_k = _pow2_block(K, 64)
-    block_n = _pow2_block(max_slice_size, 64)
-    n_blocks = -(-max_slice_size // block_n)
-    ieee = x.dtype == torch.float32
-    a_strides = (a.stride(0), a.stride(1), a.stride(2))
+    assert style in (SGMV, GATHER), style
+    tiles = tiles or choose_tiles(style, num_tokens, K, max_slice_size, num_slices, block_r, x)
     if style == SGMV:
-        block_m = 32 if num_tokens >= 32 else 16
-        m_blocks = -(-num_tokens // block_m)
-        shrink_sgmv[(m_blocks, num_slices)](
-            x, a, s, state.token_seg, state.seg_start, state.seg_slot, state.ranks,
-            num_tokens, K, x.stride(0), *a_strides, s.stride(0),
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee,
-        )  # fmt: skip
-        expand_sgmv[(m_blocks, n_blocks, num_slices)](
-            s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
-            state.ranks, state.scalings,
-            num_tokens, s.stride(0), b.stride(0), b.stride(1), y.stride(0),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=ieee,
-        )  # fmt: skip
+        _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles)
         return
-    assert style == GATHER, style
-    shrink_gather[(num_tokens, num_slices)](
-        x, a, s, state.token_slot, state.ranks,
-        K, x.stride(0), *a_strides, s.stride(0),
-        BLOCK_K=block_k, BLOCK_R=block_r,
+    _, _, lora_gather = _kernels()
+    grid = (num_tokens, -(-max_slice_size // tiles.block_n), num_slices)
+    lora_gather[grid](
+        x, a, b, y, slice_offsets, state.token_slot, state.ranks, state.scalings,
+        K, x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
+        y.stride(0),
+        K_UNROLL=tiles.k_unroll(K), BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
+        BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
-    expand_gather[(num_tokens, n_blocks, num_slices)](
-        s, b, y, slice_offsets, state.token_slot, state.ranks, state.scalings,
-        s.stride(0), b.stride(0), b.stride(1), y.stride(0),
-        BLOCK_N=block_n, BLOCK_R=block_r,
+
+
+def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATiles) -> None:
+    """Shrink into `split_k` fp32 planes of s (each (block, slice, split) program owns its K
+    range), then expand, summing the planes in a fixed order."""
+    shrink_sgmv, expand_sgmv, _ = _kernels()
+    num_tokens, K = x.shape
+    num_slices, block_r = a.shape[1], rank_block(a.shape[2])
+    split_k = tiles.num_splits(K)
+    s = torch.empty(split_k, num_tokens, num_slices * block_r, dtype=torch.float32, device=x.device)
+    m_blocks = -(-num_tokens // tiles.block_m)
+    ieee = x.dtype == torch.float32
+    shrink_sgmv[(m_blocks, num_slices, split_k)](
+        x, a, s, state.token_seg, state.seg_start, state.seg_slot, state.ranks,
+        num_tokens, K, tiles.k_per_split(K), x.stride(0), a.stride(0), a.stride(1),
+        a.stride(2), s.stride(0), s.stride(1),
+        BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r, IEEE=ieee,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+    expand_sgmv[(m_blocks, -(-max_slice_size // tiles.block_n), num_slices)](
+        s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
+        state.ranks, state.scalings,
+        num_tokens, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
+        SPLIT_K=split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
+        IEEE=ieee, num_warps=tiles.expand_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
 
 

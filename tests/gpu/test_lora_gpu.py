@@ -12,8 +12,14 @@ from tesela.lora.adapter import write_random_adapter
 from tesela.lora.kernels import GATHER, SGMV, reference_lora_delta, triton_lora
 from tesela.lora.state import NO_SLOT, LoRABuffers
 
-# Llama-3-8B's qkv (q 4096, k 1024, v 1024 rows over a 4096 input) and its down projection.
-SHAPES = {"qkv": (4096, (0, 4096, 5120, 6144)), "down": (14336, (0, 4096))}
+# Llama-3-8B's qkv (q 4096, k 1024, v 1024 rows over a 4096 input) and its down projection;
+# a ragged target (K and slices not multiples of any tile: the masked tails of the fused decode
+# kernel's K chunks and of the split-K shrink's last split).
+SHAPES = {
+    "qkv": (4096, (0, 4096, 5120, 6144)),
+    "down": (14336, (0, 4096)),
+    "ragged": (1000, (0, 700, 1000)),
+}
 
 
 def random_segments(num_tokens: int, slots: int, seed: int) -> list[tuple[int, int, int]]:
@@ -29,7 +35,7 @@ def random_segments(num_tokens: int, slots: int, seed: int) -> list[tuple[int, i
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("style", [SGMV, GATHER])
-@pytest.mark.parametrize("num_tokens", [1, 7, 32, 300])
+@pytest.mark.parametrize("num_tokens", [1, 7, 32, 300, 1024])
 def test_kernels_bf16_match_the_reference(shape, style, num_tokens):
     in_features, offsets = SHAPES[shape]
     slots, max_rank = 4, 16
@@ -39,7 +45,7 @@ def test_kernels_bf16_match_the_reference(shape, style, num_tokens):
     b = (torch.randn(slots, offsets[-1], max_rank, generator=generator) * 0.05).bfloat16().cuda()
     x = torch.randn(num_tokens + 5, in_features, generator=generator).bfloat16().cuda()
     y0 = torch.randn(num_tokens + 5, offsets[-1], generator=generator).bfloat16().cuda()
-    buffers = LoRABuffers.allocate(512, slots, "cuda")
+    buffers = LoRABuffers.allocate(2048, slots, "cuda")
     segments = random_segments(num_tokens, slots, seed=num_tokens)
     buffers.write(segments, num_tokens)
     buffers.ranks.copy_(torch.tensor([16, 8, 16, 4], dtype=torch.int32))
