@@ -536,6 +536,22 @@ MUTATIONS = {
         "",
         ["tests/test_dispatcher.py::test_released_graphs_leave_an_eager_runner_that_still_serves"],
     ),
+    "a length stop counts the token in flight (overlap drops the last token)": (
+        "tesela/engine/request.py",
+        "        if len(self.prompt_token_ids) + len(self.output_token_ids) >= max_model_len:\n",
+        "        if self.num_tokens >= max_model_len:\n",
+        [
+            "tests/test_overlap.py::test_a_request_ending_at_max_model_len_keeps_its_last_token_in_flight"
+        ],
+    ),
+    "sampling graphs serve a decode batch with a row that does not sample": (
+        "tesela/executor/model_runner.py",
+        "        every_row = batch.logits_indices.shape[0] == batch.batch_size\n",
+        "        every_row = True\n",
+        [
+            "tests/test_dispatcher.py::test_a_decode_batch_with_a_row_that_does_not_sample_samples_the_others"
+        ],
+    ),
     "custom all-reduce takes every message size": (
         "tesela/distributed/custom_all_reduce.py",
         "    if nbytes <= TWO_SHOT_MAX_BYTES:\n",

@@ -122,6 +122,34 @@ def test_sampling_graphs_draw_what_eager_sampling_draws(runner):
     assert {True, False} == {bool(decode.sampling.greedy[0]), bool(decode.sampling.greedy[1])}
 
 
+def test_a_decode_batch_with_a_row_that_does_not_sample_samples_the_others(runner):
+    """A one-token recompute chunk short of its sequence's end is a decode row that samples
+    nothing (a token budget of 3 makes them): the step's tokens are those of the sampling rows
+    only, one per row, drawn from their own logits (the sampling graphs draw every row)."""
+    from tesela.engine.sampling_params import SamplingParams
+    from tesela.executor.sampling import SamplingTensors, SamplingVariant, sample
+
+    runner.forward_eager(batch([(0, 9), (0, 12), (0, 30)], seed=1))
+    generator = torch.Generator().manual_seed(2)
+    tokens = [torch.randint(0, 258, (1,), generator=generator).tolist() for _ in range(3)]
+    decode = ForwardBatch.build(
+        token_ids=tokens,
+        prefix_lens=[9, 12, 30],
+        block_tables=[list(range(1 + 8 * i, 9 + 8 * i)) for i in range(3)],
+        block_size=BLOCK,
+        device="cpu",
+        logits_rows=[0, 2],  # row 1 is mid-recompute: no token to draw
+    )
+    assert runner.dispatcher.choose(decode) == (RunPath.FULL_DECODE, None)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0)]
+    vocab = runner.config.model_config.vocab_size
+    tensors = SamplingTensors.build(params, [3, 4], [0, 0], vocab, "cpu")
+    got = runner.forward_sample(decode, tensors, SamplingVariant.all()[0])
+    logits = runner.compute_logits(runner.forward_eager(decode)[decode.logits_indices])
+    assert got.tokens.tolist() == sample(logits, tensors, SamplingVariant.all()[0]).tokens.tolist()
+    assert got.tokens.shape[0] == 2
+
+
 def test_released_graphs_leave_an_eager_runner_that_still_serves():
     """Shutdown frees the graphs before the NCCL group goes (its teardown blocks while they
     live): afterwards no graph runner is reachable and batches still run, eagerly."""

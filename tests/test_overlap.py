@@ -151,6 +151,20 @@ def test_preemption_under_overlap_completes_every_request_unchanged(reference):
     assert small.scheduler.num_preemptions > 0
 
 
+def test_a_request_ending_at_max_model_len_keeps_its_last_token_in_flight():
+    """Prompt + max_tokens = max_model_len: under overlap the last token is launched while the
+    one before is in flight. Reading that one back must not end the request by length (the
+    in-flight token was scheduled because it fits): overlap on and off return the same tokens."""
+    prompt = list(range(5, 25))  # 20 token ids
+    results = {
+        overlap: run(make_engine(overlap, max_model_len=28), [prompt], GREEDY)
+        for overlap in (False, True)
+    }
+    assert [len(t) for t in tokens(results[True])] == [GREEDY.max_tokens]
+    assert tokens(results[True]) == tokens(results[False])
+    assert results[True][0][0].finish_reason == "length"
+
+
 def test_abort_with_a_token_in_flight_frees_its_blocks(reference, overlapped):
     expected = tokens(run(reference, PROMPTS, GREEDY))
     ids = [f"req-{i}" for i in range(len(PROMPTS))]

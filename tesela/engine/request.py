@@ -101,6 +101,8 @@ class Request:
             return "stop"
         if len(self.output_token_ids) >= self.params.max_tokens:
             return "length"
-        if self.num_tokens >= max_model_len:
+        # Host-known tokens only: a token already in flight (overlap) was scheduled because it
+        # fits, and ending the request here would drop it.
+        if len(self.prompt_token_ids) + len(self.output_token_ids) >= max_model_len:
             return "length"
         return None
