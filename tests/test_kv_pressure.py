@@ -69,12 +69,22 @@ def roomy_reference(backend: str) -> list[list[int]]:
     return _references[backend]
 
 
-def check_under_pressure(backend: str, budget: int, graphs: bool = False) -> int:
+def check_under_pressure(
+    backend: str, budget: int, graphs: bool = False, overlap: str = "auto"
+) -> int:
+    """`overlap` "on": the next step is scheduled while this one's tokens are in flight, so
+    preemptions and length stops meet requests with a token in flight (the pool's 28-token
+    max_model_len is exactly prompt + max_tokens for one of the Triton prompts)."""
     prompts, params, pool_tokens = WORKLOADS[backend]
     # A budget of one token runs one request at a time (see below): a few show it.
     num_requests = (2 if backend == "torch" else 1) if budget == 1 else len(prompts)
     llm, outputs = generate(
-        backend, num_requests, graphs, num_kv_tokens=pool_tokens, max_num_batched_tokens=budget
+        backend,
+        num_requests,
+        graphs,
+        num_kv_tokens=pool_tokens,
+        max_num_batched_tokens=budget,
+        overlap_schedule=overlap,
     )
     # Greedy tokens do not depend on the batch (tests/test_engine.py), so a prefix of the
     # roomy run is the reference of a prefix of the requests.
@@ -108,6 +118,12 @@ def test_torch_backend_under_kv_pressure(budget):
     assert preemptions >= expected_min_preemptions("torch", budget)
 
 
+@pytest.mark.parametrize("budget", [3, 64])
+def test_torch_backend_under_kv_pressure_with_overlap(budget):
+    preemptions = check_under_pressure("torch", budget, overlap="on")
+    assert preemptions >= expected_min_preemptions("torch", budget)
+
+
 @pytest.fixture
 def interpreted():
     if not INTERPRETED_HERE:
@@ -115,10 +131,12 @@ def interpreted():
 
 
 @pytest.mark.parametrize(
-    ("budget", "graphs"), [(1, False), (3, False), (3, True), (64, True)], ids=str
+    ("budget", "graphs", "overlap"),
+    [(1, False, "off"), (3, False, "off"), (3, True, "off"), (64, True, "off"), (3, True, "on")],
+    ids=str,
 )
-def test_triton_backend_under_kv_pressure(interpreted, budget, graphs):
-    preemptions = check_under_pressure("triton", budget, graphs)
+def test_triton_backend_under_kv_pressure(interpreted, budget, graphs, overlap):
+    preemptions = check_under_pressure("triton", budget, graphs, overlap)
     assert preemptions >= expected_min_preemptions("triton", budget)
 
 
