@@ -139,9 +139,10 @@ class EngineArgs:
     )
     custom_all_reduce: bool = _option(
         False,
-        "reduce small tensor-parallel messages over NVLink peer memory (symmetric memory) "
-        "where every rank can, NCCL above (default: NCCL for all; measured no faster inside "
-        "decode graphs on 2 x H200)",
+        "experimental: reduce small tensor-parallel messages over NVLink peer memory "
+        "(symmetric memory) where every rank can, NCCL above (default: NCCL for all; it "
+        "measured no faster inside decode graphs, and the TP engine tests failed with it on "
+        "in one GPU run)",
     )
     overlap_schedule: str = _option(
         "auto",

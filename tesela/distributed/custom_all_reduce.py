@@ -19,7 +19,9 @@ off on purpose.
 Off by default: inside a whole llama-3-8b decode step at TP=2 it measured no faster than
 NCCL (2 x H200, runs interleaved: batch 1 4.135 / 3.904 ms against 3.905 / 3.913; batch 32
 4.649 / 4.415 against 4.409 / 4.398), though faster alone (per layer 15-16 us against 20-22 at
-1 token). `--custom-all-reduce` turns it on.
+1 token). `--custom-all-reduce` turns it on, as an experiment: in one GPU run with it on by
+default, the TP engine tests with piecewise graphs failed and the FULL mixed one hung (the
+cause was not found: the log was cut), while the kernel test against NCCL passes.
 
 The kernels synchronise through signal pads, never through the host, so they run inside
 CUDA graphs; every rank must issue the same reductions in the same order, which the graph
