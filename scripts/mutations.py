@@ -552,6 +552,12 @@ MUTATIONS = {
             "tests/test_dispatcher.py::test_a_decode_batch_with_a_row_that_does_not_sample_samples_the_others"
         ],
     ),
+    "GEMV tuner cases miss the padded vocabulary shard": (
+        "tesela/tune/gemv.py",
+        "    vocab = padded_vocab(mc.vocab_size, size) // size\n",
+        "    vocab = mc.vocab_size // size\n",
+        ["tests/test_tune_gemv.py"],
+    ),
     "custom all-reduce takes every message size": (
         "tesela/distributed/custom_all_reduce.py",
         "    if nbytes <= TWO_SHOT_MAX_BYTES:\n",

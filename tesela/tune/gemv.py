@@ -5,6 +5,7 @@ candidate Triton config; keep a config only where it is correct (within one bf16
 unfused path) and faster by `--margin`.
 
     python -m tesela.tune.gemv --models qwen3-0.6b,llama-3.2-1b
+    python -m tesela.tune.gemv --models llama-3-8b --tensor-parallel-size 1,2   # TP shards
 
 Timing replays a CUDA graph of many calls, as the decode graph runs them, each call on its own
 copy of the weight so that the copies together overflow L2 (in a decode step no weight is in
@@ -22,19 +23,34 @@ import torch
 import torch.nn.functional as F
 
 from tesela.config import ModelConfig
+from tesela.distributed.sharding import Section, check_tp_shapes, padded_vocab
 from tesela.layers import fused, gemv
 from tesela.presets import PRESETS
 
 L2_OVERFLOW_BYTES = 256 * 2**20
 
 
-def tuned_cases(preset: str) -> list[tuple[str, int, int]]:
-    """(prologue, N, K) of each small-M call a decode step of a preset model makes."""
+def tuned_cases(preset: str, tensor_parallel_size: int = 1) -> list[tuple[str, int, int]]:
+    """(prologue, N, K) of each small-M call a decode step of a preset model makes on one rank
+    of `tensor_parallel_size` (the shard shapes of tesela/distributed/sharding.py: qkv and
+    gate_up split their rows, o and down their columns, the LM head its padded vocabulary)."""
     mc = ModelConfig.from_hf_dict(PRESETS[preset])
-    h, q, kv, inter = mc.hidden_size, mc.q_size, mc.kv_size, mc.intermediate_size
-    plain = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter), (mc.vocab_size, h)]
+    size = tensor_parallel_size
+    check_tp_shapes(
+        num_attention_heads=mc.num_attention_heads,
+        num_key_value_heads=mc.num_key_value_heads,
+        intermediate_size=mc.intermediate_size,
+        tensor_parallel_size=size,
+    )
+    h, q = mc.hidden_size, mc.q_size // size
+    kv = Section(mc.num_key_value_heads, mc.head_dim).rank_rows(0, size)[1]
+    inter = mc.intermediate_size // size
+    vocab = padded_vocab(mc.vocab_size, size) // size
+    plain = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter), (vocab, h)]
     cases = [("none", n, k) for n, k in plain]
-    cases += [("norm", q + 2 * kv, h), ("norm", 2 * inter, h), ("silu", h, inter)]
+    cases += [("norm", q + 2 * kv, h), ("norm", 2 * inter, h)]
+    if size == 1:  # at TP > 1 the activation runs apart from the row-parallel down_proj
+        cases.append(("silu", h, inter))
     return cases
 
 
@@ -144,6 +160,11 @@ def tune_case(prologue, n, k, margin, dtype, plain_choices) -> tuple[dict, list[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="qwen3-0.6b,llama-3.2-1b")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        default="1",
+        help="comma-separated sizes whose per-rank shard shapes to tune (e.g. 1,2)",
+    )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--margin", type=float, default=0.03, help="Triton must win by this")
     parser.add_argument("--output", default=str(gemv.TABLE_PATH))
@@ -152,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("tesela.tune.gemv times kernels on a CUDA GPU: run it on one")
     dtype = getattr(torch, args.dtype)
-    cases = {case for m in args.models.split(",") for case in tuned_cases(m)}
+    sizes = [int(v) for v in args.tensor_parallel_size.split(",")]
+    cases = {
+        case for m in args.models.split(",") for size in sizes for case in tuned_cases(m, size)
+    }
     output = Path(args.output)
     table = json.loads(output.read_text()) if output.is_file() else {}
     device = torch.cuda.get_device_name()

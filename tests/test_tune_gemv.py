@@ -1,0 +1,48 @@
+"""The GEMV tuner's cases (tesela/tune/gemv.py) are the shapes a decode step really multiplies,
+at every tensor-parallel size: the table is keyed by (N, K), so a case that misses a shard shape
+leaves that layer untuned (it silently runs the unfused path) on the ranks that use it."""
+
+import pytest
+import torch
+
+from tesela.config import ModelConfig
+from tesela.distributed.group import TPGroup
+from tesela.models.registry import model_class
+from tesela.presets import PRESETS
+from tesela.tune.gemv import tuned_cases
+
+
+def rank_linear_shapes(preset: str, size: int) -> set[tuple[int, int]]:
+    """(N, K) of every matmul weight of rank 0's layer 0 and LM head, built on the meta device."""
+    config = ModelConfig.from_hf_dict(PRESETS[preset])
+    with torch.device("meta"):
+        model = model_class(config)(config, TPGroup(0, size, "unused"))
+    layer = model.model.layers[0]
+    weights = [
+        layer.self_attn.qkv_proj.weight,
+        layer.self_attn.o_proj.weight,
+        layer.mlp.gate_up_proj.weight,
+        layer.mlp.down_proj.weight,
+        model.lm_head.weight,
+    ]
+    return {tuple(w.shape) for w in weights}
+
+
+@pytest.mark.parametrize(
+    ("preset", "size"),
+    [("tiny", 1), ("tiny", 4), ("llama-3-8b", 2), ("qwen3-0.6b", 2), ("llama-3.2-1b", 16)],
+)
+def test_cases_are_the_shard_shapes_of_rank_0(preset, size):
+    """tiny at 4 replicates its 2 KV heads and pads its 258-word vocabulary; llama-3.2-1b at 16
+    replicates 8 KV heads twice."""
+    cases = tuned_cases(preset, size)
+    assert {(n, k) for prologue, n, k in cases if prologue == "none"} == rank_linear_shapes(
+        preset, size
+    )
+    # The fused prologues ride on qkv / gate_up; silu + down_proj only where down is whole.
+    assert {p for p, _, _ in cases} == ({"none", "norm", "silu"} if size == 1 else {"none", "norm"})
+
+
+def test_a_size_that_cannot_split_is_refused():
+    with pytest.raises(ValueError, match="does not divide"):
+        tuned_cases("qwen3-0.6b", 3)
