@@ -8,7 +8,9 @@
 #     click==8.5.1 h11==0.16.0 httpx==0.28.1 httpcore==1.0.9 certifi==2026.5.20
 # Usage: scripts/gpu_check.sh [steps...]
 #   steps: tests tests-all bench-prefill bench-decode bench-latency bench-lora bench-serve
-#          bench-serve-prefix generate doctor
+#          bench-serve-prefix generate doctor tune
+#   tune rewrites the checked-in tile tables (GEMV incl. llama-3-8b TP shards, MoE, LoRA) on
+#   this GPU; the new tables land in $OUT/results.tgz under tables/ to be committed.
 set -uo pipefail
 OUT=${OUT:-.}
 RES=/tmp/results
@@ -61,6 +63,15 @@ for step in $steps; do
         --output-dir "$RES/serve-prefix" 2>&1 | tee "$RES/bench-serve-prefix.log" | tail -12 ;;
     generate) timeout 200 python3 -m tesela.cli -v generate --model qwen3-0.6b --load-format dummy --max-tokens 16 2>&1 | tee "$RES/generate.log" | tail -8 ;;
     doctor) timeout 60 python3 -m tesela.cli doctor 2>&1 | tee "$RES/doctor.log" | tail -40 ;;
+    tune)
+      mkdir -p "$RES/tables"
+      timeout 300 python3 -m tesela.tune.gemv --models qwen3-0.6b,llama-3.2-1b,llama-3-8b \
+        --tensor-parallel-size 1,2 2>&1 | tee "$RES/tune-gemv.log" | tail -3
+      timeout 300 python3 -m tesela.tune.moe --model qwen3-30b-a3b --buckets 1,16 2>&1 | tee "$RES/tune-moe.log" | tail -3
+      timeout 400 python3 -m tesela.tune.lora --model qwen3-0.6b --output tesela/lora/lora_tile_table.json \
+        2>&1 | tee "$RES/tune-lora.log" | tail -3
+      cp tesela/layers/gemv_table.json tesela/layers/moe/tile_configs.json tesela/lora/lora_tile_table.json \
+        "$RES/tables/" 2>/dev/null ;;
   esac
 done
 tar czf "$OUT/results.tgz" -C /tmp results
