@@ -545,9 +545,9 @@ MUTATIONS = {
         ],
     ),
     "sampling graphs serve a decode batch with a row that does not sample": (
-        "tesela/executor/model_runner.py",
-        "        every_row = batch.logits_indices.shape[0] == batch.batch_size\n",
-        "        every_row = True\n",
+        FULL,
+        "        return self.samples_in_graph and batch.logits_indices.shape[0] == batch.batch_size\n",
+        "        return self.samples_in_graph\n",
         [
             "tests/test_dispatcher.py::test_a_decode_batch_with_a_row_that_does_not_sample_samples_the_others"
         ],

@@ -19,6 +19,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 (set by .ci/run)", allow_module_level=True)
 pytest.importorskip("triton")
 
+from test_dispatcher import batch  # noqa: E402  (rows on their own 16-token blocks)
+
 from tesela.attention.policy import DeviceInfo, GraphSupport, resolve_attention  # noqa: E402
 from tesela.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from tesela.core.kv_cache import DUMMY_SLOT  # noqa: E402
@@ -46,20 +48,6 @@ def runner():
     runner.attn_backend.config = TritonAttentionConfig(block_m=16, block_n=16)
     runner.add_full_mixed(SIZES, max_rows=MAX_ROWS, max_model_len=256)
     return runner
-
-
-def batch(rows: list[tuple[int, int]], seed: int = 0) -> ForwardBatch:
-    """Rows of (prefix_len, new tokens), each on its own blocks (row i: blocks 1+8i..)."""
-    generator = torch.Generator().manual_seed(seed)
-    tables = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(rows))]
-    tokens = [torch.randint(0, 258, (n,), generator=generator).tolist() for _, n in rows]
-    return ForwardBatch.build(
-        token_ids=tokens,
-        prefix_lens=[p for p, _ in rows],
-        block_tables=tables,
-        block_size=BLOCK,
-        device="cpu",
-    )
 
 
 # Decode rows, a first prefill chunk and a later chunk whose prefix is already cached.

@@ -31,13 +31,12 @@ from tesela.bench.common import (
     write_json,
 )
 from tesela.bench.prefill import (
-    default_device,
     fitting_counts,
     format_tensor_parallel,
+    run_on_ranks,
     tensor_parallel_results,
 )
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
-from tesela.distributed.launch import run_spmd
 from tesela.distributed.sharding import Section
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
@@ -62,11 +61,7 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_decode(args: argparse.Namespace) -> int:
     """Every tensor-parallel rank runs the same batches (tesela/distributed/launch.py)."""
-    device = args.device if args.device != "auto" else default_device()
-    return run_spmd(
-        _run_decode, args.tensor_parallel_size, device, args,
-        custom_all_reduce=args.custom_all_reduce,
-    )  # fmt: skip
+    return run_on_ranks(_run_decode, args)
 
 
 def _run_decode(tp, args: argparse.Namespace) -> int:

@@ -135,11 +135,7 @@ def parse_mixed(text: str) -> tuple[int, int, int] | None:
 def run_prefill(args: argparse.Namespace) -> int:
     """Every tensor-parallel rank runs the same columns and batches
     (tesela/distributed/launch.py); rank 0 reports."""
-    device = args.device if args.device != "auto" else default_device()
-    return run_spmd(
-        _run_prefill, args.tensor_parallel_size, device, args,
-        custom_all_reduce=args.custom_all_reduce,
-    )  # fmt: skip
+    return run_on_ranks(_run_prefill, args)
 
 
 def _run_prefill(tp, args: argparse.Namespace) -> int:
@@ -185,6 +181,15 @@ def _run_prefill(tp, args: argparse.Namespace) -> int:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_on_ranks(fn, args: argparse.Namespace) -> int:
+    """`fn(tp, args)` on each of `--tensor-parallel-size` ranks (one process each past 1, with
+    `--custom-all-reduce` if given); rank 0's result."""
+    device = args.device if args.device != "auto" else default_device()
+    return run_spmd(
+        fn, args.tensor_parallel_size, device, args, custom_all_reduce=args.custom_all_reduce
+    )
 
 
 def tensor_parallel_results(tp, runner, token_counts: list[int], graph_gib) -> dict:

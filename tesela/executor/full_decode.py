@@ -148,6 +148,13 @@ class FullDecodeRunner(GraphRunner):
     def samples_in_graph(self) -> bool:
         return self.sampling is not None
 
+    def can_sample(self, batch: ForwardBatch) -> bool:
+        """Whether `run_sample` serves `batch`: its sampling graphs draw a token for every row,
+        and a decode batch can hold a row that draws none (a one-token recompute chunk short of
+        its sequence's end, under a small token budget); such a batch samples from the logits
+        of the rows that do."""
+        return self.samples_in_graph and batch.logits_indices.shape[0] == batch.batch_size
+
     @torch.inference_mode()
     def run_sample(
         self, batch: ForwardBatch, tensors: SamplingTensors, variant: SamplingVariant

@@ -67,18 +67,13 @@ class CudaGraph(torch.cuda.CUDAGraph):
         return output
 
 
-class CudaGraphFactory:
-    """CUDA graphs sharing one memory pool, captured on a side stream with gc paused."""
+class _TracksGraphs:
+    """What both factories share: the (weak) list of the graphs they made, for `reset_all`."""
 
-    device_type = "cuda"
+    def __init__(self) -> None:
+        self._made: weakref.WeakSet = weakref.WeakSet()
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.pool = torch.cuda.graph_pool_handle()
-        self._made: weakref.WeakSet[CudaGraph] = weakref.WeakSet()
-
-    def graph(self) -> CudaGraph:
-        graph = CudaGraph(self.pool)
+    def _track(self, graph):
         self._made.add(graph)
         return graph
 
@@ -88,8 +83,21 @@ class CudaGraphFactory:
         for graph in graphs:
             graph.reset()
         self._made.clear()
-        torch.cuda.synchronize(self.device)
         return len(graphs)
+
+
+class CudaGraphFactory(_TracksGraphs):
+    """CUDA graphs sharing one memory pool, captured on a side stream with gc paused."""
+
+    device_type = "cuda"
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def graph(self) -> CudaGraph:
+        return self._track(CudaGraph(self.pool))
 
     alias = staticmethod(non_owning_alias)
 
@@ -192,27 +200,18 @@ class CpuGraph:
             _copy_into(out, func(*args, **kwargs))
 
 
-class CpuGraphFactory:
+class CpuGraphFactory(_TracksGraphs):
     """CPU stand-ins; tensors stay owned (no pool whose memory could be reused)."""
 
     device_type = "cpu"
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
+        super().__init__()
         self.device = torch.device(device)
         self._recorder = _OpRecorder()
-        self._made: weakref.WeakSet[CpuGraph] = weakref.WeakSet()
 
     def graph(self) -> CpuGraph:
-        graph = CpuGraph(self._recorder)
-        self._made.add(graph)
-        return graph
-
-    def reset_all(self) -> int:
-        graphs = list(self._made)
-        for graph in graphs:
-            graph.reset()
-        self._made.clear()
-        return len(graphs)
+        return self._track(CpuGraph(self._recorder))
 
     @staticmethod
     def alias(tensor: torch.Tensor) -> torch.Tensor:

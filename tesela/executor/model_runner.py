@@ -362,11 +362,7 @@ class ModelRunner:
         device. A FULL decode batch samples inside its graphs; others sample eagerly with the
         same function."""
         path, runner = self.dispatcher.route(batch)
-        # The sampling graphs sample every row; a decode batch can hold a row that does not
-        # sample (a one-token recompute chunk short of the sequence's end, under a small token
-        # budget): its tokens are sampled from the logits of the rows that do.
-        every_row = batch.logits_indices.shape[0] == batch.batch_size
-        if path is RunPath.FULL_DECODE and runner.samples_in_graph and every_row:
+        if path is RunPath.FULL_DECODE and runner.can_sample(batch):
             return runner.run_sample(batch, tensors, variant)
         hidden_states = runner.run(batch)
         return sample(self.compute_logits(hidden_states[batch.logits_indices]), tensors, variant)

@@ -209,15 +209,8 @@ def _block(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def _rms_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """RMSNorm over the last dim. x: [tokens, hidden] or [tokens, heads, head_dim] (rows may be
-    strided views). With `residual` ([tokens, hidden]) the norm is taken of residual + x, and
-    that sum is returned as the new residual."""
+def _rms_norm(x, weight, eps, residual=None):
+    """The kernel launch behind `rms_norm` (its docstring says what it computes)."""
     rmsnorm_kernel = _kernels()[0]
     n_cols = x.shape[-1]
     if x.dim() == 3:

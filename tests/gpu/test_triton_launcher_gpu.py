@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
+from test_piecewise_gpu import random_batch  # noqa: E402
+
 from tesela.attention.base import AttentionLayout  # noqa: E402
 from tesela.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from tesela.attention.triton_kernels import launcher  # noqa: E402
@@ -139,22 +141,6 @@ def runner():
     return ModelRunner(config, path)
 
 
-def _rebuild(rows, ids):
-    """A model batch of `rows` (prefix_len, new_tokens) with token ids `ids`."""
-    tables, next_block = [], 1
-    for prefix, n in rows:
-        blocks = (prefix + n) // 16 + 1
-        tables.append(list(range(next_block, next_block + blocks)))
-        next_block += blocks
-    return ForwardBatch.build(
-        token_ids=ids,
-        prefix_lens=[p for p, _ in rows],
-        block_tables=tables,
-        block_size=16,
-        device=DEVICE,
-    )
-
-
 @pytest.mark.parametrize(
     "rows",
     [[(0, 3)], [(0, 16)], [(0, 200)], [(0, 7), (33, 1), (16, 20), (5, 1)], [(40, 1)] * 9],
@@ -163,14 +149,9 @@ def _rebuild(rows, ids):
 def test_breakable_replay_through_cached_launchers_equals_eager(checked_launchers, runner, rows):
     piecewise = runner.piecewise
     for seed in range(3):  # the first replay caches the handles, the next ones use them
-        expected = piecewise.run_eager_padded(_rebuild(rows, _ids(rows, seed)))
-        got = piecewise.run(_rebuild(rows, _ids(rows, seed))).clone()
+        expected = piecewise.run_eager_padded(random_batch(rows, seed))
+        got = piecewise.run(random_batch(rows, seed)).clone()
         assert torch.equal(got, expected), seed
     assert STORE_KV.fallback_reason is None and STORE_KV.cached_keys > 0
-    seconds = piecewise.split_host_seconds(_rebuild(rows, _ids(rows, 0)))
+    seconds = piecewise.split_host_seconds(random_batch(rows, 0))
     print(f"host us per split (checked launchers: slower than served): {seconds * 1e6:.1f}")
-
-
-def _ids(rows, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 151936, (n,), generator=generator).tolist() for _, n in rows]
