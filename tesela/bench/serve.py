@@ -9,7 +9,9 @@ length is exact with any tokenizer. Reports request and token throughput, time t
 
 Without --url the benchmark starts a server of its own, in a subprocess (or, with
 --in-process, on a thread of this process: quicker, but the load generator then shares the GIL
-with the server and inflates its latencies).
+with the server and inflates its latencies). Either way the server's engine runs in an
+engine-core process of its own, as under `tesela serve`; --engine-in-process puts it on a
+thread of the server process instead, to compare the two.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """AsyncEngine: one background thread owns the LLMEngine; asyncio handlers talk to it.
 
+This is the in-process mode (`tesela serve --engine-in-process`); by default the engine runs
+in a process of its own (engine_core.py, core_client.py: the same interface). RequestGroup and
+the exceptions here are shared by both.
+
 The engine is not thread-safe, so exactly one thread touches it. Handlers submit work through a
 thread-safe command queue (add, abort, call, stop); the thread drains the queue between steps, runs
 `step()` while there is work and sleeps on the queue when there is none. Each step's outputs go
