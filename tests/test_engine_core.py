@@ -98,6 +98,17 @@ def test_one_compact_message_per_step_rebuilds_the_offline_text(engine):
     assert not handle.core.live and engine.stats()["kv_blocks_used"] == 0
 
 
+def test_the_core_stops_when_its_frontend_goes_away(engine):
+    handle = CoreOnThread(engine)
+    params = SamplingParams(max_tokens=500, ignore_eos=True)
+    handle.commands.send((core.ADD, "g", ["g-0"], [PROMPT], [params], None, None))
+    assert recv(handle.outputs) == (core.ADDED, "g", None)
+    handle.commands.close()  # the frontend died mid-request
+    handle.join(TIMEOUT)
+    assert not handle.is_alive()
+    engine.abort("g-0")
+
+
 def client_for(engine: LLMEngine) -> tuple[EngineCoreClient, CoreOnThread]:
     handle = CoreOnThread(engine)
     facts = EngineFacts.of(engine, None)
@@ -183,3 +194,8 @@ def test_a_dead_engine_process_fails_streams_and_reports_unhealthy(doomed_server
     refused = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=TIMEOUT)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
     assert frontend.num_pending == 0
+
+
+def test_a_user_error_at_startup_reaches_the_caller_as_itself(tmp_path):
+    with pytest.raises(ValueError, match="neither a folder nor a preset"):
+        create_process_app(EngineArgs.from_kwargs(str(tmp_path / "no-such-model")))

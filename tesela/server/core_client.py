@@ -203,7 +203,12 @@ class EngineCoreClient:
         future = self._loop.create_future()
         self._adds[group_id] = (future, group)
         add = (core.ADD, group_id, group.request_ids, prompts, params, cache_salt, lora_request)
-        self._send(add)
+        try:
+            self._send(add)
+        except (OSError, ValueError):  # the process died; the reader has not said so yet
+            self._adds.pop(group_id)
+            self._fail(group.request_ids, EngineError("the engine process is gone"), abort=False)
+            raise EngineError("the engine is not running: its process is gone") from None
         try:
             await future
         except asyncio.CancelledError:

@@ -44,8 +44,12 @@ READY, FATAL, ADDED, RESULT, STEP, FAILED = "ready", "fatal", "added", "result",
 ADD, ABORT, CALL, STOP = "add", "abort", "call", "stop"
 # Engine methods the frontend may call by name ("stats" is LLMEngine.stats).
 CALLABLE = frozenset({"add_lora", "remove_lora", "list_loras", "stats"})
-# Exceptions that cross the pipe as themselves (the client's errors: 4xx); others as text.
-KNOWN_ERRORS = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}
+# Exceptions that cross the pipe as themselves (user errors: a 4xx, or the CLI's message as
+# in-process); any other kind arrives as an EngineError with its text.
+KNOWN_ERRORS = {
+    error.__name__: error
+    for error in (ValueError, TypeError, FileNotFoundError, OSError, ImportError)
+}
 
 
 @dataclass(frozen=True)
@@ -232,7 +236,8 @@ def run_engine_core(
         for lora in loras:
             engine.add_lora(lora)
     except Exception as exc:
-        logger.exception("the engine failed to start")
+        if error_payload(exc)[0] not in KNOWN_ERRORS:  # a user error's message says it all
+            logger.exception("the engine failed to start")
         outputs.send((FATAL, *error_payload(exc)))
         raise SystemExit(1) from None
     outputs.send((READY, EngineFacts.of(engine, model_path)))
