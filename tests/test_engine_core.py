@@ -73,17 +73,20 @@ def recv(connection, timeout: float = TIMEOUT):
 
 
 def test_one_compact_message_per_step_rebuilds_the_offline_text(engine):
-    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True, logprobs=1)
+    params = SamplingParams(
+        max_tokens=120, temperature=0, ignore_eos=True, logprobs=1, prompt_logprobs=1
+    )
     expected = LLM("tiny").generate(PROMPT, params)[0]
     handle = CoreOnThread(engine)
     handle.commands.send((core.ADD, "g", ["g-0"], [PROMPT], [params], None, None))
     assert recv(handle.outputs) == (core.ADDED, "g", None)
-    text, tokens, logprobs, sizes = "", [], [], []
+    text, tokens, logprobs, sizes, prompt_logprobs = "", [], [], [], []
     while True:
         message = recv(handle.outputs)
         assert message[0] == core.STEP and len(message[1]) == 1
         sizes.append(len(pickle.dumps(message)))
-        request_id, new_ids, keep, tail, new_logprobs, finished, reason, _, _ = message[1][0]
+        request_id, new_ids, keep, tail, new_logprobs, finished, reason, _, prompt = message[1][0]
+        prompt_logprobs += [prompt] if prompt is not None else []
         assert request_id == "g-0" and len(new_ids) == len(new_logprobs) <= 1
         text, tokens = text[:keep] + tail, tokens + new_ids
         logprobs += new_logprobs
@@ -93,8 +96,11 @@ def test_one_compact_message_per_step_rebuilds_the_offline_text(engine):
     handle.join(TIMEOUT)
     assert (text, tokens, reason) == (expected.text, expected.token_ids, expected.finish_reason)
     assert [lp.token_id for lp in logprobs] == expected.token_ids
-    # Deltas only: the last step's message is no bigger than the early ones.
-    assert max(sizes[-10:]) <= 1.5 * max(sizes[1:10])
+    assert len(prompt_logprobs) == 2  # the first and the last output carry them, no other
+    assert prompt_logprobs[0] == prompt_logprobs[1] == expected.prompt_logprobs
+    # Deltas only: late steps' messages are no bigger than early ones (the first and last
+    # also carry the prompt logprobs).
+    assert max(sizes[-10:-1]) <= 1.5 * max(sizes[1:10])
     assert not handle.core.live and engine.stats()["kv_blocks_used"] == 0
 
 

@@ -18,7 +18,8 @@ loop owns its interpreter (vLLM's EngineCore does the same). It talks to the fro
 A STEP output is (request_id, new_token_ids, text_keep, text_tail, new_logprobs, finished,
 finish_reason, num_cached_tokens, prompt_logprobs): the frontend's text becomes
 `text[:text_keep] + text_tail` (the engine may rewrite settled text, e.g. a stop string cut at
-the end), `new_logprobs` extend its list, and prompt logprobs travel once. Nothing grows with
+the end), `new_logprobs` extend its list, and prompt logprobs travel with the first and
+last outputs only. Nothing grows with
 the output length, so a step's message costs the same at token 1 and token 1,000.
 
 The loop drains commands without blocking while there is work, blocks on the pipe when there
@@ -200,7 +201,9 @@ class EngineCore:
             new_logprobs = output.logprobs[logprobs_sent:]
             logprobs_sent = len(output.logprobs)
         prompt_logprobs = None
-        if output.prompt_logprobs is not None and not prompt_sent:
+        # Complete from the first output on (outputs follow the whole prompt); sent again at
+        # the end so that the final state never depends on that.
+        if output.prompt_logprobs is not None and (not prompt_sent or output.finished):
             prompt_logprobs, prompt_sent = output.prompt_logprobs, True
         if output.finished:
             self._forget(request_id)
