@@ -165,7 +165,7 @@ def test_a_failed_step_fails_only_its_requests_and_the_core_keeps_serving(engine
 @pytest.fixture(scope="module")
 def doomed_server():
     """A server of its own: its engine process is killed by the test."""
-    app = create_process_app(EngineArgs.from_kwargs("tiny"), max_queue_len=4)
+    app = create_process_app(EngineArgs.from_kwargs("tiny"), max_queue_len=4, torch_threads=1)
     server = ServerThread(app)
     server.start(timeout=TIMEOUT)
     server.engine = app.state.server.engine

@@ -24,7 +24,8 @@ def setup(checkpoints, lora_adapters):
     # The engine in an engine-core process, as `tesela serve --lora-modules sql=...` runs it.
     sql = LoRARequest("sql", 1, str(folders["full"]))
     engine_args = EngineArgs.from_kwargs(str(path), **kwargs)
-    server = ServerThread(create_process_app(engine_args, [sql], served_model_name="base"))
+    app = create_process_app(engine_args, [sql], served_model_name="base", torch_threads=1)
+    server = ServerThread(app)
     server.start(timeout=TIMEOUT)
     offline = LLM(str(path), **kwargs)
     yield server, folders, offline

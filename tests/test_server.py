@@ -25,7 +25,9 @@ TIMEOUT = 30.0
 
 def start_server(max_queue_len: int = 1024, in_process: bool = False, **engine_kwargs):
     """A server on loopback; its engine in an engine-core process (as `tesela serve`), or on a
-    thread of this process with `in_process` (`--engine-in-process`)."""
+    thread of this process with `in_process` (`--engine-in-process`). The engine process gets
+    one intra-op thread: on a small shared CPU, torch's barrier waits across busy cores make
+    each tiny step several times slower (the engine thread of the in-process mode runs one)."""
     # Overlap scheduling on, as on CUDA by default: every test below also checks that outputs,
     # aborts, preemption and fault recovery hold when each step is read back one step later
     # (the `offline` reference runs without overlap).
@@ -35,7 +37,7 @@ def start_server(max_queue_len: int = 1024, in_process: bool = False, **engine_k
         app = create_app(LLMEngine(config, path), max_queue_len=max_queue_len)
     else:
         engine_args = EngineArgs.from_kwargs("tiny", **engine_kwargs)
-        app = create_process_app(engine_args, max_queue_len=max_queue_len)
+        app = create_process_app(engine_args, max_queue_len=max_queue_len, torch_threads=1)
     server = ServerThread(app)
     server.start(timeout=TIMEOUT)
     return server, app

@@ -88,6 +88,7 @@ def create_process_app(
     api_key: str | None = None,
     chat_template: str | None = None,
     log_level: int = logging.INFO,
+    torch_threads: int | None = None,
 ):
     """A Starlette app whose engine runs in an engine-core process of its own (the default of
     `tesela serve`): the engine loop never waits for the GIL on HTTP, JSON or SSE work. Returns
@@ -98,7 +99,11 @@ def create_process_app(
 
     _check_queue_len(max_queue_len)
     frontend = EngineCoreClient.launch(
-        engine_args, loras, max_queue_len=max_queue_len, log_level=log_level
+        engine_args,
+        loras,
+        max_queue_len=max_queue_len,
+        log_level=log_level,
+        torch_threads=torch_threads,
     )
     facts = frontend.facts
     # The frontend tokenizes and templates; the engine detokenizes with its own copy.

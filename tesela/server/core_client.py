@@ -98,15 +98,17 @@ class EngineCoreClient:
         *,
         max_queue_len: int = 1024,
         log_level: int = logging.INFO,
+        torch_threads: int | None = None,
     ) -> EngineCoreClient:
-        """Spawn the engine process (never fork: CUDA) and wait until its engine is built."""
+        """Spawn the engine process (never fork: CUDA) and wait until its engine is built.
+        `torch_threads`: the engine process's intra-op CPU threads (None: torch's default)."""
         context = multiprocessing.get_context("spawn")
         commands_out, commands_in = context.Pipe(duplex=False)
         outputs_out, outputs_in = context.Pipe(duplex=False)
         # Not a daemon: the engine starts tensor-parallel workers of its own.
         process = context.Process(
             target=core.run_engine_core,
-            args=(engine_args, list(loras), commands_out, outputs_in, log_level),
+            args=(engine_args, list(loras), commands_out, outputs_in, log_level, torch_threads),
             name="tesela-engine-core",
         )
         process.start()

@@ -35,6 +35,8 @@ import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+import torch
+
 from tesela.engine.llm_engine import LLMEngine, RequestOutput, make_engine_config
 from tesela.engine_args import EngineArgs
 from tesela.lora.request import LoRARequest
@@ -228,11 +230,15 @@ def run_engine_core(
     commands: Connection,
     outputs: Connection,
     log_level: int = logging.INFO,
+    torch_threads: int | None = None,
 ) -> None:
-    """The engine process's entry point: build the engine, say READY, serve until STOP."""
+    """The engine process's entry point: build the engine, say READY, serve until STOP.
+    `torch_threads` sets the process's intra-op CPU threads (None: torch's default)."""
     logging.basicConfig(level=log_level, stream=sys.stderr, format="%(levelname)s %(message)s")
     # Ctrl-C reaches the whole process group: the frontend stops this process (STOP) itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
     try:
         config, model_path = make_engine_config(engine_args)
         engine = LLMEngine(config, model_path)
