@@ -261,28 +261,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sock = bind_socket(args.host, args.port)
-    engine_args = EngineArgs.from_cli_args(args)
-    if loras:
-        engine_args = engine_args.replace(enable_lora=True)
-    options = dict(
-        served_model_name=args.served_model_name,
-        max_queue_len=args.max_queue_len,
-        max_request_bytes=args.max_request_bytes,
-        max_seqs_per_request=args.max_seqs_per_request,
-        api_key=args.api_key,
-        chat_template=args.chat_template,
-    )
-    if args.engine_in_process:
-        from tesela.engine.llm_engine import LLMEngine, make_engine_config
-
-        config, path = make_engine_config(engine_args)
-        engine = LLMEngine(config, path)
-        for lora in loras:
-            engine.add_lora(lora)
-        app = create_app(engine, **options)
-    else:
-        log_level = getattr(logging, args.log_level.upper())
-        app = create_process_app(engine_args, loras, log_level=log_level, **options)
+    app = _serve_app(args, loras)
     max_model_len = app.state.server.model_info.max_model_len
     port = sock.getsockname()[1]
     print(
@@ -300,6 +279,32 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     GracefulServer(uvicorn_config, drain_timeout=args.drain_timeout).run(sockets=[sock])
     return 0
+
+
+def _serve_app(args: argparse.Namespace, loras: list[LoRARequest]):
+    """The app `tesela serve` runs: its engine in an engine-core process (default) or on a
+    thread of this one (--engine-in-process)."""
+    engine_args = EngineArgs.from_cli_args(args)
+    if loras:
+        engine_args = engine_args.replace(enable_lora=True)
+    options = dict(
+        served_model_name=args.served_model_name,
+        max_queue_len=args.max_queue_len,
+        max_request_bytes=args.max_request_bytes,
+        max_seqs_per_request=args.max_seqs_per_request,
+        api_key=args.api_key,
+        chat_template=args.chat_template,
+    )
+    if not args.engine_in_process:
+        log_level = getattr(logging, args.log_level.upper())
+        return create_process_app(engine_args, loras, log_level=log_level, **options)
+    from tesela.engine.llm_engine import LLMEngine, make_engine_config
+
+    config, path = make_engine_config(engine_args)
+    engine = LLMEngine(config, path)
+    for lora in loras:
+        engine.add_lora(lora)
+    return create_app(engine, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,8 @@ last outputs only. Nothing grows with
 the output length, so a step's message costs the same at token 1 and token 1,000.
 
 The loop drains commands without blocking while there is work, blocks on the pipe when there
-is none, and exits when the frontend closes its end (the frontend died) or sends STOP.
+is none, and exits when the frontend closes its end (the frontend died) or sends STOP. It
+ignores SIGINT and SIGTERM: the frontend owns its life (and kills it if STOP is not obeyed).
 """
 
 from __future__ import annotations
@@ -235,8 +236,10 @@ def run_engine_core(
     """The engine process's entry point: build the engine, say READY, serve until STOP.
     `torch_threads` sets the process's intra-op CPU threads (None: torch's default)."""
     logging.basicConfig(level=log_level, stream=sys.stderr, format="%(levelname)s %(message)s")
-    # Ctrl-C reaches the whole process group: the frontend stops this process (STOP) itself.
+    # Ctrl-C (or a SIGTERM to the process group) reaches this process too: the frontend
+    # drains first and then stops it (STOP), and its exit closes the pipe, which ends it too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     try:
