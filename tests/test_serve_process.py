@@ -90,7 +90,8 @@ def stream_events(url: str, body: dict, first_event: threading.Event | None = No
 @pytest.mark.parametrize("engine_mode", [[], ["--engine-in-process"]], ids=["process", "thread"])
 def test_sigterm_drains_then_ends_open_streams_cleanly(engine_mode):
     # Exit 0 within the timeout also says the engine process stopped: the server joins it.
-    process, log, url = start_server("--drain-timeout", "3", "--max-num-seqs", "4", *engine_mode)
+    # A 1 s drain: the 2000-token requests (>= 1 ms a token on CPU) cannot finish within it.
+    process, log, url = start_server("--drain-timeout", "1", "--max-num-seqs", "4", *engine_mode)
     long = {"model": "tiny", "prompt": "long", "max_tokens": 2000, "ignore_eos": True}
     medium = {"model": "tiny", "prompt": "medium", "max_tokens": 8, "ignore_eos": True}
     medium_started = threading.Event()
