@@ -1,4 +1,5 @@
-"""Segmented LoRA kernels in Triton (tiles: tesela/lora/tiles.py), and the torch reference.
+"""LoRA kernels: segmented Triton kernels (tiles: tesela/lora/tiles.py), the dense cuBLAS
+path, and the torch reference.
 
 For a target with slices j (q/k/v of `qkv_proj`, gate/up of `gate_up_proj`, one for the
 others) and a token t served by adapter slot `slot`:
@@ -6,7 +7,7 @@ others) and a token t served by adapter slot `slot`:
     shrink:  s[t, j, :]         = x[t] @ A[slot, j, :rank].T              (fp32)
     expand:  y[t, off_j:off_j+1] += scaling[slot] * s[t, j, :rank] @ B[slot, off_j:off_j+1, :rank].T
 
-Two styles read the same persistent buffers of the per-batch LoRA state:
+Three styles read the same persistent buffers of the per-batch LoRA state:
 - `sgmv` (extend/mixed): programs own fixed blocks of BLOCK_M tokens and walk the segments
   (runs of consecutive tokens sharing an adapter) that overlap their block, so any number of
   segments is served and none is skipped. The shrink is split over K (`split_k` programs per
@@ -18,13 +19,19 @@ Two styles read the same persistent buffers of the per-batch LoRA state:
   small; K in steps of a few unrolled chunks whose loads are in flight together) and adds its
   columns of the delta. Half the launches of shrink + expand and no s buffer: at decode sizes
   a LoRA kernel costs its launch and memory latency, not its bytes.
-A token's sum order (K step, split planes) depends on the target's shape alone
-(`LoRATiles.ORDER_FIELDS`), so its delta is bit-identical in any batch, eager or replayed.
-Launch grids depend only on the (padded) token count and the target's shape, never on the
+- `dense` (cuBLAS, large extend/mixed launches; `dense_lora`): s = x @ A_all.T over every
+  slot, times the per-token scale buffer (its own slot's columns and rank only), then
+  y[:, slice] += s_slice @ B_slice per slice. The policy (tesela/lora/policy.py) picks it.
+For `sgmv` and `gather`, a token's sum order (K step, split planes) depends on the target's
+shape alone (`LoRATiles.ORDER_FIELDS`), so its delta is bit-identical in any batch, eager or
+replayed. For `dense`, a token's delta is as deterministic as the base model's cuBLAS GEMMs:
+bit-identical at one token count (a replay and the eager forward over the same padded
+buffers), within GEMM rounding across counts (cuBLAS may pick another algorithm for another
+M). Launch shapes depend only on the (padded) token count and the target's shape, never on the
 batch: a graph captured at one size is right for every batch replayed at that size. Tokens of
-the base model and padding carry slot -1 and cost no work (and add nothing; the sgmv expand
-never reads the s rows the shrink skipped); a slot's rank masks its weights, so a smaller
-adapter in a reused slot never reads the previous one's rows.
+the base model and padding carry slot -1 and add nothing (the Triton kernels skip them; the
+dense scale buffer zeroes their s); a slot's rank masks its weights, so a smaller adapter in a
+reused slot never reads the previous one's rows.
 """
 
 from __future__ import annotations
@@ -33,12 +40,62 @@ import functools
 
 import torch
 
+from tesela.lora.policy import DENSE
 from tesela.lora.tiles import GATHER, SGMV, LoRATiles, choose_tiles, rank_block
 
 
-def launches_per_target(style: str) -> int:
-    """Kernel launches one LoRA target costs (shrink + expand, or the fused gather kernel)."""
-    return 2 if style == SGMV else 1
+def launches_per_target(style: str, num_slices: int) -> int:
+    """Kernel launches one LoRA target costs: the fused gather kernel; shrink + expand; or
+    the dense shrink GEMM, the scale multiply and one expand GEMM per slice."""
+    return {GATHER: 1, SGMV: 2, DENSE: 2 + num_slices}[style]
+
+
+def lora_weights(
+    slots: int, num_slices: int, max_rank: int, in_features: int, out_features: int, **tensor_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed stacked weights, as views a [slots, slices, rank, in] and b [slots, out, rank]
+    (what every style indexes) over storages laid out for the dense GEMMs: A as
+    [slices, slots, rank, in] (a slice's rows of every slot: one [slots*rank, in] matrix) and B
+    as [out, slots, rank] (a slice's rows: one [rows, slots*rank] matrix). No per-call copy."""
+    a = torch.zeros(num_slices, slots, max_rank, in_features, **tensor_kwargs)
+    b = torch.zeros(out_features, slots, max_rank, **tensor_kwargs)
+    return a.transpose(0, 1), b.transpose(0, 1)
+
+
+def dense_lora(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    slice_offsets: tuple[int, ...],
+    token_scale: torch.Tensor,
+) -> None:
+    """y += LoRA(x) with cuBLAS (a, b: views from `lora_weights`; x/y may be padded).
+
+    token_scale [>= tokens, slots * rank] (fp32, planned per batch, tesela/lora/state.py) is a
+    token's slot scaling on its own slot's columns below that slot's rank, zero elsewhere: so
+    a token never sees another slot's A or B (their products are exact zeros), and base and
+    padding rows get an exact zero delta (y unchanged). Needs finite weights in every slot
+    (the manager zeroes a slot's rows past its rank): 0 x inf would not be zero."""
+    slots, num_slices, max_rank, in_features = a.shape
+    columns, num_tokens = slots * max_rank, x.shape[0]
+    assert a.transpose(0, 1).is_contiguous() and b.transpose(0, 1).is_contiguous()
+    a_all = a.transpose(0, 1).view(num_slices * columns, in_features)
+    b_all = b.transpose(0, 1).view(b.shape[1], columns)
+    s = x @ a_all.T  # [tokens, slices * slots * rank]: every slot's shrink
+    s.view(num_tokens, num_slices, columns).mul_(token_scale[:num_tokens, None, :])
+    for j in range(num_slices):
+        lo, hi = slice_offsets[j], slice_offsets[j + 1]
+        y[:, lo:hi].addmm_(s[:, j * columns : (j + 1) * columns], b_all[lo:hi].T)
+
+
+def apply_lora(x, y, a, b, slice_offsets, host_offsets, state, style: str) -> None:
+    """The Triton backend's entry: the Triton kernels of `style`, or the dense GEMMs."""
+    if style == DENSE:
+        dense_lora(x, y, a, b, tuple(host_offsets), state.token_scale)
+        return
+    max_size = max(hi - lo for lo, hi in zip(host_offsets[:-1], host_offsets[1:], strict=True))
+    triton_lora(x, y, a, b, slice_offsets, max_size, state, style)
 
 
 @functools.cache

@@ -35,12 +35,27 @@ class LoRABuffers:
     seg_slot: torch.Tensor  # [max_tokens + 1] int32: adapter slot of every segment
     ranks: torch.Tensor  # [max_loras] int32: rank of each slot's adapter (0: empty)
     scalings: torch.Tensor  # [max_loras] fp32
+    # dense style only (None when the policy never runs it): [max_tokens, max_loras *
+    # max_rank] fp32, a token's scaling on its own slot's columns below the slot's rank, else 0
+    token_scale: torch.Tensor | None = None
+    column_slot: torch.Tensor | None = None  # [max_loras * max_rank]: slot of each column
+    column_rank: torch.Tensor | None = None  # [max_loras * max_rank]: rank index of each column
 
     @classmethod
-    def allocate(cls, max_tokens: int, max_loras: int, device) -> LoRABuffers:
+    def allocate(cls, max_tokens: int, max_loras: int, device, dense_rank: int = 0) -> LoRABuffers:
+        """`dense_rank` > 0: also the dense style's scale buffer, for slots of that rank."""
+
         def ints(n: int, value: int) -> torch.Tensor:
             return torch.full((n,), value, dtype=torch.int32, device=device)
 
+        dense = {}
+        if dense_rank > 0:
+            columns = torch.arange(max_loras * dense_rank, dtype=torch.int32, device=device)
+            dense = dict(
+                token_scale=torch.zeros(max_tokens, columns.numel(), device=device),
+                column_slot=columns // dense_rank,
+                column_rank=columns % dense_rank,
+            )
         return cls(
             token_slot=ints(max_tokens, NO_SLOT),
             token_seg=ints(max_tokens, 0),
@@ -50,6 +65,7 @@ class LoRABuffers:
             seg_slot=ints(max_tokens + 1, NO_SLOT),
             ranks=ints(max_loras, 0),
             scalings=torch.zeros(max_loras, dtype=torch.float32, device=device),
+            **dense,
         )
 
     @property
@@ -78,6 +94,18 @@ class LoRABuffers:
         self.token_seg[n:].fill_(num_segs)
         self.seg_start[: num_segs + 2].copy_(parts[2])
         self.seg_slot[: num_segs + 1].copy_(parts[3])
+        self.write_token_scale()
+
+    def write_token_scale(self) -> None:
+        """The dense style's per-token column scales, from token_slot, ranks and scalings
+        (device ops, no host sync): every row, so padding rows are zero too."""
+        if self.token_scale is None:
+            return
+        slot = self.column_slot.long()
+        live = self.column_rank < self.ranks[slot]
+        column_scale = torch.where(live, self.scalings[slot], 0.0)
+        mine = self.token_slot[:, None] == self.column_slot[None, :]
+        torch.mul(mine, column_scale[None, :], out=self.token_scale)
 
 
 @dataclass

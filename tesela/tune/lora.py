@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from tesela.lora import tiles as lora_tiles
-from tesela.lora.kernels import GATHER, SGMV, triton_lora
+from tesela.lora.kernels import GATHER, SGMV, lora_weights, triton_lora
 from tesela.lora.state import LoRABuffers
 from tesela.lora.tiles import LoRATiles
 
@@ -77,9 +77,13 @@ class Case:
     def __init__(self, style, in_features, sizes, num_tokens, adapters, dtype, device="cuda"):
         g = torch.Generator().manual_seed(num_tokens)
         slices, out = len(sizes), sum(sizes)
-        a = torch.randn(adapters, slices, RANK, in_features, generator=g) * in_features**-0.5
-        b = torch.randn(adapters, out, RANK, generator=g) * 0.05
-        self.a, self.b = a.to(device, dtype), b.to(device, dtype)
+        # The served layout (strided views, tesela/lora/kernels.py `lora_weights`); clones
+        # keep its strides.
+        self.a, self.b = lora_weights(
+            adapters, slices, RANK, in_features, out, dtype=dtype, device=device
+        )
+        self.a.copy_(torch.randn(self.a.shape, generator=g) * in_features**-0.5)
+        self.b.copy_(torch.randn(self.b.shape, generator=g) * 0.05)
         self.x = torch.randn(num_tokens, in_features, generator=g).to(device, dtype)
         self.y0 = torch.randn(num_tokens, out, generator=g).to(device, dtype)
         offsets = [0, *itertools.accumulate(sizes)]
