@@ -39,8 +39,8 @@ def weights(seed: int):
 
 def buffers(segments=SEGMENTS, scalings=(0.5, 2.0, 0.25)) -> LoRABuffers:
     state = LoRABuffers.allocate(32, SLOTS, "cpu", dense_rank=MAX_RANK)
-    state.ranks.copy_(torch.tensor([8, 3, 5], dtype=torch.int32))
-    state.scalings.copy_(torch.tensor(scalings))
+    for slot, (rank, scaling) in enumerate(zip((8, 3, 5), scalings, strict=True)):
+        state.set_slot(slot, rank, scaling)
     state.write(segments, NUM_TOKENS)
     return state
 

@@ -165,7 +165,7 @@ class LoRAManager:
         self.adapters.pop(lora_id, None)
         slot = self.slots.evict(lora_id)
         if slot is not None:
-            self.buffers.ranks[slot] = 0
+            self.buffers.set_slot(slot, 0, 0.0)
             self.slot_ranks[slot] = 0
 
     def _load_slot(self, lora_id: int, slot: int) -> None:
@@ -184,8 +184,7 @@ class LoRAManager:
             else:  # a module this adapter leaves alone
                 module.lora_a[slot].zero_()
                 module.lora_b[slot].zero_()
-        self.buffers.ranks[slot] = rank
-        self.buffers.scalings[slot] = adapter.scaling
+        self.buffers.set_slot(slot, rank, adapter.scaling)
         self.slot_ranks[slot], self.slot_scalings[slot] = rank, adapter.scaling
 
     # ---- the per-batch plan --------------------------------------------------------------

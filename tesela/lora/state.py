@@ -38,8 +38,10 @@ class LoRABuffers:
     # dense style only (None when the policy never runs it): [max_tokens, max_loras *
     # max_rank] fp32, a token's scaling on its own slot's columns below the slot's rank, else 0
     token_scale: torch.Tensor | None = None
-    column_slot: torch.Tensor | None = None  # [max_loras * max_rank]: slot of each column
-    column_rank: torch.Tensor | None = None  # [max_loras * max_rank]: rank index of each column
+    column_slot: torch.Tensor | None = None  # [max_loras * max_rank] int32: each column's slot
+    # [max_loras * max_rank] fp32: a column's slot scaling below the slot's rank, else 0
+    # (kept by `set_slot`, so a plan computes token_scale in two device ops)
+    column_scale: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, max_tokens: int, max_loras: int, device, dense_rank: int = 0) -> LoRABuffers:
@@ -54,7 +56,7 @@ class LoRABuffers:
             dense = dict(
                 token_scale=torch.zeros(max_tokens, columns.numel(), device=device),
                 column_slot=columns // dense_rank,
-                column_rank=columns % dense_rank,
+                column_scale=torch.zeros(columns.numel(), device=device),
             )
         return cls(
             token_slot=ints(max_tokens, NO_SLOT),
@@ -97,15 +99,22 @@ class LoRABuffers:
         self.write_token_scale()
 
     def write_token_scale(self) -> None:
-        """The dense style's per-token column scales, from token_slot, ranks and scalings
-        (device ops, no host sync): every row, so padding rows are zero too."""
+        """The dense style's per-token column scales (two device ops, no host sync), every
+        row: padding rows (slot -1) are zero too."""
         if self.token_scale is None:
             return
-        slot = self.column_slot.long()
-        live = self.column_rank < self.ranks[slot]
-        column_scale = torch.where(live, self.scalings[slot], 0.0)
         mine = self.token_slot[:, None] == self.column_slot[None, :]
-        torch.mul(mine, column_scale[None, :], out=self.token_scale)
+        torch.mul(mine, self.column_scale[None, :], out=self.token_scale)
+
+    def set_slot(self, slot: int, rank: int, scaling: float) -> None:
+        """A slot's adapter changed (rank 0: empty). Takes effect at the next `write`."""
+        self.ranks[slot] = rank
+        self.scalings[slot] = scaling
+        if self.column_scale is not None:
+            width = self.column_scale.numel() // self.ranks.numel()
+            live = torch.arange(width) < rank
+            row = torch.where(live, scaling, 0.0).to(torch.float32)
+            self.column_scale[slot * width : (slot + 1) * width].copy_(row)
 
 
 @dataclass

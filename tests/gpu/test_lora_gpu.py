@@ -52,10 +52,10 @@ def test_kernels_bf16_match_the_reference(shape, style, num_tokens):
     x = torch.randn(num_tokens + 5, in_features, generator=generator).bfloat16().cuda()
     y0 = torch.randn(num_tokens + 5, offsets[-1], generator=generator).bfloat16().cuda()
     buffers = LoRABuffers.allocate(2048, slots, "cuda", dense_rank=max_rank)
-    buffers.ranks.copy_(torch.tensor([16, 8, 16, 4], dtype=torch.int32))
-    buffers.scalings.copy_(torch.tensor([2.0, 1.0, 0.5, 4.0]))
+    for slot, (rank, scaling) in enumerate([(16, 2.0), (8, 1.0), (16, 0.5), (4, 4.0)]):
+        buffers.set_slot(slot, rank, scaling)
     segments = random_segments(num_tokens, slots, seed=num_tokens)
-    buffers.write(segments, num_tokens)  # after the ranks and scalings: the dense scales
+    buffers.write(segments, num_tokens)  # after the slots: the dense scales
     y = y0.clone()
     device_offsets = torch.tensor(offsets, dtype=torch.int32, device="cuda")
     apply_lora(x, y, a, b, device_offsets, offsets, buffers, style)
