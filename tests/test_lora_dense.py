@@ -16,6 +16,7 @@ from tesela.lora.kernels import (
     reference_lora_delta,
     torch_lora,
     triton_lora,
+    zero_other_slices,
 )
 from tesela.lora.policy import DENSE, GATHER, SGMV, LoRAKernelPolicy
 from tesela.lora.state import NO_SLOT, LoRABuffers
@@ -29,11 +30,12 @@ NUM_TOKENS, PADDED = 20, 26  # padding rows past the batch, as in a graph of a l
 def weights(seed: int):
     """Stacked weights in the dense layout, ranks 8/3/5; rows past a rank hold finite junk."""
     g = torch.Generator().manual_seed(seed)
-    a, b = lora_weights(SLOTS, len(OFFSETS) - 1, MAX_RANK, IN, OFFSETS[-1])
+    a, b = lora_weights(SLOTS, OFFSETS, MAX_RANK, IN)
     a.copy_(torch.randn(a.shape, generator=g) * 0.3)
     b.copy_(torch.randn(b.shape, generator=g) * 0.3)
-    a[1, :, 3:] = b[1, :, 3:] = 100.0
-    a[2, :, 5:] = b[2, :, 5:] = -7.0
+    a[1, :, 3:] = b[1, ..., 3:] = 100.0
+    a[2, :, 5:] = b[2, ..., 5:] = -7.0
+    zero_other_slices(b, OFFSETS)
     return a, b
 
 
@@ -47,7 +49,7 @@ def buffers(segments=SEGMENTS, scalings=(0.5, 2.0, 0.25)) -> LoRABuffers:
 
 def run_dense(a, b, state, x, y0):
     y = y0.clone()
-    dense_lora(x, y, a, b, OFFSETS, state.token_scale)
+    dense_lora(x, y, a, b, state.token_scale)
     return y
 
 

@@ -219,8 +219,8 @@ def format_lora_table(results: dict) -> str:
     lines.append(
         "LoRA launches per layer: "
         + ", ".join(f"{style} {launches[style]}" for style in styles)
-        + " (gather: 1 fused kernel per target; sgmv: shrink + expand; dense: shrink GEMM, "
-        "scale, one expand GEMM per slice)"
+        + " (per target: gather 1 fused kernel; sgmv shrink + expand; dense shrink GEMM, "
+        "scale, expand GEMM)"
     )
     gib, base_graphs = 2**30, base["graph_memory_bytes"]
     growth = f"{lora['graph_memory_bytes'] / base_graphs:.2f}x" if base_graphs else "n/a on CPU"

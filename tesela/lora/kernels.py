@@ -5,7 +5,7 @@ For a target with slices j (q/k/v of `qkv_proj`, gate/up of `gate_up_proj`, one 
 others) and a token t served by adapter slot `slot`:
 
     shrink:  s[t, j, :]         = x[t] @ A[slot, j, :rank].T              (fp32)
-    expand:  y[t, off_j:off_j+1] += scaling[slot] * s[t, j, :rank] @ B[slot, off_j:off_j+1, :rank].T
+    expand:  y[t, off_j:off_j+1] += scaling[slot] * s[t, j, :rank] @ B[slot, j, off_j:off_j+1, :rank].T
 
 Three styles read the same persistent buffers of the per-batch LoRA state:
 - `sgmv` (extend/mixed): programs own fixed blocks of BLOCK_M tokens and walk the segments
@@ -21,7 +21,7 @@ Three styles read the same persistent buffers of the per-batch LoRA state:
   a LoRA kernel costs its launch and memory latency, not its bytes.
 - `dense` (cuBLAS, large extend/mixed launches; `dense_lora`): s = x @ A_all.T over every
   slot, times the per-token scale buffer (its own slot's columns and rank only), then
-  y[:, slice] += s_slice @ B_slice per slice. The policy (tesela/lora/policy.py) picks it.
+  y += s @ B_all (B_all block-diagonal over the slices: one GEMM). The policy (tesela/lora/policy.py) picks it.
 For `sgmv` and `gather`, a token's sum order (K step, split planes) depends on the target's
 shape alone (`LoRATiles.ORDER_FIELDS`), so its delta is bit-identical in any batch, eager or
 replayed. For `dense`, a token's delta is as deterministic as the base model's cuBLAS GEMMs:
@@ -46,53 +46,58 @@ from tesela.lora.tiles import GATHER, SGMV, LoRATiles, choose_tiles, rank_block
 
 def launches_per_target(style: str, num_slices: int) -> int:
     """Kernel launches one LoRA target costs: the fused gather kernel; shrink + expand; or
-    the dense shrink GEMM, the scale multiply and one expand GEMM per slice."""
-    return {GATHER: 1, SGMV: 2, DENSE: 2 + num_slices}[style]
+    the dense shrink GEMM, the scale multiply and the expand GEMM (`num_slices`: kept for
+    styles whose count depends on it)."""
+    return {GATHER: 1, SGMV: 2, DENSE: 3}[style]
 
 
 def lora_weights(
-    slots: int, num_slices: int, max_rank: int, in_features: int, out_features: int, **tensor_kwargs
+    slots: int, slice_offsets: tuple[int, ...], max_rank: int, in_features: int, **tensor_kwargs
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed stacked weights, as views a [slots, slices, rank, in] and b [slots, out, rank]
-    (what every style indexes) over storages laid out for the dense GEMMs: A as
-    [slices, slots, rank, in] (a slice's rows of every slot: one [slots*rank, in] matrix) and B
-    as [out, slots, rank] (a slice's rows: one [rows, slots*rank] matrix). No per-call copy."""
+    """Zeroed stacked weights, as the views every style indexes, a [slots, slices, rank, in]
+    and b [slots, slices, out, rank] (slice j's B in its own rows of out, zero elsewhere), over
+    storages laid out for the dense GEMMs with no per-call copy: A as [slices, slots, rank,
+    in] (one [slices*slots*rank, in] matrix) and B as [out, slices, slots, rank] (one
+    block-diagonal [out, slices*slots*rank] matrix: one expand GEMM serves all slices)."""
+    num_slices, out_features = len(slice_offsets) - 1, slice_offsets[-1]
     a = torch.zeros(num_slices, slots, max_rank, in_features, **tensor_kwargs)
-    b = torch.zeros(out_features, slots, max_rank, **tensor_kwargs)
-    return a.transpose(0, 1), b.transpose(0, 1)
+    b = torch.zeros(out_features, num_slices, slots, max_rank, **tensor_kwargs)
+    return a.transpose(0, 1), b.permute(2, 1, 0, 3)
+
+
+def zero_other_slices(b: torch.Tensor, slice_offsets: tuple[int, ...]) -> None:
+    """Zero b[:, j] outside slice j's rows (the block-diagonal form the dense expand needs;
+    the Triton kernels never read there)."""
+    for j in range(b.shape[1]):
+        b[:, j, : slice_offsets[j]] = 0
+        b[:, j, slice_offsets[j + 1] :] = 0
 
 
 def dense_lora(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    slice_offsets: tuple[int, ...],
-    token_scale: torch.Tensor,
+    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_scale: torch.Tensor
 ) -> None:
-    """y += LoRA(x) with cuBLAS (a, b: views from `lora_weights`; x/y may be padded).
+    """y += LoRA(x) with cuBLAS (a, b: views from `lora_weights`; x/y may be padded): a shrink
+    GEMM for every slot and slice, the scale multiply, one expand GEMM accumulating into y.
 
     token_scale [>= tokens, slots * rank] (fp32, planned per batch, tesela/lora/state.py) is a
     token's slot scaling on its own slot's columns below that slot's rank, zero elsewhere: so
     a token never sees another slot's A or B (their products are exact zeros), and base and
     padding rows get an exact zero delta (y unchanged). Needs finite weights in every slot
-    (the manager zeroes a slot's rows past its rank): 0 x inf would not be zero."""
+    and B zero outside each slice's rows (the manager keeps both)."""
     slots, num_slices, max_rank, in_features = a.shape
     columns, num_tokens = slots * max_rank, x.shape[0]
-    assert a.transpose(0, 1).is_contiguous() and b.transpose(0, 1).is_contiguous()
+    assert a.transpose(0, 1).is_contiguous() and b.permute(2, 1, 0, 3).is_contiguous()
     a_all = a.transpose(0, 1).view(num_slices * columns, in_features)
-    b_all = b.transpose(0, 1).view(b.shape[1], columns)
+    b_all = b.permute(2, 1, 0, 3).view(b.shape[2], num_slices * columns)
     s = x @ a_all.T  # [tokens, slices * slots * rank]: every slot's shrink
     s.view(num_tokens, num_slices, columns).mul_(token_scale[:num_tokens, None, :])
-    for j in range(num_slices):
-        lo, hi = slice_offsets[j], slice_offsets[j + 1]
-        y[:, lo:hi].addmm_(s[:, j * columns : (j + 1) * columns], b_all[lo:hi].T)
+    y.addmm_(s, b_all.T)
 
 
 def apply_lora(x, y, a, b, slice_offsets, host_offsets, state, style: str) -> None:
     """The Triton backend's entry: the Triton kernels of `style`, or the dense GEMMs."""
     if style == DENSE:
-        dense_lora(x, y, a, b, tuple(host_offsets), state.token_scale)
+        dense_lora(x, y, a, b, state.token_scale)
         return
     max_size = max(hi - lo for lo, hi in zip(host_offsets[:-1], host_offsets[1:], strict=True))
     triton_lora(x, y, a, b, slice_offsets, max_size, state, style)
@@ -152,7 +157,8 @@ def _kernels():
     def expand_sgmv(
         s_ptr, b_ptr, y_ptr, slice_off_ptr, token_seg_ptr, seg_start_ptr, seg_slot_ptr,
         ranks_ptr, scalings_ptr,
-        num_tokens, stride_s_split, stride_sm, stride_b_slot, stride_b_row, stride_ym,
+        num_tokens, stride_s_split, stride_sm, stride_b_slot, stride_b_slice, stride_b_row,
+        stride_ym,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
@@ -184,6 +190,7 @@ def _kernels():
                         )  # fmt: skip
                     b_offs = (
                         slot.to(tl.int64) * stride_b_slot
+                        + j * stride_b_slice
                         + (offset + cols)[None, :].to(tl.int64) * stride_b_row
                         + r[:, None]
                     )
@@ -206,7 +213,7 @@ def _kernels():
     def lora_gather(
         x_ptr, a_ptr, b_ptr, y_ptr, slice_off_ptr, token_slot_ptr, ranks_ptr, scalings_ptr,
         K, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank, stride_b_slot,
-        stride_b_row, stride_ym,
+        stride_b_slice, stride_b_row, stride_ym,
         K_UNROLL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):  # fmt: skip
@@ -224,6 +231,7 @@ def _kernels():
             col_mask = cols < size
             b_offs = (
                 slot.to(tl.int64) * stride_b_slot
+                + j * stride_b_slice
                 + (offset + cols)[:, None].to(tl.int64) * stride_b_row
                 + r[None, :]
             )
@@ -266,12 +274,13 @@ def triton_lora(
 ) -> None:
     """y += LoRA(x) for every token of x (x/y may be padded past the batch's tokens).
 
-    a: [slots, slices, max_rank, in]; b: [slots, out, max_rank]; `state` holds the persistent
+    a: [slots, slices, max_rank, in]; b: [slots, slices, out, max_rank] (slice j's B in its
+    rows); `state` holds the persistent
     per-batch buffers (token_slot, token_seg, seg_start, seg_slot, ranks, scalings); `tiles`
     overrides the tile choice (tests)."""
     num_tokens, K = x.shape
     num_slices, block_r = a.shape[1], rank_block(a.shape[2])
-    assert a.stride(3) == 1 and b.stride(2) == 1 and x.stride(1) == 1 and y.stride(1) == 1
+    assert a.stride(3) == 1 and b.stride(3) == 1 and x.stride(1) == 1 and y.stride(1) == 1
     assert style in (SGMV, GATHER), style
     tiles = tiles or choose_tiles(style, num_tokens, K, max_slice_size, num_slices, block_r, x)
     if style == SGMV:
@@ -282,7 +291,7 @@ def triton_lora(
     lora_gather[grid](
         x, a, b, y, slice_offsets, state.token_slot, state.ranks, state.scalings,
         K, x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
-        y.stride(0),
+        b.stride(2), y.stride(0),
         K_UNROLL=tiles.k_unroll(K), BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
         BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -308,7 +317,8 @@ def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATi
     expand_sgmv[(m_blocks, -(-max_slice_size // tiles.block_n), num_slices)](
         s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
         state.ranks, state.scalings,
-        num_tokens, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
+        num_tokens, s.stride(0), s.stride(1), b.stride(0), b.stride(1), b.stride(2),
+        y.stride(0),
         SPLIT_K=split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
         IEEE=ieee, num_warps=tiles.expand_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -335,7 +345,7 @@ def torch_lora(
         for j in range(a.shape[1]):
             lo, hi = slice_offsets[j], slice_offsets[j + 1]
             shrunk = rows @ a[slot, j, :rank].T
-            y[start:end, lo:hi] += scalings[slot] * (shrunk @ b[slot, lo:hi, :rank].T)
+            y[start:end, lo:hi] += scalings[slot] * (shrunk @ b[slot, j, lo:hi, :rank].T)
 
 
 def reference_lora_delta(
@@ -348,7 +358,7 @@ def reference_lora_delta(
     scalings: torch.Tensor,
 ) -> torch.Tensor:
     """The delta each token's adapter adds, computed densely in fp64 (for tests)."""
-    out = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float64)
+    out = torch.zeros(x.shape[0], b.shape[2], dtype=torch.float64)
     for t, slot in enumerate(token_slot.tolist()):
         if slot < 0:
             continue
@@ -356,5 +366,5 @@ def reference_lora_delta(
         for j in range(a.shape[1]):
             lo, hi = slice_offsets[j], slice_offsets[j + 1]
             shrunk = x[t].double() @ a[slot, j, :rank].double().T
-            out[t, lo:hi] = float(scalings[slot]) * (shrunk @ b[slot, lo:hi, :rank].double().T)
+            out[t, lo:hi] = float(scalings[slot]) * (shrunk @ b[slot, j, lo:hi, :rank].double().T)
     return out

@@ -121,8 +121,8 @@ class LoRAManager:
 
     def _attach(self, module: nn.Module, target: LoRATarget) -> int:
         a, b = lora_weights(
-            self.max_loras, len(target.slices), self.max_lora_rank, target.in_features,
-            target.out_features, dtype=self.dtype, device=self.device,
+            self.max_loras, target.slice_offsets, self.max_lora_rank, target.in_features,
+            dtype=self.dtype, device=self.device,
         )  # fmt: skip
         module.attach_lora(a, b, target.slice_offsets)
         return a.nbytes + b.nbytes
@@ -175,12 +175,15 @@ class LoRAManager:
             if name in adapter.weights:
                 a, b = adapter.weights[name]
                 module.lora_a[slot, :, :rank].copy_(a, non_blocking=True)
-                module.lora_b[slot, :, :rank].copy_(b, non_blocking=True)
+                offsets = module.lora_offsets
+                for j in range(len(offsets) - 1):  # slice j's rows; the rest of b[slot, j]
+                    lo, hi = offsets[j], offsets[j + 1]  # stays zero (block-diagonal)
+                    module.lora_b[slot, j, lo:hi, :rank].copy_(b[lo:hi], non_blocking=True)
                 # Rows past the rank: zero, not the slot's previous adapter's (the Triton
                 # kernels mask them by rank; the dense GEMMs multiply them by zero, which
                 # needs them finite).
                 module.lora_a[slot, :, rank:].zero_()
-                module.lora_b[slot, :, rank:].zero_()
+                module.lora_b[slot, ..., rank:].zero_()
             else:  # a module this adapter leaves alone
                 module.lora_a[slot].zero_()
                 module.lora_b[slot].zero_()

@@ -5,10 +5,11 @@ Three styles add the same deltas (tesela/lora/kernels.py):
 - `sgmv`: segmented Triton shrink + expand (extend/mixed).
 - `dense`: cuBLAS. One GEMM shrinks every token against the stacked A of *all* slots
   (max_loras x max_rank columns per slice), one elementwise multiply keeps each token's own
-  slot's columns (times its scaling; zero for the base model and padding), and one GEMM per
-  slice adds s @ B into y. It does the work of every slot for every token, so its waste grows
-  with `max_loras * max_lora_rank`; in exchange its GEMMs run near the memory floor at
-  prefill sizes, where the Triton pair is far from it.
+  slot's columns (times its scaling; zero for the base model and padding), and one GEMM adds
+  s @ B into y (B block-diagonal over the slices). It does the work of every slot for every
+  token, so its waste grows with `max_loras * max_lora_rank` (and its B takes `slices` times
+  the memory); in exchange its GEMMs run near the memory floor at prefill sizes, where the
+  Triton pair is far from it.
 
 The style is chosen per launch from the token count the launch sees (under capture: the
 padded size, so each captured graph has one style) and the batch's kernel family (the plan's

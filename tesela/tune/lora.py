@@ -76,17 +76,16 @@ class Case:
 
     def __init__(self, style, in_features, sizes, num_tokens, adapters, dtype, device="cuda"):
         g = torch.Generator().manual_seed(num_tokens)
-        slices, out = len(sizes), sum(sizes)
+        out, offsets = sum(sizes), [0, *itertools.accumulate(sizes)]
         # The served layout (strided views, tesela/lora/kernels.py `lora_weights`); clones
         # keep its strides.
         self.a, self.b = lora_weights(
-            adapters, slices, RANK, in_features, out, dtype=dtype, device=device
+            adapters, tuple(offsets), RANK, in_features, dtype=dtype, device=device
         )
         self.a.copy_(torch.randn(self.a.shape, generator=g) * in_features**-0.5)
         self.b.copy_(torch.randn(self.b.shape, generator=g) * 0.05)
         self.x = torch.randn(num_tokens, in_features, generator=g).to(device, dtype)
         self.y0 = torch.randn(num_tokens, out, generator=g).to(device, dtype)
-        offsets = [0, *itertools.accumulate(sizes)]
         self.offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
         self.max_size, self.style = max(sizes), style
         self.buffers = LoRABuffers.allocate(num_tokens, adapters, device)

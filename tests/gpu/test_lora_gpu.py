@@ -9,7 +9,14 @@ import torch
 
 from tesela import LLM, LoRARequest, SamplingParams
 from tesela.lora.adapter import write_random_adapter
-from tesela.lora.kernels import GATHER, SGMV, apply_lora, lora_weights, reference_lora_delta
+from tesela.lora.kernels import (
+    GATHER,
+    SGMV,
+    apply_lora,
+    lora_weights,
+    reference_lora_delta,
+    zero_other_slices,
+)
 from tesela.lora.policy import DENSE
 from tesela.lora.state import NO_SLOT, LoRABuffers
 
@@ -44,11 +51,11 @@ def test_kernels_bf16_match_the_reference(shape, style, num_tokens):
     slots, max_rank = 4, 16
     generator = torch.Generator().manual_seed(num_tokens)
     a, b = lora_weights(
-        slots, len(offsets) - 1, max_rank, in_features, offsets[-1], dtype=torch.bfloat16,
-        device="cuda",
+        slots, offsets, max_rank, in_features, dtype=torch.bfloat16, device="cuda"
     )  # fmt: skip
     a.copy_(torch.randn(a.shape, generator=generator) * in_features**-0.5)
     b.copy_(torch.randn(b.shape, generator=generator) * 0.05)
+    zero_other_slices(b, offsets)  # as the manager keeps it (the dense expand reads all of b)
     x = torch.randn(num_tokens + 5, in_features, generator=generator).bfloat16().cuda()
     y0 = torch.randn(num_tokens + 5, offsets[-1], generator=generator).bfloat16().cuda()
     buffers = LoRABuffers.allocate(2048, slots, "cuda", dense_rank=max_rank)
