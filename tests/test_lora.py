@@ -199,10 +199,6 @@ def test_segments_merge_neighbours_and_slots_swap_lru(checkpoints, lora_adapters
     # The rank-8 adapter's rows past rank 2 are zeroed, not left for the dense GEMMs to read.
     for module in manager.modules.values():
         assert not module.lora_a[slot1, :, 2:].any() and not module.lora_b[slot1, ..., 2:].any()
-        for j, (lo, hi) in enumerate(
-            zip(module.lora_offsets[:-1], module.lora_offsets[1:], strict=True)
-        ):
-            assert not module.lora_b[:, j, :lo].any() and not module.lora_b[:, j, hi:].any()
     assert any(module.lora_a[slot1, :, :2].any() for module in manager.modules.values())
     with pytest.raises(ValueError, match="max_loras=2"):
         manager.plan(make_batch([[1], [2], [3]], [1, 2, 3]))

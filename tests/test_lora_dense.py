@@ -128,6 +128,32 @@ def test_dense_equals_the_triton_styles_on_the_same_views(style):
     torch.testing.assert_close(y, run_dense(a, b, state, x, y0), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels run on CPU under TRITON_INTERPRET=1",
+)
+def test_without_dense_b_is_stored_once_and_the_triton_styles_read_it():
+    """Past dense_max_columns B is not block-diagonal: one [out, slots, rank] storage that
+    every slice's view shares (a third of a qkv target's), and the kernels still read each
+    slice's own rows."""
+    g = torch.Generator().manual_seed(8)
+    a, b = lora_weights(SLOTS, OFFSETS, MAX_RANK, IN, block_diagonal=False)
+    assert b.untyped_storage().nbytes() == OFFSETS[-1] * SLOTS * MAX_RANK * 4
+    a.copy_(torch.randn(a.shape, generator=g))
+    for j in range(len(OFFSETS) - 1):
+        lo, hi = OFFSETS[j], OFFSETS[j + 1]
+        b[:, j, lo:hi].copy_(torch.randn(SLOTS, hi - lo, MAX_RANK, generator=g))
+    state = buffers()
+    x, y0 = torch.randn(PADDED, IN, generator=g), torch.randn(PADDED, OFFSETS[-1], generator=g)
+    expected = reference_lora_delta(
+        x, a, b, OFFSETS, state.token_slot[:PADDED], state.ranks, state.scalings
+    )
+    for style in (SGMV, GATHER):
+        y = y0.clone()
+        triton_lora(x, y, a, b, torch.tensor(OFFSETS, dtype=torch.int32), 32, state, style)
+        torch.testing.assert_close((y - y0).double(), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_the_policy_picks_dense_by_token_count_family_and_columns():
     policy = LoRAKernelPolicy(dense_min_tokens=128, dense_min_decode_tokens=0)
     assert policy.choose(SGMV, 128, True)[0] == DENSE
@@ -173,3 +199,30 @@ def test_every_launch_dense_matches_peft_greedy_with_rslora(checkpoints, lora_ad
             expected = reference[len(prompt) - 1 + step][tokens[step]].item()
             assert abs(lp.logprob - expected) <= 1e-4 * max(1.0, abs(expected))
     assert outputs[0].token_ids != outputs[2].token_ids  # the adapter matters
+    # B stays block-diagonal through slot loads: slice j's rows only (the dense expand reads
+    # all of b[slot, j]).
+    for module in llm.engine.runner.lora_manager.modules.values():
+        offsets = module.lora_offsets
+        for j, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+            assert not module.lora_b[:, j, :lo].any() and not module.lora_b[:, j, hi:].any()
+            assert module.lora_b[:, j, lo:hi].any()
+
+
+def test_the_manager_stores_b_once_when_dense_is_off(checkpoints):
+    """max_loras x max_lora_rank past dense_max_columns: no dense, and B (and so the LoRA
+    memory) shrinks to one copy, with every target still served (the Triton styles)."""
+    path, _ = checkpoints["llama"]
+
+    def manager(max_loras):
+        llm = LLM(
+            str(path), dtype="float32", device="cpu", enable_lora=True, max_lora_rank=8,
+            max_loras=max_loras, lora_backend="triton",
+        )  # fmt: skip
+        return llm.engine.runner.lora_manager
+
+    dense, compact = manager(32), manager(33)  # 256 and 264 columns
+    assert dense.dense_ok and not compact.dense_ok and compact.buffers.token_scale is None
+    qkv = next(name for name in dense.targets if name.endswith("qkv_proj"))
+    assert compact.modules[qkv].lora_b.stride(1) == 0
+    per_slot = {m.nbytes / m.max_loras for m in (dense, compact)}
+    assert max(per_slot) > 1.3 * min(per_slot)

@@ -52,17 +52,28 @@ def launches_per_target(style: str, num_slices: int) -> int:
 
 
 def lora_weights(
-    slots: int, slice_offsets: tuple[int, ...], max_rank: int, in_features: int, **tensor_kwargs
+    slots: int,
+    slice_offsets: tuple[int, ...],
+    max_rank: int,
+    in_features: int,
+    block_diagonal: bool = True,
+    **tensor_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed stacked weights, as the views every style indexes, a [slots, slices, rank, in]
-    and b [slots, slices, out, rank] (slice j's B in its own rows of out, zero elsewhere), over
-    storages laid out for the dense GEMMs with no per-call copy: A as [slices, slots, rank,
-    in] (one [slices*slots*rank, in] matrix) and B as [out, slices, slots, rank] (one
-    block-diagonal [out, slices*slots*rank] matrix: one expand GEMM serves all slices)."""
+    """Zeroed stacked weights, as the views every style indexes: a [slots, slices, rank, in]
+    and b [slots, slices, out, rank] (slice j's B in b[:, j]'s rows of slice j).
+
+    Storages: A as [slices, slots, rank, in] (one [slices*slots*rank, in] matrix for the dense
+    shrink). B, `block_diagonal` (what the dense expand needs): [out, slices, slots, rank], zero
+    outside each slice's rows, one [out, slices*slots*rank] matrix, `slices` times the memory;
+    else [out, slots, rank] once, every slice's view on it (stride 0: the Triton kernels read
+    only their slice's rows). Write b one slice at a time (b[slot, j]): its views overlap."""
     num_slices, out_features = len(slice_offsets) - 1, slice_offsets[-1]
     a = torch.zeros(num_slices, slots, max_rank, in_features, **tensor_kwargs)
-    b = torch.zeros(out_features, num_slices, slots, max_rank, **tensor_kwargs)
-    return a.transpose(0, 1), b.permute(2, 1, 0, 3)
+    if block_diagonal:
+        b = torch.zeros(out_features, num_slices, slots, max_rank, **tensor_kwargs)
+        return a.transpose(0, 1), b.permute(2, 1, 0, 3)
+    b = torch.zeros(out_features, slots, max_rank, **tensor_kwargs).permute(1, 0, 2)
+    return a.transpose(0, 1), b.unsqueeze(1).expand(slots, num_slices, out_features, max_rank)
 
 
 def zero_other_slices(b: torch.Tensor, slice_offsets: tuple[int, ...]) -> None:

@@ -122,10 +122,10 @@ class LoRAManager:
     def _attach(self, module: nn.Module, target: LoRATarget) -> int:
         a, b = lora_weights(
             self.max_loras, target.slice_offsets, self.max_lora_rank, target.in_features,
-            dtype=self.dtype, device=self.device,
+            block_diagonal=self.dense_ok, dtype=self.dtype, device=self.device,
         )  # fmt: skip
         module.attach_lora(a, b, target.slice_offsets)
-        return a.nbytes + b.nbytes
+        return a.untyped_storage().nbytes() + b.untyped_storage().nbytes()  # b may be a view
 
     # ---- adapters ------------------------------------------------------------------------
 
@@ -183,10 +183,10 @@ class LoRAManager:
                 # kernels mask them by rank; the dense GEMMs multiply them by zero, which
                 # needs them finite).
                 module.lora_a[slot, :, rank:].zero_()
-                module.lora_b[slot, ..., rank:].zero_()
+                _zero_b(module.lora_b[slot], rank)
             else:  # a module this adapter leaves alone
                 module.lora_a[slot].zero_()
-                module.lora_b[slot].zero_()
+                _zero_b(module.lora_b[slot], 0)
         self.buffers.set_slot(slot, rank, adapter.scaling)
         self.slot_ranks[slot], self.slot_scalings[slot] = rank, adapter.scaling
 
@@ -211,6 +211,13 @@ class LoRAManager:
         if style is None:
             style = GATHER if batch.mode.is_decode else SGMV
         return LoRABatchState(batch.stamp, style, segments, lora_ids, self)
+
+
+def _zero_b(b: torch.Tensor, rank: int) -> None:
+    """Zero a slot's B [slices, out, rank] past `rank`, one slice at a time (the slices'
+    views overlap in the compact layout, see `lora_weights`)."""
+    for j in range(b.shape[0]):
+        b[j, :, rank:].zero_()
 
 
 def _segments(extend_lens: list[int], row_slots: list[int]) -> list[tuple[int, int, int]]:
