@@ -226,3 +226,21 @@ def test_the_manager_stores_b_once_when_dense_is_off(checkpoints):
     assert compact.modules[qkv].lora_b.stride(1) == 0
     per_slot = {m.nbytes / m.max_loras for m in (dense, compact)}
     assert max(per_slot) > 1.3 * min(per_slot)
+
+
+def test_the_style_comparison_suggests_where_dense_wins_for_good():
+    """`tesela.tune.lora --compare-styles`: a threshold is the smallest count from which dense
+    wins at every larger count measured (a win below a loss does not count), 0 if never."""
+    from tesela.tune.lora import crossover
+
+    times = {
+        1: {GATHER: 5, SGMV: 10, DENSE: 20},
+        16: {GATHER: 6, SGMV: 11, DENSE: 10},  # a win below a loss
+        32: {GATHER: 8, SGMV: 12, DENSE: 13},
+        128: {GATHER: 30, SGMV: 20, DENSE: 10},
+        1024: {SGMV: 60, DENSE: 25},
+    }
+    assert crossover(times, SGMV) == 128
+    assert crossover(times, GATHER) == 128  # gather measured up to 128 only
+    times[128][DENSE] = 31
+    assert crossover(times, GATHER) == 0 and crossover(times, SGMV) == 1024
