@@ -100,9 +100,10 @@ def adapters(tmp_path_factory):
         (dict(piecewise_cudagraph="compiled", piecewise_compiler="eager", full_mixed=False),
          "piecewise"),
         (dict(piecewise_cudagraph="breakable", full_mixed=True), "full_mixed"),
-        # every launch of 8+ tokens dense: decode graphs of 8+ rows and small prefills too
-        (dict(piecewise_cudagraph="breakable", full_mixed=True, lora_dense_min_tokens=8,
-              lora_dense_min_decode_tokens=8), "full_mixed"),
+        # every launch dense (decode graphs too), with graphs and without: the styles agree and
+        # only the GEMMs' M differs, as for the base model's GEMMs
+        (dict(piecewise_cudagraph="breakable", full_mixed=True, lora_dense_min_tokens=1,
+              lora_dense_min_decode_tokens=1), "full_mixed"),
     ],
     ids=["breakable", "compiled", "full_mixed", "dense_everywhere"],
 )  # fmt: skip
