@@ -6,7 +6,9 @@ prefill of `--prefill-tokens` tokens split over the batch's rows, each row serve
 the dispatcher, so each batch takes the path that serves it in production (FULL decode graphs
 for decode; FULL mixed graphs for prefill when `--full-mixed on`, the default, else piecewise;
 the table names the path); the same shapes on the base model (LoRA off) side by side. Also the
-graph memory of both engines, per graph set. Runs on `tiny` on CPU (no capture there: the graph
+graph memory of both engines, per graph set. The table names the LoRA kernel style of each
+cell (tesela/lora/policy.py; `--dense-min-tokens` / `--dense-min-decode-tokens` move its
+thresholds) and the launches per layer of each style that ran. Runs on `tiny` on CPU (no capture there: the graph
 columns run the CPU path of the same runners). JSON + a table printed last.
 """
 
