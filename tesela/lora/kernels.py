@@ -63,16 +63,18 @@ def lora_weights(
     and b [slots, slices, out, rank] (slice j's B in b[:, j]'s rows of slice j).
 
     Storages: A as [slices, slots, rank, in] (one [slices*slots*rank, in] matrix for the dense
-    shrink). B, `block_diagonal` (what the dense expand needs): [out, slices, slots, rank], zero
-    outside each slice's rows, one [out, slices*slots*rank] matrix, `slices` times the memory;
-    else [out, slots, rank] once, every slice's view on it (stride 0: the Triton kernels read
-    only their slice's rows). Write b one slice at a time (b[slot, j]): its views overlap."""
+    shrink). B with output columns innermost (a rank row of a slot: `out` contiguous values,
+    so the Triton kernels' column tiles load coalesced), and `block_diagonal` (what the dense
+    expand needs) as [slices, slots, rank, out], zero outside each slice's columns: one
+    [slices*slots*rank, out] matrix, `slices` times the memory; else [slots, rank, out] once,
+    every slice's view on it (stride 0: the kernels read only their slice's columns). Write b
+    one slice at a time (b[slot, j]): its views overlap."""
     num_slices, out_features = len(slice_offsets) - 1, slice_offsets[-1]
     a = torch.zeros(num_slices, slots, max_rank, in_features, **tensor_kwargs)
     if block_diagonal:
-        b = torch.zeros(out_features, num_slices, slots, max_rank, **tensor_kwargs)
-        return a.transpose(0, 1), b.permute(2, 1, 0, 3)
-    b = torch.zeros(out_features, slots, max_rank, **tensor_kwargs).permute(1, 0, 2)
+        b = torch.zeros(num_slices, slots, max_rank, out_features, **tensor_kwargs)
+        return a.transpose(0, 1), b.permute(1, 0, 3, 2)
+    b = torch.zeros(slots, max_rank, out_features, **tensor_kwargs).transpose(1, 2)
     return a.transpose(0, 1), b.unsqueeze(1).expand(slots, num_slices, out_features, max_rank)
 
 
@@ -97,12 +99,12 @@ def dense_lora(
     and B zero outside each slice's rows (the manager keeps both)."""
     slots, num_slices, max_rank, in_features = a.shape
     columns, num_tokens = slots * max_rank, x.shape[0]
-    assert a.transpose(0, 1).is_contiguous() and b.permute(2, 1, 0, 3).is_contiguous()
+    assert a.transpose(0, 1).is_contiguous() and b.permute(1, 0, 3, 2).is_contiguous()
     a_all = a.transpose(0, 1).view(num_slices * columns, in_features)
-    b_all = b.permute(2, 1, 0, 3).view(b.shape[2], num_slices * columns)
+    b_all = b.permute(1, 0, 3, 2).view(num_slices * columns, b.shape[2])
     s = x @ a_all.T  # [tokens, slices * slots * rank]: every slot's shrink
     s.view(num_tokens, num_slices, columns).mul_(token_scale[:num_tokens, None, :])
-    y.addmm_(s, b_all.T)
+    y.addmm_(s, b_all)
 
 
 def apply_lora(x, y, a, b, slice_offsets, host_offsets, state, style: str) -> None:
@@ -169,7 +171,7 @@ def _kernels():
         s_ptr, b_ptr, y_ptr, slice_off_ptr, token_seg_ptr, seg_start_ptr, seg_slot_ptr,
         ranks_ptr, scalings_ptr,
         num_tokens, stride_s_split, stride_sm, stride_b_slot, stride_b_slice, stride_b_row,
-        stride_ym,
+        stride_b_rank, stride_ym,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
@@ -203,7 +205,7 @@ def _kernels():
                         slot.to(tl.int64) * stride_b_slot
                         + j * stride_b_slice
                         + (offset + cols)[None, :].to(tl.int64) * stride_b_row
-                        + r[:, None]
+                        + r[:, None] * stride_b_rank
                     )
                     bt = tl.load(
                         b_ptr + b_offs, mask=(r < rank)[:, None] & col_mask[None, :], other=0.0
@@ -224,7 +226,7 @@ def _kernels():
     def lora_gather(
         x_ptr, a_ptr, b_ptr, y_ptr, slice_off_ptr, token_slot_ptr, ranks_ptr, scalings_ptr,
         K, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank, stride_b_slot,
-        stride_b_slice, stride_b_row, stride_ym,
+        stride_b_slice, stride_b_row, stride_b_rank, stride_ym,
         K_UNROLL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):  # fmt: skip
@@ -244,7 +246,7 @@ def _kernels():
                 slot.to(tl.int64) * stride_b_slot
                 + j * stride_b_slice
                 + (offset + cols)[:, None].to(tl.int64) * stride_b_row
-                + r[None, :]
+                + r[None, :] * stride_b_rank
             )
             bt = tl.load(b_ptr + b_offs, mask=col_mask[:, None] & (r < rank)[None, :], other=0.0)
             y_offs = t.to(tl.int64) * stride_ym + offset + cols
@@ -291,7 +293,7 @@ def triton_lora(
     overrides the tile choice (tests)."""
     num_tokens, K = x.shape
     num_slices, block_r = a.shape[1], rank_block(a.shape[2])
-    assert a.stride(3) == 1 and b.stride(3) == 1 and x.stride(1) == 1 and y.stride(1) == 1
+    assert a.stride(3) == 1 and x.stride(1) == 1 and y.stride(1) == 1  # b: any strides
     assert style in (SGMV, GATHER), style
     tiles = tiles or choose_tiles(style, num_tokens, K, max_slice_size, num_slices, block_r, x)
     if style == SGMV:
@@ -301,8 +303,7 @@ def triton_lora(
     grid = (num_tokens, -(-max_slice_size // tiles.block_n), num_slices)
     lora_gather[grid](
         x, a, b, y, slice_offsets, state.token_slot, state.ranks, state.scalings,
-        K, x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
-        b.stride(2), y.stride(0),
+        K, x.stride(0), a.stride(0), a.stride(1), a.stride(2), *b.stride(), y.stride(0),
         K_UNROLL=tiles.k_unroll(K), BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
         BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -328,8 +329,7 @@ def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATi
     expand_sgmv[(m_blocks, -(-max_slice_size // tiles.block_n), num_slices)](
         s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
         state.ranks, state.scalings,
-        num_tokens, s.stride(0), s.stride(1), b.stride(0), b.stride(1), b.stride(2),
-        y.stride(0),
+        num_tokens, s.stride(0), s.stride(1), *b.stride(), y.stride(0),
         SPLIT_K=split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
         IEEE=ieee, num_warps=tiles.expand_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
