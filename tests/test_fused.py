@@ -76,10 +76,12 @@ def test_silu_and_mul(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qk_norm", [True, False])
-def test_qk_norm_rope_matches_norm_then_rotary(dtype, qk_norm):
-    """One launch for q/k norm + rotary equals the two separate steps it replaces."""
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (40, 8, 64)])
+def test_qk_norm_rope_matches_norm_then_rotary(dtype, qk_norm, heads, kv_heads, dim):
+    """One launch for q/k norm + rotary equals the two separate steps it replaces. 40 + 8
+    heads of 64 take two programs per token, the second holding q's last heads and k's."""
     torch.manual_seed(4)
-    heads, kv_heads, dim, tokens = 4, 2, 32, 6
+    tokens = 6
     rotary = RotaryEmbedding(dim, 256, 10000.0, RopeScaling())
     rotary.init_cache("cpu")
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype) * 3

@@ -18,29 +18,39 @@ def rank_linear_shapes(preset: str, size: int) -> set[tuple[int, int]]:
     with torch.device("meta"):
         model = model_class(config)(config, TPGroup(0, size, "unused"))
     layer = model.model.layers[0]
-    weights = [
-        layer.self_attn.qkv_proj.weight,
-        layer.self_attn.o_proj.weight,
-        layer.mlp.gate_up_proj.weight,
-        layer.mlp.down_proj.weight,
-        model.lm_head.weight,
-    ]
+    weights = [layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight]
+    weights.append(model.lm_head.weight)
+    if config.moe is not None:
+        weights.append(layer.mlp.gate.weight)  # the router; the experts are not GEMVs
+    else:
+        weights += [layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight]
     return {tuple(w.shape) for w in weights}
 
 
 @pytest.mark.parametrize(
     ("preset", "size"),
-    [("tiny", 1), ("tiny", 4), ("llama-3-8b", 2), ("qwen3-0.6b", 2), ("llama-3.2-1b", 16)],
+    [
+        ("tiny", 1),
+        ("tiny", 4),
+        ("llama-3-8b", 2),
+        ("qwen3-0.6b", 2),
+        ("llama-3.2-1b", 16),
+        ("qwen3-30b-a3b", 1),
+        ("mixtral-8x7b", 2),
+    ],
 )
 def test_cases_are_the_shard_shapes_of_rank_0(preset, size):
     """tiny at 4 replicates its 2 KV heads and pads its 258-word vocabulary; llama-3.2-1b at 16
-    replicates 8 KV heads twice."""
+    replicates 8 KV heads twice; the MoE presets (every layer sparse) add their router GEMM
+    and have no dense MLP shape."""
     cases = tuned_cases(preset, size)
     assert {(n, k) for prologue, n, k in cases if prologue == "none"} == rank_linear_shapes(
         preset, size
     )
     # The fused prologues ride on qkv / gate_up; silu + down_proj only where down is whole.
-    assert {p for p, _, _ in cases} == ({"none", "norm", "silu"} if size == 1 else {"none", "norm"})
+    dense = ModelConfig.from_hf_dict(PRESETS[preset]).moe is None
+    expected = {"none", "norm", "silu"} if size == 1 and dense else {"none", "norm"}
+    assert {p for p, _, _ in cases} == expected
 
 
 def test_a_size_that_cannot_split_is_refused():

@@ -33,7 +33,9 @@ L2_OVERFLOW_BYTES = 256 * 2**20
 def tuned_cases(preset: str, tensor_parallel_size: int = 1) -> list[tuple[str, int, int]]:
     """(prologue, N, K) of each small-M call a decode step of a preset model makes on one rank
     of `tensor_parallel_size` (the shard shapes of tesela/distributed/sharding.py: qkv and
-    gate_up split their rows, o and down their columns, the LM head its padded vocabulary)."""
+    gate_up split their rows, o and down their columns, the LM head its padded vocabulary).
+    An MoE model adds its router GEMM, and has dense MLP shapes only if some layer is dense
+    (its experts run the fused MoE kernels, tuned by tesela/tune/moe.py)."""
     mc = ModelConfig.from_hf_dict(PRESETS[preset])
     size = tensor_parallel_size
     check_tp_shapes(
@@ -46,11 +48,14 @@ def tuned_cases(preset: str, tensor_parallel_size: int = 1) -> list[tuple[str, i
     kv = Section(mc.num_key_value_heads, mc.head_dim).rank_rows(0, size)[1]
     inter = mc.intermediate_size // size
     vocab = padded_vocab(mc.vocab_size, size) // size
-    plain = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter), (vocab, h)]
-    cases = [("none", n, k) for n, k in plain]
-    cases += [("norm", q + 2 * kv, h), ("norm", 2 * inter, h)]
-    if size == 1:  # at TP > 1 the activation runs apart from the row-parallel down_proj
-        cases.append(("silu", h, inter))
+    plain = [(q + 2 * kv, h), (h, q), (vocab, h)]
+    cases = [("none", n, k) for n, k in plain] + [("norm", q + 2 * kv, h)]
+    if mc.moe is not None:  # the router GEMM (replicated on every rank) before the experts
+        cases.append(("none", mc.moe.num_experts, h))
+    if any(not mc.is_moe_layer(i) for i in range(mc.num_hidden_layers)):  # dense MLPs
+        cases += [("none", 2 * inter, h), ("none", h, inter), ("norm", 2 * inter, h)]
+        if size == 1:  # at TP > 1 the activation runs apart from the row-parallel down_proj
+            cases.append(("silu", h, inter))
     return cases
 
 

@@ -24,7 +24,9 @@ from tesela.layers.moe.router import select_experts
 # GEMV tiles (BLOCK_N, BLOCK_K, num_warps): the down kernel holds k tiles per program, so it
 # gets narrower and shorter ones.
 GEMV_TILES = {
-    "gate_up": list(itertools.product((16, 32, 64), (64, 128, 256), (2, 4))),
+    # gate/up at batch 1 streams k experts' [2I, H] weights through (k * 2I / BLOCK_N)
+    # programs: narrow tiles give the loads enough programs in flight.
+    "gate_up": list(itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8))),
     "down": list(itertools.product((2, 4, 8, 16), (64, 128, 256), (4, 8))),
 }
 
