@@ -101,3 +101,27 @@ def test_forward_contexts_refuse_nesting(runner):
         pass
     with forward_context(batch, plan, runner.attn_backend):  # restored after the error
         pass
+
+
+def test_batch_metadata_travels_packed_with_each_array_16_byte_aligned():
+    """ForwardBatch.build sends its host lists in one copy per dtype: every array is a view of
+    the packed buffer holding its own values, starting on a 16-byte boundary (the alignment
+    kernels specialise on), and writing one never touches another."""
+    from tesela.core.forward_batch import ForwardBatch
+
+    batch = ForwardBatch.build(
+        token_ids=[[5, 6, 7], [8]], prefix_lens=[0, 4], block_tables=[[1], [2, 3]],
+        block_size=4, device="cpu",
+    )  # fmt: skip
+    assert batch.input_ids.tolist() == [5, 6, 7, 8]
+    assert batch.positions.tolist() == [0, 1, 2, 4]
+    assert batch.out_cache_loc.tolist() == [4, 5, 6, 12]
+    assert batch.seq_lens.tolist() == [3, 5] and batch.prefix_lens.tolist() == [0, 4]
+    assert batch.extend_start_loc.tolist() == [0, 3]
+    assert batch.block_tables.tolist() == [[1, 0], [2, 3]]
+    assert batch.logits_indices.tolist() == [2, 3]
+    for name in ("input_ids", "positions", "out_cache_loc", "logits_indices", "seq_lens",
+                 "prefix_lens", "extend_start_loc", "block_tables"):  # fmt: skip
+        assert getattr(batch, name).data_ptr() % 16 == 0, name
+    batch.seq_lens.fill_(-1)
+    assert batch.prefix_lens.tolist() == [0, 4] and batch.extend_start_loc.tolist() == [0, 3]

@@ -227,7 +227,10 @@ class MixedGraphState:
         host[4 * rows : 4 * rows + len(decode)] = starts[decode]
         host[5 * rows] = len(tiles) // 2
         host[5 * rows + 1 : 5 * rows + 1 + len(tiles)] = tiles
-        self.meta[: host.shape[0]].copy_(torch.from_numpy(host), non_blocking=True)
+        staged = torch.from_numpy(host)
+        if self.meta.is_cuda:  # pinned: a pageable copy would wait for the queued GPU work
+            staged = staged.pin_memory()
+        self.meta[: host.shape[0]].copy_(staged, non_blocking=True)
         self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
 
 

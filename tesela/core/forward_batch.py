@@ -132,23 +132,26 @@ class ForwardBatch:
         width = max(len(t) for t in block_tables)
         padded_tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
 
-        def tensor(values, dtype):
-            return to_device(values, dtype, device)
-
+        tensors = to_device_packed(
+            {
+                "input_ids": ([t for row in token_ids for t in row], torch.int64),
+                "positions": (positions, torch.int64),
+                "out_cache_loc": (slots, torch.int64),
+                "seq_lens": (seq_lens, torch.int32),
+                "prefix_lens": (prefix_lens, torch.int32),
+                "extend_start_loc": (starts, torch.int32),
+                "block_tables": (padded_tables, torch.int32),
+                "logits_indices": (
+                    [ends[r] for r in rows]
+                    + [i for r in input_logprob_rows for i in range(starts[r], ends[r] + 1)],
+                    torch.int64,
+                ),
+            },
+            device,
+        )
         return cls(
             mode=mode,
-            input_ids=tensor([t for row in token_ids for t in row], torch.int64),
-            positions=tensor(positions, torch.int64),
-            out_cache_loc=tensor(slots, torch.int64),
-            seq_lens=tensor(seq_lens, torch.int32),
-            prefix_lens=tensor(prefix_lens, torch.int32),
-            extend_start_loc=tensor(starts, torch.int32),
-            block_tables=tensor(padded_tables, torch.int32),
-            logits_indices=tensor(
-                [ends[r] for r in rows]
-                + [i for r in input_logprob_rows for i in range(starts[r], ends[r] + 1)],
-                torch.int64,
-            ),
+            **tensors,
             seq_lens_cpu=seq_lens,
             prefix_lens_cpu=list(prefix_lens),
             request_ids=list(request_ids or []),
@@ -202,6 +205,32 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> t
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def to_device_packed(
+    arrays: dict[str, tuple[list, torch.dtype]], device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    """Several host lists on `device` in one copy per dtype (views of one packed buffer, each
+    starting on a 16-byte boundary, so kernels see the alignment they would on their own
+    allocation), without blocking the host: a step's metadata costs two copies, not eight."""
+    device = torch.device(device)
+    groups: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for name, (values, dtype) in arrays.items():
+        groups.setdefault(dtype, []).append((name, torch.tensor(values, dtype=dtype)))
+    out = {}
+    for dtype, items in groups.items():
+        align = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+        starts, total = [], 0
+        for _, host in items:
+            starts.append(total)
+            total += -(-host.numel() // align) * align
+        packed = torch.empty(total, dtype=dtype, pin_memory=device.type == "cuda")
+        for (_, host), start in zip(items, starts, strict=True):
+            packed[start : start + host.numel()] = host.reshape(-1)
+        packed = packed.to(device, non_blocking=True)
+        for (name, host), start in zip(items, starts, strict=True):
+            out[name] = packed[start : start + host.numel()].view(host.shape)
+    return out
 
 
 class BatchModeError(ValueError):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tesela.core.forward_batch import to_device
+from tesela.core.forward_batch import to_device_packed
 
 # logprobs are returned for at most this many alternatives (SamplingParams.logprobs <= 20), so a
 # graph computes this many and the host keeps what each request asked for.
@@ -80,7 +80,8 @@ class SamplingTensors:
             "index": (list(indices), 2),
         }
         dtypes = (torch.float32, torch.bool, torch.int64)
-        return cls(**{k: to_device(v, dtypes[d], device) for k, (v, d) in values.items()})
+        arrays = {k: (v, dtypes[d]) for k, (v, d) in values.items()}
+        return cls(**to_device_packed(arrays, device))
 
     @classmethod
     def empty(cls, rows: int, vocab: int, device) -> SamplingTensors:
