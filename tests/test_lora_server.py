@@ -1,4 +1,4 @@
-"""LoRA over a live server on loopback: adapters as models, load/unload at run time, metrics."""
+"""LoRA over a live server on loopback (engine in its own process): adapters as models, load/unload at run time, metrics."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from tesela import LLM, LoRARequest, SamplingParams  # noqa: E402
-from tesela.engine.llm_engine import LLMEngine, make_engine_config  # noqa: E402
-from tesela.server.app import ServerThread, create_app  # noqa: E402
+from tesela.engine_args import EngineArgs  # noqa: E402
+from tesela.server.app import ServerThread, create_process_app  # noqa: E402
 
 TIMEOUT = 30.0
 PROMPT = [5, 17, 42, 8, 99, 3]
@@ -21,10 +21,11 @@ def setup(checkpoints, lora_adapters):
     path, _ = checkpoints["llama"]
     folders = {name: lora_adapters["llama"][name][0].lora_path for name in ("full", "rslora")}
     kwargs = dict(dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8)
-    config, model_path = make_engine_config(str(path), **kwargs)
-    engine = LLMEngine(config, model_path)
-    engine.add_lora(LoRARequest("sql", 1, str(folders["full"])))
-    server = ServerThread(create_app(engine, served_model_name="base"))
+    # The engine in an engine-core process, as `tesela serve --lora-modules sql=...` runs it.
+    sql = LoRARequest("sql", 1, str(folders["full"]))
+    engine_args = EngineArgs.from_kwargs(str(path), **kwargs)
+    app = create_process_app(engine_args, [sql], served_model_name="base", torch_threads=1)
+    server = ServerThread(app)
     server.start(timeout=TIMEOUT)
     offline = LLM(str(path), **kwargs)
     yield server, folders, offline

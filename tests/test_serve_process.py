@@ -1,6 +1,7 @@
-"""`tesela serve` as a real process: SIGTERM with requests in flight drains, ends open streams
-with an error event and [DONE], answers the rest with a 503, and exits 0 with one log line;
-a busy port fails before the model loads."""
+"""`tesela serve` as a real process (its engine in a process of its own, or in process with
+--engine-in-process): SIGTERM with requests in flight drains, ends open streams with an error
+event and [DONE], answers the rest with a 503, and exits 0 with one log line; a busy port
+fails before the model loads."""
 
 from __future__ import annotations
 
@@ -86,8 +87,11 @@ def stream_events(url: str, body: dict, first_event: threading.Event | None = No
     return events
 
 
-def test_sigterm_drains_then_ends_open_streams_cleanly():
-    process, log, url = start_server("--drain-timeout", "3", "--max-num-seqs", "4")
+@pytest.mark.parametrize("engine_mode", [[], ["--engine-in-process"]], ids=["process", "thread"])
+def test_sigterm_drains_then_ends_open_streams_cleanly(engine_mode):
+    # Exit 0 within the timeout also says the engine process stopped: the server joins it.
+    # A 1 s drain: the 2000-token requests (>= 1 ms a token on CPU) cannot finish within it.
+    process, log, url = start_server("--drain-timeout", "1", "--max-num-seqs", "4", *engine_mode)
     long = {"model": "tiny", "prompt": "long", "max_tokens": 2000, "ignore_eos": True}
     medium = {"model": "tiny", "prompt": "medium", "max_tokens": 8, "ignore_eos": True}
     medium_started = threading.Event()

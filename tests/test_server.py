@@ -17,18 +17,27 @@ pytest.importorskip("uvicorn")
 
 from tesela import LLM, SamplingParams  # noqa: E402
 from tesela.engine.llm_engine import LLMEngine, make_engine_config  # noqa: E402
-from tesela.server.app import ServerThread, create_app  # noqa: E402
+from tesela.engine_args import EngineArgs  # noqa: E402
+from tesela.server.app import ServerThread, create_app, create_process_app  # noqa: E402
 
 TIMEOUT = 30.0
 
 
-def start_server(max_queue_len: int = 1024, **engine_kwargs):
+def start_server(max_queue_len: int = 1024, in_process: bool = False, **engine_kwargs):
+    """A server on loopback; its engine in an engine-core process (as `tesela serve`), or on a
+    thread of this process with `in_process` (`--engine-in-process`). The engine process gets
+    one intra-op thread: on a small shared CPU, torch's barrier waits across busy cores make
+    each tiny step several times slower (the engine thread of the in-process mode runs one)."""
     # Overlap scheduling on, as on CUDA by default: every test below also checks that outputs,
     # aborts, preemption and fault recovery hold when each step is read back one step later
     # (the `offline` reference runs without overlap).
     engine_kwargs.setdefault("overlap_schedule", True)
-    config, path = make_engine_config("tiny", **engine_kwargs)
-    app = create_app(LLMEngine(config, path), max_queue_len=max_queue_len)
+    if in_process:
+        config, path = make_engine_config("tiny", **engine_kwargs)
+        app = create_app(LLMEngine(config, path), max_queue_len=max_queue_len)
+    else:
+        engine_args = EngineArgs.from_kwargs("tiny", **engine_kwargs)
+        app = create_process_app(engine_args, max_queue_len=max_queue_len, torch_threads=1)
     server = ServerThread(app)
     server.start(timeout=TIMEOUT)
     return server, app
@@ -45,6 +54,15 @@ def server():
 def small_server():
     """Two running + two queued requests at most, and a KV pool of 512 tokens."""
     server, app = start_server(max_queue_len=2, max_num_seqs=2, num_kv_tokens=512)
+    server.app_state = app.state.server
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def small_server_in_process():
+    """small_server's engine on a thread of this process, where a test can reach it."""
+    server, app = start_server(in_process=True, max_queue_len=2, max_num_seqs=2)
     server.app_state = app.state.server
     yield server
     server.stop()
@@ -515,7 +533,10 @@ def test_kv_exhaustion_preempts_and_resumes(small_server):
     assert api.completions.create(model="tiny", prompt="ok", max_tokens=2).usage
 
 
-def test_an_engine_fault_fails_its_requests_and_the_server_recovers(small_server, caplog):
+def test_an_engine_fault_fails_its_requests_and_the_server_recovers(
+    small_server_in_process, caplog
+):
+    small_server = small_server_in_process
     engine = small_server.app_state.engine.engine
     original = engine.step
     calls = {"n": 0}

@@ -9,7 +9,9 @@ length is exact with any tokenizer. Reports request and token throughput, time t
 
 Without --url the benchmark starts a server of its own, in a subprocess (or, with
 --in-process, on a thread of this process: quicker, but the load generator then shares the GIL
-with the server and inflates its latencies).
+with the server and inflates its latencies). Either way the server's engine runs in an
+engine-core process of its own, as under `tesela serve`; --engine-in-process puts it on a
+thread of the server process instead, to compare the two.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from tesela.bench.common import int_list, pyplot, save_figure, write_json
 from tesela.engine_args import EngineArgs
-from tesela.server.app import ServerThread, create_app
+from tesela.server.app import ServerThread, create_app, create_process_app
 
 PROMPT_TOKEN_RANGE = 256  # ids below this are ordinary tokens in every supported vocabulary
 
@@ -69,6 +71,12 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the server on a thread of this process instead of a subprocess (quicker to "
         "start, but the load generator then shares the GIL with it)",
+    )
+    parser.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="the started server runs its engine on a thread of the server process instead of "
+        "an engine-core process of its own (as `tesela serve --engine-in-process`)",
     )
     parser.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds before a request fails"
@@ -275,14 +283,15 @@ def _start_server(args: argparse.Namespace):
     """A server of its own: a subprocess by default, so that the load generator does not
     compete with the server for one interpreter's GIL; a thread with --in-process."""
     engine_args = EngineArgs.from_cli_args(args)
+    options = (engine_args, args.max_queue_len, args.engine_in_process)
     if args.in_process:
-        return _ServerInThread(engine_args, args.max_queue_len)
-    return _ServerProcess(engine_args, args.max_queue_len)
+        return _ServerInThread(*options)
+    return _ServerProcess(*options)
 
 
 class _ServerInThread:
-    def __init__(self, engine_args: EngineArgs, max_queue_len: int) -> None:
-        self.server = ServerThread(_make_app(engine_args, max_queue_len))
+    def __init__(self, engine_args: EngineArgs, max_queue_len: int, engine_in_process: bool):
+        self.server = ServerThread(_make_app(engine_args, max_queue_len, engine_in_process))
         self.url = self.server.start(timeout=900)
 
     def stop(self) -> None:
@@ -290,14 +299,15 @@ class _ServerInThread:
 
 
 class _ServerProcess:
-    def __init__(self, engine_args: EngineArgs, max_queue_len: int) -> None:
+    def __init__(self, engine_args: EngineArgs, max_queue_len: int, engine_in_process: bool):
         import multiprocessing
 
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA
+        # Not a daemon: its engine runs in a process of its own (see stop()).
         self.process = context.Process(
-            target=_serve_forever, args=(engine_args, max_queue_len, port), daemon=True
+            target=_serve_forever, args=(engine_args, max_queue_len, engine_in_process, port)
         )
         self.process.start()
         self._wait_ready(timeout=900)  # loading and graph capture can take minutes on a GPU
@@ -319,21 +329,27 @@ class _ServerProcess:
         raise RuntimeError(f"the benchmark server was not ready within {timeout} s")
 
     def stop(self) -> None:
+        # SIGTERM: uvicorn shuts down, and its lifespan stops the engine process.
         self.process.terminate()
         self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
 
 
-def _make_app(engine_args: EngineArgs, max_queue_len: int):
+def _make_app(engine_args: EngineArgs, max_queue_len: int, engine_in_process: bool):
+    if not engine_in_process:
+        return create_process_app(engine_args, max_queue_len=max_queue_len)
     from tesela.engine.llm_engine import LLMEngine, make_engine_config
 
     config, path = make_engine_config(engine_args)
     return create_app(LLMEngine(config, path), max_queue_len=max_queue_len)
 
 
-def _serve_forever(engine_args: EngineArgs, max_queue_len: int, port: int) -> None:
+def _serve_forever(engine_args, max_queue_len: int, engine_in_process: bool, port: int) -> None:
     import uvicorn
 
-    app = _make_app(engine_args, max_queue_len)
+    app = _make_app(engine_args, max_queue_len, engine_in_process)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 

@@ -7,6 +7,7 @@ and say how to install what is missing; the HTTP layer itself is in routes.py.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -51,35 +52,100 @@ def create_app(
     api_key: str | None = None,
     chat_template: str | None = None,
 ):
-    """A Starlette app serving `engine`; its engine thread starts with the app's lifespan.
+    """A Starlette app serving `engine` in this process (`--engine-in-process`): its engine
+    thread starts with the app's lifespan and shares this interpreter's GIL with the HTTP work.
 
     `max_queue_len` bounds how many requests may wait beyond `max_num_seqs` running ones;
     past that the server answers 503 instead of queueing without limit. One request may ask
     for at most `max_seqs_per_request` sequences (default: max_num_seqs)."""
     require_server_dependencies()
+    from tesela.server.async_engine import AsyncEngine
+    from tesela.server.engine_core import EngineFacts
+
+    _check_queue_len(max_queue_len)
+    facts = EngineFacts.of(engine, None)  # the engine's own tokenizer serves, no path needed
+    frontend = AsyncEngine(engine, max_queue_len=max_queue_len)
+    return _build(
+        frontend,
+        facts,
+        engine.tokenizer,
+        served_model_name=served_model_name,
+        max_request_bytes=max_request_bytes,
+        max_seqs_per_request=max_seqs_per_request,
+        api_key=api_key,
+        chat_template=chat_template,
+    )
+
+
+def create_process_app(
+    engine_args: EngineArgs,
+    loras: list[LoRARequest] = (),
+    *,
+    served_model_name: str | None = None,
+    max_queue_len: int = DEFAULT_MAX_QUEUE_LEN,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_seqs_per_request: int | None = None,
+    api_key: str | None = None,
+    chat_template: str | None = None,
+    log_level: int = logging.INFO,
+    torch_threads: int | None = None,
+):
+    """A Starlette app whose engine runs in an engine-core process of its own (the default of
+    `tesela serve`): the engine loop never waits for the GIL on HTTP, JSON or SSE work. Returns
+    once the engine is built; the process stops with the app's lifespan (or at exit)."""
+    require_server_dependencies()
+    from tesela.server.core_client import EngineCoreClient
+    from tesela.tokenizer import load_tokenizer
+
+    _check_queue_len(max_queue_len)
+    frontend = EngineCoreClient.launch(
+        engine_args,
+        loras,
+        max_queue_len=max_queue_len,
+        log_level=log_level,
+        torch_threads=torch_threads,
+    )
+    facts = frontend.facts
+    # The frontend tokenizes and templates; the engine detokenizes with its own copy.
+    tokenizer = load_tokenizer(facts.tokenizer_path, facts.eos_token_ids)
+    return _build(
+        frontend,
+        facts,
+        tokenizer,
+        served_model_name=served_model_name,
+        max_request_bytes=max_request_bytes,
+        max_seqs_per_request=max_seqs_per_request,
+        api_key=api_key,
+        chat_template=chat_template,
+    )
+
+
+def _check_queue_len(max_queue_len: int) -> None:
+    if max_queue_len < 0:
+        raise ValueError(f"max_queue_len must be >= 0, got {max_queue_len}")
+
+
+def _build(frontend, facts, tokenizer, *, served_model_name, max_seqs_per_request, **options):
     from tesela.server.protocol import ModelInfo
     from tesela.server.routes import build_app
 
-    if max_queue_len < 0:
-        raise ValueError(f"max_queue_len must be >= 0, got {max_queue_len}")
+    chat_template = options.pop("chat_template")
     if chat_template is not None:
-        engine.tokenizer.chat_template = load_chat_template(chat_template)
-    model = engine.config.model
+        tokenizer.chat_template = load_chat_template(chat_template)
+    model = facts.model
     name = served_model_name or model
     aliases = tuple({model, Path(model).name, Path(model.rstrip("/")).name} - {name})
     info = ModelInfo(
         name=name,
         aliases=aliases,
-        max_model_len=engine.config.scheduler.max_model_len,
-        vocab_size=engine.config.model_config.vocab_size,
-        tokenizer=engine.tokenizer,
-        adapters={lora.lora_name: lora for lora in engine.list_loras()},
-        sampling_defaults=dict(engine.config.sampling_defaults),
-        max_seqs_per_request=max_seqs_per_request or engine.config.scheduler.max_num_seqs,
+        max_model_len=facts.max_model_len,
+        vocab_size=facts.vocab_size,
+        tokenizer=tokenizer,
+        adapters={lora.lora_name: lora for lora in facts.loras},
+        sampling_defaults=dict(facts.sampling_defaults),
+        max_seqs_per_request=max_seqs_per_request or facts.max_num_seqs,
     )
-    return build_app(
-        engine, info, max_queue_len, max_request_bytes=max_request_bytes, api_key=api_key
-    )
+    return build_app(frontend, info, **options)
 
 
 # ---- the command line -----------------------------------------------------------------------
@@ -139,6 +205,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--no-access-log", action="store_true", help="no line per request")
     group.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="run the engine on a thread of the server process instead of an engine-core "
+        "process of its own (the engine loop then shares the GIL with HTTP and streaming work)",
+    )
+    group.add_argument(
         "--lora-modules",
         nargs="+",
         default=[],
@@ -181,7 +253,6 @@ def run_serve(args: argparse.Namespace) -> int:
     require_server_dependencies()
     import uvicorn
 
-    from tesela.engine.llm_engine import LLMEngine, make_engine_config
     from tesela.server.shutdown import GracefulServer
 
     try:
@@ -190,26 +261,12 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sock = bind_socket(args.host, args.port)
-    engine_args = EngineArgs.from_cli_args(args)
-    if loras:
-        engine_args = engine_args.replace(enable_lora=True)
-    config, path = make_engine_config(engine_args)
-    engine = LLMEngine(config, path)
-    for lora in loras:
-        engine.add_lora(lora)
-    app = create_app(
-        engine,
-        served_model_name=args.served_model_name,
-        max_queue_len=args.max_queue_len,
-        max_request_bytes=args.max_request_bytes,
-        max_seqs_per_request=args.max_seqs_per_request,
-        api_key=args.api_key,
-        chat_template=args.chat_template,
-    )
+    app = _serve_app(args, loras)
+    max_model_len = app.state.server.model_info.max_model_len
     port = sock.getsockname()[1]
     print(
         f"serving {args.served_model_name or args.model} at http://{args.host}:{port}/v1 "
-        f"(max_model_len {config.scheduler.max_model_len})",
+        f"(max_model_len {max_model_len})",
         file=sys.stderr,
         flush=True,
     )
@@ -222,6 +279,32 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     GracefulServer(uvicorn_config, drain_timeout=args.drain_timeout).run(sockets=[sock])
     return 0
+
+
+def _serve_app(args: argparse.Namespace, loras: list[LoRARequest]):
+    """The app `tesela serve` runs: its engine in an engine-core process (default) or on a
+    thread of this one (--engine-in-process)."""
+    engine_args = EngineArgs.from_cli_args(args)
+    if loras:
+        engine_args = engine_args.replace(enable_lora=True)
+    options = dict(
+        served_model_name=args.served_model_name,
+        max_queue_len=args.max_queue_len,
+        max_request_bytes=args.max_request_bytes,
+        max_seqs_per_request=args.max_seqs_per_request,
+        api_key=args.api_key,
+        chat_template=args.chat_template,
+    )
+    if not args.engine_in_process:
+        log_level = getattr(logging, args.log_level.upper())
+        return create_process_app(engine_args, loras, log_level=log_level, **options)
+    from tesela.engine.llm_engine import LLMEngine, make_engine_config
+
+    config, path = make_engine_config(engine_args)
+    engine = LLMEngine(config, path)
+    for lora in loras:
+        engine.add_lora(lora)
+    return create_app(engine, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

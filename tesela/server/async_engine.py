@@ -1,5 +1,9 @@
 """AsyncEngine: one background thread owns the LLMEngine; asyncio handlers talk to it.
 
+This is the in-process mode (`tesela serve --engine-in-process`); by default the engine runs
+in a process of its own (engine_core.py, core_client.py: the same interface). RequestGroup and
+the exceptions here are shared by both.
+
 The engine is not thread-safe, so exactly one thread touches it. Handlers submit work through a
 thread-safe command queue (add, abort, call, stop); the thread drains the queue between steps, runs
 `step()` while there is work and sleeps on the queue when there is none. Each step's outputs go
@@ -243,6 +247,15 @@ class AsyncEngine:
             self._commands.put(_Call(fn, future))
         return await future
 
+    async def add_lora(self, lora: LoRARequest) -> int:
+        return await self.call(lambda engine: engine.add_lora(lora))
+
+    async def remove_lora(self, lora_id: int) -> None:
+        await self.call(lambda engine: engine.remove_lora(lora_id))
+
+    async def fetch_stats(self) -> dict:
+        return self.stats()
+
     def _release(self, count: int) -> None:
         with self._lock:
             self._num_pending -= count
@@ -407,24 +420,25 @@ class AsyncEngine:
         now = time.monotonic()
         for group, index, item in items:
             if isinstance(item, RequestOutput) and self.metrics is not None:
-                self._record(group, index, item, now)
+                record_output(self.metrics, group, index, item, now)
             group.queue.put_nowait((index, item))
 
-    def _record(self, group: RequestGroup, index: int, output: RequestOutput, now: float) -> None:
-        metrics = self.metrics
-        new = len(output.new_token_ids)
-        if new:
-            metrics.generation_tokens.inc(new)
-            if index not in group.first_token_at:
-                group.first_token_at[index] = now
-                metrics.time_to_first_token.observe(now - group.arrival)
-            else:
-                gap = now - group.last_token_at[index]
-                metrics.time_per_output_token.observe(gap / new, times=new)
-            group.last_token_at[index] = now
-        if output.finished:
-            metrics.requests_finished.inc(1, output.finish_reason or "unknown")
-            metrics.e2e_latency.observe(now - group.arrival)
+
+def record_output(metrics, group: RequestGroup, index: int, output: RequestOutput, now: float):
+    """Count one output of choice `index` in the server's metrics (on the event loop)."""
+    new = len(output.new_token_ids)
+    if new:
+        metrics.generation_tokens.inc(new)
+        if index not in group.first_token_at:
+            group.first_token_at[index] = now
+            metrics.time_to_first_token.observe(now - group.arrival)
+        else:
+            gap = now - group.last_token_at[index]
+            metrics.time_per_output_token.observe(gap / new, times=new)
+        group.last_token_at[index] = now
+    if output.finished:
+        metrics.requests_finished.inc(1, output.finish_reason or "unknown")
+        metrics.e2e_latency.observe(now - group.arrival)
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

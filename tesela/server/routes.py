@@ -26,9 +26,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from tesela import __version__
-from tesela.engine.llm_engine import LLMEngine
 from tesela.lora.request import LoRARequest
 from tesela.server.async_engine import AsyncEngine, EngineError, Overloaded, ShuttingDown
+from tesela.server.core_client import EngineCoreClient
 from tesela.server.metrics import ServerMetrics
 from tesela.server.protocol import (
     APIError,
@@ -206,16 +206,18 @@ class GuardMiddleware:
 
 
 class Server:
-    """The routes' shared state: the async engine, the model's facts, the metrics."""
+    """The routes' shared state: the engine (an engine-core process's client, or the
+    in-process AsyncEngine: the same interface), the model's facts, the metrics."""
 
-    def __init__(self, engine: LLMEngine, model_info: ModelInfo, max_queue_len: int) -> None:
+    def __init__(self, engine: EngineCoreClient | AsyncEngine, model_info: ModelInfo) -> None:
         self.metrics = ServerMetrics(model_info.name)
-        self.engine = AsyncEngine(engine, max_queue_len=max_queue_len, metrics=self.metrics)
+        self.engine = engine
+        engine.metrics = self.metrics
         self.model_info = model_info
-        self.token_text = TokenText(engine.tokenizer)
+        self.token_text = TokenText(model_info.tokenizer)
         self.started = int(time.time())
         self._lora_ids = itertools.count(
-            1 + max((a.lora_int_id for a in engine.list_loras()), default=0)
+            1 + max((a.lora_int_id for a in model_info.adapters.values()), default=0)
         )
         self.preprocess_limiter = anyio.CapacityLimiter(PREPROCESS_THREADS)
 
@@ -257,7 +259,7 @@ class Server:
             if self.model_info.accepts(name):
                 raise APIError(f"the name {name!r} is already served: pick another lora_name")
             lora = LoRARequest(name, next(self._lora_ids), path)
-            await self.engine.call(lambda engine: engine.add_lora(lora))
+            await self.engine.add_lora(lora)
         except APIError as error:
             return error_response(error)
         except (ValueError, FileNotFoundError) as exc:  # the adapter does not fit this model
@@ -274,7 +276,7 @@ class Server:
                 raise APIError(
                     f"no LoRA adapter named {name!r} is loaded", 404, code="lora_not_found"
                 )
-            await self.engine.call(lambda engine: engine.remove_lora(lora.lora_int_id))
+            await self.engine.remove_lora(lora.lora_int_id)
         except APIError as error:
             return error_response(error)
         except ValueError as exc:
@@ -332,10 +334,10 @@ class Server:
         )
 
     async def stats(self, request: Request) -> Response:
-        return JSONResponse(self.engine.stats())
+        return JSONResponse(await self.engine.fetch_stats())
 
     async def prometheus(self, request: Request) -> Response:
-        text = self.metrics.render(self.engine.stats())
+        text = self.metrics.render(await self.engine.fetch_stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # ---- generation ----------------------------------------------------------------------
@@ -454,14 +456,13 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def build_app(
-    engine: LLMEngine,
+    engine: EngineCoreClient | AsyncEngine,
     model_info: ModelInfo,
-    max_queue_len: int,
     *,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     api_key: str | None = None,
 ) -> Starlette:
-    server = Server(engine, model_info, max_queue_len)
+    server = Server(engine, model_info)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

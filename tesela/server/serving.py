@@ -219,8 +219,12 @@ async def collect(group: RequestGroup) -> dict[int, RequestOutput]:
     return final
 
 
+# One encoder for every chunk: json.dumps with options builds a new encoder per call.
+_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
 def sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    data = payload if isinstance(payload, str) else _JSON.encode(payload)
     return f"data: {data}\n\n"
 
 
