@@ -500,16 +500,8 @@ class LoRAConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int = 0  # adapters kept on the CPU (at least max_loras)
     backend: str = "torch"  # triton (CUDA, or CPU under TRITON_INTERPRET=1) | torch
-    # The kernel style policy (tesela/lora/policy.py): dense cuBLAS LoRA for extend/mixed
-    # launches of at least `dense_min_tokens` tokens, for decode launches of at least
-    # `dense_min_decode_tokens` (0: never), never past `dense_max_columns` slot columns.
-    dense_min_tokens: int = 128
-    dense_min_decode_tokens: int = 0
-    dense_max_columns: int = 256
 
     def __post_init__(self) -> None:
-        if min(self.dense_min_tokens, self.dense_min_decode_tokens, self.dense_max_columns) < 0:
-            raise ValueError("the LoRA dense-style thresholds must be >= 0 (0 turns one off)")
         if self.max_loras < 0 or self.max_lora_rank <= 0:
             raise ValueError(
                 f"max_loras must be >= 0 and max_lora_rank positive, got {self.max_loras} "
@@ -531,8 +523,6 @@ def resolve_lora_config(
     max_cpu_loras: int | None,
     backend: str,
     on_cuda: bool,
-    dense_min_tokens: int = LoRAConfig.dense_min_tokens,
-    dense_min_decode_tokens: int = LoRAConfig.dense_min_decode_tokens,
 ) -> LoRAConfig:
     if not enable_lora:
         return LoRAConfig()
@@ -543,10 +533,7 @@ def resolve_lora_config(
             "lora_backend='torch' plans on the host and cannot run inside CUDA graphs: use "
             "'triton' (or 'auto') on CUDA"
         )
-    return LoRAConfig(
-        max_loras, max_lora_rank, max(max_cpu_loras or 0, max_loras), backend,
-        dense_min_tokens=dense_min_tokens, dense_min_decode_tokens=dense_min_decode_tokens,
-    )  # fmt: skip
+    return LoRAConfig(max_loras, max_lora_rank, max(max_cpu_loras or 0, max_loras), backend)
 
 
 @dataclass(frozen=True)

@@ -131,12 +131,6 @@ class EngineArgs:
         "auto (triton on CUDA, torch on CPU) | triton | torch: the LoRA kernels",
         choices=["auto", "triton", "torch"],
     )
-    lora_dense_min_tokens: int = _option(
-        128, "extend/mixed LoRA launches of at least this many tokens use cuBLAS GEMMs (0: never)"
-    )
-    lora_dense_min_decode_tokens: int = _option(
-        0, "decode LoRA launches of at least this many tokens use cuBLAS GEMMs (0: never)"
-    )
     tensor_parallel_size: int = _option(
         1, "GPUs to split the model over (one worker process per GPU; gloo ranks on CPU)"
     )

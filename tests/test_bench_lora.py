@@ -27,16 +27,11 @@ def test_bench_lora_runs_on_cpu(tmp_path, capsys):
                 assert cells[f"{key}/max_abs_err"] < 1e-4  # graphs equal eager
         assert "piecewise breakable" in cells["graph_memory_by_set"]
     assert results["lora"]["lora_memory_bytes"] > 0
-    # tiny's 4 targets per layer: one fused launch each (gather), shrink + expand (sgmv), or
-    # shrink GEMM, scale and expand GEMM (dense)
-    assert results["lora_launches_per_layer"] == {"gather": 4, "sgmv": 8, "dense": 12}
-    # The CPU's torch backend never runs dense: decode is of the gather family, prefill sgmv.
-    cells = results["lora"]
-    assert [cells[f"decode/b{b}/style"] for b in (1, 2)] == ["gather", "gather"]
-    assert [cells[f"prefill/b{b}/style"] for b in (1, 2)] == ["sgmv", "sgmv"]
+    # tiny's 4 targets per layer: one fused launch each at decode, shrink + expand at prefill
+    assert results["lora_launches_per_layer"] == {"gather": 4, "sgmv": 8}
     out = capsys.readouterr().out
     assert "graph memory: base" in out and "piecewise breakable: base" in out
-    assert "LoRA launches per layer: gather 4, sgmv 8" in out
+    assert "LoRA kernel launches per layer: decode 4" in out
 
 
 def test_a_prefill_row_fits_a_full_mixed_graph():

@@ -56,13 +56,9 @@ def test_greedy_tokens_and_logprobs_match_peft(checkpoints, lora_adapters, arch)
         assert changed, f"adapter {name} leaves the greedy tokens unchanged: a weak test"
 
 
-# dense: every launch through the cuBLAS-style GEMMs (thresholds 1), extend and decode
-DENSE_EVERYWHERE = dict(lora_dense_min_tokens=1, lora_dense_min_decode_tokens=1)
-
-
 @pytest.mark.parametrize(
     "backend,graph",
-    [("torch", "none"), ("torch", "breakable"), ("triton", "breakable"), ("dense", "breakable")],
+    [("torch", "none"), ("torch", "breakable"), ("triton", "breakable")],
 )
 def test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone(
     checkpoints, lora_adapters, backend, graph
@@ -73,11 +69,9 @@ def test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone(
         pytest.skip("the Triton LoRA kernels run on CPU under TRITON_INTERPRET=1")
     path, base_model = checkpoints["qwen2"]
     requests = [r for r, _ in lora_adapters["qwen2"].all()]
-    style = DENSE_EVERYWHERE if backend == "dense" else {}
     llm = LLM(
         str(path), dtype="float32", device="cpu", enable_lora=True, max_lora_rank=8,
-        lora_backend="triton" if backend == "dense" else backend, piecewise_cudagraph=graph,
-        capture_sizes=[4, 16, 64], **style,
+        lora_backend=backend, piecewise_cudagraph=graph, capture_sizes=[4, 16, 64],
     )  # fmt: skip
     prompts = [PROMPTS[0], [9, 8, 7], [40, 41, 42, 43], PROMPTS[0], [11, 12]]
     loras = [None, requests[0], requests[1], requests[2], requests[0]]
@@ -196,10 +190,6 @@ def test_segments_merge_neighbours_and_slots_swap_lru(checkpoints, lora_adapters
     manager.plan(make_batch([[1], [2]], [3, 2]))
     assert manager.slots.by_id == {2: slot2, 3: slot1}
     assert manager.slot_ranks[slot1] == 2  # the "mlp" adapter's rank
-    # The rank-8 adapter's rows past rank 2 are zeroed, not left for the dense GEMMs to read.
-    for module in manager.modules.values():
-        assert not module.lora_a[slot1, :, 2:].any() and not module.lora_b[slot1, ..., 2:].any()
-    assert any(module.lora_a[slot1, :, :2].any() for module in manager.modules.values())
     with pytest.raises(ValueError, match="max_loras=2"):
         manager.plan(make_batch([[1], [2], [3]], [1, 2, 3]))
     # Only 2 adapters stay on the CPU; an evicted one is read from disk again when needed.
@@ -274,13 +264,13 @@ def test_graphs_captured_without_adapters_launch_the_lora_kernels(
 
     runner = lora_runner(checkpoints, lora_adapters, lora_backend="triton")
     launches = []
-    real = layer.apply_lora
+    real = layer.triton_lora
 
-    def recording(x, y, a, b, offsets, host_offsets, state, style):
+    def recording(x, y, a, b, offsets, max_size, state, style):
         launches.append((tuple(x.shape), tuple(y.shape), a.data_ptr(), style))
-        real(x, y, a, b, offsets, host_offsets, state, style)
+        real(x, y, a, b, offsets, max_size, state, style)
 
-    monkeypatch.setattr(layer, "apply_lora", recording)
+    monkeypatch.setattr(layer, "triton_lora", recording)
     per_batch = []
     for lora_ids in ([0, 0], [1, 3]):
         launches.clear()
@@ -288,33 +278,6 @@ def test_graphs_captured_without_adapters_launch_the_lora_kernels(
         per_batch.append((list(launches), out))
     assert per_batch[0][0] == per_batch[1][0] and len(per_batch[0][0]) == 8
     assert not torch.equal(per_batch[0][1], per_batch[1][1])
-
-
-def test_a_captured_size_at_the_dense_threshold_runs_dense(checkpoints, lora_adapters, monkeypatch):
-    """The style follows the launch's token count: a 5-token batch runs sgmv eagerly and dense
-    when replayed in the 16-token graph (dense from 16 tokens), with the same output."""
-    import tesela.lora.layer as layer
-
-    runner = lora_runner(
-        checkpoints, lora_adapters, lora_backend="triton", piecewise_cudagraph="breakable",
-        capture_sizes=[4, 16], lora_dense_min_tokens=16,
-    )  # fmt: skip
-    styles = []
-    real = layer.apply_lora
-
-    def recording(x, y, a, b, offsets, host_offsets, state, style):
-        styles.append((x.shape[0], style))
-        real(x, y, a, b, offsets, host_offsets, state, style)
-
-    monkeypatch.setattr(layer, "apply_lora", recording)
-    eager = runner.forward_eager(make_batch([[1, 2, 3], [4, 5]], [1, 3]))
-    assert set(styles) == {(5, "sgmv")}
-    styles.clear()
-    replayed = runner.dispatcher.run(make_batch([[1, 2, 3], [4, 5]], [1, 3]))
-    assert set(styles) == {(16, "dense")}
-    torch.testing.assert_close(replayed, eager, atol=1e-5, rtol=1e-5)
-    base = runner.forward_eager(make_batch([[1, 2, 3], [4, 5]], [0, 0]))
-    assert (replayed - base).abs().max() > 1e-3  # the adapters' deltas are there
 
 
 def test_adapters_never_share_cached_prefixes(checkpoints, lora_adapters):

@@ -6,9 +6,7 @@ prefill of `--prefill-tokens` tokens split over the batch's rows, each row serve
 the dispatcher, so each batch takes the path that serves it in production (FULL decode graphs
 for decode; FULL mixed graphs for prefill when `--full-mixed on`, the default, else piecewise;
 the table names the path); the same shapes on the base model (LoRA off) side by side. Also the
-graph memory of both engines, per graph set. The table names the LoRA kernel style of each
-cell (tesela/lora/policy.py; `--dense-min-tokens` / `--dense-min-decode-tokens` move its
-thresholds) and the launches per layer of each style that ran. Runs on `tiny` on CPU (no capture there: the graph
+graph memory of both engines, per graph set. Runs on `tiny` on CPU (no capture there: the graph
 columns run the CPU path of the same runners). JSON + a table printed last.
 """
 
@@ -42,14 +40,6 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
         "--full-mixed", choices=["on", "off"], default="on",
         help="FULL mixed graphs for prefill (on: as served; off: piecewise graphs)",
     )  # fmt: skip
-    parser.add_argument(
-        "--dense-min-tokens", type=int, default=128,
-        help="LoRA runs dense cuBLAS GEMMs for extend/mixed launches of this many tokens (0: never)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--dense-min-decode-tokens", type=int, default=0,
-        help="LoRA runs dense cuBLAS GEMMs for decode launches of this many tokens (0: never)",
-    )  # fmt: skip
     parser.add_argument("--output-dir", default="results", help="where the JSON goes")
 
 
@@ -77,8 +67,6 @@ def build_runner(args, batch_sizes: list[int], lora: bool):
         enable_lora=lora,
         max_loras=args.num_adapters,
         max_lora_rank=args.rank,
-        lora_dense_min_tokens=args.dense_min_tokens,
-        lora_dense_min_decode_tokens=args.dense_min_decode_tokens,
     )
     return ModelRunner(config, path)
 
@@ -122,8 +110,6 @@ def measure(runner, args, batch_sizes: list[int], adapters: int) -> dict:
                 runner, dispatcher.run, batch, args.repeat
             )
             out[f"{phase}/b{b}/graphs_path"] = path.value
-            if runner.lora_manager is not None:
-                out[f"{phase}/b{b}/style"] = lora_style(runner.lora_manager, batch, path)
             out[f"{phase}/b{b}/max_abs_err"] = (replay.float() - eager.float()).abs().max().item()
     reports = dispatcher.reports()
     out["graph_memory_bytes"] = sum(r.graph_memory_bytes for r in reports)
@@ -161,29 +147,13 @@ def run_lora(args: argparse.Namespace) -> int:
     return 0
 
 
-def lora_style(manager, batch: ForwardBatch, path) -> str:
-    """The style the policy gives the batch's launches at its token count (the bench captures
-    its sizes exactly, so the graphs' padded count is the same): decode batches are of the
-    gather family unless a FULL mixed graph (sgmv family) serves them."""
-    from tesela.executor.dispatcher import RunPath
-    from tesela.lora.policy import GATHER, SGMV
-
-    decode = batch.mode.is_decode and path is not RunPath.FULL_MIXED
-    return manager.choose_style(GATHER if decode else SGMV, batch.num_tokens)[0]
-
-
 def launches_per_layer(runner, model_config) -> dict[str, int]:
-    """LoRA kernel launches one decoder layer adds, per kernel style."""
-    from tesela.lora.kernels import launches_per_target
-    from tesela.lora.policy import DENSE, GATHER, SGMV
+    """LoRA kernel launches one decoder layer adds, per kernel style (decode: gather; prefill
+    through FULL mixed or piecewise graphs: sgmv)."""
+    from tesela.lora.kernels import GATHER, SGMV, launches_per_target
 
-    layer = ".layers.0."  # every layer has the same targets
-    targets = [t for name, t in runner.lora_manager.targets.items() if layer in name]
-    assert len(targets) == len(runner.lora_manager.targets) // model_config.num_hidden_layers
-    return {
-        style: sum(launches_per_target(style, len(t.slices)) for t in targets)
-        for style in (GATHER, SGMV, DENSE)
-    }
+    targets = len(runner.lora_manager.targets) // model_config.num_hidden_layers
+    return {style: targets * launches_per_target(style) for style in (GATHER, SGMV)}
 
 
 def _device_name(device: torch.device) -> str:
@@ -201,28 +171,23 @@ def format_lora_table(results: dict) -> str:
     lines = [
         f"LoRA cost, {results['model']} ({results['dtype']}) on {results['device']}: "
         f"{results['adapters']} adapters of rank {results['rank']}, median ms",
-        "| phase | batch | path | lora style | base eager | lora eager | base graphs | "
-        "lora graphs | lora/base (graphs) | lora graph err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| phase | batch | path | base eager | lora eager | base graphs | lora graphs | "
+        "lora/base (graphs) | lora graph err |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for phase in ("decode", "prefill"):
         for b in results["batch_sizes"]:
             key = f"{phase}/b{b}"
             ratio = lora[f"{key}/graphs"] / base[f"{key}/graphs"]
             lines.append(
-                f"| {phase} | {b} | {lora[f'{key}/graphs_path']} | {lora[f'{key}/style']} | "
-                f"{base[f'{key}/eager']:.3f} | "
+                f"| {phase} | {b} | {lora[f'{key}/graphs_path']} | {base[f'{key}/eager']:.3f} | "
                 f"{lora[f'{key}/eager']:.3f} | {base[f'{key}/graphs']:.3f} | "
                 f"{lora[f'{key}/graphs']:.3f} | {ratio:.2f} | {lora[f'{key}/max_abs_err']:.1e} |"
             )
     launches = results["lora_launches_per_layer"]
-    styles = sorted({lora[f"{p}/b{b}/style"] for p in ("decode", "prefill")
-                     for b in results["batch_sizes"]})  # fmt: skip
     lines.append(
-        "LoRA launches per layer: "
-        + ", ".join(f"{style} {launches[style]}" for style in styles)
-        + " (per target: gather 1 fused kernel; sgmv shrink + expand; dense shrink GEMM, "
-        "scale, expand GEMM)"
+        f"LoRA kernel launches per layer: decode {launches['gather']} (fused gather), "
+        f"prefill {launches['sgmv']} (sgmv shrink + expand)"
     )
     gib, base_graphs = 2**30, base["graph_memory_bytes"]
     growth = f"{lora['graph_memory_bytes'] / base_graphs:.2f}x" if base_graphs else "n/a on CPU"

@@ -161,8 +161,6 @@ def make_engine_config(
             max_cpu_loras=args.max_cpu_loras,
             backend=args.lora_backend,
             on_cuda=on_cuda,
-            dense_min_tokens=args.lora_dense_min_tokens,
-            dense_min_decode_tokens=args.lora_dense_min_decode_tokens,
         ),
         parallel=ParallelConfig(
             args.tensor_parallel_size,

@@ -34,7 +34,6 @@ from tesela.executor.piecewise.runner import PiecewiseRunner
 from tesela.executor.planner import CudaGraphPlanner, ForwardPlanner
 from tesela.executor.sampling import SampleOutput, SamplingTensors, SamplingVariant, sample
 from tesela.lora.manager import LoRAManager
-from tesela.lora.policy import LoRAKernelPolicy
 from tesela.models.loader import build_model
 
 logger = logging.getLogger("tesela.runner")
@@ -255,9 +254,6 @@ class ModelRunner:
             device=self.device,
             dtype=self.dtype,
             backend=lora.backend,
-            policy=LoRAKernelPolicy(
-                lora.dense_min_tokens, lora.dense_min_decode_tokens, lora.dense_max_columns
-            ),
         )
 
     def _verify(self) -> None:

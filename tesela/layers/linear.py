@@ -51,8 +51,7 @@ class Linear(nn.Module):
         self.lora_offsets: list[int] | None = None  # output slice offsets, once LoRA is on
 
     def attach_lora(self, a: torch.Tensor, b: torch.Tensor, offsets: tuple[int, ...]) -> None:
-        """Serve LoRA: a [slots, slices, rank, in] and b [slots, slices, out, rank] (views laid
-        out by tesela/lora/kernels.py `lora_weights`). Called by the LoRA
+        """Serve LoRA: a [slots, slices, rank, in] and b [slots, out, rank]. Called by the LoRA
         manager (tesela/lora/manager.py), which also registers the op `forward` then runs."""
         self.register_buffer("lora_a", a, persistent=False)
         self.register_buffer("lora_b", b, persistent=False)

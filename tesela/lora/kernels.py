@@ -1,13 +1,12 @@
-"""LoRA kernels: segmented Triton kernels (tiles: tesela/lora/tiles.py), the dense cuBLAS
-path, and the torch reference.
+"""Segmented LoRA kernels in Triton (tiles: tesela/lora/tiles.py), and the torch reference.
 
 For a target with slices j (q/k/v of `qkv_proj`, gate/up of `gate_up_proj`, one for the
 others) and a token t served by adapter slot `slot`:
 
     shrink:  s[t, j, :]         = x[t] @ A[slot, j, :rank].T              (fp32)
-    expand:  y[t, off_j:off_j+1] += scaling[slot] * s[t, j, :rank] @ B[slot, j, off_j:off_j+1, :rank].T
+    expand:  y[t, off_j:off_j+1] += scaling[slot] * s[t, j, :rank] @ B[slot, off_j:off_j+1, :rank].T
 
-Three styles read the same persistent buffers of the per-batch LoRA state:
+Two styles read the same persistent buffers of the per-batch LoRA state:
 - `sgmv` (extend/mixed): programs own fixed blocks of BLOCK_M tokens and walk the segments
   (runs of consecutive tokens sharing an adapter) that overlap their block, so any number of
   segments is served and none is skipped. The shrink is split over K (`split_k` programs per
@@ -19,19 +18,13 @@ Three styles read the same persistent buffers of the per-batch LoRA state:
   small; K in steps of a few unrolled chunks whose loads are in flight together) and adds its
   columns of the delta. Half the launches of shrink + expand and no s buffer: at decode sizes
   a LoRA kernel costs its launch and memory latency, not its bytes.
-- `dense` (cuBLAS, large extend/mixed launches; `dense_lora`): s = x @ A_all.T over every
-  slot, times the per-token scale buffer (its own slot's columns and rank only), then
-  y += s @ B_all (B_all block-diagonal over the slices: one GEMM). The policy (tesela/lora/policy.py) picks it.
-For `sgmv` and `gather`, a token's sum order (K step, split planes) depends on the target's
-shape alone (`LoRATiles.ORDER_FIELDS`), so its delta is bit-identical in any batch, eager or
-replayed. For `dense`, a token's delta is as deterministic as the base model's cuBLAS GEMMs:
-bit-identical at one token count (a replay and the eager forward over the same padded
-buffers), within GEMM rounding across counts (cuBLAS may pick another algorithm for another
-M). Launch shapes depend only on the (padded) token count and the target's shape, never on the
+A token's sum order (K step, split planes) depends on the target's shape alone
+(`LoRATiles.ORDER_FIELDS`), so its delta is bit-identical in any batch, eager or replayed.
+Launch grids depend only on the (padded) token count and the target's shape, never on the
 batch: a graph captured at one size is right for every batch replayed at that size. Tokens of
-the base model and padding carry slot -1 and add nothing (the Triton kernels skip them; the
-dense scale buffer zeroes their s); a slot's rank masks its weights, so a smaller adapter in a
-reused slot never reads the previous one's rows.
+the base model and padding carry slot -1 and cost no work (and add nothing; the sgmv expand
+never reads the s rows the shrink skipped); a slot's rank masks its weights, so a smaller
+adapter in a reused slot never reads the previous one's rows.
 """
 
 from __future__ import annotations
@@ -40,80 +33,12 @@ import functools
 
 import torch
 
-from tesela.lora.policy import DENSE
 from tesela.lora.tiles import GATHER, SGMV, LoRATiles, choose_tiles, rank_block
 
 
-def launches_per_target(style: str, num_slices: int) -> int:
-    """Kernel launches one LoRA target costs: the fused gather kernel; shrink + expand; or
-    the dense shrink GEMM, the scale multiply and the expand GEMM (`num_slices`: kept for
-    styles whose count depends on it)."""
-    return {GATHER: 1, SGMV: 2, DENSE: 3}[style]
-
-
-def lora_weights(
-    slots: int,
-    slice_offsets: tuple[int, ...],
-    max_rank: int,
-    in_features: int,
-    block_diagonal: bool = True,
-    **tensor_kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed stacked weights, as the views every style indexes: a [slots, slices, rank, in]
-    and b [slots, slices, out, rank] (slice j's B in b[:, j]'s rows of slice j).
-
-    Storages: A as [slices, slots, rank, in] (one [slices*slots*rank, in] matrix for the dense
-    shrink). B with output columns innermost (a rank row of a slot: `out` contiguous values,
-    so the Triton kernels' column tiles load coalesced), and `block_diagonal` (what the dense
-    expand needs) as [slices, slots, rank, out], zero outside each slice's columns: one
-    [slices*slots*rank, out] matrix, `slices` times the memory; else [slots, rank, out] once,
-    every slice's view on it (stride 0: the kernels read only their slice's columns). Write b
-    one slice at a time (b[slot, j]): its views overlap."""
-    num_slices, out_features = len(slice_offsets) - 1, slice_offsets[-1]
-    a = torch.zeros(num_slices, slots, max_rank, in_features, **tensor_kwargs)
-    if block_diagonal:
-        b = torch.zeros(num_slices, slots, max_rank, out_features, **tensor_kwargs)
-        return a.transpose(0, 1), b.permute(1, 0, 3, 2)
-    b = torch.zeros(slots, max_rank, out_features, **tensor_kwargs).transpose(1, 2)
-    return a.transpose(0, 1), b.unsqueeze(1).expand(slots, num_slices, out_features, max_rank)
-
-
-def zero_other_slices(b: torch.Tensor, slice_offsets: tuple[int, ...]) -> None:
-    """Zero b[:, j] outside slice j's rows (the block-diagonal form the dense expand needs;
-    the Triton kernels never read there)."""
-    for j in range(b.shape[1]):
-        b[:, j, : slice_offsets[j]] = 0
-        b[:, j, slice_offsets[j + 1] :] = 0
-
-
-def dense_lora(
-    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_scale: torch.Tensor
-) -> None:
-    """y += LoRA(x) with cuBLAS (a, b: views from `lora_weights`; x/y may be padded): a shrink
-    GEMM for every slot and slice, the scale multiply, one expand GEMM accumulating into y.
-
-    token_scale [>= tokens, slots * rank] (fp32, planned per batch, tesela/lora/state.py) is a
-    token's slot scaling on its own slot's columns below that slot's rank, zero elsewhere: so
-    a token never sees another slot's A or B (their products are exact zeros), and base and
-    padding rows get an exact zero delta (y unchanged). Needs finite weights in every slot
-    and B zero outside each slice's rows (the manager keeps both)."""
-    slots, num_slices, max_rank, in_features = a.shape
-    columns, num_tokens = slots * max_rank, x.shape[0]
-    assert a.transpose(0, 1).is_contiguous() and b.permute(1, 0, 3, 2).is_contiguous()
-    a_all = a.transpose(0, 1).view(num_slices * columns, in_features)
-    b_all = b.permute(1, 0, 3, 2).view(num_slices * columns, b.shape[2])
-    s = x @ a_all.T  # [tokens, slices * slots * rank]: every slot's shrink
-    s.view(num_tokens, num_slices, columns).mul_(token_scale[:num_tokens, None, :])
-    y.addmm_(s, b_all)
-
-
-def apply_lora(x, y, a, b, slice_offsets, host_offsets, state, style: str) -> None:
-    """The Triton backend's entry: the Triton kernels of `style`, or the dense GEMMs."""
-    if style == DENSE:
-        dense_lora(x, y, a, b, state.token_scale)
-        return
-    max_size = max(hi - lo for lo, hi in zip(host_offsets[:-1], host_offsets[1:], strict=True))
-    triton_lora(x, y, a, b, slice_offsets, max_size, state, style)
+def launches_per_target(style: str) -> int:
+    """Kernel launches one LoRA target costs (shrink + expand, or the fused gather kernel)."""
+    return 2 if style == SGMV else 1
 
 
 @functools.cache
@@ -170,8 +95,7 @@ def _kernels():
     def expand_sgmv(
         s_ptr, b_ptr, y_ptr, slice_off_ptr, token_seg_ptr, seg_start_ptr, seg_slot_ptr,
         ranks_ptr, scalings_ptr,
-        num_tokens, stride_s_split, stride_sm, stride_b_slot, stride_b_slice, stride_b_row,
-        stride_b_rank, stride_ym,
+        num_tokens, stride_s_split, stride_sm, stride_b_slot, stride_b_row, stride_ym,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
@@ -203,9 +127,8 @@ def _kernels():
                         )  # fmt: skip
                     b_offs = (
                         slot.to(tl.int64) * stride_b_slot
-                        + j * stride_b_slice
                         + (offset + cols)[None, :].to(tl.int64) * stride_b_row
-                        + r[:, None] * stride_b_rank
+                        + r[:, None]
                     )
                     bt = tl.load(
                         b_ptr + b_offs, mask=(r < rank)[:, None] & col_mask[None, :], other=0.0
@@ -226,7 +149,7 @@ def _kernels():
     def lora_gather(
         x_ptr, a_ptr, b_ptr, y_ptr, slice_off_ptr, token_slot_ptr, ranks_ptr, scalings_ptr,
         K, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank, stride_b_slot,
-        stride_b_slice, stride_b_row, stride_b_rank, stride_ym,
+        stride_b_row, stride_ym,
         K_UNROLL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):  # fmt: skip
@@ -244,9 +167,8 @@ def _kernels():
             col_mask = cols < size
             b_offs = (
                 slot.to(tl.int64) * stride_b_slot
-                + j * stride_b_slice
                 + (offset + cols)[:, None].to(tl.int64) * stride_b_row
-                + r[None, :] * stride_b_rank
+                + r[None, :]
             )
             bt = tl.load(b_ptr + b_offs, mask=col_mask[:, None] & (r < rank)[None, :], other=0.0)
             y_offs = t.to(tl.int64) * stride_ym + offset + cols
@@ -287,13 +209,12 @@ def triton_lora(
 ) -> None:
     """y += LoRA(x) for every token of x (x/y may be padded past the batch's tokens).
 
-    a: [slots, slices, max_rank, in]; b: [slots, slices, out, max_rank] (slice j's B in its
-    rows); `state` holds the persistent
+    a: [slots, slices, max_rank, in]; b: [slots, out, max_rank]; `state` holds the persistent
     per-batch buffers (token_slot, token_seg, seg_start, seg_slot, ranks, scalings); `tiles`
     overrides the tile choice (tests)."""
     num_tokens, K = x.shape
     num_slices, block_r = a.shape[1], rank_block(a.shape[2])
-    assert a.stride(3) == 1 and x.stride(1) == 1 and y.stride(1) == 1  # b: any strides
+    assert a.stride(3) == 1 and b.stride(2) == 1 and x.stride(1) == 1 and y.stride(1) == 1
     assert style in (SGMV, GATHER), style
     tiles = tiles or choose_tiles(style, num_tokens, K, max_slice_size, num_slices, block_r, x)
     if style == SGMV:
@@ -303,7 +224,8 @@ def triton_lora(
     grid = (num_tokens, -(-max_slice_size // tiles.block_n), num_slices)
     lora_gather[grid](
         x, a, b, y, slice_offsets, state.token_slot, state.ranks, state.scalings,
-        K, x.stride(0), a.stride(0), a.stride(1), a.stride(2), *b.stride(), y.stride(0),
+        K, x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
+        y.stride(0),
         K_UNROLL=tiles.k_unroll(K), BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
         BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -329,7 +251,7 @@ def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATi
     expand_sgmv[(m_blocks, -(-max_slice_size // tiles.block_n), num_slices)](
         s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
         state.ranks, state.scalings,
-        num_tokens, s.stride(0), s.stride(1), *b.stride(), y.stride(0),
+        num_tokens, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
         SPLIT_K=split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
         IEEE=ieee, num_warps=tiles.expand_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -356,7 +278,7 @@ def torch_lora(
         for j in range(a.shape[1]):
             lo, hi = slice_offsets[j], slice_offsets[j + 1]
             shrunk = rows @ a[slot, j, :rank].T
-            y[start:end, lo:hi] += scalings[slot] * (shrunk @ b[slot, j, lo:hi, :rank].T)
+            y[start:end, lo:hi] += scalings[slot] * (shrunk @ b[slot, lo:hi, :rank].T)
 
 
 def reference_lora_delta(
@@ -369,7 +291,7 @@ def reference_lora_delta(
     scalings: torch.Tensor,
 ) -> torch.Tensor:
     """The delta each token's adapter adds, computed densely in fp64 (for tests)."""
-    out = torch.zeros(x.shape[0], b.shape[2], dtype=torch.float64)
+    out = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float64)
     for t, slot in enumerate(token_slot.tolist()):
         if slot < 0:
             continue
@@ -377,5 +299,5 @@ def reference_lora_delta(
         for j in range(a.shape[1]):
             lo, hi = slice_offsets[j], slice_offsets[j + 1]
             shrunk = x[t].double() @ a[slot, j, :rank].double().T
-            out[t, lo:hi] = float(scalings[slot]) * (shrunk @ b[slot, j, lo:hi, :rank].double().T)
+            out[t, lo:hi] = float(scalings[slot]) * (shrunk @ b[slot, lo:hi, :rank].double().T)
     return out

@@ -4,8 +4,7 @@
 place. It is an ordinary (non-split) op: it runs inside captured graph segments and compiled
 pieces. Its Python body runs at warmup, capture and eager time only; there it checks that the
 forward context's plan has a LoRA part planned for the very batch being run, whose buffers no
-later plan rewrote (the stale-state guard), and picks the kernel style from the plan's kernel
-family and the launch's token count (tesela/lora/policy.py).
+later plan rewrote (the stale-state guard), and picks the kernel style planned for the batch.
 At a piecewise replay the attention split op makes the same check (`ForwardPlan.check`); a FULL graph's runner checks its plan before `replay()` (`ForwardPlanner.check_replay`). It never skips the kernels for a
 batch without adapters: such a batch is all slot -1 tokens in the same launches, so a graph
 captured on it still adds the deltas of a later batch that has them.
@@ -16,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from tesela.core.forward_context import get_forward_context
-from tesela.lora.kernels import apply_lora, torch_lora
+from tesela.lora.kernels import torch_lora, triton_lora
 from tesela.lora.state import LoRABatchState, StaleLoRAStateError
 
 
@@ -48,9 +47,8 @@ def lora_linear(
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     if manager.backend == "triton":
-        # Under capture x2 has the padded token count: one style per captured graph.
-        style, _ = manager.choose_style(state.style, x2.shape[0])
-        apply_lora(x2, y2, a, b, slice_offsets, host_offsets, manager.buffers, style)
+        max_size = max(hi - lo for lo, hi in zip(host_offsets[:-1], host_offsets[1:], strict=True))
+        triton_lora(x2, y2, a, b, slice_offsets, max_size, manager.buffers, state.style)
     else:
         torch_lora(
             x2, y2, a, b, tuple(host_offsets), state.segments,

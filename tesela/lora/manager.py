@@ -24,8 +24,7 @@ from torch import nn
 from tesela.core.forward_batch import BatchStamp, ForwardBatch
 from tesela.lora import layer  # noqa: F401  (registers torch.ops.tesela.lora_linear)
 from tesela.lora.adapter import LoRAAdapter, LoRATarget, load_adapter, lora_targets
-from tesela.lora.kernels import GATHER, SGMV, lora_weights
-from tesela.lora.policy import LoRAKernelPolicy
+from tesela.lora.kernels import GATHER, SGMV
 from tesela.lora.request import LoRARequest
 from tesela.lora.state import NO_SLOT, LoRABatchState, LoRABuffers
 
@@ -78,7 +77,6 @@ class LoRAManager:
         device: torch.device,
         dtype: torch.dtype,
         backend: str,
-        policy: LoRAKernelPolicy | None = None,
     ) -> None:
         if max_loras <= 0 or max_lora_rank <= 0:
             raise ValueError("max_loras and max_lora_rank must be positive to enable LoRA")
@@ -87,15 +85,7 @@ class LoRAManager:
         self.max_cpu_loras = max(max_cpu_loras, max_loras)
         self.device, self.dtype, self.backend = device, dtype, backend
         self.targets: dict[str, LoRATarget] = lora_targets(model)
-        self.policy = policy or LoRAKernelPolicy()
-        # The dense style (cuBLAS) needs the Triton backend's device buffers and small enough
-        # max_loras x max_lora_rank; the torch backend keeps its host-segment reference path.
-        dense_ok, reason = self.policy.dense_allowed(max_loras, max_lora_rank)
-        self.dense_ok = dense_ok and backend == "triton"
-        self.dense_reason = reason if backend == "triton" else "the torch backend runs no kernels"
-        self.buffers = LoRABuffers.allocate(
-            max_num_tokens, max_loras, device, dense_rank=max_lora_rank if self.dense_ok else 0
-        )
+        self.buffers = LoRABuffers.allocate(max_num_tokens, max_loras, device)
         self.slots = LoRASlots(max_loras)
         self.requests: dict[int, LoRARequest] = {}  # every registered adapter, by id
         self.names: dict[str, int] = {}
@@ -106,26 +96,25 @@ class LoRAManager:
         self.modules = {name: model.get_submodule(name) for name in self.targets}
         self.nbytes = sum(self._attach(self.modules[n], t) for n, t in self.targets.items())
         logger.info(
-            "LoRA: %d slots of rank %d on %d modules (%.1f MiB); dense style %s (%s)",
+            "LoRA: %d slots of rank %d on %d modules (%.1f MiB)",
             max_loras,
             max_lora_rank,
             len(self.targets),
             self.nbytes / 2**20,
-            "allowed" if self.dense_ok else "off",
-            self.dense_reason,
         )
 
-    def choose_style(self, family: str, num_tokens: int) -> tuple[str, str]:
-        """(style, reason) of a launch over `num_tokens` tokens of a `family` batch."""
-        return self.policy.choose(family, num_tokens, self.dense_ok)
-
     def _attach(self, module: nn.Module, target: LoRATarget) -> int:
-        a, b = lora_weights(
-            self.max_loras, target.slice_offsets, self.max_lora_rank, target.in_features,
-            block_diagonal=self.dense_ok, dtype=self.dtype, device=self.device,
+        slices = len(target.slices)
+        a = torch.zeros(
+            self.max_loras, slices, self.max_lora_rank, target.in_features,
+            dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+        b = torch.zeros(
+            self.max_loras, target.out_features, self.max_lora_rank,
+            dtype=self.dtype, device=self.device,
         )  # fmt: skip
         module.attach_lora(a, b, target.slice_offsets)
-        return a.untyped_storage().nbytes() + b.untyped_storage().nbytes()  # b may be a view
+        return a.nbytes + b.nbytes
 
     # ---- adapters ------------------------------------------------------------------------
 
@@ -165,7 +154,7 @@ class LoRAManager:
         self.adapters.pop(lora_id, None)
         slot = self.slots.evict(lora_id)
         if slot is not None:
-            self.buffers.set_slot(slot, 0, 0.0)
+            self.buffers.ranks[slot] = 0
             self.slot_ranks[slot] = 0
 
     def _load_slot(self, lora_id: int, slot: int) -> None:
@@ -175,19 +164,12 @@ class LoRAManager:
             if name in adapter.weights:
                 a, b = adapter.weights[name]
                 module.lora_a[slot, :, :rank].copy_(a, non_blocking=True)
-                offsets = module.lora_offsets
-                for j in range(len(offsets) - 1):  # slice j's rows; the rest of b[slot, j]
-                    lo, hi = offsets[j], offsets[j + 1]  # stays zero (block-diagonal)
-                    module.lora_b[slot, j, lo:hi, :rank].copy_(b[lo:hi], non_blocking=True)
-                # Rows past the rank: zero, not the slot's previous adapter's (the Triton
-                # kernels mask them by rank; the dense GEMMs multiply them by zero, which
-                # needs them finite).
-                module.lora_a[slot, :, rank:].zero_()
-                _zero_b(module.lora_b[slot], rank)
+                module.lora_b[slot, :, :rank].copy_(b, non_blocking=True)
             else:  # a module this adapter leaves alone
                 module.lora_a[slot].zero_()
-                _zero_b(module.lora_b[slot], 0)
-        self.buffers.set_slot(slot, rank, adapter.scaling)
+                module.lora_b[slot].zero_()
+        self.buffers.ranks[slot] = rank
+        self.buffers.scalings[slot] = adapter.scaling
         self.slot_ranks[slot], self.slot_scalings[slot] = rank, adapter.scaling
 
     # ---- the per-batch plan --------------------------------------------------------------
@@ -211,13 +193,6 @@ class LoRAManager:
         if style is None:
             style = GATHER if batch.mode.is_decode else SGMV
         return LoRABatchState(batch.stamp, style, segments, lora_ids, self)
-
-
-def _zero_b(b: torch.Tensor, rank: int) -> None:
-    """Zero a slot's B [slices, out, rank] past `rank`, one slice at a time (the slices'
-    views overlap in the compact layout, see `lora_weights`)."""
-    for j in range(b.shape[0]):
-        b[j, :, rank:].zero_()
 
 
 def _segments(extend_lens: list[int], row_slots: list[int]) -> list[tuple[int, int, int]]:

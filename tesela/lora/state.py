@@ -35,29 +35,12 @@ class LoRABuffers:
     seg_slot: torch.Tensor  # [max_tokens + 1] int32: adapter slot of every segment
     ranks: torch.Tensor  # [max_loras] int32: rank of each slot's adapter (0: empty)
     scalings: torch.Tensor  # [max_loras] fp32
-    # dense style only (None when the policy never runs it): [max_tokens, max_loras *
-    # max_rank] fp32, a token's scaling on its own slot's columns below the slot's rank, else 0
-    token_scale: torch.Tensor | None = None
-    column_slot: torch.Tensor | None = None  # [max_loras * max_rank] int32: each column's slot
-    # [max_loras * max_rank] fp32: a column's slot scaling below the slot's rank, else 0
-    # (kept by `set_slot`, so a plan computes token_scale in two device ops)
-    column_scale: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, max_tokens: int, max_loras: int, device, dense_rank: int = 0) -> LoRABuffers:
-        """`dense_rank` > 0: also the dense style's scale buffer, for slots of that rank."""
-
+    def allocate(cls, max_tokens: int, max_loras: int, device) -> LoRABuffers:
         def ints(n: int, value: int) -> torch.Tensor:
             return torch.full((n,), value, dtype=torch.int32, device=device)
 
-        dense = {}
-        if dense_rank > 0:
-            columns = torch.arange(max_loras * dense_rank, dtype=torch.int32, device=device)
-            dense = dict(
-                token_scale=torch.zeros(max_tokens, columns.numel(), device=device),
-                column_slot=columns // dense_rank,
-                column_scale=torch.zeros(columns.numel(), device=device),
-            )
         return cls(
             token_slot=ints(max_tokens, NO_SLOT),
             token_seg=ints(max_tokens, 0),
@@ -67,7 +50,6 @@ class LoRABuffers:
             seg_slot=ints(max_tokens + 1, NO_SLOT),
             ranks=ints(max_loras, 0),
             scalings=torch.zeros(max_loras, dtype=torch.float32, device=device),
-            **dense,
         )
 
     @property
@@ -96,25 +78,6 @@ class LoRABuffers:
         self.token_seg[n:].fill_(num_segs)
         self.seg_start[: num_segs + 2].copy_(parts[2])
         self.seg_slot[: num_segs + 1].copy_(parts[3])
-        self.write_token_scale()
-
-    def write_token_scale(self) -> None:
-        """The dense style's per-token column scales (two device ops, no host sync), every
-        row: padding rows (slot -1) are zero too."""
-        if self.token_scale is None:
-            return
-        mine = self.token_slot[:, None] == self.column_slot[None, :]
-        torch.mul(mine, self.column_scale[None, :], out=self.token_scale)
-
-    def set_slot(self, slot: int, rank: int, scaling: float) -> None:
-        """A slot's adapter changed (rank 0: empty). Takes effect at the next `write`."""
-        self.ranks[slot] = rank
-        self.scalings[slot] = scaling
-        if self.column_scale is not None:
-            width = self.column_scale.numel() // self.ranks.numel()
-            live = torch.arange(width) < rank
-            row = torch.where(live, scaling, 0.0).to(torch.float32)
-            self.column_scale[slot * width : (slot + 1) * width].copy_(row)
 
 
 @dataclass

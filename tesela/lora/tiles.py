@@ -22,8 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from tesela.lora.policy import GATHER, SGMV  # noqa: F401  (re-exported)
-
+SGMV, GATHER = "sgmv", "gather"
 TABLE_PATH = Path(__file__).with_name("lora_tile_table.json")
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 ALL_TOKENS = "all"  # the bucket of gather entries: one tile per shape (see LoRATiles)

@@ -11,9 +11,6 @@ shape (they fix a token's sum order, which must not depend on the batch: tesela/
 chosen by their mean time relative to the default over the buckets. One line per (style, target,
 bucket): default and best time. The table is written after every line, so a run cut short keeps
 what it measured; `--styles` and `--buckets` split the work.
-
-`--compare-styles 1,8,...,4096` times the three styles as served (tesela/lora/policy.py) per
-layer at each token count and prints the dense thresholds where cuBLAS starts to win.
 """
 
 from __future__ import annotations
@@ -27,8 +24,7 @@ from pathlib import Path
 import torch
 
 from tesela.lora import tiles as lora_tiles
-from tesela.lora.kernels import GATHER, SGMV, apply_lora, lora_weights, triton_lora
-from tesela.lora.policy import DENSE
+from tesela.lora.kernels import GATHER, SGMV, triton_lora
 from tesela.lora.state import LoRABuffers
 from tesela.lora.tiles import LoRATiles
 
@@ -80,23 +76,19 @@ class Case:
 
     def __init__(self, style, in_features, sizes, num_tokens, adapters, dtype, device="cuda"):
         g = torch.Generator().manual_seed(num_tokens)
-        out, offsets = sum(sizes), [0, *itertools.accumulate(sizes)]
-        # The served layout (strided views, tesela/lora/kernels.py `lora_weights`); clones
-        # keep its strides.
-        self.a, self.b = lora_weights(
-            adapters, tuple(offsets), RANK, in_features, dtype=dtype, device=device
-        )
-        self.a.copy_(torch.randn(self.a.shape, generator=g) * in_features**-0.5)
-        self.b.copy_(torch.randn(self.b.shape, generator=g) * 0.05)
+        slices, out = len(sizes), sum(sizes)
+        a = torch.randn(adapters, slices, RANK, in_features, generator=g) * in_features**-0.5
+        b = torch.randn(adapters, out, RANK, generator=g) * 0.05
+        self.a, self.b = a.to(device, dtype), b.to(device, dtype)
         self.x = torch.randn(num_tokens, in_features, generator=g).to(device, dtype)
         self.y0 = torch.randn(num_tokens, out, generator=g).to(device, dtype)
+        offsets = [0, *itertools.accumulate(sizes)]
         self.offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
-        self.host_offsets = offsets
         self.max_size, self.style = max(sizes), style
-        self.buffers = LoRABuffers.allocate(num_tokens, adapters, device, dense_rank=RANK)
-        for slot in range(adapters):
-            self.buffers.set_slot(slot, RANK, 2.0)
+        self.buffers = LoRABuffers.allocate(num_tokens, adapters, device)
         self.buffers.write(segments_for(style, num_tokens, adapters), num_tokens)
+        self.buffers.ranks.fill_(RANK)
+        self.buffers.scalings.fill_(2.0)
         self.weights = [(self.a, self.b)]
 
     def spread_weights(self, l2_bytes: int = 96 << 20) -> None:
@@ -110,18 +102,6 @@ class Case:
     def run_all(self, y, tiles):
         for a, b in self.weights:
             self.run(y, tiles, a, b)
-
-    def style_us(self, style: str) -> float:
-        """Microseconds per launch set of `style` as served (table tiles; dense: cuBLAS)."""
-        import triton.testing
-
-        y = self.y0.clone()
-
-        def run():
-            for a, b in self.weights:
-                apply_lora(self.x, y, a, b, self.offsets, self.host_offsets, self.buffers, style)
-
-        return 1e3 * triton.testing.do_bench_cudagraph(run, rep=20) / len(self.weights)
 
     def output(self, tiles) -> torch.Tensor:
         y = self.y0.clone()
@@ -188,45 +168,6 @@ def _fastest(case: Case, candidates: list[LoRATiles], expected) -> tuple[float, 
     return min(timed, key=lambda t: t[0])
 
 
-def compare_styles(shapes, counts: list[int], adapters: int) -> dict[int, dict[str, float]]:
-    """tokens -> style -> us per layer (the model's targets summed), each style as served:
-    gather over one-token rows (decode, counts up to 256), sgmv and dense over prefill rows."""
-    times: dict[int, dict[str, float]] = {}
-    for m in counts:
-        row = times.setdefault(m, {})
-        for style in ((GATHER,) if m <= 256 else ()) + (SGMV, DENSE):
-            case_style = GATHER if style == GATHER else SGMV  # the segments it is served with
-            for k, sizes in shapes.values():
-                case = Case(case_style, k, sizes, m, adapters, torch.bfloat16)
-                case.spread_weights()
-                row[style] = row.get(style, 0.0) + case.style_us(style)
-    return times
-
-
-def crossover(times: dict[int, dict[str, float]], family: str) -> int:
-    """The smallest count from which dense beats `family` at that count and every larger one
-    measured (0: never), what LoRAKernelPolicy's thresholds mean."""
-    counts = sorted(m for m in times if family in times[m])
-    best = 0
-    for m in reversed(counts):
-        if times[m][DENSE] >= times[m][family]:
-            break
-        best = m
-    return best
-
-
-def print_comparison(times: dict[int, dict[str, float]]) -> None:
-    print("| tokens | gather us | sgmv us | dense us |  (per layer: the targets summed)")
-    print("|---|---|---|---|")
-    for m, row in sorted(times.items()):
-        cells = [f"{row[s]:.1f}" if s in row else "-" for s in (GATHER, SGMV, DENSE)]
-        print(f"| {m} | " + " | ".join(cells) + " |")
-    print(
-        f"suggested: --lora-dense-min-tokens {crossover(times, SGMV)} "
-        f"--lora-dense-min-decode-tokens {crossover(times, GATHER)} (0: dense never wins)"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     from tesela.config import ModelConfig
     from tesela.presets import PRESETS
@@ -240,17 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output", default=str(lora_tiles.TABLE_PATH),
         help="the table to merge into (default: the checked-in one the kernels read)",
     )  # fmt: skip
-    parser.add_argument(
-        "--compare-styles", default=None, metavar="COUNTS",
-        help="instead of tuning: time gather, sgmv and dense per layer at these token counts "
-        "(e.g. 1,8,16,32,64,128,256,512,1024,4096) and suggest the dense thresholds",
-    )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.compare_styles:
-        shapes = target_shapes(ModelConfig.from_hf_dict(PRESETS[args.model]))
-        counts = [int(c) for c in args.compare_styles.split(",")]
-        print_comparison(compare_styles(shapes, counts, args.num_adapters))
-        return 0
     device_name = torch.cuda.get_device_name()
     path = Path(args.output)
     source = path if path.exists() else lora_tiles.TABLE_PATH

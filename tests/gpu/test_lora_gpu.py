@@ -1,4 +1,4 @@
-"""LoRA on CUDA: the Triton kernels and the dense GEMMs in bf16 against the fp64 reference; greedy generations
+"""LoRA on CUDA: the Triton kernels in bf16 against the fp64 reference; greedy generations
 with adapters identical with graphs off, piecewise breakable, piecewise compiled, FULL decode
 and FULL mixed graphs; FULL mixed replays of batches mixing adapters equal their eager forward."""
 
@@ -9,15 +9,7 @@ import torch
 
 from tesela import LLM, LoRARequest, SamplingParams
 from tesela.lora.adapter import write_random_adapter
-from tesela.lora.kernels import (
-    GATHER,
-    SGMV,
-    apply_lora,
-    lora_weights,
-    reference_lora_delta,
-    zero_other_slices,
-)
-from tesela.lora.policy import DENSE
+from tesela.lora.kernels import GATHER, SGMV, reference_lora_delta, triton_lora
 from tesela.lora.state import NO_SLOT, LoRABuffers
 
 # Llama-3-8B's qkv (q 4096, k 1024, v 1024 rows over a 4096 input) and its down projection;
@@ -42,30 +34,26 @@ def random_segments(num_tokens: int, slots: int, seed: int) -> list[tuple[int, i
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("style", [SGMV, GATHER, DENSE])
+@pytest.mark.parametrize("style", [SGMV, GATHER])
 @pytest.mark.parametrize("num_tokens", [1, 7, 32, 300, 1024])
 def test_kernels_bf16_match_the_reference(shape, style, num_tokens):
-    """Every style on the manager's weight layout (`lora_weights`: strided views for the
-    Triton kernels, plain matrices for the dense GEMMs); rows past a slot's rank hold junk."""
     in_features, offsets = SHAPES[shape]
     slots, max_rank = 4, 16
     generator = torch.Generator().manual_seed(num_tokens)
-    a, b = lora_weights(
-        slots, offsets, max_rank, in_features, dtype=torch.bfloat16, device="cuda"
-    )  # fmt: skip
-    a.copy_(torch.randn(a.shape, generator=generator) * in_features**-0.5)
-    b.copy_(torch.randn(b.shape, generator=generator) * 0.05)
-    zero_other_slices(b, offsets)  # as the manager keeps it (the dense expand reads all of b)
+    a = torch.randn(slots, len(offsets) - 1, max_rank, in_features, generator=generator)
+    a = (a * in_features**-0.5).to(torch.bfloat16).cuda()
+    b = (torch.randn(slots, offsets[-1], max_rank, generator=generator) * 0.05).bfloat16().cuda()
     x = torch.randn(num_tokens + 5, in_features, generator=generator).bfloat16().cuda()
     y0 = torch.randn(num_tokens + 5, offsets[-1], generator=generator).bfloat16().cuda()
-    buffers = LoRABuffers.allocate(2048, slots, "cuda", dense_rank=max_rank)
-    for slot, (rank, scaling) in enumerate([(16, 2.0), (8, 1.0), (16, 0.5), (4, 4.0)]):
-        buffers.set_slot(slot, rank, scaling)
+    buffers = LoRABuffers.allocate(2048, slots, "cuda")
     segments = random_segments(num_tokens, slots, seed=num_tokens)
-    buffers.write(segments, num_tokens)  # after the slots: the dense scales
+    buffers.write(segments, num_tokens)
+    buffers.ranks.copy_(torch.tensor([16, 8, 16, 4], dtype=torch.int32))
+    buffers.scalings.copy_(torch.tensor([2.0, 1.0, 0.5, 4.0]))
     y = y0.clone()
     device_offsets = torch.tensor(offsets, dtype=torch.int32, device="cuda")
-    apply_lora(x, y, a, b, device_offsets, offsets, buffers, style)
+    max_size = max(hi - lo for lo, hi in zip(offsets[:-1], offsets[1:], strict=True))
+    triton_lora(x, y, a, b, device_offsets, max_size, buffers, style)
     torch.cuda.synchronize()
     expected = reference_lora_delta(
         x.cpu(), a.cpu(), b.cpu(), offsets, buffers.token_slot[: x.shape[0]].cpu(),
@@ -100,12 +88,8 @@ def adapters(tmp_path_factory):
         (dict(piecewise_cudagraph="compiled", piecewise_compiler="eager", full_mixed=False),
          "piecewise"),
         (dict(piecewise_cudagraph="breakable", full_mixed=True), "full_mixed"),
-        # every launch dense (decode graphs too), with graphs and without: the styles agree and
-        # only the GEMMs' M differs, as for the base model's GEMMs
-        (dict(piecewise_cudagraph="breakable", full_mixed=True, lora_dense_min_tokens=1,
-              lora_dense_min_decode_tokens=1), "full_mixed"),
     ],
-    ids=["breakable", "compiled", "full_mixed", "dense_everywhere"],
+    ids=["breakable", "compiled", "full_mixed"],
 )  # fmt: skip
 def test_greedy_with_adapters_identical_with_graphs_on_and_off(adapters, graphs, prefill_path):
     """Base rows and three adapters in one batch; prefill through piecewise or FULL mixed
@@ -122,8 +106,7 @@ def test_greedy_with_adapters_identical_with_graphs_on_and_off(adapters, graphs,
     assert paths.get(prefill_path, 0) > 0 and paths["full"] > 0, paths
     base_tokens = [o.token_ids for o in on.generate(prompts, params)]
     del on
-    styles = {k: v for k, v in graphs.items() if k.startswith("lora_")}  # same policy eager
-    off = LLM("qwen3-0.6b", disable_cudagraph=True, **common, **styles)
+    off = LLM("qwen3-0.6b", disable_cudagraph=True, **common)
     assert [o.token_ids for o in off.generate(prompts, params, lora_request=loras)] == on_tokens
     # The adapters change the generations (so the graphs really ran the deltas).
     assert all(on_tokens[i] != base_tokens[i] for i in (1, 2, 3, 4))
