@@ -570,30 +570,6 @@ MUTATIONS = {
         "DTYPES = (torch.bfloat16, torch.float16, torch.float32)",
         ["tests/test_custom_all_reduce.py"],
     ),
-    "persistent extend grid stops one query block short": (
-        "tesela/attention/triton_kernels/extend_attention.py",
-        "        for tile in range(tl.program_id(1), count, tl.num_programs(1)):\n",
-        "        for tile in range(tl.program_id(1), count - 1, tl.num_programs(1)):\n",
-        MIXED_TESTS,
-    ),
-    "persistent extend grid strides past some query blocks": (
-        "tesela/attention/triton_kernels/extend_attention.py",
-        "        for tile in range(tl.program_id(1), count, tl.num_programs(1)):\n",
-        "        for tile in range(tl.program_id(1), count, tl.num_programs(1) + 1):\n",
-        MIXED_TESTS,
-    ),
-    "FULL mixed tile count not written": (
-        "tesela/attention/triton_backend.py",
-        "        host[5 * rows] = len(tiles) // 2\n",
-        "",
-        MIXED_TESTS,
-    ),
-    "q/k norm + rotary: the first k head of a block is written as q": (
-        "tesela/layers/fused.py",
-        "        k_mask = mask & (heads >= num_heads)[:, None]\n",
-        "        k_mask = mask & (heads > num_heads)[:, None]\n",
-        ["tests/test_fused.py"],
-    ),
     "packed batch metadata loses its 16-byte alignment": (
         "tesela/core/forward_batch.py",
         "        align = max(1, 16 // torch.empty((), dtype=dtype).element_size())\n",

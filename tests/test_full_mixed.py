@@ -115,7 +115,6 @@ def test_padding_is_zero_length_work(runner):
     assert state.segment(4)[0] == 5
     # ... and 8 // 16 + 4 tiles, one real (the decode row has none): (row 0, query 0).
     assert state.tiles(4).tolist() == [[0, 0], [-1, -1], [-1, -1], [-1, -1]]
-    assert state.tile_count().item() == 1  # the persistent grid's programs stop there
     assert rows == MAX_ROWS
 
 
@@ -127,9 +126,6 @@ def test_prefill_only_batches_replay_the_graph_without_the_decode_launch(runner)
     got = full.run(prefill).clone()
     # Every row tiled for the extend kernel: longest causal walk first, 16-token query blocks.
     assert runner.attn_backend.mixed_state.tiles(3).tolist() == [[0, 16], [1, 0], [0, 0]]
-    # Two programs per head on CPU (tile_programs): the first takes blocks 0 and 2.
-    metadata = full.planner.plan(prefill).attn_metadata
-    assert metadata.tiles.programs == 2 and metadata.tiles.count.item() == 3
     torch.testing.assert_close(got, runner.forward_eager(batch([(0, 20), (0, 9)], seed=8)))
     assert full.planner.key(batch([(0, 20), (9, 1)])) == (32, True)
 

@@ -382,13 +382,3 @@ def test_import_without_triton_says_how_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "tesela.attention.triton_backend")
     with pytest.raises(ImportError, match="pip install triton"):
         importlib.import_module("tesela.attention.triton_backend")
-
-
-def test_persistent_extend_grid_sizes():
-    """A one-row prefill gets a program per query block; many-row batches at least what fills
-    the device; never more programs than the table has blocks."""
-    from tesela.attention.triton_kernels.extend_attention import tile_programs
-
-    assert tile_programs(4096, 4096 // 128 + 256, 128, 17) == 32
-    assert tile_programs(256, 256 // 128 + 256, 128, 17) == 17
-    assert tile_programs(16, 16 // 64 + 16, 64, 17) == 16

@@ -61,13 +61,11 @@ from tesela.attention.triton_kernels.decode_attention import layer_args as decod
 from tesela.attention.triton_kernels.decode_attention import shape_args as decode_shape_args
 from tesela.attention.triton_kernels.extend_attention import (
     EXTEND,
-    TileTable,
     extend_config,
     extend_grid,
     kernels_interpreted,
     max_tiles,
     tile_args,
-    tile_programs,
     tile_table,
 )
 from tesela.attention.triton_kernels.extend_attention import batch_args as extend_batch_args
@@ -116,9 +114,8 @@ class TritonMetadata(AttentionMetadata):
     prefix_lens: torch.Tensor | None = None  # [batch] int32
     extend_start_loc: torch.Tensor | None = None  # [batch] int32
     max_extend_len: int = 1
-    # FULL mixed graphs only: the extend kernel's tile table (persistent grid fixed per
-    # captured size).
-    tiles: TileTable | None = None
+    # FULL mixed graphs only: the extend kernel's tile table (grid fixed per captured size).
+    tiles: torch.Tensor | None = None  # [num_tiles, 2] int32 (row, first query); row -1: absent
     # FULL mixed graphs only: the decode rows (one new token), run by the split-KV decode kernel
     # through an entry table (row, query token); -1 = absent entry.
     decode_rows: torch.Tensor | None = None  # [entries] int32
@@ -176,14 +173,13 @@ class MixedGraphState:
     Everything but the block tables lives in one int32 buffer, so a replay's metadata goes to
     the device in one copy (built with numpy on the host): per row (R = max_rows) the sequence
     length, prefix length and first token; the decode entry table (row, query token) of the
-    1-token rows; the count of query blocks, then the tile table, (row, first query) per query
-    block of the other rows. Entries past the batch's hold -1 (absent: no program reads them),
-    and rows past the batch's are never read. Every captured size reads the front of the shared
-    tables."""
+    1-token rows; the tile table, (row, first query) per query block of the other rows. Entries
+    past the batch's hold -1 (absent: no program does anything for them), and rows past the
+    batch's are never read. Every captured size reads the front of the shared tables."""
 
     max_rows: int
     max_blocks_per_seq: int
-    meta: torch.Tensor  # [5 * max_rows + 1 + 2 * max_tiles] int32 (views below)
+    meta: torch.Tensor  # [5 * max_rows + 2 * max_tiles] int32 (views below)
     block_tables: torch.Tensor  # [max_rows, max_blocks_per_seq] int32
     partial_out: torch.Tensor  # flat fp32 split-KV scratch of the decode entries
     partial_lse: torch.Tensor  # flat fp32
@@ -193,11 +189,8 @@ class MixedGraphState:
         return self.meta[index * self.max_rows : (index + 1) * self.max_rows]
 
     def tiles(self, num_tiles: int) -> torch.Tensor:
-        base = 5 * self.max_rows + 1
+        base = 5 * self.max_rows
         return self.meta[base : base + 2 * num_tiles].view(num_tiles, 2)
-
-    def tile_count(self) -> torch.Tensor:
-        return self.meta[5 * self.max_rows : 5 * self.max_rows + 1]
 
     def load(self, batch: ForwardBatch, block_m: int, num_tiles: int, entries: int) -> None:
         """Copy the batch's rows in; with `entries` > 0 its 1-token rows go to the decode entry
@@ -219,14 +212,13 @@ class MixedGraphState:
         tiles = tile_table(tiled_lens.tolist(), batch.prefix_lens_cpu, block_m)
         if len(tiles) > 2 * num_tiles:
             raise ValueError(f"{len(tiles) // 2} query tiles do not fit a table of {num_tiles}")
-        host = np.full(5 * rows + 1 + 2 * num_tiles, -1, dtype=np.int32)
+        host = np.full(5 * rows + 2 * num_tiles, -1, dtype=np.int32)
         host[:n] = batch.seq_lens_cpu
         host[rows : rows + n] = batch.prefix_lens_cpu
         host[2 * rows : 2 * rows + n] = starts
         host[3 * rows : 3 * rows + len(decode)] = decode
         host[4 * rows : 4 * rows + len(decode)] = starts[decode]
-        host[5 * rows] = len(tiles) // 2
-        host[5 * rows + 1 : 5 * rows + 1 + len(tiles)] = tiles
+        host[5 * rows : 5 * rows + len(tiles)] = tiles
         staged = torch.from_numpy(host)
         if self.meta.is_cuda:  # pinned: a pageable copy would wait for the queued GPU work
             staged = staged.pin_memory()
@@ -261,7 +253,6 @@ class TritonAttentionBackend(AttentionBackend):
             layout.head_dim, layout.dtype, self.config.max_kv_splits, self.config.block_n
         )
         self.target_programs = _target_programs(layout.device, self.config.programs_per_sm)
-        self.tile_programs = _tile_programs(layout.device, layout.num_heads)
         self.graph_state: DecodeGraphState | None = None
         self.mixed_state: MixedGraphState | None = None
         self._mixed_templates: dict[tuple[int, bool], tuple] = {}
@@ -403,7 +394,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.mixed_state = MixedGraphState(
             max_rows=max_rows,
             max_blocks_per_seq=max_blocks_per_seq,
-            meta=torch.full((5 * max_rows + 1 + 2 * tiles,), -1, dtype=torch.int32, device=device),
+            meta=torch.full((5 * max_rows + 2 * tiles,), -1, dtype=torch.int32, device=device),
             block_tables=torch.zeros(
                 (max_rows, max_blocks_per_seq), dtype=torch.int32, device=device
             ),
@@ -465,11 +456,7 @@ class TritonAttentionBackend(AttentionBackend):
             prefix_lens=state.segment(1),
             extend_start_loc=state.segment(2),
             max_extend_len=padded_num_tokens,
-            tiles=TileTable(
-                state.tiles(num_tiles),
-                state.tile_count(),
-                tile_programs(padded_num_tokens, num_tiles, block_m, self.tile_programs),
-            ),
+            tiles=state.tiles(num_tiles),
         )
         if split_decode:
             entries = min(state.max_rows, padded_num_tokens)
@@ -641,17 +628,6 @@ def _target_programs(device: torch.device, programs_per_sm: int) -> int:
     if device.type != "cuda":
         return 1 << 30
     return programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _tile_programs(device: torch.device, num_heads: int) -> int:
-    """Programs per head of the persistent extend grid for many-row batches: two per SM over
-    the heads (what the extend tile's registers let a Hopper SM hold). On CPU, two: the
-    interpreter then runs programs that take several query blocks each."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return -(-2 * sms // num_heads)
 
 
 def _check_supported(layout: AttentionLayout, kv_cache: KVCachePool) -> None:

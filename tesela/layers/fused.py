@@ -161,54 +161,44 @@ def _kernels():
     def qk_norm_rope_kernel(
         qkv_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr,
         num_heads, num_kv_heads, stride_token, stride_cache_kind, stride_cache_pos, eps,
-        HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
+        HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        # One program per (token, block of HEADS heads) over q's heads then k's (adjacent in
-        # qkv): a [HEADS, head_dim] tile per program, the token's cos/sin loaded once. One
-        # program per (token, head) left most lanes idle and made a prefill launch-bound.
-        token = tl.program_id(0)
-        heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+        # One program per (token, head) over q's heads then k's: q and k are adjacent in qkv.
+        token, head = tl.program_id(0), tl.program_id(1)
+        is_q = head < num_heads
         cols = tl.arange(0, BLOCK)
-        is_q = heads < num_heads
-        row_mask = heads < num_heads + num_kv_heads
-        mask = row_mask[:, None] & (cols < HALF)[None, :]
-        base = token.to(tl.int64) * stride_token + heads[:, None] * (2 * HALF) + cols[None, :]
-        x1 = tl.load(qkv_ptr + base, mask=mask, other=0.0)
-        x2 = tl.load(qkv_ptr + base + HALF, mask=mask, other=0.0)
+        mask = cols < HALF
+        base = token.to(tl.int64) * stride_token + head * (2 * HALF)
+        x1 = tl.load(qkv_ptr + base + cols, mask=mask, other=0.0)
+        x2 = tl.load(qkv_ptr + base + HALF + cols, mask=mask, other=0.0)
         dtype = x1.dtype
         if HAS_NORM:  # per-head RMSNorm, rounded as RMSNorm rounds (see rmsnorm_kernel)
             x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-            variance = (tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / (2 * HALF)
-            scale = tl.rsqrt(variance + eps)[:, None]
-            half_mask = cols < HALF
-            wq1 = tl.load(q_w_ptr + cols, mask=half_mask, other=0.0).to(tl.float32)
-            wq2 = tl.load(q_w_ptr + HALF + cols, mask=half_mask, other=0.0).to(tl.float32)
-            wk1 = tl.load(k_w_ptr + cols, mask=half_mask, other=0.0).to(tl.float32)
-            wk2 = tl.load(k_w_ptr + HALF + cols, mask=half_mask, other=0.0).to(tl.float32)
-            w1 = tl.where(is_q[:, None], wq1[None, :], wk1[None, :])
-            w2 = tl.where(is_q[:, None], wq2[None, :], wk2[None, :])
+            variance = (tl.sum(x1f * x1f, axis=0) + tl.sum(x2f * x2f, axis=0)) / (2 * HALF)
+            scale = tl.rsqrt(variance + eps)
+            if is_q:
+                w_ptr = q_w_ptr
+            else:
+                w_ptr = k_w_ptr
+            w1 = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + cols, mask=mask, other=0.0).to(tl.float32)
             x1 = (w1 * (x1f * scale).to(dtype).to(tl.float32)).to(dtype)
             x2 = (w2 * (x2f * scale).to(dtype).to(tl.float32)).to(dtype)
         pos = tl.load(pos_ptr + token)
         cache = cos_sin_ptr + pos.to(tl.int64) * stride_cache_pos + cols
-        cos = tl.load(cache, mask=cols < HALF, other=0.0).to(dtype).to(tl.float32)[None, :]
-        sin = tl.load(cache + stride_cache_kind, mask=cols < HALF, other=0.0)
-        sin = sin.to(dtype).to(tl.float32)[None, :]
+        cos = tl.load(cache, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        sin = tl.load(cache + stride_cache_kind, mask=mask, other=0.0).to(dtype).to(tl.float32)
         a1 = (x1.to(tl.float32) * cos).to(dtype).to(tl.float32)
         b1 = (-x2.to(tl.float32) * sin).to(dtype).to(tl.float32)
         a2 = (x2.to(tl.float32) * cos).to(dtype).to(tl.float32)
         b2 = (x1.to(tl.float32) * sin).to(dtype).to(tl.float32)
-        out1, out2 = (a1 + b1).to(dtype), (a2 + b2).to(dtype)
-        q_rows = token.to(tl.int64) * num_heads + heads
-        q_out = q_out_ptr + q_rows[:, None] * (2 * HALF) + cols[None, :]
-        q_mask = mask & is_q[:, None]
-        tl.store(q_out, out1, mask=q_mask)
-        tl.store(q_out + HALF, out2, mask=q_mask)
-        k_rows = token.to(tl.int64) * num_kv_heads + (heads - num_heads)
-        k_out = k_out_ptr + k_rows[:, None] * (2 * HALF) + cols[None, :]
-        k_mask = mask & (heads >= num_heads)[:, None]
-        tl.store(k_out, out1, mask=k_mask)
-        tl.store(k_out + HALF, out2, mask=k_mask)
+        if is_q:
+            out = q_out_ptr + (token.to(tl.int64) * num_heads + head) * (2 * HALF) + cols
+        else:
+            kv_head = head - num_heads
+            out = k_out_ptr + (token.to(tl.int64) * num_kv_heads + kv_head) * (2 * HALF) + cols
+        tl.store(out, (a1 + b1).to(dtype), mask=mask)
+        tl.store(out + HALF, (a2 + b2).to(dtype), mask=mask)
 
     return rmsnorm_kernel, rotary_kernel, silu_mul_kernel, qk_norm_rope_kernel
 
@@ -283,14 +273,11 @@ def _qk_norm_rope(
     if tokens == 0:
         return q, k
     q_weight, k_weight = norm_weights if norm_weights is not None else (qkv, qkv)
-    half = _block(head_dim // 2)
-    # About 2,048 elements per program: every head of a small model's token in one.
-    heads = min(_block(num_heads + num_kv_heads), max(1, 2048 // (2 * half)))
-    kernel[(tokens, -(-(num_heads + num_kv_heads) // heads))](
+    kernel[(tokens, num_heads + num_kv_heads)](
         qkv, q, k, q_weight, k_weight, cos_sin_cache, positions,
         num_heads, num_kv_heads, qkv.stride(0), cos_sin_cache.stride(0), cos_sin_cache.stride(1),
         eps,
-        HAS_NORM=norm_weights is not None, HALF=head_dim // 2, BLOCK=half, HEADS=heads,
+        HAS_NORM=norm_weights is not None, HALF=head_dim // 2, BLOCK=_block(head_dim // 2),
     )  # fmt: skip
     return q, k
 

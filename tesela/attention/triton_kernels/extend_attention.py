@@ -37,29 +37,6 @@ class ExtendConfig:
     num_stages: int
 
 
-@dataclass(frozen=True)
-class TileTable:
-    """The query blocks of a batch for a persistent extend grid (FULL mixed graphs): `table`
-    [max_tiles, 2] int32 (row, first query) from `tile_table`, entries past the batch's absent;
-    `count` [1] int32, how many are the batch's; `programs`, the grid's programs per head
-    (fixed per captured size), each taking every programs-th block."""
-
-    table: torch.Tensor
-    count: torch.Tensor
-    programs: int
-
-    def __post_init__(self) -> None:
-        assert self.table.dim() == 2 and self.table.shape[1] == 2 and self.table.is_contiguous()
-        assert self.count.numel() == 1 and self.programs > 0
-
-
-def tile_programs(num_tokens: int, num_tiles: int, block_m: int, programs: int) -> int:
-    """Programs per head of a persistent extend grid: enough for a one-row prefill of
-    `num_tokens` to take one block each, and at least `programs` (what fills the device) for
-    batches of many rows; never more than the table has blocks."""
-    return min(num_tiles, max(-(-num_tokens // block_m), programs))
-
-
 def extend_config(
     head_dim: int,
     dtype: torch.dtype,
@@ -152,7 +129,6 @@ def _extend_kernel(
     prefix_lens_ptr,
     extend_start_loc_ptr,
     tiles_ptr,
-    tile_count_ptr,
     stride_table_row,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -169,43 +145,20 @@ def _extend_kernel(
     # tiles in L2; query blocks go last-first, so the longest causal walks start first.
     head = tl.program_id(0)
     if TILED:
-        # FULL graphs: a persistent grid fixed per captured size. Program p takes the batch's
-        # query blocks p, p + programs, ... from the tile table (longest causal walk first), up
-        # to the batch's tile count: a table of absent entries launches no empty programs.
-        count = tl.load(tile_count_ptr)
-        for tile in range(tl.program_id(1), count, tl.num_programs(1)):
-            row = tl.load(tiles_ptr + 2 * tile)
-            q_begin = tl.load(tiles_ptr + 2 * tile + 1)
-            _extend_block(
-                row, q_begin, head, q_ptr, out_ptr, stride_q_token, stride_out_token,
-                scale_log2, k_pool_ptr, v_pool_ptr, stride_pool_slot, block_tables_ptr,
-                seq_lens_ptr, prefix_lens_ptr, extend_start_loc_ptr, stride_table_row,
-                BLOCK_M, BLOCK_N, GROUP, HEAD_DIM, BLOCK_D, PAGE_SIZE, WINDOW, PRECISION,
-            )  # fmt: skip
+        # FULL graphs: the grid is fixed per captured size; each program reads its (row, query
+        # block) from the tile table, and entries past the batch's tiles hold row -1.
+        tile = tl.program_id(1)
+        row = tl.load(tiles_ptr + 2 * tile)
+        q_begin = tl.maximum(tl.load(tiles_ptr + 2 * tile + 1), 0)  # absent: (-1, -1)
     else:
         q_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-        _extend_block(
-            tl.program_id(2), q_begin, head, q_ptr, out_ptr, stride_q_token, stride_out_token,
-            scale_log2, k_pool_ptr, v_pool_ptr, stride_pool_slot, block_tables_ptr,
-            seq_lens_ptr, prefix_lens_ptr, extend_start_loc_ptr, stride_table_row,
-            BLOCK_M, BLOCK_N, GROUP, HEAD_DIM, BLOCK_D, PAGE_SIZE, WINDOW, PRECISION,
-        )  # fmt: skip
-
-
-@triton.jit
-def _extend_block(
-    row, q_begin, head, q_ptr, out_ptr, stride_q_token, stride_out_token, scale_log2,
-    k_pool_ptr, v_pool_ptr, stride_pool_slot, block_tables_ptr, seq_lens_ptr, prefix_lens_ptr,
-    extend_start_loc_ptr, stride_table_row,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr,
-    PRECISION: tl.constexpr,
-):  # fmt: skip
-    """One (query head, block of BLOCK_M new tokens of `row` from `q_begin`)."""
+        row = tl.program_id(2)
+    present = row >= 0
+    row = tl.maximum(row, 0)
     seq_len = tl.load(seq_lens_ptr + row)
     prefix = tl.load(prefix_lens_ptr + row)
-    extend_len = seq_len - prefix
-    # The grid covers the longest row; blocks past a row's end do nothing.
+    extend_len = tl.where(present, seq_len - prefix, 0)
+    # The grid covers the longest row (or the most tiles); blocks past a row's end do nothing.
     if q_begin < extend_len:
         offs_m = q_begin + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -272,13 +225,13 @@ def extend_attention(
     shape: PagedAttentionShape,
     max_extend_len: int,
     config: ExtendConfig,
-    tiles: TileTable | None = None,
+    tiles: torch.Tensor | None = None,
 ) -> None:
     """q/out: [num_tokens, heads*head_dim]; pools: [num_slots, kv_heads, head_dim];
     seq_lens/prefix_lens/extend_start_loc: [batch] int32; block_tables: [batch, max_blocks].
 
-    With a tile table (see `TileTable`) the grid is (heads, tiles.programs) whatever the
-    batch, so a CUDA graph can capture it."""
+    With a tile table (`tiles`: [num_tiles, 2] int32 (row, first query), see `tile_table`)
+    the grid is (heads, num_tiles) whatever the batch, so a CUDA graph can capture it."""
     layer = layer_args(q, out, shape)
     batch_size = seq_lens.shape[0]
     if batch_size == 0 or max_extend_len == 0:
@@ -304,9 +257,12 @@ def layer_args(q: torch.Tensor, out: torch.Tensor, shape: PagedAttentionShape) -
 
 
 def batch_args(block_tables, seq_lens, prefix_lens, extend_start_loc, tiles) -> Args:
-    table, count = (seq_lens, seq_lens) if tiles is None else (tiles.table, tiles.count)
+    if tiles is None:
+        tiles = seq_lens  # not read
+    else:
+        assert tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.is_contiguous()
     return runtime_args(
-        block_tables, seq_lens, prefix_lens, extend_start_loc, table, count, block_tables.stride(0)
+        block_tables, seq_lens, prefix_lens, extend_start_loc, tiles, block_tables.stride(0)
     )
 
 
@@ -330,12 +286,11 @@ def extend_grid(
     config: ExtendConfig,
     max_extend_len: int,
     batch_size: int,
-    tiles: TileTable | None,
+    tiles: torch.Tensor | None,
 ) -> tuple[int, int, int]:
-    """With a tile table the grid is (heads, tiles.programs) whatever the batch (FULL
-    graphs)."""
+    """With a tile table the grid is (heads, num_tiles) whatever the batch (FULL graphs)."""
     if tiles is not None:
-        return (shape.num_heads, tiles.programs, 1)
+        return (shape.num_heads, tiles.shape[0], 1)
     return (shape.num_heads, triton.cdiv(max_extend_len, config.block_m), batch_size)
 
 
