@@ -576,6 +576,24 @@ MUTATIONS = {
         "        align = 1\n",
         ["tests/test_paged_forward.py"],
     ),
+    "engine core resends the whole text every step": (
+        "tesela/server/engine_core.py",
+        "            keep = len(text_sent)\n",
+        "            keep = 0\n",
+        ["tests/test_engine_core.py"],
+    ),
+    "engine-core client drops the abort of a disconnected stream": (
+        "tesela/server/core_client.py",
+        "            self._send((core.ABORT, ids))\n",
+        "            pass\n",
+        ["tests/test_server.py::test_clients_that_disconnect_leave_no_kv_blocks"],
+    ),
+    "engine-core client leaves requests in flight when the engine dies": (
+        "tesela/server/core_client.py",
+        "        self._fail(list(self._live), error, abort=False)\n        for future, _ in self._adds",
+        "        for future, _ in self._adds",
+        ["tests/test_engine_core.py"],
+    ),
     "GEMV tuner cases miss the MoE router": (
         "tesela/tune/gemv.py",
         "        cases.append((\"none\", mc.moe.num_experts, h))\n",

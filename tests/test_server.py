@@ -457,8 +457,14 @@ def test_64_concurrent_streams_complete_with_their_token_counts(server):
     wait_idle(server)
 
 
+def engine_steps(server) -> int:
+    return sum(stats(server)["dispatch"]["paths"].values())
+
+
 def test_clients_that_disconnect_leave_no_kv_blocks(server):
     aborted_before = metric(server, 'tesela_request_success_total{finish_reason="abort"}')
+    wait_idle(server)
+    steps_before = engine_steps(server)
     body = {
         "model": "tiny",
         "prompt": "disconnect me",
@@ -479,6 +485,8 @@ def test_clients_that_disconnect_leave_no_kv_blocks(server):
     wait_idle(server)
     aborted = metric(server, 'tesela_request_success_total{finish_reason="abort"}')
     assert aborted - aborted_before == 4
+    # The engine itself stopped them: none ran on towards its 2000 tokens once its client left.
+    assert engine_steps(server) - steps_before < 1000
 
 
 def test_overload_answers_503_and_keeps_accepted_requests(small_server):
