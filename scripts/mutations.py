@@ -594,6 +594,12 @@ MUTATIONS = {
         "        for future, _ in self._adds",
         ["tests/test_engine_core.py"],
     ),
+    "a tensor-parallel runner has no lora_manager (served TP engines fail to start)": (
+        "tesela/executor/multiproc.py",
+        "    @property\n    def lora_manager(self) -> None:",
+        "    def _no_lora_manager(self) -> None:",
+        ["tests/test_engine_core.py::test_a_tensor_parallel_engine_serves_over_http"],
+    ),
     "GEMV tuner cases miss the MoE router": (
         "tesela/tune/gemv.py",
         "        cases.append((\"none\", mc.moe.num_experts, h))\n",

@@ -205,3 +205,26 @@ def test_a_dead_engine_process_fails_streams_and_reports_unhealthy(doomed_server
 def test_a_user_error_at_startup_reaches_the_caller_as_itself(tmp_path):
     with pytest.raises(ValueError, match="neither a folder nor a preset"):
         create_process_app(EngineArgs.from_kwargs(str(tmp_path / "no-such-model")))
+
+
+@pytest.mark.parametrize("in_process", [False, True])
+def test_a_tensor_parallel_engine_serves_over_http(in_process):
+    """`tesela serve --tensor-parallel-size 2` (gloo on CPU): the server starts (it lists the
+    models and adapters of a runner without LoRA), answers like the offline engine at TP 1, and
+    its shutdown stops the worker process too."""
+    from tesela.server.app import create_app
+
+    args = EngineArgs.from_kwargs("tiny", tensor_parallel_size=2)
+    if in_process:
+        config, path = make_engine_config(args)
+        app = create_app(LLMEngine(config, path))
+    else:
+        app = create_process_app(args, torch_threads=1)
+    body = {"model": "tiny", "prompt": "tensor parallel", "max_tokens": 8, "temperature": 0}
+    with ServerThread(app) as server:
+        models = httpx.get(server.url + "/v1/models", timeout=TIMEOUT).json()
+        served = httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT).json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    expected = LLM("tiny").generate(["tensor parallel"], params)[0]
+    assert served["choices"][0]["text"] == expected.text

@@ -270,6 +270,12 @@ class TensorParallelRunner:
         """Rank 0's dispatcher: its counters stand for every rank (they run the same batches)."""
         return self.runner.dispatcher
 
+    @property
+    def lora_manager(self) -> None:
+        """No adapters at TP > 1 (make_engine_config refuses LoRA there): the engine and the
+        server see a runner without LoRA, as they would at TP = 1 with LoRA off."""
+        return None
+
     def execute(self, inputs: BatchInputs, feed=None) -> torch.Tensor:
         """Send the batch to every worker, run rank 0's share, return rank 0's logits."""
         # Input ids only the device knows (overlap scheduling) cannot reach the workers: the

@@ -242,17 +242,21 @@ def run_engine_core(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
+    engine = None
     try:
         config, model_path = make_engine_config(engine_args)
         engine = LLMEngine(config, model_path)
         for lora in loras:
             engine.add_lora(lora)
+        facts = EngineFacts.of(engine, model_path)
     except Exception as exc:
         if error_payload(exc)[0] not in KNOWN_ERRORS:  # a user error's message says it all
             logger.exception("the engine failed to start")
         outputs.send((FATAL, *error_payload(exc)))
+        if engine is not None:  # built, then failed: stop its tensor-parallel workers too
+            engine.shutdown()
         raise SystemExit(1) from None
-    outputs.send((READY, EngineFacts.of(engine, model_path)))
+    outputs.send((READY, facts))
     try:
         EngineCore(engine, commands, outputs).run()
     finally:
