@@ -215,15 +215,21 @@ def test_a_tensor_parallel_engine_serves_over_http(in_process):
     from tesela.server.app import create_app
 
     args = EngineArgs.from_kwargs("tiny", tensor_parallel_size=2)
+    engine = None  # in process: this process joins the group, and must leave it after
     if in_process:
-        config, path = make_engine_config(args)
-        app = create_app(LLMEngine(config, path))
+        engine = LLMEngine(*make_engine_config(args))
+        app = create_app(engine)
     else:
         app = create_process_app(args, torch_threads=1)
     body = {"model": "tiny", "prompt": "tensor parallel", "max_tokens": 8, "temperature": 0}
-    with ServerThread(app) as server:
-        models = httpx.get(server.url + "/v1/models", timeout=TIMEOUT).json()
-        served = httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT).json()
+    try:
+        with ServerThread(app) as server:
+            models = httpx.get(server.url + "/v1/models", timeout=TIMEOUT).json()
+            served = httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+    served = served.json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
     params = SamplingParams(max_tokens=8, temperature=0)
     expected = LLM("tiny").generate(["tensor parallel"], params)[0]
