@@ -196,23 +196,14 @@ class BatchInputs:
         )
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A host list on `device` without blocking the host: through pinned memory on CUDA. (A
-    plain `torch.tensor(values, device="cuda")` waits for the GPU's queued work, which would
-    stall the host while an earlier step runs: overlap scheduling builds batches then.)"""
-    device = torch.device(device)
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 def to_device_packed(
     arrays: dict[str, tuple[list, torch.dtype]], device: torch.device | str
 ) -> dict[str, torch.Tensor]:
     """Several host lists on `device` in one copy per dtype (views of one packed buffer, each
     starting on a 16-byte boundary, so kernels see the alignment they would on their own
-    allocation), without blocking the host: a step's metadata costs two copies, not eight."""
+    allocation), without blocking the host: a step's metadata costs two copies, not eight. (A
+    plain `torch.tensor(values, device="cuda")` would wait for the GPU's queued work, stalling
+    the host while an earlier step runs: overlap scheduling builds batches then.)"""
     device = torch.device(device)
     groups: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     for name, (values, dtype) in arrays.items():

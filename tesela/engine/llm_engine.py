@@ -36,7 +36,7 @@ from tesela.config import (
     resolve_graph_config,
     resolve_lora_config,
 )
-from tesela.core.forward_batch import BatchInputs, to_device
+from tesela.core.forward_batch import BatchInputs, to_device_packed
 from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.distributed.sharding import check_tp_shapes
 from tesela.engine.block_manager import BlockManager
@@ -268,8 +268,8 @@ class _InFlight:
         """Write this step's sampled tokens `src` into the next batch's `input_ids[dst]`, on
         the device: ordered on the stream after the sampling, before the next forward."""
         device = input_ids.device
-        dst_t = to_device(dst, torch.int64, device)
-        src_t = to_device(src, torch.int64, device)
+        index = to_device_packed({"dst": (dst, torch.int64), "src": (src, torch.int64)}, device)
+        dst_t, src_t = index["dst"], index["src"]
         input_ids.index_copy_(0, dst_t, self.sampled.tokens.index_select(0, src_t))
 
 
