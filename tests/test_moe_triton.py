@@ -5,7 +5,8 @@ blocks for prefill) and the decode down kernel that sums the top-k itself, for s
 (E, top_k, M) including M=1, an expert that receives no token, every token on one expert, and
 padding tokens (expert id out of range, or past the device count of real tokens) that must
 change nothing; and the one-launch router top-k against `select_experts` (both scoring rules,
-ties, E not a power of two). Then whole Qwen3-MoE and Mixtral models run with the kernels and match transformers.
+ties, E not a power of two), and the router GEMM folded into it (`tesela::moe_router`: both
+rules, bf16 rounding of the logits, counters back to zero between launches). Then whole Qwen3-MoE and Mixtral models run with the kernels and match transformers.
 
 TRITON_INTERPRET=1 must be set before triton is first imported; as in
 tests/test_triton_attention.py, a full run where triton was already loaded compiled runs this
@@ -21,6 +22,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if torch.cuda.is_available():
     pytest.skip("CUDA machine: tests/gpu/test_moe_gpu.py tests the compiled kernels",
@@ -32,11 +34,18 @@ pytest.importorskip("triton")
 from interpreter import rerun_under_interpreter
 
 from tesela import LLM, SamplingParams  # noqa: E402
-from tesela.layers.moe import kernels  # noqa: E402
+from tesela.layers.moe import (
+    kernels,  # noqa: E402
+    router,  # noqa: E402
+)
 from tesela.layers.moe.fused_moe import fused_experts  # noqa: E402
 from tesela.layers.moe.layer import use_triton_on_cpu  # noqa: E402
 from tesela.layers.moe.reference import moe_reference  # noqa: E402
-from tesela.layers.moe.router import fused_select_experts, select_experts  # noqa: E402
+from tesela.layers.moe.router import (  # noqa: E402
+    fused_router,
+    fused_select_experts,
+    select_experts,
+)
 from tests.test_reference import PROMPTS, hf_greedy  # noqa: E402
 
 INTERPRETED_HERE = not isinstance(
@@ -245,16 +254,99 @@ def test_fused_router_rejects_bad_rules():
         fused_select_experts(logits, 5, "softmax_topk", True)
 
 
+def router_inputs(num_tokens, num_experts, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, HIDDEN, generator=generator)
+    gate_weight = torch.randn(num_experts, HIDDEN, generator=generator) * 0.3
+    return x.to(dtype), gate_weight.to(dtype)
+
+
+def assert_routes_like_linear_then_rule(x, gate_weight, top_k, scoring, renormalize):
+    """The fused op == the gate Linear (`gemv.linear`) + `select_experts`."""
+    weights, ids = fused_router(x, gate_weight, top_k, scoring, renormalize)
+    logits = torch.nn.functional.linear(x, gate_weight)
+    expected_weights, expected_ids = select_experts(logits, top_k, scoring, renormalize)
+    assert torch.equal(ids, expected_ids)
+    assert weights.dtype == expected_weights.dtype
+    # bf16 weights (Qwen3-MoE) may differ by one rounding step of the fp32 softmax.
+    tolerance = 1e-6 if weights.dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(weights, expected_weights, rtol=tolerance, atol=tolerance)
+    return logits
+
+
+@pytest.fixture
+def router_workspace():
+    router.allocate_workspace("cpu")  # what MoeForCausalLM.init_buffers does
+    return router.workspace(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("scoring,renormalize", [("softmax_topk", True), ("topk_softmax", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 3, 16])
+def test_fused_router_gemm_matches_linear_and_rule(
+    router_workspace, scoring, renormalize, dtype, num_tokens
+):
+    """Router GEMM + top-k in one launch (E=60: not a multiple of BLOCK_E; H=40 < BLOCK_H).
+    The scratch row holds exactly the Linear's logits, rounded to the activation dtype."""
+    x, gate_weight = router_inputs(num_tokens, 60, dtype, seed=num_tokens)
+    logits = assert_routes_like_linear_then_rule(x, gate_weight, 4, scoring, renormalize)
+    scratch = router_workspace.logits[: num_tokens * 60].view(num_tokens, 60)
+    torch.testing.assert_close(scratch, logits.float(), rtol=1e-6, atol=1e-6)
+    assert not router_workspace.counters.any()
+
+
+def test_fused_router_resets_its_counters_between_launches(router_workspace):
+    """Back to back, as consecutive MoE layers and graph replays run: each launch starts from
+    zeroed counters (a launch that left them non-zero would write no outputs after it)."""
+    layer_a = router_inputs(5, 60, torch.float32, seed=7)[1]
+    layer_b = router_inputs(5, 128, torch.float32, seed=8)[1]  # E=128, top-8: qwen3-30b-a3b
+    for seed in (1, 2):
+        x = router_inputs(5, 60, torch.float32, seed=seed)[0]
+        assert_routes_like_linear_then_rule(x, layer_a, 4, "softmax_topk", True)
+        assert_routes_like_linear_then_rule(x, layer_a, 4, "softmax_topk", True)
+        assert_routes_like_linear_then_rule(x, layer_b, 8, "topk_softmax", False)
+    assert not router_workspace.counters.any()
+
+
+def test_fused_router_falls_back_past_the_decode_token_count(router_workspace):
+    """More tokens than the workspace holds: the GEMM and `moe_topk` run apart, same answer;
+    the workspace is not touched."""
+    router_workspace.logits.fill_(7.0)
+    x, gate_weight = router_inputs(router.MAX_FUSED_ROUTER_TOKENS + 1, 6, torch.float32, seed=3)
+    assert_routes_like_linear_then_rule(x, gate_weight, 2, "softmax_topk", True)
+    assert bool((router_workspace.logits == 7.0).all())
+    with pytest.raises(ValueError, match="top_k=7"):
+        fused_router(x[:2], gate_weight, 7, "softmax_topk", True)
+
+
+class RouterCalls(TorchDispatchMode):
+    """Token counts of the `tesela::moe_router` calls that run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_tokens: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.tesela.moe_router.default:
+            self.num_tokens.append(args[0].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_models_with_the_kernel_match_transformers(checkpoints, arch):
     """Prefill takes the grouped path (M > 8), decode the per-pair path: both in one run."""
     path, hf_model = checkpoints[arch]
     llm = LLM(str(path), dtype="float32", device="cpu")
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    with use_triton_on_cpu():
+    workspace = router.workspace(torch.device("cpu"))  # allocated by the model's init_buffers
+    workspace.logits.fill_(float("nan"))
+    with use_triton_on_cpu(), RouterCalls() as routed:
         outputs = llm.generate(PROMPTS, params)
     for prompt, output in zip(PROMPTS, outputs, strict=True):
         assert output.token_ids == hf_greedy(hf_model, prompt)[0][:4]
+    # Decode steps took the fused router GEMM + top-k: its kernel wrote logits to the scratch.
+    assert min(routed.num_tokens) <= router.MAX_FUSED_ROUTER_TOKENS
+    assert not workspace.logits.isnan().all()
 
 
 def test_full_decode_replay_routes_padding_rows_to_no_expert(checkpoints):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tesela.layers.moe import padding
+from tesela.layers.moe import padding, router
 from tesela.models.llama import LlamaForCausalLM
 
 _EXPERT_TENSOR = re.compile(
@@ -42,3 +42,4 @@ class MoeForCausalLM(LlamaForCausalLM):
     def init_buffers(self, device: torch.device | str) -> None:
         super().init_buffers(device)
         padding.allocate(device)
+        router.allocate_workspace(device)

@@ -12,7 +12,8 @@ the host, so the whole forward can be captured in a CUDA graph at a fixed token 
 
 Launches per MoE block at decode (gemv path), before this layout -> now: router GEMM, softmax,
 topk, sum, div, dtype cast, zero-fill, gate/up, down, top-k sum (10; 9 for Mixtral, no cast)
--> router GEMM, `tesela::moe_topk` (router.py), gate/up, down-with-sum (4).
+-> router GEMM, `tesela::moe_topk` (router.py), gate/up, down-with-sum (4) -> the router GEMM
+and top-k in one launch, `tesela::moe_router` (router.py), gate/up, down-with-sum (3).
 
 The custom op keeps torch.compile from tracing into the kernels: the compiled piecewise
 runner sees one opaque op with a fake implementation, and the pieces keep it.

@@ -21,6 +21,10 @@ top-k; the fixed reduction order makes it deterministic. Its grid has M (not M*k
 tuned BLOCK_N is narrower than the per-pair kernel's.
 `router_topk_kernel`: softmax, top-k and renormalisation of one token's router logits in one
 program (see router.py for the rule it reproduces).
+`router_gemm_topk_kernel`: the router GEMM and that rule in one launch. Programs (e-block,
+token) each compute BLOCK_E logits into a scratch row, then take a ticket on the token's
+counter; the one that draws the last ticket runs the rule (`_route_token`, shared with
+`router_topk_kernel`) on the whole row and resets the counter to zero.
 """
 
 from __future__ import annotations
@@ -175,15 +179,15 @@ def down_sum_gemv_kernel(
 
 
 @triton.jit
-def router_topk_kernel(
-    logits_ptr, topk_weights_ptr, topk_ids_ptr, num_experts, stride_lm,
+def _route_token(
+    logits, token, topk_weights_ptr, topk_ids_ptr, num_experts,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr,
 ):  # fmt: skip
-    token = tl.program_id(0).to(tl.int64)
+    """The router rule on one token's [BLOCK_E] logits (lanes >= num_experts hold -inf): writes
+    its k weights and expert ids. Shared by both router kernels, so they pick the same experts."""
     offs_e = tl.arange(0, BLOCK_E)
     e_mask = offs_e < num_experts
-    logits = tl.load(logits_ptr + token * stride_lm + offs_e, mask=e_mask, other=-float("inf"))
     # Softmax in fp32 over all E experts, as torch.softmax(..., dtype=torch.float32) does.
     numerators = tl.exp(logits.to(tl.float32) - tl.max(logits.to(tl.float32), axis=0))
     probs = numerators / tl.sum(numerators, axis=0)
@@ -204,3 +208,75 @@ def router_topk_kernel(
     mask = offs_topk < TOP_K
     tl.store(topk_weights_ptr + out, weights.to(topk_weights_ptr.dtype.element_ty), mask=mask)
     tl.store(topk_ids_ptr + out, ids, mask=mask)
+
+
+@triton.jit
+def router_topk_kernel(
+    logits_ptr, topk_weights_ptr, topk_ids_ptr, num_experts, stride_lm,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_E)
+    logits = tl.load(
+        logits_ptr + token * stride_lm + offs_e, mask=offs_e < num_experts, other=-float("inf")
+    )
+    _route_token(logits, token, topk_weights_ptr, topk_ids_ptr, num_experts,
+                 TOP_K, RENORMALIZE, BLOCK_E, BLOCK_TOPK)  # fmt: skip
+
+
+@triton.jit
+def _round_to_activation_dtype(x, dtype: tl.constexpr):
+    """fp32 `x` rounded to `dtype` (nearest, ties to even), kept in fp32."""
+    if dtype == tl.bfloat16:
+        # bf16 is fp32's top 16 bits: round them in integer arithmetic. Same result as the GPU's
+        # cvt.rn.bf16.f32, and also under the Triton interpreter, whose cast truncates.
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def router_gemm_topk_kernel(
+    x_ptr, w_ptr, logits_ptr, counters_ptr, topk_weights_ptr, topk_ids_ptr,
+    num_experts, hidden_size, stride_xm, stride_we,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_ALL_E: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+):  # fmt: skip
+    pid_e = tl.program_id(0)
+    token = tl.program_id(1).to(tl.int64)
+    # The GEMM part: BLOCK_E logits of one token, fp32 over H in a fixed order.
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = offs_e < num_experts
+    offs_h = tl.arange(0, BLOCK_H)
+    x_ptrs = x_ptr + token * stride_xm + offs_h
+    w_ptrs = w_ptr + offs_e.to(tl.int64)[:, None] * stride_we + offs_h[None, :]
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for h in range(0, tl.cdiv(hidden_size, BLOCK_H)):
+        h_mask = offs_h < hidden_size - h * BLOCK_H
+        x = tl.load(x_ptrs, mask=h_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=e_mask[:, None] & h_mask[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        x_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+    # Rounded to the activation dtype, as the gate Linear's output is: the rule sees its logits.
+    logits = _round_to_activation_dtype(acc, x_ptr.dtype.element_ty)
+    row_ptr = logits_ptr + token * num_experts
+    tl.store(row_ptr + offs_e, logits, mask=e_mask)
+    # Every thread's stores happen before this program's ticket; the release of the atomic
+    # publishes them to the program that draws the last ticket (its acquire).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counters_ptr + token, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) - 1:
+        # Last program of this token: all E logits are stored. Volatile loads bypass L1 (not
+        # coherent across SMs), so they read what the other programs stored.
+        offs_all = tl.arange(0, BLOCK_ALL_E)
+        row = tl.load(row_ptr + offs_all, mask=offs_all < num_experts, other=-float("inf"),
+                      volatile=True)  # fmt: skip
+        _route_token(row, token, topk_weights_ptr, topk_ids_ptr, num_experts,
+                     TOP_K, RENORMALIZE, BLOCK_ALL_E, BLOCK_TOPK)  # fmt: skip
+        # Back to zero for the next launch (next layer, next graph replay): every other program
+        # of this token has already taken its ticket.
+        tl.store(counters_ptr + token, 0)

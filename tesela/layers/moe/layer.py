@@ -5,9 +5,10 @@ expert's gate rows, then its up rows) and `experts.down_proj` [E, H, I], the lay
 transformers 5's fused checkpoints; per-expert checkpoint tensors are copied into their slice
 by `FusedExperts.load_shard`, one at a time.
 
-On CUDA the router's top-k runs as one Triton kernel and the experts as the Triton fused MoE
-(at decode: router GEMM, top-k, gate/up, down-with-sum = 4 launches per block, fused_moe.py);
-elsewhere as torch ops and the torch reference loop.
+On CUDA the router runs as Triton (at decode its GEMM and top-k in one launch,
+`tesela::moe_router`, router.py) and the experts as the Triton fused MoE (at decode: router,
+gate/up, down-with-sum = 3 launches per block, fused_moe.py); elsewhere as torch ops and the
+torch reference loop.
 `use_triton_on_cpu()` switches CPU runs to the Triton kernels (under TRITON_INTERPRET=1) so
 tests drive the kernel path through a whole model.
 """
@@ -25,7 +26,12 @@ from tesela.config import MoeConfig
 from tesela.layers.linear import Linear
 from tesela.layers.moe import fused_moe as _fused_moe  # noqa: F401  (registers the op)
 from tesela.layers.moe import padding
-from tesela.layers.moe.router import MAX_FUSED_EXPERTS, fused_select_experts, select_experts
+from tesela.layers.moe.router import (
+    MAX_FUSED_EXPERTS,
+    fused_router,
+    fused_select_experts,
+    select_experts,
+)
 
 _TRITON_ON_CPU = False
 
@@ -102,9 +108,16 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(topk_weights, topk_ids) of each token."""
+        rule = (self.moe.top_k, self.moe.scoring, self.moe.norm_topk_prob)
+        triton_router = use_triton(hidden_states) and self.moe.num_experts <= MAX_FUSED_EXPERTS
+        plain_gate = self.gate.bias is None and self.gate.lora_offsets is None
+        if triton_router and plain_gate:
+            # Router GEMM + top-k in one launch for decode batches; the op itself falls back to
+            # the GEMM and `moe_topk` for larger ones (router.py).
+            return fused_router(hidden_states, self.gate.weight, *rule)
         router_logits = self.gate(hidden_states)
-        args = (router_logits, self.moe.top_k, self.moe.scoring, self.moe.norm_topk_prob)
-        if use_triton(hidden_states) and self.moe.num_experts <= MAX_FUSED_EXPERTS:
+        args = (router_logits, *rule)
+        if triton_router:
             # One launch instead of softmax, topk, sum, div and cast (router.py).
             return fused_select_experts(*args)
         return select_experts(*args)

@@ -14,19 +14,41 @@ logits tie often. A tie inside the top k only swaps two slots (the same experts,
 a tie at the k-th place picks the lower index, as torch.topk's CUDA selection does in practice
 (its CPU path and the order it sorts tied outputs in may differ).
 
-The router GEMM before the kernel stays the tuned `gemv.linear`: folded in, one program per
-token would stream the whole [E, H] gate weight alone (512 KB for qwen3-30b-a3b, several
-microseconds on one SM at batch 1), while the GEMV spreads it over the GPU; splitting E over
-programs would need a second pass for the top-k, which is the launch saved.
+Decode folds the router GEMM in too: `tesela::moe_router` takes the hidden states and the gate
+weight and returns (topk_weights, topk_ids) in one launch (`router_gemm_topk_kernel`). One
+program per token would stream the whole [E, H] gate weight alone (512 KB for qwen3-30b-a3b,
+several microseconds on one SM at batch 1), so the GEMM is split over programs (e-block, token),
+each streaming BLOCK_E rows, and no second launch runs the top-k: each program takes a ticket
+on its token's counter and the one that draws the last ticket runs the rule on the token's
+logits (a "last program finishes" reduction, as split-K GEMMs use). The logits are rounded to
+the activation dtype as the gate Linear's output is; their fp32 sums run in a fixed order, so
+the result does not depend on the order programs run in. The counters and the scratch logits
+are a per-device `RouterWorkspace`, allocated zeroed at model build (never during graph capture,
+so graphs hold their addresses) for up to `MAX_FUSED_ROUTER_TOKENS` tokens; the last program
+puts its counter back to zero, so the next layer and the next replay start from zero. Launches
+share the workspace, so they must run in stream order (one forward at a time per device).
+Above that token count (prefill, where the GEMM is compute-bound and cuBLAS wins), or without a
+workspace for the device, the op runs `gemv.linear` and `tesela::moe_topk`; the choice is made
+inside the op at run time, so a trace never guards on the token count.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+from tesela.layers import gemv
 
 SCORINGS = ("softmax_topk", "topk_softmax")
 # One program holds a token's E probabilities in registers: up to here one block fits well.
 MAX_FUSED_EXPERTS = 1024
+# Decode batches: the scratch holds this many tokens' logits; larger batches run the GEMM apart.
+MAX_FUSED_ROUTER_TOKENS = 64
+# Tiles of the fused router GEMM. BLOCK_E=8 gives qwen3-30b-a3b (E=128, H=2048) 16 programs per
+# token, each streaming 32 KB of the bf16 gate weight. The hook for a tuner: make this a
+# function of (device, E, H, M) as gemv_table.json does for the linear layers.
+ROUTER_GEMM_CONFIG = {"BLOCK_E": 8, "BLOCK_H": 256, "num_warps": 4}
 
 
 def select_experts(
@@ -49,6 +71,13 @@ def _weights_dtype(router_logits: torch.Tensor, scoring: str) -> torch.dtype:
     return torch.float32 if scoring == "topk_softmax" else router_logits.dtype
 
 
+def _check_rule(scoring: str, top_k: int, num_experts: int) -> None:
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown MoE router scoring {scoring!r}: expected one of {SCORINGS}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be between 1 and the {num_experts} experts")
+
+
 @torch.library.custom_op("tesela::moe_topk", mutates_args=())
 def fused_select_experts(
     router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool
@@ -58,11 +87,8 @@ def fused_select_experts(
 
     from tesela.layers.moe import kernels
 
-    if scoring not in SCORINGS:
-        raise ValueError(f"unknown MoE router scoring {scoring!r}: expected one of {SCORINGS}")
     num_tokens, num_experts = router_logits.shape
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k} must be between 1 and the {num_experts} experts")
+    _check_rule(scoring, top_k, num_experts)
     router_logits = router_logits.contiguous()
     weights = router_logits.new_empty(
         num_tokens, top_k, dtype=_weights_dtype(router_logits, scoring)
@@ -87,4 +113,95 @@ def _(router_logits, top_k, scoring, renormalize):
     return (
         router_logits.new_empty(shape, dtype=_weights_dtype(router_logits, scoring)),
         router_logits.new_empty(shape, dtype=torch.int64),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterWorkspace:
+    """Persistent buffers of the fused router kernel on one device (fixed addresses, so CUDA
+    graphs can replay them): fp32 logits for up to MAX_FUSED_ROUTER_TOKENS x MAX_FUSED_EXPERTS,
+    and one int32 ticket counter per token, zero between launches."""
+
+    logits: torch.Tensor
+    counters: torch.Tensor
+
+
+_workspaces: dict[torch.device, RouterWorkspace] = {}
+
+
+def _device_key(device: torch.device | str) -> torch.device:
+    # "cuda" and "cuda:0" name one device; tensors report the indexed form.
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def allocate_workspace(device: torch.device | str) -> None:
+    """Create `device`'s workspace (at model build time, never during graph capture)."""
+    key = _device_key(device)
+    if key not in _workspaces:
+        _workspaces[key] = RouterWorkspace(
+            logits=torch.zeros(MAX_FUSED_ROUTER_TOKENS * MAX_FUSED_EXPERTS, device=key),
+            counters=torch.zeros(MAX_FUSED_ROUTER_TOKENS, dtype=torch.int32, device=key),
+        )
+
+
+def workspace(device: torch.device) -> RouterWorkspace | None:
+    return _workspaces.get(_device_key(device))
+
+
+@torch.library.custom_op("tesela::moe_router", mutates_args=())
+def fused_router(
+    hidden_states: torch.Tensor,
+    gate_weight: torch.Tensor,
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_experts(gemv.linear(hidden_states, gate_weight, None), ...)`: the router GEMM and
+    the rule in one launch for decode batches, else the two launches (module docstring). The
+    workspace it uses is back to zero when it returns, so the op is functional."""
+    num_tokens, num_experts = hidden_states.shape[0], gate_weight.shape[0]
+    buffers = workspace(hidden_states.device)
+    if (
+        buffers is None
+        or not 0 < num_tokens <= MAX_FUSED_ROUTER_TOKENS
+        or num_experts > MAX_FUSED_EXPERTS
+    ):
+        logits = gemv.linear(hidden_states, gate_weight, None)
+        return fused_select_experts(logits, top_k, scoring, renormalize)
+    _check_rule(scoring, top_k, num_experts)
+    return _launch_fused_router(
+        hidden_states.contiguous(), gate_weight.contiguous(), buffers, top_k, scoring, renormalize
+    )
+
+
+def _launch_fused_router(x, gate_weight, buffers, top_k, scoring, renormalize):
+    import triton
+
+    from tesela.layers.moe import kernels
+
+    num_tokens, num_experts = x.shape[0], gate_weight.shape[0]
+    weights = x.new_empty(num_tokens, top_k, dtype=_weights_dtype(x, scoring))
+    ids = x.new_empty(num_tokens, top_k, dtype=torch.int64)
+    config = ROUTER_GEMM_CONFIG
+    grid = (triton.cdiv(num_experts, config["BLOCK_E"]), num_tokens)
+    kernels.router_gemm_topk_kernel[grid](
+        x, gate_weight, buffers.logits, buffers.counters, weights, ids,
+        num_experts, x.shape[1], x.stride(0), gate_weight.stride(0),
+        TOP_K=top_k, RENORMALIZE=renormalize or scoring == "topk_softmax",
+        BLOCK_E=config["BLOCK_E"], BLOCK_H=config["BLOCK_H"],
+        BLOCK_ALL_E=triton.next_power_of_2(num_experts),
+        BLOCK_TOPK=triton.next_power_of_2(top_k), num_warps=config["num_warps"],
+    )  # fmt: skip
+    return weights, ids
+
+
+@fused_router.register_fake
+def _(hidden_states, gate_weight, top_k, scoring, renormalize):
+    shape = (hidden_states.shape[0], top_k)
+    return (
+        hidden_states.new_empty(shape, dtype=_weights_dtype(hidden_states, scoring)),
+        hidden_states.new_empty(shape, dtype=torch.int64),
     )
