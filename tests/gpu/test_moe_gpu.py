@@ -1,6 +1,7 @@
 """The fused MoE on CUDA: kernels vs the reference in bf16, CUDA-graph capture of the MoE layer
 (no host sync, padding masked on the device), graphs vs eager in every graph mode on small
-random Qwen3-MoE and Mixtral checkpoints, and transformers parity in bf16."""
+random Qwen3-MoE and Mixtral checkpoints, and transformers parity in bf16. The one-launch router
+(GEMM + top-k) against the two launches it replaces, eager and in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from tesela import LLM, SamplingParams
 from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
+from tesela.layers import gemv
+from tesela.layers.moe import router
 from tesela.layers.moe.fused_moe import fused_experts
 from tesela.layers.moe.reference import moe_reference
-from tesela.layers.moe.router import fused_select_experts, select_experts
+from tesela.layers.moe.router import fused_router, fused_select_experts, select_experts
 from tesela.layers.moe.tile_configs import default_config
 
 CUDA = torch.device("cuda")
@@ -100,6 +103,69 @@ def test_fused_router_matches_select_experts_and_captures(scoring, renormalize, 
     assert torch.equal(captured[1], select_experts(static, 8, scoring, renormalize)[1])
 
 
+ROUTER_RULES = [("softmax_topk", True), ("topk_softmax", False)]
+
+
+def assert_same_weights(got, expected):
+    """Equal up to fp32 summation order: a few fp32 ulps, or one bf16 step (Qwen3-MoE)."""
+    tolerance = 1e-6 if got.dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 64])
+def test_fused_router_gemm_matches_unfused(num_tokens):
+    """qwen3-30b-a3b's router (E=128, H=2048, top-8, bf16): the one-launch router GEMM + top-k
+    against the gate Linear (`gemv.linear`) + `tesela::moe_topk`. Its logits are within one bf16
+    step of the Linear's (another fp32 summation order) and bitwise equal for most tokens; those
+    tokens get the same experts and weights, and every token gets exactly what `moe_topk`
+    picks from the fused kernel's own logits."""
+    router.allocate_workspace(CUDA)
+    generator = torch.Generator(device=CUDA).manual_seed(num_tokens)
+    x = torch.randn(num_tokens, 2048, generator=generator, device=CUDA).bfloat16()
+    gate_weight = (torch.randn(128, 2048, generator=generator, device=CUDA) * 0.03).bfloat16()
+    for scoring, renormalize in ROUTER_RULES:
+        weights, ids = fused_router(x, gate_weight, 8, scoring, renormalize)
+        scratch = router.workspace(CUDA).logits[: num_tokens * 128].view(num_tokens, 128)
+        fused_logits = scratch.clone()
+        logits = gemv.linear(x, gate_weight, None)
+        torch.testing.assert_close(fused_logits, logits.float(), rtol=2**-7, atol=1e-5)
+        same = (fused_logits == logits.float()).all(dim=1)
+        assert same.float().mean() >= 0.5, same
+        expected_weights, expected_ids = fused_select_experts(logits, 8, scoring, renormalize)
+        # The same rule's code; its sums may reduce in another order over more warps.
+        assert torch.equal(ids[same], expected_ids[same])
+        assert_same_weights(weights[same], expected_weights[same])
+        own = fused_select_experts(fused_logits.bfloat16(), 8, scoring, renormalize)
+        assert torch.equal(ids, own[1])
+        assert_same_weights(weights, own[0])
+    assert not router.workspace(CUDA).counters.any()
+
+
+def test_fused_router_replays_two_layers_in_a_cuda_graph():
+    """Two MoE layers' routers back to back in one graph, replayed on new inputs: each replay
+    equals eager launches (the counters are back to zero after every launch)."""
+    router.allocate_workspace(CUDA)
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    static_x = torch.randn(16, 2048, generator=generator, device=CUDA).bfloat16()
+    layers = [
+        ((torch.randn(128, 2048, generator=generator, device=CUDA) * 0.03).bfloat16(), rule)
+        for rule in ROUTER_RULES
+    ]
+    for gate_weight, rule in layers:  # compile outside capture
+        fused_router(static_x, gate_weight, 8, *rule)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = [fused_router(static_x, gate_weight, 8, *rule) for gate_weight, rule in layers]
+    for _ in range(3):
+        static_x.copy_(torch.randn(16, 2048, generator=generator, device=CUDA))
+        graph.replay()
+        for (weights, ids), (gate_weight, rule) in zip(captured, layers, strict=True):
+            expected_weights, expected_ids = fused_router(static_x, gate_weight, 8, *rule)
+            assert torch.equal(ids, expected_ids) and torch.equal(weights, expected_weights)
+    assert not router.workspace(CUDA).counters.any()
+
+
 def test_default_configs_cover_decode_and_prefill():
     assert default_config(1)["path"] == "gemv" and default_config(512)["path"] == "grouped"
 
@@ -156,6 +222,8 @@ def test_greedy_identical_with_graphs_on_and_off(checkpoints, arch, piecewise_cu
         **common,
     )
     on_tokens = [o.token_ids for o in on.generate(PROMPTS, params)]
+    # The decode steps' routers ran as the one-launch GEMM + top-k (the workspace exists).
+    assert router.workspace(CUDA) is not None
     paths = on.engine.stats()["dispatch"]["paths"]
     assert paths["piecewise"] > 0 and paths["full"] > 0, paths
     del on

@@ -14,22 +14,25 @@ logits tie often. A tie inside the top k only swaps two slots (the same experts,
 a tie at the k-th place picks the lower index, as torch.topk's CUDA selection does in practice
 (its CPU path and the order it sorts tied outputs in may differ).
 
-Decode folds the router GEMM in too: `tesela::moe_router` takes the hidden states and the gate
-weight and returns (topk_weights, topk_ids) in one launch (`router_gemm_topk_kernel`). One
-program per token would stream the whole [E, H] gate weight alone (512 KB for qwen3-30b-a3b,
-several microseconds on one SM at batch 1), so the GEMM is split over programs (e-block, token),
-each streaming BLOCK_E rows, and no second launch runs the top-k: each program takes a ticket
-on its token's counter and the one that draws the last ticket runs the rule on the token's
-logits (a "last program finishes" reduction, as split-K GEMMs use). The logits are rounded to
-the activation dtype as the gate Linear's output is; their fp32 sums run in a fixed order, so
-the result does not depend on the order programs run in. The counters and the scratch logits
-are a per-device `RouterWorkspace`, allocated zeroed at model build (never during graph capture,
-so graphs hold their addresses) for up to `MAX_FUSED_ROUTER_TOKENS` tokens; the last program
-puts its counter back to zero, so the next layer and the next replay start from zero. Launches
-share the workspace, so they must run in stream order (one forward at a time per device).
-Above that token count (prefill, where the GEMM is compute-bound and cuBLAS wins), or without a
-workspace for the device, the op runs `gemv.linear` and `tesela::moe_topk`; the choice is made
-inside the op at run time, so a trace never guards on the token count.
+At decode the router GEMM is folded in too: `tesela::moe_router` takes the hidden states and
+the gate weight and returns (topk_weights, topk_ids) in one launch (`router_gemm_topk_kernel`).
+One program per token would stream the whole [E, H] gate weight alone (512 KB for
+qwen3-30b-a3b, several microseconds on one SM at batch 1), so the GEMM is split over programs
+(e-block, token), each streaming BLOCK_E rows, and no second launch runs the top-k: each
+program takes a ticket on its token's counter, and the one that draws the last ticket runs the
+rule on the token's E logits (a "last program finishes" reduction, as split-K GEMMs use).
+The logits are rounded to the activation dtype as the gate Linear's output is, and each is an
+fp32 sum in a fixed order, so nothing depends on the order programs run in. The rule is
+`moe_topk`'s own code (`_route_token` in kernels.py); run with more warps its fp32 sums may
+reduce in another order, so on the GPU the weights agree with `moe_topk`'s to fp32 rounding.
+
+The counters and the scratch logits are a per-device `RouterWorkspace`, allocated zeroed at
+model build (never during graph capture: graphs keep their addresses) for up to
+`MAX_FUSED_ROUTER_TOKENS` tokens. The last program puts its counter back to zero, so the next
+layer and the next replay start from zero; launches share the workspace, so they must run in
+stream order (one forward at a time per device). Above that token count (prefill, where cuBLAS
+wins), or without a workspace for the device, the op runs `gemv.linear` then `moe_topk`; the
+choice is made inside the op at run time, so a trace never guards on the token count.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ SCORINGS = ("softmax_topk", "topk_softmax")
 MAX_FUSED_EXPERTS = 1024
 # Decode batches: the scratch holds this many tokens' logits; larger batches run the GEMM apart.
 MAX_FUSED_ROUTER_TOKENS = 64
-# Tiles of the fused router GEMM. BLOCK_E=8 gives qwen3-30b-a3b (E=128, H=2048) 16 programs per
-# token, each streaming 32 KB of the bf16 gate weight. The hook for a tuner: make this a
-# function of (device, E, H, M) as gemv_table.json does for the linear layers.
-ROUTER_GEMM_CONFIG = {"BLOCK_E": 8, "BLOCK_H": 256, "num_warps": 4}
+# Tiles of the fused router GEMM (an untuned default). BLOCK_E=8 gives qwen3-30b-a3b (E=128,
+# H=2048) 16 programs per token, each streaming 32 KB of the bf16 gate weight in two
+# [8, 1024] steps: few dependent steps, many loads in flight per thread. The hook for a tuner:
+# make this a function of (device, E, H, M bucket), as gemv_table.json is for the linear layers.
+ROUTER_GEMM_CONFIG = {"BLOCK_E": 8, "BLOCK_H": 1024, "num_warps": 8}
 
 
 def select_experts(
