@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tesela.bench.common import int_list, pyplot, save_figure, write_json
+from tesela.bench.sse_client import sse_events
 from tesela.engine_args import EngineArgs
 from tesela.server.app import ServerThread, create_app, create_process_app
 
@@ -134,7 +135,8 @@ def make_workload(
 # ---- one request, one setting -----------------------------------------------------------------
 
 
-async def send_request(http, url: str, model: str, item: WorkItem) -> RequestResult:
+async def send_request(url: str, model: str, item: WorkItem, timeout: float) -> RequestResult:
+    """One streaming completion; TTFT and ITL from the client's side (sse_client.py)."""
     body = {
         "model": model,
         "prompt": item.prompt,
@@ -145,34 +147,35 @@ async def send_request(http, url: str, model: str, item: WorkItem) -> RequestRes
         "stream_options": {"include_usage": True},
     }
     result = RequestResult(ok=False)
-    start = last = time.perf_counter()
+    start = time.perf_counter()
     try:
-        async with http.stream("POST", url + "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    result.error = chunk["error"].get("message", "error")
-                    return result
-                now = time.perf_counter()
-                if chunk.get("choices"):
-                    if result.ttft == 0.0:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-                if chunk.get("usage"):
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
+        await asyncio.wait_for(_stream_into(result, url, body, start), timeout)
     except Exception as exc:  # a failed request is a data point, not the end of the run
-        result.error = f"{type(exc).__name__}: {exc}"
+        result.error = result.error or f"{type(exc).__name__}: {exc}"
         return result
     result.e2e = time.perf_counter() - start
-    result.ok = result.output_tokens > 0
+    result.ok = not result.error and result.output_tokens > 0
     return result
+
+
+async def _stream_into(result: RequestResult, url: str, body: dict, start: float) -> None:
+    last = start
+    async for data in sse_events(url, "/v1/completions", body):
+        if data == "[DONE]":
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk:
+            result.error = chunk["error"].get("message", "error")
+            return
+        now = time.perf_counter()
+        if chunk.get("choices"):
+            if result.ttft == 0.0:
+                result.ttft = now - start
+            else:
+                result.itl.append(now - last)
+            last = now
+        if chunk.get("usage"):
+            result.output_tokens = chunk["usage"]["completion_tokens"]
 
 
 async def run_setting(
@@ -185,25 +188,21 @@ async def run_setting(
     seed: int,
     timeout: float,
 ) -> dict:
-    import httpx
+    semaphore = asyncio.Semaphore(concurrency or len(items))
+    rng = random.Random(seed)
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
-        semaphore = asyncio.Semaphore(concurrency or len(items))
-        rng = random.Random(seed)
+    async def limited(item: WorkItem) -> RequestResult:
+        async with semaphore:
+            return await send_request(url, model, item, timeout)
 
-        async def limited(item: WorkItem) -> RequestResult:
-            async with semaphore:
-                return await send_request(http, url, model, item)
-
-        start = time.perf_counter()
-        tasks = []
-        for item in items:
-            tasks.append(asyncio.create_task(limited(item)))
-            if rate is not None and not math.isinf(rate):
-                await asyncio.sleep(rng.expovariate(rate))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+    start = time.perf_counter()
+    tasks = []
+    for item in items:
+        tasks.append(asyncio.create_task(limited(item)))
+        if rate is not None and not math.isinf(rate):
+            await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
     summary = summarize(results, items, duration)
     return {"concurrency": concurrency, "request_rate": rate, **summary}
 

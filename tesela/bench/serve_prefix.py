@@ -90,17 +90,12 @@ def conversation_workload(args, system_prompts, user_lens, output_lens) -> list[
 
 
 async def replay_conversations(url, model, conversations, timeout) -> dict:
-    import httpx
+    async def replay(conversation: Conversation) -> list[RequestResult]:
+        return [await send_request(url, model, item, timeout) for item in conversation.turns]
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
-
-        async def replay(conversation: Conversation) -> list[RequestResult]:
-            return [await send_request(http, url, model, item) for item in conversation.turns]
-
-        start = time.perf_counter()
-        per_conversation = await asyncio.gather(*(replay(c) for c in conversations))
-        duration = time.perf_counter() - start
+    start = time.perf_counter()
+    per_conversation = await asyncio.gather(*(replay(c) for c in conversations))
+    duration = time.perf_counter() - start
     results = [r for rs in per_conversation for r in rs]
     items = [item for c in conversations for item in c.turns]
     return summarize(results, items, duration)

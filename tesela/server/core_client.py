@@ -2,9 +2,11 @@
 
 The same interface as AsyncEngine (the in-process mode), so the routes cannot tell them apart:
 bounded admission (`Overloaded`), RequestGroups fed per step, aborts that free KV blocks,
-drain then cut-off, LoRA calls and stats. Everything here but two threads runs on the event
-loop: the output reader thread blocks on the pipe and hands each step's message to the loop
-with ONE `call_soon_threadsafe`; `shutdown` (called off the loop) sends STOP and joins.
+drain then cut-off, LoRA calls and stats. Everything here runs on the event loop but
+`shutdown` (called off the loop: it sends STOP and joins): the loop watches the output pipe
+itself (`add_reader`) and handles each step's message when it arrives. A reader thread, as
+before, made every message wait for the GIL that the busy loop holds (up to the interpreter's
+5 ms switch interval) before the loop even heard of it.
 
 Each request keeps one cumulative RequestOutput that every STEP message extends in place
 (tokens appended, text spliced, logprobs appended), so a step costs the frontend O(new
@@ -82,7 +84,7 @@ class EngineCoreClient:
         self._group_ids = itertools.count()
         self._stats: dict = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader: threading.Thread | None = None
+        self._reading = False
         self._stopping = False
         self.dead_reason: str | None = None
         self.draining = False
@@ -141,10 +143,8 @@ class EngineCoreClient:
     def start(self) -> None:
         """Start reading the engine's outputs; call from the event loop that serves them."""
         self._loop = asyncio.get_running_loop()
-        self._reader = threading.Thread(
-            target=self._read_outputs, name="tesela-engine-outputs", daemon=True
-        )
-        self._reader.start()
+        self._loop.add_reader(self._outputs.fileno(), self._read_outputs)
+        self._reading = True
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine process (blocking: call it off the event loop)."""
@@ -180,7 +180,7 @@ class EngineCoreClient:
 
     @property
     def is_running(self) -> bool:
-        return self._reader is not None and self.dead_reason is None and not self._stopping
+        return self._reading and self.dead_reason is None and not self._stopping
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -283,22 +283,18 @@ class EngineCoreClient:
         with self._send_lock:
             self._commands.send(message)
 
-    # ---- the output reader thread -----------------------------------------------------------
+    # ---- the output pipe, read on the event loop ------------------------------------------
 
     def _read_outputs(self) -> None:
+        """Every message that has arrived (the engine writes each one whole)."""
         try:
-            while True:
-                message = self._outputs.recv()
-                self._post(self._on_message, message)
+            while self._outputs.poll():
+                self._on_message(self._outputs.recv())
         except (EOFError, OSError):  # the engine process ended (or died)
-            pass
-        self.process.join(5)
-        self._post(self._on_exit, self.process.exitcode)
-
-    def _post(self, callback, *args) -> None:
-        # RuntimeError: the event loop is closed, so nobody is left to answer.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(callback, *args)
+            self._loop.remove_reader(self._outputs.fileno())
+            # Joining may take a moment: off the loop, then back on it.
+            waiter = self._loop.run_in_executor(None, self.process.join, 5)
+            waiter.add_done_callback(lambda _: self._on_exit(self.process.exitcode))
 
     # ---- back on the event loop -------------------------------------------------------------
 
