@@ -254,10 +254,11 @@ def test_fused_router_rejects_bad_rules():
         fused_select_experts(logits, 5, "softmax_topk", True)
 
 
-def router_inputs(num_tokens, num_experts, dtype, seed):
+def router_inputs(num_tokens, num_experts, dtype, seed, hidden=HIDDEN):
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_tokens, HIDDEN, generator=generator)
-    gate_weight = torch.randn(num_experts, HIDDEN, generator=generator) * 0.3
+    x = torch.randn(num_tokens, hidden, generator=generator)
+    # Logits of a similar spread whatever H is (0.3 at H=40).
+    gate_weight = torch.randn(num_experts, hidden, generator=generator) * 1.9 / hidden**0.5
     return x.to(dtype), gate_weight.to(dtype)
 
 
@@ -297,14 +298,17 @@ def test_fused_router_gemm_matches_linear_and_rule(
 
 def test_fused_router_resets_its_counters_between_launches(router_workspace):
     """Back to back, as consecutive MoE layers and graph replays run: each launch starts from
-    zeroed counters (a launch that left them non-zero would write no outputs after it)."""
+    zeroed counters (a launch that left them non-zero would write no outputs after it). Layer
+    b (E=128, top-8, as qwen3-30b-a3b) has H over two BLOCK_H steps plus a masked tail."""
+    hidden_b = 2 * router.ROUTER_GEMM_CONFIG["BLOCK_H"] + 40
     layer_a = router_inputs(5, 60, torch.float32, seed=7)[1]
-    layer_b = router_inputs(5, 128, torch.float32, seed=8)[1]  # E=128, top-8: qwen3-30b-a3b
+    layer_b = router_inputs(5, 128, torch.float32, seed=8, hidden=hidden_b)[1]
     for seed in (1, 2):
         x = router_inputs(5, 60, torch.float32, seed=seed)[0]
+        x_b = router_inputs(5, 128, torch.float32, seed=seed, hidden=hidden_b)[0]
         assert_routes_like_linear_then_rule(x, layer_a, 4, "softmax_topk", True)
         assert_routes_like_linear_then_rule(x, layer_a, 4, "softmax_topk", True)
-        assert_routes_like_linear_then_rule(x, layer_b, 8, "topk_softmax", False)
+        assert_routes_like_linear_then_rule(x_b, layer_b, 8, "topk_softmax", False)
     assert not router_workspace.counters.any()
 
 
