@@ -163,9 +163,9 @@ def fused_router(
     scoring: str,
     renormalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`select_experts(gemv.linear(hidden_states, gate_weight, None), ...)`: the router GEMM and
-    the rule in one launch for decode batches, else the two launches (module docstring). The
-    workspace it uses is back to zero when it returns, so the op is functional."""
+    """`moe_topk(gemv.linear(hidden_states, gate_weight, None), ...)` (the gate Linear, then the
+    rule): one launch for decode batches, else those two (module docstring). The workspace it
+    uses is back to zero when it returns, so the op is functional."""
     num_tokens, num_experts = hidden_states.shape[0], gate_weight.shape[0]
     buffers = workspace(hidden_states.device)
     if (
