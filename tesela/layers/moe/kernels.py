@@ -233,8 +233,10 @@ def _round_to_activation_dtype(x, dtype: tl.constexpr):
         # cvt.rn.bf16.f32, and also under the Triton interpreter, whose cast truncates.
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        return bits.to(tl.float32, bitcast=True)
-    return x.to(dtype).to(tl.float32)
+        rounded = bits.to(tl.float32, bitcast=True)
+    else:
+        rounded = x.to(dtype).to(tl.float32)
+    return rounded
 
 
 @triton.jit
