@@ -606,6 +606,24 @@ MUTATIONS = {
         "        pass\n",
         ["tests/test_tune_gemv.py"],
     ),
+    "bench client drops SSE text cut across two chunks": (
+        "tesela/bench/sse_client.py",
+        "            pending += data\n",
+        "            pending = data\n",
+        ["tests/test_sse_client.py"],
+    ),
+    "frontend never hears that the engine process exited": (
+        "tesela/server/core_client.py",
+        "            waiter.add_done_callback(lambda _: self._on_exit(self.process.exitcode))\n",
+        "",
+        ["tests/test_engine_core.py"],
+    ),
+    "chat templating runs inline on the event loop": (
+        "tesela/server/routes.py",
+        '"chatcmpl")',
+        '"chatcmpl", inline=True)',
+        ["tests/test_server_hardening.py::test_templating_runs_off_the_event_loop"],
+    ),
 }
 
 

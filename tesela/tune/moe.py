@@ -70,20 +70,33 @@ def time_config(inputs, configs) -> float:
         return float("inf")
 
 
+def make_routings(num_experts, top_k, num_tokens, device) -> list[tuple]:
+    """Routings timed one after another in one graph. Each reads its experts cold, as a decode
+    step's layer does: while a routing's pairs fit in E, the routings take disjoint experts in
+    turn (E // (M * k) of them, every expert once), so no expert is served from L2 by an
+    earlier routing; larger batches touch most experts anyway, and get ROUTINGS random ones."""
+    pairs = num_tokens * top_k
+    routings = []
+    if pairs <= num_experts:
+        order = torch.randperm(num_experts, device=device)
+        for start in range(0, num_experts - pairs + 1, pairs):
+            ids = order[start : start + pairs].view(num_tokens, top_k)
+            weights = torch.softmax(torch.randn(num_tokens, top_k, device=device), dim=-1)
+            routings.append((weights.to(torch.bfloat16), ids))
+        return routings
+    for _ in range(ROUTINGS):
+        logits = torch.randn(num_tokens, num_experts, device=device)
+        routings.append(select_experts(logits, top_k, "softmax_topk", True))
+    return routings
+
+
 def tune_shape(num_experts, hidden, intermediate, top_k, num_tokens, dtype) -> tuple[dict, dict]:
     """The fastest (gate/up, down) configs for one token count."""
     device = torch.device("cuda")
     w13 = torch.randn(num_experts, 2 * intermediate, hidden, device=device, dtype=dtype) * 0.02
     w2 = torch.randn(num_experts, hidden, intermediate, device=device, dtype=dtype) * 0.02
     x = torch.randn(num_tokens, hidden, device=device, dtype=dtype)
-    # Several routings, timed one after another: together they read more expert weights than
-    # L2 holds, as a decode step does (each layer's experts arrive cold). One routing timed
-    # over and over would serve its experts from L2 and favour tiles that are slower in HBM.
-    routings = []
-    for _ in range(ROUTINGS):
-        logits = torch.randn(num_tokens, num_experts, device=device)
-        routings.append(select_experts(logits, top_k, "softmax_topk", True))
-    inputs = (x, w13, w2, routings)
+    inputs = (x, w13, w2, make_routings(num_experts, top_k, num_tokens, device))
     defaults = {gemm: tile_configs.default_config(num_tokens, gemm) for gemm in GEMV_TILES}
     best = []
     for gemm in ("gate_up", "down"):
