@@ -16,7 +16,7 @@ from tesela.core.forward_batch import ForwardBatch
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
 from tesela.layers import gemv
-from tesela.layers.moe import router
+from tesela.layers.moe import padding, router
 from tesela.layers.moe.fused_moe import fused_experts
 from tesela.layers.moe.reference import moe_reference
 from tesela.layers.moe.router import fused_router, fused_select_experts, select_experts
@@ -192,6 +192,8 @@ def test_piecewise_replay_equals_eager_padded(checkpoints, arch, mode):
         piecewise_cudagraph=piecewise_cudagraph, piecewise_compiler=compiler, capture_sizes=[4, 8, 16, 64],
     )  # fmt: skip
     runner = ModelRunner(config, path)
+    # Built on "cuda", found by the layers under their tensors' "cuda:0": padding is masked.
+    assert padding.num_valid_tokens(torch.zeros(1, device="cuda").device) is not None
     piecewise = runner.piecewise
     for n in (1, 3, 5, 16, 17, 50):
         expected = piecewise.run_eager_padded(random_batch(n, seed=n))

@@ -30,9 +30,18 @@ def _write_count(num_tokens: int | None) -> None:
             count.fill_(ALL_TOKENS if num_tokens is None else num_tokens)
 
 
+def device_key(device: torch.device | str) -> torch.device:
+    """One key per device: the engine builds with "cuda", tensors report "cuda:0", and
+    torch.device("cuda") != torch.device("cuda:0")."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def allocate(device: torch.device | str) -> None:
     """Create the buffer for `device` (at model build time, never during capture)."""
-    device = torch.device(device)
+    device = device_key(device)
     if not _counts:
         register_batch_hook(_write_count)
     if device not in _counts:
@@ -40,4 +49,4 @@ def allocate(device: torch.device | str) -> None:
 
 
 def num_valid_tokens(device: torch.device) -> torch.Tensor | None:
-    return _counts.get(device)
+    return _counts.get(device_key(device))

@@ -42,6 +42,7 @@ import dataclasses
 import torch
 
 from tesela.layers import gemv
+from tesela.layers.moe import padding
 
 SCORINGS = ("softmax_topk", "topk_softmax")
 # One program holds a token's E probabilities in registers: up to here one block fits well.
@@ -133,17 +134,9 @@ class RouterWorkspace:
 _workspaces: dict[torch.device, RouterWorkspace] = {}
 
 
-def _device_key(device: torch.device | str) -> torch.device:
-    # "cuda" and "cuda:0" name one device; tensors report the indexed form.
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def allocate_workspace(device: torch.device | str) -> None:
     """Create `device`'s workspace (at model build time, never during graph capture)."""
-    key = _device_key(device)
+    key = padding.device_key(device)
     if key not in _workspaces:
         _workspaces[key] = RouterWorkspace(
             logits=torch.zeros(MAX_FUSED_ROUTER_TOKENS * MAX_FUSED_EXPERTS, device=key),
@@ -152,7 +145,7 @@ def allocate_workspace(device: torch.device | str) -> None:
 
 
 def workspace(device: torch.device) -> RouterWorkspace | None:
-    return _workspaces.get(_device_key(device))
+    return _workspaces.get(padding.device_key(device))
 
 
 @torch.library.custom_op("tesela::moe_router", mutates_args=())
