@@ -624,6 +624,18 @@ MUTATIONS = {
         '"chatcmpl", inline=True)',
         ["tests/test_server_hardening.py::test_templating_runs_off_the_event_loop"],
     ),
+    "fused MoE router leaves its token counter at the last ticket": (
+        "tesela/layers/moe/kernels.py",
+        "        tl.store(counters_ptr + token, 0)\n",
+        "        pass\n",
+        ["tests/test_moe_triton.py"],
+    ),
+    "fused MoE router stores logits past the last expert": (
+        "tesela/layers/moe/kernels.py",
+        "    tl.store(row_ptr + offs_e, logits, mask=e_mask)\n",
+        "    tl.store(row_ptr + offs_e, logits)\n",
+        ["tests/test_moe_triton.py"],
+    ),
 }
 
 

@@ -287,11 +287,12 @@ def router_workspace():
 def test_fused_router_gemm_matches_linear_and_rule(
     router_workspace, scoring, renormalize, dtype, num_tokens
 ):
-    """Router GEMM + top-k in one launch (E=60: not a multiple of BLOCK_E; H=40 < BLOCK_H).
+    """Router GEMM + top-k in one launch (E=61: not a multiple of BLOCK_E; H=40 < BLOCK_H).
     The scratch row holds exactly the Linear's logits, rounded to the activation dtype."""
-    x, gate_weight = router_inputs(num_tokens, 60, dtype, seed=num_tokens)
+    assert 61 % router.ROUTER_GEMM_CONFIG["BLOCK_E"]
+    x, gate_weight = router_inputs(num_tokens, 61, dtype, seed=num_tokens)
     logits = assert_routes_like_linear_then_rule(x, gate_weight, 4, scoring, renormalize)
-    scratch = router_workspace.logits[: num_tokens * 60].view(num_tokens, 60)
+    scratch = router_workspace.logits[: num_tokens * 61].view(num_tokens, 61)
     torch.testing.assert_close(scratch, logits.float(), rtol=1e-6, atol=1e-6)
     assert not router_workspace.counters.any()
 
