@@ -94,10 +94,10 @@ def test_sigterm_drains_then_ends_open_streams_cleanly(engine_mode):
     process, log, url = start_server("--drain-timeout", "1", "--max-num-seqs", "4", *engine_mode)
     long = {"model": "tiny", "prompt": "long", "max_tokens": 2000, "ignore_eos": True}
     medium = {"model": "tiny", "prompt": "medium", "max_tokens": 8, "ignore_eos": True}
-    medium_started = threading.Event()
+    medium_started, stream_started = threading.Event(), threading.Event()
     results: dict[str, object] = {}
     jobs = {
-        "stream": lambda: stream_events(url, {**long, "stream": True}),
+        "stream": lambda: stream_events(url, {**long, "stream": True}, stream_started),
         "whole": lambda: httpx.post(url + "/v1/completions", json=long, timeout=TIMEOUT),
         "medium": lambda: stream_events(url, {**medium, "stream": True}, medium_started),
     }
@@ -107,8 +107,17 @@ def test_sigterm_drains_then_ends_open_streams_cleanly(engine_mode):
     ]
     for thread in threads:
         thread.start()
-    assert medium_started.wait(TIMEOUT)
-    process.send_signal(signal.SIGTERM)  # the medium request has 7 tokens still to go
+    assert medium_started.wait(TIMEOUT) and stream_started.wait(TIMEOUT)
+    # The whole (unstreamed) one admitted too before the signal: a request still in its socket
+    # when the listener closes was never in flight (on a loaded machine the threads' sends can
+    # trail the medium's first token).
+    deadline = time.monotonic() + TIMEOUT
+    while httpx.get(url + "/stats", timeout=TIMEOUT).json()["num_pending"] < (
+        2 if "medium" in results else 3
+    ):
+        assert time.monotonic() < deadline, "the requests were never all in flight"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)  # the medium request may have tokens still to go
     for thread in threads:
         thread.join(TIMEOUT)
     assert process.wait(TIMEOUT) == 0
