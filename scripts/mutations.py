@@ -636,6 +636,12 @@ MUTATIONS = {
         "    tl.store(row_ptr + offs_e, logits)\n",
         ["tests/test_moe_triton.py"],
     ),
+    "MoE layers in FULL mixed graphs count padding tokens as real": (
+        "tesela/layers/moe/padding.py",
+        "            count.fill_(ALL_TOKENS if num_tokens is None else num_tokens)\n",
+        "            count.fill_(ALL_TOKENS)\n",
+        ["tests/test_full_mixed.py::test_moe_layers_run_inside_full_mixed_graphs"],
+    ),
 }
 
 

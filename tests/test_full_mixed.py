@@ -9,6 +9,7 @@ buffers gives a wrong result here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -184,3 +185,43 @@ def test_sizes_past_the_row_limit_capture_over_several_rows():
     got = full.run(short_rows()).clone()
     assert torch.equal(got, full.run_eager_padded(short_rows()))
     torch.testing.assert_close(got, runner.forward_eager(short_rows()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_moe_layers_run_inside_full_mixed_graphs(checkpoints, kernels):
+    """A Qwen3-MoE model's mixed batch through the FULL mixed graph: the replay equals the
+    eager forward at the same padded shape, and greedy tokens match the piecewise and eager
+    paths, with the torch experts and with the Triton MoE kernels (router, gate/up, down) run
+    inside the graph; padding tokens reach no expert (their count is read on the device)."""
+    from test_moe import MoeCalls
+
+    from tesela.attention.triton_backend import TritonAttentionBackend, TritonAttentionConfig
+    from tesela.layers.moe.layer import use_triton_on_cpu
+
+    config, path = make_engine_config(
+        str(checkpoints["qwen3_moe"][0]), piecewise_cudagraph="breakable",
+        capture_sizes=list(SIZES), num_kv_tokens=2048,
+    )  # fmt: skip
+    moe_runner = ModelRunner(dataclasses.replace(config, attention_backend="triton"), path)
+    assert isinstance(moe_runner.attn_backend, TritonAttentionBackend)
+    moe_runner.attn_backend.config = TritonAttentionConfig(block_m=16, block_n=16)
+    with use_triton_on_cpu() if kernels == "triton" else contextlib.nullcontext():
+        moe_runner.add_full_mixed(SIZES, max_rows=MAX_ROWS, max_model_len=256)
+        fill_prefixes(moe_runner, MIXED_ROWS, seed=5)
+        step = batch(MIXED_ROWS, seed=6)
+        assert moe_runner.dispatcher.choose(step) == (RunPath.FULL_MIXED, None)
+        full = moe_runner.full_mixed
+        full.run(batch([(0, 9), (0, 12), (0, 5), (0, 3)], seed=7))  # leaves other rows behind
+        with MoeCalls() as observed:
+            got = full.run(batch(MIXED_ROWS, seed=6)).clone()
+        assert len(observed.calls) == 2  # the two sparse layers, replayed
+        for count, out in observed.calls:  # 15 real tokens on the 32-token graph
+            assert count == 15 and out.shape[0] == 32
+            assert torch.equal(out[15:], torch.zeros_like(out[15:]))
+        assert torch.equal(got, full.run_eager_padded(batch(MIXED_ROWS, seed=6)))
+        tokens = {}
+        for path_kind in (RunPath.FULL_MIXED, RunPath.PIECEWISE, RunPath.EAGER):
+            hidden = moe_runner.dispatcher.runner(path_kind).run(batch(MIXED_ROWS, seed=6))
+            tokens[path_kind] = moe_runner.compute_logits(hidden[step.logits_indices]).argmax(-1)
+    assert tokens[RunPath.FULL_MIXED].tolist() == tokens[RunPath.EAGER].tolist()
+    assert tokens[RunPath.PIECEWISE].tolist() == tokens[RunPath.EAGER].tolist()

@@ -234,6 +234,22 @@ def test_greedy_identical_with_graphs_on_and_off(checkpoints, arch, piecewise_cu
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_greedy_identical_with_full_mixed_graphs_and_without_graphs(checkpoints, arch):
+    """Prefill batches through FULL mixed graphs (the MoE layers inside), decode through FULL
+    decode graphs: the same tokens as with graphs off."""
+    path = str(checkpoints[arch][0])
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    common = dict(dtype="bfloat16", num_kv_tokens=4096, max_num_batched_tokens=64)
+    on = LLM(path, capture_sizes=[4, 8, 16, 32, 64], full_mixed=True, **common)
+    on_tokens = [o.token_ids for o in on.generate(PROMPTS, params)]
+    paths = on.engine.stats()["dispatch"]["paths"]
+    assert paths["full_mixed"] > 0 and paths["full"] > 0, paths
+    del on
+    off = LLM(path, disable_cudagraph=True, **common)
+    assert [o.token_ids for o in off.generate(PROMPTS, params)] == on_tokens
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_bf16_matches_transformers(checkpoints, arch):
     """As tests/gpu/test_reference_gpu.py: |Δ logprob| <= 0.1 and greedy choices equal where
     transformers' top-1 margin exceeds 0.1."""
