@@ -1,8 +1,9 @@
 """The MoE router at decode: the fused router GEMM + top-k (`tesela::moe_router`, one launch)
 against the gate Linear (`gemv.linear`) + `tesela::moe_topk` (two launches).
 
-Each side runs as a CUDA graph of `--layers` routers back to back (the MoE blocks of one decode
-step, without the rest of the layer between them), timed with CUDA events; the figure is the
+Each side runs as a CUDA graph of `--layers` routers back to back, each with its own gate
+weight (by default more than L2 holds, so each arrives cold, as between two MoE blocks of a
+decode step), timed with CUDA events; the figure is the
 median device time per router over `--repeat` replays. Beside it: how many tokens got exactly
 the same experts on both sides (logits may differ by one bf16 step: another fp32 summation
 order). GPU only.
@@ -86,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--scoring", default="softmax_topk", choices=router.SCORINGS)
     parser.add_argument("--num-tokens", default="1,2,4,8,16,32,64")
-    parser.add_argument("--layers", type=int, default=48, help="routers per graph replay")
+    # 256 gates (128 MB for qwen3-30b-a3b) overflow L2, as the rest of a decode step does
+    # between two MoE blocks; 48 (one step's count) stay in L2 and time the router hot.
+    parser.add_argument("--layers", type=int, default=256, help="routers per graph replay")
     parser.add_argument("--repeat", type=int, default=50)
     add_output_argument(parser)
     args = parser.parse_args(argv)
