@@ -642,6 +642,12 @@ MUTATIONS = {
         "            count.fill_(ALL_TOKENS)\n",
         ["tests/test_full_mixed.py::test_moe_layers_run_inside_full_mixed_graphs"],
     ),
+    "MoE tuner's small-batch routings reuse experts from L2": (
+        "tesela/tune/moe.py",
+        "    if pairs <= num_experts:\n",
+        "    if False:\n",
+        ["tests/test_tune_moe.py"],
+    ),
 }
 
 
