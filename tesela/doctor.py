@@ -56,6 +56,7 @@ def doctor_report(
         _decision_section(attention_backend, info, settings),
         _illustration_section(settings),
         _launchers_section(),
+        _pdl_section(info, device),
     ]
     return "\n\n".join(sections) + "\n"
 
@@ -75,6 +76,16 @@ def _launchers_section() -> str:
         how = "cached compiled handle" if reason is None else f"kernel[grid] ({reason})"
         lines.append(f"  {launcher.name:<22} {how}")
     return "\n".join(lines)
+
+
+def _pdl_section(info: DeviceInfo, requested: str | None) -> str:
+    """Whether the Triton kernels launch with programmatic dependent launch here (tesela/core/pdl.py)."""
+    import torch
+
+    from tesela.core import pdl
+
+    device = torch.device(requested or ("cuda" if info.kind == "cuda" else "cpu"))
+    return f"programmatic dependent launch (PDL): {pdl.status(device)[1]}"
 
 
 def _versions_section() -> str:

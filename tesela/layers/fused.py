@@ -28,6 +28,8 @@ from collections.abc import Iterator
 
 import torch
 
+from tesela.core.pdl import grid_dependency_sync, launch_kwargs
+
 _DISABLED = False  # tests flip this to compare fused and unfused paths
 _ON_CPU = False  # tests run the kernels on CPU tensors (under TRITON_INTERPRET=1)
 _OPAQUE = False  # a trace in progress records the kernels as tesela:: custom ops
@@ -101,7 +103,9 @@ def _kernels():
         rows_per_group, stride_group, stride_row, stride_res, stride_out,
         n_cols, eps,
         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        grid_dependency_sync(PDL)
         row = tl.program_id(0)
         group, inner = row // rows_per_group, row % rows_per_group
         cols = tl.arange(0, BLOCK)
@@ -125,7 +129,9 @@ def _kernels():
         x_ptr, out_ptr, cos_sin_ptr, pos_ptr,
         num_heads, stride_token, stride_cache_kind, stride_cache_pos,
         HALF: tl.constexpr, BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        grid_dependency_sync(PDL)
         token, head = tl.program_id(0), tl.program_id(1)
         pos = tl.load(pos_ptr + token)
         cols = tl.arange(0, BLOCK)
@@ -146,7 +152,8 @@ def _kernels():
         tl.store(out + HALF, (a2 + b2).to(x1.dtype), mask=mask)
 
     @triton.jit
-    def silu_mul_kernel(x_ptr, out_ptr, stride_x, n_cols, BLOCK: tl.constexpr):
+    def silu_mul_kernel(x_ptr, out_ptr, stride_x, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        grid_dependency_sync(PDL)
         row, block = tl.program_id(0), tl.program_id(1)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -162,7 +169,9 @@ def _kernels():
         qkv_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr,
         num_heads, num_kv_heads, stride_token, stride_cache_kind, stride_cache_pos, eps,
         HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        grid_dependency_sync(PDL)
         # One program per (token, head) over q's heads then k's: q and k are adjacent in qkv.
         token, head = tl.program_id(0), tl.program_id(1)
         is_q = head < num_heads
@@ -232,7 +241,7 @@ def _rms_norm(x, weight, eps, residual=None):
         residual.stride(0) if residual is not None else 0, n_cols,
         n_cols, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=_block(n_cols),
-        num_warps=4 if n_cols <= 2048 else 8,
+        num_warps=4 if n_cols <= 2048 else 8, **launch_kwargs(x.device),
     )  # fmt: skip
     return out, new_residual
 
@@ -249,7 +258,7 @@ def _rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tenso
     rotary_kernel[(tokens, heads)](
         x, out, cos_sin_cache, positions,
         heads, x.stride(0), cos_sin_cache.stride(0), cos_sin_cache.stride(1),
-        HALF=dim // 2, BLOCK=_block(dim // 2),
+        HALF=dim // 2, BLOCK=_block(dim // 2), **launch_kwargs(x.device),
     )  # fmt: skip
     return out
 
@@ -278,6 +287,7 @@ def _qk_norm_rope(
         num_heads, num_kv_heads, qkv.stride(0), cos_sin_cache.stride(0), cos_sin_cache.stride(1),
         eps,
         HAS_NORM=norm_weights is not None, HALF=head_dim // 2, BLOCK=_block(head_dim // 2),
+        **launch_kwargs(qkv.device),
     )  # fmt: skip
     return q, k
 
@@ -291,7 +301,9 @@ def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if tokens == 0:
         return out
     block = 1024
-    silu_mul_kernel[(tokens, -(-n // block))](x, out, x.stride(0), n, BLOCK=block)
+    silu_mul_kernel[(tokens, -(-n // block))](
+        x, out, x.stride(0), n, BLOCK=block, **launch_kwargs(x.device)
+    )
     return out
 
 

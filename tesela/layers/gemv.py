@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 from tesela.layers import fused
 from tesela.layers.norm import add_rms_norm, rms_norm
 
@@ -61,6 +62,7 @@ def _kernel():
         PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
         USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,6 +70,11 @@ def _kernel():
         ks = tl.arange(0, BLOCK_K)
         row_mask, m_mask = rows < N, ms < M
         w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+        # The first weight tile is loaded before the wait: no kernel writes weights, so under
+        # PDL it streams in while the previous kernel finishes. Each later tile is loaded one
+        # iteration ahead (past K the load is masked off).
+        w = tl.load(w_ptrs, mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+        grid_dependency_sync(PDL)
         x_ptrs = x_ptr + ms[:, None] * stride_xm + ks[None, :]
         r_ptrs = res_ptr + ms[:, None] * stride_rm + ks[None, :]
         if PROLOGUE == 2:  # RMSNorm of (x + residual): its variance first (x is in L2)
@@ -86,7 +93,6 @@ def _kernel():
         for k0 in range(0, K, BLOCK_K):
             k_mask = (k0 + ks) < K
             x_mask = m_mask[:, None] & k_mask[None, :]
-            w = tl.load(w_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             x = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
             if PROLOGUE == 1:  # x = [gate | up]: silu(gate) * up, rounded as silu_mul_kernel
                 up = tl.load(x_ptrs + K + k0, mask=x_mask, other=0.0)
@@ -105,6 +111,8 @@ def _kernel():
             else:
                 prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
                 acc += tl.sum(prod, axis=2)
+            next_k = k0 + BLOCK_K + ks
+            w = tl.load(w_ptrs + k0 + BLOCK_K, mask=row_mask[:, None] & (next_k < K)[None, :])
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
         out_ptrs = out_ptr + ms[:, None] * stride_om + rows[None, :]
@@ -138,6 +146,7 @@ def _launch(x, weight, bias, config, prologue, k, residual=None, norm_weight=Non
         HAS_BIAS=bias is not None, USE_DOT=config["use_dot"],
         BLOCK_M=block_m, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
+        **launch_kwargs(x.device),
     )  # fmt: skip
     return out, new_residual
 

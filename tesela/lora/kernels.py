@@ -33,6 +33,7 @@ import functools
 
 import torch
 
+from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 from tesela.lora.tiles import GATHER, SGMV, LoRATiles, choose_tiles, rank_block
 
 
@@ -53,7 +54,9 @@ def _kernels():
         stride_s_split, stride_sm,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         IEEE: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        grid_dependency_sync(PDL)
         pid_m, j, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         m_start = pid_m * BLOCK_M
         m_end = tl.minimum(m_start + BLOCK_M, num_tokens)
@@ -98,7 +101,9 @@ def _kernels():
         num_tokens, stride_s_split, stride_sm, stride_b_slot, stride_b_row, stride_ym,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        grid_dependency_sync(PDL)
         pid_m, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offset = tl.load(slice_off_ptr + j)
         size = tl.load(slice_off_ptr + j + 1) - offset
@@ -152,7 +157,9 @@ def _kernels():
         stride_b_row, stride_ym,
         K_UNROLL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        grid_dependency_sync(PDL)
         t, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         slot = tl.load(token_slot_ptr + t)
         offset = tl.load(slice_off_ptr + j)
@@ -228,6 +235,7 @@ def triton_lora(
         y.stride(0),
         K_UNROLL=tiles.k_unroll(K), BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
         BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **launch_kwargs(x.device),
     )  # fmt: skip
 
 
@@ -246,7 +254,7 @@ def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATi
         num_tokens, K, tiles.k_per_split(K), x.stride(0), a.stride(0), a.stride(1),
         a.stride(2), s.stride(0), s.stride(1),
         BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r, IEEE=ieee,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_kwargs(x.device),
     )  # fmt: skip
     expand_sgmv[(m_blocks, -(-max_slice_size // tiles.block_n), num_slices)](
         s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
@@ -254,6 +262,7 @@ def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATi
         num_tokens, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
         SPLIT_K=split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
         IEEE=ieee, num_warps=tiles.expand_warps, num_stages=tiles.num_stages,
+        **launch_kwargs(x.device),
     )  # fmt: skip
 
 

@@ -38,6 +38,7 @@ from tesela.attention.triton_kernels.launcher import (
     runtime_args,
 )
 from tesela.attention.triton_kernels.store_kv import pool_args
+from tesela.core.pdl import grid_dependency_sync
 
 # Running-max start: finite, so fully masked tiles never give inf - inf.
 _FLOAT_MIN = tl.constexpr(-1.0e30)
@@ -153,7 +154,9 @@ def _decode_stage1_kernel(
     PAGE_SIZE: tl.constexpr,
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_dependency_sync(PDL)
     entry = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -235,7 +238,9 @@ def _decode_stage2_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     WINDOW: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_dependency_sync(PDL)
     entry = tl.program_id(0)
     head = tl.program_id(1)
     row, token, seq_len = _entry(entry, entry_rows_ptr, entry_tokens_ptr, seq_lens_ptr, INDIRECT)

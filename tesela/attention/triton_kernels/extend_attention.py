@@ -24,6 +24,7 @@ from tesela.attention.triton_kernels.launcher import (
     runtime_args,
 )
 from tesela.attention.triton_kernels.store_kv import pool_args
+from tesela.core.pdl import grid_dependency_sync
 
 # Running-max start: finite, so fully masked tiles never give inf - inf.
 _FLOAT_MIN = tl.constexpr(-1.0e30)
@@ -140,7 +141,9 @@ def _extend_kernel(
     PAGE_SIZE: tl.constexpr,
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_dependency_sync(PDL)
     # Heads vary fastest, so the query heads of one KV head run together and share its K/V
     # tiles in L2; query blocks go last-first, so the longest causal walks start first.
     head = tl.program_id(0)

@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from tesela.core import pdl
+
 logger = logging.getLogger("tesela.launcher")
 
 CHECK_LAUNCHERS = os.environ.get("TESELA_CHECK_LAUNCHERS", "") == "1"
@@ -102,6 +104,10 @@ def _constexpr_mask(kernel: Any) -> tuple[bool, ...]:
     )
 
 
+def _parameter_names(kernel: Any) -> list[str]:
+    return list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+
+
 def _interpreted(kernel: Any) -> bool:
     from triton.runtime.jit import JITFunction  # triton is imported by every kernel module
 
@@ -115,11 +121,16 @@ class CachedLauncher:
         self.kernel = kernel
         self.name = getattr(kernel, "__name__", None) or kernel.fn.__name__
         self.constexpr = _constexpr_mask(kernel)
+        # a kernel whose last parameter is `PDL` gets it from here, with launch_pdl the same
+        self.takes_pdl = _parameter_names(kernel)[-1:] == ["PDL"]
+        if self.takes_pdl:
+            self.constexpr = self.constexpr[:-1]
         self.fallback_reason: str | None = None
         self.device: int | None = None
         self._handles: dict[tuple, tuple] = {}
         self._checked: set[tuple] = set()
-        if _interpreted(kernel):
+        self.interpreted = _interpreted(kernel)
+        if self.interpreted:
             self._fall_back("kernels run under the Triton interpreter (TRITON_INTERPRET=1)")
 
     def __call__(self, grid: tuple[int, int, int], options: tuple[int, int], *groups: Args):
@@ -128,6 +139,10 @@ class CachedLauncher:
         for group in groups:
             key.append(group.key)
             args += group.values
+        if self.takes_pdl:
+            use_pdl = not self.interpreted and pdl.enabled_on(self._device_index())
+            key.append(use_pdl)
+            args += (use_pdl,)
         key = tuple(key)
         handle = self._handles.get(key)
         if handle is None:
@@ -140,6 +155,9 @@ class CachedLauncher:
             grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.device),
             function, metadata, None, None, None, *args,
         )  # fmt: skip
+
+    def _device_index(self) -> int:
+        return self.device if self.device is not None else torch.cuda.current_device()
 
     @property
     def cached_keys(self) -> int:
@@ -171,7 +189,10 @@ class CachedLauncher:
         self._check_groups(key, groups)
         assert len(grid) == 3, "launch grids are (x, y, z)"
         num_warps, num_stages = options
-        compiled = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        launch_pdl = {"launch_pdl": True} if self.takes_pdl and args[-1] else {}
+        compiled = self.kernel[grid](
+            *args, num_warps=num_warps, num_stages=num_stages, **launch_pdl
+        )
         if self.fallback_reason is not None or _launch_hooks():
             return  # with launch hooks (a profiler) installed, every launch goes through Triton
         try:
@@ -203,7 +224,8 @@ def _jit_check(launcher: CachedLauncher, compiled: Any):
     """A check that Triton's own path would pick `compiled` for a launch's arguments."""
 
     def check(grid, options, args, handle) -> None:
-        picked = jit_pick(launcher.kernel, args, options)
+        launch_pdl = launcher.takes_pdl and bool(args[-1])
+        picked = jit_pick(launcher.kernel, args, options, launch_pdl)
         if picked is not None and picked is not compiled:
             raise RuntimeError(
                 f"cached launch of {launcher.name} would run another compiled kernel than "
@@ -213,7 +235,7 @@ def _jit_check(launcher: CachedLauncher, compiled: Any):
     return check
 
 
-def jit_pick(kernel: Any, args: list, options: tuple[int, int]) -> Any:
+def jit_pick(kernel: Any, args: list, options: tuple[int, int], launch_pdl: bool = False) -> Any:
     """The compiled kernel `kernel[grid](*args)` would launch now (None: not compiled yet).
     Mirrors the lookup at the top of JITFunction.run (Triton 3.6/3.7)."""
     from triton import knobs
@@ -221,6 +243,8 @@ def jit_pick(kernel: Any, args: list, options: tuple[int, int]) -> Any:
     from triton.runtime.jit import compute_cache_key
 
     kwargs = {"num_warps": options[0], "num_stages": options[1]}
+    if launch_pdl:
+        kwargs["launch_pdl"] = True
     kwargs["debug"] = kernel.debug or knobs.runtime.debug
     if hasattr(knobs.compilation, "instrumentation_mode"):
         kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode

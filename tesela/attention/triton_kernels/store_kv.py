@@ -19,6 +19,7 @@ from tesela.attention.triton_kernels.launcher import (
     constexpr_args,
     runtime_args,
 )
+from tesela.core.pdl import grid_dependency_sync
 
 MAX_BLOCK = 1024  # elements per program: a token row wider than this spans several programs
 
@@ -38,7 +39,9 @@ def _store_kv_kernel(
     loc_ptr,
     WIDTH: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_dependency_sync(PDL)
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < WIDTH

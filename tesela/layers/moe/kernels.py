@@ -32,6 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from tesela.core.pdl import grid_dependency_sync
+
 
 @triton.jit
 def _silu_mul(gate, up):
@@ -46,7 +48,9 @@ def grouped_gemm_kernel(
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
     A_ROWS_PER_PAIR: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    grid_dependency_sync(PDL)
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_m = tl.num_programs(0) // num_pid_n
@@ -98,7 +102,9 @@ def pair_gemv_kernel(
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
     A_ROWS_PER_PAIR: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     HAS_NUM_VALID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    grid_dependency_sync(PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
@@ -142,7 +148,9 @@ def down_sum_gemv_kernel(
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
     TOP_K: tl.constexpr, HAS_NUM_VALID: tl.constexpr,
     BLOCK_TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    grid_dependency_sync(PDL)
     token = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     # The token's k pairs side by side: each K step loads all k experts' [BLOCK_N, BLOCK_K]
@@ -215,7 +223,9 @@ def router_topk_kernel(
     logits_ptr, topk_weights_ptr, topk_ids_ptr, num_experts, stride_lm,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    grid_dependency_sync(PDL)
     token = tl.program_id(0).to(tl.int64)
     offs_e = tl.arange(0, BLOCK_E)
     logits = tl.load(
@@ -246,7 +256,9 @@ def router_gemm_topk_kernel(
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_ALL_E: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    grid_dependency_sync(PDL)
     pid_e = tl.program_id(0)
     token = tl.program_id(1).to(tl.int64)
     # The GEMM part: BLOCK_E logits of one token, fp32 over H in a fixed order.

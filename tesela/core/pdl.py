@@ -1,0 +1,131 @@
+"""Programmatic dependent launch (PDL) for tesela's Triton kernels.
+
+Between two kernels on a stream the GPU normally drains the first grid, flushes its writes and
+only then launches and ramps up the second: about 1.5 us per boundary even inside a CUDA graph,
+and a batch-1 decode step has a dozen boundaries per layer. With PDL (Hopper and later) the
+second kernel is launched early: its programs become resident and block in
+`griddepcontrol.wait` until the first grid has completed and its writes are visible, so the
+launch and ramp-up overlap the first kernel's tail. Stream capture records the dependency as a
+programmatic edge, so CUDA graphs keep it.
+
+The contract, kept by construction:
+
+- A kernel that may be launched with PDL takes `PDL: tl.constexpr` as its last parameter and
+  calls `grid_dependency_sync(PDL)` before its first load or store. It waits for the previous
+  grid, then lets the next one launch (waiting first bounds the queue: releasing before the
+  wait would let every later kernel launch and sit resident).
+- A launch sets the kernel's `PDL` and Triton's `launch_pdl` together, never apart: a kernel
+  launched early whose body does not wait would read its inputs before they are written.
+  `kernel[grid](...)` call sites pass `**launch_kwargs(device)`; `CachedLauncher` appends the
+  `PDL` argument itself and compiles with the same flag.
+- Kernels that are not Triton (cuBLAS, PyTorch ops, NCCL) launch as always and wait for the
+  whole previous grid: mixing them in is always safe, they just gain nothing.
+
+On by default where the device supports it (compute capability 9.0 or later, a Triton that has
+`launch_pdl`, not the interpreter); `TESELA_PDL=0` turns it off. `status(device)` says which
+and why (`tesela doctor`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional on CPU: nothing launches then
+    triton = None
+
+_forced: bool | None = None  # set only inside `forced(...)`
+
+
+def _triton_has_pdl() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+@functools.cache
+def _device_status(index: int) -> tuple[bool, str]:
+    if os.environ.get("TRITON_INTERPRET", "") == "1":
+        return False, "off: Triton kernels run under the interpreter"
+    if os.environ.get("TESELA_PDL", "1") == "0":
+        return False, "off: TESELA_PDL=0"
+    if triton is None or not _triton_has_pdl():
+        return False, "off: this Triton has no launch_pdl / griddepcontrol"
+    capability = torch.cuda.get_device_capability(index)
+    if capability < (9, 0):
+        return False, f"off: compute capability {capability[0]}.{capability[1]} < 9.0"
+    return True, f"on: compute capability {capability[0]}.{capability[1]}"
+
+
+def status(device: torch.device) -> tuple[bool, str]:
+    """Whether kernels launched on `device` use PDL, and why."""
+    if device.type != "cuda":
+        return False, f"off: {device.type} device"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    on, reason = _device_status(index)
+    if _forced is not None:
+        return on and _forced, (reason if on and _forced else "off: forced off")
+    return on, reason
+
+
+def enabled(device: torch.device) -> bool:
+    return status(device)[0]
+
+
+def enabled_on(index: int) -> bool:
+    """`enabled` for CUDA device `index` (the launchers' per-call check, kept cheap)."""
+    on = _device_status(index)[0]
+    return on if _forced is None else on and _forced
+
+
+def launch_kwargs(device: torch.device) -> dict:
+    """The keywords of a `kernel[grid](...)` launch on `device`: the kernel's PDL constexpr and
+    Triton's launch_pdl, always equal."""
+    return _ON if enabled(device) else _OFF
+
+
+_ON, _OFF = {"PDL": True, "launch_pdl": True}, {"PDL": False}
+
+
+@contextlib.contextmanager
+def forced(value: bool) -> Iterator[None]:
+    """PDL forced on (where supported) or off for launches in this scope: a runner built and
+    captured inside it keeps that choice. Refuses nesting."""
+    global _forced
+    if _forced is not None:
+        raise RuntimeError("pdl.forced(...) scopes do not nest")
+    _forced = value
+    try:
+        yield
+    finally:
+        _forced = None
+
+
+if triton is not None and _triton_has_pdl():
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def grid_dependency_sync(PDL: tl.constexpr):
+        """A PDL kernel's first step: wait for the previous grid, then release the next."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+elif triton is not None:
+
+    @triton.jit
+    def grid_dependency_sync(PDL: tl.constexpr):
+        tl.static_assert(not PDL, "this Triton has no griddepcontrol: PDL is never on")
+
+else:
+    grid_dependency_sync = None  # no Triton: no kernel calls it
