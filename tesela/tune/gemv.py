@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         shapes.pop(f"{n},{k}", None)
         if chosen:
             shapes[f"{n},{k}"] = chosen
-    output.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        # after every case: a run stopped midway keeps what it measured
+        output.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     if args.report:
         Path(args.report).write_text(json.dumps({"device": device, "rows": report}, indent=1))
     count = sum(len(b) for shapes in entries.values() for b in shapes.values())
