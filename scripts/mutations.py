@@ -74,8 +74,8 @@ MUTATIONS = {
     ),
     "FULL graph padding tokens (decode and mixed) keep a stale KV slot": (
         "tesela/executor/buffers.py",
-        "                self.out_cache_loc[n:padded_num_tokens].fill_(DUMMY_SLOT)\n",
-        "                pass\n",
+        "        if padded_num_tokens > n:\n",
+        "        if False:\n",
         DECODE_TESTS + MIXED_TESTS,
     ),
     "FULL decode padding rows keep a stale seq length": (
@@ -602,7 +602,7 @@ MUTATIONS = {
     ),
     "GEMV tuner cases miss the MoE router": (
         "tesela/tune/gemv.py",
-        "        cases.append((\"none\", mc.moe.num_experts, h))\n",
+        '        cases.append(("none", mc.moe.num_experts, h))\n',
         "        pass\n",
         ["tests/test_tune_gemv.py"],
     ),
@@ -647,6 +647,32 @@ MUTATIONS = {
         "    if pairs <= num_experts:\n",
         "    if False:\n",
         ["tests/test_tune_moe.py"],
+    ),
+    "GEMV kernel reads its input before waiting for the previous grid (PDL)": (
+        "tesela/layers/gemv.py",
+        "        grid_dependency_sync(PDL)\n",
+        "",
+        ["tests/test_pdl.py"],
+    ),
+    "a kernel launch sets PDL without pairing it with launch_pdl": (
+        "tesela/layers/fused.py",
+        "        num_warps=4 if n_cols <= 2048 else 8, **launch_kwargs(x.device),\n",
+        "        num_warps=4 if n_cols <= 2048 else 8, PDL=False,\n",
+        ["tests/test_pdl.py"],
+    ),
+    "FULL graphs' extend programs skip tiles of a table longer than the grid": (
+        "tesela/attention/triton_kernels/extend_attention.py",
+        "            tile += tl.num_programs(1)\n",
+        "            tile += 2 * tl.num_programs(1)\n",
+        [
+            "tests/test_triton_attention.py::test_tiled_programs_walk_every_tile_of_a_table_longer_than_the_grid"
+        ],
+    ),
+    "graph runners copy a batch's token rows in the wrong order": (
+        "tesela/executor/buffers.py",
+        "            self.rows[:, :n].copy_(batch.token_rows[:width], non_blocking=True)\n",
+        "            self.rows[:, :n].copy_(batch.token_rows[:width].flip(0), non_blocking=True)\n",
+        PIECEWISE_TESTS,
     ),
 }
 

@@ -382,3 +382,45 @@ def test_import_without_triton_says_how_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "tesela.attention.triton_backend")
     with pytest.raises(ImportError, match="pip install triton"):
         importlib.import_module("tesela.attention.triton_backend")
+
+
+def test_tiled_programs_walk_every_tile_of_a_table_longer_than_the_grid():
+    """FULL graphs launch `tile_programs` programs per head over a tile table (the worst case
+    of the captured size): with many short rows each program walks several tiles, and every
+    output equals the untiled launch's, bit for bit."""
+    from tesela.attention.triton_kernels import PagedAttentionShape
+    from tesela.attention.triton_kernels.extend_attention import (
+        ExtendConfig,
+        extend_attention,
+        tile_programs,
+        tile_table,
+    )
+
+    rng = random.Random(5)
+    rows = [(rng.randrange(40), rng.randrange(1, 6)) for _ in range(24)] + [(3, 40)]
+    heads, kv_heads, head_dim, page = 4, 2, 32, 16
+    shape = PagedAttentionShape(heads, kv_heads, head_dim, page, head_dim**-0.5)
+    config = ExtendConfig(16, 16, num_warps=4, num_stages=1)
+    prefixes, lens = [p for p, _ in rows], [n for _, n in rows]
+    tokens, blocks = sum(lens), max(-(-(p + n) // page) for p, n in rows)
+    generator = torch.Generator().manual_seed(1)
+    pool_shape = (len(rows) * blocks * page, kv_heads, head_dim)
+    k_pool, v_pool = (torch.randn(pool_shape, generator=generator) for _ in range(2))
+    tables = torch.arange(len(rows) * blocks, dtype=torch.int32).view(len(rows), blocks)
+    q = torch.randn(tokens, heads * head_dim, generator=generator)
+    seq_lens = torch.tensor([p + n for p, n in rows], dtype=torch.int32)
+    prefix_lens = torch.tensor(prefixes, dtype=torch.int32)
+    starts = torch.tensor([sum(lens[:i]) for i in range(len(rows))], dtype=torch.int32)
+    table = tile_table(lens, prefixes, config.block_m)
+    num_tiles = len(table) // 2 + 7  # absent entries past the batch's, as in a graph's table
+    tiles = torch.full((num_tiles, 2), -1, dtype=torch.int32)
+    tiles.view(-1)[: len(table)] = torch.tensor(table, dtype=torch.int32)
+    captured_size = 32  # the grid a 32-token graph launches: 2 + 16 programs per head
+    assert tile_programs(num_tiles, captured_size, config.block_m) < len(table) // 2
+    args = (k_pool, v_pool, tables, seq_lens, prefix_lens, starts)
+    untiled, tiled = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+    extend_attention(q, untiled, *args, shape=shape, max_extend_len=max(lens), config=config)
+    extend_attention(q, tiled, *args, shape=shape, max_extend_len=captured_size,
+                     config=config, tiles=tiles)  # fmt: skip
+    assert not untiled.isnan().any()
+    assert torch.equal(tiled, untiled)

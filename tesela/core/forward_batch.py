@@ -64,6 +64,9 @@ class ForwardBatch:
     lora_ids: list[int] = field(default_factory=list)  # per row; 0 (or empty): the base model
     return_input_logprobs: bool = False
     batch_id: int = field(default_factory=lambda: next(_batch_ids))
+    # [3, num_tokens] int64: input_ids, positions and out_cache_loc as the rows of one tensor
+    # (`build` packs them so), which graph runners copy into their static buffers in one op
+    token_rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_mode(self.mode, self.extend_lens_cpu, self.num_tokens)
@@ -134,9 +137,10 @@ class ForwardBatch:
 
         tensors = to_device_packed(
             {
-                "input_ids": ([t for row in token_ids for t in row], torch.int64),
-                "positions": (positions, torch.int64),
-                "out_cache_loc": (slots, torch.int64),
+                "token_rows": (
+                    [[t for row in token_ids for t in row], positions, slots],
+                    torch.int64,
+                ),  # fmt: skip
                 "seq_lens": (seq_lens, torch.int32),
                 "prefix_lens": (prefix_lens, torch.int32),
                 "extend_start_loc": (starts, torch.int32),
@@ -149,8 +153,12 @@ class ForwardBatch:
             },
             device,
         )
+        token_rows = tensors["token_rows"]
         return cls(
             mode=mode,
+            input_ids=token_rows[0],
+            positions=token_rows[1],
+            out_cache_loc=token_rows[2],
             **tensors,
             seq_lens_cpu=seq_lens,
             prefix_lens_cpu=list(prefix_lens),

@@ -3,7 +3,6 @@ the real batch that warmup and capture run."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,21 +14,35 @@ from tesela.core.kv_cache import DUMMY_SLOT, RESERVED_BLOCKS
 @dataclass
 class StaticBuffers:
     """Graph inputs at fixed addresses. A replay of size N reads the first N entries. FULL graphs
-    (attention inside) also read each token's KV slot from here."""
+    (attention inside) also read each token's KV slot from here. The inputs are the rows of
+    one tensor, as a built ForwardBatch's are (`ForwardBatch.token_rows`), so a replay copies
+    them in one op and pads them in another."""
 
-    input_ids: torch.Tensor  # [max_tokens] int64
-    positions: torch.Tensor  # [max_tokens] int64
-    out_cache_loc: torch.Tensor | None = None  # [max_tokens] int64, FULL graphs only
+    rows: torch.Tensor  # [2 or 3, max_tokens] int64: input ids, positions(, KV slots)
+    padding: torch.Tensor  # [2 or 3, 1] int64: what padding tokens read (token 0, position 0,
+    # the dummy KV slot)
 
     @classmethod
     def allocate(cls, max_tokens: int, device: torch.device, kv_slots: bool = False):
-        zeros = functools.partial(torch.zeros, max_tokens, dtype=torch.int64, device=device)
-        slots = torch.full((max_tokens,), DUMMY_SLOT, dtype=torch.int64, device=device)
-        return cls(input_ids=zeros(), positions=zeros(), out_cache_loc=slots if kv_slots else None)
+        pad = [0, 0, DUMMY_SLOT][: 3 if kv_slots else 2]
+        padding = torch.tensor(pad, dtype=torch.int64, device=device).view(-1, 1)
+        return cls(rows=padding.expand(-1, max_tokens).clone(), padding=padding)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.rows[0]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.rows[1]
+
+    @property
+    def out_cache_loc(self) -> torch.Tensor | None:
+        return self.rows[2] if self.rows.shape[0] == 3 else None
 
     @property
     def max_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
+        return int(self.rows.shape[1])
 
     def slice(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.input_ids[:num_tokens], self.positions[:num_tokens]
@@ -37,16 +50,17 @@ class StaticBuffers:
     def copy_from(self, batch: ForwardBatch, padded_num_tokens: int) -> None:
         """Real tokens first; padding gets token id 0, position 0 and the dummy KV slot, so
         padded tokens never reach a request's cache."""
-        n = batch.num_tokens
-        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        if self.out_cache_loc is not None:
-            self.out_cache_loc[:n].copy_(batch.out_cache_loc, non_blocking=True)
+        n, width = batch.num_tokens, self.rows.shape[0]
+        if batch.token_rows is not None:
+            self.rows[:, :n].copy_(batch.token_rows[:width], non_blocking=True)
+        else:  # a batch built field by field
+            sources = (batch.input_ids, batch.positions, batch.out_cache_loc)[:width]
+            for row, source in zip(self.rows, sources, strict=True):
+                row[:n].copy_(source, non_blocking=True)
         if padded_num_tokens > n:
-            self.input_ids[n:padded_num_tokens].zero_()
-            self.positions[n:padded_num_tokens].zero_()
-            if self.out_cache_loc is not None:
-                self.out_cache_loc[n:padded_num_tokens].fill_(DUMMY_SLOT)
+            self.rows[:, n:padded_num_tokens].copy_(
+                self.padding.expand(-1, padded_num_tokens - n), non_blocking=True
+            )
 
 
 def capture_batch(

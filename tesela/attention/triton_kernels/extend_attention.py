@@ -6,6 +6,10 @@ their K/V are already in the pool (stored before the launch), so the program wal
 `0..` of the row through the block table with an fp32 online softmax, stopping at the last
 position its queries can see. A decode row is the case of one new token, so the same kernel
 serves EXTEND and MIXED batches.
+
+In FULL graphs the grid cannot follow the batch: a tile table lists the batch's (row, query
+block) pairs, and each of a fixed number of programs per head walks every P-th entry of it
+(`tile_programs`), so idle programs stay few whatever the batch.
 """
 
 from __future__ import annotations
@@ -113,55 +117,20 @@ def _attend_tile(
 
 
 @triton.jit
-def _extend_kernel(
-    # the layer (bound per captured size by the piecewise runner)
-    q_ptr,
-    out_ptr,
-    stride_q_token,
-    stride_out_token,
-    scale_log2,
-    # the layer's pools
-    k_pool_ptr,
-    v_pool_ptr,
-    stride_pool_slot,
-    # the batch
-    block_tables_ptr,
-    seq_lens_ptr,
-    prefix_lens_ptr,
-    extend_start_loc_ptr,
-    tiles_ptr,
-    stride_table_row,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TILED: tl.constexpr,
-    # the backend's shape
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    WINDOW: tl.constexpr,
+def _attend_block(
+    q_ptr, out_ptr, stride_q_token, stride_out_token, scale_log2,
+    k_pool_ptr, v_pool_ptr, stride_pool_slot,
+    block_tables_ptr, seq_lens_ptr, prefix_lens_ptr, extend_start_loc_ptr,
+    stride_table_row, head, row, q_begin,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    grid_dependency_sync(PDL)
-    # Heads vary fastest, so the query heads of one KV head run together and share its K/V
-    # tiles in L2; query blocks go last-first, so the longest causal walks start first.
-    head = tl.program_id(0)
-    if TILED:
-        # FULL graphs: the grid is fixed per captured size; each program reads its (row, query
-        # block) from the tile table, and entries past the batch's tiles hold row -1.
-        tile = tl.program_id(1)
-        row = tl.load(tiles_ptr + 2 * tile)
-        q_begin = tl.maximum(tl.load(tiles_ptr + 2 * tile + 1), 0)  # absent: (-1, -1)
-    else:
-        q_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-        row = tl.program_id(2)
-    present = row >= 0
-    row = tl.maximum(row, 0)
+):  # fmt: skip
+    """Query block `q_begin` of `row` for one head: the causal walk over the row's KV."""
     seq_len = tl.load(seq_lens_ptr + row)
     prefix = tl.load(prefix_lens_ptr + row)
-    extend_len = tl.where(present, seq_len - prefix, 0)
-    # The grid covers the longest row (or the most tiles); blocks past a row's end do nothing.
+    extend_len = seq_len - prefix
+    # The grid covers the longest row; blocks past a row's end do nothing.
     if q_begin < extend_len:
         offs_m = q_begin + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -209,6 +178,71 @@ def _extend_kernel(
         )
 
 
+@triton.jit
+def _extend_kernel(
+    # the layer (bound per captured size by the piecewise runner)
+    q_ptr,
+    out_ptr,
+    stride_q_token,
+    stride_out_token,
+    scale_log2,
+    # the layer's pools
+    k_pool_ptr,
+    v_pool_ptr,
+    stride_pool_slot,
+    # the batch
+    block_tables_ptr,
+    seq_lens_ptr,
+    prefix_lens_ptr,
+    extend_start_loc_ptr,
+    tiles_ptr,
+    num_tiles,
+    stride_table_row,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILED: tl.constexpr,
+    # the backend's shape
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    grid_dependency_sync(PDL)
+    # Heads vary fastest, so the query heads of one KV head run together and share its K/V
+    # tiles in L2; query blocks go last-first, so the longest causal walks start first.
+    head = tl.program_id(0)
+    if TILED:
+        # FULL graphs: the grid is fixed per captured size; program p walks the tile table's
+        # entries p, p + P, ... (P programs per head), each a (row, query block), until the
+        # first absent one (-1: the batch's tiles come first). P covers the full query blocks
+        # of the captured size plus a few partial ones, so a batch of many short rows loops
+        # and a batch of few rows leaves no wave of idle programs.
+        tile = tl.program_id(1)
+        row = tl.load(tiles_ptr + 2 * tile, mask=tile < num_tiles, other=-1)
+    else:
+        row = tl.program_id(2)
+    while row >= 0:
+        if TILED:
+            q_begin = tl.load(tiles_ptr + 2 * tile + 1)
+        else:
+            q_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+        _attend_block(
+            q_ptr, out_ptr, stride_q_token, stride_out_token, scale_log2,
+            k_pool_ptr, v_pool_ptr, stride_pool_slot,
+            block_tables_ptr, seq_lens_ptr, prefix_lens_ptr, extend_start_loc_ptr,
+            stride_table_row, head, row, q_begin,
+            BLOCK_M, BLOCK_N, GROUP, HEAD_DIM, BLOCK_D, PAGE_SIZE, WINDOW, PRECISION,
+        )  # fmt: skip
+        if TILED:
+            tile += tl.num_programs(1)
+            row = tl.load(tiles_ptr + 2 * tile, mask=tile < num_tiles, other=-1)
+        else:
+            row = row * 0 - 1  # one block per program
+
+
 def kernels_interpreted() -> bool:
     """True when triton.jit built interpreter functions (TRITON_INTERPRET=1 when triton was
     imported): the kernels then run, slowly, on CPU tensors."""
@@ -234,7 +268,7 @@ def extend_attention(
     seq_lens/prefix_lens/extend_start_loc: [batch] int32; block_tables: [batch, max_blocks].
 
     With a tile table (`tiles`: [num_tiles, 2] int32 (row, first query), see `tile_table`)
-    the grid is (heads, num_tiles) whatever the batch, so a CUDA graph can capture it."""
+    the grid is (heads, `tile_programs`) whatever the batch, so a CUDA graph can capture it."""
     layer = layer_args(q, out, shape)
     batch_size = seq_lens.shape[0]
     if batch_size == 0 or max_extend_len == 0:
@@ -261,12 +295,14 @@ def layer_args(q: torch.Tensor, out: torch.Tensor, shape: PagedAttentionShape) -
 
 def batch_args(block_tables, seq_lens, prefix_lens, extend_start_loc, tiles) -> Args:
     if tiles is None:
-        tiles = seq_lens  # not read
+        tiles, num_tiles = seq_lens, 0  # not read
     else:
         assert tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.is_contiguous()
+        num_tiles = tiles.shape[0]
     return runtime_args(
-        block_tables, seq_lens, prefix_lens, extend_start_loc, tiles, block_tables.stride(0)
-    )
+        block_tables, seq_lens, prefix_lens, extend_start_loc, tiles, num_tiles,
+        block_tables.stride(0),
+    )  # fmt: skip
 
 
 def tile_args(config: ExtendConfig, tiled: bool) -> Args:
@@ -291,10 +327,22 @@ def extend_grid(
     batch_size: int,
     tiles: torch.Tensor | None,
 ) -> tuple[int, int, int]:
-    """With a tile table the grid is (heads, num_tiles) whatever the batch (FULL graphs)."""
+    """With a tile table the grid is (heads, tile programs) whatever the batch (FULL graphs:
+    `max_extend_len` is the captured size)."""
     if tiles is not None:
-        return (shape.num_heads, tiles.shape[0], 1)
+        return (shape.num_heads, tile_programs(tiles.shape[0], max_extend_len, config.block_m), 1)
     return (shape.num_heads, triton.cdiv(max_extend_len, config.block_m), batch_size)
+
+
+PARTIAL_TILE_PROGRAMS = 16  # per head, beyond one per full query block of the captured size
+
+
+def tile_programs(num_tiles: int, num_tokens: int, block_m: int) -> int:
+    """Programs per head walking a tile table of `num_tiles` entries: one per full query block
+    `num_tokens` tokens make, plus PARTIAL_TILE_PROGRAMS for rows' partial blocks. A batch with
+    more partial blocks (many short rows) loops; the table's worst case (every row partial)
+    would launch mostly idle programs for every other batch."""
+    return min(num_tiles, num_tokens // block_m + PARTIAL_TILE_PROGRAMS)
 
 
 def max_tiles(num_tokens: int, max_rows: int, block_m: int) -> int:
