@@ -119,8 +119,8 @@ def test_every_grid_launch_sets_pdl_and_launch_pdl_together():
         if path.name == "launcher.py":  # CachedLauncher: tested below
             continue
         spread = [ast.unparse(k.value) for k in call.keywords if k.arg is None]
-        assert any(s.startswith("launch_kwargs(") for s in spread), (
-            f"{path.name}:{call.lineno}: a kernel launch passes **launch_kwargs(device)"
+        assert any(s.startswith("launch_kwargs(") and s.count(",") == 1 for s in spread), (
+            f"{path.name}:{call.lineno}: a kernel launch passes **launch_kwargs(device, tokens)"
         )
         named = {k.arg for k in call.keywords}
         assert not named & {"PDL", "launch_pdl"}, f"{path.name}:{call.lineno}: set apart"
@@ -129,13 +129,22 @@ def test_every_grid_launch_sets_pdl_and_launch_pdl_together():
 def test_launch_keywords_pair_the_constexpr_with_the_launch_flag(monkeypatch):
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(pdl, "_device_status", lambda index: (True, "on: compute capability 9.0"))
-    assert pdl.launch_kwargs(cuda) == {"PDL": True, "launch_pdl": True}
-    assert pdl.enabled_on(0)
+    assert pdl.launch_kwargs(cuda, 1) == {"PDL": True, "launch_pdl": True}
+    assert pdl.enabled_on(0, pdl.MAX_TOKENS)
     with pdl.forced(False):
-        assert pdl.launch_kwargs(cuda) == {"PDL": False}
-        assert not pdl.enabled_on(0)
+        assert pdl.launch_kwargs(cuda, 1) == {"PDL": False}
+        assert not pdl.enabled_on(0, 1)
         assert pdl.status(cuda) == (False, "off: forced off")
-    assert pdl.launch_kwargs(torch.device("cpu")) == {"PDL": False}
+    assert pdl.launch_kwargs(torch.device("cpu"), 1) == {"PDL": False}
+
+
+def test_launches_over_more_tokens_than_max_tokens_never_use_pdl(monkeypatch):
+    """Measured: large prefills ran slower with PDL (module docstring of tesela/core/pdl.py)."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(pdl, "_device_status", lambda index: (True, "on: compute capability 9.0"))
+    assert pdl.launch_kwargs(cuda, pdl.MAX_TOKENS) == {"PDL": True, "launch_pdl": True}
+    assert pdl.launch_kwargs(cuda, pdl.MAX_TOKENS + 1) == {"PDL": False}
+    assert not pdl.enabled_on(0, pdl.MAX_TOKENS + 1)
 
 
 def test_forced_scopes_refuse_nesting_and_restore():

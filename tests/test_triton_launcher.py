@@ -91,10 +91,10 @@ def test_a_constexpr_passed_as_a_runtime_argument_is_refused():
     fresh = CachedLauncher(_store_kv_kernel)
     groups, _ = store_groups(block_as_runtime=True)
     with pytest.raises(TypeError, match="do not match the kernel's parameters"):
-        fresh((4, 1, 1), (4, 3), *groups)
+        fresh((4, 1, 1), (4, 3), *groups, num_tokens=4)
     groups, _ = store_groups()
     with pytest.raises(TypeError, match="do not match"):
-        fresh((4, 1, 1), (4, 3), *groups[:3])  # a group missing
+        fresh((4, 1, 1), (4, 3), *groups[:3], num_tokens=4)  # a group missing
 
 
 @pytest.fixture
@@ -108,8 +108,8 @@ def test_under_the_interpreter_launches_fall_back_with_a_reason(_interpreted):
     assert "interpreter" in fresh.fallback_reason
     assert "interpreter" in launcher.fallback_reasons["_store_kv_kernel"]
     groups, (k, v, k_pool, v_pool, loc) = store_groups()
-    fresh((4, 1, 1), (4, 3), *groups)
-    fresh((4, 1, 1), (4, 3), *groups)
+    fresh((4, 1, 1), (4, 3), *groups, num_tokens=4)
+    fresh((4, 1, 1), (4, 3), *groups, num_tokens=4)
     assert fresh.cached_keys == 0  # nothing cached: every launch went through kernel[grid]
     assert torch.equal(k_pool.view(16, -1)[loc], k) and torch.equal(v_pool.view(16, -1)[loc], v)
 

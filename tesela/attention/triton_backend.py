@@ -608,17 +608,18 @@ class BoundTritonAttention:
         if pool is not self.pool:
             self._bind_pool(pool)
         store_constants, extend_constants, stage1_constants = self.constants
+        n = replay.num_tokens
         if replay.store is not None:
             grid, batch = replay.store
-            STORE_KV(grid, STORE_OPTIONS, self.store, batch, store_constants)
+            STORE_KV(grid, STORE_OPTIONS, self.store, batch, store_constants, num_tokens=n)
         if replay.extend is not None:
             grid, options, batch = replay.extend
-            EXTEND(grid, options, self.extend, batch, extend_constants)
+            EXTEND(grid, options, self.extend, batch, extend_constants, num_tokens=n)
         if replay.decode is not None:
             (grid1, grid2), options, batch1, batch2 = replay.decode
-            STAGE1(grid1, options, self.stage1, batch1, stage1_constants)
+            STAGE1(grid1, options, self.stage1, batch1, stage1_constants, num_tokens=n)
             layer2, constants2 = self.stage2
-            STAGE2(grid2, STAGE2_OPTIONS, layer2, batch2, constants2)
+            STAGE2(grid2, STAGE2_OPTIONS, layer2, batch2, constants2, num_tokens=n)
 
 
 def _target_programs(device: torch.device, programs_per_sm: int) -> int:

@@ -241,7 +241,7 @@ def _rms_norm(x, weight, eps, residual=None):
         residual.stride(0) if residual is not None else 0, n_cols,
         n_cols, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=_block(n_cols),
-        num_warps=4 if n_cols <= 2048 else 8, **launch_kwargs(x.device),
+        num_warps=4 if n_cols <= 2048 else 8, **launch_kwargs(x.device, tokens),
     )  # fmt: skip
     return out, new_residual
 
@@ -258,7 +258,7 @@ def _rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tenso
     rotary_kernel[(tokens, heads)](
         x, out, cos_sin_cache, positions,
         heads, x.stride(0), cos_sin_cache.stride(0), cos_sin_cache.stride(1),
-        HALF=dim // 2, BLOCK=_block(dim // 2), **launch_kwargs(x.device),
+        HALF=dim // 2, BLOCK=_block(dim // 2), **launch_kwargs(x.device, tokens),
     )  # fmt: skip
     return out
 
@@ -287,7 +287,7 @@ def _qk_norm_rope(
         num_heads, num_kv_heads, qkv.stride(0), cos_sin_cache.stride(0), cos_sin_cache.stride(1),
         eps,
         HAS_NORM=norm_weights is not None, HALF=head_dim // 2, BLOCK=_block(head_dim // 2),
-        **launch_kwargs(qkv.device),
+        **launch_kwargs(qkv.device, tokens),
     )  # fmt: skip
     return q, k
 
@@ -302,7 +302,7 @@ def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = 1024
     silu_mul_kernel[(tokens, -(-n // block))](
-        x, out, x.stride(0), n, BLOCK=block, **launch_kwargs(x.device)
+        x, out, x.stride(0), n, BLOCK=block, **launch_kwargs(x.device, tokens)
     )
     return out
 

@@ -146,7 +146,7 @@ def _launch(x, weight, bias, config, prologue, k, residual=None, norm_weight=Non
         HAS_BIAS=bias is not None, USE_DOT=config["use_dot"],
         BLOCK_M=block_m, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
-        **launch_kwargs(x.device),
+        **launch_kwargs(x.device, m),
     )  # fmt: skip
     return out, new_residual
 

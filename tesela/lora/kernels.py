@@ -235,7 +235,7 @@ def triton_lora(
         y.stride(0),
         K_UNROLL=tiles.k_unroll(K), BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
         BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        **launch_kwargs(x.device),
+        **launch_kwargs(x.device, num_tokens),
     )  # fmt: skip
 
 
@@ -254,7 +254,7 @@ def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATi
         num_tokens, K, tiles.k_per_split(K), x.stride(0), a.stride(0), a.stride(1),
         a.stride(2), s.stride(0), s.stride(1),
         BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r, IEEE=ieee,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_kwargs(x.device),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_kwargs(x.device, num_tokens),
     )  # fmt: skip
     expand_sgmv[(m_blocks, -(-max_slice_size // tiles.block_n), num_slices)](
         s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
@@ -262,7 +262,7 @@ def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATi
         num_tokens, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
         SPLIT_K=split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
         IEEE=ieee, num_warps=tiles.expand_warps, num_stages=tiles.num_stages,
-        **launch_kwargs(x.device),
+        **launch_kwargs(x.device, num_tokens),
     )  # fmt: skip
 
 

@@ -308,8 +308,9 @@ def decode_attention(
     shape1, shape2 = shape_args(shape, config, q.dtype)
     pools = pool_args(k_pool, v_pool)
     stage1, stage2 = decode_grids(shape, batch_size, num_kv_splits)
-    STAGE1(stage1, (config.num_warps, config.num_stages), layer1, pools, *batch1, shape1)
-    STAGE2(stage2, STAGE2_OPTIONS, layer2, *batch2, shape2)
+    options = (config.num_warps, config.num_stages)
+    STAGE1(stage1, options, layer1, pools, *batch1, shape1, num_tokens=q.shape[0])
+    STAGE2(stage2, STAGE2_OPTIONS, layer2, *batch2, shape2, num_tokens=q.shape[0])
 
 
 STAGE1 = CachedLauncher(_decode_stage1_kernel)

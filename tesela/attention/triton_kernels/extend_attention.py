@@ -222,25 +222,25 @@ def _extend_kernel(
         # and a batch of few rows leaves no wave of idle programs.
         tile = tl.program_id(1)
         row = tl.load(tiles_ptr + 2 * tile, mask=tile < num_tiles, other=-1)
+        while row >= 0:
+            _attend_block(
+                q_ptr, out_ptr, stride_q_token, stride_out_token, scale_log2,
+                k_pool_ptr, v_pool_ptr, stride_pool_slot,
+                block_tables_ptr, seq_lens_ptr, prefix_lens_ptr, extend_start_loc_ptr,
+                stride_table_row, head, row, tl.load(tiles_ptr + 2 * tile + 1),
+                BLOCK_M, BLOCK_N, GROUP, HEAD_DIM, BLOCK_D, PAGE_SIZE, WINDOW, PRECISION,
+            )  # fmt: skip
+            tile += tl.num_programs(1)
+            row = tl.load(tiles_ptr + 2 * tile, mask=tile < num_tiles, other=-1)
     else:
-        row = tl.program_id(2)
-    while row >= 0:
-        if TILED:
-            q_begin = tl.load(tiles_ptr + 2 * tile + 1)
-        else:
-            q_begin = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
         _attend_block(
             q_ptr, out_ptr, stride_q_token, stride_out_token, scale_log2,
             k_pool_ptr, v_pool_ptr, stride_pool_slot,
             block_tables_ptr, seq_lens_ptr, prefix_lens_ptr, extend_start_loc_ptr,
-            stride_table_row, head, row, q_begin,
+            stride_table_row, head, tl.program_id(2),
+            (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M,
             BLOCK_M, BLOCK_N, GROUP, HEAD_DIM, BLOCK_D, PAGE_SIZE, WINDOW, PRECISION,
         )  # fmt: skip
-        if TILED:
-            tile += tl.num_programs(1)
-            row = tl.load(tiles_ptr + 2 * tile, mask=tile < num_tiles, other=-1)
-        else:
-            row = row * 0 - 1  # one block per program
 
 
 def kernels_interpreted() -> bool:
@@ -281,6 +281,7 @@ def extend_attention(
         batch_args(block_tables, seq_lens, prefix_lens, extend_start_loc, tiles),
         tile_args(config, tiles is not None),
         shape_args(shape, q.dtype),
+        num_tokens=q.shape[0],
     )
 
 

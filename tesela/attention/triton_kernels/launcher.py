@@ -133,14 +133,17 @@ class CachedLauncher:
         if self.interpreted:
             self._fall_back("kernels run under the Triton interpreter (TRITON_INTERPRET=1)")
 
-    def __call__(self, grid: tuple[int, int, int], options: tuple[int, int], *groups: Args):
-        """Launch on the current stream. `options`: (num_warps, num_stages)."""
+    def __call__(
+        self, grid: tuple[int, int, int], options: tuple[int, int], *groups: Args, num_tokens: int
+    ):
+        """Launch on the current stream. `options`: (num_warps, num_stages); `num_tokens`: the
+        tokens of the launch (a kernel taking PDL uses it for at most pdl.MAX_TOKENS)."""
         key, args = [options], ()
         for group in groups:
             key.append(group.key)
             args += group.values
         if self.takes_pdl:
-            use_pdl = not self.interpreted and pdl.enabled_on(self._device_index())
+            use_pdl = not self.interpreted and pdl.enabled_on(self._device_index(), num_tokens)
             key.append(use_pdl)
             args += (use_pdl,)
         key = tuple(key)

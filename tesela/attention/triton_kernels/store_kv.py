@@ -95,4 +95,5 @@ def store_kv(
         pool_args(k_pool, v_pool),
         runtime_args(out_cache_loc),
         constants,
+        num_tokens=num_tokens,
     )

@@ -52,7 +52,7 @@ def _launch(a, w, out, topk_weights, topk_ids, num_valid, aligned, config, *, ga
         kernels.pair_gemv_kernel[grid](
             a, w, out, topk_weights, topk_ids, num_valid if has_valid else topk_ids,
             num_experts, topk_ids.shape[1], n, k, *strides, HAS_NUM_VALID=has_valid,
-            **common, **_tile_args(config), **launch_kwargs(a.device),
+            **common, **_tile_args(config), **launch_kwargs(a.device, topk_ids.shape[0]),
         )  # fmt: skip
         return
     num_blocks = aligned.block_expert_ids.numel()
@@ -62,7 +62,7 @@ def _launch(a, w, out, topk_weights, topk_ids, num_valid, aligned, config, *, ga
         aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded_pairs,
         topk_ids.numel(), n, k, *strides,
         BLOCK_M=config["BLOCK_M"], GROUP_M=config["GROUP_M"], **common, **_tile_args(config),
-        **launch_kwargs(a.device),
+        **launch_kwargs(a.device, topk_ids.shape[0]),
     )  # fmt: skip
 
 
@@ -82,7 +82,7 @@ def _down_sum_gemv(intermediate, w2, topk_weights, topk_ids, num_valid, config) 
         num_experts, hidden, intermediate_size,
         *intermediate.stride(), *w2.stride(), *out.stride(),
         TOP_K=top_k, HAS_NUM_VALID=has_valid, BLOCK_TOPK=triton.next_power_of_2(top_k),
-        **_tile_args(config), **launch_kwargs(out.device),
+        **_tile_args(config), **launch_kwargs(out.device, num_tokens),
     )  # fmt: skip
     return out
 

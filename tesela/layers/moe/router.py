@@ -109,7 +109,7 @@ def fused_select_experts(
         TOP_K=top_k, RENORMALIZE=renormalize or scoring == "topk_softmax",
         BLOCK_E=block_e, BLOCK_TOPK=triton.next_power_of_2(top_k),
         # Up to 256 experts one warp holds the row: the 2k reductions stay in shuffles.
-        num_warps=1 if block_e <= 256 else 4, **launch_kwargs(router_logits.device),
+        num_warps=1 if block_e <= 256 else 4, **launch_kwargs(router_logits.device, num_tokens),
     )  # fmt: skip
     return weights, ids
 
@@ -193,7 +193,7 @@ def _launch_fused_router(x, gate_weight, buffers, top_k, scoring, renormalize):
         BLOCK_E=config["BLOCK_E"], BLOCK_H=config["BLOCK_H"],
         BLOCK_ALL_E=triton.next_power_of_2(num_experts),
         BLOCK_TOPK=triton.next_power_of_2(top_k), num_warps=config["num_warps"],
-        **launch_kwargs(x.device),
+        **launch_kwargs(x.device, num_tokens),
     )  # fmt: skip
     return weights, ids
 
