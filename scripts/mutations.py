@@ -151,10 +151,10 @@ MUTATIONS = {
         "",
         MIXED_LORA_TESTS,
     ),
-    "FULL mixed absent tiles run (from query -1)": (
+    "FULL mixed absent tiles run (as row 0 from query -1)": (
         "tesela/attention/triton_kernels/extend_attention.py",
-        "        q_begin = tl.maximum(tl.load(tiles_ptr + 2 * tile + 1), 0)  # absent: (-1, -1)\n",
-        "        q_begin = tl.load(tiles_ptr + 2 * tile + 1)\n",
+        "        while row >= 0:\n",
+        "        while tile < num_tiles:\n            row = tl.maximum(row, 0)\n",
         MIXED_TESTS,
     ),
     "FULL mixed decode entries write the row's token": (
