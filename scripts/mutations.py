@@ -656,7 +656,7 @@ MUTATIONS = {
     ),
     "a kernel launch sets PDL without pairing it with launch_pdl": (
         "tesela/layers/fused.py",
-        "        num_warps=4 if n_cols <= 2048 else 8, **launch_kwargs(x.device),\n",
+        "        num_warps=4 if n_cols <= 2048 else 8, **launch_kwargs(x.device, tokens),\n",
         "        num_warps=4 if n_cols <= 2048 else 8, PDL=False,\n",
         ["tests/test_pdl.py"],
     ),
