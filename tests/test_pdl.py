@@ -166,3 +166,9 @@ def test_cached_launchers_own_the_pdl_argument():
 
 def test_off_on_cpu_and_under_the_interpreter():
     assert pdl.status(torch.device("cpu")) == (False, "off: cpu device")
+
+
+def test_doctor_says_whether_kernels_launch_with_pdl_and_why():
+    from tesela.doctor import doctor_report
+
+    assert "programmatic dependent launch (PDL): off: cpu device" in doctor_report("cpu")
