@@ -660,6 +660,12 @@ MUTATIONS = {
         "        num_warps=4 if n_cols <= 2048 else 8, PDL=False,\n",
         ["tests/test_pdl.py"],
     ),
+    "launches over more than pdl.MAX_TOKENS tokens use PDL": (
+        "tesela/core/pdl.py",
+        "    return num_tokens <= MAX_TOKENS and _on(index)\n",
+        "    return _on(index)\n",
+        ["tests/test_pdl.py::test_launches_over_more_tokens_than_max_tokens_never_use_pdl"],
+    ),
     "FULL graphs' extend programs skip tiles of a table longer than the grid": (
         "tesela/attention/triton_kernels/extend_attention.py",
         "            tile += tl.num_programs(1)\n",
@@ -670,8 +676,8 @@ MUTATIONS = {
     ),
     "graph runners copy a batch's token rows in the wrong order": (
         "tesela/executor/buffers.py",
-        "            self.rows[:, :n].copy_(batch.token_rows[:width], non_blocking=True)\n",
-        "            self.rows[:, :n].copy_(batch.token_rows[:width].flip(0), non_blocking=True)\n",
+        "        self.rows[:, :n].copy_(batch.token_rows[: self.rows.shape[0]], non_blocking=True)\n",
+        "        self.rows[:, :n].copy_(batch.token_rows[: self.rows.shape[0]].flip(0), non_blocking=True)\n",
         PIECEWISE_TESTS,
     ),
 }

@@ -79,7 +79,7 @@ def _launchers_section() -> str:
 
 
 def _pdl_section(info: DeviceInfo, requested: str | None) -> str:
-    """Whether the Triton kernels launch with programmatic dependent launch here (tesela/core/pdl.py)."""
+    """Whether Triton kernels launch with programmatic dependent launch here (core/pdl.py)."""
     import torch
 
     from tesela.core import pdl

@@ -65,11 +65,14 @@ class ForwardBatch:
     return_input_logprobs: bool = False
     batch_id: int = field(default_factory=lambda: next(_batch_ids))
     # [3, num_tokens] int64: input_ids, positions and out_cache_loc as the rows of one tensor
-    # (`build` packs them so), which graph runners copy into their static buffers in one op
+    # (`build` packs them so, the three fields being its rows), which graph runners copy into
+    # their static buffers in one op; a batch built field by field gets a stacked copy
     token_rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_mode(self.mode, self.extend_lens_cpu, self.num_tokens)
+        if self.token_rows is None:
+            self.token_rows = torch.stack((self.input_ids, self.positions, self.out_cache_loc))
 
     @property
     def num_tokens(self) -> int:

@@ -16,8 +16,8 @@ The contract, kept by construction:
   wait would let every later kernel launch and sit resident).
 - A launch sets the kernel's `PDL` and Triton's `launch_pdl` together, never apart: a kernel
   launched early whose body does not wait would read its inputs before they are written.
-  `kernel[grid](...)` call sites pass `**launch_kwargs(device, num_tokens)`; `CachedLauncher` appends the
-  `PDL` argument itself and compiles with the same flag.
+  `kernel[grid](...)` call sites pass `**launch_kwargs(device, num_tokens)`; `CachedLauncher`
+  appends the `PDL` argument itself and compiles with the same flag.
 - Kernels that are not Triton (cuBLAS, PyTorch ops, NCCL) launch as always and wait for the
   whole previous grid: mixing them in is always safe, they just gain nothing.
 
@@ -74,34 +74,36 @@ def _device_status(index: int) -> tuple[bool, str]:
     return True, f"on: compute capability {capability[0]}.{capability[1]}"
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _on(index: int) -> bool:
+    """The device's support, unless a `forced(...)` scope turns it off."""
+    return _device_status(index)[0] and _forced is not False
+
+
 def status(device: torch.device) -> tuple[bool, str]:
     """Whether kernels launched on `device` use PDL, and why."""
     if device.type != "cuda":
         return False, f"off: {device.type} device"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    on, reason = _device_status(index)
-    if _forced is not None:
-        return on and _forced, (reason if on and _forced else "off: forced off")
-    return on, reason
-
-
-def enabled(device: torch.device) -> bool:
-    return status(device)[0]
+    index = _index(device)
+    if _on(index):
+        return True, _device_status(index)[1]
+    return False, "off: forced off" if _forced is False else _device_status(index)[1]
 
 
 def enabled_on(index: int, num_tokens: int) -> bool:
     """Whether a launch over `num_tokens` tokens on CUDA device `index` uses PDL (the
     launchers' per-call check, kept cheap)."""
-    if num_tokens > MAX_TOKENS:
-        return False
-    on = _device_status(index)[0]
-    return on if _forced is None else on and _forced
+    return num_tokens <= MAX_TOKENS and _on(index)
 
 
 def launch_kwargs(device: torch.device, num_tokens: int) -> dict:
     """The keywords of a `kernel[grid](...)` launch over `num_tokens` tokens on `device`: the
     kernel's PDL constexpr and Triton's launch_pdl, always equal."""
-    return _ON if num_tokens <= MAX_TOKENS and enabled(device) else _OFF
+    use_pdl = device.type == "cuda" and enabled_on(_index(device), num_tokens)
+    return _ON if use_pdl else _OFF
 
 
 _ON, _OFF = {"PDL": True, "launch_pdl": True}, {"PDL": False}

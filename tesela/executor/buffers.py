@@ -50,13 +50,8 @@ class StaticBuffers:
     def copy_from(self, batch: ForwardBatch, padded_num_tokens: int) -> None:
         """Real tokens first; padding gets token id 0, position 0 and the dummy KV slot, so
         padded tokens never reach a request's cache."""
-        n, width = batch.num_tokens, self.rows.shape[0]
-        if batch.token_rows is not None:
-            self.rows[:, :n].copy_(batch.token_rows[:width], non_blocking=True)
-        else:  # a batch built field by field
-            sources = (batch.input_ids, batch.positions, batch.out_cache_loc)[:width]
-            for row, source in zip(self.rows, sources, strict=True):
-                row[:n].copy_(source, non_blocking=True)
+        n = batch.num_tokens
+        self.rows[:, :n].copy_(batch.token_rows[: self.rows.shape[0]], non_blocking=True)
         if padded_num_tokens > n:
             self.rows[:, n:padded_num_tokens].copy_(
                 self.padding.expand(-1, padded_num_tokens - n), non_blocking=True

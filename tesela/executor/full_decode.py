@@ -97,6 +97,7 @@ class FullDecodeRunner(GraphRunner):
             input_ids=self.buffers.input_ids[:size],
             positions=self.buffers.positions[:size],
             out_cache_loc=self.buffers.out_cache_loc[:size],
+            token_rows=self.buffers.rows[:, :size],
             seq_lens=zeros + 1,
             prefix_lens=zeros,
             extend_start_loc=torch.arange(size, dtype=torch.int32, device=device),

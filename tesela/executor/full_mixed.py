@@ -152,6 +152,7 @@ class FullMixedRunner(GraphRunner):
             input_ids=self.buffers.input_ids[:size],
             positions=self.buffers.positions[:size],
             out_cache_loc=self.buffers.out_cache_loc[:size],
+            token_rows=self.buffers.rows[:, :size],
             seq_lens=rows.seq_lens,
             prefix_lens=rows.prefix_lens,
             extend_start_loc=rows.extend_start_loc,
