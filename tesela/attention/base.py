@@ -17,13 +17,14 @@ import torch
 
 from tesela.attention.policy import GraphSupport
 from tesela.core.forward_batch import ForwardBatch
-from tesela.core.kv_cache import KVCachePool
+from tesela.core.kv_cache import KVCachePool, KVStoreTarget, pool_pointers
 from tesela.core.plan import AttentionMetadata, StaleMetadataError
 
 __all__ = [
     "AttentionBackend",
     "AttentionLayout",
     "AttentionMetadata",
+    "KVStoreTarget",
     "SplitReplay",
     "StaleMetadataError",
 ]
@@ -71,6 +72,10 @@ class AttentionBackend(ABC):
 
     name: ClassVar[str]
     cuda_graph_support: ClassVar[GraphSupport] = GraphSupport.PIECEWISE
+    # Reads the new tokens' K/V from the pool only (never from the k/v it is given), so the
+    # rotary kernel may store them there and the attention call skip its store: one launch
+    # fewer per layer, and in breakable piecewise replay a split call of one launch.
+    fuses_kv_store: ClassVar[bool] = False
 
     @property
     def supports_cuda_graph(self) -> bool:
@@ -85,10 +90,17 @@ class AttentionBackend(ABC):
     def __init__(self, layout: AttentionLayout, kv_cache: KVCachePool) -> None:
         self.layout = layout
         self.kv_cache = kv_cache
+        # What `kv_store_target` hands out: the pools' addresses, rewritten in place by
+        # `bind_kv_pool`, so kernels captured on the provisional pool follow the real one.
+        self._pool_pointers = None
+        if self.fuses_kv_store:
+            self._pool_pointers = pool_pointers(kv_cache).to(layout.device)
 
     def bind_kv_pool(self, kv_cache: KVCachePool) -> None:
         """Point the backend at the real pool once startup has sized it (ModelRunner)."""
         self.kv_cache = kv_cache
+        if self._pool_pointers is not None:
+            self._pool_pointers.copy_(pool_pointers(kv_cache))
 
     @abstractmethod
     def plan(self, batch: ForwardBatch) -> AttentionMetadata:
@@ -114,6 +126,14 @@ class AttentionBackend(ABC):
             f"graph (it declares {self.cuda_graph_support.name}): use piecewise graphs"
         )
 
+    def kv_store_target(self, layer_id: int, batch: ForwardBatch) -> KVStoreTarget | None:
+        """Where the kernel before attention may store layer `layer_id`'s new K/V for `batch`
+        (whose `out_cache_loc` a graph reads from its static buffers), or None: the attention
+        call stores them. A layer that stored them passes `kv_stored=True` to attention."""
+        if not self.fuses_kv_store or self._pool_pointers is None:
+            return None
+        return KVStoreTarget(self._pool_pointers, layer_id, batch.out_cache_loc)
+
     @abstractmethod
     def forward(
         self,
@@ -124,8 +144,10 @@ class AttentionBackend(ABC):
         layer_id: int,
         batch: ForwardBatch,
         metadata: AttentionMetadata,
+        kv_stored: bool = False,
     ) -> None:
-        """q/out: [num_tokens, heads*head_dim]; k/v: [num_tokens, kv_heads*head_dim]."""
+        """q/out: [num_tokens, heads*head_dim]; k/v: [num_tokens, kv_heads*head_dim]. Stores
+        k/v in the pool first, unless `kv_stored` (the rotary kernel did, at `kv_store_target`)."""
 
     # Breakable piecewise replay: split calls bound at capture ---------------------------------
 
@@ -134,7 +156,13 @@ class AttentionBackend(ABC):
         return SplitReplay(batch, metadata, batch.num_tokens)
 
     def bind_split(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        layer_id: int,
+        kv_stored: bool = False,
     ) -> Callable[[SplitReplay], None]:
         """The attention call of one layer at one captured size, its tensors bound (they are
         the captured ones, padded to the size). The default slices them per call and runs
@@ -142,7 +170,9 @@ class AttentionBackend(ABC):
 
         def call(replay: SplitReplay) -> None:
             n = replay.num_tokens  # only the real tokens are stored and attended
-            self.forward(q[:n], k[:n], v[:n], out[:n], layer_id, replay.batch, replay.metadata)
+            self.forward(
+                q[:n], k[:n], v[:n], out[:n], layer_id, replay.batch, replay.metadata, kv_stored
+            )
 
         return call
 

@@ -16,15 +16,23 @@ import torch
 
 from tesela.attention.base import AttentionBackend, SplitReplay
 from tesela.core.forward_context import ForwardContext, get_forward_context
+from tesela.core.kv_cache import KVStoreTarget
 
 
 def run_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    layer_id: int,
+    kv_stored: bool = False,
 ) -> None:
     """Attention for the batch in the current forward context.
 
     The tensors may be longer than the batch (padded to a captured size): only the batch's
-    real tokens are attended and stored, so padding never reaches the KV cache.
+    real tokens are attended and stored, so padding never reaches the KV cache. With
+    `kv_stored` the rotary kernel already stored K/V (at `kv_store_target`: a graph's padding
+    tokens went to the dummy slot).
     """
     context = get_forward_context()
     batch, plan = context.batch, context.plan
@@ -32,7 +40,20 @@ def run_attention(
     n = batch.num_tokens
     if q.shape[0] < n:
         raise RuntimeError(f"attention got {q.shape[0]} tokens for {batch.stamp}")
-    context.attn_backend.forward(q[:n], k[:n], v[:n], out[:n], layer_id, batch, plan.attn_metadata)
+    context.attn_backend.forward(
+        q[:n], k[:n], v[:n], out[:n], layer_id, batch, plan.attn_metadata, kv_stored
+    )
+
+
+def kv_store_target(layer_id: int) -> KVStoreTarget | None:
+    """Where a layer's rotary kernel may store its new K/V in the current forward (None: the
+    attention call stores them): the backend's choice, for the batch the forward runs, whose
+    slots a graph captures from its static buffers. Not under torch.compile: a trace records
+    attention with its own store."""
+    if torch.compiler.is_compiling():
+        return None
+    context = get_forward_context()
+    return context.attn_backend.kv_store_target(layer_id, context.batch)
 
 
 def prepare_attention_replay(context: ForwardContext) -> SplitReplay:
@@ -43,10 +64,16 @@ def prepare_attention_replay(context: ForwardContext) -> SplitReplay:
     return context.attn_backend.prepare_split_replay(batch, plan.attn_metadata)
 
 
-def bind_attention(backend: AttentionBackend, tensors: tuple[torch.Tensor, ...], layer_id: int):
-    """The recorded call `run_attention(q, k, v, out, layer_id)` bound to its tensors."""
+def bind_attention(
+    backend: AttentionBackend,
+    tensors: tuple[torch.Tensor, ...],
+    layer_id: int,
+    kv_stored: bool = False,
+):
+    """The recorded call `run_attention(q, k, v, out, layer_id, kv_stored)` bound to its
+    tensors."""
     q, k, v, out = tensors
-    return backend.bind_split(q, k, v, out, layer_id)
+    return backend.bind_split(q, k, v, out, layer_id, kv_stored)
 
 
 # split function -> (prepare once per replay, bind once per recorded call)
@@ -55,19 +82,24 @@ SPLIT_BINDINGS = {run_attention: (prepare_attention_replay, bind_attention)}
 
 @torch.library.custom_op("tesela::attention", mutates_args=("out",))
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    layer_id: int,
+    kv_stored: bool = False,
 ) -> None:
     context = get_forward_context()
     if context.split_hook is not None:
         # Breakable capture: the hook closes the graph segment, runs this call eagerly and
         # records it so that replay can run it again with the replay batch's metadata.
-        context.split_hook(run_attention, (q, k, v, out), layer_id)
+        context.split_hook(run_attention, (q, k, v, out), layer_id, kv_stored)
         return
-    run_attention(q, k, v, out, layer_id)
+    run_attention(q, k, v, out, layer_id, kv_stored)
 
 
 @attention.register_fake
-def _(q, k, v, out, layer_id) -> None:
+def _(q, k, v, out, layer_id, kv_stored=False) -> None:
     return None
 
 

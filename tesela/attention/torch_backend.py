@@ -50,8 +50,11 @@ class TorchAttentionBackend(AttentionBackend):
             q_start += seq_len - prefix
         return TorchMetadata(stamp=batch.stamp, rows=rows)
 
-    def forward(self, q, k, v, out, layer_id, batch, metadata: TorchMetadata) -> None:
-        self.store_kv(k, v, layer_id, batch)
+    def forward(
+        self, q, k, v, out, layer_id, batch, metadata: TorchMetadata, kv_stored: bool = False
+    ) -> None:
+        if not kv_stored:
+            self.store_kv(k, v, layer_id, batch)
         layout = self.layout
         k_pool = self.kv_cache.k_buffers[layer_id]
         v_pool = self.kv_cache.v_buffers[layer_id]

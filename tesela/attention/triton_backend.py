@@ -229,6 +229,7 @@ class MixedGraphState:
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     cuda_graph_support = GraphSupport.ALWAYS
+    fuses_kv_store = True  # every kernel reads the new tokens' K/V from the pool
 
     def __init__(
         self,
@@ -478,7 +479,9 @@ class TritonAttentionBackend(AttentionBackend):
 
     # Forward ----------------------------------------------------------------------------------
 
-    def forward(self, q, k, v, out, layer_id, batch, metadata: TritonMetadata) -> None:
+    def forward(
+        self, q, k, v, out, layer_id, batch, metadata: TritonMetadata, kv_stored: bool = False
+    ) -> None:
         # Host-side checks and kernel launches only: the decode path allocates nothing and
         # never syncs, so it can be captured. The same launches as a bound split call.
         if metadata.use_decode_kernel and q.shape[0] != metadata.batch_size:
@@ -486,7 +489,7 @@ class TritonAttentionBackend(AttentionBackend):
                 f"triton decode attention got {q.shape[0]} query tokens for "
                 f"{metadata.batch_size} rows planned for {metadata.stamp}"
             )
-        call = BoundTritonAttention(self, q, k, v, out, layer_id)
+        call = BoundTritonAttention(self, q, k, v, out, layer_id, kv_stored)
         call(self._split_replay(batch, metadata, k.shape[0]))
 
     def bind_kv_pool(self, kv_cache: KVCachePool) -> None:
@@ -497,8 +500,8 @@ class TritonAttentionBackend(AttentionBackend):
         # Layers outside `sliding_window_layers` launch the same kernels without the window.
         return self.shape if self.layout.window(layer_id) is not None else self.full_shape
 
-    def bind_split(self, q, k, v, out, layer_id: int) -> BoundTritonAttention:
-        return BoundTritonAttention(self, q, k, v, out, layer_id)
+    def bind_split(self, q, k, v, out, layer_id: int, kv_stored=False) -> BoundTritonAttention:
+        return BoundTritonAttention(self, q, k, v, out, layer_id, kv_stored)
 
     def prepare_split_replay(self, batch, metadata: TritonMetadata) -> TritonSplitReplay:
         return self._split_replay(batch, metadata, batch.num_tokens)
@@ -574,21 +577,26 @@ class TritonSplitReplay(SplitReplay):
 
 
 class BoundTritonAttention:
-    """One layer's attention launches with its tensors bound: the KV store, then the extend
-    kernel and/or the split-KV decode kernels, through cached launchers (no JITFunction.run
-    binding, no slicing: the grids cover only the real tokens and rows). The layer's argument
-    groups are joined with its pool's once per pool, so a launch assembles three groups."""
+    """One layer's attention launches with its tensors bound: the KV store (unless the rotary
+    kernel stored K/V already: `kv_stored`), then the extend kernel and/or the split-KV decode
+    kernels, through cached launchers (no JITFunction.run binding, no slicing: the grids cover
+    only the real tokens and rows). The layer's argument groups are joined with its pool's once
+    per pool, so a launch assembles three groups."""
 
     __slots__ = (
-        "layer_id", "layer", "constants", "pool", "store", "extend", "stage1", "stage2",
+        "layer_id", "kv_stored", "layer", "constants", "pool", "store", "extend", "stage1",
+        "stage2",
     )  # fmt: skip
 
-    def __init__(self, backend: TritonAttentionBackend, q, k, v, out, layer_id: int) -> None:
+    def __init__(
+        self, backend: TritonAttentionBackend, q, k, v, out, layer_id: int, kv_stored=False
+    ) -> None:
         layout, shape = backend.layout, backend.layer_shape(layer_id)
         width = layout.num_kv_heads * layout.head_dim
         if k.shape[1] != width or v.shape[1] != width:
             raise ValueError(f"k/v must be [tokens, {width}], got {tuple(k.shape)}")
         self.layer_id = layer_id
+        self.kv_stored = kv_stored
         # per kernel (store, extend, stage 1, stage 2): the layer's group and the constants
         stage1, stage2 = decode_layer_args(q, out, shape)
         self.layer = (store_layer_args(k, v), extend_layer_args(q, out, shape), stage1, stage2)
@@ -609,7 +617,7 @@ class BoundTritonAttention:
             self._bind_pool(pool)
         store_constants, extend_constants, stage1_constants = self.constants
         n = replay.num_tokens
-        if replay.store is not None:
+        if replay.store is not None and not self.kv_stored:
             grid, batch = replay.store
             STORE_KV(grid, STORE_OPTIONS, self.store, batch, store_constants, num_tokens=n)
         if replay.extend is not None:

@@ -7,6 +7,8 @@ request's cache.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 DUMMY_SLOT = 0
@@ -47,3 +49,27 @@ class KVCachePool:
     ) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class KVStoreTarget:
+    """Where one layer's new K/V go when a kernel before attention stores them (the q/k norm +
+    rotary kernel, tesela/layers/fused.py, at the attention backend's `kv_store_target`).
+
+    The pools are found through `pointers` ([layers, 2] int64 on the device: each layer's K and
+    V pool base address, `pool_pointers`), read by the kernel when it runs: a graph captures
+    the table's address, not the pools', so piecewise graphs captured on the provisional pool
+    store into the real one once the table is rewritten. Pools are [slots, kv_heads, head_dim],
+    contiguous; tokens past `slots` are not stored."""
+
+    pointers: torch.Tensor
+    layer: int
+    slots: torch.Tensor
+
+
+def pool_pointers(pool: KVCachePool) -> torch.Tensor:
+    """[layers, 2] int64 (host): the base address of each layer's K and V pool."""
+    return torch.tensor(
+        [[k.data_ptr(), v.data_ptr()] for k, v in zip(pool.k_buffers, pool.v_buffers, strict=True)],
+        dtype=torch.int64,
+    ).view(-1, 2)

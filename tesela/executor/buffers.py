@@ -3,6 +3,7 @@ the real batch that warmup and capture run."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,21 @@ class StaticBuffers:
             self.rows[:, n:padded_num_tokens].copy_(
                 self.padding.expand(-1, padded_num_tokens - n), non_blocking=True
             )
+
+    def view_batch(self, batch: ForwardBatch) -> ForwardBatch:
+        """`batch` copied in, as the same batch with these buffers for token tensors: what a
+        graph captured over it reads (warmup and capture run such batches; a kernel that stores
+        K/V before attention captures their slots from here). Needs the KV slot row."""
+        assert self.out_cache_loc is not None, "a static batch needs the KV slot row"
+        size = batch.num_tokens
+        self.copy_from(batch, size)
+        return dataclasses.replace(
+            batch,
+            input_ids=self.input_ids[:size],
+            positions=self.positions[:size],
+            out_cache_loc=self.out_cache_loc[:size],
+            token_rows=self.rows[:, :size],
+        )
 
 
 def capture_batch(

@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 
 from tesela.attention.base import AttentionBackend
-from tesela.core.forward_batch import ForwardBatch, ForwardMode
+from tesela.core.forward_batch import ForwardBatch
 from tesela.core.forward_context import batch_state, forward_context
 from tesela.core.plan import ForwardPlan
 from tesela.executor.buffers import StaticBuffers, capture_batch
@@ -146,21 +146,7 @@ class FullMixedRunner(GraphRunner):
         the graph reads."""
         row_tokens = self.max_blocks * self.block_size
         rows = capture_batch(size, self.block_size, self.graphs.device, row_tokens)
-        self.buffers.copy_from(rows, size)
-        return ForwardBatch(
-            mode=ForwardMode.EXTEND,
-            input_ids=self.buffers.input_ids[:size],
-            positions=self.buffers.positions[:size],
-            out_cache_loc=self.buffers.out_cache_loc[:size],
-            token_rows=self.buffers.rows[:, :size],
-            seq_lens=rows.seq_lens,
-            prefix_lens=rows.prefix_lens,
-            extend_start_loc=rows.extend_start_loc,
-            block_tables=rows.block_tables,
-            logits_indices=rows.logits_indices,
-            seq_lens_cpu=rows.seq_lens_cpu,
-            prefix_lens_cpu=rows.prefix_lens_cpu,
-        )
+        return self.buffers.view_batch(rows)
 
     def _forward_fn(self, batch: ForwardBatch, plan: ForwardPlan) -> Callable[[], torch.Tensor]:
         def forward() -> torch.Tensor:

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import torch
 
+from tesela.core.kv_cache import KVStoreTarget
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 
 _DISABLED = False  # tests flip this to compare fused and unfused paths
@@ -168,11 +169,15 @@ def _kernels():
     def qk_norm_rope_kernel(
         qkv_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr,
         num_heads, num_kv_heads, stride_token, stride_cache_kind, stride_cache_pos, eps,
-        HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+        pool_pointers_ptr, layer, slots_ptr, num_slots,
+        HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, STORE: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
         grid_dependency_sync(PDL)
         # One program per (token, head) over q's heads then k's: q and k are adjacent in qkv.
+        # With STORE, a k head's program also writes its rotated K and the V head (after k's
+        # heads in qkv) into the layer's KV pools at the token's slot (tokens < num_slots only);
+        # the pools' addresses are read from the pointer table, as the kernel runs.
         token, head = tl.program_id(0), tl.program_id(1)
         is_q = head < num_heads
         cols = tl.arange(0, BLOCK)
@@ -181,6 +186,14 @@ def _kernels():
         x1 = tl.load(qkv_ptr + base + cols, mask=mask, other=0.0)
         x2 = tl.load(qkv_ptr + base + HALF + cols, mask=mask, other=0.0)
         dtype = x1.dtype
+        if STORE:  # the store's loads first: their latency hides behind the norm and rotary
+            stores = (head >= num_heads) & (token < num_slots)
+            k_pool = tl.load(pool_pointers_ptr + 2 * layer, mask=stores, other=0)
+            v_pool = tl.load(pool_pointers_ptr + 2 * layer + 1, mask=stores, other=0)
+            slot = tl.load(slots_ptr + token, mask=stores, other=0).to(tl.int64)
+            v_in = qkv_ptr + base + num_kv_heads * (2 * HALF) + cols  # k head -> its v head
+            v1 = tl.load(v_in, mask=mask & stores, other=0.0)
+            v2 = tl.load(v_in + HALF, mask=mask & stores, other=0.0)
         if HAS_NORM:  # per-head RMSNorm, rounded as RMSNorm rounds (see rmsnorm_kernel)
             x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
             variance = (tl.sum(x1f * x1f, axis=0) + tl.sum(x2f * x2f, axis=0)) / (2 * HALF)
@@ -201,13 +214,23 @@ def _kernels():
         b1 = (-x2.to(tl.float32) * sin).to(dtype).to(tl.float32)
         a2 = (x2.to(tl.float32) * cos).to(dtype).to(tl.float32)
         b2 = (x1.to(tl.float32) * sin).to(dtype).to(tl.float32)
+        y1, y2 = (a1 + b1).to(dtype), (a2 + b2).to(dtype)
         if is_q:
             out = q_out_ptr + (token.to(tl.int64) * num_heads + head) * (2 * HALF) + cols
         else:
             kv_head = head - num_heads
             out = k_out_ptr + (token.to(tl.int64) * num_kv_heads + kv_head) * (2 * HALF) + cols
-        tl.store(out, (a1 + b1).to(dtype), mask=mask)
-        tl.store(out + HALF, (a2 + b2).to(dtype), mask=mask)
+        tl.store(out, y1, mask=mask)
+        tl.store(out + HALF, y2, mask=mask)
+        if STORE:  # noqa: SIM102  (a compile-time branch around a run-time one)
+            if stores:
+                row = slot * num_kv_heads * (2 * HALF) + (head - num_heads) * (2 * HALF) + cols
+                k_out = k_pool.to(qkv_ptr.dtype) + row
+                v_out = v_pool.to(qkv_ptr.dtype) + row
+                tl.store(k_out, y1, mask=mask)
+                tl.store(k_out + HALF, y2, mask=mask)
+                tl.store(v_out, v1, mask=mask)
+                tl.store(v_out + HALF, v2, mask=mask)
 
     return rmsnorm_kernel, rotary_kernel, silu_mul_kernel, qk_norm_rope_kernel
 
@@ -271,6 +294,7 @@ def _qk_norm_rope(
     num_kv_heads: int,
     norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     eps: float = 0.0,
+    kv_store: KVStoreTarget | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The launch behind `qk_norm_rope` (which documents it)."""
     kernel = _kernels()[3]
@@ -282,12 +306,17 @@ def _qk_norm_rope(
     if tokens == 0:
         return q, k
     q_weight, k_weight = norm_weights if norm_weights is not None else (qkv, qkv)
+    if kv_store is None:
+        store = (positions, 0, positions, 0)
+    else:
+        slots = kv_store.slots
+        store = (kv_store.pointers, kv_store.layer, slots, min(slots.shape[0], tokens))
     kernel[(tokens, num_heads + num_kv_heads)](
         qkv, q, k, q_weight, k_weight, cos_sin_cache, positions,
         num_heads, num_kv_heads, qkv.stride(0), cos_sin_cache.stride(0), cos_sin_cache.stride(1),
-        eps,
+        eps, *store,
         HAS_NORM=norm_weights is not None, HALF=head_dim // 2, BLOCK=_block(head_dim // 2),
-        **launch_kwargs(qkv.device, tokens),
+        STORE=kv_store is not None, **launch_kwargs(qkv.device, tokens),
     )  # fmt: skip
     return q, k
 
@@ -343,15 +372,20 @@ def qk_norm_rope(
     num_kv_heads: int,
     norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     eps: float = 0.0,
+    kv_store: KVStoreTarget | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q and k (Qwen3; skipped when `norm_weights` is None) and neox rotary,
     in one launch, read from the fused projection qkv = [q | k | v] ([tokens, width], rows may
     be strided). Returns contiguous q [tokens, heads * head_dim], k [tokens, kv_heads * head_dim]
-    equal to `rms_norm` followed by `rotary` (up to the norm's summation order)."""
+    equal to `rms_norm` followed by `rotary` (up to the norm's summation order). With
+    `kv_store` (the attention backend's `kv_store_target`) the same launch also writes the
+    rotated K and the V of each token below `len(kv_store.slots)` into the KV pools, as the
+    attention call's own store would (bit for bit); not under a trace."""
     if not opaque_under_trace(qkv):
         return _qk_norm_rope(
-            qkv, positions, cos_sin_cache, num_heads, num_kv_heads, norm_weights, eps
+            qkv, positions, cos_sin_cache, num_heads, num_kv_heads, norm_weights, eps, kv_store
         )
+    assert kv_store is None, "a traced qk_norm_rope leaves the KV store to attention"
     q_weight, k_weight = norm_weights if norm_weights is not None else (None, None)
     q, k = torch.ops.tesela.qk_norm_rope(
         qkv, positions, cos_sin_cache, num_heads, num_kv_heads, q_weight, k_weight, eps

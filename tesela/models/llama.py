@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tesela.attention.op  # noqa: F401  (registers torch.ops.tesela.attention)
+from tesela.attention.op import kv_store_target  # (also registers torch.ops.tesela.attention)
 from tesela.config import ModelConfig
 from tesela.distributed.group import SINGLE, TPGroup
 from tesela.distributed.sharding import Section
@@ -73,7 +73,9 @@ class LlamaAttention(nn.Module):
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         """Attention from the qkv projection's output: q/k norm, rotary, attention, o_proj."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if fused.fused_enabled(qkv):  # q/k norm and rotary in one launch
+        kv_stored = False
+        if fused.fused_enabled(qkv):  # q/k norm and rotary in one launch (and the KV store)
+            target = kv_store_target(self.layer_id)
             q, k = fused.qk_norm_rope(
                 qkv,
                 positions,
@@ -82,7 +84,9 @@ class LlamaAttention(nn.Module):
                 self.num_kv_heads,
                 self._norm_weights(),
                 self.q_norm.eps if self.q_norm is not None else 0.0,
+                kv_store=target,
             )
+            kv_stored = target is not None
         else:
             q = q.view(-1, self.num_heads, self.head_dim)
             k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -90,7 +94,7 @@ class LlamaAttention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(positions, q, k)
         out = torch.empty_like(q)
-        torch.ops.tesela.attention(q, k, v, out, self.layer_id)
+        torch.ops.tesela.attention(q, k, v, out, self.layer_id, kv_stored)
         return self.o_proj(out)
 
     def _norm_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:

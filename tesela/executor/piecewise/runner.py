@@ -52,7 +52,8 @@ class PiecewiseRunner(GraphRunner):
         self.sizes = tuple(capture_sizes)
         self.block_size = block_size
         self.graphs = graphs
-        self.buffers = StaticBuffers.allocate(self.max_num_tokens, graphs.device)
+        # KV slots too: the rotary kernel inside a piece may store K/V (kv_store_target)
+        self.buffers = StaticBuffers.allocate(self.max_num_tokens, graphs.device, kv_slots=True)
         self._report = CaptureReport(
             f"piecewise {self.mode}", self.sizes, cuda_graphs=graphs.device_type == "cuda"
         )
@@ -125,9 +126,9 @@ class PiecewiseRunner(GraphRunner):
         return self._report
 
     def _capture_batch(self, size: int) -> ForwardBatch:
-        batch = capture_batch(size, self.block_size, self.graphs.device)
-        self.buffers.copy_from(batch, size)
-        return batch
+        """A real batch of `size` tokens on the dummy block, whose token tensors are the static
+        buffers (the pieces read its KV slots from there)."""
+        return self.buffers.view_batch(capture_batch(size, self.block_size, self.graphs.device))
 
     def _forward(self, batch, plan, size: int, split_hook=None, model_fn=None) -> torch.Tensor:
         input_ids, positions = self.buffers.slice(size)
