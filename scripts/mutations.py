@@ -37,6 +37,7 @@ SCHEDULER = "tesela/engine/scheduler.py"
 CACHE_TESTS = ["tests/test_prefix_cache.py"]
 KERNELS = "tesela/lora/kernels.py"
 LORA_KERNEL_TESTS = ["tests/test_lora_kernels.py"]
+KV_STORE_TESTS = "tests/test_fused_kv_store.py"
 LORA_PEFT_TESTS = ["tests/test_lora.py::test_greedy_tokens_and_logprobs_match_peft"]
 LORA_MIXED = (
     "tests/test_lora.py::test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone"
@@ -679,6 +680,42 @@ MUTATIONS = {
         "        self.rows[:, :n].copy_(batch.token_rows[: self.rows.shape[0]], non_blocking=True)\n",
         "        self.rows[:, :n].copy_(batch.token_rows[: self.rows.shape[0]].flip(0), non_blocking=True)\n",
         PIECEWISE_TESTS,
+    ),
+    "the rotary kernel stores tokens past the batch's slots": (
+        "tesela/layers/fused.py",
+        "            stores = (head >= num_heads) & (token < num_slots)\n",
+        "            stores = head >= num_heads\n",
+        [KV_STORE_TESTS + "::test_the_rotary_kernel_stores_kv_as_the_attention_store_would"],
+    ),
+    "attention told kv_stored stores K/V anyway": (
+        "tesela/attention/triton_backend.py",
+        "        if replay.store is not None and not self.kv_stored:\n",
+        "        if replay.store is not None:\n",
+        [KV_STORE_TESTS + "::test_attention_told_kv_stored_leaves_the_pool_alone"],
+    ),
+    "binding the sized pool leaves the KV pointer table on the provisional pool": (
+        "tesela/attention/base.py",
+        "            self._pool_pointers.copy_(pool_pointers(kv_cache))\n",
+        "            pass\n",
+        [KV_STORE_TESTS],
+    ),
+    "FULL mixed capture batches keep their own KV slots": (
+        MIXED,
+        "        return self.buffers.view_batch(rows)\n",
+        "        self.buffers.copy_from(rows, size)\n        return rows\n",
+        [KV_STORE_TESTS],
+    ),
+    "a layer whose rotary kernel stored K/V lets attention store them again": (
+        "tesela/models/llama.py",
+        "            kv_stored = target is not None\n",
+        "            kv_stored = False\n",
+        [KV_STORE_TESTS],
+    ),
+    "the GEMV tuner drops a fused prologue that ties with the unfused path": (
+        "tesela/tune/gemv.py",
+        "    return triton_us < unfused_us * (1 + margin)\n",
+        "    return triton_us * (1 + margin) < unfused_us\n",
+        ["tests/test_tune_gemv.py"],
     ),
 }
 

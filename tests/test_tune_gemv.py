@@ -9,7 +9,7 @@ from tesela.config import ModelConfig
 from tesela.distributed.group import TPGroup
 from tesela.models.registry import model_class
 from tesela.presets import PRESETS
-from tesela.tune.gemv import tuned_cases
+from tesela.tune.gemv import keeps_triton, tuned_cases
 
 
 def rank_linear_shapes(preset: str, size: int) -> set[tuple[int, int]]:
@@ -56,3 +56,13 @@ def test_cases_are_the_shard_shapes_of_rank_0(preset, size):
 def test_a_size_that_cannot_split_is_refused():
     with pytest.raises(ValueError, match="does not divide"):
         tuned_cases("qwen3-0.6b", 3)
+
+
+def test_a_fused_prologue_is_kept_unless_it_loses_by_the_margin():
+    # H200, qwen3-30b-a3b norm + qkv at M=1: Triton 9.63 us, separate norm + cuBLAS 9.52 us.
+    assert keeps_triton("norm", 9.63, 9.52, 0.03)
+    assert not keeps_triton("norm", 9.90, 9.52, 0.03)
+    assert keeps_triton("silu", 5.0, 5.0, 0.03)
+    # A plain GEMV replaces cuBLAS only when it wins by the margin.
+    assert not keeps_triton("none", 8.77, 8.98, 0.03)
+    assert keeps_triton("none", 8.40, 8.98, 0.03)

@@ -77,6 +77,7 @@ from tesela.attention.triton_kernels.store_kv import STORE_KV, pool_args, width_
 from tesela.attention.triton_kernels.store_kv import layer_args as store_layer_args
 from tesela.core.forward_batch import BatchModeError, ForwardBatch, ForwardMode
 from tesela.core.kv_cache import DUMMY_SLOT, KVCachePool
+from tesela.core.staging import HostStaging
 
 
 @dataclass(frozen=True)
@@ -170,19 +171,29 @@ class MixedGraphState:
     """Persistent buffers that FULL mixed graphs (any batch: extend, mixed, decode) read,
     rewritten in place before each replay.
 
-    Everything but the block tables lives in one int32 buffer, so a replay's metadata goes to
-    the device in one copy (built with numpy on the host): per row (R = max_rows) the sequence
-    length, prefix length and first token; the decode entry table (row, query token) of the
-    1-token rows; the tile table, (row, first query) per query block of the other rows. Entries
-    past the batch's hold -1 (absent: no program does anything for them), and rows past the
-    batch's are never read. Every captured size reads the front of the shared tables."""
+    Everything lives in one int32 buffer, so a replay's metadata goes to the device in one copy
+    (built with numpy in pinned host staging): per row (R = max_rows) the sequence length,
+    prefix length and first token; the decode entry table (row, query token) of the 1-token
+    rows; the tile table, (row, first query) per query block of the other rows; then the block
+    tables. Entries past the batch's hold -1 (absent: no program does anything for them), and
+    rows past the batch's are never read. Every captured size reads the front of the shared
+    tables."""
 
     max_rows: int
     max_blocks_per_seq: int
-    meta: torch.Tensor  # [5 * max_rows + 2 * max_tiles] int32 (views below)
-    block_tables: torch.Tensor  # [max_rows, max_blocks_per_seq] int32
+    meta: torch.Tensor  # [5 * max_rows + 2 * max_tiles + max_rows * max_blocks_per_seq] int32
     partial_out: torch.Tensor  # flat fp32 split-KV scratch of the decode entries
     partial_lse: torch.Tensor  # flat fp32
+    staging: HostStaging  # the host side of `meta`'s copies
+
+    @property
+    def _tables_at(self) -> int:
+        return self.meta.shape[0] - self.max_rows * self.max_blocks_per_seq
+
+    @property
+    def block_tables(self) -> torch.Tensor:
+        """[max_rows, max_blocks_per_seq] int32, the end of `meta`."""
+        return self.meta[self._tables_at :].view(self.max_rows, self.max_blocks_per_seq)
 
     def segment(self, index: int) -> torch.Tensor:
         """0 seq_lens, 1 prefix_lens, 2 extend_start_loc, 3 decode rows, 4 decode tokens."""
@@ -202,7 +213,7 @@ class MixedGraphState:
                 f"buffers hold {self.max_rows} rows of {self.max_blocks_per_seq} blocks: run it "
                 "through the piecewise or eager path, or raise max_num_seqs / max_model_len"
             )
-        rows = self.max_rows
+        rows, blocks = self.max_rows, self.max_blocks_per_seq
         extend_lens = np.asarray(batch.extend_lens_cpu, dtype=np.int32)
         starts = np.cumsum(extend_lens, dtype=np.int32) - extend_lens
         decode = np.flatnonzero(extend_lens == 1) if entries else np.empty(0, dtype=np.int64)
@@ -212,18 +223,17 @@ class MixedGraphState:
         tiles = tile_table(tiled_lens.tolist(), batch.prefix_lens_cpu, block_m)
         if len(tiles) > 2 * num_tiles:
             raise ValueError(f"{len(tiles) // 2} query tiles do not fit a table of {num_tiles}")
-        host = np.full(5 * rows + 2 * num_tiles, -1, dtype=np.int32)
+        host = self.staging.acquire()
+        host[: 5 * rows + 2 * num_tiles] = -1  # past that, this graph reads no tile
         host[:n] = batch.seq_lens_cpu
         host[rows : rows + n] = batch.prefix_lens_cpu
         host[2 * rows : 2 * rows + n] = starts
         host[3 * rows : 3 * rows + len(decode)] = decode
         host[4 * rows : 4 * rows + len(decode)] = starts[decode]
         host[5 * rows : 5 * rows + len(tiles)] = tiles
-        staged = torch.from_numpy(host)
-        if self.meta.is_cuda:  # pinned: a pageable copy would wait for the queued GPU work
-            staged = staged.pin_memory()
-        self.meta[: host.shape[0]].copy_(staged, non_blocking=True)
-        self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
+        at = self._tables_at
+        host[at : at + n * blocks].reshape(n, blocks)[:, :width] = batch.block_tables_cpu.numpy()
+        self.staging.send(self.meta, at + n * blocks)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -388,17 +398,13 @@ class TritonAttentionBackend(AttentionBackend):
             for e in range(1, min(max_rows, max_num_tokens) + 1)
         )
 
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=torch.int32, device=device)
-
         self._mixed_templates = {}
+        numel = 5 * max_rows + 2 * tiles + max_rows * max_blocks_per_seq
         self.mixed_state = MixedGraphState(
             max_rows=max_rows,
             max_blocks_per_seq=max_blocks_per_seq,
-            meta=torch.full((5 * max_rows + 2 * tiles,), -1, dtype=torch.int32, device=device),
-            block_tables=torch.zeros(
-                (max_rows, max_blocks_per_seq), dtype=torch.int32, device=device
-            ),
+            meta=torch.full((numel,), -1, dtype=torch.int32, device=device),
+            staging=HostStaging(numel, torch.int32, device),
             partial_out=torch.empty(
                 pairs * layout.num_heads * layout.head_dim, dtype=torch.float32, device=device
             ),

@@ -68,11 +68,16 @@ class ForwardBatch:
     # (`build` packs them so, the three fields being its rows), which graph runners copy into
     # their static buffers in one op; a batch built field by field gets a stacked copy
     token_rows: torch.Tensor | None = None
+    # block_tables on the host (pinned on CUDA: what `build` copied from), for graph runners
+    # that stage it with their metadata; a batch built field by field gets a copy
+    block_tables_cpu: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_mode(self.mode, self.extend_lens_cpu, self.num_tokens)
         if self.token_rows is None:
             self.token_rows = torch.stack((self.input_ids, self.positions, self.out_cache_loc))
+        if self.block_tables_cpu is None:
+            self.block_tables_cpu = self.block_tables.cpu()
 
     @property
     def num_tokens(self) -> int:
@@ -138,6 +143,7 @@ class ForwardBatch:
         width = max(len(t) for t in block_tables)
         padded_tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
 
+        host: dict[str, torch.Tensor] = {}
         tensors = to_device_packed(
             {
                 "token_rows": (
@@ -155,6 +161,7 @@ class ForwardBatch:
                 ),
             },
             device,
+            host,
         )
         token_rows = tensors["token_rows"]
         return cls(
@@ -163,6 +170,7 @@ class ForwardBatch:
             positions=token_rows[1],
             out_cache_loc=token_rows[2],
             **tensors,
+            block_tables_cpu=host["block_tables"],
             seq_lens_cpu=seq_lens,
             prefix_lens_cpu=list(prefix_lens),
             request_ids=list(request_ids or []),
@@ -208,13 +216,16 @@ class BatchInputs:
 
 
 def to_device_packed(
-    arrays: dict[str, tuple[list, torch.dtype]], device: torch.device | str
+    arrays: dict[str, tuple[list, torch.dtype]],
+    device: torch.device | str,
+    host: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Several host lists on `device` in one copy per dtype (views of one packed buffer, each
     starting on a 16-byte boundary, so kernels see the alignment they would on their own
     allocation), without blocking the host: a step's metadata costs two copies, not eight. (A
     plain `torch.tensor(values, device="cuda")` would wait for the GPU's queued work, stalling
-    the host while an earlier step runs: overlap scheduling builds batches then.)"""
+    the host while an earlier step runs: overlap scheduling builds batches then.) `host`, if
+    given, receives the same views of the (pinned) host buffer."""
     device = torch.device(device)
     groups: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     for name, (values, dtype) in arrays.items():
@@ -223,15 +234,17 @@ def to_device_packed(
     for dtype, items in groups.items():
         align = max(1, 16 // torch.empty((), dtype=dtype).element_size())
         starts, total = [], 0
-        for _, host in items:
+        for _, values in items:
             starts.append(total)
-            total += -(-host.numel() // align) * align
+            total += -(-values.numel() // align) * align
         packed = torch.empty(total, dtype=dtype, pin_memory=device.type == "cuda")
-        for (_, host), start in zip(items, starts, strict=True):
-            packed[start : start + host.numel()] = host.reshape(-1)
-        packed = packed.to(device, non_blocking=True)
-        for (name, host), start in zip(items, starts, strict=True):
-            out[name] = packed[start : start + host.numel()].view(host.shape)
+        for (_, values), start in zip(items, starts, strict=True):
+            packed[start : start + values.numel()] = values.reshape(-1)
+        on_device = packed.to(device, non_blocking=True)
+        for (name, values), start in zip(items, starts, strict=True):
+            out[name] = on_device[start : start + values.numel()].view(values.shape)
+            if host is not None:
+                host[name] = packed[start : start + values.numel()].view(values.shape)
     return out
 
 
