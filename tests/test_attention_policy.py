@@ -276,6 +276,18 @@ def test_what_is_built_here_is_implemented():
         assert spec.adapter == _BACKENDS[name][0]
 
 
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_each_adapter_declares_what_the_table_says(name):
+    """The class the registry builds supports the graphs and the KV store its row declares."""
+    pytest.importorskip(name)
+    from tesela.attention.registry import backend_class
+
+    spec, cls = BACKEND_SPECS[name], backend_class(name)
+    assert cls.cuda_graph_support is spec.graph_support
+    assert cls.fuses_kv_store is spec.fuses_kv_store
+    assert ("KV store in the rotary kernel" in spec.describe()) is spec.fuses_kv_store
+
+
 def test_availability_lines_name_what_is_missing():
     triton, flashinfer = BACKEND_SPECS["triton"], BACKEND_SPECS["flashinfer"]
     assert policy.availability(BACKEND_SPECS["torch"]) == "available"

@@ -116,6 +116,8 @@ class BackendSpec:
     install: str = ""  # how to install `package`
     variants: tuple[str, ...] = ()  # first = default
     graph_note: str = ""  # why graph support stops where it does
+    # K/V read from the pool only, so the rotary kernel may store them (base.fuses_kv_store)
+    fuses_kv_store: bool = False
     runs_interpreted: bool = False  # also runs on CPU under the Triton interpreter
     # tesela's own adapter module, and the variants it implements (None: every variant). A
     # declared backend or variant without them stays in the table (its rules are data) but
@@ -136,7 +138,8 @@ class BackendSpec:
         return (
             f"devices {','.join(self.devices)}; capability {capability}; "
             f"dtypes {','.join(self.dtypes)}; head dims {head_dims}; "
-            f"graphs {self.graph_support.name}; variants {','.join(self.variants) or '-'}"
+            f"graphs {self.graph_support.name}; variants {','.join(self.variants) or '-'}; "
+            f"KV store {'in the rotary kernel' if self.fuses_kv_store else 'in attention'}"
         )
 
 
@@ -154,6 +157,7 @@ BACKEND_SPECS: Mapping[str, BackendSpec] = {
             name="triton",
             devices=("cuda",),
             graph_support=GraphSupport.ALWAYS,
+            fuses_kv_store=True,
             head_dims=(16, 32, 64, 96, 128, 256),
             min_capability=(8, 0),
             package="triton",
