@@ -677,8 +677,8 @@ MUTATIONS = {
     ),
     "graph runners copy a batch's token rows in the wrong order": (
         "tesela/executor/buffers.py",
-        "        self.rows[:, :n].copy_(batch.token_rows[: self.rows.shape[0]], non_blocking=True)\n",
-        "        self.rows[:, :n].copy_(batch.token_rows[: self.rows.shape[0]].flip(0), non_blocking=True)\n",
+        "        self.rows[:, :n].copy_(batch.token_rows, non_blocking=True)\n",
+        "        self.rows[:, :n].copy_(batch.token_rows.flip(0), non_blocking=True)\n",
         PIECEWISE_TESTS,
     ),
     "the rotary kernel stores tokens past the batch's slots": (

@@ -14,19 +14,19 @@ from tesela.core.kv_cache import DUMMY_SLOT, RESERVED_BLOCKS
 
 @dataclass
 class StaticBuffers:
-    """Graph inputs at fixed addresses. A replay of size N reads the first N entries. FULL graphs
-    (attention inside) also read each token's KV slot from here. The inputs are the rows of
+    """Graph inputs at fixed addresses: each token's id, position and KV slot (a graph that
+    stores K/V, attention inside a FULL graph or the rotary kernel inside a piece, reads the
+    slots from here). A replay of size N reads the first N entries. The inputs are the rows of
     one tensor, as a built ForwardBatch's are (`ForwardBatch.token_rows`), so a replay copies
     them in one op and pads them in another."""
 
-    rows: torch.Tensor  # [2 or 3, max_tokens] int64: input ids, positions(, KV slots)
-    padding: torch.Tensor  # [2 or 3, 1] int64: what padding tokens read (token 0, position 0,
-    # the dummy KV slot)
+    rows: torch.Tensor  # [3, max_tokens] int64: input ids, positions, KV slots
+    padding: torch.Tensor  # [3, 1] int64: what padding tokens read (token 0, position 0, the
+    # dummy KV slot)
 
     @classmethod
-    def allocate(cls, max_tokens: int, device: torch.device, kv_slots: bool = False):
-        pad = [0, 0, DUMMY_SLOT][: 3 if kv_slots else 2]
-        padding = torch.tensor(pad, dtype=torch.int64, device=device).view(-1, 1)
+    def allocate(cls, max_tokens: int, device: torch.device):
+        padding = torch.tensor([0, 0, DUMMY_SLOT], dtype=torch.int64, device=device).view(-1, 1)
         return cls(rows=padding.expand(-1, max_tokens).clone(), padding=padding)
 
     @property
@@ -38,8 +38,8 @@ class StaticBuffers:
         return self.rows[1]
 
     @property
-    def out_cache_loc(self) -> torch.Tensor | None:
-        return self.rows[2] if self.rows.shape[0] == 3 else None
+    def out_cache_loc(self) -> torch.Tensor:
+        return self.rows[2]
 
     @property
     def max_tokens(self) -> int:
@@ -52,7 +52,7 @@ class StaticBuffers:
         """Real tokens first; padding gets token id 0, position 0 and the dummy KV slot, so
         padded tokens never reach a request's cache."""
         n = batch.num_tokens
-        self.rows[:, :n].copy_(batch.token_rows[: self.rows.shape[0]], non_blocking=True)
+        self.rows[:, :n].copy_(batch.token_rows, non_blocking=True)
         if padded_num_tokens > n:
             self.rows[:, n:padded_num_tokens].copy_(
                 self.padding.expand(-1, padded_num_tokens - n), non_blocking=True
@@ -61,8 +61,7 @@ class StaticBuffers:
     def view_batch(self, batch: ForwardBatch) -> ForwardBatch:
         """`batch` copied in, as the same batch with these buffers for token tensors: what a
         graph captured over it reads (warmup and capture run such batches; a kernel that stores
-        K/V before attention captures their slots from here). Needs the KV slot row."""
-        assert self.out_cache_loc is not None, "a static batch needs the KV slot row"
+        K/V before attention captures their slots from here)."""
         size = batch.num_tokens
         self.copy_from(batch, size)
         return dataclasses.replace(

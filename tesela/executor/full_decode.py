@@ -63,7 +63,7 @@ class FullDecodeRunner(GraphRunner):
         self.graphs = graphs
         device = graphs.device
         max_bs = self.sizes[-1]
-        self.buffers = StaticBuffers.allocate(max_bs, device, kv_slots=True)
+        self.buffers = StaticBuffers.allocate(max_bs, device)
         self.captured: dict[int, tuple] = {}  # size -> (graph, output)
         self.vocab_size = vocab_size
         self.sampling = (

@@ -117,7 +117,7 @@ class FullMixedRunner(GraphRunner):
         self.graphs = graphs
         max_tokens = self.sizes[-1]
         device = graphs.device
-        self.buffers = StaticBuffers.allocate(max_tokens, device, kv_slots=True)
+        self.buffers = StaticBuffers.allocate(max_tokens, device)
         # (size, split_decode) -> (graph, output, the captured forward: run_eager_padded's)
         self.captured: dict[tuple[int, bool], tuple] = {}
         self._report = CaptureReport(

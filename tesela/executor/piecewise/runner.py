@@ -52,8 +52,7 @@ class PiecewiseRunner(GraphRunner):
         self.sizes = tuple(capture_sizes)
         self.block_size = block_size
         self.graphs = graphs
-        # KV slots too: the rotary kernel inside a piece may store K/V (kv_store_target)
-        self.buffers = StaticBuffers.allocate(self.max_num_tokens, graphs.device, kv_slots=True)
+        self.buffers = StaticBuffers.allocate(self.max_num_tokens, graphs.device)
         self._report = CaptureReport(
             f"piecewise {self.mode}", self.sizes, cuda_graphs=graphs.device_type == "cuda"
         )
