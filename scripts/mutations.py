@@ -717,6 +717,12 @@ MUTATIONS = {
         "    return triton_us * (1 + margin) < unfused_us\n",
         ["tests/test_tune_gemv.py"],
     ),
+    "the rotary kernel's KV store strides slots by the unsharded KV heads": (
+        "tesela/layers/fused.py",
+        "                row = slot * num_kv_heads * (2 * HALF)",
+        "                row = slot * 2 * (2 * HALF)",
+        ["tests/test_tensor_parallel.py::test_tp2_logits_and_greedy_equal_tp1"],
+    ),
 }
 
 

@@ -4,13 +4,18 @@ Each rank builds the model for its shard straight from a real safetensors checkp
 here by transformers) or the `tiny` preset's dummy weights, runs the same extend and decode
 batches, and rank 0 saves its logits; they must equal the single-process model's. The
 checkpoints cover KV heads split (2 over 2 ranks) and replicated (1 KV head on 2 ranks), a
-vocabulary that does not divide (321: padded) and q/k/v biases (Qwen2). The engine test runs
+vocabulary that does not divide (321: padded) and q/k/v biases (Qwen2); under the Triton
+interpreter one more job runs the Triton backend with the fused kernels, so each rank's rotary
+kernel stores its own KV heads into its own pool (`tiny`: 2 KV heads, one per rank). The engine
+test runs
 Qwen3 (per-head norms, tied LM head) through `LLM(..., tensor_parallel_size=2)`, and the
 failure tests kill or stop a worker mid-generation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -74,12 +79,15 @@ GRAPHS = {
     "eager": {},
     "breakable": dict(piecewise_cudagraph="breakable", capture_sizes=[4, 8, 16]),
     "compiled": dict(piecewise_cudagraph="compiled", capture_sizes=[4, 8, 16]),
+    # eager, with the Triton backend and the fused kernels under the interpreter: each rank's
+    # rotary kernel stores its KV heads through its own pool-address table
+    "triton-fused": {},
 }
 
 
 def engine_config(job: tuple[str, str], tp: int):
     model, graphs = job
-    return make_engine_config(
+    config, path = make_engine_config(
         model,
         device="cpu",
         dtype="float32",
@@ -88,6 +96,24 @@ def engine_config(job: tuple[str, str], tp: int):
         tensor_parallel_size=tp,
         **GRAPHS[graphs],
     )
+    if graphs == "triton-fused":
+        config = dataclasses.replace(config, attention_backend="triton")
+    return config, path
+
+
+@contextlib.contextmanager
+def job_kernels(job: tuple[str, str]):
+    """The fused Triton kernels on CPU tensors for the `triton-fused` job."""
+    from tesela.layers import fused
+
+    if job[1] != "triton-fused":
+        yield
+        return
+    fused.set_fused_enabled(True, on_cpu=True)
+    try:
+        yield
+    finally:
+        fused.set_fused_enabled(True)
 
 
 def rank_main(rank: int, world_size: int, port: int, jobs: list, out: str) -> None:
@@ -102,7 +128,9 @@ def rank_main(rank: int, world_size: int, port: int, jobs: list, out: str) -> No
     try:
         for i, job in enumerate(jobs):
             config, path = engine_config(job, world_size)
-            runner = ModelRunner(config, path, tp)
+            with job_kernels(job):
+                runner = ModelRunner(config, path, tp)
+                logits = run_batches(runner)
             attention = runner.model.model.layers[0].self_attn
             shapes = {
                 "qkv": tuple(attention.qkv_proj.weight.shape),
@@ -110,7 +138,6 @@ def rank_main(rank: int, world_size: int, port: int, jobs: list, out: str) -> No
                 "embed": tuple(runner.model.model.embed_tokens.weight.shape),
                 "kv_pool": tuple(runner.kv_cache.k_buffers[0].shape),
             }
-            logits = run_batches(runner)
             paths = {path.value: n for path, n in runner.dispatcher.stats.paths.items()}
             if rank == 0:
                 torch.save({"logits": logits, "shapes": shapes, "paths": paths}, f"{out}/{i}.pt")
@@ -130,7 +157,10 @@ def tp_jobs(checkpoints, tmp_path_factory) -> list[tuple[str, str]]:
     llama = tmp_path_factory.mktemp("llama_kv1")
     write_llama_one_kv_head(llama)
     qwen2 = str(checkpoints["qwen2"][0])
-    return [("tiny", "eager"), (str(llama), "breakable"), (qwen2, "compiled")]
+    jobs = [("tiny", "eager"), (str(llama), "breakable"), (qwen2, "compiled")]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        jobs.append(("tiny", "triton-fused"))
+    return jobs
 
 
 def test_tp2_logits_and_greedy_equal_tp1(tp_jobs, tmp_path):
@@ -139,12 +169,13 @@ def test_tp2_logits_and_greedy_equal_tp1(tp_jobs, tmp_path):
     mp.spawn(rank_main, args=(2, free_port(), tp_jobs, str(tmp_path)), nprocs=2, join=True)
     for i, job in enumerate(tp_jobs):
         config, path = engine_config(job, 1)
-        runner = ModelRunner(config, path)
-        expected = run_batches(runner)
+        with job_kernels(job):
+            runner = ModelRunner(config, path)
+            expected = run_batches(runner)
         got = torch.load(tmp_path / f"{i}.pt")
         paths = {path.value: n for path, n in runner.dispatcher.stats.paths.items()}
         assert got["paths"] == paths  # the same graph paths ran
-        assert (paths.get("piecewise", 0) > 0) == (job[1] != "eager")
+        assert (paths.get("piecewise", 0) > 0) == bool(GRAPHS[job[1]])
         for step, (a, b) in enumerate(zip(got["logits"], expected, strict=True)):
             assert a.shape == b.shape, (job, step)
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{job} step {step}")
