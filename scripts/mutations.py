@@ -723,6 +723,12 @@ MUTATIONS = {
         "                row = slot * 2 * (2 * HALF)",
         ["tests/test_tensor_parallel.py::test_tp2_logits_and_greedy_equal_tp1"],
     ),
+    "piecewise pieces keep the provisional pool's addresses": (
+        "tesela/attention/base.py",
+        "        return KVStoreTarget(self._pool_pointers, layer_id, batch.out_cache_loc)\n",
+        "        return KVStoreTarget(pool_pointers(self.kv_cache), layer_id, batch.out_cache_loc)\n",
+        [KV_STORE_TESTS + "::test_each_path_stores_what_eager_stores"],
+    ),
 }
 
 

@@ -5,7 +5,9 @@ each layer's rotary kernel writes the rotated K and the V into the pool at the s
 forward's batch (`kv_store_target`) and attention skips its own store: one launch fewer per
 layer, and a breakable split call of one launch. Inside graphs the slots are the static
 buffers', so a replay stores the replayed batch and its padding tokens hit only the dummy slot.
-The same checks on CUDA, breakable replay included: tests/gpu/test_fused_kv_store_gpu.py.
+Breakable pieces record the fused kernels as their `tesela::` custom ops here (the CPU stand-in
+replays ATen ops; tesela/core/recording.py). The same checks on CUDA:
+tests/gpu/test_fused_kv_store_gpu.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ pytest.importorskip("triton")
 from test_dispatcher import batch  # noqa: E402  (rows on their own 16-token blocks)
 
 from tesela.core.forward_context import forward_context  # noqa: E402
-from tesela.core.kv_cache import KVCachePool, KVStoreTarget, pool_pointers  # noqa: E402
+from tesela.core.kv_cache import DUMMY_SLOT, KVCachePool, KVStoreTarget, pool_pointers  # noqa: E402
 from tesela.engine.llm_engine import make_engine_config  # noqa: E402
 from tesela.executor.dispatcher import RunPath  # noqa: E402
 from tesela.executor.model_runner import ModelRunner  # noqa: E402
@@ -120,9 +122,7 @@ def test_attention_told_kv_stored_leaves_the_pool_alone(runner, kind):
 ROWS = [(9, 1), (0, 7), (20, 6), (30, 1)]  # decode rows, a first chunk, a later chunk
 
 
-# Breakable replay is checked on the GPU (tests/gpu/test_fused_kv_store_gpu.py): the CPU
-# stand-in records ATen ops, and the fused kernels run outside ATen when not traced.
-@pytest.mark.parametrize("path", [RunPath.FULL_MIXED, RunPath.EAGER])
+@pytest.mark.parametrize("path", [RunPath.PIECEWISE, RunPath.FULL_MIXED, RunPath.EAGER])
 def test_each_path_stores_what_eager_stores(runner, path):
     runner.forward_eager(batch([(0, p or 1) for p, _ in ROWS], seed=1))  # the cached prefixes
     step = batch(ROWS, seed=2)
@@ -175,6 +175,30 @@ def test_binding_a_new_pool_rewrites_the_pointer_table_in_place(runner):
     assert table.data_ptr() == address
     assert torch.equal(table, pool_pointers(sized))
     assert backend.kv_store_target(0, batch([(0, 3)])).pointers is table
+
+
+def test_breakable_padding_stores_only_the_dummy_slot(runner):
+    """The pieces were captured on the provisional pool: their rotary kernels reach the sized
+    pool through the rewritten address table, and padding tokens write the dummy slot only."""
+    piecewise = runner.piecewise
+    piecewise.run(batch([(0, 9), (0, 12), (0, 5), (0, 3)], seed=6))  # 29 tokens: the 32 graph
+    before = [pool.clone() for pool in runner.kv_cache.k_buffers]
+    rows = [(0, 5), (0, 14)]  # 19 tokens: 13 padding tokens
+    small = batch(rows, seed=7)
+    got = piecewise.run(batch(rows, seed=7)).clone()
+    assert piecewise.buffers.out_cache_loc[19:32].tolist() == [DUMMY_SLOT] * 13
+    changed = set()
+    for pool, old in zip(runner.kv_cache.k_buffers, before, strict=True):
+        changed |= set((pool != old).any(dim=(1, 2)).nonzero().flatten().tolist())
+    assert (
+        set(small.out_cache_loc.tolist())
+        <= changed
+        <= set(small.out_cache_loc.tolist()) | {DUMMY_SLOT}
+    )
+    stored = pools_at(runner, small.out_cache_loc)
+    assert torch.equal(got, piecewise.run_eager_padded(batch(rows, seed=7)))
+    again = pools_at(runner, small.out_cache_loc)
+    assert all(torch.equal(a, b) for a, b in zip(stored, again, strict=True))
 
 
 def test_the_torch_backend_keeps_its_own_store(runner):

@@ -11,7 +11,8 @@ split ops). After capture its outputs hold real data (a CUDA graph records witho
 
 The CPU stand-in (`CpuGraph`) re-runs the recorded callable and copies its results into the
 captured outputs, or re-runs the recorded ATen ops (breakable segments are plain PyTorch between
-split ops) writing each result into the tensor captured for it. Either way later reads see
+split ops; a Triton kernel launched from Python goes through its custom op while a recording
+runs, tesela/core/recording.py) writing each result into the tensor captured for it. Either way later reads see
 replay-time values at capture-time tensors, which is what makes stale static state visible.
 
 Every factory remembers the graphs it made (weakly) and `reset_all()` destroys them whoever
@@ -31,6 +32,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from tesela.core.recording import set_recording_ops
 
 
 def non_owning_alias(tensor: torch.Tensor) -> torch.Tensor:
@@ -169,6 +172,7 @@ class CpuGraph:
     def begin(self) -> None:
         recorder = self._recorder
         recorder.ops = self._ops
+        set_recording_ops(True)  # Python-launched kernels go through their custom ops
         if not recorder.entered:
             recorder.__enter__()
             recorder.entered = True
@@ -176,6 +180,7 @@ class CpuGraph:
     def end(self) -> None:
         recorder = self._recorder
         recorder.ops = None
+        set_recording_ops(False)
         if recorder.depth == 0:  # not inside a split op's dispatch: leave the mode
             recorder.__exit__(None, None, None)
             recorder.entered = False

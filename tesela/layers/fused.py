@@ -30,6 +30,7 @@ import torch
 
 from tesela.core.kv_cache import KVStoreTarget
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
+from tesela.core.recording import recording_ops
 
 _DISABLED = False  # tests flip this to compare fused and unfused paths
 _ON_CPU = False  # tests run the kernels on CPU tensors (under TRITON_INTERPRET=1)
@@ -82,8 +83,11 @@ def fused_enabled(x: torch.Tensor) -> bool:
 
 
 def opaque_under_trace(x: torch.Tensor) -> bool:
-    """Whether this call is being traced and must record its kernel as a custom op."""
-    return torch.compiler.is_compiling() and _traced_opaque_on(x.is_cuda)
+    """Whether this call must record its kernel as a custom op: torch.compile is tracing it, or
+    the CPU graph stand-in is recording ATen ops (which a Triton launch is not)."""
+    if torch.compiler.is_compiling():
+        return _traced_opaque_on(x.is_cuda)
+    return recording_ops() and fused_enabled(x)
 
 
 @torch.compiler.assume_constant_result
@@ -385,8 +389,13 @@ def qk_norm_rope(
         return _qk_norm_rope(
             qkv, positions, cos_sin_cache, num_heads, num_kv_heads, norm_weights, eps, kv_store
         )
-    assert kv_store is None, "a traced qk_norm_rope leaves the KV store to attention"
     q_weight, k_weight = norm_weights if norm_weights is not None else (None, None)
+    if kv_store is not None:  # recorded by the CPU stand-in (a trace gets no store target)
+        q, k = torch.ops.tesela.qk_norm_rope_store(
+            qkv, positions, cos_sin_cache, num_heads, num_kv_heads, q_weight, k_weight, eps,
+            kv_store.pointers, kv_store.layer, kv_store.slots,
+        )  # fmt: skip
+        return q, k
     q, k = torch.ops.tesela.qk_norm_rope(
         qkv, positions, cos_sin_cache, num_heads, num_kv_heads, q_weight, k_weight, eps
     )
@@ -451,6 +460,29 @@ def _qk_norm_rope_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weights = (q_weight, k_weight) if q_weight is not None else None
     return _qk_norm_rope(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, weights, eps)
+
+
+# Recorded by the CPU graph stand-in only: it writes the KV pools through the pointer table,
+# which it does not declare (no trace ever sees it: traced layers get no store target).
+@torch.library.custom_op("tesela::qk_norm_rope_store", mutates_args=())
+def _qk_norm_rope_store_op(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    pointers: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = (q_weight, k_weight) if q_weight is not None else None
+    store = KVStoreTarget(pointers, layer, slots)
+    return _qk_norm_rope(
+        qkv, positions, cos_sin_cache, num_heads, num_kv_heads, weights, eps, store
+    )
 
 
 @_qk_norm_rope_op.register_fake
