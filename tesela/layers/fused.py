@@ -390,14 +390,12 @@ def qk_norm_rope(
             qkv, positions, cos_sin_cache, num_heads, num_kv_heads, norm_weights, eps, kv_store
         )
     q_weight, k_weight = norm_weights if norm_weights is not None else (None, None)
-    if kv_store is not None:  # recorded by the CPU stand-in (a trace gets no store target)
-        q, k = torch.ops.tesela.qk_norm_rope_store(
-            qkv, positions, cos_sin_cache, num_heads, num_kv_heads, q_weight, k_weight, eps,
-            kv_store.pointers, kv_store.layer, kv_store.slots,
-        )  # fmt: skip
-        return q, k
+    # A trace gets no store target; the CPU stand-in records the store with the op.
+    store = (None, 0, None)
+    if kv_store is not None:
+        store = (kv_store.pointers, kv_store.layer, kv_store.slots)
     q, k = torch.ops.tesela.qk_norm_rope(
-        qkv, positions, cos_sin_cache, num_heads, num_kv_heads, q_weight, k_weight, eps
+        qkv, positions, cos_sin_cache, num_heads, num_kv_heads, q_weight, k_weight, eps, *store
     )
     return q, k
 
@@ -447,6 +445,8 @@ def _(x, positions, cos_sin_cache):
     return x.new_empty((x.shape[0], x.shape[1] * x.shape[2]))
 
 
+# With a store (`kv_pointers`..., recorded by the CPU graph stand-in only) the op also writes the
+# KV pools through the pointer table, which it does not declare: no trace ever passes a store.
 @torch.library.custom_op("tesela::qk_norm_rope", mutates_args=())
 def _qk_norm_rope_op(
     qkv: torch.Tensor,
@@ -457,36 +457,22 @@ def _qk_norm_rope_op(
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
     eps: float,
+    kv_pointers: torch.Tensor | None = None,
+    kv_layer: int = 0,
+    kv_slots: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weights = (q_weight, k_weight) if q_weight is not None else None
-    return _qk_norm_rope(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, weights, eps)
-
-
-# Recorded by the CPU graph stand-in only: it writes the KV pools through the pointer table,
-# which it does not declare (no trace ever sees it: traced layers get no store target).
-@torch.library.custom_op("tesela::qk_norm_rope_store", mutates_args=())
-def _qk_norm_rope_store_op(
-    qkv: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    q_weight: torch.Tensor | None,
-    k_weight: torch.Tensor | None,
-    eps: float,
-    pointers: torch.Tensor,
-    layer: int,
-    slots: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    weights = (q_weight, k_weight) if q_weight is not None else None
-    store = KVStoreTarget(pointers, layer, slots)
+    store = None if kv_pointers is None else KVStoreTarget(kv_pointers, kv_layer, kv_slots)
     return _qk_norm_rope(
         qkv, positions, cos_sin_cache, num_heads, num_kv_heads, weights, eps, store
     )
 
 
 @_qk_norm_rope_op.register_fake
-def _(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, q_weight, k_weight, eps):
+def _(
+    qkv, positions, cos_sin_cache, num_heads, num_kv_heads, q_weight, k_weight, eps,
+    kv_pointers=None, kv_layer=0, kv_slots=None,
+):  # fmt: skip
     head_dim = cos_sin_cache.shape[-1]
     tokens = qkv.shape[0]
     return qkv.new_empty((tokens, num_heads * head_dim)), qkv.new_empty(
