@@ -66,3 +66,27 @@ def test_a_fused_prologue_is_kept_unless_it_loses_by_the_margin():
     # A plain GEMV replaces cuBLAS only when it wins by the margin.
     assert not keeps_triton("none", 8.77, 8.98, 0.03)
     assert keeps_triton("none", 8.40, 8.98, 0.03)
+
+
+def test_an_unknown_prologue_is_refused_before_any_timing(capsys):
+    from tesela.tune.gemv import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--prologues", "silu,gelu"])
+    assert exit_info.value.code == 2
+    assert "unknown ['gelu']" in capsys.readouterr().err
+
+
+def test_a_prologue_tuned_alone_is_timed_against_the_tables_plain_kernel():
+    """`--prologues norm` tunes no plain shape: the norm's unfused baseline is the separate
+    norm plus the GEMM the model would run, the table's plain Triton entry where it has one."""
+    import json
+
+    from tesela.layers.gemv import TABLE_PATH
+    from tesela.tune.gemv import table_plain_choices
+
+    entries = json.loads(TABLE_PATH.read_text())["NVIDIA H200"]["bfloat16"]
+    choices = table_plain_choices(entries)
+    assert choices[(4096, 1024, 1)] == entries["none"]["4096,1024"]["1"]
+    assert all(isinstance(n, int) and isinstance(b, int) for n, _, b in choices)
+    assert (14336, 4096, 1) not in choices  # cuBLAS won there: no entry, no plain choice

@@ -6,6 +6,9 @@ unfused path) and faster by `--margin`.
 
     python -m tesela.tune.gemv --models qwen3-0.6b,llama-3.2-1b
     python -m tesela.tune.gemv --models llama-3-8b --tensor-parallel-size 1,2   # TP shards
+    python -m tesela.tune.gemv --models qwen3-0.6b --prologues norm   # only the norm pairs
+
+(The table is rewritten after every case, so a run of one prologue keeps every other entry.)
 
 Timing replays a CUDA graph of many calls, as the decode graph runs them, each call on its own
 copy of the weight so that the copies together overflow L2 (in a decode step no weight is in
@@ -175,6 +178,17 @@ def tune_case(prologue, n, k, margin, dtype, plain_choices) -> tuple[dict, list[
     return chosen, report
 
 
+def table_plain_choices(entries: dict) -> dict[tuple[int, int, int], dict]:
+    """{(N, K, bucket): config} of the plain Triton entries of one device and dtype's table
+    (`entries`: prologue -> "N,K" -> bucket -> config): what the model runs for a prologue's
+    GEMM when that prologue has no entry."""
+    return {
+        (*(int(v) for v in shape.split(",")), int(bucket)): config
+        for shape, buckets in entries.get("none", {}).items()
+        for bucket, config in buckets.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="qwen3-0.6b,llama-3.2-1b")
@@ -184,27 +198,44 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated sizes whose per-rank shard shapes to tune (e.g. 1,2)",
     )
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--prologues",
+        default=",".join(gemv.PROLOGUES),
+        help="tune only the cases with these prologues (comma-separated: none, silu, norm)",
+    )
     parser.add_argument("--margin", type=float, default=0.03, help="Triton must win by this")
     parser.add_argument("--output", default=str(gemv.TABLE_PATH))
     parser.add_argument("--report", default=None, help="also write the timings (JSON) here")
     args = parser.parse_args(argv)
+    prologues = set(args.prologues.split(","))
+    unknown = prologues - set(gemv.PROLOGUES)
+    if unknown:
+        parser.error(f"--prologues: unknown {sorted(unknown)} (expected {gemv.PROLOGUES})")
     if not torch.cuda.is_available():
         raise SystemExit("tesela.tune.gemv times kernels on a CUDA GPU: run it on one")
     dtype = getattr(torch, args.dtype)
     sizes = [int(v) for v in args.tensor_parallel_size.split(",")]
     cases = {
-        case for m in args.models.split(",") for size in sizes for case in tuned_cases(m, size)
+        case
+        for m in args.models.split(",")
+        for size in sizes
+        for case in tuned_cases(m, size)
+        if case[0] in prologues
     }
     output = Path(args.output)
     table = json.loads(output.read_text()) if output.is_file() else {}
     device = torch.cuda.get_device_name()
     entries = table.setdefault(device, {}).setdefault(args.dtype, {})
-    report, plain_choices = [], {}
-    # Plain shapes first: a prologue's baseline is its separate kernel + the plain choice.
+    report = []
+    # A prologue's baseline is its separate kernel + the plain choice: the table's, or (plain
+    # shapes run first) this run's.
+    plain_choices = table_plain_choices(entries)
     for prologue, n, k in sorted(cases, key=lambda c: (c[0] != "none", c)):
         chosen, rows = tune_case(prologue, n, k, args.margin, dtype, plain_choices)
         report += rows
         if prologue == "none":
+            for bucket in gemv.M_BUCKETS:
+                plain_choices.pop((n, k, bucket), None)
             plain_choices.update({(n, k, int(b)): config for b, config in chosen.items()})
         shapes = entries.setdefault(prologue, {})
         shapes.pop(f"{n},{k}", None)
