@@ -729,6 +729,12 @@ MUTATIONS = {
         "        return KVStoreTarget(pool_pointers(self.kv_cache), layer_id, batch.out_cache_loc)\n",
         [KV_STORE_TESTS + "::test_each_path_stores_what_eager_stores"],
     ),
+    "a prologue tuned alone is timed against cuBLAS, not the table's plain kernel": (
+        "tesela/tune/gemv.py",
+        "        for shape, buckets in entries.get(\"none\", {}).items()\n",
+        "        for shape, buckets in entries.get(\"plain\", {}).items()\n",
+        ["tests/test_tune_gemv.py"],
+    ),
 }
 
 
