@@ -232,7 +232,7 @@ class MixedGraphState:
         host[4 * rows : 4 * rows + len(decode)] = starts[decode]
         host[5 * rows : 5 * rows + len(tiles)] = tiles
         at = self._tables_at
-        host[at : at + n * blocks].reshape(n, blocks)[:, :width] = batch.block_tables_cpu.numpy()
+        host[at : at + n * blocks].reshape(n, blocks)[:, :width] = batch.host_block_tables().numpy()
         self.staging.send(self.meta, at + n * blocks)
 
 

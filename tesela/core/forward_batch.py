@@ -69,15 +69,20 @@ class ForwardBatch:
     # their static buffers in one op; a batch built field by field gets a stacked copy
     token_rows: torch.Tensor | None = None
     # block_tables on the host (pinned on CUDA: what `build` copied from), for graph runners
-    # that stage it with their metadata; a batch built field by field gets a copy
+    # that stage it with their metadata (`host_block_tables`)
     block_tables_cpu: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_mode(self.mode, self.extend_lens_cpu, self.num_tokens)
         if self.token_rows is None:
             self.token_rows = torch.stack((self.input_ids, self.positions, self.out_cache_loc))
+
+    def host_block_tables(self) -> torch.Tensor:
+        """block_tables on the host: the copy `build` made it from, or (a batch built field by
+        field) a copy taken now, once, which waits for the device."""
         if self.block_tables_cpu is None:
             self.block_tables_cpu = self.block_tables.cpu()
+        return self.block_tables_cpu
 
     @property
     def num_tokens(self) -> int:

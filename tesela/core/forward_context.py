@@ -32,6 +32,7 @@ class AttentionImpl(Protocol):
         layer_id: int,
         batch: ForwardBatch,
         metadata: AttentionMetadata,
+        kv_stored: bool = False,
     ) -> None: ...
 
 
