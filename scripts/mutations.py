@@ -729,10 +729,16 @@ MUTATIONS = {
         "        return KVStoreTarget(pool_pointers(self.kv_cache), layer_id, batch.out_cache_loc)\n",
         [KV_STORE_TESTS + "::test_each_path_stores_what_eager_stores"],
     ),
+    "FULL mixed planning stages a field-built batch's block tables as zeros": (
+        "tesela/core/forward_batch.py",
+        "            self.block_tables_cpu = self.block_tables.cpu()\n",
+        '            self.block_tables_cpu = torch.zeros_like(self.block_tables, device="cpu")\n',
+        ["tests/test_paged_forward.py"],
+    ),
     "a prologue tuned alone is timed against cuBLAS, not the table's plain kernel": (
         "tesela/tune/gemv.py",
-        "        for shape, buckets in entries.get(\"none\", {}).items()\n",
-        "        for shape, buckets in entries.get(\"plain\", {}).items()\n",
+        '        for shape, buckets in entries.get("none", {}).items()\n',
+        '        for shape, buckets in entries.get("plain", {}).items()\n',
         ["tests/test_tune_gemv.py"],
     ),
 }

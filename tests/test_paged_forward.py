@@ -125,3 +125,21 @@ def test_batch_metadata_travels_packed_with_each_array_16_byte_aligned():
         assert getattr(batch, name).data_ptr() % 16 == 0, name
     batch.seq_lens.fill_(-1)
     assert batch.prefix_lens.tolist() == [0, 4] and batch.extend_start_loc.tolist() == [0, 3]
+
+
+def test_block_tables_on_the_host_whoever_built_the_batch():
+    """`build` keeps the host copy it sent (FULL mixed planning stages it with no device
+    read); a batch built field by field copies its tables once, when first asked."""
+    import dataclasses
+
+    from tesela.core.forward_batch import ForwardBatch
+
+    batch = ForwardBatch.build(
+        token_ids=[[5, 6, 7], [8]], prefix_lens=[0, 4], block_tables=[[1], [2, 3]],
+        block_size=4, device="cpu",
+    )  # fmt: skip
+    assert batch.host_block_tables() is batch.block_tables_cpu
+    assert batch.host_block_tables().tolist() == [[1, 0], [2, 3]]
+    by_fields = dataclasses.replace(batch, block_tables_cpu=None)
+    tables = by_fields.host_block_tables()
+    assert tables.tolist() == [[1, 0], [2, 3]] and by_fields.host_block_tables() is tables
