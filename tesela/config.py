@@ -547,6 +547,9 @@ class ParallelConfig:
     # Small all-reduces over NVLink peer memory where every rank can (distributed/
     # custom_all_reduce.py); off by default: no faster than NCCL inside decode graphs (2 x H200).
     custom_all_reduce: bool = False
+    # Decode batches' all-reduce + residual add + RMSNorm in one kernel over peer memory
+    # (distributed/fused_all_reduce.py), where every rank can.
+    fused_all_reduce_add_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -144,6 +144,12 @@ class EngineArgs:
         "measured no faster inside decode graphs, and the TP engine tests failed with it on "
         "in one GPU run)",
     )
+    fused_all_reduce_add_norm: bool = _option(
+        True,
+        "under tensor parallelism, reduce decode batches' partial sums together with the "
+        "residual add and RMSNorm after them, in one kernel over NVLink peer memory (single "
+        "host, CUDA); --no-fused-all-reduce-add-norm keeps NCCL and a separate norm",
+    )
     overlap_schedule: str = _option(
         "auto",
         "schedule and build step N+1 while the GPU runs step N: auto (on for CUDA at "

@@ -32,6 +32,12 @@ def add_tensor_parallel_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="small all-reduces over NVLink peer memory (default: NCCL for all)",
     )
+    parser.add_argument(
+        "--fused-all-reduce-add-norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode batches' all-reduce + residual add + RMSNorm in one kernel (default: on)",
+    )
 
 
 def add_output_argument(parser: argparse.ArgumentParser, what: str = "JSON (and PNG)") -> None:

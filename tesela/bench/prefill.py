@@ -188,7 +188,12 @@ def run_on_ranks(fn, args: argparse.Namespace) -> int:
     `--custom-all-reduce` if given); rank 0's result."""
     device = args.device if args.device != "auto" else default_device()
     return run_spmd(
-        fn, args.tensor_parallel_size, device, args, custom_all_reduce=args.custom_all_reduce
+        fn,
+        args.tensor_parallel_size,
+        device,
+        args,
+        custom_all_reduce=args.custom_all_reduce,
+        fused_all_reduce_add_norm=args.fused_all_reduce_add_norm,
     )
 
 
@@ -201,6 +206,7 @@ def tensor_parallel_results(tp, runner, token_counts: list[int], graph_gib) -> d
     return {
         "tensor_parallel_size": tp.size,
         "all_reduce": f"{tp.all_reduce.kind} ({tp.all_reduce.reason})",
+        "all_reduce_add_norm": (f"{tp.all_reduce_add_norm.kind} ({tp.all_reduce_add_norm.reason})"),
         "all_reduce_us_per_layer": {
             str(n): 2 * all_reduce_latency_us(tp, (n, hidden), runner.dtype, runner.device)
             for n in token_counts
@@ -218,6 +224,7 @@ def format_tensor_parallel(results: dict) -> list[str]:
     return [
         f"tensor parallel size {results['tensor_parallel_size']}; all-reduce: "
         f"{results['all_reduce']}",
+        f"all-reduce + add + norm: {results.get('all_reduce_add_norm', 'unfused')}",
         f"all-reduce us per layer (2 per layer, captured in a CUDA graph on GPUs): {per_layer}",
         f"graph memory per rank (GiB): {results['graph_gib_per_rank']}",
     ]

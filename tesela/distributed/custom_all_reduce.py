@@ -54,32 +54,60 @@ class AllReduceChoice:
     reason: str
 
 
+def _peer_memory_refusal(world_size: int, env: Mapping[str, str]) -> str | None:
+    """Why peer-memory collectives cannot serve this group, or None when they can: they need
+    CUDA, every rank on this host (peer mappings do not cross nodes), a world of at most one
+    NVLink domain and a torch with symmetric memory."""
+    if world_size > MAX_WORLD_SIZE:
+        return f"{world_size} ranks exceed one NVLink domain (8)"
+    local = env.get("LOCAL_WORLD_SIZE")
+    if local is not None and int(local) != world_size:
+        return f"ranks span several hosts (LOCAL_WORLD_SIZE={local}, WORLD_SIZE={world_size})"
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError as exc:
+        return f"this torch has no symmetric memory ({exc})"
+    return None
+
+
 def choose_all_reduce(
     *, device_type: str, world_size: int, enabled: bool, env: Mapping[str, str]
 ) -> AllReduceChoice:
-    """The policy (pure: tested on CPU). Symmetric memory needs CUDA, every rank on this host
-    (peer mappings do not cross nodes) and a world of at most one NVLink domain."""
+    """The small-message all-reduce (pure: tested on CPU)."""
     if device_type != "cuda":
         return AllReduceChoice("gloo", "CPU ranks reduce over gloo")
     if world_size == 1:
         return AllReduceChoice("nccl", "a single rank has nothing to reduce")
     if not enabled:
         return AllReduceChoice("nccl", "custom all-reduce off (--custom-all-reduce turns it on)")
-    if world_size > MAX_WORLD_SIZE:
-        return AllReduceChoice("nccl", f"{world_size} ranks exceed one NVLink domain (8)")
-    local = env.get("LOCAL_WORLD_SIZE")
-    if local is not None and int(local) != world_size:
-        return AllReduceChoice(
-            "nccl", f"ranks span several hosts (LOCAL_WORLD_SIZE={local}, WORLD_SIZE={world_size})"
-        )
-    try:
-        import torch.distributed._symmetric_memory  # noqa: F401
-    except ImportError as exc:
-        return AllReduceChoice("nccl", f"this torch has no symmetric memory ({exc})")
+    refusal = _peer_memory_refusal(world_size, env)
+    if refusal is not None:
+        return AllReduceChoice("nccl", refusal)
     return AllReduceChoice(
         "symm_mem",
         f"symmetric memory over NVLink: one-shot up to {ONE_SHOT_MAX_BYTES >> 10} KiB, "
         f"two-shot up to {TWO_SHOT_MAX_BYTES >> 20} MiB, NCCL above",
+    )
+
+
+def choose_all_reduce_add_norm(
+    *, device_type: str, world_size: int, enabled: bool, env: Mapping[str, str]
+) -> AllReduceChoice:
+    """Whether decode-sized all-reduces fuse with the residual add + RMSNorm after them
+    (fused_all_reduce.py), and why (pure: tested on CPU)."""
+    if device_type != "cuda":
+        return AllReduceChoice("unfused", "CPU ranks reduce over gloo")
+    if world_size == 1:
+        return AllReduceChoice("unfused", "a single rank has nothing to reduce")
+    if not enabled:
+        return AllReduceChoice("unfused", "turned off (--no-fused-all-reduce-add-norm)")
+    refusal = _peer_memory_refusal(world_size, env)
+    if refusal is not None:
+        return AllReduceChoice("unfused", refusal)
+    return AllReduceChoice(
+        "fused",
+        "decode batches (<= 16 tokens): all-reduce, residual add and RMSNorm in one kernel "
+        "over NVLink peer memory; NCCL then the fused add + norm above",
     )
 
 

@@ -33,12 +33,16 @@ from tesela.distributed.custom_all_reduce import (
     AllReduceChoice,
     SymmMemAllReduce,
     choose_all_reduce,
+    choose_all_reduce_add_norm,
 )
+from tesela.distributed.fused_all_reduce import AllReduceAddNorm
 
 logger = logging.getLogger("tesela.distributed")
 _PROCESS_GROUPS: dict[str, dist.ProcessGroup] = {}
 # The custom all-reduce of a group (by name), where every rank set one up.
 _CUSTOM_ALL_REDUCE: dict[str, SymmMemAllReduce] = {}
+# The fused all-reduce + residual add + RMSNorm of a group (by name), where every rank set one up.
+_ALL_REDUCE_ADD_NORM: dict[str, AllReduceAddNorm] = {}
 RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -51,6 +55,8 @@ class TPGroup:
     name: str = ""  # key of the compute ProcessGroup; its host twin is f"{name}:cpu"
     # How small all-reduces travel ("symm_mem", "nccl", "gloo"; "" for a single rank), and why.
     all_reduce: AllReduceChoice | None = None
+    # Whether decode-sized all-reduces fuse with the add + RMSNorm after them, and why.
+    all_reduce_add_norm: AllReduceChoice | None = None
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.size, (self.rank, self.size)
@@ -128,12 +134,14 @@ def init_distributed(
     name: str = "tp",
     env: Mapping[str, str] | None = None,
     custom_all_reduce: bool = False,
+    fused_all_reduce_add_norm: bool = True,
 ) -> TPGroup:
     """Join the process group described by the rendezvous environment; the whole world is one
     tensor-parallel group. NCCL on CUDA (the device is cuda:LOCAL_RANK), gloo on CPU.
     `timeout_s` bounds every collective: a peer that hangs fails the group, not stalls it.
     `env` (default: os.environ) holds the rendezvous variables. `custom_all_reduce` allows
-    the symmetric-memory all-reduce for small messages where every rank can use it."""
+    the symmetric-memory all-reduce for small messages where every rank can use it;
+    `fused_all_reduce_add_norm` the all-reduce + add + RMSNorm kernel for decode batches."""
     env = os.environ if env is None else env
     missing = [k for k in RENDEZVOUS_ENV if k not in env]
     if missing:
@@ -168,7 +176,8 @@ def init_distributed(
     )
     group = TPGroup(rank, size, name)
     choice = _set_up_all_reduce(group, device, custom_all_reduce, env)
-    return dataclasses.replace(group, all_reduce=choice)
+    fused = _set_up_all_reduce_add_norm(group, device, fused_all_reduce_add_norm, env)
+    return dataclasses.replace(group, all_reduce=choice, all_reduce_add_norm=fused)
 
 
 def _set_up_all_reduce(
@@ -190,12 +199,33 @@ def _set_up_all_reduce(
     return choice
 
 
+def _set_up_all_reduce_add_norm(
+    group: TPGroup, device: torch.device, enabled: bool, env: Mapping[str, str]
+) -> AllReduceChoice:
+    """Agree on the fused all-reduce + add + norm: only if every rank can (a rank running the
+    kernel beside one on NCCL would wait at its barrier for ever)."""
+    choice = choose_all_reduce_add_norm(
+        device_type=device.type, world_size=group.size, enabled=enabled, env=env
+    )
+    kinds = group.all_gather_object(choice.kind)
+    if choice.kind == "fused" and any(kind != "fused" for kind in kinds):
+        choice = AllReduceChoice("unfused", f"not every rank can fuse ({kinds})")
+    if choice.kind == "fused":
+        _ALL_REDUCE_ADD_NORM[group.name] = AllReduceAddNorm.over_symmetric_memory(
+            group.process_group.group_name, device, group.cpu_group
+        )
+    if group.rank == 0:
+        logger.info("tensor-parallel all-reduce + add + norm: %s (%s)", choice.kind, choice.reason)
+    return choice
+
+
 def destroy_distributed(*, barrier: bool = True) -> None:
     """Leave the process group (idempotent). A clean shutdown waits for every rank first: the
     rank hosting the rendezvous store must not leave while others still talk to it. Free the
     rank's CUDA graphs before this (ModelRunner.release_cuda_graphs): NCCL's teardown blocks
     while graphs that captured its collectives are alive."""
     _CUSTOM_ALL_REDUCE.clear()  # its peer mappings go before the group they were made over
+    _ALL_REDUCE_ADD_NORM.clear()
     if dist.is_initialized():
         if barrier:
             dist.barrier(group=_PROCESS_GROUPS.get("tp:cpu"))
@@ -221,6 +251,12 @@ def _all_reduce_(x: torch.Tensor, group_name: str) -> None:
 @_all_reduce_.register_fake
 def _(x, group_name) -> None:
     return None
+
+
+def all_reduce_add_norm_kernel(group_name: str) -> AllReduceAddNorm | None:
+    """The group's fused all-reduce + add + RMSNorm, where every rank set it up (the op in
+    tesela/layers/norm.py decides per call whether a tensor takes it)."""
+    return _ALL_REDUCE_ADD_NORM.get(group_name)
 
 
 @torch.library.custom_op("tesela::all_gather", mutates_args=())

@@ -31,13 +31,10 @@ from tesela.distributed.group import (
 
 
 def _rank_entry(
-    fn, rank: int, size: int, port: int, device: str, args: tuple, queue, custom_all_reduce: bool
+    fn, rank: int, size: int, port: int, device: str, args: tuple, queue, options: dict
 ) -> None:
     tp = init_distributed(
-        device=device,
-        env=rendezvous_env(rank, size, port),
-        timeout_s=600,
-        custom_all_reduce=custom_all_reduce,
+        device=device, env=rendezvous_env(rank, size, port), timeout_s=600, **options
     )
     try:
         result = fn(tp, *args)
@@ -54,10 +51,18 @@ def _rank_entry(
 
 
 def run_spmd(
-    fn: Callable[..., Any], size: int, device: str, *args, custom_all_reduce: bool = False
+    fn: Callable[..., Any],
+    size: int,
+    device: str,
+    *args,
+    custom_all_reduce: bool = False,
+    fused_all_reduce_add_norm: bool = True,
 ) -> Any:
     """fn(tp, *args) on `size` ranks; rank 0's return value (or the first rank's error).
-    `custom_all_reduce` allows the symmetric-memory all-reduce for small messages."""
+    `custom_all_reduce` and `fused_all_reduce_add_norm` are init_distributed's options."""
+    options = dict(
+        custom_all_reduce=custom_all_reduce, fused_all_reduce_add_norm=fused_all_reduce_add_norm
+    )
     if size == 1:
         return fn(SINGLE, *args)
     context = mp.get_context("spawn")
@@ -66,7 +71,7 @@ def run_spmd(
     processes = [
         context.Process(
             target=_rank_entry,
-            args=(fn, rank, size, port, device, args, queue, custom_all_reduce),
+            args=(fn, rank, size, port, device, args, queue, options),
         )
         for rank in range(size)
     ]

@@ -166,6 +166,7 @@ def make_engine_config(
             args.tensor_parallel_size,
             args.distributed_timeout_s,
             custom_all_reduce=args.custom_all_reduce,
+            fused_all_reduce_add_norm=args.fused_all_reduce_add_norm,
         ),
         overlap_schedule=_overlap_schedule(
             args.overlap_schedule, on_cuda, args.tensor_parallel_size

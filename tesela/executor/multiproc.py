@@ -109,6 +109,7 @@ def worker_main(
             timeout_s=config.parallel.distributed_timeout_s,
             env=rendezvous_env(rank, size, port),
             custom_all_reduce=config.parallel.custom_all_reduce,
+            fused_all_reduce_add_norm=config.parallel.fused_all_reduce_add_norm,
         )
         runner = ModelRunner(config, model_path, tp)
         conn.send(("ready", runner.num_kv_blocks))
@@ -153,6 +154,7 @@ class TensorParallelRunner:
                 timeout_s=self.timeout_s,
                 env=rendezvous_env(0, self.size, port),
                 custom_all_reduce=config.parallel.custom_all_reduce,
+                fused_all_reduce_add_norm=config.parallel.fused_all_reduce_add_norm,
             )
             self.runner = ModelRunner(config, model_path, tp)
             kv_blocks = self._wait_for("ready", self.timeout_s, "finish start-up")

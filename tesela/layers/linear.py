@@ -5,7 +5,10 @@
                           split by its own units (`Section`), so one GEMM serves them all and
                           each rank's q, k and v stay aligned head for head. No collective.
   RowParallelLinear       input columns split, matching the column-parallel layer before it;
-                          the partial sums are all-reduced, then the bias is added once.
+                          the partial sums are all-reduced, then the bias is added once. With
+                          `reduce_results=False` the layer returns its partial sums and the
+                          model reduces them in the next norm (RMSNorm.reduce_add_and_norm:
+                          one kernel for decode batches where the group fuses them).
 
 Weights load per rank straight from a checkpoint tensor *source*: a safetensors slice
 (`safe_open(...).get_slice(name)`) or a tensor. `weight_loader(param, source, shard)` reads
@@ -117,14 +120,20 @@ class RowParallelLinear(Linear):
         out_features: int,
         bias: bool = False,
         tp: TPGroup = SINGLE,
+        reduce_results: bool = True,
     ) -> None:
+        if bias and not reduce_results:
+            raise ValueError("a bias is added after the all-reduce: keep reduce_results=True")
         super().__init__(input_section.rank_rows(tp.rank, tp.size)[1], out_features, bias)
         self.input_section = input_section
         self.tp = tp
+        self.reduce_results = reduce_results
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(x)  # the plain layer, LoRA delta included
+        if not self.reduce_results:  # partial sums: the caller reduces them
+            return gemv.linear(x, self.weight, None)
         out = self.tp.all_reduce_(gemv.linear(x, self.weight, None))
         return out if self.bias is None else out + self.bias
 

@@ -10,14 +10,16 @@ names follow HF checkpoints except for the fused `qkv_proj` and `gate_up_proj`, 
 
 Tensor parallelism (`tp`, a `TPGroup`): qkv and gate_up are column-parallel (this rank's query
 heads, KV heads — split, or replicated when tp exceeds their count — and MLP columns), o_proj
-and down_proj row-parallel with an all-reduce, the embedding and LM head vocab-parallel. With
-tp of size 1 every layer runs exactly the single-GPU computation.
+and down_proj row-parallel, the embedding and LM head vocab-parallel. o_proj and down_proj
+leave their partial sums to the norm that follows them (`RMSNorm.reduce_add_and_norm`): the
+all-reduce, the residual add and the norm are one kernel in decode batches where the group
+fuses them (tesela/distributed/fused_all_reduce.py). With tp of size 1 every layer runs
+exactly the single-GPU computation.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tesela.attention.op import kv_store_target  # (also registers torch.ops.tesela.attention)
@@ -59,7 +61,8 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size, _ = self.qkv_proj.output_sizes
         self.num_heads = self.q_size // self.head_dim  # this rank's heads
         self.num_kv_heads = self.kv_size // self.head_dim
-        self.o_proj = RowParallelLinear(q_heads, config.hidden_size, tp=tp)
+        # Partial sums under tensor parallelism: the post-attention norm reduces them.
+        self.o_proj = RowParallelLinear(q_heads, config.hidden_size, tp=tp, reduce_results=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -113,21 +116,16 @@ class LlamaMLP(nn.Module):
             config.hidden_size, {"gate": columns, "up": columns}, tp=tp
         )
         self.intermediate_size = self.gate_up_proj.output_sizes[0]  # this rank's columns
-        self.down_proj = RowParallelLinear(columns, config.hidden_size, tp=tp)
+        # Partial sums under tensor parallelism: the next layer's input norm reduces them.
+        self.down_proj = RowParallelLinear(columns, config.hidden_size, tp=tp, reduce_results=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.gate_up_proj(x))
 
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """down_proj(silu(gate) * up), the activation fused with the GEMM where tuned."""
-        if self.down_proj.tp.size == 1:
-            return gemv.silu_linear(gate_up, self.down_proj)
-        # The tuned activation+GEMM kernel reads down_proj's weight itself and would skip the
-        # all-reduce: under tensor parallelism the activation runs first, then down_proj.
-        if fused.fused_enabled(gate_up):
-            return self.down_proj(fused.silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        """down_proj(silu(gate) * up), the activation fused with the GEMM where tuned (this
+        rank's partial sums under tensor parallelism)."""
+        return gemv.silu_linear(gate_up, self.down_proj)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -146,24 +144,41 @@ class LlamaDecoderLayer(nn.Module):
         )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tp = tp
+        # Under tensor parallelism a dense MLP's output is this rank's partial sums (the next
+        # norm reduces them); experts are replicated, so an MoE block's output is whole.
+        self.leaves_partial_sums = tp.size > 1 and isinstance(self.mlp, LlamaMLP)
+        self.reduces_input = False  # set by LlamaModel: the previous layer left partial sums
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual stream is carried separately so each add fuses with the norm after it,
         # and (in small decode batches, where tuned) the norm with the GEMM after it.
-        attn, mlp = self.self_attn, self.mlp
-        qkv, residual = gemv.norm_linear(
-            hidden_states, residual, self.input_layernorm, attn.qkv_proj
+        attn, mlp, split = self.self_attn, self.mlp, self.tp.size > 1
+        qkv, residual = self._norm_linear(
+            hidden_states, residual, self.input_layernorm, attn.qkv_proj, self.reduces_input
         )
-        hidden_states = attn.attend(positions, qkv)
+        hidden_states = attn.attend(positions, qkv)  # partial sums under tensor parallelism
         if isinstance(mlp, SparseMoeBlock):  # the router and experts both read the normed states
-            normed, residual = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
+            norm = self.post_attention_layernorm
+            normed, residual = norm.reduce_add_and_norm(hidden_states, residual, self.tp)
             return mlp(normed), residual
-        gate_up, residual = gemv.norm_linear(
-            hidden_states, residual, self.post_attention_layernorm, mlp.gate_up_proj
+        gate_up, residual = self._norm_linear(
+            hidden_states, residual, self.post_attention_layernorm, mlp.gate_up_proj, split
         )
         return mlp.down(gate_up), residual
+
+    def _norm_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj, reduce: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(proj(norm(residual + x)), residual + x), where `reduce` says x holds this rank's
+        partial sums (all-reduced with the add and norm, then the GEMM); else the add and
+        norm fused with the GEMM where tuned."""
+        if not reduce:
+            return gemv.norm_linear(x, residual, norm, proj)
+        normed, residual = norm.reduce_add_and_norm(x, residual, self.tp)
+        return proj(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -179,13 +194,18 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, rotary, tp) for i in range(config.num_hidden_layers)
         )
+        for before, layer in zip(self.layers, self.layers[1:], strict=False):
+            layer.reduces_input = before.leaves_partial_sums
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = rotary
+        self.tp = tp
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states, residual = self.embed_tokens(input_ids), None
+        hidden_states, residual = self.embed_tokens(input_ids), None  # whole: reduced inside
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
+        if self.layers[-1].leaves_partial_sums:
+            return self.norm.reduce_add_and_norm(hidden_states, residual, self.tp)[0]
         return self.norm.add_and_norm(hidden_states, residual)[0]
 
 

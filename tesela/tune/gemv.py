@@ -52,13 +52,15 @@ def tuned_cases(preset: str, tensor_parallel_size: int = 1) -> list[tuple[str, i
     inter = mc.intermediate_size // size
     vocab = padded_vocab(mc.vocab_size, size) // size
     plain = [(q + 2 * kv, h), (h, q), (vocab, h)]
+    # (At TP > 1 the qkv norm prologue serves only the first layer: the other norms take
+    # partial sums, reduced together with the add and norm before the GEMM.)
     cases = [("none", n, k) for n, k in plain] + [("norm", q + 2 * kv, h)]
     if mc.moe is not None:  # the router GEMM (replicated on every rank) before the experts
         cases.append(("none", mc.moe.num_experts, h))
     if any(not mc.is_moe_layer(i) for i in range(mc.num_hidden_layers)):  # dense MLPs
-        cases += [("none", 2 * inter, h), ("none", h, inter), ("norm", 2 * inter, h)]
-        if size == 1:  # at TP > 1 the activation runs apart from the row-parallel down_proj
-            cases.append(("silu", h, inter))
+        cases += [("none", 2 * inter, h), ("none", h, inter), ("silu", h, inter)]
+        if size == 1:
+            cases.append(("norm", 2 * inter, h))
     return cases
 
 
@@ -215,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("tesela.tune.gemv times kernels on a CUDA GPU: run it on one")
     dtype = getattr(torch, args.dtype)
     sizes = [int(v) for v in args.tensor_parallel_size.split(",")]
+    prologues = set(args.prologues.split(","))
+    unknown = prologues - set(gemv.PROLOGUES)
+    if unknown:
+        parser.error(f"--prologues: unknown {sorted(unknown)} (expected {gemv.PROLOGUES})")
     cases = {
         case
         for m in args.models.split(",")

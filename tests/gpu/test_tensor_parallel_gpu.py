@@ -6,7 +6,8 @@ Run on a machine with >= 2 GPUs (skipped otherwise):
 - fp32 greedy at TP=2 equals TP=1, with graphs off, with breakable piecewise + FULL decode
   graphs, with compiled piecewise graphs and with FULL mixed graphs (the dispatch counters
   prove the graph paths ran), and every such engine shuts down (its graphs freed first);
-- the custom (symmetric-memory) all-reduce equals NCCL, eagerly and inside a CUDA graph;
+- the custom (symmetric-memory) all-reduce equals NCCL, eagerly and inside a CUDA graph, and
+  so does the fused all-reduce + add + RMSNorm of decode batches (the greedy tests run it too);
 - bf16 at TP=2 against transformers on the same checkpoint (tolerances of
   tests/gpu/test_reference_gpu.py);
 - killing a worker mid-generation (NCCL, graphs on) fails the engine within 30 s.
@@ -146,4 +147,60 @@ def test_custom_all_reduce_equals_nccl():
     assert used == {"one_shot", "two_shot", "nccl"}
     results = run_spmd(_reduce_both_ways, 2, "cuda", shapes, custom_all_reduce=True)
     assert results.pop("kind") == "symm_mem"
+    assert all(all(agree) for agree in results.values()), results
+
+
+def _add_norm_both_ways(tp, shapes):
+    """On each rank: every shape through the fused all-reduce + add + RMSNorm (eager, and
+    replayed three times from a CUDA graph) and through NCCL then the add + norm kernel, on
+    the same per-rank partial sums (the residual and weight are equal on every rank, as in
+    the model); True where they agree bitwise."""
+    import torch.distributed as dist
+
+    from tesela.distributed.group import all_reduce_add_norm_kernel
+    from tesela.layers.norm import add_rms_norm, all_reduce_add_rms_norm
+
+    results = {"kind": tp.all_reduce_add_norm.kind}
+    kernel = all_reduce_add_norm_kernel(tp.name)
+    for shape, dtype in shapes:
+        launches = kernel.launches
+        generator = torch.Generator(device="cuda").manual_seed(tp.rank)
+        partial = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+        shared = torch.Generator(device="cuda").manual_seed(99)
+        residual = torch.randn(shape, device="cuda", dtype=dtype, generator=shared)
+        weight = torch.rand(shape[-1], device="cuda", dtype=dtype, generator=shared) + 0.5
+        summed = partial.clone()
+        dist.all_reduce(summed, group=tp.process_group)
+        want = add_rms_norm(summed, residual, weight, 1e-6)
+        eager = all_reduce_add_rms_norm(partial.clone(), residual, weight, 1e-6, tp)
+        static = partial.clone()
+        all_reduce_add_rms_norm(static.clone(), residual, weight, 1e-6, tp)  # warm up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = all_reduce_add_rms_norm(static, residual, weight, 1e-6, tp)
+        agree = [all(torch.equal(a, b) for a, b in zip(eager, want, strict=True))]
+        for _ in range(3):
+            static.copy_(partial)
+            graph.replay()
+            torch.cuda.synchronize()
+            agree.append(all(torch.equal(a, b) for a, b in zip(replayed, want, strict=True)))
+        graph.reset()
+        results[(shape, str(dtype))] = agree
+        results[("fused", shape)] = kernel.launches - launches  # eager, warm-up, capture
+    return results
+
+
+def test_fused_all_reduce_add_norm_equals_nccl_then_norm():
+    """Decode-sized rows take the fused kernel (1 and 16 rows, bf16 and fp32, a hidden size
+    that is not a power of two), 17 rows fall back to NCCL; every result equals NCCL followed
+    by the add + norm kernel bitwise (two ranks' sums are exact either way)."""
+    from tesela.distributed.fused_all_reduce import MAX_ROWS
+    from tesela.distributed.launch import run_spmd
+
+    shapes = [((1, 4096), torch.bfloat16), ((MAX_ROWS, 4096), torch.bfloat16),
+              ((3, 1000), torch.float32), ((MAX_ROWS + 1, 4096), torch.bfloat16)]  # fmt: skip
+    results = run_spmd(_add_norm_both_ways, 2, "cuda", shapes)
+    assert results.pop("kind") == "fused"
+    fused = {shape: results.pop(("fused", shape)) for shape, _ in shapes}
+    assert fused == {(1, 4096): 3, (MAX_ROWS, 4096): 3, (3, 1000): 3, (MAX_ROWS + 1, 4096): 0}
     assert all(all(agree) for agree in results.values()), results
