@@ -117,7 +117,11 @@ def job_kernels(job: tuple[str, str]):
 
 
 def rank_main(rank: int, world_size: int, port: int, jobs: list, out: str) -> None:
-    from tesela.distributed.group import destroy_distributed, init_distributed
+    from tesela.distributed.group import (
+        all_reduce_add_norm_kernel,
+        destroy_distributed,
+        init_distributed,
+    )
     from tesela.executor.model_runner import ModelRunner
 
     torch.set_num_threads(1)
@@ -126,7 +130,10 @@ def rank_main(rank: int, world_size: int, port: int, jobs: list, out: str) -> No
     )
     tp = init_distributed(device="cpu", timeout_s=60)
     try:
+        fused = all_reduce_add_norm_kernel(tp.name)
+        launches = (lambda: fused.launches) if fused is not None else (lambda: 0)
         for i, job in enumerate(jobs):
+            before = launches()
             config, path = engine_config(job, world_size)
             with job_kernels(job):
                 runner = ModelRunner(config, path, tp)
@@ -139,8 +146,10 @@ def rank_main(rank: int, world_size: int, port: int, jobs: list, out: str) -> No
                 "kv_pool": tuple(runner.kv_cache.k_buffers[0].shape),
             }
             paths = {path.value: n for path, n in runner.dispatcher.stats.paths.items()}
+            fused_launches = launches() - before
             if rank == 0:
-                torch.save({"logits": logits, "shapes": shapes, "paths": paths}, f"{out}/{i}.pt")
+                result = {"logits": logits, "shapes": shapes, "paths": paths}
+                torch.save({**result, "fused_launches": fused_launches}, f"{out}/{i}.pt")
         # Ranks that would capture different graphs are stopped before any capture.
         plans = [config.graph, config.graph.__class__(capture_sizes=(4, 8))]
         try:
@@ -176,6 +185,9 @@ def test_tp2_logits_and_greedy_equal_tp1(tp_jobs, tmp_path):
         paths = {path.value: n for path, n in runner.dispatcher.stats.paths.items()}
         assert got["paths"] == paths  # the same graph paths ran
         assert (paths.get("piecewise", 0) > 0) == bool(GRAPHS[job[1]])
+        # Under the interpreter decode-sized batches take the fused all-reduce + add + norm.
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        assert (got["fused_launches"] > 0) == interpreted, job
         for step, (a, b) in enumerate(zip(got["logits"], expected, strict=True)):
             assert a.shape == b.shape, (job, step)
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{job} step {step}")

@@ -91,16 +91,26 @@ def choose_all_reduce(
 
 
 def choose_all_reduce_add_norm(
-    *, device_type: str, world_size: int, enabled: bool, env: Mapping[str, str]
+    *,
+    device_type: str,
+    world_size: int,
+    enabled: bool,
+    env: Mapping[str, str],
+    interpreted: bool = False,
 ) -> AllReduceChoice:
     """Whether decode-sized all-reduces fuse with the residual add + RMSNorm after them
-    (fused_all_reduce.py), and why (pure: tested on CPU)."""
-    if device_type != "cuda":
-        return AllReduceChoice("unfused", "CPU ranks reduce over gloo")
+    (fused_all_reduce.py), and why (pure: tested on CPU). CPU ranks run the same kernel
+    under the Triton interpreter (`interpreted`: the CPU suite), over shared-memory files."""
     if world_size == 1:
         return AllReduceChoice("unfused", "a single rank has nothing to reduce")
     if not enabled:
         return AllReduceChoice("unfused", "turned off (--no-fused-all-reduce-add-norm)")
+    if device_type != "cuda":
+        if interpreted:
+            return AllReduceChoice(
+                "fused", "CPU ranks: the fused kernel under the Triton interpreter"
+            )
+        return AllReduceChoice("unfused", "CPU ranks reduce over gloo")
     refusal = _peer_memory_refusal(world_size, env)
     if refusal is not None:
         return AllReduceChoice("unfused", refusal)

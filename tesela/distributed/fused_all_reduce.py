@@ -6,37 +6,44 @@ add + RMSNorm of the following sublayer. At decode batch sizes the message is a 
 NCCL's all-reduce is almost pure latency (about 7 us inside a CUDA graph on 2 x H200), it
 breaks the chain of programmatic dependent launches (NCCL kernels do not take part) and the
 norm is one more launch after it. `AllReduceAddNorm` does all three in one Triton kernel, one
-program per token row:
+program per token row, with no barrier round trip: the data words are their own flags
+(the "Lamport" one-shot all-reduce).
 
-  1. wait for the producer (PDL), store this rank's partial row into its own peer-visible
-     buffer;
-  2. barrier with every peer's program of the same row (signal pads, system-scope
-     release/acquire);
-  3. sum the row of every rank's buffer in rank order, in float32, rounded once to the
-     activation dtype (what NCCL returns at two ranks, and the same bits on every rank at any
-     size: ranks never drift apart);
+Every rank's buffer has two slots; a slot holds, per peer p and row r, the row p pushed.
+A word of all ones is "not written yet" (a NaN that pushed data never carries: such words are
+replaced by the canonical NaN). Call k of a row uses slot k % 2 (each row counts its calls in
+`counters`, identical on every rank since every rank makes the same calls):
+
+  1. wait for the producer (PDL); set this rank's rows of the other slot back to all ones
+     (the peers wrote them in call k - 1 and this rank read them then), then a system-scope
+     fence;
+  2. push the partial row into every rank's slot k % 2 (its own included), at this rank's
+     place;
+  3. read slot k % 2 of its own buffer until no word of any rank's row is all ones, and sum
+     the rows in rank order, in float32, rounded once to the activation dtype (what NCCL
+     returns at two ranks, and the same bits on every rank at any size);
   4. residual + sum (the new residual stream) and RMSNorm of it, rounded where
-     `rmsnorm_kernel` rounds (tesela/layers/fused.py);
-  5. a second barrier, so that no rank overwrites its buffer (the next call's step 1) while a
-     peer may still read it.
+     `rmsnorm_kernel` rounds (tesela/layers/fused.py); count the call.
 
-The barriers pair program r of every rank through a per-(row, peer) flag: a program sets its
-flag in each peer's pad (0 -> 1, release), then takes each peer's flag in its own pad back
-(1 -> 0, acquire). Flags return to 0 by themselves, so the kernel needs no epoch and replays
-inside CUDA graphs unchanged. Every rank must issue the same calls with the same row counts in
-the same order, which the graph layer guarantees for every collective (identical capture
-plans, stamped).
+Why step 1 is safe: every peer's call-(k - 1) words in that slot arrived before this rank
+finished call k - 1; a peer writes the slot again in its call k + 1, which it starts only after
+it read this rank's call-k push, made after the clear (and the fence). So two slots suffice
+and no barrier is needed.
 
 Where it applies (`fits`): CUDA tensors on one host, at most `MAX_ROWS` token rows (decode
-batches; larger batches are bandwidth-bound and NCCL's ring is the right tool), rows of at most
-`MAX_COLS` elements, float dtypes. Anything else takes NCCL followed by the fused add + norm:
-the same values. The buffers are one symmetric-memory allocation per rank
+batches; larger batches are bandwidth-bound and NCCL's ring is the right tool), and the row
+width and dtype of the first fused call (the model's hidden size and dtype: a slot cleared for
+one word size would not read as cleared in another). Anything else takes NCCL followed by the
+fused add + norm: the same values. The buffers are one symmetric-memory allocation per rank
 (torch.distributed._symmetric_memory), mapped into every peer; nothing here uses NVLink
-multicast. On CPU the same kernel runs under the Triton interpreter over plain tensors, one
-thread per rank (tests/test_fused_all_reduce.py).
+multicast. On CPU the same kernel runs under the Triton interpreter, one process per rank over
+shared-memory buffers (tests/test_fused_all_reduce.py).
 """
 
 from __future__ import annotations
+
+import os
+import uuid
 
 import torch
 
@@ -45,10 +52,15 @@ from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 MAX_ROWS = 16  # decode-sized batches (the PDL limit): one program per row
 MAX_COLS = 16384  # hidden sizes up to this
 MAX_WORLD = 8
+SLOTS = 2
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-DATA_BYTES = MAX_ROWS * MAX_COLS * 4
-PAD_SLOTS = 2 * MAX_ROWS * MAX_WORLD  # (barrier, row, peer) flags, int32
-BUFFER_BYTES = DATA_BYTES + PAD_SLOTS * 4
+# Bits of the canonical quiet NaN a pushed all-ones word becomes, per word size.
+CANONICAL_NAN = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00, torch.float32: 0x7FC00000}
+
+
+def buffer_bytes(world: int) -> int:
+    """One rank's buffer: SLOTS x world x MAX_ROWS rows of MAX_COLS words of up to 4 bytes."""
+    return SLOTS * world * MAX_ROWS * MAX_COLS * 4
 
 
 try:
@@ -60,46 +72,56 @@ except ImportError:  # triton is optional on CPU: the group then never fuses
 if triton is not None:
 
     @triton.jit
-    def barrier(pads_ptr, slot, rank, WORLD: tl.constexpr):
-        """Pair this program with program `slot` of every peer (see the module docstring)."""
-        tl.debug_barrier()  # every thread's earlier accesses come before the signal
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                pad = tl.load(pads_ptr + peer).to(tl.pointer_type(tl.int32))
-                flag = pad + slot * WORLD + rank
-                while tl.atomic_cas(flag, 0, 1, sem="release", scope="sys") != 0:
-                    pass
-        own = tl.load(pads_ptr + rank).to(tl.pointer_type(tl.int32))
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                flag = own + slot * WORLD + peer
-                while tl.atomic_cas(flag, 1, 0, sem="acquire", scope="sys") != 1:
-                    pass
-        tl.debug_barrier()  # and every thread's later accesses after it
+    def system_fence(FENCE: tl.constexpr):
+        """This thread's earlier writes ordered before its later ones for every observer
+        (the interpreter runs one program at a time: nothing to order there)."""
+        if FENCE:
+            tl.inline_asm_elementwise(
+                "fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                pack=1,
+            )  # fmt: skip
 
     @triton.jit
     def all_reduce_add_norm_kernel(
-        x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, buffers_ptr, pads_ptr,
-        rank, n_cols, stride_x, stride_res, eps,
-        WORLD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, buffers_ptr, counters_ptr,
+        rank, n_cols, stride_x, stride_res, eps, canonical_nan,
+        WORLD: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, WORD: tl.constexpr,
+        BLOCK: tl.constexpr, FENCE: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         dtype = x_ptr.dtype.element_ty
-        offset = row * n_cols + cols  # this row's place in every rank's buffer
         grid_dependency_sync(PDL)
-        own = tl.load(buffers_ptr + rank).to(tl.pointer_type(dtype))
+        call = tl.load(counters_ptr + row)
+        slot, cleared = call % 2, (call + 1) % 2
+        rows_of = WORLD * ROWS * COLS  # words per slot
+        own = tl.load(buffers_ptr + rank).to(tl.pointer_type(WORD))
+        unwritten = tl.full((BLOCK,), -1, dtype=WORD)
+        # 1. The rows peers pushed in the previous call, read then: "not written" again.
+        for p in tl.static_range(WORLD):
+            place = cleared * rows_of + (p * ROWS + row) * COLS
+            tl.store(own + place + cols, unwritten, mask=mask)
+        system_fence(FENCE)
+        # 2. Push this rank's partial row into every rank's slot.
         x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
-        tl.store(own + offset, x, mask=mask)
-        barrier(pads_ptr, row, rank, WORLD)
+        word = x.to(WORD, bitcast=True)
+        word = tl.where(word == -1, canonical_nan.to(WORD), word)
+        mine = slot * rows_of + (rank * ROWS + row) * COLS
+        for p in tl.static_range(WORLD):
+            buffer = tl.load(buffers_ptr + p).to(tl.pointer_type(WORD))
+            tl.store(buffer + mine + cols, word, mask=mask)
+        # 3. Every rank's row, once all of its words arrived; summed in rank order.
         total = tl.zeros((BLOCK,), dtype=tl.float32)
-        for r in tl.static_range(WORLD):  # rank order: the same sum on every rank
-            buffer = tl.load(buffers_ptr + r).to(tl.pointer_type(dtype))
-            part = tl.load(buffer + offset, mask=mask, other=0.0, cache_modifier=".cv")
-            total += part.to(tl.float32)
+        for p in tl.static_range(WORLD):
+            at = own + slot * rows_of + (p * ROWS + row) * COLS + cols
+            got = tl.load(at, mask=mask, other=0, volatile=True)
+            while tl.sum(((got == -1) & mask).to(tl.int32), axis=0) > 0:
+                got = tl.load(at, mask=mask, other=0, volatile=True)
+            total += got.to(dtype, bitcast=True).to(tl.float32)
         reduced = total.to(dtype)  # the all-reduce's result
+        # 4. The residual add and the norm, then count the call.
         res = tl.load(res_ptr + row.to(tl.int64) * stride_res + cols, mask=mask, other=0.0)
         h = (reduced.to(tl.float32) + res.to(tl.float32)).to(dtype)  # residual + x, rounded
         tl.store(res_out_ptr + row.to(tl.int64) * n_cols + cols, h, mask=mask)
@@ -109,57 +131,80 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         out = (w.to(tl.float32) * y.to(tl.float32)).to(dtype)
         tl.store(out_ptr + row.to(tl.int64) * n_cols + cols, out, mask=mask)
-        barrier(pads_ptr, ROWS + row, rank, WORLD)  # peers are done reading our buffer
+        tl.store(counters_ptr + row, call + 1)
+
+
+def kernel_interpreted() -> bool:
+    """Whether the kernel runs under Triton's interpreter (CPU tensors), False without Triton."""
+    return triton is not None and not isinstance(
+        all_reduce_add_norm_kernel, triton.runtime.JITFunction
+    )
 
 
 class AllReduceAddNorm:
     """The fused all-reduce + add + RMSNorm of one rank, over peer-visible buffers.
 
-    `buffers` and `pads` hold every rank's buffer and signal-pad address (this rank's among
-    them, at index `rank`); `keep` holds whatever owns that memory (a symmetric-memory handle,
-    or plain tensors in the CPU tests)."""
+    `buffers` holds every rank's buffer address (this rank's at index `rank`), each of
+    `buffer_bytes(world)` bytes filled with 0xFF before any rank's first call; `keep` holds
+    whatever owns that memory (a symmetric-memory handle, or shared tensors in the CPU
+    tests)."""
 
-    def __init__(
-        self, buffers: list[int], pads: list[int], rank: int, device: torch.device, keep=()
-    ) -> None:
+    def __init__(self, buffers: list[int], rank: int, device: torch.device, keep=()) -> None:
         world = len(buffers)
-        if not 1 <= world <= MAX_WORLD or len(pads) != world or not 0 <= rank < world:
-            raise ValueError(f"{world} buffers, {len(pads)} pads, rank {rank}: not a group")
+        if not 1 <= world <= MAX_WORLD or not 0 <= rank < world:
+            raise ValueError(f"{world} buffers, rank {rank}: not a group")
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # as tensors name it: cuda:N
             device = torch.device("cuda", torch.cuda.current_device())
         self.world, self.rank, self.device = world, rank, device
         self.buffers = torch.tensor(buffers, dtype=torch.int64, device=device)
-        self.pads = torch.tensor(pads, dtype=torch.int64, device=device)
+        self.counters = torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
+        self.row = None  # (width, dtype): fixed by the first fused call
         self._keep = keep
         self.launches = 0  # host-side launches (a graph capture counts once): for tests
 
     @classmethod
     def over_symmetric_memory(
-        cls, group_name: str, device: torch.device, cpu_group
+        cls, group_name: str, device: torch.device, cpu_group, world: int
     ) -> AllReduceAddNorm:
         """One symmetric allocation per rank, rendezvoused over the group (a collective: every
-        rank calls it at the same point of start-up); its signal pads zeroed on every rank
-        before any rank can signal."""
+        rank calls it at the same point of start-up), marked unwritten on every rank before
+        any rank can push."""
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
         if enable is not None:  # needed by torch <= 2.9, a no-op later
             enable(group_name)
-        buffer = symm_mem.empty(BUFFER_BYTES, dtype=torch.uint8, device=device)
+        buffer = symm_mem.empty(buffer_bytes(world), dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(buffer, group_name)
-        buffer.zero_()
+        buffer.fill_(0xFF)
         torch.cuda.synchronize(device)
         dist.barrier(group=cpu_group)
         bases = [int(p) for p in handle.buffer_ptrs]
-        return cls(
-            bases, [b + DATA_BYTES for b in bases], handle.rank, device, keep=(buffer, handle)
-        )
+        return cls(bases, handle.rank, device, keep=(buffer, handle))
+
+    @classmethod
+    def over_shared_memory(cls, rank: int, world: int, all_gather_object) -> AllReduceAddNorm:
+        """CPU ranks under the Triton interpreter: one shared-memory file per rank, mapped by
+        every rank (a collective: `all_gather_object` exchanges the names, and a second call
+        waits until every rank mapped every file, after which the names can go)."""
+        nbytes = buffer_bytes(world)
+        name = f"/dev/shm/tesela-all-reduce-{os.getpid()}-{uuid.uuid4().hex}"
+        own = torch.from_file(name, shared=True, size=nbytes, dtype=torch.uint8)
+        own.fill_(0xFF)
+        names = all_gather_object(name)
+        buffers = [
+            own if r == rank else torch.from_file(n, shared=True, size=nbytes, dtype=torch.uint8)
+            for r, n in enumerate(names)
+        ]
+        all_gather_object(None)
+        os.unlink(name)  # the mappings stay
+        return cls([b.data_ptr() for b in buffers], rank, "cpu", keep=buffers)
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether `x` (this rank's partial sums) takes the fused kernel; the same answer on
-        every rank, since every rank runs the same shapes."""
+        every rank, since every rank runs the same shapes in the same order."""
         return (
             x.device == self.device
             and x.dim() == 2
@@ -167,6 +212,7 @@ class AllReduceAddNorm:
             and x.shape[1] <= MAX_COLS
             and x.dtype in DTYPES
             and x.stride(1) == 1
+            and self.row in (None, (x.shape[1], x.dtype))
         )
 
     def __call__(
@@ -175,14 +221,17 @@ class AllReduceAddNorm:
         """(RMSNorm(residual + all-reduce(x)) * weight, residual + all-reduce(x))."""
         assert self.fits(x) and residual.shape == x.shape and residual.stride(1) == 1
         m, n = x.shape
+        self.row = (n, x.dtype)
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         new_residual = torch.empty_like(out)
         block = 1 << (n - 1).bit_length()
+        word = {2: tl.int16, 4: tl.int32}[x.element_size()]
         self.launches += 1
         all_reduce_add_norm_kernel[(m,)](
-            x, residual, weight, out, new_residual, self.buffers, self.pads,
-            self.rank, n, x.stride(0), residual.stride(0), eps,
-            WORLD=self.world, ROWS=MAX_ROWS, BLOCK=block,
+            x, residual, weight, out, new_residual, self.buffers, self.counters,
+            self.rank, n, x.stride(0), residual.stride(0), eps, CANONICAL_NAN[x.dtype],
+            WORLD=self.world, ROWS=MAX_ROWS, COLS=MAX_COLS, WORD=word, BLOCK=block,
+            FENCE=not kernel_interpreted(),
             num_warps=4 if n <= 2048 else 8, **launch_kwargs(x.device, m),
         )  # fmt: skip
         return out, new_residual

@@ -35,7 +35,7 @@ from tesela.distributed.custom_all_reduce import (
     choose_all_reduce,
     choose_all_reduce_add_norm,
 )
-from tesela.distributed.fused_all_reduce import AllReduceAddNorm
+from tesela.distributed.fused_all_reduce import AllReduceAddNorm, kernel_interpreted
 
 logger = logging.getLogger("tesela.distributed")
 _PROCESS_GROUPS: dict[str, dist.ProcessGroup] = {}
@@ -205,14 +205,22 @@ def _set_up_all_reduce_add_norm(
     """Agree on the fused all-reduce + add + norm: only if every rank can (a rank running the
     kernel beside one on NCCL would wait at its barrier for ever)."""
     choice = choose_all_reduce_add_norm(
-        device_type=device.type, world_size=group.size, enabled=enabled, env=env
+        device_type=device.type,
+        world_size=group.size,
+        enabled=enabled,
+        env=env,
+        interpreted=kernel_interpreted(),
     )
     kinds = group.all_gather_object(choice.kind)
     if choice.kind == "fused" and any(kind != "fused" for kind in kinds):
         choice = AllReduceChoice("unfused", f"not every rank can fuse ({kinds})")
-    if choice.kind == "fused":
+    if choice.kind == "fused" and device.type == "cuda":
         _ALL_REDUCE_ADD_NORM[group.name] = AllReduceAddNorm.over_symmetric_memory(
-            group.process_group.group_name, device, group.cpu_group
+            group.process_group.group_name, device, group.cpu_group, group.size
+        )
+    elif choice.kind == "fused":
+        _ALL_REDUCE_ADD_NORM[group.name] = AllReduceAddNorm.over_shared_memory(
+            group.rank, group.size, group.all_gather_object
         )
     if group.rank == 0:
         logger.info("tensor-parallel all-reduce + add + norm: %s (%s)", choice.kind, choice.reason)
