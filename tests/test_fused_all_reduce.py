@@ -158,6 +158,42 @@ def test_the_first_call_fixes_the_row_width_and_dtype():
     assert not kernel.fits(torch.zeros(2, 64)) and not kernel.fits(torch.zeros(2, 32).bfloat16())
 
 
+def call_with_a_dead_peer(results) -> None:
+    """Rank 0 of two whose peer never pushes: abort() after ABORT_AFTER_S (as the engine's
+    watchdog would), then one more call; sends back how long the first call took."""
+    import threading
+
+    buffers = [torch.full((buffer_bytes(2),), 0xFF, dtype=torch.uint8) for _ in range(2)]
+    kernel = AllReduceAddNorm([b.data_ptr() for b in buffers], 0, "cpu", buffers)
+    x, residual, weight = torch.randn(1, 32), torch.randn(1, 32), torch.rand(32)
+    threading.Timer(ABORT_AFTER_S, kernel.abort).start()
+    started = time.monotonic()
+    kernel(x.clone(), residual, weight, EPS)
+    waited = time.monotonic() - started
+    kernel(x.clone(), residual, weight, EPS)  # an aborted kernel waits no more
+    results.put(waited)
+
+
+ABORT_AFTER_S = 0.5
+
+
+def test_abort_ends_a_wait_for_a_peer_that_never_pushes():
+    """The call waits for the dead peer's row until the flag is raised, then returns (in its
+    own process: a kernel that ignored the flag would wait for ever)."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=call_with_a_dead_peer, args=(results,), daemon=True)
+    process.start()
+    try:
+        waited = results.get(timeout=60)
+    except queue.Empty:
+        pytest.fail("the kernel kept waiting for its dead peer after abort()")
+    finally:
+        process.kill()
+        process.join()
+    assert waited >= ABORT_AFTER_S  # it did wait for the peer until then
+
+
 def test_a_group_needs_its_own_rank_among_the_buffers():
     with pytest.raises(ValueError, match="not a group"):
         AllReduceAddNorm([1, 2], 2, "cpu")

@@ -221,7 +221,11 @@ def test_engine_tp2_greedy_and_logprobs_equal_tp1(checkpoints):
     try:
         assert not llm.engine.config.overlap_schedule  # auto is off under TP
         got = llm.generate(prompts, params)
-        assert llm.engine.stats()["dispatch"]["paths"]["eager"] > 0
+        stats = llm.engine.stats()
+        assert stats["dispatch"]["paths"]["eager"] > 0
+        # decode batches reduced, added and normed in the fused kernel (interpreted on CPU)
+        assert stats["tensor_parallel"]["all_reduce_add_norm"].startswith("fused")
+        assert stats["tensor_parallel"]["fused_all_reduce_add_norm_launches"] > 0
         got_seeded = llm.generate(prompts, seeded)
     finally:
         llm.shutdown()
@@ -320,3 +324,27 @@ def test_dummy_weights_draw_every_section_of_a_fused_weight():
     sections = [qkv[:kv], qkv[q : q + kv], qkv[q + kv :]]
     assert not torch.equal(sections[0], sections[1]) and not torch.equal(sections[1], sections[2])
     assert 0.015 < qkv.std().item() < 0.025
+
+
+def peer_memory_verdicts(tp) -> list:
+    """_symmetric_memory_blocked's verdict with every rank's rendezvous count equal, then with
+    rank 0's one ahead (as after an earlier engine in the engine's process)."""
+    from tesela.distributed import custom_all_reduce
+    from tesela.distributed.group import _symmetric_memory_blocked
+
+    verdicts = [_symmetric_memory_blocked(tp)]
+    if tp.rank == 0:
+        custom_all_reduce._RENDEZVOUS += 1
+    verdicts.append(_symmetric_memory_blocked(tp))
+    return verdicts
+
+
+def test_peer_memory_only_where_every_rank_made_as_many_rendezvous():
+    """torch numbers symmetric-memory rendezvous per process: a rank 0 that made one for an
+    earlier engine would never meet fresh workers, so every rank keeps NCCL, saying why."""
+    from tesela.distributed.launch import run_spmd
+
+    fresh, after_an_earlier_engine = run_spmd(peer_memory_verdicts, 2, "cpu")
+    assert fresh is None
+    assert "an earlier engine in this process" in after_an_earlier_engine
+    assert "[1, 0]" in after_an_earlier_engine

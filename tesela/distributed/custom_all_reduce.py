@@ -133,19 +133,38 @@ def algorithm_for(x: torch.Tensor) -> str:
     return "nccl"
 
 
+# Symmetric-memory rendezvous this process made (distributed/group.py compares every rank's).
+_RENDEZVOUS = 0
+
+
+def symmetric_rendezvous(buffer: torch.Tensor, group_name: str):
+    """torch's symmetric-memory rendezvous of `buffer` over the process group `group_name` (a
+    collective), counted."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    global _RENDEZVOUS
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is not None:  # needed by torch <= 2.9, deprecated later
+        enable(group_name)
+    handle = symm_mem.rendezvous(buffer, group_name)
+    _RENDEZVOUS += 1
+    return handle
+
+
+def symmetric_rendezvous_count() -> int:
+    return _RENDEZVOUS
+
+
 class SymmMemAllReduce:
-    """One symmetric buffer of `BUFFER_BYTES` per rank, rendezvoused over the group (a
-    collective: every rank builds it at the same point of start-up)."""
+    """One symmetric buffer of `BUFFER_BYTES` per rank, rendezvoused over the process group
+    `group_name` (a collective: every rank builds it at the same point of start-up)."""
 
     def __init__(self, group_name: str, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = group_name
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # needed by torch <= 2.9, a no-op later
-            enable(group_name)
         self.buffer = symm_mem.empty(BUFFER_BYTES, dtype=torch.uint8, device=device)
-        self.handle = symm_mem.rendezvous(self.buffer, group_name)
+        self.handle = symmetric_rendezvous(self.buffer, group_name)
 
     def __call__(self, x: torch.Tensor) -> bool:
         """Reduce `x` in place; False (nothing done) when NCCL should take it."""

@@ -19,7 +19,9 @@ replaced by the canonical NaN). Call k of a row uses slot k % 2 (each row counts
      fence;
   2. push the partial row into every rank's slot k % 2 (its own included), at this rank's
      place;
-  3. read slot k % 2 of its own buffer until no word of any rank's row is all ones, and sum
+  3. read slot k % 2 of its own buffer until no word of any rank's row is all ones (or, after
+     a millisecond of waiting, until the host raises the abort flag: `abort`, called by the
+     engine's watchdog when a peer died or hung, so that this GPU stops waiting), and sum
      the rows in rank order, in float32, rounded once to the activation dtype (what NCCL
      returns at two ranks, and the same bits on every rank at any size);
   4. residual + sum (the new residual stream) and RMSNorm of it, rounded where
@@ -52,6 +54,8 @@ from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 MAX_ROWS = 16  # decode-sized batches (the PDL limit): one program per row
 MAX_COLS = 16384  # hidden sizes up to this
 MAX_WORLD = 8
+# How long a rank waits for a peer's row before it also watches the host's abort flag.
+POLL_AFTER_NS = 1_000_000
 SLOTS = 2
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Bits of the canonical quiet NaN a pushed all-ones word becomes, per word size.
@@ -82,11 +86,30 @@ if triton is not None:
             )  # fmt: skip
 
     @triton.jit
+    def nanoseconds(COMPILED: tl.constexpr):
+        """The GPU's global timer (0 under the interpreter, which has none)."""
+        if COMPILED:
+            return tl.inline_asm_elementwise(
+                "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+            )
+        else:
+            return tl.full((), 0, tl.int64)
+
+    @triton.jit
+    def waited_long(start, POLL_NS: tl.constexpr, COMPILED: tl.constexpr):
+        """Whether a wait begun at `start` outlasted POLL_NS; always under the interpreter (it
+        has no timer, and no bandwidth to save)."""
+        if COMPILED:
+            return nanoseconds(COMPILED) - start > POLL_NS
+        else:
+            return tl.full((), 1, tl.int1)
+
+    @triton.jit
     def all_reduce_add_norm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, buffers_ptr, counters_ptr,
         rank, n_cols, stride_x, stride_res, eps, canonical_nan,
         WORLD: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, WORD: tl.constexpr,
-        BLOCK: tl.constexpr, FENCE: tl.constexpr,
+        BLOCK: tl.constexpr, FENCE: tl.constexpr, POLL_NS: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
@@ -112,13 +135,20 @@ if triton is not None:
         for p in tl.static_range(WORLD):
             buffer = tl.load(buffers_ptr + p).to(tl.pointer_type(WORD))
             tl.store(buffer + mine + cols, word, mask=mask)
-        # 3. Every rank's row, once all of its words arrived; summed in rank order.
+        # 3. Every rank's row, once all of its words arrived; summed in rank order. A wait
+        # longer than POLL_NS also reads the host's abort flag (over PCIe, so not
+        # sooner): a dead or hung peer must not hold this GPU for ever.
+        abort_at = tl.load(buffers_ptr + WORLD).to(tl.pointer_type(tl.int32))
+        start = nanoseconds(FENCE)
+        aborted = tl.full((), 0, tl.int32)
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         for p in tl.static_range(WORLD):
             at = own + slot * rows_of + (p * ROWS + row) * COLS + cols
             got = tl.load(at, mask=mask, other=0, volatile=True)
-            while tl.sum(((got == -1) & mask).to(tl.int32), axis=0) > 0:
+            while (tl.sum(((got == -1) & mask).to(tl.int32), axis=0) > 0) & (aborted == 0):
                 got = tl.load(at, mask=mask, other=0, volatile=True)
+                if waited_long(start, POLL_NS, FENCE):
+                    aborted = tl.load(abort_at, volatile=True)
             total += got.to(dtype, bitcast=True).to(tl.float32)
         reduced = total.to(dtype)  # the all-reduce's result
         # 4. The residual add and the norm, then count the call.
@@ -157,7 +187,12 @@ class AllReduceAddNorm:
         if device.type == "cuda" and device.index is None:  # as tensors name it: cuda:N
             device = torch.device("cuda", torch.cuda.current_device())
         self.world, self.rank, self.device = world, rank, device
-        self.buffers = torch.tensor(buffers, dtype=torch.int64, device=device)
+        # Set by abort() (the engine's watchdog, when a peer died or hung): waiting kernels
+        # give up. Host memory the GPU reads directly (pinned, unified addressing).
+        self.abort_flag = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        # Every rank's buffer, then the abort flag: the kernel finds all of them here.
+        addresses = [*buffers, self.abort_flag.data_ptr()]
+        self.buffers = torch.tensor(addresses, dtype=torch.int64, device=device)
         self.counters = torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
         self.row = None  # (width, dtype): fixed by the first fused call
         self._keep = keep
@@ -165,19 +200,19 @@ class AllReduceAddNorm:
 
     @classmethod
     def over_symmetric_memory(
-        cls, group_name: str, device: torch.device, cpu_group, world: int
+        cls, group_name: str, device: torch.device, cpu_group
     ) -> AllReduceAddNorm:
-        """One symmetric allocation per rank, rendezvoused over the group (a collective: every
-        rank calls it at the same point of start-up), marked unwritten on every rank before
-        any rank can push."""
+        """One symmetric allocation per rank, rendezvoused over the process group `group_name`
+        (a collective: every rank calls it at the same point of start-up), marked unwritten on
+        every rank before any rank can push."""
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # needed by torch <= 2.9, a no-op later
-            enable(group_name)
+        from tesela.distributed.custom_all_reduce import symmetric_rendezvous
+
+        world = dist.get_world_size(cpu_group)
         buffer = symm_mem.empty(buffer_bytes(world), dtype=torch.uint8, device=device)
-        handle = symm_mem.rendezvous(buffer, group_name)
+        handle = symmetric_rendezvous(buffer, group_name)
         buffer.fill_(0xFF)
         torch.cuda.synchronize(device)
         dist.barrier(group=cpu_group)
@@ -201,6 +236,12 @@ class AllReduceAddNorm:
         all_gather_object(None)
         os.unlink(name)  # the mappings stay
         return cls([b.data_ptr() for b in buffers], rank, "cpu", keep=buffers)
+
+    def abort(self) -> None:
+        """Make every waiting and future call return without its peers' rows (its results are
+        garbage): for an engine that is failing anyway, so that the host's wait for this GPU
+        ends."""
+        self.abort_flag.fill_(1)
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether `x` (this rank's partial sums) takes the fused kernel; the same answer on
@@ -231,7 +272,7 @@ class AllReduceAddNorm:
             x, residual, weight, out, new_residual, self.buffers, self.counters,
             self.rank, n, x.stride(0), residual.stride(0), eps, CANONICAL_NAN[x.dtype],
             WORLD=self.world, ROWS=MAX_ROWS, COLS=MAX_COLS, WORD=word, BLOCK=block,
-            FENCE=not kernel_interpreted(),
+            FENCE=not kernel_interpreted(), POLL_NS=POLL_AFTER_NS,
             num_warps=4 if n <= 2048 else 8, **launch_kwargs(x.device, m),
         )  # fmt: skip
         return out, new_residual

@@ -34,6 +34,7 @@ from tesela.distributed.custom_all_reduce import (
     SymmMemAllReduce,
     choose_all_reduce,
     choose_all_reduce_add_norm,
+    symmetric_rendezvous_count,
 )
 from tesela.distributed.fused_all_reduce import AllReduceAddNorm, kernel_interpreted
 
@@ -68,6 +69,23 @@ class TPGroup:
     @property
     def cpu_group(self) -> dist.ProcessGroup:
         return _PROCESS_GROUPS[f"{self.name}:cpu"]
+
+    def describe(self) -> dict:
+        """The group as `engine.stats()` shows it: size, how all-reduces travel and whether
+        decode batches' all-reduce fuses with the add + norm (each with why), and how many
+        times this rank launched the fused kernel from the host (a graph capture counts once,
+        its replays not at all)."""
+        if self.size == 1:
+            return {"size": 1}
+        fused = _ALL_REDUCE_ADD_NORM.get(self.name)
+        return {
+            "size": self.size,
+            "all_reduce": f"{self.all_reduce.kind} ({self.all_reduce.reason})",
+            "all_reduce_add_norm": (
+                f"{self.all_reduce_add_norm.kind} ({self.all_reduce_add_norm.reason})"
+            ),
+            "fused_all_reduce_add_norm_launches": 0 if fused is None else fused.launches,
+        }
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place; returns `x`."""
@@ -180,6 +198,22 @@ def init_distributed(
     return dataclasses.replace(group, all_reduce=choice, all_reduce_add_norm=fused)
 
 
+def _symmetric_memory_blocked(group: TPGroup) -> str | None:
+    """Why the ranks cannot set up peer memory now, or None (a collective).
+
+    torch numbers a process's symmetric-memory rendezvous exchanges from the first one, for
+    the life of the process, and ranks meet under those numbers. Rank 0 lives in the engine's
+    process: after an earlier engine there made one, its numbers run ahead of its fresh
+    workers' and the rendezvous never completes. Every rank then keeps NCCL."""
+    counts = group.all_gather_object(symmetric_rendezvous_count())
+    if len(set(counts)) == 1:
+        return None
+    return (
+        f"an earlier engine in this process set up peer memory (rendezvous per rank: {counts}; "
+        "torch numbers them per process): start the engine in a fresh process to use it"
+    )
+
+
 def _set_up_all_reduce(
     group: TPGroup, device: torch.device, enabled: bool, env: Mapping[str, str]
 ) -> AllReduceChoice:
@@ -191,6 +225,8 @@ def _set_up_all_reduce(
     kinds = group.all_gather_object(choice.kind)
     if choice.kind == "symm_mem" and any(kind != "symm_mem" for kind in kinds):
         choice = AllReduceChoice("nccl", f"not every rank can use symmetric memory ({kinds})")
+    if choice.kind == "symm_mem" and (blocked := _symmetric_memory_blocked(group)):
+        choice = AllReduceChoice("nccl", blocked)
     if choice.kind == "symm_mem":
         process_group = group.process_group
         _CUSTOM_ALL_REDUCE[group.name] = SymmMemAllReduce(process_group.group_name, device)
@@ -203,7 +239,7 @@ def _set_up_all_reduce_add_norm(
     group: TPGroup, device: torch.device, enabled: bool, env: Mapping[str, str]
 ) -> AllReduceChoice:
     """Agree on the fused all-reduce + add + norm: only if every rank can (a rank running the
-    kernel beside one on NCCL would wait at its barrier for ever)."""
+    kernel beside one on NCCL would wait for its peers' rows for ever)."""
     choice = choose_all_reduce_add_norm(
         device_type=device.type,
         world_size=group.size,
@@ -214,9 +250,12 @@ def _set_up_all_reduce_add_norm(
     kinds = group.all_gather_object(choice.kind)
     if choice.kind == "fused" and any(kind != "fused" for kind in kinds):
         choice = AllReduceChoice("unfused", f"not every rank can fuse ({kinds})")
+    on_gpus = choice.kind == "fused" and device.type == "cuda"
+    if on_gpus and (blocked := _symmetric_memory_blocked(group)):
+        choice = AllReduceChoice("unfused", blocked)
     if choice.kind == "fused" and device.type == "cuda":
         _ALL_REDUCE_ADD_NORM[group.name] = AllReduceAddNorm.over_symmetric_memory(
-            group.process_group.group_name, device, group.cpu_group, group.size
+            group.process_group.group_name, device, group.cpu_group
         )
     elif choice.kind == "fused":
         _ALL_REDUCE_ADD_NORM[group.name] = AllReduceAddNorm.over_shared_memory(
@@ -241,8 +280,13 @@ def destroy_distributed(*, barrier: bool = True) -> None:
     _PROCESS_GROUPS.clear()
 
 
-def abort_distributed() -> None:
-    """Abort pending collectives so a thread blocked on a dead peer returns (best effort)."""
+def abort_distributed(*, nccl: bool = True) -> None:
+    """Abort pending collectives so a thread blocked on a dead peer returns (best effort):
+    the fused all-reduce kernels stop waiting, and (`nccl`) the communicators are aborted."""
+    for kernel in list(_ALL_REDUCE_ADD_NORM.values()):
+        kernel.abort()
+    if not nccl:
+        return
     for group in list(_PROCESS_GROUPS.values()):
         with contextlib.suppress(Exception):  # aborting is best effort by nature
             dist.distributed_c10d._abort_process_group(group)

@@ -651,4 +651,5 @@ class LLMEngine:
             "prefix_cache_hit_rate": bm.stats.hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
             "dispatch": self.runner.dispatcher.stats.as_dict(),
+            "tensor_parallel": self.runner.tp.describe(),
         }

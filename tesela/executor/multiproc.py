@@ -219,10 +219,10 @@ class TensorParallelRunner:
                 continue
             self._failure = failure
             logger.error("%s", failure)
-            if self.on_cuda:
-                # Rank 0's NCCL kernels may spin forever waiting for the peer: aborting the
-                # communicators lets them return, and the engine raises on its next check.
-                abort_distributed()
+            # Rank 0's NCCL and fused all-reduce kernels may spin forever waiting for the
+            # peer: aborting lets them return, and the engine raises on its next check (on
+            # CPU, gloo times out by itself; only the fused kernel needs telling).
+            abort_distributed(nccl=self.on_cuda)
             return
 
     def _describe(self, worker: Worker) -> str:
@@ -271,6 +271,11 @@ class TensorParallelRunner:
     def dispatcher(self):
         """Rank 0's dispatcher: its counters stand for every rank (they run the same batches)."""
         return self.runner.dispatcher
+
+    @property
+    def tp(self):
+        """Rank 0's place in the group (every rank made the same all-reduce choices)."""
+        return self.runner.tp
 
     @property
     def lora_manager(self) -> None:

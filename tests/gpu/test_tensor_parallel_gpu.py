@@ -45,12 +45,15 @@ GRAPH_MODES = {
 PREFILL_PATH = {"breakable": "piecewise", "compiled": "piecewise", "full_mixed": "full_mixed"}
 
 
-def generate(path, tp: int, **kwargs):
+def generate(path, tp: int, stats: str = "dispatch", **kwargs):
+    """Greedy outputs of PROMPTS and the engine's `stats` section (the dispatch paths: the
+    "paths" of it)."""
     llm = LLM(str(path), tensor_parallel_size=tp, num_kv_tokens=4096, **kwargs)
     try:
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
         outputs = llm.generate(PROMPTS, params)
-        return outputs, llm.engine.stats()["dispatch"]["paths"]
+        section = llm.engine.stats()[stats]
+        return outputs, section["paths"] if stats == "dispatch" else section
     finally:
         llm.shutdown()
 
@@ -75,6 +78,42 @@ def test_tp2_bf16_matches_transformers(checkpoints, arch):
     hf = copy.deepcopy(hf_model).to(device="cuda", dtype=torch.bfloat16)
     outputs, _ = generate(path, 2, dtype="bfloat16", capture_sizes=[4, 8, 16])
     assert_matches_transformers(hf, PROMPTS, outputs)
+
+
+def two_engines_in_one_process(path, results) -> None:
+    """Two TP=2 engines one after another in this (fresh) process: each one's outputs and
+    tensor-parallel stats."""
+    kwargs = dict(dtype="bfloat16", attention_backend="triton", capture_sizes=[4, 8, 16])
+    try:
+        results.put([generate(path, 2, stats="tensor_parallel", **kwargs) for _ in range(2)])
+    except BaseException as exc:
+        results.put(repr(exc))
+
+
+def test_a_second_engine_in_one_process_keeps_nccl_and_says_why(checkpoints):
+    """torch numbers a process's symmetric-memory rendezvous for the life of the process, and
+    rank 0 lives in the engine's process: the first engine there fuses decode batches'
+    all-reduce + add + norm over peer memory, the next one (fresh workers) would never meet
+    its rank 0 there, so it keeps NCCL and says why; both give the same tokens."""
+    import multiprocessing as mp
+
+    path, _ = checkpoints["llama"]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=two_engines_in_one_process, args=(str(path), results))
+    process.start()
+    try:
+        runs = results.get(timeout=300)
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+    assert isinstance(runs, list), runs
+    (first, first_tp), (second, second_tp) = runs
+    assert first_tp["all_reduce_add_norm"].startswith("fused"), first_tp
+    assert first_tp["fused_all_reduce_add_norm_launches"] > 0, first_tp
+    assert second_tp["all_reduce_add_norm"].startswith("unfused (an earlier engine"), second_tp
+    assert [o.token_ids for o in second] == [o.token_ids for o in first]
 
 
 def test_killing_a_worker_ends_the_engine_within_30_s():
