@@ -38,6 +38,8 @@ CACHE_TESTS = ["tests/test_prefix_cache.py"]
 KERNELS = "tesela/lora/kernels.py"
 LORA_KERNEL_TESTS = ["tests/test_lora_kernels.py"]
 KV_STORE_TESTS = "tests/test_fused_kv_store.py"
+FUSED_AR = "tesela/distributed/fused_all_reduce.py"
+FUSED_AR_TESTS = "tests/test_fused_all_reduce.py"
 LORA_PEFT_TESTS = ["tests/test_lora.py::test_greedy_tokens_and_logprobs_match_peft"]
 LORA_MIXED = (
     "tests/test_lora.py::test_a_batch_mixing_base_rows_and_three_adapters_equals_each_alone"
@@ -740,6 +742,32 @@ MUTATIONS = {
         '        for shape, buckets in entries.get("none", {}).items()\n',
         '        for shape, buckets in entries.get("plain", {}).items()\n',
         ["tests/test_tune_gemv.py"],
+    ),
+    "a fused all-reduce rank sums its peers' rows before they arrive": (
+        FUSED_AR,
+        "axis=0) > 0) & (aborted == 0):\n",
+        "axis=0) < 0) & (aborted == 0):\n",
+        [FUSED_AR_TESTS + "::test_every_rank_gets_the_same_reduced_add_norm"],
+    ),
+    "a fused all-reduce rank leaves the other slot's rows written": (
+        FUSED_AR,
+        "            tl.store(own + place + cols, unwritten, mask=mask)\n",
+        "",
+        [FUSED_AR_TESTS + "::test_every_rank_gets_the_same_reduced_add_norm"],
+    ),
+    "a fused all-reduce rank ignores the abort flag": (
+        FUSED_AR,
+        "                    aborted = tl.load(abort_at, volatile=True)\n",
+        "                    aborted = tl.load(abort_at, volatile=True) * 0\n",
+        [FUSED_AR_TESTS + "::test_abort_ends_a_wait_for_a_peer_that_never_pushes"],
+    ),
+    "peer memory is set up although rank 0 made more rendezvous than its workers": (
+        "tesela/distributed/group.py",
+        "    if len(set(counts)) == 1:\n",
+        "    if True:\n",
+        [
+            "tests/test_tensor_parallel.py::test_peer_memory_only_where_every_rank_made_as_many_rendezvous"
+        ],
     ),
 }
 

@@ -6,11 +6,14 @@ Run on a machine with >= 2 GPUs (skipped otherwise):
 - fp32 greedy at TP=2 equals TP=1, with graphs off, with breakable piecewise + FULL decode
   graphs, with compiled piecewise graphs and with FULL mixed graphs (the dispatch counters
   prove the graph paths ran), and every such engine shuts down (its graphs freed first);
+  decode batches take the fused all-reduce + add + RMSNorm (each TP engine runs in a fresh
+  process, where it can set up peer memory, and its stats prove the kernel ran);
 - the custom (symmetric-memory) all-reduce equals NCCL, eagerly and inside a CUDA graph, and
-  so does the fused all-reduce + add + RMSNorm of decode batches (the greedy tests run it too);
+  so does the fused all-reduce + add + RMSNorm of decode batches;
 - bf16 at TP=2 against transformers on the same checkpoint (tolerances of
   tests/gpu/test_reference_gpu.py);
-- killing a worker mid-generation (NCCL, graphs on) fails the engine within 30 s.
+- a second TP engine in one process keeps NCCL, says why, and gives the same tokens;
+- killing a worker mid-generation (graphs on, fused kernel) fails the engine within 30 s.
 """
 
 from __future__ import annotations
@@ -45,29 +48,66 @@ GRAPH_MODES = {
 PREFILL_PATH = {"breakable": "piecewise", "compiled": "piecewise", "full_mixed": "full_mixed"}
 
 
-def generate(path, tp: int, stats: str = "dispatch", **kwargs):
-    """Greedy outputs of PROMPTS and the engine's `stats` section (the dispatch paths: the
-    "paths" of it)."""
+def generate_here(path, tp: int, **kwargs):
+    """Greedy outputs of PROMPTS and the engine's stats, in this process."""
     llm = LLM(str(path), tensor_parallel_size=tp, num_kv_tokens=4096, **kwargs)
     try:
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
-        outputs = llm.generate(PROMPTS, params)
-        section = llm.engine.stats()[stats]
-        return outputs, section["paths"] if stats == "dispatch" else section
+        return llm.generate(PROMPTS, params), llm.engine.stats()
     finally:
         llm.shutdown()
 
 
+def _in_child(results, runs: list) -> None:
+    try:
+        results.put([generate_here(*args, **kwargs) for args, kwargs in runs])
+    except BaseException as exc:
+        results.put(repr(exc))
+
+
+def in_fresh_process(*runs: tuple[tuple, dict]) -> list:
+    """generate_here(*args, **kwargs) of each run, one after another, in a fresh process: rank 0
+    lives in the engine's process, and torch lets a process set up peer memory for one TP
+    engine only (an engine after it keeps NCCL, see
+    test_a_second_engine_in_one_process_keeps_nccl_and_says_why), so each engine that should
+    run the fused all-reduce kernel gets a process of its own."""
+    import multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_in_child, args=(results, list(runs)))
+    process.start()
+    try:
+        got = results.get(timeout=300)
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+    assert isinstance(got, list), got
+    return got
+
+
+def generate(path, tp: int, **kwargs):
+    """(outputs, stats) of one engine; a TP engine in a fresh process, fused all-reduce on."""
+    if tp == 1:
+        return generate_here(path, 1, **kwargs)
+    ((outputs, stats),) = in_fresh_process(((str(path), tp), kwargs))
+    assert stats["tensor_parallel"]["fused_all_reduce_add_norm_launches"] > 0, stats
+    return outputs, stats
+
+
 @pytest.mark.parametrize("mode", list(GRAPH_MODES))
 def test_tp2_greedy_equals_tp1(checkpoints, mode):
+    """Decode batches through the fused all-reduce + add + norm (generate asserts it ran)."""
     path, _ = checkpoints["llama"]
     kwargs = dict(dtype="float32", attention_backend="triton", **GRAPH_MODES[mode])
     expected, _ = generate(path, 1, **kwargs)
-    got, paths = generate(path, 2, **kwargs)
+    got, stats = generate(path, 2, **kwargs)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     for a, b in zip(got, expected, strict=True):
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert abs(x.logprob - y.logprob) < 1e-3
+    paths = stats["dispatch"]["paths"]
     if mode != "off":
         assert paths[PREFILL_PATH[mode]] > 0 and paths["full"] > 0, paths
 
@@ -80,45 +120,28 @@ def test_tp2_bf16_matches_transformers(checkpoints, arch):
     assert_matches_transformers(hf, PROMPTS, outputs)
 
 
-def two_engines_in_one_process(path, results) -> None:
-    """Two TP=2 engines one after another in this (fresh) process: each one's outputs and
-    tensor-parallel stats."""
-    kwargs = dict(dtype="bfloat16", attention_backend="triton", capture_sizes=[4, 8, 16])
-    try:
-        results.put([generate(path, 2, stats="tensor_parallel", **kwargs) for _ in range(2)])
-    except BaseException as exc:
-        results.put(repr(exc))
-
-
 def test_a_second_engine_in_one_process_keeps_nccl_and_says_why(checkpoints):
     """torch numbers a process's symmetric-memory rendezvous for the life of the process, and
     rank 0 lives in the engine's process: the first engine there fuses decode batches'
     all-reduce + add + norm over peer memory, the next one (fresh workers) would never meet
     its rank 0 there, so it keeps NCCL and says why; both give the same tokens."""
-    import multiprocessing as mp
-
     path, _ = checkpoints["llama"]
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=two_engines_in_one_process, args=(str(path), results))
-    process.start()
-    try:
-        runs = results.get(timeout=300)
-    finally:
-        process.join(timeout=30)
-        if process.is_alive():
-            process.kill()
-    assert isinstance(runs, list), runs
-    (first, first_tp), (second, second_tp) = runs
+    kwargs = dict(dtype="bfloat16", attention_backend="triton", capture_sizes=[4, 8, 16])
+    (first, first_stats), (second, second_stats) = in_fresh_process(
+        ((str(path), 2), kwargs), ((str(path), 2), kwargs)
+    )
+    first_tp, second_tp = first_stats["tensor_parallel"], second_stats["tensor_parallel"]
     assert first_tp["all_reduce_add_norm"].startswith("fused"), first_tp
     assert first_tp["fused_all_reduce_add_norm_launches"] > 0, first_tp
     assert second_tp["all_reduce_add_norm"].startswith("unfused (an earlier engine"), second_tp
+    assert second_tp["fused_all_reduce_add_norm_launches"] == 0, second_tp
     assert [o.token_ids for o in second] == [o.token_ids for o in first]
 
 
-def test_killing_a_worker_ends_the_engine_within_30_s():
-    """NCCL, graphs on: rank 0 would spin in a collective (or a graph replay) waiting for the
-    dead peer; the watchdog must see the exit, abort the communicators and fail the engine."""
+def _kill_a_worker_mid_generation(results) -> None:
+    """In a fresh process (so the engine reduces decode batches in the fused kernel): start
+    generating, kill rank 1, keep stepping; sends back what the stepping ended with, how long
+    after the kill, and the fused kernel's launches before it."""
     from tesela.executor.multiproc import WorkerFailedError
 
     llm = LLM("qwen3-0.6b", tensor_parallel_size=2, num_kv_tokens=8192, capture_sizes=[8, 16])
@@ -126,6 +149,7 @@ def test_killing_a_worker_ends_the_engine_within_30_s():
     engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=4000, ignore_eos=True))
     for _ in range(5):
         engine.step()
+    launches = engine.stats()["tensor_parallel"]["fused_all_reduce_add_norm_launches"]
     outcome: list[BaseException] = []
 
     def keep_stepping() -> None:
@@ -140,12 +164,32 @@ def test_killing_a_worker_ends_the_engine_within_30_s():
     start = time.monotonic()
     engine.runner.workers[0].process.kill()
     stepper.join(timeout=40)
-    try:
-        assert outcome, "the engine is still stepping 40 s after a worker was killed"
-        assert isinstance(outcome[0], WorkerFailedError), outcome[0]
-        assert "rank 1" in str(outcome[0]) and time.monotonic() - start < 30
-    finally:
+    took = time.monotonic() - start
+    error = outcome[0] if outcome else None
+    results.put((isinstance(error, WorkerFailedError), str(error), took, launches))
+    if error is not None:
         llm.shutdown()
+
+
+def test_killing_a_worker_ends_the_engine_within_30_s():
+    """Graphs on: rank 0 would spin in the fused all-reduce kernel (or an NCCL collective
+    inside a graph replay) waiting for the dead peer; the watchdog must see the exit, raise
+    the kernel's abort flag, abort the communicators and fail the engine."""
+    import multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_kill_a_worker_mid_generation, args=(results,))
+    process.start()
+    try:
+        failed, message, took, launches = results.get(timeout=240)
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+    assert launches > 0  # decode batches did run the fused kernel
+    assert failed, f"the engine did not fail with WorkerFailedError: {message}"
+    assert "rank 1" in message and took < 30, (message, took)
 
 
 def _reduce_both_ways(tp, shapes):
