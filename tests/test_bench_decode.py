@@ -62,3 +62,17 @@ def test_bench_latency_runs_on_cpu(tmp_path, capsys):
     assert [r["batch"] for r in results["rows"]] == [1, 3]
     assert all(r["output_tokens_per_s"] > 0 for r in results["rows"])
     assert "| 3 |" in capsys.readouterr().out
+
+
+def test_bench_decode_at_tensor_parallel_size_2_on_cpu(tmp_path, capfd):
+    """Two gloo ranks; CPU ranks fuse decode batches' all-reduce + add + norm (the kernel under
+    the interpreter), and the table says so with both reductions' cost per layer."""
+    argv = ["bench", "decode", "--model", "tiny", "--batch-sizes", "1", "--contexts", "8"]
+    argv += ["--device", "cpu", "--repeat", "2", "--tensor-parallel-size", "2"]
+    assert main([*argv, "--output-dir", str(tmp_path)]) == 0
+    out = capfd.readouterr().out  # rank 0 prints from its own process
+    assert "tensor parallel size 2" in out
+    assert "all-reduce + add + norm: fused (CPU ranks" in out
+    results = json.loads((tmp_path / "decode-tiny-tp2.json").read_text())
+    assert results["rows"][0]["eager_ms"] > 0
+    assert results["all_reduce_add_norm_us_per_layer"]["1"] > 0

@@ -38,12 +38,13 @@ from tesela.bench.common import (
 from tesela.config import default_capture_sizes
 from tesela.core.forward_batch import ForwardBatch
 from tesela.core.forward_context import forward_context
-from tesela.distributed.launch import all_reduce_latency_us, run_spmd
+from tesela.distributed.launch import all_reduce_latency_us, collective_latency_us, run_spmd
 from tesela.engine.llm_engine import make_engine_config, resolve_model
 from tesela.executor.graphs import graph_factory_for
 from tesela.executor.model_runner import ModelRunner
 from tesela.executor.piecewise.breakable import BreakablePiecewiseRunner
 from tesela.executor.piecewise.compiled import CompiledPiecewiseRunner
+from tesela.layers.norm import all_reduce_add_rms_norm
 
 COLUMNS = (
     "eager",
@@ -198,8 +199,9 @@ def run_on_ranks(fn, args: argparse.Namespace) -> int:
 
 
 def tensor_parallel_results(tp, runner, token_counts: list[int], graph_gib) -> dict:
-    """The all-reduce cost per layer (two per layer: after attention and after the MLP) at each
-    token count, and every rank's graph memory."""
+    """Per layer (two reductions: after attention and after the MLP) at each token count: the
+    plain all-reduce, and the all-reduce + residual add + RMSNorm the layers run (one kernel
+    where the group fuses it and the batch is decode-sized); every rank's graph memory."""
     if tp.size == 1:
         return {"tensor_parallel_size": 1}
     hidden = runner.config.model_config.hidden_size
@@ -211,21 +213,40 @@ def tensor_parallel_results(tp, runner, token_counts: list[int], graph_gib) -> d
             str(n): 2 * all_reduce_latency_us(tp, (n, hidden), runner.dtype, runner.device)
             for n in token_counts
         },
+        "all_reduce_add_norm_us_per_layer": {
+            str(n): 2 * all_reduce_add_norm_latency_us(tp, runner, n) for n in token_counts
+        },
         "graph_gib_per_rank": tp.all_gather_object(graph_gib),
     }
+
+
+def all_reduce_add_norm_latency_us(tp, runner, tokens: int) -> float:
+    """Median microseconds of one all-reduce + residual add + RMSNorm of `tokens` rows of the
+    model's width, as the decoder layers call it."""
+    hidden, eps = runner.config.model_config.hidden_size, runner.config.model_config.rms_norm_eps
+    x, residual = (
+        torch.zeros(tokens, hidden, dtype=runner.dtype, device=runner.device) for _ in range(2)
+    )
+    weight = torch.ones(hidden, dtype=runner.dtype, device=runner.device)
+    return collective_latency_us(
+        tp, lambda: all_reduce_add_rms_norm(x, residual, weight, eps, tp), runner.device
+    )
 
 
 def format_tensor_parallel(results: dict) -> list[str]:
     if results.get("tensor_parallel_size", 1) == 1:
         return []
-    per_layer = ", ".join(
-        f"n={n}: {us:.1f}" for n, us in results["all_reduce_us_per_layer"].items()
-    )
+
+    def per_layer(key: str) -> str:
+        return ", ".join(f"n={n}: {us:.1f}" for n, us in results.get(key, {}).items())
+
     return [
         f"tensor parallel size {results['tensor_parallel_size']}; all-reduce: "
         f"{results['all_reduce']}",
         f"all-reduce + add + norm: {results.get('all_reduce_add_norm', 'unfused')}",
-        f"all-reduce us per layer (2 per layer, captured in a CUDA graph on GPUs): {per_layer}",
+        "us per layer (2 per layer, captured in a CUDA graph on GPUs): all-reduce "
+        f"{per_layer('all_reduce_us_per_layer')}; all-reduce + add + norm "
+        f"{per_layer('all_reduce_add_norm_us_per_layer')}",
         f"graph memory per rank (GiB): {results['graph_gib_per_rank']}",
     ]
 

@@ -90,27 +90,32 @@ def run_spmd(
 def all_reduce_latency_us(
     tp: TPGroup, shape: tuple[int, ...], dtype: torch.dtype, device, repeat: int = 20
 ) -> float:
-    """Median microseconds of one in-place all-reduce of `shape` (0 for a single rank). On
-    CUDA the all-reduces are captured in a graph, as the decode and piecewise graphs run them,
-    so the figure excludes the host launch cost."""
+    """Median microseconds of one in-place all-reduce of `shape` (0 for a single rank)."""
+    x = torch.zeros(shape, dtype=dtype, device=device)
+    return collective_latency_us(tp, lambda: tp.all_reduce_(x), device, repeat)
+
+
+def collective_latency_us(tp: TPGroup, call: Callable[[], Any], device, repeat: int = 20) -> float:
+    """Median microseconds of one `call()` of a collective, on every rank at once (0 for a
+    single rank). On CUDA the calls are captured in a graph, as the decode and piecewise graphs
+    run them, so the figure excludes the host launch cost."""
     if tp.size == 1:
         return 0.0
-    x = torch.zeros(shape, dtype=dtype, device=device)
     device = torch.device(device)
     per_graph = 16
     if device.type == "cuda":
         for _ in range(3):
-            tp.all_reduce_(x)  # creates the NCCL communicator outside the capture
+            call()  # creates the NCCL communicator outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(per_graph):
-                tp.all_reduce_(x)
+                call()
         run = graph.replay
     else:
 
         def run() -> None:
             for _ in range(per_graph):
-                tp.all_reduce_(x)
+                call()
 
     times = []
     for _ in range(repeat):
