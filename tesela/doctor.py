@@ -57,6 +57,7 @@ def doctor_report(
         _illustration_section(settings),
         _launchers_section(),
         _pdl_section(info, device),
+        _tensor_parallel_section(info),
     ]
     return "\n\n".join(sections) + "\n"
 
@@ -86,6 +87,46 @@ def _pdl_section(info: DeviceInfo, requested: str | None) -> str:
 
     device = torch.device(requested or ("cuda" if info.kind == "cuda" else "cpu"))
     return f"programmatic dependent launch (PDL): {pdl.status(device)[1]}"
+
+
+def _tensor_parallel_section(info: DeviceInfo) -> str:
+    """What a tensor-parallel engine over every visible GPU (two CPU ranks on a CPU machine)
+    would pick for its all-reduces here, with the engine's defaults, and why: the same pure
+    choices every rank makes at start-up (distributed/custom_all_reduce.py)."""
+    from tesela.config import ParallelConfig
+    from tesela.distributed.custom_all_reduce import (
+        choose_all_reduce,
+        choose_all_reduce_add_norm,
+    )
+    from tesela.distributed.fused_all_reduce import kernel_interpreted
+
+    size = 2
+    if info.kind == "cuda":
+        import torch
+
+        size = torch.cuda.device_count()
+        if size < 2:
+            return f"tensor parallelism: {size} GPU visible, nothing to split a model over"
+    defaults = ParallelConfig()
+    plain = choose_all_reduce(
+        device_type=info.kind, world_size=size, enabled=defaults.custom_all_reduce, env=os.environ
+    )
+    fused = choose_all_reduce_add_norm(
+        device_type=info.kind,
+        world_size=size,
+        enabled=defaults.fused_all_reduce_add_norm,
+        env=os.environ,
+        interpreted=kernel_interpreted(),
+    )
+    lines = [
+        f"  all-reduce: {plain.kind} ({plain.reason})",
+        f"  decode batches' all-reduce + add + norm: {fused.kind} ({fused.reason})",
+    ]
+    if plain.kind == "symm_mem" or (fused.kind == "fused" and info.kind == "cuda"):
+        lines.append(
+            "  peer memory serves the first TP engine of a process; a later one keeps NCCL"
+        )
+    return f"tensor parallelism at size {size} (engine defaults)\n" + "\n".join(lines)
 
 
 def _versions_section() -> str:

@@ -69,3 +69,16 @@ def _installed(package: str) -> bool:
     from tesela.attention.policy import package_importable
 
     return package_importable(package)
+
+
+def test_report_says_what_tensor_parallelism_would_pick_and_why():
+    """Two CPU ranks: gloo for the plain all-reduce; the fused all-reduce + add + norm where
+    the kernel runs (under the interpreter, as in this suite), else gloo and the norm."""
+    from tesela.distributed.fused_all_reduce import kernel_interpreted
+
+    section = doctor_report("cpu").split("tensor parallelism at size 2 (engine defaults)\n")[1]
+    assert "  all-reduce: gloo (CPU ranks reduce over gloo)" in section
+    fused = "fused (CPU ranks: the fused kernel under the Triton interpreter)"
+    unfused = "unfused (CPU ranks reduce over gloo)"
+    want = fused if kernel_interpreted() else unfused
+    assert f"  decode batches' all-reduce + add + norm: {want}" in section

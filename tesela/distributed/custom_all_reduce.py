@@ -20,8 +20,12 @@ Off by default: inside a whole llama-3-8b decode step at TP=2 it measured no fas
 NCCL (2 x H200, runs interleaved: batch 1 4.135 / 3.904 ms against 3.905 / 3.913; batch 32
 4.649 / 4.415 against 4.409 / 4.398), though faster alone (per layer 15-16 us against 20-22 at
 1 token). `--custom-all-reduce` turns it on, as an experiment: in one GPU run with it on by
-default, the TP engine tests with piecewise graphs failed and the FULL mixed one hung (the
-cause was not found: the log was cut), while the kernel test against NCCL passes.
+default, the TP engine tests with piecewise graphs failed and the FULL mixed one hung, while
+the kernel test against NCCL passes. The likely cause, found later with the fused all-reduce
+(fused_all_reduce.py): those tests started several TP engines in one process, and torch
+numbers a process's symmetric-memory rendezvous for the life of the process, so a later
+engine's rank 0 never met its fresh workers. The ranks now compare their rendezvous counts
+first and keep NCCL where they differ (group.py).
 
 The kernels synchronise through signal pads, never through the host, so they run inside
 CUDA graphs; every rank must issue the same reductions in the same order, which the graph
