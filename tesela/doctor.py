@@ -119,8 +119,8 @@ def _tensor_parallel_section(info: DeviceInfo) -> str:
         interpreted=kernel_interpreted(),
     )
     lines = [
-        f"  all-reduce: {plain.kind} ({plain.reason})",
-        f"  decode batches' all-reduce + add + norm: {fused.kind} ({fused.reason})",
+        f"  all-reduce: {plain}",
+        f"  decode batches' all-reduce + add + norm: {fused}",
     ]
     if plain.kind == "symm_mem" or (fused.kind == "fused" and info.kind == "cuda"):
         lines.append(

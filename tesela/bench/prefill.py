@@ -207,8 +207,8 @@ def tensor_parallel_results(tp, runner, token_counts: list[int], graph_gib) -> d
     hidden = runner.config.model_config.hidden_size
     return {
         "tensor_parallel_size": tp.size,
-        "all_reduce": f"{tp.all_reduce.kind} ({tp.all_reduce.reason})",
-        "all_reduce_add_norm": (f"{tp.all_reduce_add_norm.kind} ({tp.all_reduce_add_norm.reason})"),
+        "all_reduce": str(tp.all_reduce),
+        "all_reduce_add_norm": str(tp.all_reduce_add_norm),
         "all_reduce_us_per_layer": {
             str(n): 2 * all_reduce_latency_us(tp, (n, hidden), runner.dtype, runner.device)
             for n in token_counts

@@ -54,8 +54,11 @@ MAX_WORLD_SIZE = 8  # one NVLink domain of one host
 class AllReduceChoice:
     """Which all-reduce a group uses for small messages, and why."""
 
-    kind: str  # "symm_mem" | "nccl" | "gloo"
+    kind: str  # "symm_mem" | "nccl" | "gloo"; "fused" | "unfused" for the add + norm
     reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.reason})"
 
 
 def _peer_memory_refusal(world_size: int, env: Mapping[str, str]) -> str | None:

@@ -80,10 +80,8 @@ class TPGroup:
         fused = _ALL_REDUCE_ADD_NORM.get(self.name)
         return {
             "size": self.size,
-            "all_reduce": f"{self.all_reduce.kind} ({self.all_reduce.reason})",
-            "all_reduce_add_norm": (
-                f"{self.all_reduce_add_norm.kind} ({self.all_reduce_add_norm.reason})"
-            ),
+            "all_reduce": str(self.all_reduce),
+            "all_reduce_add_norm": str(self.all_reduce_add_norm),
             "fused_all_reduce_add_norm_launches": 0 if fused is None else fused.launches,
         }
 
@@ -231,7 +229,7 @@ def _set_up_all_reduce(
         process_group = group.process_group
         _CUSTOM_ALL_REDUCE[group.name] = SymmMemAllReduce(process_group.group_name, device)
     if group.rank == 0:
-        logger.info("tensor-parallel all-reduce: %s (%s)", choice.kind, choice.reason)
+        logger.info("tensor-parallel all-reduce: %s", choice)
     return choice
 
 
@@ -250,19 +248,21 @@ def _set_up_all_reduce_add_norm(
     kinds = group.all_gather_object(choice.kind)
     if choice.kind == "fused" and any(kind != "fused" for kind in kinds):
         choice = AllReduceChoice("unfused", f"not every rank can fuse ({kinds})")
-    on_gpus = choice.kind == "fused" and device.type == "cuda"
-    if on_gpus and (blocked := _symmetric_memory_blocked(group)):
+    on_gpus = device.type == "cuda"
+    if choice.kind == "fused" and on_gpus and (blocked := _symmetric_memory_blocked(group)):
         choice = AllReduceChoice("unfused", blocked)
-    if choice.kind == "fused" and device.type == "cuda":
-        _ALL_REDUCE_ADD_NORM[group.name] = AllReduceAddNorm.over_symmetric_memory(
-            group.process_group.group_name, device, group.cpu_group
-        )
-    elif choice.kind == "fused":
-        _ALL_REDUCE_ADD_NORM[group.name] = AllReduceAddNorm.over_shared_memory(
-            group.rank, group.size, group.all_gather_object
+    if choice.kind == "fused":
+        _ALL_REDUCE_ADD_NORM[group.name] = (
+            AllReduceAddNorm.over_symmetric_memory(
+                group.process_group.group_name, device, group.cpu_group
+            )
+            if on_gpus
+            else AllReduceAddNorm.over_shared_memory(
+                group.rank, group.size, group.all_gather_object
+            )
         )
     if group.rank == 0:
-        logger.info("tensor-parallel all-reduce + add + norm: %s (%s)", choice.kind, choice.reason)
+        logger.info("tensor-parallel all-reduce + add + norm: %s", choice)
     return choice
 
 
