@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tesela.distributed.fused_all_reduce import MAX_ROWS
+
 logger = logging.getLogger("tesela.distributed")
 
 ONE_SHOT_MAX_BYTES = 256 << 10
@@ -123,7 +125,7 @@ def choose_all_reduce_add_norm(
         return AllReduceChoice("unfused", refusal)
     return AllReduceChoice(
         "fused",
-        "decode batches (<= 16 tokens): all-reduce, residual add and RMSNorm in one kernel "
+        f"decode batches (<= {MAX_ROWS} tokens): all-reduce, residual add and RMSNorm in one kernel "
         "over NVLink peer memory; NCCL then the fused add + norm above",
     )
 

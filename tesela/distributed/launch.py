@@ -10,6 +10,7 @@ all-reduce of a given shape, as the model's layers issue it (inside a CUDA graph
 
 from __future__ import annotations
 
+import functools
 import gc
 import multiprocessing as mp
 import statistics
@@ -97,35 +98,48 @@ def all_reduce_latency_us(
 
 def collective_latency_us(tp: TPGroup, call: Callable[[], Any], device, repeat: int = 20) -> float:
     """Median microseconds of one `call()` of a collective, on every rank at once (0 for a
-    single rank). On CUDA the calls are captured in a graph, as the decode and piecewise graphs
-    run them, so the figure excludes the host launch cost."""
+    single rank). On CUDA the calls are captured in graphs, as the decode and piecewise graphs
+    run them. The figure is the difference between a long and a short chain of calls, per
+    extra call: what the chains share cancels out, the graph launch and the skew between the
+    ranks' starts (the first call of a chain waits for the last rank to arrive)."""
     if tp.size == 1:
         return 0.0
     device = torch.device(device)
-    per_graph = 16
+    short, long = 4, 36
+    runs = {}
     if device.type == "cuda":
         for _ in range(3):
             call()  # creates the NCCL communicator outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(per_graph):
-                call()
-        run = graph.replay
+        graphs = []
+        for length in (short, long):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(length):
+                    call()
+            graphs.append(graph)
+            runs[length] = graph.replay
     else:
+        for length in (short, long):
+            runs[length] = functools.partial(_call_repeatedly, call, length)
 
-        def run() -> None:
-            for _ in range(per_graph):
-                call()
-
-    times = []
-    for _ in range(repeat):
+    def seconds(length: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        run()
+        runs[length]()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) / per_graph * 1e6)
+        return time.perf_counter() - start
+
+    differences = []
+    for _ in range(repeat):
+        differences.append((seconds(long) - seconds(short)) / (long - short) * 1e6)
     if device.type == "cuda":
-        graph.reset()  # it holds collectives: gone before the group is left
-    return statistics.median(times)
+        for graph in graphs:
+            graph.reset()  # they hold collectives: gone before the group is left
+    return max(statistics.median(differences), 0.0)
+
+
+def _call_repeatedly(call: Callable[[], Any], times: int) -> None:
+    for _ in range(times):
+        call()
