@@ -32,8 +32,7 @@ after it read this rank's push of call k + 1; that push comes from a later kerne
 clear, and a kernel starts its pushes only after the grids before it completed and their
 writes became visible (the PDL wait). A third slot is what buys that kernel boundary: with two,
 the clear and the push that lets peers reuse the slot sit in one kernel, and need a
-system-scope fence between them (about a microsecond on every call). The loads that do not
-depend on the producer (buffer addresses, the norm weight) are issued before the PDL wait.
+system-scope fence between them (about a microsecond on every call).
 
 Where it applies (`fits`): CUDA tensors on one host, at most `MAX_ROWS` token rows (decode
 batches; larger batches are bandwidth-bound and NCCL's ring is the right tool), and the row
@@ -113,11 +112,10 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         dtype = x_ptr.dtype.element_ty
-        # What does not depend on the producer, loaded while it finishes.
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: loaded while the producer ends
+        grid_dependency_sync(PDL)
         own = tl.load(buffers_ptr + rank).to(tl.pointer_type(WORD))
         abort_at = tl.load(buffers_ptr + WORLD).to(tl.pointer_type(tl.int32))
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        grid_dependency_sync(PDL)
         call = tl.load(counters_ptr + row)
         slot, cleared = call % SLOT_COUNT, (call + SLOT_COUNT - 1) % SLOT_COUNT
         rows_of = WORLD * ROWS * COLS  # words per slot
