@@ -749,7 +749,7 @@ MUTATIONS = {
         "axis=0) < 0) & (aborted == 0):\n",
         [FUSED_AR_TESTS + "::test_every_rank_gets_the_same_reduced_add_norm"],
     ),
-    "a fused all-reduce rank leaves the other slot's rows written": (
+    "a fused all-reduce rank leaves the rows it read last call written": (
         FUSED_AR,
         "            tl.store(own + place + cols, unwritten, mask=mask)\n",
         "",
