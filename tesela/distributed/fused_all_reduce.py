@@ -54,8 +54,8 @@ import torch
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 
 # Decode-sized batches: one program per row. Above 16 rows kernels launch without PDL
-# (tesela/core/pdl.py), yet at 32 rows the kernel still beat NCCL + add-norm (llama-3-8b TP=2
-# decode step at batch 32 on 2 x H200: 4.45 ms against 4.65 with NCCL).
+# (tesela/core/pdl.py), yet at 32 rows the kernel still beats NCCL + add-norm (llama-3-8b TP=2
+# decode step at batch 32 on 2 x H200: 4.23-4.28 ms against 4.41-4.56 with NCCL).
 MAX_ROWS = 32
 MAX_COLS = 16384  # hidden sizes up to this
 MAX_WORLD = 8
