@@ -125,8 +125,8 @@ def choose_all_reduce_add_norm(
         return AllReduceChoice("unfused", refusal)
     return AllReduceChoice(
         "fused",
-        f"decode batches (<= {MAX_ROWS} tokens): all-reduce, residual add and RMSNorm in one kernel "
-        "over NVLink peer memory; NCCL then the fused add + norm above",
+        f"decode batches (<= {MAX_ROWS} tokens): all-reduce, residual add and RMSNorm in one "
+        "kernel over NVLink peer memory; NCCL then the fused add + norm above",
     )
 
 

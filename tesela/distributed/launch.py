@@ -10,7 +10,6 @@ all-reduce of a given shape, as the model's layers issue it (inside a CUDA graph
 
 from __future__ import annotations
 
-import functools
 import gc
 import multiprocessing as mp
 import statistics
@@ -106,40 +105,32 @@ def collective_latency_us(tp: TPGroup, call: Callable[[], Any], device, repeat: 
         return 0.0
     device = torch.device(device)
     short, long = 4, 36
-    runs = {}
+
+    def chain(length: int) -> None:
+        for _ in range(length):
+            call()
+
+    graphs = {}
     if device.type == "cuda":
-        for _ in range(3):
-            call()  # creates the NCCL communicator outside the capture
-        graphs = []
+        chain(3)  # creates the NCCL communicator outside the capture
         for length in (short, long):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(length):
-                    call()
-            graphs.append(graph)
-            runs[length] = graph.replay
-    else:
-        for length in (short, long):
-            runs[length] = functools.partial(_call_repeatedly, call, length)
+            graphs[length] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[length]):
+                chain(length)
 
     def seconds(length: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        runs[length]()
+        if graphs:
+            graphs[length].replay()
+        else:
+            chain(length)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    differences = []
-    for _ in range(repeat):
-        differences.append((seconds(long) - seconds(short)) / (long - short) * 1e6)
-    if device.type == "cuda":
-        for graph in graphs:
-            graph.reset()  # they hold collectives: gone before the group is left
+    differences = [(seconds(long) - seconds(short)) / (long - short) * 1e6 for _ in range(repeat)]
+    for graph in graphs.values():
+        graph.reset()  # they hold collectives: gone before the group is left
     return max(statistics.median(differences), 0.0)
-
-
-def _call_repeatedly(call: Callable[[], Any], times: int) -> None:
-    for _ in range(times):
-        call()
