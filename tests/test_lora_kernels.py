@@ -112,6 +112,8 @@ TILED = {
     "sgmv_split_13": (200, (0, 24), LoRATiles(16, 16, 16, 13)),  # one 16-wide step per plane
     "sgmv_split_6_is_5": (200, (0, 40, 64), LoRATiles(16, 32, 16, 6)),  # 3 steps each: 5 used
     "sgmv_unsplit": (72, (0, 40, 64), LoRATiles(32, 16, 16, 1)),
+    # One expand program per (token block, slice) walks all its column tiles (40 = 16+16+8).
+    "sgmv_column_walk": (200, (0, 40, 64), LoRATiles(16, 16, 16, 4, expand_programs=1)),
 }
 
 
@@ -158,6 +160,22 @@ def test_k_splits_cover_k_once_and_each_owns_a_step(in_features, split_k):
     assert all(lo < hi for lo, hi in ranges)
     assert ranges[0][0] == 0 and ranges[-1][1] == in_features
     assert all(ranges[i][1] == ranges[i + 1][0] for i in range(splits - 1))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 16, 100, 1024, 8192])
+@pytest.mark.parametrize("slices", [(2048, 1024, 1024), (3072, 3072), (1024,)])
+def test_expand_programs_cover_every_column_in_whole_tiles(num_tokens, slices):
+    """The expand's column ranges are whole BLOCK_N tiles that cover the widest slice; large
+    batches get several tiles per program (fewer programs), small ones a tile each."""
+    tiles = sgmv_tiles(num_tokens, 1024, max(slices), len(slices))
+    columns = tiles.expand_columns(num_tokens, max(slices), len(slices))
+    programs = -(-num_tokens // tiles.block_m) * -(-max(slices) // columns) * len(slices)
+    assert columns % tiles.block_n == 0 and columns >= tiles.block_n
+    assert -(-max(slices) // columns) * columns >= max(slices) > (-(-max(slices) // columns) - 1) * columns
+    if num_tokens <= 16:
+        assert columns == tiles.block_n
+    if num_tokens >= 1024:
+        assert programs <= 2 * tiles.expand_programs
 
 
 def test_a_tokens_sum_order_depends_on_the_shape_alone():

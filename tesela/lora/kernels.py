@@ -12,7 +12,8 @@ Two styles read the same persistent buffers of the per-batch LoRA state:
   segments is served and none is skipped. The shrink is split over K (`split_k` programs per
   block and slice, each writing its partial sums to its own plane of `s`; no atomics) so that a
   prefill fills the GPU instead of walking K=1024..3072 serially in a few dozen programs; the
-  expand adds the planes up in order.
+  expand adds the planes up in order, each program walking several column tiles of its token
+  block (`LoRATiles.expand_columns`) so its segment lookups are paid once.
 - `gather` (decode): one fused launch per target. Program (token, column block, slice) reads
   its slot from `token_slot`, loads its B and y columns, recomputes its token's s (A is 16 x K:
   small; K in steps of a few unrolled chunks whose loads are in flight together) and adds its
@@ -98,7 +99,8 @@ def _kernels():
     def expand_sgmv(
         s_ptr, b_ptr, y_ptr, slice_off_ptr, token_seg_ptr, seg_start_ptr, seg_slot_ptr,
         ranks_ptr, scalings_ptr,
-        num_tokens, stride_s_split, stride_sm, stride_b_slot, stride_b_row, stride_ym,
+        num_tokens, columns_per_program, stride_s_split, stride_sm, stride_b_slot, stride_b_row,
+        stride_ym,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
         PDL: tl.constexpr,
@@ -109,10 +111,14 @@ def _kernels():
         size = tl.load(slice_off_ptr + j + 1) - offset
         m_start = pid_m * BLOCK_M
         m_end = tl.minimum(m_start + BLOCK_M, num_tokens)
-        if pid_n * BLOCK_N < size:
+        col_lo = pid_n * columns_per_program
+        if col_lo < size:
+            # A program resolves its token block's segments once, then walks its columns in
+            # BLOCK_N tiles: the loads of y and B of one tile are independent of the last
+            # tile's, so the loop pipelines them (a program per tile spent most of its time in
+            # the chain of segment lookups before its first load).
+            col_hi = tl.minimum(col_lo + columns_per_program, size)
             rows = m_start + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_mask = cols < size
             r = tl.arange(0, BLOCK_R)
             seg = tl.load(token_seg_ptr + m_start)
             seg_lo = tl.load(seg_start_ptr + seg)
@@ -130,23 +136,23 @@ def _kernels():
                             s_ptr + split * stride_s_split + s_offs,
                             mask=row_mask[:, None], other=0.0,
                         )  # fmt: skip
-                    b_offs = (
-                        slot.to(tl.int64) * stride_b_slot
-                        + (offset + cols)[None, :].to(tl.int64) * stride_b_row
-                        + r[:, None]
-                    )
-                    bt = tl.load(
-                        b_ptr + b_offs, mask=(r < rank)[:, None] & col_mask[None, :], other=0.0
-                    )
-                    if IEEE:
-                        delta = tl.dot(st, bt.to(tl.float32), input_precision="ieee")
-                    else:
-                        delta = tl.dot(st.to(bt.dtype), bt)
-                    y_offs = rows[:, None].to(tl.int64) * stride_ym + (offset + cols)[None, :]
-                    mask = row_mask[:, None] & col_mask[None, :]
-                    y = tl.load(y_ptr + y_offs, mask=mask, other=0.0)
-                    out = y.to(tl.float32) + delta * scaling
-                    tl.store(y_ptr + y_offs, out.to(y.dtype), mask=mask)
+                    b_base = b_ptr + slot.to(tl.int64) * stride_b_slot + r[:, None]
+                    for n0 in range(col_lo, col_hi, BLOCK_N):
+                        cols = n0 + tl.arange(0, BLOCK_N)
+                        col_mask = cols < col_hi
+                        bt = tl.load(
+                            b_base + (offset + cols)[None, :].to(tl.int64) * stride_b_row,
+                            mask=(r < rank)[:, None] & col_mask[None, :], other=0.0,
+                        )  # fmt: skip
+                        y_offs = rows[:, None].to(tl.int64) * stride_ym + (offset + cols)[None, :]
+                        mask = row_mask[:, None] & col_mask[None, :]
+                        y = tl.load(y_ptr + y_offs, mask=mask, other=0.0)
+                        if IEEE:
+                            delta = tl.dot(st, bt.to(tl.float32), input_precision="ieee")
+                        else:
+                            delta = tl.dot(st.to(bt.dtype), bt)
+                        out = y.to(tl.float32) + delta * scaling
+                        tl.store(y_ptr + y_offs, out.to(y.dtype), mask=mask)
                 seg += 1
                 seg_lo = seg_hi
 
@@ -256,10 +262,11 @@ def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATi
         BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r, IEEE=ieee,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_kwargs(x.device, num_tokens),
     )  # fmt: skip
-    expand_sgmv[(m_blocks, -(-max_slice_size // tiles.block_n), num_slices)](
+    columns = tiles.expand_columns(num_tokens, max_slice_size, num_slices)
+    expand_sgmv[(m_blocks, -(-max_slice_size // columns), num_slices)](
         s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
         state.ranks, state.scalings,
-        num_tokens, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
+        num_tokens, columns, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
         SPLIT_K=split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
         IEEE=ieee, num_warps=tiles.expand_warps, num_stages=tiles.num_stages,
         **launch_kwargs(x.device, num_tokens),

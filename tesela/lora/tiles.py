@@ -63,6 +63,7 @@ class LoRATiles:
     num_stages: int = 3
     max_unroll: int = 4  # gather: K chunks whose loads are in flight together
     expand_warps: int = 8  # sgmv: the expand (a 32 x 128 tile of y needs ~250 registers at 4)
+    expand_programs: int = 512  # sgmv: expand programs to aim for (`expand_columns`)
 
     def k_per_split(self, in_features: int) -> int:
         """Each split's share of K, whole BLOCK_K steps (the last split takes what is left)."""
@@ -76,6 +77,17 @@ class LoRATiles:
         chunks = -(-in_features // self.block_k)
         steps = -(-chunks // self.max_unroll)
         return -(-chunks // steps)
+
+    def expand_columns(self, num_tokens: int, max_slice_size: int, num_slices: int) -> int:
+        """sgmv: output columns per expand program, whole BLOCK_N tiles. Programs take several
+        tiles where the grid would otherwise exceed about `expand_programs` (a few per SM), so
+        each resolves its segments once and pipelines its tiles' loads; small batches keep a
+        tile per program for parallelism. The columns do not change any sum (each element of y
+        gets one dot over the rank)."""
+        tiles = -(-max_slice_size // self.block_n)
+        others = -(-num_tokens // self.block_m) * num_slices
+        groups = max(1, min(tiles, -(-self.expand_programs // others)))
+        return -(-tiles // groups) * self.block_n
 
     def num_splits(self, in_features: int) -> int:
         """Splits that own at least one K step (no program without work)."""

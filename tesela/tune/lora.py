@@ -50,12 +50,16 @@ def gather_candidates(default: LoRATiles) -> list[LoRATiles]:
 
 
 def sgmv_candidates(default: LoRATiles, stage: int, best=None) -> list[LoRATiles]:
-    """Stage 0: the token block and the shrink's warps; stage 1: the expand's columns and
-    warps and the pipeline depth, around the best of stage 0. Never the K step or the splits
-    (the sum order), nor token blocks past 32 (tl.dot would take other MMA instructions)."""
+    """Stage 0: the token block and the shrink's warps; stage 1: the expand's column tiles,
+    warps, programs and the pipeline depth, around the best of stage 0. Never the K step or
+    the splits (the sum order), nor token blocks past 32 (tl.dot would take other MMA
+    instructions)."""
     if stage == 1:
-        grid = itertools.product((64, 128, 256), (2, 3, 4), (4, 8))
-        return [replace(best, block_n=n, num_stages=s, expand_warps=w) for n, s, w in grid]
+        grid = itertools.product((64, 128, 256), (2, 3, 4), (4, 8), (256, 512, 1024))
+        return [
+            replace(best, block_n=n, num_stages=s, expand_warps=w, expand_programs=p)
+            for n, s, w, p in grid
+        ]
     grid = itertools.product((16, 32), (2, 4, 8))
     return [default] + [replace(default, block_m=m, num_warps=w) for m, w in grid]
 
