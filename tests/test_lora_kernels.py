@@ -171,7 +171,11 @@ def test_expand_programs_cover_every_column_in_whole_tiles(num_tokens, slices):
     columns = tiles.expand_columns(num_tokens, max(slices), len(slices))
     programs = -(-num_tokens // tiles.block_m) * -(-max(slices) // columns) * len(slices)
     assert columns % tiles.block_n == 0 and columns >= tiles.block_n
-    assert -(-max(slices) // columns) * columns >= max(slices) > (-(-max(slices) // columns) - 1) * columns
+    assert (
+        -(-max(slices) // columns) * columns
+        >= max(slices)
+        > (-(-max(slices) // columns) - 1) * columns
+    )
     if num_tokens <= 16:
         assert columns == tiles.block_n
     if num_tokens >= 1024:

@@ -147,6 +147,19 @@ def test_launches_over_more_tokens_than_max_tokens_never_use_pdl(monkeypatch):
     assert not pdl.enabled_on(0, pdl.MAX_TOKENS + 1)
 
 
+def test_the_fused_all_reduce_uses_pdl_only_up_to_the_rows_it_was_measured_at(monkeypatch):
+    """The bound is 64 tokens; the fused all-reduce kernel keeps PDL to 16 rows (its two-card
+    tests ran there), though it serves up to 32."""
+    from tesela.distributed import fused_all_reduce as far
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(pdl, "_device_status", lambda index: (True, "on: compute capability 9.0"))
+    assert far.PDL_ROWS < far.MAX_ROWS <= pdl.MAX_TOKENS
+    assert pdl.launch_kwargs(cuda, far._pdl_tokens(far.PDL_ROWS))["PDL"]
+    assert pdl.launch_kwargs(cuda, far._pdl_tokens(far.PDL_ROWS + 1)) == {"PDL": False}
+    assert pdl.launch_kwargs(cuda, far.PDL_ROWS + 1)["PDL"]  # other kernels: up to MAX_TOKENS
+
+
 def test_forced_scopes_refuse_nesting_and_restore():
     with pdl.forced(False), pytest.raises(RuntimeError, match="do not nest"), pdl.forced(True):
         pass

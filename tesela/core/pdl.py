@@ -21,10 +21,13 @@ The contract, kept by construction:
 - Kernels that are not Triton (cuBLAS, PyTorch ops, NCCL) launch as always and wait for the
   whole previous grid: mixing them in is always safe, they just gain nothing.
 
-PDL is used for launches of at most MAX_TOKENS tokens: small decode steps, a chain of short
-kernels where the boundaries are a large part of the step. Larger steps launch as before: on an
-H100, 1024- and 4096-token prefills ran 8-12% slower with PDL (the next kernel's programs held
-SM resources while they waited), where batch-1 decode ran 8-25% faster with it.
+PDL is used for launches of at most MAX_TOKENS tokens: decode steps up to batch 64 and short
+prefills, chains of short kernels where the boundaries are a large part of the step. Larger
+steps launch as before: on an H100, 1024- and 4096-token prefills ran 8-12% slower with PDL (the
+next kernel's programs held SM resources while they waited), where batch-1 decode ran 8-25%
+faster with it. Raising the bound from 16 to 64 tokens (H200, qwen3-0.6b) made the batch-32
+decode graph 3-14% faster and 32/64-token prefills 4% faster as whole graphs, 11% as FULL
+mixed graphs (docs/bench-results.md).
 
 On by default where the device supports it (compute capability 9.0 or later, a Triton that has
 `launch_pdl`, not the interpreter); `TESELA_PDL=0` turns it off. `status(device)` says which
@@ -46,7 +49,7 @@ try:
 except ImportError:  # triton is optional on CPU: nothing launches then
     triton = None
 
-MAX_TOKENS = 16  # launches over more tokens than this never use PDL (module docstring)
+MAX_TOKENS = 64  # launches over more tokens than this never use PDL (module docstring)
 
 _forced: bool | None = None  # set only inside `forced(...)`
 

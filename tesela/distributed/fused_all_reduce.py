@@ -47,24 +47,35 @@ shared-memory buffers (tests/test_fused_all_reduce.py).
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import torch
 
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 
-# Decode-sized batches: one program per row. Above 16 rows kernels launch without PDL
-# (tesela/core/pdl.py), yet at 32 rows the kernel still beats NCCL + add-norm (llama-3-8b TP=2
-# decode step at batch 32 on 2 x H200: 4.23-4.28 ms against 4.41-4.56 with NCCL).
+# Decode-sized batches: one program per row. At 32 rows the kernel still beats NCCL + add-norm
+# (llama-3-8b TP=2 decode step at batch 32 on 2 x H200: 4.23-4.28 ms against 4.41-4.56 with
+# NCCL, measured with PDL up to 16 rows).
 MAX_ROWS = 32
+# This kernel launches with PDL (tesela/core/pdl.py) up to PDL_ROWS rows only: its two-card
+# tests and timings ran with PDL at those counts, and no further.
+PDL_ROWS = 16
 MAX_COLS = 16384  # hidden sizes up to this
 MAX_WORLD = 8
+
 # How long a rank waits for a peer's row before it also watches the host's abort flag.
 POLL_AFTER_NS = 1_000_000
 SLOTS = 3
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Bits of the canonical quiet NaN a pushed all-ones word becomes, per word size.
 CANONICAL_NAN = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00, torch.float32: 0x7FC00000}
+
+
+def _pdl_tokens(rows: int) -> int:
+    """The token count this kernel's launch asks PDL about: above PDL_ROWS, one no launch gets
+    PDL for."""
+    return rows if rows <= PDL_ROWS else sys.maxsize
 
 
 def buffer_bytes(world: int) -> int:
@@ -268,6 +279,6 @@ class AllReduceAddNorm:
             self.rank, n, x.stride(0), residual.stride(0), eps, CANONICAL_NAN[x.dtype],
             WORLD=self.world, SLOT_COUNT=SLOTS, ROWS=MAX_ROWS, COLS=MAX_COLS, WORD=word, BLOCK=block,
             COMPILED=not kernel_interpreted(), POLL_NS=POLL_AFTER_NS,
-            num_warps=4 if n <= 2048 else 8, **launch_kwargs(x.device, m),
+            num_warps=4 if n <= 2048 else 8, **launch_kwargs(x.device, _pdl_tokens(m)),
         )  # fmt: skip
         return out, new_residual
