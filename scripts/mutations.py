@@ -303,6 +303,12 @@ MUTATIONS = {
         "for split in tl.static_range(1):",
         LORA_KERNEL_TESTS,
     ),
+    "LoRA sgmv expand walks only a program's first column tile": (
+        KERNELS,
+        "for n0 in range(col_lo, col_hi, BLOCK_N):",
+        "for n0 in range(col_lo, col_lo + BLOCK_N, BLOCK_N):",
+        LORA_KERNEL_TESTS,
+    ),
     "LoRA fused decode kernel's K steps skip a chunk": (
         KERNELS,
         "for k0 in range(0, K, K_UNROLL * BLOCK_K):",
@@ -760,6 +766,15 @@ MUTATIONS = {
         "                    aborted = tl.load(abort_at, volatile=True)\n",
         "                    aborted = tl.load(abort_at, volatile=True) * 0\n",
         [FUSED_AR_TESTS + "::test_abort_ends_a_wait_for_a_peer_that_never_pushes"],
+    ),
+    "the fused all-reduce launches with PDL past the rows its two-card tests ran at": (
+        FUSED_AR,
+        "    return rows if rows <= PDL_ROWS else sys.maxsize\n",
+        "    return rows\n",
+        [
+            "tests/test_pdl.py::"
+            "test_the_fused_all_reduce_uses_pdl_only_up_to_the_rows_it_was_measured_at"
+        ],
     ),
     "peer memory is set up although rank 0 made more rendezvous than its workers": (
         "tesela/distributed/group.py",
