@@ -162,7 +162,7 @@ def test_k_splits_cover_k_once_and_each_owns_a_step(in_features, split_k):
     assert all(ranges[i][1] == ranges[i + 1][0] for i in range(splits - 1))
 
 
-@pytest.mark.parametrize("num_tokens", [1, 16, 100, 1024, 8192])
+@pytest.mark.parametrize("num_tokens", [0, 1, 16, 100, 1024, 8192])
 @pytest.mark.parametrize("slices", [(2048, 1024, 1024), (3072, 3072), (1024,)])
 def test_expand_programs_cover_every_column_in_whole_tiles(num_tokens, slices):
     """The expand's column ranges are whole BLOCK_N tiles that cover the widest slice; large

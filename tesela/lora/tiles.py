@@ -85,7 +85,7 @@ class LoRATiles:
         tile per program for parallelism. The columns do not change any sum (each element of y
         gets one dot over the rank)."""
         tiles = -(-max_slice_size // self.block_n)
-        others = -(-num_tokens // self.block_m) * num_slices
+        others = max(1, -(-num_tokens // self.block_m) * num_slices)
         groups = max(1, min(tiles, -(-self.expand_programs // others)))
         return -(-tiles // groups) * self.block_n
 
