@@ -26,7 +26,7 @@ prefills, chains of short kernels where the boundaries are a large part of the s
 steps launch as before: on an H100, 1024- and 4096-token prefills ran 8-12% slower with PDL (the
 next kernel's programs held SM resources while they waited), where batch-1 decode ran 8-25%
 faster with it. Raising the bound from 16 to 64 tokens (H200, qwen3-0.6b) made the batch-32
-decode graph 3-14% faster and 32/64-token prefills 4% faster as whole graphs, 11% as FULL
+decode graph 2-14% faster and 32/64-token prefills 4% faster as whole graphs, 11% as FULL
 mixed graphs (docs/bench-results.md).
 
 On by default where the device supports it (compute capability 9.0 or later, a Triton that has
