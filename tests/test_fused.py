@@ -76,10 +76,11 @@ def test_silu_and_mul(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qk_norm", [True, False])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (40, 8, 64)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (44, 8, 64)])
 def test_qk_norm_rope_matches_norm_then_rotary(dtype, qk_norm, heads, kv_heads, dim):
-    """One launch for q/k norm + rotary equals the two separate steps it replaces. 40 + 8
-    heads of 64 take two programs per token, the second holding q's last heads and k's."""
+    """One launch for q/k norm + rotary equals the two separate steps it replaces. 44 + 8
+    heads of 64 take seven programs of QK_HEADS = 8 heads per token, the sixth holding q's
+    last heads and k's first; 4 + 2 take one, with two rows masked."""
     torch.manual_seed(4)
     tokens = 6
     rotary = RotaryEmbedding(dim, 256, 10000.0, RopeScaling())

@@ -35,6 +35,9 @@ from tesela.core.recording import recording_ops
 _DISABLED = False  # tests flip this to compare fused and unfused paths
 _ON_CPU = False  # tests run the kernels on CPU tensors (under TRITON_INTERPRET=1)
 _OPAQUE = False  # a trace in progress records the kernels as tesela:: custom ops
+# Heads per program of the q/k norm + rotary kernel. Fixed (by the model's head counts only),
+# so a token's rows come out the same in any batch, eager or replayed.
+QK_HEADS = 8
 
 
 def set_fused_enabled(enabled: bool, *, on_cpu: bool = False) -> None:
@@ -174,67 +177,80 @@ def _kernels():
         qkv_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_ptr, cos_sin_ptr, pos_ptr,
         num_heads, num_kv_heads, stride_token, stride_cache_kind, stride_cache_pos, eps,
         pool_pointers_ptr, layer, slots_ptr, num_slots,
-        HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, STORE: tl.constexpr,
+        HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
+        STORE: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
         grid_dependency_sync(PDL)
-        # One program per (token, head) over q's heads then k's: q and k are adjacent in qkv.
-        # With STORE, a k head's program also writes its rotated K and the V head (after k's
-        # heads in qkv) into the layer's KV pools at the token's slot (tokens < num_slots only);
-        # the pools' addresses are read from the pointer table, as the kernel runs.
-        token, head = tl.program_id(0), tl.program_id(1)
-        is_q = head < num_heads
+        # One program per (token, block of HEADS heads) over q's heads then k's (adjacent in
+        # qkv): a [HEADS, head_dim] tile, the token's position and cos/sin loaded once. (A
+        # program per (token, head) left most lanes idle and made a prefill latency-bound.)
+        # With STORE, the k rows also write their rotated K, and the V head after k's heads
+        # in qkv, into the layer's KV pools at the token's slot (tokens < num_slots only); the
+        # pools' addresses are read from the pointer table, as the kernel runs.
+        token = tl.program_id(0)
+        heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
         cols = tl.arange(0, BLOCK)
-        mask = cols < HALF
-        base = token.to(tl.int64) * stride_token + head * (2 * HALF)
-        x1 = tl.load(qkv_ptr + base + cols, mask=mask, other=0.0)
-        x2 = tl.load(qkv_ptr + base + HALF + cols, mask=mask, other=0.0)
+        half = cols < HALF
+        is_q = heads < num_heads
+        is_k = (heads >= num_heads) & (heads < num_heads + num_kv_heads)
+        mask = (is_q | is_k)[:, None] & half[None, :]
+        base = token.to(tl.int64) * stride_token + heads[:, None] * (2 * HALF) + cols[None, :]
+        x1 = tl.load(qkv_ptr + base, mask=mask, other=0.0)
+        x2 = tl.load(qkv_ptr + base + HALF, mask=mask, other=0.0)
         dtype = x1.dtype
         if STORE:  # the store's loads first: their latency hides behind the norm and rotary
-            stores = (head >= num_heads) & (token < num_slots)
+            stores = token < num_slots
             k_pool = tl.load(pool_pointers_ptr + 2 * layer, mask=stores, other=0)
             v_pool = tl.load(pool_pointers_ptr + 2 * layer + 1, mask=stores, other=0)
             slot = tl.load(slots_ptr + token, mask=stores, other=0).to(tl.int64)
-            v_in = qkv_ptr + base + num_kv_heads * (2 * HALF) + cols  # k head -> its v head
-            v1 = tl.load(v_in, mask=mask & stores, other=0.0)
-            v2 = tl.load(v_in + HALF, mask=mask & stores, other=0.0)
+            kv_mask = mask & is_k[:, None] & stores
+            v_in = qkv_ptr + base + num_kv_heads * (2 * HALF)  # k head -> its v head
+            v1 = tl.load(v_in, mask=kv_mask, other=0.0)
+            v2 = tl.load(v_in + HALF, mask=kv_mask, other=0.0)
         if HAS_NORM:  # per-head RMSNorm, rounded as RMSNorm rounds (see rmsnorm_kernel)
             x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-            variance = (tl.sum(x1f * x1f, axis=0) + tl.sum(x2f * x2f, axis=0)) / (2 * HALF)
-            scale = tl.rsqrt(variance + eps)
-            if is_q:
-                w_ptr = q_w_ptr
-            else:
-                w_ptr = k_w_ptr
-            w1 = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            w2 = tl.load(w_ptr + HALF + cols, mask=mask, other=0.0).to(tl.float32)
+            variance = (tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / (2 * HALF)
+            scale = tl.rsqrt(variance + eps)[:, None]
+            wq1 = tl.load(q_w_ptr + cols, mask=half, other=0.0).to(tl.float32)
+            wq2 = tl.load(q_w_ptr + HALF + cols, mask=half, other=0.0).to(tl.float32)
+            wk1 = tl.load(k_w_ptr + cols, mask=half, other=0.0).to(tl.float32)
+            wk2 = tl.load(k_w_ptr + HALF + cols, mask=half, other=0.0).to(tl.float32)
+            w1 = tl.where(is_q[:, None], wq1[None, :], wk1[None, :])
+            w2 = tl.where(is_q[:, None], wq2[None, :], wk2[None, :])
             x1 = (w1 * (x1f * scale).to(dtype).to(tl.float32)).to(dtype)
             x2 = (w2 * (x2f * scale).to(dtype).to(tl.float32)).to(dtype)
         pos = tl.load(pos_ptr + token)
         cache = cos_sin_ptr + pos.to(tl.int64) * stride_cache_pos + cols
-        cos = tl.load(cache, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        sin = tl.load(cache + stride_cache_kind, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        cos = tl.load(cache, mask=half, other=0.0).to(dtype).to(tl.float32)[None, :]
+        sin = tl.load(cache + stride_cache_kind, mask=half, other=0.0)
+        sin = sin.to(dtype).to(tl.float32)[None, :]
         a1 = (x1.to(tl.float32) * cos).to(dtype).to(tl.float32)
         b1 = (-x2.to(tl.float32) * sin).to(dtype).to(tl.float32)
         a2 = (x2.to(tl.float32) * cos).to(dtype).to(tl.float32)
         b2 = (x1.to(tl.float32) * sin).to(dtype).to(tl.float32)
         y1, y2 = (a1 + b1).to(dtype), (a2 + b2).to(dtype)
-        if is_q:
-            out = q_out_ptr + (token.to(tl.int64) * num_heads + head) * (2 * HALF) + cols
-        else:
-            kv_head = head - num_heads
-            out = k_out_ptr + (token.to(tl.int64) * num_kv_heads + kv_head) * (2 * HALF) + cols
-        tl.store(out, y1, mask=mask)
-        tl.store(out + HALF, y2, mask=mask)
+        q_rows = token.to(tl.int64) * num_heads + heads
+        q_out = q_out_ptr + q_rows[:, None] * (2 * HALF) + cols[None, :]
+        q_mask = mask & is_q[:, None]
+        tl.store(q_out, y1, mask=q_mask)
+        tl.store(q_out + HALF, y2, mask=q_mask)
+        kv_heads = heads - num_heads
+        k_rows = token.to(tl.int64) * num_kv_heads + kv_heads
+        k_out = k_out_ptr + k_rows[:, None] * (2 * HALF) + cols[None, :]
+        k_mask = mask & is_k[:, None]
+        tl.store(k_out, y1, mask=k_mask)
+        tl.store(k_out + HALF, y2, mask=k_mask)
         if STORE:  # noqa: SIM102  (a compile-time branch around a run-time one)
             if stores:
-                row = slot * num_kv_heads * (2 * HALF) + (head - num_heads) * (2 * HALF) + cols
-                k_out = k_pool.to(qkv_ptr.dtype) + row
-                v_out = v_pool.to(qkv_ptr.dtype) + row
-                tl.store(k_out, y1, mask=mask)
-                tl.store(k_out + HALF, y2, mask=mask)
-                tl.store(v_out, v1, mask=mask)
-                tl.store(v_out + HALF, v2, mask=mask)
+                row = slot * num_kv_heads * (2 * HALF) + kv_heads[:, None] * (2 * HALF)
+                row = row + cols[None, :]
+                k_dst = k_pool.to(qkv_ptr.dtype) + row
+                v_dst = v_pool.to(qkv_ptr.dtype) + row
+                tl.store(k_dst, y1, mask=kv_mask)
+                tl.store(k_dst + HALF, y2, mask=kv_mask)
+                tl.store(v_dst, v1, mask=kv_mask)
+                tl.store(v_dst + HALF, v2, mask=kv_mask)
 
     return rmsnorm_kernel, rotary_kernel, silu_mul_kernel, qk_norm_rope_kernel
 
@@ -315,12 +331,13 @@ def _qk_norm_rope(
     else:
         slots = kv_store.slots
         store = (kv_store.pointers, kv_store.layer, slots, min(slots.shape[0], tokens))
-    kernel[(tokens, num_heads + num_kv_heads)](
+    heads = min(QK_HEADS, _block(num_heads + num_kv_heads))
+    kernel[(tokens, -(-(num_heads + num_kv_heads) // heads))](
         qkv, q, k, q_weight, k_weight, cos_sin_cache, positions,
         num_heads, num_kv_heads, qkv.stride(0), cos_sin_cache.stride(0), cos_sin_cache.stride(1),
         eps, *store,
         HAS_NORM=norm_weights is not None, HALF=head_dim // 2, BLOCK=_block(head_dim // 2),
-        STORE=kv_store is not None, **launch_kwargs(qkv.device, tokens),
+        HEADS=heads, STORE=kv_store is not None, **launch_kwargs(qkv.device, tokens),
     )  # fmt: skip
     return q, k
 
