@@ -98,6 +98,27 @@ def test_layers_store_in_the_rotary_kernel_and_attention_skips_its_store(runner)
     assert [call.args for call in graph.splits] == [(0, True), (1, True)]
 
 
+ROWS = [(9, 1), (0, 7), (20, 6), (30, 1)]  # decode rows, a first chunk, a later chunk
+
+
+def test_a_backend_that_stores_itself_gets_no_target_and_the_same_pools(runner, monkeypatch):
+    """`fuses_kv_store` decides: off, no layer stores K/V before attention, and attention's own
+    store leaves the pools and outputs as the rotary kernel's did."""
+    runner.forward_eager(batch([(0, p or 1) for p, _ in ROWS], seed=1))  # the cached prefixes
+    step = batch(ROWS, seed=2)
+    fused_out = runner.forward_eager(batch(ROWS, seed=2)).clone()
+    fused_pools = pools_at(runner, step.out_cache_loc)
+    monkeypatch.setattr(type(runner.attn_backend), "fuses_kv_store", False)
+    assert runner.attn_backend.kv_store_target(1, step) is None
+    for pool in (*runner.kv_cache.k_buffers, *runner.kv_cache.v_buffers):
+        pool[step.out_cache_loc] = 0.0
+    assert torch.equal(runner.forward_eager(batch(ROWS, seed=2)), fused_out)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(pools_at(runner, step.out_cache_loc), fused_pools, strict=True)
+    )
+
+
 @pytest.mark.parametrize("kind", ["bound split call", "forward"])
 def test_attention_told_kv_stored_leaves_the_pool_alone(runner, kind):
     """Attention given garbage K/V with kv_stored=True must not write them."""
@@ -117,9 +138,6 @@ def test_attention_told_kv_stored_leaves_the_pool_alone(runner, kind):
         call(backend.prepare_split_replay(step, plan.attn_metadata))
     after = pools_at(runner, step.out_cache_loc)
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
-
-
-ROWS = [(9, 1), (0, 7), (20, 6), (30, 1)]  # decode rows, a first chunk, a later chunk
 
 
 @pytest.mark.parametrize("path", [RunPath.PIECEWISE, RunPath.FULL_MIXED, RunPath.EAGER])

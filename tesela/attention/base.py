@@ -130,7 +130,7 @@ class AttentionBackend(ABC):
         """Where the kernel before attention may store layer `layer_id`'s new K/V for `batch`
         (whose `out_cache_loc` a graph reads from its static buffers), or None: the attention
         call stores them. A layer that stored them passes `kv_stored=True` to attention."""
-        if self._pool_pointers is None:  # the backend stores K/V itself (fuses_kv_store False)
+        if not self.fuses_kv_store:  # the backend stores K/V itself
             return None
         return KVStoreTarget(self._pool_pointers, layer_id, batch.out_cache_loc)
 
