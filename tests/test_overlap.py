@@ -82,7 +82,10 @@ def test_greedy_and_seeded_tokens_equal_with_overlap_on_and_off(reference, overl
 def test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off(reference):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the graph engine needs TRITON_INTERPRET=1 (set by .ci/run)")
-    prompts, params = ["hi", "a", "xyz"], [GREEDY, SEEDED, dataclasses.replace(GREEDY, logprobs=3)]
+    # The long prompt arrives in chunks beside the others' decode rows: mixed batches whose
+    # decode ids, sampled by the step in flight, reach a FULL mixed graph on the device only.
+    prompts = ["hi", "a", "xyz", "the quick brown fox jumps over the lazy dog"]
+    params = [GREEDY, SEEDED, dataclasses.replace(GREEDY, logprobs=3), GREEDY]
     params = [dataclasses.replace(p, max_tokens=5) for p in params]
     expected = run(reference, prompts, params)
     graphs = make_engine(overlap=True, graphs=True)
@@ -90,7 +93,7 @@ def test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off(reference):
         graphs.config = dataclasses.replace(graphs.config, overlap_schedule=overlap)
         got = run(graphs, prompts, params)
         assert tokens(got) == tokens(expected)
-        for (final, _), (want, _) in zip(got[2:], expected[2:], strict=True):
+        for (final, _), (want, _) in zip(got[2:3], expected[2:3], strict=True):
             for lp, want_lp in zip(final.logprobs, want.logprobs, strict=True):
                 assert lp.top.keys() == want_lp.top.keys()
                 assert lp.logprob == pytest.approx(want_lp.logprob, abs=1e-4)

@@ -115,13 +115,22 @@ class AttentionBackend(ABC):
     def init_mixed_graph_state(
         self, max_rows: int, max_blocks_per_seq: int, max_num_tokens: int
     ) -> None:
-        raise ValueError(
-            f"attention backend {self.name!r} cannot run extend or mixed batches inside a FULL "
-            f"graph (it declares {self.cuda_graph_support.name}): use piecewise graphs"
-        )
+        raise self._no_mixed_graphs()
 
     def plan_mixed_graph(self, batch: ForwardBatch, padded_num_tokens: int) -> AttentionMetadata:
-        raise ValueError(
+        """Rewrite the persistent buffers with `batch` (its metadata, and its token rows padded
+        to the graph's size: `mixed_token_rows`), in one host-to-device copy; return metadata
+        viewing them."""
+        raise self._no_mixed_graphs()
+
+    def mixed_token_rows(self, padded_num_tokens: int) -> torch.Tensor:
+        """[3, padded_num_tokens] int32 (ids, positions, KV slots) in the persistent buffers that
+        `plan_mixed_graph` rewrites: a FULL mixed graph's first op widens them into its static
+        buffers, so its tokens travel in the metadata's copy."""
+        raise self._no_mixed_graphs()
+
+    def _no_mixed_graphs(self) -> ValueError:
+        return ValueError(
             f"attention backend {self.name!r} cannot run extend or mixed batches inside a FULL "
             f"graph (it declares {self.cuda_graph_support.name}): use piecewise graphs"
         )

@@ -166,22 +166,31 @@ class DecodeGraphState:
         self.block_tables[n:, 0].fill_(dummy_block)
 
 
+# What a padding token of a FULL mixed graph reads: token 0, position 0, the dummy KV slot.
+_PADDING_TOKEN = np.array([[0], [0], [DUMMY_SLOT]], dtype=np.int32)
+
+
 @dataclass
 class MixedGraphState:
     """Persistent buffers that FULL mixed graphs (any batch: extend, mixed, decode) read,
     rewritten in place before each replay.
 
-    Everything lives in one int32 buffer, so a replay's metadata goes to the device in one copy
+    Everything lives in one int32 buffer, so a replay's inputs go to the device in one copy
     (built with numpy in pinned host staging): per row (R = max_rows) the sequence length,
     prefix length and first token; the decode entry table (row, query token) of the 1-token
-    rows; the tile table, (row, first query) per query block of the other rows; then the block
-    tables. Entries past the batch's hold -1 (absent: no program does anything for them), and
-    rows past the batch's are never read. Every captured size reads the front of the shared
-    tables."""
+    rows; the tile table, (row, first query) per query block of the other rows; the token rows
+    (ids, positions, KV slots: `token_rows`, which the graph's first op widens into the runner's
+    static buffers), padded to the captured size with token 0, position 0 and the dummy slot;
+    then the block tables. Entries past the batch's hold -1 (absent: no program does anything
+    for them), and rows past the batch's are never read. Every captured size reads the front of
+    the shared tables."""
 
     max_rows: int
     max_blocks_per_seq: int
-    meta: torch.Tensor  # [5 * max_rows + 2 * max_tiles + max_rows * max_blocks_per_seq] int32
+    max_tiles: int
+    max_tokens: int
+    # [5 * max_rows + 2 * max_tiles + 3 * max_tokens + max_rows * max_blocks_per_seq] int32
+    meta: torch.Tensor
     partial_out: torch.Tensor  # flat fp32 split-KV scratch of the decode entries
     partial_lse: torch.Tensor  # flat fp32
     staging: HostStaging  # the host side of `meta`'s copies
@@ -203,9 +212,21 @@ class MixedGraphState:
         base = 5 * self.max_rows
         return self.meta[base : base + 2 * num_tiles].view(num_tiles, 2)
 
-    def load(self, batch: ForwardBatch, block_m: int, num_tiles: int, entries: int) -> None:
-        """Copy the batch's rows in; with `entries` > 0 its 1-token rows go to the decode entry
-        table and the other rows' query blocks to the tile table, with 0 every row is tiled."""
+    @property
+    def _tokens_at(self) -> int:
+        return 5 * self.max_rows + 2 * self.max_tiles
+
+    def token_rows(self, num_tokens: int) -> torch.Tensor:
+        """[3, num_tokens] int32: ids, positions and KV slots of a graph of `num_tokens`."""
+        at, width = self._tokens_at, self.max_tokens
+        return self.meta[at : at + 3 * width].view(3, width)[:, :num_tokens]
+
+    def load(
+        self, batch: ForwardBatch, padded_num_tokens: int, block_m: int, num_tiles: int, entries: int
+    ) -> None:
+        """Copy the batch's rows and tokens in (its tokens padded to `padded_num_tokens`); with
+        `entries` > 0 its 1-token rows go to the decode entry table and the other rows' query
+        blocks to the tile table, with 0 every row is tiled."""
         n, width = batch.batch_size, batch.block_tables.shape[1]
         if n > self.max_rows or width > self.max_blocks_per_seq:
             raise ValueError(
@@ -231,9 +252,14 @@ class MixedGraphState:
         host[3 * rows : 3 * rows + len(decode)] = decode
         host[4 * rows : 4 * rows + len(decode)] = starts[decode]
         host[5 * rows : 5 * rows + len(tiles)] = tiles
+        tokens = host[self._tokens_at : self._tokens_at + 3 * self.max_tokens].reshape(3, -1)
+        tokens[:, : batch.num_tokens] = batch.host_token_rows().numpy()
+        tokens[:, batch.num_tokens : padded_num_tokens] = _PADDING_TOKEN
         at = self._tables_at
         host[at : at + n * blocks].reshape(n, blocks)[:, :width] = batch.host_block_tables().numpy()
         self.staging.send(self.meta, at + n * blocks)
+        if batch.host_ids_stale:  # ids fed on the device since build: theirs, after the copy
+            self.token_rows(padded_num_tokens)[0, : batch.num_tokens].copy_(batch.input_ids)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -399,10 +425,12 @@ class TritonAttentionBackend(AttentionBackend):
         )
 
         self._mixed_templates = {}
-        numel = 5 * max_rows + 2 * tiles + max_rows * max_blocks_per_seq
+        numel = 5 * max_rows + 2 * tiles + 3 * max_num_tokens + max_rows * max_blocks_per_seq
         self.mixed_state = MixedGraphState(
             max_rows=max_rows,
             max_blocks_per_seq=max_blocks_per_seq,
+            max_tiles=tiles,
+            max_tokens=max_num_tokens,
             meta=torch.full((numel,), -1, dtype=torch.int32, device=device),
             staging=HostStaging(numel, torch.int32, device),
             partial_out=torch.empty(
@@ -440,10 +468,15 @@ class TritonAttentionBackend(AttentionBackend):
         key = (padded_num_tokens, split_decode)
         graph = self._mixed_templates.get(key) or self._mixed_template(*key)
         template, block_m, tiles, entries = graph
-        state.load(batch, block_m, tiles, entries)
+        state.load(batch, padded_num_tokens, block_m, tiles, entries)
         metadata = copy.copy(template)  # the views and launch values of this graph
         metadata.stamp = batch.stamp
         return metadata
+
+    def mixed_token_rows(self, padded_num_tokens: int) -> torch.Tensor:
+        if self.mixed_state is None:
+            raise RuntimeError("triton attention has no FULL mixed graph buffers yet")
+        return self.mixed_state.token_rows(padded_num_tokens)
 
     def _mixed_template(self, padded_num_tokens: int, split_decode: bool) -> tuple:
         """The metadata of one FULL mixed graph but its stamp, its query tile, tiles and decode

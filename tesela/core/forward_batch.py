@@ -68,9 +68,13 @@ class ForwardBatch:
     # (`build` packs them so, the three fields being its rows), which graph runners copy into
     # their static buffers in one op; a batch built field by field gets a stacked copy
     token_rows: torch.Tensor | None = None
-    # block_tables on the host (pinned on CUDA: what `build` copied from), for graph runners
-    # that stage it with their metadata (`host_block_tables`)
+    # block_tables and token_rows on the host (pinned on CUDA: what `build` copied from), for
+    # graph runners that stage them with their metadata (`host_block_tables`, `host_token_rows`)
     block_tables_cpu: torch.Tensor | None = None
+    token_rows_cpu: torch.Tensor | None = None
+    # Some input ids were written on the device after `build` (overlap scheduling feeds the ids
+    # that the step in flight samples): the host copy's ids are placeholders there.
+    host_ids_stale: bool = False
 
     def __post_init__(self) -> None:
         check_mode(self.mode, self.extend_lens_cpu, self.num_tokens)
@@ -83,6 +87,13 @@ class ForwardBatch:
         if self.block_tables_cpu is None:
             self.block_tables_cpu = self.block_tables.cpu()
         return self.block_tables_cpu
+
+    def host_token_rows(self) -> torch.Tensor:
+        """token_rows on the host, as `host_block_tables` gives block_tables (its ids row is
+        not the batch's where `host_ids_stale`)."""
+        if self.token_rows_cpu is None:
+            self.token_rows_cpu = self.token_rows.cpu()
+        return self.token_rows_cpu
 
     @property
     def num_tokens(self) -> int:
@@ -176,6 +187,7 @@ class ForwardBatch:
             out_cache_loc=token_rows[2],
             **tensors,
             block_tables_cpu=host["block_tables"],
+            token_rows_cpu=host["token_rows"],
             seq_lens_cpu=seq_lens,
             prefix_lens_cpu=list(prefix_lens),
             request_ids=list(request_ids or []),
@@ -245,7 +257,9 @@ def to_device_packed(
         packed = torch.empty(total, dtype=dtype, pin_memory=device.type == "cuda")
         for (_, values), start in zip(items, starts, strict=True):
             packed[start : start + values.numel()] = values.reshape(-1)
-        on_device = packed.to(device, non_blocking=True)
+        # A copy on every device: on CPU too, so that the host views stay what the host wrote
+        # while ops rewrite the device tensors (overlap scheduling's fed ids), as on a GPU.
+        on_device = packed.to(device, non_blocking=True, copy=True)
         for (name, values), start in zip(items, starts, strict=True):
             out[name] = on_device[start : start + values.numel()].view(values.shape)
             if host is not None:

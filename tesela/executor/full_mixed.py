@@ -4,11 +4,12 @@ per padded token count.
 For backends that declare ALWAYS graph support (tesela/attention/policy.py): their attention
 reads every per-batch value (row starts, prefix and sequence lengths, block tables, the tile
 table that gives each program its row) from persistent buffers that `MixedGraphPlanner.plan`
-rewrites in place, and launches grids fixed per captured size. A replay copies the batch's
-tokens, positions and KV slots into static buffers (padding tokens: token 0, position 0, the
-dummy KV slot), plans the batch and replays the smallest captured size that fits. Padding is
-zero-length work: no tile of the table covers a padding token, and its KV store hits only the
-dummy slot.
+rewrites in place, and launches grids fixed per captured size. A replay plans the batch and
+replays the smallest captured size that fits; planning also stages the batch's tokens,
+positions and KV slots (padding tokens: token 0, position 0, the dummy KV slot) with the
+metadata, so the host makes one copy per replay and the graph's first op widens them into the
+static buffers the model reads. Padding is zero-length work: no tile of the table covers a
+padding token, and its KV store hits only the dummy slot.
 
 A graph captured for N tokens serves at most `max_rows` rows (its tile table and row buffers
 are that large): `can_run` refuses a batch with more, and planning one raises.
@@ -89,9 +90,11 @@ class MixedGraphPlanner(ForwardPlanner):
 
     def plan(self, batch: ForwardBatch, split_decode: bool | None = None) -> ForwardPlan:
         """Plan `batch` for its graph (`key`); capture names the variant it captures."""
-        size, has_decode = self.key(batch)
-        split = has_decode if split_decode is None else split_decode
-        metadata = self.attn_backend.plan_mixed_graph(batch, size, split)
+        if split_decode is None:
+            size, split_decode = self.key(batch)
+        else:
+            size = self.padded_size(batch.num_tokens)
+        metadata = self.attn_backend.plan_mixed_graph(batch, size, split_decode)
         # The graphs launch the segmented LoRA kernels whatever the batch (decode rows too).
         return ForwardPlan(batch.stamp, metadata, lora=self._lora(batch, SGMV))
 
@@ -149,7 +152,12 @@ class FullMixedRunner(GraphRunner):
         return self.buffers.view_batch(rows)
 
     def _forward_fn(self, batch: ForwardBatch, plan: ForwardPlan) -> Callable[[], torch.Tensor]:
+        """The captured forward of `batch` (a static batch of the captured size)."""
+        staged = self.planner.attn_backend.mixed_token_rows(batch.num_tokens)
+        static = self.buffers.rows[:, : batch.num_tokens]
+
         def forward() -> torch.Tensor:
+            static.copy_(staged)  # the planned batch's tokens (int32) into the model's inputs
             with forward_context(batch, plan, self.planner.attn_backend):
                 return self.model(batch.input_ids, batch.positions)
 
@@ -177,13 +185,11 @@ class FullMixedRunner(GraphRunner):
     # ---- replay -------------------------------------------------------------------------------
 
     def prepare(self, batch: ForwardBatch) -> tuple[tuple[int, bool], ForwardPlan]:
-        """Static buffers and persistent state for `batch`: the key of the graph to replay,
-        and the batch's plan."""
+        """Persistent state for `batch`: the key of the graph to replay, and the batch's plan.
+        The graph runs no Python: planning this batch rewrites the buffers it reads (its
+        tokens, attention metadata and LoRA segments alike)."""
         key = self.planner.key(batch)
-        self.buffers.copy_from(batch, key[0])
-        # The graph runs no Python: planning this batch rewrites the buffers it reads
-        # (attention metadata and LoRA segments alike).
-        return key, self.planner.plan(batch)
+        return key, self.planner.plan(batch, split_decode=key[1])
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
