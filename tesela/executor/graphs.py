@@ -107,12 +107,14 @@ class CudaGraphFactory(_TracksGraphs):
     @contextlib.contextmanager
     def capturing(self) -> Iterator[list[int]]:
         """Capture scope; yields a one-item list that holds the graph memory it took (bytes)."""
-        # Empty the ordinary cache on both sides, so the difference is the graph pool alone.
+        # Collect garbage, then empty the ordinary cache on both sides, so the difference is
+        # the graph pool alone (collected first: garbage freed during capture, e.g. an earlier
+        # runner's, would come back at the end and make the difference negative).
+        gc.collect()
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         free_before = torch.cuda.mem_get_info(self.device)[0]
         measured = [0]
-        gc.collect()
         gc.disable()  # a collection per capture costs seconds over a ladder (vLLM #10059)
         try:
             with torch.cuda.stream(torch.cuda.Stream(self.device)):
