@@ -784,6 +784,45 @@ MUTATIONS = {
             "tests/test_tensor_parallel.py::test_peer_memory_only_where_every_rank_made_as_many_rendezvous"
         ],
     ),
+    "FULL mixed padding tokens keep the last batch's tokens (no padding written to the staging)": (
+        "tesela/attention/triton_backend.py",
+        "        tokens[:, batch.num_tokens : padded_num_tokens] = _PADDING_TOKEN\n",
+        "",
+        ["tests/test_full_mixed.py::test_padding_is_zero_length_work"],
+    ),
+    "FULL mixed replays the host's placeholder ids where overlap fed ids on the device": (
+        "tesela/attention/triton_backend.py",
+        "        if batch.host_ids_stale:",
+        "        if False:",
+        ["tests/test_overlap.py::test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off"],
+    ),
+    "CPU batches alias their host lists (as no GPU does): a stale host id goes unseen": (
+        "tesela/core/forward_batch.py",
+        "on_device = packed.to(device, non_blocking=True, copy=True)",
+        "on_device = packed.to(device, non_blocking=True) if device.type == 'cuda' else packed",
+        ["tests/test_paged_forward.py::test_host_copies_stay_what_the_host_sent_on_every_device"],
+    ),
+    "kv_store_target ignores fuses_kv_store": (
+        "tesela/attention/base.py",
+        "        if not self.fuses_kv_store:  # the backend stores K/V itself\n",
+        "        if self._pool_pointers is None:\n",
+        [
+            "tests/test_fused_kv_store.py::"
+            "test_a_backend_that_stores_itself_gets_no_target_and_the_same_pools"
+        ],
+    ),
+    "ForwardBatch.build drops the offset inside a block from the KV slots": (
+        "tesela/core/forward_batch.py",
+        "        slots += positions % block_size\n",
+        "",
+        ["tests/test_paged_forward.py::test_build_places_every_token_where_its_row_and_table_say"],
+    ),
+    "ForwardBatch.build pads a block table too short for its row with the dummy block": (
+        "tesela/core/forward_batch.py",
+        "    if len(short):\n",
+        "    if False:\n",
+        ["tests/test_paged_forward.py::test_a_block_table_too_short_for_its_row_is_refused"],
+    ),
 }
 
 

@@ -143,3 +143,60 @@ def test_block_tables_on_the_host_whoever_built_the_batch():
     by_fields = dataclasses.replace(batch, block_tables_cpu=None)
     tables = by_fields.host_block_tables()
     assert tables.tolist() == [[1, 0], [2, 3]] and by_fields.host_block_tables() is tables
+
+
+def test_build_places_every_token_where_its_row_and_table_say():
+    """Random rows (prefixes crossing block boundaries, chunks of any length, tables longer
+    than needed): each token's position and KV slot as a per-token walk computes them, and
+    the host copies equal what was sent."""
+    import random
+
+    rng = random.Random(3)
+    for _ in range(20):
+        block_size = rng.choice([1, 4, 16])
+        rows = rng.randint(1, 9)
+        prefix = [rng.choice([0, rng.randint(0, 70)]) for _ in range(rows)]
+        new = [rng.randint(1, 40) for _ in range(rows)]
+        tables = [
+            rng.sample(range(1, 500), -(-(p + n) // block_size) + rng.randint(0, 2))
+            for p, n in zip(prefix, new, strict=True)
+        ]
+        tokens = [[rng.randint(0, 999) for _ in range(n)] for n in new]
+        batch = ForwardBatch.build(
+            token_ids=tokens, prefix_lens=prefix, block_tables=tables,
+            block_size=block_size, device="cpu",
+        )  # fmt: skip
+        positions = [pos for p, n in zip(prefix, new, strict=True) for pos in range(p, p + n)]
+        slots = [
+            table[pos // block_size] * block_size + pos % block_size
+            for table, p, n in zip(tables, prefix, new, strict=True)
+            for pos in range(p, p + n)
+        ]
+        assert batch.input_ids.tolist() == [t for row in tokens for t in row]
+        assert batch.positions.tolist() == positions
+        assert batch.out_cache_loc.tolist() == slots
+        assert batch.host_token_rows().tolist() == batch.token_rows.tolist()
+        width = max(len(t) for t in tables)
+        assert batch.block_tables.tolist() == [t + [0] * (width - len(t)) for t in tables]
+
+
+def test_a_block_table_too_short_for_its_row_is_refused():
+    with pytest.raises(ValueError, match="row 1 has 9 tokens but its block table holds 2 blocks"):
+        ForwardBatch.build(
+            token_ids=[[1], [2, 3]], prefix_lens=[0, 7], block_tables=[[1], [2, 3]],
+            block_size=4, device="cpu",
+        )  # fmt: skip
+
+
+def test_host_copies_stay_what_the_host_sent_on_every_device():
+    """Device tensors are copies on CPU too: ops that rewrite them (overlap scheduling feeds
+    ids on the device) leave the host views as sent, as on a GPU, so CPU tests see what a
+    stale host copy would do."""
+    batch = ForwardBatch.build(
+        token_ids=[[5, 6], [8]], prefix_lens=[0, 4], block_tables=[[1], [2, 3]],
+        block_size=4, device="cpu",
+    )  # fmt: skip
+    batch.input_ids.fill_(0)
+    batch.block_tables.fill_(0)
+    assert batch.host_token_rows()[0].tolist() == [5, 6, 8]
+    assert batch.host_block_tables().tolist() == [[1, 0], [2, 3]]

@@ -222,7 +222,12 @@ class MixedGraphState:
         return self.meta[at : at + 3 * width].view(3, width)[:, :num_tokens]
 
     def load(
-        self, batch: ForwardBatch, padded_num_tokens: int, block_m: int, num_tiles: int, entries: int
+        self,
+        batch: ForwardBatch,
+        padded_num_tokens: int,
+        block_m: int,
+        num_tiles: int,
+        entries: int,
     ) -> None:
         """Copy the batch's rows and tokens in (its tokens padded to `padded_num_tokens`); with
         `entries` > 0 its 1-token rows go to the decode entry table and the other rows' query

@@ -13,9 +13,11 @@ recompute chunk past the prompt is extend work, whatever the request has generat
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 _batch_ids = itertools.count(1)
@@ -147,32 +149,40 @@ class ForwardBatch:
             raise ValueError("every row of a ForwardBatch needs at least one new token")
         mode = mode or infer_mode(extend_lens, prefix_lens)
         seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens, strict=True)]
-        positions, slots, starts = [], [], []
-        for row, (prefix, n) in enumerate(zip(prefix_lens, extend_lens, strict=True)):
-            starts.append(len(positions))
-            table = block_tables[row]
-            for pos in range(prefix, prefix + n):
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-        ends = [s + n - 1 for s, n in zip(starts, extend_lens, strict=True)]
+        # Every token's position and KV slot, vectorised (a batch is built on the host every
+        # step, so its cost is per-step host time): row r's new tokens sit at positions
+        # prefix_r .. seq_r - 1, in the blocks its table lists.
+        lens = np.asarray(extend_lens, dtype=np.int64)
+        ends = np.cumsum(lens)
+        starts = ends - lens
+        row_of = np.repeat(np.arange(len(lens)), lens)
+        positions = np.arange(ends[-1]) + np.repeat(np.asarray(prefix_lens) - starts, lens)
+        tables = padded_block_tables(block_tables, seq_lens, block_size)
+        slots = tables[row_of, positions // block_size].astype(np.int64) * block_size
+        slots += positions % block_size
         rows = range(len(token_ids)) if logits_rows is None else logits_rows
-        width = max(len(t) for t in block_tables)
-        padded_tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        last = ends - 1
 
         host: dict[str, torch.Tensor] = {}
         tensors = to_device_packed(
             {
                 "token_rows": (
-                    [[t for row in token_ids for t in row], positions, slots],
+                    np.stack(
+                        (
+                            np.fromiter(itertools.chain(*token_ids), np.int64, ends[-1]),
+                            positions,
+                            slots,
+                        )
+                    ),
                     torch.int64,
                 ),  # fmt: skip
                 "seq_lens": (seq_lens, torch.int32),
                 "prefix_lens": (prefix_lens, torch.int32),
                 "extend_start_loc": (starts, torch.int32),
-                "block_tables": (padded_tables, torch.int32),
+                "block_tables": (tables, torch.int32),
                 "logits_indices": (
-                    [ends[r] for r in rows]
-                    + [i for r in input_logprob_rows for i in range(starts[r], ends[r] + 1)],
+                    [last[r] for r in rows]
+                    + [i for r in input_logprob_rows for i in range(starts[r], last[r] + 1)],
                     torch.int64,
                 ),
             },
@@ -232,6 +242,27 @@ class BatchInputs:
         )
 
 
+def padded_block_tables(
+    block_tables: list[list[int]], seq_lens: list[int], block_size: int
+) -> np.ndarray:
+    """[rows, widest table] int32, short rows padded with block 0 (the dummy block); raises if
+    a row's table cannot hold its tokens."""
+    widths = np.fromiter(map(len, block_tables), np.int64, len(block_tables))
+    short = np.flatnonzero(widths * block_size < np.asarray(seq_lens))
+    if len(short):
+        row = int(short[0])
+        raise ValueError(
+            f"row {row} has {seq_lens[row]} tokens but its block table holds {widths[row]} "
+            f"blocks of {block_size}: give it at least {-(-seq_lens[row] // block_size)} blocks"
+        )
+    tables = np.zeros((len(block_tables), widths.max()), dtype=np.int32)
+    # Row-major: the flat entries fill each row's first `width` columns, row after row.
+    tables[np.arange(tables.shape[1]) < widths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(block_tables), np.int32, int(widths.sum())
+    )
+    return tables
+
+
 def to_device_packed(
     arrays: dict[str, tuple[list, torch.dtype]],
     device: torch.device | str,
@@ -244,27 +275,34 @@ def to_device_packed(
     the host while an earlier step runs: overlap scheduling builds batches then.) `host`, if
     given, receives the same views of the (pinned) host buffer."""
     device = torch.device(device)
-    groups: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    groups: dict[torch.dtype, list[tuple[str, np.ndarray]]] = {}
     for name, (values, dtype) in arrays.items():
-        groups.setdefault(dtype, []).append((name, torch.tensor(values, dtype=dtype)))
+        groups.setdefault(dtype, []).append((name, np.asarray(values, dtype=_numpy_dtype(dtype))))
     out = {}
     for dtype, items in groups.items():
-        align = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+        align = max(1, 16 // items[0][1].itemsize)
         starts, total = [], 0
         for _, values in items:
             starts.append(total)
-            total += -(-values.numel() // align) * align
+            total += -(-values.size // align) * align
         packed = torch.empty(total, dtype=dtype, pin_memory=device.type == "cuda")
+        flat = packed.numpy()
         for (_, values), start in zip(items, starts, strict=True):
-            packed[start : start + values.numel()] = values.reshape(-1)
+            flat[start : start + values.size] = values.reshape(-1)
         # A copy on every device: on CPU too, so that the host views stay what the host wrote
         # while ops rewrite the device tensors (overlap scheduling's fed ids), as on a GPU.
         on_device = packed.to(device, non_blocking=True, copy=True)
         for (name, values), start in zip(items, starts, strict=True):
-            out[name] = on_device[start : start + values.numel()].view(values.shape)
+            out[name] = on_device[start : start + values.size].view(values.shape)
             if host is not None:
-                host[name] = packed[start : start + values.numel()].view(values.shape)
+                host[name] = packed[start : start + values.size].view(values.shape)
     return out
+
+
+@functools.cache
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of a torch dtype (those the packed host lists use)."""
+    return torch.empty((), dtype=dtype).numpy().dtype
 
 
 class BatchModeError(ValueError):
