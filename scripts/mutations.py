@@ -823,6 +823,24 @@ MUTATIONS = {
         "    if False:\n",
         ["tests/test_paged_forward.py::test_a_block_table_too_short_for_its_row_is_refused"],
     ),
+    "the detokenizer windows over the ids its decode skips": (
+        "tesela/engine/detokenizer.py",
+        '        self._skips = getattr(tokenizer, "skips", None)\n',
+        "        self._skips = None\n",
+        ["tests/test_detokenizer.py::test_work_per_token_is_constant"],
+    ),
+    "the scheduler's no-new-block fast path also skips a step that needs a block": (
+        "tesela/engine/scheduler.py",
+        "        if blocks_for(total, self.block_manager.block_size) <= len(request.block_ids):\n",
+        "        if blocks_for(total - 1, self.block_manager.block_size) <= len(request.block_ids):\n",
+        ["tests/test_scheduler.py"],
+    ),
+    "cache_full_blocks' early return skips blocks that completed": (
+        "tesela/engine/block_manager.py",
+        "            or request.num_computed_tokens // self.block_size <= request.num_registered_blocks\n",
+        "            or request.num_computed_tokens // self.block_size <= request.num_registered_blocks + 1\n",
+        ["tests/test_prefix_cache.py"],
+    ),
 }
 
 

@@ -20,6 +20,11 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def skips(self, token_id: int, skip_special_tokens: bool = True) -> bool:
+        """Whether `decode` leaves the id out before decoding (so any window may drop it)."""
+        ...
+
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True
     ) -> str: ...
@@ -50,6 +55,9 @@ class ByteTokenizer:
         # BOS and EOS have no text, so they are skipped either way.
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
+    def skips(self, token_id: int, skip_special_tokens: bool = True) -> bool:
+        return token_id >= 256
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.chat_template:
             return render_chat_template(self.chat_template, messages, add_generation_prompt)
@@ -79,12 +87,18 @@ class HFTokenizer:
         if self.eos_token and self._tokenizer.token_to_id(self.eos_token) is not None:
             eos.add(self._tokenizer.token_to_id(self.eos_token))
         self.eos_token_ids = tuple(sorted(eos))
+        added = self._tokenizer.get_added_tokens_decoder()
+        self.special_ids = frozenset(i for i, token in added.items() if token.special)
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def skips(self, token_id: int, skip_special_tokens: bool = True) -> bool:
+        # The fast tokenizer drops special added tokens by id, before its decoder runs.
+        return skip_special_tokens and token_id in self.special_ids
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

@@ -139,15 +139,23 @@ def test_work_per_token_is_constant(bpe):
             self.longest = max(self.longest, len(ids))
             return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    counting = Counting(bpe)
-    ids = bpe.encode(" ".join(TEXTS) * 20)
-    assert len(ids) > 2000
-    detokenizer = IncrementalDetokenizer(counting)
-    for n in range(1, len(ids) + 1):
-        detokenizer.update(ids[:n])
-    detokenizer.flush(ids)
-    assert detokenizer.text == bpe.decode(ids)
-    assert counting.longest <= 12
+        def skips(self, token_id, skip_special_tokens=True):
+            return self.inner.skips(token_id, skip_special_tokens)
+
+    special = bpe.encode(SPECIALS[1])
+    text = bpe.encode(" ".join(TEXTS) * 20)
+    assert len(text) > 2000 and len(special) == 1
+    # Long runs of skipped special tokens (no text at all: as random weights give), first and
+    # inside a character (between its byte tokens).
+    cut = next(k for k in range(50, 80) if bpe.decode(text[:k]).endswith("\ufffd"))
+    for ids in (text, special * 500 + text[:cut] + special * 300 + text[cut:]):
+        counting = Counting(bpe)
+        detokenizer = IncrementalDetokenizer(counting)
+        for n in range(1, len(ids) + 1):
+            detokenizer.update(ids[:n])
+        detokenizer.flush(ids)
+        assert detokenizer.text == bpe.decode(ids)
+        assert counting.longest <= 12
 
 
 def test_engine_text_equals_a_full_decode_of_its_tokens():

@@ -48,6 +48,11 @@ def run_to_completion(scheduler: Scheduler, max_steps: int = 500) -> list[list[i
         if batch is None:
             break
         assert batch.num_tokens <= scheduler.config.max_num_batched_tokens
+        block_size = scheduler.block_manager.block_size
+        for request, prefix, n in zip(
+            batch.requests, batch.prefix_lens, batch.num_new_tokens, strict=True
+        ):
+            assert len(request.block_ids) * block_size >= prefix + n, "a token has no slot"
         steps.append(batch.num_new_tokens)
         sampled = [7 if batch.samples(i) else None for i in range(len(batch.requests))]
         scheduler.update(batch, sampled)

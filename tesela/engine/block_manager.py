@@ -143,8 +143,11 @@ class BlockManager:
         """Register the request's full blocks whose KV a forward has written (all tokens below
         `num_computed_tokens`). A block whose hash is already cached under another block (two
         requests computed the same prefix in one step) stays private: the first one wins."""
-        if not self.enable_prefix_caching:
-            return
+        if (
+            not self.enable_prefix_caching
+            or request.num_computed_tokens // self.block_size <= request.num_registered_blocks
+        ):
+            return  # (the usual case: no block completed since the last call)
         # Only tokens whose ids the host knows can be hashed (not one in flight: overlap).
         known = min(request.num_computed_tokens, request.num_tokens - request.num_inflight_tokens)
         num_full = min(known // self.block_size, len(request.block_ids))

@@ -8,6 +8,10 @@ ids[prefix_offset:] and emits what it adds beyond ids[prefix_offset:read_offset]
 matters for tokenizers whose decoder treats the first token of a decode specially (SentencePiece
 drops a leading space there): mid-stream that token is never first in the window.
 
+Ids that the decode leaves out (special tokens under `skip_special_tokens`, per the tokenizer's
+`skips`) never enter the windows: they change no text, and a long run of them (random weights
+emit little else) would otherwise keep the offsets still and grow the window with every token.
+
 A window whose text ends in U+FFFD is an incomplete UTF-8 sequence (half of an emoji's bytes,
 say): nothing is emitted until the character completes, so emitted text is never taken back and
 the text at the end equals a full decode of the output. A window can only end in an incomplete
@@ -28,6 +32,8 @@ MAX_PENDING_TOKENS = 8
 class Decoder(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
+    # Optional: `skips(token_id, skip_special_tokens) -> bool`, ids `decode` leaves out.
+
 
 class IncrementalDetokenizer:
     """The text of one request's output, extended token by token; cut at a stop string."""
@@ -47,8 +53,10 @@ class IncrementalDetokenizer:
         self.text = ""
         self.stopped_by: str | None = None  # the stop string that ended the text, if any
         self.num_tokens = 0  # output tokens seen
-        self.prefix_offset = 0
+        self.prefix_offset = 0  # offsets into `ids`
         self.read_offset = 0
+        self.ids: list[int] = []  # the output ids that decode to text (the skipped left out)
+        self._skips = getattr(tokenizer, "skips", None)
         self._max_stop_len = max((len(s) for s in stop), default=0)
 
     def update(self, output_token_ids: list[int]) -> str:
@@ -56,16 +64,24 @@ class IncrementalDetokenizer:
         they add. After a stop string matched, nothing more is added."""
         if self.stopped_by is not None:
             return ""
-        self.num_tokens = len(output_token_ids)
-        new_text = self._advance(output_token_ids, flush=False)
-        return self._append(new_text)
+        self._take(output_token_ids)
+        return self._append(self._advance(self.ids, flush=False))
 
     def flush(self, output_token_ids: list[int]) -> str:
         """The request finished: emit what was held back (an incomplete final character)."""
         if self.stopped_by is not None:
             return ""
+        self._take(output_token_ids)
+        return self._append(self._advance(self.ids, flush=True))
+
+    def _take(self, output_token_ids: list[int]) -> None:
+        new = output_token_ids[self.num_tokens :]
         self.num_tokens = len(output_token_ids)
-        return self._append(self._advance(output_token_ids, flush=True))
+        if self._skips is None:
+            self.ids.extend(new)
+        else:
+            skip = self.skip_special_tokens
+            self.ids.extend(t for t in new if not self._skips(t, skip))
 
     def _advance(self, ids: list[int], flush: bool) -> str:
         if self.read_offset >= len(ids):

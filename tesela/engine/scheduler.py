@@ -146,6 +146,8 @@ class Scheduler:
     def _reserve(self, request: Request, n: int) -> bool:
         """Get blocks for `n` more tokens of a running request, preempting newer ones."""
         total = request.num_computed_tokens + n
+        if blocks_for(total, self.block_manager.block_size) <= len(request.block_ids):
+            return True  # its blocks hold them already (most decode steps)
         while not self.block_manager.can_allocate(request, total):
             victim = self.running[-1]
             if victim is request and len(self.running) == 1:
