@@ -132,14 +132,16 @@ MUTATIONS = {
     ),
     "FULL mixed replay with the capture batch's plan": (
         MIXED,
-        "        return key, self.planner.plan(batch)\n",
-        "        return key, self.planner.plan(self._static_batch(key[0]))\n",
+        "        return key, self.planner.plan(batch, split_decode=key[1])\n",
+        "        return key, self.planner.plan(self._static_batch(key[0]), split_decode=key[1])\n",
         MIXED_TESTS,
     ),
     "FULL mixed replay plans no LoRA part": (
         MIXED,
-        "        return key, self.planner.plan(batch)\n",
-        "        return key, ForwardPlan(batch.stamp, self.planner.plan(batch).attn_metadata)\n",
+        "        return key, self.planner.plan(batch, split_decode=key[1])\n",
+        "        return key, ForwardPlan(\n"
+        "            batch.stamp, self.planner.plan(batch, split_decode=key[1]).attn_metadata\n"
+        "        )\n",
         MIXED_LORA_TESTS,
     ),
     "FULL mixed replay does not check its plan": (
@@ -581,7 +583,7 @@ MUTATIONS = {
     ),
     "packed batch metadata loses its 16-byte alignment": (
         "tesela/core/forward_batch.py",
-        "        align = max(1, 16 // torch.empty((), dtype=dtype).element_size())\n",
+        "        align = max(1, 16 // items[0][1].itemsize)\n",
         "        align = 1\n",
         ["tests/test_paged_forward.py"],
     ),
@@ -691,8 +693,8 @@ MUTATIONS = {
     ),
     "the rotary kernel stores tokens past the batch's slots": (
         "tesela/layers/fused.py",
-        "            stores = (head >= num_heads) & (token < num_slots)\n",
-        "            stores = head >= num_heads\n",
+        "            stores = token < num_slots\n",
+        "            stores = token >= 0\n",
         [KV_STORE_TESTS + "::test_the_rotary_kernel_stores_kv_as_the_attention_store_would"],
     ),
     "attention told kv_stored stores K/V anyway": (
