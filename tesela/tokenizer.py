@@ -87,7 +87,9 @@ class HFTokenizer:
         if self.eos_token and self._tokenizer.token_to_id(self.eos_token) is not None:
             eos.add(self._tokenizer.token_to_id(self.eos_token))
         self.eos_token_ids = tuple(sorted(eos))
-        added = self._tokenizer.get_added_tokens_decoder()
+        # Special added tokens (older `tokenizers` lack the call: then no id is known as skipped,
+        # which only costs the detokenizer its shortcut).
+        added = getattr(self._tokenizer, "get_added_tokens_decoder", dict)()
         self.special_ids = frozenset(i for i, token in added.items() if token.special)
 
     def encode(self, text: str) -> list[int]:

@@ -174,3 +174,16 @@ def test_engine_text_equals_a_full_decode_of_its_tokens():
     stopped = llm.generate(prompts[:1], SamplingParams(**{**vars(params), "stop": (stop,)}))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == full[: full.index(stop)]
+
+
+def test_skipped_ids_are_exactly_what_decode_leaves_out(bpe):
+    """`skips` names the ids a decode drops before decoding (the detokenizer leaves them out of
+    its windows): the special tokens, and only while skip_special_tokens is on."""
+    a, b = bpe.encode("ab"), bpe.encode(" c")
+    skipped = [i for i in range(bpe.vocab_size) if bpe.skips(i)]
+    assert sorted(skipped) == sorted(bpe.encode("".join(SPECIALS)))
+    for i in skipped:
+        assert bpe.decode(a + [i] + b) == bpe.decode(a + b)
+        assert not bpe.skips(i, skip_special_tokens=False)
+    assert all(ByteTokenizer().skips(i) for i in (256, 257, 151935))
+    assert not any(ByteTokenizer().skips(i) for i in (0, 65, 255))
