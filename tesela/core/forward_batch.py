@@ -160,22 +160,14 @@ class ForwardBatch:
         tables = padded_block_tables(block_tables, seq_lens, block_size)
         slots = tables[row_of, positions // block_size].astype(np.int64) * block_size
         slots += positions % block_size
+        ids = np.fromiter(itertools.chain.from_iterable(token_ids), np.int64, ends[-1])
         rows = range(len(token_ids)) if logits_rows is None else logits_rows
         last = ends - 1
 
         host: dict[str, torch.Tensor] = {}
         tensors = to_device_packed(
             {
-                "token_rows": (
-                    np.stack(
-                        (
-                            np.fromiter(itertools.chain(*token_ids), np.int64, ends[-1]),
-                            positions,
-                            slots,
-                        )
-                    ),
-                    torch.int64,
-                ),  # fmt: skip
+                "token_rows": (np.stack((ids, positions, slots)), torch.int64),
                 "seq_lens": (seq_lens, torch.int32),
                 "prefix_lens": (prefix_lens, torch.int32),
                 "extend_start_loc": (starts, torch.int32),
