@@ -77,7 +77,8 @@ def test_greedy_generations_identical_full_mixed_piecewise_eager():
     piecewise and eager at others, and kernels chosen by row count round differently. In bf16
     with random weights (nearly flat logits) one such rounding step flips greedy near-ties (on
     H100, and on H200 with a changed rotary kernel); float32 moves ~1e-7, so a flip there is a
-    real difference (a stale input id gave one at the third token)."""
+    real difference (a stale input id, the bug this test found in bf16, diverged from the third
+    token on)."""
     prompts = [list(range(100 + i, 100 + i + n)) for i, n in enumerate([3, 17, 64, 200, 9, 300])]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     # A 128-token step budget chunks the long prompts and mixes chunks with decode rows.
