@@ -793,7 +793,7 @@ MUTATIONS = {
         ["tests/test_full_mixed.py::test_padding_is_zero_length_work"],
     ),
     "FULL mixed replays the host's placeholder ids where overlap fed ids on the device": (
-        "tesela/attention/triton_backend.py",
+        MIXED,
         "        if batch.host_ids_stale:",
         "        if False:",
         ["tests/test_overlap.py::test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off"],

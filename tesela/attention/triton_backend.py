@@ -212,14 +212,14 @@ class MixedGraphState:
         base = 5 * self.max_rows
         return self.meta[base : base + 2 * num_tiles].view(num_tiles, 2)
 
-    @property
-    def _tokens_at(self) -> int:
-        return 5 * self.max_rows + 2 * self.max_tiles
+    def _token_segment(self, buffer):
+        """[3, max_tokens] view of the token rows in `meta` or in its host staging."""
+        at, width = 5 * self.max_rows + 2 * self.max_tiles, self.max_tokens
+        return buffer[at : at + 3 * width].reshape(3, width)
 
     def token_rows(self, num_tokens: int) -> torch.Tensor:
         """[3, num_tokens] int32: ids, positions and KV slots of a graph of `num_tokens`."""
-        at, width = self._tokens_at, self.max_tokens
-        return self.meta[at : at + 3 * width].view(3, width)[:, :num_tokens]
+        return self._token_segment(self.meta)[:, :num_tokens]
 
     def load(
         self,
@@ -257,14 +257,12 @@ class MixedGraphState:
         host[3 * rows : 3 * rows + len(decode)] = decode
         host[4 * rows : 4 * rows + len(decode)] = starts[decode]
         host[5 * rows : 5 * rows + len(tiles)] = tiles
-        tokens = host[self._tokens_at : self._tokens_at + 3 * self.max_tokens].reshape(3, -1)
+        tokens = self._token_segment(host)
         tokens[:, : batch.num_tokens] = batch.host_token_rows().numpy()
         tokens[:, batch.num_tokens : padded_num_tokens] = _PADDING_TOKEN
         at = self._tables_at
         host[at : at + n * blocks].reshape(n, blocks)[:, :width] = batch.host_block_tables().numpy()
         self.staging.send(self.meta, at + n * blocks)
-        if batch.host_ids_stale:  # ids fed on the device since build: theirs, after the copy
-            self.token_rows(padded_num_tokens)[0, : batch.num_tokens].copy_(batch.input_ids)
 
 
 class TritonAttentionBackend(AttentionBackend):

@@ -189,7 +189,11 @@ class FullMixedRunner(GraphRunner):
         The graph runs no Python: planning this batch rewrites the buffers it reads (its
         tokens, attention metadata and LoRA segments alike)."""
         key = self.planner.key(batch)
-        return key, self.planner.plan(batch, split_decode=key[1])
+        plan = self.planner.plan(batch, split_decode=key[1])
+        if batch.host_ids_stale:  # ids fed on the device since build: theirs, after the upload
+            staged = self.planner.attn_backend.mixed_token_rows(key[0])
+            staged[0, : batch.num_tokens].copy_(batch.input_ids)
+        return key, plan
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
