@@ -225,3 +225,64 @@ def test_moe_layers_run_inside_full_mixed_graphs(checkpoints, kernels):
             tokens[path_kind] = moe_runner.compute_logits(hidden[step.logits_indices]).argmax(-1)
     assert tokens[RunPath.FULL_MIXED].tolist() == tokens[RunPath.EAGER].tolist()
     assert tokens[RunPath.PIECEWISE].tolist() == tokens[RunPath.EAGER].tolist()
+
+
+def test_the_graph_derives_the_metadata_the_host_would(runner):
+    """The graph's first op (`mixed_graph_prologue`) derives the metadata from the batch's
+    int32 pack on the device; on random batches (decode rows, 1-token first chunks, chunks
+    over cached prefixes, tables of any width) it equals a host reference: lengths and starts
+    per row, decode entries in row order, the tile table in `tile_table`'s order, the block
+    tables, and absent entries and padding tokens past the batch."""
+    import random
+
+    from tesela.attention.triton_kernels.extend_attention import tile_table
+
+    full, backend = runner.full_mixed, runner.attn_backend
+    state = backend.mixed_state
+    rng = random.Random(11)
+    # Equal causal walks in two rows (row 0's second tile, row 1's first): the higher row first.
+    cases = [[(0, 20), (16, 5), (9, 1), (0, 1)]]
+    for _ in range(16):
+        rows, budget = [], SIZES[-1]
+        for _ in range(rng.randint(1, MAX_ROWS)):
+            new = min(budget, rng.choice([1, 1, rng.randint(1, 20)]))
+            if new:
+                rows.append((rng.choice([0, 16, rng.randint(1, 100)]), new))
+                budget -= new
+        cases.append(rows)
+    for trial, rows in enumerate(cases):
+        tables = [
+            rng.sample(range(1, 120), -(-(p + n) // BLOCK) + rng.randint(0, 3)) for p, n in rows
+        ]
+        step = ForwardBatch.build(
+            token_ids=[[3] * n for _, n in rows], prefix_lens=[p for p, _ in rows],
+            block_tables=tables, block_size=BLOCK, device="cpu",
+        )  # fmt: skip
+        size, split_decode = full.planner.key(step)
+        full.prepare(step)
+        backend.mixed_graph_prologue(size, split_decode, full.buffers.rows)()
+
+        n, tokens = len(rows), step.num_tokens
+        lens = [len for _, len in rows]
+        starts = [sum(lens[:i]) for i in range(n)]
+        decode = [i for i in range(n) if split_decode and lens[i] == 1]
+        tiled = [0 if i in decode else lens[i] for i in range(n)]
+        block_m = backend._mixed_config(size).block_m
+        expected_tiles = tile_table(tiled, [p for p, _ in rows], block_m)
+        past = MAX_ROWS - n
+        assert state.segment(0).tolist() == [p + e for p, e in rows] + [-1] * past, trial
+        assert state.segment(1).tolist() == [p for p, _ in rows] + [-1] * past
+        assert state.segment(2).tolist() == starts + [-1] * past
+        metadata = full.planner.plan(step, split_decode).attn_metadata
+        if split_decode:
+            entries = metadata.decode_rows.shape[0]
+            assert metadata.decode_rows.tolist() == decode + [-1] * (entries - len(decode))
+            absent = [-1] * (entries - len(decode))
+            assert metadata.decode_tokens.tolist() == [starts[i] for i in decode] + absent
+        num_tiles = metadata.tiles.shape[0]
+        got = metadata.tiles.reshape(-1).tolist()
+        assert got == expected_tiles + [-1] * (2 * num_tiles - len(expected_tiles)), trial
+        for i, table in enumerate(tables):
+            assert state.block_tables[i, : len(table)].tolist() == table
+        assert full.buffers.rows[:, tokens:size].tolist() == [[0] * (size - tokens)] * 3
+        assert full.buffers.rows[:, :tokens].tolist() == step.token_rows.tolist()

@@ -127,22 +127,41 @@ def test_batch_metadata_travels_packed_with_each_array_16_byte_aligned():
     assert batch.prefix_lens.tolist() == [0, 4] and batch.extend_start_loc.tolist() == [0, 3]
 
 
-def test_block_tables_on_the_host_whoever_built_the_batch():
-    """`build` keeps the host copy it sent (FULL mixed planning stages it with no device
-    read); a batch built field by field copies its tables once, when first asked."""
+def test_the_pack_is_laid_out_as_its_layout_says_whoever_built_the_batch():
+    """FULL mixed graphs copy a batch's pack whole and read it on the device at the offsets
+    `pack_layout` gives (the planning kernel computes the same ones): the views `build` returns
+    sit there, after a header of rows, tokens and table width; a batch built field by field
+    packs the same values on demand."""
     import dataclasses
+    import random
 
-    from tesela.core.forward_batch import ForwardBatch
+    from tesela.core.forward_batch import pack_layout
 
-    batch = ForwardBatch.build(
-        token_ids=[[5, 6, 7], [8]], prefix_lens=[0, 4], block_tables=[[1], [2, 3]],
-        block_size=4, device="cpu",
-    )  # fmt: skip
-    assert batch.host_block_tables() is batch.block_tables_cpu
-    assert batch.host_block_tables().tolist() == [[1, 0], [2, 3]]
-    by_fields = dataclasses.replace(batch, block_tables_cpu=None)
-    tables = by_fields.host_block_tables()
-    assert tables.tolist() == [[1, 0], [2, 3]] and by_fields.host_block_tables() is tables
+    rng = random.Random(5)
+    for rows in (1, 2, 3, 4, 5, 8, 9):
+        prefix = [rng.randint(0, 40) for _ in range(rows)]
+        new = [rng.randint(1, 9) for _ in range(rows)]
+        tables = [
+            list(range(1, 2 + (p + n) // 4 + rng.randint(0, 2)))
+            for p, n in zip(prefix, new, strict=True)
+        ]
+        batch = ForwardBatch.build(
+            token_ids=[[7] * n for n in new], prefix_lens=prefix, block_tables=tables,
+            block_size=4, device="cpu",
+        )  # fmt: skip
+        pack = batch.packed
+        tokens, width = batch.num_tokens, batch.block_tables.shape[1]
+        assert pack[:4].tolist() == [rows, tokens, width, 0]
+        fields = (batch.token_rows, batch.seq_lens, batch.prefix_lens, batch.extend_start_loc,
+                  batch.block_tables)  # fmt: skip
+        layout = pack_layout(rows, tokens)
+        for field, at in zip(fields, layout, strict=True):
+            assert field.data_ptr() == pack[at:].data_ptr()
+        by_fields = dataclasses.replace(batch, packed=None).pack()
+        for field, at in zip(fields, layout, strict=True):
+            words = field.reshape(-1).view(torch.int32)
+            assert by_fields[at : at + words.numel()].tolist() == words.tolist()
+        assert by_fields[:4].tolist() == pack[:4].tolist()
 
 
 def test_build_places_every_token_where_its_row_and_table_say():
@@ -175,7 +194,6 @@ def test_build_places_every_token_where_its_row_and_table_say():
         assert batch.input_ids.tolist() == [t for row in tokens for t in row]
         assert batch.positions.tolist() == positions
         assert batch.out_cache_loc.tolist() == slots
-        assert batch.host_token_rows().tolist() == batch.token_rows.tolist()
         width = max(len(t) for t in tables)
         assert batch.block_tables.tolist() == [t + [0] * (width - len(t)) for t in tables]
 
@@ -186,17 +204,3 @@ def test_a_block_table_too_short_for_its_row_is_refused():
             token_ids=[[1], [2, 3]], prefix_lens=[0, 7], block_tables=[[1], [2, 3]],
             block_size=4, device="cpu",
         )  # fmt: skip
-
-
-def test_host_copies_stay_what_the_host_sent_on_every_device():
-    """Device tensors are copies on CPU too: ops that rewrite them (overlap scheduling feeds
-    ids on the device) leave the host views as sent, as on a GPU, so CPU tests see what a
-    stale host copy would do."""
-    batch = ForwardBatch.build(
-        token_ids=[[5, 6], [8]], prefix_lens=[0, 4], block_tables=[[1], [2, 3]],
-        block_size=4, device="cpu",
-    )  # fmt: skip
-    batch.input_ids.fill_(0)
-    batch.block_tables.fill_(0)
-    assert batch.host_token_rows()[0].tolist() == [5, 6, 8]
-    assert batch.host_block_tables().tolist() == [[1, 0], [2, 3]]

@@ -117,16 +117,19 @@ class AttentionBackend(ABC):
     ) -> None:
         raise self._no_mixed_graphs()
 
-    def plan_mixed_graph(self, batch: ForwardBatch, padded_num_tokens: int) -> AttentionMetadata:
-        """Rewrite the persistent buffers with `batch` (its metadata, and its token rows padded
-        to the graph's size: `mixed_token_rows`), in one host-to-device copy; return metadata
-        viewing them."""
+    def plan_mixed_graph(
+        self, batch: ForwardBatch, padded_num_tokens: int, split_decode: bool = True
+    ) -> AttentionMetadata:
+        """Bring `batch` into the persistent buffers a FULL mixed graph reads (without waiting
+        for the device); return metadata viewing them."""
         raise self._no_mixed_graphs()
 
-    def mixed_token_rows(self, padded_num_tokens: int) -> torch.Tensor:
-        """[3, padded_num_tokens] int32 (ids, positions, KV slots) in the persistent buffers that
-        `plan_mixed_graph` rewrites: a FULL mixed graph's first op widens them into its static
-        buffers, so its tokens travel in the metadata's copy."""
+    def mixed_graph_prologue(
+        self, padded_num_tokens: int, split_decode: bool, token_rows: torch.Tensor
+    ) -> Callable[[], None]:
+        """The first op a FULL mixed graph captures: whatever `plan_mixed_graph` leaves to the
+        device, and the batch's tokens into `token_rows` ([3, max_tokens] int64 static token
+        buffers the model reads), padded up to the graph's size."""
         raise self._no_mixed_graphs()
 
     def _no_mixed_graphs(self) -> ValueError:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 try:
@@ -66,18 +67,22 @@ from tesela.attention.triton_kernels.extend_attention import (
     kernels_interpreted,
     max_tiles,
     tile_args,
-    tile_table,
 )
 from tesela.attention.triton_kernels.extend_attention import batch_args as extend_batch_args
 from tesela.attention.triton_kernels.extend_attention import layer_args as extend_layer_args
 from tesela.attention.triton_kernels.extend_attention import shape_args as extend_shape_args
 from tesela.attention.triton_kernels.launcher import Args, join, runtime_args
+from tesela.attention.triton_kernels.mixed_plan import derive_mixed_plan
 from tesela.attention.triton_kernels.store_kv import OPTIONS as STORE_OPTIONS
 from tesela.attention.triton_kernels.store_kv import STORE_KV, pool_args, width_args
 from tesela.attention.triton_kernels.store_kv import layer_args as store_layer_args
-from tesela.core.forward_batch import BatchModeError, ForwardBatch, ForwardMode
+from tesela.core.forward_batch import (
+    BatchModeError,
+    ForwardBatch,
+    ForwardMode,
+    pack_layout,
+)
 from tesela.core.kv_cache import DUMMY_SLOT, KVCachePool
-from tesela.core.staging import HostStaging
 
 
 @dataclass(frozen=True)
@@ -166,43 +171,37 @@ class DecodeGraphState:
         self.block_tables[n:, 0].fill_(dummy_block)
 
 
-# What a padding token of a FULL mixed graph reads: token 0, position 0, the dummy KV slot.
-_PADDING_TOKEN = np.array([[0], [0], [DUMMY_SLOT]], dtype=np.int32)
-
-
 @dataclass
 class MixedGraphState:
-    """Persistent buffers that FULL mixed graphs (any batch: extend, mixed, decode) read,
-    rewritten in place before each replay.
+    """Persistent buffers that FULL mixed graphs (any batch: extend, mixed, decode) read.
 
-    Everything lives in one int32 buffer, so a replay's inputs go to the device in one copy
-    (built with numpy in pinned host staging): per row (R = max_rows) the sequence length,
-    prefix length and first token; the decode entry table (row, query token) of the 1-token
-    rows; the tile table, (row, first query) per query block of the other rows; the token rows
-    (ids, positions, KV slots: `token_rows`, which the graph's first op widens into the runner's
-    static buffers), padded to the captured size with token 0, position 0 and the dummy slot;
-    then the block tables. Entries past the batch's hold -1 (absent: no program does anything
-    for them), and rows past the batch's are never read. Every captured size reads the front of
-    the shared tables."""
+    Before a replay the batch's pack (`ForwardBatch.packed`) is copied into `raw`, device to
+    device, in one op; the graph's first kernel (triton_kernels/mixed_plan.py) copies its
+    tokens into the static token buffers and derives from it everything the attention kernels
+    read, into `meta`, one int32 buffer: per
+    row (R = max_rows) the sequence length, prefix length and first token; the decode entry
+    table (row, query token) of the 1-token rows; the tile table, (row, first query) per query
+    block of the other rows; then the block tables. Entries past the batch's hold -1 (absent:
+    no program does anything for them), and rows past the batch's are never read. Every
+    captured size reads the front of the shared tables."""
 
     max_rows: int
     max_blocks_per_seq: int
     max_tiles: int
-    max_tokens: int
-    # [5 * max_rows + 2 * max_tiles + 3 * max_tokens + max_rows * max_blocks_per_seq] int32
+    raw: torch.Tensor  # int32 words: the replayed batch's pack, up to its block tables
+    # [5 * max_rows + 2 * max_tiles + max_rows * max_blocks_per_seq] int32
     meta: torch.Tensor
     partial_out: torch.Tensor  # flat fp32 split-KV scratch of the decode entries
     partial_lse: torch.Tensor  # flat fp32
-    staging: HostStaging  # the host side of `meta`'s copies
 
     @property
-    def _tables_at(self) -> int:
-        return self.meta.shape[0] - self.max_rows * self.max_blocks_per_seq
+    def tables_at(self) -> int:
+        return 5 * self.max_rows + 2 * self.max_tiles
 
     @property
     def block_tables(self) -> torch.Tensor:
         """[max_rows, max_blocks_per_seq] int32, the end of `meta`."""
-        return self.meta[self._tables_at :].view(self.max_rows, self.max_blocks_per_seq)
+        return self.meta[self.tables_at :].view(self.max_rows, self.max_blocks_per_seq)
 
     def segment(self, index: int) -> torch.Tensor:
         """0 seq_lens, 1 prefix_lens, 2 extend_start_loc, 3 decode rows, 4 decode tokens."""
@@ -212,26 +211,8 @@ class MixedGraphState:
         base = 5 * self.max_rows
         return self.meta[base : base + 2 * num_tiles].view(num_tiles, 2)
 
-    def _token_segment(self, buffer):
-        """[3, max_tokens] view of the token rows in `meta` or in its host staging."""
-        at, width = 5 * self.max_rows + 2 * self.max_tiles, self.max_tokens
-        return buffer[at : at + 3 * width].reshape(3, width)
-
-    def token_rows(self, num_tokens: int) -> torch.Tensor:
-        """[3, num_tokens] int32: ids, positions and KV slots of a graph of `num_tokens`."""
-        return self._token_segment(self.meta)[:, :num_tokens]
-
-    def load(
-        self,
-        batch: ForwardBatch,
-        padded_num_tokens: int,
-        block_m: int,
-        num_tiles: int,
-        entries: int,
-    ) -> None:
-        """Copy the batch's rows and tokens in (its tokens padded to `padded_num_tokens`); with
-        `entries` > 0 its 1-token rows go to the decode entry table and the other rows' query
-        blocks to the tile table, with 0 every row is tiled."""
+    def load(self, batch: ForwardBatch) -> None:
+        """Copy the batch's pack in, up to its block tables (no host work but one copy)."""
         n, width = batch.batch_size, batch.block_tables.shape[1]
         if n > self.max_rows or width > self.max_blocks_per_seq:
             raise ValueError(
@@ -239,30 +220,8 @@ class MixedGraphState:
                 f"buffers hold {self.max_rows} rows of {self.max_blocks_per_seq} blocks: run it "
                 "through the piecewise or eager path, or raise max_num_seqs / max_model_len"
             )
-        rows, blocks = self.max_rows, self.max_blocks_per_seq
-        extend_lens = np.asarray(batch.extend_lens_cpu, dtype=np.int32)
-        starts = np.cumsum(extend_lens, dtype=np.int32) - extend_lens
-        decode = np.flatnonzero(extend_lens == 1) if entries else np.empty(0, dtype=np.int64)
-        assert len(decode) <= max(entries, 0), "more decode rows than entries"
-        tiled_lens = extend_lens.copy()
-        tiled_lens[decode] = 0  # a decode row gets an entry, not a tile
-        tiles = tile_table(tiled_lens.tolist(), batch.prefix_lens_cpu, block_m)
-        if len(tiles) > 2 * num_tiles:
-            raise ValueError(f"{len(tiles) // 2} query tiles do not fit a table of {num_tiles}")
-        host = self.staging.acquire()
-        host[: 5 * rows + 2 * num_tiles] = -1  # past that, this graph reads no tile
-        host[:n] = batch.seq_lens_cpu
-        host[rows : rows + n] = batch.prefix_lens_cpu
-        host[2 * rows : 2 * rows + n] = starts
-        host[3 * rows : 3 * rows + len(decode)] = decode
-        host[4 * rows : 4 * rows + len(decode)] = starts[decode]
-        host[5 * rows : 5 * rows + len(tiles)] = tiles
-        tokens = self._token_segment(host)
-        tokens[:, : batch.num_tokens] = batch.host_token_rows().numpy()
-        tokens[:, batch.num_tokens : padded_num_tokens] = _PADDING_TOKEN
-        at = self._tables_at
-        host[at : at + n * blocks].reshape(n, blocks)[:, :width] = batch.host_block_tables().numpy()
-        self.staging.send(self.meta, at + n * blocks)
+        end = pack_layout(n, batch.num_tokens)[-1] + n * width
+        self.raw[:end].copy_(batch.pack()[:end], non_blocking=True)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -428,14 +387,16 @@ class TritonAttentionBackend(AttentionBackend):
         )
 
         self._mixed_templates = {}
-        numel = 5 * max_rows + 2 * tiles + 3 * max_num_tokens + max_rows * max_blocks_per_seq
+        numel = 5 * max_rows + 2 * tiles + max_rows * max_blocks_per_seq
+        tables_in = pack_layout(max_rows, max_num_tokens)[-1]
         self.mixed_state = MixedGraphState(
             max_rows=max_rows,
             max_blocks_per_seq=max_blocks_per_seq,
             max_tiles=tiles,
-            max_tokens=max_num_tokens,
+            raw=torch.zeros(
+                tables_in + max_rows * max_blocks_per_seq, dtype=torch.int32, device=device
+            ),  # fmt: skip
             meta=torch.full((numel,), -1, dtype=torch.int32, device=device),
-            staging=HostStaging(numel, torch.int32, device),
             partial_out=torch.empty(
                 pairs * layout.num_heads * layout.head_dim, dtype=torch.float32, device=device
             ),
@@ -455,31 +416,56 @@ class TritonAttentionBackend(AttentionBackend):
     def plan_mixed_graph(
         self, batch: ForwardBatch, padded_num_tokens: int, split_decode: bool = True
     ) -> TritonMetadata:
-        """Metadata viewing the persistent buffers, after rewriting them with `batch`; its launch
-        values depend only on `padded_num_tokens` (the captured size), `split_decode` and the
-        buffers' limits, so the same call plans the warmup, the capture of each size and every
-        replay. With `split_decode` the 1-token rows run the split-KV decode kernel (one more
-        launch per layer); without, every row is tiled for the extend kernel."""
-        state = self.mixed_state
-        if state is None:
-            raise RuntimeError(
-                "triton attention has no FULL mixed graph buffers: call "
-                "init_mixed_graph_state(max_rows, max_blocks_per_seq, max_num_tokens) first"
-            )
+        """Metadata viewing the persistent buffers, after copying `batch`'s pack in (the graph's
+        first kernel, `mixed_graph_prologue`, derives the rest on the device); its
+        launch values depend only on `padded_num_tokens` (the captured size), `split_decode` and
+        the buffers' limits, so the same call plans the warmup, the capture of each size and
+        every replay. With `split_decode` the 1-token rows run the split-KV decode kernel (one
+        more launch per layer); without, every row is tiled for the extend kernel."""
+        state = self._mixed_state()
         if batch.num_tokens > padded_num_tokens:
             raise ValueError(f"{batch.stamp} does not fit a graph of {padded_num_tokens} tokens")
         key = (padded_num_tokens, split_decode)
-        graph = self._mixed_templates.get(key) or self._mixed_template(*key)
-        template, block_m, tiles, entries = graph
-        state.load(batch, padded_num_tokens, block_m, tiles, entries)
+        template = (self._mixed_templates.get(key) or self._mixed_template(*key))[0]
+        state.load(batch)
         metadata = copy.copy(template)  # the views and launch values of this graph
         metadata.stamp = batch.stamp
         return metadata
 
-    def mixed_token_rows(self, padded_num_tokens: int) -> torch.Tensor:
+    def mixed_graph_prologue(
+        self, padded_num_tokens: int, split_decode: bool, token_rows: torch.Tensor
+    ) -> Callable[[], None]:
+        """The first op of the FULL mixed graph (`padded_num_tokens`, `split_decode`): from the
+        replayed batch's pack, writes its tokens into `token_rows` (the [3, max_tokens] int64
+        static token buffers), padded with token 0, position 0 and the dummy KV slot up to the
+        graph's size, and derives its metadata."""
+        state = self._mixed_state()
+        key = (padded_num_tokens, split_decode)
+        _, block_m, num_tiles, entries = self._mixed_templates.get(key) or self._mixed_template(
+            *key
+        )
+        return functools.partial(
+            derive_mixed_plan,
+            state.raw,
+            state.meta,
+            token_rows,
+            max_rows=state.max_rows,
+            tiles_at=5 * state.max_rows,
+            num_tiles=num_tiles,
+            entries=entries,
+            tables_at=state.tables_at,
+            max_blocks=state.max_blocks_per_seq,
+            padded_tokens=padded_num_tokens,
+            block_m=block_m,
+        )
+
+    def _mixed_state(self) -> MixedGraphState:
         if self.mixed_state is None:
-            raise RuntimeError("triton attention has no FULL mixed graph buffers yet")
-        return self.mixed_state.token_rows(padded_num_tokens)
+            raise RuntimeError(
+                "triton attention has no FULL mixed graph buffers: call "
+                "init_mixed_graph_state(max_rows, max_blocks_per_seq, max_num_tokens) first"
+            )
+        return self.mixed_state
 
     def _mixed_template(self, padded_num_tokens: int, split_decode: bool) -> tuple:
         """The metadata of one FULL mixed graph but its stamp, its query tile, tiles and decode

@@ -70,32 +70,34 @@ class ForwardBatch:
     # (`build` packs them so, the three fields being its rows), which graph runners copy into
     # their static buffers in one op; a batch built field by field gets a stacked copy
     token_rows: torch.Tensor | None = None
-    # block_tables and token_rows on the host (pinned on CUDA: what `build` copied from), for
-    # graph runners that stage them with their metadata (`host_block_tables`, `host_token_rows`)
-    block_tables_cpu: torch.Tensor | None = None
-    token_rows_cpu: torch.Tensor | None = None
-    # Some input ids were written on the device after `build` (overlap scheduling feeds the ids
-    # that the step in flight samples): the host copy's ids are placeholders there.
-    host_ids_stale: bool = False
+    # The device buffer `build` uploads in one copy, as int32 words (`pack_layout`): a header
+    # (rows, tokens, table width), token_rows, seq_lens, prefix_lens, extend_start_loc,
+    # block_tables (all views of it), then logits_indices. A FULL mixed graph copies it whole,
+    # in one op, and derives its inputs from it on the device. A batch built field by field
+    # packs it on demand (`pack`).
+    packed: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_mode(self.mode, self.extend_lens_cpu, self.num_tokens)
         if self.token_rows is None:
             self.token_rows = torch.stack((self.input_ids, self.positions, self.out_cache_loc))
 
-    def host_block_tables(self) -> torch.Tensor:
-        """block_tables on the host: the copy `build` made it from, or (a batch built field by
-        field) a copy taken now, once, which waits for the device."""
-        if self.block_tables_cpu is None:
-            self.block_tables_cpu = self.block_tables.cpu()
-        return self.block_tables_cpu
-
-    def host_token_rows(self) -> torch.Tensor:
-        """token_rows on the host, as `host_block_tables` gives block_tables (its ids row is
-        not the batch's where `host_ids_stale`)."""
-        if self.token_rows_cpu is None:
-            self.token_rows_cpu = self.token_rows.cpu()
-        return self.token_rows_cpu
+    def pack(self) -> torch.Tensor:
+        """The batch's pack: `packed`, or for a batch built field by field the same layout up to
+        its block tables, packed now on the device (without waiting for it)."""
+        if self.packed is None:
+            n, width = self.batch_size, self.block_tables.shape[1]
+            header = torch.tensor([n, self.num_tokens, width, 0], dtype=torch.int32)
+            parts = [header.to(self.device, non_blocking=True)]
+            words = self.token_rows.to(torch.int64).contiguous().view(-1).view(torch.int32)
+            parts.append(
+                torch.nn.functional.pad(words, (0, _aligned(words.numel()) - words.numel()))
+            )
+            for row in (self.seq_lens, self.prefix_lens, self.extend_start_loc):
+                parts.append(torch.nn.functional.pad(row.to(torch.int32), (0, _aligned(n) - n)))
+            parts.append(self.block_tables.to(torch.int32).reshape(-1))
+            self.packed = torch.cat(parts)
+        return self.packed
 
     @property
     def num_tokens(self) -> int:
@@ -105,7 +107,7 @@ class ForwardBatch:
     def batch_size(self) -> int:
         return len(self.seq_lens_cpu)
 
-    @property
+    @functools.cached_property  # a batch's rows never change (`replace` makes a new batch)
     def extend_lens_cpu(self) -> list[int]:
         return [s - p for s, p in zip(self.seq_lens_cpu, self.prefix_lens_cpu, strict=True)]
 
@@ -117,7 +119,7 @@ class ForwardBatch:
     def device(self) -> torch.device:
         return self.input_ids.device
 
-    @property
+    @functools.cached_property
     def stamp(self) -> BatchStamp:
         return BatchStamp(self.batch_id, self.mode, self.num_tokens, self.batch_size)
 
@@ -164,9 +166,9 @@ class ForwardBatch:
         rows = range(len(token_ids)) if logits_rows is None else logits_rows
         last = ends - 1
 
-        host: dict[str, torch.Tensor] = {}
-        tensors = to_device_packed(
-            {
+        tensors, packed = pack_to_device(
+            {  # in `pack_layout`'s order
+                "header": ([len(lens), ends[-1], tables.shape[1], 0], torch.int32),
                 "token_rows": (np.stack((ids, positions, slots)), torch.int64),
                 "seq_lens": (seq_lens, torch.int32),
                 "prefix_lens": (prefix_lens, torch.int32),
@@ -179,8 +181,8 @@ class ForwardBatch:
                 ),
             },
             device,
-            host,
         )
+        del tensors["header"]
         token_rows = tensors["token_rows"]
         return cls(
             mode=mode,
@@ -188,8 +190,7 @@ class ForwardBatch:
             positions=token_rows[1],
             out_cache_loc=token_rows[2],
             **tensors,
-            block_tables_cpu=host["block_tables"],
-            token_rows_cpu=host["token_rows"],
+            packed=packed.view(torch.int32),
             seq_lens_cpu=seq_lens,
             prefix_lens_cpu=list(prefix_lens),
             request_ids=list(request_ids or []),
@@ -256,39 +257,53 @@ def padded_block_tables(
 
 
 def to_device_packed(
-    arrays: dict[str, tuple[list, torch.dtype]],
-    device: torch.device | str,
-    host: dict[str, torch.Tensor] | None = None,
+    arrays: dict[str, tuple[list, torch.dtype]], device: torch.device | str
 ) -> dict[str, torch.Tensor]:
-    """Several host lists on `device` in one copy per dtype (views of one packed buffer, each
-    starting on a 16-byte boundary, so kernels see the alignment they would on their own
-    allocation), without blocking the host: a step's metadata costs two copies, not eight. (A
-    plain `torch.tensor(values, device="cuda")` would wait for the GPU's queued work, stalling
-    the host while an earlier step runs: overlap scheduling builds batches then.) `host`, if
-    given, receives the same views of the (pinned) host buffer."""
+    """Several host lists on `device` in one copy (views of one packed buffer, each starting on
+    a 16-byte boundary, so kernels see the alignment they would on their own allocation),
+    without blocking the host: a step's metadata costs one copy, not eight. (A plain
+    `torch.tensor(values, device="cuda")` would wait for the GPU's queued work, stalling the
+    host while an earlier step runs: overlap scheduling builds batches then.)"""
+    return pack_to_device(arrays, device)[0]
+
+
+def pack_to_device(
+    arrays: dict[str, tuple[list, torch.dtype]], device: torch.device | str
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`to_device_packed`'s views, and the whole device buffer (uint8) they view."""
     device = torch.device(device)
-    groups: dict[torch.dtype, list[tuple[str, np.ndarray]]] = {}
+    items, total = [], 0
     for name, (values, dtype) in arrays.items():
-        groups.setdefault(dtype, []).append((name, np.asarray(values, dtype=_numpy_dtype(dtype))))
-    out = {}
-    for dtype, items in groups.items():
-        align = max(1, 16 // items[0][1].itemsize)
-        starts, total = [], 0
-        for _, values in items:
-            starts.append(total)
-            total += -(-values.size // align) * align
-        packed = torch.empty(total, dtype=dtype, pin_memory=device.type == "cuda")
-        flat = packed.numpy()
-        for (_, values), start in zip(items, starts, strict=True):
-            flat[start : start + values.size] = values.reshape(-1)
-        # A copy on every device: on CPU too, so that the host views stay what the host wrote
-        # while ops rewrite the device tensors (overlap scheduling's fed ids), as on a GPU.
-        on_device = packed.to(device, non_blocking=True, copy=True)
-        for (name, values), start in zip(items, starts, strict=True):
-            out[name] = on_device[start : start + values.size].view(values.shape)
-            if host is not None:
-                host[name] = packed[start : start + values.size].view(values.shape)
-    return out
+        array = np.asarray(values, dtype=_numpy_dtype(dtype))
+        items.append((name, array, dtype, total))
+        total += -(-array.nbytes // 16) * 16
+    packed = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    flat = packed.numpy()
+    for _, array, _, at in items:
+        flat[at : at + array.nbytes].view(array.dtype)[:] = array.reshape(-1)
+    on_device = packed.to(device, non_blocking=True)
+    views = {
+        name: on_device[at : at + array.nbytes].view(dtype).view(array.shape)
+        for name, array, dtype, at in items
+    }
+    return views, on_device
+
+
+def pack_layout(rows: int, tokens: int) -> tuple[int, int, int, int, int]:
+    """Where token_rows, seq_lens, prefix_lens, extend_start_loc and block_tables start, in
+    int32 words, in a batch's pack (`ForwardBatch.packed`): after a 4-word header (rows,
+    tokens, block table width, 0), each on a 16-byte boundary, as `to_device_packed` lays out
+    the arrays `build` gives it (token_rows: 3 x tokens int64, 2 words each). The FULL mixed
+    planning kernel (tesela/attention/triton_kernels/mixed_plan.py) computes the same offsets
+    from the header."""
+    seq_at = 4 + _aligned(6 * tokens)
+    aligned = _aligned(rows)
+    return 4, seq_at, seq_at + aligned, seq_at + 2 * aligned, seq_at + 3 * aligned
+
+
+def _aligned(n: int) -> int:
+    """n int32 words rounded up to a 16-byte boundary (`to_device_packed`'s alignment)."""
+    return -(-n // 4) * 4
 
 
 @functools.cache

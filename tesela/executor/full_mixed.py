@@ -5,11 +5,12 @@ For backends that declare ALWAYS graph support (tesela/attention/policy.py): the
 reads every per-batch value (row starts, prefix and sequence lengths, block tables, the tile
 table that gives each program its row) from persistent buffers that `MixedGraphPlanner.plan`
 rewrites in place, and launches grids fixed per captured size. A replay plans the batch and
-replays the smallest captured size that fits; planning also stages the batch's tokens,
-positions and KV slots (padding tokens: token 0, position 0, the dummy KV slot) with the
-metadata, so the host makes one copy per replay and the graph's first op widens them into the
-static buffers the model reads. Padding is zero-length work: no tile of the table covers a
-padding token, and its KV store hits only the dummy slot.
+replays the smallest captured size that fits. The host does no per-row work: planning copies
+the batch's pack (its tokens, lengths and block tables, which `ForwardBatch.build` uploaded in
+one buffer) into the backend's buffers, one device-to-device copy; the graph's first op
+(`mixed_graph_prologue`) writes the tokens into the static buffers the model reads, padded with
+token 0, position 0 and the dummy KV slot up to the graph's size, and derives the metadata. Padding is zero-length work: no tile of the table covers a padding token, and
+its KV store hits only the dummy slot.
 
 A graph captured for N tokens serves at most `max_rows` rows (its tile table and row buffers
 are that large): `can_run` refuses a batch with more, and planning one raises.
@@ -151,14 +152,16 @@ class FullMixedRunner(GraphRunner):
         rows = capture_batch(size, self.block_size, self.graphs.device, row_tokens)
         return self.buffers.view_batch(rows)
 
-    def _forward_fn(self, batch: ForwardBatch, plan: ForwardPlan) -> Callable[[], torch.Tensor]:
+    def _forward_fn(
+        self, batch: ForwardBatch, plan: ForwardPlan, split_decode: bool
+    ) -> Callable[[], torch.Tensor]:
         """The captured forward of `batch` (a static batch of the captured size)."""
-        staged = self.planner.attn_backend.mixed_token_rows(batch.num_tokens)
-        static = self.buffers.rows[:, : batch.num_tokens]
+        backend = self.planner.attn_backend
+        prologue = backend.mixed_graph_prologue(batch.num_tokens, split_decode, self.buffers.rows)
 
         def forward() -> torch.Tensor:
-            static.copy_(staged)  # the planned batch's tokens (int32) into the model's inputs
-            with forward_context(batch, plan, self.planner.attn_backend):
+            prologue()  # the replayed batch's tokens and metadata, from its pack
+            with forward_context(batch, plan, backend):
                 return self.model(batch.input_ids, batch.positions)
 
         return forward
@@ -170,9 +173,11 @@ class FullMixedRunner(GraphRunner):
             for size in reversed(self.sizes):  # largest first: smaller ones reuse its pool
                 for split_decode in (True, False):
                     warmup = self._static_batch(size)
-                    self._forward_fn(warmup, self.planner.plan(warmup, split_decode))()
+                    plan = self.planner.plan(warmup, split_decode)
+                    self._forward_fn(warmup, plan, split_decode)()
                     batch = self._static_batch(size)
-                    forward = self._forward_fn(batch, self.planner.plan(batch, split_decode))
+                    plan = self.planner.plan(batch, split_decode)
+                    forward = self._forward_fn(batch, plan, split_decode)
                     graph = self.graphs.graph()
                     output = graph.capture(forward)
                     self.captured[size, split_decode] = (graph, output, forward)
@@ -186,14 +191,10 @@ class FullMixedRunner(GraphRunner):
 
     def prepare(self, batch: ForwardBatch) -> tuple[tuple[int, bool], ForwardPlan]:
         """Persistent state for `batch`: the key of the graph to replay, and the batch's plan.
-        The graph runs no Python: planning this batch rewrites the buffers it reads (its
-        tokens, attention metadata and LoRA segments alike)."""
+        The graph runs no Python: planning this batch rewrites the buffers it reads (its pack,
+        from the device: ids that overlap scheduling fed there included; LoRA segments)."""
         key = self.planner.key(batch)
-        plan = self.planner.plan(batch, split_decode=key[1])
-        if batch.host_ids_stale:  # ids fed on the device since build: theirs, after the upload
-            staged = self.planner.attn_backend.mixed_token_rows(key[0])
-            staged[0, : batch.num_tokens].copy_(batch.input_ids)
-        return key, plan
+        return key, self.planner.plan(batch, split_decode=key[1])
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:

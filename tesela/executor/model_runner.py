@@ -347,7 +347,6 @@ class ModelRunner:
         batch = inputs.build(self.device)
         if feed is not None:  # ids sampled by a step still on the device (overlap scheduling)
             feed(batch.input_ids)
-            batch.host_ids_stale = True
         return batch
 
     @torch.inference_mode()
