@@ -29,6 +29,7 @@ ENGINE = "tesela/engine/llm_engine.py"
 OVERLAP = "tests/test_overlap.py"
 MIXED = "tesela/executor/full_mixed.py"
 MIXED_TESTS = ["tests/test_full_mixed.py"]
+PLAN_KERNEL = "tesela/attention/triton_kernels/mixed_plan.py"
 LAUNCHER_TESTS = "tests/test_triton_launcher.py"
 MIXED_LORA_TESTS = ["tests/test_full_mixed_lora.py"]
 MOE_PADDING_TEST = "tests/test_moe.py::test_padding_tokens_route_to_no_expert_in_padded_replays"
@@ -583,8 +584,8 @@ MUTATIONS = {
     ),
     "packed batch metadata loses its 16-byte alignment": (
         "tesela/core/forward_batch.py",
-        "        align = max(1, 16 // items[0][1].itemsize)\n",
-        "        align = 1\n",
+        "        total += -(-array.nbytes // 16) * 16\n",
+        "        total += -(-array.nbytes // 8) * 8\n",
         ["tests/test_paged_forward.py"],
     ),
     "engine core resends the whole text every step": (
@@ -739,12 +740,6 @@ MUTATIONS = {
         "        return KVStoreTarget(pool_pointers(self.kv_cache), layer_id, batch.out_cache_loc)\n",
         [KV_STORE_TESTS + "::test_each_path_stores_what_eager_stores"],
     ),
-    "FULL mixed planning stages a field-built batch's block tables as zeros": (
-        "tesela/core/forward_batch.py",
-        "            self.block_tables_cpu = self.block_tables.cpu()\n",
-        '            self.block_tables_cpu = torch.zeros_like(self.block_tables, device="cpu")\n',
-        ["tests/test_paged_forward.py"],
-    ),
     "a prologue tuned alone is timed against cuBLAS, not the table's plain kernel": (
         "tesela/tune/gemv.py",
         '        for shape, buckets in entries.get("none", {}).items()\n',
@@ -786,23 +781,43 @@ MUTATIONS = {
             "tests/test_tensor_parallel.py::test_peer_memory_only_where_every_rank_made_as_many_rendezvous"
         ],
     ),
-    "FULL mixed padding tokens keep the last batch's tokens (no padding written to the staging)": (
-        "tesela/attention/triton_backend.py",
-        "        tokens[:, batch.num_tokens : padded_num_tokens] = _PADDING_TOKEN\n",
-        "",
+    "FULL mixed padding tokens keep the last batch's tokens (the prologue pads nothing)": (
+        PLAN_KERNEL,
+        "            pad = cols < padded_tokens\n",
+        "            pad = cols < 0\n",
         ["tests/test_full_mixed.py::test_padding_is_zero_length_work"],
     ),
-    "FULL mixed replays the host's placeholder ids where overlap fed ids on the device": (
-        MIXED,
-        "        if batch.host_ids_stale:",
-        "        if False:",
+    "FULL mixed replays the previous batch's tokens (the prologue copies none)": (
+        PLAN_KERNEL,
+        "            mine = cols < start_r + extend_r\n",
+        "            mine = cols < start_r\n",
         ["tests/test_overlap.py::test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off"],
     ),
-    "CPU batches alias their host lists (as no GPU does): a stale host id goes unseen": (
+    "FULL mixed tiles tied on their causal walk: the lower row first": (
+        PLAN_KERNEL,
+        "            tie = tie & (rows[None, :] > pid)\n",
+        "            tie = tie & (rows[None, :] < pid)\n",
+        [MIXED_TESTS[0] + "::test_the_graph_derives_the_metadata_the_host_would"],
+    ),
+    "FULL mixed gives a decode row a tile as well as its entry": (
+        PLAN_KERNEL,
+        "                tiles_r = tiles_r * 0\n",
+        "",
+        [MIXED_TESTS[0] + "::test_the_graph_derives_the_metadata_the_host_would"],
+    ),
+    "FULL mixed leaves the last batch's tiles past this batch's": (
+        PLAN_KERNEL,
+        "            gone = (t >= total_tiles) & (t < num_tiles)\n",
+        "            gone = (t >= num_tiles)\n",
+        [MIXED_TESTS[0] + "::test_the_graph_derives_the_metadata_the_host_would"],
+    ),
+    "the pack's layout forgets the header": (
         "tesela/core/forward_batch.py",
-        "on_device = packed.to(device, non_blocking=True, copy=True)",
-        "on_device = packed.to(device, non_blocking=True) if device.type == 'cuda' else packed",
-        ["tests/test_paged_forward.py::test_host_copies_stay_what_the_host_sent_on_every_device"],
+        "    seq_at = 4 + _aligned(6 * tokens)\n",
+        "    seq_at = _aligned(6 * tokens)\n",
+        [
+            "tests/test_paged_forward.py::test_the_pack_is_laid_out_as_its_layout_says_whoever_built_the_batch"
+        ],
     ),
     "kv_store_target ignores fuses_kv_store": (
         "tesela/attention/base.py",
