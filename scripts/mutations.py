@@ -169,12 +169,6 @@ MUTATIONS = {
         "        token = row\n",
         MIXED_TESTS,
     ),
-    "FULL mixed decode rows also get extend tiles": (
-        "tesela/attention/triton_backend.py",
-        "        tiled_lens[decode] = 0  # a decode row gets an entry, not a tile\n",
-        "",
-        MIXED_TESTS,
-    ),
     "MoE layers never see the real-token count of a padded replay": (
         "tesela/core/forward_context.py",
         "    _run_batch_hooks(batch.num_tokens if pinned is None else pinned)\n",
@@ -839,6 +833,24 @@ MUTATIONS = {
         "    if len(short):\n",
         "    if False:\n",
         ["tests/test_paged_forward.py::test_a_block_table_too_short_for_its_row_is_refused"],
+    ),
+    "a running request's output copies its tokens every step": (
+        ENGINE,
+        "        shown = list if request.is_finished else GrowingPrefix\n",
+        "        shown = list\n",
+        ["tests/test_engine.py::test_step_outputs_show_each_step_without_copying_the_output"],
+    ),
+    "a step's output shows tokens drawn after it": (
+        "tesela/engine/request.py",
+        "    def __len__(self) -> int:\n        return self._length\n",
+        "    def __len__(self) -> int:\n        return len(self._items)\n",
+        ["tests/test_engine.py::test_step_outputs_show_each_step_without_copying_the_output"],
+    ),
+    "a request's span of tokens across prompt and output drops the prompt part": (
+        "tesela/engine/request.py",
+        "        return prompt[start:] + tail if start < len(prompt) else tail\n",
+        "        return tail\n",
+        ["tests/test_engine.py::test_a_request_gives_any_span_of_its_tokens_without_joining_them"],
     ),
     "the detokenizer windows over the ids its decode skips": (
         "tesela/engine/detokenizer.py",

@@ -177,3 +177,60 @@ def test_chat_template_from_tokenizer_config(tmp_path):
     assert tokenizer.apply_chat_template(messages) == "<user>hi<assistant>"
     assert tokenizer.eos_token_ids == (2,)
     assert ByteTokenizer().apply_chat_template(messages) == "user: hi\nassistant:"
+
+
+def test_step_outputs_show_each_step_without_copying_the_output(tiny):
+    """A running request's output of each step shows the tokens and logprobs it had then
+    (later steps do not change it) and equals those lists; building it copies nothing, so a
+    long generation costs O(1) a step, not O(n); the finished output holds plain lists."""
+    import tracemalloc
+
+    engine = tiny.engine
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    engine.add_request([5, 6, 7], params, "r")
+    seen = []
+    while engine.has_unfinished():
+        seen += [o for o in engine.step() if o.request_id == "r"]
+    final = seen[-1]
+    assert final.finished and type(final.token_ids) is list and type(final.logprobs) is list
+    assert len(final.token_ids) == 6
+    running = [o for o in seen if not o.finished and o.token_ids]
+    assert running, "the request produced outputs before finishing"
+    for output in running:
+        n = len(output.token_ids)
+        assert output.token_ids == final.token_ids[:n]
+        assert output.token_ids[-1] == final.token_ids[n - 1]
+        assert output.token_ids[1:] == final.token_ids[1:n]
+        assert [lp.token_id for lp in output.logprobs] == final.token_ids[:n]
+        with pytest.raises(IndexError):
+            output.token_ids[n]
+
+    request = _long_request()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    output = engine._output(request, 1)
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(output.token_ids) == 100_000
+    assert grown < 20_000, f"building a step's output allocated {grown} bytes: a copy"
+
+
+def _long_request():
+    """A running request with 100,000 output tokens (built directly: no model run needed)."""
+    from tesela.engine.request import Request
+
+    request = Request("long", [1, 2, 3], SamplingParams(max_tokens=200_000, logprobs=1))
+    request.output_token_ids = list(range(100_000))
+    request.output_logprobs = [None] * 100_000
+    return request
+
+
+def test_a_request_gives_any_span_of_its_tokens_without_joining_them():
+    from tesela.engine.request import Request
+
+    request = Request("r", [1, 2, 3, 4], SamplingParams())
+    request.output_token_ids = [5, 6, 7]
+    every = request.all_token_ids
+    for start in range(8):
+        for end in range(start, 8):
+            assert request.token_ids(start, end) == every[start:end], (start, end)

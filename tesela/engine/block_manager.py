@@ -116,13 +116,12 @@ class BlockManager:
         hashes = request.block_hashes
         if len(hashes) >= num_full_blocks:
             return hashes[:num_full_blocks]
-        tokens = request.all_token_ids
         size = self.block_size
         extra = request.extra_keys
         while len(hashes) < num_full_blocks:
             start = len(hashes) * size
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tokens[start : start + size], extra))
+            hashes.append(hash_block(parent, request.token_ids(start, start + size), extra))
         return hashes[:num_full_blocks]
 
     def find_cached_prefix(self, request: Request) -> list[int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.distributed.sharding import check_tp_shapes
 from tesela.engine.block_manager import BlockManager
 from tesela.engine.detokenizer import IncrementalDetokenizer
-from tesela.engine.request import Request, TokenLogprobs
+from tesela.engine.request import GrowingPrefix, Request, TokenLogprobs
 from tesela.engine.sampler import Sampler, SamplingHistory, read_back
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
@@ -60,10 +61,12 @@ logger = logging.getLogger("tesela.engine")
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]
+    # The output so far: a list once finished; before, the request's list frozen at this
+    # step's length (`GrowingPrefix`: no copy per step), equal to the list it stands for.
+    token_ids: Sequence[int]
     text: str
     new_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] | None = None
+    logprobs: Sequence[TokenLogprobs] | None = None
     # One entry per prompt token (None for the first, which nothing predicts), if asked.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     finished: bool = False
@@ -578,11 +581,11 @@ class LLMEngine:
         ):
             known = r.num_tokens - r.num_inflight_tokens
             if p + n <= known:
-                row = r.all_token_ids[p : p + n]
+                row = r.token_ids(p, p + n)
             else:  # the last token is in flight: its id comes from the device
                 assert p + n == known + 1 and self._inflight is not None, "unknown token ids"
                 # A decode row (the common case) needs no host ids at all.
-                row = r.all_token_ids[p:known] if p < known else []
+                row = r.token_ids(p, known) if p < known else []
                 row.append(0)
                 gather_dst.append(num_tokens + n - 1)
                 gather_src.append(self._inflight.index_of[r.request_id])
@@ -604,14 +607,18 @@ class LLMEngine:
         return inputs, lambda input_ids: inflight.feed(input_ids, gather_dst, gather_src)
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
+        # A running request's output views its lists (O(1) a step); a finished one copies them.
+        shown = list if request.is_finished else GrowingPrefix
         text = request.output_text
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
-            token_ids=list(request.output_token_ids),
+            token_ids=shown(request.output_token_ids),
             text=text,
             new_token_ids=request.output_token_ids[-new_tokens:] if new_tokens else [],
-            logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
+            logprobs=shown(request.output_logprobs)
+            if request.params.logprobs is not None
+            else None,
             finished=request.is_finished,
             finish_reason=request.finish_reason,
             prompt_logprobs=self._prompt_logprob_list(request),

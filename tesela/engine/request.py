@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from tesela.engine.sampling_params import SamplingParams
 
@@ -58,6 +60,15 @@ class Request:
         """The token ids known on the host (an in-flight last token is not among them)."""
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """`all_token_ids[start:end]`, without building the whole list (a step asks each row
+        for a few tokens of a sequence that may hold thousands)."""
+        prompt = self.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        tail = self.output_token_ids[max(start - len(prompt), 0) : end - len(prompt)]
+        return prompt[start:] + tail if start < len(prompt) else tail
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight_tokens
@@ -106,3 +117,42 @@ class Request:
         if len(self.prompt_token_ids) + len(self.output_token_ids) >= max_model_len:
             return "length"
         return None
+
+
+T = TypeVar("T")
+
+
+class GrowingPrefix(Sequence[T]):
+    """The first `len(items)` items of a list that only grows (a request's output tokens or
+    logprobs), frozen at that length: what a step's output shows of it, made in O(1) where a
+    copy per step would cost O(n) and a whole generation O(n^2). Compares equal to a list
+    with the same items."""
+
+    __slots__ = ("_items", "_length")
+
+    def __init__(self, items: list[T]) -> None:
+        self._items = items
+        self._length = len(items)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._items[: self._length][index]
+        if not -self._length <= index < self._length:
+            raise IndexError("output index out of range")
+        return self._items[index % self._length]
+
+    def __iter__(self):
+        return iter(self._items[: self._length])
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == self._length and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # mutable items: unhashable, like the list it stands for
+
+    def __repr__(self) -> str:
+        return repr(list(self))
