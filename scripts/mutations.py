@@ -578,7 +578,7 @@ MUTATIONS = {
     ),
     "packed batch metadata loses its 16-byte alignment": (
         "tesela/core/forward_batch.py",
-        "        total += -(-array.nbytes // 16) * 16\n",
+        "        total += -(-array.nbytes // ALIGN) * ALIGN\n",
         "        total += -(-array.nbytes // 8) * 8\n",
         ["tests/test_paged_forward.py"],
     ),

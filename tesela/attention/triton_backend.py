@@ -178,12 +178,12 @@ class MixedGraphState:
     Before a replay the batch's pack (`ForwardBatch.packed`) is copied into `raw`, device to
     device, in one op; the graph's first kernel (triton_kernels/mixed_plan.py) copies its
     tokens into the static token buffers and derives from it everything the attention kernels
-    read, into `meta`, one int32 buffer: per
-    row (R = max_rows) the sequence length, prefix length and first token; the decode entry
-    table (row, query token) of the 1-token rows; the tile table, (row, first query) per query
-    block of the other rows; then the block tables. Entries past the batch's hold -1 (absent:
-    no program does anything for them), and rows past the batch's are never read. Every
-    captured size reads the front of the shared tables."""
+    read, into `meta`, one int32 buffer: per row (R = max_rows) the sequence length, prefix
+    length and first token; the decode entry table (row, query token) of the 1-token rows; the
+    tile table, (row, first query) per query block of the other rows; then the block tables.
+    Entries past the batch's hold -1 (absent: no program does anything for them), and rows
+    past the batch's are never read. Every captured size reads the front of the shared
+    tables."""
 
     max_rows: int
     max_blocks_per_seq: int
@@ -195,8 +195,12 @@ class MixedGraphState:
     partial_lse: torch.Tensor  # flat fp32
 
     @property
+    def tiles_at(self) -> int:
+        return 5 * self.max_rows
+
+    @property
     def tables_at(self) -> int:
-        return 5 * self.max_rows + 2 * self.max_tiles
+        return self.tiles_at + 2 * self.max_tiles
 
     @property
     def block_tables(self) -> torch.Tensor:
@@ -208,8 +212,7 @@ class MixedGraphState:
         return self.meta[index * self.max_rows : (index + 1) * self.max_rows]
 
     def tiles(self, num_tiles: int) -> torch.Tensor:
-        base = 5 * self.max_rows
-        return self.meta[base : base + 2 * num_tiles].view(num_tiles, 2)
+        return self.meta[self.tiles_at : self.tiles_at + 2 * num_tiles].view(num_tiles, 2)
 
     def load(self, batch: ForwardBatch) -> None:
         """Copy the batch's pack in, up to its block tables (no host work but one copy)."""
@@ -395,7 +398,7 @@ class TritonAttentionBackend(AttentionBackend):
             max_tiles=tiles,
             raw=torch.zeros(
                 tables_in + max_rows * max_blocks_per_seq, dtype=torch.int32, device=device
-            ),  # fmt: skip
+            ),
             meta=torch.full((numel,), -1, dtype=torch.int32, device=device),
             partial_out=torch.empty(
                 pairs * layout.num_heads * layout.head_dim, dtype=torch.float32, device=device
@@ -425,8 +428,7 @@ class TritonAttentionBackend(AttentionBackend):
         state = self._mixed_state()
         if batch.num_tokens > padded_num_tokens:
             raise ValueError(f"{batch.stamp} does not fit a graph of {padded_num_tokens} tokens")
-        key = (padded_num_tokens, split_decode)
-        template = (self._mixed_templates.get(key) or self._mixed_template(*key))[0]
+        template = self._mixed_graph(padded_num_tokens, split_decode)[0]
         state.load(batch)
         metadata = copy.copy(template)  # the views and launch values of this graph
         metadata.stamp = batch.stamp
@@ -440,17 +442,14 @@ class TritonAttentionBackend(AttentionBackend):
         static token buffers), padded with token 0, position 0 and the dummy KV slot up to the
         graph's size, and derives its metadata."""
         state = self._mixed_state()
-        key = (padded_num_tokens, split_decode)
-        _, block_m, num_tiles, entries = self._mixed_templates.get(key) or self._mixed_template(
-            *key
-        )
+        _, block_m, num_tiles, entries = self._mixed_graph(padded_num_tokens, split_decode)
         return functools.partial(
             derive_mixed_plan,
             state.raw,
             state.meta,
             token_rows,
             max_rows=state.max_rows,
-            tiles_at=5 * state.max_rows,
+            tiles_at=state.tiles_at,
             num_tiles=num_tiles,
             entries=entries,
             tables_at=state.tables_at,
@@ -466,6 +465,10 @@ class TritonAttentionBackend(AttentionBackend):
                 "init_mixed_graph_state(max_rows, max_blocks_per_seq, max_num_tokens) first"
             )
         return self.mixed_state
+
+    def _mixed_graph(self, padded_num_tokens: int, split_decode: bool) -> tuple:
+        key = (padded_num_tokens, split_decode)
+        return self._mixed_templates.get(key) or self._mixed_template(*key)
 
     def _mixed_template(self, padded_num_tokens: int, split_decode: bool) -> tuple:
         """The metadata of one FULL mixed graph but its stamp, its query tile, tiles and decode

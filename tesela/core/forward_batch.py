@@ -256,6 +256,9 @@ def padded_block_tables(
     return tables
 
 
+ALIGN = 16  # bytes: where each array of a packed buffer starts
+
+
 def to_device_packed(
     arrays: dict[str, tuple[list, torch.dtype]], device: torch.device | str
 ) -> dict[str, torch.Tensor]:
@@ -276,7 +279,7 @@ def pack_to_device(
     for name, (values, dtype) in arrays.items():
         array = np.asarray(values, dtype=_numpy_dtype(dtype))
         items.append((name, array, dtype, total))
-        total += -(-array.nbytes // 16) * 16
+        total += -(-array.nbytes // ALIGN) * ALIGN
     packed = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
     flat = packed.numpy()
     for _, array, _, at in items:
@@ -303,7 +306,8 @@ def pack_layout(rows: int, tokens: int) -> tuple[int, int, int, int, int]:
 
 def _aligned(n: int) -> int:
     """n int32 words rounded up to a 16-byte boundary (`to_device_packed`'s alignment)."""
-    return -(-n // 4) * 4
+    words = ALIGN // 4
+    return -(-n // words) * words
 
 
 @functools.cache

@@ -9,8 +9,9 @@ replays the smallest captured size that fits. The host does no per-row work: pla
 the batch's pack (its tokens, lengths and block tables, which `ForwardBatch.build` uploaded in
 one buffer) into the backend's buffers, one device-to-device copy; the graph's first op
 (`mixed_graph_prologue`) writes the tokens into the static buffers the model reads, padded with
-token 0, position 0 and the dummy KV slot up to the graph's size, and derives the metadata. Padding is zero-length work: no tile of the table covers a padding token, and
-its KV store hits only the dummy slot.
+token 0, position 0 and the dummy KV slot up to the graph's size, and derives the metadata.
+Padding is zero-length work: no tile of the table covers a padding token, and its KV store hits
+only the dummy slot.
 
 A graph captured for N tokens serves at most `max_rows` rows (its tile table and row buffers
 are that large): `can_run` refuses a batch with more, and planning one raises.

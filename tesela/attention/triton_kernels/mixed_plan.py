@@ -26,12 +26,15 @@ tile, table sizes): the batch reaches the kernel only through `raw`.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
 from tesela.attention.triton_kernels import next_power_of_2
 from tesela.core.kv_cache import DUMMY_SLOT
+from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 
 CHUNK = 256  # elements a loop step copies or fills
 TILE_CHUNK = 16  # query tiles a row ranks at once (a [TILE_CHUNK, rows] comparison)
@@ -56,7 +59,9 @@ def _mixed_plan_kernel(
     TILES: tl.constexpr,
     CHUNK: tl.constexpr,
     PAD_SLOT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_dependency_sync(PDL)
     pid = tl.program_id(0)
     n = tl.load(raw_ptr)
     num_tokens = tl.load(raw_ptr + 1)
@@ -184,4 +189,6 @@ def derive_mixed_plan(
         TILES=TILE_CHUNK,
         CHUNK=CHUNK,
         PAD_SLOT=DUMMY_SLOT,
+        # First in its graph, right after the pack's copy: no kernel to overlap, so no PDL.
+        **launch_kwargs(raw.device, sys.maxsize),
     )
