@@ -7,7 +7,9 @@
 Runs the command once per tree per round, each run in its own process with the tree first on
 PYTHONPATH, and reverses the order of the trees every other round (A B, B A, A B, ...), so a
 machine whose speed drifts during the call (a GPU host's timings can move 10-20% between
-processes) weighs on every tree alike. Each run writes its JSON into its own folder; the numeric
+processes) weighs on every tree alike. Before the rounds, `--warmup` untimed runs per tree
+(default 1) absorb what a first process pays (on the H200 hosts it ran 10-30% slow, whichever
+tree it was: kernel compilation into Triton's cache, a cold machine). Each run writes its JSON into its own folder; the numeric
 leaves of the JSON whose path matches `--metric` are gathered per tree, and the table printed
 last gives each tree's median over the rounds with its spread (min-max), and the ratio of its
 median to the first tree's. Make an old tree with
@@ -36,6 +38,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[tup
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", action="append", required=True, help="NAME=DIR, twice or more")
     parser.add_argument("--rounds", type=int, default=3, help="runs per tree (default 3)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed runs per tree first (default 1)"
+    )
     parser.add_argument("--metric", default=DEFAULT_METRIC, help="regex over the JSON leaf paths")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
     args = parser.parse_args(argv[:cut])
@@ -54,12 +59,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[tup
         raise SystemExit("give two or more --tree NAME=DIR with distinct names")
     if args.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
+    if args.warmup < 0:
+        raise SystemExit("--warmup must be 0 or more")
     return args, command, trees
 
 
-def schedule(names: list[str], rounds: int) -> list[tuple[int, str]]:
-    """(round, tree) in run order: the trees' order reverses every other round."""
-    return [(r, name) for r in range(rounds) for name in (names if r % 2 == 0 else names[::-1])]
+def schedule(names: list[str], rounds: int, warmup: int = 0) -> list[tuple[int, str]]:
+    """(round, tree) in run order: `warmup` untimed rounds first (round < 0), then the timed
+    ones; the trees' order reverses every other round."""
+    return [
+        (r, name) for r in range(-warmup, rounds) for name in (names if r % 2 == 0 else names[::-1])
+    ]
 
 
 def numeric_leaves(value, path: str = "") -> dict[str, float]:
@@ -116,11 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     folders = dict(trees)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in trees}
     with tempfile.TemporaryDirectory(prefix="ab-bench-") as scratch:
-        for round_index, name in schedule(list(folders), args.rounds):
+        for round_index, name in schedule(list(folders), args.rounds, args.warmup):
             output_dir = Path(scratch) / f"{name}-{round_index}"
-            print(f"round {round_index + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-            runs[name].append(run_once(command, folders[name], output_dir, args.timeout))
-    print(f"A/B of `tesela {' '.join(command)}`, {args.rounds} interleaved rounds")
+            label = "warm-up" if round_index < 0 else f"round {round_index + 1}/{args.rounds}"
+            print(f"{label}: {name}", file=sys.stderr, flush=True)
+            leaves = run_once(command, folders[name], output_dir, args.timeout)
+            if round_index >= 0:
+                runs[name].append(leaves)
+    print(
+        f"A/B of `tesela {' '.join(command)}`, {args.rounds} interleaved rounds after "
+        f"{args.warmup} untimed per tree"
+    )
     print("\n".join(summarize(runs, args.metric)))
     return 0
 

@@ -834,6 +834,12 @@ MUTATIONS = {
         "    if False:\n",
         ["tests/test_paged_forward.py::test_a_block_table_too_short_for_its_row_is_refused"],
     ),
+    "ab_bench counts its warm-up runs in the medians": (
+        "scripts/ab_bench.py",
+        "            if round_index >= 0:\n",
+        "            if True:\n",
+        ["tests/test_ab_bench.py::test_warm_up_runs_run_but_stay_out_of_the_table"],
+    ),
     "a running request's output copies its tokens every step": (
         ENGINE,
         "        shown = list if request.is_finished else GrowingPrefix\n",

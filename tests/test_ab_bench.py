@@ -20,6 +20,16 @@ def test_the_trees_order_reverses_every_other_round():
     assert order == [(0, "new"), (0, "old"), (1, "old"), (1, "new"), (2, "new"), (2, "old")]
 
 
+def test_untimed_warm_up_rounds_come_first_and_keep_the_alternation():
+    """A first process runs slow on a fresh GPU host: every tree gets its untimed runs before
+    any timed one, and the timed rounds still start with the first tree."""
+    order = ab_bench.schedule(["new", "old"], 2, warmup=1)
+    assert order == [(-1, "old"), (-1, "new"), (0, "new"), (0, "old"), (1, "old"), (1, "new")]
+    assert ab_bench.schedule(["a", "b"], 1, warmup=2)[:4] == [
+        (-2, "a"), (-2, "b"), (-1, "b"), (-1, "a")
+    ]  # fmt: skip
+
+
 def test_the_table_gives_each_trees_median_spread_and_ratio():
     runs = {
         "new": [{"/latency_ms/full/b1": v, "/rows/0/batch": 1.0} for v in (1.0, 3.0, 2.0)],
@@ -44,6 +54,7 @@ def test_numeric_leaves_skip_booleans_and_text():
         ["--tree", "a=.", "--tree", "b=.", "--", "serve"],  # not a bench command
         ["--tree", "a=.", "--tree", "b=.", "--", "bench", "decode", "--output-dir", "x"],
         ["--tree", "a=.", "--tree", "b=."],  # no command
+        ["--tree", "a=.", "--tree", "b=.", "--warmup", "-1", "--", "bench", "decode"],
     ],
 )
 def test_bad_arguments_say_what_to_give(argv, monkeypatch):
@@ -69,3 +80,20 @@ def test_each_tree_runs_its_own_code(tmp_path):
     theirs = ab_bench.run_once(command, str(other), tmp_path / "b", timeout=300)
     assert "/ab_marker" not in mine and theirs["/ab_marker"] == 7.0
     assert mine["/latency_ms/eager/b1-c16"] > 0 and theirs["/latency_ms/eager/b1-c16"] > 0
+
+
+def test_warm_up_runs_run_but_stay_out_of_the_table(monkeypatch, capsys):
+    """Each run's result is what `run_once` returns; the warm-ups' (made to stand out here) must
+    not reach the medians."""
+    calls = []
+
+    def run_once(command, tree, output_dir, timeout):
+        calls.append(output_dir.name)
+        return {"/latency_ms/x": 100.0 if output_dir.name.endswith("--1") else 1.0}
+
+    monkeypatch.setattr(ab_bench, "run_once", run_once)
+    monkeypatch.chdir(ROOT)
+    argv = ["--tree", "a=.", "--tree", "b=.", "--rounds", "2", "--", "bench", "decode"]
+    assert ab_bench.main(argv) == 0
+    assert calls == ["b--1", "a--1", "a-0", "b-0", "b-1", "a-1"]
+    assert "| /latency_ms/x | 1 [1-1] | 1 [1-1] | 1.000 |" in capsys.readouterr().out
