@@ -884,8 +884,9 @@ def run_mutation(name: str, workdir: Path) -> tuple[str, str]:
     source = (ROOT / path).read_text()
     if source.count(original) != 1:
         return "STALE", f"the text to mutate is not found exactly once in {path}"
-    shutil.rmtree(workdir / "tesela", ignore_errors=True)
-    shutil.copytree(ROOT / "tesela", workdir / "tesela")
+    for tree in ("tesela", "scripts"):  # fresh: the last mutation's file is put back
+        shutil.rmtree(workdir / tree, ignore_errors=True)
+        shutil.copytree(ROOT / tree, workdir / tree)
     (workdir / path).write_text(source.replace(original, mutated))
     env = {**os.environ, "PYTHONPATH": str(workdir), "TRITON_INTERPRET": "1"}
     result = subprocess.run(
