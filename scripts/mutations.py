@@ -852,6 +852,12 @@ MUTATIONS = {
         "    def __len__(self) -> int:\n        return len(self._items)\n",
         ["tests/test_engine.py::test_step_outputs_show_each_step_without_copying_the_output"],
     ),
+    "a step output's slice copies everything before it": (
+        "tesela/engine/request.py",
+        "                return self._items[start:stop:step]\n",
+        "                return self._items[: self._length][start:stop:step]\n",
+        ["tests/test_engine.py::test_step_outputs_show_each_step_without_copying_the_output"],
+    ),
     "a request's span of tokens across prompt and output drops the prompt part": (
         "tesela/engine/request.py",
         "        return prompt[start:] + tail if start < len(prompt) else tail\n",

@@ -181,8 +181,9 @@ def test_chat_template_from_tokenizer_config(tmp_path):
 
 def test_step_outputs_show_each_step_without_copying_the_output(tiny):
     """A running request's output of each step shows the tokens and logprobs it had then
-    (later steps do not change it) and equals those lists; building it copies nothing, so a
-    long generation costs O(1) a step, not O(n); the finished output holds plain lists."""
+    (later steps do not change it) and equals those lists; building it, or slicing its new
+    part, copies nothing more, so a long generation costs O(1) a step, not O(n); the finished
+    output holds plain lists."""
     import tracemalloc
 
     engine = tiny.engine
@@ -201,6 +202,8 @@ def test_step_outputs_show_each_step_without_copying_the_output(tiny):
         assert output.token_ids == final.token_ids[:n]
         assert output.token_ids[-1] == final.token_ids[n - 1]
         assert output.token_ids[1:] == final.token_ids[1:n]
+        assert output.token_ids[-2:] == final.token_ids[max(n - 2, 0) : n]
+        assert output.token_ids[::-1] == final.token_ids[:n][::-1]
         assert [lp.token_id for lp in output.logprobs] == final.token_ids[:n]
         with pytest.raises(IndexError):
             output.token_ids[n]
@@ -209,9 +212,10 @@ def test_step_outputs_show_each_step_without_copying_the_output(tiny):
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     output = engine._output(request, 1)
-    grown = tracemalloc.get_traced_memory()[0] - before
+    tail = output.logprobs[99_998:]  # what the engine core sends of it: the new part
+    grown = tracemalloc.get_traced_memory()[1] - before  # the peak: temporaries count too
     tracemalloc.stop()
-    assert len(output.token_ids) == 100_000
+    assert len(output.token_ids) == 100_000 and len(tail) == 2
     assert grown < 20_000, f"building a step's output allocated {grown} bytes: a copy"
 
 

@@ -138,8 +138,11 @@ class GrowingPrefix(Sequence[T]):
         return self._length
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self._items[: self._length][index]
+        if isinstance(index, slice):  # only the items asked for are copied
+            start, stop, step = index.indices(self._length)
+            if step > 0:
+                return self._items[start:stop:step]
+            return [self._items[i] for i in range(start, stop, step)]
         if not -self._length <= index < self._length:
             raise IndexError("output index out of range")
         return self._items[index % self._length]
