@@ -858,6 +858,26 @@ MUTATIONS = {
         "                return self._items[: self._length][start:stop:step]\n",
         ["tests/test_engine.py::test_step_outputs_show_each_step_without_copying_the_output"],
     ),
+    "greedy rows take a seed (an unseeded draw depends on the greedy rows beside it)": (
+        "tesela/engine/sampler.py",
+        "            self.seed_of(p, r) if p.temperature != 0.0 else 0\n",
+        "            self.seed_of(p, r)\n",
+        [
+            "tests/test_engine.py::test_an_unseeded_draw_does_not_depend_on_the_greedy_rows_beside_it"
+        ],
+    ),
+    "a greedy batch still copies sampling tensors into the FULL decode graph": (
+        "tesela/executor/full_decode.py",
+        "        if variant.reads_tensors:  # a greedy variant's graph reads none: nothing to copy\n",
+        "        if True:\n",
+        ["tests/test_dispatcher.py::test_greedy_sampling_graphs_read_no_sampling_tensors"],
+    ),
+    "the engine builds no sampling tensors for a batch that draws": (
+        ENGINE,
+        "        if variant.reads_tensors:\n            vocab",
+        "        if not variant.reads_tensors:\n            vocab",
+        ["tests/test_engine.py"],
+    ),
     "a request's span of tokens across prompt and output drops the prompt part": (
         "tesela/engine/request.py",
         "        return prompt[start:] + tail if start < len(prompt) else tail\n",

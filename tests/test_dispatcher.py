@@ -122,6 +122,31 @@ def test_sampling_graphs_draw_what_eager_sampling_draws(runner):
     assert {True, False} == {bool(decode.sampling.greedy[0]), bool(decode.sampling.greedy[1])}
 
 
+def test_greedy_sampling_graphs_read_no_sampling_tensors(runner):
+    """A greedy batch (logprobs or not) gets no SamplingTensors: its graphs take the argmax
+    whatever the persistent parameters hold (here garbage), so nothing is built or copied for
+    it; a variant that draws refuses to run without them."""
+    from tesela.executor.sampling import SamplingVariant, sample
+
+    rows = [(9, 1), (12, 1), (30, 1)]
+    runner.forward_eager(batch([(0, 9), (0, 12), (0, 30)], seed=1))
+    decode = runner.full_decode
+    for field in decode.sampling.FIELDS:
+        buffer = getattr(decode.sampling, field)
+        buffer.copy_(torch.full_like(buffer, float("nan") if buffer.is_floating_point() else 7))
+    logits = runner.compute_logits(runner.forward_eager(batch(rows, seed=2)))
+    for variant in SamplingVariant.all():
+        if variant.reads_tensors:
+            with pytest.raises(ValueError, match="needs the rows' SamplingTensors"):
+                decode.run_sample(batch(rows, seed=2), None, variant)
+            continue
+        got = decode.run_sample(batch(rows, seed=2), None, variant)
+        want = sample(logits, None, variant)
+        assert got.tokens.tolist() == want.tokens.tolist() == logits.argmax(-1).tolist()
+        if variant.logprobs:
+            assert (got.logprob - want.logprob).abs().max() < 1e-4
+
+
 def test_a_decode_batch_with_a_row_that_does_not_sample_samples_the_others(runner):
     """A one-token recompute chunk short of its sequence's end is a decode row that samples
     nothing (a token budget of 3 makes them): the step's tokens are those of the sampling rows

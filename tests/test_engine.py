@@ -238,3 +238,13 @@ def test_a_request_gives_any_span_of_its_tokens_without_joining_them():
     for start in range(8):
         for end in range(start, 8):
             assert request.token_ids(start, end) == every[start:end], (start, end)
+
+
+def test_an_unseeded_draw_does_not_depend_on_the_greedy_rows_beside_it():
+    """Greedy rows take no seed, so an unseeded sampled request gets the same seed, and draws
+    the same tokens, whether or not a greedy request shared its steps."""
+    drawn = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = LLM("tiny").generate(["tesela"], drawn, use_tqdm=False)[0].token_ids
+    beside = LLM("tiny").generate(["hello", "tesela"], [greedy, drawn], use_tqdm=False)
+    assert beside[1].token_ids == alone

@@ -473,9 +473,12 @@ class LLMEngine:
         if self.sampler.uses_host_processors(params):
             logits = self.runner.execute(inputs, feed)
             return self.sampler.sample(logits, params, ids, indices, self._histories(requests))
-        vocab = self.config.model_config.vocab_size
-        tensors = self.sampler.tensors(params, ids, indices, vocab)
-        return self.runner.execute_sample(inputs, tensors, variant_for(params), feed)
+        variant = variant_for(params)
+        tensors = None  # a greedy batch samples by argmax: no per-row tensors to build or copy
+        if variant.reads_tensors:
+            vocab = self.config.model_config.vocab_size
+            tensors = self.sampler.tensors(params, ids, indices, vocab)
+        return self.runner.execute_sample(inputs, tensors, variant, feed)
 
     def _resolve(self, step: _InFlight) -> dict[str, RequestOutput]:
         """Read a launched step's tokens, append them, apply stop conditions."""

@@ -55,7 +55,8 @@ class Sampler:
             return params.seed
         seed = self._request_seeds.get(request_id)
         if seed is None:
-            # hash32 works on Python ints too: a well-mixed seed per request, in arrival order.
+            # hash32 works on Python ints too: a well-mixed seed per drawing request, in the
+            # order they first draw.
             order = (self.seed ^ next(self._counter) * 0x9E3779B1) & 0xFFFFFFFF
             seed = self._request_seeds[request_id] = hash32(order)
         return seed
@@ -79,7 +80,12 @@ class Sampler:
         indices: list[int],
         vocab: int,
     ) -> SamplingTensors:
-        seeds = [self.seed_of(p, r) for p, r in zip(params, request_ids, strict=True)]
+        # Greedy rows draw nothing: they take no seed, so an unseeded request's seed (its place
+        # among the requests that draw) does not depend on which greedy rows shared its steps.
+        seeds = [
+            self.seed_of(p, r) if p.temperature != 0.0 else 0
+            for p, r in zip(params, request_ids, strict=True)
+        ]
         return SamplingTensors.build(params, seeds, indices, vocab, self.device)
 
     def sample(

@@ -158,14 +158,17 @@ class FullDecodeRunner(GraphRunner):
 
     @torch.inference_mode()
     def run_sample(
-        self, batch: ForwardBatch, tensors: SamplingTensors, variant: SamplingVariant
+        self, batch: ForwardBatch, tensors: SamplingTensors | None, variant: SamplingVariant
     ) -> SampleOutput:
         """Forward, LM head and sampling of a decode batch (every row samples), all replayed;
         the result stays on the device."""
+        if variant.reads_tensors and tensors is None:
+            raise ValueError(f"{variant} draws tokens: it needs the rows' SamplingTensors")
         self.run(batch)
         n = batch.batch_size
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
-        self.sampling.copy_(tensors)  # rows past n keep earlier, valid values: padding
+        if variant.reads_tensors:  # a greedy variant's graph reads none: nothing to copy
+            self.sampling.copy_(tensors)  # rows past n keep earlier, valid values: padding
         graph, output = self.sample_graphs[size, variant]
         graph.replay()
         return output.rows(n)

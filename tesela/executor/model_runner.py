@@ -336,7 +336,7 @@ class ModelRunner:
     def execute_sample(
         self,
         inputs: BatchInputs,
-        tensors: SamplingTensors,
+        tensors: SamplingTensors | None,
         variant: SamplingVariant,
         feed: FeedInputIds | None = None,
     ) -> SampleOutput:
@@ -356,7 +356,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_sample(
-        self, batch: ForwardBatch, tensors: SamplingTensors, variant: SamplingVariant
+        self, batch: ForwardBatch, tensors: SamplingTensors | None, variant: SamplingVariant
     ) -> SampleOutput:
         """Forward, logits and sampling of the batch's `logits_indices` rows, left on the
         device. A FULL decode batch samples inside its graphs; others sample eagerly with the

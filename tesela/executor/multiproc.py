@@ -305,7 +305,11 @@ class TensorParallelRunner:
         return logits
 
     def execute_sample(
-        self, inputs: BatchInputs, tensors: SamplingTensors, variant: SamplingVariant, feed=None
+        self,
+        inputs: BatchInputs,
+        tensors: SamplingTensors | None,
+        variant: SamplingVariant,
+        feed=None,
     ) -> SampleOutput:
         """The step's tokens, sampled on rank 0's device from its gathered logits with the same
         `sample` the FULL decode graphs capture at TP=1 (the workers run the same forward and

@@ -38,6 +38,12 @@ class SamplingVariant:
     filtered: bool = False  # some row uses top-k, top-p or min-p
     logprobs: bool = False  # some row asked for logprobs
 
+    @property
+    def reads_tensors(self) -> bool:
+        """Whether `sample` reads the per-row `SamplingTensors`: only to draw. A greedy batch
+        (logprobs or not) takes the argmax, so the engine builds and copies none for it."""
+        return self.random
+
     @classmethod
     def all(cls) -> tuple[SamplingVariant, ...]:
         modes = ((False, False), (True, False), (True, True))
@@ -148,16 +154,18 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 def sample(
     logits: torch.Tensor,
-    t: SamplingTensors,
+    t: SamplingTensors | None,
     variant: SamplingVariant,
     logprob_logits: torch.Tensor | None = None,
 ) -> SampleOutput:
-    """Tokens for `logits` [n, vocab] under the per-row parameters `t` (module docstring).
-    Logprobs come from `logprob_logits` when given (the raw model distribution, when the
-    logits were processed first)."""
+    """Tokens for `logits` [n, vocab] under the per-row parameters `t` (module docstring; None
+    where the variant reads none: `reads_tensors`). Logprobs come from `logprob_logits` when
+    given (the raw model distribution, when the logits were processed first)."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
-    if variant.random:
+    if variant.reads_tensors:
+        if t is None:
+            raise ValueError(f"{variant} draws tokens: it needs the rows' SamplingTensors")
         scaled = logits / t.temperature[:, None]
         if variant.filtered:
             scaled = filter_logits(scaled, t)
