@@ -860,8 +860,8 @@ MUTATIONS = {
     ),
     "greedy rows take a seed (an unseeded draw depends on the greedy rows beside it)": (
         "tesela/engine/sampler.py",
-        "            self.seed_of(p, r) if p.temperature != 0.0 else 0\n",
-        "            self.seed_of(p, r)\n",
+        "            0 if p.greedy else self.seed_of(p, r) for p, r",
+        "            self.seed_of(p, r) for p, r",
         [
             "tests/test_engine.py::test_an_unseeded_draw_does_not_depend_on_the_greedy_rows_beside_it"
         ],

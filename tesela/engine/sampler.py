@@ -83,8 +83,7 @@ class Sampler:
         # Greedy rows draw nothing: they take no seed, so an unseeded request's seed (its place
         # among the requests that draw) does not depend on which greedy rows shared its steps.
         seeds = [
-            self.seed_of(p, r) if p.temperature != 0.0 else 0
-            for p, r in zip(params, request_ids, strict=True)
+            0 if p.greedy else self.seed_of(p, r) for p, r in zip(params, request_ids, strict=True)
         ]
         return SamplingTensors.build(params, seeds, indices, vocab, self.device)
 

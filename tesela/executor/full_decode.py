@@ -162,8 +162,7 @@ class FullDecodeRunner(GraphRunner):
     ) -> SampleOutput:
         """Forward, LM head and sampling of a decode batch (every row samples), all replayed;
         the result stays on the device."""
-        if variant.reads_tensors and tensors is None:
-            raise ValueError(f"{variant} draws tokens: it needs the rows' SamplingTensors")
+        variant.check_tensors(tensors)  # before any static buffer is touched
         self.run(batch)
         n = batch.batch_size
         size = self.sizes[bisect.bisect_left(self.sizes, n)]

@@ -44,6 +44,10 @@ class SamplingVariant:
         (logprobs or not) takes the argmax, so the engine builds and copies none for it."""
         return self.random
 
+    def check_tensors(self, tensors: SamplingTensors | None) -> None:
+        if self.reads_tensors and tensors is None:
+            raise ValueError(f"{self} draws tokens: it needs the rows' SamplingTensors")
+
     @classmethod
     def all(cls) -> tuple[SamplingVariant, ...]:
         modes = ((False, False), (True, False), (True, True))
@@ -163,9 +167,8 @@ def sample(
     given (the raw model distribution, when the logits were processed first)."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
+    variant.check_tensors(t)
     if variant.reads_tensors:
-        if t is None:
-            raise ValueError(f"{variant} draws tokens: it needs the rows' SamplingTensors")
         scaled = logits / t.temperature[:, None]
         if variant.filtered:
             scaled = filter_logits(scaled, t)
