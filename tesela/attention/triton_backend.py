@@ -441,19 +441,13 @@ class TritonAttentionBackend(AttentionBackend):
         replayed batch's pack, writes its tokens into `token_rows` (the [3, max_tokens] int64
         static token buffers), padded with token 0, position 0 and the dummy KV slot up to the
         graph's size, and derives its metadata."""
-        state = self._mixed_state()
         _, block_m, num_tiles, entries = self._mixed_graph(padded_num_tokens, split_decode)
         return functools.partial(
             derive_mixed_plan,
-            state.raw,
-            state.meta,
+            self._mixed_state(),
             token_rows,
-            max_rows=state.max_rows,
-            tiles_at=state.tiles_at,
             num_tiles=num_tiles,
             entries=entries,
-            tables_at=state.tables_at,
-            max_blocks=state.max_blocks_per_seq,
             padded_tokens=padded_num_tokens,
             block_m=block_m,
         )

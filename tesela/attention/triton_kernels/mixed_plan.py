@@ -153,42 +153,32 @@ def _mixed_plan_kernel(
 
 
 def derive_mixed_plan(
-    raw: torch.Tensor,
-    meta: torch.Tensor,
-    tokens: torch.Tensor,
-    *,
-    max_rows: int,
-    tiles_at: int,
-    num_tiles: int,
-    entries: int,
-    tables_at: int,
-    max_blocks: int,
-    padded_tokens: int,
-    block_m: int,
+    state, tokens: torch.Tensor, *, num_tiles: int, entries: int, padded_tokens: int, block_m: int
 ) -> None:
     """Launch the planning kernel for one captured graph (`entries` > 0: its decode rows get
-    split-KV entries); `tokens` is the [3, >= padded_tokens] int64 static token buffer the
-    model reads."""
+    split-KV entries) over `state`, the backend's `MixedGraphState` (its `raw` and `meta`
+    buffers and their layout); `tokens` is the [3, >= padded_tokens] int64 static token buffer
+    the model reads."""
     if tokens.dtype != torch.int64 or tokens.dim() != 2 or tokens.stride(1) != 1:
         raise ValueError("the static token buffers must be [3, max_tokens] int64, row-major")
-    _mixed_plan_kernel[(max_rows + 1,)](
-        raw,
-        meta,
+    _mixed_plan_kernel[(state.max_rows + 1,)](
+        state.raw,
+        state.meta,
         tokens,
         tokens.stride(0),
-        max_rows,
-        tiles_at,
+        state.max_rows,
+        state.tiles_at,
         num_tiles,
         entries,
-        tables_at,
-        max_blocks,
+        state.tables_at,
+        state.max_blocks_per_seq,
         padded_tokens,
-        ROWS=next_power_of_2(max_rows),
+        ROWS=next_power_of_2(state.max_rows),
         BLOCK_M=block_m,
         SPLIT_DECODE=entries > 0,
         TILES=TILE_CHUNK,
         CHUNK=CHUNK,
         PAD_SLOT=DUMMY_SLOT,
         # First in its graph, right after the pack's copy: no kernel to overlap, so no PDL.
-        **launch_kwargs(raw.device, sys.maxsize),
+        **launch_kwargs(state.raw.device, sys.maxsize),
     )
