@@ -30,6 +30,7 @@ OVERLAP = "tests/test_overlap.py"
 MIXED = "tesela/executor/full_mixed.py"
 MIXED_TESTS = ["tests/test_full_mixed.py"]
 PLAN_KERNEL = "tesela/attention/triton_kernels/mixed_plan.py"
+DECODE_PLAN_KERNEL = "tesela/attention/triton_kernels/decode_plan.py"
 LAUNCHER_TESTS = "tests/test_triton_launcher.py"
 MIXED_LORA_TESTS = ["tests/test_full_mixed_lora.py"]
 MOE_PADDING_TEST = "tests/test_moe.py::test_padding_tokens_route_to_no_expert_in_padded_replays"
@@ -76,16 +77,46 @@ MUTATIONS = {
         "        self.planner.check_replay(",
         DECODE_TESTS,
     ),
-    "FULL graph padding tokens (decode and mixed) keep a stale KV slot": (
+    "piecewise padding tokens keep a stale KV slot": (
         "tesela/executor/buffers.py",
         "        if padded_num_tokens > n:\n",
         "        if False:\n",
-        DECODE_TESTS + MIXED_TESTS,
+        PIECEWISE_TESTS,
+    ),
+    "FULL decode padding rows keep a stale KV slot": (
+        DECODE_PLAN_KERNEL,
+        "        tl.store(tokens_ptr + 2 * tokens_stride + row, PAD_SLOT)\n",
+        "",
+        DECODE_TESTS,
     ),
     "FULL decode padding rows keep a stale seq length": (
-        "tesela/attention/triton_backend.py",
-        "        self.seq_lens[n:].fill_(1)\n",
+        DECODE_PLAN_KERNEL,
+        "        tl.store(seq_lens_ptr + row, 1)\n",
         "",
+        DECODE_TESTS,
+    ),
+    "FULL decode padding rows read a stale first block": (
+        DECODE_PLAN_KERNEL,
+        "        tl.store(tables_ptr + row * max_blocks, dummy_block)\n",
+        "",
+        DECODE_TESTS,
+    ),
+    "FULL decode rows keep the last batch's block tables": (
+        DECODE_PLAN_KERNEL,
+        "            tl.store(tables_ptr + row * max_blocks + cols, blocks, mask=cols < width)\n",
+        "            tl.store(tables_ptr + row * max_blocks + cols, blocks, mask=cols < 1)\n",
+        DECODE_TESTS,
+    ),
+    "FULL decode rows keep the last batch's KV slots": (
+        DECODE_PLAN_KERNEL,
+        "        for k in tl.static_range(3):\n",
+        "        for k in tl.static_range(2):\n",
+        DECODE_TESTS,
+    ),
+    "FULL decode pack copy stops before the block tables": (
+        "tesela/attention/triton_backend.py",
+        "        end = pack_layout(n, n)[-1] + n * width\n",
+        "        end = pack_layout(n, n)[-1]\n",
         DECODE_TESTS,
     ),
     "padding tokens reach the KV cache": (

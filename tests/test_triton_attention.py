@@ -46,7 +46,7 @@ from tesela.attention.triton_backend import (  # noqa: E402
 )
 from tesela.attention.triton_kernels.extend_attention import kernels_interpreted  # noqa: E402
 from tesela.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
-from tesela.core.kv_cache import KVCachePool  # noqa: E402
+from tesela.core.kv_cache import DUMMY_SLOT, KVCachePool  # noqa: E402
 
 # torch._dynamo imports triton when it is installed, so in a full test run triton may already
 # be loaded without the interpreter: the kernel tests then run in a fresh process.
@@ -270,9 +270,9 @@ def static_decode_batch(size, block_size):
 
 
 def test_graph_replay_with_padded_rows_matches_reference():
-    """Emulates a FULL decode graph on CPU: the kernels are launched with the metadata objects
-    of capture (the views a graph would have recorded) after the replay hook rewrote the
-    persistent buffers for a smaller batch; padding rows must not disturb the real rows."""
+    """Emulates a FULL decode graph on CPU: the planning prologue and the kernels are launched
+    with the metadata objects of capture (the views a graph would have recorded) after planning
+    copied a smaller batch's pack in; padding rows must not disturb the real rows."""
     layout, block_size, captured = make_layout(4, 2, 64), 4, 6
     rows = [(p, 1) for p in (1, 30, 8, 17)]
     num_blocks = blocks_needed(rows, block_size) + 8
@@ -281,14 +281,15 @@ def test_graph_replay_with_padded_rows_matches_reference():
     static = static_decode_batch(captured, block_size)
     graph_metadata = triton_backend.plan_cuda_graph(static)
     assert graph_metadata.num_kv_splits == SMALL_TILES.max_kv_splits  # from 64-token context
+    prologue = triton_backend.decode_graph_prologue(captured, static.token_rows)
 
     for seed in (0, 1):  # two replays: the buffers are rewritten each time
         batch = make_batch(rows, block_size, num_blocks, seed=seed)
         q, k, v = make_qkv(captured, layout, seed=seed + 5)  # padding rows carry data too
-        static.out_cache_loc[: batch.num_tokens].copy_(batch.out_cache_loc)
-        static.out_cache_loc[batch.num_tokens :].fill_(0)  # the dummy slot
         replay_metadata = triton_backend.plan_cuda_graph(batch)
         assert replay_metadata.stamp == batch.stamp
+        prologue()  # "graph replay": the batch's slots, lengths and tables, then attention
+        assert torch.equal(static.out_cache_loc[: batch.num_tokens], batch.out_cache_loc)
 
         buffer = torch.full((captured, q.shape[1]), float("nan"))
         triton_backend.forward(q, k, v, buffer, 0, static, graph_metadata)  # "graph replay"
@@ -308,11 +309,18 @@ def test_graph_buffers_pad_rows_to_the_dummy_block():
     state = triton_backend.graph_state
     state.seq_lens.fill_(99)
     state.block_tables.fill_(7)
+    tokens = torch.full((3, 6), 99, dtype=torch.int64)
     batch = make_batch([(5, 1), (9, 1)], 4, 32)
     metadata = triton_backend.plan_cuda_graph(batch)
-    assert state.seq_lens.tolist() == [6, 10, 1, 1, 1]
+    assert state.seq_lens.tolist() == [99] * 5  # planning only copies the pack in
+    triton_backend.decode_graph_prologue(4, tokens)()  # the graph of 4 rows
+    assert state.seq_lens.tolist() == [6, 10, 1, 1, 99]  # padding rows up to the graph's size
     assert state.block_tables[:2, :3].tolist() == batch.block_tables.tolist()
-    assert state.block_tables[2:, 0].tolist() == [0, 0, 0]
+    assert state.block_tables[2:4, 0].tolist() == [0, 0]  # the dummy block
+    assert state.block_tables[4].tolist() == [7] * 8
+    assert torch.equal(tokens[:, :2], batch.token_rows)
+    assert tokens[:, 2:4].tolist() == [[0, 0], [0, 0], [DUMMY_SLOT, DUMMY_SLOT]]
+    assert tokens[:, 4:].tolist() == [[99, 99]] * 3
     assert metadata.seq_lens.data_ptr() == state.seq_lens.data_ptr()
     assert metadata.partial_out.data_ptr() == state.partial_out.data_ptr()
 

@@ -3,7 +3,9 @@
 Backends are stateless about batches: `plan(batch)` returns metadata stamped with the batch
 and the planner (tesela/executor/planner.py) puts it in the batch's `ForwardPlan`; `forward`
 receives it from the forward context. Backends that serve FULL decode CUDA graphs also keep
-persistent buffers (`init_cuda_graph_state`) that `plan_cuda_graph(batch)` rewrites in place.
+persistent buffers (`init_cuda_graph_state`) that `plan_cuda_graph(batch)` brings the batch into
+(one device copy of its pack) and the graph's first op (`decode_graph_prologue`) derives the
+rest from, on the device.
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ class AttentionBackend(ABC):
     Subclasses implement `plan` (build metadata for a batch on the host side) and `forward`
     (store the new tokens' K/V in the pool, then attend). `cuda_graph_support` declares how much
     CUDA graph the backend can live in (the same level as its row of the policy table):
-    FULL_DECODE backends implement `init_cuda_graph_state` and `plan_cuda_graph`; ALWAYS
-    backends also `init_mixed_graph_state` and `plan_mixed_graph` (any batch in a FULL graph).
+    FULL_DECODE backends implement `init_cuda_graph_state`, `plan_cuda_graph` and
+    `decode_graph_prologue`; ALWAYS backends also `init_mixed_graph_state`, `plan_mixed_graph`
+    and `mixed_graph_prologue` (any batch in a FULL graph).
     """
 
     name: ClassVar[str]
@@ -110,6 +113,14 @@ class AttentionBackend(ABC):
         raise ValueError(f"attention backend {self.name!r} cannot run in FULL decode graphs")
 
     def plan_cuda_graph(self, batch: ForwardBatch) -> AttentionMetadata:
+        """Bring the decode `batch` into the persistent buffers a FULL decode graph reads
+        (without waiting for the device); return metadata viewing them."""
+        raise ValueError(f"attention backend {self.name!r} cannot run in FULL decode graphs")
+
+    def decode_graph_prologue(self, rows: int, token_rows: torch.Tensor) -> Callable[[], None]:
+        """The first op a FULL decode graph of `rows` rows captures: whatever `plan_cuda_graph`
+        leaves to the device, and the batch's tokens into `token_rows` ([3, max_tokens] int64
+        static token buffers the model reads), padded up to `rows`."""
         raise ValueError(f"attention backend {self.name!r} cannot run in FULL decode graphs")
 
     def init_mixed_graph_state(

@@ -5,9 +5,10 @@ the batch as they are: no copies), the host-side maxima that size the launch gri
 decode the split count and the split-KV scratch. DECODE batches run the decode kernel; EXTEND
 and MIXED batches run the extend kernel (a decode row is an extend of one token).
 
-FULL decode graphs (`init_cuda_graph_state`, `plan_cuda_graph`) keep the metadata in persistent buffers
-(`DecodeGraphState`) that are rewritten in place before every replay, so a captured graph reads
-the new batch. In that mode the split count depends only on the captured batch size and the
+FULL decode graphs (`init_cuda_graph_state`, `plan_cuda_graph`, `decode_graph_prologue`) keep
+the metadata in persistent buffers (`DecodeGraphState`) that the graph's first kernel rewrites
+from the replayed batch's pack (one device copy before the replay), so a captured graph reads the
+new batch. In that mode the split count depends only on the captured batch size and the
 longest context the buffers allow, never on the lengths of the batch being run.
 
 `forward` and the breakable runner's bound split calls (`bind_split`, `prepare_split_replay`)
@@ -60,6 +61,7 @@ from tesela.attention.triton_kernels.decode_attention import (
 from tesela.attention.triton_kernels.decode_attention import batch_args as decode_batch_args
 from tesela.attention.triton_kernels.decode_attention import layer_args as decode_layer_args
 from tesela.attention.triton_kernels.decode_attention import shape_args as decode_shape_args
+from tesela.attention.triton_kernels.decode_plan import derive_decode_plan
 from tesela.attention.triton_kernels.extend_attention import (
     EXTEND,
     extend_config,
@@ -134,23 +136,28 @@ class TritonMetadata(AttentionMetadata):
 
 @dataclass
 class DecodeGraphState:
-    """Persistent buffers that FULL decode graphs read, rewritten in place before each replay.
+    """Persistent buffers that FULL decode graphs read.
 
-    The split-KV scratch is one flat buffer: the graph of each batch size views the front of
-    it with its own split count (graphs replay one at a time on one stream, so they can share).
+    Before a replay the decode batch's pack (`ForwardBatch.packed`) is copied into `raw`,
+    device to device, in one op; the graph's first kernel (triton_kernels/decode_plan.py)
+    writes its tokens into the static token buffers, its lengths into `seq_lens` and its block
+    tables into `block_tables`, and makes every row past the batch's, up to the graph's size, a
+    padding row of length 1 on the dummy block. The split-KV scratch is one flat buffer: the
+    graph of each batch size views the front of it with its own split count (graphs replay one
+    at a time on one stream, so they can share).
     """
 
     max_batch_size: int
     max_blocks_per_seq: int
     max_context_len: int
+    raw: torch.Tensor  # int32 words: the replayed batch's pack, up to its block tables
     seq_lens: torch.Tensor  # [max_batch_size] int32
     block_tables: torch.Tensor  # [max_batch_size, max_blocks_per_seq] int32
     partial_out: torch.Tensor  # flat fp32
     partial_lse: torch.Tensor  # flat fp32
 
-    def load(self, batch: ForwardBatch, dummy_block: int) -> None:
-        """Copy the batch's rows in (device to device, no host sync); every row after them
-        becomes a padding row of length 1 on the dummy block, whatever size was captured."""
+    def load(self, batch: ForwardBatch) -> None:
+        """Copy the batch's pack in, up to its block tables (no host work but one copy)."""
         n, width = batch.batch_size, batch.block_tables.shape[1]
         if batch.num_tokens != n:
             raise ValueError(
@@ -164,11 +171,8 @@ class DecodeGraphState:
                 f"buffers hold {self.max_batch_size} rows of {self.max_blocks_per_seq} blocks: "
                 "call init_cuda_graph_state with larger limits"
             )
-        self.seq_lens[:n].copy_(batch.seq_lens)
-        self.seq_lens[n:].fill_(1)
-        self.block_tables[:n, :width].copy_(batch.block_tables)
-        # A length-1 row reads only its first block; the rest of its row is never read.
-        self.block_tables[n:, 0].fill_(dummy_block)
+        end = pack_layout(n, n)[-1] + n * width
+        self.raw[:end].copy_(batch.pack()[:end], non_blocking=True)
 
 
 @dataclass
@@ -329,10 +333,14 @@ class TritonAttentionBackend(AttentionBackend):
         pairs = max(
             n * self.num_kv_splits(n, max_context_len) for n in range(1, max_batch_size + 1)
         )
+        tables_in = pack_layout(max_batch_size, max_batch_size)[-1]
         self.graph_state = DecodeGraphState(
             max_batch_size=max_batch_size,
             max_blocks_per_seq=max_blocks_per_seq,
             max_context_len=max_context_len,
+            raw=torch.zeros(
+                tables_in + max_batch_size * max_blocks_per_seq, dtype=torch.int32, device=device
+            ),
             seq_lens=torch.ones(max_batch_size, dtype=torch.int32, device=device),
             block_tables=torch.zeros(
                 (max_batch_size, max_blocks_per_seq), dtype=torch.int32, device=device
@@ -344,16 +352,12 @@ class TritonAttentionBackend(AttentionBackend):
         )
 
     def plan_cuda_graph(self, batch: ForwardBatch) -> TritonMetadata:
-        """Metadata viewing the persistent buffers, after rewriting them with `batch`: the
+        """Metadata viewing the persistent buffers, after copying `batch`'s pack in (the graph's
+        first kernel, `decode_graph_prologue`, writes the buffers from it on the device): the
         same call plans the warmup, the capture of each size and every replay. `batch` may
         have fewer rows than the captured size: the rows after it become padding rows."""
-        state = self.graph_state
-        if state is None:
-            raise RuntimeError(
-                "triton attention has no decode graph buffers: call "
-                "init_cuda_graph_state(max_batch_size, max_blocks_per_seq) before capture"
-            )
-        state.load(batch, dummy_block=DUMMY_SLOT // self.kv_cache.block_size)
+        state = self._decode_state()
+        state.load(batch)
         n, heads, dim = batch.batch_size, self.layout.num_heads, self.layout.head_dim
         splits = self.num_kv_splits(n, state.max_context_len)
         metadata = TritonMetadata(
@@ -368,6 +372,27 @@ class TritonAttentionBackend(AttentionBackend):
             partial_lse=state.partial_lse[: n * heads * splits].view(n, heads, splits),
         )
         return metadata
+
+    def decode_graph_prologue(self, rows: int, token_rows: torch.Tensor) -> Callable[[], None]:
+        """The first op of the FULL decode graph of `rows` rows: from the replayed batch's pack,
+        writes its tokens into `token_rows` (the [3, max_tokens] int64 static token buffers),
+        its lengths and block tables into the persistent buffers, and padding rows (token 0,
+        position 0, the dummy KV slot, length 1 on the dummy block) up to `rows`."""
+        return functools.partial(
+            derive_decode_plan,
+            self._decode_state(),
+            token_rows,
+            rows=rows,
+            dummy_block=DUMMY_SLOT // self.kv_cache.block_size,
+        )
+
+    def _decode_state(self) -> DecodeGraphState:
+        if self.graph_state is None:
+            raise RuntimeError(
+                "triton attention has no decode graph buffers: call "
+                "init_cuda_graph_state(max_batch_size, max_blocks_per_seq) before capture"
+            )
+        return self.graph_state
 
     # FULL mixed graphs ------------------------------------------------------------------------
 

@@ -2,10 +2,14 @@
 
 Decode batches have one token per row, so their shapes depend only on the row count: each size
 of the ladder is captured once. Its plan comes from a `CudaGraphPlanner`, whose attention
-metadata views the backend's persistent buffers. A replay copies the batch's tokens, positions
-and KV slots into static buffers, plans the batch (the same call, which rewrites the persistent
-buffers in place) and replays the smallest captured size that fits. Padding rows use token 0,
-position 0, the dummy KV slot and a length-1 context on the dummy block.
+metadata views the backend's persistent buffers. The host does no per-row work for a replay:
+planning the batch copies its pack (its tokens, lengths and block tables, which
+`ForwardBatch.build` uploaded in one buffer) into the backend's buffers, one device-to-device
+copy, and the smallest captured size that fits is replayed; the graph's first op
+(`decode_graph_prologue`) writes the tokens, positions and KV slots into the static buffers the
+model reads and the lengths and block tables into the attention buffers, and makes the rows
+past the batch's padding rows: token 0, position 0, the dummy KV slot and a length-1 context
+on the dummy block.
 
 With `vocab_size` given, each size also gets sampling graphs, one per `SamplingVariant`: the LM
 head over the forward graph's output and `tesela.executor.sampling.sample`, reading per-row
@@ -22,6 +26,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -107,9 +112,17 @@ class FullDecodeRunner(GraphRunner):
             prefix_lens_cpu=[0] * size,
         )
 
-    def _forward(self, batch: ForwardBatch, plan: ForwardPlan) -> torch.Tensor:
-        with forward_context(batch, plan, self.planner.attn_backend):
-            return self.model(batch.input_ids, batch.positions)
+    def _forward_fn(self, batch: ForwardBatch, plan: ForwardPlan) -> Callable[[], torch.Tensor]:
+        """The captured forward of `batch` (a static batch of the captured size)."""
+        backend = self.planner.attn_backend
+        prologue = backend.decode_graph_prologue(batch.batch_size, self.buffers.rows)
+
+        def forward() -> torch.Tensor:
+            prologue()  # the replayed batch's tokens, lengths and block tables, from its pack
+            with forward_context(batch, plan, backend):
+                return self.model(batch.input_ids, batch.positions)
+
+        return forward
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:
@@ -117,11 +130,10 @@ class FullDecodeRunner(GraphRunner):
         with self.graphs.capturing() as memory:
             for size in reversed(self.sizes):
                 warmup = self._static_batch(size)
-                self._forward(warmup, self.planner.plan(warmup))
+                self._forward_fn(warmup, self.planner.plan(warmup))()
                 batch = self._static_batch(size)
-                plan = self.planner.plan(batch)
                 graph = self.graphs.graph()
-                output = graph.capture(lambda batch=batch, plan=plan: self._forward(batch, plan))
+                output = graph.capture(self._forward_fn(batch, self.planner.plan(batch)))
                 self.captured[size] = (graph, output)
                 self._capture_sampling(size, output)
         self._report.seconds = time.perf_counter() - start
@@ -183,9 +195,9 @@ class FullDecodeRunner(GraphRunner):
             )
         n = batch.batch_size
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
-        self.buffers.copy_from(batch, size)  # one token per decode row
-        # The graph runs no Python: planning this batch rewrites the buffers it reads, and
-        # no op inside it can check the plan, so the runner does.
+        # The graph runs no Python: planning this batch copies in the pack its first kernel
+        # reads (ids that overlap scheduling fed there included), and no op inside it can
+        # check the plan, so the runner does.
         plan = self.planner.plan(batch)
         self.planner.check_replay(plan, batch, "FULL decode replay")
         graph, output = self.captured[size]

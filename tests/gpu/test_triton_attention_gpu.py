@@ -42,7 +42,7 @@ from tesela.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from tesela.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from tesela.attention.triton_kernels.extend_attention import kernels_interpreted  # noqa: E402
 from tesela.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
-from tesela.core.kv_cache import KVCachePool  # noqa: E402
+from tesela.core.kv_cache import DUMMY_SLOT, KVCachePool  # noqa: E402
 
 if kernels_interpreted():
     pytest.skip(
@@ -245,9 +245,10 @@ def static_decode_batch(size, block_size):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_decode_cuda_graph_replay_equals_eager(dtype):
-    """Capture the decode forward once at batch size 8; replay it for new batches of 5 and 8
-    rows (new lengths, new block tables) after the replay hook rewrote the buffers in place.
-    The replay must equal the same kernels run eagerly, and the reference."""
+    """Capture the decode forward once at batch size 8, its planning prologue first; replay it
+    for new batches of 5 and 8 rows (new lengths, new block tables, new KV slots) after
+    planning copied each batch's pack in. The replay must equal the same kernels run eagerly,
+    and the reference."""
     layout, block_size, captured, max_blocks = make_layout(32, 8, 128, dtype), 16, 8, 256
     num_blocks = 1 + captured * max_blocks
     triton_backend, torch_backend = make_backends(layout, block_size, num_blocks)
@@ -263,7 +264,10 @@ def test_decode_cuda_graph_replay_equals_eager(dtype):
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     metadata = triton_backend.plan_cuda_graph(static)
+    prologue = triton_backend.decode_graph_prologue(captured, static.token_rows)
+    prologue()  # compiled before the capture
     with torch.cuda.graph(graph):
+        prologue()  # the replayed batch's slots, lengths and block tables, from its pack
         triton_backend.forward(q, k, v, out, 0, static, metadata)
 
     for seed, prefixes in enumerate(
@@ -274,8 +278,6 @@ def test_decode_cuda_graph_replay_equals_eager(dtype):
         new_q, new_k, new_v = make_qkv(captured, layout, seed=10 + seed)
         for static_tensor, new in zip((q, k, v), (new_q, new_k, new_v), strict=True):
             static_tensor.copy_(new)  # padding rows get data too: it must not matter
-        static.out_cache_loc[:n].copy_(batch.out_cache_loc)
-        static.out_cache_loc[n:].fill_(0)  # the dummy slot
         pool = triton_backend.kv_cache
         pools_before = [pool.k_buffers[0].clone(), pool.v_buffers[0].clone()]
         replay_metadata = triton_backend.plan_cuda_graph(batch)
@@ -285,6 +287,8 @@ def test_decode_cuda_graph_replay_equals_eager(dtype):
         torch.cuda.synchronize()
         replayed = out.clone()
         assert not replayed.isnan().any()
+        assert torch.equal(static.out_cache_loc[:n], batch.out_cache_loc)
+        assert (static.out_cache_loc[n:] == DUMMY_SLOT).all()  # padding rows: the dummy slot
 
         # The same kernels eagerly, with the capture metadata, on the pools as they were.
         pool.k_buffers[0].copy_(pools_before[0])
@@ -314,6 +318,7 @@ def test_batch1_decode_bandwidth():
     out = torch.empty_like(q)
     backend.init_cuda_graph_state(max_batch_size=1, max_blocks_per_seq=context // block_size)
     metadata = backend.plan_cuda_graph(batch)
+    backend.decode_graph_prologue(1, batch.token_rows.clone())()  # the lengths and table
     backend.forward(q, k, v, out, 0, batch, metadata)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
