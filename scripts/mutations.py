@@ -119,6 +119,38 @@ MUTATIONS = {
         "        end = pack_layout(n, n)[-1]\n",
         DECODE_TESTS,
     ),
+    "a stream chunk joins the whole text": (
+        "tesela/server/serving.py",
+        "        text = output.text_snapshot\n",
+        "        from tesela.engine.text import as_snapshot\n"
+        "        text = as_snapshot(str(output.text_snapshot))\n",
+        ["tests/test_text.py::test_a_long_stream_copies_its_text_a_bounded_number_of_times"],
+    ),
+    "a text slice across pieces starts at the wrong piece offset": (
+        "tesela/engine/text.py",
+        "        head = self._ends[first] - len(parts[0])\n",
+        "        head = self._ends[first - 1] if first else 0\n        head += 1 if first == 1 else 0\n",
+        ["tests/test_text.py::test_slices_equal_the_joined_text_across_pieces"],
+    ),
+    "a stop string spanning the shown text and the new piece is missed": (
+        "tesela/engine/detokenizer.py",
+        "        back = min(start, self._max_stop_len - 1)\n",
+        "        back = 0\n",
+        ["tests/test_detokenizer.py"],
+    ),
+    "the frontend appends after a stop-string cut without cutting": (
+        "tesela/server/core_client.py",
+        "            buffer = text.buffer if keep == len(text) else text.buffer.cut(keep)\n",
+        "            buffer = text.buffer\n",
+        ["tests/test_server.py::test_stop_strings_cut_the_text"],
+    ),
+    "cutting a buffer rewrites the text its snapshots hold": (
+        "tesela/engine/text.py",
+        "        return TextBuffer(self.slice(0, keep))\n",
+        "        self._pieces[:] = [self.slice(0, keep)]\n        self._ends[:] = [keep]\n"
+        "        self._length = keep\n        return self\n",
+        ["tests/test_text.py::test_a_snapshot_keeps_its_text_when_the_buffer_grows_or_is_cut"],
+    ),
     "padding tokens reach the KV cache": (
         "tesela/attention/op.py",
         "    n = batch.num_tokens\n",

@@ -12,6 +12,9 @@ Ids that the decode leaves out (special tokens under `skip_special_tokens`, per 
 `skips`) never enter the windows: they change no text, and a long run of them (random weights
 emit little else) would otherwise keep the offsets still and grow the window with every token.
 
+The text itself is a `TextBuffer` (tesela/engine/text.py): each step appends its piece in
+O(piece) and shows a snapshot in O(1); nothing copies the whole text until someone reads it.
+
 A window whose text ends in U+FFFD is an incomplete UTF-8 sequence (half of an emoji's bytes,
 say): nothing is emitted until the character completes, so emitted text is never taken back and
 the text at the end equals a full decode of the output. A window can only end in an incomplete
@@ -24,6 +27,8 @@ Imports no torch.
 from __future__ import annotations
 
 from typing import Protocol
+
+from tesela.engine.text import TextBuffer, TextSnapshot
 
 REPLACEMENT_CHAR = "\ufffd"
 MAX_PENDING_TOKENS = 8
@@ -50,7 +55,7 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self.include_stop_str_in_output = include_stop_str_in_output
-        self.text = ""
+        self._text = TextBuffer()
         self.stopped_by: str | None = None  # the stop string that ended the text, if any
         self.num_tokens = 0  # output tokens seen
         self.prefix_offset = 0  # offsets into `ids`
@@ -58,6 +63,15 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []  # the output ids that decode to text (the skipped left out)
         self._skips = getattr(tokenizer, "skips", None)
         self._max_stop_len = max((len(s) for s in stop), default=0)
+
+    @property
+    def text(self) -> str:
+        """The whole text so far, as one str (joined now: an O(length) read)."""
+        return str(self.snapshot())
+
+    def snapshot(self) -> TextSnapshot:
+        """The text so far, frozen, in O(1)."""
+        return self._text.snapshot()
 
     def update(self, output_token_ids: list[int]) -> str:
         """Take the output ids (all of them; only the new ones are read) and return the text
@@ -105,23 +119,29 @@ class IncrementalDetokenizer:
     def _append(self, new_text: str) -> str:
         if not new_text:
             return ""
-        start = len(self.text)
-        self.text += new_text
         if self.stop:
-            self._cut_at_stop(start)
-        return self.text[start:]
+            new_text = self._cut_at_stop(new_text)
+        self._text.append(new_text)
+        return new_text
 
-    def _cut_at_stop(self, start: int) -> None:
+    def _cut_at_stop(self, new_text: str) -> str:
+        """The part of `new_text` that stays: up to the first stop string (included if asked),
+        which may begin in the text before it (then that text is cut too)."""
+        start = len(self._text)
         # A stop string may span the old text and the new: search from max_len - 1 chars back.
-        search_from = max(0, start - self._max_stop_len + 1)
+        back = min(start, self._max_stop_len - 1)
+        window = self._text.slice(start - back, start) + new_text
         best: tuple[int, str] | None = None
         for stop in self.stop:
-            index = self.text.find(stop, search_from)
+            index = window.find(stop)
             if index >= 0 and (best is None or index < best[0]):
                 best = (index, stop)
         if best is None:
-            return
+            return new_text
         index, stop = best
-        keep = index + len(stop) if self.include_stop_str_in_output else index
-        self.text = self.text[:keep]
+        keep = start - back + (index + len(stop) if self.include_stop_str_in_output else index)
         self.stopped_by = stop
+        if keep < start:  # the stop string began in text already shown
+            self._text = self._text.cut(keep)
+            return ""
+        return new_text[: keep - start]

@@ -46,6 +46,7 @@ from tesela.engine.request import GrowingPrefix, Request, TokenLogprobs
 from tesela.engine.sampler import Sampler, SamplingHistory, read_back
 from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
+from tesela.engine.text import TextSnapshot, as_snapshot
 from tesela.engine_args import EngineArgs
 from tesela.executor.model_runner import FeedInputIds, ModelRunner
 from tesela.executor.sampling import SampleOutput, variant_for
@@ -64,6 +65,9 @@ class RequestOutput:
     # The output so far: a list once finished; before, the request's list frozen at this
     # step's length (`GrowingPrefix`: no copy per step), equal to the list it stands for.
     token_ids: Sequence[int]
+    # The text so far, a str when read. Set from a str or a `TextSnapshot` (tesela/engine/
+    # text.py: a running request's output holds one, joined only if `text` is read; a stream
+    # takes its new characters from `text_snapshot` without joining).
     text: str
     new_token_ids: list[int] = field(default_factory=list)
     logprobs: Sequence[TokenLogprobs] | None = None
@@ -72,6 +76,21 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def text(self) -> str:
+        return str(self._text)
+
+    @text.setter
+    def text(self, value: str | TextSnapshot) -> None:
+        if isinstance(value, property):  # the dataclass's "default": no text was given
+            raise TypeError("RequestOutput() needs its text (a str or a TextSnapshot)")
+        self._text = as_snapshot(value)
+
+    @property
+    def text_snapshot(self) -> TextSnapshot:
+        """The text as a snapshot: its length and any slice without joining the rest."""
+        return self._text
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
@@ -506,7 +525,7 @@ class LLMEngine:
         detokenizer = self.detokenizers.pop(request.request_id, None)
         if detokenizer is not None:  # emit a held-back incomplete final character
             detokenizer.flush(request.output_token_ids)
-            request.output_text = detokenizer.text
+            request.output_text = detokenizer.snapshot()
         new = 1 if request.request_id in outputs else 0
         outputs[request.request_id] = self._output(request, new_tokens=new)
 
@@ -610,14 +629,14 @@ class LLMEngine:
         return inputs, lambda input_ids: inflight.feed(input_ids, gather_dst, gather_src)
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
-        # A running request's output views its lists (O(1) a step); a finished one copies them.
+        # A running request's output views its lists (O(1) a step); a finished one copies
+        # them. The text is a snapshot either way (joined when read).
         shown = list if request.is_finished else GrowingPrefix
-        text = request.output_text
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             token_ids=shown(request.output_token_ids),
-            text=text,
+            text=request.output_text,
             new_token_ids=request.output_token_ids[-new_tokens:] if new_tokens else [],
             logprobs=shown(request.output_logprobs)
             if request.params.logprobs is not None
@@ -639,7 +658,7 @@ class LLMEngine:
         """Extend the request's text by its new token (O(1)); a stop string finishes it."""
         detokenizer = self.detokenizers[request.request_id]
         detokenizer.update(request.output_token_ids)
-        request.output_text = detokenizer.text
+        request.output_text = detokenizer.snapshot()
         if detokenizer.stopped_by is not None and not request.is_finished:
             self.scheduler.finish(request, "stop")
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from tesela.engine.sampling_params import SamplingParams
+from tesela.engine.text import TextBuffer, TextSnapshot
 
 
 class RequestStatus(enum.Enum):
@@ -39,7 +40,8 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_preemptions: int = 0
-    output_text: str = ""
+    # The text so far (a snapshot of the detokenizer's buffer: set in O(1) each step)
+    output_text: TextSnapshot = field(default_factory=lambda: TextBuffer().snapshot())
     # Tokens sampled on the device whose ids the host has not read yet (overlap scheduling:
     # up to two, of which only the last can be an input of the next batch). They count in
     # num_tokens, not in all_token_ids.

@@ -341,7 +341,12 @@ class EngineCoreClient:
             group, index, output = entry
             output.token_ids.extend(new_ids)
             output.new_token_ids = new_ids
-            output.text = output.text[:keep] + tail
+            # The text grows in place (O(new characters)); a cut at a stop string (keep short
+            # of the text) starts a new buffer, so snapshots already queued keep their text.
+            text = output.text_snapshot
+            buffer = text.buffer if keep == len(text) else text.buffer.cut(keep)
+            buffer.append(tail)
+            output.text = buffer.snapshot()
             if logprobs is not None:
                 if output.logprobs is None:
                     output.logprobs = []

@@ -30,7 +30,6 @@ ignores SIGINT and SIGTERM: the frontend owns its life (and kills it if STOP is 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from tesela.engine.llm_engine import LLMEngine, RequestOutput, make_engine_config
+from tesela.engine.text import TextSnapshot
 from tesela.engine_args import EngineArgs
 from tesela.lora.request import LoRARequest
 
@@ -98,7 +98,7 @@ class EngineCore:
         self.outputs = outputs
         self.live: set[str] = set()
         # Per live request: (text the frontend has, logprobs it has, prompt logprobs sent).
-        self.sent: dict[str, tuple[str, int, bool]] = {}
+        self.sent: dict[str, tuple[TextSnapshot | None, int, bool]] = {}
 
     def run(self) -> None:
         try:
@@ -151,7 +151,7 @@ class EngineCore:
             return
         for request_id in added:
             self.live.add(request_id)
-            self.sent[request_id] = ("", 0, False)
+            self.sent[request_id] = (None, 0, False)
         self.outputs.send((ADDED, group_id, None))
 
     def _call(self, call_id: int, method: str, args: tuple) -> None:
@@ -194,11 +194,10 @@ class EngineCore:
     def _delta(self, output: RequestOutput) -> tuple:
         request_id = output.request_id
         text_sent, logprobs_sent, prompt_sent = self.sent[request_id]
-        text = output.text
-        if text.startswith(text_sent):
-            keep = len(text_sent)
-        else:  # settled text rewritten (a stop string cut): resend from where it differs
-            keep = len(os.path.commonprefix([text, text_sent]))
+        # What the text adds since the last delta, without joining it: O(new characters), or
+        # from where it differs once a stop string cut text already sent.
+        text = output.text_snapshot
+        keep = text.common_prefix(text_sent)
         new_logprobs = None
         if output.logprobs is not None:
             new_logprobs = output.logprobs[logprobs_sent:]
@@ -216,7 +215,7 @@ class EngineCore:
             request_id,
             output.new_token_ids,
             keep,
-            text[keep:],
+            text.slice(keep),
             new_logprobs,
             output.finished,
             output.finish_reason,

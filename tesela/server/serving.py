@@ -1,7 +1,7 @@
 """From a RequestGroup's outputs to OpenAI responses: whole JSON bodies or SSE chunk streams.
 
-The engine reports each choice cumulatively (all tokens, all text so far); `ChoiceStream`
-turns that into deltas that never have to be taken back: text that may still change (an
+The engine reports each choice cumulatively (all tokens, all text so far: a snapshot of the
+text, read in parts, tesela/engine/text.py); `ChoiceStream` turns that into deltas that never have to be taken back: text that may still change (an
 incomplete UTF-8 sequence decoded as U+FFFD, or the start of a stop string the engine would
 cut) is held back until it is settled or the choice finishes. So the concatenated stream is
 exactly the non-streamed text.
@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from tesela.engine.llm_engine import RequestOutput
 from tesela.engine.request import TokenLogprobs
+from tesela.engine.text import TextSnapshot
 from tesela.server.async_engine import EngineError, RequestGroup, ShuttingDown
 from tesela.server.protocol import (
     APIError,
@@ -45,15 +46,22 @@ class TokenText:
 
 
 class ChoiceStream:
-    """What one choice has sent so far, and what the next chunk adds."""
+    """What one choice has sent so far, and what the next chunk adds. Reads the output's text
+    as a snapshot: a chunk costs its new characters, not a copy of the whole text."""
 
     def __init__(self, holdback: int) -> None:
         self.holdback = holdback  # longest stop string - 1
-        self.text = ""
+        self.sent: TextSnapshot | None = None  # the text the last chunk was cut from
+        self.sent_len = 0  # characters sent so far: the first sent_len of `sent`
         self.num_tokens = 0
         self.text_offset = 0  # for legacy logprobs offsets across chunks
         self.finish_reason: str | None = None
         self.num_cached_tokens = 0
+
+    @property
+    def text(self) -> str:
+        """The text sent so far."""
+        return self.sent.slice(0, self.sent_len) if self.sent is not None else ""
 
     def advance(self, output: RequestOutput) -> tuple[str, list[TokenLogprobs] | None, bool]:
         """(text delta, logprobs of the new tokens, whether anything new happened)."""
@@ -61,23 +69,27 @@ class ChoiceStream:
         new_tokens = len(output.token_ids) > self.num_tokens
         self.num_tokens = len(output.token_ids)
         self.num_cached_tokens = output.num_cached_tokens
-        text = output.text if output.finished else self._settled(output.text)
+        text = output.text_snapshot
+        end = len(text) if output.finished else self._settled_end(text)
         delta = ""
-        if text.startswith(self.text):
-            delta = text[len(self.text) :]
+        if text.common_prefix(self.sent) >= self.sent_len and end >= self.sent_len:
+            delta = text.slice(self.sent_len, end)
+            self.sent = text  # its first sent_len characters are those sent
         elif output.finished:  # earlier text changed after it was sent: cannot take it back
             logger.warning("streamed text diverged from the final text of %s", output.request_id)
-            delta = text[len(self.text) :]
-        self.text += delta
+            delta = text.slice(self.sent_len, end)
+        self.sent_len += len(delta)
         if output.finished:
             self.finish_reason = output.finish_reason
         return delta, logprobs, bool(delta) or new_tokens or output.finished
 
-    def _settled(self, text: str) -> str:
+    def _settled_end(self, text: TextSnapshot) -> int:
+        """Where the text that can no longer change ends: short of the last `holdback`
+        characters (a stop string may still begin there) and of trailing U+FFFD."""
         end = len(text) - self.holdback
-        while end > len(self.text) and text[end - 1] == REPLACEMENT_CHAR:
+        while end > self.sent_len and text.slice(end - 1, end) == REPLACEMENT_CHAR:
             end -= 1
-        return text[: max(end, 0)]
+        return max(end, 0)
 
 
 class ResponseFormat:
