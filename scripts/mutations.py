@@ -647,8 +647,8 @@ MUTATIONS = {
     ),
     "engine core resends the whole text every step": (
         "tesela/server/engine_core.py",
-        "            keep = len(text_sent)\n",
-        "            keep = 0\n",
+        "        keep = text.common_prefix(text_sent)\n",
+        "        keep = 0\n",
         ["tests/test_engine_core.py"],
     ),
     "engine-core client drops the abort of a disconnected stream": (
