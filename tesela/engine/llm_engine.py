@@ -66,8 +66,8 @@ class RequestOutput:
     # step's length (`GrowingPrefix`: no copy per step), equal to the list it stands for.
     token_ids: Sequence[int]
     # The text so far, a str when read. Set from a str or a `TextSnapshot` (tesela/engine/
-    # text.py: a running request's output holds one, joined only if `text` is read; a stream
-    # takes its new characters from `text_snapshot` without joining).
+    # text.py: the engine's outputs hold one, joined only if `text` is read; a stream takes
+    # its new characters from `text_snapshot` without joining).
     text: str
     new_token_ids: list[int] = field(default_factory=list)
     logprobs: Sequence[TokenLogprobs] | None = None
