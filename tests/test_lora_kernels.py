@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+from tesela.lora.fused_gemm import FusedTiles, lora_gemm
 from tesela.lora.kernels import GATHER, SGMV, reference_lora_delta, torch_lora, triton_lora
 from tesela.lora.state import NO_SLOT, LoRABuffers
 from tesela.lora.tiles import LoRATiles, gather_tiles, sgmv_tiles, tuned_tiles
@@ -240,3 +241,43 @@ def test_every_tile_the_tuner_tries_computes_the_same_delta(style):
     for tiles in candidates[:: 3 if style == GATHER else 4]:
         torch.testing.assert_close(case.output(tiles), expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(expected, case.y0)
+
+
+# ---- the base GEMM with the delta inside it (tesela/lora/fused_gemm.py)
+
+FUSED_TILES = {
+    # tiles of 16 x 16 over K steps of 16: blocks spanning segments and the K / token tails
+    "small": FusedTiles(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1),
+    "tall": FusedTiles(block_m=32, block_n=16, block_k=32, group_m=1, num_warps=4, num_stages=1),
+}
+
+
+@pytest.mark.parametrize("tiles", list(FUSED_TILES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_gemm_equals_the_base_gemm_plus_the_reference_delta(tiles, case):
+    """Blocks of one adapter (shrink in the K loop), blocks spanning segments (a K pass per
+    segment), base rows and padding rows (slot -1: the plain GEMM), with junk, NaN included,
+    in a slot's rows past its adapter's rank (masked in s and B, so it adds nothing)."""
+    segments = CASES[case]
+    n = segments[-1][1]
+    padded = n + 7
+    a, b = make_weights()
+    a[1, :, 3:], b[1, :, 3:] = float("nan"), float("nan")
+    g = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(OFFSETS[-1], IN, generator=g), torch.randn(OFFSETS[-1], generator=g)
+    x = torch.randn(padded, IN, generator=g)
+    buffers = state(segments, n, 64, [8, 3, 5], [0.5, 2.0, 1.25])
+    offsets = torch.tensor(OFFSETS, dtype=torch.int32)
+    y = lora_gemm(x, weight, bias, a, b, offsets, buffers, FUSED_TILES[tiles], block_r=16)
+    delta = reference_lora_delta(
+        x, a, b, OFFSETS, buffers.token_slot[:padded], buffers.ranks, buffers.scalings
+    )
+    expected = x.double() @ weight.double().T + bias.double() + delta
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+    if case != "base_only":
+        assert delta.abs().max() > 1.0  # the adapters really add something
+
+
+def test_fused_tiles_lie_inside_one_slice():
+    assert FusedTiles(block_n=128).fits((2048, 1024, 1024))
+    assert not FusedTiles(block_n=256).fits((2048, 640, 640))

@@ -63,12 +63,12 @@ class Linear(nn.Module):
         self.lora_offsets = list(offsets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = gemv.linear(x, self.weight, self.bias)
-        if self.lora_offsets is not None:
-            torch.ops.tesela.lora_linear(
-                x, y, self.lora_a, self.lora_b, self.lora_slice_offsets, self.lora_offsets
-            )
-        return y
+        if self.lora_offsets is None:
+            return gemv.linear(x, self.weight, self.bias)
+        return torch.ops.tesela.lora_linear(
+            x, self.weight, self.bias, self.lora_a, self.lora_b, self.lora_slice_offsets,
+            self.lora_offsets,
+        )  # fmt: skip
 
 
 class ColumnParallelLinear(Linear):

@@ -1,8 +1,10 @@
 """The LoRA op that a LoRA-enabled linear layer runs after its base GEMM.
 
-`torch.ops.tesela.lora_linear(x, y, a, b, ...)` adds every token's adapter delta into `y` in
-place. It is an ordinary (non-split) op: it runs inside captured graph segments and compiled
-pieces. Its Python body runs at warmup, capture and eager time only; there it checks that the
+`torch.ops.tesela.lora_linear(x, weight, bias, a, b, ...)` returns the base projection with
+every token's adapter delta added: at prefill sizes, where a tuning run measured it faster, in
+one kernel with the delta inside the base GEMM (tesela/lora/fused_gemm.py); else the base GEMM,
+then the LoRA kernels adding the delta into its output. It is an ordinary (non-split) op: it
+runs inside captured graph segments and compiled pieces. Its Python body runs at warmup, capture and eager time only; there it checks that the
 forward context's plan has a LoRA part planned for the very batch being run, whose buffers no
 later plan rewrote (the stale-state guard), and picks the kernel style planned for the batch.
 At a piecewise replay the attention split op makes the same check (`ForwardPlan.check`); a FULL graph's runner checks its plan before `replay()` (`ForwardPlanner.check_replay`). It never skips the kernels for a
@@ -15,8 +17,10 @@ from __future__ import annotations
 import torch
 
 from tesela.core.forward_context import get_forward_context
+from tesela.lora.fused_gemm import fused_tiles, lora_gemm
 from tesela.lora.kernels import torch_lora, triton_lora
 from tesela.lora.state import LoRABatchState, StaleLoRAStateError
+from tesela.lora.tiles import SGMV
 
 
 def _state() -> LoRABatchState:
@@ -31,31 +35,39 @@ def _state() -> LoRABatchState:
     return plan.lora
 
 
-@torch.library.custom_op("tesela::lora_linear", mutates_args=("y",))
+@torch.library.custom_op("tesela::lora_linear", mutates_args=())
 def lora_linear(
     x: torch.Tensor,
-    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
     a: torch.Tensor,
     b: torch.Tensor,
     slice_offsets: torch.Tensor,
     host_offsets: list[int],
-) -> None:
+) -> torch.Tensor:
     state = _state()
     manager = state.manager
-    y2 = y.view(-1, y.shape[-1])
-    x2 = x.reshape(y2.shape[0], -1)
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
+    sizes = [hi - lo for lo, hi in zip(host_offsets[:-1], host_offsets[1:], strict=True)]
+    if manager.backend == "triton" and state.style == SGMV:
+        tiles = fused_tiles(x2, weight, a, b, sizes)
+        if tiles is not None:  # the delta inside the base GEMM: one launch
+            y = lora_gemm(x2, weight, bias, a, b, slice_offsets, manager.buffers, tiles, 16)
+            return y.view(*x.shape[:-1], -1)
+    y = torch.ops.tesela.linear(x, weight, bias)  # tesela/layers/gemv.py: GEMV or cuBLAS
+    y2 = y.view(-1, y.shape[-1])
     if manager.backend == "triton":
-        max_size = max(hi - lo for lo, hi in zip(host_offsets[:-1], host_offsets[1:], strict=True))
-        triton_lora(x2, y2, a, b, slice_offsets, max_size, manager.buffers, state.style)
+        triton_lora(x2, y2, a, b, slice_offsets, max(sizes), manager.buffers, state.style)
     else:
         torch_lora(
             x2, y2, a, b, tuple(host_offsets), state.segments,
             manager.slot_ranks, manager.slot_scalings,
         )  # fmt: skip
+    return y
 
 
 @lora_linear.register_fake
-def _(x, y, a, b, slice_offsets, host_offsets) -> None:
-    return None
+def _(x, weight, bias, a, b, slice_offsets, host_offsets) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -145,7 +145,7 @@ def _choose(style, num_tokens, shape, device, dtype) -> LoRATiles:
         return default
     key = shape_key(in_features, max_slice_size, num_slices)
     name = torch.cuda.get_device_name(device)
-    return tuned_tiles(_table(), name, dtype, style, key, num_tokens, default) or default
+    return tuned_tiles(tuned_table(), name, dtype, style, key, num_tokens, default) or default
 
 
 def tuned_tiles(table: dict, device_name, dtype, style, key, num_tokens, default: LoRATiles):
@@ -161,5 +161,5 @@ def tuned_tiles(table: dict, device_name, dtype, style, key, num_tokens, default
 
 
 @functools.cache
-def _table() -> dict:
+def tuned_table() -> dict:
     return json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}

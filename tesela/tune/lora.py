@@ -8,8 +8,11 @@ extend: up to 32 rows splitting the bucket's tokens, as `tesela bench lora` pref
 the fastest whose output matches the default tiles', and merges it into
 tesela/lora/lora_tile_table.json (or `--output`; commit it). Decode tiles are one per target
 shape (they fix a token's sum order, which must not depend on the batch: tesela/lora/tiles.py),
-chosen by their mean time relative to the default over the buckets. One line per (style, target,
-bucket): default and best time. The table is written after every line, so a run cut short keeps
+chosen by their mean time relative to the default over the buckets. `fused` (extend) times the
+one-launch kernel of tesela/lora/fused_gemm.py against cuBLAS's base GEMM followed by sgmv,
+and keeps an entry only for the buckets where it wins by FUSED_MARGIN (it drops a stale one
+where it no longer does): the layer then runs it. One line per (style, target, bucket): default
+(fused: base GEMM + sgmv) and best time. The table is written after every line, so a run cut short keeps
 what it measured; `--styles` and `--buckets` split the work.
 """
 
@@ -24,11 +27,14 @@ from pathlib import Path
 import torch
 
 from tesela.lora import tiles as lora_tiles
+from tesela.lora.fused_gemm import BLOCK_K, FUSED, FusedTiles, lora_gemm
 from tesela.lora.kernels import GATHER, SGMV, triton_lora
 from tesela.lora.state import LoRABuffers
 from tesela.lora.tiles import LoRATiles
 
-RANK, BUCKETS = 16, {GATHER: "1,8,32,128", SGMV: "16,128,1024,4096"}
+RANK = 16
+BUCKETS = {GATHER: "1,8,32,128", SGMV: "16,128,1024,4096", FUSED: "128,256,512,1024,2048,4096"}
+FUSED_MARGIN = 0.97  # a fused entry is kept only this much faster than base GEMM + sgmv
 
 
 def target_shapes(model_config) -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -64,6 +70,13 @@ def sgmv_candidates(default: LoRATiles, stage: int, best=None) -> list[LoRATiles
     return [default] + [replace(default, block_m=m, num_warps=w) for m, w in grid]
 
 
+def fused_candidates() -> list[FusedTiles]:
+    """Token and column tiles, warps and pipeline depth; never the K step (the sum order)."""
+    grid = ((128, 128, 8, 3), (128, 128, 4, 4), (128, 128, 8, 4), (64, 128, 4, 4),
+            (128, 64, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3), (64, 64, 4, 4))  # fmt: skip
+    return [FusedTiles(m, n, BLOCK_K, 8, w, s) for m, n, w, s in grid]
+
+
 def segments_for(style: str, num_tokens: int, adapters: int) -> list[tuple[int, int, int]]:
     if style == GATHER:
         return [(t, t + 1, t % adapters) for t in range(num_tokens)]
@@ -81,6 +94,7 @@ class Case:
     def __init__(self, style, in_features, sizes, num_tokens, adapters, dtype, device="cuda"):
         g = torch.Generator().manual_seed(num_tokens)
         slices, out = len(sizes), sum(sizes)
+        self.sizes = tuple(sizes)
         a = torch.randn(adapters, slices, RANK, in_features, generator=g) * in_features**-0.5
         b = torch.randn(adapters, out, RANK, generator=g) * 0.05
         self.a, self.b = a.to(device, dtype), b.to(device, dtype)
@@ -127,6 +141,45 @@ class Case:
             return float("inf")
 
 
+def tune_fused(case: Case) -> tuple[float, float, FusedTiles | None]:
+    """(base GEMM + sgmv us, best fused us, its tiles; None where none is faster by the
+    margin) of one token bucket. The base GEMM is cuBLAS (what a prefill-sized linear runs)."""
+    import triton.testing
+
+    k, out = case.x.shape[1], sum(case.sizes)
+    weight = (torch.randn(out, k, device=case.x.device) * k**-0.5).to(case.x.dtype)
+
+    def unfused(a, b):
+        y = torch.nn.functional.linear(case.x, weight)
+        triton_lora(case.x, y, a, b, case.offsets, case.max_size, case.buffers, SGMV)
+        return y
+
+    def fused(tiles, a, b):
+        return lora_gemm(case.x, weight, None, a, b, case.offsets, case.buffers, tiles, RANK)
+
+    def time_us(run) -> float:
+        ms = triton.testing.do_bench_cudagraph(lambda: [run(a, b) for a, b in case.weights], rep=20)
+        return 1e3 * ms / len(case.weights)
+
+    expected = unfused(case.a, case.b).float()
+    base, best = time_us(unfused), (float("inf"), None)
+    for tiles in fused_candidates():
+        if not tiles.fits(case.sizes):
+            continue
+        try:
+            got = fused(tiles, case.a, case.b).float()
+            if not torch.allclose(got, expected, atol=6e-2, rtol=2e-2):
+                continue
+            best = min(best, (time_us(lambda a, b, t=tiles: fused(t, a, b)), tiles), key=_first)
+        except Exception:  # noqa: BLE001  (a config that does not compile or fit shared memory)
+            continue
+    return base, best[0], best[1] if best[0] < base * FUSED_MARGIN else None
+
+
+def _first(pair):
+    return pair[0]
+
+
 def tune_sgmv(case: Case, default: LoRATiles) -> tuple[float, float, LoRATiles]:
     """(default us, best us, best tiles) of one token bucket."""
     expected = case.output(default)
@@ -156,14 +209,22 @@ def tune_shape(style: str, in_features: int, sizes, buckets: list[int], adapters
     """bucket -> (default, best, best tiles) of one target (gather: the one bucket "all")."""
     dtype, n = torch.bfloat16, max(sizes)
     probe = torch.empty(0, device="cuda", dtype=dtype)
-    cases = [Case(style, in_features, sizes, m, adapters, dtype) for m in buckets]
+    cases = [
+        Case(GATHER if style == GATHER else SGMV, in_features, sizes, m, adapters, dtype)
+        for m in buckets
+    ]
     for case in cases:
         case.spread_weights()
     tiles = [
-        lora_tiles.choose_tiles(style, m, in_features, n, len(sizes), 16, probe) for m in buckets
+        lora_tiles.choose_tiles(
+            GATHER if style == GATHER else SGMV, m, in_features, n, len(sizes), 16, probe
+        )
+        for m in buckets
     ]
     if style == GATHER:
         return {lora_tiles.ALL_TOKENS: tune_gather(cases, tiles[0])}
+    if style == FUSED:
+        return {str(m): tune_fused(c) for m, c in zip(buckets, cases, strict=True)}
     return {str(m): tune_sgmv(c, t) for m, c, t in zip(buckets, cases, tiles, strict=True)}
 
 
@@ -172,13 +233,21 @@ def _fastest(case: Case, candidates: list[LoRATiles], expected) -> tuple[float, 
     return min(timed, key=lambda t: t[0])
 
 
+def _stored(style: str, tiles: dict) -> dict:
+    """A table entry: a fused one leaves out the K step, which is fixed (its sum order)."""
+    return {k: v for k, v in tiles.items() if k != "block_k"} if style == FUSED else tiles
+
+
 def main(argv: list[str] | None = None) -> int:
     from tesela.config import ModelConfig
     from tesela.presets import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="qwen3-0.6b", help="a preset name")
-    parser.add_argument("--styles", default="gather,sgmv", help="gather (decode), sgmv (extend)")
+    parser.add_argument(
+        "--styles", default="gather,sgmv,fused",
+        help="gather (decode), sgmv (extend), fused (extend: the delta inside the base GEMM)",
+    )  # fmt: skip
     parser.add_argument("--buckets", default=None, help="token buckets (default per style)")
     parser.add_argument("--num-adapters", type=int, default=4)
     parser.add_argument(
@@ -199,9 +268,14 @@ def main(argv: list[str] | None = None) -> int:
             results = tune_shape(style, k, sizes, buckets, args.num_adapters)
             for bucket, (base, best_time, best) in results.items():
                 unit = "x the default" if style == GATHER else "us"
+                kept = asdict(best) if best is not None else None
                 print(f"{style} {name} {key} tokens={bucket}: default {base:.2f}, best "
-                      f"{best_time:.2f} {unit} {asdict(best)}", flush=True)  # fmt: skip
-                entry.setdefault(style, {}).setdefault(key, {})[bucket] = asdict(best)
+                      f"{best_time:.2f} {unit} {kept}", flush=True)  # fmt: skip
+                shape_entries = entry.setdefault(style, {}).setdefault(key, {})
+                if kept is None:  # fused: base GEMM + sgmv stays (a stale entry goes)
+                    shape_entries.pop(bucket, None)
+                else:
+                    shape_entries[bucket] = _stored(style, kept)
             path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return 0
 

@@ -9,6 +9,7 @@ import torch
 
 from tesela import LLM, LoRARequest, SamplingParams
 from tesela.lora.adapter import write_random_adapter
+from tesela.lora.fused_gemm import FusedTiles, fused_tiles, lora_gemm
 from tesela.lora.kernels import GATHER, SGMV, reference_lora_delta, triton_lora
 from tesela.lora.state import NO_SLOT, LoRABuffers
 
@@ -68,6 +69,57 @@ def test_kernels_bf16_match_the_reference(shape, style, num_tokens):
         assert expected.abs().max() > 0.1
 
 
+@pytest.mark.parametrize("shape", ["qkv", "down"])
+@pytest.mark.parametrize("tiles", [FusedTiles(), FusedTiles(64, 128, num_warps=4, num_stages=4)])
+def test_fused_gemm_bf16_matches_the_reference_in_any_batch(shape, tiles):
+    """The base GEMM with the delta inside (TMA loads, wgmma) against fp64, on random segments
+    (blocks of one adapter and blocks spanning several); a token's row is bitwise the same in a
+    batch of 1024 tokens and in one of 300 (another grid, the same K order)."""
+    in_features, offsets = SHAPES[shape]
+    slots, max_rank, n = 4, 16, 1024
+    g = torch.Generator().manual_seed(7)
+    a = (torch.randn(slots, len(offsets) - 1, max_rank, in_features, generator=g)
+         * in_features**-0.5).bfloat16().cuda()  # fmt: skip
+    b = (torch.randn(slots, offsets[-1], max_rank, generator=g) * 0.05).bfloat16().cuda()
+    weight = (torch.randn(offsets[-1], in_features, generator=g) * in_features**-0.5).bfloat16()
+    weight = weight.cuda()
+    x = torch.randn(n, in_features, generator=g).bfloat16().cuda()
+    device_offsets = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    segments = random_segments(n, slots, seed=3)
+    outputs = {}
+    for num_tokens in (n, 300):
+        buffers = LoRABuffers.allocate(2048, slots, "cuda")
+        cut = [(lo, min(hi, num_tokens), s) for lo, hi, s in segments if lo < num_tokens]
+        buffers.write(cut, num_tokens)
+        buffers.ranks.copy_(torch.tensor([16, 8, 16, 4], dtype=torch.int32))
+        buffers.scalings.copy_(torch.tensor([2.0, 1.0, 0.5, 4.0]))
+        outputs[num_tokens] = lora_gemm(
+            x[:num_tokens], weight, None, a, b, device_offsets, buffers, tiles, block_r=16
+        )
+        if num_tokens == n:
+            delta = reference_lora_delta(
+                x.cpu(), a.cpu(), b.cpu(), offsets, buffers.token_slot[:n].cpu(),
+                buffers.ranks.cpu(), buffers.scalings.cpu(),
+            )  # fmt: skip
+    expected = x.cpu().double() @ weight.cpu().double().T + delta
+    torch.testing.assert_close(outputs[n].cpu().double(), expected, atol=6e-2, rtol=2e-2)
+    assert delta.abs().max() > 0.1
+    assert torch.equal(outputs[n][:300], outputs[300])
+
+
+def test_the_tuned_table_serves_prefill_targets_fused_on_this_card():
+    """The checked-in table has fused entries for this card at prefill sizes (else the layer
+    tests below never run the fused kernel): qwen3-0.6b's qkv target at 2048 tokens."""
+    x = torch.empty(2048, 1024, dtype=torch.bfloat16, device="cuda")
+    weight = torch.empty(4096, 1024, dtype=torch.bfloat16, device="cuda")
+    a = torch.empty(4, 3, 16, 1024, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty(4, 4096, 16, dtype=torch.bfloat16, device="cuda")
+    if fused_tiles(x, weight, a, b, [2048, 1024, 1024]) is None:
+        pytest.skip(f"no fused LoRA entry for {torch.cuda.get_device_name()} at 2048 tokens")
+    strided = torch.empty(2048, 2048, dtype=torch.bfloat16, device="cuda")[:, :1024]
+    assert fused_tiles(strided, weight, a, b, [2048, 1024, 1024]) is None  # not TMA-ready
+
+
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     from tesela.engine.llm_engine import resolve_model
@@ -113,11 +165,12 @@ def test_greedy_with_adapters_identical_with_graphs_on_and_off(adapters, graphs,
     assert on_tokens[0] == base_tokens[0] and on_tokens[5] == base_tokens[5]
 
 
-@pytest.mark.parametrize("num_tokens", [1, 4, 16, 48])
+@pytest.mark.parametrize("num_tokens", [1, 4, 16, 48, 2048])
 def test_adapter_equals_its_weights_merged_into_the_model(adapters, num_tokens):
     """Rows served by an adapter equal the base model with that adapter's B·A merged into its
     weights, at decode-sized batches too (where the small-M GEMV may fuse a norm or an
-    activation into a GEMM: it must not, on a LoRA projection, whose shrink reads the input)."""
+    activation into a GEMM: it must not, on a LoRA projection, whose shrink reads the input),
+    and at a prefill size the tuned table serves with the delta inside the base GEMM."""
     from tesela.core.forward_batch import ForwardBatch
     from tesela.engine.llm_engine import make_engine_config
     from tesela.executor.model_runner import ModelRunner
@@ -131,10 +184,12 @@ def test_adapter_equals_its_weights_merged_into_the_model(adapters, num_tokens):
 
     def batch(lora_id: int) -> ForwardBatch:
         tokens = torch.randint(0, 151936, (num_tokens,), generator=torch.Generator().manual_seed(1))
+        per_row = 1 if num_tokens <= 48 else 16  # a row fills one KV block
+        rows = [tokens[i : i + per_row].tolist() for i in range(0, num_tokens, per_row)]
         return ForwardBatch.build(
-            token_ids=[[t] for t in tokens.tolist()], prefix_lens=[0] * num_tokens,
-            block_tables=[[1 + i] for i in range(num_tokens)], block_size=16, device="cuda",
-            lora_ids=[lora_id] * num_tokens,
+            token_ids=rows, prefix_lens=[0] * len(rows),
+            block_tables=[[1 + i] for i in range(len(rows))], block_size=16, device="cuda",
+            lora_ids=[lora_id] * len(rows),
         )  # fmt: skip
 
     with_lora = runner(lora=True)
