@@ -33,6 +33,7 @@ from tesela.executor.piecewise.compiled import CompiledPiecewiseRunner
 from tesela.executor.piecewise.runner import PiecewiseRunner
 from tesela.executor.planner import CudaGraphPlanner, ForwardPlanner
 from tesela.executor.sampling import SampleOutput, SamplingTensors, SamplingVariant, sample
+from tesela.layers import gemv
 from tesela.lora.manager import LoRAManager
 from tesela.models.loader import build_model
 
@@ -254,6 +255,7 @@ class ModelRunner:
             device=self.device,
             dtype=self.dtype,
             backend=lora.backend,
+            base_linear=gemv.linear,
         )
 
     def _verify(self) -> None:

@@ -56,7 +56,7 @@ def lora_linear(
         if tiles is not None:  # the delta inside the base GEMM: one launch
             y = lora_gemm(x2, weight, bias, a, b, slice_offsets, manager.buffers, tiles, 16)
             return y.view(*x.shape[:-1], -1)
-    y = torch.ops.tesela.linear(x, weight, bias)  # tesela/layers/gemv.py: GEMV or cuBLAS
+    y = manager.base_linear(x, weight, bias)
     y2 = y.view(-1, y.shape[-1])
     if manager.backend == "triton":
         triton_lora(x2, y2, a, b, slice_offsets, max(sizes), manager.buffers, state.style)

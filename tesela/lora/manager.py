@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -77,13 +78,18 @@ class LoRAManager:
         device: torch.device,
         dtype: torch.dtype,
         backend: str,
+        base_linear: Callable[..., torch.Tensor] = torch.nn.functional.linear,
     ) -> None:
+        """`base_linear(x, weight, bias)`: the GEMM a LoRA layer runs before adding its delta
+        where the delta is not fused into it (the model runner passes tesela/layers/gemv.py's,
+        which takes the small-M GEMV where tuned)."""
         if max_loras <= 0 or max_lora_rank <= 0:
             raise ValueError("max_loras and max_lora_rank must be positive to enable LoRA")
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.max_cpu_loras = max(max_cpu_loras, max_loras)
         self.device, self.dtype, self.backend = device, dtype, backend
+        self.base_linear = base_linear
         self.targets: dict[str, LoRATarget] = lora_targets(model)
         self.buffers = LoRABuffers.allocate(max_num_tokens, max_loras, device)
         self.slots = LoRASlots(max_loras)
