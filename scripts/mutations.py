@@ -381,6 +381,18 @@ MUTATIONS = {
         "mask=(ks < K)[None, :]",
         LORA_KERNEL_TESTS,
     ),
+    "fused LoRA GEMM: a block spanning segments reads a slot's A past its rank": (
+        "tesela/lora/fused_gemm.py",
+        "at = tl.where(rank_mask, a_desc.load([a_row, k0]).T, 0.0)",
+        "at = a_desc.load([a_row, k0]).T",
+        LORA_KERNEL_TESTS,
+    ),
+    "fused LoRA GEMM: a block of many segments shrinks only its first": (
+        "tesela/lora/fused_gemm.py",
+        "for seg in range(seg_first, seg_last + 1):  # each adapter segment of the block",
+        "for seg in range(seg_first, seg_first + 1):  # each adapter segment of the block",
+        LORA_KERNEL_TESTS,
+    ),
     "a tuned LoRA tile changes a token's sum order (eager and graphs disagree)": (
         "tesela/lora/tiles.py",
         " else replace(LoRATiles(**entry), **order)\n",
@@ -417,7 +429,8 @@ MUTATIONS = {
     "the LoRA op skips batches without adapters (baked into graphs)": (
         "tesela/lora/layer.py",
         "    manager = state.manager\n",
-        "    manager = state.manager\n    if not state.has_adapters:\n        return\n",
+        "    manager = state.manager\n    if not state.has_adapters:\n"
+        "        return manager.base_linear(x, weight, bias)\n",
         ["tests/test_lora.py::test_graphs_captured_without_adapters_launch_the_lora_kernels"],
     ),
     "a plan's LoRA buffers are not checked for a later plan": (
