@@ -1,15 +1,17 @@
-"""The LoRA op that a LoRA-enabled linear layer runs after its base GEMM.
+"""The LoRA op a LoRA-enabled linear layer runs: its projection with the adapters' deltas.
 
 `torch.ops.tesela.lora_linear(x, weight, bias, a, b, ...)` returns the base projection with
 every token's adapter delta added: at prefill sizes, where a tuning run measured it faster, in
 one kernel with the delta inside the base GEMM (tesela/lora/fused_gemm.py); else the base GEMM,
 then the LoRA kernels adding the delta into its output. It is an ordinary (non-split) op: it
-runs inside captured graph segments and compiled pieces. Its Python body runs at warmup, capture and eager time only; there it checks that the
-forward context's plan has a LoRA part planned for the very batch being run, whose buffers no
-later plan rewrote (the stale-state guard), and picks the kernel style planned for the batch.
-At a piecewise replay the attention split op makes the same check (`ForwardPlan.check`); a FULL graph's runner checks its plan before `replay()` (`ForwardPlanner.check_replay`). It never skips the kernels for a
-batch without adapters: such a batch is all slot -1 tokens in the same launches, so a graph
-captured on it still adds the deltas of a later batch that has them.
+runs inside captured graph segments and compiled pieces. Its Python body runs at warmup,
+capture and eager time only; there it checks that the forward context's plan has a LoRA part
+planned for the very batch being run, whose buffers no later plan rewrote (the stale-state
+guard), and picks the kernels planned for the batch. At a piecewise replay the attention split
+op makes the same check (`ForwardPlan.check`); a FULL graph's runner checks its plan before
+`replay()` (`ForwardPlanner.check_replay`). It never skips the kernels for a batch without
+adapters: such a batch is all slot -1 tokens in the same launches, so a graph captured on it
+still adds the deltas of a later batch that has them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tesela.core.forward_context import get_forward_context
 from tesela.lora.fused_gemm import fused_tiles, lora_gemm
 from tesela.lora.kernels import torch_lora, triton_lora
 from tesela.lora.state import LoRABatchState, StaleLoRAStateError
-from tesela.lora.tiles import SGMV
+from tesela.lora.tiles import SGMV, rank_block
 
 
 def _state() -> LoRABatchState:
@@ -54,7 +56,8 @@ def lora_linear(
     if manager.backend == "triton" and state.style == SGMV:
         tiles = fused_tiles(x2, weight, a, b, sizes)
         if tiles is not None:  # the delta inside the base GEMM: one launch
-            y = lora_gemm(x2, weight, bias, a, b, slice_offsets, manager.buffers, tiles, 16)
+            block_r = rank_block(a.shape[2])
+            y = lora_gemm(x2, weight, bias, a, b, slice_offsets, manager.buffers, tiles, block_r)
             return y.view(*x.shape[:-1], -1)
     y = manager.base_linear(x, weight, bias)
     y2 = y.view(-1, y.shape[-1])
