@@ -109,10 +109,10 @@ def _kernel():
         rows = m0 + tl.arange(0, BLOCK_M)
         cols = n0 + tl.arange(0, BLOCK_N)
         r = tl.arange(0, BLOCK_R)
+        grid_dependency_sync(PDL)
         j = 0  # the slice of this column tile
         for i in tl.static_range(1, NUM_SLICES):
             j += (n0 >= tl.load(slice_off_ptr + i)).to(tl.int32)
-        grid_dependency_sync(PDL)
         seg_first = tl.load(token_seg_ptr + m0)
         seg_last = tl.load(token_seg_ptr + tl.minimum(m0 + BLOCK_M, M) - 1)
         slot_first = tl.load(seg_slot_ptr + seg_first)
