@@ -58,6 +58,7 @@ def doctor_report(
         _launchers_section(),
         _pdl_section(info, device),
         _tensor_parallel_section(info),
+        _lora_section(info),
     ]
     return "\n\n".join(sections) + "\n"
 
@@ -127,6 +128,26 @@ def _tensor_parallel_section(info: DeviceInfo) -> str:
             "  peer memory serves the first TP engine of a process; a later one keeps NCCL"
         )
     return f"tensor parallelism at size {size} (engine defaults)\n" + "\n".join(lines)
+
+
+def _lora_section(info: DeviceInfo) -> str:
+    """Where LoRA prefill adds the deltas inside the base GEMM on this device (the tuned
+    table's `fused` entries, tesela/lora/fused_gemm.py) and what runs everywhere else."""
+    from tesela.lora.fused_gemm import fused_entries
+
+    if info.kind != "cuda":
+        return "LoRA kernels: the torch path (segment by segment) on CPU"
+    entries = fused_entries(info.name)
+    lines = [f"LoRA prefill kernels on {info.name} (bfloat16):"]
+    for key, buckets in sorted(entries.items()):
+        k, n, slices = key.split(",")
+        tokens = ", ".join(map(str, buckets))
+        lines.append(f"  K {k}, {slices} slice(s) of up to {n} rows: fused GEMM at {tokens} tokens")
+    rest = (
+        "everywhere else" if entries else "no fused entry for this card (tune.lora --styles fused)"
+    )
+    lines.append(f"  {rest}: the base GEMM, then the sgmv shrink + expand")
+    return "\n".join(lines)
 
 
 def _versions_section() -> str:

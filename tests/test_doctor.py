@@ -82,3 +82,17 @@ def test_report_says_what_tensor_parallelism_would_pick_and_why():
     unfused = "unfused (CPU ranks reduce over gloo)"
     want = fused if kernel_interpreted() else unfused
     assert f"  decode batches' all-reduce + add + norm: {want}" in section
+
+
+def test_report_says_where_lora_prefill_runs_the_fused_gemm():
+    """From the checked-in table: H200's fused entries (qwen3-0.6b's qkv target at 2048 and
+    4096 tokens among them); a card without entries keeps the base GEMM + sgmv, and says so."""
+    from tesela.attention.policy import DeviceInfo
+    from tesela.doctor import _lora_section
+
+    h200 = _lora_section(DeviceInfo("cuda", (9, 0), name="NVIDIA H200"))
+    assert "  K 1024, 3 slice(s) of up to 2048 rows: fused GEMM at 2048, 4096 tokens" in h200
+    assert "everywhere else: the base GEMM, then the sgmv shrink + expand" in h200
+    other = _lora_section(DeviceInfo("cuda", (8, 0), name="NVIDIA A100-SXM4-80GB"))
+    assert "no fused entry for this card" in other
+    assert "LoRA kernels: the torch path" in doctor_report("cpu")

@@ -73,6 +73,13 @@ def _tma_ready(t: torch.Tensor) -> bool:
     return t.is_contiguous() and rows_aligned and t.data_ptr() % 16 == 0
 
 
+def fused_entries(device_name: str, dtype: str = "bfloat16") -> dict[str, list[int]]:
+    """Target shape ("K,N,S": input width, widest slice, slices) -> the token buckets where the
+    table runs the fused kernel on this device (what `tesela doctor` shows)."""
+    shapes = lora_tiles.tuned_table().get(device_name, {}).get(dtype, {}).get(FUSED, {})
+    return {key: sorted(int(b) for b in buckets) for key, buckets in shapes.items() if buckets}
+
+
 @functools.lru_cache(maxsize=4096)  # eager forwards ask per LoRA layer: keep it cheap
 def _entry(device_name: str, dtype: torch.dtype, key: str, num_tokens: int) -> FusedTiles | None:
     shapes = (
