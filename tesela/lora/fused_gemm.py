@@ -6,10 +6,10 @@ At prefill sizes the separate shrink and expand kernels (tesela/lora/kernels.py,
 almost as much as the base GEMM itself: two more launches per target, and the expand reads and
 rewrites all of y. Here a program owns a BLOCK_M x BLOCK_N tile of y and computes it whole:
 
-- the base GEMM's K loop, with the shrink of the tile's tokens riding along (x's tile is in
-  registers already; the shrink is one more tl.dot of BLOCK_R = 16..64 columns per K step, a
-  fraction BLOCK_R / BLOCK_N more MMA work) when all of the block's tokens share one adapter,
-  the common case of a prefill (segments are whole requests);
+- the base GEMM's K loop (x, W, A and B read through TMA descriptors), with the shrink of the
+  tile's tokens riding along (x's tile is loaded already; the shrink is one more tl.dot of
+  BLOCK_R = 16 columns per K step, BLOCK_R / BLOCK_N more MMA work) when all of the block's
+  tokens share one adapter, the common case of a prefill (segments are whole requests);
 - a block that spans several segments (segment boundaries, decode rows of a mixed batch) runs
   the plain K loop, then one more pass over K per adapter segment in it, x masked to that
   segment's tokens;
@@ -17,13 +17,19 @@ rewrites all of y. Here a program owns a BLOCK_M x BLOCK_N tile of y and compute
   its scaling, added to the fp32 accumulator before the one rounding to y's dtype.
 
 No partial sums leave the program, so y is written once and a token's result depends only on
-its own row: BLOCK_K (the K order of every sum) is fixed per target shape (`FusedTiles`), and
+its own row: BLOCK_K (the K order of every sum) is one constant for every launch, and
 tl.dot adds a tile's products in K order whatever BLOCK_M and BLOCK_N are, so a token's output
 is the same in any batch, eager or replayed. The grid depends on the (padded) token count and
 the target's shape only: a graph captured at one size serves every batch at that size, with
 any number of segments, none skipped (base-model and padding tokens carry slot -1 and get the
 plain GEMM). Every column tile lies in one slice (BLOCK_N divides every slice width), so a
 program shrinks with one slice's A.
+
+It runs only where `python3 -m tesela.tune.lora --styles fused` measured it faster than cuBLAS
+followed by sgmv (the table's `fused` entries). On H200 that is 2048 tokens and up: a Triton
+TMA GEMM comes within 3-14% of cuBLAS, and the saved launches and y round trip pay for that
+once blocks hold one adapter; with shorter rows a block spans several segments and pays a K
+pass for each (docs/bench-results.md).
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ def fused_tiles(x: torch.Tensor, weight, a, b, slice_sizes: list[int]) -> FusedT
         return None  # the table is tuned at rank width 16
     key = lora_tiles.shape_key(x.shape[1], max(slice_sizes), len(slice_sizes))
     entry = _entry(torch.cuda.get_device_name(x.device), x.dtype, key, x.shape[0])
-    if entry is None or not all(size % entry.block_n == 0 for size in slice_sizes):
+    if entry is None or not entry.fits(slice_sizes):
         return None
     return entry if all(map(_tma_ready, (x, weight, a, b))) else None
 
