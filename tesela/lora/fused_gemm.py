@@ -35,7 +35,7 @@ pass for each (docs/bench-results.md).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -82,18 +82,19 @@ def _tma_ready(t: torch.Tensor) -> bool:
 def fused_entries(device_name: str, dtype: str = "bfloat16") -> dict[str, list[int]]:
     """Target shape ("K,N,S": input width, widest slice, slices) -> the token buckets where the
     table runs the fused kernel on this device (what `tesela doctor` shows)."""
-    shapes = lora_tiles.tuned_table().get(device_name, {}).get(dtype, {}).get(FUSED, {})
+    shapes = _fused_shapes(device_name, dtype)
     return {key: sorted(int(b) for b in buckets) for key, buckets in shapes.items() if buckets}
+
+
+def _fused_shapes(device_name: str, dtype: str) -> dict:
+    return lora_tiles.tuned_table().get(device_name, {}).get(dtype, {}).get(FUSED, {})
 
 
 @functools.lru_cache(maxsize=4096)  # eager forwards ask per LoRA layer: keep it cheap
 def _entry(device_name: str, dtype: torch.dtype, key: str, num_tokens: int) -> FusedTiles | None:
-    shapes = (
-        lora_tiles.tuned_table().get(device_name, {}).get(str(dtype).removeprefix("torch."), {})
-    )
-    bucket = lora_tiles.token_bucket(num_tokens)
-    entry = shapes.get(FUSED, {}).get(key, {}).get(str(bucket))
-    return FusedTiles(**entry, block_k=BLOCK_K) if entry else None
+    shapes = _fused_shapes(device_name, str(dtype).removeprefix("torch."))
+    entry = shapes.get(key, {}).get(str(lora_tiles.token_bucket(num_tokens)))
+    return replace(FusedTiles(**entry), block_k=BLOCK_K) if entry else None  # K order: fixed
 
 
 @functools.cache

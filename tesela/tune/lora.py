@@ -12,8 +12,8 @@ chosen by their mean time relative to the default over the buckets. `fused` (ext
 one-launch kernel of tesela/lora/fused_gemm.py against cuBLAS's base GEMM followed by sgmv,
 and keeps an entry only for the buckets where it wins by FUSED_MARGIN (it drops a stale one
 where it no longer does): the layer then runs it. One line per (style, target, bucket): default
-(fused: base GEMM + sgmv) and best time. The table is written after every line, so a run cut short keeps
-what it measured; `--styles` and `--buckets` split the work.
+(fused: base GEMM + sgmv) and best time. The table is written after every line, so a run cut
+short keeps what it measured; `--styles` and `--buckets` split the work.
 """
 
 from __future__ import annotations
@@ -170,14 +170,11 @@ def tune_fused(case: Case) -> tuple[float, float, FusedTiles | None]:
             got = fused(tiles, case.a, case.b).float()
             if not torch.allclose(got, expected, atol=6e-2, rtol=2e-2):
                 continue
-            best = min(best, (time_us(lambda a, b, t=tiles: fused(t, a, b)), tiles), key=_first)
+            timed = (time_us(lambda a, b, t=tiles: fused(t, a, b)), tiles)
+            best = min(best, timed, key=lambda t: t[0])
         except Exception:  # noqa: BLE001  (a config that does not compile or fit shared memory)
             continue
     return base, best[0], best[1] if best[0] < base * FUSED_MARGIN else None
-
-
-def _first(pair):
-    return pair[0]
 
 
 def tune_sgmv(case: Case, default: LoRATiles) -> tuple[float, float, LoRATiles]:
@@ -209,33 +206,23 @@ def tune_shape(style: str, in_features: int, sizes, buckets: list[int], adapters
     """bucket -> (default, best, best tiles) of one target (gather: the one bucket "all")."""
     dtype, n = torch.bfloat16, max(sizes)
     probe = torch.empty(0, device="cuda", dtype=dtype)
-    cases = [
-        Case(GATHER if style == GATHER else SGMV, in_features, sizes, m, adapters, dtype)
-        for m in buckets
-    ]
+    kernels = GATHER if style == GATHER else SGMV  # fused: timed against base GEMM + sgmv
+    cases = [Case(kernels, in_features, sizes, m, adapters, dtype) for m in buckets]
     for case in cases:
         case.spread_weights()
+    if style == FUSED:
+        return {str(m): tune_fused(c) for m, c in zip(buckets, cases, strict=True)}
     tiles = [
-        lora_tiles.choose_tiles(
-            GATHER if style == GATHER else SGMV, m, in_features, n, len(sizes), 16, probe
-        )
-        for m in buckets
+        lora_tiles.choose_tiles(style, m, in_features, n, len(sizes), 16, probe) for m in buckets
     ]
     if style == GATHER:
         return {lora_tiles.ALL_TOKENS: tune_gather(cases, tiles[0])}
-    if style == FUSED:
-        return {str(m): tune_fused(c) for m, c in zip(buckets, cases, strict=True)}
     return {str(m): tune_sgmv(c, t) for m, c, t in zip(buckets, cases, tiles, strict=True)}
 
 
 def _fastest(case: Case, candidates: list[LoRATiles], expected) -> tuple[float, LoRATiles]:
     timed = [(case.time_us(tiles, expected), tiles) for tiles in candidates]
     return min(timed, key=lambda t: t[0])
-
-
-def _stored(style: str, tiles: dict) -> dict:
-    """A table entry: a fused one leaves out the K step, which is fixed (its sum order)."""
-    return {k: v for k, v in tiles.items() if k != "block_k"} if style == FUSED else tiles
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 if kept is None:  # fused: base GEMM + sgmv stays (a stale entry goes)
                     shape_entries.pop(bucket, None)
                 else:
-                    shape_entries[bucket] = _stored(style, kept)
+                    shape_entries[bucket] = kept
             path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return 0
 
