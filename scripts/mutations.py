@@ -640,6 +640,28 @@ MUTATIONS = {
         "    vocab = mc.vocab_size // size\n",
         ["tests/test_tune_gemv.py"],
     ),
+    "GEMV tuner never tries one tile over all of K at 1-2 tokens": (
+        "tesela/tune/gemv.py",
+        "    if bucket <= 2 and 1024 < whole_k <= 8192:\n",
+        "    if False:\n",
+        ["tests/test_tune_gemv.py"],
+    ),
+    "a GEMV tune of some M buckets drops the shape's other entries": (
+        "tesela/tune/gemv.py",
+        "    return {b: c for b, c in previous.items() if int(b) not in buckets} | chosen\n",
+        "    return chosen\n",
+        ["tests/test_tune_gemv.py"],
+    ),
+    "decode attention reads the batch's lengths before its PDL wait (in a helper)": (
+        "tesela/attention/triton_kernels/decode_attention.py",
+        "    grid_dependency_sync(PDL)\n    entry = tl.program_id(0)\n    kv_head = tl.program_id(1)\n"
+        "    split = tl.program_id(2)\n"
+        "    row, token, seq_len = _entry(entry, entry_rows_ptr, entry_tokens_ptr, seq_lens_ptr, INDIRECT)\n",
+        "    entry = tl.program_id(0)\n    kv_head = tl.program_id(1)\n    split = tl.program_id(2)\n"
+        "    row, token, seq_len = _entry(entry, entry_rows_ptr, entry_tokens_ptr, seq_lens_ptr, INDIRECT)\n"
+        "    grid_dependency_sync(PDL)\n",
+        ["tests/test_pdl.py"],
+    ),
     "custom all-reduce takes every message size": (
         "tesela/distributed/custom_all_reduce.py",
         "    if nbytes <= TWO_SHOT_MAX_BYTES:\n",

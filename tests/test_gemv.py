@@ -19,11 +19,13 @@ interpreted = pytest.mark.skipif(
 CONFIGS = [
     dict(block_n=8, block_k=32, use_dot=False, num_warps=4, num_stages=2),
     dict(block_n=16, block_k=64, use_dot=True, num_warps=4, num_stages=2),
+    # the whole of K in one (masked) tile: every weight load comes before the PDL wait
+    dict(block_n=2, block_k=128, use_dot=False, num_warps=4, num_stages=2),
 ]
 
 
 @interpreted
-@pytest.mark.parametrize("config", CONFIGS, ids=["fma", "dot"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["fma", "dot", "whole_k"])
 @pytest.mark.parametrize("m", [1, 3, 16])
 def test_gemv_matches_linear(config, m):
     pytest.importorskip("triton")
@@ -85,7 +87,7 @@ def test_checked_in_table_holds_valid_configs():
 
 
 @interpreted
-@pytest.mark.parametrize("config", CONFIGS, ids=["fma", "dot"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["fma", "dot", "whole_k"])
 def test_silu_prologue_matches_silu_mul_then_linear(config):
     pytest.importorskip("triton")
     from tesela.layers import fused
@@ -99,7 +101,7 @@ def test_silu_prologue_matches_silu_mul_then_linear(config):
 
 
 @interpreted
-@pytest.mark.parametrize("config", CONFIGS, ids=["fma", "dot"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["fma", "dot", "whole_k"])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_norm_prologue_matches_add_norm_then_linear(config, with_residual):
     pytest.importorskip("triton")

@@ -71,10 +71,28 @@ def _before_the_wait(node: ast.FunctionDef) -> list[ast.stmt] | None:
     return None
 
 
+def _loads_and_stores(statements: list[ast.stmt], functions, seen=()) -> list[tuple[str, str]]:
+    """(callee, first argument) of every call the statements make, the @triton.jit helpers
+    they call followed into."""
+    found = []
+    for statement in statements:
+        for call in ast.walk(statement):
+            if not isinstance(call, ast.Call):
+                continue
+            callee = ast.unparse(call.func)
+            first = ast.unparse(call.args[0]) if call.args else ""
+            found.append((callee, first))
+            if callee in functions and callee not in seen:
+                helper = functions[callee][1]
+                found += _loads_and_stores(helper.body, functions, (*seen, callee))
+    return found
+
+
 @pytest.mark.parametrize("name", sorted(_kernels()))
 def test_every_kernel_takes_pdl_last_and_waits_before_reading_activations(name):
     """Before the wait a kernel may compute indices and load weights (which no kernel
-    writes): nothing else, no store, no atomic, no load of another tensor."""
+    writes): nothing else, no store, no atomic, no load of another tensor, in the kernel or in
+    a helper it calls there."""
     path, node = _kernels()[name]
     params = node.args.args
     assert params[-1].arg == "PDL" and "constexpr" in ast.unparse(params[-1].annotation), (
@@ -82,19 +100,14 @@ def test_every_kernel_takes_pdl_last_and_waits_before_reading_activations(name):
     )
     before = _before_the_wait(node)
     assert before is not None, f"{path.name}:{name} never calls grid_dependency_sync(PDL)"
-    for statement in before:
-        for call in ast.walk(statement):
-            if not isinstance(call, ast.Call):
-                continue
-            callee = ast.unparse(call.func)
-            assert "store" not in callee and "atomic" not in callee, (
-                f"{path.name}:{name}: {ast.unparse(statement)!r} runs before the wait"
+    for callee, first in _loads_and_stores(before, _jit_functions()):
+        assert "store" not in callee and "atomic" not in callee, (
+            f"{path.name}:{name}: {callee}({first}, ...) runs before the wait"
+        )
+        if "load" in callee:
+            assert first.startswith("w_ptr"), (
+                f"{path.name}:{name}: only weights load before the wait, not {first}"
             )
-            if "load" in callee:
-                assert ast.unparse(call.args[0]).startswith("w_ptr"), (
-                    f"{path.name}:{name}: only weights load before the wait, not "
-                    f"{ast.unparse(call.args[0])}"
-                )
 
 
 def _grid_launches() -> list[tuple[Path, ast.Call]]:

@@ -94,3 +94,28 @@ def test_a_prologue_tuned_alone_is_timed_against_the_tables_plain_kernel():
     assert choices[(4096, 1024, 1)] == entries["none"]["4096,1024"]["1"]
     assert all(isinstance(n, int) and isinstance(b, int) for n, _, b in choices)
     assert (14336, 4096, 1) not in choices  # cuBLAS won there: no entry, no plain choice
+
+
+def test_one_and_two_token_buckets_also_try_the_whole_k_in_one_tile():
+    """One tile over all of K is loaded before the PDL wait (the whole weight slice streams while
+    the previous kernel finishes); the tuner times it at 1-2 tokens, within the register budget."""
+    from tesela.tune.gemv import candidates
+
+    def whole_k(bucket, k):
+        return {(c["block_n"], c["block_k"]) for c in candidates(bucket, k) if c["block_k"] >= k}
+
+    assert whole_k(1, 3072) == {(2, 4096), (4, 4096)}  # qwen3-0.6b down_proj
+    assert whole_k(2, 2048) == {(2, 2048), (4, 2048)}
+    assert whole_k(1, 8192) == {(2, 8192)}
+    assert whole_k(4, 3072) == set()  # tensor cores from 4 tokens: tiles of 128-256
+    assert whole_k(1, 16384) == set()  # past the register budget
+    assert whole_k(1, 1024) == {(4, 1024), (8, 1024)}  # the usual tiles already cover K
+
+
+def test_a_run_of_some_buckets_keeps_the_shapes_other_entries():
+    from tesela.tune.gemv import merged_entries
+
+    old = {"1": {"block_k": 1024}, "2": {"block_k": 512}, "8": {"block_k": 256}}
+    # bucket 1 re-timed and won with a new tile; bucket 2 re-timed and lost to cuBLAS
+    got = merged_entries(old, {"1": {"block_k": 4096}}, (1, 2))
+    assert got == {"1": {"block_k": 4096}, "8": {"block_k": 256}}

@@ -71,8 +71,9 @@ def _kernel():
         row_mask, m_mask = rows < N, ms < M
         w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + ks[None, :]
         # The first weight tile is loaded before the wait: no kernel writes weights, so under
-        # PDL it streams in while the previous kernel finishes. Each later tile is loaded one
-        # iteration ahead (past K the load is masked off).
+        # PDL it streams in while the previous kernel finishes (all of this program's weights,
+        # where the tuned BLOCK_K spans K). Each later tile is loaded one iteration ahead (past
+        # K the load is masked off).
         w = tl.load(w_ptrs, mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
         grid_dependency_sync(PDL)
         x_ptrs = x_ptr + ms[:, None] * stride_xm + ks[None, :]

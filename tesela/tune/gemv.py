@@ -64,14 +64,23 @@ def tuned_cases(preset: str, tensor_parallel_size: int = 1) -> list[tuple[str, i
     return cases
 
 
-def candidates(bucket: int) -> list[dict]:
+def candidates(bucket: int, k: int) -> list[dict]:
     """Configs worth timing at this M bucket: the FMA path for 1-2 tokens (no padding of M),
-    tensor cores from 4 up; tiles kept to what the registers hold."""
+    tensor cores from 4 up; tiles kept to what the registers hold.
+
+    At 1-2 tokens the tiles also include the whole of K in one tile (K up to 8192, rounded up
+    to a power of two): the kernel loads its first weight tile before the PDL wait, so such a
+    program streams all its weights while the previous kernel of the step finishes."""
     configs = []
     for block_n in (4, 8, 16):
         for block_k in (256, 512, 1024):
             if bucket * block_n * block_k <= 8192:
                 configs.append(dict(block_n=block_n, block_k=block_k, use_dot=False))
+    whole_k = 1 << (k - 1).bit_length()
+    if bucket <= 2 and 1024 < whole_k <= 8192:
+        for block_n in (2, 4, 8):
+            if bucket * block_n * whole_k <= 16384:
+                configs.append(dict(block_n=block_n, block_k=whole_k, use_dot=False))
     if bucket >= 4:
         for block_n in (16, 32, 64):
             for block_k in (128, 256):
@@ -142,19 +151,21 @@ def keeps_triton(prologue: str, triton_us: float, unfused_us: float, margin: flo
     return triton_us < unfused_us * (1 + margin)
 
 
-def tune_case(prologue, n, k, margin, dtype, plain_choices) -> tuple[dict, list[dict]]:
-    """{bucket: config} where Triton wins, and a report row per bucket."""
+def tune_case(
+    prologue, n, k, margin, dtype, plain_choices, buckets=gemv.M_BUCKETS
+) -> tuple[dict, list[dict]]:
+    """{bucket: config} where Triton wins, and a report row per bucket timed."""
     nbytes = n * k * dtype.itemsize
     copies = max(2, math.ceil(L2_OVERFLOW_BYTES / nbytes))
     weights = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(copies)]
     chosen, report = {}, []
-    for bucket in gemv.M_BUCKETS:
+    for bucket in buckets:
         case = Case(prologue, bucket, k, dtype)
         plain = plain_choices.get((n, k, bucket)) if prologue != "none" else None
         reference = case.unfused(weights[0], None).float()
         baseline_us = time_calls(lambda w, c=case, p=plain: c.unfused(w, p), weights)
         best = None
-        for config in candidates(bucket):
+        for config in candidates(bucket, k):
             got = case.triton(weights[0], config).float()
             if not torch.allclose(got, reference, rtol=8e-3, atol=1.5e-2):
                 print(f"  {prologue} {n}x{k} M={bucket} {config}: wrong result, skipped")
@@ -178,6 +189,12 @@ def tune_case(prologue, n, k, margin, dtype, plain_choices) -> tuple[dict, list[
     del weights
     torch.cuda.empty_cache()
     return chosen, report
+
+
+def merged_entries(previous: dict, chosen: dict, buckets: tuple[int, ...]) -> dict:
+    """A shape's {bucket: config} after timing `buckets`: this run's choices for them (a timed
+    bucket that Triton lost drops its old entry), the previous entries for every other."""
+    return {b: c for b, c in previous.items() if int(b) not in buckets} | chosen
 
 
 def table_plain_choices(entries: dict) -> dict[tuple[int, int, int], dict]:
@@ -205,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(gemv.PROLOGUES),
         help="tune only the cases with these prologues (comma-separated: none, silu, norm)",
     )
+    parser.add_argument(
+        "--buckets",
+        default=",".join(str(b) for b in gemv.M_BUCKETS),
+        help="time only these M buckets (comma-separated); the table keeps its other entries",
+    )
     parser.add_argument("--margin", type=float, default=0.03, help="Triton must win by this")
     parser.add_argument("--output", default=str(gemv.TABLE_PATH))
     parser.add_argument("--report", default=None, help="also write the timings (JSON) here")
@@ -215,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prologues: unknown {sorted(unknown)} (expected {gemv.PROLOGUES})")
     if not torch.cuda.is_available():
         raise SystemExit("tesela.tune.gemv times kernels on a CUDA GPU: run it on one")
+    buckets = tuple(sorted({int(v) for v in args.buckets.split(",")}))
+    if not set(buckets) <= set(gemv.M_BUCKETS):
+        parser.error(f"--buckets: {args.buckets} (each one of {gemv.M_BUCKETS})")
     dtype = getattr(torch, args.dtype)
     sizes = [int(v) for v in args.tensor_parallel_size.split(",")]
     prologues = set(args.prologues.split(","))
@@ -237,14 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     # shapes run first) this run's.
     plain_choices = table_plain_choices(entries)
     for prologue, n, k in sorted(cases, key=lambda c: (c[0] != "none", c)):
-        chosen, rows = tune_case(prologue, n, k, args.margin, dtype, plain_choices)
+        chosen, rows = tune_case(prologue, n, k, args.margin, dtype, plain_choices, buckets)
         report += rows
+        shapes = entries.setdefault(prologue, {})
+        chosen = merged_entries(shapes.pop(f"{n},{k}", {}), chosen, buckets)
         if prologue == "none":
             for bucket in gemv.M_BUCKETS:
                 plain_choices.pop((n, k, bucket), None)
             plain_choices.update({(n, k, int(b)): config for b, config in chosen.items()})
-        shapes = entries.setdefault(prologue, {})
-        shapes.pop(f"{n},{k}", None)
         if chosen:
             shapes[f"{n},{k}"] = chosen
         # after every case: a run stopped midway keeps what it measured
