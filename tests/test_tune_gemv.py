@@ -81,6 +81,16 @@ def test_an_unknown_prologue_is_refused_before_any_timing(capsys):
     assert "unknown ['gelu']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("buckets", ["3", "1,x", ""])
+def test_a_bucket_that_is_not_one_of_the_tables_is_refused_before_any_timing(capsys, buckets):
+    from tesela.tune.gemv import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--buckets", buckets])
+    assert exit_info.value.code == 2
+    assert "--buckets" in capsys.readouterr().err
+
+
 def test_a_prologue_tuned_alone_is_timed_against_the_tables_plain_kernel():
     """`--prologues norm` tunes no plain shape: the norm's unfused baseline is the separate
     norm plus the GEMM the model would run, the table's plain Triton entry where it has one."""

@@ -235,17 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = prologues - set(gemv.PROLOGUES)
     if unknown:
         parser.error(f"--prologues: unknown {sorted(unknown)} (expected {gemv.PROLOGUES})")
+    parts = args.buckets.split(",")
+    if not all(v.strip().isdigit() and int(v) in gemv.M_BUCKETS for v in parts):
+        parser.error(f"--buckets: {args.buckets!r} (comma-separated, each one of {gemv.M_BUCKETS})")
+    buckets = tuple(sorted({int(v) for v in parts}))
     if not torch.cuda.is_available():
         raise SystemExit("tesela.tune.gemv times kernels on a CUDA GPU: run it on one")
-    buckets = tuple(sorted({int(v) for v in args.buckets.split(",")}))
-    if not set(buckets) <= set(gemv.M_BUCKETS):
-        parser.error(f"--buckets: {args.buckets} (each one of {gemv.M_BUCKETS})")
     dtype = getattr(torch, args.dtype)
     sizes = [int(v) for v in args.tensor_parallel_size.split(",")]
-    prologues = set(args.prologues.split(","))
-    unknown = prologues - set(gemv.PROLOGUES)
-    if unknown:
-        parser.error(f"--prologues: unknown {sorted(unknown)} (expected {gemv.PROLOGUES})")
     cases = {
         case
         for m in args.models.split(",")
