@@ -71,7 +71,7 @@ def _before_the_wait(node: ast.FunctionDef) -> list[ast.stmt] | None:
     return None
 
 
-def _loads_and_stores(statements: list[ast.stmt], functions, seen=()) -> list[tuple[str, str]]:
+def _calls(statements: list[ast.stmt], functions, seen=()) -> list[tuple[str, str]]:
     """(callee, first argument) of every call the statements make, the @triton.jit helpers
     they call followed into."""
     found = []
@@ -84,7 +84,7 @@ def _loads_and_stores(statements: list[ast.stmt], functions, seen=()) -> list[tu
             found.append((callee, first))
             if callee in functions and callee not in seen:
                 helper = functions[callee][1]
-                found += _loads_and_stores(helper.body, functions, (*seen, callee))
+                found += _calls(helper.body, functions, (*seen, callee))
     return found
 
 
@@ -100,7 +100,7 @@ def test_every_kernel_takes_pdl_last_and_waits_before_reading_activations(name):
     )
     before = _before_the_wait(node)
     assert before is not None, f"{path.name}:{name} never calls grid_dependency_sync(PDL)"
-    for callee, first in _loads_and_stores(before, _jit_functions()):
+    for callee, first in _calls(before, _jit_functions()):
         assert "store" not in callee and "atomic" not in callee, (
             f"{path.name}:{name}: {callee}({first}, ...) runs before the wait"
         )

@@ -151,9 +151,7 @@ def keeps_triton(prologue: str, triton_us: float, unfused_us: float, margin: flo
     return triton_us < unfused_us * (1 + margin)
 
 
-def tune_case(
-    prologue, n, k, margin, dtype, plain_choices, buckets=gemv.M_BUCKETS
-) -> tuple[dict, list[dict]]:
+def tune_case(prologue, n, k, margin, dtype, plain_choices, buckets) -> tuple[dict, list[dict]]:
     """{bucket: config} where Triton wins, and a report row per bucket timed."""
     nbytes = n * k * dtype.itemsize
     copies = max(2, math.ceil(L2_OVERFLOW_BYTES / nbytes))
