@@ -183,3 +183,19 @@ def test_a_replay_with_a_plan_for_another_batch_is_refused_before_any_split(brea
 def test_split_host_time_is_measured_per_split(breakable):
     seconds = breakable.split_host_seconds(batch_of(9, seed=4))
     assert 0 < seconds < 1.0
+
+
+def test_groups_carry_tensor_addresses_for_the_cached_launch():
+    """A cached launch hands the compiled launcher addresses, not tensors (no data_ptr() call
+    and no driver pointer query per tensor and launch): each group holds them, in order, next
+    to the tensors that keep the memory alive."""
+    a, b = torch.zeros(8), torch.zeros(8, dtype=torch.int32)[2:]
+    layer = runtime_args(a, 3, None, 0.5)
+    pool = runtime_args(b)
+    constants = constexpr_args(16, True)
+    assert layer.raw == (a.data_ptr(), 3, None, 0.5)
+    assert all(type(v) is int for v in pool.raw) and pool.raw == (b.data_ptr(),)
+    assert constants.raw == constants.values == (16, True)
+    joined = launcher.join(layer, pool, constants)
+    assert joined.raw == layer.raw + pool.raw + constants.raw
+    assert joined.values[0] is a and joined.values[4] is b  # the tensors themselves, kept

@@ -262,6 +262,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.graph_state: DecodeGraphState | None = None
         self.mixed_state: MixedGraphState | None = None
         self._mixed_templates: dict[tuple[int, bool], tuple] = {}
+        self._decode_templates: dict[int, TritonMetadata] = {}
         self._store_constants, self._store_blocks = width_args(
             layout.num_kv_heads * layout.head_dim
         )
@@ -334,6 +335,7 @@ class TritonAttentionBackend(AttentionBackend):
             n * self.num_kv_splits(n, max_context_len) for n in range(1, max_batch_size + 1)
         )
         tables_in = pack_layout(max_batch_size, max_batch_size)[-1]
+        self._decode_templates = {}
         self.graph_state = DecodeGraphState(
             max_batch_size=max_batch_size,
             max_blocks_per_seq=max_blocks_per_seq,
@@ -356,22 +358,33 @@ class TritonAttentionBackend(AttentionBackend):
         first kernel, `decode_graph_prologue`, writes the buffers from it on the device): the
         same call plans the warmup, the capture of each size and every replay. `batch` may
         have fewer rows than the captured size: the rows after it become padding rows."""
-        state = self._decode_state()
-        state.load(batch)
-        n, heads, dim = batch.batch_size, self.layout.num_heads, self.layout.head_dim
-        splits = self.num_kv_splits(n, state.max_context_len)
-        metadata = TritonMetadata(
-            stamp=batch.stamp,
-            use_decode_kernel=True,
-            batch_size=n,
-            seq_lens=state.seq_lens[:n],
-            block_tables=state.block_tables[:n],
-            max_seq_len=state.max_context_len,
-            num_kv_splits=splits,
-            partial_out=state.partial_out[: n * heads * splits * dim].view(n, heads, splits, dim),
-            partial_lse=state.partial_lse[: n * heads * splits].view(n, heads, splits),
-        )
+        self._decode_state().load(batch)
+        metadata = copy.copy(self._decode_graph(batch.batch_size))  # this size's views
+        metadata.stamp = batch.stamp
         return metadata
+
+    def _decode_graph(self, n: int) -> TritonMetadata:
+        """The metadata every n-row replay shares, but for its stamp: views of the persistent
+        buffers and the split count, made once (slicing them anew was most of a replay's host
+        time)."""
+        if n not in self._decode_templates:
+            state = self._decode_state()
+            heads, dim = self.layout.num_heads, self.layout.head_dim
+            splits = self.num_kv_splits(n, state.max_context_len)
+            self._decode_templates[n] = TritonMetadata(
+                stamp=None,
+                use_decode_kernel=True,
+                batch_size=n,
+                seq_lens=state.seq_lens[:n],
+                block_tables=state.block_tables[:n],
+                max_seq_len=state.max_context_len,
+                num_kv_splits=splits,
+                partial_out=state.partial_out[: n * heads * splits * dim].view(
+                    n, heads, splits, dim
+                ),
+                partial_lse=state.partial_lse[: n * heads * splits].view(n, heads, splits),
+            )
+        return self._decode_templates[n]
 
     def decode_graph_prologue(self, rows: int, token_rows: torch.Tensor) -> Callable[[], None]:
         """The first op of the FULL decode graph of `rows` rows: from the replayed batch's pack,

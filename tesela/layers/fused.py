@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import torch
 
+from tesela.core.intmath import next_power_of_2
 from tesela.core.kv_cache import KVStoreTarget
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 from tesela.core.recording import recording_ops
@@ -256,9 +257,7 @@ def _kernels():
 
 
 def _block(n: int) -> int:
-    import triton
-
-    return triton.next_power_of_2(n)
+    return next_power_of_2(n)
 
 
 def _rms_norm(x, weight, eps, residual=None):

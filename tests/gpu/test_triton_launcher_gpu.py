@@ -159,3 +159,33 @@ def test_breakable_replay_through_cached_launchers_equals_eager(checked_launcher
     assert STORE_KV.cached_keys == 0
     seconds = piecewise.split_host_seconds(random_batch(rows, 0))
     print(f"host us per split (checked launchers: slower than served): {seconds * 1e6:.1f}")
+
+
+def test_checked_launch_refuses_a_group_whose_tensor_moved(checked_launchers):
+    """Cached launches pass the addresses a group recorded when it was made; a tensor given a
+    new storage afterwards would be written at its old address. The debugging check says so."""
+    from tesela.attention.triton_kernels.launcher import (
+        CachedLauncher,
+        constexpr_args,
+        runtime_args,
+    )
+    from tesela.attention.triton_kernels.store_kv import _store_kv_kernel
+
+    fresh = CachedLauncher(_store_kv_kernel)
+    k, v = (torch.randn(4, 32, device=DEVICE) for _ in range(2))
+    k_pool, v_pool = (torch.zeros(16, 2, 16, device=DEVICE) for _ in range(2))
+    loc = torch.tensor([3, 5, 7, 9], device=DEVICE)
+    groups = (
+        runtime_args(k, v, k.stride(0), v.stride(0)),
+        runtime_args(k_pool, v_pool, k_pool.stride(0)),
+        runtime_args(loc),
+        constexpr_args(32, 32),
+    )
+    for _ in range(2):  # the first launch caches the handle, the second takes it
+        fresh((4, 1, 1), (4, 3), *groups, num_tokens=4)
+    torch.cuda.synchronize()
+    assert fresh.cached_keys == 1
+    assert torch.equal(k_pool[loc].view(4, 32), k) and torch.equal(v_pool[loc].view(4, 32), v)
+    k_pool.set_(torch.zeros_like(k_pool))
+    with pytest.raises(RuntimeError, match="moved"):
+        fresh((4, 1, 1), (4, 3), *groups, num_tokens=4)

@@ -18,13 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from tesela.core.intmath import next_power_of_2
+
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEAD_DIM = 256  # one head row must fit the shared memory of a program with its K/V tiles
 MIN_DOT_DIM = 16  # tl.dot needs every dimension >= 16
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 @dataclass(frozen=True)

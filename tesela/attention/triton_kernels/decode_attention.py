@@ -38,6 +38,7 @@ from tesela.attention.triton_kernels.launcher import (
     runtime_args,
 )
 from tesela.attention.triton_kernels.store_kv import pool_args
+from tesela.core.intmath import cdiv
 from tesela.core.pdl import grid_dependency_sync
 
 # Running-max start: finite, so fully masked tiles never give inf - inf.
@@ -76,8 +77,8 @@ def num_kv_splits(
 ) -> int:
     """Splits to launch: enough (row, KV head, split) programs to fill the GPU, no more splits
     than the longest row can give `min_split_len` tokens each, and at most `max_kv_splits`."""
-    by_length = triton.cdiv(max(max_seq_len, 1), min_split_len)
-    by_occupancy = triton.cdiv(target_programs, batch_size * num_kv_heads)
+    by_length = cdiv(max(max_seq_len, 1), min_split_len)
+    by_occupancy = cdiv(target_programs, batch_size * num_kv_heads)
     return max(1, min(max_kv_splits, by_length, by_occupancy))
 
 

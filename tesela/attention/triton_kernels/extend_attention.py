@@ -28,6 +28,7 @@ from tesela.attention.triton_kernels.launcher import (
     runtime_args,
 )
 from tesela.attention.triton_kernels.store_kv import pool_args
+from tesela.core.intmath import cdiv
 from tesela.core.pdl import grid_dependency_sync
 
 # Running-max start: finite, so fully masked tiles never give inf - inf.
@@ -332,7 +333,7 @@ def extend_grid(
     `max_extend_len` is the captured size)."""
     if tiles is not None:
         return (shape.num_heads, tile_programs(tiles.shape[0], max_extend_len, config.block_m), 1)
-    return (shape.num_heads, triton.cdiv(max_extend_len, config.block_m), batch_size)
+    return (shape.num_heads, cdiv(max_extend_len, config.block_m), batch_size)
 
 
 PARTIAL_TILE_PROGRAMS = 16  # per head, beyond one per full query block of the captured size

@@ -23,9 +23,10 @@ the key call it directly. Under the Triton interpreter, or when the compiled ker
 as expected (a Triton version whose internals differ), the launcher falls back to `kernel[grid]`
 for good and records why (`fallback_reasons`, shown by `tesela doctor`). With
 TESELA_CHECK_LAUNCHERS=1 every cached launch also asks Triton which compiled kernel its own
-path would pick and raises if it differs (a debugging aid: it costs a full binding). While
-Triton launch hooks are installed (a profiler such as proton), no handle is cached; handles
-cached before the hooks were installed skip them.
+path would pick and raises if it differs, or if a tensor of a group moved since the group was
+made (a debugging aid: it costs a full binding). While Triton launch hooks are installed (a
+profiler such as proton), no handle is cached; handles cached before the hooks were installed
+skip them.
 """
 
 from __future__ import annotations
@@ -76,14 +77,24 @@ class Args(NamedTuple):
     values: tuple
     key: int
     constexpr: tuple[bool, ...]  # per value: passed as a constexpr (keyed by its value)
+    # `values` with every tensor replaced by its address: what a cached launch hands the
+    # compiled launcher. Given a tensor, the launcher calls its data_ptr() and asks the driver
+    # whether the address is device memory (cuPointerGetAttribute), per tensor and launch; given
+    # an int it takes it as is. The tensors stay alive in `values`.
+    raw: tuple
+
+
+def _raw(values: tuple) -> tuple:
+    return tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v for v in values)
 
 
 def runtime_args(*values: Any) -> Args:
-    return Args(values, _intern(tuple(map(_runtime_key, values))), (False,) * len(values))
+    key = _intern(tuple(map(_runtime_key, values)))
+    return Args(values, key, (False,) * len(values), _raw(values))
 
 
 def constexpr_args(*values: Any) -> Args:
-    return Args(values, _intern(("constexpr", *values)), (True,) * len(values))
+    return Args(values, _intern(("constexpr", *values)), (True,) * len(values), values)
 
 
 def join(*groups: Args) -> Args:
@@ -93,7 +104,12 @@ def join(*groups: Args) -> Args:
         sum((group.values for group in groups), ()),
         _intern(tuple(group.key for group in groups)),
         sum((group.constexpr for group in groups), ()),
+        sum((group.raw for group in groups), ()),
     )
+
+
+def _values(groups: tuple[Args, ...]) -> tuple:
+    return sum((group.values for group in groups), ())
 
 
 def _constexpr_mask(kernel: Any) -> tuple[bool, ...]:
@@ -138,25 +154,32 @@ class CachedLauncher:
     ):
         """Launch on the current stream. `options`: (num_warps, num_stages); `num_tokens`: the
         tokens of the launch (a kernel taking PDL uses it for at most pdl.MAX_TOKENS)."""
-        key, args = [options], ()
+        key, raw = [options], ()
         for group in groups:
             key.append(group.key)
-            args += group.values
+            raw += group.raw
+        tail = ()
         if self.takes_pdl:
             use_pdl = not self.interpreted and pdl.enabled_on(self._device_index(), num_tokens)
             key.append(use_pdl)
-            args += (use_pdl,)
+            tail = (use_pdl,)
         key = tuple(key)
         handle = self._handles.get(key)
         if handle is None:
-            self._first_launch(key, grid, options, groups, args)
+            self._first_launch(key, grid, options, groups, _values(groups) + tail)
             return
         run, function, metadata, check = handle
         if check is not None:
-            check(grid, options, args, handle)
+            values = _values(groups)
+            if _raw(values) != raw:
+                raise RuntimeError(
+                    f"launch of {self.name}: a tensor of its argument groups moved after the "
+                    "group was made (its address and specialization key are computed then)"
+                )
+            check(grid, options, values + tail, handle)
         run(
             grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.device),
-            function, metadata, None, None, None, *args,
+            function, metadata, None, None, None, *raw, *tail,
         )  # fmt: skip
 
     def _device_index(self) -> int:

@@ -19,6 +19,7 @@ from tesela.attention.triton_kernels.launcher import (
     constexpr_args,
     runtime_args,
 )
+from tesela.core.intmath import cdiv
 from tesela.core.pdl import grid_dependency_sync
 
 MAX_BLOCK = 1024  # elements per program: a token row wider than this spans several programs
@@ -70,7 +71,7 @@ def pool_args(k_pool: torch.Tensor, v_pool: torch.Tensor) -> Args:
 def width_args(width: int) -> tuple[Args, int]:
     """The constants of a K/V row `width` wide and the grid's second dimension."""
     block = min(next_power_of_2(width), MAX_BLOCK)
-    return constexpr_args(width, block), triton.cdiv(width, block)
+    return constexpr_args(width, block), cdiv(width, block)
 
 
 def store_kv(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from tesela.core.intmath import cdiv, next_power_of_2
 from tesela.core.pdl import launch_kwargs
 from tesela.layers.moe.reference import moe_reference
 from tesela.layers.moe.tile_configs import get_config
@@ -47,7 +48,7 @@ def _launch(a, w, out, topk_weights, topk_ids, num_valid, aligned, config, *, ga
     common = dict(A_ROWS_PER_PAIR=rows_per_pair, GATED=gated, MUL_WEIGHT=not gated)
     strides = (*a.stride(), *w.stride(), *out.stride())
     if config["path"] == "gemv":
-        grid = (topk_ids.numel(), triton_cdiv(n, config["BLOCK_N"]))
+        grid = (topk_ids.numel(), cdiv(n, config["BLOCK_N"]))
         has_valid = num_valid is not None
         kernels.pair_gemv_kernel[grid](
             a, w, out, topk_weights, topk_ids, num_valid if has_valid else topk_ids,
@@ -56,7 +57,7 @@ def _launch(a, w, out, topk_weights, topk_ids, num_valid, aligned, config, *, ga
         )  # fmt: skip
         return
     num_blocks = aligned.block_expert_ids.numel()
-    grid = (num_blocks * triton_cdiv(n, config["BLOCK_N"]),)
+    grid = (num_blocks * cdiv(n, config["BLOCK_N"]),)
     kernels.grouped_gemm_kernel[grid](
         a, w, out, topk_weights,
         aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded_pairs,
@@ -68,27 +69,21 @@ def _launch(a, w, out, topk_weights, topk_ids, num_valid, aligned, config, *, ga
 
 def _down_sum_gemv(intermediate, w2, topk_weights, topk_ids, num_valid, config) -> torch.Tensor:
     """out[t] = sum over t's k pairs of weight * intermediate[pair] @ w2[expert]^T, [M, H]."""
-    import triton
-
     from tesela.layers.moe import kernels
 
     num_tokens, top_k = topk_ids.shape
     num_experts, hidden, intermediate_size = w2.shape
     out = intermediate.new_empty(num_tokens, hidden)  # every row is written, padding as zeros
     has_valid = num_valid is not None
-    grid = (num_tokens, triton_cdiv(hidden, config["BLOCK_N"]))
+    grid = (num_tokens, cdiv(hidden, config["BLOCK_N"]))
     kernels.down_sum_gemv_kernel[grid](
         intermediate, w2, out, topk_weights, topk_ids, num_valid if has_valid else topk_ids,
         num_experts, hidden, intermediate_size,
         *intermediate.stride(), *w2.stride(), *out.stride(),
-        TOP_K=top_k, HAS_NUM_VALID=has_valid, BLOCK_TOPK=triton.next_power_of_2(top_k),
+        TOP_K=top_k, HAS_NUM_VALID=has_valid, BLOCK_TOPK=next_power_of_2(top_k),
         **_tile_args(config), **launch_kwargs(out.device, num_tokens),
     )  # fmt: skip
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def fused_experts(

@@ -41,6 +41,7 @@ import dataclasses
 
 import torch
 
+from tesela.core.intmath import cdiv, next_power_of_2
 from tesela.core.pdl import launch_kwargs
 from tesela.layers import gemv
 from tesela.layers.moe import padding
@@ -90,8 +91,6 @@ def fused_select_experts(
     router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`select_experts` in one Triton launch (same contract, same output dtypes)."""
-    import triton
-
     from tesela.layers.moe import kernels
 
     num_tokens, num_experts = router_logits.shape
@@ -103,11 +102,11 @@ def fused_select_experts(
     ids = router_logits.new_empty(num_tokens, top_k, dtype=torch.int64)
     if num_tokens == 0:
         return weights, ids
-    block_e = triton.next_power_of_2(num_experts)
+    block_e = next_power_of_2(num_experts)
     kernels.router_topk_kernel[(num_tokens,)](
         router_logits, weights, ids, num_experts, router_logits.stride(0),
         TOP_K=top_k, RENORMALIZE=renormalize or scoring == "topk_softmax",
-        BLOCK_E=block_e, BLOCK_TOPK=triton.next_power_of_2(top_k),
+        BLOCK_E=block_e, BLOCK_TOPK=next_power_of_2(top_k),
         # Up to 256 experts one warp holds the row: the 2k reductions stay in shuffles.
         num_warps=1 if block_e <= 256 else 4, **launch_kwargs(router_logits.device, num_tokens),
     )  # fmt: skip
@@ -177,7 +176,6 @@ def fused_router(
 
 
 def _launch_fused_router(x, gate_weight, buffers, top_k, scoring, renormalize):
-    import triton
 
     from tesela.layers.moe import kernels
 
@@ -185,14 +183,14 @@ def _launch_fused_router(x, gate_weight, buffers, top_k, scoring, renormalize):
     weights = x.new_empty(num_tokens, top_k, dtype=_weights_dtype(x, scoring))
     ids = x.new_empty(num_tokens, top_k, dtype=torch.int64)
     config = ROUTER_GEMM_CONFIG
-    grid = (triton.cdiv(num_experts, config["BLOCK_E"]), num_tokens)
+    grid = (cdiv(num_experts, config["BLOCK_E"]), num_tokens)
     kernels.router_gemm_topk_kernel[grid](
         x, gate_weight, buffers.logits, buffers.counters, weights, ids,
         num_experts, x.shape[1], x.stride(0), gate_weight.stride(0),
         TOP_K=top_k, RENORMALIZE=renormalize or scoring == "topk_softmax",
         BLOCK_E=config["BLOCK_E"], BLOCK_H=config["BLOCK_H"],
-        BLOCK_ALL_E=triton.next_power_of_2(num_experts),
-        BLOCK_TOPK=triton.next_power_of_2(top_k), num_warps=config["num_warps"],
+        BLOCK_ALL_E=next_power_of_2(num_experts),
+        BLOCK_TOPK=next_power_of_2(top_k), num_warps=config["num_warps"],
         **launch_kwargs(x.device, num_tokens),
     )  # fmt: skip
     return weights, ids
