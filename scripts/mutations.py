@@ -1000,6 +1000,32 @@ MUTATIONS = {
         "            or request.num_computed_tokens // self.block_size <= request.num_registered_blocks + 1\n",
         ["tests/test_prefix_cache.py"],
     ),
+    "FULL decode plans share their size's template instead of stamping a copy": (
+        "tesela/attention/triton_backend.py",
+        "        metadata = copy.copy(self._decode_graph(batch.batch_size))  # this size's views\n",
+        "        metadata = self._decode_graph(batch.batch_size)\n",
+        [
+            "tests/test_dispatcher.py::test_full_decode_plans_share_views_but_each_keeps_its_batch_stamp"
+        ],
+    ),
+    "argument groups hand cached launches tensors, not addresses": (
+        "tesela/attention/triton_kernels/launcher.py",
+        "    return tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v for v in values)\n",
+        "    return tuple(values)\n",
+        [LAUNCHER_TESTS],
+    ),
+    "host cdiv rounds down": (
+        "tesela/core/intmath.py",
+        "    return -(-a // b)\n",
+        "    return a // b\n",
+        ["tests/test_intmath.py"],
+    ),
+    "decode planning calls Triton's constexpr cdiv again": (
+        "tesela/attention/triton_kernels/decode_attention.py",
+        "    by_length = cdiv(max(max_seq_len, 1), min_split_len)\n",
+        "    by_length = triton.cdiv(max(max_seq_len, 1), min_split_len)\n",
+        ["tests/test_intmath.py"],
+    ),
 }
 
 

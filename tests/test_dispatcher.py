@@ -17,6 +17,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 (set by .ci/run)", allow_module_level=True)
 pytest.importorskip("triton")
 
+from tesela.attention.base import StaleMetadataError  # noqa: E402
 from tesela.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from tesela.core.kv_cache import DUMMY_SLOT  # noqa: E402
 from tesela.engine.llm_engine import make_engine_config  # noqa: E402
@@ -196,3 +197,22 @@ def test_released_graphs_leave_an_eager_runner_that_still_serves():
     assert runner.dispatcher.choose(prefill)[0] is RunPath.EAGER
     torch.testing.assert_close(runner.forward(batch([(0, 3)], seed=4)), expected)
     assert runner.dispatcher.stats.paths[RunPath.EAGER] == 1
+
+
+def test_full_decode_plans_share_views_but_each_keeps_its_batch_stamp(runner):
+    """A FULL decode plan copies its size's metadata template (the views of the persistent
+    buffers, made once) and stamps the copy: a later plan of the same size neither restamps an
+    earlier one nor the template, and a plan of another size views a different front."""
+    planner = runner.full_decode.planner
+    first, second = batch([(9, 1), (12, 1)], seed=1), batch([(30, 1), (7, 1)], seed=2)
+    plan_first = planner.plan(first)
+    plan_second = planner.plan(second)
+    a, b = plan_first.attn_metadata, plan_second.attn_metadata
+    assert a.stamp == first.stamp and b.stamp == second.stamp
+    assert a is not b and a.seq_lens is b.seq_lens and a.partial_out is b.partial_out
+    planner.check_replay(plan_second, second, "test")
+    with pytest.raises(StaleMetadataError, match="with a plan made for"):
+        planner.check_replay(plan_first, second, "test")
+    one = planner.plan(batch([(9, 1)], seed=3)).attn_metadata
+    assert one.seq_lens.shape[0] == 1 and one.batch_size == 1
+    assert runner.attn_backend._decode_graph(2).stamp is None  # the template stays unstamped
