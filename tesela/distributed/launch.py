@@ -105,6 +105,8 @@ def collective_latency_us(tp: TPGroup, call: Callable[[], Any], device, repeat: 
         return 0.0
     device = torch.device(device)
     short, long = 4, 36
+    if device.type != "cuda":  # gloo ranks, kernels in the interpreter: a smoke figure, kept cheap
+        short, long, repeat = 1, 4, min(repeat, 3)
 
     def chain(length: int) -> None:
         for _ in range(length):
