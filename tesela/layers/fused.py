@@ -256,10 +256,6 @@ def _kernels():
     return rmsnorm_kernel, rotary_kernel, silu_mul_kernel, qk_norm_rope_kernel
 
 
-def _block(n: int) -> int:
-    return next_power_of_2(n)
-
-
 def _rms_norm(x, weight, eps, residual=None):
     """The kernel launch behind `rms_norm` (its docstring says what it computes)."""
     rmsnorm_kernel = _kernels()[0]
@@ -282,7 +278,7 @@ def _rms_norm(x, weight, eps, residual=None):
         heads, stride_group, stride_row,
         residual.stride(0) if residual is not None else 0, n_cols,
         n_cols, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=_block(n_cols),
+        HAS_RESIDUAL=residual is not None, BLOCK=next_power_of_2(n_cols),
         num_warps=4 if n_cols <= 2048 else 8, **launch_kwargs(x.device, tokens),
     )  # fmt: skip
     return out, new_residual
@@ -300,7 +296,7 @@ def _rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tenso
     rotary_kernel[(tokens, heads)](
         x, out, cos_sin_cache, positions,
         heads, x.stride(0), cos_sin_cache.stride(0), cos_sin_cache.stride(1),
-        HALF=dim // 2, BLOCK=_block(dim // 2), **launch_kwargs(x.device, tokens),
+        HALF=dim // 2, BLOCK=next_power_of_2(dim // 2), **launch_kwargs(x.device, tokens),
     )  # fmt: skip
     return out
 
@@ -330,12 +326,12 @@ def _qk_norm_rope(
     else:
         slots = kv_store.slots
         store = (kv_store.pointers, kv_store.layer, slots, min(slots.shape[0], tokens))
-    heads = min(QK_HEADS, _block(num_heads + num_kv_heads))
+    heads = min(QK_HEADS, next_power_of_2(num_heads + num_kv_heads))
     kernel[(tokens, -(-(num_heads + num_kv_heads) // heads))](
         qkv, q, k, q_weight, k_weight, cos_sin_cache, positions,
         num_heads, num_kv_heads, qkv.stride(0), cos_sin_cache.stride(0), cos_sin_cache.stride(1),
         eps, *store,
-        HAS_NORM=norm_weights is not None, HALF=head_dim // 2, BLOCK=_block(head_dim // 2),
+        HAS_NORM=norm_weights is not None, HALF=head_dim // 2, BLOCK=next_power_of_2(head_dim // 2),
         HEADS=heads, STORE=kv_store is not None, **launch_kwargs(qkv.device, tokens),
     )  # fmt: skip
     return q, k

@@ -22,6 +22,8 @@ from typing import ClassVar
 
 import torch
 
+from tesela.core.intmath import next_power_of_2
+
 SGMV, GATHER = "sgmv", "gather"
 TABLE_PATH = Path(__file__).with_name("lora_tile_table.json")
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -30,11 +32,11 @@ ALL_TOKENS = "all"  # the bucket of gather entries: one tile per shape (see LoRA
 
 def rank_block(max_lora_rank: int) -> int:
     """The rank width of the shrink output and of the kernels' rank tiles (tl.dot needs 16)."""
-    return max(16, 1 << (max_lora_rank - 1).bit_length())
+    return max(16, next_power_of_2(max_lora_rank))
 
 
 def pow2_block(n: int, cap: int) -> int:
-    return max(16, min(cap, 1 << (max(n, 1) - 1).bit_length()))
+    return max(16, min(cap, next_power_of_2(n)))
 
 
 def token_bucket(num_tokens: int) -> int | None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tesela.config import ModelConfig
+from tesela.core.intmath import next_power_of_2
 from tesela.distributed.sharding import Section, check_tp_shapes, padded_vocab
 from tesela.layers import fused, gemv
 from tesela.presets import PRESETS
@@ -76,7 +77,7 @@ def candidates(bucket: int, k: int) -> list[dict]:
         for block_k in (256, 512, 1024):
             if bucket * block_n * block_k <= 8192:
                 configs.append(dict(block_n=block_n, block_k=block_k, use_dot=False))
-    whole_k = 1 << (k - 1).bit_length()
+    whole_k = next_power_of_2(k)
     if bucket <= 2 and 1024 < whole_k <= 8192:
         for block_n in (2, 4, 8):
             if bucket * block_n * whole_k <= 16384:

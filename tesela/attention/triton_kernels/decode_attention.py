@@ -29,7 +29,6 @@ from tesela.attention.triton_kernels import (
     PagedAttentionShape,
     check_row_major,
     input_precision,
-    next_power_of_2,
 )
 from tesela.attention.triton_kernels.launcher import (
     Args,
@@ -38,7 +37,7 @@ from tesela.attention.triton_kernels.launcher import (
     runtime_args,
 )
 from tesela.attention.triton_kernels.store_kv import pool_args
-from tesela.core.intmath import cdiv
+from tesela.core.intmath import cdiv, next_power_of_2
 from tesela.core.pdl import grid_dependency_sync
 
 # Running-max start: finite, so fully masked tiles never give inf - inf.

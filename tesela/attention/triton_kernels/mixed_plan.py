@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tesela.attention.triton_kernels import next_power_of_2
+from tesela.core.intmath import next_power_of_2
 from tesela.core.kv_cache import DUMMY_SLOT
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 

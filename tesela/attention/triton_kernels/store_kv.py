@@ -12,14 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tesela.attention.triton_kernels import check_row_major, next_power_of_2
+from tesela.attention.triton_kernels import check_row_major
 from tesela.attention.triton_kernels.launcher import (
     Args,
     CachedLauncher,
     constexpr_args,
     runtime_args,
 )
-from tesela.core.intmath import cdiv
+from tesela.core.intmath import cdiv, next_power_of_2
 from tesela.core.pdl import grid_dependency_sync
 
 MAX_BLOCK = 1024  # elements per program: a token row wider than this spans several programs
