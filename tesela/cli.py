@@ -137,6 +137,10 @@ BENCH_COMMANDS: dict[str, tuple[str, Callable]] = {
         "LoRA adapters vs the base model: decode, prefill, graph memory",
         _lazy("tesela.bench.lora", "add_lora_arguments", "run_lora"),
     ),
+    "compare": (
+        "this checkout's decode step against other checkouts, in one process",
+        _lazy("tesela.bench.compare", "add_compare_arguments", "run_compare"),
+    ),
 }
 
 
