@@ -1026,6 +1026,36 @@ MUTATIONS = {
         "    by_length = triton.cdiv(max(max_seq_len, 1), min_split_len)\n",
         ["tests/test_intmath.py"],
     ),
+    "decode splits are not rounded to whole KV tiles": (
+        "tesela/attention/triton_kernels/decode_attention.py",
+        "    split_len = tiles * BLOCK_N\n",
+        "    split_len = tl.cdiv(kv_len, tl.maximum(splits, 1))\n",
+        ["tests/test_triton_attention.py::test_decode_splits_are_whole_kv_tiles"],
+    ),
+    "an absent decode entry divides by a split length of 0": (
+        "tesela/attention/triton_kernels/decode_attention.py",
+        "    tiles = tl.maximum(tl.cdiv(tl.cdiv(kv_len, tl.maximum(splits, 1)), BLOCK_N), 1)\n",
+        "    tiles = tl.cdiv(tl.cdiv(kv_len, tl.maximum(splits, 1)), BLOCK_N)\n",
+        ["tests/test_triton_attention.py::test_absent_entries_use_no_split"],
+    ),
+    "the merge kernel derives the split count without the tile": (
+        "tesela/attention/triton_kernels/decode_attention.py",
+        "    _, _, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW, BLOCK_N)\n",
+        "    _, _, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW, 1)\n",
+        ["tests/test_triton_attention.py::test_decode_matches_reference"],
+    ),
+    "a compared baseline keeps this checkout's package name": (
+        "tesela/bench/compare.py",
+        "        path.write_text(_IDENTIFIER.sub(package, path.read_text()))\n",
+        "        pass\n",
+        ["tests/test_bench_compare.py"],
+    ),
+    "compare divides by the current side, not the baseline": (
+        "tesela/bench/compare.py",
+        "    base_side = next(side for side in sides if side.name == reference)\n",
+        "    base_side = sides[0]\n",
+        ["tests/test_bench_compare.py"],
+    ),
 }
 
 

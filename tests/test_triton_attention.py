@@ -236,7 +236,26 @@ def test_default_tiles_match_reference(dtype):
     config = TritonAttentionConfig()
     assert_matches_reference(layout, [(70, 150), (0, 129), (64, 3)], 16, config)
     _, metadata = assert_matches_reference(layout, [(300, 1), (5, 1), (128, 1)], 16, config)
-    assert metadata.num_kv_splits == 3  # 301 tokens, at least 128 per split
+    assert metadata.num_kv_splits == 5  # 301 tokens, at least 64 per split
+
+
+def test_decode_splits_are_whole_kv_tiles():
+    """A row of 40 tokens may use 4 splits (at least 4 tokens each) but splits of 10 would read
+    4 partial tiles of 16: it uses 3 splits of 16 (one tile each) and leaves the 4th's
+    partials unwritten. Rows of 64 use all 4."""
+    layout = make_layout(4, 2, 32)
+    rows = [(39, 1), (63, 1)]
+    num_blocks = blocks_needed(rows, 16)
+    backend, _ = make_backends(layout, 16, num_blocks)
+    batch = make_batch(rows, 16, num_blocks)
+    metadata = backend.plan(batch)
+    assert metadata.num_kv_splits == 4
+    metadata.partial_lse.fill_(float("nan"))
+    q, k, v = make_qkv(batch.num_tokens, layout)
+    backend.forward(q, k, v, torch.empty_like(q), 0, batch, metadata)
+    written = ~metadata.partial_lse.isnan()
+    assert written[0, :, :3].all() and not written[0, :, 3].any()
+    assert written[1].all()
 
 
 @pytest.mark.parametrize("window", [1, 5, 16])
@@ -432,3 +451,36 @@ def test_tiled_programs_walk_every_tile_of_a_table_longer_than_the_grid():
                      config=config, tiles=tiles)  # fmt: skip
     assert not untiled.isnan().any()
     assert torch.equal(tiled, untiled)
+
+
+def test_absent_entries_use_no_split():
+    """A FULL mixed graph's absent decode entries (row -1, length 0) use no split: they write
+    nothing, and no split length of 0 is divided by (numpy raises that here: on a GPU the
+    quotient is undefined and an absent entry could run)."""
+    import numpy as np
+
+    from tesela.attention.triton_kernels.decode_attention import decode_attention
+
+    layout = make_layout(4, 2, 32)
+    rows = [(20, 1), (40, 1)]
+    num_blocks = blocks_needed(rows, 16)
+    backend, _ = make_backends(layout, 16, num_blocks)
+    batch = make_batch(rows, 16, num_blocks)
+    q, k, v = make_qkv(batch.num_tokens, layout)
+    expected = run_triton(backend, batch, q, k, v)  # stores the new K/V too
+    metadata = backend.plan(batch)
+    entries = torch.tensor([0, -1, 1, -1], dtype=torch.int32)
+    splits = metadata.num_kv_splits
+    partial_out = torch.full((4, layout.num_heads, splits, 32), float("nan"))
+    partial_lse = torch.full((4, layout.num_heads, splits), float("nan"))
+    out = torch.full_like(q, float("nan"))
+    pool = backend.kv_cache
+    with np.errstate(divide="raise"):
+        decode_attention(
+            q, out, pool.k_buffers[0], pool.v_buffers[0], metadata.block_tables,
+            metadata.seq_lens, partial_out, partial_lse, shape=backend.shape,
+            num_kv_splits=splits, min_split_len=backend.config.min_split_len,
+            config=backend.decode_config, entry_rows=entries, entry_tokens=entries,
+        )  # fmt: skip
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert partial_lse[[1, 3]].isnan().all() and not partial_lse[0, :, 0].isnan().any()

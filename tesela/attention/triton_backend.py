@@ -93,7 +93,10 @@ class TritonAttentionConfig:
     splits to exercise every loop on small inputs."""
 
     max_kv_splits: int = 32  # split-KV partials per (row, head) at most
-    min_split_len: int = 128  # KV tokens per split at least: below, the merge costs more
+    # KV tokens per split at least (each split a whole number of KV tiles). 64 rather than 128
+    # made batch-1 decode steps 1-6% faster at 256-1024 cached tokens on an H200, within 2% of
+    # them elsewhere (docs/bench-results.md: `tesela bench compare`, tenth session).
+    min_split_len: int = 64
     programs_per_sm: int = 4  # decode programs to aim for per SM when choosing splits
     block_m: int | None = None  # extend query tile (None: per head_dim and dtype)
     block_n: int | None = None  # KV tile of both kernels (None: per head_dim and dtype)

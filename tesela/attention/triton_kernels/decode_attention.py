@@ -8,8 +8,9 @@ merges the splits of each (row, head).
 
 The split count launched is fixed by the host (so a CUDA graph can capture it); each row then
 uses only as many of those splits as its own length needs (`min_split_len` tokens at least per
-split), computed on the device from its sequence length. Short rows of a graph batch (and padded
-rows) therefore cost one small split, not the captured maximum, and nothing is read on the host.
+split, each a whole number of KV tiles), computed on the device from its sequence length. Short
+rows of a graph batch (and padded rows) therefore cost one small split, not the captured
+maximum, and nothing is read on the host.
 
 With an entry table (`entry_rows`, `entry_tokens`), program i serves the row `entry_rows[i]`
 whose query is token `entry_tokens[i]`: the decode rows of a mixed batch, in a FULL mixed graph
@@ -82,14 +83,20 @@ def num_kv_splits(
 
 
 @triton.jit
-def _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW: tl.constexpr):
-    """The KV range [kv_start, seq_len) of a row and how many splits of it are used."""
+def _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The KV range [kv_start, seq_len) of a row, the length of each split and how many
+    splits it uses (0 for an absent entry, whose length is 0). A split's length is a whole
+    number of BLOCK_N tiles: a split of 86 tokens would read two tiles, as one of 128 does (so
+    3 splits of 86 cost 6 tiles where 2 of 128 cost 4); the row then uses fewer splits than it
+    may, none of them empty."""
     kv_start = seq_len * 0
     if WINDOW > 0:
         kv_start = tl.maximum(seq_len - WINDOW, 0)
     kv_len = seq_len - kv_start
     splits = tl.minimum(num_kv_splits, tl.cdiv(kv_len, min_split_len))
-    return kv_start, kv_len, splits
+    tiles = tl.maximum(tl.cdiv(tl.cdiv(kv_len, tl.maximum(splits, 1)), BLOCK_N), 1)
+    split_len = tiles * BLOCK_N
+    return kv_start, split_len, tl.cdiv(kv_len, split_len)
 
 
 @triton.jit
@@ -161,10 +168,11 @@ def _decode_stage1_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     row, token, seq_len = _entry(entry, entry_rows_ptr, entry_tokens_ptr, seq_lens_ptr, INDIRECT)
-    kv_start, kv_len, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW)
+    kv_start, split_len, splits = _row_splits(
+        seq_len, num_kv_splits, min_split_len, WINDOW, BLOCK_N
+    )
     # Splits beyond what this row uses are never read by stage 2: nothing to do.
     if split < splits:
-        split_len = tl.cdiv(kv_len, splits)
         split_start = kv_start + split * split_len
         split_end = tl.minimum(split_start + split_len, seq_len)
 
@@ -199,8 +207,8 @@ def _decode_stage1_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
-        # An empty split (rounding can leave the last one so) has l_i == 0: it stores a zero
-        # output with weight exp2(-inf) = 0, so stage 2 needs no special case.
+        # Every split a row uses holds a position (_row_splits); were one empty, l_i == 0 would
+        # store a zero output with weight exp2(-inf) = 0, which stage 2 adds as nothing.
         has_kv = l_i > 0
         out = acc / tl.where(has_kv, l_i, 1.0)[:, None]
         lse = tl.where(has_kv, m_i + tl.log2(tl.where(has_kv, l_i, 1.0)), float("-inf"))
@@ -238,13 +246,14 @@ def _decode_stage2_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     WINDOW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
 ):
     grid_dependency_sync(PDL)
     entry = tl.program_id(0)
     head = tl.program_id(1)
     row, token, seq_len = _entry(entry, entry_rows_ptr, entry_tokens_ptr, seq_lens_ptr, INDIRECT)
-    _, _, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW)
+    _, _, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW, BLOCK_N)
     # An absent entry (seq_len 0) has no split: nothing to merge.
     if splits > 0:
         offs_s = tl.arange(0, BLOCK_S)
@@ -367,7 +376,9 @@ def shape_args(shape: PagedAttentionShape, config: DecodeConfig, dtype: torch.dt
         shape.window,
         input_precision(dtype),
     )
-    stage2 = constexpr_args(shape.head_dim, shape.block_d, config.block_s, shape.window)
+    stage2 = constexpr_args(
+        shape.head_dim, shape.block_d, config.block_s, shape.window, config.block_n
+    )
     return stage1, stage2
 
 
