@@ -94,8 +94,8 @@ class TritonAttentionConfig:
 
     max_kv_splits: int = 32  # split-KV partials per (row, head) at most
     # KV tokens per split at least (each split a whole number of KV tiles). 64 rather than 128
-    # made batch-1 decode steps 1-6% faster at 256-1024 cached tokens on an H200, within 2% of
-    # them elsewhere (docs/bench-results.md: `tesela bench compare`, tenth session).
+    # made batch-1 decode steps 1-6% faster at 256-1024 cached tokens on an H200; no shape
+    # measured got more than 2% slower (docs/bench-results.md, tenth session).
     min_split_len: int = 64
     programs_per_sm: int = 4  # decode programs to aim for per SM when choosing splits
     block_m: int | None = None  # extend query tile (None: per head_dim and dtype)

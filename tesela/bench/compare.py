@@ -141,24 +141,19 @@ class Side:
                 self.batches[b, c] = decode_batch(self.runner, b, c)
                 self.times[b, c] = []
 
-    def path(self, key) -> str:
-        """How the forward of cell `key` runs: "full graph" (a FULL decode graph) or "eager"."""
+    def forward(self, batch):
+        """The forward a decode step of `batch` runs: ("full graph", the FULL decode graph's
+        replay) where one was captured for it, else ("eager", the eager forward)."""
         full = self.runner.full_decode
-        return (
-            "full graph"
-            if full is not None and full.can_run(self.batches[key]) is None
-            else "eager"
-        )
+        if full is not None and full.can_run(batch) is None:
+            return "full graph", full.run
+        return "eager", self.runner.forward_eager
 
     @torch.inference_mode()
     def step(self, batch) -> torch.Tensor:
-        """One decode step, queued: the forward (FULL decode graph where there is one), the
-        LM head and argmax."""
-        runner = self.runner
-        full = runner.full_decode
-        forward = full.run if full is not None and full.can_run(batch) is None else None
-        hidden = (forward or runner.forward_eager)(batch)
-        return runner.compute_logits(hidden[batch.logits_indices]).argmax(dim=-1)
+        """One decode step, queued: the forward, the LM head and argmax."""
+        hidden = self.forward(batch)[1](batch)
+        return self.runner.compute_logits(hidden[batch.logits_indices]).argmax(dim=-1)
 
     def time_cell(self, key, repeat: int) -> float:
         """ms per step of `repeat` steps queued back to back (CUDA events on a GPU)."""
@@ -221,7 +216,7 @@ def compare(sides: list[Side], args, sizes: list[int], contexts: list[int], refe
             rows.append(
                 {
                     "side": side.name,
-                    "path": side.path(key),
+                    "path": side.forward(side.batches[key])[0],
                     "batch": key[0],
                     "context": key[1],
                     "step_ms": statistics.median(samples),
