@@ -176,7 +176,6 @@ def fused_router(
 
 
 def _launch_fused_router(x, gate_weight, buffers, top_k, scoring, renormalize):
-
     from tesela.layers.moe import kernels
 
     num_tokens, num_experts = x.shape[0], gate_weight.shape[0]
