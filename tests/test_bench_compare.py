@@ -86,3 +86,34 @@ def test_bad_baselines_say_what_to_pass(tmp_path, capsys):
     argv = ["bench", "compare", "--model", "tiny", "--device", "cpu", "--baseline", "current=."]
     assert main(argv) != 0
     assert "sides need distinct names" in capsys.readouterr().err
+
+
+def test_end_to_end_compare_times_each_sides_own_engine(tmp_path):
+    """`--end-to-end`: every side's `LLM.generate` on the same prompts, interleaved in one
+    process. A baseline whose engine step sleeps 20 ms comes out slower, so each side runs
+    its own engine and the figure is wall time through it."""
+
+    def slow_steps(package: Path) -> None:
+        path = package / "engine" / "llm_engine.py"
+        step = "    def step(self) -> list[RequestOutput]:\n"
+        text = path.read_text()
+        assert step in text
+        path.write_text(text.replace(step, step + "        __import__('time').sleep(0.02)\n"))
+
+    name = unique("slow")
+    root = checkout_copy(tmp_path / name, slow_steps)
+    out = tmp_path / "results"
+    argv = ["bench", "compare", "--end-to-end", "--model", "tiny", "--device", "cpu"]
+    argv += ["--baseline", str(root), "--batch-sizes", "1,2", "--input-len", "8"]
+    argv += ["--output-len", "4", "--rounds", "2", "--repeat", "1", "--output-dir", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "compare-tiny.json").read_text())
+    assert results["end_to_end"] and results["sides"] == ["current", name]
+    rows = {(r["side"], r["batch"]): r for r in results["rows"]}
+    for b in (1, 2):
+        assert rows["current", b]["path"] == rows[name, b]["path"] == "generate"
+        assert rows["current", b]["context"] == 8  # the cell's prompt length
+        # The same prompts, weights and greedy code: the same first tokens.
+        assert rows["current", b]["tokens"] == rows[name, b]["tokens"]
+        assert len(rows["current", b]["tokens"]) == 4
+        assert rows["current", b]["ratio"] < 0.8, rows  # 20 ms a step slower on the baseline

@@ -69,7 +69,22 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,32", help="decode batch sizes")
     parser.add_argument("--contexts", default="512", help="tokens cached per row")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over every side")
-    parser.add_argument("--repeat", type=int, default=100, help="timed steps per cell and round")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="per cell and round: timed steps (default 100), or with --end-to-end timed "
+        "generate calls (default 2)",
+    )
+    parser.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="time each side's offline engine instead (LLM.generate: scheduling, every step, "
+        "sampling, detokenization) on --input-len random prompt tokens and --output-len new "
+        "tokens per request",
+    )
+    parser.add_argument("--input-len", type=int, default=128, help="--end-to-end prompt tokens")
+    parser.add_argument("--output-len", type=int, default=128, help="--end-to-end new tokens")
     add_output_argument(parser, "the JSON")
 
 
@@ -149,6 +164,16 @@ class Side:
             return "full graph", full.run
         return "eager", self.runner.forward_eager
 
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    def path(self, key) -> str:
+        return self.forward(self.batches[key])[0]
+
+    def first_tokens(self, key) -> list[int]:
+        return self.step(self.batches[key])[:4].tolist()
+
     @torch.inference_mode()
     def step(self, batch) -> torch.Tensor:
         """One decode step, queued: the forward, the LM head and argmax."""
@@ -158,7 +183,7 @@ class Side:
     def time_cell(self, key, repeat: int) -> float:
         """ms per step of `repeat` steps queued back to back (CUDA events on a GPU)."""
         batch = self.batches[key]
-        device = self.runner.device
+        device = self.device
         self.step(batch)  # warm
         sync(device)
         if device.type == "cuda":
@@ -175,11 +200,71 @@ class Side:
         return (time.perf_counter() - start) * 1e3 / repeat
 
 
+@dataclass
+class EndToEndSide(Side):
+    """One tree's offline engine, timed through `LLM.generate` (the same prompts on every
+    side): what a user of the engine sees, host work and overlap scheduling included. A cell is
+    (batch size, prompt tokens); its figure is ms per output token step."""
+
+    llm: object = None
+    params: object = None
+
+    def build(self, args, sizes: list[int], contexts: list[int]) -> None:
+        total = args.input_len + args.output_len + 16
+        self.llm = self.module("engine.llm").LLM(
+            args.model,
+            dtype=args.dtype,
+            device=args.device,
+            attention_backend=args.attention_backend,
+            max_num_seqs=max(sizes),
+            max_model_len=total,
+            num_kv_tokens=max(sizes) * total + 64,  # two engines share the GPU
+        )
+        self.params = self.module("engine.sampling_params").SamplingParams(
+            max_tokens=args.output_len, temperature=0.0, ignore_eos=True
+        )
+        self.output_len = args.output_len
+        vocab = self.llm.engine.config.model_config.vocab_size
+        for b in sizes:
+            generator = torch.Generator().manual_seed(b)  # the same prompts on every side
+            prompts = torch.randint(0, vocab, (b, args.input_len), generator=generator)
+            self.batches[b, args.input_len] = prompts.tolist()
+            self.times[b, args.input_len] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.engine.runner.device
+
+    def path(self, key) -> str:
+        return "generate"
+
+    def first_tokens(self, key) -> list[int]:
+        return self._generate(key)[0].token_ids[:4]  # also the cell's warm-up
+
+    def _generate(self, key):
+        outputs = self.llm.generate(self.batches[key], self.params)
+        if any(len(o.token_ids) != self.output_len for o in outputs):
+            raise RuntimeError("a request stopped early: the figure would not be comparable")
+        return outputs
+
+    def time_cell(self, key, repeat: int) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(repeat):
+            self._generate(key)
+        sync(self.device)
+        return (time.perf_counter() - start) * 1e3 / (repeat * self.output_len)
+
+
 def run_compare(args: argparse.Namespace) -> int:
     sizes = int_list(args.batch_sizes, "--batch-sizes")
     contexts = int_list(args.contexts, "--contexts")
+    if args.repeat is None:
+        args.repeat = 2 if args.end_to_end else 100
     if args.rounds < 1 or args.repeat < 1:
         raise ValueError("--rounds and --repeat must be >= 1")
+    if args.end_to_end and min(args.input_len, args.output_len) < 1:
+        raise ValueError("--input-len and --output-len must be >= 1")
     baselines = [parse_baseline(text) for text in args.baseline]
     names = ["current", *(name for name, _ in baselines)]
     if len(set(names)) != len(names):
@@ -188,9 +273,10 @@ def run_compare(args: argparse.Namespace) -> int:
     if reference not in names:
         raise ValueError(f"--reference {reference!r} is not a side: {names}")
     with tempfile.TemporaryDirectory(prefix="tesela-compare-") as folder:
-        sides = [Side("current", PACKAGE)]
+        kind = EndToEndSide if args.end_to_end else Side
+        sides = [kind("current", PACKAGE)]
         for name, root in baselines:
-            sides.append(Side(name, import_checkout(root, name, Path(folder)).__name__))
+            sides.append(kind(name, import_checkout(root, name, Path(folder)).__name__))
         results = compare(sides, args, sizes, contexts, reference)
     write_json(results, Path(args.output_dir), f"compare-{Path(args.model).name}")
     print(format_compare_table(results))
@@ -200,13 +286,12 @@ def run_compare(args: argparse.Namespace) -> int:
 def compare(sides: list[Side], args, sizes: list[int], contexts: list[int], reference: str) -> dict:
     for side in sides:
         side.build(args, sizes, contexts)
-        for key, batch in side.batches.items():
-            side.tokens[key] = side.step(batch)[:4].tolist()
+        for key in side.batches:
+            side.tokens[key] = side.first_tokens(key)
     for _ in range(args.rounds):  # interleaved: a drift over time hits every side alike
         for side in sides:
             for key in side.batches:
                 side.times[key].append(side.time_cell(key, args.repeat))
-    device = sides[0].runner.device
     base_side = next(side for side in sides if side.name == reference)
     rows = []
     for key in sides[0].batches:
@@ -216,7 +301,7 @@ def compare(sides: list[Side], args, sizes: list[int], contexts: list[int], refe
             rows.append(
                 {
                     "side": side.name,
-                    "path": side.forward(side.batches[key])[0],
+                    "path": side.path(key),
                     "batch": key[0],
                     "context": key[1],
                     "step_ms": statistics.median(samples),
@@ -228,7 +313,8 @@ def compare(sides: list[Side], args, sizes: list[int], contexts: list[int], refe
             )
     return {
         "model": args.model,
-        "device": device_name(device),
+        "device": device_name(sides[0].device),
+        "end_to_end": args.end_to_end,
         "sides": [side.name for side in sides],
         "reference": reference,
         "rounds": args.rounds,
@@ -238,17 +324,24 @@ def compare(sides: list[Side], args, sizes: list[int], contexts: list[int], refe
 
 
 def format_compare_table(results: dict) -> str:
+    if results.get("end_to_end"):
+        what = f"LLM.generate, ms per output token step ({results['repeat']} generate calls"
+        cell = "prompt tokens"
+    else:
+        what = (
+            f"decode step (forward, LM head, argmax), ms per step ({results['repeat']} queued steps"
+        )
+        cell = "context"
     lines = [
-        f"decode step (forward, LM head, argmax), {results['model']} on {results['device']}: "
-        f"ms per step, median of {results['rounds']} interleaved rounds of "
-        f"{results['repeat']} queued steps [min-max]; ratio to `{results['reference']}`",
-        "| side | forward | batch | context | step ms | ratio | first greedy tokens |",
-        "|---|---|---|---|---|---|---|",
+        f"{what} a round), {results['model']} on {results['device']}: median of "
+        f"{results['rounds']} interleaved rounds [min-max]; ratio to `{results['reference']}`",
+        f"| side | forward | batch | {cell} | step ms | tok/s | ratio | first greedy tokens |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         lines.append(
             f"| {row['side']} | {row['path']} | {row['batch']} | {row['context']} | "
             f"{row['step_ms']:.4f} [{row['min_ms']:.4f}-{row['max_ms']:.4f}] | "
-            f"{row['ratio']:.3f} | {row['tokens']} |"
+            f"{row['batch'] / row['step_ms'] * 1e3:,.0f} | {row['ratio']:.3f} | {row['tokens']} |"
         )
     return "\n".join(lines)
