@@ -1050,6 +1050,63 @@ MUTATIONS = {
         "        pass\n",
         ["tests/test_bench_compare.py"],
     ),
+    "a small batch's KV slot ignores the offset in its block": (
+        "tesela/core/forward_batch.py",
+        "            slots.append(table[pos // block_size] * block_size + pos % block_size)\n",
+        "            slots.append(table[pos // block_size] * block_size)\n",
+        ["tests/test_paged_forward.py"],
+    ),
+    "a small batch's block tables are not padded": (
+        "tesela/core/forward_batch.py",
+        "        flat += [0] * (width - len(table))\n",
+        "        pass\n",
+        ["tests/test_paged_forward.py"],
+    ),
+    "fed tokens read the in-flight rows in the batch's order": (
+        "tesela/core/forward_batch.py",
+        "                0, self.feed_dst, self.fed_from.index_select(0, self.feed_src)\n",
+        "                0, self.feed_dst, self.fed_from.index_select(0, self.feed_src.sort().values)\n",
+        ["tests/test_paged_forward.py", "tests/test_overlap.py"],
+    ),
+    "a FULL decode graph ignores fed ids": (
+        DECODE_PLAN_KERNEL,
+        "        tl.store(tokens_ptr + row, tl.where(src >= 0, fed, token))\n",
+        "        tl.store(tokens_ptr + row, token)\n",
+        [
+            "tests/test_triton_attention.py::test_a_decode_graph_reads_fed_ids_from_the_in_flight_step",
+            OVERLAP,
+        ],
+    ),
+    "fed ids sampled outside FULL decode graphs are not staged": (
+        FULL,
+        "        if source.data_ptr() != self.fed_tokens.data_ptr():\n",
+        "        if False:\n",
+        [OVERLAP],
+    ),
+    "sampling graphs do not keep their tokens for the next step": (
+        FULL,
+        "                fed.copy_(out.tokens)  # where the next step's fed ids come from\n",
+        "                pass\n",
+        [OVERLAP],
+    ),
+    "the dispatcher leaves fed ids unwritten": (
+        "tesela/executor/dispatcher.py",
+        "                    batch.feed_tokens()\n",
+        "                    pass\n",
+        [OVERLAP],
+    ),
+    "decode planning skips the copy of a pack built elsewhere": (
+        "tesela/attention/triton_backend.py",
+        "        if pack.data_ptr() != self.raw.data_ptr():  # else built in place (`pack_buffer`)\n",
+        "        if False:\n",
+        ["tests/test_triton_attention.py::test_graph_replay_with_padded_rows_matches_reference"],
+    ),
+    "engine batches are not built into the decode graphs' buffer": (
+        "tesela/executor/model_runner.py",
+        "        batch = inputs.build(self.device, into=None if full is None else full.pack_buffer)\n",
+        "        batch = inputs.build(self.device)\n",
+        [OVERLAP + "::test_decode_steps_are_built_where_their_graph_reads_them"],
+    ),
     "compare divides by the current side, not the baseline": (
         "tesela/bench/compare.py",
         "    base_side = next(side for side in sides if side.name == reference)\n",

@@ -14,6 +14,7 @@ import dataclasses
 import os
 
 import pytest
+import torch
 
 from tesela import LLM, SamplingParams
 from tesela.engine.block_manager import hash_block
@@ -100,6 +101,31 @@ def test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off(reference):
     paths = graphs.stats()["dispatch"]["paths"]
     assert paths["full"] >= 2 * 4  # every decode step of both runs sampled in the graph
     assert paths["full_mixed"] >= 2  # the prefills (and mixed steps) of both runs
+
+
+def test_decode_steps_are_built_where_their_graph_reads_them():
+    """An engine's decode batch is uploaded into the FULL decode graphs' pack buffer (planning
+    its replay copies nothing) and gives the eager engine's logits."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the graph engine needs TRITON_INTERPRET=1 (set by .ci/run)")
+    from tesela.core.forward_batch import BatchInputs, token_src_at
+
+    graphs = make_engine(overlap=False, graphs=True)
+    inputs = BatchInputs(
+        token_ids=[[5], [6]], prefix_lens=[3, 9], block_tables=[[1], [2]], block_size=16
+    )
+    logits = graphs.runner.execute(inputs)
+    buffer = graphs.runner.full_decode.pack_buffer
+    assert buffer[:4].tolist() == [2, 2, 1, 0]  # this batch's header
+    # Its whole pack, uploaded in place: planning would copy only up to token_src (-1, -1),
+    # not the logits indices (int64 0 and 1) after it.
+    at = token_src_at(2, 2, 1)
+    assert buffer[at : at + 2].tolist() == [-1, -1]
+    assert buffer[at + 4 : at + 8].tolist() == [0, 0, 1, 0]  # after a 16-byte alignment gap
+    assert graphs.stats()["dispatch"]["paths"]["full"] == 1
+    expected = make_engine(overlap=False).runner.execute(inputs)  # the same (fresh) KV pool
+    assert logits.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3)
 
 
 def launches(engine: LLMEngine) -> int:

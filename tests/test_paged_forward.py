@@ -164,12 +164,17 @@ def test_the_pack_is_laid_out_as_its_layout_says_whoever_built_the_batch():
         assert by_fields[:4].tolist() == pack[:4].tolist()
 
 
-def test_build_places_every_token_where_its_row_and_table_say():
+@pytest.mark.parametrize("path", ["python loops", "numpy"])
+def test_build_places_every_token_where_its_row_and_table_say(path, monkeypatch):
     """Random rows (prefixes crossing block boundaries, chunks of any length, tables longer
     than needed): each token's position and KV slot as a per-token walk computes them, and
-    the host copies equal what was sent."""
+    the host copies equal what was sent, whichever way `build` lays the batch out (Python
+    loops for small batches, numpy for large ones)."""
     import random
 
+    from tesela.core import forward_batch
+
+    monkeypatch.setattr(forward_batch, "SMALL_BATCH_TOKENS", 10**9 if path == "python loops" else 0)
     rng = random.Random(3)
     for _ in range(20):
         block_size = rng.choice([1, 4, 16])
@@ -198,9 +203,48 @@ def test_build_places_every_token_where_its_row_and_table_say():
         assert batch.block_tables.tolist() == [t + [0] * (width - len(t)) for t in tables]
 
 
+def test_fed_tokens_take_their_ids_from_the_step_in_flight():
+    """Overlap scheduling: a batch's fed tokens (`feed_dst`) get the ids that the in-flight
+    step sampled in its rows `feed_src`, written on the device; the other tokens keep the ids
+    the host sent. The feed lists travel in the batch's one pack."""
+    batch = ForwardBatch.build(
+        token_ids=[[5, 6, 0], [0], [9]], prefix_lens=[0, 4, 7], block_tables=[[1], [2, 3], [4, 5]],
+        block_size=4, device="cpu", feed_dst=(2, 3), feed_src=(1, 0),
+    )  # fmt: skip
+    assert batch.feed_dst.data_ptr() > batch.packed.data_ptr()  # views of the pack
+    with pytest.raises(ValueError, match="set fed_from to that step's sampled tokens"):
+        batch.feed_tokens()
+    batch.fed_from = torch.tensor([70, 71, 72])
+    batch.feed_tokens()
+    assert batch.input_ids.tolist() == [5, 6, 71, 70, 9]
+    with pytest.raises(ValueError, match="feed_dst has 2 entries but feed_src 1"):
+        ForwardBatch.build(
+            token_ids=[[5, 6]], prefix_lens=[0], block_tables=[[1]], block_size=4,
+            device="cpu", feed_dst=(0, 1), feed_src=(0,),
+        )  # fmt: skip
+
+
 def test_a_block_table_too_short_for_its_row_is_refused():
     with pytest.raises(ValueError, match="row 1 has 9 tokens but its block table holds 2 blocks"):
         ForwardBatch.build(
             token_ids=[[1], [2, 3]], prefix_lens=[0, 7], block_tables=[[1], [2, 3]],
             block_size=4, device="cpu",
         )  # fmt: skip
+
+
+def test_a_batch_is_built_into_a_given_buffer_when_it_fits():
+    """`into`: the pack is uploaded into that buffer (a FULL graph's own, so planning copies
+    nothing) and every array views it; a pack that does not fit gets its own buffer."""
+    buffer = torch.full((256,), -7, dtype=torch.int32)
+    rows = dict(prefix_lens=[4, 9], block_tables=[[1, 2], [3, 4, 5]], block_size=4, device="cpu")
+    batch = ForwardBatch.build(token_ids=[[5], [6]], into=buffer, **rows)
+    assert batch.packed.data_ptr() == buffer.data_ptr()
+    assert buffer[:4].tolist() == [2, 2, 3, 0]  # the header: rows, tokens, table width
+    assert batch.input_ids.tolist() == [5, 6] and batch.seq_lens.tolist() == [5, 10]
+    for name in ("input_ids", "seq_lens", "block_tables", "logits_indices"):
+        tensor = getattr(batch, name)
+        assert buffer.data_ptr() <= tensor.data_ptr() < buffer.data_ptr() + 4 * 256, name
+    small = torch.zeros(8, dtype=torch.int32)
+    other = ForwardBatch.build(token_ids=[[5], [6]], into=small, **rows)
+    assert other.packed.data_ptr() != small.data_ptr() and small.tolist() == [0] * 8
+    assert other.input_ids.tolist() == [5, 6]

@@ -300,7 +300,8 @@ def test_graph_replay_with_padded_rows_matches_reference():
     static = static_decode_batch(captured, block_size)
     graph_metadata = triton_backend.plan_cuda_graph(static)
     assert graph_metadata.num_kv_splits == SMALL_TILES.max_kv_splits  # from 64-token context
-    prologue = triton_backend.decode_graph_prologue(captured, static.token_rows)
+    fed = torch.zeros(8, dtype=torch.int64)
+    prologue = triton_backend.decode_graph_prologue(captured, static.token_rows, fed)
 
     for seed in (0, 1):  # two replays: the buffers are rewritten each time
         batch = make_batch(rows, block_size, num_blocks, seed=seed)
@@ -321,6 +322,26 @@ def test_graph_replay_with_padded_rows_matches_reference():
             torch.testing.assert_close(got, getattr(torch_backend.kv_cache, name)[0][1:])
 
 
+def test_a_decode_graph_reads_fed_ids_from_the_in_flight_step():
+    """Overlap scheduling: a decode batch whose tokens are still being sampled by the step in
+    flight carries their source rows in its pack (token_src); the FULL decode graph's first
+    kernel takes those ids from the persistent buffer of that step's sampled tokens, and the
+    host's ids for the others, with no op before the replay."""
+    layout = make_layout(2, 1, 32)
+    triton_backend, _ = make_backends(layout, 4, 32)
+    triton_backend.init_cuda_graph_state(max_batch_size=4, max_blocks_per_seq=8)
+    batch = ForwardBatch.build(
+        token_ids=[[0], [11], [0]], prefix_lens=[5, 9, 3], block_tables=[[1, 2], [3, 4, 5], [6]],
+        block_size=4, device=CPU, feed_dst=(2, 0), feed_src=(0, 3),
+    )  # fmt: skip
+    fed = torch.tensor([70, 71, 72, 73], dtype=torch.int64)  # the in-flight step's tokens
+    tokens = torch.full((3, 4), 99, dtype=torch.int64)
+    triton_backend.plan_cuda_graph(batch)
+    triton_backend.decode_graph_prologue(4, tokens, fed)()
+    assert tokens[0].tolist() == [73, 11, 70, 0]  # fed, host, fed, padding
+    assert tokens[1, :3].tolist() == [5, 9, 3]
+
+
 def test_graph_buffers_pad_rows_to_the_dummy_block():
     layout = make_layout(2, 1, 32)
     triton_backend, _ = make_backends(layout, 4, 32)
@@ -332,7 +353,7 @@ def test_graph_buffers_pad_rows_to_the_dummy_block():
     batch = make_batch([(5, 1), (9, 1)], 4, 32)
     metadata = triton_backend.plan_cuda_graph(batch)
     assert state.seq_lens.tolist() == [99] * 5  # planning only copies the pack in
-    triton_backend.decode_graph_prologue(4, tokens)()  # the graph of 4 rows
+    triton_backend.decode_graph_prologue(4, tokens, torch.zeros(5, dtype=torch.int64))()
     assert state.seq_lens.tolist() == [6, 10, 1, 1, 99]  # padding rows up to the graph's size
     assert state.block_tables[:2, :3].tolist() == batch.block_tables.tolist()
     assert state.block_tables[2:4, 0].tolist() == [0, 0]  # the dummy block

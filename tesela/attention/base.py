@@ -117,11 +117,19 @@ class AttentionBackend(ABC):
         (without waiting for the device); return metadata viewing them."""
         raise ValueError(f"attention backend {self.name!r} cannot run in FULL decode graphs")
 
-    def decode_graph_prologue(self, rows: int, token_rows: torch.Tensor) -> Callable[[], None]:
+    def decode_graph_prologue(
+        self, rows: int, token_rows: torch.Tensor, fed_tokens: torch.Tensor
+    ) -> Callable[[], None]:
         """The first op a FULL decode graph of `rows` rows captures: whatever `plan_cuda_graph`
         leaves to the device, and the batch's tokens into `token_rows` ([3, max_tokens] int64
-        static token buffers the model reads), padded up to `rows`."""
+        static token buffers the model reads; fed ids from `fed_tokens`, the in-flight step's
+        sampled tokens), padded up to `rows`."""
         raise ValueError(f"attention backend {self.name!r} cannot run in FULL decode graphs")
+
+    def decode_pack_buffer(self) -> torch.Tensor | None:
+        """The persistent buffer FULL decode graphs read a batch's pack from, if any: a batch
+        built into it (`ForwardBatch.build(into=...)`) is planned without a copy."""
+        return None
 
     def init_mixed_graph_state(
         self, max_rows: int, max_blocks_per_seq: int, max_num_tokens: int

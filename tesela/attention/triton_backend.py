@@ -83,6 +83,7 @@ from tesela.core.forward_batch import (
     ForwardBatch,
     ForwardMode,
     pack_layout,
+    token_src_at,
 )
 from tesela.core.kv_cache import DUMMY_SLOT, KVCachePool
 
@@ -143,7 +144,8 @@ class DecodeGraphState:
 
     Before a replay the decode batch's pack (`ForwardBatch.packed`) is copied into `raw`,
     device to device, in one op; the graph's first kernel (triton_kernels/decode_plan.py)
-    writes its tokens into the static token buffers, its lengths into `seq_lens` and its block
+    writes its tokens into the static token buffers (a fed token's id from the in-flight
+    step's sampled tokens, overlap scheduling), its lengths into `seq_lens` and its block
     tables into `block_tables`, and makes every row past the batch's, up to the graph's size, a
     padding row of length 1 on the dummy block. The split-KV scratch is one flat buffer: the
     graph of each batch size views the front of it with its own split count (graphs replay one
@@ -153,14 +155,15 @@ class DecodeGraphState:
     max_batch_size: int
     max_blocks_per_seq: int
     max_context_len: int
-    raw: torch.Tensor  # int32 words: the replayed batch's pack, up to its block tables
+    raw: torch.Tensor  # int32 words: the replayed batch's pack, up to its token_src
     seq_lens: torch.Tensor  # [max_batch_size] int32
     block_tables: torch.Tensor  # [max_batch_size, max_blocks_per_seq] int32
     partial_out: torch.Tensor  # flat fp32
     partial_lse: torch.Tensor  # flat fp32
 
     def load(self, batch: ForwardBatch) -> None:
-        """Copy the batch's pack in, up to its block tables (no host work but one copy)."""
+        """Copy the batch's pack in, up to its token_src (no host work but one copy; none
+        for a batch built into `raw`)."""
         n, width = batch.batch_size, batch.block_tables.shape[1]
         if batch.num_tokens != n:
             raise ValueError(
@@ -174,8 +177,10 @@ class DecodeGraphState:
                 f"buffers hold {self.max_batch_size} rows of {self.max_blocks_per_seq} blocks: "
                 "call init_cuda_graph_state with larger limits"
             )
-        end = pack_layout(n, n)[-1] + n * width
-        self.raw[:end].copy_(batch.pack()[:end], non_blocking=True)
+        pack = batch.pack()
+        if pack.data_ptr() != self.raw.data_ptr():  # else built in place (`pack_buffer`)
+            end = token_src_at(n, n, width) + n
+            self.raw[:end].copy_(pack[:end], non_blocking=True)
 
 
 @dataclass
@@ -337,14 +342,15 @@ class TritonAttentionBackend(AttentionBackend):
         pairs = max(
             n * self.num_kv_splits(n, max_context_len) for n in range(1, max_batch_size + 1)
         )
-        tables_in = pack_layout(max_batch_size, max_batch_size)[-1]
         self._decode_templates = {}
         self.graph_state = DecodeGraphState(
             max_batch_size=max_batch_size,
             max_blocks_per_seq=max_blocks_per_seq,
             max_context_len=max_context_len,
             raw=torch.zeros(
-                tables_in + max_batch_size * max_blocks_per_seq, dtype=torch.int32, device=device
+                token_src_at(max_batch_size, max_batch_size, max_blocks_per_seq) + max_batch_size,
+                dtype=torch.int32,
+                device=device,
             ),
             seq_lens=torch.ones(max_batch_size, dtype=torch.int32, device=device),
             block_tables=torch.zeros(
@@ -389,18 +395,26 @@ class TritonAttentionBackend(AttentionBackend):
             )
         return self._decode_templates[n]
 
-    def decode_graph_prologue(self, rows: int, token_rows: torch.Tensor) -> Callable[[], None]:
+    def decode_graph_prologue(
+        self, rows: int, token_rows: torch.Tensor, fed_tokens: torch.Tensor
+    ) -> Callable[[], None]:
         """The first op of the FULL decode graph of `rows` rows: from the replayed batch's pack,
-        writes its tokens into `token_rows` (the [3, max_tokens] int64 static token buffers),
-        its lengths and block tables into the persistent buffers, and padding rows (token 0,
-        position 0, the dummy KV slot, length 1 on the dummy block) up to `rows`."""
+        writes its tokens into `token_rows` (the [3, max_tokens] int64 static token buffers;
+        a fed token's id from `fed_tokens`, the persistent int64 buffer holding the in-flight
+        step's sampled tokens), its lengths and block tables into the persistent buffers, and
+        padding rows (token 0, position 0, the dummy KV slot, length 1 on the dummy block) up
+        to `rows`."""
         return functools.partial(
             derive_decode_plan,
             self._decode_state(),
             token_rows,
+            fed_tokens,
             rows=rows,
             dummy_block=DUMMY_SLOT // self.kv_cache.block_size,
         )
+
+    def decode_pack_buffer(self) -> torch.Tensor | None:
+        return None if self.graph_state is None else self.graph_state.raw
 
     def _decode_state(self) -> DecodeGraphState:
         if self.graph_state is None:

@@ -72,19 +72,42 @@ class ForwardBatch:
     token_rows: torch.Tensor | None = None
     # The device buffer `build` uploads in one copy, as int32 words (`pack_layout`): a header
     # (rows, tokens, table width), token_rows, seq_lens, prefix_lens, extend_start_loc,
-    # block_tables (all views of it), then logits_indices. A FULL mixed graph copies it whole,
-    # in one op, and derives its inputs from it on the device. A batch built field by field
-    # packs it on demand (`pack`).
+    # block_tables, token_src, logits_indices, feed_dst and feed_src (all views of it). A FULL
+    # graph derives its inputs from it on the device, after copying in (one op) the part it
+    # reads; a FULL decode graph copies nothing when the batch was built in its buffer
+    # (`build(into=...)`). A batch built field by field packs it on demand (`pack`).
     packed: torch.Tensor | None = None
+    # [fed] int64 (overlap scheduling): tokens whose ids a step still in flight samples, and
+    # that step's row for each (views of the pack; the pack also holds them per token as
+    # `token_src`, -1 for an id the host sent, which a FULL decode graph's first kernel reads),
+    # and that step's sampled tokens, which the ids come from: `feed_tokens` writes them in
+    feed_dst: torch.Tensor | None = None
+    feed_src: torch.Tensor | None = None
+    fed_from: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_mode(self.mode, self.extend_lens_cpu, self.num_tokens)
         if self.token_rows is None:
             self.token_rows = torch.stack((self.input_ids, self.positions, self.out_cache_loc))
 
+    def feed_tokens(self) -> None:
+        """Write the ids of the fed tokens from `fed_from` (the in-flight step's sampled tokens,
+        in its row order) into input_ids, on the device: ordered after that step's sampling,
+        before this batch's forward reads them. The dispatcher does so for every runner but
+        FULL decode graphs, whose first kernel reads them itself."""
+        if self.feed_dst is not None:
+            if self.fed_from is None:
+                raise ValueError(
+                    f"{self.stamp} feeds {self.feed_dst.numel()} token ids from a step in "
+                    "flight: set fed_from to that step's sampled tokens"
+                )
+            self.input_ids.index_copy_(
+                0, self.feed_dst, self.fed_from.index_select(0, self.feed_src)
+            )
+
     def pack(self) -> torch.Tensor:
         """The batch's pack: `packed`, or for a batch built field by field the same layout up to
-        its block tables, packed now on the device (without waiting for it)."""
+        its token_src (no fed tokens), packed now on the device (without waiting for it)."""
         if self.packed is None:
             n, width = self.batch_size, self.block_tables.shape[1]
             header = torch.tensor([n, self.num_tokens, width, 0], dtype=torch.int32)
@@ -95,7 +118,9 @@ class ForwardBatch:
             )
             for row in (self.seq_lens, self.prefix_lens, self.extend_start_loc):
                 parts.append(torch.nn.functional.pad(row.to(torch.int32), (0, _aligned(n) - n)))
-            parts.append(self.block_tables.to(torch.int32).reshape(-1))
+            tables = self.block_tables.to(torch.int32).reshape(-1)
+            parts.append(torch.nn.functional.pad(tables, (0, _aligned(n * width) - n * width)))
+            parts.append(torch.full((self.num_tokens,), -1, dtype=torch.int32, device=self.device))
             self.packed = torch.cat(parts)
         return self.packed
 
@@ -139,65 +164,155 @@ class ForwardBatch:
         lora_ids: list[int] | None = None,
         input_logprob_rows: list[int] = (),
         batch_id: int | None = None,
+        feed_dst: list[int] = (),
+        feed_src: list[int] = (),
+        into: torch.Tensor | None = None,
     ) -> ForwardBatch:
         """Build a batch from host lists: the new tokens of each row, its prefix length in the
         cache and its block table. `logits_rows` lists the rows that sample (their last token's
         logits are computed); by default every row does. `input_logprob_rows` want the logits
-        of every new token (prompt logprobs): those come after the sampling rows' logits."""
+        of every new token (prompt logprobs): those come after the sampling rows' logits.
+        `feed_dst` lists tokens whose ids a step still in flight samples (overlap scheduling),
+        `feed_src` that step's row for each (`feed_tokens` writes them in on the device).
+        `into` (int32, on `device`): where to upload the pack when it fits, a FULL graph's
+        persistent pack buffer, so that planning the replay needs no copy; every batch built
+        into a buffer must run before the next is built into it (the engine's steps do)."""
         if not token_ids:
             raise ValueError("a ForwardBatch needs at least one row")
         extend_lens = [len(t) for t in token_ids]
         if min(extend_lens) <= 0:
             raise ValueError("every row of a ForwardBatch needs at least one new token")
+        if len(feed_dst) != len(feed_src):
+            raise ValueError(
+                f"feed_dst has {len(feed_dst)} entries but feed_src {len(feed_src)}: each fed "
+                "token needs the in-flight row its id comes from"
+            )
         mode = mode or infer_mode(extend_lens, prefix_lens)
         seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens, strict=True)]
-        # Every token's position and KV slot, vectorised (a batch is built on the host every
-        # step, so its cost is per-step host time): row r's new tokens sit at positions
-        # prefix_r .. seq_r - 1, in the blocks its table lists.
-        lens = np.asarray(extend_lens, dtype=np.int64)
-        ends = np.cumsum(lens)
-        starts = ends - lens
-        row_of = np.repeat(np.arange(len(lens)), lens)
-        positions = np.arange(ends[-1]) + np.repeat(np.asarray(prefix_lens) - starts, lens)
-        tables = padded_block_tables(block_tables, seq_lens, block_size)
-        slots = tables[row_of, positions // block_size].astype(np.int64) * block_size
-        slots += positions % block_size
-        ids = np.fromiter(itertools.chain.from_iterable(token_ids), np.int64, ends[-1])
+        widths = [len(t) for t in block_tables]
+        check_block_tables(widths, seq_lens, block_size)
+        starts = list(itertools.accumulate(extend_lens, initial=0))
+        num_tokens = starts.pop()
         rows = range(len(token_ids)) if logits_rows is None else logits_rows
-        last = ends - 1
+        logits = [starts[r] + extend_lens[r] - 1 for r in rows]
+        logits += [
+            i for r in input_logprob_rows for i in range(starts[r], starts[r] + extend_lens[r])
+        ]
 
-        tensors, packed = pack_to_device(
-            {  # in `pack_layout`'s order
-                "header": ([len(lens), ends[-1], tables.shape[1], 0], torch.int32),
-                "token_rows": (np.stack((ids, positions, slots)), torch.int64),
-                "seq_lens": (seq_lens, torch.int32),
-                "prefix_lens": (prefix_lens, torch.int32),
-                "extend_start_loc": (starts, torch.int32),
-                "block_tables": (tables, torch.int32),
-                "logits_indices": (
-                    [last[r] for r in rows]
-                    + [i for r in input_logprob_rows for i in range(starts[r], last[r] + 1)],
-                    torch.int64,
-                ),
-            },
-            device,
-        )
-        del tensors["header"]
-        token_rows = tensors["token_rows"]
+        # The whole pack is written into one (pinned) host buffer and sent in one copy.
+        n, width = len(token_ids), max(widths)
+        sizes = _pack_sizes(n, num_tokens, width, len(logits), len(feed_dst))
+        device = torch.device(device)
+        host = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=device.type == "cuda")
+        words = host.numpy()
+        at = list(itertools.accumulate(sizes, initial=0))  # where each part starts
+        words[:4] = (n, num_tokens, width, 0)
+        token_rows = words[at[1] : at[1] + 6 * num_tokens].view(np.int64)
+        tables = words[at[9] : at[9] + n * width]
+        token_src = words[at[11] : at[11] + num_tokens]
+        write = _write_small if num_tokens <= SMALL_BATCH_TOKENS else _write_vectorized
+        write(token_rows, tables, token_ids, prefix_lens, block_tables, block_size, width)
+        words[at[3] : at[3] + n] = seq_lens
+        words[at[5] : at[5] + n] = prefix_lens
+        words[at[7] : at[7] + n] = starts
+        token_src[:] = -1
+        if feed_dst:
+            token_src[list(feed_dst)] = feed_src
+        words[at[13] : at[13] + 2 * len(logits)].view(np.int64)[:] = logits
+        words[at[15] : at[15] + 2 * len(feed_dst)].view(np.int64)[:] = feed_dst
+        words[at[17] : at[17] + 2 * len(feed_src)].view(np.int64)[:] = feed_src
+
+        if into is not None and _same_device(into.device, device) and into.numel() >= host.numel():
+            packed = into[: host.numel()]  # a graph's own buffer: no copy before its replay
+            packed.copy_(host, non_blocking=True)
+        else:
+            packed = host.to(device, non_blocking=True)
+        # Every array as a view of the device pack, cut in one op (gaps are the alignment).
+        parts = packed.split(sizes)
+        token_rows = parts[1].view(torch.int64).view(3, num_tokens)
+        input_ids, positions, out_cache_loc = token_rows.unbind()
+        fed = feed_dst and (parts[15].view(torch.int64), parts[17].view(torch.int64))
         return cls(
             mode=mode,
-            input_ids=token_rows[0],
-            positions=token_rows[1],
-            out_cache_loc=token_rows[2],
-            **tensors,
-            packed=packed.view(torch.int32),
+            input_ids=input_ids,
+            positions=positions,
+            out_cache_loc=out_cache_loc,
+            seq_lens=parts[3],
+            prefix_lens=parts[5],
+            extend_start_loc=parts[7],
+            block_tables=parts[9].view(n, width),
+            logits_indices=parts[13].view(torch.int64),
+            token_rows=token_rows,
+            packed=packed,
             seq_lens_cpu=seq_lens,
             prefix_lens_cpu=list(prefix_lens),
             request_ids=list(request_ids or []),
             lora_ids=list(lora_ids or []),
             return_input_logprobs=return_input_logprobs or bool(input_logprob_rows),
             batch_id=next(_batch_ids) if batch_id is None else batch_id,
+            feed_dst=fed[0] if fed else None,
+            feed_src=fed[1] if fed else None,
         )
+
+
+# A batch of at most this many new tokens is laid out by plain Python loops, a larger one by
+# numpy: numpy's fixed cost per call (some 20 calls a batch) is most of a small batch's build,
+# and a decode step's build is host time every token waits for.
+SMALL_BATCH_TOKENS = 64
+
+
+def _pack_sizes(rows: int, tokens: int, width: int, logits: int, feeds: int) -> list[int]:
+    """A pack's parts in int32 words, each array followed by the gap that aligns the next to
+    16 bytes: header, token_rows (3 x tokens int64), seq_lens, prefix_lens, extend_start_loc,
+    block_tables, token_src, logits_indices (int64), feed_dst, feed_src (int64); `pack_layout`
+    gives the same offsets for the arrays up to the block tables, and the FULL decode planning
+    kernel finds token_src after them (the planning kernels read those)."""
+    sizes = [4]
+    per_row = (rows, rows, rows, rows * width, tokens)
+    for words in (6 * tokens, *per_row, 2 * logits, 2 * feeds, 2 * feeds):
+        sizes += (words, _aligned(words) - words)
+    return sizes
+
+
+def _write_small(token_rows, tables, token_ids, prefix_lens, block_tables, block_size, width):
+    """Each token's id, position and KV slot, and the padded block tables, by Python loops."""
+    ids, positions, slots = [], [], []
+    for row, prefix, table in zip(token_ids, prefix_lens, block_tables, strict=True):
+        ids += row
+        for pos in range(prefix, prefix + len(row)):
+            positions.append(pos)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    token_rows[:] = ids + positions + slots
+    flat = []
+    for table in block_tables:
+        flat += table
+        flat += [0] * (width - len(table))
+    tables[:] = flat
+
+
+def _write_vectorized(token_rows, tables, token_ids, prefix_lens, block_tables, block_size, width):
+    """`_write_small`'s values by numpy: row r's new tokens sit at positions prefix_r ..
+    seq_r - 1, in the blocks its table lists."""
+    lens = np.fromiter(map(len, token_ids), np.int64, len(token_ids))
+    ends = np.cumsum(lens)
+    row_of = np.repeat(np.arange(len(lens)), lens)
+    positions = np.arange(ends[-1]) + np.repeat(np.asarray(prefix_lens) - (ends - lens), lens)
+    widths = np.fromiter(map(len, block_tables), np.int64, len(block_tables))
+    padded = tables.reshape(len(block_tables), width)
+    padded[:] = 0
+    # Row-major: the flat entries fill each row's first `width` columns, row after row.
+    padded[np.arange(width) < widths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(block_tables), np.int32, int(widths.sum())
+    )
+    num_tokens = int(ends[-1])
+    token_rows[:num_tokens] = np.fromiter(
+        itertools.chain.from_iterable(token_ids), np.int64, num_tokens
+    )
+    token_rows[num_tokens : 2 * num_tokens] = positions
+    slots = token_rows[2 * num_tokens :]
+    slots[:] = padded[row_of, positions // block_size]
+    slots *= block_size
+    slots += positions % block_size
 
 
 @dataclass(frozen=True)
@@ -217,8 +332,10 @@ class BatchInputs:
     input_logprob_rows: tuple[int, ...] = ()
     lora_ids: list[int] | None = None  # per row; 0 (or None): the base model
     batch_id: int = field(default_factory=lambda: next(_batch_ids))
+    feed_dst: tuple[int, ...] = ()  # overlap scheduling: tokens whose ids are still in flight
+    feed_src: tuple[int, ...] = ()  # the in-flight step's row for each
 
-    def build(self, device: torch.device | str) -> ForwardBatch:
+    def build(self, device: torch.device | str, into: torch.Tensor | None = None) -> ForwardBatch:
         return ForwardBatch.build(
             token_ids=self.token_ids,
             prefix_lens=self.prefix_lens,
@@ -232,28 +349,20 @@ class BatchInputs:
             input_logprob_rows=self.input_logprob_rows,
             lora_ids=self.lora_ids,
             batch_id=self.batch_id,
+            feed_dst=self.feed_dst,
+            feed_src=self.feed_src,
+            into=into,
         )
 
 
-def padded_block_tables(
-    block_tables: list[list[int]], seq_lens: list[int], block_size: int
-) -> np.ndarray:
-    """[rows, widest table] int32, short rows padded with block 0 (the dummy block); raises if
-    a row's table cannot hold its tokens."""
-    widths = np.fromiter(map(len, block_tables), np.int64, len(block_tables))
-    short = np.flatnonzero(widths * block_size < np.asarray(seq_lens))
-    if len(short):
-        row = int(short[0])
-        raise ValueError(
-            f"row {row} has {seq_lens[row]} tokens but its block table holds {widths[row]} "
-            f"blocks of {block_size}: give it at least {-(-seq_lens[row] // block_size)} blocks"
-        )
-    tables = np.zeros((len(block_tables), widths.max()), dtype=np.int32)
-    # Row-major: the flat entries fill each row's first `width` columns, row after row.
-    tables[np.arange(tables.shape[1]) < widths[:, None]] = np.fromiter(
-        itertools.chain.from_iterable(block_tables), np.int32, int(widths.sum())
-    )
-    return tables
+def check_block_tables(widths: list[int], seq_lens: list[int], block_size: int) -> None:
+    """Raise if a row's block table (of `widths[row]` blocks) cannot hold its tokens."""
+    for row, (width, seq_len) in enumerate(zip(widths, seq_lens, strict=True)):
+        if width * block_size < seq_len:
+            raise ValueError(
+                f"row {row} has {seq_len} tokens but its block table holds {width} "
+                f"blocks of {block_size}: give it at least {-(-seq_len // block_size)} blocks"
+            )
 
 
 ALIGN = 16  # bytes: where each array of a packed buffer starts
@@ -302,6 +411,22 @@ def pack_layout(rows: int, tokens: int) -> tuple[int, int, int, int, int]:
     seq_at = 4 + _aligned(6 * tokens)
     aligned = _aligned(rows)
     return 4, seq_at, seq_at + aligned, seq_at + 2 * aligned, seq_at + 3 * aligned
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether `b` names device `a` (`cuda` names the current CUDA device)."""
+    if a.type != b.type:
+        return False
+    if b.index is None and b.type == "cuda":
+        return a.index == torch.cuda.current_device()
+    return b.index is None or a.index == b.index
+
+
+def token_src_at(rows: int, tokens: int, width: int) -> int:
+    """Where a pack's token_src starts (int32 words): after its block tables of `rows` x
+    `width` entries, aligned. The pack up to the end of token_src is what FULL decode graphs
+    read (tesela/attention/triton_kernels/decode_plan.py computes the same offset)."""
+    return pack_layout(rows, tokens)[-1] + _aligned(rows * width)
 
 
 def _aligned(n: int) -> int:

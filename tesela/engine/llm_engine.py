@@ -37,7 +37,7 @@ from tesela.config import (
     resolve_graph_config,
     resolve_lora_config,
 )
-from tesela.core.forward_batch import BatchInputs, to_device_packed
+from tesela.core.forward_batch import BatchInputs
 from tesela.core.kv_cache import RESERVED_BLOCKS
 from tesela.distributed.sharding import check_tp_shapes
 from tesela.engine.block_manager import BlockManager
@@ -48,7 +48,7 @@ from tesela.engine.sampling_params import SamplingParams
 from tesela.engine.scheduler import ScheduledBatch, Scheduler
 from tesela.engine.text import TextSnapshot, as_snapshot
 from tesela.engine_args import EngineArgs
-from tesela.executor.model_runner import FeedInputIds, ModelRunner
+from tesela.executor.model_runner import ModelRunner
 from tesela.executor.sampling import SampleOutput, variant_for
 from tesela.lora.request import LoRARequest
 from tesela.models.registry import check_architecture
@@ -278,22 +278,22 @@ class _InFlight:
         if self.sampled is None:
             return
         self.host = self.sampled.to_host()
-        if self.sampled.tokens.device.type == "cuda":
+        device = self.sampled.tokens.device
+        if device.type == "cuda":
             self.event = torch.cuda.Event()
-            self.event.record()
+            # The stream of the tensor's own device: with no device given, finding the current
+            # one costs the host some 30 us a step (torch checks CUDA's availability anew).
+            self.event.record(torch.cuda.current_stream(device))
 
     def wait(self) -> SampleOutput:
         if self.event is not None:
             self.event.synchronize()
         return self.host
 
-    def feed(self, input_ids: torch.Tensor, dst: list[int], src: list[int]) -> None:
-        """Write this step's sampled tokens `src` into the next batch's `input_ids[dst]`, on
-        the device: ordered on the stream after the sampling, before the next forward."""
-        device = input_ids.device
-        index = to_device_packed({"dst": (dst, torch.int64), "src": (src, torch.int64)}, device)
-        dst_t, src_t = index["dst"], index["src"]
-        input_ids.index_copy_(0, dst_t, self.sampled.tokens.index_select(0, src_t))
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        """The sampled tokens on the device, which a next batch's fed tokens read."""
+        return None if self.sampled is None else self.sampled.tokens
 
 
 def fit_max_model_len(config: EngineConfig, block_manager: BlockManager) -> EngineConfig:
@@ -470,7 +470,8 @@ class LLMEngine:
         """Run the batch and sample on the device; start copying the results to the host."""
         rows = [i for i in range(len(scheduled.requests)) if scheduled.samples(i)]
         requests = [scheduled.requests[i] for i in rows]
-        inputs, feed = self._batch_inputs(scheduled, rows)
+        inputs = self._batch_inputs(scheduled, rows)
+        feed = self._inflight.tokens if inputs.feed_dst else None
         params = [r.params for r in requests]
         if inputs.input_logprob_rows:
             sampled = self._forward_prompt_logprobs(scheduled, inputs, feed, requests, params)
@@ -592,10 +593,9 @@ class LLMEngine:
                     request.prompt_logprobs[p + 1] = TokenLogprobs(token, chosen[j], top)
             offset += count
 
-    def _batch_inputs(
-        self, scheduled: ScheduledBatch, logits_rows: list[int]
-    ) -> tuple[BatchInputs, FeedInputIds | None]:
-        """The batch's host lists, and (overlap) how to fill in input ids still in flight."""
+    def _batch_inputs(self, scheduled: ScheduledBatch, logits_rows: list[int]) -> BatchInputs:
+        """The batch's host lists; (overlap) the tokens whose ids are still in flight are fed
+        from the in-flight step's rows (`feed_dst`, `feed_src`)."""
         token_ids, gather_dst, gather_src = [], [], []
         num_tokens = 0
         for r, p, n in zip(
@@ -613,7 +613,7 @@ class LLMEngine:
                 gather_src.append(self._inflight.index_of[r.request_id])
             token_ids.append(row)
             num_tokens += n
-        inputs = BatchInputs(
+        return BatchInputs(
             token_ids=token_ids,
             prefix_lens=list(scheduled.prefix_lens),
             block_tables=[list(r.block_ids) for r in scheduled.requests],
@@ -622,11 +622,9 @@ class LLMEngine:
             request_ids=[r.request_id for r in scheduled.requests],
             lora_ids=[r.lora_int_id for r in scheduled.requests],
             input_logprob_rows=tuple(self._prompt_logprob_rows(scheduled)),
+            feed_dst=tuple(gather_dst),
+            feed_src=tuple(gather_src),
         )  # the mode comes from the rows (a recompute chunk past the prompt is not decode)
-        if not gather_dst:
-            return inputs, None
-        inflight = self._inflight
-        return inputs, lambda input_ids: inflight.feed(input_ids, gather_dst, gather_src)
 
     def _output(self, request: Request, new_tokens: int) -> RequestOutput:
         # A running request's output views its lists (O(1) a step); a finished one copies

@@ -101,7 +101,9 @@ class Dispatcher:
         raise AssertionError("the eager runner accepts every batch")
 
     def route(self, batch: ForwardBatch) -> tuple[RunPath, GraphRunner]:
-        """The runner that serves `batch` (counted in stats, with the fallback reason)."""
+        """The runner that serves `batch` (counted in stats, with the fallback reason). A batch
+        with fed token ids (overlap scheduling) leaves with them written in, unless its runner
+        writes them itself (a FULL decode graph, in its first kernel)."""
         reason = "graphs_disabled"
         for path, can_run, _ in self._routes:
             refusal = can_run(batch)
@@ -110,7 +112,10 @@ class Dispatcher:
                 if path is RunPath.EAGER:
                     self.stats.fallbacks[reason] += 1
                     logger.debug("%s runs eagerly: %s", batch.stamp, reason)
-                return path, self.runners[path]
+                runner = self.runners[path]
+                if not runner.resolves_feed:
+                    batch.feed_tokens()
+                return path, runner
             reason = refusal
         raise AssertionError("the eager runner accepts every batch")
 

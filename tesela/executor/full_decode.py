@@ -50,6 +50,7 @@ logger = logging.getLogger("tesela.full_decode")
 
 class FullDecodeRunner(GraphRunner):
     name = "full decode"
+    resolves_feed = True  # the graph's first kernel reads fed ids from `fed_tokens`
 
     def __init__(
         self,
@@ -69,6 +70,9 @@ class FullDecodeRunner(GraphRunner):
         device = graphs.device
         max_bs = self.sizes[-1]
         self.buffers = StaticBuffers.allocate(max_bs, device)
+        # The sampled tokens of the last step these graphs sampled (every sampling graph writes
+        # its tokens here), which the next batch's fed ids read (overlap scheduling).
+        self.fed_tokens = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.captured: dict[int, tuple] = {}  # size -> (graph, output)
         self.vocab_size = vocab_size
         self.sampling = (
@@ -93,6 +97,12 @@ class FullDecodeRunner(GraphRunner):
     def report(self) -> CaptureReport:
         return self._report
 
+    @property
+    def pack_buffer(self) -> torch.Tensor | None:
+        """Where to build decode batches (`ForwardBatch.build(into=...)`): the buffer the
+        graphs' first kernel reads packs from, so a replay's planning copies nothing."""
+        return self.planner.attn_backend.decode_pack_buffer()
+
     def _static_batch(self, size: int) -> ForwardBatch:
         """A decode batch whose token tensors are the static buffers (what graphs read)."""
         device = self.graphs.device
@@ -115,7 +125,9 @@ class FullDecodeRunner(GraphRunner):
     def _forward_fn(self, batch: ForwardBatch, plan: ForwardPlan) -> Callable[[], torch.Tensor]:
         """The captured forward of `batch` (a static batch of the captured size)."""
         backend = self.planner.attn_backend
-        prologue = backend.decode_graph_prologue(batch.batch_size, self.buffers.rows)
+        prologue = backend.decode_graph_prologue(
+            batch.batch_size, self.buffers.rows, self.fed_tokens
+        )
 
         def forward() -> torch.Tensor:
             prologue()  # the replayed batch's tokens, lengths and block tables, from its pack
@@ -150,8 +162,11 @@ class FullDecodeRunner(GraphRunner):
         for variant in SamplingVariant.all():
 
             def head(variant=variant):
+                out = sample(self.model.compute_logits(hidden_states), tensors, variant)
+                fed = self.fed_tokens[:size]
+                fed.copy_(out.tokens)  # where the next step's fed ids come from
                 # A tuple, so the CPU stand-in's replay finds the tensors to refresh.
-                return sample(self.model.compute_logits(hidden_states), tensors, variant).fields()
+                return (fed, *out.fields()[1:])
 
             head()  # warmup: lazy kernel setup happens outside the capture
             graph = self.graphs.graph()
@@ -195,12 +210,27 @@ class FullDecodeRunner(GraphRunner):
             )
         n = batch.batch_size
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        if batch.feed_dst is not None:
+            self._stage_fed_tokens(batch)
         # The graph runs no Python: planning this batch copies in the pack its first kernel
-        # reads (ids that overlap scheduling fed there included), and no op inside it can
-        # check the plan, so the runner does.
+        # reads, and no op inside it can check the plan, so the runner does.
         plan = self.planner.plan(batch)
         self.planner.check_replay(plan, batch, "FULL decode replay")
         graph, output = self.captured[size]
         with batch_state(n, plan):  # what ordinary ops read per batch (the MoE token count)
             graph.replay()
         return output[:n]
+
+    def _stage_fed_tokens(self, batch: ForwardBatch) -> None:
+        """Make `fed_tokens` hold the tokens `batch`'s fed ids come from (overlap scheduling:
+        the step still in flight). A step these graphs sampled wrote them there already (its
+        tokens are a view of the buffer); one sampled elsewhere (eager, FULL mixed) is copied
+        in, on the stream before the replay."""
+        source = batch.fed_from
+        if source is None:
+            raise ValueError(
+                f"{batch.stamp} feeds token ids from a step in flight but names no tokens to "
+                "feed from: set its fed_from (ModelRunner does, from the `feed` argument)"
+            )
+        if source.data_ptr() != self.fed_tokens.data_ptr():
+            self.fed_tokens[: source.numel()].copy_(source)

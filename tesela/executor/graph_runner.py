@@ -47,6 +47,9 @@ class GraphRunner(ABC):
     needs once, `run` returns the hidden states of the batch's real tokens."""
 
     name: str
+    # Whether `run` writes a batch's fed token ids itself (overlap scheduling); for runners
+    # that do not, the dispatcher writes them into input_ids before (`ForwardBatch.feed_tokens`).
+    resolves_feed: bool = False
 
     @abstractmethod
     def can_run(self, batch: ForwardBatch) -> str | None: ...

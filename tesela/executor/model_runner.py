@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable
 
 import torch
 
@@ -38,10 +37,6 @@ from tesela.lora.manager import LoRAManager
 from tesela.models.loader import build_model
 
 logger = logging.getLogger("tesela.runner")
-
-# Writes input ids that only the device knows yet (tokens sampled by the step in flight, under
-# overlap scheduling) into a built batch's `input_ids`, ordered on the stream before its forward.
-FeedInputIds = Callable[[torch.Tensor], None]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_TOKENS = 32768
@@ -330,7 +325,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def execute(self, inputs: BatchInputs, feed: FeedInputIds | None = None) -> torch.Tensor:
+    def execute(self, inputs: BatchInputs, feed: torch.Tensor | None = None) -> torch.Tensor:
         """Build the batch on this device and run it (the engine's entry point): the logits of
         its `logits_rows` (then its prompt-logprob rows)."""
         return self.forward(self._build(inputs, feed))
@@ -340,15 +335,25 @@ class ModelRunner:
         inputs: BatchInputs,
         tensors: SamplingTensors | None,
         variant: SamplingVariant,
-        feed: FeedInputIds | None = None,
+        feed: torch.Tensor | None = None,
     ) -> SampleOutput:
         """Build the batch, run it and sample its `logits_rows` on the device (`forward_sample`)."""
         return self.forward_sample(self._build(inputs, feed), tensors, variant)
 
-    def _build(self, inputs: BatchInputs, feed: FeedInputIds | None) -> ForwardBatch:
-        batch = inputs.build(self.device)
-        if feed is not None:  # ids sampled by a step still on the device (overlap scheduling)
-            feed(batch.input_ids)
+    def _build(self, inputs: BatchInputs, feed: torch.Tensor | None) -> ForwardBatch:
+        """`feed`: the tokens a step still in flight sampled (overlap scheduling), which the
+        batch's fed tokens (`inputs.feed_dst`) take their ids from, on the device."""
+        full = self.full_decode
+        batch = inputs.build(self.device, into=None if full is None else full.pack_buffer)
+        if inputs.feed_dst:
+            if feed is None:
+                raise ValueError(
+                    f"{batch.stamp} feeds {len(inputs.feed_dst)} token ids from a step in "
+                    "flight: pass that step's sampled tokens as `feed`"
+                )
+            batch.fed_from = (
+                feed  # written in by the runner's route (tesela/executor/dispatcher.py)
+            )
         return batch
 
     @torch.inference_mode()

@@ -165,9 +165,13 @@ def sample(
     """Tokens for `logits` [n, vocab] under the per-row parameters `t` (module docstring; None
     where the variant reads none: `reads_tensors`). Logprobs come from `logprob_logits` when
     given (the raw model distribution, when the logits were processed first)."""
-    logits = logits.float()
-    tokens = logits.argmax(dim=-1)
     variant.check_tensors(t)
+    # Greedy tokens from the model's own logits: widening to float32 is exact, so the argmax
+    # (the first maximum) is the same, without a cast over the vocabulary.
+    tokens = logits.argmax(dim=-1)
+    if not (variant.reads_tensors or variant.logprobs):
+        return SampleOutput(tokens)
+    logits = logits.float()
     if variant.reads_tensors:
         scaled = logits / t.temperature[:, None]
         if variant.filtered:

@@ -264,7 +264,8 @@ def test_decode_cuda_graph_replay_equals_eager(dtype):
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     metadata = triton_backend.plan_cuda_graph(static)
-    prologue = triton_backend.decode_graph_prologue(captured, static.token_rows)
+    fed = torch.zeros(16, dtype=torch.int64, device="cuda")
+    prologue = triton_backend.decode_graph_prologue(captured, static.token_rows, fed)
     prologue()  # compiled before the capture
     with torch.cuda.graph(graph):
         prologue()  # the replayed batch's slots, lengths and block tables, from its pack
@@ -318,7 +319,8 @@ def test_batch1_decode_bandwidth():
     out = torch.empty_like(q)
     backend.init_cuda_graph_state(max_batch_size=1, max_blocks_per_seq=context // block_size)
     metadata = backend.plan_cuda_graph(batch)
-    backend.decode_graph_prologue(1, batch.token_rows.clone())()  # the lengths and table
+    fed = torch.zeros(1, dtype=torch.int64, device="cuda")
+    backend.decode_graph_prologue(1, batch.token_rows.clone(), fed)()  # the lengths and table
     backend.forward(q, k, v, out, 0, batch, metadata)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

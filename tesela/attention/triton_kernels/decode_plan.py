@@ -9,7 +9,9 @@ captured first in every FULL decode graph, then writes, for each of the graph's 
 
 - a batch row (one new token each): its token's id, position and KV slot into the static token
   buffers the model reads, its sequence length, and its block table (re-strided from the
-  batch's width to the buffer's);
+  batch's width to the buffer's). The id is the host's unless the pack's token_src (after the
+  block tables) names a row of the step still in flight (overlap scheduling): then it is that
+  row's sampled token, read from the persistent buffer the sampling graphs write;
 - a padding row past the batch's, up to the graph's size: token 0, position 0, the dummy KV
   slot, length 1 and the dummy block first in its table (a length-1 row reads nothing else).
 
@@ -38,6 +40,7 @@ def _decode_plan_kernel(
     tables_ptr,  # [max_batch_size, max_blocks] int32
     tokens_ptr,  # [3, tokens_stride] int64 static token buffers (ids, positions, KV slots)
     tokens_stride,
+    fed_ptr,  # [max_batch_size] int64: the in-flight step's sampled tokens
     max_blocks,
     dummy_block,
     CHUNK: tl.constexpr,
@@ -52,8 +55,13 @@ def _decode_plan_kernel(
     token_rows = (raw_ptr + 4).to(tl.pointer_type(tl.int64))  # [3, n]: one token per row
     seq_in = 4 + (6 * n + 3) // 4 * 4
     tables_in = seq_in + 3 * ((n + 3) // 4 * 4)
+    src_in = tables_in + (n * width + 3) // 4 * 4  # token_src: -1, or the in-flight row
     if row < n:
-        for k in tl.static_range(3):
+        src = tl.load(raw_ptr + src_in + row)
+        token = tl.load(token_rows + row)
+        fed = tl.load(fed_ptr + tl.maximum(src, 0))
+        tl.store(tokens_ptr + row, tl.where(src >= 0, fed, token))
+        for k in tl.static_range(1, 3):
             tl.store(tokens_ptr + k * tokens_stride + row, tl.load(token_rows + k * n + row))
         tl.store(seq_lens_ptr + row, tl.load(raw_ptr + seq_in + row))
         for c in range(0, width, CHUNK):
@@ -68,12 +76,17 @@ def _decode_plan_kernel(
         tl.store(tables_ptr + row * max_blocks, dummy_block)
 
 
-def derive_decode_plan(state, tokens: torch.Tensor, *, rows: int, dummy_block: int) -> None:
+def derive_decode_plan(
+    state, tokens: torch.Tensor, fed: torch.Tensor, *, rows: int, dummy_block: int
+) -> None:
     """Launch the planning kernel for the FULL decode graph of `rows` rows over `state`, the
     backend's `DecodeGraphState` (its `raw`, `seq_lens` and `block_tables`); `tokens` is the
-    [3, >= rows] int64 static token buffer the model reads."""
+    [3, >= rows] int64 static token buffer the model reads, `fed` the int64 buffer of the
+    in-flight step's sampled tokens that fed tokens read."""
     if tokens.dtype != torch.int64 or tokens.dim() != 2 or tokens.stride(1) != 1:
         raise ValueError("the static token buffers must be [3, max_tokens] int64, row-major")
+    if fed.dtype != torch.int64 or fed.dim() != 1 or fed.numel() < state.max_batch_size:
+        raise ValueError("fed tokens must be an int64 buffer of max_batch_size entries")
     if rows > min(state.max_batch_size, tokens.shape[1]):
         raise ValueError(f"a graph of {rows} rows does not fit the decode graph buffers")
     _decode_plan_kernel[(rows,)](
@@ -82,6 +95,7 @@ def derive_decode_plan(state, tokens: torch.Tensor, *, rows: int, dummy_block: i
         state.block_tables,
         tokens,
         tokens.stride(0),
+        fed,
         state.max_blocks_per_seq,
         dummy_block,
         CHUNK=CHUNK,
