@@ -1107,6 +1107,12 @@ MUTATIONS = {
         "        batch = inputs.build(self.device)\n",
         [OVERLAP + "::test_decode_steps_are_built_where_their_graph_reads_them"],
     ),
+    "the fed-token buffer holds only the largest decode graph's rows": (
+        "tesela/executor/model_runner.py",
+        "            max_sampled_rows=self.config.scheduler.max_num_seqs,\n",
+        "            max_sampled_rows=0,\n",
+        [OVERLAP + "::test_a_decode_graph_feeds_from_a_step_wider_than_its_ladder"],
+    ),
     "compare divides by the current side, not the baseline": (
         "tesela/bench/compare.py",
         "    base_side = next(side for side in sides if side.name == reference)\n",

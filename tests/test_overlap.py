@@ -103,6 +103,22 @@ def test_full_decode_graphs_sample_as_eager_with_overlap_on_and_off(reference):
     assert paths["full_mixed"] >= 2  # the prefills (and mixed steps) of both runs
 
 
+def test_a_decode_graph_feeds_from_a_step_wider_than_its_ladder(reference):
+    """Five rows decode outside the FULL decode graphs (their ladder stops at 4); the first
+    request then stops, and the four left (rows 1-4 of the step in flight) replay a graph of
+    4 whose first kernel reads their ids from that 5-row step: the tokens are eager's."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the graph engine needs TRITON_INTERPRET=1 (set by .ci/run)")
+    prompts = ["hi", "a", "xyz", "b c", "tesela"]
+    params = [dataclasses.replace(GREEDY, max_tokens=2)] + [
+        dataclasses.replace(GREEDY, max_tokens=5)
+    ] * 4
+    expected = tokens(run(reference, prompts, params))
+    graphs = make_engine(overlap=True, graphs=True)
+    assert tokens(run(graphs, prompts, params)) == expected
+    assert graphs.stats()["dispatch"]["paths"]["full"] >= 2
+
+
 def test_decode_steps_are_built_where_their_graph_reads_them():
     """An engine's decode batch is uploaded into the FULL decode graphs' pack buffer (planning
     its replay copies nothing) and gives the eager engine's logits."""

@@ -61,7 +61,10 @@ class FullDecodeRunner(GraphRunner):
         max_blocks_per_seq: int,
         graphs: GraphFactory,
         vocab_size: int | None = None,
+        max_sampled_rows: int = 0,
     ) -> None:
+        """`max_sampled_rows`: the most rows any step samples (the scheduler's max_num_seqs),
+        which a decode batch's fed ids may name; at least the largest captured size."""
         self.model = model
         self.planner = planner
         self.sizes = tuple(batch_sizes)
@@ -72,7 +75,9 @@ class FullDecodeRunner(GraphRunner):
         self.buffers = StaticBuffers.allocate(max_bs, device)
         # The sampled tokens of the last step these graphs sampled (every sampling graph writes
         # its tokens here), which the next batch's fed ids read (overlap scheduling).
-        self.fed_tokens = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.fed_tokens = torch.zeros(
+            max(max_bs, max_sampled_rows), dtype=torch.int64, device=device
+        )
         self.captured: dict[int, tuple] = {}  # size -> (graph, output)
         self.vocab_size = vocab_size
         self.sampling = (
@@ -233,4 +238,10 @@ class FullDecodeRunner(GraphRunner):
                 "feed from: set its fed_from (ModelRunner does, from the `feed` argument)"
             )
         if source.data_ptr() != self.fed_tokens.data_ptr():
+            if source.numel() > self.fed_tokens.numel():
+                raise ValueError(
+                    f"{batch.stamp} feeds from a step that sampled {source.numel()} rows, but "
+                    f"the FULL decode runner keeps {self.fed_tokens.numel()}: build it with "
+                    "max_sampled_rows = the scheduler's max_num_seqs"
+                )
             self.fed_tokens[: source.numel()].copy_(source)

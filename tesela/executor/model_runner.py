@@ -175,6 +175,7 @@ class ModelRunner:
             # Sampling graphs at TP=1 only: at TP>1 rank 0 samples eagerly from the gathered
             # logits (tesela/executor/multiproc.py), so the workers' replays stay the forward's.
             vocab_size=self.config.model_config.vocab_size if self.tp.size == 1 else None,
+            max_sampled_rows=self.config.scheduler.max_num_seqs,
         )
         runner.capture()
         self.dispatcher.add(RunPath.FULL_DECODE, runner)
@@ -351,9 +352,8 @@ class ModelRunner:
                     f"{batch.stamp} feeds {len(inputs.feed_dst)} token ids from a step in "
                     "flight: pass that step's sampled tokens as `feed`"
                 )
-            batch.fed_from = (
-                feed  # written in by the runner's route (tesela/executor/dispatcher.py)
-            )
+            # Written in by the batch's runner, or before it by the dispatcher's route.
+            batch.fed_from = feed
         return batch
 
     @torch.inference_mode()
