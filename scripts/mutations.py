@@ -1113,6 +1113,18 @@ MUTATIONS = {
         "            max_sampled_rows=0,\n",
         [OVERLAP + "::test_a_decode_graph_feeds_from_a_step_wider_than_its_ladder"],
     ),
+    "the offline loop builds every running row's output": (
+        ENGINE,
+        "        if running_outputs:\n",
+        "        if True:\n",
+        ["tests/test_engine.py::test_the_offline_loop_builds_outputs_only_for_finished_requests"],
+    ),
+    "a finished request's output forgets its last token was new": (
+        ENGINE,
+        "            self._retire(request, outputs, new_token=request.request_id in new)\n",
+        "            self._retire(request, outputs, new_token=False)\n",
+        ["tests/test_engine.py", OVERLAP],
+    ),
     "compare divides by the current side, not the baseline": (
         "tesela/bench/compare.py",
         "    base_side = next(side for side in sides if side.name == reference)\n",

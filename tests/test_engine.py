@@ -219,6 +219,34 @@ def test_step_outputs_show_each_step_without_copying_the_output(tiny):
     assert grown < 20_000, f"building a step's output allocated {grown} bytes: a copy"
 
 
+def test_the_offline_loop_builds_outputs_only_for_finished_requests(tiny):
+    """`step(running_outputs=False)` (what `LLM.generate` runs) returns the finished requests'
+    outputs only, equal to those of the streaming loop; the running rows' tokens are counted
+    (`num_generated_tokens`, the progress bar's) without an output each."""
+    engine = tiny.engine
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (2, 5, 3)]
+
+    def drive(**kwargs):
+        for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
+            engine.add_request(prompt, sp, f"{kwargs}-{i}")
+        start, steps = engine.num_generated_tokens, []
+        while engine.has_unfinished():
+            steps.append(engine.step(**kwargs))
+        return steps, engine.num_generated_tokens - start
+
+    streamed, streamed_count = drive()
+    offline, offline_count = drive(running_outputs=False)
+    assert streamed_count == offline_count == 2 + 5 + 3
+    assert any(not o.finished for step in streamed for o in step)
+    assert all(o.finished for step in offline for o in step)
+    finals = [[o for step in steps for o in step if o.finished] for steps in (streamed, offline)]
+    assert [(o.token_ids, o.text, o.finish_reason) for o in finals[0]] == [
+        (o.token_ids, o.text, o.finish_reason) for o in finals[1]
+    ]
+    assert len(finals[1]) == 3
+
+
 def _long_request():
     """A running request with 100,000 output tokens (built directly: no model run needed)."""
     from tesela.engine.request import Request

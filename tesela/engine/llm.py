@@ -83,13 +83,14 @@ class LLM:
             unit="tok",
             disable=not use_tqdm,
         )
+        shown = self.engine.num_generated_tokens
         while self.engine.has_unfinished():
-            for output in self.engine.step():
-                bar.update(len(output.new_token_ids))
-                if output.finished:
-                    results[output.request_id] = output
-                    # A request that stops early gives back the rest of its budget.
-                    bar.update(budget[output.request_id] - len(output.token_ids))
+            for output in self.engine.step(running_outputs=False):  # the finished ones
+                results[output.request_id] = output
+                # A request that stops early gives back the rest of its budget.
+                bar.update(budget[output.request_id] - len(output.token_ids))
+            bar.update(self.engine.num_generated_tokens - shown)
+            shown = self.engine.num_generated_tokens
         bar.close()
         return [results[i] for i in ids]
 

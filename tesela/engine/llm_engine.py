@@ -356,6 +356,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._inflight: _InFlight | None = None  # launched, tokens not read yet (overlap)
+        self.num_generated_tokens = 0  # appended to requests' outputs, since the start
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -443,23 +444,30 @@ class LLMEngine:
 
     # ---- the step loop -------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Launch the next batch, then read back the previous one (overlap) or this one."""
+    def step(self, *, running_outputs: bool = True) -> list[RequestOutput]:
+        """Launch the next batch, then read back the previous one (overlap) or this one. The
+        outputs of the requests that got a token or finished; with `running_outputs=False`
+        only the finished ones (`LLM.generate` reads nothing else, and an output for every
+        running row is host time each step at large batches)."""
+        resolved: list[Request] = []
         if self._inflight is not None and self._needs_host_tokens():
-            outputs = self._resolve(self._inflight)  # the next batch needs these ids on the host
+            resolved += self._resolve(self._inflight)  # the next batch needs these ids on the host
             self._inflight = None
-        else:
-            outputs = {}
         scheduled = self.scheduler.schedule()
         launched = self._launch(scheduled) if scheduled is not None else None
         previous, self._inflight = self._inflight, launched  # never resolve a step twice
         if previous is not None:
-            outputs.update(self._resolve(previous))
+            resolved += self._resolve(previous)
         if launched is not None and not self.config.overlap_schedule:
-            outputs.update(self._resolve(launched))
+            resolved += self._resolve(launched)
             self._inflight = None
+        self.num_generated_tokens += len(resolved)
+        outputs = {}
+        if running_outputs:
+            outputs = {r.request_id: self._output(r, new_tokens=1) for r in resolved}
+        new = {r.request_id for r in resolved}
         for request in self.scheduler.pop_finished():
-            self._retire(request, outputs)
+            self._retire(request, outputs, new_token=request.request_id in new)
         return list(outputs.values())
 
     def _needs_host_tokens(self) -> bool:
@@ -500,11 +508,12 @@ class LLMEngine:
             tensors = self.sampler.tensors(params, ids, indices, vocab)
         return self.runner.execute_sample(inputs, tensors, variant, feed)
 
-    def _resolve(self, step: _InFlight) -> dict[str, RequestOutput]:
-        """Read a launched step's tokens, append them, apply stop conditions."""
+    def _resolve(self, step: _InFlight) -> list[Request]:
+        """Read a launched step's tokens, append them, apply stop conditions; the requests
+        that got a token."""
         if step.sampled is None:
             self.scheduler.resolve(step.scheduled, [None] * len(step.scheduled.requests))
-            return {}
+            return []
         tokens, logprobs = read_back(step.wait(), step.params)
         sampled: list[int | None] = [None] * len(step.scheduled.requests)
         updated: list[Request] = []
@@ -518,17 +527,16 @@ class LLMEngine:
         self.scheduler.resolve(step.scheduled, sampled)
         for request in updated:
             self._detokenize(request)
-        return {r.request_id: self._output(r, new_tokens=1) for r in updated}
+        return updated
 
-    def _retire(self, request: Request, outputs: dict[str, RequestOutput]) -> None:
+    def _retire(self, request: Request, outputs: dict[str, RequestOutput], new_token: bool) -> None:
         self.sampler.forget(request.request_id)
         self.requests.pop(request.request_id, None)
         detokenizer = self.detokenizers.pop(request.request_id, None)
         if detokenizer is not None:  # emit a held-back incomplete final character
             detokenizer.flush(request.output_token_ids)
             request.output_text = detokenizer.snapshot()
-        new = 1 if request.request_id in outputs else 0
-        outputs[request.request_id] = self._output(request, new_tokens=new)
+        outputs[request.request_id] = self._output(request, new_tokens=int(new_token))
 
     def _forward_prompt_logprobs(self, scheduled, inputs, feed, requests, params):
         """A batch that scores prompt tokens: logits out (eager or piecewise), prompt logprobs
