@@ -257,7 +257,9 @@ class ForwardBatch:
 
 # A batch of at most this many new tokens is laid out by plain Python loops, a larger one by
 # numpy: numpy's fixed cost per call (some 20 calls a batch) is most of a small batch's build,
-# and a decode step's build is host time every token waits for.
+# and a decode step's build is host time every token waits for. Whole builds on a 2-core CPU,
+# us, Python / numpy: 1 decode row 176 / 278, 64 rows 369 / 426, 128 rows 572 / 560, 256
+# rows 927 / 796.
 SMALL_BATCH_TOKENS = 64
 
 
