@@ -95,10 +95,14 @@ def test_end_to_end_compare_times_each_sides_own_engine(tmp_path):
 
     def slow_steps(package: Path) -> None:
         path = package / "engine" / "llm_engine.py"
-        step = "    def step(self) -> list[RequestOutput]:\n"
-        text = path.read_text()
-        assert step in text
-        path.write_text(text.replace(step, step + "        __import__('time').sleep(0.02)\n"))
+        path.write_text(
+            path.read_text()
+            + "\n\n_step = LLMEngine.step\n\n\n"
+            + "def _slow_step(self, *args, **kwargs):\n"
+            + "    __import__('time').sleep(0.02)\n"
+            + "    return _step(self, *args, **kwargs)\n\n\n"
+            + "LLMEngine.step = _slow_step\n"
+        )
 
     name = unique("slow")
     root = checkout_copy(tmp_path / name, slow_steps)
