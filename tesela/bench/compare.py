@@ -46,6 +46,7 @@ from tesela.bench.common import (
     sync,
     write_json,
 )
+from tesela.bench.latency import check_full_length, random_prompts
 
 PACKAGE = "tesela"
 _IDENTIFIER = re.compile(rf"\b{PACKAGE}\b")
@@ -225,10 +226,8 @@ class EndToEndSide(Side):
         )
         self.output_len = args.output_len
         vocab = self.llm.engine.config.model_config.vocab_size
-        for b in sizes:
-            generator = torch.Generator().manual_seed(b)  # the same prompts on every side
-            prompts = torch.randint(0, vocab, (b, args.input_len), generator=generator)
-            self.batches[b, args.input_len] = prompts.tolist()
+        for b in sizes:  # the same prompts on every side
+            self.batches[b, args.input_len] = random_prompts(vocab, b, args.input_len)
             self.times[b, args.input_len] = []
 
     @property
@@ -243,8 +242,7 @@ class EndToEndSide(Side):
 
     def _generate(self, key):
         outputs = self.llm.generate(self.batches[key], self.params)
-        if any(len(o.token_ids) != self.output_len for o in outputs):
-            raise RuntimeError("a request stopped early: the figure would not be comparable")
+        check_full_length(outputs, self.output_len)
         return outputs
 
     def time_cell(self, key, repeat: int) -> float:

@@ -81,9 +81,7 @@ def measure(
 ) -> dict:
     from tesela.engine.sampling_params import SamplingParams
 
-    vocab = llm.engine.config.model_config.vocab_size
-    generator = torch.Generator().manual_seed(batch_size)
-    prompts = torch.randint(0, vocab, (batch_size, input_len), generator=generator).tolist()
+    prompts = random_prompts(llm.engine.config.model_config.vocab_size, batch_size, input_len)
     params = SamplingParams(
         max_tokens=output_len,
         temperature=temperature,
@@ -98,8 +96,7 @@ def measure(
     outputs = llm.generate(prompts, params)
     sync(device)
     seconds = time.perf_counter() - start
-    if any(len(o.token_ids) != output_len for o in outputs):
-        raise RuntimeError("a request stopped early: the figure would not be comparable")
+    check_full_length(outputs, output_len)
     return {
         "batch": batch_size,
         "seconds": seconds,
@@ -107,6 +104,18 @@ def measure(
         "total_tokens_per_s": batch_size * (input_len + output_len) / seconds,
         "ms_per_step": seconds / output_len * 1e3,
     }
+
+
+def random_prompts(vocab: int, batch_size: int, input_len: int) -> list[list[int]]:
+    """`batch_size` prompts of `input_len` random token ids, the same for a batch size
+    whichever tree or run draws them."""
+    generator = torch.Generator().manual_seed(batch_size)
+    return torch.randint(0, vocab, (batch_size, input_len), generator=generator).tolist()
+
+
+def check_full_length(outputs, output_len: int) -> None:
+    if any(len(o.token_ids) != output_len for o in outputs):
+        raise RuntimeError("a request stopped early: the figure would not be comparable")
 
 
 def format_latency_table(results: dict) -> str:
