@@ -377,14 +377,8 @@ def to_device_packed(
     a 16-byte boundary, so kernels see the alignment they would on their own allocation),
     without blocking the host: a step's metadata costs one copy, not eight. (A plain
     `torch.tensor(values, device="cuda")` would wait for the GPU's queued work, stalling the
-    host while an earlier step runs: overlap scheduling builds batches then.)"""
-    return pack_to_device(arrays, device)[0]
-
-
-def pack_to_device(
-    arrays: dict[str, tuple[list, torch.dtype]], device: torch.device | str
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """`to_device_packed`'s views, and the whole device buffer (uint8) they view."""
+    host while an earlier step runs: overlap scheduling builds batches then.) A batch's own
+    pack is laid out by `ForwardBatch.build`."""
     device = torch.device(device)
     items, total = [], 0
     for name, (values, dtype) in arrays.items():
@@ -396,11 +390,10 @@ def pack_to_device(
     for _, array, _, at in items:
         flat[at : at + array.nbytes].view(array.dtype)[:] = array.reshape(-1)
     on_device = packed.to(device, non_blocking=True)
-    views = {
+    return {
         name: on_device[at : at + array.nbytes].view(dtype).view(array.shape)
         for name, array, dtype, at in items
     }
-    return views, on_device
 
 
 def pack_layout(rows: int, tokens: int) -> tuple[int, int, int, int, int]:
