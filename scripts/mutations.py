@@ -38,6 +38,8 @@ BLOCKS = "tesela/engine/block_manager.py"
 SCHEDULER = "tesela/engine/scheduler.py"
 CACHE_TESTS = ["tests/test_prefix_cache.py"]
 KERNELS = "tesela/lora/kernels.py"
+ARGMAX = "tesela/executor/argmax.py"
+ARGMAX_TESTS = "tests/test_argmax.py"
 LORA_KERNEL_TESTS = ["tests/test_lora_kernels.py"]
 KV_STORE_TESTS = "tests/test_fused_kv_store.py"
 FUSED_AR = "tesela/distributed/fused_all_reduce.py"
@@ -1124,6 +1126,30 @@ MUTATIONS = {
         "            self._retire(request, outputs, new_token=request.request_id in new)\n",
         "            self._retire(request, outputs, new_token=False)\n",
         ["tests/test_engine.py", OVERLAP],
+    ),
+    "the argmax kernel leaves its ticket counter dirty": (
+        ARGMAX,
+        "            tl.store(ticket_ptr + row, 0)\n",
+        "",
+        [ARGMAX_TESTS],
+    ),
+    "the argmax kernel leaves the row's best key in its slot": (
+        ARGMAX,
+        "            best = tl.atomic_xchg(slot_ptr + row, -9223372036854775808)\n",
+        "            best = tl.atomic_max(slot_ptr + row, -9223372036854775808)\n",
+        [ARGMAX_TESTS],
+    ),
+    "the argmax kernel orders negative logits by their raw bits": (
+        ARGMAX,
+        "        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)\n",
+        "        ordered = bits\n",
+        [ARGMAX_TESTS],
+    ),
+    "a sampling graph's tokens do not land in the fed-token buffer": (
+        FULL,
+        "tensors, variant, out=fed)\n",
+        "tensors, variant)\n",
+        DECODE_TESTS + [OVERLAP],
     ),
     "compare divides by the current side, not the baseline": (
         "tesela/bench/compare.py",

@@ -96,7 +96,8 @@ def test_full_decode_pads_rows_and_matches_eager(runner):
 
 def test_sampling_graphs_draw_what_eager_sampling_draws(runner):
     """Every variant's captured head (LM head + sampling) equals `sample` on eager logits, with
-    per-row parameters rewritten between replays and a padded row in the graph."""
+    per-row parameters rewritten between replays and a padded row in the graph, and writes its
+    tokens into the buffer the next decode graph reads fed ids from."""
     from tesela.engine.sampling_params import SamplingParams
     from tesela.executor.sampling import SamplingTensors, SamplingVariant, sample
 
@@ -117,6 +118,8 @@ def test_sampling_graphs_draw_what_eager_sampling_draws(runner):
             got = decode.run_sample(batch(rows, seed=2), tensors, variant)
             want = sample(logits, tensors, variant)
             assert got.tokens.tolist() == want.tokens.tolist(), (variant, step)
+            # written where the next step's fed ids are read: no copy before that replay
+            assert got.tokens.data_ptr() == decode.fed_tokens.data_ptr()
             if variant.logprobs:
                 assert got.top_ids.tolist() == want.top_ids.tolist()
                 assert (got.logprob - want.logprob).abs().max() < 1e-4

@@ -167,11 +167,11 @@ class FullDecodeRunner(GraphRunner):
         for variant in SamplingVariant.all():
 
             def head(variant=variant):
-                out = sample(self.model.compute_logits(hidden_states), tensors, variant)
+                # The tokens land where the next step's fed ids come from.
                 fed = self.fed_tokens[:size]
-                fed.copy_(out.tokens)  # where the next step's fed ids come from
+                out = sample(self.model.compute_logits(hidden_states), tensors, variant, out=fed)
                 # A tuple, so the CPU stand-in's replay finds the tensors to refresh.
-                return (fed, *out.fields()[1:])
+                return tuple(out.fields())
 
             head()  # warmup: lazy kernel setup happens outside the capture
             graph = self.graphs.graph()

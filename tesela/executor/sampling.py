@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tesela.core.forward_batch import to_device_packed
+from tesela.executor.argmax import argmax_rows
 
 # logprobs are returned for at most this many alternatives (SamplingParams.logprobs <= 20), so a
 # graph computes this many and the host keeps what each request asked for.
@@ -161,14 +162,16 @@ def sample(
     t: SamplingTensors | None,
     variant: SamplingVariant,
     logprob_logits: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> SampleOutput:
     """Tokens for `logits` [n, vocab] under the per-row parameters `t` (module docstring; None
-    where the variant reads none: `reads_tensors`). Logprobs come from `logprob_logits` when
-    given (the raw model distribution, when the logits were processed first)."""
+    where the variant reads none: `reads_tensors`), written into `out` (int64 [n]) when given.
+    Logprobs come from `logprob_logits` when given (the raw model distribution, when the logits
+    were processed first)."""
     variant.check_tensors(t)
     # Greedy tokens from the model's own logits: widening to float32 is exact, so the argmax
     # (the first maximum) is the same, without a cast over the vocabulary.
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax_rows(logits, None if variant.reads_tensors else out)
     if not (variant.reads_tensors or variant.logprobs):
         return SampleOutput(tokens)
     logits = logits.float()
@@ -176,8 +179,8 @@ def sample(
         scaled = logits / t.temperature[:, None]
         if variant.filtered:
             scaled = filter_logits(scaled, t)
-        drawn = (scaled + gumbel_noise(t.seed, t.index, logits.shape[-1])).argmax(dim=-1)
-        tokens = torch.where(t.greedy, tokens, drawn)
+        drawn = argmax_rows(scaled + gumbel_noise(t.seed, t.index, logits.shape[-1]))
+        tokens = torch.where(t.greedy, tokens, drawn, out=out)
     if not variant.logprobs:
         return SampleOutput(tokens)
     logprobs = torch.log_softmax(logits if logprob_logits is None else logprob_logits, dim=-1)
