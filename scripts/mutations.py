@@ -1109,6 +1109,12 @@ MUTATIONS = {
         "        batch = inputs.build(self.device)\n",
         [OVERLAP + "::test_decode_steps_are_built_where_their_graph_reads_them"],
     ),
+    "the decode graphs' pack buffer holds a pack only up to its token_src": (
+        "tesela/attention/triton_backend.py",
+        "                    logits=max_batch_size,\n                    feeds=max_batch_size,\n",
+        "                    logits=0,\n                    feeds=0,\n",
+        [OVERLAP + "::test_decode_steps_are_built_where_their_graph_reads_them"],
+    ),
     "the fed-token buffer holds only the largest decode graph's rows": (
         "tesela/executor/model_runner.py",
         "            max_sampled_rows=self.config.scheduler.max_num_seqs,\n",

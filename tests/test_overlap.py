@@ -121,7 +121,8 @@ def test_a_decode_graph_feeds_from_a_step_wider_than_its_ladder(reference):
 
 def test_decode_steps_are_built_where_their_graph_reads_them():
     """An engine's decode batch is uploaded into the FULL decode graphs' pack buffer (planning
-    its replay copies nothing) and gives the eager engine's logits."""
+    its replay copies nothing), the largest and widest one too, and gives the eager engine's
+    logits."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the graph engine needs TRITON_INTERPRET=1 (set by .ci/run)")
     from tesela.core.forward_batch import BatchInputs, token_src_at
@@ -139,6 +140,17 @@ def test_decode_steps_are_built_where_their_graph_reads_them():
     assert buffer[at : at + 2].tolist() == [-1, -1]
     assert buffer[at + 4 : at + 8].tolist() == [0, 0, 1, 0]  # after a 16-byte alignment gap
     assert graphs.stats()["dispatch"]["paths"]["full"] == 1
+    # The largest graph's batch at the widest block tables, every row fed from a step in
+    # flight, goes in place too: the buffer holds a whole pack, logits and feed lists included.
+    widest = BatchInputs(
+        token_ids=[[1]] * 4,
+        prefix_lens=[255] * 4,  # 256 tokens: max_model_len, 16 blocks
+        block_tables=[list(range(16 * row + 1, 16 * row + 17)) for row in range(4)],
+        block_size=16,
+        feed_dst=(0, 1, 2, 3),
+        feed_src=(3, 2, 1, 0),
+    )
+    assert widest.build(buffer.device, into=buffer).pack().data_ptr() == buffer.data_ptr()
     expected = make_engine(overlap=False).runner.execute(inputs)  # the same (fresh) KV pool
     assert logits.argmax(-1).tolist() == expected.argmax(-1).tolist()
     torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3)

@@ -83,6 +83,7 @@ from tesela.core.forward_batch import (
     ForwardBatch,
     ForwardMode,
     pack_layout,
+    pack_words,
     token_src_at,
 )
 from tesela.core.kv_cache import DUMMY_SLOT, KVCachePool
@@ -155,7 +156,9 @@ class DecodeGraphState:
     max_batch_size: int
     max_blocks_per_seq: int
     max_context_len: int
-    raw: torch.Tensor  # int32 words: the replayed batch's pack, up to its token_src
+    # int32 words: the replayed batch's pack (built here by the engine, whole; else copied in
+    # up to its token_src), sized for the whole pack of the largest, widest batch
+    raw: torch.Tensor
     seq_lens: torch.Tensor  # [max_batch_size] int32
     block_tables: torch.Tensor  # [max_batch_size, max_blocks_per_seq] int32
     partial_out: torch.Tensor  # flat fp32
@@ -347,8 +350,16 @@ class TritonAttentionBackend(AttentionBackend):
             max_batch_size=max_batch_size,
             max_blocks_per_seq=max_blocks_per_seq,
             max_context_len=max_context_len,
+            # Room for the whole pack of the largest batch (logits and fed ids included), so
+            # the engine builds every decode batch in place (`decode_pack_buffer`).
             raw=torch.zeros(
-                token_src_at(max_batch_size, max_batch_size, max_blocks_per_seq) + max_batch_size,
+                pack_words(
+                    rows=max_batch_size,
+                    tokens=max_batch_size,
+                    width=max_blocks_per_seq,
+                    logits=max_batch_size,
+                    feeds=max_batch_size,
+                ),
                 dtype=torch.int32,
                 device=device,
             ),

@@ -417,6 +417,13 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return b.index is None or a.index == b.index
 
 
+def pack_words(rows: int, tokens: int, width: int, logits: int, feeds: int) -> int:
+    """The size in int32 words of the pack `build` lays out for a batch of `rows` rows,
+    `tokens` new tokens, block tables `width` wide, `logits` sampled rows and `feeds` fed ids
+    (what a buffer passed as `build(into=...)` must hold for such a batch to go in place)."""
+    return sum(_pack_sizes(rows, tokens, width, logits, feeds))
+
+
 def token_src_at(rows: int, tokens: int, width: int) -> int:
     """Where a pack's token_src starts (int32 words): after its block tables of `rows` x
     `width` entries, aligned. The pack up to the end of token_src is what FULL decode graphs

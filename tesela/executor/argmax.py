@@ -19,10 +19,10 @@ A row's result depends on its own logits only, so it is the same in any batch, e
 graph, and equal to `torch.argmax` (tests/test_argmax.py checks ties, -inf and rows wider than
 one block; positive NaN ranks above +inf as in torch).
 
-The scratch (two words per row) lives per device and only grows: a buffer that a captured
-graph reads is never freed, and none is allocated while a stream captures (the runners sample
-once before they capture, which sizes it). Launches on one device share it, so they must run on
-one stream, as the engine's sampling does.
+The scratch (two words per row, tesela/core/scratch.py) lives per device and only grows: a
+buffer that a captured graph reads is never freed, and none is allocated while a stream
+captures (the runners sample once before they capture, which sizes it). Launches on one device
+share it, so they must run on one stream, as the engine's sampling does.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tesela.attention.triton_kernels.launcher import (
 )
 from tesela.core.intmath import cdiv
 from tesela.core.pdl import grid_dependency_sync
+from tesela.core.scratch import DeviceScratch
 
 try:
     import triton
@@ -92,34 +93,9 @@ if triton is not None:
     _ARGMAX = CachedLauncher(_argmax_kernel)
 
 
-class _Scratch:
-    """Per device: every row's key slot (int64, empty) and ticket counter (int32, zero)."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.retired: list[tuple[torch.Tensor, torch.Tensor]] = []  # read by captured graphs
-
-    def get(self, device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        current = self.buffers.get(device)
-        if current is not None and current[0].shape[0] >= rows:
-            return current
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"argmax_rows over {rows} rows needs more scratch than it holds, during a "
-                "CUDA graph capture: run it once at the captured size before capturing (the "
-                "runners' warmup does)"
-            )
-        size = max(rows, 2 * current[0].shape[0] if current is not None else 256)
-        if current is not None:
-            self.retired.append(current)
-        self.buffers[device] = (
-            torch.full((size,), _EMPTY, dtype=torch.int64, device=device),
-            torch.zeros(size, dtype=torch.int32, device=device),
-        )
-        return self.buffers[device]
-
-
-_scratch = _Scratch()
+# Per row: the best key folded in so far (empty between launches) and the ticket counter.
+_SLOTS = DeviceScratch("argmax key", torch.int64, _EMPTY)
+_TICKETS = DeviceScratch("argmax ticket", torch.int32, 0)
 
 
 def argmax_kernel(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,7 +113,7 @@ def argmax_kernel(logits: torch.Tensor, out: torch.Tensor | None = None) -> torc
         )
     if rows == 0:
         return out
-    slots, tickets = _scratch.get(logits.device, rows)
+    slots, tickets = _SLOTS.get(logits.device, rows), _TICKETS.get(logits.device, rows)
     _ARGMAX(
         (rows, cdiv(vocab, BLOCK), 1),
         OPTIONS,
