@@ -1141,7 +1141,7 @@ MUTATIONS = {
     ),
     "the argmax kernel leaves the row's best key in its slot": (
         ARGMAX,
-        "            best = tl.atomic_xchg(slot_ptr + row, -9223372036854775808)\n",
+        "            best = tl.atomic_xchg(slot_ptr + row, -9223372036854775808)  # back to _EMPTY\n",
         "            best = tl.atomic_max(slot_ptr + row, -9223372036854775808)\n",
         [ARGMAX_TESTS],
     ),
@@ -1149,6 +1149,12 @@ MUTATIONS = {
         ARGMAX,
         "        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)\n",
         "        ordered = bits\n",
+        [ARGMAX_TESTS],
+    ),
+    "the scratch frees the buffer it outgrew": (
+        "tesela/core/scratch.py",
+        "            self.retired.append(current)\n",
+        "            pass\n",
         [ARGMAX_TESTS],
     ),
     "a sampling graph's tokens do not land in the fed-token buffer": (

@@ -81,3 +81,23 @@ def test_argmax_rows_off_cuda_is_torch_and_fills_out():
     out = torch.full((3,), -1, dtype=torch.int64)
     assert argmax_rows(logits, out) is out
     assert torch.equal(out, logits.argmax(dim=-1))
+
+
+def test_the_scratch_only_grows_and_keeps_what_it_outgrew():
+    """A launch over more rows than any before grows the per-device scratch; the buffer it
+    outgrew stays allocated (a graph captured earlier still reads it), and the new one starts
+    as the kernel leaves it."""
+    import gc
+    import weakref
+
+    from tesela.core.scratch import DeviceScratch
+
+    scratch = DeviceScratch("test", torch.int64, -7)
+    small = scratch.get(torch.device("cpu"), 10)
+    assert small.numel() >= 10 and scratch.get(torch.device("cpu"), 10) is small
+    alive = weakref.ref(small)
+    del small
+    large = scratch.get(torch.device("cpu"), 1000)
+    gc.collect()
+    assert alive() is not None and large.numel() >= 1000
+    assert bool((large == -7).all())

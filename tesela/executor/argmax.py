@@ -46,8 +46,7 @@ except ImportError:  # CPU without triton: torch's argmax serves
 
 BLOCK = 4096  # logits per program: 38 programs over a 152k vocabulary at batch 1
 OPTIONS = (4, 1)  # (num_warps, num_stages): one load per program, nothing to pipeline
-_EMPTY = -(2**63)  # a slot holding no key yet (below every key)
-_LOW = 2**32 - 1
+_EMPTY = -(2**63)  # a slot holding no key yet (below every key; the kernel's reset value)
 
 
 def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,7 +85,7 @@ if triton is not None:
         tl.atomic_max(slot_ptr + row, key)
         ticket = tl.atomic_add(ticket_ptr + row, 1)
         if ticket == tl.num_programs(1) - 1:  # every program of the row has folded its key in
-            best = tl.atomic_xchg(slot_ptr + row, -9223372036854775808)
+            best = tl.atomic_xchg(slot_ptr + row, -9223372036854775808)  # back to _EMPTY
             tl.store(out_ptr + row, 4294967295 - (best & 4294967295))
             tl.store(ticket_ptr + row, 0)
 
@@ -100,6 +99,8 @@ _TICKETS = DeviceScratch("argmax ticket", torch.int32, 0)
 
 def argmax_kernel(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`argmax_rows` by the Triton kernel on any device (CPU tensors under TRITON_INTERPRET=1)."""
+    if triton is None:
+        raise RuntimeError("argmax_kernel needs triton (argmax_rows falls back to torch)")
     if logits.dim() != 2:
         raise ValueError(f"argmax_rows takes [rows, vocab] logits, got {tuple(logits.shape)}")
     rows, vocab = logits.shape
