@@ -1,7 +1,9 @@
 """The one-launch argmax kernel on CUDA: equal to torch.argmax over a real vocabulary, eager and
 captured in a CUDA graph replayed over other logits (the kernel leaves its scratch as it found
-it, so every replay starts clean), and what a FULL decode sampling graph writes into the buffer
-the next step's fed ids come from."""
+it, so every replay starts clean), and its scratch never grown during a capture. That the
+sampling graphs write their tokens into the fed-token buffer is checked on CPU
+(tests/test_dispatcher.py); greedy engine runs through it on the GPU, graphs on against off, in
+tests/gpu/test_overlap_gpu.py and tests/gpu/test_full_mixed_gpu.py."""
 
 from __future__ import annotations
 
