@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tesela.core.device import device_key
+
 _batch_ids = itertools.count(1)
 
 
@@ -222,7 +224,11 @@ class ForwardBatch:
         words[at[15] : at[15] + 2 * len(feed_dst)].view(np.int64)[:] = feed_dst
         words[at[17] : at[17] + 2 * len(feed_src)].view(np.int64)[:] = feed_src
 
-        if into is not None and _same_device(into.device, device) and into.numel() >= host.numel():
+        if (
+            into is not None
+            and device_key(into.device) == device_key(device)
+            and into.numel() >= host.numel()
+        ):
             packed = into[: host.numel()]  # a graph's own buffer: no copy before its replay
             packed.copy_(host, non_blocking=True)
         else:
@@ -406,15 +412,6 @@ def pack_layout(rows: int, tokens: int) -> tuple[int, int, int, int, int]:
     seq_at = 4 + _aligned(6 * tokens)
     aligned = _aligned(rows)
     return 4, seq_at, seq_at + aligned, seq_at + 2 * aligned, seq_at + 3 * aligned
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether `b` names device `a` (`cuda` names the current CUDA device)."""
-    if a.type != b.type:
-        return False
-    if b.index is None and b.type == "cuda":
-        return a.index == torch.cuda.current_device()
-    return b.index is None or a.index == b.index
 
 
 def pack_words(rows: int, tokens: int, width: int, logits: int, feeds: int) -> int:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from tesela.core.device import device_key
+
 
 class DeviceScratch:
     """A growing, never-freed buffer per device, every element `fill` between launches."""
@@ -29,6 +31,7 @@ class DeviceScratch:
 
     def get(self, device: torch.device, numel: int) -> torch.Tensor:
         """At least `numel` elements on `device`."""
+        device = device_key(device)
         current = self.buffers.get(device)
         if current is not None and current.numel() >= numel:
             return current

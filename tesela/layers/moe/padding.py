@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from tesela.core.device import device_key
 from tesela.core.forward_context import register_batch_hook
 
 ALL_TOKENS = torch.iinfo(torch.int32).max
@@ -28,18 +29,6 @@ def _write_count(num_tokens: int | None) -> None:
     with torch._C._DisableTorchDispatch():
         for count in _counts.values():
             count.fill_(ALL_TOKENS if num_tokens is None else num_tokens)
-
-
-def device_key(device: torch.device | str) -> torch.device:
-    """One key per device: the engine builds with "cuda", tensors report "cuda:0", and
-    torch.device("cuda") != torch.device("cuda:0"). A tensor's device (the per-layer lookups)
-    is returned as it is."""
-    if isinstance(device, torch.device) and (device.index is not None or device.type != "cuda"):
-        return device
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def allocate(device: torch.device | str) -> None:

@@ -41,10 +41,10 @@ import dataclasses
 
 import torch
 
+from tesela.core.device import device_key
 from tesela.core.intmath import cdiv, next_power_of_2
 from tesela.core.pdl import launch_kwargs
 from tesela.layers import gemv
-from tesela.layers.moe import padding
 
 SCORINGS = ("softmax_topk", "topk_softmax")
 # One program holds a token's E probabilities in registers: up to here one block fits well.
@@ -137,7 +137,7 @@ _workspaces: dict[torch.device, RouterWorkspace] = {}
 
 def allocate_workspace(device: torch.device | str) -> None:
     """Create `device`'s workspace (at model build time, never during graph capture)."""
-    key = padding.device_key(device)
+    key = device_key(device)
     if key not in _workspaces:
         _workspaces[key] = RouterWorkspace(
             logits=torch.zeros(MAX_FUSED_ROUTER_TOKENS * MAX_FUSED_EXPERTS, device=key),
@@ -146,7 +146,7 @@ def allocate_workspace(device: torch.device | str) -> None:
 
 
 def workspace(device: torch.device) -> RouterWorkspace | None:
-    return _workspaces.get(padding.device_key(device))
+    return _workspaces.get(device_key(device))
 
 
 @torch.library.custom_op("tesela::moe_router", mutates_args=())
