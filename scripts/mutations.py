@@ -216,10 +216,10 @@ MUTATIONS = {
         "",
         MIXED_LORA_TESTS,
     ),
-    "LoRA padding tokens keep the last batch's slots": (
+    "LoRA padding tokens keep the last batch's slots (no real-token count)": (
         "tesela/lora/state.py",
-        "        self.token_slot[n:].fill_(NO_SLOT)\n",
-        "",
+        "        rows[4, 0] = n\n",
+        "        rows[4, 0] = n + 1\n",
         MIXED_LORA_TESTS,
     ),
     "FULL mixed absent tiles run (as row 0 from query -1)": (
@@ -404,10 +404,22 @@ MUTATIONS = {
             "test_a_tuned_tile_serves_its_own_bucket_only_in_the_default_sum_order"
         ],
     ),
-    "LoRA padding tokens get slot 0": (
-        "tesela/lora/state.py",
-        "self.token_slot[n:].fill_(NO_SLOT)",
-        "self.token_slot[n:].fill_(0)",
+    "LoRA decode kernel reads padding tokens' stale slots": (
+        KERNELS,
+        "slot = tl.load(token_slot_ptr + t, mask=t < tl.load(real_ptr), other=-1)",
+        "slot = tl.load(token_slot_ptr + t)",
+        LORA_KERNEL_TESTS,
+    ),
+    "fused LoRA GEMM: padding rows take the last batch's segments": (
+        "tesela/lora/fused_gemm.py",
+        "m_end = tl.minimum(tl.minimum(m0 + BLOCK_M, M), tl.load(real_ptr))",
+        "m_end = tl.minimum(m0 + BLOCK_M, M)",
+        LORA_KERNEL_TESTS,
+    ),
+    "LoRA decode kernel adds the delta to its first column tile only": (
+        KERNELS,
+        "for n0 in range(col_lo + BLOCK_N, col_hi + BLOCK_N, BLOCK_N):",
+        "for n0 in range(col_lo + BLOCK_N, col_lo + 2 * BLOCK_N, BLOCK_N):",
         LORA_KERNEL_TESTS,
     ),
     "rsLoRA scaled as plain LoRA": (

@@ -65,7 +65,7 @@ def test_triton_kernels_match_the_reference(style, case):
     offsets = torch.tensor(OFFSETS, dtype=torch.int32)
     triton_lora(x, y, a, b, offsets, 32, buffers, style)
     expected = reference_lora_delta(
-        x, a, b, OFFSETS, buffers.token_slot[:padded], buffers.ranks, buffers.scalings
+        x, a, b, OFFSETS, buffers.slots_of(padded), buffers.ranks, buffers.scalings
     )
     torch.testing.assert_close((y - y0).double(), expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(y[n:], y0[n:])
@@ -86,7 +86,7 @@ def test_segment_walk_covers_blocks_spanning_many_segments():
     x, y = torch.randn(128, IN), torch.zeros(128, OFFSETS[-1])
     triton_lora(x, y, a, b, torch.tensor(OFFSETS, dtype=torch.int32), 32, buffers, SGMV)
     expected = reference_lora_delta(
-        x, a, b, OFFSETS, buffers.token_slot, buffers.ranks, buffers.scalings
+        x, a, b, OFFSETS, buffers.slots_of(128), buffers.ranks, buffers.scalings
     )
     torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
     assert (y[:n].abs().sum(dim=1) > 0).all()  # no segment skipped
@@ -109,6 +109,8 @@ TILED = {
     # 5 chunks of K, the last 8 wide, in 3 steps of 2 (the last step's second chunk empty)
     "gather_k_tail": (72, (0, 40, 64), LoRATiles(1, 16, 16, 1, max_unroll=2)),
     "gather_one_chunk": (72, (0, 24), LoRATiles(1, 32, 128, 1)),
+    # One program per (token, slice) shrinks once, then walks 40 columns as 16+16+8.
+    "gather_column_walk": (72, (0, 40, 64), LoRATiles(1, 16, 16, 1, expand_programs=1)),
     "sgmv_split_4": (200, (0, 40, 64), LoRATiles(16, 16, 16, 4)),  # K planes of 64,64,64,8
     "sgmv_split_13": (200, (0, 24), LoRATiles(16, 16, 16, 13)),  # one 16-wide step per plane
     "sgmv_split_6_is_5": (200, (0, 40, 64), LoRATiles(16, 32, 16, 6)),  # 3 steps each: 5 used
@@ -141,10 +143,10 @@ def test_tiled_kernels_match_the_reference(case):
     device_offsets = torch.tensor(offsets, dtype=torch.int32)
     triton_lora(x, y, a, b, device_offsets, max_size, buffers, style, tiles)
     expected = reference_lora_delta(
-        x, a, b, offsets, buffers.token_slot[: n + 6], buffers.ranks, buffers.scalings
+        x, a, b, offsets, buffers.slots_of(n + 6), buffers.ranks, buffers.scalings
     )
     torch.testing.assert_close((y - y0).double(), expected, atol=1e-4, rtol=1e-4)
-    base_rows = buffers.token_slot[: n + 6] == NO_SLOT  # base rows and padding: untouched
+    base_rows = buffers.slots_of(n + 6) == NO_SLOT  # base rows and padding: untouched
     assert torch.equal(y[base_rows], y0[base_rows]) and (~base_rows).sum() > n // 2
     assert (expected[~base_rows].abs().sum(dim=1) > 0).all()
 
@@ -275,7 +277,7 @@ def test_fused_gemm_equals_the_base_gemm_plus_the_reference_delta(tiles, case):
     offsets = torch.tensor(OFFSETS, dtype=torch.int32)
     y = lora_gemm(x, weight, bias, a, b, offsets, buffers, FUSED_TILES[tiles], block_r=16)
     delta = reference_lora_delta(
-        x, a, b, OFFSETS, buffers.token_slot[:padded], buffers.ranks, buffers.scalings
+        x, a, b, OFFSETS, buffers.slots_of(padded), buffers.ranks, buffers.scalings
     )
     expected = x.double() @ weight.double().T + bias.double() + delta
     torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)

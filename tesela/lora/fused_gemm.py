@@ -105,7 +105,7 @@ def _kernel():
     @triton.jit
     def lora_gemm(
         x_desc, w_desc, y_desc, a_desc, b_desc, bias_ptr, slice_off_ptr,
-        token_seg_ptr, seg_start_ptr, seg_slot_ptr, ranks_ptr, scalings_ptr,
+        token_seg_ptr, seg_start_ptr, seg_slot_ptr, ranks_ptr, scalings_ptr, real_ptr,
         M, N, K, a_rows_per_slot, a_rows_per_slice, b_rows_per_slot,
         NUM_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -127,9 +127,11 @@ def _kernel():
         j = 0  # the slice of this column tile
         for i in tl.static_range(1, NUM_SLICES):
             j += (n0 >= tl.load(slice_off_ptr + i)).to(tl.int32)
-        seg_first = tl.load(token_seg_ptr + m0)
-        seg_last = tl.load(token_seg_ptr + tl.minimum(m0 + BLOCK_M, M) - 1)
-        slot_first = tl.load(seg_slot_ptr + seg_first)
+        # The block's segments: none where it holds padding only (tokens past the batch's).
+        m_end = tl.minimum(tl.minimum(m0 + BLOCK_M, M), tl.load(real_ptr))
+        seg_first = tl.load(token_seg_ptr + m0, mask=m0 < m_end, other=1)
+        seg_last = tl.load(token_seg_ptr + m_end - 1, mask=m0 < m_end, other=0)
+        slot_first = tl.load(seg_slot_ptr + seg_first, mask=m0 < m_end, other=-1)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         if (seg_first == seg_last) & (slot_first >= 0):  # one adapter: shrink along
@@ -226,7 +228,7 @@ def lora_gemm(
         TensorDescriptor.from_tensor(b.view(slots * n, max_rank), [bn, block_r]),
         bias if bias is not None else weight, slice_offsets,
         buffers.token_seg, buffers.seg_start, buffers.seg_slot, buffers.ranks, buffers.scalings,
-        m, n, k, num_slices * max_rank, max_rank, n,
+        buffers.real_tokens, m, n, k, num_slices * max_rank, max_rank, n,
         NUM_SLICES=num_slices, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=tiles.group_m,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_kwargs(x.device, m),

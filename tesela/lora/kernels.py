@@ -14,18 +14,22 @@ Two styles read the same persistent buffers of the per-batch LoRA state:
   prefill fills the GPU instead of walking K=1024..3072 serially in a few dozen programs; the
   expand adds the planes up in order, each program walking several column tiles of its token
   block (`LoRATiles.expand_columns`) so its segment lookups are paid once.
-- `gather` (decode): one fused launch per target. Program (token, column block, slice) reads
-  its slot from `token_slot`, loads its B and y columns, recomputes its token's s (A is 16 x K:
-  small; K in steps of a few unrolled chunks whose loads are in flight together) and adds its
-  columns of the delta. Half the launches of shrink + expand and no s buffer: at decode sizes
-  a LoRA kernel costs its launch and memory latency, not its bytes.
+- `gather` (decode): one fused launch per target. Program (token, column group, slice) reads
+  its slot from `token_slot`, loads its first B and y column tile, computes its token's s (A
+  is 16 x K: small; K in steps of a few unrolled chunks whose loads are in flight together)
+  and adds the delta to its columns, a tile at a time, the next tile's loads in flight. Half
+  the launches of shrink + expand and no s buffer: at decode sizes a LoRA kernel costs its
+  launch and memory latency, not its bytes. A program takes one column tile at small batches
+  and several at large ones (`LoRATiles.expand_columns`), so a batch of 32 does not re-read
+  every token's A once per tile.
 A token's sum order (K step, split planes) depends on the target's shape alone
 (`LoRATiles.ORDER_FIELDS`), so its delta is bit-identical in any batch, eager or replayed.
 Launch grids depend only on the (padded) token count and the target's shape, never on the
-batch: a graph captured at one size is right for every batch replayed at that size. Tokens of
-the base model and padding carry slot -1 and cost no work (and add nothing; the sgmv expand
-never reads the s rows the shrink skipped); a slot's rank masks its weights, so a smaller
-adapter in a reused slot never reads the previous one's rows.
+batch: a graph captured at one size is right for every batch replayed at that size. Tokens at
+or past the batch's own count (`real_tokens`, the padding of a captured size) and tokens of the
+base model (slot -1) cost no work and add nothing (the sgmv expand never reads the s rows the
+shrink skipped); a slot's rank masks its weights, so a smaller adapter in a reused slot never
+reads the previous one's rows.
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ def _kernels():
 
     @triton.jit
     def shrink_sgmv(
-        x_ptr, a_ptr, s_ptr, token_seg_ptr, seg_start_ptr, seg_slot_ptr, ranks_ptr,
-        num_tokens, K, k_per_split, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank,
+        x_ptr, a_ptr, s_ptr, token_seg_ptr, seg_start_ptr, seg_slot_ptr, ranks_ptr, real_ptr,
+        K, k_per_split, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank,
         stride_s_split, stride_sm,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         IEEE: tl.constexpr,
@@ -60,14 +64,15 @@ def _kernels():
         grid_dependency_sync(PDL)
         pid_m, j, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         m_start = pid_m * BLOCK_M
-        m_end = tl.minimum(m_start + BLOCK_M, num_tokens)
+        m_end = tl.minimum(m_start + BLOCK_M, tl.load(real_ptr))  # padding: no work
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
         rows = m_start + tl.arange(0, BLOCK_M)
         r = tl.arange(0, BLOCK_R)
         s_base = s_ptr + pid_k.to(tl.int64) * stride_s_split
-        seg = tl.load(token_seg_ptr + m_start)
+        seg = tl.load(token_seg_ptr + m_start, mask=m_start < m_end, other=0)
         seg_lo = tl.load(seg_start_ptr + seg)
+        seg_lo = tl.where(m_start < m_end, seg_lo, m_end)
         while seg_lo < m_end:
             seg_hi = tl.load(seg_start_ptr + seg + 1)
             slot = tl.load(seg_slot_ptr + seg)
@@ -98,8 +103,8 @@ def _kernels():
     @triton.jit
     def expand_sgmv(
         s_ptr, b_ptr, y_ptr, slice_off_ptr, token_seg_ptr, seg_start_ptr, seg_slot_ptr,
-        ranks_ptr, scalings_ptr,
-        num_tokens, columns_per_program, stride_s_split, stride_sm, stride_b_slot, stride_b_row,
+        ranks_ptr, scalings_ptr, real_ptr,
+        columns_per_program, stride_s_split, stride_sm, stride_b_slot, stride_b_row,
         stride_ym,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
@@ -110,9 +115,9 @@ def _kernels():
         offset = tl.load(slice_off_ptr + j)
         size = tl.load(slice_off_ptr + j + 1) - offset
         m_start = pid_m * BLOCK_M
-        m_end = tl.minimum(m_start + BLOCK_M, num_tokens)
+        m_end = tl.minimum(m_start + BLOCK_M, tl.load(real_ptr))  # padding: no work
         col_lo = pid_n * columns_per_program
-        if col_lo < size:
+        if (col_lo < size) & (m_start < m_end):
             # A program resolves its token block's segments once, then walks its columns in
             # BLOCK_N tiles: the loads of y and B of one tile are independent of the last
             # tile's, so the loop pipelines them (a program per tile spent most of its time in
@@ -159,36 +164,42 @@ def _kernels():
     @triton.jit
     def lora_gather(
         x_ptr, a_ptr, b_ptr, y_ptr, slice_off_ptr, token_slot_ptr, ranks_ptr, scalings_ptr,
-        K, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank, stride_b_slot,
-        stride_b_row, stride_ym,
+        real_ptr, K, columns_per_program, stride_xm, stride_a_slot, stride_a_slice, stride_a_rank,
+        stride_b_slot, stride_b_row, stride_ym,
         K_UNROLL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
         grid_dependency_sync(PDL)
         t, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        slot = tl.load(token_slot_ptr + t)
+        slot = tl.load(token_slot_ptr + t, mask=t < tl.load(real_ptr), other=-1)  # padding: -1
         offset = tl.load(slice_off_ptr + j)
         size = tl.load(slice_off_ptr + j + 1) - offset
-        if (slot >= 0) & (pid_n * BLOCK_N < size):
+        col_lo = pid_n * columns_per_program
+        if (slot >= 0) & (col_lo < size):
+            col_hi = tl.minimum(col_lo + columns_per_program, size)
             rank = tl.load(ranks_ptr + slot)
             scaling = tl.load(scalings_ptr + slot)
             r = tl.arange(0, BLOCK_R)
-            # B and y first: their loads depend only on the slot, so they are in flight with
-            # the shrink's (the compiler does not move loads across the shrink's reduction).
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_mask = cols < size
-            b_offs = (
-                slot.to(tl.int64) * stride_b_slot
-                + (offset + cols)[:, None].to(tl.int64) * stride_b_row
-                + r[None, :]
-            )
-            bt = tl.load(b_ptr + b_offs, mask=col_mask[:, None] & (r < rank)[None, :], other=0.0)
-            y_offs = t.to(tl.int64) * stride_ym + offset + cols
-            y = tl.load(y_ptr + y_offs, mask=col_mask, other=0.0)
-            # Shrink: K_UNROLL chunks per step are unrolled, so their loads issue back to back
-            # (one memory round trip per step, not per chunk; at most ~2K elements of A in
-            # registers); one cross-thread sum at the end.
+            rank_mask = r < rank
+            # B's rows are the output columns: a column tile's B is b_tile + cols * stride.
+            b_tile = b_ptr + slot.to(tl.int64) * stride_b_slot + r[None, :]
+            b_tile += offset.to(tl.int64) * stride_b_row
+            y_row = y_ptr + t.to(tl.int64) * stride_ym + offset
+            # The first column tile's B and y first: their loads depend only on the slot, so
+            # they are in flight with the shrink's (the compiler does not move loads across the
+            # shrink's reduction).
+            cols = col_lo + tl.arange(0, BLOCK_N)
+            col_mask = cols < col_hi
+            b_mask = rank_mask[None, :]
+            bt = tl.load(
+                b_tile + cols[:, None] * stride_b_row, mask=col_mask[:, None] & b_mask, other=0.0
+            )  # fmt: skip
+            y = tl.load(y_row + cols, mask=col_mask, other=0.0)
+            # Shrink, once for all the program's columns: K_UNROLL chunks per step are
+            # unrolled, so their loads issue back to back (one memory round trip per step, not
+            # per chunk; at most ~2K elements of A in registers); one cross-thread sum at the
+            # end.
             a_base = a_ptr + slot.to(tl.int64) * stride_a_slot + j * stride_a_slice
             x_base = x_ptr + t.to(tl.int64) * stride_xm
             acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
@@ -198,13 +209,25 @@ def _kernels():
                     xk = tl.load(x_base + ks, mask=ks < K, other=0.0)
                     at = tl.load(
                         a_base + r[:, None] * stride_a_rank + ks[None, :],
-                        mask=(r < rank)[:, None] & (ks < K)[None, :], other=0.0,
+                        mask=rank_mask[:, None] & (ks < K)[None, :], other=0.0,
                     )  # fmt: skip
                     acc += at.to(tl.float32) * xk.to(tl.float32)[None, :]
             s = tl.sum(acc, axis=1)
-            # Expand: this program's BLOCK_N columns of the slice.
-            delta = tl.sum(bt.to(tl.float32) * s[None, :], axis=1) * scaling
-            tl.store(y_ptr + y_offs, (y.to(tl.float32) + delta).to(y.dtype), mask=col_mask)
+            # Expand: the program's columns of the slice, BLOCK_N at a time (each column one
+            # dot over the rank, whatever tile it falls in), the next tile's loads issued
+            # before this tile's sums.
+            for n0 in range(col_lo + BLOCK_N, col_hi + BLOCK_N, BLOCK_N):
+                next_cols = n0 + tl.arange(0, BLOCK_N)
+                next_mask = next_cols < col_hi
+                next_bt = tl.load(
+                    b_tile + next_cols[:, None] * stride_b_row,
+                    mask=next_mask[:, None] & b_mask, other=0.0,
+                )  # fmt: skip
+                next_y = tl.load(y_row + next_cols, mask=next_mask, other=0.0)
+                delta = tl.sum(bt.to(tl.float32) * s[None, :], axis=1) * scaling
+                out = (y.to(tl.float32) + delta).to(y.dtype)
+                tl.store(y_row + cols, out, mask=col_mask)
+                bt, y, cols, col_mask = next_bt, next_y, next_cols, next_mask
 
     return shrink_sgmv, expand_sgmv, lora_gather
 
@@ -234,11 +257,12 @@ def triton_lora(
         _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles)
         return
     _, _, lora_gather = _kernels()
-    grid = (num_tokens, -(-max_slice_size // tiles.block_n), num_slices)
+    columns = tiles.expand_columns(num_tokens, max_slice_size, num_slices)
+    grid = (num_tokens, -(-max_slice_size // columns), num_slices)
     lora_gather[grid](
         x, a, b, y, slice_offsets, state.token_slot, state.ranks, state.scalings,
-        K, x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
-        y.stride(0),
+        state.real_tokens, K, columns, x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0),
+        b.stride(1), y.stride(0),
         K_UNROLL=tiles.k_unroll(K), BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
         BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **launch_kwargs(x.device, num_tokens),
@@ -257,7 +281,7 @@ def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATi
     ieee = x.dtype == torch.float32
     shrink_sgmv[(m_blocks, num_slices, split_k)](
         x, a, s, state.token_seg, state.seg_start, state.seg_slot, state.ranks,
-        num_tokens, K, tiles.k_per_split(K), x.stride(0), a.stride(0), a.stride(1),
+        state.real_tokens, K, tiles.k_per_split(K), x.stride(0), a.stride(0), a.stride(1),
         a.stride(2), s.stride(0), s.stride(1),
         BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r, IEEE=ieee,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_kwargs(x.device, num_tokens),
@@ -265,8 +289,8 @@ def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATi
     columns = tiles.expand_columns(num_tokens, max_slice_size, num_slices)
     expand_sgmv[(m_blocks, -(-max_slice_size // columns), num_slices)](
         s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
-        state.ranks, state.scalings,
-        num_tokens, columns, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
+        state.ranks, state.scalings, state.real_tokens,
+        columns, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
         SPLIT_K=split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
         IEEE=ieee, num_warps=tiles.expand_warps, num_stages=tiles.num_stages,
         **launch_kwargs(x.device, num_tokens),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from tesela.core.forward_batch import BatchStamp
@@ -27,28 +28,32 @@ class StaleLoRAStateError(StaleMetadataError):
 
 @dataclass
 class LoRABuffers:
-    """Per-batch LoRA state at fixed addresses, sized for the largest batch; graphs read it."""
+    """Per-batch LoRA state at fixed addresses, sized for the largest batch; graphs read it.
 
+    Tokens at or past `real_tokens` (the padding of a captured size) are base-model tokens: the
+    kernels clamp to that count, so a batch writes only its own tokens' entries, all of them
+    (and the count) in one copy from the host."""
+
+    meta: torch.Tensor  # [5, max_tokens + 1] int32: the rows below, one copy writes them all
     token_slot: torch.Tensor  # [max_tokens] int32: adapter slot of every token (-1: none)
     token_seg: torch.Tensor  # [max_tokens] int32: segment of every token
-    seg_start: torch.Tensor  # [max_tokens + 2] int32: first token of every segment
-    seg_slot: torch.Tensor  # [max_tokens + 1] int32: adapter slot of every segment
+    seg_start: torch.Tensor  # [max_tokens + 1] int32: first token of every segment, then n
+    seg_slot: torch.Tensor  # [max_tokens] int32: adapter slot of every segment
+    real_tokens: torch.Tensor  # [1] int32: the batch's tokens; the rest is padding
     ranks: torch.Tensor  # [max_loras] int32: rank of each slot's adapter (0: empty)
     scalings: torch.Tensor  # [max_loras] fp32
 
     @classmethod
     def allocate(cls, max_tokens: int, max_loras: int, device) -> LoRABuffers:
-        def ints(n: int, value: int) -> torch.Tensor:
-            return torch.full((n,), value, dtype=torch.int32, device=device)
-
+        meta = torch.zeros(5, max_tokens + 1, dtype=torch.int32, device=device)
         return cls(
-            token_slot=ints(max_tokens, NO_SLOT),
-            token_seg=ints(max_tokens, 0),
-            seg_start=torch.tensor([0] + [max_tokens] * (max_tokens + 1), dtype=torch.int32).to(
-                device
-            ),
-            seg_slot=ints(max_tokens + 1, NO_SLOT),
-            ranks=ints(max_loras, 0),
+            meta=meta,
+            token_slot=meta[0, :max_tokens],
+            token_seg=meta[1, :max_tokens],
+            seg_start=meta[2],
+            seg_slot=meta[3, :max_tokens],
+            real_tokens=meta[4, :1],
+            ranks=torch.zeros(max_loras, dtype=torch.int32, device=device),
             scalings=torch.zeros(max_loras, dtype=torch.float32, device=device),
         )
 
@@ -61,23 +66,25 @@ class LoRABuffers:
         n, num_segs = num_tokens, len(segments)
         if n > self.max_tokens:
             raise AssertionError(f"{n} tokens exceed the LoRA buffers ({self.max_tokens})")
-        token_slot, token_seg = [], []
-        for index, (start, end, slot) in enumerate(segments):
-            token_slot += [slot] * (end - start)
-            token_seg += [index] * (end - start)
-        # One trailing segment with no adapter covers any padding up to the largest size.
-        starts = [s for s, _, _ in segments] + [n, self.max_tokens]
-        slots = [s for _, _, s in segments] + [NO_SLOT]
-        host = torch.tensor(token_slot + token_seg + starts + slots, dtype=torch.int32)
-        host = host.pin_memory() if self.token_slot.is_cuda else host
-        host = host.to(self.token_slot.device, non_blocking=True)
-        parts = host.split([n, n, num_segs + 2, num_segs + 1])
-        self.token_slot[:n].copy_(parts[0])
-        self.token_slot[n:].fill_(NO_SLOT)
-        self.token_seg[:n].copy_(parts[1])
-        self.token_seg[n:].fill_(num_segs)
-        self.seg_start[: num_segs + 2].copy_(parts[2])
-        self.seg_slot[: num_segs + 1].copy_(parts[3])
+        width = max(n, num_segs) + 1
+        pinned = self.meta.is_cuda
+        host = torch.zeros(5, width, dtype=torch.int32, pin_memory=pinned)
+        rows = host.numpy()
+        starts, ends, slots = np.array(segments, dtype=np.int32).reshape(num_segs, 3).T
+        lengths = ends - starts
+        rows[0, :n] = np.repeat(slots, lengths)
+        rows[1, :n] = np.repeat(np.arange(num_segs, dtype=np.int32), lengths)
+        rows[2, :num_segs], rows[2, num_segs] = starts, n
+        rows[3, :num_segs] = slots
+        rows[4, 0] = n
+        self.meta[:, :width].copy_(host, non_blocking=pinned)
+
+    def slots_of(self, num_tokens: int) -> torch.Tensor:
+        """Every token's slot as the kernels see it (-1 past `real_tokens`), on the host."""
+        real = int(self.real_tokens.item())
+        slots = self.token_slot[:num_tokens].cpu().clone()
+        slots[real:] = NO_SLOT
+        return slots
 
 
 @dataclass

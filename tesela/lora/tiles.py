@@ -65,7 +65,7 @@ class LoRATiles:
     num_stages: int = 3
     max_unroll: int = 4  # gather: K chunks whose loads are in flight together
     expand_warps: int = 8  # sgmv: the expand (a 32 x 128 tile of y needs ~250 registers at 4)
-    expand_programs: int = 512  # sgmv: expand programs to aim for (`expand_columns`)
+    expand_programs: int = 512  # sgmv's expand, gather: programs to aim for (`expand_columns`)
 
     def k_per_split(self, in_features: int) -> int:
         """Each split's share of K, whole BLOCK_K steps (the last split takes what is left)."""
@@ -81,11 +81,11 @@ class LoRATiles:
         return -(-chunks // steps)
 
     def expand_columns(self, num_tokens: int, max_slice_size: int, num_slices: int) -> int:
-        """sgmv: output columns per expand program, whole BLOCK_N tiles. Programs take several
-        tiles where the grid would otherwise exceed about `expand_programs` (a few per SM), so
-        each resolves its segments once and pipelines its tiles' loads; small batches keep a
-        tile per program for parallelism. The columns do not change any sum (each element of y
-        gets one dot over the rank)."""
+        """sgmv's expand and gather: output columns per program, whole BLOCK_N tiles. Programs
+        take several tiles where the grid would otherwise exceed about `expand_programs` (a
+        few per SM), so each resolves its segments (sgmv) or shrinks its token (gather) once
+        and pipelines its tiles' loads; small batches keep a tile per program for parallelism.
+        The columns do not change any sum (each element of y gets one dot over the rank)."""
         tiles = -(-max_slice_size // self.block_n)
         others = max(1, -(-num_tokens // self.block_m) * num_slices)
         groups = max(1, min(tiles, -(-self.expand_programs // others)))
@@ -97,19 +97,20 @@ class LoRATiles:
 
 
 def gather_tiles(in_features: int, max_slice_size: int, block_r: int) -> LoRATiles:
-    """Decode's fused kernel, one tile for every token count. Each program recomputes its
-    token's BLOCK_R x K shrink (A: 32-96 KB at K=1024-3072, rank 16), so column blocks trade
-    parallelism for A re-reads from L2: 512 columns give a batch-1 qkv target 8 programs and a
-    batch of 32 a re-read of A under twice B's bytes. K goes in steps of up to 4 unrolled
-    chunks of 512 (`k_unroll`). Tiles stay under ~16K elements per 256 threads whatever the
-    rank width."""
+    """Decode's fused kernel, one tile for every token count. A program shrinks its token once
+    (A: 32-96 KB at K=1024-3072, rank 16, read from L2 or HBM), then walks its columns in
+    tiles of 256; `expand_columns` gives small batches a tile per program (parallelism) and
+    large ones several, aiming at about 384 programs, so a batch of 32 does not re-read each
+    token's A once per tile. K goes in steps of up to 4 unrolled chunks of 512 (`k_unroll`).
+    Tiles stay under ~16K elements per 256 threads whatever the rank width."""
     return LoRATiles(
         block_m=1,
-        block_n=pow2_block(max_slice_size, min(512, 16384 // block_r)),
+        block_n=pow2_block(max_slice_size, min(256, 16384 // block_r)),
         block_k=pow2_block(in_features, 8192 // block_r),
         split_k=1,
         num_warps=8,
         num_stages=1,
+        expand_programs=384,
     )
 
 

@@ -50,9 +50,13 @@ def target_shapes(model_config) -> dict[str, tuple[int, tuple[int, ...]]]:
 
 
 def gather_candidates(default: LoRATiles) -> list[LoRATiles]:
-    """Columns per program, warps and K chunks in flight; never the K step (the sum order)."""
-    grid = itertools.product((64, 128, 256, 512, 1024), (4, 8), (1, 2, 4))
-    return [default] + [replace(default, block_n=n, num_warps=w, max_unroll=u) for n, w, u in grid]
+    """Column tiles, programs to aim for (columns per program), warps and K chunks in flight;
+    never the K step (the sum order)."""
+    grid = itertools.product((128, 256, 512), (96, 192, 384, 1 << 20), (4, 8), (2, 4))
+    return [default] + [
+        replace(default, block_n=n, expand_programs=p, num_warps=w, max_unroll=u)
+        for n, p, w, u in grid
+    ]
 
 
 def sgmv_candidates(default: LoRATiles, stage: int, best=None) -> list[LoRATiles]:

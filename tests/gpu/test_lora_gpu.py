@@ -57,7 +57,7 @@ def test_kernels_bf16_match_the_reference(shape, style, num_tokens):
     triton_lora(x, y, a, b, device_offsets, max_size, buffers, style)
     torch.cuda.synchronize()
     expected = reference_lora_delta(
-        x.cpu(), a.cpu(), b.cpu(), offsets, buffers.token_slot[: x.shape[0]].cpu(),
+        x.cpu(), a.cpu(), b.cpu(), offsets, buffers.slots_of(x.shape[0]),
         buffers.ranks.cpu(), buffers.scalings.cpu(),
     )  # fmt: skip
     got = (y.double() - y0.double()).cpu()
@@ -67,6 +67,36 @@ def test_kernels_bf16_match_the_reference(shape, style, num_tokens):
     assert torch.equal(y[num_tokens:], y0[num_tokens:])  # padding rows untouched
     if any(slot != NO_SLOT for _, _, slot in segments):
         assert expected.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("shape", ["qkv", "ragged"])
+def test_gather_delta_of_a_token_is_the_same_in_any_batch(shape):
+    """Decode's kernel gives a program more columns at larger token counts (it shrinks once
+    for all of them): a token's row is still bitwise the same at every count, as a decode
+    graph captured at one size and the eager step at another need."""
+    in_features, offsets = SHAPES[shape]
+    slots, max_rank, n = 4, 16, 160
+    g = torch.Generator().manual_seed(11)
+    a = (torch.randn(slots, len(offsets) - 1, max_rank, in_features, generator=g)
+         * in_features**-0.5).bfloat16().cuda()  # fmt: skip
+    b = (torch.randn(slots, offsets[-1], max_rank, generator=g) * 0.05).bfloat16().cuda()
+    x = torch.randn(n, in_features, generator=g).bfloat16().cuda()
+    y0 = torch.randn(n, offsets[-1], generator=g).bfloat16().cuda()
+    device_offsets = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    max_size = max(hi - lo for lo, hi in zip(offsets[:-1], offsets[1:], strict=True))
+    rows = {}
+    for num_tokens in (1, 8, 32, n):
+        buffers = LoRABuffers.allocate(n, slots, "cuda")
+        buffers.write([(t, t + 1, t % slots) for t in range(num_tokens)], num_tokens)
+        buffers.ranks.fill_(max_rank)
+        buffers.scalings.fill_(2.0)
+        y = y0[:num_tokens].clone()
+        triton_lora(x[:num_tokens], y, a, b, device_offsets, max_size, buffers, GATHER)
+        rows[num_tokens] = y
+    assert not torch.equal(rows[1][0], y0[0])
+    for num_tokens in (8, 32, n):
+        assert torch.equal(rows[num_tokens][: min(num_tokens, 8)], rows[8][: min(num_tokens, 8)])
+        assert torch.equal(rows[num_tokens][:1], rows[1])
 
 
 @pytest.mark.parametrize("shape", ["qkv", "down"])
@@ -98,7 +128,7 @@ def test_fused_gemm_bf16_matches_the_reference_in_any_batch(shape, tiles):
         )
         if num_tokens == n:
             delta = reference_lora_delta(
-                x.cpu(), a.cpu(), b.cpu(), offsets, buffers.token_slot[:n].cpu(),
+                x.cpu(), a.cpu(), b.cpu(), offsets, buffers.slots_of(n),
                 buffers.ranks.cpu(), buffers.scalings.cpu(),
             )  # fmt: skip
     expected = x.cpu().double() @ weight.cpu().double().T + delta
