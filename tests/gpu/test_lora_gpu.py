@@ -305,7 +305,10 @@ def test_full_mixed_replay_with_adapters_equals_eager(mixed_runner, rows, lora_i
     got = full.run(mixed_batch(rows, lora_ids, 2)).clone()
     assert torch.equal(got, full.run_eager_padded(mixed_batch(rows, lora_ids, 2)))
     eager = runner.forward_eager(mixed_batch(rows, lora_ids, 2))
-    torch.testing.assert_close(got.float(), eager.float(), rtol=2e-2, atol=0.125)
+    # Unpadded, the GEMMs take other cuBLAS tiles: a few of 142k bf16 logits move by up to
+    # 0.17 (H200, "swapped"; the tree before the real-token count too). The LoRA checks are
+    # the per-row ones below.
+    torch.testing.assert_close(got.float(), eager.float(), rtol=2e-2, atol=0.25)
     base = runner.forward_eager(mixed_batch(rows, [0] * len(rows), 2))
     start = 0
     for (_, n), lora_id in zip(rows, lora_ids, strict=True):
