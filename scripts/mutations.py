@@ -404,6 +404,12 @@ MUTATIONS = {
             "test_a_tuned_tile_serves_its_own_bucket_only_in_the_default_sum_order"
         ],
     ),
+    "LoRA buffers skip a write of another batch with the same token count": (
+        "tesela/lora/state.py",
+        "        held = (tuple(segments), n)\n",
+        "        held = n\n",
+        LORA_KERNEL_TESTS,
+    ),
     "LoRA decode kernel reads padding tokens' stale slots": (
         KERNELS,
         "slot = tl.load(token_slot_ptr + t, mask=t < tl.load(real_ptr), other=-1)",

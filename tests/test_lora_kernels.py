@@ -77,6 +77,21 @@ def test_triton_kernels_match_the_reference(style, case):
     torch.testing.assert_close(y_torch, y, atol=1e-4, rtol=1e-4)
 
 
+def test_buffers_hold_the_last_batch_written_and_skip_only_a_repeat():
+    """A write of the segments the rows already hold is skipped (decode steps of the same
+    requests); any other write, even of the same token count, lands whole."""
+    buffers = LoRABuffers.allocate(16, SLOTS, "cpu")
+    decode = [(t, t + 1, t % SLOTS) for t in range(4)]
+    swapped = [(t, t + 1, (t + 1) % SLOTS) for t in range(4)]
+    extend = [(0, 3, 1), (3, 4, NO_SLOT)]
+    for segments in (decode, swapped, decode, decode, extend, decode):
+        buffers.write(segments, 4)
+        expected = [slot for start, end, slot in segments for _ in range(start, end)]
+        assert buffers.slots_of(6).tolist() == expected + [NO_SLOT, NO_SLOT]
+        assert buffers.seg_start[: len(segments) + 1].tolist() == [s for s, _, _ in segments] + [4]
+        assert buffers.seg_slot[: len(segments)].tolist() == [slot for _, _, slot in segments]
+
+
 def test_segment_walk_covers_blocks_spanning_many_segments():
     """More segments than any cap, with blocks of 16/32 tokens straddling segment borders."""
     segments = [(i * 3, i * 3 + 3, i % SLOTS) for i in range(40)]  # 40 segments, 120 tokens

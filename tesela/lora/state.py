@@ -32,7 +32,8 @@ class LoRABuffers:
 
     Tokens at or past `real_tokens` (the padding of a captured size) are base-model tokens: the
     kernels clamp to that count, so a batch writes only its own tokens' entries, all of them
-    (and the count) in one copy from the host."""
+    (and the count) in one copy from the host, and none when the rows already hold its segments
+    (the decode steps of one set of requests)."""
 
     meta: torch.Tensor  # [5, max_tokens + 1] int32: the rows below, one copy writes them all
     token_slot: torch.Tensor  # [max_tokens] int32: adapter slot of every token (-1: none)
@@ -42,6 +43,7 @@ class LoRABuffers:
     real_tokens: torch.Tensor  # [1] int32: the batch's tokens; the rest is padding
     ranks: torch.Tensor  # [max_loras] int32: rank of each slot's adapter (0: empty)
     scalings: torch.Tensor  # [max_loras] fp32
+    held: tuple | None = field(default=None, repr=False)  # (segments, n) the rows hold now
 
     @classmethod
     def allocate(cls, max_tokens: int, max_loras: int, device) -> LoRABuffers:
@@ -66,6 +68,10 @@ class LoRABuffers:
         n, num_segs = num_tokens, len(segments)
         if n > self.max_tokens:
             raise AssertionError(f"{n} tokens exceed the LoRA buffers ({self.max_tokens})")
+        held = (tuple(segments), n)
+        if held == self.held:  # decode steps of the same rows: the rows hold this batch already
+            return
+        self.held = held
         width = max(n, num_segs) + 1
         pinned = self.meta.is_cuda
         host = torch.zeros(5, width, dtype=torch.int32, pin_memory=pinned)
