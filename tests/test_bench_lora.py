@@ -24,6 +24,7 @@ def test_bench_lora_runs_on_cpu(tmp_path, capsys):
             for b in (1, 2):
                 key = f"{phase}/b{b}"
                 assert cells[f"{key}/eager"] > 0 and cells[f"{key}/graphs"] > 0
+                assert cells[f"{key}/pipelined"] > 0
                 assert cells[f"{key}/max_abs_err"] < 1e-4  # graphs equal eager
         assert "piecewise breakable" in cells["graph_memory_by_set"]
     assert results["lora"]["lora_memory_bytes"] > 0
@@ -32,6 +33,18 @@ def test_bench_lora_runs_on_cpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "graph memory: base" in out and "piecewise breakable: base" in out
     assert "LoRA kernel launches per layer: decode 4" in out
+    assert "lora/base (pipelined)" in out
+
+
+def test_pipelined_timing_runs_every_step_without_waiting_between():
+    """`pipelined_ms`: the warmup, then `rounds` rounds of `steps` calls, and a per-call time."""
+    import torch
+
+    from tesela.bench.common import pipelined_ms
+
+    calls = []
+    ms = pipelined_ms(calls.append, "step", torch.device("cpu"), steps=4, rounds=3)
+    assert len(calls) == 3 + 4 * 3 and ms >= 0
 
 
 def test_a_prefill_row_fits_a_full_mixed_graph():

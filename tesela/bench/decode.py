@@ -241,6 +241,14 @@ def decode_step(fn, runner, batch: ForwardBatch) -> tuple[torch.Tensor, list[int
     return logits, logits.argmax(dim=-1).tolist()
 
 
+@torch.inference_mode()
+def device_step(fn, runner, batch: ForwardBatch) -> torch.Tensor:
+    """`decode_step` without reading the tokens back: what a step costs the device when the
+    host does not wait for it (overlap scheduling reads a step's tokens one step later)."""
+    hidden_states = fn(batch)
+    return runner.compute_logits(hidden_states[batch.logits_indices]).argmax(dim=-1)
+
+
 def time_step(runner, fn, batch: ForwardBatch, repeat: int) -> tuple[float, torch.Tensor]:
     """Host-visible median ms of a decode step through sampling; and its logits."""
     step = functools.partial(decode_step, fn, runner)

@@ -5,7 +5,10 @@ prefill of `--prefill-tokens` tokens split over the batch's rows, each row serve
 `--num-adapters` random adapters of rank `--rank` (round robin), eager and with graphs through
 the dispatcher, so each batch takes the path that serves it in production (FULL decode graphs
 for decode; FULL mixed graphs for prefill when `--full-mixed on`, the default, else piecewise;
-the table names the path); the same shapes on the base model (LoRA off) side by side. Also the
+the table names the path); the same shapes on the base model (LoRA off) side by side. "graphs"
+times one synchronous step (host planning and launch included); "pipelined" times steps issued
+back to back without reading tokens back, the device's pace, as the engine's overlap scheduler
+runs decode (`pipelined_ms`), so host noise between processes does not move it. Also the
 graph memory of both engines, per graph set. Runs on `tiny` on CPU (no capture there: the graph
 columns run the CPU path of the same runners). JSON + a table printed last.
 """
@@ -13,13 +16,15 @@ columns run the CPU path of the same runners). JSON + a table printed last.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import tempfile
 from pathlib import Path
 
 import torch
 
-from tesela.bench.decode import time_step
+from tesela.bench.common import pipelined_ms
+from tesela.bench.decode import device_step, time_step
 from tesela.bench.prefill import write_outputs
 from tesela.core.forward_batch import ForwardBatch, ForwardMode
 
@@ -110,6 +115,9 @@ def measure(runner, args, batch_sizes: list[int], adapters: int) -> dict:
                 runner, dispatcher.run, batch, args.repeat
             )
             out[f"{phase}/b{b}/graphs_path"] = path.value
+            out[f"{phase}/b{b}/pipelined"] = pipelined_ms(
+                functools.partial(device_step, dispatcher.run, runner), batch, runner.device
+            )
             out[f"{phase}/b{b}/max_abs_err"] = (replay.float() - eager.float()).abs().max().item()
     reports = dispatcher.reports()
     out["graph_memory_bytes"] = sum(r.graph_memory_bytes for r in reports)
@@ -172,17 +180,21 @@ def format_lora_table(results: dict) -> str:
         f"LoRA cost, {results['model']} ({results['dtype']}) on {results['device']}: "
         f"{results['adapters']} adapters of rank {results['rank']}, median ms",
         "| phase | batch | path | base eager | lora eager | base graphs | lora graphs | "
-        "lora/base (graphs) | lora graph err |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "lora/base (graphs) | base pipelined | lora pipelined | lora/base (pipelined) | "
+        "lora graph err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for phase in ("decode", "prefill"):
         for b in results["batch_sizes"]:
             key = f"{phase}/b{b}"
             ratio = lora[f"{key}/graphs"] / base[f"{key}/graphs"]
+            pipelined = lora[f"{key}/pipelined"] / base[f"{key}/pipelined"]
             lines.append(
                 f"| {phase} | {b} | {lora[f'{key}/graphs_path']} | {base[f'{key}/eager']:.3f} | "
                 f"{lora[f'{key}/eager']:.3f} | {base[f'{key}/graphs']:.3f} | "
-                f"{lora[f'{key}/graphs']:.3f} | {ratio:.2f} | {lora[f'{key}/max_abs_err']:.1e} |"
+                f"{lora[f'{key}/graphs']:.3f} | {ratio:.2f} | {base[f'{key}/pipelined']:.3f} | "
+                f"{lora[f'{key}/pipelined']:.3f} | {pipelined:.2f} | "
+                f"{lora[f'{key}/max_abs_err']:.1e} |"
             )
     launches = results["lora_launches_per_layer"]
     lines.append(
