@@ -261,8 +261,8 @@ def triton_lora(
     grid = (num_tokens, -(-max_slice_size // columns), num_slices)
     lora_gather[grid](
         x, a, b, y, slice_offsets, state.token_slot, state.ranks, state.scalings,
-        state.real_tokens, K, columns, x.stride(0), a.stride(0), a.stride(1), a.stride(2), b.stride(0),
-        b.stride(1), y.stride(0),
+        state.real_tokens, K, columns, x.stride(0), a.stride(0), a.stride(1), a.stride(2),
+        b.stride(0), b.stride(1), y.stride(0),
         K_UNROLL=tiles.k_unroll(K), BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
         BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **launch_kwargs(x.device, num_tokens),
