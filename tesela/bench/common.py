@@ -90,21 +90,20 @@ def pipelined_ms(fn: Callable[[Any], Any], arg, device, steps: int = 20, rounds:
     for _ in range(3):
         fn(arg)
     sync(device)
+    on_gpu = device.type == "cuda"
     samples = []
     for _ in range(rounds):
-        if device.type == "cuda":
+        if on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(steps):
-                fn(arg)
+        begin = time.perf_counter()
+        for _ in range(steps):
+            fn(arg)
+        if on_gpu:
             end.record()
             sync(device)
-            samples.append(start.elapsed_time(end) / steps)
-        else:
-            begin = time.perf_counter()
-            for _ in range(steps):
-                fn(arg)
-            samples.append((time.perf_counter() - begin) * 1e3 / steps)
+        ms = start.elapsed_time(end) if on_gpu else (time.perf_counter() - begin) * 1e3
+        samples.append(ms / steps)
     return statistics.median(samples)
 
 

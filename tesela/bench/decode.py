@@ -236,8 +236,7 @@ def decode_batch(runner, batch_size: int, context: int) -> ForwardBatch:
 @torch.inference_mode()
 def decode_step(fn, runner, batch: ForwardBatch) -> tuple[torch.Tensor, list[int]]:
     """What the engine does per decode step: forward, logits, greedy tokens back on the host."""
-    hidden_states = fn(batch)
-    logits = runner.compute_logits(hidden_states[batch.logits_indices])
+    logits = runner.compute_logits(fn(batch)[batch.logits_indices])
     return logits, logits.argmax(dim=-1).tolist()
 
 
@@ -245,8 +244,7 @@ def decode_step(fn, runner, batch: ForwardBatch) -> tuple[torch.Tensor, list[int
 def device_step(fn, runner, batch: ForwardBatch) -> torch.Tensor:
     """`decode_step` without reading the tokens back: what a step costs the device when the
     host does not wait for it (overlap scheduling reads a step's tokens one step later)."""
-    hidden_states = fn(batch)
-    return runner.compute_logits(hidden_states[batch.logits_indices]).argmax(dim=-1)
+    return runner.compute_logits(fn(batch)[batch.logits_indices]).argmax(dim=-1)
 
 
 def time_step(runner, fn, batch: ForwardBatch, repeat: int) -> tuple[float, torch.Tensor]:
