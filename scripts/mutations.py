@@ -383,16 +383,28 @@ MUTATIONS = {
         "mask=(ks < K)[None, :]",
         LORA_KERNEL_TESTS,
     ),
-    "fused LoRA GEMM: a block spanning segments reads a slot's A past its rank": (
+    "fused LoRA GEMM reads B past the slot's rank": (
         "tesela/lora/fused_gemm.py",
-        "at = tl.where(rank_mask, a_desc.load([a_row, k0]).T, 0.0)",
-        "at = a_desc.load([a_row, k0]).T",
+        "bt = tl.where((r < rank_first)[:, None], b_first, 0.0)",
+        "bt = b_first",
         LORA_KERNEL_TESTS,
     ),
-    "fused LoRA GEMM: a block of many segments shrinks only its first": (
+    "fused LoRA GEMM skips the slots between a block's first and last": (
         "tesela/lora/fused_gemm.py",
-        "for seg in range(seg_first, seg_last + 1):  # each adapter segment of the block",
-        "for seg in range(seg_first, seg_first + 1):  # each adapter segment of the block",
+        "while tl.sum(rest.to(tl.int32)) > 0:",
+        "while tl.sum(rest.to(tl.int32)) > BLOCK_M:",
+        LORA_KERNEL_TESTS,
+    ),
+    "fused LoRA GEMM adds the last slot's delta to every adapter row": (
+        "tesela/lora/fused_gemm.py",
+        "sa = tl.where((row_slot == last)[:, None], st, 0.0)",
+        "sa = tl.where((row_slot >= 0)[:, None], st, 0.0)",
+        LORA_KERNEL_TESTS,
+    ),
+    "fused LoRA GEMM reads only the shrink's first K plane": (
+        "tesela/lora/fused_gemm.py",
+        "for split in tl.static_range(SPLIT_K):",
+        "for split in tl.static_range(1):",
         LORA_KERNEL_TESTS,
     ),
     "a tuned LoRA tile changes a token's sum order (eager and graphs disagree)": (
@@ -416,10 +428,10 @@ MUTATIONS = {
         "slot = tl.load(token_slot_ptr + t)",
         LORA_KERNEL_TESTS,
     ),
-    "fused LoRA GEMM: padding rows take the last batch's segments": (
+    "fused LoRA GEMM: padding rows take the last batch's slots": (
         "tesela/lora/fused_gemm.py",
-        "m_end = tl.minimum(tl.minimum(m0 + BLOCK_M, M), tl.load(real_ptr))",
-        "m_end = tl.minimum(m0 + BLOCK_M, M)",
+        "row_slot = tl.where(rows < real, row_slot, -1)",
+        "row_slot = row_slot",
         LORA_KERNEL_TESTS,
     ),
     "LoRA decode kernel adds the delta to its first column tile only": (

@@ -277,9 +277,9 @@ FUSED_CASES = {**CASES, "pairs": [(i, i + 8, [0, 1, NO_SLOT][i // 8 % 3]) for i 
 @pytest.mark.parametrize("tiles", list(FUSED_TILES))
 @pytest.mark.parametrize("case", list(FUSED_CASES))
 def test_fused_gemm_equals_the_base_gemm_plus_the_reference_delta(tiles, case):
-    """Blocks of one adapter (shrink in the K loop), blocks spanning segments (a K pass per
-    segment), base rows and padding rows (slot -1: the plain GEMM), with junk, NaN included,
-    in a slot's rows past its adapter's rank (masked in A, s and B, so it adds nothing)."""
+    """Blocks of one adapter, blocks spanning segments (an epilogue MMA per segment), base
+    rows and padding rows (slot -1: the plain GEMM), with junk, NaN included, in a slot's rows
+    past its adapter's rank (masked in A, s and B, so it adds nothing)."""
     segments = FUSED_CASES[case]
     n = segments[-1][1]
     padded = n + 7
@@ -289,8 +289,9 @@ def test_fused_gemm_equals_the_base_gemm_plus_the_reference_delta(tiles, case):
     weight, bias = torch.randn(OFFSETS[-1], IN, generator=g), torch.randn(OFFSETS[-1], generator=g)
     x = torch.randn(padded, IN, generator=g)
     buffers = state(segments, n, 64, [8, 3, 5], [0.5, 2.0, 1.25])
-    offsets = torch.tensor(OFFSETS, dtype=torch.int32)
-    y = lora_gemm(x, weight, bias, a, b, offsets, buffers, FUSED_TILES[tiles], block_r=16)
+    sizes = [hi - lo for lo, hi in zip(OFFSETS[:-1], OFFSETS[1:], strict=True)]
+    shrink = LoRATiles(block_m=16, block_n=16, block_k=16, split_k=2)  # two planes of s
+    y = lora_gemm(x, weight, bias, a, b, sizes, buffers, FUSED_TILES[tiles], shrink)
     delta = reference_lora_delta(
         x, a, b, OFFSETS, buffers.slots_of(padded), buffers.ranks, buffers.scalings
     )

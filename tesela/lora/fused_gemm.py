@@ -1,46 +1,54 @@
-"""The base GEMM with the LoRA delta inside it: one kernel per LoRA target at prefill sizes.
+"""The base GEMM with the LoRA expand in its epilogue: prefill-sized targets in two launches.
 
-    y[t] = x[t] @ W.T (+ bias) + scaling[slot] * (x[t] @ A[slot, j].T) @ B[slot, cols_j].T
+    y[t] = x[t] @ W.T (+ bias) + scaling[slot] * s[t, j] @ B[slot, cols_j].T
+    s[t, j] = x[t] @ A[slot, j].T                       (the sgmv shrink, tesela/lora/kernels.py)
 
-At prefill sizes the separate shrink and expand kernels (tesela/lora/kernels.py, `sgmv`) cost
-almost as much as the base GEMM itself: two more launches per target, and the expand reads and
-rewrites all of y. Here a program owns a BLOCK_M x BLOCK_N tile of y and computes it whole:
+The base GEMM followed by the sgmv pair costs three launches per target, and the sgmv expand
+reads and rewrites all of y: at 1024 tokens of qwen3-0.6b's gate_up (N = 6144) that round trip
+is most of the delta's cost. Here the shrink runs first (its planes of s are 16 columns a slice
+per token: small), and then one Triton GEMM (x and W read through TMA descriptors) computes a
+BLOCK_M x BLOCK_N tile of y whole: the base K loop, then, in the epilogue, one rank-16 MMA per
+adapter slot present in the block, s (its rows selected to the slot's tokens) @ B[slot].T (zero
+past the slot's rank) times its scaling, added to the fp32 accumulator before the one rounding
+to y's dtype. So y is written once, with no read-modify-write and no third launch, and a block
+spanning many requests pays a small MMA per adapter, not a pass over K.
 
-- the base GEMM's K loop (x, W, A and B read through TMA descriptors), with the shrink of the
-  tile's tokens riding along (x's tile is loaded already; the shrink is one more tl.dot of
-  BLOCK_R = 16 columns per K step, BLOCK_R / BLOCK_N more MMA work) when all of the block's
-  tokens share one adapter, the common case of a prefill (segments are whole requests);
-- a block that spans several segments (segment boundaries, decode rows of a mixed batch) runs
-  the plain K loop, then one more pass over K per adapter segment in it, x masked to that
-  segment's tokens;
-- the expand in the epilogue: per segment of the block, s (masked to its tokens) @ B.T times
-  its scaling, added to the fp32 accumulator before the one rounding to y's dtype.
+The epilogue reads its tokens' slots (`token_slot`), not the segment list: the segment walk
+is a chain of dependent loads, and a program that ran it after its K loop spent longer there
+than in a 1024-token GEMM's loop (docs/bench-results.md). Its loads are issued before the K
+loop instead, so their latency hides under it: the tile's rows of s, and B for the slots of the
+block's first and last tokens (a block holds one or two adapters unless requests are shorter
+than it); a slot found only in between costs one more load after the loop.
 
-No partial sums leave the program, so y is written once and a token's result depends only on
-its own row: BLOCK_K (the K order of every sum) is one constant for every launch, and
-tl.dot adds a tile's products in K order whatever BLOCK_M and BLOCK_N are, so a token's output
-is the same in any batch, eager or replayed. The grid depends on the (padded) token count and
-the target's shape only: a graph captured at one size serves every batch at that size, with
-any number of segments, none skipped (base-model and padding tokens carry slot -1 and get the
-plain GEMM). Every column tile lies in one slice (BLOCK_N divides every slice width), so a
-program shrinks with one slice's A.
+A token's result depends only on its own row: BLOCK_K (the K order of the base sum) is one
+constant for every launch, tl.dot adds a tile's products in K order whatever BLOCK_M and
+BLOCK_N are, and the shrink's sum order is its shape's (`LoRATiles.ORDER_FIELDS`); so a token's
+output is the same in any batch, eager or replayed. The grid depends on the (padded) token
+count and the target's shape only: a graph captured at one size serves every batch at that
+size, with any number of segments, none skipped (base-model and padding tokens carry slot -1,
+or lie past the batch's `real_tokens`, and get the plain GEMM). Every column tile lies in one
+slice (BLOCK_N divides every slice width), so a program reads one slice's s and B.
 
 It runs only where `python3 -m tesela.tune.lora --styles fused` measured it faster than cuBLAS
-followed by sgmv (the table's `fused` entries). On H200 that is 2048 tokens and up: a Triton
-TMA GEMM comes within 3-14% of cuBLAS, and the saved launches and y round trip pay for that
-once blocks hold one adapter; with shorter rows a block spans several segments and pays a K
-pass for each (docs/bench-results.md).
+followed by sgmv (the table's `fused` entries, per target shape and token bucket): on H200,
+every qwen3-0.6b and llama-3.2-1b target from 128 to 4096 tokens but a few buckets. The Triton
+GEMM, its epilogue's loads included, runs 0-35% longer than cuBLAS at 1024 tokens; the saved
+launch and y round trip pay for that, most where y is wide.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 from tesela.lora import tiles as lora_tiles
+from tesela.lora.kernels import sgmv_shrink
+from tesela.lora.tiles import LoRATiles
 
 FUSED = "fused"  # its entries in tesela/lora/lora_tile_table.json, beside sgmv's and gather's
 BLOCK_K = 64  # the K step of every fused launch: it fixes a token's sum order, so never tuned
@@ -60,7 +68,7 @@ class FusedTiles:
         return all(size % self.block_n == 0 for size in slice_sizes)
 
 
-def fused_tiles(x: torch.Tensor, weight, a, b, slice_sizes: list[int]) -> FusedTiles | None:
+def fused_tiles(x: torch.Tensor, weight, a, slice_sizes: list[int]) -> FusedTiles | None:
     """The tuned tiles of the fused kernel for this launch, or None: the base GEMM, then the
     sgmv kernels. Only where a tuning run measured the fused kernel faster for this target
     shape and token bucket on this device (`python3 -m tesela.tune.lora --styles fused`), and
@@ -71,7 +79,7 @@ def fused_tiles(x: torch.Tensor, weight, a, b, slice_sizes: list[int]) -> FusedT
     entry = _entry(torch.cuda.get_device_name(x.device), x.dtype, key, x.shape[0])
     if entry is None or not entry.fits(slice_sizes):
         return None
-    return entry if all(map(_tma_ready, (x, weight, a, b))) else None
+    return entry if _tma_ready(x) and _tma_ready(weight) else None
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
@@ -104,11 +112,11 @@ def _kernel():
 
     @triton.jit
     def lora_gemm(
-        x_desc, w_desc, y_desc, a_desc, b_desc, bias_ptr, slice_off_ptr,
-        token_seg_ptr, seg_start_ptr, seg_slot_ptr, ranks_ptr, scalings_ptr, real_ptr,
-        M, N, K, a_rows_per_slot, a_rows_per_slice, b_rows_per_slot,
-        NUM_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_desc, w_desc, y_desc, b_ptr, s_ptr, bias_ptr,
+        token_slot_ptr, ranks_ptr, scalings_ptr, real_ptr,
+        M, N, K, SLICE_1, SLICE_2, stride_b_slot, stride_b_row, stride_s_split, stride_sm,
+        MAX_RANK: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
@@ -124,69 +132,76 @@ def _kernel():
         cols = n0 + tl.arange(0, BLOCK_N)
         r = tl.arange(0, BLOCK_R)
         grid_dependency_sync(PDL)
-        j = 0  # the slice of this column tile
-        for i in tl.static_range(1, NUM_SLICES):
-            j += (n0 >= tl.load(slice_off_ptr + i)).to(tl.int32)
-        # The block's segments: none where it holds padding only (tokens past the batch's).
-        m_end = tl.minimum(tl.minimum(m0 + BLOCK_M, M), tl.load(real_ptr))
-        seg_first = tl.load(token_seg_ptr + m0, mask=m0 < m_end, other=1)
-        seg_last = tl.load(token_seg_ptr + m_end - 1, mask=m0 < m_end, other=0)
-        slot_first = tl.load(seg_slot_ptr + seg_first, mask=m0 < m_end, other=-1)
+        # What the expand needs is loaded before the K loop and used after it, so its latency
+        # hides under the GEMM. Only one round of loads (the block's slots) is waited for
+        # before the loop: no address depends on a loaded value but B's (on its slot), masks
+        # that need loaded values (the batch's token count, the slot's rank) are applied after
+        # the loop as selects, and the slice bounds are launch arguments.
+        j = (n0 >= SLICE_1).to(tl.int32) + (n0 >= SLICE_2).to(tl.int32)  # this tile's slice
+        real = tl.load(real_ptr)
+        row_slot = tl.load(token_slot_ptr + rows, mask=rows < M, other=-1)
+        s_offs = rows[:, None].to(tl.int64) * stride_sm + j * BLOCK_R + r[None, :]
+        st = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for split in tl.static_range(SPLIT_K):  # the shrink's K planes, in order
+            # Rows the shrink did not write (base-model and padding tokens) hold junk: every
+            # use below selects only rows of the slot whose delta it adds.
+            st += tl.load(s_ptr + split * stride_s_split + s_offs, mask=(rows < M)[:, None])
+        # The slots of the block's first and last tokens (a block holds one or two adapters'
+        # segments but where requests are shorter than it) and their B tiles, read as rank x
+        # columns. A slot of a padding token (past the batch's count: whatever the last batch
+        # left) only costs an MMA that no row selects. Pointer loads: they stay in flight
+        # through the K loop (a TMA load outside a pipelined loop waits where it is issued).
+        first = tl.load(token_slot_ptr + m0)
+        last = tl.load(token_slot_ptr + tl.minimum(m0 + BLOCK_M, M) - 1)
+        b_cols = b_ptr + cols[None, :].to(tl.int64) * stride_b_row + r[:, None]
+        b_mask = (r < MAX_RANK)[:, None]
+        b_first = tl.load(b_cols + tl.maximum(first, 0).to(tl.int64) * stride_b_slot, mask=b_mask)
+        b_last = tl.load(b_cols + tl.maximum(last, 0).to(tl.int64) * stride_b_slot, mask=b_mask)
+        rank_first = tl.load(ranks_ptr + tl.maximum(first, 0))
+        rank_last = tl.load(ranks_ptr + tl.maximum(last, 0))
+        scaling_first = tl.load(scalings_ptr + tl.maximum(first, 0))
+        scaling_last = tl.load(scalings_ptr + tl.maximum(last, 0))
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        if (seg_first == seg_last) & (slot_first >= 0):  # one adapter: shrink along
-            a_row = slot_first * a_rows_per_slot + j * a_rows_per_slice
-            for k0 in range(0, K, BLOCK_K):
-                xt = x_desc.load([m0, k0])
-                if IEEE:
-                    acc += tl.dot(xt, w_desc.load([n0, k0]).T, input_precision="ieee")
-                    s += tl.dot(xt, a_desc.load([a_row, k0]).T, input_precision="ieee")
-                else:
-                    acc = tl.dot(xt, w_desc.load([n0, k0]).T, acc)
-                    s = tl.dot(xt, a_desc.load([a_row, k0]).T, s)
-        else:
-            for k0 in range(0, K, BLOCK_K):
-                if IEEE:
-                    acc += tl.dot(
-                        x_desc.load([m0, k0]), w_desc.load([n0, k0]).T, input_precision="ieee"
-                    )
-                else:
-                    acc = tl.dot(x_desc.load([m0, k0]), w_desc.load([n0, k0]).T, acc)
-            for seg in range(seg_first, seg_last + 1):  # each adapter segment of the block
-                slot = tl.load(seg_slot_ptr + seg)
-                if slot >= 0:
-                    in_seg = (rows >= tl.load(seg_start_ptr + seg)) & (
-                        rows < tl.load(seg_start_ptr + seg + 1)
-                    )
-                    a_row = slot * a_rows_per_slot + j * a_rows_per_slice
-                    rank_mask = (tl.arange(0, BLOCK_R) < tl.load(ranks_ptr + slot))[None, :]
-                    for k0 in range(0, K, BLOCK_K):
-                        # Other segments' rows are zeroed in x and this slot's rows past its
-                        # rank in A, so they add exact zeros to s (never 0 * NaN).
-                        xt = tl.where(in_seg[:, None], x_desc.load([m0, k0]), 0.0)
-                        at = tl.where(rank_mask, a_desc.load([a_row, k0]).T, 0.0)
-                        if IEEE:
-                            s += tl.dot(xt, at, input_precision="ieee")
-                        else:
-                            s = tl.dot(xt, at, s)
-        for seg in range(seg_first, seg_last + 1):  # the expand, per adapter segment
-            slot = tl.load(seg_slot_ptr + seg)
-            if slot >= 0:
-                rank = tl.load(ranks_ptr + slot)
-                in_seg = (rows >= tl.load(seg_start_ptr + seg)) & (
-                    rows < tl.load(seg_start_ptr + seg + 1)
+        for k0 in range(0, K, BLOCK_K):
+            if IEEE:
+                acc += tl.dot(
+                    x_desc.load([m0, k0]), w_desc.load([n0, k0]).T, input_precision="ieee"
                 )
-                # Rank rows of A and B past the slot's adapter rank hold another adapter's
-                # values (or the next slice's): masked in s and B, so they add nothing,
-                # whatever they hold (a NaN included).
-                st = tl.where(in_seg[:, None] & (r < rank)[None, :], s, 0.0)
-                bt = b_desc.load([slot * b_rows_per_slot + n0, 0]).T
-                bt = tl.where((r < rank)[:, None], bt, 0.0)
-                if IEEE:
-                    delta = tl.dot(st, bt, input_precision="ieee")
-                else:
-                    delta = tl.dot(st.to(bt.dtype), bt)
-                acc += delta * tl.load(scalings_ptr + slot)
+            else:
+                acc = tl.dot(x_desc.load([m0, k0]), w_desc.load([n0, k0]).T, acc)
+        # The expand, one rank-wide MMA per adapter slot in the block: a token's row of s is
+        # selected in its own slot's MMA only, so it gets exactly its delta. Rank rows of B
+        # past the slot's adapter rank (another adapter's, or NaN junk) are zeroed.
+        row_slot = tl.where(rows < real, row_slot, -1)  # padding tokens: the plain GEMM
+        if first >= 0:
+            sa = tl.where((row_slot == first)[:, None], st, 0.0)
+            bt = tl.where((r < rank_first)[:, None], b_first, 0.0)
+            if IEEE:
+                delta = tl.dot(sa, bt, input_precision="ieee")
+            else:
+                delta = tl.dot(sa.to(bt.dtype), bt)
+            acc += delta * scaling_first
+        if (last >= 0) & (last != first):
+            sa = tl.where((row_slot == last)[:, None], st, 0.0)
+            bt = tl.where((r < rank_last)[:, None], b_last, 0.0)
+            if IEEE:
+                delta = tl.dot(sa, bt, input_precision="ieee")
+            else:
+                delta = tl.dot(sa.to(bt.dtype), bt)
+            acc += delta * scaling_last
+        # Any other slot (short requests, decode rows of a mixed batch): one at a time.
+        rest = (row_slot >= 0) & (row_slot != first) & (row_slot != last)
+        while tl.sum(rest.to(tl.int32)) > 0:
+            slot = tl.max(tl.where(rest, row_slot, -1))
+            bt = tl.load(b_cols + slot.to(tl.int64) * stride_b_slot, mask=b_mask)
+            bt = tl.where((r < tl.load(ranks_ptr + slot))[:, None], bt, 0.0)
+            sa = tl.where((row_slot == slot)[:, None], st, 0.0)
+            if IEEE:
+                delta = tl.dot(sa, bt, input_precision="ieee")
+            else:
+                delta = tl.dot(sa.to(bt.dtype), bt)
+            acc += delta * tl.load(scalings_ptr + slot)
+            rest = rest & (row_slot != slot)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         y_desc.store([m0, n0], acc.to(y_desc.dtype))
@@ -200,37 +215,49 @@ def lora_gemm(
     bias: torch.Tensor | None,
     a: torch.Tensor,
     b: torch.Tensor,
-    slice_offsets: torch.Tensor,
+    slice_sizes: Sequence[int],
     buffers,
     tiles: FusedTiles,
-    block_r: int,
+    shrink_tiles: LoRATiles | None = None,
 ) -> torch.Tensor:
-    """x @ weight.T (+ bias) plus every token's LoRA delta, in one launch.
+    """x @ weight.T (+ bias) plus every token's LoRA delta: the sgmv shrink, then the GEMM with
+    the expand in its epilogue.
 
-    a: [slots, slices, max_rank, in]; b: [slots, out, max_rank]; `buffers` are the persistent
-    per-batch LoRA buffers (token_seg, seg_start, seg_slot, ranks, scalings). Operands are read
-    through TMA tensor descriptors: contiguous rows, 16-byte aligned (`supported`)."""
+    a: [slots, slices, max_rank, in]; b: [slots, out, max_rank]; `slice_sizes`: the target's
+    output slices (q/k/v, gate/up: at most three); `buffers` are the persistent per-batch LoRA
+    buffers (the shrink reads the segments; the GEMM token_slot, ranks, scalings and
+    real_tokens); `shrink_tiles` overrides the shrink's (tests). x and weight are read through
+    TMA tensor descriptors: contiguous rows, 16-byte aligned (`fused_tiles` checks)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = x.shape
     n = weight.shape[0]
-    slots, num_slices, max_rank = a.shape[:3]
+    num_slices, max_rank = a.shape[1:3]
+    assert b.stride(2) == 1, "B's rank must be its contiguous dim"
+    block_r = lora_tiles.rank_block(max_rank)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    if shrink_tiles is None:
+        shrink_tiles = lora_tiles.choose_tiles(
+            lora_tiles.SGMV, m, k, max(slice_sizes), num_slices, block_r, x
+        )
+    s = sgmv_shrink(x, a, buffers, shrink_tiles)
+    # The slices' column bounds (at most three slices: q/k/v), past N where there are fewer.
+    assert num_slices == len(slice_sizes) <= 3, slice_sizes
+    bounds = ([*itertools.accumulate(slice_sizes)][:-1] + [n, n])[:2]
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     grid = (-(-m // bm) * -(-n // bn),)
     _kernel()[grid](
         TensorDescriptor.from_tensor(x, [bm, bk]),
         TensorDescriptor.from_tensor(weight, [bn, bk]),
         TensorDescriptor.from_tensor(y, [bm, bn]),
-        TensorDescriptor.from_tensor(a.view(slots * num_slices * max_rank, k), [block_r, bk]),
-        TensorDescriptor.from_tensor(b.view(slots * n, max_rank), [bn, block_r]),
-        bias if bias is not None else weight, slice_offsets,
-        buffers.token_seg, buffers.seg_start, buffers.seg_slot, buffers.ranks, buffers.scalings,
-        buffers.real_tokens, m, n, k, num_slices * max_rank, max_rank, n,
-        NUM_SLICES=num_slices, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=tiles.group_m,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_kwargs(x.device, m),
+        b, s, bias if bias is not None else weight,
+        buffers.token_slot, buffers.ranks, buffers.scalings, buffers.real_tokens,
+        m, n, k, *bounds, b.stride(0), b.stride(1), s.stride(0), s.stride(1),
+        MAX_RANK=max_rank, SPLIT_K=s.shape[0], HAS_BIAS=bias is not None,
+        IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
+        GROUP_M=tiles.group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **launch_kwargs(x.device, m),
     )  # fmt: skip
     return y

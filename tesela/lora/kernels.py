@@ -270,31 +270,41 @@ def triton_lora(
 
 
 def _launch_sgmv(x, y, a, b, slice_offsets, max_slice_size, state, tiles: LoRATiles) -> None:
-    """Shrink into `split_k` fp32 planes of s (each (block, slice, split) program owns its K
-    range), then expand, summing the planes in a fixed order."""
-    shrink_sgmv, expand_sgmv, _ = _kernels()
+    """Shrink into `split_k` fp32 planes of s, then expand, summing the planes in a fixed
+    order."""
+    _, expand_sgmv, _ = _kernels()
+    num_tokens = x.shape[0]
+    num_slices, block_r = a.shape[1], rank_block(a.shape[2])
+    s = sgmv_shrink(x, a, state, tiles)
+    columns = tiles.expand_columns(num_tokens, max_slice_size, num_slices)
+    expand_sgmv[(-(-num_tokens // tiles.block_m), -(-max_slice_size // columns), num_slices)](
+        s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
+        state.ranks, state.scalings, state.real_tokens,
+        columns, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
+        SPLIT_K=s.shape[0], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
+        IEEE=x.dtype == torch.float32, num_warps=tiles.expand_warps, num_stages=tiles.num_stages,
+        **launch_kwargs(x.device, num_tokens),
+    )  # fmt: skip
+
+
+def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, state, tiles: LoRATiles) -> torch.Tensor:
+    """s: [split_k, tokens, slices * rank width] fp32, each (token block, slice, split) program
+    writing its K range's partial sums to its own plane; rows of base-model and padding tokens
+    are left unwritten (every reader masks them by their slot)."""
+    shrink_sgmv, _, _ = _kernels()
     num_tokens, K = x.shape
     num_slices, block_r = a.shape[1], rank_block(a.shape[2])
     split_k = tiles.num_splits(K)
     s = torch.empty(split_k, num_tokens, num_slices * block_r, dtype=torch.float32, device=x.device)
-    m_blocks = -(-num_tokens // tiles.block_m)
-    ieee = x.dtype == torch.float32
-    shrink_sgmv[(m_blocks, num_slices, split_k)](
+    shrink_sgmv[(-(-num_tokens // tiles.block_m), num_slices, split_k)](
         x, a, s, state.token_seg, state.seg_start, state.seg_slot, state.ranks,
         state.real_tokens, K, tiles.k_per_split(K), x.stride(0), a.stride(0), a.stride(1),
         a.stride(2), s.stride(0), s.stride(1),
-        BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r, IEEE=ieee,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_kwargs(x.device, num_tokens),
-    )  # fmt: skip
-    columns = tiles.expand_columns(num_tokens, max_slice_size, num_slices)
-    expand_sgmv[(m_blocks, -(-max_slice_size // columns), num_slices)](
-        s, b, y, slice_offsets, state.token_seg, state.seg_start, state.seg_slot,
-        state.ranks, state.scalings, state.real_tokens,
-        columns, s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0),
-        SPLIT_K=split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
-        IEEE=ieee, num_warps=tiles.expand_warps, num_stages=tiles.num_stages,
+        BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_R=block_r,
+        IEEE=x.dtype == torch.float32, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **launch_kwargs(x.device, num_tokens),
     )  # fmt: skip
+    return s
 
 
 def torch_lora(

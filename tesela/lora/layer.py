@@ -1,9 +1,9 @@
 """The LoRA op a LoRA-enabled linear layer runs: its projection with the adapters' deltas.
 
 `torch.ops.tesela.lora_linear(x, weight, bias, a, b, ...)` returns the base projection with
-every token's adapter delta added: at prefill sizes, where a tuning run measured it faster, in
-one kernel with the delta inside the base GEMM (tesela/lora/fused_gemm.py); else the base GEMM,
-then the LoRA kernels adding the delta into its output. It is an ordinary (non-split) op: it
+every token's adapter delta added: at prefill sizes, where a tuning run measured it faster, the
+LoRA shrink and then one GEMM with the expand in its epilogue (tesela/lora/fused_gemm.py); else
+the base GEMM, then the LoRA kernels adding the delta into its output. It is an ordinary (non-split) op: it
 runs inside captured graph segments and compiled pieces. Its Python body runs at warmup,
 capture and eager time only; there it checks that the forward context's plan has a LoRA part
 planned for the very batch being run, whose buffers no later plan rewrote (the stale-state
@@ -22,7 +22,7 @@ from tesela.core.forward_context import get_forward_context
 from tesela.lora.fused_gemm import fused_tiles, lora_gemm
 from tesela.lora.kernels import torch_lora, triton_lora
 from tesela.lora.state import LoRABatchState, StaleLoRAStateError
-from tesela.lora.tiles import SGMV, rank_block
+from tesela.lora.tiles import SGMV
 
 
 def _state() -> LoRABatchState:
@@ -54,10 +54,9 @@ def lora_linear(
         x2 = x2.contiguous()
     sizes = [hi - lo for lo, hi in zip(host_offsets[:-1], host_offsets[1:], strict=True)]
     if manager.backend == "triton" and state.style == SGMV:
-        tiles = fused_tiles(x2, weight, a, b, sizes)
+        tiles = fused_tiles(x2, weight, a, sizes)
         if tiles is not None:  # the delta inside the base GEMM: one launch
-            block_r = rank_block(a.shape[2])
-            y = lora_gemm(x2, weight, bias, a, b, slice_offsets, manager.buffers, tiles, block_r)
+            y = lora_gemm(x2, weight, bias, a, b, sizes, manager.buffers, tiles)
             return y.view(*x.shape[:-1], -1)
     y = manager.base_linear(x, weight, bias)
     y2 = y.view(-1, y.shape[-1])

@@ -9,8 +9,8 @@ the fastest whose output matches the default tiles', and merges it into
 tesela/lora/lora_tile_table.json (or `--output`; commit it). Decode tiles are one per target
 shape (they fix a token's sum order, which must not depend on the batch: tesela/lora/tiles.py),
 chosen by their mean time relative to the default over the buckets. `fused` (extend) times the
-one-launch kernel of tesela/lora/fused_gemm.py against cuBLAS's base GEMM followed by sgmv,
-and keeps an entry only for the buckets where it wins by FUSED_MARGIN (it drops a stale one
+shrink and the GEMM with the expand inside (tesela/lora/fused_gemm.py) against cuBLAS's base
+GEMM followed by sgmv, and keeps an entry only for the buckets where it wins by FUSED_MARGIN (it drops a stale one
 where it no longer does): the layer then runs it. One line per (style, target, bucket): default
 (fused: base GEMM + sgmv) and best time. The table is written after every line, so a run cut
 short keeps what it measured; `--styles` and `--buckets` split the work.
@@ -159,7 +159,7 @@ def tune_fused(case: Case) -> tuple[float, float, FusedTiles | None]:
         return y
 
     def fused(tiles, a, b):
-        return lora_gemm(case.x, weight, None, a, b, case.offsets, case.buffers, tiles, RANK)
+        return lora_gemm(case.x, weight, None, a, b, case.sizes, case.buffers, tiles)
 
     def time_us(run) -> float:
         ms = triton.testing.do_bench_cudagraph(lambda: [run(a, b) for a, b in case.weights], rep=20)

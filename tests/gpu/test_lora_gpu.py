@@ -102,8 +102,8 @@ def test_gather_delta_of_a_token_is_the_same_in_any_batch(shape):
 @pytest.mark.parametrize("shape", ["qkv", "down"])
 @pytest.mark.parametrize("tiles", [FusedTiles(), FusedTiles(64, 128, num_warps=4, num_stages=4)])
 def test_fused_gemm_bf16_matches_the_reference_in_any_batch(shape, tiles):
-    """The base GEMM with the delta inside (TMA loads, wgmma) against fp64, on random segments
-    (blocks of one adapter and blocks spanning several); a token's row is bitwise the same in a
+    """The shrink and the GEMM with the expand inside (TMA loads, wgmma) against fp64, on random
+    segments (blocks of one adapter and blocks spanning several); a token's row is bitwise the same in a
     batch of 1024 tokens and in one of 300 (another grid, the same K order)."""
     in_features, offsets = SHAPES[shape]
     slots, max_rank, n = 4, 16, 1024
@@ -114,7 +114,7 @@ def test_fused_gemm_bf16_matches_the_reference_in_any_batch(shape, tiles):
     weight = (torch.randn(offsets[-1], in_features, generator=g) * in_features**-0.5).bfloat16()
     weight = weight.cuda()
     x = torch.randn(n, in_features, generator=g).bfloat16().cuda()
-    device_offsets = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    widths = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)]
     segments = random_segments(n, slots, seed=3)
     outputs = {}
     for num_tokens in (n, 300):
@@ -123,9 +123,7 @@ def test_fused_gemm_bf16_matches_the_reference_in_any_batch(shape, tiles):
         buffers.write(cut, num_tokens)
         buffers.ranks.copy_(torch.tensor([16, 8, 16, 4], dtype=torch.int32))
         buffers.scalings.copy_(torch.tensor([2.0, 1.0, 0.5, 4.0]))
-        outputs[num_tokens] = lora_gemm(
-            x[:num_tokens], weight, None, a, b, device_offsets, buffers, tiles, block_r=16
-        )
+        outputs[num_tokens] = lora_gemm(x[:num_tokens], weight, None, a, b, widths, buffers, tiles)
         if num_tokens == n:
             delta = reference_lora_delta(
                 x.cpu(), a.cpu(), b.cpu(), offsets, buffers.slots_of(n),
@@ -143,11 +141,10 @@ def test_the_tuned_table_serves_prefill_targets_fused_on_this_card():
     x = torch.empty(2048, 1024, dtype=torch.bfloat16, device="cuda")
     weight = torch.empty(4096, 1024, dtype=torch.bfloat16, device="cuda")
     a = torch.empty(4, 3, 16, 1024, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty(4, 4096, 16, dtype=torch.bfloat16, device="cuda")
-    if fused_tiles(x, weight, a, b, [2048, 1024, 1024]) is None:
+    if fused_tiles(x, weight, a, [2048, 1024, 1024]) is None:
         pytest.skip(f"no fused LoRA entry for {torch.cuda.get_device_name()} at 2048 tokens")
     strided = torch.empty(2048, 2048, dtype=torch.bfloat16, device="cuda")[:, :1024]
-    assert fused_tiles(strided, weight, a, b, [2048, 1024, 1024]) is None  # not TMA-ready
+    assert fused_tiles(strided, weight, a, [2048, 1024, 1024]) is None  # not TMA-ready
 
 
 @pytest.fixture(scope="module")
