@@ -156,12 +156,13 @@ def run_lora(args: argparse.Namespace) -> int:
 
 
 def launches_per_layer(runner, model_config) -> dict[str, int]:
-    """LoRA kernel launches one decoder layer adds, per kernel style (decode: gather; prefill
-    through FULL mixed or piecewise graphs: sgmv)."""
-    from tesela.lora.kernels import GATHER, SGMV, launches_per_target
+    """LoRA kernel launches one decoder layer adds, per kernel style (decode: gather; prefill,
+    in any graph mode: fused where the tile table runs the fused GEMM for the target and token
+    count, else sgmv)."""
+    from tesela.lora.kernels import FUSED, GATHER, SGMV, launches_per_target
 
     targets = len(runner.lora_manager.targets) // model_config.num_hidden_layers
-    return {style: targets * launches_per_target(style) for style in (GATHER, SGMV)}
+    return {style: targets * launches_per_target(style) for style in (GATHER, SGMV, FUSED)}
 
 
 def _device_name(device: torch.device) -> str:
@@ -199,7 +200,8 @@ def format_lora_table(results: dict) -> str:
     launches = results["lora_launches_per_layer"]
     lines.append(
         f"LoRA kernel launches per layer: decode {launches['gather']} (fused gather), "
-        f"prefill {launches['sgmv']} (sgmv shrink + expand)"
+        f"prefill {launches['sgmv']} (sgmv shrink + expand), {launches['fused']} where the "
+        "fused GEMM runs (the shrink; `tesela doctor` lists where)"
     )
     gib, base_graphs = 2**30, base["graph_memory_bytes"]
     growth = f"{lora['graph_memory_bytes'] / base_graphs:.2f}x" if base_graphs else "n/a on CPU"

@@ -48,9 +48,8 @@ import torch
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 from tesela.lora import tiles as lora_tiles
 from tesela.lora.kernels import sgmv_shrink
-from tesela.lora.tiles import LoRATiles
+from tesela.lora.tiles import FUSED, LoRATiles
 
-FUSED = "fused"  # its entries in tesela/lora/lora_tile_table.json, beside sgmv's and gather's
 BLOCK_K = 64  # the K step of every fused launch: it fixes a token's sum order, so never tuned
 
 

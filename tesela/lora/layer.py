@@ -3,8 +3,8 @@
 `torch.ops.tesela.lora_linear(x, weight, bias, a, b, ...)` returns the base projection with
 every token's adapter delta added: at prefill sizes, where a tuning run measured it faster, the
 LoRA shrink and then one GEMM with the expand in its epilogue (tesela/lora/fused_gemm.py); else
-the base GEMM, then the LoRA kernels adding the delta into its output. It is an ordinary (non-split) op: it
-runs inside captured graph segments and compiled pieces. Its Python body runs at warmup,
+the base GEMM, then the LoRA kernels adding the delta into its output. It is an ordinary
+(non-split) op: it runs inside captured graph segments and compiled pieces. Its Python body runs at warmup,
 capture and eager time only; there it checks that the forward context's plan has a LoRA part
 planned for the very batch being run, whose buffers no later plan rewrote (the stale-state
 guard), and picks the kernels planned for the batch. At a piecewise replay the attention split

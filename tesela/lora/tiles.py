@@ -25,6 +25,7 @@ import torch
 from tesela.core.intmath import next_power_of_2
 
 SGMV, GATHER = "sgmv", "gather"
+FUSED = "fused"  # extend: the shrink, then the base GEMM with the expand inside (fused_gemm.py)
 TABLE_PATH = Path(__file__).with_name("lora_tile_table.json")
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 ALL_TOKENS = "all"  # the bucket of gather entries: one tile per shape (see LoRATiles)

@@ -10,10 +10,11 @@ tesela/lora/lora_tile_table.json (or `--output`; commit it). Decode tiles are on
 shape (they fix a token's sum order, which must not depend on the batch: tesela/lora/tiles.py),
 chosen by their mean time relative to the default over the buckets. `fused` (extend) times the
 shrink and the GEMM with the expand inside (tesela/lora/fused_gemm.py) against cuBLAS's base
-GEMM followed by sgmv, and keeps an entry only for the buckets where it wins by FUSED_MARGIN (it drops a stale one
-where it no longer does): the layer then runs it. One line per (style, target, bucket): default
-(fused: base GEMM + sgmv) and best time. The table is written after every line, so a run cut
-short keeps what it measured; `--styles` and `--buckets` split the work.
+GEMM followed by sgmv, and keeps an entry only for the buckets where it wins by FUSED_MARGIN
+(it drops a stale one where it no longer does): the layer then runs it. One line per (style,
+target, bucket): default (fused: base GEMM + sgmv) and best time. The table is written after
+every line, so a run cut short keeps what it measured; `--styles` and `--buckets` split the
+work.
 """
 
 from __future__ import annotations
