@@ -86,7 +86,8 @@ def test_report_says_what_tensor_parallelism_would_pick_and_why():
 
 def test_report_says_where_lora_prefill_runs_the_fused_gemm():
     """From the checked-in table: H200's fused entries (qwen3-0.6b's qkv target at 128 to 4096
-    tokens, llama-3.2-1b's down at 1024 and 2048 among them); a card without entries keeps the base GEMM + sgmv, and says so."""
+    tokens, llama-3.2-1b's down at 1024 and 2048 among them); a card without entries keeps the
+    base GEMM + sgmv, and says so."""
     from tesela.attention.policy import DeviceInfo
     from tesela.doctor import _lora_section
 

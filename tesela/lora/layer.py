@@ -1,17 +1,17 @@
 """The LoRA op a LoRA-enabled linear layer runs: its projection with the adapters' deltas.
 
-`torch.ops.tesela.lora_linear(x, weight, bias, a, b, ...)` returns the base projection with
-every token's adapter delta added: at prefill sizes, where a tuning run measured it faster, the
-LoRA shrink and then one GEMM with the expand in its epilogue (tesela/lora/fused_gemm.py); else
-the base GEMM, then the LoRA kernels adding the delta into its output. It is an ordinary
-(non-split) op: it runs inside captured graph segments and compiled pieces. Its Python body runs at warmup,
-capture and eager time only; there it checks that the forward context's plan has a LoRA part
-planned for the very batch being run, whose buffers no later plan rewrote (the stale-state
-guard), and picks the kernels planned for the batch. At a piecewise replay the attention split
-op makes the same check (`ForwardPlan.check`); a FULL graph's runner checks its plan before
-`replay()` (`ForwardPlanner.check_replay`). It never skips the kernels for a batch without
-adapters: such a batch is all slot -1 tokens in the same launches, so a graph captured on it
-still adds the deltas of a later batch that has them.
+`torch.ops.tesela.lora_linear(x, weight, bias, a, b, ...)` returns the base projection with every
+token's adapter delta added: at prefill sizes, where a tuning run measured it faster, the LoRA
+shrink and then one GEMM with the expand in its epilogue (tesela/lora/fused_gemm.py); else the base
+GEMM, then the LoRA kernels adding the delta into its output. It is an ordinary (non-split) op: it
+runs inside captured graph segments and compiled pieces. Its Python body runs at warmup, capture
+and eager time only; there it checks that the forward context's plan has a LoRA part planned for
+the very batch being run, whose buffers no later plan rewrote (the stale-state guard), and picks
+the kernels planned for the batch. At a piecewise replay the attention split op makes the same
+check (`ForwardPlan.check`); a FULL graph's runner checks its plan before `replay()`
+(`ForwardPlanner.check_replay`). It never skips the kernels for a batch without adapters: such a
+batch is all slot -1 tokens in the same launches, so a graph captured on it still adds the deltas
+of a later batch that has them.
 """
 
 from __future__ import annotations

@@ -102,9 +102,10 @@ def test_gather_delta_of_a_token_is_the_same_in_any_batch(shape):
 @pytest.mark.parametrize("shape", ["qkv", "down"])
 @pytest.mark.parametrize("tiles", [FusedTiles(), FusedTiles(64, 128, num_warps=4, num_stages=4)])
 def test_fused_gemm_bf16_matches_the_reference_in_any_batch(shape, tiles):
-    """The shrink and the GEMM with the expand inside (TMA loads, wgmma) against fp64, on random
-    segments (blocks of one adapter and blocks spanning several); a token's row is bitwise the same in a
-    batch of 1024 tokens and in one of 300 (another grid, the same K order)."""
+    """The shrink and the GEMM with the expand inside (TMA loads, wgmma) against fp64, on
+    random segments (blocks of one adapter and blocks spanning several); a token's row is
+    bitwise the same in a batch of 1024 tokens and in one of 300 (another grid, the same K
+    order)."""
     in_features, offsets = SHAPES[shape]
     slots, max_rank, n = 4, 16, 1024
     g = torch.Generator().manual_seed(7)
