@@ -385,8 +385,8 @@ MUTATIONS = {
     ),
     "fused LoRA GEMM reads B past the slot's rank": (
         "tesela/lora/fused_gemm.py",
-        "bt = tl.where((r < rank_first)[:, None], b_first, 0.0)",
-        "bt = b_first",
+        "bt = tl.where((r < rank)[:, None], bt, 0.0)",
+        "bt = bt",
         LORA_KERNEL_TESTS,
     ),
     "fused LoRA GEMM skips the slots between a block's first and last": (
@@ -395,9 +395,9 @@ MUTATIONS = {
         "while tl.sum(rest.to(tl.int32)) > BLOCK_M:",
         LORA_KERNEL_TESTS,
     ),
-    "fused LoRA GEMM adds the last slot's delta to every adapter row": (
+    "fused LoRA GEMM adds a slot's delta to every adapter row": (
         "tesela/lora/fused_gemm.py",
-        "sa = tl.where((row_slot == last)[:, None], st, 0.0)",
+        "sa = tl.where((row_slot == slot)[:, None], st, 0.0)",
         "sa = tl.where((row_slot >= 0)[:, None], st, 0.0)",
         LORA_KERNEL_TESTS,
     ),
@@ -430,8 +430,38 @@ MUTATIONS = {
     ),
     "fused LoRA GEMM: padding rows take the last batch's slots": (
         "tesela/lora/fused_gemm.py",
-        "row_slot = tl.where(rows < real, row_slot, -1)",
+        "row_slot = tl.where(rows < real, row_slot, -1)  # padding tokens: the plain GEMM",
         "row_slot = row_slot",
+        LORA_KERNEL_TESTS,
+    ),
+    "one-launch LoRA GEMM: padding rows take the last batch's slots": (
+        "tesela/lora/fused_gemm.py",
+        "row_slot = tl.where(rows < real, row_slot, -1)  # padding tokens: no delta",
+        "row_slot = row_slot",
+        LORA_KERNEL_TESTS,
+    ),
+    "one-launch LoRA GEMM keeps s past a slot's rank": (
+        "tesela/lora/fused_gemm.py",
+        " & (c_r < c_rank)[None, :], s, 0.0)",
+        ", s, 0.0)",
+        LORA_KERNEL_TESTS,
+    ),
+    "one-launch LoRA GEMM reads B past a slot's rank": (
+        "tesela/lora/fused_gemm.py",
+        "mask=(c_r < c_rank)[:, None] & (cols < N)[None, :], other=0.0,",
+        "mask=(cols < N)[None, :], other=0.0,",
+        LORA_KERNEL_TESTS,
+    ),
+    "one-launch LoRA GEMM adds every slot's delta to an adapter row": (
+        "tesela/lora/fused_gemm.py",
+        "(row_slot[:, None] == c_slot[None, :])",
+        "(row_slot[:, None] >= 0)",
+        LORA_KERNEL_TESTS,
+    ),
+    "one-launch LoRA GEMM forgets the slot's scaling": (
+        "tesela/lora/fused_gemm.py",
+        "acc += delta * row_scaling[:, None]",
+        "acc += delta",
         LORA_KERNEL_TESTS,
     ),
     "LoRA decode kernel adds the delta to its first column tile only": (

@@ -131,22 +131,26 @@ def _tensor_parallel_section(info: DeviceInfo) -> str:
 
 
 def _lora_section(info: DeviceInfo) -> str:
-    """Where LoRA prefill adds the deltas inside the base GEMM on this device (the tuned
-    table's `fused` entries, tesela/lora/fused_gemm.py) and what runs everywhere else."""
+    """Where LoRA adds the deltas inside the base GEMM on this device (the tuned table's `fused`
+    entries, tesela/lora/fused_gemm.py) and what runs everywhere else."""
     from tesela.lora.fused_gemm import fused_entries
 
     if info.kind != "cuda":
         return "LoRA kernels: the torch path (segment by segment) on CPU"
     entries = fused_entries(info.name)
-    lines = [f"LoRA prefill kernels on {info.name} (bfloat16):"]
-    for key, buckets in sorted(entries.items()):
+    lines = [f"LoRA kernels on {info.name} (bfloat16; token buckets):"]
+    for key, kinds in sorted(entries.items()):
         k, n, slices = key.split(",")
-        tokens = ", ".join(map(str, buckets))
-        lines.append(f"  K {k}, {slices} slice(s) of up to {n} rows: fused GEMM at {tokens} tokens")
+        where = [
+            f"{what} at {', '.join(map(str, kinds[kind]))}"
+            for kind, what in (("one_launch", "one launch"), ("fused", "shrink + fused GEMM"))
+            if kinds[kind]
+        ]
+        lines.append(f"  K {k}, {slices} slice(s) of up to {n} rows: {'; '.join(where)}")
     rest = (
         "everywhere else" if entries else "no fused entry for this card (tune.lora --styles fused)"
     )
-    lines.append(f"  {rest}: the base GEMM, then the sgmv shrink + expand")
+    lines.append(f"  {rest}: the base GEMM, then gather (decode) or sgmv shrink + expand")
     return "\n".join(lines)
 
 

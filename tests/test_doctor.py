@@ -84,18 +84,22 @@ def test_report_says_what_tensor_parallelism_would_pick_and_why():
     assert f"  decode batches' all-reduce + add + norm: {want}" in section
 
 
-def test_report_says_where_lora_prefill_runs_the_fused_gemm():
-    """From the checked-in table: H200's fused entries (qwen3-0.6b's qkv target at 128 to 4096
-    tokens, llama-3.2-1b's down at 1024 and 2048 among them); a card without entries keeps the
-    base GEMM + sgmv, and says so."""
+def test_report_says_where_lora_runs_the_fused_gemms():
+    """From the checked-in table: H200's fused entries (qwen3-0.6b's qkv target in one launch
+    at 1 to 64 tokens and as shrink + fused GEMM at 128 to 4096, llama-3.2-1b's down only the
+    latter at 1024 and 2048); a card without entries keeps the base GEMM + the LoRA kernels,
+    and says so."""
     from tesela.attention.policy import DeviceInfo
     from tesela.doctor import _lora_section
 
     h200 = _lora_section(DeviceInfo("cuda", (9, 0), name="NVIDIA H200"))
-    qkv = "  K 1024, 3 slice(s) of up to 2048 rows: fused GEMM at 128, 256, 512, 1024, 2048, 4096"
-    assert qkv + " tokens" in h200
-    assert "  K 8192, 1 slice(s) of up to 2048 rows: fused GEMM at 1024, 2048 tokens" in h200
-    assert "everywhere else: the base GEMM, then the sgmv shrink + expand" in h200
+    qkv = (
+        "  K 1024, 3 slice(s) of up to 2048 rows: one launch at 1, 2, 4, 8, 16, 32, 64; "
+        "shrink + fused GEMM at 128, 256, 512, 1024, 2048, 4096\n"
+    )
+    assert qkv in h200
+    assert "  K 8192, 1 slice(s) of up to 2048 rows: shrink + fused GEMM at 1024, 2048\n" in h200
+    assert "everywhere else: the base GEMM, then gather (decode) or sgmv shrink + expand" in h200
     other = _lora_section(DeviceInfo("cuda", (8, 0), name="NVIDIA A100-SXM4-80GB"))
     assert "no fused entry for this card" in other
     assert "LoRA kernels: the torch path" in doctor_report("cpu")

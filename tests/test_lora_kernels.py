@@ -266,6 +266,9 @@ FUSED_TILES = {
     # tiles of 16 x 16 over K steps of 16: blocks spanning segments and the K / token tails
     "small": FusedTiles(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1),
     "tall": FusedTiles(block_m=32, block_n=16, block_k=32, group_m=1, num_warps=4, num_stages=1),
+    # one launch for every token (at most 64): each slot's shrink in the K loop (3 slots: a
+    # 4th, masked, in the kernel's slot tile)
+    "one_launch": FusedTiles(block_n=16, block_k=16, num_warps=4, num_stages=1, small=True),
 }
 
 

@@ -148,21 +148,29 @@ def run_lora(args: argparse.Namespace) -> int:
             )
             lora.lora_manager.add_adapter(LoRARequest(f"a{i}", i + 1, str(path)))
         results["lora"] = measure(lora, args, batch_sizes, adapters=args.num_adapters)
-    results["lora_launches_per_layer"] = launches_per_layer(lora, model_config)
+    results["lora_launches_per_layer"] = launches_per_layer(lora, model_config, args, batch_sizes)
     results["batch_sizes"] = batch_sizes
     write_outputs(results, Path(args.output_dir), f"lora-{args.model}", plot=False)
     print(format_lora_table(results))
     return 0
 
 
-def launches_per_layer(runner, model_config) -> dict[str, int]:
-    """LoRA kernel launches one decoder layer adds, per kernel style (decode: gather; prefill,
-    in any graph mode: fused where the tile table runs the fused GEMM for the target and token
-    count, else sgmv)."""
-    from tesela.lora.kernels import FUSED, GATHER, SGMV, launches_per_target
+def launches_per_layer(runner, model_config, args, batch_sizes: list[int]) -> dict[str, int]:
+    """LoRA kernel launches one decoder layer adds to its base GEMMs, per cell ("decode/b8",
+    "prefill/b32"), as the layers choose them (tesela/lora/layer.py): none per target where the
+    one-launch fused GEMM runs, the shrink where the prefill-sized one does, else gather's one
+    (decode) or sgmv's two (prefill)."""
+    from tesela.lora.layer import launches_per_target
+    from tesela.lora.tiles import GATHER, SGMV
 
-    targets = len(runner.lora_manager.targets) // model_config.num_hidden_layers
-    return {style: targets * launches_per_target(style) for style in (GATHER, SGMV, FUSED)}
+    modules = list(runner.lora_manager.modules.values())
+    modules = modules[: len(modules) // model_config.num_hidden_layers]  # the first layer's
+    counts = {}
+    for b in batch_sizes:
+        cells = (("decode", b, GATHER), ("prefill", args.prefill_tokens // b * b, SGMV))
+        for phase, tokens, style in cells:
+            counts[f"{phase}/b{b}"] = sum(launches_per_target(m, tokens, style) for m in modules)
+    return counts
 
 
 def _device_name(device: torch.device) -> str:
@@ -199,9 +207,13 @@ def format_lora_table(results: dict) -> str:
             )
     launches = results["lora_launches_per_layer"]
     lines.append(
-        f"LoRA kernel launches per layer: decode {launches['gather']} (fused gather), "
-        f"prefill {launches['sgmv']} (sgmv shrink + expand), {launches['fused']} where the "
-        "fused GEMM runs (the shrink; `tesela doctor` lists where)"
+        "LoRA kernel launches per layer, beside the base GEMMs (0 per target: the one-launch "
+        "fused GEMM; 1: gather, or the shrink before the prefill-sized fused GEMM; 2: sgmv): "
+        + "; ".join(
+            f"{phase} "
+            + ", ".join(f"b{b} {launches[f'{phase}/b{b}']}" for b in results["batch_sizes"])
+            for phase in ("decode", "prefill")
+        )
     )
     gib, base_graphs = 2**30, base["graph_memory_bytes"]
     growth = f"{lora['graph_memory_bytes'] / base_graphs:.2f}x" if base_graphs else "n/a on CPU"

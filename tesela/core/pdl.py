@@ -13,9 +13,12 @@ The contract, kept by construction:
 - A kernel that may be launched with PDL takes `PDL: tl.constexpr` as its last parameter and
   calls `grid_dependency_sync(PDL)` before its first load or store, weights aside (no kernel
   writes them: the GEMV loads its first weight tile before the wait, and at 1-2 tokens its tile
-  may span all of K, so the whole weight slice streams in while the previous kernel runs). It
-  waits for the previous grid, then lets the next one launch (waiting first bounds the queue:
-  releasing before the wait would let every later kernel launch and sit resident).
+  may span all of K, so the whole weight slice streams in while the previous kernel runs), and
+  host-written per-batch rows aside (copied in before the step's first kernel: a kernel runs
+  only once every kernel before it in the stream has started, so that copy is complete; the
+  one-launch LoRA GEMM loads the tokens' slots this way). It waits for the previous grid, then
+  lets the next one launch (waiting first bounds the queue: releasing before the wait would let
+  every later kernel launch and sit resident).
 - A launch sets the kernel's `PDL` and Triton's `launch_pdl` together, never apart: a kernel
   launched early whose body does not wait would read its inputs before they are written.
   `kernel[grid](...)` call sites pass `**launch_kwargs(device, num_tokens)`; `CachedLauncher`

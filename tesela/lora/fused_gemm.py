@@ -1,4 +1,5 @@
-"""The base GEMM with the LoRA expand in its epilogue: prefill-sized targets in two launches.
+"""The base GEMM with the LoRA delta inside: one launch per target at decode sizes, two at
+prefill sizes.
 
     y[t] = x[t] @ W.T (+ bias) + scaling[slot] * s[t, j] @ B[slot, cols_j].T
     s[t, j] = x[t] @ A[slot, j].T                       (the sgmv shrink, tesela/lora/kernels.py)
@@ -29,11 +30,28 @@ size, with any number of segments, none skipped (base-model and padding tokens c
 or lie past the batch's `real_tokens`, and get the plain GEMM). Every column tile lies in one
 slice (BLOCK_N divides every slice width), so a program reads one slice's s and B.
 
-It runs only where `python3 -m tesela.tune.lora --styles fused` measured it faster than cuBLAS
-followed by sgmv (the table's `fused` entries, per target shape and token bucket): on H200,
-every qwen3-0.6b and llama-3.2-1b target from 128 to 4096 tokens but a few buckets. The Triton
-GEMM, its epilogue's loads included, runs 0-35% longer than cuBLAS at 1024 tokens; the saved
-launch and y round trip pay for that, most where y is wide.
+Up to SMALL_MAX_TOKENS tokens (decode steps, short chunks) a separate shrink launch costs as
+much as the whole GEMM, so `lora_small_gemm` does everything in one launch: all tokens in one
+token tile (16, 32 or 64 rows), a program per column tile, and in its K loop, beside x @ W.T,
+the shrink of every adapter slot at once, x @ [A[0, j]; A[1, j]; ...].T (slots x rank-width
+columns: 64 for 4 slots at rank 16; at these sizes the GEMM streams W from memory and the
+extra MMA is free, its A tiles shared by all programs through L2). After the loop one MMA adds
+every delta: a token's row of s keeps only its own slot's columns (none for base-model and
+padding tokens), times B of all slots stacked over the same columns, times its slot's scaling.
+What no kernel of the step writes (B, the ranks and scalings, the batch's slots and count,
+copied in before the step's first kernel) is loaded before the PDL wait, under the previous
+kernel's tail. A token's row depends on the token tile's height (the MMA instructions), which
+a padded size shares with the batches it serves (`small_block_m`).
+
+Both run only where `python3 -m tesela.tune.lora --styles fused` measured them faster than what
+the layer runs otherwise (the table's `fused` entries, per target shape and token bucket): the
+base linear (cuBLAS, or the tuned Triton GEMV at 1-16 tokens) followed by gather at up to 64
+tokens, by sgmv above. On H200: in one launch, every qwen3-0.6b and llama-3.2-1b target at
+1-64 tokens but the o and down projections at 1-2 tokens (and 64), where the GEMV + gather
+wins, and llama-3.2-1b's down everywhere (K = 8192 over 64 column tiles streams too slowly);
+as shrink + GEMM, every target from 128 to 4096 tokens but a few buckets. The TMA GEMM, its
+epilogue's loads included, runs 0-35% longer than cuBLAS at 1024 tokens; the saved launch and
+y round trip pay for that, most where y is wide.
 """
 
 from __future__ import annotations
@@ -45,12 +63,30 @@ from dataclasses import dataclass, replace
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional on CPU: nothing launches then
+    triton = None
+
+from tesela.core.intmath import next_power_of_2
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
 from tesela.lora import tiles as lora_tiles
 from tesela.lora.kernels import sgmv_shrink
 from tesela.lora.tiles import FUSED, LoRATiles
 
 BLOCK_K = 64  # the K step of every fused launch: it fixes a token's sum order, so never tuned
+# Up to this many tokens (decode steps, short chunks) one launch does it all (`lora_small_gemm`):
+# the shrink of every slot inside the base GEMM's K loop, for at most SMALL_MAX_SLOTS slots.
+SMALL_MAX_TOKENS = 64
+SMALL_MAX_SLOTS = 4
+
+
+def small_block_m(num_tokens: int) -> int:
+    """The token tile of `lora_small_gemm`: every token in one tile (16, 32 or 64 rows). A
+    padded size and the batch it serves fall in the same tile (the ladder holds 16, 32 and 64),
+    so the same MMA instructions sum a token's row in both."""
+    return max(16, next_power_of_2(num_tokens))
 
 
 @dataclass(frozen=True)
@@ -61,6 +97,9 @@ class FusedTiles:
     group_m: int = 8  # row blocks walked together, so their W tiles are shared in L2
     num_warps: int = 8
     num_stages: int = 3
+    # `lora_small_gemm` (at most SMALL_MAX_TOKENS tokens, every slot's shrink inside, one
+    # launch; block_m and group_m unused), else the TMA GEMM after the sgmv shrink
+    small: bool = False
 
     def fits(self, slice_sizes: list[int] | tuple[int, ...]) -> bool:
         """Whether every column tile lies inside one slice."""
@@ -69,15 +108,20 @@ class FusedTiles:
 
 def fused_tiles(x: torch.Tensor, weight, a, slice_sizes: list[int]) -> FusedTiles | None:
     """The tuned tiles of the fused kernel for this launch, or None: the base GEMM, then the
-    sgmv kernels. Only where a tuning run measured the fused kernel faster for this target
-    shape and token bucket on this device (`python3 -m tesela.tune.lora --styles fused`), and
-    only for operands TMA can read (contiguous, 16-byte aligned rows and bases)."""
+    LoRA kernels. Only where a tuning run measured the fused kernel faster for this target
+    shape and token bucket on this device (`python3 -m tesela.tune.lora --styles fused`), with
+    the adapters' rank width (16) and, up to SMALL_MAX_TOKENS, the slot count (at most
+    SMALL_MAX_SLOTS) it was tuned at; above that, only for operands TMA can read (contiguous,
+    16-byte aligned rows and bases)."""
     if x.device.type != "cuda" or lora_tiles.rank_block(a.shape[2]) != 16:
         return None  # the table is tuned at rank width 16
     key = lora_tiles.shape_key(x.shape[1], max(slice_sizes), len(slice_sizes))
     entry = _entry(torch.cuda.get_device_name(x.device), x.dtype, key, x.shape[0])
     if entry is None or not entry.fits(slice_sizes):
         return None
+    if entry.small:
+        fits = x.shape[0] <= SMALL_MAX_TOKENS and a.shape[0] <= SMALL_MAX_SLOTS
+        return entry if fits and weight.stride(1) == 1 else None
     return entry if _tma_ready(x) and _tma_ready(weight) else None
 
 
@@ -86,11 +130,18 @@ def _tma_ready(t: torch.Tensor) -> bool:
     return t.is_contiguous() and rows_aligned and t.data_ptr() % 16 == 0
 
 
-def fused_entries(device_name: str, dtype: str = "bfloat16") -> dict[str, list[int]]:
-    """Target shape ("K,N,S": input width, widest slice, slices) -> the token buckets where the
-    table runs the fused kernel on this device (what `tesela doctor` shows)."""
-    shapes = _fused_shapes(device_name, dtype)
-    return {key: sorted(int(b) for b in buckets) for key, buckets in shapes.items() if buckets}
+def fused_entries(device_name: str, dtype: str = "bfloat16") -> dict[str, dict[str, list[int]]]:
+    """Target shape ("K,N,S": input width, widest slice, slices) -> {"one_launch": token
+    buckets where the table runs `lora_small_gemm`, "fused": those where it runs the shrink and
+    the TMA GEMM} on this device (what `tesela doctor` shows)."""
+    entries = {}
+    for key, buckets in _fused_shapes(device_name, dtype).items():
+        kinds = {"one_launch": [], "fused": []}
+        for bucket, tiles in buckets.items():
+            kinds["one_launch" if tiles.get("small") else "fused"].append(int(bucket))
+        if buckets:
+            entries[key] = {kind: sorted(found) for kind, found in kinds.items()}
+    return entries
 
 
 def _fused_shapes(device_name: str, dtype: str) -> dict:
@@ -104,11 +155,23 @@ def _entry(device_name: str, dtype: torch.dtype, key: str, num_tokens: int) -> F
     return replace(FusedTiles(**entry), block_k=BLOCK_K) if entry else None  # K order: fixed
 
 
-@functools.cache
-def _kernel():
-    import triton
-    import triton.language as tl
+if triton is not None:
 
+    @triton.jit
+    def slot_delta(acc, st, row_slot, slot, bt, rank, scaling, r, IEEE: tl.constexpr):
+        """acc plus one adapter slot's expand: s's rows of the slot's tokens @ B[slot] (its
+        rank rows past the adapter's rank, another adapter's or NaN junk, zeroed), scaled."""
+        sa = tl.where((row_slot == slot)[:, None], st, 0.0)
+        bt = tl.where((r < rank)[:, None], bt, 0.0)
+        if IEEE:
+            delta = tl.dot(sa, bt, input_precision="ieee")
+        else:
+            delta = tl.dot(sa.to(bt.dtype), bt)
+        return acc + delta * scaling
+
+
+@functools.cache
+def _kernels():
     @triton.jit
     def lora_gemm(
         x_desc, w_desc, y_desc, b_ptr, s_ptr, bias_ptr,
@@ -173,39 +236,94 @@ def _kernel():
         # past the slot's adapter rank (another adapter's, or NaN junk) are zeroed.
         row_slot = tl.where(rows < real, row_slot, -1)  # padding tokens: the plain GEMM
         if first >= 0:
-            sa = tl.where((row_slot == first)[:, None], st, 0.0)
-            bt = tl.where((r < rank_first)[:, None], b_first, 0.0)
-            if IEEE:
-                delta = tl.dot(sa, bt, input_precision="ieee")
-            else:
-                delta = tl.dot(sa.to(bt.dtype), bt)
-            acc += delta * scaling_first
+            acc = slot_delta(acc, st, row_slot, first, b_first, rank_first, scaling_first, r, IEEE)
         if (last >= 0) & (last != first):
-            sa = tl.where((row_slot == last)[:, None], st, 0.0)
-            bt = tl.where((r < rank_last)[:, None], b_last, 0.0)
-            if IEEE:
-                delta = tl.dot(sa, bt, input_precision="ieee")
-            else:
-                delta = tl.dot(sa.to(bt.dtype), bt)
-            acc += delta * scaling_last
+            acc = slot_delta(acc, st, row_slot, last, b_last, rank_last, scaling_last, r, IEEE)
         # Any other slot (short requests, decode rows of a mixed batch): one at a time.
         rest = (row_slot >= 0) & (row_slot != first) & (row_slot != last)
         while tl.sum(rest.to(tl.int32)) > 0:
             slot = tl.max(tl.where(rest, row_slot, -1))
             bt = tl.load(b_cols + slot.to(tl.int64) * stride_b_slot, mask=b_mask)
-            bt = tl.where((r < tl.load(ranks_ptr + slot))[:, None], bt, 0.0)
-            sa = tl.where((row_slot == slot)[:, None], st, 0.0)
-            if IEEE:
-                delta = tl.dot(sa, bt, input_precision="ieee")
-            else:
-                delta = tl.dot(sa.to(bt.dtype), bt)
-            acc += delta * tl.load(scalings_ptr + slot)
+            rank, scaling = tl.load(ranks_ptr + slot), tl.load(scalings_ptr + slot)
+            acc = slot_delta(acc, st, row_slot, slot, bt, rank, scaling, r, IEEE)
             rest = rest & (row_slot != slot)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         y_desc.store([m0, n0], acc.to(y_desc.dtype))
 
-    return lora_gemm
+    @triton.jit
+    def lora_small_gemm(
+        x_ptr, w_ptr, y_ptr, a_ptr, b_ptr, bias_ptr,
+        token_slot_ptr, ranks_ptr, scalings_ptr, real_ptr,
+        M, N, K, SLICE_1, SLICE_2, stride_xm, stride_wn, stride_ym,
+        stride_a_slot, stride_a_slice, stride_a_rank, stride_b_slot, stride_b_row,
+        SLOTS: tl.constexpr, MAX_RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_SR: tl.constexpr,
+        PDL: tl.constexpr,
+    ):  # fmt: skip
+        n0 = tl.program_id(0) * BLOCK_N
+        rows = tl.arange(0, BLOCK_M)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        # Every slot's rank rows side by side: column c of s is slot c // BLOCK_R, rank row
+        # c % BLOCK_R. Rows past a slot's rank, or past the slots, are masked out of A and B.
+        c = tl.arange(0, BLOCK_SR)
+        c_slot, c_r = c // BLOCK_R, c % BLOCK_R
+        j = (n0 >= SLICE_1).to(tl.int32) + (n0 >= SLICE_2).to(tl.int32)  # this tile's slice
+        # Before the wait: what no kernel of the step writes (the adapters' weights, ranks and
+        # scalings; the batch's slots and count, copied in before the step's first kernel), so
+        # these loads overlap the previous kernel's tail.
+        c_rank = tl.load(ranks_ptr + c_slot, mask=c_slot < SLOTS, other=0)
+        b_tile = tl.load(
+            b_ptr + c_slot[:, None].to(tl.int64) * stride_b_slot
+            + cols[None, :].to(tl.int64) * stride_b_row + c_r[:, None],
+            mask=(c_r < c_rank)[:, None] & (cols < N)[None, :], other=0.0,
+        )  # fmt: skip
+        row_slot = tl.load(token_slot_ptr + rows, mask=rows < M, other=-1)
+        real = tl.load(real_ptr)
+        row_scaling = tl.load(scalings_ptr + row_slot, mask=row_slot >= 0, other=0.0)
+        a_rows = a_ptr + c_slot.to(tl.int64) * stride_a_slot + j * stride_a_slice
+        a_rows += c_r * stride_a_rank
+        a_mask = (c_slot < SLOTS) & (c_r < MAX_RANK)
+        grid_dependency_sync(PDL)
+        # One pass over K: the base GEMM and every slot's shrink, on the same x tiles.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        s = tl.zeros((BLOCK_M, BLOCK_SR), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < K
+            xt = tl.load(
+                x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
+                mask=(rows < M)[:, None] & k_mask[None, :], other=0.0,
+            )  # fmt: skip
+            wt = tl.load(
+                w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
+                mask=(cols < N)[:, None] & k_mask[None, :], other=0.0,
+            )  # fmt: skip
+            at = tl.load(
+                a_rows[:, None] + ks[None, :], mask=a_mask[:, None] & k_mask[None, :], other=0.0
+            )
+            if IEEE:
+                acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+                s += tl.dot(xt, tl.trans(at), input_precision="ieee")
+            else:
+                acc = tl.dot(xt, tl.trans(wt), acc)
+                s = tl.dot(xt, tl.trans(at), s)
+        # The expand, one MMA for all slots: a token keeps only its own slot's columns of s
+        # (base-model and padding tokens none), so it gets exactly its delta.
+        row_slot = tl.where(rows < real, row_slot, -1)  # padding tokens: no delta
+        s = tl.where((row_slot[:, None] == c_slot[None, :]) & (c_r < c_rank)[None, :], s, 0.0)
+        if IEEE:
+            delta = tl.dot(s, b_tile, input_precision="ieee")
+        else:
+            delta = tl.dot(s.to(b_tile.dtype), b_tile)
+        acc += delta * row_scaling[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y_offs = rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None])
+
+    return lora_gemm, lora_small_gemm
 
 
 def lora_gemm(
@@ -237,6 +355,9 @@ def lora_gemm(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    if tiles.small:
+        _small_gemm(x, weight, bias, a, b, slice_sizes, buffers, tiles, y)
+        return y
     if shrink_tiles is None:
         shrink_tiles = lora_tiles.choose_tiles(
             lora_tiles.SGMV, m, k, max(slice_sizes), num_slices, block_r, x
@@ -247,7 +368,7 @@ def lora_gemm(
     bounds = ([*itertools.accumulate(slice_sizes)][:-1] + [n, n])[:2]
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     grid = (-(-m // bm) * -(-n // bn),)
-    _kernel()[grid](
+    _kernels()[0][grid](
         TensorDescriptor.from_tensor(x, [bm, bk]),
         TensorDescriptor.from_tensor(weight, [bn, bk]),
         TensorDescriptor.from_tensor(y, [bm, bn]),
@@ -260,3 +381,25 @@ def lora_gemm(
         **launch_kwargs(x.device, m),
     )  # fmt: skip
     return y
+
+
+def _small_gemm(x, weight, bias, a, b, slice_sizes, buffers, tiles: FusedTiles, y) -> None:
+    """`lora_small_gemm` over every token at once: one program per column tile."""
+    m, k = x.shape
+    n = weight.shape[0]
+    slots, num_slices, max_rank = a.shape[:3]
+    block_r = lora_tiles.rank_block(max_rank)
+    assert m <= SMALL_MAX_TOKENS, f"{m} tokens: the small kernel holds every token in one tile"
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and a.stride(3) == 1 and y.stride(1) == 1
+    bounds = ([*itertools.accumulate(slice_sizes)][:-1] + [n, n])[:2]
+    _kernels()[1][(-(-n // tiles.block_n),)](
+        x, weight, y, a, b, bias if bias is not None else weight,
+        buffers.token_slot, buffers.ranks, buffers.scalings, buffers.real_tokens,
+        m, n, k, *bounds, x.stride(0), weight.stride(0), y.stride(0),
+        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
+        SLOTS=slots, MAX_RANK=max_rank, HAS_BIAS=bias is not None,
+        IEEE=x.dtype == torch.float32, BLOCK_M=small_block_m(m), BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, BLOCK_R=block_r, BLOCK_SR=next_power_of_2(slots) * block_r,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **launch_kwargs(x.device, m),
+    )  # fmt: skip

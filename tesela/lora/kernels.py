@@ -39,13 +39,7 @@ import functools
 import torch
 
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
-from tesela.lora.tiles import FUSED, GATHER, SGMV, LoRATiles, choose_tiles, rank_block
-
-
-def launches_per_target(style: str) -> int:
-    """Kernel launches one LoRA target adds to its base GEMM: sgmv's shrink + expand, the
-    fused gather kernel, or the fused GEMM's shrink (its expand rides in the base GEMM)."""
-    return {SGMV: 2, GATHER: 1, FUSED: 1}[style]
+from tesela.lora.tiles import GATHER, SGMV, LoRATiles, choose_tiles, rank_block
 
 
 @functools.cache

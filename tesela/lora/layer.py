@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from tesela.core.forward_context import get_forward_context
-from tesela.lora.fused_gemm import fused_tiles, lora_gemm
+from tesela.lora.fused_gemm import FusedTiles, fused_tiles, lora_gemm
 from tesela.lora.kernels import torch_lora, triton_lora
 from tesela.lora.state import LoRABatchState, StaleLoRAStateError
 from tesela.lora.tiles import SGMV
@@ -53,9 +53,9 @@ def lora_linear(
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     sizes = [hi - lo for lo, hi in zip(host_offsets[:-1], host_offsets[1:], strict=True)]
-    if manager.backend == "triton" and state.style == SGMV:
-        tiles = fused_tiles(x2, weight, a, sizes)
-        if tiles is not None:  # the delta inside the base GEMM: one launch
+    if manager.backend == "triton":
+        tiles = _fused(x2, weight, a, sizes, state.style)
+        if tiles is not None:  # the delta inside the base GEMM
             y = lora_gemm(x2, weight, bias, a, b, sizes, manager.buffers, tiles)
             return y.view(*x.shape[:-1], -1)
     y = manager.base_linear(x, weight, bias)
@@ -68,6 +68,27 @@ def lora_linear(
             manager.slot_ranks, manager.slot_scalings,
         )  # fmt: skip
     return y
+
+
+def _fused(x2: torch.Tensor, weight, a, sizes: list[int], style: str) -> FusedTiles | None:
+    """The fused GEMM's tiles where the layer runs it for this launch: the table's entry, and
+    for decode batches only the one-launch kernel (the prefill-sized entries were tuned on
+    extend segments)."""
+    tiles = fused_tiles(x2, weight, a, sizes)
+    return tiles if tiles is not None and (tiles.small or style == SGMV) else None
+
+
+def launches_per_target(module: torch.nn.Module, num_tokens: int, style: str) -> int:
+    """Kernel launches a LoRA-enabled linear adds to its base GEMM for a batch of this many
+    tokens of this style (Triton LoRA): none where the one-launch fused GEMM runs, the shrink
+    where the prefill-sized one does, else gather's one or sgmv's two."""
+    x = module.weight.new_empty((num_tokens, module.weight.shape[1]))
+    offsets = module.lora_offsets
+    sizes = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)]
+    tiles = _fused(x, module.weight, module.lora_a, sizes, style)
+    if tiles is not None:
+        return 0 if tiles.small else 1
+    return 2 if style == SGMV else 1
 
 
 @lora_linear.register_fake

@@ -8,13 +8,14 @@ extend: up to 32 rows splitting the bucket's tokens, as `tesela bench lora` pref
 the fastest whose output matches the default tiles', and merges it into
 tesela/lora/lora_tile_table.json (or `--output`; commit it). Decode tiles are one per target
 shape (they fix a token's sum order, which must not depend on the batch: tesela/lora/tiles.py),
-chosen by their mean time relative to the default over the buckets. `fused` (extend) times the
-shrink and the GEMM with the expand inside (tesela/lora/fused_gemm.py) against cuBLAS's base
-GEMM followed by sgmv, and keeps an entry only for the buckets where it wins by FUSED_MARGIN
-(it drops a stale one where it no longer does): the layer then runs it. One line per (style,
-target, bucket): default (fused: base GEMM + sgmv) and best time. The table is written after
-every line, so a run cut short keeps what it measured; `--styles` and `--buckets` split the
-work.
+chosen by their mean time relative to the default over the buckets. `fused` times the GEMM
+with the delta inside (tesela/lora/fused_gemm.py: at 1-64 tokens the one-launch kernel on
+decode rows, above that the shrink and the TMA GEMM on extend rows) against what the layer runs
+otherwise, the base linear (tesela/layers/gemv.py) followed by gather or sgmv, and keeps an
+entry only for the buckets where it wins by FUSED_MARGIN (it drops a stale one where it no
+longer does): the layer then runs it. One line per (style, target, bucket): default (fused:
+the base linear + LoRA kernels) and best time. The table is written after every line, so a run
+cut short keeps what it measured; `--styles` and `--buckets` split the work.
 """
 
 from __future__ import annotations
@@ -28,14 +29,26 @@ from pathlib import Path
 import torch
 
 from tesela.lora import tiles as lora_tiles
-from tesela.lora.fused_gemm import BLOCK_K, FUSED, FusedTiles, lora_gemm
+from tesela.lora.fused_gemm import (
+    BLOCK_K,
+    FUSED,
+    SMALL_MAX_TOKENS,
+    FusedTiles,
+    lora_gemm,
+    small_block_m,
+)
 from tesela.lora.kernels import GATHER, SGMV, triton_lora
 from tesela.lora.state import LoRABuffers
 from tesela.lora.tiles import LoRATiles
 
 RANK = 16
-BUCKETS = {GATHER: "1,8,32,128", SGMV: "16,128,1024,4096", FUSED: "128,256,512,1024,2048,4096"}
+BUCKETS = {
+    GATHER: "1,8,32,128",
+    SGMV: "16,128,1024,4096",
+    FUSED: "1,2,4,8,16,32,64,128,256,512,1024,2048,4096",
+}
 FUSED_MARGIN = 0.97  # a fused entry is kept only this much faster than base GEMM + sgmv
+L2_BYTES = 96 << 20  # weights in copies over this many bytes are read cold (H100/H200 L2: 50 MB)
 
 
 def target_shapes(model_config) -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -75,8 +88,14 @@ def sgmv_candidates(default: LoRATiles, stage: int, best=None) -> list[LoRATiles
     return [default] + [replace(default, block_m=m, num_warps=w) for m, w in grid]
 
 
-def fused_candidates() -> list[FusedTiles]:
-    """Token and column tiles, warps and pipeline depth; never the K step (the sum order)."""
+def fused_candidates(num_tokens: int) -> list[FusedTiles]:
+    """Token and column tiles, warps and pipeline depth; never the K step (the sum order).
+    Up to SMALL_MAX_TOKENS, the one-launch kernel's column tiles, warps and depth."""
+    if num_tokens <= SMALL_MAX_TOKENS:
+        grid = ((16, 4, 4), (32, 4, 3), (32, 4, 4), (32, 4, 6), (64, 4, 3), (64, 4, 4),
+                (64, 8, 3), (128, 8, 3), (128, 4, 3))  # fmt: skip
+        block_m = small_block_m(num_tokens)  # what the kernel takes (the entry records it)
+        return [FusedTiles(block_m, n, BLOCK_K, 1, w, s, small=True) for n, w, s in grid]
     grid = ((128, 128, 8, 3), (128, 128, 4, 4), (128, 128, 8, 4), (64, 128, 4, 4),
             (128, 64, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3), (64, 64, 4, 4))  # fmt: skip
     return [FusedTiles(m, n, BLOCK_K, 8, w, s) for m, n, w, s in grid]
@@ -114,7 +133,7 @@ class Case:
         self.buffers.scalings.fill_(2.0)
         self.weights = [(self.a, self.b)]
 
-    def spread_weights(self, l2_bytes: int = 96 << 20) -> None:
+    def spread_weights(self, l2_bytes: int = L2_BYTES) -> None:
         copies = min(256, -(-l2_bytes // (self.a.nbytes + self.b.nbytes)))
         self.weights = [(self.a.clone(), self.b.clone()) for _ in range(copies)]
 
@@ -147,35 +166,42 @@ class Case:
 
 
 def tune_fused(case: Case) -> tuple[float, float, FusedTiles | None]:
-    """(base GEMM + sgmv us, best fused us, its tiles; None where none is faster by the
-    margin) of one token bucket. The base GEMM is cuBLAS (what a prefill-sized linear runs)."""
+    """(base GEMM + LoRA kernels us, best fused us, its tiles; None where none is faster by
+    the margin) of one token bucket. The unfused side is what the layer runs instead: the base
+    linear (tesela/layers/gemv.py: its Triton GEMV where tuned at decode sizes, else cuBLAS),
+    then the case's LoRA kernels (decode sizes: gather; else sgmv). The base weight also comes
+    in copies that overflow L2, cycled with the adapters': served, it was evicted too."""
     import triton.testing
+
+    from tesela.layers import gemv
 
     k, out = case.x.shape[1], sum(case.sizes)
     weight = (torch.randn(out, k, device=case.x.device) * k**-0.5).to(case.x.dtype)
+    weights = [weight] + [weight.clone() for _ in range(-(-L2_BYTES // weight.nbytes))]
 
-    def unfused(a, b):
-        y = torch.nn.functional.linear(case.x, weight)
-        triton_lora(case.x, y, a, b, case.offsets, case.max_size, case.buffers, SGMV)
+    def unfused(a, b, w=weight):
+        y = gemv.linear(case.x, w, None)
+        triton_lora(case.x, y, a, b, case.offsets, case.max_size, case.buffers, case.style)
         return y
 
-    def fused(tiles, a, b):
-        return lora_gemm(case.x, weight, None, a, b, case.sizes, case.buffers, tiles)
+    def fused(tiles, a, b, w=weight):
+        return lora_gemm(case.x, w, None, a, b, case.sizes, case.buffers, tiles)
 
     def time_us(run) -> float:
-        ms = triton.testing.do_bench_cudagraph(lambda: [run(a, b) for a, b in case.weights], rep=20)
-        return 1e3 * ms / len(case.weights)
+        runs = [(a, b, weights[i % len(weights)]) for i, (a, b) in enumerate(case.weights)]
+        ms = triton.testing.do_bench_cudagraph(lambda: [run(*r) for r in runs], rep=20)
+        return 1e3 * ms / len(runs)
 
     expected = unfused(case.a, case.b).float()
     base, best = time_us(unfused), (float("inf"), None)
-    for tiles in fused_candidates():
+    for tiles in fused_candidates(case.x.shape[0]):
         if not tiles.fits(case.sizes):
             continue
         try:
             got = fused(tiles, case.a, case.b).float()
             if not torch.allclose(got, expected, atol=6e-2, rtol=2e-2):
                 continue
-            timed = (time_us(lambda a, b, t=tiles: fused(t, a, b)), tiles)
+            timed = (time_us(lambda a, b, w, t=tiles: fused(t, a, b, w)), tiles)
             best = min(best, timed, key=lambda t: t[0])
         except Exception:  # noqa: BLE001  (a config that does not compile or fit shared memory)
             continue
@@ -211,8 +237,11 @@ def tune_shape(style: str, in_features: int, sizes, buckets: list[int], adapters
     """bucket -> (default, best, best tiles) of one target (gather: the one bucket "all")."""
     dtype, n = torch.bfloat16, max(sizes)
     probe = torch.empty(0, device="cuda", dtype=dtype)
-    kernels = GATHER if style == GATHER else SGMV  # fused: timed against base GEMM + sgmv
-    cases = [Case(kernels, in_features, sizes, m, adapters, dtype) for m in buckets]
+
+    def kernels(m: int) -> str:  # fused: timed against the base GEMM + what the layer runs
+        return GATHER if style == GATHER or (style == FUSED and m <= SMALL_MAX_TOKENS) else SGMV
+
+    cases = [Case(kernels(m), in_features, sizes, m, adapters, dtype) for m in buckets]
     for case in cases:
         case.spread_weights()
     if style == FUSED:

@@ -136,6 +136,63 @@ def test_fused_gemm_bf16_matches_the_reference_in_any_batch(shape, tiles):
     assert torch.equal(outputs[n][:300], outputs[300])
 
 
+@pytest.mark.parametrize("shape", ["qkv", "down"])
+@pytest.mark.parametrize(
+    "tiles",
+    [FusedTiles(block_n=32, num_warps=4, num_stages=4, small=True),
+     FusedTiles(block_n=128, num_warps=8, num_stages=3, small=True)],
+)  # fmt: skip
+def test_one_launch_fused_gemm_bf16_matches_the_reference_and_rows_keep_their_bits(shape, tiles):
+    """The one-launch kernel (every slot's shrink inside the base GEMM's K loop, one MMA for
+    all slots' expands) against fp64 on decode rows cycling 4 adapters and the base model,
+    ranks below the slots' width; a token's row is bitwise the same in every batch whose count
+    shares its token tile (1-16, 17-32, 33-64: a padded replay and its eager batch)."""
+    in_features, offsets = SHAPES[shape]
+    slots, max_rank = 4, 16
+    g = torch.Generator().manual_seed(11)
+    a = (torch.randn(slots, len(offsets) - 1, max_rank, in_features, generator=g)
+         * in_features**-0.5).bfloat16().cuda()  # fmt: skip
+    b = (torch.randn(slots, offsets[-1], max_rank, generator=g) * 0.05).bfloat16().cuda()
+    weight = (torch.randn(offsets[-1], in_features, generator=g) * in_features**-0.5).bfloat16()
+    weight = weight.cuda()
+    x = torch.randn(64, in_features, generator=g).bfloat16().cuda()
+    widths = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)]
+    outputs = {}
+    for num_tokens in (1, 5, 16, 17, 32, 40, 64):
+        buffers = LoRABuffers.allocate(64, slots, "cuda")
+        buffers.write(
+            [(t, t + 1, [0, 1, NO_SLOT, 2, 3][t % 5]) for t in range(num_tokens)], num_tokens
+        )
+        buffers.ranks.copy_(torch.tensor([16, 8, 16, 4], dtype=torch.int32))
+        buffers.scalings.copy_(torch.tensor([2.0, 1.0, 0.5, 4.0]))
+        y = lora_gemm(x[:num_tokens], weight, None, a, b, widths, buffers, tiles)
+        outputs[num_tokens] = y
+        delta = reference_lora_delta(
+            x[:num_tokens].cpu(), a.cpu(), b.cpu(), offsets, buffers.slots_of(num_tokens),
+            buffers.ranks.cpu(), buffers.scalings.cpu(),
+        )  # fmt: skip
+        expected = x[:num_tokens].cpu().double() @ weight.cpu().double().T + delta
+        torch.testing.assert_close(y.cpu().double(), expected, atol=6e-2, rtol=2e-2)
+        assert delta.abs().max() > 0.1
+    for small, large in ((1, 16), (5, 16), (17, 32), (40, 64)):
+        assert torch.equal(outputs[small], outputs[large][:small])
+
+
+def test_the_tuned_table_serves_decode_targets_in_one_launch_on_this_card():
+    """The checked-in table has one-launch entries for this card at decode sizes (else the
+    greedy tests below never run the kernel in a FULL decode graph): qwen3-0.6b's qkv target
+    at batch 32, and only with at most 4 adapter slots."""
+    x = torch.empty(32, 1024, dtype=torch.bfloat16, device="cuda")
+    weight = torch.empty(4096, 1024, dtype=torch.bfloat16, device="cuda")
+    a = torch.empty(4, 3, 16, 1024, dtype=torch.bfloat16, device="cuda")
+    tiles = fused_tiles(x, weight, a, [2048, 1024, 1024])
+    if tiles is None:
+        pytest.skip(f"no one-launch LoRA entry for {torch.cuda.get_device_name()} at batch 32")
+    assert tiles.small
+    eight_slots = torch.empty(8, 3, 16, 1024, dtype=torch.bfloat16, device="cuda")
+    assert fused_tiles(x, weight, eight_slots, [2048, 1024, 1024]) is None
+
+
 def test_the_tuned_table_serves_prefill_targets_fused_on_this_card():
     """The checked-in table has fused entries for this card at prefill sizes (else the layer
     tests below never run the fused kernel): qwen3-0.6b's qkv target at 2048 tokens."""
