@@ -458,6 +458,24 @@ MUTATIONS = {
         "(row_slot[:, None] >= 0)",
         LORA_KERNEL_TESTS,
     ),
+    "split-K one-launch LoRA GEMM leaves its arrival counts set": (
+        "tesela/lora/fused_gemm.py",
+        "tl.store(arrived_ptr + pid_n, 0)  # ready for the next launch",
+        "pass",
+        LORA_KERNEL_TESTS,
+    ),
+    "split-K one-launch LoRA GEMM sums only the last split's partials": (
+        "tesela/lora/fused_gemm.py",
+        "for i in tl.static_range(SPLIT_K):",
+        "for i in tl.static_range(SPLIT_K - 1, SPLIT_K):",
+        LORA_KERNEL_TESTS,
+    ),
+    "split-K one-launch LoRA GEMM: every split covers all of K": (
+        "tesela/lora/fused_gemm.py",
+        "            k_hi = tl.minimum(k_lo + k_per_split, K)\n",
+        "            k_lo, k_hi = 0, K\n",
+        LORA_KERNEL_TESTS,
+    ),
     "one-launch LoRA GEMM forgets the slot's scaling": (
         "tesela/lora/fused_gemm.py",
         "acc += delta * row_scaling[:, None]",

@@ -86,8 +86,8 @@ def test_report_says_what_tensor_parallelism_would_pick_and_why():
 
 def test_report_says_where_lora_runs_the_fused_gemms():
     """From the checked-in table: H200's fused entries (qwen3-0.6b's qkv target in one launch
-    at 1 to 64 tokens and as shrink + fused GEMM at 128 to 4096, llama-3.2-1b's down only the
-    latter at 1024); a card without entries keeps the base GEMM + the LoRA kernels,
+    at 1 to 64 tokens and as shrink + fused GEMM at 128 to 4096, llama-3.2-1b's down in one
+    launch and, at 1024 only, the latter); a card without entries keeps the base GEMM + the LoRA kernels,
     and says so."""
     from tesela.attention.policy import DeviceInfo
     from tesela.doctor import _lora_section
@@ -98,7 +98,8 @@ def test_report_says_where_lora_runs_the_fused_gemms():
         "shrink + fused GEMM at 128, 256, 512, 1024, 2048, 4096\n"
     )
     assert qkv in h200
-    assert "  K 8192, 1 slice(s) of up to 2048 rows: shrink + fused GEMM at 1024\n" in h200
+    down = "  K 8192, 1 slice(s) of up to 2048 rows: one launch at 1, 2, 4, 8, 16, 32, 64; "
+    assert down + "shrink + fused GEMM at 1024\n" in h200
     assert "everywhere else: the base GEMM, then gather (decode) or sgmv shrink + expand" in h200
     other = _lora_section(DeviceInfo("cuda", (8, 0), name="NVIDIA A100-SXM4-80GB"))
     assert "no fused entry for this card" in other

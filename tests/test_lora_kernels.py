@@ -269,6 +269,8 @@ FUSED_TILES = {
     # one launch for every token (at most 64): each slot's shrink in the K loop (3 slots: a
     # 4th, masked, in the kernel's slot tile)
     "one_launch": FusedTiles(block_n=16, block_k=16, num_warps=4, num_stages=1, small=True),
+    # the same over 3 K ranges per column tile (the last one empty), summed by the last to arrive
+    "split": FusedTiles(block_n=16, block_k=16, num_stages=1, small=True, split_k=3),
 }
 
 
@@ -295,6 +297,7 @@ def test_fused_gemm_equals_the_base_gemm_plus_the_reference_delta(tiles, case):
     sizes = [hi - lo for lo, hi in zip(OFFSETS[:-1], OFFSETS[1:], strict=True)]
     shrink = LoRATiles(block_m=16, block_n=16, block_k=16, split_k=2)  # two planes of s
     y = lora_gemm(x, weight, bias, a, b, sizes, buffers, FUSED_TILES[tiles], shrink)
+    assert not buffers.arrivals.any()  # split-K: every column tile's count is back to zero
     delta = reference_lora_delta(
         x, a, b, OFFSETS, buffers.slots_of(padded), buffers.ranks, buffers.scalings
     )

@@ -57,6 +57,7 @@ def test_the_scan_finds_the_kernels_of_every_layer():
         "router_gemm_topk_kernel",
         "down_sum_gemv_kernel",
         "lora_gather",
+        "lora_small_gemm",
     ):
         assert expected in names
     assert "_route_token" not in names and "grid_dependency_sync" not in names  # helpers
@@ -91,8 +92,8 @@ def _calls(statements: list[ast.stmt], functions, seen=()) -> list[tuple[str, st
 @pytest.mark.parametrize("name", sorted(_kernels()))
 def test_every_kernel_takes_pdl_last_and_waits_before_reading_activations(name):
     """Before the wait a kernel may compute indices and load weights (which no kernel
-    writes): nothing else, no store, no atomic, no load of another tensor, in the kernel or in
-    a helper it calls there."""
+    writes) and the host-copied LoRA rows (`pdl.PRE_WAIT_POINTERS`): nothing else, no store,
+    no atomic, no load of another tensor, in the kernel or in a helper it calls there."""
     path, node = _kernels()[name]
     params = node.args.args
     assert params[-1].arg == "PDL" and "constexpr" in ast.unparse(params[-1].annotation), (
@@ -105,8 +106,9 @@ def test_every_kernel_takes_pdl_last_and_waits_before_reading_activations(name):
             f"{path.name}:{name}: {callee}({first}, ...) runs before the wait"
         )
         if "load" in callee:
-            assert first.startswith("w_ptr"), (
-                f"{path.name}:{name}: only weights load before the wait, not {first}"
+            assert first.startswith(pdl.PRE_WAIT_POINTERS), (
+                f"{path.name}:{name}: only weights and host-copied rows load before the wait, "
+                f"not {first}"
             )
 
 

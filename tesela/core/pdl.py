@@ -55,6 +55,11 @@ except ImportError:  # triton is optional on CPU: nothing launches then
     triton = None
 
 MAX_TOKENS = 64  # launches over more tokens than this never use PDL (module docstring)
+# The pointer parameters a kernel may load before its wait (tests/test_pdl.py reads the
+# kernels for it): weights and biases, which no kernel writes, and the LoRA rows the host
+# copies in before a step's first kernel (adapter ranks and scalings, the batch's token slots
+# and token count). A kernel names them so; anything else is loaded after the wait.
+PRE_WAIT_POINTERS = ("w_ptr", "b_ptr", "ranks_ptr", "scalings_ptr", "token_slot_ptr", "real_ptr")
 
 _forced: bool | None = None  # set only inside `forced(...)`
 

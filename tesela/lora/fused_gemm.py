@@ -100,6 +100,7 @@ class FusedTiles:
     # `lora_small_gemm` (at most SMALL_MAX_TOKENS tokens, every slot's shrink inside, one
     # launch; block_m and group_m unused), else the TMA GEMM after the sgmv shrink
     small: bool = False
+    split_k: int = 1  # small: programs per column tile over disjoint K ranges (sum order)
 
     def fits(self, slice_sizes: list[int] | tuple[int, ...]) -> bool:
         """Whether every column tile lies inside one slice."""
@@ -168,6 +169,26 @@ if triton is not None:
         else:
             delta = tl.dot(sa.to(bt.dtype), bt)
         return acc + delta * scaling
+
+    @triton.jit
+    def small_epilogue(
+        acc, s, rows, cols, c_slot, c_r, c_rank, b_tile, row_slot, row_scaling, real,
+        bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """`lora_small_gemm`'s expand, one MMA for all slots: a token keeps only its own
+        slot's columns of s (base-model and padding tokens none), so it gets exactly its
+        delta; then the bias, and y's one rounding."""
+        row_slot = tl.where(rows < real, row_slot, -1)  # padding tokens: no delta
+        s = tl.where((row_slot[:, None] == c_slot[None, :]) & (c_r < c_rank)[None, :], s, 0.0)
+        if IEEE:
+            delta = tl.dot(s, b_tile, input_precision="ieee")
+        else:
+            delta = tl.dot(s.to(b_tile.dtype), b_tile)
+        acc += delta * row_scaling[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y_offs = rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None])
 
 
 @functools.cache
@@ -254,15 +275,16 @@ def _kernels():
     @triton.jit
     def lora_small_gemm(
         x_ptr, w_ptr, y_ptr, a_ptr, b_ptr, bias_ptr,
-        token_slot_ptr, ranks_ptr, scalings_ptr, real_ptr,
+        token_slot_ptr, ranks_ptr, scalings_ptr, real_ptr, partial_ptr, arrived_ptr,
         M, N, K, SLICE_1, SLICE_2, stride_xm, stride_wn, stride_ym,
-        stride_a_slot, stride_a_slice, stride_a_rank, stride_b_slot, stride_b_row,
+        stride_a_slot, stride_a_slice, stride_a_rank, stride_b_slot, stride_b_row, k_per_split,
         SLOTS: tl.constexpr, MAX_RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_SR: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_SR: tl.constexpr, SPLIT_K: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
-        n0 = tl.program_id(0) * BLOCK_N
+        pid_n, split = tl.program_id(0) // SPLIT_K, tl.program_id(0) % SPLIT_K
+        n0 = pid_n * BLOCK_N
         rows = tl.arange(0, BLOCK_M)
         cols = n0 + tl.arange(0, BLOCK_N)
         # Every slot's rank rows side by side: column c of s is slot c // BLOCK_R, rank row
@@ -286,10 +308,16 @@ def _kernels():
         a_rows += c_r * stride_a_rank
         a_mask = (c_slot < SLOTS) & (c_r < MAX_RANK)
         grid_dependency_sync(PDL)
-        # One pass over K: the base GEMM and every slot's shrink, on the same x tiles.
+        # One pass over this program's share of K: the base GEMM and every slot's shrink, on
+        # the same x tiles.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         s = tl.zeros((BLOCK_M, BLOCK_SR), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        if SPLIT_K == 1:
+            k_lo, k_hi = 0, K
+        else:  # whole BLOCK_K steps each (k_per_split is a multiple), the last split the rest
+            k_lo = split * k_per_split
+            k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < K
             xt = tl.load(
@@ -309,19 +337,34 @@ def _kernels():
             else:
                 acc = tl.dot(xt, tl.trans(wt), acc)
                 s = tl.dot(xt, tl.trans(at), s)
-        # The expand, one MMA for all slots: a token keeps only its own slot's columns of s
-        # (base-model and padding tokens none), so it gets exactly its delta.
-        row_slot = tl.where(rows < real, row_slot, -1)  # padding tokens: no delta
-        s = tl.where((row_slot[:, None] == c_slot[None, :]) & (c_r < c_rank)[None, :], s, 0.0)
-        if IEEE:
-            delta = tl.dot(s, b_tile, input_precision="ieee")
+        if SPLIT_K == 1:
+            small_epilogue(
+                acc, s, rows, cols, c_slot, c_r, c_rank, b_tile, row_slot, row_scaling, real,
+                bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS, IEEE,
+            )  # fmt: skip
         else:
-            delta = tl.dot(s.to(b_tile.dtype), b_tile)
-        acc += delta * row_scaling[:, None]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        y_offs = rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
-        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None])
+            # Each split leaves its partial sums; the column tile's last program to arrive
+            # adds them in split order (whichever arrived last: the sum is the same), so the
+            # result depends on the shape's split count alone, never on scheduling.
+            tile_rows = rows[:, None] + (pid_n * SPLIT_K + split) * BLOCK_M
+            width = BLOCK_N + BLOCK_SR
+            n_offs = tl.arange(0, BLOCK_N)[None, :]
+            tl.store(partial_ptr + tile_rows * width + n_offs, acc)
+            tl.store(partial_ptr + tile_rows * width + BLOCK_N + c[None, :], s)
+            tl.debug_barrier()  # every thread's partial stored before the release below
+            if tl.atomic_add(arrived_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
+                tl.debug_barrier()
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                s = tl.zeros((BLOCK_M, BLOCK_SR), dtype=tl.float32)
+                for i in tl.static_range(SPLIT_K):
+                    part = (rows[:, None] + (pid_n * SPLIT_K + i) * BLOCK_M) * width
+                    acc += tl.load(partial_ptr + part + n_offs, cache_modifier=".cg")
+                    s += tl.load(partial_ptr + part + BLOCK_N + c[None, :], cache_modifier=".cg")
+                tl.store(arrived_ptr + pid_n, 0)  # ready for the next launch
+                small_epilogue(
+                    acc, s, rows, cols, c_slot, c_r, c_rank, b_tile, row_slot, row_scaling,
+                    real, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS, IEEE,
+                )  # fmt: skip
 
     return lora_gemm, lora_small_gemm
 
@@ -384,7 +427,7 @@ def lora_gemm(
 
 
 def _small_gemm(x, weight, bias, a, b, slice_sizes, buffers, tiles: FusedTiles, y) -> None:
-    """`lora_small_gemm` over every token at once: one program per column tile."""
+    """`lora_small_gemm` over every token at once: `split_k` programs per column tile."""
     m, k = x.shape
     n = weight.shape[0]
     slots, num_slices, max_rank = a.shape[:3]
@@ -392,14 +435,28 @@ def _small_gemm(x, weight, bias, a, b, slice_sizes, buffers, tiles: FusedTiles, 
     assert m <= SMALL_MAX_TOKENS, f"{m} tokens: the small kernel holds every token in one tile"
     assert x.stride(1) == 1 and weight.stride(1) == 1 and a.stride(3) == 1 and y.stride(1) == 1
     bounds = ([*itertools.accumulate(slice_sizes)][:-1] + [n, n])[:2]
-    _kernels()[1][(-(-n // tiles.block_n),)](
+    block_m, block_sr, splits = small_block_m(m), next_power_of_2(slots) * block_r, tiles.split_k
+    column_tiles = -(-n // tiles.block_n)
+    steps = -(-k // tiles.block_k)
+    k_per_split = -(-steps // splits) * tiles.block_k
+    if splits > 1:  # each split's partial sums, and per column tile a count of arrived splits
+        partials = torch.empty(
+            column_tiles * splits * block_m * (tiles.block_n + block_sr),
+            dtype=torch.float32, device=x.device,
+        )  # fmt: skip
+        arrived = buffers.arrivals
+        assert column_tiles <= arrived.numel(), f"{column_tiles} column tiles: widen BLOCK_N"
+    else:
+        partials = arrived = y  # unused
+    _kernels()[1][(column_tiles * splits,)](
         x, weight, y, a, b, bias if bias is not None else weight,
         buffers.token_slot, buffers.ranks, buffers.scalings, buffers.real_tokens,
+        partials, arrived,
         m, n, k, *bounds, x.stride(0), weight.stride(0), y.stride(0),
-        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
+        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), k_per_split,
         SLOTS=slots, MAX_RANK=max_rank, HAS_BIAS=bias is not None,
-        IEEE=x.dtype == torch.float32, BLOCK_M=small_block_m(m), BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k, BLOCK_R=block_r, BLOCK_SR=next_power_of_2(slots) * block_r,
+        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, BLOCK_R=block_r, BLOCK_SR=block_sr, SPLIT_K=splits,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **launch_kwargs(x.device, m),
     )  # fmt: skip

@@ -91,11 +91,15 @@ def sgmv_candidates(default: LoRATiles, stage: int, best=None) -> list[LoRATiles
 def fused_candidates(num_tokens: int) -> list[FusedTiles]:
     """Token and column tiles, warps and pipeline depth; never the K step (the sum order).
     Up to SMALL_MAX_TOKENS, the one-launch kernel's column tiles, warps and depth."""
-    if num_tokens <= SMALL_MAX_TOKENS:
-        grid = ((16, 4, 4), (32, 4, 3), (32, 4, 4), (32, 4, 6), (64, 4, 3), (64, 4, 4),
-                (64, 8, 3), (128, 8, 3), (128, 4, 3))  # fmt: skip
+    if num_tokens <= SMALL_MAX_TOKENS:  # and K split over 2-4 programs per column tile
+        grid = ((16, 4, 4, 1), (32, 4, 3, 1), (32, 4, 4, 1), (32, 4, 6, 1), (64, 4, 3, 1),
+                (64, 4, 4, 1), (64, 8, 3, 1), (128, 8, 3, 1), (128, 4, 3, 1), (16, 4, 4, 2),
+                (16, 4, 4, 4), (32, 4, 4, 2), (32, 4, 4, 4), (64, 4, 4, 2), (64, 4, 4, 4),
+                (32, 4, 6, 2), (128, 4, 3, 4))  # fmt: skip
         block_m = small_block_m(num_tokens)  # what the kernel takes (the entry records it)
-        return [FusedTiles(block_m, n, BLOCK_K, 1, w, s, small=True) for n, w, s in grid]
+        return [
+            FusedTiles(block_m, n, BLOCK_K, 1, w, s, small=True, split_k=k) for n, w, s, k in grid
+        ]
     grid = ((128, 128, 8, 3), (128, 128, 4, 4), (128, 128, 8, 4), (64, 128, 4, 4),
             (128, 64, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3), (64, 64, 4, 4))  # fmt: skip
     return [FusedTiles(m, n, BLOCK_K, 8, w, s) for m, n, w, s in grid]

@@ -140,13 +140,16 @@ def test_fused_gemm_bf16_matches_the_reference_in_any_batch(shape, tiles):
 @pytest.mark.parametrize(
     "tiles",
     [FusedTiles(block_n=32, num_warps=4, num_stages=4, small=True),
-     FusedTiles(block_n=128, num_warps=8, num_stages=3, small=True)],
+     FusedTiles(block_n=128, num_warps=8, num_stages=3, small=True),
+     FusedTiles(block_n=32, num_warps=4, num_stages=4, small=True, split_k=4)],
 )  # fmt: skip
 def test_one_launch_fused_gemm_bf16_matches_the_reference_and_rows_keep_their_bits(shape, tiles):
     """The one-launch kernel (every slot's shrink inside the base GEMM's K loop, one MMA for
     all slots' expands) against fp64 on decode rows cycling 4 adapters and the base model,
-    ranks below the slots' width; a token's row is bitwise the same in every batch whose count
-    shares its token tile (1-16, 17-32, 33-64: a padded replay and its eager batch)."""
+    ranks below the slots' width, K in one program or split over four (their partial sums
+    added in split order by whichever arrives last); a token's row is bitwise the same in every
+    batch whose count shares its token tile (1-16, 17-32, 33-64: a padded replay and its eager
+    batch)."""
     in_features, offsets = SHAPES[shape]
     slots, max_rank = 4, 16
     g = torch.Generator().manual_seed(11)
@@ -167,6 +170,7 @@ def test_one_launch_fused_gemm_bf16_matches_the_reference_and_rows_keep_their_bi
         buffers.scalings.copy_(torch.tensor([2.0, 1.0, 0.5, 4.0]))
         y = lora_gemm(x[:num_tokens], weight, None, a, b, widths, buffers, tiles)
         outputs[num_tokens] = y
+        assert not buffers.arrivals.any()  # split-K: the counts are back to zero
         delta = reference_lora_delta(
             x[:num_tokens].cpu(), a.cpu(), b.cpu(), offsets, buffers.slots_of(num_tokens),
             buffers.ranks.cpu(), buffers.scalings.cpu(),
