@@ -40,18 +40,23 @@ every delta: a token's row of s keeps only its own slot's columns (none for base
 padding tokens), times B of all slots stacked over the same columns, times its slot's scaling.
 What no kernel of the step writes (B, the ranks and scalings, the batch's slots and count,
 copied in before the step's first kernel) is loaded before the PDL wait, under the previous
-kernel's tail. A token's row depends on the token tile's height (the MMA instructions), which
-a padded size shares with the batches it serves (`small_block_m`).
+kernel's tail. Where N is narrow or K long (o and down), a column tile's K is split over
+`split_k` programs (whole BLOCK_K steps each), so the weight streams through more SMs and
+each program re-reads only its share of the slots' A: each leaves its partial sums (base and
+shrink) in a workspace, and the tile's last program to arrive (an acq_rel count per tile in
+the LoRA buffers, put back to zero by that program) adds them in split order and runs the
+epilogue. The sum is the same whichever program arrives last. A token's row depends on the
+token tile's height (the MMA instructions) and the shape's tuned split count, which a padded
+size shares with the batches it serves (one tuned entry per bucket; `small_block_m`).
 
 Both run only where `python3 -m tesela.tune.lora --styles fused` measured them faster than what
 the layer runs otherwise (the table's `fused` entries, per target shape and token bucket): the
 base linear (cuBLAS, or the tuned Triton GEMV at 1-16 tokens) followed by gather at up to 64
 tokens, by sgmv above. On H200: in one launch, every qwen3-0.6b and llama-3.2-1b target at
-1-64 tokens but the o and down projections at 1-2 tokens (and 64), where the GEMV + gather
-wins, and llama-3.2-1b's down everywhere (K = 8192 over 64 column tiles streams too slowly);
-as shrink + GEMM, every target from 128 to 4096 tokens but a few buckets. The TMA GEMM, its
-epilogue's loads included, runs 0-35% longer than cuBLAS at 1024 tokens; the saved launch and
-y round trip pay for that, most where y is wide.
+1-64 tokens but the o projections at 1-2 tokens (qwen3-0.6b) and 1 (llama-3.2-1b), where the
+GEMV + gather wins; as shrink + GEMM, every target from 128 to 4096 tokens but some buckets.
+The TMA GEMM, its epilogue's loads included, runs 0-35% longer than cuBLAS at 1024 tokens; the
+saved launch and y round trip pay for that, most where y is wide.
 """
 
 from __future__ import annotations
