@@ -46,8 +46,12 @@ each program re-reads only its share of the slots' A: each leaves its partial su
 shrink) in a workspace, and the tile's last program to arrive (an acq_rel count per tile in
 the LoRA buffers, put back to zero by that program) adds them in split order and runs the
 epilogue. The sum is the same whichever program arrives last. A token's row depends on the
-token tile's height (the MMA instructions) and the shape's tuned split count, which a padded
-size shares with the batches it serves (one tuned entry per bucket; `small_block_m`).
+token tile's height (the MMA instructions, `small_block_m`) and on its bucket's entry (the split
+count, or no entry: the base linear + gather). A replay equals the same padded batch run
+eagerly; against the unpadded batch, a padded size lies in its batch's bucket wherever the
+ladders hold the powers of two (FULL decode: 1, 2, 4, 8, ...; piecewise: from 4 on), so only a
+1-2 token extend batch replayed at 4 tokens may take another entry, as cuBLAS may take another
+kernel at another row count.
 
 Both run only where `python3 -m tesela.tune.lora --styles fused` measured them faster than what
 the layer runs otherwise (the table's `fused` entries, per target shape and token bucket): the
