@@ -107,7 +107,8 @@ class FusedTiles:
     num_warps: int = 8
     num_stages: int = 3
     # `lora_small_gemm` (at most SMALL_MAX_TOKENS tokens, every slot's shrink inside, one
-    # launch; block_m and group_m unused), else the TMA GEMM after the sgmv shrink
+    # launch; its token tile is `small_block_m`'s, block_m only records it; group_m unused),
+    # else the TMA GEMM after the sgmv shrink
     small: bool = False
     split_k: int = 1  # small: programs per column tile over disjoint K ranges (sum order)
 
