@@ -130,9 +130,8 @@ def fused_tiles(x: torch.Tensor, weight, a, slice_sizes: list[int]) -> FusedTile
     entry = _entry(torch.cuda.get_device_name(x.device), x.dtype, key, x.shape[0])
     if entry is None or not entry.fits(slice_sizes):
         return None
-    if entry.small:
-        fits = x.shape[0] <= SMALL_MAX_TOKENS and a.shape[0] <= SMALL_MAX_SLOTS
-        return entry if fits and weight.stride(1) == 1 else None
+    if entry.small:  # (its buckets hold at most SMALL_MAX_TOKENS tokens)
+        return entry if a.shape[0] <= SMALL_MAX_SLOTS and weight.stride(1) == 1 else None
     return entry if _tma_ready(x) and _tma_ready(weight) else None
 
 

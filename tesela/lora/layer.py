@@ -52,7 +52,7 @@ def lora_linear(
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    sizes = [hi - lo for lo, hi in zip(host_offsets[:-1], host_offsets[1:], strict=True)]
+    sizes = _slice_sizes(host_offsets)
     if manager.backend == "triton":
         tiles = _fused(x2, weight, a, sizes, state.style)
         if tiles is not None:  # the delta inside the base GEMM
@@ -70,6 +70,10 @@ def lora_linear(
     return y
 
 
+def _slice_sizes(offsets: list[int]) -> list[int]:
+    return [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
 def _fused(x2: torch.Tensor, weight, a, sizes: list[int], style: str) -> FusedTiles | None:
     """The fused GEMM's tiles where the layer runs it for this launch: the table's entry, and
     for decode batches only the one-launch kernel (the prefill-sized entries were tuned on
@@ -83,9 +87,7 @@ def launches_per_target(module: torch.nn.Module, num_tokens: int, style: str) ->
     tokens of this style (Triton LoRA): none where the one-launch fused GEMM runs, the shrink
     where the prefill-sized one does, else gather's one or sgmv's two."""
     x = module.weight.new_empty((num_tokens, module.weight.shape[1]))
-    offsets = module.lora_offsets
-    sizes = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)]
-    tiles = _fused(x, module.weight, module.lora_a, sizes, style)
+    tiles = _fused(x, module.weight, module.lora_a, _slice_sizes(module.lora_offsets), style)
     if tiles is not None:
         return 0 if tiles.small else 1
     return 2 if style == SGMV else 1

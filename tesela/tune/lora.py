@@ -47,7 +47,7 @@ BUCKETS = {
     SGMV: "16,128,1024,4096",
     FUSED: "1,2,4,8,16,32,64,128,256,512,1024,2048,4096",
 }
-FUSED_MARGIN = 0.97  # a fused entry is kept only this much faster than base GEMM + sgmv
+FUSED_MARGIN = 0.97  # a fused entry is kept only this much faster than the layer's other path
 L2_BYTES = 96 << 20  # weights in copies over this many bytes are read cold (H100/H200 L2: 50 MB)
 
 
