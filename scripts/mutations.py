@@ -41,6 +41,8 @@ KERNELS = "tesela/lora/kernels.py"
 ARGMAX = "tesela/executor/argmax.py"
 ARGMAX_TESTS = "tests/test_argmax.py"
 LORA_KERNEL_TESTS = ["tests/test_lora_kernels.py"]
+GEMV = "tesela/layers/gemv.py"
+GEMV_TESTS = ["tests/test_gemv.py"]
 KV_STORE_TESTS = "tests/test_fused_kv_store.py"
 FUSED_AR = "tesela/distributed/fused_all_reduce.py"
 FUSED_AR_TESTS = "tests/test_fused_all_reduce.py"
@@ -475,6 +477,30 @@ MUTATIONS = {
         "            k_hi = tl.minimum(k_lo + k_per_split, K)\n",
         "            k_lo, k_hi = 0, K\n",
         LORA_KERNEL_TESTS,
+    ),
+    "split GEMV leaves its arrival counts set": (
+        GEMV,
+        "tl.store(arrived_ptr + tile, 0)  # ready for the next launch",
+        "pass",
+        GEMV_TESTS,
+    ),
+    "split GEMV sums only the last split's partials": (
+        GEMV,
+        "for i in tl.static_range(SPLIT_K):",
+        "for i in tl.static_range(SPLIT_K - 1, SPLIT_K):",
+        GEMV_TESTS,
+    ),
+    "split GEMV: every split starts at K = 0": (
+        GEMV,
+        "k_lo = split * k_per_split",
+        "k_lo = 0 * k_per_split",
+        GEMV_TESTS,
+    ),
+    "split GEMV stops after its first tile": (
+        GEMV,
+        "for k0 in range(BLOCK_K, k_per_split, BLOCK_K):",
+        "for k0 in range(BLOCK_K, BLOCK_K, BLOCK_K):",
+        GEMV_TESTS,
     ),
     "one-launch LoRA GEMM forgets the slot's scaling": (
         "tesela/lora/fused_gemm.py",

@@ -136,3 +136,48 @@ def test_cpu_and_large_batches_use_the_unfused_ops():
     out, new_residual = gemv.norm_linear(x, residual, norm, proj)
     assert torch.equal(new_residual, x + residual)
     assert torch.equal(out, proj(norm(x + residual)))
+
+
+# The split kernel (plain GEMMs): tensor cores, K over `split_k` programs whose partials the
+# last to arrive adds. K must be a multiple of split_k * block_k.
+SPLIT_CONFIGS = [
+    dict(block_n=16, block_k=32, use_dot=True, split_k=1, num_warps=4, num_stages=2),
+    dict(block_n=16, block_k=32, use_dot=True, split_k=3, num_warps=4, num_stages=2),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("config", SPLIT_CONFIGS, ids=["one", "split3"])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_split_kernel_matches_linear(config, m):
+    pytest.importorskip("triton")
+    torch.manual_seed(m)
+    dtype, n, k = torch.float16, 45, 192  # 45: not a multiple of block_n; 192 = 2 * 3 * 32
+    weight, bias = torch.randn(n, k, dtype=dtype) / 8, torch.randn(n, dtype=dtype)
+    x = torch.randn(m, k, dtype=dtype)
+    for b in (None, bias):
+        expected = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        got = gemv.gemv(x, weight, b, config)
+        torch.testing.assert_close(got.float(), expected, rtol=3e-3, atol=3e-3)
+        # each row tile's last program put its count back: the next launch starts from zero
+        assert not gemv._arrivals(x.device).any()
+
+
+@interpreted
+def test_split_kernel_rows_do_not_depend_on_the_batch():
+    """Partials summed in split order, one MMA row per token: alone or in a batch of the same
+    bucket, a token's row is the same bits."""
+    pytest.importorskip("triton")
+    torch.manual_seed(1)
+    x, weight = torch.randn(7, 96, dtype=torch.float16), torch.randn(40, 96, dtype=torch.float16)
+    config = SPLIT_CONFIGS[1]
+    together = gemv.gemv(x, weight, None, config)
+    alone = gemv.gemv(x[4:6], weight, None, config)
+    assert torch.equal(alone, together[4:6])
+
+
+def test_split_kernel_refuses_a_k_it_cannot_split_evenly_and_prologues():
+    with pytest.raises(ValueError, match="not a multiple of split_k"):
+        gemv.gemv(torch.zeros(1, 100), torch.zeros(4, 100), None, SPLIT_CONFIGS[1])
+    with pytest.raises(ValueError, match="no 'silu' prologue"):
+        gemv.gemv_silu(torch.zeros(1, 192), torch.zeros(4, 96), None, SPLIT_CONFIGS[1])

@@ -65,9 +65,13 @@ def tuned_cases(preset: str, tensor_parallel_size: int = 1) -> list[tuple[str, i
     return cases
 
 
-def candidates(bucket: int, k: int) -> list[dict]:
-    """Configs worth timing at this M bucket: the FMA path for 1-2 tokens (no padding of M),
-    tensor cores from 4 up; tiles kept to what the registers hold.
+def candidates(bucket: int, k: int, prologue: str = "none") -> list[dict]:
+    """Configs worth timing at this M bucket: the streaming kernel's FMA path for 1-2 tokens (no
+    padding of M), tensor cores from 4 up, tiles kept to what the registers hold; and for a
+    plain GEMM the split kernel's tiles. (The split kernel has no prologue: with one, it lost to
+    the separate kernel + its plain GEMM at every M = 1-2 shape of qwen3-0.6b and llama-3.2-1b
+    on H200, and a llama-3.2-1b SiLU + down entry that nearly tied made the decode step 0.8%
+    slower.)
 
     At 1-2 tokens the tiles also include the whole of K in one tile (K up to 8192, rounded up
     to a power of two): the kernel loads its first weight tile before the PDL wait, so such a
@@ -88,7 +92,22 @@ def candidates(bucket: int, k: int) -> list[dict]:
                 configs.append(dict(block_n=block_n, block_k=block_k, use_dot=True))
     # 8 warps keep twice the loads in flight per program: at batch 1 they won by 1.5x on the
     # MoE expert GEMVs (H200), so every tile is timed with both.
-    return [dict(c, num_warps=w, num_stages=4) for c in configs for w in (4, 8)]
+    configs = [dict(c, num_warps=w, num_stages=4) for c in configs for w in (4, 8)]
+    return configs + (split_candidates(k) if prologue == "none" else [])
+
+
+def split_candidates(k: int) -> list[dict]:
+    """The split kernel's tiles (plain GEMMs; tensor cores at every bucket, M padded to 16):
+    Triton keeps num_stages - 1 weight tiles in flight per program; K goes over 1-8 programs
+    where it divides into whole tiles."""
+    return [
+        dict(block_n=n, block_k=bk, use_dot=True, split_k=split, num_warps=4, num_stages=stages)
+        for n in (32, 64, 128)
+        for bk in (64, 128, 256)
+        for split in (1, 2, 4, 8)
+        for stages in (3, 5)
+        if n * bk <= 16384 and k % (split * bk) == 0
+    ]
 
 
 def time_calls(fn, weights: list[torch.Tensor], repeat: int = 5) -> float:
@@ -164,7 +183,7 @@ def tune_case(prologue, n, k, margin, dtype, plain_choices, buckets) -> tuple[di
         reference = case.unfused(weights[0], None).float()
         baseline_us = time_calls(lambda w, c=case, p=plain: c.unfused(w, p), weights)
         best = None
-        for config in candidates(bucket, k):
+        for config in candidates(bucket, k, prologue):
             got = case.triton(weights[0], config).float()
             if not torch.allclose(got, reference, rtol=8e-3, atol=1.5e-2):
                 print(f"  {prologue} {n}x{k} M={bucket} {config}: wrong result, skipped")

@@ -113,6 +113,35 @@ def test_every_tuned_gemv_entry_matches_the_unfused_path():
         torch.testing.assert_close(got.float(), expected.float(), rtol=8e-3, atol=1.5e-2)
 
 
+def test_split_gemv_launches_back_to_back_in_a_graph_equal_each_launch_alone():
+    """The split kernel's arrival counts are shared by every launch on the device: under PDL
+    the next launch starts while the last one finishes. 24 launches in a row in one CUDA graph
+    (each on its own weight, M = 1 and 5) give each launch's bits alone, and leave every count
+    at zero."""
+    from tesela.layers import gemv
+
+    config = dict(block_n=16, block_k=256, use_dot=True, split_k=8, num_warps=4, num_stages=4)
+    torch.manual_seed(11)
+    weights = [torch.randn(2048, 8192, dtype=torch.bfloat16, device="cuda") / 90 for _ in range(12)]
+    for m in (1, 5):
+        x = torch.randn(m, 8192, dtype=torch.bfloat16, device="cuda")
+        alone = [gemv.gemv(x, w, None, config) for w in weights]
+        torch.cuda.synchronize()
+        graph, outs = torch.cuda.CUDAGraph(), []
+        with torch.cuda.graph(graph):
+            for _ in range(2):
+                outs += [gemv.gemv(x, w, None, config) for w in weights]
+        graph.replay()
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, expected in zip(outs, alone + alone, strict=True):
+            assert torch.equal(got, expected)
+        torch.testing.assert_close(
+            alone[0].float(), (x.float() @ weights[0].float().T), rtol=1e-2, atol=1e-2
+        )
+    assert not gemv._arrivals(x.device).any()
+
+
 @torch.inference_mode()
 def test_decode_step_logits_with_and_without_fusion():
     """A small decode batch (the tuned GEMV path) against the unfused ops, through logits."""
