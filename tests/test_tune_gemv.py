@@ -129,3 +129,16 @@ def test_a_run_of_some_buckets_keeps_the_shapes_other_entries():
     # bucket 1 re-timed and won with a new tile; bucket 2 re-timed and lost to cuBLAS
     got = merged_entries(old, {"1": {"block_k": 4096}}, (1, 2))
     assert got == {"1": {"block_k": 4096}, "8": {"block_k": 256}}
+
+
+@pytest.mark.parametrize("k", [1024, 2048, 3072, 8192])
+def test_split_candidates_split_k_into_whole_tiles_and_only_for_plain_gemms(k):
+    """The split kernel refuses a K it cannot split into whole tiles, and has no prologue: the
+    tuner offers it only what it serves."""
+    from tesela.tune.gemv import candidates
+
+    plain = [c for c in candidates(1, k) if "split_k" in c]
+    assert plain and all(k % (c["split_k"] * c["block_k"]) == 0 for c in plain)
+    assert {c["split_k"] for c in plain} >= {1, 2, 4}
+    for prologue in ("norm", "silu"):
+        assert not any("split_k" in c for c in candidates(1, k, prologue))
