@@ -12,9 +12,10 @@ so its time is the weight's bytes over the bandwidth it reaches.
   so that Triton pipelines the weight loads, num_stages - 1 tiles in flight per program, and
   splits K over up to 8 programs per row tile where N alone gives too few programs: each
   leaves fp32 partial sums, and the row tile's last program to arrive (an acq_rel count per
-  tile, put back to 0 by that program) adds them in split order. It serves the large weights:
-  on H200 llama-3.2-1b's down_proj at batch 1 takes 11.3 us against cuBLAS's 13.6 (split-K
-  plus a separate reduce kernel), its gate_up 18.4 against 19.1.
+  tile, put back to 0 by that program) adds them in split order. On H200 it serves the large
+  weights at 1-2 tokens (llama-3.2-1b's down_proj at batch 1 takes 11.3 us against cuBLAS's
+  13.6, split-K plus a separate reduce kernel; its gate_up 18.4 against 19.1) and most plain
+  GEMMs at 4-16 tokens, where the streaming kernel's register tiles hold few weights.
 
 In both, each output row's sum runs in a fixed order that depends on the bucket's config
 alone, so a token's row does not depend on the rest of the batch and the result does not
