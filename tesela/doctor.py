@@ -58,6 +58,7 @@ def doctor_report(
         _launchers_section(),
         _pdl_section(info, device),
         _tensor_parallel_section(info),
+        _gemv_section(info),
         _lora_section(info),
     ]
     return "\n\n".join(sections) + "\n"
@@ -128,6 +129,24 @@ def _tensor_parallel_section(info: DeviceInfo) -> str:
             "  peer memory serves the first TP engine of a process; a later one keeps NCCL"
         )
     return f"tensor parallelism at size {size} (engine defaults)\n" + "\n".join(lines)
+
+
+def _gemv_section(info: DeviceInfo) -> str:
+    """Which small-M kernel serves each decode GEMM on this device (the tuned table,
+    tesela/layers/gemv.py), per M bucket, and what runs everywhere else."""
+    from tesela.layers.gemv import table_kernels
+
+    if info.kind != "cuda":
+        return "small-M GEMMs: torch's linear on CPU (the Triton GEMVs serve tuned GPUs)"
+    entries = table_kernels(info.name)
+    lines = [f"small-M GEMMs on {info.name} (bfloat16; M buckets):"]
+    for (prologue, n, k), kinds in sorted(entries.items()):
+        what = "" if prologue == "none" else f" with the {prologue} prologue"
+        where = "; ".join(f"{kind} at {', '.join(map(str, b))}" for kind, b in kinds.items())
+        lines.append(f"  {n} x {k}{what}: {where}")
+    rest = "everywhere else" if entries else "no entry for this card (python -m tesela.tune.gemv)"
+    lines.append(f"  {rest}: cuBLAS, after the separate norm or SiLU kernel")
+    return "\n".join(lines)
 
 
 def _lora_section(info: DeviceInfo) -> str:

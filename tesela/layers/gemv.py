@@ -312,6 +312,18 @@ def _device_table(device_name: str, dtype: str, path: Path = TABLE_PATH) -> dict
     return result
 
 
+def table_kernels(device_name: str, dtype: str = "bfloat16") -> dict:
+    """(prologue, N, K) -> {kernel: M buckets} of the tuned table on this device, where kernel
+    is "streaming" or "split-K S" (S programs per row tile): what `tesela doctor` shows. A
+    bucket not listed runs the unfused path (cuBLAS, plus the separate norm or SiLU kernel)."""
+    kernels: dict = {}
+    for (prologue, n, k, bucket), config in _device_table(device_name, dtype).items():
+        split = config.get("split_k")
+        kind = "streaming" if split is None else f"split-K {split}"
+        kernels.setdefault((prologue, n, k), {}).setdefault(kind, []).append(bucket)
+    return {key: {kind: sorted(b) for kind, b in found.items()} for key, found in kernels.items()}
+
+
 @functools.cache
 def _device_name(device: torch.device) -> str:
     if device.type != "cuda":
