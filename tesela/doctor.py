@@ -145,7 +145,7 @@ def _gemv_section(info: DeviceInfo) -> str:
         where = "; ".join(f"{kind} at {', '.join(map(str, b))}" for kind, b in kinds.items())
         lines.append(f"  {n} x {k}{what}: {where}")
     rest = "everywhere else" if entries else "no entry for this card (python -m tesela.tune.gemv)"
-    lines.append(f"  {rest}: cuBLAS, after the separate norm or SiLU kernel")
+    lines.append(f"  {rest}: the separate norm or SiLU kernel, then the plain entry or cuBLAS")
     return "\n".join(lines)
 
 

@@ -109,7 +109,7 @@ def test_report_says_where_lora_runs_the_fused_gemms():
 def test_gemv_section_names_the_small_m_kernel_of_each_tuned_shape():
     """From the checked-in table: on H200 llama-3.2-1b's down_proj (2048 x 8192) runs the split
     kernel at every bucket and qwen3-0.6b's o_proj (1024 x 2048) streams at 1-2 tokens; a card
-    without entries runs cuBLAS and says how to tune it."""
+    without entries runs the unfused path and says how to tune it."""
     from tesela.attention.policy import DeviceInfo
     from tesela.doctor import _gemv_section
 
@@ -117,7 +117,9 @@ def test_gemv_section_names_the_small_m_kernel_of_each_tuned_shape():
     assert "  2048 x 8192: split-K 8 at 1, 4; split-K 4 at 2, 8, 16\n" in h200
     assert "  1024 x 2048: streaming at 1, 2; split-K 8 at 4, 8, 16\n" in h200
     assert "  3072 x 2048 with the norm prologue: streaming at 1, 2\n" in h200
-    assert h200.endswith("everywhere else: cuBLAS, after the separate norm or SiLU kernel")
+    assert h200.endswith(
+        "everywhere else: the separate norm or SiLU kernel, then the plain entry or cuBLAS"
+    )
     other = _gemv_section(DeviceInfo("cuda", (8, 0), name="NVIDIA A100-SXM4-80GB"))
     assert "no entry for this card (python -m tesela.tune.gemv)" in other
     assert "small-M GEMMs: torch's linear on CPU" in doctor_report("cpu")
