@@ -46,3 +46,9 @@ class DeviceScratch:
             self.retired.append(current)
         self.buffers[device] = torch.full((size,), self.fill, dtype=self.dtype, device=device)
         return self.buffers[device]
+
+
+# Per output tile of a split-K launch, how many of its splits have finished: the tile's last
+# program to arrive adds the partial sums and puts its count back to 0. Shared by the split-K
+# kernels (tesela/layers/gemv.py's split GEMV, tesela/lora/fused_gemm.py's one-launch LoRA GEMM).
+SPLIT_K_ARRIVALS = DeviceScratch("split-K arrival", torch.int32, 0)

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
+from tesela.core.scratch import SPLIT_K_ARRIVALS
 from tesela.layers import fused
 from tesela.layers.norm import add_rms_norm, rms_norm
 
@@ -188,19 +189,6 @@ def _kernels():
     return gemv_kernel, gemv_split_kernel
 
 
-MAX_ROW_TILES = 16384  # the split kernel's arrival counts: row tiles of one launch at most
-
-
-@functools.cache
-def _arrivals(device: torch.device) -> torch.Tensor:
-    """Per row tile, how many of its splits have finished (the split kernel's last program puts
-    it back to 0). Allocated on a launch outside graph capture (the warmup before each capture
-    runs the same launches), then shared by every launch on the device: launches on one stream
-    never overlap their counting (each waits for the one before), and tesela runs its forward
-    passes on one stream."""
-    return torch.zeros(MAX_ROW_TILES, dtype=torch.int32, device=device)
-
-
 def _check(x: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[int, int]:
     m, n = x.shape[0], weight.shape[0]
     if m > MAX_M or weight.shape[1] != k or x.stride(-1) != 1 or weight.stride(1) != 1:
@@ -220,8 +208,7 @@ def _launch_split(x, weight, bias, config) -> torch.Tensor:
     row_tiles = -(-n // block_n)
     if splits > 1:  # each split's partial sums; the arrival counts shared on the device
         partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-        arrived = _arrivals(x.device)
-        assert row_tiles <= arrived.numel(), f"{row_tiles} row tiles: widen block_n"
+        arrived = SPLIT_K_ARRIVALS.get(x.device, row_tiles)
     else:
         partials = arrived = out  # unused
     _kernels()[1][(row_tiles * splits,)](

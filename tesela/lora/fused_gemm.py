@@ -80,6 +80,7 @@ except ImportError:  # triton is optional on CPU: nothing launches then
 
 from tesela.core.intmath import next_power_of_2
 from tesela.core.pdl import grid_dependency_sync, launch_kwargs
+from tesela.core.scratch import SPLIT_K_ARRIVALS
 from tesela.lora import tiles as lora_tiles
 from tesela.lora.kernels import sgmv_shrink
 from tesela.lora.tiles import FUSED, LoRATiles
@@ -453,8 +454,7 @@ def _small_gemm(x, weight, bias, a, b, slice_sizes, buffers, tiles: FusedTiles, 
             column_tiles * splits * block_m * (tiles.block_n + block_sr),
             dtype=torch.float32, device=x.device,
         )  # fmt: skip
-        arrived = buffers.arrivals
-        assert column_tiles <= arrived.numel(), f"{column_tiles} column tiles: widen BLOCK_N"
+        arrived = SPLIT_K_ARRIVALS.get(x.device, column_tiles)
     else:
         partials = arrived = y  # unused
     _kernels()[1][(column_tiles * splits,)](

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from tesela.lora.manager import LoRAManager
 
 NO_SLOT = -1  # the base model: no adapter
-MAX_COLUMN_TILES = 4096  # column tiles of one split-K fused LoRA launch (16 columns: N <= 65536)
 
 
 class StaleLoRAStateError(StaleMetadataError):
@@ -44,9 +43,6 @@ class LoRABuffers:
     real_tokens: torch.Tensor  # [1] int32: the batch's tokens; the rest is padding
     ranks: torch.Tensor  # [max_loras] int32: rank of each slot's adapter (0: empty)
     scalings: torch.Tensor  # [max_loras] fp32
-    # [MAX_COLUMN_TILES] int32, zero between launches: how many splits of each column tile of
-    # a split-K one-launch GEMM have arrived (tesela/lora/fused_gemm.py; its last one resets it)
-    arrivals: torch.Tensor
     held: tuple | None = field(default=None, repr=False)  # (segments, n) the rows hold now
 
     @classmethod
@@ -61,7 +57,6 @@ class LoRABuffers:
             real_tokens=meta[4, :1],
             ranks=torch.zeros(max_loras, dtype=torch.int32, device=device),
             scalings=torch.zeros(max_loras, dtype=torch.float32, device=device),
-            arrivals=torch.zeros(MAX_COLUMN_TILES, dtype=torch.int32, device=device),
         )
 
     @property

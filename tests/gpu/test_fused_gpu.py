@@ -7,6 +7,7 @@ import torch
 
 from tesela.config import RopeScaling
 from tesela.core.forward_batch import ForwardBatch
+from tesela.core.scratch import SPLIT_K_ARRIVALS
 from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
 from tesela.layers import fused
@@ -139,7 +140,7 @@ def test_split_gemv_launches_back_to_back_in_a_graph_equal_each_launch_alone():
         torch.testing.assert_close(
             alone[0].float(), (x.float() @ weights[0].float().T), rtol=1e-2, atol=1e-2
         )
-    assert not gemv._arrivals(x.device).any()
+    assert not SPLIT_K_ARRIVALS.get(x.device, 0).any()
 
 
 @torch.inference_mode()
