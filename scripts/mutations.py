@@ -758,14 +758,30 @@ MUTATIONS = {
         "    return chosen\n",
         ["tests/test_tune_gemv.py"],
     ),
-    "decode attention reads the batch's lengths before its PDL wait (in a helper)": (
+    "decode attention loads the query before its PDL wait": (
         "tesela/attention/triton_kernels/decode_attention.py",
-        "    grid_dependency_sync(PDL)\n    entry = tl.program_id(0)\n    kv_head = tl.program_id(1)\n"
-        "    split = tl.program_id(2)\n"
-        "    row, token, seq_len = _entry(entry, entry_rows_ptr, entry_tokens_ptr, seq_lens_ptr, INDIRECT)\n",
-        "    entry = tl.program_id(0)\n    kv_head = tl.program_id(1)\n    split = tl.program_id(2)\n"
-        "    row, token, seq_len = _entry(entry, entry_rows_ptr, entry_tokens_ptr, seq_lens_ptr, INDIRECT)\n"
+        "    )\n    grid_dependency_sync(PDL)\n    # Splits beyond what this row uses are never read",
+        "    )\n    q = tl.load(q_ptr + token * stride_q_token)\n    grid_dependency_sync(PDL)\n"
+        "    # Splits beyond what this row uses are never read",
+        ["tests/test_pdl.py"],
+    ),
+    "decode attention's merge loads the partial sums before its PDL wait": (
+        "tesela/attention/triton_kernels/decode_attention.py",
+        "    _, _, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW, BLOCK_N)\n"
         "    grid_dependency_sync(PDL)\n",
+        "    _, _, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW, BLOCK_N)\n"
+        "    lse0 = tl.load(partial_lse_ptr + entry * stride_lse_row)\n"
+        "    grid_dependency_sync(PDL)\n",
+        ["tests/test_pdl.py"],
+    ),
+    "q/k norm + rotary loads the qkv row before its PDL wait": (
+        "tesela/layers/fused.py",
+        "        grid_dependency_sync(PDL)\n"
+        "        base = token.to(tl.int64) * stride_token + heads[:, None] * (2 * HALF) + cols[None, :]\n"
+        "        x1 = tl.load(qkv_ptr + base, mask=mask, other=0.0)\n",
+        "        base = token.to(tl.int64) * stride_token + heads[:, None] * (2 * HALF) + cols[None, :]\n"
+        "        x1 = tl.load(qkv_ptr + base, mask=mask, other=0.0)\n"
+        "        grid_dependency_sync(PDL)\n",
         ["tests/test_pdl.py"],
     ),
     "custom all-reduce takes every message size": (

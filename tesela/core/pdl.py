@@ -11,14 +11,21 @@ programmatic edge, so CUDA graphs keep it.
 The contract, kept by construction:
 
 - A kernel that may be launched with PDL takes `PDL: tl.constexpr` as its last parameter and
-  calls `grid_dependency_sync(PDL)` before its first load or store, weights aside (no kernel
-  writes them: the GEMV loads its first weight tile before the wait, and at 1-2 tokens its tile
-  may span all of K, so the whole weight slice streams in while the previous kernel runs), and
-  host-written per-batch rows aside (copied in before the step's first kernel: a kernel runs
-  only once every kernel before it in the stream has started, so that copy is complete; the
-  one-launch LoRA GEMM loads the tokens' slots this way). It waits for the previous grid, then
-  lets the next one launch (waiting first bounds the queue: releasing before the wait would let
-  every later kernel launch and sit resident).
+  calls `grid_dependency_sync(PDL)` before its first store, and before every load but those of
+  memory that no kernel of the step writes while it may run. It waits for the previous grid,
+  then lets the next one launch (waiting first bounds the queue: releasing before the wait would
+  let every later kernel launch and sit resident). So a kernel's programs start only once the
+  kernel before it has passed its own wait, that is once every kernel two or more launches back
+  has completed; what those kernels, or the host, wrote can be read before the wait. That is:
+  - weights and constant tables (no kernel writes them): the GEMV loads its first weight tile
+    before the wait, and at 1-2 tokens its tile may span all of K, so the whole weight slice
+    streams in while the previous kernel runs; the rotary kernels load their cos/sin rows;
+  - the batch's rows (positions, KV slots, sequence lengths, block tables, decode entries, the
+    LoRA slots and ranks): the host copies them in before the step's first kernel, or a FULL
+    graph's planning kernel writes them as the graph's first op, before the embedding (a
+    PyTorch op, which waits for it). The q/k norm + rotary kernel loads the token's position,
+    cos/sin and KV slot this way, decode attention its rows' lengths and split counts.
+  Every load of what the kernel before writes (the activations) comes after the wait.
 - A launch sets the kernel's `PDL` and Triton's `launch_pdl` together, never apart: a kernel
   launched early whose body does not wait would read its inputs before they are written.
   `kernel[grid](...)` call sites pass `**launch_kwargs(device, num_tokens)`; `CachedLauncher`
@@ -55,11 +62,15 @@ except ImportError:  # triton is optional on CPU: nothing launches then
     triton = None
 
 MAX_TOKENS = 64  # launches over more tokens than this never use PDL (module docstring)
-# The pointer parameters a kernel may load before its wait (tests/test_pdl.py reads the
-# kernels for it): weights and biases, which no kernel writes, and the LoRA rows the host
-# copies in before a step's first kernel (adapter ranks and scalings, the batch's token slots
-# and token count). A kernel names them so; anything else is loaded after the wait.
-PRE_WAIT_POINTERS = ("w_ptr", "b_ptr", "ranks_ptr", "scalings_ptr", "token_slot_ptr", "real_ptr")
+# The pointers a kernel may load from before its wait (tests/test_pdl.py reads the kernels for
+# them; module docstring): weights, biases and constant tables, and the batch's rows written
+# before the forward. A kernel names them so; anything else is loaded after the wait.
+PRE_WAIT_POINTERS = (
+    "w_ptr", "b_ptr", "q_w_ptr", "k_w_ptr", "cos_sin",  # weights, constant tables
+    "pos_ptr", "slots_ptr", "pool_pointers_ptr", "seq_lens_ptr",  # the batch's rows
+    "entry_rows_ptr", "entry_tokens_ptr",
+    "ranks_ptr", "scalings_ptr", "token_slot_ptr", "real_ptr",  # the LoRA batch's rows
+)  # fmt: skip
 
 _forced: bool | None = None  # set only inside `forced(...)`
 

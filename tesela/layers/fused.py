@@ -114,11 +114,12 @@ def _kernels():
         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
-        grid_dependency_sync(PDL)
         row = tl.program_id(0)
         group, inner = row // rows_per_group, row % rows_per_group
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: before the wait
+        grid_dependency_sync(PDL)
         x_offs = group.to(tl.int64) * stride_group + inner * stride_row + cols
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
         if HAS_RESIDUAL:
@@ -129,7 +130,6 @@ def _kernels():
         xf = x.to(tl.float32)
         variance = tl.sum(xf * xf, axis=0) / n_cols
         y = (xf * tl.rsqrt(variance + eps)).to(x.dtype)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         out = (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype)
         tl.store(out_ptr + row.to(tl.int64) * stride_out + cols, out, mask=mask)
 
@@ -140,17 +140,20 @@ def _kernels():
         HALF: tl.constexpr, BLOCK: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
-        grid_dependency_sync(PDL)
         token, head = tl.program_id(0), tl.program_id(1)
-        pos = tl.load(pos_ptr + token)
         cols = tl.arange(0, BLOCK)
         mask = cols < HALF
+        dtype = x_ptr.dtype.element_ty
+        # The position (a batch row) and its cos/sin before the wait (tesela/core/pdl.py).
+        pos = tl.load(pos_ptr + token)
+        cos_sin_row = cos_sin_ptr + pos.to(tl.int64) * stride_cache_pos + cols
+        cos = tl.load(cos_sin_row, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        sin = tl.load(cos_sin_row + stride_cache_kind, mask=mask, other=0.0)
+        sin = sin.to(dtype).to(tl.float32)
+        grid_dependency_sync(PDL)
         base = token.to(tl.int64) * stride_token + head * (2 * HALF)
         x1 = tl.load(x_ptr + base + cols, mask=mask, other=0.0)
         x2 = tl.load(x_ptr + base + HALF + cols, mask=mask, other=0.0)
-        cache = cos_sin_ptr + pos.to(tl.int64) * stride_cache_pos + cols
-        cos = tl.load(cache, mask=mask, other=0.0).to(x1.dtype).to(tl.float32)
-        sin = tl.load(cache + stride_cache_kind, mask=mask, other=0.0).to(x1.dtype).to(tl.float32)
         # x * cos + rotate_half(x) * sin, each product and the sum rounded as PyTorch does.
         a1 = (x1.to(tl.float32) * cos).to(x1.dtype).to(tl.float32)
         b1 = (-x2.to(tl.float32) * sin).to(x1.dtype).to(tl.float32)
@@ -182,7 +185,6 @@ def _kernels():
         STORE: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
-        grid_dependency_sync(PDL)
         # One program per (token, block of HEADS heads) over q's heads then k's (adjacent in
         # qkv): a [HEADS, head_dim] tile, the token's position and cos/sin loaded once. (A
         # program per (token, head) left most lanes idle and made a prefill latency-bound.)
@@ -196,15 +198,32 @@ def _kernels():
         is_q = heads < num_heads
         is_k = (heads >= num_heads) & (heads < num_heads + num_kv_heads)
         mask = (is_q | is_k)[:, None] & half[None, :]
-        base = token.to(tl.int64) * stride_token + heads[:, None] * (2 * HALF) + cols[None, :]
-        x1 = tl.load(qkv_ptr + base, mask=mask, other=0.0)
-        x2 = tl.load(qkv_ptr + base + HALF, mask=mask, other=0.0)
-        dtype = x1.dtype
-        if STORE:  # the store's loads first: their latency hides behind the norm and rotary
+        dtype = qkv_ptr.dtype.element_ty
+        # Before the wait (tesela/core/pdl.py): the norm weights, the token's position (a batch
+        # row, written before the forward) and its cos/sin, the pool addresses and its slot.
+        # Only the qkv row, which the GEMM just before writes, is loaded after it.
+        pos = tl.load(pos_ptr + token)
+        cos_sin_row = cos_sin_ptr + pos.to(tl.int64) * stride_cache_pos + cols
+        cos = tl.load(cos_sin_row, mask=half, other=0.0).to(dtype).to(tl.float32)[None, :]
+        sin = tl.load(cos_sin_row + stride_cache_kind, mask=half, other=0.0)
+        sin = sin.to(dtype).to(tl.float32)[None, :]
+        if HAS_NORM:
+            wq1 = tl.load(q_w_ptr + cols, mask=half, other=0.0).to(tl.float32)
+            wq2 = tl.load(q_w_ptr + HALF + cols, mask=half, other=0.0).to(tl.float32)
+            wk1 = tl.load(k_w_ptr + cols, mask=half, other=0.0).to(tl.float32)
+            wk2 = tl.load(k_w_ptr + HALF + cols, mask=half, other=0.0).to(tl.float32)
+            w1 = tl.where(is_q[:, None], wq1[None, :], wk1[None, :])
+            w2 = tl.where(is_q[:, None], wq2[None, :], wk2[None, :])
+        if STORE:
             stores = token < num_slots
             k_pool = tl.load(pool_pointers_ptr + 2 * layer, mask=stores, other=0)
             v_pool = tl.load(pool_pointers_ptr + 2 * layer + 1, mask=stores, other=0)
             slot = tl.load(slots_ptr + token, mask=stores, other=0).to(tl.int64)
+        grid_dependency_sync(PDL)
+        base = token.to(tl.int64) * stride_token + heads[:, None] * (2 * HALF) + cols[None, :]
+        x1 = tl.load(qkv_ptr + base, mask=mask, other=0.0)
+        x2 = tl.load(qkv_ptr + base + HALF, mask=mask, other=0.0)
+        if STORE:
             kv_mask = mask & is_k[:, None] & stores
             v_in = qkv_ptr + base + num_kv_heads * (2 * HALF)  # k head -> its v head
             v1 = tl.load(v_in, mask=kv_mask, other=0.0)
@@ -213,19 +232,8 @@ def _kernels():
             x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
             variance = (tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / (2 * HALF)
             scale = tl.rsqrt(variance + eps)[:, None]
-            wq1 = tl.load(q_w_ptr + cols, mask=half, other=0.0).to(tl.float32)
-            wq2 = tl.load(q_w_ptr + HALF + cols, mask=half, other=0.0).to(tl.float32)
-            wk1 = tl.load(k_w_ptr + cols, mask=half, other=0.0).to(tl.float32)
-            wk2 = tl.load(k_w_ptr + HALF + cols, mask=half, other=0.0).to(tl.float32)
-            w1 = tl.where(is_q[:, None], wq1[None, :], wk1[None, :])
-            w2 = tl.where(is_q[:, None], wq2[None, :], wk2[None, :])
             x1 = (w1 * (x1f * scale).to(dtype).to(tl.float32)).to(dtype)
             x2 = (w2 * (x2f * scale).to(dtype).to(tl.float32)).to(dtype)
-        pos = tl.load(pos_ptr + token)
-        cache = cos_sin_ptr + pos.to(tl.int64) * stride_cache_pos + cols
-        cos = tl.load(cache, mask=half, other=0.0).to(dtype).to(tl.float32)[None, :]
-        sin = tl.load(cache + stride_cache_kind, mask=half, other=0.0)
-        sin = sin.to(dtype).to(tl.float32)[None, :]
         a1 = (x1.to(tl.float32) * cos).to(dtype).to(tl.float32)
         b1 = (-x2.to(tl.float32) * sin).to(dtype).to(tl.float32)
         a2 = (x2.to(tl.float32) * cos).to(dtype).to(tl.float32)

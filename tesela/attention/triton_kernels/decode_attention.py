@@ -163,7 +163,7 @@ def _decode_stage1_kernel(
     PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    grid_dependency_sync(PDL)
+    # The batch's rows are written before the forward: loaded before the wait.
     entry = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -171,6 +171,7 @@ def _decode_stage1_kernel(
     kv_start, split_len, splits = _row_splits(
         seq_len, num_kv_splits, min_split_len, WINDOW, BLOCK_N
     )
+    grid_dependency_sync(PDL)
     # Splits beyond what this row uses are never read by stage 2: nothing to do.
     if split < splits:
         split_start = kv_start + split * split_len
@@ -249,11 +250,12 @@ def _decode_stage2_kernel(
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    grid_dependency_sync(PDL)
     entry = tl.program_id(0)
     head = tl.program_id(1)
+    # The batch's rows are written before the forward: loaded before the wait.
     row, token, seq_len = _entry(entry, entry_rows_ptr, entry_tokens_ptr, seq_lens_ptr, INDIRECT)
     _, _, splits = _row_splits(seq_len, num_kv_splits, min_split_len, WINDOW, BLOCK_N)
+    grid_dependency_sync(PDL)
     # An absent entry (seq_len 0) has no split: nothing to merge.
     if splits > 0:
         offs_s = tl.arange(0, BLOCK_S)
