@@ -758,6 +758,22 @@ MUTATIONS = {
         "    return chosen\n",
         ["tests/test_tune_gemv.py"],
     ),
+    "the offline loop extends every request's text every step": (
+        ENGINE,
+        "            if texts or self.detokenizers[request.request_id].stop:\n",
+        "            if True:\n",
+        [
+            "tests/test_engine.py::test_the_offline_loop_decodes_a_text_once_unless_it_has_stop_strings"
+        ],
+    ),
+    "the offline loop defers the text of requests with stop strings too": (
+        ENGINE,
+        "            if texts or self.detokenizers[request.request_id].stop:\n",
+        "            if texts:\n",
+        [
+            "tests/test_engine.py::test_the_offline_loop_decodes_a_text_once_unless_it_has_stop_strings"
+        ],
+    ),
     "decode attention loads the query before its PDL wait": (
         "tesela/attention/triton_kernels/decode_attention.py",
         "    )\n    grid_dependency_sync(PDL)\n    # Splits beyond what this row uses are never read",

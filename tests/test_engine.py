@@ -247,6 +247,56 @@ def test_the_offline_loop_builds_outputs_only_for_finished_requests(tiny):
     assert len(finals[1]) == 3
 
 
+def test_the_offline_loop_decodes_a_text_once_unless_it_has_stop_strings(tiny):
+    """With `running_outputs=False` a request without stop strings is decoded once, as it
+    finishes (no text is read before): one decode of all its tokens, the text the streaming loop
+    builds token by token. A request with stop strings still extends its text every step, so it
+    stops where the streaming loop does."""
+    engine = tiny.engine
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.calls = inner, []
+
+        def decode(self, ids, skip_special_tokens=True):
+            self.calls.append(len(ids))
+            return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        def __getattr__(self, name):  # encode, eos ids, skips: the tokenizer's own
+            return getattr(self.inner, name)
+
+    plain = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    streamed = {}
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(tiny.tokenizer.encode(prompt), plain, f"stream-{i}")
+    while engine.has_unfinished():
+        streamed |= {o.request_id[7:]: o.text for o in engine.step() if o.finished}
+    text = streamed["0"]
+    stop = next(text[k : k + 2] for k in range(4, len(text) - 2) if text[k : k + 2].isprintable())
+
+    counting = Counting(engine.tokenizer)
+    engine.tokenizer = counting
+    try:
+        for i, prompt in enumerate(PROMPTS[:3]):
+            engine.add_request(tiny.tokenizer.encode(prompt), plain, f"offline-{i}")
+        offline = {}
+        while engine.has_unfinished():
+            out = engine.step(running_outputs=False)
+            offline |= {o.request_id[8:]: o.text for o in out}
+        assert offline == streamed
+        assert len(counting.calls) == 3  # one decode of each request's whole output
+
+        counting.calls.clear()
+        stopping = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,))
+        engine.add_request(tiny.tokenizer.encode(PROMPTS[0]), stopping, "offline-stop")
+        while engine.has_unfinished():
+            (final,) = engine.step(running_outputs=False) or (None,)
+        assert final.finish_reason == "stop" and final.text == text[: text.index(stop)]
+        assert len(counting.calls) > 2  # decoded step by step, to find the stop string
+    finally:
+        engine.tokenizer = counting.inner
+
+
 def _long_request():
     """A running request with 100,000 output tokens (built directly: no model run needed)."""
     from tesela.engine.request import Request

@@ -448,18 +448,21 @@ class LLMEngine:
         """Launch the next batch, then read back the previous one (overlap) or this one. The
         outputs of the requests that got a token or finished; with `running_outputs=False`
         only the finished ones (`LLM.generate` reads nothing else, and an output for every
-        running row is host time each step at large batches)."""
+        running row is host time each step at large batches), and the text of a request
+        without stop strings is decoded once, as it finishes, not extended every step."""
         resolved: list[Request] = []
+        texts = running_outputs
         if self._inflight is not None and self._needs_host_tokens():
-            resolved += self._resolve(self._inflight)  # the next batch needs these ids on the host
+            # the next batch needs these ids on the host
+            resolved += self._resolve(self._inflight, texts)
             self._inflight = None
         scheduled = self.scheduler.schedule()
         launched = self._launch(scheduled) if scheduled is not None else None
         previous, self._inflight = self._inflight, launched  # never resolve a step twice
         if previous is not None:
-            resolved += self._resolve(previous)
+            resolved += self._resolve(previous, texts)
         if launched is not None and not self.config.overlap_schedule:
-            resolved += self._resolve(launched)
+            resolved += self._resolve(launched, texts)
             self._inflight = None
         self.num_generated_tokens += len(resolved)
         outputs = {}
@@ -508,9 +511,10 @@ class LLMEngine:
             tensors = self.sampler.tensors(params, ids, indices, vocab)
         return self.runner.execute_sample(inputs, tensors, variant, feed)
 
-    def _resolve(self, step: _InFlight) -> list[Request]:
+    def _resolve(self, step: _InFlight, texts: bool) -> list[Request]:
         """Read a launched step's tokens, append them, apply stop conditions; the requests
-        that got a token."""
+        that got a token. With `texts` every such request's text is extended now; else only
+        those with stop strings (which need it to stop), the others' at `_retire`."""
         if step.sampled is None:
             self.scheduler.resolve(step.scheduled, [None] * len(step.scheduled.requests))
             return []
@@ -526,14 +530,15 @@ class LLMEngine:
                     request.output_logprobs.append(lp)
         self.scheduler.resolve(step.scheduled, sampled)
         for request in updated:
-            self._detokenize(request)
+            if texts or self.detokenizers[request.request_id].stop:
+                self._detokenize(request)
         return updated
 
     def _retire(self, request: Request, outputs: dict[str, RequestOutput], new_token: bool) -> None:
         self.sampler.forget(request.request_id)
         self.requests.pop(request.request_id, None)
         detokenizer = self.detokenizers.pop(request.request_id, None)
-        if detokenizer is not None:  # emit a held-back incomplete final character
+        if detokenizer is not None:  # the tokens not decoded yet, a held-back final character
             detokenizer.flush(request.output_token_ids)
             request.output_text = detokenizer.snapshot()
         outputs[request.request_id] = self._output(request, new_tokens=int(new_token))
