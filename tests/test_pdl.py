@@ -1,9 +1,10 @@
 """Programmatic dependent launch (tesela/core/pdl.py): the contract is kept by construction.
 
-A kernel launched with PDL starts before the previous grid has finished, so one that reads or
-writes before `griddepcontrol.wait` races; a kernel compiled to wait but launched without PDL
-merely gains nothing. These tests read the kernels' source (every launched Triton kernel ends
-its parameters with `PDL` and waits first; every launch site passes PDL and launch_pdl
+A kernel launched with PDL starts before the previous grid has finished, so one that writes, or
+reads what a kernel of the step writes, before `griddepcontrol.wait` races; a kernel compiled
+to wait but launched without PDL merely gains nothing. These tests read the kernels' source
+(every launched Triton kernel ends its parameters with `PDL` and, before its wait, loads only
+weights, constant tables and the batch's rows; every launch site passes PDL and launch_pdl
 together) and check the switch itself. The GPU tests run every kernel with PDL on an H100/H200.
 """
 
