@@ -19,9 +19,10 @@ The contract, kept by construction:
   has completed; what those kernels, or the host, wrote can be read before the wait. That is:
   - weights and constant tables (no kernel writes them): the GEMV loads its first weight tile
     before the wait, and at 1-2 tokens its tile may span all of K, so the whole weight slice
-    streams in while the previous kernel runs; the rotary kernels load their cos/sin rows;
-  - the batch's rows (positions, KV slots, sequence lengths, block tables, decode entries, the
-    LoRA slots and ranks): the host copies them in before the step's first kernel, or a FULL
+    streams in while the previous kernel runs; the rotary kernels load their cos/sin rows and
+    the KV pools' address table;
+  - the batch's rows (positions, KV slots, sequence lengths, decode entries, the LoRA slots
+    and ranks): the host copies them in before the step's first kernel, or a FULL
     graph's planning kernel writes them as the graph's first op, before the embedding (a
     PyTorch op, which waits for it). The q/k norm + rotary kernel loads the token's position,
     cos/sin and KV slot this way, decode attention its rows' lengths and split counts.
@@ -66,9 +67,8 @@ MAX_TOKENS = 64  # launches over more tokens than this never use PDL (module doc
 # them; module docstring): weights, biases and constant tables, and the batch's rows written
 # before the forward. A kernel names them so; anything else is loaded after the wait.
 PRE_WAIT_POINTERS = (
-    "w_ptr", "b_ptr", "q_w_ptr", "k_w_ptr", "cos_sin",  # weights, constant tables
-    "pos_ptr", "slots_ptr", "pool_pointers_ptr", "seq_lens_ptr",  # the batch's rows
-    "entry_rows_ptr", "entry_tokens_ptr",
+    "w_ptr", "b_ptr", "q_w_ptr", "k_w_ptr", "cos_sin", "pool_pointers_ptr",  # weights, tables
+    "pos_ptr", "slots_ptr", "seq_lens_ptr", "entry_rows_ptr", "entry_tokens_ptr",  # batch rows
     "ranks_ptr", "scalings_ptr", "token_slot_ptr", "real_ptr",  # the LoRA batch's rows
 )  # fmt: skip
 
