@@ -8,7 +8,7 @@
 #     click==8.5.1 h11==0.16.0 httpx==0.28.1 httpcore==1.0.9 certifi==2026.5.20
 # Usage: scripts/gpu_check.sh [steps...]
 #   steps: tests tests-all bench-prefill bench-decode bench-latency bench-lora bench-serve
-#          bench-serve-prefix generate doctor tune
+#          bench-serve-prefix generate doctor profile-decode tune
 #   tune rewrites the checked-in tile tables (GEMV incl. llama-3-8b TP shards, MoE, LoRA) on
 #   this GPU; the new tables land in $OUT/results.tgz under tables/ to be committed.
 set -uo pipefail
@@ -63,6 +63,11 @@ for step in $steps; do
         --output-dir "$RES/serve-prefix" 2>&1 | tee "$RES/bench-serve-prefix.log" | tail -12 ;;
     generate) timeout 200 python3 -m tesela.cli -v generate --model qwen3-0.6b --load-format dummy --max-tokens 16 2>&1 | tee "$RES/generate.log" | tail -8 ;;
     doctor) timeout 60 python3 -m tesela.cli doctor 2>&1 | tee "$RES/doctor.log" | tail -40 ;;
+    profile-decode)  # what each kernel adds to a batch-1 decode step
+      for model in $models; do
+        timeout 120 python3 scripts/profile_decode_step.py --model "$model" 2>&1 | grep -v Warning \
+          | tee "$RES/profile-decode-$model.txt" | tail -20
+      done ;;
     tune)
       mkdir -p "$RES/tables"
       timeout 300 python3 -m tesela.tune.gemv --models qwen3-0.6b,llama-3.2-1b,llama-3-8b \

@@ -774,6 +774,12 @@ MUTATIONS = {
             "tests/test_engine.py::test_the_offline_loop_decodes_a_text_once_unless_it_has_stop_strings"
         ],
     ),
+    "the decode-step profile measures from the previous kernel's end, not the latest": (
+        "scripts/profile_decode_step.py",
+        "        last_end = end if last_end is None else max(last_end, end)\n",
+        "        last_end = end\n",
+        ["tests/test_profile_decode_step.py"],
+    ),
     "decode attention loads the query before its PDL wait": (
         "tesela/attention/triton_kernels/decode_attention.py",
         "    )\n    grid_dependency_sync(PDL)\n    # Splits beyond what this row uses are never read",

@@ -26,6 +26,22 @@ from tesela.engine.llm_engine import make_engine_config
 from tesela.executor.model_runner import ModelRunner
 
 
+def advance_by_kernel(spans: list[tuple[str, float, float]]):
+    """Per kernel name: (calls, advance, own time) over `spans` of (name, start, end). In
+    start order, a kernel's advance is from the latest end before it to its own end (zero when
+    it ends earlier: it overlapped a longer one); its own time is end - start, which under PDL
+    includes its wait for the kernel before it."""
+    calls, advance, own = collections.Counter(), collections.Counter(), collections.Counter()
+    last_end = None
+    for name, start, end in sorted(spans, key=lambda span: span[1]):
+        if last_end is not None:
+            advance[name] += max(end - last_end, 0)
+        last_end = end if last_end is None else max(last_end, end)
+        calls[name] += 1
+        own[name] += end - start
+    return calls, advance, own
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-0.6b")
@@ -70,19 +86,10 @@ def main() -> None:
         if e.device_type.name == kind and not e.name.startswith(("Memcpy", "Memset"))
         and (on_cuda or e.cpu_parent is None)  # on CPU: the top-level ops only
     ]  # fmt: skip
-    events.sort(key=lambda e: e.time_range.start)
-    advance, own, calls = collections.Counter(), collections.Counter(), collections.Counter()
-    last_end = None
-    for event in events:
-        name = event.name.split("(")[0][:60]
-        end = event.time_range.end
-        if last_end is not None:
-            advance[name] += max(end - last_end, 0)
-        last_end = end if last_end is None else max(last_end, end)
-        calls[name] += 1
-        own[name] += end - event.time_range.start
+    spans = [(e.name.split("(")[0][:60], e.time_range.start, e.time_range.end) for e in events]
+    calls, advance, own = advance_by_kernel(spans)
     steps = args.steps
-    span = (events[-1].time_range.end - events[0].time_range.start) / steps
+    span = (max(end for _, _, end in spans) - min(start for _, start, _ in spans)) / steps
     layers = config.model_config.num_hidden_layers
     print(
         f"{args.model}, batch {b}, context {c} on {runner.device}: {span:.1f} us a step "
