@@ -760,7 +760,7 @@ MUTATIONS = {
     ),
     "the offline loop extends every request's text every step": (
         ENGINE,
-        "            if texts or self.detokenizers[request.request_id].stop:\n",
+        "            if texts or request.params.stop:\n",
         "            if True:\n",
         [
             "tests/test_engine.py::test_the_offline_loop_decodes_a_text_once_unless_it_has_stop_strings"
@@ -768,7 +768,7 @@ MUTATIONS = {
     ),
     "the offline loop defers the text of requests with stop strings too": (
         ENGINE,
-        "            if texts or self.detokenizers[request.request_id].stop:\n",
+        "            if texts or request.params.stop:\n",
         "            if texts:\n",
         [
             "tests/test_engine.py::test_the_offline_loop_decodes_a_text_once_unless_it_has_stop_strings"

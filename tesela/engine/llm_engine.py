@@ -451,18 +451,17 @@ class LLMEngine:
         running row is host time each step at large batches), and the text of a request
         without stop strings is decoded once, as it finishes, not extended every step."""
         resolved: list[Request] = []
-        texts = running_outputs
         if self._inflight is not None and self._needs_host_tokens():
             # the next batch needs these ids on the host
-            resolved += self._resolve(self._inflight, texts)
+            resolved += self._resolve(self._inflight, running_outputs)
             self._inflight = None
         scheduled = self.scheduler.schedule()
         launched = self._launch(scheduled) if scheduled is not None else None
         previous, self._inflight = self._inflight, launched  # never resolve a step twice
         if previous is not None:
-            resolved += self._resolve(previous, texts)
+            resolved += self._resolve(previous, running_outputs)
         if launched is not None and not self.config.overlap_schedule:
-            resolved += self._resolve(launched, texts)
+            resolved += self._resolve(launched, running_outputs)
             self._inflight = None
         self.num_generated_tokens += len(resolved)
         outputs = {}
@@ -530,7 +529,7 @@ class LLMEngine:
                     request.output_logprobs.append(lp)
         self.scheduler.resolve(step.scheduled, sampled)
         for request in updated:
-            if texts or self.detokenizers[request.request_id].stop:
+            if texts or request.params.stop:
                 self._detokenize(request)
         return updated
 
